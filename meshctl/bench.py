@@ -1,0 +1,253 @@
+"""The benchmark behind ``meshctl bench``: real processes, a baseline measured in the same run.
+
+Every figure is also given as a ratio to raw pyzmq PUSH->PULL between two processes (one
+frame per message), because absolute numbers on shared machines are noisy. Each worker
+runs in its own process (spawned, so no ZeroMQ state crosses a fork), is bounded in count
+and time, and reports through a multiprocessing queue.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.queues import Queue
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from meshctl.client import connect
+from meshctl.errors import Timeout
+
+IDLE_LIMIT = 3.0  # a receiver gives up after this long without a message
+
+
+@dataclass(frozen=True, slots=True)
+class Throughput:
+    """One throughput measurement."""
+
+    name: str
+    size: int
+    sent: int
+    received: int
+    seconds: float
+
+    @property
+    def per_second(self) -> float:
+        return self.received / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---- workers (run in child processes) ---------------------------------------------------
+
+
+def _raw_pull(transport: str, count: int, out: Queue[Any]) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PULL)
+    s.setsockopt(zmq.RCVHWM, 100_000)
+    s.setsockopt(zmq.RCVTIMEO, int(IDLE_LIMIT * 1000))
+    endpoint = _endpoint(transport)
+    s.bind(endpoint)
+    out.put(("ready", s.getsockopt_string(zmq.LAST_ENDPOINT)))
+    got = 0
+    first = 0.0
+    recv = s.recv
+    try:
+        while got < count:
+            recv()
+            if got == 0:
+                first = time.perf_counter()
+            got += 1
+    except zmq.Again:
+        pass
+    out.put(("done", got, first, time.perf_counter()))
+    s.close(linger=0)
+    ctx.term()
+
+
+def _raw_push(endpoint: str, count: int, size: int, out: Queue[Any]) -> None:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, 100_000)
+    s.connect(endpoint)
+    payload = b"x" * size
+    time.sleep(0.2)  # let the connection complete so the first messages are not queued
+    start = time.perf_counter()
+    send = s.send
+    for _ in range(count):
+        send(payload)
+    out.put(("sent", start))
+    s.close(linger=5000)
+    ctx.term()
+
+
+def _subscriber(server: str, pattern: str, count: int, out: Queue[Any]) -> None:
+    with connect(server, name="bench sub") as client:
+        sub = client.subscribe(pattern)
+        out.put(("ready", 0))
+        got = 0
+        first = 0.0
+        try:
+            while got < count:
+                sub.next(IDLE_LIMIT)
+                if got == 0:
+                    first = time.perf_counter()
+                got += 1
+        except Timeout:
+            pass
+        out.put(("done", got, first, time.perf_counter()))
+
+
+def _publisher(server: str, topic: str, count: int, size: int, out: Queue[Any]) -> None:
+    with connect(server, name="bench pub") as client:
+        payload = b"x" * size
+        publish = client.publish
+        start = time.perf_counter()
+        with client.batch():
+            for _ in range(count):
+                publish(topic, payload)
+        client.flush(30)
+        out.put(("sent", start))
+
+
+def _replier(server: str, topic: str, out: Queue[Any]) -> None:
+    with connect(server, name="bench reply") as client:
+        sub = client.subscribe(topic, group="bench")
+        out.put(("ready", 0))
+        try:
+            while True:
+                req = sub.next(IDLE_LIMIT * 3)
+                client.reply(req, req.data)
+        except Timeout:
+            pass
+
+
+# ---- orchestration ----------------------------------------------------------------------
+
+
+def _expect(q: Queue[Any], tag: str, timeout: float = 60) -> tuple[Any, ...]:
+    msg: tuple[Any, ...] = q.get(timeout=timeout)
+    if msg[0] != tag:
+        raise RuntimeError(f"benchmark worker sent {msg!r}, expected {tag!r}")
+    return msg
+
+
+def _pair(receiver: Any, rargs: tuple[Any, ...], sender: Any, sargs: tuple[Any, ...],
+          name: str, size: int, count: int, *, pass_port: bool) -> Throughput:
+    ctx = mp.get_context("spawn")
+    rq: Queue[Any] = ctx.Queue()
+    sq: Queue[Any] = ctx.Queue()
+    r = ctx.Process(target=receiver, args=(*rargs, count, rq), daemon=True)
+    r.start()
+    try:
+        _, port = _expect(rq, "ready")
+        s_args = (port, *sargs) if pass_port else sargs
+        s = ctx.Process(target=sender, args=(*s_args, count, size, sq), daemon=True)
+        s.start()
+        (_, start) = _expect(sq, "sent")
+        _, got, _first, end = _expect(rq, "done")
+        s.join(10)
+    finally:
+        r.join(10)
+        for p in (r,):
+            if p.is_alive():
+                p.kill()
+    return Throughput(name, size, count, got, end - start)
+
+
+def _endpoint(transport: str) -> str:
+    if transport == "tcp":
+        return "tcp://127.0.0.1:*"
+    return f"ipc://{tempfile.gettempdir()}/meshctl-bench-{os.getpid()}.sock"
+
+
+def raw_baseline(transport: str, size: int, count: int) -> Throughput:
+    """Raw pyzmq PUSH->PULL, one frame per message, two processes, same transport as the node."""
+    return _pair(_raw_pull, (transport,), _raw_push, (), "raw push->pull", size, count, pass_port=True)
+
+
+def pubsub(server: str, size: int, count: int) -> Throughput:
+    """One publisher process -> one node -> one subscriber process."""
+    return _pair(_subscriber, (server, "bench/>"), _publisher, (server, "bench/data"),
+                 "pub->node->sub", size, count, pass_port=False)
+
+
+def request_latency(server: str, count: int) -> list[float]:
+    """Round trips in seconds for ``count`` sequential requests to an echo replier."""
+    ctx = mp.get_context("spawn")
+    q: Queue[Any] = ctx.Queue()
+    p = ctx.Process(target=_replier, args=(server, "bench/echo", q), daemon=True)
+    p.start()
+    try:
+        _expect(q, "ready")
+        rtts: list[float] = []
+        with connect(server, name="bench req") as client:
+            payload = b"x" * 64
+            for _ in range(min(100, count)):  # warm up caches and connections
+                client.request("bench/echo", payload)
+            for _ in range(count):
+                t0 = time.perf_counter()
+                client.request("bench/echo", payload)
+                rtts.append(time.perf_counter() - t0)
+        return rtts
+    finally:
+        p.kill()
+        p.join(5)
+
+
+@contextmanager
+def bench_node(server: str | None, transport: str) -> Iterator[str]:
+    """Use ``server``, or start a throwaway node (loopback tcp and ipc) for the run."""
+    if server:
+        yield server
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="meshctl-bench-"))
+    log = (tmp / "node.log").open("wb")
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "meshctl", "up", "--port", "0", "--listen", "127.0.0.1",
+         "--data-dir", str(tmp), "--name", "bench"],
+        stdout=log, stderr=log, env={**os.environ, "MESHCTL_CONFIG": os.devnull})
+    try:
+        ipc = f"ipc://{tmp / 'node.sock'}"
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with connect(ipc, timeout=0.5) as c:
+                    url = next(e for e in c.status()["endpoints"]
+                               if e.startswith(f"{transport}://"))
+                break
+            except Exception:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"bench node did not start; see {tmp / 'node.log'}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of a non-empty list."""
+    ordered = sorted(values)
+    k = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+def summarize_latency(rtts: list[float]) -> dict[str, float]:
+    """p50, p99 and mean in microseconds."""
+    return {"p50_us": percentile(rtts, 50) * 1e6, "p99_us": percentile(rtts, 99) * 1e6,
+            "mean_us": statistics.fmean(rtts) * 1e6}

@@ -1,0 +1,261 @@
+"""Commands that move events: pub, sub, tail, req, reply."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections import deque
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from meshctl.cli.options import HeaderOpt, JsonOpt, ServerOpt, TimeoutOpt, duration, parse_headers
+from meshctl.cli.output import dumps, event_json, iso_time, note, preview, write_line
+from meshctl.client import Client, connect
+from meshctl.errors import OperationalError, Timeout
+from node.events import Event
+from node.topics import validate_pattern, validate_publish_topic
+
+DEFAULT_REPLY_GROUP = "meshctl-reply"
+CountOpt = Annotated[int | None, typer.Option("--count", "-n", min=1, show_default=False,
+                                              help="Stop after N events.")]
+RawOpt = Annotated[bool, typer.Option("--raw", "-r", help="Print payloads only.")]
+
+
+def _render(event: Event, json_out: bool, raw: bool) -> None:
+    if json_out:
+        write_line(dumps(event_json(event)))
+    elif raw:
+        sys.stdout.buffer.write(event.data + b"\n")
+    else:
+        write_line(f"[{iso_time(event.time_ns)[11:23]}] {event.topic}: {event.text()}")
+
+
+def pub(
+    topic: Annotated[str, typer.Argument(help="Topic to publish to, e.g. plant1/line3/temp.")],
+    data: Annotated[str, typer.Argument(help="Payload; '-' reads stdin, one event per line. "
+                                        "{{n}} is replaced by the sequence number.")] = "",
+    header: HeaderOpt = None,
+    count: Annotated[int, typer.Option("--count", "-n", min=1, help="Publish N events.")] = 1,
+    rate: Annotated[float | None, typer.Option("--rate", min=0.001, show_default=False,
+                                               help="Events per second (default: as fast as "
+                                                    "the node takes them).")] = None,
+    server: ServerOpt = None,
+    timeout: TimeoutOpt = 2.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Publish events to a topic."""
+    validate_publish_topic(topic)
+    headers = parse_headers(header)
+    with connect(server, name="meshctl pub", timeout=timeout) as client:
+        start = time.monotonic()
+        with client.batch():
+            if data == "-":
+                sent = _publish_lines(client, topic, headers, rate)
+            else:
+                sent = _publish_count(client, topic, data, headers, count, rate)
+        client.flush(timeout)
+        elapsed = time.monotonic() - start
+    if json_out:
+        print(dumps({"topic": topic, "published": sent, "seconds": round(elapsed, 6)}))
+    else:
+        rate_txt = f" in {elapsed:.3f}s ({sent / elapsed:,.0f}/s)" if sent > 1 and elapsed else ""
+        note(f"published {sent} event{'s' if sent != 1 else ''} to {topic}{rate_txt}")
+
+
+def _pace(client: Client, i: int, start: float, rate: float | None) -> None:
+    """Sleep until event ``i`` is due, handing buffered events over first."""
+    if rate is None:
+        return
+    due = start + i / rate
+    delay = due - time.monotonic()
+    if delay > 0:
+        client.send_pending()
+        time.sleep(delay)
+
+
+def _publish_count(client: Client, topic: str, data: str, headers: dict[str, str], count: int,
+                   rate: float | None) -> int:
+    templated = "{{n}}" in data
+    payload = data.encode()
+    start = time.monotonic()
+    for i in range(count):
+        _pace(client, i, start, rate)
+        body = data.replace("{{n}}", str(i + 1)).encode() if templated else payload
+        client.publish(topic, body, headers)
+    return count
+
+
+def _publish_lines(client: Client, topic: str, headers: dict[str, str], rate: float | None) -> int:
+    sent = 0
+    start = time.monotonic()
+    for line in sys.stdin.buffer:
+        _pace(client, sent, start, rate)
+        client.publish(topic, line.rstrip(b"\r\n"), headers)
+        sent += 1
+        if rate is None and sent % 64 == 0:
+            client.send_pending()
+    return sent
+
+
+def sub(
+    patterns: Annotated[list[str], typer.Argument(help="Patterns: '*' one level, '>' the rest.")],
+    group: Annotated[str | None, typer.Option("--group", "-g", show_default=False,
+                                              help="Join a queue group (one member gets each "
+                                                   "event).")] = None,
+    count: CountOpt = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", "-t", parser=duration,
+                                                  metavar="DURATION", show_default=False,
+                                                  help="Exit 1 if no (further) event arrives "
+                                                       "within this time.")] = None,
+    raw: RawOpt = False,
+    json_out: JsonOpt = False,
+    server: ServerOpt = None,
+) -> None:
+    """Subscribe and print events as they arrive (Ctrl-C exits 0)."""
+    for p in patterns:
+        validate_pattern(p)
+    with connect(server, name="meshctl sub", timeout=timeout or 2.0) as client:
+        subscription = client.subscribe(*patterns, group=group)
+        for p in patterns:
+            note(f"subscribed: {p}")
+        received = 0
+        try:
+            while count is None or received < count:
+                if not subscription.queue:
+                    sys.stdout.flush()
+                try:
+                    event = subscription.next(timeout)
+                except Timeout:
+                    raise Timeout(f"no event within {timeout:g}s (received {received})") from None
+                _render(event, json_out, raw)
+                received += 1
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.stdout.flush()
+
+
+def tail(
+    pattern: Annotated[str, typer.Argument(help="Pattern to watch [default: everything].")] = ">",
+    system: Annotated[bool, typer.Option("--system", "-S",
+                                         help="Also show the mesh's own $mesh/... events.")] = False,
+    count: CountOpt = None,
+    server: ServerOpt = None,
+) -> None:
+    """Live view for operators: time, topic, size, payload preview and the running rate."""
+    validate_pattern(pattern)
+    patterns = [pattern] + (["$mesh/>"] if system and pattern != "$mesh/>" else [])
+    out = Console(highlight=False)
+    stamps: deque[float] = deque()
+    with connect(server, name="meshctl tail") as client:
+        subscription = client.subscribe(*patterns)
+        note(f"tailing {' '.join(patterns)} on {client.server} (Ctrl-C to stop)")
+        seen = 0
+        try:
+            while count is None or seen < count:
+                event = subscription.next()
+                seen += 1
+                now = time.monotonic()
+                stamps.append(now)
+                while stamps and stamps[0] < now - 1.0:
+                    stamps.popleft()
+                colour = "magenta" if event.topic.startswith("$") else "cyan"
+                out.print(f"[dim]{iso_time(event.time_ns)[11:23]}[/] "
+                          f"[{colour}]{escape(event.topic)}[/] [yellow]{len(event.data)}B[/] "
+                          f"{escape(preview(event.data))} [dim]{len(stamps)}/s[/]")
+        except KeyboardInterrupt:
+            pass
+
+
+def req(
+    topic: Annotated[str, typer.Argument(help="Topic of the service to ask.")],
+    data: Annotated[str, typer.Argument(help="Request payload; '-' reads stdin.")] = "",
+    header: HeaderOpt = None,
+    replies: Annotated[int, typer.Option("--replies", min=0,
+                                         help="Replies to wait for; 0 collects until the "
+                                              "timeout.")] = 1,
+    timeout: TimeoutOpt = 2.0,
+    raw: RawOpt = False,
+    json_out: JsonOpt = False,
+    server: ServerOpt = None,
+) -> None:
+    """Send a request and print the reply (or replies)."""
+    validate_publish_topic(topic)
+    headers = parse_headers(header)
+    payload = sys.stdin.buffer.read() if data == "-" else data.encode()
+    with connect(server, name="meshctl req", timeout=timeout) as client:
+        try:
+            got = client.request_many(topic, payload, replies=replies, timeout=timeout,
+                                      headers=headers)
+        except Timeout:
+            if replies != 0:
+                raise
+            got = []
+    failed = None
+    for event in got:
+        _render(event, json_out, raw or not json_out)
+        if event.is_error and failed is None:
+            failed = event
+    sys.stdout.flush()
+    if failed is not None:
+        raise OperationalError(f"responder failed: {failed.text().strip() or 'no detail'}")
+    if not got:
+        raise Timeout(f"no reply to {topic} within {timeout:g}s")
+
+
+def reply(
+    pattern: Annotated[str, typer.Argument(help="Pattern of requests to answer.")],
+    data: Annotated[str, typer.Argument(help="Fixed reply payload.")] = "",
+    echo: Annotated[bool, typer.Option("--echo", help="Reply with the request payload.")] = False,
+    command: Annotated[str | None, typer.Option("--command", show_default=False,
+                                                help="Run CMD with the request on stdin; reply "
+                                                     "with its stdout.")] = None,
+    group: Annotated[str, typer.Option("--group", "-g",
+                                       help="Queue group shared by repliers.")] = DEFAULT_REPLY_GROUP,
+    count: CountOpt = None,
+    command_timeout: Annotated[float, typer.Option("--command-timeout", parser=duration,
+                                                   metavar="DURATION",
+                                                   help="Limit for one run of CMD.")] = 10.0,
+    server: ServerOpt = None,
+) -> None:
+    """Answer requests with DATA, the request itself (--echo) or a command's output."""
+    validate_pattern(pattern)
+    if sum((bool(data), echo, command is not None)) > 1:
+        raise typer.BadParameter("give only one of DATA, --echo and --command")
+    with connect(server, name="meshctl reply") as client:
+        subscription = client.subscribe(pattern, group=group)
+        note(f"subscribed: {pattern}")
+        answered = 0
+        try:
+            while count is None or answered < count:
+                request = subscription.next()
+                if request.reply_to is None:
+                    continue  # a plain event on the topic, not a request
+                if command is not None:
+                    body, error = _run(command, request.data, command_timeout)
+                else:
+                    body, error = (request.data if echo else data.encode()), False
+                client.reply(request, body, error=error)
+                client.send_pending()
+                answered += 1
+                note(f"{'failed' if error else 'replied to'} {request.topic} ({len(body)} bytes)")
+        except KeyboardInterrupt:
+            pass
+
+
+def _run(command: str, stdin: bytes, limit: float) -> tuple[bytes, bool]:
+    """Run a shell command for one request; (stdout, False) or (error text, True)."""
+    try:
+        done = subprocess.run(command, shell=True, input=stdin, capture_output=True,  # noqa: S602
+                              timeout=limit, check=False)
+    except subprocess.TimeoutExpired:
+        return f"command timed out after {limit:g}s".encode(), True
+    if done.returncode != 0:
+        why = done.stderr.decode(errors="replace").strip().splitlines()
+        return (f"command exited with {done.returncode}"
+                + (f": {why[-1]}" if why else "")).encode(), True
+    return done.stdout, False

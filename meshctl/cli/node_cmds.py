@@ -1,0 +1,213 @@
+"""Commands that run and inspect a node: up, down, status, config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from meshctl.cli.options import ConfigOpt, DataDirOpt, JsonOpt, ServerOpt, TimeoutOpt
+from meshctl.cli.output import dumps, note
+from meshctl.client import connect
+from meshctl.errors import OperationalError
+from node import datadir
+from node.config import NodeConfig, as_dict, read_config, render_config, with_overrides
+from node.errors import ConfigError, InputError
+
+config_app = typer.Typer(help="Write or show the node configuration.", no_args_is_help=True)
+
+
+def default_config_path() -> Path:
+    """``$XDG_CONFIG_HOME/meshctl/meshctl.toml`` or ``~/.config/meshctl/meshctl.toml``."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "meshctl" / "meshctl.toml"
+
+
+def effective_config(config: Path | None, **overrides: object) -> NodeConfig:
+    """Defaults, then the config file (explicit or the default path if present), then options."""
+    if config is not None:
+        base = read_config(config)
+    elif default_config_path().exists():
+        base = read_config(default_config_path())
+    else:
+        base = NodeConfig()
+    return with_overrides(base, overrides, source="command line")
+
+
+def up(
+    port: Annotated[int | None, typer.Option(help="TCP port (listen.port, default 4850; 0 = free port).",
+                                             show_default=False)] = None,
+    listen: Annotated[str | None, typer.Option(help="TCP listen address (listen.address, "
+                                               "default 0.0.0.0).", show_default=False)] = None,
+    data_dir: DataDirOpt = None,
+    name: Annotated[str | None, typer.Option(help="Node name (node.name, default: host name).",
+                                             show_default=False)] = None,
+    mesh: Annotated[str | None, typer.Option(help="Mesh name (node.mesh, default 'default').",
+                                             show_default=False)] = None,
+    config: ConfigOpt = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Run in the background; stop it "
+                                         "with `meshctl down`.")] = False,
+) -> None:
+    """Start a node in the foreground (Ctrl-C stops it) or, with --detach, in the background."""
+    cfg = effective_config(config, port=port, listen=listen,
+                           data_dir=None if data_dir is None else str(data_dir),
+                           name=name, mesh=mesh)
+    where = datadir.resolve_data_dir(cfg.data_dir)
+    datadir.prepare(where)
+    if cfg.ipc:
+        datadir.ipc_endpoint(where)  # fail now, in the foreground, if the path is too long
+    running = datadir.read_pid(where)
+    if running is not None:
+        raise InputError(f"a node is already running in {where} (pid {running}); "
+                         "stop it with `meshctl down` or use another --data-dir")
+    if detach:
+        _detach(where)
+        return
+    from node.loop import Identity, serve  # noqa: PLC0415 - keeps zmq off the CLI's start path
+
+    logging.basicConfig(
+        level=cfg.log_level.upper(), stream=sys.stderr,
+        format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+    identity = Identity(node_id=datadir.load_or_create_node_id(where),
+                        name=cfg.name or socket.gethostname(), data_dir=where)
+    try:
+        serve(cfg, identity)
+    except OSError as e:
+        raise OperationalError(str(e)) from None
+
+
+def _detach(where: Path) -> None:
+    """Re-run this command without --detach as a session leader logging to the data dir."""
+    argv = [a for a in sys.argv[1:] if a != "--detach"]
+    log_path = where / datadir.LOG_FILE
+    with log_path.open("ab") as logf:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+            [sys.executable, "-m", "meshctl", *argv], stdin=subprocess.DEVNULL,
+            stdout=logf, stderr=logf, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise OperationalError(f"node exited with code {proc.returncode}: "
+                                   + " | ".join(tail))
+        if datadir.read_pid(where) == proc.pid and _listening(where):
+            note(f"node started in the background (pid {proc.pid}); log: {log_path}")
+            return
+        time.sleep(0.05)
+    raise OperationalError(f"node (pid {proc.pid}) did not become ready within 10s; see {log_path}")
+
+
+def _listening(where: Path) -> bool:
+    return (where / datadir.IPC_FILE).exists() or "listening on" in (
+        where / datadir.LOG_FILE).read_text(errors="replace")
+
+
+def down(
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    timeout: TimeoutOpt = 5.0,
+) -> None:
+    """Stop the node running in the data directory (SIGTERM, then wait)."""
+    cfg = effective_config(config, data_dir=None if data_dir is None else str(data_dir))
+    where = datadir.resolve_data_dir(cfg.data_dir)
+    pid = datadir.read_pid(where)
+    if pid is None:
+        raise OperationalError(f"no node is running in {where}")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            note(f"node stopped (pid {pid})")
+            return
+        time.sleep(0.05)
+    raise OperationalError(f"node (pid {pid}) did not stop within {timeout:g}s")
+
+
+def status(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt = False) -> None:
+    """Show the node: id, endpoints, uptime, clients, subscriptions and counters."""
+    with connect(server, name="meshctl status", timeout=timeout) as client:
+        info = client.status()
+    if json_out:
+        print(dumps(info))
+        return
+    _render_status(info)
+
+
+def _render_status(s: dict[str, Any]) -> None:
+    out = Console(highlight=False)
+    c = s["counters"]
+    out.print(f"[bold]{s['name']}[/] [dim]id[/] {s['id']}  [dim]mesh[/] {s['mesh']}  "
+              f"[dim]version[/] {s.get('version', '?')}  [dim]pid[/] {s.get('pid', '?')}")
+    out.print(f"[dim]endpoints[/] {', '.join(s.get('endpoints', []))}")
+    out.print(f"[dim]uptime[/] {_ago(s.get('uptime_s', 0))}  [dim]clients[/] {len(s['clients'])}  "
+              f"[dim]subscriptions[/] {len(s['subscriptions'])}")
+    drops = ", ".join(f"{k} {v}" for k, v in c["dropped"].items() if v) or "none"
+    out.print(f"[dim]events[/] in {c['events_in']}  out {c['events_out']}  "
+              f"no interest {c['no_interest']}  [dim]dropped[/] {drops}  "
+              f"[dim]bad frames[/] {c['bad_frames']}  [dim]bad handshakes[/] {c['bad_handshakes']}")
+    if s["clients"]:
+        t = Table("client", "name", "connected", "subs", "in", "out", "dropped", box=None)
+        for cl in s["clients"]:
+            t.add_row(cl["id"], cl["name"], _ago(cl["connected_s"]), str(cl["subscriptions"]),
+                      str(cl["events_in"]), str(cl["events_out"]),
+                      f"[red]{cl['dropped']}[/]" if cl["dropped"] else "0")
+        out.print(t)
+    if s["subscriptions"]:
+        t = Table("pattern", "group", "client", box=None)
+        for sub in s["subscriptions"]:
+            t.add_row(sub["pattern"], sub["group"] or "", sub["client"])
+        out.print(t)
+
+
+def _ago(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, sec = divmod(rest, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
+
+
+@config_app.command("init")
+def config_init(
+    path: Annotated[Path | None, typer.Argument(help="Where to write; '-' for stdout "
+                                                "[default: ~/.config/meshctl/meshctl.toml]",
+                                                show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a commented config file with every key and its default."""
+    text = render_config(NodeConfig(), comments=True)
+    if path is not None and str(path) == "-":
+        sys.stdout.write(text)
+        return
+    target = path or default_config_path()
+    if target.exists() and not force:
+        raise InputError(f"{target} exists; use --force to overwrite it")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    except OSError as e:
+        raise ConfigError(str(target), "", f"cannot write: {e.strerror}") from None
+    note(f"wrote {target}")
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, json_out: JsonOpt = False) -> None:
+    """Print the effective configuration (defaults, then the file)."""
+    cfg = effective_config(config)
+    if json_out:
+        print(json.dumps(as_dict(cfg), separators=(",", ":")))
+    else:
+        sys.stdout.write(render_config(cfg, comments=False))

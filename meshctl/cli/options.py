@@ -1,0 +1,68 @@
+"""Options shared by several commands, defined once with help text and environment variables."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Final
+
+import typer
+
+_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
+_UNIT: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``500ms``, ``2s``, ``1m``, ``1h`` or plain seconds; ValueError otherwise."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration such as 500ms, 2s, 1m or 1.5")
+    return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+def duration(text: str | float) -> float:
+    """Typer parser for durations: a bad one is a usage error (exit 2)."""
+    if isinstance(text, int | float):
+        return float(text)  # a default, already in seconds
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+ServerOpt = Annotated[
+    str | None,
+    typer.Option("--server", "-s", envvar="MESHCTL_SERVER", show_default=False,
+                 help="Node to talk to: tcp://host:port, host:port or ipc:///path "
+                      "[default: the local node]"),
+]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", "-t", parser=duration, metavar="DURATION",
+                        help="How long to wait (500ms, 2s, 1m or seconds).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", "-j", help="One JSON object per line.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", envvar="MESHCTL_CONFIG", show_default=False,
+                 help="TOML config file [default: ~/.config/meshctl/meshctl.toml if present]"),
+]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option("--data-dir", "-d", envvar="MESHCTL_DATA_DIR", show_default=False,
+                 help="Node data directory [default: ~/.local/share/meshctl]"),
+]
+HeaderOpt = Annotated[
+    list[str] | None,
+    typer.Option("--header", "-H", metavar="KEY=VALUE", help="Add a header (repeatable)."),
+]
+
+
+def parse_headers(items: list[str] | None) -> dict[str, str]:
+    """``KEY=VALUE`` options to a dict; a malformed one is a usage error."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"header {item!r} is not KEY=VALUE", param_hint="--header")
+        out[key.strip()] = value
+    return out

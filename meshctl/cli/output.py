@@ -1,0 +1,59 @@
+"""Rendering: NDJSON for scripts, rich for people. JSON field names are a tested contract."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+
+from node.events import Event
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def dumps(obj: object) -> str:
+    """Compact JSON on one line."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def iso_time(ns: int) -> str:
+    """UTC ISO 8601 with milliseconds, the ``time`` field of every event."""
+    secs, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{frac // 1_000_000:03d}Z"
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    """The JSON form of an event: topic, data (text or base64), headers, id, time, size."""
+    out: dict[str, Any] = {"topic": event.topic}
+    try:
+        out["data"] = event.data.decode("utf-8")
+    except UnicodeDecodeError:
+        out["data"] = base64.b64encode(event.data).decode()
+        out["encoding"] = "base64"
+    out["headers"] = dict(event.headers)
+    out["id"] = event.id
+    out["time"] = iso_time(event.time_ns)
+    out["size"] = len(event.data)
+    return out
+
+
+def preview(data: bytes, width: int = 60) -> str:
+    """A one-line printable preview of a payload."""
+    text = data[: width * 4].decode("utf-8", "replace")
+    text = "".join(ch if ch.isprintable() else "·" for ch in text)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def write_line(text: str) -> None:
+    """Print to stdout without rich (fast path for streams)."""
+    sys.stdout.write(text + "\n")
+
+
+def note(text: str) -> None:
+    """A diagnostic line on stderr (never mixed into data on stdout)."""
+    err_console.print(escape(text))

@@ -1,0 +1,48 @@
+"""Errors of the public API: one root, split by whose fault it is (CLI exit 2 or 1)."""
+
+from __future__ import annotations
+
+from node.errors import ConfigError, InputError, NodeError, PayloadTooLarge, TopicError
+
+MeshError = NodeError  # the one root: catch this to catch everything meshctl raises
+
+__all__ = [
+    "ConfigError",
+    "InputError",
+    "MeshError",
+    "NoResponders",
+    "OperationalError",
+    "PayloadTooLarge",
+    "RemoteError",
+    "Timeout",
+    "TopicError",
+    "Unreachable",
+]
+
+
+class OperationalError(NodeError):
+    """Something failed at run time that is not the caller's input (CLI exit code 1)."""
+
+
+class Unreachable(OperationalError):
+    """No node answered at the address within the timeout."""
+
+
+class Timeout(OperationalError):
+    """Nothing (more) arrived within the timeout."""
+
+
+class NoResponders(OperationalError):
+    """Nothing in the mesh subscribes to a request's topic; answered at once by the node."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        super().__init__(f"no responders for {topic}")
+
+
+class RemoteError(OperationalError):
+    """The node refused an operation and said why."""
+
+    def __init__(self, message: str, code: str = "") -> None:
+        self.code = code
+        super().__init__(message)

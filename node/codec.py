@@ -1,0 +1,188 @@
+"""The wire format, sans-IO: bytes in, values out; values in, bytes out.
+
+Every ZeroMQ message between a client and a node is one frame (a ROUTER adds only the
+identity envelope). A frame starts with a version byte and a kind byte:
+
+    [version u8 = 1][kind u8][body]
+
+Control kinds (HELLO, SUB, OK, ERR, ...) carry a small JSON object as body: they are rare,
+and JSON keeps them readable and extensible. Data kinds carry packed binary *records*, many
+per frame, because pyzmq pays per call, not per byte (DESIGN.md): a client batches its
+publishes and a node batches its deliveries.
+
+    PUB      body = record*              (client -> node)
+    DELIVER  body = ([sid u32] record)*  (node -> client; sid 0 = the client's inbox)
+
+A record is one event: a fixed little-endian header, then topic, headers block and payload.
+
+    payload_len u32 | topic_len u16 | headers_len u16 | flags u8 | hops u8 | reserved u16
+    | time_ns u64 | id 16 bytes (8-byte origin + u64 sequence) | topic | headers | payload
+
+The node reads only the fixed header and the topic; headers and payload pass through as
+opaque bytes. The headers block is ``([klen u8][key][vlen u16][value])*`` in UTF-8.
+Every decoding failure surfaces as CodecError, here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from enum import IntEnum
+from typing import Any, Final
+
+from node.errors import CodecError
+
+VERSION: Final = 1
+
+
+class Kind(IntEnum):
+    """Frame kinds; < 0x20 control (JSON body), >= 0x20 data (binary records)."""
+
+    HELLO = 0x01  # client -> node: {"name", "version"}
+    SUB = 0x02  # client -> node: {"ref", "sid", "patterns", "group"}
+    UNSUB = 0x03  # client -> node: {"ref", "sid"}
+    STATUS = 0x04  # client -> node: {"ref"}
+    BYE = 0x05  # client -> node: {}
+    PING = 0x06  # either way: {}
+    WELCOME = 0x11  # node -> client: {"node_id", "name", "mesh", "client_id", "max_payload"}
+    OK = 0x12  # node -> client: {"ref", ...result}
+    ERR = 0x13  # node -> client: {"ref"?, "error", "code"}
+    NORESP = 0x14  # node -> client: {"id"}: a request nothing in the mesh can answer
+    PUB = 0x20
+    DELIVER = 0x21
+
+
+CONTROL_KINDS: Final = frozenset(k for k in Kind if k < 0x20)
+
+# Record flags.
+F_REQUEST: Final = 0x01  # the publisher waits for replies: answer "no responders" at once
+F_PERSISTENT: Final = 0x02  # reserved for durable delivery
+F_RETAIN: Final = 0x04  # reserved for retained events
+F_IMPORTED: Final = 0x08  # reserved: entered the mesh through a bridge; never export back
+F_ERROR: Final = 0x10  # a reply that reports the responder's failure
+
+RECORD: Final = struct.Struct("<IHHBBHQ16s")
+RECORD_SIZE: Final = RECORD.size
+SID: Final = struct.Struct("<I")
+MAX_HEADERS_BYTES: Final = 0xFFFF
+MAX_CONTROL_BYTES: Final = 64 * 1024
+
+HEAD_PUB: Final = bytes((VERSION, Kind.PUB))
+HEAD_DELIVER: Final = bytes((VERSION, Kind.DELIVER))
+
+
+def frame_kind(frame: bytes) -> Kind:
+    """The kind of a frame; CodecError for an unknown version or kind."""
+    if len(frame) < 2:
+        raise CodecError(f"frame of {len(frame)} bytes is shorter than the 2-byte head")
+    if frame[0] != VERSION:
+        raise CodecError(f"unsupported protocol version {frame[0]} (this node speaks {VERSION})")
+    try:
+        return Kind(frame[1])
+    except ValueError:
+        raise CodecError(f"unknown frame kind 0x{frame[1]:02x}") from None
+
+
+def encode_control(kind: Kind, body: Mapping[str, Any]) -> bytes:
+    """A control frame: head plus compact JSON."""
+    return bytes((VERSION, kind)) + json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_control(frame: bytes) -> tuple[Kind, dict[str, Any]]:
+    """Kind and JSON object of a control frame; CodecError for anything else."""
+    kind = frame_kind(frame)
+    if kind not in CONTROL_KINDS:
+        raise CodecError(f"frame kind {kind.name} is not a control frame")
+    if len(frame) > MAX_CONTROL_BYTES:
+        raise CodecError(f"control frame of {len(frame)} bytes exceeds {MAX_CONTROL_BYTES}")
+    try:
+        body = json.loads(frame[2:])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CodecError(f"control frame body is not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise CodecError("control frame body is not a JSON object")
+    return kind, body
+
+
+def encode_headers(headers: Mapping[str, str]) -> bytes:
+    """Pack a small string map; ValueError (caller's fault) if a key or value is too long."""
+    if not headers:
+        return b""
+    out = bytearray()
+    for key, value in headers.items():
+        k = key.encode()
+        v = value.encode()
+        if not 0 < len(k) < 256:
+            raise ValueError(f"header name {key!r} must be 1..255 bytes")
+        if len(v) > 0xFFFF:
+            raise ValueError(f"header {key!r} value of {len(v)} bytes exceeds 65535")
+        out += bytes((len(k),)) + k + len(v).to_bytes(2, "little") + v
+    if len(out) > MAX_HEADERS_BYTES:
+        raise ValueError(f"headers of {len(out)} bytes exceed {MAX_HEADERS_BYTES}")
+    return bytes(out)
+
+
+def decode_headers(block: bytes) -> dict[str, str]:
+    """Unpack a headers block; CodecError if it is malformed."""
+    out: dict[str, str] = {}
+    off, n = 0, len(block)
+    try:
+        while off < n:
+            klen = block[off]
+            kend = off + 1 + klen
+            vlen = int.from_bytes(block[kend : kend + 2], "little")
+            vend = kend + 2 + vlen
+            if klen == 0 or vend > n or kend + 2 > n:
+                raise CodecError("truncated or empty header entry")
+            out[block[off + 1 : kend].decode()] = block[kend + 2 : vend].decode()
+            off = vend
+    except (IndexError, UnicodeDecodeError) as e:
+        raise CodecError(f"malformed headers block: {e}") from None
+    return out
+
+
+def encode_record(
+    topic: bytes, payload: bytes, headers: bytes, flags: int, time_ns: int, event_id: bytes
+) -> bytes:
+    """One packed event record (see the module docstring)."""
+    return (
+        RECORD.pack(len(payload), len(topic), len(headers), flags, 0, 0, time_ns, event_id)
+        + topic
+        + headers
+        + payload
+    )
+
+
+def split_records(body: bytes, offset: int = 2) -> Iterator[tuple[int, int]]:
+    """(start, end) of each record in a PUB body; CodecError on a truncated record.
+
+    Used where clarity beats speed; the node's hot loop inlines the same arithmetic.
+    """
+    n = len(body)
+    while offset < n:
+        if offset + RECORD_SIZE > n:
+            raise CodecError(f"truncated record header at byte {offset}")
+        plen, tlen, hlen = RECORD.unpack_from(body, offset)[:3]
+        end = offset + RECORD_SIZE + tlen + hlen + plen
+        if end > n:
+            raise CodecError(f"record at byte {offset} claims {end - offset} bytes, has {n - offset}")
+        yield offset, end
+        offset = end
+
+
+def iter_deliveries(frame: bytes) -> Iterator[tuple[int, int, int]]:
+    """(sid, start, end) of each record of a DELIVER frame; CodecError when truncated."""
+    n = len(frame)
+    offset = 2
+    while offset < n:
+        if offset + 4 + RECORD_SIZE > n:
+            raise CodecError(f"truncated delivery at byte {offset}")
+        (sid,) = SID.unpack_from(frame, offset)
+        start = offset + 4
+        plen, tlen, hlen = RECORD.unpack_from(frame, start)[:3]
+        end = start + RECORD_SIZE + tlen + hlen + plen
+        if end > n:
+            raise CodecError(f"delivery at byte {offset} claims {end - start} bytes")
+        yield sid, start, end
+        offset = end

@@ -1,0 +1,235 @@
+"""Node configuration: TOML text in, a frozen NodeConfig out; errors name the file and key.
+
+One table of fields (``FIELDS``) drives parsing, defaults, ``meshctl config init`` and
+``meshctl config show``, so the three cannot drift apart. Only ``read_config`` touches disk.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Final
+
+from node.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+DEFAULT_PORT: Final = 4850
+_MESH_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_SIZE: Final = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SIZE_UNITS: Final = {
+    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+}
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+
+
+def parse_size(value: object) -> int:
+    """Bytes from an int or a string like ``512KiB`` / ``1MiB``; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 1048576 or \"1MiB\"")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    raise ValueError(f"{value!r} is not a size such as 1048576 or \"1MiB\"")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """Everything a node needs to start; every field has a default."""
+
+    name: str = ""
+    mesh: str = "default"
+    data_dir: str = ""
+    listen: str = "0.0.0.0"  # noqa: S104 - a broker listens on the LAN by design
+    port: int = DEFAULT_PORT
+    ipc: bool = True
+    max_payload: int = 1024 * 1024
+    client_queue: int = 1000
+    max_clients: int = 1024
+    max_subscriptions: int = 10000
+    log_level: str = "info"
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _name(v: object) -> str:
+    s = _str(v)
+    if s and (len(s) > 63 or any(c in s for c in "/*> \t\n")):
+        raise ValueError(f"{s!r} must be at most 63 characters without '/', '*', '>' or spaces")
+    return s
+
+
+def _mesh(v: object) -> str:
+    s = _str(v)
+    if not _MESH_NAME.match(s):
+        raise ValueError(f"{s!r} must be 1-63 letters, digits, '.', '_' or '-'")
+    return s
+
+
+def _port(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
+        raise ValueError(f"{v!r} is not a port number 0-65535 (0 picks a free port)")
+    return v
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _positive(limit: int) -> Callable[[object], int]:
+    def check(v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= limit:
+            raise ValueError(f"{v!r} must be a whole number from 1 to {limit}")
+        return v
+
+    return check
+
+
+def _payload(v: object) -> int:
+    n = parse_size(v)
+    if not 1 <= n <= 64 * 1024 * 1024:
+        raise ValueError(f"{n} bytes is outside 1 byte to 64MiB")
+    return n
+
+
+def _level(v: object) -> str:
+    s = _str(v)
+    if s not in LOG_LEVELS:
+        raise ValueError(f"{s!r} is not one of {', '.join(LOG_LEVELS)}")
+    return s
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One config key: where it lives in TOML, which NodeConfig attribute it sets, and why."""
+
+    section: str
+    key: str
+    attr: str
+    check: Callable[[object], Any]
+    help: str
+
+
+FIELDS: Final = (
+    Field("node", "name", "name", _name, "Node name shown to operators; empty: the host name."),
+    Field("node", "mesh", "mesh", _mesh, "Mesh name; only nodes of the same mesh link."),
+    Field("node", "data_dir", "data_dir", _str,
+          "Node id, pid file, ipc socket and stores; empty: $XDG_DATA_HOME/meshctl."),
+    Field("listen", "address", "listen", _str, "Address of the TCP listener (meshctl up --listen)."),
+    Field("listen", "port", "port", _port, "TCP port; 0 picks a free one (meshctl up --port)."),
+    Field("listen", "ipc", "ipc", _bool, "Also listen on ipc://DATA_DIR/node.sock for local clients."),
+    Field("limits", "max_payload", "max_payload", _payload,
+          "Largest payload accepted, in bytes or with a unit (\"1MiB\")."),
+    Field("limits", "client_queue", "client_queue", _positive(1_000_000),
+          "Frames queued per client before its direct events are dropped (slow consumer)."),
+    Field("limits", "max_clients", "max_clients", _positive(1_000_000),
+          "Clients connected at once; more are refused."),
+    Field("limits", "max_subscriptions", "max_subscriptions", _positive(10_000_000),
+          "Subscription patterns per client."),
+    Field("log", "level", "log_level", _level, "One of debug, info, warning, error."),
+)
+_BY_PATH: Final = {(f.section, f.key): f for f in FIELDS}
+_SECTIONS: Final = tuple(dict.fromkeys(f.section for f in FIELDS))
+
+
+def load_config(text: str, *, source: str = "<string>") -> NodeConfig:
+    """Parse TOML text into a NodeConfig; ConfigError names the key on any problem."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"not valid TOML: {e}") from None
+    values: dict[str, Any] = {}
+    for section, table in doc.items():
+        if section not in _SECTIONS:
+            raise ConfigError(source, section, f"unknown section (known: {', '.join(_SECTIONS)})")
+        if not isinstance(table, dict):
+            raise ConfigError(source, section, f"must be a table, as in [{section}]")
+        for key, raw in table.items():
+            field = _BY_PATH.get((section, key))
+            if field is None:
+                known = ", ".join(f.key for f in FIELDS if f.section == section)
+                raise ConfigError(source, f"{section}.{key}", f"unknown key (known: {known})")
+            try:
+                values[field.attr] = field.check(raw)
+            except ValueError as e:
+                raise ConfigError(source, f"{section}.{key}", str(e)) from None
+    return NodeConfig(**values)
+
+
+def read_config(path: Path) -> NodeConfig:
+    """Load a config file; a missing or unreadable file is a ConfigError too."""
+    try:
+        text = path.read_text("utf-8")
+    except OSError as e:
+        raise ConfigError(str(path), "", f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), "", "not UTF-8 text") from None
+    return load_config(text, source=str(path))
+
+
+def with_overrides(config: NodeConfig, overrides: Mapping[str, object], *, source: str) -> NodeConfig:
+    """Apply command-line options (attr -> value, None = not given), checked like the file."""
+    by_attr = {f.attr: f for f in FIELDS}
+    changes: dict[str, Any] = {}
+    for attr, raw in overrides.items():
+        if raw is None:
+            continue
+        field = by_attr[attr]
+        try:
+            changes[attr] = field.check(raw)
+        except ValueError as e:
+            raise ConfigError(source, f"--{attr.replace('_', '-')}", str(e)) from None
+    return replace(config, **changes)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_config(config: NodeConfig, *, comments: bool) -> str:
+    """TOML for ``config``: with comments it is the ``config init`` template."""
+    lines: list[str] = []
+    if comments:
+        lines += ["# meshctl node configuration. Every key is shown with its default.",
+                  "# Command-line options of `meshctl up` override these values.", ""]
+    for section in _SECTIONS:
+        lines.append(f"[{section}]")
+        for f in FIELDS:
+            if f.section != section:
+                continue
+            if comments:
+                lines.append(f"# {f.help}")
+            lines.append(f"{f.key} = {_toml_value(getattr(config, f.attr))}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def as_dict(config: NodeConfig) -> dict[str, dict[str, object]]:
+    """Nested {section: {key: value}} for ``config show --json``."""
+    out: dict[str, dict[str, object]] = {s: {} for s in _SECTIONS}
+    for f in FIELDS:
+        out[f.section][f.key] = getattr(config, f.attr)
+    return out
+
+
+assert {f.attr for f in FIELDS} == {f.name for f in fields(NodeConfig)}, "FIELDS must cover NodeConfig"

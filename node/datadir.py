@@ -1,0 +1,102 @@
+"""The node's data directory: where it lives, the node id kept there, and the pid file."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+from typing import Final
+
+from node.errors import ConfigError
+
+NODE_ID_FILE: Final = "node_id"
+PID_FILE: Final = "node.pid"
+IPC_FILE: Final = "node.sock"
+LOG_FILE: Final = "node.log"
+_IPC_PATH_MAX: Final = 100  # sun_path is 108 bytes on Linux; keep a margin
+
+
+def default_data_dir() -> Path:
+    """``$MESHCTL_DATA_DIR``, else ``$XDG_DATA_HOME/meshctl``, else ``~/.local/share/meshctl``."""
+    if env := os.environ.get("MESHCTL_DATA_DIR"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "meshctl"
+
+
+def resolve_data_dir(configured: str) -> Path:
+    """The configured data dir, or the default when the config leaves it empty."""
+    return Path(configured).expanduser() if configured else default_data_dir()
+
+
+def prepare(data_dir: Path) -> None:
+    """Create the data dir, private to its owner (the ipc socket inherits that protection)."""
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        raise ConfigError(str(data_dir), "node.data_dir", f"cannot create: {e.strerror}") from None
+    if not os.access(data_dir, os.W_OK):
+        raise ConfigError(str(data_dir), "node.data_dir", "not writable")
+
+
+def ipc_endpoint(data_dir: Path) -> str:
+    """The ``ipc://`` endpoint in ``data_dir``; refuses paths the kernel would truncate."""
+    path = (data_dir / IPC_FILE).resolve()
+    if len(str(path)) > _IPC_PATH_MAX:
+        raise ConfigError(str(data_dir), "node.data_dir",
+                          f"ipc socket path is {len(str(path))} characters, over the "
+                          f"{_IPC_PATH_MAX} the kernel allows; use a shorter data dir or "
+                          "set listen.ipc = false")
+    return f"ipc://{path}"
+
+
+def load_or_create_node_id(data_dir: Path) -> str:
+    """The node's permanent id: 16 hex digits made once and kept in the data dir."""
+    path = data_dir / NODE_ID_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        node_id = secrets.token_hex(8)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(node_id + "\n")
+        tmp.replace(path)
+        return node_id
+    if len(text) != 16 or any(c not in "0123456789abcdef" for c in text):
+        raise ConfigError(str(path), "", f"corrupt node id {text[:40]!r}; delete the file to "
+                          "make a new one")
+    return text
+
+
+def read_pid(data_dir: Path) -> int | None:
+    """The pid in the pid file if that process is still alive, else None."""
+    try:
+        pid = int((data_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid
+
+
+def write_pid(data_dir: Path) -> None:
+    """Claim the data dir for this process; refuses when another live node holds it."""
+    other = read_pid(data_dir)
+    if other is not None and other != os.getpid():
+        raise ConfigError(str(data_dir), "node.data_dir",
+                          f"a node is already running here (pid {other}); stop it with "
+                          "`meshctl down` or pick another --data-dir")
+    (data_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+
+
+def remove_pid(data_dir: Path) -> None:
+    """Release the pid file if it is still ours."""
+    path = data_dir / PID_FILE
+    try:
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass

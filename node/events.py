@@ -1,0 +1,92 @@
+"""The Event value and how it is read from and written to a record.
+
+An event id is 16 bytes: an 8-byte origin (random per publishing session) and a u64
+sequence. It is unique without coordination, orders a session's events, and gives the
+mesh its (origin, sequence) duplicate window for free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+from node.codec import RECORD, RECORD_SIZE, F_ERROR, F_REQUEST, decode_headers
+from node.errors import CodecError
+
+_EMPTY: Final[Mapping[str, str]] = {}
+
+
+class Event:
+    """One event as a subscriber sees it. Fields are read-only by convention.
+
+    A plain slotted class rather than a frozen dataclass: subscribers build one per event,
+    and frozen dataclasses cost several times more to construct.
+    """
+
+    __slots__ = ("data", "flags", "headers", "raw_id", "time_ns", "topic")
+
+    def __init__(
+        self,
+        topic: str,
+        data: bytes,
+        headers: Mapping[str, str],
+        raw_id: bytes,
+        time_ns: int,
+        flags: int = 0,
+    ) -> None:
+        self.topic = topic
+        self.data = data
+        self.headers = headers
+        self.raw_id = raw_id
+        self.time_ns = time_ns
+        self.flags = flags
+
+    @property
+    def id(self) -> str:
+        """The event id as 32 hex digits: origin then sequence."""
+        return self.raw_id.hex()
+
+    @property
+    def time(self) -> float:
+        """Publish time, seconds since the epoch (the publisher's clock)."""
+        return self.time_ns / 1e9
+
+    @property
+    def reply_to(self) -> str | None:
+        """Where a reply goes, for requests."""
+        return self.headers.get("reply-to")
+
+    @property
+    def is_request(self) -> bool:
+        return bool(self.flags & F_REQUEST)
+
+    @property
+    def is_error(self) -> bool:
+        """True for a reply that reports the responder's failure."""
+        return bool(self.flags & F_ERROR)
+
+    def text(self) -> str:
+        """Payload as UTF-8 text, with replacement characters where it is not."""
+        return self.data.decode("utf-8", "replace")
+
+    def __repr__(self) -> str:
+        return f"Event(topic={self.topic!r}, data={self.data[:40]!r}, id={self.id})"
+
+
+def decode_event(buf: bytes, start: int, end: int) -> Event:
+    """The Event in ``buf[start:end]``; CodecError if it is not a well-formed record."""
+    try:
+        plen, tlen, hlen, flags, _hops, _r, time_ns, raw_id = RECORD.unpack_from(buf, start)
+    except Exception as e:  # struct.error
+        raise CodecError(f"truncated record: {e}") from None
+    t0 = start + RECORD_SIZE
+    h0 = t0 + tlen
+    p0 = h0 + hlen
+    if p0 + plen != end or end > len(buf):
+        raise CodecError("record lengths do not add up")
+    try:
+        topic = buf[t0:h0].decode()
+    except UnicodeDecodeError:
+        raise CodecError("topic is not UTF-8") from None
+    headers = decode_headers(buf[h0:p0]) if hlen else _EMPTY
+    return Event(topic, buf[p0:end], headers, raw_id, time_ns, flags)

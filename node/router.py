@@ -1,0 +1,492 @@
+"""The node's routing core, sans-IO: frames from clients in, frames for clients out.
+
+It owns client sessions, the subscription trie, queue-group choice, the per-topic route
+cache and the counters. It never touches a socket or a clock: the loop passes ``now`` in and
+sends what ``take_output`` hands back. The cache is dropped whenever interest changes.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from node.codec import (
+    F_REQUEST,
+    HEAD_DELIVER,
+    RECORD_SIZE,
+    SID,
+    Kind,
+    decode_control,
+    encode_control,
+    encode_record,
+    frame_kind,
+)
+from node.errors import CodecError, TopicError
+from node.topics import INBOX_PREFIX, SubscriptionTrie, validate_pattern, validate_publish_topic
+
+_HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
+MAX_FRAME_BYTES: Final = 64 * 1024  # deliveries are cut into frames of about this size
+MAX_GROUP_NAME: Final = 64
+ROUTE_CACHE_SIZE: Final = 65536
+SLOW_NOTICE_INTERVAL: Final = 1.0
+
+
+class SubRef:
+    """One subscription of one client; the trie holds these. Identity equality on purpose."""
+
+    __slots__ = ("client", "group", "patterns", "prefix", "sid")
+
+    def __init__(self, client: bytes, sid: int, patterns: tuple[str, ...], group: str | None):
+        self.client = client
+        self.sid = sid
+        self.patterns = patterns
+        self.group = group
+        self.prefix = SID.pack(sid)
+
+
+class _Group:
+    """The members of one queue group that match one topic, and whose turn is next."""
+
+    __slots__ = ("members", "turn")
+
+    def __init__(self, members: list[tuple[bytes, bytes]]) -> None:
+        self.members = members
+        self.turn = 0
+
+
+class Route:
+    """Where events on one topic go: every plain subscriber, one member per group."""
+
+    __slots__ = ("groups", "plain")
+
+    def __init__(self, plain: list[tuple[bytes, bytes]], groups: list[_Group]) -> None:
+        self.plain = plain
+        self.groups = groups
+
+
+class _Refused:
+    """A cached verdict that a topic cannot be published to."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+@dataclass
+class Client:
+    """One connected client session."""
+
+    ident: bytes
+    name: str
+    connected_at: float
+    last_seen: float
+    subs: dict[int, SubRef] = field(default_factory=dict)
+    events_in: int = 0
+    events_out: int = 0
+    dropped: int = 0
+    dropped_noticed: int = 0
+    last_notice: float = float("-inf")
+
+    @property
+    def client_id(self) -> str:
+        return self.ident.hex()
+
+
+@dataclass
+class Counters:
+    """Node-wide counters shown by ``meshctl status``."""
+
+    events_in: int = 0
+    events_out: int = 0
+    no_interest: int = 0
+    bad_frames: int = 0
+    bad_handshakes: int = 0
+    dropped: dict[str, int] = field(
+        default_factory=lambda: {
+            "slow_consumer": 0, "payload_too_large": 0, "bad_topic": 0, "no_session": 0,
+        }
+    )
+
+
+class Router:
+    """Sessions, interest and delivery for one node."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        name: str,
+        mesh: str,
+        max_payload: int,
+        max_clients: int,
+        max_subscriptions: int,
+        wall_ns: Callable[[], int],
+        log: Callable[[str], None] = lambda _msg: None,
+    ) -> None:
+        self.node_id = node_id
+        self.name = name
+        self.mesh = mesh
+        self.max_payload = max_payload
+        self.max_clients = max_clients
+        self.max_subscriptions = max_subscriptions
+        self.log = log
+        self.wall_ns = wall_ns  # stamps the node's own events; a parameter so tests pin it
+        self.clients: dict[bytes, Client] = {}
+        self.by_client_id: dict[str, bytes] = {}
+        self.trie: SubscriptionTrie[SubRef] = SubscriptionTrie()
+        self.counters = Counters()
+        self.status_extra: Callable[[float], dict[str, Any]] = lambda _now: {}
+        self._cache: dict[bytes, Route | _Refused] = {}
+        self._control: list[tuple[bytes, bytes, int]] = []
+        self._pending: dict[bytes, list[bytes]] = {}
+        self._origin = bytes.fromhex(node_id)[:8].ljust(8, b"\0")
+        self._seq = 0
+        self._inbox = f"{INBOX_PREFIX}/{node_id}/".encode()
+
+    # ---- input -------------------------------------------------------------------------
+
+    def handle(self, ident: bytes, frame: bytes, now: float) -> None:
+        """Process one frame from ``ident``; garbage is counted and dropped, never raised."""
+        try:
+            if len(frame) >= 2 and frame[1] == Kind.PUB and frame[0] == 1:
+                self._on_pub(ident, frame, now)
+                return
+            kind = frame_kind(frame)
+            if kind == Kind.PUB:  # pragma: no cover - handled above
+                return
+            kind, body = decode_control(frame)
+            self._on_control(ident, kind, body, now)
+        except CodecError as e:
+            self.bad_frame(ident, str(e))
+
+    def bad_frame(self, ident: bytes | None, why: str) -> None:
+        """Count a malformed frame and tell its sender, if any."""
+        self.counters.bad_frames += 1
+        if self.counters.bad_frames <= 10 or self.counters.bad_frames % 1000 == 0:
+            who = ident.hex() if ident else "?"
+            self.log(f"bad frame from {who} (total {self.counters.bad_frames}): {why}")
+        if ident is not None and ident in self.clients:
+            self._error(ident, None, f"malformed frame dropped: {why}", "protocol")
+
+    def _on_control(self, ident: bytes, kind: Kind, body: dict[str, Any], now: float) -> None:
+        if kind == Kind.HELLO:
+            self._hello(ident, body, now)
+            return
+        client = self.clients.get(ident)
+        if client is None:
+            self.counters.dropped["no_session"] += 1
+            self._send_control(ident, Kind.ERR, {"error": "no session: say HELLO first",
+                                                 "code": "session"})
+            return
+        client.last_seen = now
+        ref = body.get("ref")
+        if kind == Kind.SUB:
+            self._subscribe(client, ref, body)
+        elif kind == Kind.UNSUB:
+            self._unsubscribe(client, ref, body)
+        elif kind == Kind.STATUS:
+            self._send_control(ident, Kind.OK, {"ref": ref, "status": self.status(now)})
+        elif kind == Kind.BYE:
+            self.drop_client(ident, "said bye", now)
+        elif kind == Kind.PING:
+            if ref is not None:  # a flush: everything sent before it has been processed
+                self._send_control(ident, Kind.OK, {"ref": ref})
+        else:
+            raise CodecError(f"{kind.name} is not a frame a client may send")
+
+    def _hello(self, ident: bytes, body: dict[str, Any], now: float) -> None:
+        if ident in self.clients:
+            self.drop_client(ident, "new hello", now)
+        if len(self.clients) >= self.max_clients:
+            self._send_control(ident, Kind.ERR, {
+                "error": f"node has reached its limit of {self.max_clients} clients",
+                "code": "limit"})
+            return
+        name = str(body.get("name", ""))[:64]
+        client = Client(ident=ident, name=name, connected_at=now, last_seen=now)
+        self.clients[ident] = client
+        self.by_client_id[client.client_id] = ident
+        self._send_control(ident, Kind.WELCOME, {
+            "node_id": self.node_id, "name": self.name, "mesh": self.mesh,
+            "client_id": client.client_id, "max_payload": self.max_payload,
+        })
+        self.log(f"client {client.client_id} connected ({name or 'anonymous'})")
+        self.emit_system("$mesh/client/connect", {"client": client.client_id, "name": name}, now)
+
+    def _subscribe(self, client: Client, ref: object, body: dict[str, Any]) -> None:
+        sid, patterns, group = body.get("sid"), body.get("patterns"), body.get("group")
+        try:
+            if not isinstance(sid, int) or not 0 < sid < 2**32 or sid in client.subs:
+                raise ValueError(f"subscription id {sid!r} is not a new positive integer")
+            if not isinstance(patterns, list) or not patterns:
+                raise ValueError("a subscription needs at least one pattern")
+            for p in patterns:
+                if not isinstance(p, str):
+                    raise ValueError(f"pattern {p!r} is not a string")
+                validate_pattern(p)
+            if group is not None and not _valid_group(group):
+                raise ValueError(f"queue group {group!r} must be 1-{MAX_GROUP_NAME} characters "
+                                 "without spaces, '/', '*' or '>'")
+            held = sum(len(s.patterns) for s in client.subs.values())
+            if held + len(patterns) > self.max_subscriptions:
+                raise ValueError(f"{held + len(patterns)} patterns exceed the limit of "
+                                 f"{self.max_subscriptions} per client")
+        except (ValueError, TopicError) as e:
+            self._error(client.ident, ref, str(e), "input")
+            return
+        sub = SubRef(client.ident, sid, tuple(dict.fromkeys(patterns)), group)
+        client.subs[sid] = sub
+        for p in sub.patterns:
+            self.trie.add(p, sub)
+        self._cache.clear()
+        self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sid})
+
+    def _unsubscribe(self, client: Client, ref: object, body: dict[str, Any]) -> None:
+        sub = client.subs.pop(body.get("sid"), None)  # type: ignore[arg-type]
+        if sub is None:
+            self._error(client.ident, ref, f"no subscription {body.get('sid')!r}", "input")
+            return
+        self._remove_sub(sub)
+        self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sub.sid})
+
+    def _remove_sub(self, sub: SubRef) -> None:
+        for p in sub.patterns:
+            self.trie.remove(p, sub)
+        self._cache.clear()
+
+    def drop_client(self, ident: bytes, why: str, now: float) -> None:
+        """Forget a client and its interest (bye, gone, or replaced)."""
+        client = self.clients.pop(ident, None)
+        if client is None:
+            return
+        self.by_client_id.pop(client.client_id, None)
+        for sub in client.subs.values():
+            self._remove_sub(sub)
+        self._pending.pop(ident, None)
+        self.log(f"client {client.client_id} disconnected: {why}")
+        self.emit_system("$mesh/client/disconnect",
+                         {"client": client.client_id, "name": client.name, "reason": why}, now)
+
+    # ---- the data path -------------------------------------------------------------------
+
+    def _on_pub(self, ident: bytes, frame: bytes, now: float) -> None:
+        client = self.clients.get(ident)
+        if client is None:
+            self.counters.dropped["no_session"] += 1
+            self._send_control(ident, Kind.ERR, {"error": "no session: say HELLO first",
+                                                 "code": "session"})
+            return
+        client.last_seen = now
+        cache = self._cache
+        pending = self._pending
+        unpack = _HEAD.unpack_from
+        max_payload = self.max_payload
+        n = len(frame)
+        off = 2
+        count = 0
+        while off < n:
+            if off + RECORD_SIZE > n:
+                self.bad_frame(ident, f"truncated record header at byte {off}")
+                break
+            plen, tlen, hlen, flags = unpack(frame, off)
+            t0 = off + RECORD_SIZE
+            end = t0 + tlen + hlen + plen
+            if end > n:
+                self.bad_frame(ident, f"record at byte {off} overruns the frame")
+                break
+            topic = frame[t0 : t0 + tlen]
+            rec = frame[off:end]
+            off = end
+            if plen > max_payload:
+                self.counters.dropped["payload_too_large"] += 1
+                self._error(ident, None, f"payload of {plen} bytes exceeds the limit of "
+                            f"{max_payload} bytes; event dropped", "payload")
+                continue
+            route = cache.get(topic)
+            if route is None:
+                route = self._resolve(topic)
+            if type(route) is _Refused:
+                self.counters.dropped["bad_topic"] += 1
+                self._error(ident, None, route.reason, "topic")
+                continue
+            count += 1
+            plain = route.plain  # type: ignore[union-attr]
+            groups = route.groups  # type: ignore[union-attr]
+            for dest, prefix in plain:
+                parts = pending.get(dest)
+                if parts is None:
+                    pending[dest] = parts = []
+                parts.append(prefix)
+                parts.append(rec)
+            for g in groups:
+                members = g.members
+                turn = g.turn
+                g.turn = turn + 1 if turn + 1 < len(members) else 0
+                dest, prefix = members[turn]
+                parts = pending.get(dest)
+                if parts is None:
+                    pending[dest] = parts = []
+                parts.append(prefix)
+                parts.append(rec)
+            if not plain and not groups:
+                self.counters.no_interest += 1
+                if flags & F_REQUEST:
+                    self._send_control(ident, Kind.NORESP, {
+                        "id": rec[RECORD_SIZE - 16 : RECORD_SIZE].hex(),
+                        "topic": topic.decode()})
+        client.events_in += count
+        self.counters.events_in += count
+
+    def _resolve(self, topic_b: bytes) -> Route | _Refused:
+        """Compute (and usually cache) the route of a topic seen for the first time."""
+        try:
+            topic = topic_b.decode()
+            validate_publish_topic(topic)
+        except UnicodeDecodeError:
+            route: Route | _Refused = _Refused("topic is not valid UTF-8")
+        except TopicError as e:
+            route = _Refused(str(e))
+        else:
+            route = self._route_for(topic)
+            if topic_b.startswith(b"_INBOX/"):
+                return route  # one-off reply topics would only flush the cache
+        if len(self._cache) >= ROUTE_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[topic_b] = route
+        return route
+
+    def _route_for(self, topic: str) -> Route:
+        plain: list[tuple[bytes, bytes]] = []
+        grouped: dict[str, list[tuple[bytes, bytes]]] = {}
+        for sub in self.trie.match(topic):
+            if sub.group is None:
+                plain.append((sub.client, sub.prefix))
+            else:
+                grouped.setdefault(sub.group, []).append((sub.client, sub.prefix))
+        if topic.startswith(INBOX_PREFIX + "/"):
+            target = self._inbox_target(topic)
+            if target is not None and target not in plain:
+                plain.append(target)
+        # Sorted so the round-robin order does not depend on set iteration order.
+        groups = [_Group(sorted(m)) for _, m in sorted(grouped.items())]
+        return Route(plain, groups)
+
+    def _inbox_target(self, topic: str) -> tuple[bytes, bytes] | None:
+        """``_INBOX/<node>/<client>/...`` goes straight to that client's inbox (sid 0)."""
+        if not topic.startswith(self._inbox.decode()):
+            return None
+        client_id = topic[len(self._inbox) :].split("/", 1)[0]
+        ident = self.by_client_id.get(client_id)
+        return None if ident is None else (ident, SID.pack(0))
+
+    def has_interest(self, topic: str) -> bool:
+        """True if anything would receive an event on ``topic`` (for operator views)."""
+        route = self._route_for(topic)
+        return bool(route.plain or route.groups)
+
+    def emit_system(self, topic: str, body: dict[str, Any], now: float) -> None:
+        """Publish one of the node's own ``$mesh/...`` events to whoever listens."""
+        payload = json.dumps({"node": self.node_id, "node_name": self.name, **body}).encode()
+        self._seq += 1
+        rec = encode_record(topic.encode(), payload, b"", 0, self.wall_ns(), self._origin +
+                            self._seq.to_bytes(8, "little"))
+        route = self._route_for(topic)
+        for dest, prefix in route.plain + [g.members[0] for g in route.groups]:
+            self._pending.setdefault(dest, []).extend((prefix, rec))
+
+    # ---- output ------------------------------------------------------------------------
+
+    def _send_control(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
+        parts = self._pending.pop(ident, None)
+        if parts:  # keep order: data routed to this client before the control reply
+            self._control.extend((ident, f, n) for f, n in _frames_counted(parts))
+        self._control.append((ident, encode_control(kind, body), 0))
+
+    def _error(self, ident: bytes, ref: object, error: str, code: str) -> None:
+        self._send_control(ident, Kind.ERR, {"ref": ref, "error": error, "code": code})
+
+    def take_output(self) -> Iterator[tuple[bytes, bytes, int]]:
+        """Everything to send now as (ident, frame, events in frame), control first."""
+        control, self._control = self._control, []
+        yield from control
+        pending, self._pending = self._pending, {}
+        for ident, parts in pending.items():
+            for frame, count in _frames_counted(parts):
+                yield ident, frame, count
+
+    def delivered(self, ident: bytes, count: int) -> None:
+        """The loop handed ``count`` events to ``ident``'s queue."""
+        self.counters.events_out += count
+        client = self.clients.get(ident)
+        if client is not None:
+            client.events_out += count
+
+    def dropped(self, ident: bytes, count: int, now: float) -> None:
+        """``ident``'s queue was full: count the drop and announce it, at most once a second."""
+        self.counters.dropped["slow_consumer"] += count
+        client = self.clients.get(ident)
+        if client is None:
+            return
+        client.dropped += count
+        if now - client.last_notice >= SLOW_NOTICE_INTERVAL:
+            newly = client.dropped - client.dropped_noticed
+            client.dropped_noticed = client.dropped
+            client.last_notice = now
+            self.log(f"slow consumer {client.client_id} ({client.name}): dropped {newly} events")
+            self.emit_system("$mesh/slow-consumer", {"client": client.client_id,
+                             "name": client.name, "dropped": newly,
+                             "dropped_total": client.dropped}, now)
+
+    def idle_clients(self, now: float, idle: float) -> list[bytes]:
+        """Clients silent for ``idle`` seconds: the loop probes them to notice the dead."""
+        return [c.ident for c in self.clients.values() if now - c.last_seen >= idle]
+
+    # ---- views -------------------------------------------------------------------------
+
+    def status(self, now: float) -> dict[str, Any]:
+        """The node's state for ``meshctl status``; JSON-ready."""
+        c = self.counters
+        return {
+            "id": self.node_id, "name": self.name, "mesh": self.mesh,
+            **self.status_extra(now),
+            "clients": [
+                {"id": cl.client_id, "name": cl.name, "connected_s": round(now - cl.connected_at, 3),
+                 "subscriptions": sum(len(s.patterns) for s in cl.subs.values()),
+                 "events_in": cl.events_in, "events_out": cl.events_out, "dropped": cl.dropped}
+                for cl in self.clients.values()
+            ],
+            "subscriptions": [
+                {"client": s.client.hex(), "sid": s.sid, "pattern": p, "group": s.group}
+                for cl in self.clients.values() for s in cl.subs.values() for p in s.patterns
+            ],
+            "counters": {
+                "events_in": c.events_in, "events_out": c.events_out,
+                "no_interest": c.no_interest, "bad_frames": c.bad_frames,
+                "bad_handshakes": c.bad_handshakes, "dropped": dict(c.dropped),
+            },
+        }
+
+
+def _valid_group(group: object) -> bool:
+    return (isinstance(group, str) and 0 < len(group) <= MAX_GROUP_NAME
+            and not any(ch in group for ch in " \t\r\n/*>"))
+
+
+def _frames_counted(parts: list[bytes]) -> Iterator[tuple[bytes, int]]:
+    """Cut (sid prefix, record) pairs into DELIVER frames of about MAX_FRAME_BYTES."""
+    start = 0
+    size = 0
+    n = len(parts)
+    for i in range(1, n, 2):
+        size += len(parts[i]) + 4
+        if size >= MAX_FRAME_BYTES:
+            yield HEAD_DELIVER + b"".join(parts[start : i + 1]), (i + 1 - start) // 2
+            start, size = i + 1, 0
+    if start < n:
+        yield HEAD_DELIVER + b"".join(parts[start:]), (n - start) // 2
+
+
