@@ -140,8 +140,17 @@ def _expect(q: Queue[Any], tag: str, timeout: float = 60) -> tuple[Any, ...]:
     return msg
 
 
-def _pair(receiver: Any, rargs: tuple[Any, ...], sender: Any, sargs: tuple[Any, ...],
-          name: str, size: int, count: int, *, pass_port: bool) -> Throughput:
+def _pair(
+    receiver: Any,
+    rargs: tuple[Any, ...],
+    sender: Any,
+    sargs: tuple[Any, ...],
+    name: str,
+    size: int,
+    count: int,
+    *,
+    pass_port: bool,
+) -> Throughput:
     ctx = mp.get_context("spawn")
     rq: Queue[Any] = ctx.Queue()
     sq: Queue[Any] = ctx.Queue()
@@ -171,13 +180,23 @@ def _endpoint(transport: str) -> str:
 
 def raw_baseline(transport: str, size: int, count: int) -> Throughput:
     """Raw pyzmq PUSH->PULL, one frame per message, two processes, same transport as the node."""
-    return _pair(_raw_pull, (transport,), _raw_push, (), "raw push->pull", size, count, pass_port=True)
+    return _pair(
+        _raw_pull, (transport,), _raw_push, (), "raw push->pull", size, count, pass_port=True
+    )
 
 
 def pubsub(server: str, size: int, count: int) -> Throughput:
     """One publisher process -> one node -> one subscriber process."""
-    return _pair(_subscriber, (server, "bench/>"), _publisher, (server, "bench/data"),
-                 "pub->node->sub", size, count, pass_port=False)
+    return _pair(
+        _subscriber,
+        (server, "bench/>"),
+        _publisher,
+        (server, "bench/data"),
+        "pub->node->sub",
+        size,
+        count,
+        pass_port=False,
+    )
 
 
 def request_latency(server: str, count: int) -> list[float]:
@@ -212,21 +231,39 @@ def bench_node(server: str | None, transport: str) -> Iterator[str]:
     tmp = Path(tempfile.mkdtemp(prefix="meshctl-bench-"))
     log = (tmp / "node.log").open("wb")
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-m", "meshctl", "up", "--port", "0", "--listen", "127.0.0.1",
-         "--data-dir", str(tmp), "--name", "bench"],
-        stdout=log, stderr=log, env={**os.environ, "MESHCTL_CONFIG": os.devnull})
+        [
+            sys.executable,
+            "-m",
+            "meshctl",
+            "up",
+            "--port",
+            "0",
+            "--listen",
+            "127.0.0.1",
+            "--data-dir",
+            str(tmp),
+            "--name",
+            "bench",
+        ],
+        stdout=log,
+        stderr=log,
+        env={**os.environ, "MESHCTL_CONFIG": os.devnull},
+    )
     try:
         ipc = f"ipc://{tmp / 'node.sock'}"
         deadline = time.monotonic() + 15
         while True:
             try:
                 with connect(ipc, timeout=0.5) as c:
-                    url = next(e for e in c.status()["endpoints"]
-                               if e.startswith(f"{transport}://"))
+                    url = next(
+                        e for e in c.status()["endpoints"] if e.startswith(f"{transport}://")
+                    )
                 break
             except Exception:
                 if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"bench node did not start; see {tmp / 'node.log'}") from None
+                    raise RuntimeError(
+                        f"bench node did not start; see {tmp / 'node.log'}"
+                    ) from None
                 time.sleep(0.1)
         yield url
     finally:
@@ -249,5 +286,8 @@ def percentile(values: list[float], pct: float) -> float:
 
 def summarize_latency(rtts: list[float]) -> dict[str, float]:
     """p50, p99 and mean in microseconds."""
-    return {"p50_us": percentile(rtts, 50) * 1e6, "p99_us": percentile(rtts, 99) * 1e6,
-            "mean_us": statistics.fmean(rtts) * 1e6}
+    return {
+        "p50_us": percentile(rtts, 50) * 1e6,
+        "p99_us": percentile(rtts, 99) * 1e6,
+        "mean_us": statistics.fmean(rtts) * 1e6,
+    }

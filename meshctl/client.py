@@ -40,10 +40,9 @@ from node.codec import (
     decode_control,
     encode_control,
     encode_headers,
-    iter_deliveries,
 )
 from node.errors import CodecError, PayloadTooLarge
-from node.events import Event, decode_event
+from node.events import Event, decode_deliveries
 from node.topics import validate_pattern, validate_publish_topic
 
 __all__ = ["Client", "Event", "Subscription", "connect"]
@@ -55,7 +54,9 @@ _TOPIC_CACHE_MAX: Final = 4096
 Handler = Callable[[Event], None]
 
 
-def connect(server: str | None = None, *, name: str = "", timeout: float = DEFAULT_TIMEOUT) -> Client:
+def connect(
+    server: str | None = None, *, name: str = "", timeout: float = DEFAULT_TIMEOUT
+) -> Client:
     """Connect to a node and return a ready Client.
 
     Args:
@@ -80,8 +81,14 @@ def connect(server: str | None = None, *, name: str = "", timeout: float = DEFAU
 class Subscription:
     """Events for one or more patterns; iterate it, call ``next``, or give a callback."""
 
-    def __init__(self, client: Client, sid: int, patterns: tuple[str, ...], group: str | None,
-                 callback: Handler | None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        sid: int,
+        patterns: tuple[str, ...],
+        group: str | None,
+        callback: Handler | None,
+    ) -> None:
         self.client = client
         self.sid = sid
         self.patterns = patterns
@@ -111,8 +118,9 @@ class Subscription:
 class Client:
     """One connection to a node. Not thread-safe: use it from one thread, as a socket."""
 
-    def __init__(self, server: str | None = None, *, name: str = "",
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, server: str | None = None, *, name: str = "", timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self.server = resolve_server(server)
         self.name = name
         self.timeout = timeout
@@ -135,6 +143,8 @@ class Client:
         self._req_ids = itertools.count(1)
         self._replies: dict[str, list[Event]] = {}
         self._no_responders: set[str] = set()
+        self._rcvtimeo = -1
+        self._topic_names: dict[bytes, str] = {}
 
     # ---- connection --------------------------------------------------------------------
 
@@ -157,8 +167,10 @@ class Client:
         deadline = time.monotonic() + self.timeout
         while not self.node:
             if not self._pump(deadline):
-                raise Unreachable(f"cannot reach a node at {self.server} within "
-                                  f"{self.timeout:g}s (is `meshctl up` running there?)")
+                raise Unreachable(
+                    f"cannot reach a node at {self.server} within "
+                    f"{self.timeout:g}s (is `meshctl up` running there?)"
+                )
 
     def close(self) -> None:
         """Flush buffered events, say goodbye and close; safe to call twice."""
@@ -186,8 +198,14 @@ class Client:
 
     # ---- publishing --------------------------------------------------------------------
 
-    def publish(self, topic: str, data: bytes | str = b"", headers: Mapping[str, str] | None = None,
-                *, _flags: int = 0) -> str:
+    def publish(
+        self,
+        topic: str,
+        data: bytes | str = b"",
+        headers: Mapping[str, str] | None = None,
+        *,
+        _flags: int = 0,
+    ) -> str:
         """Publish one event (at most once, to every interested subscriber); returns its id.
 
         Raises:
@@ -263,8 +281,9 @@ class Client:
 
     # ---- subscribing -------------------------------------------------------------------
 
-    def subscribe(self, *patterns: str, group: str | None = None,
-                  callback: Handler | None = None) -> Subscription:
+    def subscribe(
+        self, *patterns: str, group: str | None = None, callback: Handler | None = None
+    ) -> Subscription:
         """Receive events matching any of ``patterns``; returns once the node has confirmed.
 
         Args:
@@ -292,7 +311,7 @@ class Client:
             self._call(Kind.UNSUB, {"sid": sub.sid})
 
     def process(self, timeout: float = 0.0) -> int:
-        """Read what has arrived (waiting up to ``timeout``) and run callbacks; returns frames read."""
+        """Read what arrived (waiting up to ``timeout``), run callbacks; 1 if anything came."""
         deadline = time.monotonic() + timeout
         return 1 if self._pump(deadline) else 0
 
@@ -305,8 +324,14 @@ class Client:
 
     # ---- request / reply ---------------------------------------------------------------
 
-    def request(self, topic: str, data: bytes | str = b"", *, timeout: float = DEFAULT_TIMEOUT,
-                headers: Mapping[str, str] | None = None) -> Event:
+    def request(
+        self,
+        topic: str,
+        data: bytes | str = b"",
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
         """Send a request and return the first reply.
 
         Raises:
@@ -315,9 +340,15 @@ class Client:
         """
         return self.request_many(topic, data, replies=1, timeout=timeout, headers=headers)[0]
 
-    def request_many(self, topic: str, data: bytes | str = b"", *, replies: int,
-                     timeout: float = DEFAULT_TIMEOUT,
-                     headers: Mapping[str, str] | None = None) -> list[Event]:
+    def request_many(
+        self,
+        topic: str,
+        data: bytes | str = b"",
+        *,
+        replies: int,
+        timeout: float = DEFAULT_TIMEOUT,
+        headers: Mapping[str, str] | None = None,
+    ) -> list[Event]:
         """Scatter-gather: wait for ``replies`` replies, or collect until the timeout when 0.
 
         Raises:
@@ -329,8 +360,9 @@ class Client:
         got: list[Event] = []
         self._replies[token] = got
         try:
-            req_id = self.publish(topic, data, {**(headers or {}), "reply-to": inbox},
-                                  _flags=F_REQUEST)
+            req_id = self.publish(
+                topic, data, {**(headers or {}), "reply-to": inbox}, _flags=F_REQUEST
+            )
             self._send_buffer()
             deadline = time.monotonic() + timeout
             while replies == 0 or len(got) < replies:
@@ -342,12 +374,20 @@ class Client:
         finally:
             self._replies.pop(token, None)
         if not got or len(got) < replies:
-            raise Timeout(f"request on {topic} timed out after {timeout:g}s with "
-                          f"{len(got)} of {replies or 'any'} replies")
+            raise Timeout(
+                f"request on {topic} timed out after {timeout:g}s with "
+                f"{len(got)} of {replies or 'any'} replies"
+            )
         return got
 
-    def reply(self, request: Event, data: bytes | str = b"", *, error: bool = False,
-              headers: Mapping[str, str] | None = None) -> None:
+    def reply(
+        self,
+        request: Event,
+        data: bytes | str = b"",
+        *,
+        error: bool = False,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         """Answer a request; ``error=True`` marks the reply as the responder's failure."""
         if request.reply_to is None:
             raise InputError(f"event on {request.topic} is not a request (no reply-to)")
@@ -368,7 +408,9 @@ class Client:
             raise InputError("client is closed")
         return self._sock
 
-    def _call(self, kind: Kind, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    def _call(
+        self, kind: Kind, body: dict[str, Any], timeout: float | None = None
+    ) -> dict[str, Any]:
         """Send a control request and wait for its OK; ERR becomes an exception."""
         ref = next(self._refs)
         self._send_buffer()
@@ -376,8 +418,10 @@ class Client:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while ref not in self._control:
             if not self._pump(deadline):
-                raise Timeout(f"node at {self.server} did not answer {kind.name} within "
-                              f"{self.timeout if timeout is None else timeout:g}s")
+                raise Timeout(
+                    f"node at {self.server} did not answer {kind.name} within "
+                    f"{self.timeout if timeout is None else timeout:g}s"
+                )
         answer, reply = self._control.pop(ref)
         if answer == Kind.ERR:
             if reply.get("code") == "input":
@@ -386,21 +430,31 @@ class Client:
         return reply
 
     def _pump(self, deadline: float | None) -> bool:
-        """Wait until ``deadline`` for frames and dispatch all that are ready; False on timeout."""
+        """Wait until ``deadline`` for frames and dispatch all that are ready; False on timeout.
+
+        A blocking ``recv`` with RCVTIMEO rather than ``poll`` + ``recv``: pyzmq's
+        ``Socket.poll`` builds a Poller per call, which showed in request-reply latency.
+        """
         sock = self._socket()
         self._send_buffer()
         if deadline is None:
             timeout_ms = -1
         else:
             timeout_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-        if not sock.poll(timeout_ms):
+        if timeout_ms != self._rcvtimeo:
+            sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+            self._rcvtimeo = timeout_ms
+        try:
+            frame = sock.recv()
+        except zmq.Again:
             return False
-        for _ in range(64):
-            try:
-                frame = sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
+        self._dispatch(frame)
+        events = sock.getsockopt
+        recv = sock.recv
+        for _ in range(63):
+            if not events(zmq.EVENTS) & zmq.POLLIN:
                 break
-            self._dispatch(frame)
+            self._dispatch(recv())
         return True
 
     def _dispatch(self, frame: bytes) -> None:
@@ -421,15 +475,15 @@ class Client:
             if body.get("code") == "session" and self.node:
                 self._resume()
             else:
-                self._async_errors.append(RemoteError(str(body.get("error")),
-                                                      str(body.get("code", ""))))
+                self._async_errors.append(
+                    RemoteError(str(body.get("error")), str(body.get("code", "")))
+                )
         elif kind == Kind.NORESP:
             self._no_responders.add(str(body.get("id")))
 
     def _deliver(self, frame: bytes) -> None:
         subs = self._subs
-        for sid, start, end in iter_deliveries(frame):
-            event = decode_event(frame, start, end)
+        for sid, event in decode_deliveries(frame, self._topic_names):
             if sid == 0:
                 token = event.topic.rsplit("/", 1)[-1]
                 waiting = self._replies.get(token)
@@ -451,6 +505,14 @@ class Client:
         self.node = {}
         self._sock.send(encode_control(Kind.HELLO, {"name": self.name}))
         for sub in self._subs.values():
-            self._sock.send(encode_control(Kind.SUB, {
-                "ref": next(self._refs), "sid": sub.sid, "patterns": list(sub.patterns),
-                "group": sub.group}))
+            self._sock.send(
+                encode_control(
+                    Kind.SUB,
+                    {
+                        "ref": next(self._refs),
+                        "sid": sub.sid,
+                        "patterns": list(sub.patterns),
+                        "group": sub.group,
+                    },
+                )
+            )

@@ -41,12 +41,17 @@ def resolve_server(url: str | None) -> str:
         raise InputError(f"server {text!r}: use tcp://host:port, host:port or ipc:///path")
     else:
         if text.startswith(("/", ".", "~")):
-            path = Path(text).expanduser()
+            try:
+                path = Path(text).expanduser()
+            except RuntimeError as e:  # ~user that does not exist
+                raise InputError(f"server {text!r}: {e}") from None
             return f"ipc://{(path / IPC_FILE) if path.is_dir() else path}"
         rest = text
     m = _HOST_PORT.match(rest)
     if not m:
-        raise InputError(f"server {text!r} is not host:port (example: tcp://127.0.0.1:{DEFAULT_PORT})")
+        raise InputError(
+            f"server {text!r} is not host:port (example: tcp://127.0.0.1:{DEFAULT_PORT})"
+        )
     port = int(m.group("port") or DEFAULT_PORT)
     if not 0 < port < 65536:
         raise InputError(f"server {text!r}: port {port} is outside 1-65535")

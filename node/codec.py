@@ -44,13 +44,20 @@ class Kind(IntEnum):
     UNSUB = 0x03  # client -> node: {"ref", "sid"}
     STATUS = 0x04  # client -> node: {"ref"}
     BYE = 0x05  # client -> node: {}
-    PING = 0x06  # either way: {}
+    PING = 0x06  # either way: {} (with "ref" from a client: a flush, answered with OK)
+    LINK = 0x07  # node -> node: {"mesh", "proto", "node": NodeState}: open a link
+    STATES = 0x08  # node -> node: {"states": [NodeState...]}: flooded announcements
+    BEAT = 0x09  # node -> node: {"t": sender clock}: heartbeat, answered with BEAT_ACK
     WELCOME = 0x11  # node -> client: {"node_id", "name", "mesh", "client_id", "max_payload"}
     OK = 0x12  # node -> client: {"ref", ...result}
     ERR = 0x13  # node -> client: {"ref"?, "error", "code"}
     NORESP = 0x14  # node -> client: {"id"}: a request nothing in the mesh can answer
+    LINK_OK = 0x15  # node -> node: {"node": NodeState}: link accepted
+    LINK_REFUSE = 0x16  # node -> node: {"reason"}: link refused, the dialer logs why
+    BEAT_ACK = 0x17  # node -> node: {"t"}: echo of a heartbeat, gives the round-trip time
     PUB = 0x20
     DELIVER = 0x21
+    FWD = 0x22  # node -> node: ([targets] record)*
 
 
 CONTROL_KINDS: Final = frozenset(k for k in Kind if k < 0x20)
@@ -70,6 +77,9 @@ MAX_CONTROL_BYTES: Final = 64 * 1024
 
 HEAD_PUB: Final = bytes((VERSION, Kind.PUB))
 HEAD_DELIVER: Final = bytes((VERSION, Kind.DELIVER))
+HEAD_FWD: Final = bytes((VERSION, Kind.FWD))
+NODE_ID_BYTES: Final = 8
+MAX_TARGETS: Final = 255
 
 
 def frame_kind(frame: bytes) -> Kind:
@@ -100,6 +110,8 @@ def decode_control(frame: bytes) -> tuple[Kind, dict[str, Any]]:
         body = json.loads(frame[2:])
     except (ValueError, UnicodeDecodeError) as e:
         raise CodecError(f"control frame body is not JSON: {e}") from None
+    except RecursionError:
+        raise CodecError("control frame body nests too deeply") from None
     if not isinstance(body, dict):
         raise CodecError("control frame body is not a JSON object")
     return kind, body
@@ -166,7 +178,9 @@ def split_records(body: bytes, offset: int = 2) -> Iterator[tuple[int, int]]:
         plen, tlen, hlen = RECORD.unpack_from(body, offset)[:3]
         end = offset + RECORD_SIZE + tlen + hlen + plen
         if end > n:
-            raise CodecError(f"record at byte {offset} claims {end - offset} bytes, has {n - offset}")
+            raise CodecError(
+                f"record at byte {offset} claims {end - offset} bytes, has {n - offset}"
+            )
         yield offset, end
         offset = end
 
@@ -186,3 +200,58 @@ def iter_deliveries(frame: bytes) -> Iterator[tuple[int, int, int]]:
             raise CodecError(f"delivery at byte {offset} claims {end - start} bytes")
         yield sid, start, end
         offset = end
+
+
+def encode_targets(hops: int, targets: list[tuple[bytes, tuple[str, ...]]]) -> bytes:
+    """The routing header of a forwarded record: hop count, then each target node and the
+    queue groups it must serve. ``[hops u8][n u8]([node 8B][ng u8]([len u8][group])*)*``."""
+    out = bytearray((hops, len(targets)))
+    for node, groups in targets:
+        out += node
+        out.append(len(groups))
+        for g in groups:
+            gb = g.encode()
+            out.append(len(gb))
+            out += gb
+    return bytes(out)
+
+
+def decode_forwarded(
+    frame: bytes,
+) -> Iterator[tuple[int, list[tuple[bytes, tuple[str, ...]]], int, int]]:
+    """(hops, targets, record start, record end) of each entry of a FWD frame.
+
+    CodecError for anything malformed, raised before the bad entry is yielded.
+    """
+    n = len(frame)
+    off = 2
+    try:
+        while off < n:
+            hops = frame[off]
+            count = frame[off + 1]
+            off += 2
+            targets: list[tuple[bytes, tuple[str, ...]]] = []
+            for _ in range(count):
+                node = frame[off : off + NODE_ID_BYTES]
+                ng = frame[off + NODE_ID_BYTES]
+                off += NODE_ID_BYTES + 1
+                groups = []
+                for _ in range(ng):
+                    glen = frame[off]
+                    groups.append(frame[off + 1 : off + 1 + glen].decode())
+                    off += 1 + glen
+                if len(node) != NODE_ID_BYTES:
+                    raise CodecError("truncated target")
+                targets.append((node, tuple(groups)))
+            if off + RECORD_SIZE > n:
+                raise CodecError(f"truncated forwarded record at byte {off}")
+            plen, tlen, hlen = RECORD.unpack_from(frame, off)[:3]
+            end = off + RECORD_SIZE + tlen + hlen + plen
+            if end > n:
+                raise CodecError(f"forwarded record at byte {off} overruns the frame")
+            yield hops, targets, off, end
+            off = end
+    except IndexError:
+        raise CodecError("truncated routing header") from None
+    except UnicodeDecodeError:
+        raise CodecError("queue group name is not UTF-8") from None

@@ -6,6 +6,7 @@ One table of fields (``FIELDS``) drives parsing, defaults, ``meshctl config init
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -21,11 +22,17 @@ else:  # pragma: no cover - exercised only on 3.10
     import tomli as tomllib
 
 DEFAULT_PORT: Final = 4850
-_MESH_NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_MESH_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _SIZE: Final = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
 _SIZE_UNITS: Final = {
-    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
-    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+    None: 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
 }
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
@@ -33,14 +40,14 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 def parse_size(value: object) -> int:
     """Bytes from an int or a string like ``512KiB`` / ``1MiB``; ValueError otherwise."""
     if isinstance(value, bool):
-        raise ValueError("expected a size such as 1048576 or \"1MiB\"")
+        raise ValueError('expected a size such as 1048576 or "1MiB"')
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
         return value
     if isinstance(value, str) and (m := _SIZE.match(value)):
         return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
-    raise ValueError(f"{value!r} is not a size such as 1048576 or \"1MiB\"")
+    raise ValueError(f'{value!r} is not a size such as 1048576 or "1MiB"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,7 @@ class NodeConfig:
     max_clients: int = 1024
     max_subscriptions: int = 10000
     log_level: str = "info"
+    spin_us: int = 200
 
 
 def _str(v: object) -> str:
@@ -75,7 +83,7 @@ def _name(v: object) -> str:
 
 def _mesh(v: object) -> str:
     s = _str(v)
-    if not _MESH_NAME.match(s):
+    if not _MESH_NAME.fullmatch(s):
         raise ValueError(f"{s!r} must be 1-63 letters, digits, '.', '_' or '-'")
     return s
 
@@ -108,6 +116,12 @@ def _payload(v: object) -> int:
     return n
 
 
+def _spin(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 100_000:
+        raise ValueError(f"{v!r} must be a whole number of microseconds from 0 to 100000")
+    return v
+
+
 def _level(v: object) -> str:
     s = _str(v)
     if s not in LOG_LEVELS:
@@ -129,20 +143,57 @@ class Field:
 FIELDS: Final = (
     Field("node", "name", "name", _name, "Node name shown to operators; empty: the host name."),
     Field("node", "mesh", "mesh", _mesh, "Mesh name; only nodes of the same mesh link."),
-    Field("node", "data_dir", "data_dir", _str,
-          "Node id, pid file, ipc socket and stores; empty: $XDG_DATA_HOME/meshctl."),
-    Field("listen", "address", "listen", _str, "Address of the TCP listener (meshctl up --listen)."),
+    Field(
+        "node",
+        "data_dir",
+        "data_dir",
+        _str,
+        "Node id, pid file, ipc socket and stores; empty: $XDG_DATA_HOME/meshctl.",
+    ),
+    Field(
+        "listen", "address", "listen", _str, "Address of the TCP listener (meshctl up --listen)."
+    ),
     Field("listen", "port", "port", _port, "TCP port; 0 picks a free one (meshctl up --port)."),
-    Field("listen", "ipc", "ipc", _bool, "Also listen on ipc://DATA_DIR/node.sock for local clients."),
-    Field("limits", "max_payload", "max_payload", _payload,
-          "Largest payload accepted, in bytes or with a unit (\"1MiB\")."),
-    Field("limits", "client_queue", "client_queue", _positive(1_000_000),
-          "Frames queued per client before its direct events are dropped (slow consumer)."),
-    Field("limits", "max_clients", "max_clients", _positive(1_000_000),
-          "Clients connected at once; more are refused."),
-    Field("limits", "max_subscriptions", "max_subscriptions", _positive(10_000_000),
-          "Subscription patterns per client."),
+    Field(
+        "listen", "ipc", "ipc", _bool, "Also listen on ipc://DATA_DIR/node.sock for local clients."
+    ),
+    Field(
+        "limits",
+        "max_payload",
+        "max_payload",
+        _payload,
+        'Largest payload accepted, in bytes or with a unit ("1MiB").',
+    ),
+    Field(
+        "limits",
+        "client_queue",
+        "client_queue",
+        _positive(1_000_000),
+        "Frames queued per client before its direct events are dropped (slow consumer).",
+    ),
+    Field(
+        "limits",
+        "max_clients",
+        "max_clients",
+        _positive(1_000_000),
+        "Clients connected at once; more are refused.",
+    ),
+    Field(
+        "limits",
+        "max_subscriptions",
+        "max_subscriptions",
+        _positive(10_000_000),
+        "Subscription patterns per client.",
+    ),
     Field("log", "level", "log_level", _level, "One of debug, info, warning, error."),
+    Field(
+        "tuning",
+        "spin_us",
+        "spin_us",
+        _spin,
+        "Microseconds the loop busy-waits for more input after a burst before sleeping; "
+        "halves request-reply latency. 0 = never spin (lowest idle CPU).",
+    ),
 )
 _BY_PATH: Final = {(f.section, f.key): f for f in FIELDS}
 _SECTIONS: Final = tuple(dict.fromkeys(f.section for f in FIELDS))
@@ -183,7 +234,9 @@ def read_config(path: Path) -> NodeConfig:
     return load_config(text, source=str(path))
 
 
-def with_overrides(config: NodeConfig, overrides: Mapping[str, object], *, source: str) -> NodeConfig:
+def with_overrides(
+    config: NodeConfig, overrides: Mapping[str, object], *, source: str
+) -> NodeConfig:
     """Apply command-line options (attr -> value, None = not given), checked like the file."""
     by_attr = {f.attr: f for f in FIELDS}
     changes: dict[str, Any] = {}
@@ -203,15 +256,19 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # JSON's escapes are valid TOML escapes; TOML also wants DEL escaped, JSON does not.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def render_config(config: NodeConfig, *, comments: bool) -> str:
     """TOML for ``config``: with comments it is the ``config init`` template."""
     lines: list[str] = []
     if comments:
-        lines += ["# meshctl node configuration. Every key is shown with its default.",
-                  "# Command-line options of `meshctl up` override these values.", ""]
+        lines += [
+            "# meshctl node configuration. Every key is shown with its default.",
+            "# Command-line options of `meshctl up` override these values.",
+            "",
+        ]
     for section in _SECTIONS:
         lines.append(f"[{section}]")
         for f in FIELDS:
@@ -232,4 +289,6 @@ def as_dict(config: NodeConfig) -> dict[str, dict[str, object]]:
     return out
 
 
-assert {f.attr for f in FIELDS} == {f.name for f in fields(NodeConfig)}, "FIELDS must cover NodeConfig"
+assert {f.attr for f in FIELDS} == {f.name for f in fields(NodeConfig)}, (
+    "FIELDS must cover NodeConfig"
+)

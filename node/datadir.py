@@ -43,10 +43,13 @@ def ipc_endpoint(data_dir: Path) -> str:
     """The ``ipc://`` endpoint in ``data_dir``; refuses paths the kernel would truncate."""
     path = (data_dir / IPC_FILE).resolve()
     if len(str(path)) > _IPC_PATH_MAX:
-        raise ConfigError(str(data_dir), "node.data_dir",
-                          f"ipc socket path is {len(str(path))} characters, over the "
-                          f"{_IPC_PATH_MAX} the kernel allows; use a shorter data dir or "
-                          "set listen.ipc = false")
+        raise ConfigError(
+            str(data_dir),
+            "node.data_dir",
+            f"ipc socket path is {len(str(path))} characters, over the "
+            f"{_IPC_PATH_MAX} the kernel allows; use a shorter data dir or "
+            "set listen.ipc = false",
+        )
     return f"ipc://{path}"
 
 
@@ -62,8 +65,9 @@ def load_or_create_node_id(data_dir: Path) -> str:
         tmp.replace(path)
         return node_id
     if len(text) != 16 or any(c not in "0123456789abcdef" for c in text):
-        raise ConfigError(str(path), "", f"corrupt node id {text[:40]!r}; delete the file to "
-                          "make a new one")
+        raise ConfigError(
+            str(path), "", f"corrupt node id {text[:40]!r}; delete the file to make a new one"
+        )
     return text
 
 
@@ -86,9 +90,12 @@ def write_pid(data_dir: Path) -> None:
     """Claim the data dir for this process; refuses when another live node holds it."""
     other = read_pid(data_dir)
     if other is not None and other != os.getpid():
-        raise ConfigError(str(data_dir), "node.data_dir",
-                          f"a node is already running here (pid {other}); stop it with "
-                          "`meshctl down` or pick another --data-dir")
+        raise ConfigError(
+            str(data_dir),
+            "node.data_dir",
+            f"a node is already running here (pid {other}); stop it with "
+            "`meshctl down` or pick another --data-dir",
+        )
     (data_dir / PID_FILE).write_text(f"{os.getpid()}\n")
 
 

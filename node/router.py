@@ -47,14 +47,31 @@ class SubRef:
         self.prefix = SID.pack(sid)
 
 
+class _Turn:
+    """Whose turn is next in one queue group; outlives route-cache flushes so load stays even."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 class _Group:
-    """The members of one queue group that match one topic, and whose turn is next."""
+    """The local members of one queue group that match one topic."""
 
-    __slots__ = ("members", "turn")
+    __slots__ = ("members", "name", "turn")
 
-    def __init__(self, members: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, name: str, members: list[tuple[bytes, bytes]], turn: _Turn) -> None:
+        self.name = name
         self.members = members
-        self.turn = 0
+        self.turn = turn
+
+    def pick(self) -> tuple[bytes, bytes]:
+        """The next member, round-robin."""
+        turn = self.turn
+        i = turn.n
+        turn.n = i + 1
+        return self.members[i % len(self.members)]
 
 
 class Route:
@@ -107,7 +124,10 @@ class Counters:
     bad_handshakes: int = 0
     dropped: dict[str, int] = field(
         default_factory=lambda: {
-            "slow_consumer": 0, "payload_too_large": 0, "bad_topic": 0, "no_session": 0,
+            "slow_consumer": 0,
+            "payload_too_large": 0,
+            "bad_topic": 0,
+            "no_session": 0,
         }
     )
 
@@ -141,11 +161,12 @@ class Router:
         self.counters = Counters()
         self.status_extra: Callable[[float], dict[str, Any]] = lambda _now: {}
         self._cache: dict[bytes, Route | _Refused] = {}
+        self._turns: dict[str, _Turn] = {}
         self._control: list[tuple[bytes, bytes, int]] = []
         self._pending: dict[bytes, list[bytes]] = {}
         self._origin = bytes.fromhex(node_id)[:8].ljust(8, b"\0")
         self._seq = 0
-        self._inbox = f"{INBOX_PREFIX}/{node_id}/".encode()
+        self._inbox = f"{INBOX_PREFIX}/{node_id}/"
 
     # ---- input -------------------------------------------------------------------------
 
@@ -179,8 +200,9 @@ class Router:
         client = self.clients.get(ident)
         if client is None:
             self.counters.dropped["no_session"] += 1
-            self._send_control(ident, Kind.ERR, {"error": "no session: say HELLO first",
-                                                 "code": "session"})
+            self._send_control(
+                ident, Kind.ERR, {"error": "no session: say HELLO first", "code": "session"}
+            )
             return
         client.last_seen = now
         ref = body.get("ref")
@@ -202,18 +224,30 @@ class Router:
         if ident in self.clients:
             self.drop_client(ident, "new hello", now)
         if len(self.clients) >= self.max_clients:
-            self._send_control(ident, Kind.ERR, {
-                "error": f"node has reached its limit of {self.max_clients} clients",
-                "code": "limit"})
+            self._send_control(
+                ident,
+                Kind.ERR,
+                {
+                    "error": f"node has reached its limit of {self.max_clients} clients",
+                    "code": "limit",
+                },
+            )
             return
         name = str(body.get("name", ""))[:64]
         client = Client(ident=ident, name=name, connected_at=now, last_seen=now)
         self.clients[ident] = client
         self.by_client_id[client.client_id] = ident
-        self._send_control(ident, Kind.WELCOME, {
-            "node_id": self.node_id, "name": self.name, "mesh": self.mesh,
-            "client_id": client.client_id, "max_payload": self.max_payload,
-        })
+        self._send_control(
+            ident,
+            Kind.WELCOME,
+            {
+                "node_id": self.node_id,
+                "name": self.name,
+                "mesh": self.mesh,
+                "client_id": client.client_id,
+                "max_payload": self.max_payload,
+            },
+        )
         self.log(f"client {client.client_id} connected ({name or 'anonymous'})")
         self.emit_system("$mesh/client/connect", {"client": client.client_id, "name": name}, now)
 
@@ -229,12 +263,16 @@ class Router:
                     raise ValueError(f"pattern {p!r} is not a string")
                 validate_pattern(p)
             if group is not None and not _valid_group(group):
-                raise ValueError(f"queue group {group!r} must be 1-{MAX_GROUP_NAME} characters "
-                                 "without spaces, '/', '*' or '>'")
+                raise ValueError(
+                    f"queue group {group!r} must be 1-{MAX_GROUP_NAME} characters "
+                    "without spaces, '/', '*' or '>'"
+                )
             held = sum(len(s.patterns) for s in client.subs.values())
             if held + len(patterns) > self.max_subscriptions:
-                raise ValueError(f"{held + len(patterns)} patterns exceed the limit of "
-                                 f"{self.max_subscriptions} per client")
+                raise ValueError(
+                    f"{held + len(patterns)} patterns exceed the limit of "
+                    f"{self.max_subscriptions} per client"
+                )
         except (ValueError, TopicError) as e:
             self._error(client.ident, ref, str(e), "input")
             return
@@ -246,7 +284,8 @@ class Router:
         self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sid})
 
     def _unsubscribe(self, client: Client, ref: object, body: dict[str, Any]) -> None:
-        sub = client.subs.pop(body.get("sid"), None)  # type: ignore[arg-type]
+        sid = body.get("sid")
+        sub = client.subs.pop(sid, None) if isinstance(sid, int) else None
         if sub is None:
             self._error(client.ident, ref, f"no subscription {body.get('sid')!r}", "input")
             return
@@ -268,8 +307,11 @@ class Router:
             self._remove_sub(sub)
         self._pending.pop(ident, None)
         self.log(f"client {client.client_id} disconnected: {why}")
-        self.emit_system("$mesh/client/disconnect",
-                         {"client": client.client_id, "name": client.name, "reason": why}, now)
+        self.emit_system(
+            "$mesh/client/disconnect",
+            {"client": client.client_id, "name": client.name, "reason": why},
+            now,
+        )
 
     # ---- the data path -------------------------------------------------------------------
 
@@ -277,8 +319,9 @@ class Router:
         client = self.clients.get(ident)
         if client is None:
             self.counters.dropped["no_session"] += 1
-            self._send_control(ident, Kind.ERR, {"error": "no session: say HELLO first",
-                                                 "code": "session"})
+            self._send_control(
+                ident, Kind.ERR, {"error": "no session: say HELLO first", "code": "session"}
+            )
             return
         client.last_seen = now
         cache = self._cache
@@ -303,8 +346,13 @@ class Router:
             off = end
             if plen > max_payload:
                 self.counters.dropped["payload_too_large"] += 1
-                self._error(ident, None, f"payload of {plen} bytes exceeds the limit of "
-                            f"{max_payload} bytes; event dropped", "payload")
+                self._error(
+                    ident,
+                    None,
+                    f"payload of {plen} bytes exceeds the limit of "
+                    f"{max_payload} bytes; event dropped",
+                    "payload",
+                )
                 continue
             route = cache.get(topic)
             if route is None:
@@ -323,10 +371,7 @@ class Router:
                 parts.append(prefix)
                 parts.append(rec)
             for g in groups:
-                members = g.members
-                turn = g.turn
-                g.turn = turn + 1 if turn + 1 < len(members) else 0
-                dest, prefix = members[turn]
+                dest, prefix = g.pick()
                 parts = pending.get(dest)
                 if parts is None:
                     pending[dest] = parts = []
@@ -335,9 +380,11 @@ class Router:
             if not plain and not groups:
                 self.counters.no_interest += 1
                 if flags & F_REQUEST:
-                    self._send_control(ident, Kind.NORESP, {
-                        "id": rec[RECORD_SIZE - 16 : RECORD_SIZE].hex(),
-                        "topic": topic.decode()})
+                    self._send_control(
+                        ident,
+                        Kind.NORESP,
+                        {"id": rec[RECORD_SIZE - 16 : RECORD_SIZE].hex(), "topic": topic.decode()},
+                    )
         client.events_in += count
         self.counters.events_in += count
 
@@ -352,7 +399,7 @@ class Router:
             route = _Refused(str(e))
         else:
             route = self._route_for(topic)
-            if topic_b.startswith(b"_INBOX/"):
+            if topic.startswith(INBOX_PREFIX + "/"):
                 return route  # one-off reply topics would only flush the cache
         if len(self._cache) >= ROUTE_CACHE_SIZE:
             self._cache.clear()
@@ -372,12 +419,18 @@ class Router:
             if target is not None and target not in plain:
                 plain.append(target)
         # Sorted so the round-robin order does not depend on set iteration order.
-        groups = [_Group(sorted(m)) for _, m in sorted(grouped.items())]
+        turns = self._turns
+        if len(turns) > 100_000:
+            turns.clear()
+        groups = [
+            _Group(name, sorted(m), turns.setdefault(name, _Turn()))
+            for name, m in sorted(grouped.items())
+        ]
         return Route(plain, groups)
 
     def _inbox_target(self, topic: str) -> tuple[bytes, bytes] | None:
         """``_INBOX/<node>/<client>/...`` goes straight to that client's inbox (sid 0)."""
-        if not topic.startswith(self._inbox.decode()):
+        if not topic.startswith(self._inbox):
             return None
         client_id = topic[len(self._inbox) :].split("/", 1)[0]
         ident = self.by_client_id.get(client_id)
@@ -392,10 +445,16 @@ class Router:
         """Publish one of the node's own ``$mesh/...`` events to whoever listens."""
         payload = json.dumps({"node": self.node_id, "node_name": self.name, **body}).encode()
         self._seq += 1
-        rec = encode_record(topic.encode(), payload, b"", 0, self.wall_ns(), self._origin +
-                            self._seq.to_bytes(8, "little"))
+        rec = encode_record(
+            topic.encode(),
+            payload,
+            b"",
+            0,
+            self.wall_ns(),
+            self._origin + self._seq.to_bytes(8, "little"),
+        )
         route = self._route_for(topic)
-        for dest, prefix in route.plain + [g.members[0] for g in route.groups]:
+        for dest, prefix in route.plain + [g.pick() for g in route.groups]:
             self._pending.setdefault(dest, []).extend((prefix, rec))
 
     # ---- output ------------------------------------------------------------------------
@@ -437,9 +496,16 @@ class Router:
             client.dropped_noticed = client.dropped
             client.last_notice = now
             self.log(f"slow consumer {client.client_id} ({client.name}): dropped {newly} events")
-            self.emit_system("$mesh/slow-consumer", {"client": client.client_id,
-                             "name": client.name, "dropped": newly,
-                             "dropped_total": client.dropped}, now)
+            self.emit_system(
+                "$mesh/slow-consumer",
+                {
+                    "client": client.client_id,
+                    "name": client.name,
+                    "dropped": newly,
+                    "dropped_total": client.dropped,
+                },
+                now,
+            )
 
     def idle_clients(self, now: float, idle: float) -> list[bytes]:
         """Clients silent for ``idle`` seconds: the loop probes them to notice the dead."""
@@ -451,29 +517,45 @@ class Router:
         """The node's state for ``meshctl status``; JSON-ready."""
         c = self.counters
         return {
-            "id": self.node_id, "name": self.name, "mesh": self.mesh,
+            "id": self.node_id,
+            "name": self.name,
+            "mesh": self.mesh,
             **self.status_extra(now),
             "clients": [
-                {"id": cl.client_id, "name": cl.name, "connected_s": round(now - cl.connected_at, 3),
-                 "subscriptions": sum(len(s.patterns) for s in cl.subs.values()),
-                 "events_in": cl.events_in, "events_out": cl.events_out, "dropped": cl.dropped}
+                {
+                    "id": cl.client_id,
+                    "name": cl.name,
+                    "connected_s": round(now - cl.connected_at, 3),
+                    "subscriptions": sum(len(s.patterns) for s in cl.subs.values()),
+                    "events_in": cl.events_in,
+                    "events_out": cl.events_out,
+                    "dropped": cl.dropped,
+                }
                 for cl in self.clients.values()
             ],
             "subscriptions": [
                 {"client": s.client.hex(), "sid": s.sid, "pattern": p, "group": s.group}
-                for cl in self.clients.values() for s in cl.subs.values() for p in s.patterns
+                for cl in self.clients.values()
+                for s in cl.subs.values()
+                for p in s.patterns
             ],
             "counters": {
-                "events_in": c.events_in, "events_out": c.events_out,
-                "no_interest": c.no_interest, "bad_frames": c.bad_frames,
-                "bad_handshakes": c.bad_handshakes, "dropped": dict(c.dropped),
+                "events_in": c.events_in,
+                "events_out": c.events_out,
+                "no_interest": c.no_interest,
+                "bad_frames": c.bad_frames,
+                "bad_handshakes": c.bad_handshakes,
+                "dropped": dict(c.dropped),
             },
         }
 
 
 def _valid_group(group: object) -> bool:
-    return (isinstance(group, str) and 0 < len(group) <= MAX_GROUP_NAME
-            and not any(ch in group for ch in " \t\r\n/*>"))
+    return (
+        isinstance(group, str)
+        and 0 < len(group) <= MAX_GROUP_NAME
+        and not any(ch in group for ch in " \t\r\n/*>")
+    )
 
 
 def _frames_counted(parts: list[bytes]) -> Iterator[tuple[bytes, int]]:
@@ -488,5 +570,3 @@ def _frames_counted(parts: list[bytes]) -> Iterator[tuple[bytes, int]]:
             start, size = i + 1, 0
     if start < n:
         yield HEAD_DELIVER + b"".join(parts[start:]), (n - start) // 2
-
-

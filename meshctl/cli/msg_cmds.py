@@ -20,8 +20,10 @@ from node.events import Event
 from node.topics import validate_pattern, validate_publish_topic
 
 DEFAULT_REPLY_GROUP = "meshctl-reply"
-CountOpt = Annotated[int | None, typer.Option("--count", "-n", min=1, show_default=False,
-                                              help="Stop after N events.")]
+CountOpt = Annotated[
+    int | None,
+    typer.Option("--count", "-n", min=1, show_default=False, help="Stop after N events."),
+]
 RawOpt = Annotated[bool, typer.Option("--raw", "-r", help="Print payloads only.")]
 
 
@@ -36,13 +38,24 @@ def _render(event: Event, json_out: bool, raw: bool) -> None:
 
 def pub(
     topic: Annotated[str, typer.Argument(help="Topic to publish to, e.g. plant1/line3/temp.")],
-    data: Annotated[str, typer.Argument(help="Payload; '-' reads stdin, one event per line. "
-                                        "{{n}} is replaced by the sequence number.")] = "",
+    data: Annotated[
+        str,
+        typer.Argument(
+            help="Payload; '-' reads stdin, one event per line. "
+            "{{n}} is replaced by the sequence number."
+        ),
+    ] = "",
     header: HeaderOpt = None,
     count: Annotated[int, typer.Option("--count", "-n", min=1, help="Publish N events.")] = 1,
-    rate: Annotated[float | None, typer.Option("--rate", min=0.001, show_default=False,
-                                               help="Events per second (default: as fast as "
-                                                    "the node takes them).")] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(
+            "--rate",
+            min=0.001,
+            show_default=False,
+            help="Events per second (default: as fast as the node takes them).",
+        ),
+    ] = None,
     server: ServerOpt = None,
     timeout: TimeoutOpt = 2.0,
     json_out: JsonOpt = False,
@@ -77,8 +90,9 @@ def _pace(client: Client, i: int, start: float, rate: float | None) -> None:
         time.sleep(delay)
 
 
-def _publish_count(client: Client, topic: str, data: str, headers: dict[str, str], count: int,
-                   rate: float | None) -> int:
+def _publish_count(
+    client: Client, topic: str, data: str, headers: dict[str, str], count: int, rate: float | None
+) -> int:
     templated = "{{n}}" in data
     payload = data.encode()
     start = time.monotonic()
@@ -103,14 +117,27 @@ def _publish_lines(client: Client, topic: str, headers: dict[str, str], rate: fl
 
 def sub(
     patterns: Annotated[list[str], typer.Argument(help="Patterns: '*' one level, '>' the rest.")],
-    group: Annotated[str | None, typer.Option("--group", "-g", show_default=False,
-                                              help="Join a queue group (one member gets each "
-                                                   "event).")] = None,
+    group: Annotated[
+        str | None,
+        typer.Option(
+            "--group",
+            "-g",
+            show_default=False,
+            help="Join a queue group (one member gets each event).",
+        ),
+    ] = None,
     count: CountOpt = None,
-    timeout: Annotated[float | None, typer.Option("--timeout", "-t", parser=duration,
-                                                  metavar="DURATION", show_default=False,
-                                                  help="Exit 1 if no (further) event arrives "
-                                                       "within this time.")] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(
+            "--timeout",
+            "-t",
+            parser=duration,
+            metavar="DURATION",
+            show_default=False,
+            help="Exit 1 if no (further) event arrives within this time.",
+        ),
+    ] = None,
     raw: RawOpt = False,
     json_out: JsonOpt = False,
     server: ServerOpt = None,
@@ -141,8 +168,9 @@ def sub(
 
 def tail(
     pattern: Annotated[str, typer.Argument(help="Pattern to watch [default: everything].")] = ">",
-    system: Annotated[bool, typer.Option("--system", "-S",
-                                         help="Also show the mesh's own $mesh/... events.")] = False,
+    system: Annotated[
+        bool, typer.Option("--system", "-S", help="Also show the mesh's own $mesh/... events.")
+    ] = False,
     count: CountOpt = None,
     server: ServerOpt = None,
 ) -> None:
@@ -164,9 +192,11 @@ def tail(
                 while stamps and stamps[0] < now - 1.0:
                     stamps.popleft()
                 colour = "magenta" if event.topic.startswith("$") else "cyan"
-                out.print(f"[dim]{iso_time(event.time_ns)[11:23]}[/] "
-                          f"[{colour}]{escape(event.topic)}[/] [yellow]{len(event.data)}B[/] "
-                          f"{escape(preview(event.data))} [dim]{len(stamps)}/s[/]")
+                out.print(
+                    f"[dim]{iso_time(event.time_ns)[11:23]}[/] "
+                    f"[{colour}]{escape(event.topic)}[/] [yellow]{len(event.data)}B[/] "
+                    f"{escape(preview(event.data))} [dim]{len(stamps)}/s[/]"
+                )
         except KeyboardInterrupt:
             pass
 
@@ -175,9 +205,10 @@ def req(
     topic: Annotated[str, typer.Argument(help="Topic of the service to ask.")],
     data: Annotated[str, typer.Argument(help="Request payload; '-' reads stdin.")] = "",
     header: HeaderOpt = None,
-    replies: Annotated[int, typer.Option("--replies", min=0,
-                                         help="Replies to wait for; 0 collects until the "
-                                              "timeout.")] = 1,
+    replies: Annotated[
+        int,
+        typer.Option("--replies", min=0, help="Replies to wait for; 0 collects until the timeout."),
+    ] = 1,
     timeout: TimeoutOpt = 2.0,
     raw: RawOpt = False,
     json_out: JsonOpt = False,
@@ -189,8 +220,9 @@ def req(
     payload = sys.stdin.buffer.read() if data == "-" else data.encode()
     with connect(server, name="meshctl req", timeout=timeout) as client:
         try:
-            got = client.request_many(topic, payload, replies=replies, timeout=timeout,
-                                      headers=headers)
+            got = client.request_many(
+                topic, payload, replies=replies, timeout=timeout, headers=headers
+            )
         except Timeout:
             if replies != 0:
                 raise
@@ -211,15 +243,27 @@ def reply(
     pattern: Annotated[str, typer.Argument(help="Pattern of requests to answer.")],
     data: Annotated[str, typer.Argument(help="Fixed reply payload.")] = "",
     echo: Annotated[bool, typer.Option("--echo", help="Reply with the request payload.")] = False,
-    command: Annotated[str | None, typer.Option("--command", show_default=False,
-                                                help="Run CMD with the request on stdin; reply "
-                                                     "with its stdout.")] = None,
-    group: Annotated[str, typer.Option("--group", "-g",
-                                       help="Queue group shared by repliers.")] = DEFAULT_REPLY_GROUP,
+    command: Annotated[
+        str | None,
+        typer.Option(
+            "--command",
+            show_default=False,
+            help="Run CMD with the request on stdin; reply with its stdout.",
+        ),
+    ] = None,
+    group: Annotated[
+        str, typer.Option("--group", "-g", help="Queue group shared by repliers.")
+    ] = DEFAULT_REPLY_GROUP,
     count: CountOpt = None,
-    command_timeout: Annotated[float, typer.Option("--command-timeout", parser=duration,
-                                                   metavar="DURATION",
-                                                   help="Limit for one run of CMD.")] = 10.0,
+    command_timeout: Annotated[
+        float,
+        typer.Option(
+            "--command-timeout",
+            parser=duration,
+            metavar="DURATION",
+            help="Limit for one run of CMD.",
+        ),
+    ] = 10.0,
     server: ServerOpt = None,
 ) -> None:
     """Answer requests with DATA, the request itself (--echo) or a command's output."""
@@ -250,12 +294,19 @@ def reply(
 def _run(command: str, stdin: bytes, limit: float) -> tuple[bytes, bool]:
     """Run a shell command for one request; (stdout, False) or (error text, True)."""
     try:
-        done = subprocess.run(command, shell=True, input=stdin, capture_output=True,  # noqa: S602
-                              timeout=limit, check=False)
+        done = subprocess.run(  # noqa: S602 - running the operator's shell command is the feature
+            command,
+            shell=True,
+            input=stdin,
+            capture_output=True,
+            timeout=limit,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return f"command timed out after {limit:g}s".encode(), True
     if done.returncode != 0:
         why = done.stderr.decode(errors="replace").strip().splitlines()
-        return (f"command exited with {done.returncode}"
-                + (f": {why[-1]}" if why else "")).encode(), True
+        return (
+            f"command exited with {done.returncode}" + (f": {why[-1]}" if why else "")
+        ).encode(), True
     return done.stdout, False

@@ -46,42 +46,67 @@ def effective_config(config: Path | None, **overrides: object) -> NodeConfig:
 
 
 def up(
-    port: Annotated[int | None, typer.Option(help="TCP port (listen.port, default 4850; 0 = free port).",
-                                             show_default=False)] = None,
-    listen: Annotated[str | None, typer.Option(help="TCP listen address (listen.address, "
-                                               "default 0.0.0.0).", show_default=False)] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="TCP port (listen.port, default 4850; 0 = free port).", show_default=False
+        ),
+    ] = None,
+    listen: Annotated[
+        str | None,
+        typer.Option(
+            help="TCP listen address (listen.address, default 0.0.0.0).", show_default=False
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
-    name: Annotated[str | None, typer.Option(help="Node name (node.name, default: host name).",
-                                             show_default=False)] = None,
-    mesh: Annotated[str | None, typer.Option(help="Mesh name (node.mesh, default 'default').",
-                                             show_default=False)] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Node name (node.name, default: host name).", show_default=False),
+    ] = None,
+    mesh: Annotated[
+        str | None,
+        typer.Option(help="Mesh name (node.mesh, default 'default').", show_default=False),
+    ] = None,
     config: ConfigOpt = None,
-    detach: Annotated[bool, typer.Option("--detach", help="Run in the background; stop it "
-                                         "with `meshctl down`.")] = False,
+    detach: Annotated[
+        bool, typer.Option("--detach", help="Run in the background; stop it with `meshctl down`.")
+    ] = False,
 ) -> None:
     """Start a node in the foreground (Ctrl-C stops it) or, with --detach, in the background."""
-    cfg = effective_config(config, port=port, listen=listen,
-                           data_dir=None if data_dir is None else str(data_dir),
-                           name=name, mesh=mesh)
+    cfg = effective_config(
+        config,
+        port=port,
+        listen=listen,
+        data_dir=None if data_dir is None else str(data_dir),
+        name=name,
+        mesh=mesh,
+    )
     where = datadir.resolve_data_dir(cfg.data_dir)
     datadir.prepare(where)
     if cfg.ipc:
         datadir.ipc_endpoint(where)  # fail now, in the foreground, if the path is too long
     running = datadir.read_pid(where)
     if running is not None:
-        raise InputError(f"a node is already running in {where} (pid {running}); "
-                         "stop it with `meshctl down` or use another --data-dir")
+        raise InputError(
+            f"a node is already running in {where} (pid {running}); "
+            "stop it with `meshctl down` or use another --data-dir"
+        )
     if detach:
         _detach(where)
         return
     from node.loop import Identity, serve  # noqa: PLC0415 - keeps zmq off the CLI's start path
 
     logging.basicConfig(
-        level=cfg.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%S",
+        level=cfg.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
     )
-    identity = Identity(node_id=datadir.load_or_create_node_id(where),
-                        name=cfg.name or socket.gethostname(), data_dir=where)
+    identity = Identity(
+        node_id=datadir.load_or_create_node_id(where),
+        name=cfg.name or socket.gethostname(),
+        data_dir=where,
+    )
     try:
         serve(cfg, identity)
     except OSError as e:
@@ -94,14 +119,17 @@ def _detach(where: Path) -> None:
     log_path = where / datadir.LOG_FILE
     with log_path.open("ab") as logf:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            [sys.executable, "-m", "meshctl", *argv], stdin=subprocess.DEVNULL,
-            stdout=logf, stderr=logf, start_new_session=True)
+            [sys.executable, "-m", "meshctl", *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+        )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise OperationalError(f"node exited with code {proc.returncode}: "
-                                   + " | ".join(tail))
+            raise OperationalError(f"node exited with code {proc.returncode}: " + " | ".join(tail))
         if datadir.read_pid(where) == proc.pid and _listening(where):
             note(f"node started in the background (pid {proc.pid}); log: {log_path}")
             return
@@ -111,7 +139,8 @@ def _detach(where: Path) -> None:
 
 def _listening(where: Path) -> bool:
     return (where / datadir.IPC_FILE).exists() or "listening on" in (
-        where / datadir.LOG_FILE).read_text(errors="replace")
+        where / datadir.LOG_FILE
+    ).read_text(errors="replace")
 
 
 def down(
@@ -150,21 +179,33 @@ def status(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOp
 def _render_status(s: dict[str, Any]) -> None:
     out = Console(highlight=False)
     c = s["counters"]
-    out.print(f"[bold]{s['name']}[/] [dim]id[/] {s['id']}  [dim]mesh[/] {s['mesh']}  "
-              f"[dim]version[/] {s.get('version', '?')}  [dim]pid[/] {s.get('pid', '?')}")
+    out.print(
+        f"[bold]{s['name']}[/] [dim]id[/] {s['id']}  [dim]mesh[/] {s['mesh']}  "
+        f"[dim]version[/] {s.get('version', '?')}  [dim]pid[/] {s.get('pid', '?')}"
+    )
     out.print(f"[dim]endpoints[/] {', '.join(s.get('endpoints', []))}")
-    out.print(f"[dim]uptime[/] {_ago(s.get('uptime_s', 0))}  [dim]clients[/] {len(s['clients'])}  "
-              f"[dim]subscriptions[/] {len(s['subscriptions'])}")
+    out.print(
+        f"[dim]uptime[/] {_ago(s.get('uptime_s', 0))}  [dim]clients[/] {len(s['clients'])}  "
+        f"[dim]subscriptions[/] {len(s['subscriptions'])}"
+    )
     drops = ", ".join(f"{k} {v}" for k, v in c["dropped"].items() if v) or "none"
-    out.print(f"[dim]events[/] in {c['events_in']}  out {c['events_out']}  "
-              f"no interest {c['no_interest']}  [dim]dropped[/] {drops}  "
-              f"[dim]bad frames[/] {c['bad_frames']}  [dim]bad handshakes[/] {c['bad_handshakes']}")
+    out.print(
+        f"[dim]events[/] in {c['events_in']}  out {c['events_out']}  "
+        f"no interest {c['no_interest']}  [dim]dropped[/] {drops}  "
+        f"[dim]bad frames[/] {c['bad_frames']}  [dim]bad handshakes[/] {c['bad_handshakes']}"
+    )
     if s["clients"]:
         t = Table("client", "name", "connected", "subs", "in", "out", "dropped", box=None)
         for cl in s["clients"]:
-            t.add_row(cl["id"], cl["name"], _ago(cl["connected_s"]), str(cl["subscriptions"]),
-                      str(cl["events_in"]), str(cl["events_out"]),
-                      f"[red]{cl['dropped']}[/]" if cl["dropped"] else "0")
+            t.add_row(
+                cl["id"],
+                cl["name"],
+                _ago(cl["connected_s"]),
+                str(cl["subscriptions"]),
+                str(cl["events_in"]),
+                str(cl["events_out"]),
+                f"[red]{cl['dropped']}[/]" if cl["dropped"] else "0",
+            )
         out.print(t)
     if s["subscriptions"]:
         t = Table("pattern", "group", "client", box=None)
@@ -182,9 +223,13 @@ def _ago(seconds: float) -> str:
 
 @config_app.command("init")
 def config_init(
-    path: Annotated[Path | None, typer.Argument(help="Where to write; '-' for stdout "
-                                                "[default: ~/.config/meshctl/meshctl.toml]",
-                                                show_default=False)] = None,
+    path: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Where to write; '-' for stdout [default: ~/.config/meshctl/meshctl.toml]",
+            show_default=False,
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented config file with every key and its default."""

@@ -32,24 +32,44 @@ def duration(text: str | float) -> float:
 
 ServerOpt = Annotated[
     str | None,
-    typer.Option("--server", "-s", envvar="MESHCTL_SERVER", show_default=False,
-                 help="Node to talk to: tcp://host:port, host:port or ipc:///path "
-                      "[default: the local node]"),
+    typer.Option(
+        "--server",
+        "-s",
+        envvar="MESHCTL_SERVER",
+        show_default=False,
+        help="Node to talk to: tcp://host:port, host:port or ipc:///path [default: the local node]",
+    ),
 ]
 TimeoutOpt = Annotated[
-    float, typer.Option("--timeout", "-t", parser=duration, metavar="DURATION",
-                        help="How long to wait (500ms, 2s, 1m or seconds).")
+    float,
+    typer.Option(
+        "--timeout",
+        "-t",
+        parser=duration,
+        metavar="DURATION",
+        help="How long to wait (500ms, 2s, 1m or seconds).",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", "-j", help="One JSON object per line.")]
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", "-c", envvar="MESHCTL_CONFIG", show_default=False,
-                 help="TOML config file [default: ~/.config/meshctl/meshctl.toml if present]"),
+    typer.Option(
+        "--config",
+        "-c",
+        envvar="MESHCTL_CONFIG",
+        show_default=False,
+        help="TOML config file [default: ~/.config/meshctl/meshctl.toml if present]",
+    ),
 ]
 DataDirOpt = Annotated[
     Path | None,
-    typer.Option("--data-dir", "-d", envvar="MESHCTL_DATA_DIR", show_default=False,
-                 help="Node data directory [default: ~/.local/share/meshctl]"),
+    typer.Option(
+        "--data-dir",
+        "-d",
+        envvar="MESHCTL_DATA_DIR",
+        show_default=False,
+        help="Node data directory [default: ~/.local/share/meshctl]",
+    ),
 ]
 HeaderOpt = Annotated[
     list[str] | None,

@@ -1,0 +1,1 @@
+"""Edge-to-cloud uplink and protocol bridges (MQTT, NATS): built on the node package."""

@@ -1,0 +1,257 @@
+"""Mesh routing, sans-IO: who wants what, the shape of the mesh, and the next hop.
+
+Every node announces a versioned NodeState (its links and the patterns and queue groups
+its clients hold) and floods it; every node keeps the newest state of every node. From
+that table this module answers, for a topic, which *other* nodes must receive an event
+(every node with a matching plain subscription; per queue group, the nearest nodes with a
+member) and, for a node, which neighbour is the first hop of a shortest path.
+
+An edge counts only when both ends list it (a node's own links count as soon as they are
+up), so a half-dead link is never routed over. Paths are found breadth-first with
+neighbours visited in id order, so every node computes the same deterministic paths.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from node.topics import INBOX_PREFIX, SubscriptionTrie
+
+MAX_HOPS: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    """What one node announces about itself; newer (epoch, version) replaces older."""
+
+    node_id: str
+    name: str
+    epoch: int  # the node's start time in ns: a restarted node supersedes its old states
+    version: int
+    links: frozenset[str] = frozenset()
+    interest: frozenset[tuple[str, str | None]] = frozenset()
+    endpoints: tuple[str, ...] = ()
+
+    def newer_than(self, other: NodeState | None) -> bool:
+        return other is None or (self.epoch, self.version) > (other.epoch, other.version)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.node_id,
+            "name": self.name,
+            "epoch": self.epoch,
+            "version": self.version,
+            "links": sorted(self.links),
+            "interest": sorted([p, g] for p, g in self.interest),
+            "endpoints": list(self.endpoints),
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> NodeState:
+        """Parse an announced state; ValueError if it is malformed (the peer's fault)."""
+        try:
+            interest = frozenset(
+                (str(p), None if g is None else str(g)) for p, g in obj["interest"]
+            )
+            state = cls(
+                node_id=_node_id(obj["id"]),
+                name=str(obj["name"])[:64],
+                epoch=int(obj["epoch"]),
+                version=int(obj["version"]),
+                links=frozenset(_node_id(x) for x in obj["links"]),
+                interest=interest,
+                endpoints=tuple(str(e) for e in obj.get("endpoints", ())),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"malformed node state: {e!r}") from None
+        return state
+
+
+def _node_id(value: object) -> str:
+    text = str(value)
+    if len(text) != 16 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"{text[:40]!r} is not a node id")
+    return text
+
+
+def announced(patterns: Iterable[tuple[str, str | None]]) -> frozenset[tuple[str, str | None]]:
+    """The interest a node announces: everything but reply inboxes, which route by node id."""
+    return frozenset(
+        (p, g) for p, g in patterns if not (p == INBOX_PREFIX or p.startswith(INBOX_PREFIX + "/"))
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MeshRoute:
+    """Other nodes an event on one topic must reach."""
+
+    plain: tuple[str, ...]  # nodes with a plain subscription
+    groups: tuple[tuple[str, tuple[str, ...]], ...]  # (group, nearest member nodes)
+
+
+EMPTY_ROUTE: Final = MeshRoute((), ())
+
+
+@dataclass
+class MeshTable:
+    """The newest NodeState of every node, the interest trie, and shortest-path next hops."""
+
+    self_id: str
+    states: dict[str, NodeState] = field(default_factory=dict)
+    neighbours: set[str] = field(default_factory=set)  # links of this node that are up
+    _trie: SubscriptionTrie[tuple[str, str | None]] = field(default_factory=SubscriptionTrie)
+    _paths: dict[str, tuple[int, str]] | None = None  # node -> (distance, first hop)
+    _routes: dict[str, MeshRoute] = field(default_factory=dict)
+
+    def update(self, state: NodeState) -> bool:
+        """Adopt ``state`` if it is newer than what we hold; True if it changed anything."""
+        if state.node_id == self.self_id:
+            return False
+        old = self.states.get(state.node_id)
+        if not state.newer_than(old):
+            return False
+        if old is not None:
+            for p, g in old.interest:
+                self._trie.remove(p, (old.node_id, g))
+        for p, g in state.interest:
+            self._trie.add(p, (state.node_id, g))
+        self.states[state.node_id] = state
+        self._changed(topology=old is None or old.links != state.links)
+        return True
+
+    def forget(self, node_id: str) -> None:
+        """Drop a node that has been unreachable for long."""
+        old = self.states.pop(node_id, None)
+        if old is not None:
+            for p, g in old.interest:
+                self._trie.remove(p, (node_id, g))
+            self._changed(topology=True)
+
+    def set_neighbours(self, neighbours: Iterable[str]) -> None:
+        """The links of this node that are up (first-hand, so they count at once)."""
+        new = set(neighbours)
+        if new != self.neighbours:
+            self.neighbours = new
+            self._changed(topology=True)
+
+    def _changed(self, *, topology: bool) -> None:
+        self._routes.clear()
+        if topology:
+            self._paths = None
+
+    # ---- paths ---------------------------------------------------------------------------
+
+    def paths(self) -> dict[str, tuple[int, str]]:
+        """Distance and first hop of every reachable node (not this one)."""
+        if self._paths is None:
+            self._paths = self._bfs()
+        return self._paths
+
+    def _adjacent(self, node: str) -> list[str]:
+        if node == self.self_id:
+            return sorted(self.neighbours)
+        state = self.states.get(node)
+        if state is None:
+            return []
+        out = []
+        for other in state.links:
+            if other == self.self_id:
+                if node in self.neighbours:
+                    out.append(other)
+                continue
+            peer = self.states.get(other)
+            if peer is not None and node in peer.links:
+                out.append(other)
+        return sorted(out)
+
+    def _bfs(self) -> dict[str, tuple[int, str]]:
+        paths: dict[str, tuple[int, str]] = {}
+        queue: deque[tuple[str, int, str]] = deque()
+        for n in self._adjacent(self.self_id):
+            paths[n] = (1, n)
+            queue.append((n, 1, n))
+        while queue:
+            node, dist, first = queue.popleft()
+            for n in self._adjacent(node):
+                if n != self.self_id and n not in paths:
+                    paths[n] = (dist + 1, first)
+                    queue.append((n, dist + 1, first))
+        return paths
+
+    def next_hop(self, node_id: str) -> str | None:
+        """First neighbour on a shortest path to ``node_id``, or None if unreachable."""
+        hop = self.paths().get(node_id)
+        return None if hop is None else hop[1]
+
+    def reachable(self) -> list[str]:
+        return sorted(self.paths())
+
+    # ---- interest ------------------------------------------------------------------------
+
+    def route(self, topic: str) -> MeshRoute:
+        """Other reachable nodes that want ``topic``: plain ones, and per group the nearest."""
+        cached = self._routes.get(topic)
+        if cached is not None:
+            return cached
+        paths = self.paths()
+        plain: set[str] = set()
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for node, group in self._trie.match(topic):
+            hop = paths.get(node)
+            if hop is None:
+                continue
+            if group is None:
+                plain.add(node)
+            else:
+                groups.setdefault(group, []).append((hop[0], node))
+        grouped = []
+        for name, members in sorted(groups.items()):
+            nearest = min(d for d, _ in members)
+            grouped.append((name, tuple(sorted(n for d, n in members if d == nearest))))
+        route = MeshRoute(tuple(sorted(plain)), tuple(grouped)) if plain or grouped else EMPTY_ROUTE
+        if len(self._routes) > 65536:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def matches(self, topic: str) -> list[tuple[str, str | None]]:
+        """Every (node, group) whose announced interest matches ``topic``, for operator views."""
+        return sorted(self._trie.match(topic), key=lambda x: (x[0], x[1] or ""))
+
+    def path_to(self, node_id: str) -> list[str]:
+        """The hops from this node to ``node_id`` (excluding this node), for operator views."""
+        hops: list[str] = []
+        current = self.self_id
+        seen = {current}
+        while current != node_id:
+            if current == self.self_id:
+                nxt = self.next_hop(node_id)
+            else:
+                nxt = _next_towards(self, current, node_id)
+            if nxt is None or nxt in seen:
+                return []
+            hops.append(nxt)
+            seen.add(nxt)
+            current = nxt
+        return hops
+
+
+def _next_towards(table: MeshTable, start: str, target: str) -> str | None:
+    """First hop from ``start`` towards ``target`` as ``start`` computes it (same BFS rules)."""
+    seen = {start}
+    queue: deque[tuple[str, str]] = deque()
+    for n in table._adjacent(start):
+        seen.add(n)
+        queue.append((n, n))
+    while queue:
+        node, first = queue.popleft()
+        if node == target:
+            return first
+        for n in table._adjacent(node):
+            if n not in seen:
+                seen.add(n)
+                queue.append((n, first))
+    return None
