@@ -49,6 +49,8 @@ __all__ = ["Client", "Event", "Subscription", "connect"]
 
 BATCH_BYTES: Final = 64 * 1024
 DEFAULT_TIMEOUT: Final = 2.0
+KEEPALIVE: Final = 2.0  # a node probes idle clients every second; silence this long is news
+_KEEPALIVE_PING: Final = encode_control(Kind.PING, {})
 _TOPIC_CACHE_MAX: Final = 4096
 
 Handler = Callable[[Event], None]
@@ -144,6 +146,7 @@ class Client:
         self._replies: dict[str, list[Event]] = {}
         self._no_responders: set[str] = set()
         self._rcvtimeo = -1
+        self._last_rx = time.monotonic()
         self._topic_names: dict[bytes, str] = {}
 
     # ---- connection --------------------------------------------------------------------
@@ -397,9 +400,15 @@ class Client:
 
     def status(self, timeout: float | None = None) -> dict[str, Any]:
         """The node's status as ``meshctl status --json`` prints it."""
-        body = self._call(Kind.STATUS, {}, timeout)
-        status: dict[str, Any] = body["status"]
-        return status
+        return self.view("status", timeout=timeout)
+
+    def view(self, name: str, *, timeout: float | None = None, **args: Any) -> dict[str, Any]:
+        """One of the node's views: ``status``, ``peers``, ``mesh`` or ``routes`` (topic=...)."""
+        body = self._call(Kind.STATUS, {"view": name, **args}, timeout)
+        result: dict[str, Any] = body["status"]
+        if "error" in result:
+            raise InputError(str(result["error"]))
+        return result
 
     # ---- plumbing ----------------------------------------------------------------------
 
@@ -437,17 +446,29 @@ class Client:
         """
         sock = self._socket()
         self._send_buffer()
-        if deadline is None:
-            timeout_ms = -1
-        else:
-            timeout_ms = max(0, int((deadline - time.monotonic()) * 1000 + 0.999))
-        if timeout_ms != self._rcvtimeo:
-            sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-            self._rcvtimeo = timeout_ms
-        try:
-            frame = sock.recv()
-        except zmq.Again:
-            return False
+        while True:
+            now = time.monotonic()
+            # Wait in slices of at most KEEPALIVE so a silent node gets asked whether it
+            # still knows us (a restarted node answers "no session" and we resume).
+            wait = KEEPALIVE if deadline is None else min(KEEPALIVE, deadline - now)
+            timeout_ms = max(0, int(wait * 1000 + 0.999))
+            if timeout_ms != self._rcvtimeo:
+                sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+                self._rcvtimeo = timeout_ms
+            try:
+                frame = sock.recv()
+                break
+            except zmq.Again:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    return False
+                if now - self._last_rx >= KEEPALIVE and self.node:
+                    self._last_rx = now
+                    try:
+                        sock.send(_KEEPALIVE_PING, zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass
+        self._last_rx = time.monotonic()
         self._dispatch(frame)
         events = sock.getsockopt
         recv = sock.recv
@@ -509,7 +530,7 @@ class Client:
                 encode_control(
                     Kind.SUB,
                     {
-                        "ref": next(self._refs),
+                        "ref": None,  # nobody waits for these answers
                         "sid": sub.sid,
                         "patterns": list(sub.patterns),
                         "group": sub.group,

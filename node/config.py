@@ -35,6 +35,17 @@ _SIZE_UNITS: Final = {
     "GB": 1000**3,
 }
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+_DURATION: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*")
+_UNIT: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_LINK_URL: Final = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``500ms``, ``2s``, ``1m``, ``1h`` or plain seconds; ValueError otherwise."""
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration such as 500ms, 2s, 1m or 1.5")
+    return float(m.group(1)) * _UNIT[m.group(2)]
 
 
 def parse_size(value: object) -> int:
@@ -66,6 +77,12 @@ class NodeConfig:
     max_subscriptions: int = 10000
     log_level: str = "info"
     spin_us: int = 200
+    links: tuple[str, ...] = ()
+    discovery: bool = True
+    interfaces: tuple[str, ...] = ()
+    heartbeat: float = 1.0
+    dead_after: float = 3.0
+    backoff_max: float = 10.0
 
 
 def _str(v: object) -> str:
@@ -120,6 +137,39 @@ def _spin(v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 100_000:
         raise ValueError(f"{v!r} must be a whole number of microseconds from 0 to 100000")
     return v
+
+
+def _duration(low: float, high: float) -> Callable[[object], float]:
+    def check(v: object) -> float:
+        if isinstance(v, bool):
+            raise ValueError(f'{v!r} is not a duration such as "500ms" or "2s"')
+        seconds = float(v) if isinstance(v, int | float) else parse_duration(_str(v))
+        if not low <= seconds <= high:
+            raise ValueError(f"{v!r} must be between {low:g}s and {high:g}s")
+        return seconds
+
+    return check
+
+
+def _links(v: object) -> tuple[str, ...]:
+    if not isinstance(v, list):
+        raise ValueError('expected a list such as ["tcp://10.0.0.2:4850"]')
+    out = []
+    for i, item in enumerate(v):
+        url = _str(item)
+        m = _LINK_URL.fullmatch(url)
+        if not m or not 0 < int(m.group(2)) < 65536:
+            rest = re.sub(r"^[a-z]*:?/*", "", url)
+            hint = f" (did you mean 'tcp://{rest}'?)" if rest and rest != url else ""
+            raise ValueError(f"[{i}] {url!r} is not a tcp://host:port URL{hint}")
+        out.append(url)
+    return tuple(out)
+
+
+def _names(v: object) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ValueError('expected a list of interface names or addresses such as ["eth0"]')
+    return tuple(v)
 
 
 def _level(v: object) -> str:
@@ -186,6 +236,48 @@ FIELDS: Final = (
         "Subscription patterns per client.",
     ),
     Field("log", "level", "log_level", _level, "One of debug, info, warning, error."),
+    Field(
+        "mesh",
+        "discovery",
+        "discovery",
+        _bool,
+        "Advertise and find nodes of the same mesh on the LAN with mDNS.",
+    ),
+    Field(
+        "mesh",
+        "interfaces",
+        "interfaces",
+        _names,
+        "Interfaces (names or IPv4 addresses) for mDNS; empty: that of the default route.",
+    ),
+    Field(
+        "mesh",
+        "links",
+        "links",
+        _links,
+        "Static peers mDNS cannot reach, as tcp://host:port (another subnet, the cloud).",
+    ),
+    Field(
+        "mesh",
+        "heartbeat",
+        "heartbeat",
+        _duration(0.05, 60),
+        "Interval of heartbeats on every link.",
+    ),
+    Field(
+        "mesh",
+        "dead_after",
+        "dead_after",
+        _duration(0.2, 600),
+        "A link silent this long is dead: its interest is withdrawn and it is redialled.",
+    ),
+    Field(
+        "mesh",
+        "backoff_max",
+        "backoff_max",
+        _duration(0.1, 3600),
+        "Longest wait between redials (the wait doubles from 0.2s, with jitter).",
+    ),
     Field(
         "tuning",
         "spin_us",
@@ -254,8 +346,10 @@ def with_overrides(
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     # JSON's escapes are valid TOML escapes; TOML also wants DEL escaped, JSON does not.
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
@@ -285,7 +379,8 @@ def as_dict(config: NodeConfig) -> dict[str, dict[str, object]]:
     """Nested {section: {key: value}} for ``config show --json``."""
     out: dict[str, dict[str, object]] = {s: {} for s in _SECTIONS}
     for f in FIELDS:
-        out[f.section][f.key] = getattr(config, f.attr)
+        value = getattr(config, f.attr)
+        out[f.section][f.key] = list(value) if isinstance(value, tuple) else value
     return out
 
 

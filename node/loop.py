@@ -6,9 +6,11 @@ NOBLOCK so that a slow client can never stall the loop: a full queue is a counte
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +20,11 @@ from typing import Any, Final
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from node import __version__, datadir
+from node import __version__, datadir, discovery
 from node.codec import Kind, encode_control
 from node.config import NodeConfig
+from node.dialers import HANDSHAKE_TIMEOUT, Dialers
+from node.mesh import PROTO
 from node.router import Router
 
 log = logging.getLogger("meshctl.node")
@@ -29,6 +33,7 @@ DRAIN_BATCH: Final = 256  # frames read per wake-up before output is flushed
 PROBE_INTERVAL: Final = 0.5  # how often silent clients are probed for liveness
 IDLE_BEFORE_PROBE: Final = 1.0
 MAX_POLL_MS: Final = 100  # upper bound on reacting to a stop request
+LINK_TICK: Final = 0.1  # how often dials, handshakes and heartbeats are looked at
 _PING: Final = encode_control(Kind.PING, {})
 _HANDSHAKE_FAILED: Final = (
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -67,8 +72,17 @@ class Node:
             max_subscriptions=config.max_subscriptions,
             wall_ns=time.time_ns,
             log=log.info,
+            dead_after=config.dead_after,
         )
         self.router.status_extra = self._status_extra
+        self.router.peers_extra = self._dialer_view
+        self.dialers = Dialers(
+            self.ctx, max_payload=config.max_payload, backoff_max=config.backoff_max
+        )
+        for url in config.links:
+            self.dialers.add(url, "static", 0.0)
+        self.discovery: discovery.Discovery | None = None
+        self.discovered: dict[str, dict[str, Any]] = {}  # mDNS service name -> TXT + url
 
     def bind(self) -> None:
         """Open the listeners; the tcp port may be 0, and the real one is recorded."""
@@ -89,6 +103,10 @@ class Node:
         except zmq.ZMQError as e:
             raise OSError(f"cannot listen on {tcp}: {e.strerror}") from None
         self.endpoints.append(s.getsockopt_string(zmq.LAST_ENDPOINT))
+        self.router.net.endpoints = tuple(
+            e.replace("0.0.0.0", socket.gethostname())  # noqa: S104 - a wildcard is no address
+            for e in self.endpoints
+        )
         if self.config.ipc:
             ipc = datadir.ipc_endpoint(self.identity.data_dir)
             Path(ipc[len("ipc://") :]).unlink(missing_ok=True)  # stale file of a dead node
@@ -117,19 +135,28 @@ class Node:
 
     def run(self) -> None:
         """Serve until a stop is requested (SIGINT/SIGTERM in the foreground)."""
-        sock = self.sock
         spin = self.config.spin_us / 1e6
         poller = zmq.Poller()  # one Poller: Socket.poll() would build a new one per call
-        poller.register(sock, zmq.POLLIN)
+        poller.register(self.sock, zmq.POLLIN)
         now = time.monotonic()
         self.router.emit_system("$mesh/node/up", {"endpoints": self.endpoints}, now)
         next_probe = now + PROBE_INTERVAL
+        next_link_tick = now
         while not self._stop:
+            if self.dialers.changed:
+                poller = self._new_poller()
+            ready: dict[Any, int] = {}
             if not self._spin(spin):
-                wait_ms = max(0, min(MAX_POLL_MS, int((next_probe - now) * 1000) + 1))
-                poller.poll(wait_ms)
+                wait = min(next_probe, next_link_tick) - now
+                ready = dict(poller.poll(max(0, min(MAX_POLL_MS, int(wait * 1000) + 1))))
             now = time.monotonic()
             self._drain(now)
+            if len(ready) != 1 or self.sock not in ready:
+                self._drain_dialers(now)
+                self._read_discovery(now)
+            if now >= next_link_tick:
+                self._link_tick(now)
+                next_link_tick = now + LINK_TICK
             if now >= next_probe:
                 self._read_monitor()
                 self._probe(now)
@@ -137,6 +164,156 @@ class Node:
             self._flush(now)
         self.router.emit_system("$mesh/node/down", {"reason": "stopped"}, time.monotonic())
         self._flush(time.monotonic())
+
+    def _new_poller(self) -> zmq.Poller:
+        self.dialers.changed = False
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.discovery is not None:
+            poller.register(self.discovery.pipe, zmq.POLLIN)
+        for s in self.dialers.sockets():
+            poller.register(s, zmq.POLLIN)
+        return poller
+
+    def _drain_dialers(self, now: float) -> None:
+        """Read frames that arrived on links we dialed."""
+        handle = self.router.handle_dialed
+        for sock, d in list(self.dialers.by_sock.items()):
+            events = sock.getsockopt
+            for _ in range(DRAIN_BATCH):
+                if not events(zmq.EVENTS) & zmq.POLLIN:
+                    break
+                handle(d.url, d.found, sock.recv(), now)
+
+    def _link_tick(self, now: float) -> None:
+        """Dial what is due, time out stuck handshakes, notice links that went down."""
+        net = self.router.net
+        for d in list(self.dialers.by_url.values()):
+            if d.state in ("idle", "backoff") and now >= d.next_try:
+                link = net.links.get(d.peer_id or "")
+                if link is not None and link.via != d.url:
+                    d.next_try = now + 1.0  # already linked the other way round: stand by
+                    continue
+                self.dialers.dial(d, net.hello(), now)
+            elif d.state == "dialing":
+                if d.url in net.by_via:
+                    d.state, d.attempt, d.peer_id, d.last_error = "up", 0, net.by_via[d.url], ""
+                elif now - d.dial_started > HANDSHAKE_TIMEOUT:
+                    d.last_error = f"no answer within {HANDSHAKE_TIMEOUT:g}s"
+                    self.dialers.backoff(d, now)
+            elif d.state == "up" and d.url not in net.by_via:
+                self.dialers.backoff(d, now)
+        net.tick(now, self.config.heartbeat)
+
+    def _close_refused(self, now: float) -> None:
+        net = self.router.net
+        for via in net.closed:
+            d = self.dialers.by_url.get(via) if isinstance(via, str) else None
+            if d is not None:
+                d.last_error = net.refusals.get(via, "link down")
+                if d.url in net.known_dialers:
+                    d.peer_id = net.known_dialers[d.url]
+                self.dialers.backoff(d, now)
+        net.closed.clear()
+
+    def start_discovery(self) -> None:
+        """Advertise and browse with mDNS on the configured (or default-route) interfaces."""
+        if not self.config.discovery:
+            return
+        addresses = discovery.choose_addresses(self.config.interfaces, self.config.listen)
+        if not addresses:
+            log.warning("mDNS discovery off: no IPv4 interface to use (set mesh.interfaces)")
+            return
+        port = int(self.endpoints[0].rsplit(":", 1)[1])
+        self.discovery = discovery.Discovery(
+            self.ctx,
+            node_id=self.identity.node_id,
+            name=self.identity.name,
+            mesh=self.config.mesh,
+            proto=PROTO,
+            port=port,
+            addresses=addresses,
+        )
+        self.discovery.start()
+        self.dialers.changed = True  # re-poll with the discovery pipe
+
+    def _read_discovery(self, now: float) -> None:
+        if self.discovery is None:
+            return
+        pipe = self.discovery.pipe
+        while pipe.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            msg = json.loads(pipe.recv())
+            service = msg["service"]
+            if msg["event"] == "removed":
+                gone = self.discovered.pop(service, None)
+                d = self.dialers.by_url.get(gone["url"]) if gone else None
+                if d is not None and d.found == "mdns" and d.state != "up":
+                    self.dialers.remove(d.url)
+                continue
+            url = f"tcp://{msg['addresses'][0]}:{msg['port']}"
+            msg["url"] = url
+            old = self.discovered.get(service)
+            self.discovered[service] = msg
+            peer = msg["id"]
+            if msg["mesh"] != self.config.mesh or msg["proto"] != str(PROTO):
+                if old is None:
+                    log.info(
+                        "mDNS: found %s (%s) of mesh %r, protocol %s: not linking",
+                        msg["name"],
+                        peer,
+                        msg["mesh"],
+                        msg["proto"],
+                    )
+                continue
+            if old is not None and old["url"] != url:
+                self.dialers.remove(old["url"])
+            if url not in self.dialers.by_url:
+                log.info("mDNS: found %s (%s) at %s", msg["name"], peer, url)
+                # The lower id dials at once; the other waits a little for that dial.
+                wait = 0.0 if self.identity.node_id < peer else 1.0
+                self.dialers.add(url, "mdns", now + wait)
+                self.dialers.by_url[url].peer_id = peer
+
+    def _dialer_view(self, now: float) -> list[dict[str, Any]]:
+        """Outbound links that are not up, and nodes seen but not linked, for `meshctl peers`."""
+        out = []
+        linked = set(self.router.net.links)
+        for msg in self.discovered.values():
+            if msg["id"] in linked:
+                continue
+            if msg["mesh"] != self.config.mesh or msg["proto"] != str(PROTO):
+                why = (
+                    f"other mesh {msg['mesh']!r}"
+                    if msg["mesh"] != self.config.mesh
+                    else f"protocol {msg['proto']}"
+                )
+                out.append(
+                    {
+                        "id": msg["id"],
+                        "name": msg["name"],
+                        "address": msg["url"],
+                        "found": "mdns",
+                        "state": "not linked",
+                        "error": why,
+                        "rtt_ms": None,
+                    }
+                )
+        for d in self.dialers.by_url.values():
+            if d.state == "up" or d.peer_id in linked:
+                continue
+            out.append(
+                {
+                    "id": d.peer_id,
+                    "name": None,
+                    "address": d.url,
+                    "found": d.found,
+                    "state": d.state,
+                    "error": d.last_error,
+                    "rtt_ms": None,
+                    "retry_in_s": round(max(0.0, d.next_try - now), 3),
+                }
+            )
+        return out
 
     def _spin(self, seconds: float) -> bool:
         """Busy-wait up to ``seconds`` for input; True if some arrived.
@@ -176,21 +353,37 @@ class Node:
     def _flush(self, now: float) -> None:
         send = self.sock.send
         router = self.router
-        for ident, frame, count in router.take_output():
+        for dest, frame, count in router.take_output():
+            if type(dest) is str:
+                self._send_dialed(dest, frame, now)
+                continue
             try:
-                send(ident, zmq.NOBLOCK | zmq.SNDMORE)
+                send(dest, zmq.NOBLOCK | zmq.SNDMORE)
                 send(frame, zmq.NOBLOCK)
             except zmq.Again:
                 if count:
-                    router.dropped(ident, count, now)
+                    router.dropped(dest, count, now)
+                else:
+                    router.counters.dropped["link_full"] += 1
                 continue
             except zmq.ZMQError as e:
                 if e.errno == zmq.EHOSTUNREACH:
-                    router.drop_client(ident, "connection closed", now)
+                    router.gone(dest, now)
                     continue
                 raise
             if count:
-                router.delivered(ident, count)
+                router.delivered(dest, count)
+        if router.net.closed:
+            self._close_refused(now)
+
+    def _send_dialed(self, url: str, frame: bytes, now: float) -> None:
+        d = self.dialers.by_url.get(url)
+        if d is None or d.sock is None:
+            return
+        try:
+            d.sock.send(frame, zmq.NOBLOCK)
+        except zmq.Again:
+            self.router.counters.dropped["link_full"] += 1
 
     def _probe(self, now: float) -> None:
         """Send a tiny PING to silent clients; libzmq reports a vanished peer as unreachable."""
@@ -222,6 +415,10 @@ class Node:
 
     def close(self) -> None:
         """Close sockets and the context; safe to call twice."""
+        if self.discovery is not None:
+            self.discovery.stop()
+            self.discovery = None
+        self.dialers.close_all()
         if not self.sock.closed:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
@@ -241,6 +438,7 @@ def serve(config: NodeConfig, identity: Identity) -> None:
 
     try:
         node.bind()
+        node.start_discovery()
         for s in old:
             signal.signal(s, on_signal)
         log.info(

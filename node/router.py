@@ -16,16 +16,27 @@ from typing import Any, Final
 from node.codec import (
     F_REQUEST,
     HEAD_DELIVER,
+    HEAD_FWD,
     RECORD_SIZE,
     SID,
     Kind,
     decode_control,
+    decode_forwarded,
     encode_control,
     encode_record,
     frame_kind,
 )
+from node.dedup import DedupWindow
 from node.errors import CodecError, TopicError
-from node.topics import INBOX_PREFIX, SubscriptionTrie, validate_pattern, validate_publish_topic
+from node.mesh import NO_PLAN, Mesh, Plan, Via
+from node.routing import announced
+from node.topics import (
+    INBOX_PREFIX,
+    SubscriptionTrie,
+    validate_pattern,
+    validate_publish_topic,
+    validate_topic,
+)
 
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
 MAX_FRAME_BYTES: Final = 64 * 1024  # deliveries are cut into frames of about this size
@@ -75,13 +86,17 @@ class _Group:
 
 
 class Route:
-    """Where events on one topic go: every plain subscriber, one member per group."""
+    """Where events on one topic go: every local plain subscriber, one member per local
+    group, and the mesh plan for other nodes."""
 
-    __slots__ = ("groups", "plain")
+    __slots__ = ("groups", "plain", "plan")
 
-    def __init__(self, plain: list[tuple[bytes, bytes]], groups: list[_Group]) -> None:
+    def __init__(
+        self, plain: list[tuple[bytes, bytes]], groups: list[_Group], plan: Plan = NO_PLAN
+    ) -> None:
         self.plain = plain
         self.groups = groups
+        self.plan = plan
 
 
 class _Refused:
@@ -122,12 +137,16 @@ class Counters:
     no_interest: int = 0
     bad_frames: int = 0
     bad_handshakes: int = 0
+    forwarded_in: int = 0
+    forwarded_out: int = 0
+    duplicates: int = 0
     dropped: dict[str, int] = field(
         default_factory=lambda: {
             "slow_consumer": 0,
             "payload_too_large": 0,
             "bad_topic": 0,
             "no_session": 0,
+            "link_full": 0,
         }
     )
 
@@ -146,10 +165,11 @@ class Router:
         max_subscriptions: int,
         wall_ns: Callable[[], int],
         log: Callable[[str], None] = lambda _msg: None,
+        dead_after: float = 3.0,
     ) -> None:
         self.node_id = node_id
         self.name = name
-        self.mesh = mesh
+        self.mesh_name = mesh
         self.max_payload = max_payload
         self.max_clients = max_clients
         self.max_subscriptions = max_subscriptions
@@ -160,6 +180,7 @@ class Router:
         self.trie: SubscriptionTrie[SubRef] = SubscriptionTrie()
         self.counters = Counters()
         self.status_extra: Callable[[float], dict[str, Any]] = lambda _now: {}
+        self.peers_extra: Callable[[float], list[dict[str, Any]]] = lambda _now: []
         self._cache: dict[bytes, Route | _Refused] = {}
         self._turns: dict[str, _Turn] = {}
         self._control: list[tuple[bytes, bytes, int]] = []
@@ -167,6 +188,21 @@ class Router:
         self._origin = bytes.fromhex(node_id)[:8].ljust(8, b"\0")
         self._seq = 0
         self._inbox = f"{INBOX_PREFIX}/{node_id}/"
+        self._interest: dict[tuple[str, str | None], int] = {}
+        self._interest_dirty = False
+        self._link_control: list[tuple[Via, bytes]] = []
+        self._link_pending: dict[Via, list[bytes]] = {}
+        self._dedup = DedupWindow()
+        self.net = Mesh(
+            node_id=node_id,
+            name=name,
+            mesh=mesh,
+            epoch=wall_ns(),
+            dead_after=dead_after,
+            log=log,
+            on_change=self._cache.clear,
+            emit=self.emit_system,
+        )
 
     # ---- input -------------------------------------------------------------------------
 
@@ -176,13 +212,53 @@ class Router:
             if len(frame) >= 2 and frame[1] == Kind.PUB and frame[0] == 1:
                 self._on_pub(ident, frame, now)
                 return
-            kind = frame_kind(frame)
-            if kind == Kind.PUB:  # pragma: no cover - handled above
+            if ident in self.net.by_via:
+                self._on_link_frame(ident, frame, now)
                 return
+            kind = frame_kind(frame)
+            if kind in (Kind.PUB, Kind.DELIVER, Kind.FWD):
+                raise CodecError(f"{kind.name} is not a frame a client may send")
             kind, body = decode_control(frame)
+            if kind == Kind.LINK:
+                self.net.on_link_request(ident, body, "", now)
+                return
             self._on_control(ident, kind, body, now)
         except CodecError as e:
             self.bad_frame(ident, str(e))
+
+    def handle_dialed(self, via: str, found: str, frame: bytes, now: float) -> None:
+        """A frame on a link we dialed (the loop's DEALER for ``via``)."""
+        try:
+            if via in self.net.by_via:
+                self._on_link_frame(via, frame, now)
+                return
+            kind, body = decode_control(frame)
+            if kind == Kind.LINK_OK:
+                self.net.on_link_ok(via, body, found, now)
+            elif kind == Kind.LINK_REFUSE:
+                self.net.refuse_outbound(via, str(body.get("reason", "no reason given"))[:200])
+            elif kind == Kind.ERR:
+                self.net.refuse_outbound(via, str(body.get("error", "error"))[:200])
+        except CodecError as e:
+            self.counters.bad_frames += 1
+            self.log(f"bad frame on link {via}: {e}")
+
+    def _on_link_frame(self, via: Via, frame: bytes, now: float) -> None:
+        self.net.heard(via, now)
+        if frame[:2] == HEAD_FWD:
+            self._on_forward(via, frame, now)
+            return
+        kind, body = decode_control(frame)
+        if kind == Kind.STATES:
+            self.net.on_states(via, body, now)
+        elif kind in (Kind.BEAT, Kind.BEAT_ACK):
+            self.net.on_beat(via, kind, body, now)
+        elif kind == Kind.LINK:  # the peer restarted and dials again on the same socket
+            self.net.drop_via(via, "peer re-linked", now)
+            if isinstance(via, bytes):
+                self.net.on_link_request(via, body, "", now)
+        elif kind == Kind.LINK_REFUSE:
+            self.net.drop_via(via, str(body.get("reason", "refused")), now)
 
     def bad_frame(self, ident: bytes | None, why: str) -> None:
         """Count a malformed frame and tell its sender, if any."""
@@ -211,7 +287,7 @@ class Router:
         elif kind == Kind.UNSUB:
             self._unsubscribe(client, ref, body)
         elif kind == Kind.STATUS:
-            self._send_control(ident, Kind.OK, {"ref": ref, "status": self.status(now)})
+            self._send_control(ident, Kind.OK, {"ref": ref, "status": self.view(body, now)})
         elif kind == Kind.BYE:
             self.drop_client(ident, "said bye", now)
         elif kind == Kind.PING:
@@ -243,7 +319,7 @@ class Router:
             {
                 "node_id": self.node_id,
                 "name": self.name,
-                "mesh": self.mesh,
+                "mesh": self.mesh_name,
                 "client_id": client.client_id,
                 "max_payload": self.max_payload,
             },
@@ -280,6 +356,7 @@ class Router:
         client.subs[sid] = sub
         for p in sub.patterns:
             self.trie.add(p, sub)
+            self._count_interest((p, group), +1)
         self._cache.clear()
         self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sid})
 
@@ -295,7 +372,26 @@ class Router:
     def _remove_sub(self, sub: SubRef) -> None:
         for p in sub.patterns:
             self.trie.remove(p, sub)
+            self._count_interest((p, sub.group), -1)
         self._cache.clear()
+
+    def _count_interest(self, key: tuple[str, str | None], delta: int) -> None:
+        """Keep a count per (pattern, group) so the mesh hears only real changes."""
+        n = self._interest.get(key, 0) + delta
+        if n > 0:
+            self._interest[key] = n
+            if n == 1 and delta > 0:
+                self._interest_dirty = True
+        else:
+            self._interest.pop(key, None)
+            self._interest_dirty = True
+
+    def gone(self, ident: bytes, now: float) -> None:
+        """The loop found ``ident`` unreachable: a client or a node that had dialed us."""
+        if ident in self.net.by_via:
+            self.net.drop_via(ident, "connection closed", now)
+        else:
+            self.drop_client(ident, "connection closed", now)
 
     def drop_client(self, ident: bytes, why: str, now: float) -> None:
         """Forget a client and its interest (bye, gone, or replaced)."""
@@ -364,6 +460,9 @@ class Router:
             count += 1
             plain = route.plain  # type: ignore[union-attr]
             groups = route.groups  # type: ignore[union-attr]
+            plan = route.plan  # type: ignore[union-attr]
+            if plan is not NO_PLAN:
+                self._forward(plan, rec)
             for dest, prefix in plain:
                 parts = pending.get(dest)
                 if parts is None:
@@ -377,7 +476,7 @@ class Router:
                     pending[dest] = parts = []
                 parts.append(prefix)
                 parts.append(rec)
-            if not plain and not groups:
+            if not plain and not groups and plan.empty:
                 self.counters.no_interest += 1
                 if flags & F_REQUEST:
                     self._send_control(
@@ -387,6 +486,18 @@ class Router:
                     )
         client.events_in += count
         self.counters.events_in += count
+
+    def _remote_route(self, topic_b: bytes) -> Route | _Refused:
+        """Route of a topic that arrived from another node: its ``$mesh/...`` events are
+        fine (and never cached, so a local client cannot ride on them)."""
+        if not topic_b.startswith(b"$"):
+            return self._resolve(topic_b)
+        try:
+            topic = topic_b.decode()
+            validate_topic(topic)
+        except (UnicodeDecodeError, TopicError) as e:
+            return _Refused(str(e))
+        return self._route_for(topic)
 
     def _resolve(self, topic_b: bytes) -> Route | _Refused:
         """Compute (and usually cache) the route of a topic seen for the first time."""
@@ -414,10 +525,15 @@ class Router:
                 plain.append((sub.client, sub.prefix))
             else:
                 grouped.setdefault(sub.group, []).append((sub.client, sub.prefix))
+        plan = NO_PLAN
         if topic.startswith(INBOX_PREFIX + "/"):
             target = self._inbox_target(topic)
             if target is not None and target not in plain:
                 plain.append(target)
+            elif target is None:
+                plan = self._inbox_plan(topic)
+        else:
+            plan = self.net.plan(topic, set(grouped))
         # Sorted so the round-robin order does not depend on set iteration order.
         turns = self._turns
         if len(turns) > 100_000:
@@ -426,7 +542,63 @@ class Router:
             _Group(name, sorted(m), turns.setdefault(name, _Turn()))
             for name, m in sorted(grouped.items())
         ]
-        return Route(plain, groups)
+        return Route(plain, groups, plan)
+
+    def _inbox_plan(self, topic: str) -> Plan:
+        """``_INBOX/<other node>/...``: straight to that node."""
+        parts = topic.split("/", 2)
+        if len(parts) < 3 or parts[1] == self.node_id:
+            return NO_PLAN
+        return self.net.inbox_plan(parts[1])
+
+    def _forward(self, plan: Plan, rec: bytes) -> None:
+        """Queue one copy of ``rec`` per next hop of ``plan``."""
+        pending = self._link_pending
+        for via, header in plan.static if not plan.groups else self.net.dynamic(plan):
+            parts = pending.get(via)
+            if parts is None:
+                pending[via] = parts = []
+            parts.append(header)
+            parts.append(rec)
+            self.counters.forwarded_out += 1
+
+    def _on_forward(self, via: Via, frame: bytes, now: float) -> None:
+        """Events from another node: deliver here if we are a target, pass the rest on."""
+        pending = self._pending
+        for hops, targets, start, end in decode_forwarded(frame):
+            rec = frame[start:end]
+            self.counters.forwarded_in += 1
+            mine, onward = self.net.onward(targets, hops)
+            for out_via, header in onward:
+                self._link_pending.setdefault(out_via, []).extend((header, rec))
+                self.counters.forwarded_out += 1
+            if mine is None:
+                continue
+            if self._dedup.seen(
+                rec[RECORD_SIZE - 16 : RECORD_SIZE - 8],
+                int.from_bytes(rec[RECORD_SIZE - 8 : RECORD_SIZE], "big"),
+            ):
+                self.counters.duplicates += 1
+                continue
+            tlen = int.from_bytes(rec[4:6], "little")
+            topic = rec[RECORD_SIZE : RECORD_SIZE + tlen]
+            route = self._cache.get(topic)
+            if route is None:
+                route = self._remote_route(topic)
+            if type(route) is _Refused:
+                self.counters.dropped["bad_topic"] += 1
+                continue
+            for dest, prefix in route.plain:  # type: ignore[union-attr]
+                parts = pending.get(dest)
+                if parts is None:
+                    pending[dest] = parts = []
+                parts.append(prefix)
+                parts.append(rec)
+            if mine:
+                for g in route.groups:  # type: ignore[union-attr]
+                    if g.name in mine:
+                        dest, prefix = g.pick()
+                        pending.setdefault(dest, []).extend((prefix, rec))
 
     def _inbox_target(self, topic: str) -> tuple[bytes, bytes] | None:
         """``_INBOX/<node>/<client>/...`` goes straight to that client's inbox (sid 0)."""
@@ -456,6 +628,8 @@ class Router:
         route = self._route_for(topic)
         for dest, prefix in route.plain + [g.pick() for g in route.groups]:
             self._pending.setdefault(dest, []).extend((prefix, rec))
+        if route.plan is not NO_PLAN:
+            self._forward(route.plan, rec)
 
     # ---- output ------------------------------------------------------------------------
 
@@ -468,14 +642,29 @@ class Router:
     def _error(self, ident: bytes, ref: object, error: str, code: str) -> None:
         self._send_control(ident, Kind.ERR, {"ref": ref, "error": error, "code": code})
 
-    def take_output(self) -> Iterator[tuple[bytes, bytes, int]]:
-        """Everything to send now as (ident, frame, events in frame), control first."""
+    def take_output(self) -> Iterator[tuple[Via, bytes, int]]:
+        """Everything to send now as (destination, frame, events for a client), control first.
+
+        A destination is a ROUTER identity (bytes: a client or a node that dialed us) or the
+        URL of a link we dialed (str). Link frames count 0 events.
+        """
+        if self._interest_dirty:
+            self._interest_dirty = False
+            self.net.set_interest(announced(self._interest))
+        self.net.flush_announcements()
         control, self._control = self._control, []
         yield from control
+        link_out, self.net.out = self.net.out, []
+        for via, frame in link_out:
+            yield via, frame, 0
         pending, self._pending = self._pending, {}
         for ident, parts in pending.items():
             for frame, count in _frames_counted(parts):
                 yield ident, frame, count
+        links, self._link_pending = self._link_pending, {}
+        for via, parts in links.items():
+            for frame in _link_frames(parts):
+                yield via, frame, 0
 
     def delivered(self, ident: bytes, count: int) -> None:
         """The loop handed ``count`` events to ``ident``'s queue."""
@@ -513,13 +702,40 @@ class Router:
 
     # ---- views -------------------------------------------------------------------------
 
+    def view(self, body: dict[str, Any], now: float) -> dict[str, Any]:
+        """Answer a STATUS request: the node status, or the peers, mesh or routes view."""
+        what = body.get("view", "status")
+        if what == "peers":
+            return {"peers": self.net.peers_view(now) + self.peers_extra(now)}
+        if what == "mesh":
+            return self.net.mesh_view()
+        if what == "routes":
+            topic = str(body.get("topic", ""))
+            try:
+                validate_topic(topic)
+            except TopicError as e:
+                return {"error": str(e)}
+            local = self._route_for(topic)
+            groups = {g.name: len(g.members) for g in local.groups}
+            subs = [
+                {
+                    "client": s.client.hex(),
+                    "sid": s.sid,
+                    "group": s.group,
+                    "patterns": list(s.patterns),
+                }
+                for s in self.trie.match(topic)
+            ]
+            return self.net.explain(topic, subs) | {"local_groups": groups}
+        return self.status(now)
+
     def status(self, now: float) -> dict[str, Any]:
         """The node's state for ``meshctl status``; JSON-ready."""
         c = self.counters
         return {
             "id": self.node_id,
             "name": self.name,
-            "mesh": self.mesh,
+            "mesh": self.mesh_name,
             **self.status_extra(now),
             "clients": [
                 {
@@ -545,7 +761,17 @@ class Router:
                 "no_interest": c.no_interest,
                 "bad_frames": c.bad_frames,
                 "bad_handshakes": c.bad_handshakes,
+                "forwarded_in": c.forwarded_in,
+                "forwarded_out": c.forwarded_out,
+                "duplicates": c.duplicates,
                 "dropped": dict(c.dropped),
+                **self.net.counters,
+            },
+            "net": {
+                "links": len(self.net.links),
+                "nodes_known": len(self.net.table.states),
+                "nodes_reachable": len(self.net.table.paths()),
+                "version": self.net.version,
             },
         }
 
@@ -556,6 +782,20 @@ def _valid_group(group: object) -> bool:
         and 0 < len(group) <= MAX_GROUP_NAME
         and not any(ch in group for ch in " \t\r\n/*>")
     )
+
+
+def _link_frames(parts: list[bytes]) -> Iterator[bytes]:
+    """Cut (routing header, record) pairs into FWD frames of about MAX_FRAME_BYTES."""
+    start = 0
+    size = 0
+    n = len(parts)
+    for i in range(1, n, 2):
+        size += len(parts[i]) + len(parts[i - 1])
+        if size >= MAX_FRAME_BYTES:
+            yield HEAD_FWD + b"".join(parts[start : i + 1])
+            start, size = i + 1, 0
+    if start < n:
+        yield HEAD_FWD + b"".join(parts[start:])
 
 
 def _frames_counted(parts: list[bytes]) -> Iterator[tuple[bytes, int]]:

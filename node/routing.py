@@ -45,7 +45,9 @@ class NodeState:
             "epoch": self.epoch,
             "version": self.version,
             "links": sorted(self.links),
-            "interest": sorted([p, g] for p, g in self.interest),
+            "interest": sorted(
+                ([p, g] for p, g in self.interest), key=lambda x: (x[0], x[1] or "")
+            ),
             "endpoints": list(self.endpoints),
         }
 

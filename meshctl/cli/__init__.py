@@ -11,10 +11,9 @@ import sys
 import traceback
 from typing import Annotated, NoReturn
 
-import click
 import typer
 
-from meshctl.cli import msg_cmds, node_cmds
+from meshctl.cli import mesh_cmds, msg_cmds, node_cmds
 from meshctl.cli.output import err_console
 from node import __version__
 from node.errors import InputError, NodeError
@@ -62,6 +61,9 @@ app.command()(msg_cmds.sub)
 app.command()(msg_cmds.tail)
 app.command()(msg_cmds.req)
 app.command()(msg_cmds.reply)
+app.command()(mesh_cmds.peers)
+app.command()(mesh_cmds.mesh)
+app.command()(mesh_cmds.routes)
 
 
 def _register_bench() -> None:
@@ -71,6 +73,28 @@ def _register_bench() -> None:
 
 
 _register_bench()
+
+
+def _click_class(name: str) -> type[Exception]:
+    """A click exception class as typer uses it: newer typers vendor click (``typer._click``),
+    older ones use the click package, so look it up from typer's own public classes."""
+    for cls in (*typer.BadParameter.__mro__, *typer.Abort.__mro__):
+        if cls.__name__ == name:
+            return cls
+    for mod_name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mod = __import__(mod_name, fromlist=[name])
+        except ImportError:
+            continue
+        if hasattr(mod, name):
+            return getattr(mod, name)  # type: ignore[no-any-return]
+    raise LookupError(name)
+
+
+_USAGE = _click_class("UsageError")
+_CLICK = _click_class("ClickException")
+_ABORT = _click_class("Abort")
+_NO_ARGS = _click_class("NoArgsIsHelpError")
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -86,20 +110,20 @@ def main() -> None:
     command = typer.main.get_command(app)
     try:
         code = command.main(standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as e:
-        click.echo(e.ctx.get_help() if e.ctx else str(e))
-        sys.exit(2)
-    except click.UsageError as e:
-        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
-        _fail(f"{e.format_message()}{hint}", 2)
-    except click.exceptions.Abort:
+    except _NO_ARGS:
+        sys.exit(2)  # the help has been printed already
+    except _USAGE as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx else ""
+        _fail(_escape(f"{e.format_message()}{hint}"), 2)  # type: ignore[attr-defined]
+    except _ABORT:
         _fail("interrupted", 130)
     except InputError as e:
         _fail(_escape(str(e)), 2)
     except NodeError as e:
         _fail(_escape(str(e)), 1)
-    except click.ClickException as e:
-        _fail(_escape(e.format_message()), e.exit_code)
+    except _CLICK as e:
+        _fail(_escape(e.format_message()), getattr(e, "exit_code", 1))  # type: ignore[attr-defined]
     except KeyboardInterrupt:
         _fail("interrupted", 130)
     except BrokenPipeError:

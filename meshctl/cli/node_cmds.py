@@ -67,6 +67,23 @@ def up(
         str | None,
         typer.Option(help="Mesh name (node.mesh, default 'default').", show_default=False),
     ] = None,
+    discovery: Annotated[
+        bool | None,
+        typer.Option(
+            "--discovery/--no-discovery",
+            help="Find nodes of the mesh with mDNS (mesh.discovery, default on).",
+            show_default=False,
+        ),
+    ] = None,
+    link: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--link",
+            metavar="tcp://HOST:PORT",
+            help="Static peer, repeatable (adds to mesh.links).",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     detach: Annotated[
         bool, typer.Option("--detach", help="Run in the background; stop it with `meshctl down`.")
@@ -80,7 +97,10 @@ def up(
         data_dir=None if data_dir is None else str(data_dir),
         name=name,
         mesh=mesh,
+        discovery=discovery,
     )
+    if link:
+        cfg = with_overrides(cfg, {"links": [*cfg.links, *link]}, source="command line")
     where = datadir.resolve_data_dir(cfg.data_dir)
     datadir.prepare(where)
     if cfg.ipc:

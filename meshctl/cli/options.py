@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Annotated, Final
+from typing import Annotated
 
 import typer
 
-_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)?\s*$")
-_UNIT: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from ``500ms``, ``2s``, ``1m``, ``1h`` or plain seconds; ValueError otherwise."""
-    m = _DURATION.match(text)
-    if not m:
-        raise ValueError(f"{text!r} is not a duration such as 500ms, 2s, 1m or 1.5")
-    return float(m.group(1)) * _UNIT[m.group(2)]
+from node.config import parse_duration
 
 
 def duration(text: str | float) -> float:

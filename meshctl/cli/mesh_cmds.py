@@ -1,0 +1,104 @@
+"""Operator views of the mesh: peers, mesh, routes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from meshctl.cli.options import JsonOpt, ServerOpt, TimeoutOpt
+from meshctl.cli.output import dumps
+from meshctl.client import connect
+from node.topics import validate_topic
+
+
+def _fetch(server: str | None, timeout: float, view: str, **args: Any) -> dict[str, Any]:
+    with connect(server, name=f"meshctl {view}", timeout=timeout) as client:
+        return client.view(view, **args)
+
+
+def peers(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt = False) -> None:
+    """The links of this node: peer, address, how it was found, state, round trip, age."""
+    rows = _fetch(server, timeout, "peers")["peers"]
+    if json_out:
+        for row in rows:
+            print(dumps(row))
+        return
+    t = Table("peer", "id", "address", "found", "state", "rtt", "age / retry", box=None)
+    for r in rows:
+        rtt = "" if r.get("rtt_ms") is None else f"{r['rtt_ms']:.2f} ms"
+        state = r["state"] if r["state"] == "up" else f"[yellow]{r['state']}[/]"
+        if r.get("error"):
+            state += f" [dim]({r['error']})[/]"
+        age = f"{r['age_s']:.0f}s" if "age_s" in r else f"retry in {r.get('retry_in_s', 0):.1f}s"
+        t.add_row(
+            r.get("name") or "?", r.get("id") or "?", r["address"], r["found"], state, rtt, age
+        )
+    Console(highlight=False).print(t if rows else "no peers")
+
+
+def mesh(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt = False) -> None:
+    """Every node this node knows of and the links between them, as a tree."""
+    view = _fetch(server, timeout, "mesh")
+    if json_out:
+        print(dumps(view))
+        return
+    nodes = {n["id"]: n for n in view["nodes"]}
+    me = next(n for n in view["nodes"] if n["self"])
+    tree = Tree(f"[bold]{me['name']}[/] [dim]{me['id']} (this node)[/]")
+    seen = {me["id"]}
+    frontier = [(me, tree)]
+    while frontier:
+        nxt = []
+        for node, branch in frontier:
+            for peer_id in node["links"]:
+                peer = nodes.get(peer_id)
+                if peer is None or peer_id in seen or not peer["reachable"]:
+                    continue
+                seen.add(peer_id)
+                child = branch.add(
+                    f"{peer['name']} [dim]{peer_id} · {peer['interest']} "
+                    f"patterns · {', '.join(peer['endpoints'])}[/]"
+                )
+                nxt.append((peer, child))
+        frontier = nxt
+    out = Console(highlight=False)
+    out.print(tree)
+    lost = [n for n in view["nodes"] if not n["reachable"]]
+    for n in lost:
+        out.print(f"[red]unreachable[/] {n['name']} [dim]{n['id']}[/]")
+
+
+def routes(
+    topic: Annotated[str, typer.Argument(help="Topic to explain, e.g. plant1/line3/temp.")],
+    server: ServerOpt = None,
+    timeout: TimeoutOpt = 2.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Explain routing for a topic: matching subscriptions, groups, and each copy's path."""
+    validate_topic(topic)
+    view = _fetch(server, timeout, "routes", topic=topic)
+    if json_out:
+        print(dumps(view))
+        return
+    out = Console(highlight=False)
+    out.print(f"[bold]{topic}[/]")
+    if not view["local"] and not view["remote"]:
+        out.print(
+            "  no subscriber anywhere in the mesh: events are dropped, requests get 'no responders'"
+        )
+    for s in view["local"]:
+        kind = f"group {s['group']}" if s["group"] else "plain"
+        out.print(f"  this node: client {s['client']} ({kind}) {', '.join(s['patterns'])}")
+    for r in view["remote"]:
+        kind = f"group {r['group']}" if r["group"] else "plain"
+        path = " → ".join(r["path"]) if r["reachable"] else "[red]unreachable[/]"
+        out.print(f"  {r['name']} ({kind}): {path}")
+    for c in view["copies"]:
+        out.print(f"  one copy via {c['next_hop']} for {', '.join(c['nodes'])}")
+    for g in view["groups"]:
+        if g["group"] not in view.get("local_groups", {}):
+            out.print(f"  group {g['group']}: one of {', '.join(g['nearest'])} (nearest)")

@@ -1,0 +1,103 @@
+"""Outbound links: one DEALER per peer address, redialled with capped, jittered backoff.
+
+The Mesh core decides whether a link is up; this shell owns the sockets: it opens a
+DEALER, sends the LINK hello, gives up after the handshake timeout, closes what the core
+asks it to close, and waits ``min(backoff_max, 0.2 s * 2**attempt) * U(0.5, 1)`` before the
+next dial so that a fleet restarting at once does not redial in lockstep.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Final
+
+import zmq
+
+log = logging.getLogger("meshctl.node")
+
+HANDSHAKE_TIMEOUT: Final = 2.0
+FIRST_BACKOFF: Final = 0.2
+
+
+@dataclass
+class Dialer:
+    """One address we keep a link to."""
+
+    url: str
+    found: str  # "static" or "mdns"
+    sock: zmq.Socket[bytes] | None = None
+    state: str = "idle"  # idle -> dialing -> up -> backoff -> dialing ...
+    attempt: int = 0
+    next_try: float = 0.0
+    dial_started: float = 0.0
+    peer_id: str | None = None
+    last_error: str = ""
+
+
+class Dialers:
+    """All outbound links of a node."""
+
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], *, max_payload: int, backoff_max: float
+    ) -> None:
+        self.ctx = ctx
+        self.max_payload = max_payload
+        self.backoff_max = backoff_max
+        self.by_url: dict[str, Dialer] = {}
+        self.by_sock: dict[zmq.Socket[bytes], Dialer] = {}
+        self.changed = False  # the set of sockets to poll changed
+
+    def add(self, url: str, found: str, now: float) -> None:
+        if url not in self.by_url:
+            self.by_url[url] = Dialer(url, found, next_try=now)
+
+    def remove(self, url: str) -> None:
+        d = self.by_url.pop(url, None)
+        if d is not None:
+            self._close(d)
+
+    def dial(self, d: Dialer, hello: bytes, now: float) -> None:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 10_000)
+        sock.setsockopt(zmq.RCVHWM, 10_000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_payload + 256 * 1024)
+        try:
+            sock.connect(d.url)
+        except zmq.ZMQError as e:
+            sock.close(linger=0)
+            d.last_error = e.strerror
+            self.backoff(d, now)
+            return
+        d.sock = sock
+        d.state = "dialing"
+        d.dial_started = now
+        self.by_sock[sock] = d
+        self.changed = True
+        sock.send(hello, zmq.NOBLOCK)  # queued until TCP connects
+
+    def _close(self, d: Dialer) -> None:
+        if d.sock is not None:
+            self.by_sock.pop(d.sock, None)
+            d.sock.close(linger=0)
+            d.sock = None
+            self.changed = True
+
+    def backoff(self, d: Dialer, now: float) -> None:
+        """Close the socket and schedule the next dial."""
+        self._close(d)
+        delay = min(self.backoff_max, FIRST_BACKOFF * 2**d.attempt) * random.uniform(0.5, 1.0)  # noqa: S311
+        d.attempt = min(d.attempt + 1, 30)
+        d.state = "backoff"
+        d.next_try = now + delay
+
+    def sockets(self) -> list[zmq.Socket[bytes]]:
+        return list(self.by_sock)
+
+    def close_all(self) -> None:
+        for d in self.by_url.values():
+            self._close(d)

@@ -1,0 +1,195 @@
+"""mDNS discovery: advertise this node as ``_meshctl._tcp.local.`` and report others.
+
+An actor: a thread that owns python-zeroconf and talks to the loop only through an inproc
+PAIR socket, one JSON message per resolved or removed service. Discovery is a hint about
+*where* a node is; whether it is alive, and whether it may link, is the link's business.
+
+The TXT record carries the mesh name, node id, protocol version, node name and room for a
+public key (``pk``, empty until the security issue lands).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Final
+
+import ifaddr
+import zmq
+from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+
+log = logging.getLogger("meshctl.node")
+
+SERVICE_TYPE: Final = "_meshctl._tcp.local."
+RESOLVE_TIMEOUT_MS: Final = 2000
+
+
+def default_route_interface(route_table: Path = Path("/proc/net/route")) -> str | None:
+    """Name of the interface of the IPv4 default route, if there is one."""
+    try:
+        lines = route_table.read_text().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 2 and fields[1] == "00000000":
+            return fields[0]
+    return None
+
+
+def choose_addresses(wanted: tuple[str, ...], listen: str = "0.0.0.0") -> list[str]:  # noqa: S104
+    """IPv4 addresses to advertise and listen for mDNS on.
+
+    ``wanted`` names interfaces or addresses. Empty means: the listen address when the node
+    listens on one address only (advertising any other would point peers at a closed door;
+    ``--listen 127.0.0.1`` keeps mDNS on loopback); else the default route's interface
+    (multi-homed hosts and docker bridges would otherwise advertise unreachable addresses),
+    or every non-loopback interface when there is no default route (an isolated LAN).
+    """
+    if not wanted and listen not in ("0.0.0.0", "*", ""):  # noqa: S104
+        return [listen]
+    adapters = ifaddr.get_adapters()
+    by_name = {a.nice_name: [ip.ip for ip in a.ips if ip.is_IPv4] for a in adapters}
+    all_v4 = {ip for ips in by_name.values() for ip in ips}
+    if wanted:
+        out: list[str] = []
+        for item in wanted:
+            if item in by_name:
+                out += [str(ip) for ip in by_name[item]]
+            elif item in all_v4 or item.startswith("127."):
+                out.append(item)
+            else:
+                log.warning("mDNS interface %r not found; known: %s", item, ", ".join(by_name))
+        return out
+    default = default_route_interface()
+    if default and by_name.get(default):
+        return [str(ip) for ip in by_name[default]]
+    return sorted(str(ip) for ip in all_v4 if not str(ip).startswith("127."))
+
+
+class Discovery:
+    """The zeroconf actor: ``start()`` it, poll ``pipe``, ``stop()`` joins the thread."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        *,
+        node_id: str,
+        name: str,
+        mesh: str,
+        proto: int,
+        port: int,
+        addresses: list[str],
+    ) -> None:
+        self.node_id = node_id
+        self.addresses = addresses
+        self.info = ServiceInfo(
+            SERVICE_TYPE,
+            f"{name}-{node_id[:8]}.{SERVICE_TYPE}",
+            port=port,
+            properties={"mesh": mesh, "id": node_id, "proto": str(proto), "name": name, "pk": ""},
+            server=f"meshctl-{node_id}.local.",
+            parsed_addresses=addresses,
+        )
+        endpoint = f"inproc://discovery-{node_id}"
+        self.pipe = ctx.socket(zmq.PAIR)
+        self.pipe.bind(endpoint)
+        self._actor_pipe = ctx.socket(zmq.PAIR)
+        self._actor_pipe.connect(endpoint)
+        self._names: queue.Queue[tuple[str, bool]] = queue.Queue()
+        self._stop = threading.Event()
+        self._registered = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="meshctl-discovery", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Unregister (mDNS goodbye), close zeroconf and join the thread."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._actor_pipe.close(linger=0)
+        self.pipe.close(linger=0)
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        self._actor_pipe.send(json.dumps(msg).encode())
+
+    def _run(self) -> None:
+        try:
+            zc = Zeroconf(interfaces=self.addresses, ip_version=IPVersion.V4Only)
+        except OSError as e:
+            log.error("mDNS discovery off: cannot open zeroconf on %s: %s", self.addresses, e)
+            return
+        # Probing before the first announcement takes about a second: do it on a thread of
+        # its own so that finding the others (and linking to them) starts at once.
+        registrar = threading.Thread(
+            target=self._register, args=(zc,), daemon=True, name="meshctl-mdns-register"
+        )
+        browser: ServiceBrowser | None = None
+        try:
+            browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_change])
+            registrar.start()
+            while not self._stop.is_set():
+                try:
+                    name, added = self._names.get(timeout=0.1)
+                except queue.Empty:
+                    continue
+                if added:
+                    self._resolve(zc, name)
+                else:
+                    self._send({"event": "removed", "service": name})
+            # Stopping must stay well under 2 s: a registration still probing is abandoned
+            # (its thread dies with zeroconf); close() says goodbye for a finished one.
+        except Exception:  # an actor must report, not die silently
+            log.exception("mDNS discovery failed")
+        finally:
+            if browser is not None:
+                browser.cancel()  # its thread is not a daemon: it would hold up exit
+            zc.close()
+
+    def _register(self, zc: Zeroconf) -> None:
+        try:
+            zc.register_service(self.info, allow_name_change=True)
+        except Exception as e:  # reported, and browsing goes on
+            if not self._stop.is_set():
+                log.error("mDNS: cannot advertise %s: %s", self.info.name, e)
+            return
+        self._registered.set()
+        log.info("mDNS: advertising %s on %s", self.info.name, ", ".join(self.addresses))
+
+    def _on_change(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        # Runs on zeroconf's thread: only hand the name over, resolve on ours.
+        if name != self.info.name:
+            self._names.put((name, state_change is not ServiceStateChange.Removed))
+
+    def _resolve(self, zc: Zeroconf, name: str) -> None:
+        info = ServiceInfo(SERVICE_TYPE, name)
+        # An announcement usually brought every record already: use the cache first.
+        if not info.load_from_cache(zc) and not info.request(zc, RESOLVE_TIMEOUT_MS):
+            return
+        if info.port is None:
+            return
+        props = {
+            k.decode(errors="replace"): (v or b"").decode(errors="replace")
+            for k, v in info.properties.items()
+        }
+        addresses = list(info.parsed_addresses(IPVersion.V4Only))
+        if not addresses or props.get("id") == self.node_id:
+            return
+        self._send(
+            {
+                "event": "found",
+                "service": name,
+                "id": props.get("id", ""),
+                "name": props.get("name", ""),
+                "mesh": props.get("mesh", ""),
+                "proto": props.get("proto", ""),
+                "addresses": addresses,
+                "port": info.port,
+            }
+        )

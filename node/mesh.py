@@ -1,0 +1,462 @@
+"""Links between nodes and what travels over them, sans-IO.
+
+A link is a ZeroMQ connection to another node of the same mesh: the dialer's DEALER to the
+acceptor's ROUTER. Frames are addressed by ``via``: the ROUTER identity (bytes) for links
+that were dialed to us, the dialer's URL (str) for links we dialed. The loop owns the
+sockets; this module decides:
+
+- the handshake (LINK -> LINK_OK | LINK_REFUSE): mesh name, protocol version, not
+  ourselves, and one link per pair: when two links to one peer come up at once, the one
+  dialed by the lower node id survives;
+- heartbeats (BEAT/BEAT_ACK, round-trip time) and the dead-link verdict;
+- flooding of versioned NodeStates (links + interest) so every node holds the newest state
+  of every node (see routing.py);
+- forwarding plans: an event goes to the other nodes that want it, one copy per next hop,
+  each copy carrying the target nodes it must reach and the queue groups each serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from node.codec import NODE_ID_BYTES, Kind, encode_control, encode_targets
+from node.routing import MeshRoute, MeshTable, NodeState
+
+PROTO: Final = 1
+MAX_HOPS_FORWARD: Final = 16  # a forwarded copy travels at most this many links
+Via = bytes | str
+
+
+@dataclass
+class Link:
+    """One link that has completed its handshake."""
+
+    peer_id: str
+    name: str
+    via: Via
+    outbound: bool
+    found: str  # "static", "mdns" or "inbound"
+    address: str
+    since: float
+    last_rx: float
+    last_beat: float = float("-inf")
+    rtt: float | None = None
+
+
+@dataclass
+class Plan:
+    """How an event on one topic leaves this node (computed once per topic, then cached)."""
+
+    static: list[tuple[Via, bytes]]  # (link, routing header) when no group choice is needed
+    plain: tuple[str, ...]  # remote nodes with plain interest
+    groups: list[tuple[str, tuple[str, ...]]]  # remote-only groups: nearest candidates
+    turns: list[int] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.static or self.groups)
+
+
+NO_PLAN: Final = Plan([], (), [])
+
+
+class Mesh:
+    """This node's view of the mesh: links, node states and forwarding plans."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        name: str,
+        mesh: str,
+        epoch: int,
+        dead_after: float,
+        log: Callable[[str], None],
+        on_change: Callable[[], None],
+        emit: Callable[[str, dict[str, Any], float], None],
+    ) -> None:
+        self.node_id = node_id
+        self.raw_id = bytes.fromhex(node_id)
+        self.name = name
+        self.mesh = mesh
+        self.epoch = epoch
+        self.version = 0
+        self.dead_after = dead_after
+        self.log = log
+        self.on_change = on_change  # drops the router's route cache
+        self.emit = emit
+        self.table = MeshTable(node_id)
+        self.links: dict[str, Link] = {}
+        self.by_via: dict[Via, str] = {}
+        self.interest: frozenset[tuple[str, str | None]] = frozenset()
+        self.endpoints: tuple[str, ...] = ()
+        self.out: list[tuple[Via, bytes]] = []
+        self.closed: list[Via] = []  # outbound links the loop must close
+        self.refusals: dict[Via, str] = {}  # last refusal reason per dialer, for `peers`
+        self.known_dialers: dict[Via, str] = {}  # dialer URL -> peer id once learned
+        self.counters = {"links_refused": 0, "hop_limit": 0, "no_route": 0, "bad_states": 0}
+        self._dirty = False
+        self._up: set[str] = set()  # nodes reachable at the last topology change
+
+    # ---- our own state -------------------------------------------------------------------
+
+    def state(self) -> NodeState:
+        return NodeState(
+            self.node_id,
+            self.name,
+            self.epoch,
+            self.version,
+            frozenset(self.links),
+            self.interest,
+            self.endpoints,
+        )
+
+    def set_interest(self, interest: frozenset[tuple[str, str | None]]) -> None:
+        """The local clients' patterns changed: announce at the next output."""
+        if interest != self.interest:
+            self.interest = interest
+            self._dirty = True
+
+    def _announce(self) -> None:
+        self.version += 1
+        frame = encode_control(Kind.STATES, {"states": [self.state().to_json()]})
+        for link in self.links.values():
+            self.out.append((link.via, frame))
+
+    def flush_announcements(self) -> None:
+        """Send our state once for all changes since the last call (coalesces bursts)."""
+        if self._dirty:
+            self._dirty = False
+            self._announce()
+
+    def hello(self) -> bytes:
+        """The LINK frame a dialer sends first."""
+        return encode_control(
+            Kind.LINK, {"mesh": self.mesh, "proto": PROTO, "node": self.state().to_json()}
+        )
+
+    # ---- handshake -----------------------------------------------------------------------
+
+    def _check_peer(self, body: dict[str, Any]) -> tuple[NodeState | None, str]:
+        if body.get("mesh") != self.mesh:
+            return None, f"mesh {body.get('mesh')!r} is not this node's mesh {self.mesh!r}"
+        if body.get("proto") != PROTO:
+            return None, f"protocol {body.get('proto')!r} is not supported (this node: {PROTO})"
+        try:
+            state = NodeState.from_json(body.get("node"))
+        except ValueError as e:
+            return None, str(e)
+        if state.node_id == self.node_id:
+            return None, "that is this node itself"
+        return state, ""
+
+    def on_link_request(self, via: bytes, body: dict[str, Any], address: str, now: float) -> None:
+        """A node dialed us: accept (LINK_OK) or refuse with a reason it will log."""
+        state, why = self._check_peer(body)
+        if state is not None:
+            existing = self.links.get(state.node_id)
+            if existing is not None and existing.via != via:
+                # One link per pair: the link dialed by the lower node id survives.
+                if state.node_id < self.node_id and existing.outbound:
+                    self._link_down(existing, "replaced by the peer's link", now)
+                else:
+                    why = "duplicate link: already linked to this node"
+        if state is None or why:
+            self.counters["links_refused"] += 1
+            self.log(f"refused link from {address or via.hex()}: {why}")
+            self.out.append((via, encode_control(Kind.LINK_REFUSE, {"reason": why})))
+            return
+        assert state is not None
+        address = address or (state.endpoints[0] if state.endpoints else "?")
+        self.out.append((via, encode_control(Kind.LINK_OK, {"node": self.state().to_json()})))
+        self._link_up(state, via, outbound=False, found="inbound", address=address, now=now)
+
+    def on_link_ok(self, via: str, body: dict[str, Any], found: str, now: float) -> None:
+        """Our dial was accepted."""
+        state, why = self._check_peer({"mesh": self.mesh, "proto": PROTO, **body})
+        if state is None:
+            self.refuse_outbound(via, why)
+            return
+        existing = self.links.get(state.node_id)
+        if existing is not None and existing.via != via:
+            if self.node_id < state.node_id:
+                self._link_down(existing, "replaced by our own link", now)
+            else:
+                self.refuse_outbound(via, "duplicate link: already linked to this node")
+                return
+        self.refusals.pop(via, None)
+        self._link_up(state, via, outbound=True, found=found, address=via, now=now)
+
+    def refuse_outbound(self, via: str, why: str) -> None:
+        """Our dial failed the handshake: log, remember why, and have the loop close it."""
+        self.counters["links_refused"] += 1
+        if self.refusals.get(via) != why:
+            self.log(f"link to {via} refused: {why}")
+        self.refusals[via] = why
+        self.closed.append(via)
+
+    def _link_up(
+        self, state: NodeState, via: Via, *, outbound: bool, found: str, address: str, now: float
+    ) -> None:
+        link = Link(state.node_id, state.name, via, outbound, found, address, now, now)
+        self.links[state.node_id] = link
+        self.by_via[via] = state.node_id
+        if outbound:
+            self.known_dialers[via] = state.node_id
+        self.table.update(state)
+        self.table.set_neighbours(self.links)
+        self.log(f"link up: {state.name} ({state.node_id}) via {address}")
+        self.emit(
+            "$mesh/link/up",
+            {"peer": state.node_id, "peer_name": state.name, "address": address},
+            now,
+        )
+        # Give the new neighbour everything we know; everyone else learns of the link.
+        frame = encode_control(
+            Kind.STATES, {"states": [s.to_json() for s in self.table.states.values()]}
+        )
+        self.out.append((via, frame))
+        self._announce()
+        self._topology_changed(now)
+
+    def _link_down(self, link: Link, why: str, now: float) -> None:
+        self.links.pop(link.peer_id, None)
+        self.by_via.pop(link.via, None)
+        if link.outbound:
+            self.closed.append(link.via)
+        self.table.set_neighbours(self.links)
+        self.log(f"link down: {link.name} ({link.peer_id}): {why}")
+        self.emit(
+            "$mesh/link/down", {"peer": link.peer_id, "peer_name": link.name, "reason": why}, now
+        )
+        self._announce()
+        self._topology_changed(now)
+
+    def drop_via(self, via: Via, why: str, now: float) -> None:
+        """The loop lost a link's socket (unreachable identity, closed dialer)."""
+        peer = self.by_via.get(via)
+        if peer is not None:
+            self._link_down(self.links[peer], why, now)
+
+    def _topology_changed(self, now: float) -> None:
+        """Drop cached routes; announce nodes that became reachable or unreachable."""
+        self.on_change()
+        reachable = set(self.table.paths())
+        for node_id in sorted(reachable - self._up):
+            name = self.table.states[node_id].name
+            self.log(f"node reachable: {name} ({node_id})")
+            self.emit("$mesh/node/up", {"peer": node_id, "peer_name": name}, now)
+        for node_id in sorted(self._up - reachable):
+            state = self.table.states.get(node_id)
+            name = state.name if state else node_id
+            self.log(f"node unreachable: {name} ({node_id})")
+            self.emit("$mesh/node/down", {"peer": node_id, "peer_name": name}, now)
+        self._up = reachable
+
+    # ---- control traffic on links ------------------------------------------------------------
+
+    def is_link(self, via: Via) -> bool:
+        return via in self.by_via
+
+    def on_states(self, via: Via, body: dict[str, Any], now: float) -> None:
+        """Adopt newer states and pass each on to every other link (flooding)."""
+        link = self.links.get(self.by_via.get(via, ""))
+        if link is None:
+            return
+        link.last_rx = now
+        states = body.get("states")
+        if not isinstance(states, list):
+            self.counters["bad_states"] += 1
+            return
+        fresh = []
+        for obj in states[:10_000]:
+            try:
+                state = NodeState.from_json(obj)
+            except ValueError:
+                self.counters["bad_states"] += 1
+                continue
+            topology_before = self.table.states.get(state.node_id)
+            if self.table.update(state):
+                fresh.append(obj)
+                if topology_before is None or topology_before.links != state.links:
+                    self._topology_changed(now)
+        if fresh:
+            self.on_change()
+            frame = encode_control(Kind.STATES, {"states": fresh})
+            for other in self.links.values():
+                if other.via != via:
+                    self.out.append((other.via, frame))
+
+    def on_beat(self, via: Via, kind: Kind, body: dict[str, Any], now: float) -> None:
+        link = self.links.get(self.by_via.get(via, ""))
+        if link is None:
+            return
+        link.last_rx = now
+        if kind == Kind.BEAT:
+            self.out.append((via, encode_control(Kind.BEAT_ACK, {"t": body.get("t")})))
+        elif isinstance(body.get("t"), int | float):
+            link.rtt = max(0.0, now - float(body["t"]))
+
+    def heard(self, via: Via, now: float) -> None:
+        """Any frame on a link proves it alive."""
+        peer = self.by_via.get(via)
+        if peer is not None:
+            self.links[peer].last_rx = now
+
+    def tick(self, now: float, interval: float) -> None:
+        """Heartbeat every link each ``interval``; declare silent links dead."""
+        for link in list(self.links.values()):
+            if now - link.last_rx > self.dead_after:
+                self._link_down(link, f"silent for {now - link.last_rx:.1f}s", now)
+                continue
+            if now - link.last_beat >= interval:
+                link.last_beat = now
+                self.out.append((link.via, encode_control(Kind.BEAT, {"t": now})))
+
+    # ---- forwarding --------------------------------------------------------------------------
+
+    def plan(self, topic: str, local_groups: set[str]) -> Plan:
+        """Which links an event on ``topic`` published here leaves by (cacheable)."""
+        route = self.table.route(topic)
+        if route.plain == () and route.groups == ():
+            return NO_PLAN
+        groups = [(g, nodes) for g, nodes in route.groups if g not in local_groups]
+        if groups:
+            return Plan([], route.plain, groups, [0] * len(groups))
+        return Plan(self._split([(n, ()) for n in route.plain], 0), route.plain, [])
+
+    def inbox_plan(self, node_id: str) -> Plan:
+        """Replies go straight to the requester's node, never announced as interest."""
+        if node_id not in self.table.paths():
+            return NO_PLAN
+        return Plan(self._split([(node_id, ())], 0), (node_id,), [])
+
+    def dynamic(self, plan: Plan) -> list[tuple[Via, bytes]]:
+        """Per-event choice of one nearest member node per remote-only queue group."""
+        assign: dict[str, list[str]] = {n: [] for n in plan.plain}
+        for i, (group, nodes) in enumerate(plan.groups):
+            turn = plan.turns[i]
+            plan.turns[i] = turn + 1
+            assign.setdefault(nodes[turn % len(nodes)], []).append(group)
+        return self._split([(n, tuple(g)) for n, g in assign.items()], 0)
+
+    def _split(
+        self, targets: list[tuple[str, tuple[str, ...]]], hops: int
+    ) -> list[tuple[Via, bytes]]:
+        """Group targets by next hop: one routing header (and one copy) per link."""
+        by_hop: dict[str, list[tuple[bytes, tuple[str, ...]]]] = {}
+        for node, groups in targets:
+            hop = self.table.next_hop(node)
+            if hop is None or hop not in self.links:
+                self.counters["no_route"] += 1
+                continue
+            by_hop.setdefault(hop, []).append((bytes.fromhex(node), groups))
+        out = []
+        for hop, tl in sorted(by_hop.items()):
+            for i in range(0, len(tl), 255):
+                out.append((self.links[hop].via, encode_targets(hops, tl[i : i + 255])))
+        return out
+
+    def onward(
+        self, targets: list[tuple[bytes, tuple[str, ...]]], hops: int
+    ) -> tuple[tuple[str, ...] | None, list[tuple[Via, bytes]]]:
+        """For a forwarded event: the groups this node serves (None: not a target) and the
+        copies to pass on. Events beyond the hop limit go no further."""
+        mine: tuple[str, ...] | None = None
+        rest: list[tuple[str, tuple[str, ...]]] = []
+        for node, groups in targets:
+            if node == self.raw_id:
+                mine = groups
+            elif len(node) == NODE_ID_BYTES:
+                rest.append((node.hex(), groups))
+        if rest and hops + 1 >= MAX_HOPS_FORWARD:
+            self.counters["hop_limit"] += 1
+            rest = []
+        return mine, self._split(rest, hops + 1) if rest else []
+
+    # ---- views ---------------------------------------------------------------------------
+
+    def peers_view(self, now: float) -> list[dict[str, Any]]:
+        out = []
+        for link in sorted(self.links.values(), key=lambda x: x.name):
+            out.append(
+                {
+                    "id": link.peer_id,
+                    "name": link.name,
+                    "address": link.address,
+                    "found": link.found,
+                    "state": "up",
+                    "rtt_ms": None if link.rtt is None else round(link.rtt * 1000, 3),
+                    "age_s": round(now - link.since, 3),
+                }
+            )
+        return out
+
+    def mesh_view(self) -> dict[str, Any]:
+        paths = self.table.paths()
+        nodes = [
+            {
+                "id": self.node_id,
+                "name": self.name,
+                "self": True,
+                "reachable": True,
+                "hops": 0,
+                "links": sorted(self.links),
+                "interest": len(self.interest),
+                "endpoints": list(self.endpoints),
+            }
+        ]
+        for node_id, s in sorted(self.table.states.items(), key=lambda kv: kv[1].name):
+            nodes.append(
+                {
+                    "id": node_id,
+                    "name": s.name,
+                    "self": False,
+                    "reachable": node_id in paths,
+                    "hops": paths[node_id][0] if node_id in paths else None,
+                    "links": sorted(s.links),
+                    "interest": len(s.interest),
+                    "endpoints": list(s.endpoints),
+                }
+            )
+        return {"nodes": nodes}
+
+    def explain(self, topic: str, local: list[dict[str, Any]]) -> dict[str, Any]:
+        """What ``meshctl routes TOPIC`` shows: matching nodes, groups and each copy's path."""
+        names = {n: s.name for n, s in self.table.states.items()}
+        names[self.node_id] = self.name
+        route: MeshRoute = self.table.route(topic)
+        remote = []
+        for node, group in self.table.matches(topic):
+            path = self.table.path_to(node)
+            remote.append(
+                {
+                    "node": node,
+                    "name": names.get(node, node),
+                    "group": group,
+                    "reachable": bool(path),
+                    "path": [names.get(h, h) for h in path],
+                }
+            )
+        return {
+            "topic": topic,
+            "local": local,
+            "remote": remote,
+            "copies": [
+                {"next_hop": names.get(h, h), "nodes": [names.get(n, n) for n in ns]}
+                for h, ns in self._copies(route)
+            ],
+            "groups": [
+                {"group": g, "nearest": [names.get(n, n) for n in ns]} for g, ns in route.groups
+            ],
+        }
+
+    def _copies(self, route: MeshRoute) -> list[tuple[str, list[str]]]:
+        by_hop: dict[str, list[str]] = {}
+        for node in route.plain:
+            hop = self.table.next_hop(node)
+            if hop is not None:
+                by_hop.setdefault(hop, []).append(node)
+        return sorted(by_hop.items())

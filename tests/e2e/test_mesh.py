@@ -1,0 +1,316 @@
+"""Several real nodes on one host, joined by static links: routing, groups, faults.
+
+Topologies: a line A-B-C (A reaches C only through B), a triangle, and a 4-node ring.
+Clients are the real client library over each node's ipc socket. Discovery is off: these
+nodes only know each other through ``--link``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import NodeProcess, run_cli, wait_for
+
+from meshctl import connect
+from meshctl.client import Client
+from meshctl.errors import NoResponders, Timeout
+
+pytestmark = [pytest.mark.e2e, pytest.mark.mesh]
+
+FAST = "[mesh]\nheartbeat = \"200ms\"\ndead_after = \"1s\"\nbackoff_max = \"500ms\"\n"
+
+
+class Mesh:
+    """Nodes started for one test, stopped (and their logs shown on failure) afterwards."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.nodes: dict[str, NodeProcess] = {}
+        self.clients: list[Client] = []
+
+    def start(self, name: str, links: list[str] = (), *, data_dir: Path | None = None,
+              port: int | None = None) -> NodeProcess:
+        args = ["--no-discovery"]
+        for other in links:
+            args += ["--link", f"tcp://127.0.0.1:{self.nodes[other].tcp_port}"]
+        if port is not None:
+            args += ["--port", str(port)]
+        node = NodeProcess.start(self.tmp_path / name, name=name, config_text=FAST,
+                                 data_dir=data_dir, extra_args=args)
+        node.wait_ready(timeout=10)
+        self.nodes[name] = node
+        return node
+
+    def client(self, name: str) -> Client:
+        c = connect(self.nodes[name].ipc, name=f"test@{name}", timeout=5)
+        self.clients.append(c)
+        return c
+
+    def wait_linked(self, name: str, peers: int, timeout: float = 10) -> None:
+        wait_for(lambda: len(self.view(name, "peers")["peers"]) >= peers and all(
+            p["state"] == "up" for p in self.view(name, "peers")["peers"]),
+            timeout=timeout, what=f"{name} to have {peers} links up")
+
+    def wait_reachable(self, name: str, count: int, timeout: float = 10) -> None:
+        def ok() -> bool:
+            nodes = self.view(name, "mesh")["nodes"]
+            return sum(1 for n in nodes if n["reachable"]) == count
+        wait_for(ok, timeout=timeout, what=f"{name} to reach {count} nodes")
+
+    def wait_interest(self, name: str, topic: str, nodes: int, timeout: float = 5) -> None:
+        """Until ``name`` routes ``topic`` to ``nodes`` remote (node, group) entries."""
+        wait_for(lambda: sum(1 for r in self.view(name, "routes", topic=topic)["remote"]
+                             if r["reachable"]) >= nodes,
+                 timeout=timeout, what=f"{name} to see interest in {topic} on {nodes} nodes")
+
+    def view(self, name: str, view: str, **args: object) -> dict:
+        with connect(self.nodes[name].ipc, timeout=5) as c:
+            return c.view(view, **args)
+
+    def close(self, failed: bool) -> None:
+        for c in self.clients:
+            c.close()
+        for node in self.nodes.values():
+            node.stop()
+        if failed:
+            for name, node in self.nodes.items():
+                print(f"--- {name} log\n{node.log_text()}")
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Mesh]:
+    m = Mesh(tmp_path)
+    try:
+        yield m
+    finally:
+        rep = getattr(request.node, "rep_call", None)
+        m.close(rep is None or rep.failed)
+
+
+def drain(sub, timeout: float = 0.5) -> list:
+    """Everything that arrives until ``timeout`` passes without an event."""
+    got = []
+    try:
+        while True:
+            got.append(sub.next(timeout))
+    except Timeout:
+        return got
+
+
+def line(mesh: Mesh) -> None:
+    """A - B - C: A and C both link to B only."""
+    mesh.start("B")
+    mesh.start("A", ["B"])
+    mesh.start("C", ["B"])
+    for n in "ABC":
+        mesh.wait_reachable(n, 3)
+
+
+def test_line_delivers_exactly_once_across_two_hops(mesh: Mesh) -> None:
+    line(mesh)
+    subs = {n: mesh.client(n).subscribe("plant/>") for n in "ABC"}
+    for n in "AB":
+        mesh.wait_interest(n, "plant/x", 1 if n == "B" else 2)
+    pub = mesh.client("A")
+    with pub.batch():
+        for i in range(200):
+            pub.publish("plant/x", str(i))
+    pub.flush()
+    for n, sub in subs.items():
+        got = [e.data for e in drain(sub)]
+        assert got == [str(i).encode() for i in range(200)], f"{n} got {len(got)} events"
+
+
+def test_no_echo_and_no_flooding(mesh: Mesh) -> None:
+    line(mesh)
+    a = mesh.client("A")
+    sub_a = a.subscribe("t/>")
+    mesh.client("C").subscribe("other/>")
+    mesh.wait_interest("A", "other/x", 1)
+    for i in range(50):
+        a.publish("t/x", str(i))
+    a.flush()
+    assert len(drain(sub_a)) == 50  # published and subscribed on A: once, never back from B
+    b = mesh.view("B", "status")["counters"]
+    # Nothing on B or C wants t/x: A forwarded none of it.
+    assert b["forwarded_in"] == 0
+    assert mesh.view("A", "status")["counters"]["forwarded_out"] == 0
+
+
+def test_triangle_and_ring_deliver_exactly_once(mesh: Mesh) -> None:
+    mesh.start("A")
+    mesh.start("B", ["A"])
+    mesh.start("C", ["A", "B"])
+    mesh.start("D", ["C", "A"])  # A-B, A-C, B-C triangle plus D linked to C and A
+    for n in "ABCD":
+        mesh.wait_reachable(n, 4)
+    subs = {n: mesh.client(n).subscribe("r/*") for n in "ABCD"}
+    mesh.wait_interest("B", "r/x", 3)
+    pub = mesh.client("B")
+    for i in range(100):
+        pub.publish("r/x", str(i))
+    pub.flush()
+    for n, sub in subs.items():
+        got = Counter(e.data for e in drain(sub))
+        assert len(got) == 100, f"{n}: {len(got)} distinct events"
+        assert set(got.values()) == {1}, f"{n}: duplicates"
+
+
+def test_four_node_ring(mesh: Mesh) -> None:
+    mesh.start("A")
+    mesh.start("B", ["A"])
+    mesh.start("C", ["B"])
+    mesh.start("D", ["C", "A"])  # ring A-B-C-D-A: C is two hops from A either way
+    for n in "ABCD":
+        mesh.wait_reachable(n, 4)
+    sub = mesh.client("C").subscribe("ring/>")
+    mesh.wait_interest("A", "ring/x", 1)
+    routes = mesh.view("A", "routes", topic="ring/x")
+    assert len(routes["copies"]) == 1  # one copy, one path, no flooding
+    pub = mesh.client("A")
+    for i in range(100):
+        pub.publish("ring/x", str(i))
+    pub.flush()
+    assert [e.data for e in drain(sub)] == [str(i).encode() for i in range(100)]
+
+
+def test_queue_group_picks_one_member_mesh_wide_preferring_local(mesh: Mesh) -> None:
+    line(mesh)
+    members = {n: mesh.client(n).subscribe("job/*", group="workers") for n in "BC"}
+    mesh.wait_interest("A", "job/x", 2)
+    pub = mesh.client("A")
+    for i in range(60):
+        pub.publish("job/x", str(i))
+    pub.flush()
+    got = {n: drain(s) for n, s in members.items()}
+    assert sum(len(v) for v in got.values()) == 60
+    # The nearest member wins: B is one hop from A, C two.
+    assert len(got["B"]) == 60
+    # A member on the publishing node is preferred over every remote one.
+    local = mesh.client("A").subscribe("job/*", group="workers")
+    for i in range(30):
+        pub.publish("job/x", str(i))
+    pub.flush()
+    assert len(drain(local)) == 30
+    assert all(not drain(s, 0.2) for s in members.values())
+
+
+def test_queue_group_members_at_equal_distance_share(mesh: Mesh) -> None:
+    line(mesh)
+    members = {n: mesh.client(n).subscribe("job/*", group="g") for n in "AC"}
+    mesh.wait_interest("B", "job/x", 2)
+    pub = mesh.client("B")
+    for i in range(100):
+        pub.publish("job/x", str(i))
+    pub.flush()
+    counts = {n: len(drain(s)) for n, s in members.items()}
+    assert sum(counts.values()) == 100
+    assert 30 <= counts["A"] <= 70, counts
+
+
+def test_request_reply_and_no_responders_across_hops(mesh: Mesh) -> None:
+    line(mesh)
+    responder = mesh.client("C")
+    responder.subscribe("svc/echo", group="svc",
+                        callback=lambda req: responder.reply(req, b"echo:" + req.data))
+    stop = threading.Event()
+
+    def serve() -> None:  # the responder's client is used by this thread only
+        while not stop.is_set():
+            responder.process(0.05)
+
+    worker = threading.Thread(target=serve)
+    worker.start()
+    try:
+        mesh.wait_interest("A", "svc/echo", 1)
+        requester = mesh.client("A")
+        replies = [requester.request("svc/echo", str(i), timeout=2) for i in range(5)]
+        assert [r.data for r in replies] == [f"echo:{i}".encode() for i in range(5)]
+        start = time.monotonic()
+        with pytest.raises(NoResponders):
+            requester.request("nobody/here", b"x", timeout=2)
+        assert time.monotonic() - start < 0.1
+    finally:
+        stop.set()
+        worker.join(5)
+
+
+def test_cli_request_across_hops(mesh: Mesh, bg) -> None:
+    line(mesh)
+    bg.start("reply", "svc/time", "--echo", server=mesh.nodes["C"].ipc)
+    mesh.wait_interest("A", "svc/time", 1)
+    r = run_cli("req", "svc/time", "hello", server=mesh.nodes["A"].ipc)
+    assert r.returncode == 0, r.describe()
+    assert r.stdout.strip() == "hello"
+    r = run_cli("req", "svc/none", "hello", server=mesh.nodes["A"].ipc)
+    assert r.returncode == 1
+    assert "no responders for svc/none" in r.stderr
+
+
+def test_killed_node_interest_is_withdrawn_and_it_relinks(mesh: Mesh) -> None:
+    line(mesh)
+    c = mesh.client("C")
+    c.subscribe("svc/c", group="svc")
+    mesh.wait_interest("A", "svc/c", 1)
+    c_node = mesh.nodes["C"]
+    data_dir, port = c_node.data_dir, c_node.tcp_port
+    os.kill(c_node.pid, signal.SIGKILL)
+    c_node.proc.wait(5)
+    mesh.clients.remove(c)
+    t0 = time.monotonic()
+    mesh.wait_reachable("A", 2, timeout=5)
+    withdrawn_after = time.monotonic() - t0
+    assert withdrawn_after < 3.0, f"withdrawal took {withdrawn_after:.2f}s"
+    requester = mesh.client("A")
+    with pytest.raises(NoResponders):
+        requester.request("svc/c", b"x", timeout=1)
+    # C comes back on the same port and data dir: it relinks by itself.
+    mesh.start("C", ["B"], data_dir=data_dir, port=port)
+    mesh.wait_reachable("A", 3, timeout=10)
+    sub = mesh.client("C").subscribe("back/>")
+    mesh.wait_interest("A", "back/x", 1)
+    requester.publish("back/x", b"1")
+    requester.flush()
+    assert [e.data for e in drain(sub)] == [b"1"]
+
+
+def test_new_subscription_takes_effect_within_100ms(mesh: Mesh) -> None:
+    line(mesh)
+    pub = mesh.client("A")
+    sub = mesh.client("C").subscribe("fresh/>")
+    time.sleep(0.1)  # the bound under test: no retry, no polling of routes
+    pub.publish("fresh/x", b"1")
+    pub.flush()
+    assert [e.data for e in drain(sub, 1.0)] == [b"1"]
+
+
+def test_operator_views_and_mesh_events(mesh: Mesh) -> None:
+    mesh.start("B")
+    tail = mesh.client("B").subscribe("$mesh/>")
+    mesh.start("A", ["B"])
+    mesh.wait_reachable("B", 2)
+    topics = {e.topic for e in drain(tail, 1.0)}
+    assert "$mesh/link/up" in topics
+    assert "$mesh/node/up" in topics
+    peers = run_cli("peers", "--json", server=mesh.nodes["A"].ipc)
+    assert peers.returncode == 0, peers.describe()
+    (row,) = peers.json_lines()
+    assert row["name"] == "B"
+    assert row["state"] == "up"
+    assert row["found"] == "static"
+    assert {"id", "address", "rtt_ms", "age_s"} <= row.keys()
+    view = run_cli("mesh", "--json", server=mesh.nodes["A"].ipc).json_lines()[0]
+    assert {n["name"] for n in view["nodes"]} == {"A", "B"}
+    human = run_cli("mesh", server=mesh.nodes["A"].ipc)
+    assert "B" in human.stdout
+    assert human.returncode == 0
+    routes = run_cli("routes", "x/y", "--json", server=mesh.nodes["A"].ipc).json_lines()[0]
+    assert routes["remote"] == []
+    assert routes["local"] == []

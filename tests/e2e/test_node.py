@@ -1,0 +1,378 @@
+"""The node as a process: lifecycle, identity, limits, garbage on the wire, slow consumers."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+from helpers import (
+    Background,
+    NodeFactory,
+    NodeProcess,
+    kill_pid,
+    pid_alive,
+    publish,
+    run_cli,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory (ipc socket paths are limited to ~100 characters), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="mesh-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- lifecycle ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_node_stops_promptly_on_signal(node: NodeProcess, bg: Background,
+                                       sig: signal.Signals) -> None:
+    bg.start("sub", "busy/>", server=node.ipc)  # a connected client must not delay the stop
+    pid_file = node.data_dir / "node.pid"
+    assert pid_file.read_text().strip() == str(node.pid)
+
+    start = time.monotonic()
+    os.kill(node.pid, sig)
+    try:
+        code = node.proc.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"node still running 2s after {sig.name}\n{node.log_text()}")
+    elapsed = time.monotonic() - start
+    assert code == 0, node.log_text()
+    assert elapsed < 2
+    assert not pid_file.exists()
+    assert "Traceback" not in node.log_text()
+
+
+def test_node_id_persists_across_restarts(make_node: NodeFactory, short_tmp: Path) -> None:
+    data_dir = short_tmp / "node"
+    first = make_node(data_dir=data_dir)
+    node_id = first.node_id
+    assert (data_dir / "node_id").read_text().strip() == node_id
+    first.stop()
+
+    second = make_node(data_dir=data_dir)
+    assert second.node_id == node_id
+    second.stop()
+
+    other = make_node(data_dir=short_tmp / "other")
+    assert other.node_id != node_id, "a new data dir makes a new node id"
+
+
+@pytest.mark.slow
+def test_subscriber_survives_node_restart(make_node: NodeFactory, bg: Background,
+                                          short_tmp: Path) -> None:
+    data_dir = short_tmp / "node"
+    first = make_node(data_dir=data_dir)
+    sub = bg.start("sub", "--raw", "restart/>", server=first.ipc)
+    publish(first.ipc, [("restart/1", "before")])
+    sub.wait_lines(1)
+    first.stop()
+
+    second = make_node(data_dir=data_dir)  # same data dir: same id, same ipc path
+
+    def resumed_or_failed() -> bool:
+        if sub.proc.poll() is not None:  # giving up loudly would be acceptable too
+            return True
+        publish(second.ipc, [("restart/2", "after")])
+        return len(sub.raw_lines) >= 2
+
+    wait_for(resumed_or_failed, timeout=5, interval=0.25,
+             what="the subscriber to resume (or to exit with an error) after a node restart")
+    if sub.proc.poll() is not None:
+        assert sub.wait_exit() == 1, sub.describe()
+        assert "error:" in sub.stderr
+    else:
+        assert sub.lines[:2] == ["before", "after"]
+
+
+def test_second_node_in_same_data_dir_is_refused(node: NodeProcess) -> None:
+    result = run_cli("up", "--port", "0", "--listen", "127.0.0.1", "--data-dir",
+                     str(node.data_dir), timeout=10)
+    assert result.returncode == 2, result.describe()
+    assert len(result.err_lines) == 1, result.describe()
+    assert str(node.pid) in result.stderr
+    assert node.running()
+    assert node.status()["id"] == node.node_id
+
+
+def test_port_in_use_exits_1(short_tmp: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("up", "--port", str(port), "--listen", "127.0.0.1", "--data-dir",
+                         str(short_tmp / "d"), timeout=10)
+    assert result.returncode == 1, result.describe()
+    errors = [line for line in result.err_lines if line.startswith("error:")]
+    assert len(errors) == 1, result.describe()
+    assert str(port) in errors[0]
+    assert not (short_tmp / "d" / "node.pid").exists()
+
+
+def test_up_detach_then_down(short_tmp: Path) -> None:
+    data_dir = short_tmp / "d"
+    pid = None
+    try:
+        result = run_cli("up", "--detach", "--port", "0", "--listen", "127.0.0.1",
+                         "--no-discovery", "--data-dir", str(data_dir), "--name", "bg",
+                         timeout=15)
+        assert result.returncode == 0, result.describe()
+        pid = int((data_dir / "node.pid").read_text())
+        assert pid_alive(pid)
+
+        status = run_cli("status", "--json", server=f"ipc://{data_dir}/node.sock")
+        assert status.returncode == 0, status.describe()
+        assert status.json_lines()[0]["name"] == "bg"
+        assert status.json_lines()[0]["pid"] == pid
+
+        down = run_cli("down", "--data-dir", str(data_dir), timeout=15)
+        assert down.returncode == 0, down.describe()
+        assert not (data_dir / "node.pid").exists()
+        wait_for(lambda: not pid_alive(pid), timeout=5, what=f"pid {pid} to end")
+
+        again = run_cli("down", "--data-dir", str(data_dir), timeout=15)
+        assert again.returncode == 1, again.describe()
+        assert len(again.err_lines) == 1, again.describe()
+    finally:
+        if pid is not None and pid_alive(pid):
+            kill_pid(pid)
+
+
+# ---- what the node knows about its clients -------------------------------------------------
+
+
+def test_status_counts_traffic(node: NodeProcess, bg: Background) -> None:
+    sub = bg.start("sub", "--raw", "--group", "workers", "count/>", "other/>", server=node.ipc)
+    result = run_cli("pub", "count/x", "e{{n}}", "--count", "5", server=node.ipc)
+    assert result.returncode == 0, result.describe()
+    assert run_cli("pub", "nobody/listens", "x", server=node.ipc).returncode == 0
+    sub.wait_lines(5)
+
+    status = run_cli("status", "--json", server=node.ipc).json_lines()[0]
+    mine = [s for s in status["subscriptions"] if s["pattern"] in ("count/>", "other/>")]
+    assert {s["pattern"] for s in mine} == {"count/>", "other/>"}
+    assert {s["group"] for s in mine} == {"workers"}
+    (client,) = [c for c in status["clients"] if c["id"] == mine[0]["client"]]
+    assert client["name"] == "meshctl sub"
+    assert client["subscriptions"] == 2
+    assert client["events_out"] == 5
+    assert client["dropped"] == 0
+    counters = status["counters"]
+    assert counters["events_in"] == 6
+    assert counters["events_out"] == 5
+    assert counters["no_interest"] == 1
+
+
+def test_dead_client_is_forgotten(node: NodeProcess, bg: Background) -> None:
+    sub = bg.start("sub", "ghost/>", server=node.ipc)
+    assert any(s["pattern"] == "ghost/>" for s in node.status()["subscriptions"])
+    sub.stop()  # SIGKILL: no goodbye
+    node.wait_status(lambda s: all(x["pattern"] != "ghost/>" for x in s["subscriptions"]),
+                     timeout=5, what="the killed subscriber to be dropped")
+
+
+# ---- limits -------------------------------------------------------------------------------
+
+
+def test_payload_over_configured_limit(make_node: NodeFactory, bg: Background) -> None:
+    node = make_node(config_text='[limits]\nmax_payload = "1KiB"\n')
+    sub = bg.start("sub", "--raw", "big/>", server=node.ipc)
+    attempts: list[tuple[tuple[str, ...], bytes | None]] = [
+        (("pub", "big/x", "x" * 2000), None),
+        (("pub", "big/x", "-"), b"y" * 2000 + b"\n"),
+        (("req", "big/x", "z" * 2000), None),
+    ]
+    for args, data in attempts:
+        result = run_cli(*args, server=node.ipc, input=data)
+        assert result.returncode == 2, result.describe()
+        assert len(result.err_lines) == 1, result.describe()
+        assert "1024" in result.stderr, result.describe()
+        assert "limit" in result.stderr, result.describe()
+
+    exact = run_cli("pub", "big/ok", "k" * 1024, server=node.ipc)
+    assert exact.returncode == 0, exact.describe()
+    assert sub.wait_lines(1) == ["k" * 1024]
+    assert node.status()["limits"]["max_payload"] == 1024
+
+
+def test_default_limit_is_one_mebibyte(node: NodeProcess, bg: Background) -> None:
+    sub = bg.start("sub", "--json", "--count", "1", "mib", server=node.ipc)
+    fits = run_cli("pub", "mib", "-", server=node.ipc, input=b"m" * (1 << 20) + b"\n")
+    assert fits.returncode == 0, fits.describe()
+    assert sub.wait_exit() == 0, sub.describe()
+    assert sub.json_lines()[0]["size"] == 1 << 20
+
+    too_big = run_cli("pub", "mib", "-", server=node.ipc, input=b"m" * ((1 << 20) + 1))
+    assert too_big.returncode == 2, too_big.describe()
+    assert "1048576" in too_big.stderr
+
+
+def test_node_refuses_oversized_payload_from_raw_client(make_node: NodeFactory,
+                                                        bg: Background) -> None:
+    """A client that ignores the advertised limit is refused by the node, which keeps serving."""
+    from meshctl import connect
+    from meshctl.errors import RemoteError
+
+    node = make_node(config_text='[limits]\nmax_payload = "1KiB"\n')
+    sub = bg.start("sub", "--raw", "lim/>", server=node.ipc)
+    with connect(node.tcp, name="liar", timeout=5) as client:
+        client.max_payload = 1 << 30  # pretend the node accepts anything
+        client.publish("lim/big", b"x" * 2000)
+        client.publish("lim/small", b"fine")
+        with pytest.raises(RemoteError, match="1024"):
+            client.flush(5)
+    assert sub.wait_lines(1) == ["fine"]
+    assert node.status()["counters"]["dropped"]["payload_too_large"] == 1
+
+
+# ---- hostile and broken peers -------------------------------------------------------------
+
+
+def _dealer(ctx: zmq.Context[zmq.Socket[bytes]], url: str) -> zmq.Socket[bytes]:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(url)
+    return sock
+
+
+def test_garbage_does_not_disturb_subscribers(node: NodeProcess, bg: Background) -> None:
+    sub = bg.start("sub", "--raw", "ok/>", server=node.ipc)
+    publish(node.ipc, [("ok/1", "before")])
+    sub.wait_lines(1)
+
+    # 1. Something that does not speak ZMTP connects, babbles and hangs up.
+    rng = random.Random(1234)
+    for blob in (rng.randbytes(512), b"GET / HTTP/1.1\r\nHost: mesh\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", node.tcp_port), timeout=5) as raw:
+            raw.sendall(blob)
+    node.wait_status(lambda s: s["counters"]["bad_handshakes"] >= 1, timeout=10,
+                     what="the non-ZMTP connection to be counted")
+
+    # 2. A ZMTP peer that greets properly, then sends malformed frames; and a stranger
+    #    (no HELLO) sending the same.
+    garbage = [b"\x09\x01", b"\x01\xff", b"\x01\x20\x00", b"", b"\x01",
+               b"\x01\x02not json", b"\x01\x02[1,2]"]
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        dealer = _dealer(ctx, node.tcp)
+        dealer.send(b'\x01\x01{"name":"fuzzer"}')
+        assert dealer.recv()[:2] == b"\x01\x11", "expected WELCOME"
+        for frame in garbage:
+            dealer.send(frame)
+        dealer.send_multipart([b"\x01\x06{}", b"extra part"])
+        stranger = _dealer(ctx, node.tcp)
+        for frame in garbage:
+            stranger.send(frame)
+        status = node.wait_status(lambda s: s["counters"]["bad_frames"] >= 3, timeout=10,
+                                  what="bad frames to be counted")
+    finally:
+        ctx.destroy(linger=0)
+
+    publish(node.tcp, [("ok/2", "after")])
+    assert sub.wait_lines(2) == ["before", "after"]
+    assert node.running()
+    assert status["counters"]["bad_frames"] >= 3
+    assert "Traceback" not in node.log_text()
+    ok = run_cli("status", "--json", server=node.tcp)
+    assert ok.returncode == 0, ok.describe()
+
+
+def _answers(node: NodeProcess, dealer: zmq.Socket[bytes], timeout: float = 3) -> bytes:
+    """Ping through ``dealer`` and return the node's answer; fail at once if the node died."""
+    dealer.send(b'\x01\x06{"ref":99}')
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not node.running():
+            pytest.fail(f"the node died (exit {node.proc.returncode})\n{node.log_text()}")
+        if dealer.poll(50):
+            return dealer.recv()
+    pytest.fail(f"the node did not answer within {timeout}s\n{node.log_text()}")
+
+
+@pytest.mark.parametrize(("hello", "frames"), [
+    # Regressions: each of the first three used to kill the node (fixed in 1b2784f).
+    pytest.param(False, [b"\x01\x06" + b"[" * 5000], id="nested-json-array"),
+    pytest.param(True, [b"\x01\x04" + b'{"a":' * 5000], id="nested-json-object"),
+    pytest.param(True, [b'\x01\x02{"ref":1,"sid":1,"patterns":["a"]}',
+                        b'\x01\x03{"ref":2,"sid":[1]}'], id="unsub-unhashable-sid"),
+    pytest.param(True, [b'\x01\x02{"ref":1,"sid":"x","patterns":["a"]}',
+                        b'\x01\x02{"ref":2,"sid":2,"patterns":"a"}',
+                        b'\x01\x02{"ref":3,"sid":3,"patterns":[1]}',
+                        b'\x01\x02{"ref":4,"sid":4,"patterns":["a"],"group":"a b"}',
+                        b'\x01\x03{"ref":5,"sid":77}', b'\x01\x11{}', b"\x01\x14{}"],
+                 id="bad-control-fields"),
+])
+def test_one_malformed_control_frame_cannot_kill_the_node(
+        node: NodeProcess, bg: Background, hello: bool, frames: list[bytes]) -> None:
+    sub = bg.start("sub", "--raw", "alive", server=node.ipc)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        dealer = _dealer(ctx, node.tcp)
+        if hello:
+            dealer.send(b'\x01\x01{"name":"fuzzer"}')
+            assert dealer.recv()[:2] == b"\x01\x11", "expected WELCOME"
+        for frame in frames:
+            dealer.send(frame)
+        _answers(node, dealer)
+    finally:
+        ctx.destroy(linger=0)
+    publish(node.ipc, [("alive", "still here")])
+    assert sub.wait_lines(1) == ["still here"]
+
+
+@pytest.mark.slow
+def test_slow_consumer_is_dropped_not_waited_for(make_node: NodeFactory,
+                                                 bg: Background) -> None:
+    node = make_node(config_text="[limits]\nclient_queue = 4\n")
+    fast = bg.start("sub", "--raw", "--count", "3000", "load/>", server=node.ipc)
+    notices = bg.start("sub", "--json", "--count", "1", "$mesh/slow-consumer", server=node.ipc)
+    # The slow consumer: subscribed, then frozen. A live process built on the client library
+    # keeps draining its socket in ZeroMQ's I/O thread, so it must really stop reading.
+    slow = bg.start("sub", "load/*", server=node.ipc)
+    os.kill(slow.pid, signal.SIGSTOP)
+
+    # Bounded: 3000 events of 1000 bytes at 2000/s. A busy 2-core machine can stall the fast
+    # subscriber for tens of ms; at this rate the OS socket buffer absorbs that, so only the
+    # frozen consumer overflows its 4-frame queue.
+    payload = "{{n}}:" + "x" * 994
+    result = run_cli("pub", "load/x", payload, "--count", "3000", "--rate", "2000",
+                     server=node.tcp, timeout=30)
+    assert result.returncode == 0, result.describe()
+
+    assert fast.wait_exit(timeout=20) == 0, fast.describe()
+    got = sorted(int(line.split(b":", 1)[0]) for line in fast.raw_lines)
+    assert got == list(range(1, 3001)), "the fast subscriber lost or duplicated events"
+
+    status = node.status()
+    patterns = {s["client"]: s["pattern"] for s in status["subscriptions"]}
+    slow_client = next(c for c in status["clients"] if patterns.get(c["id"]) == "load/*")
+    assert slow_client["dropped"] > 0, slow_client
+    assert slow_client["events_out"] + slow_client["dropped"] == 3000
+    assert status["counters"]["dropped"]["slow_consumer"] > 0
+    assert status["counters"]["events_in"] == 3000
+
+    assert notices.wait_exit(timeout=10) == 0, notices.describe()
+    (notice,) = notices.json_lines()
+    assert notice["topic"] == "$mesh/slow-consumer"
+    assert slow_client["id"] in notice["data"]
+    assert "slow consumer" in node.log_text()

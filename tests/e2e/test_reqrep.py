@@ -1,0 +1,110 @@
+"""Request/reply through a real node: echo, fixed data, scatter-gather, commands, failures."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import Background, NodeProcess, run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def test_reply_echo(node: NodeProcess, bg: Background) -> None:
+    bg.start("reply", "svc/echo", "--echo", server=node.ipc)
+    result = run_cli("req", "svc/echo", "hello there", server=node.tcp)
+    assert result.returncode == 0, result.describe()
+    assert result.out_lines == ["hello there"]
+
+
+def test_reply_fixed_data_to_wildcard_pattern(node: NodeProcess, bg: Background) -> None:
+    bg.start("reply", "svc/time/*", "it is late", server=node.ipc)
+    for topic in ("svc/time/utc", "svc/time/local"):
+        result = run_cli("req", topic, "what time is it?", server=node.ipc)
+        assert result.returncode == 0, result.describe()
+        assert result.out_lines == ["it is late"]
+
+
+def test_req_json_reply(node: NodeProcess, bg: Background) -> None:
+    bg.start("reply", "svc/j", "--echo", server=node.ipc)
+    result = run_cli("req", "svc/j", "payload", "--json", server=node.ipc)
+    assert result.returncode == 0, result.describe()
+    (reply,) = result.json_lines()
+    assert reply["data"] == "payload"
+    assert reply["topic"].startswith("_INBOX/")
+
+
+def test_req_from_stdin(node: NodeProcess, bg: Background) -> None:
+    bg.start("reply", "svc/stdin", "--echo", server=node.ipc)
+    result = run_cli("req", "svc/stdin", "-", server=node.ipc, input=b"from stdin")
+    assert result.returncode == 0, result.describe()
+    assert result.out_lines == ["from stdin"]
+
+
+def test_scatter_gather_collects_one_reply_per_group(node: NodeProcess, bg: Background) -> None:
+    bg.start("reply", "svc/poll", "from-g1", "--group", "g1", server=node.ipc)
+    bg.start("reply", "svc/poll", "from-g2", "--group", "g2", server=node.ipc)
+    bg.start("reply", "svc/poll", "from-g1", "--group", "g1", server=node.ipc)
+    result = run_cli("req", "svc/poll", "who?", "--replies", "0", "--timeout", "1s",
+                     server=node.ipc)
+    assert result.returncode == 0, result.describe()
+    assert sorted(result.out_lines) == ["from-g1", "from-g2"], \
+        "one reply from each group: two members of g1 must not both answer"
+
+
+def test_req_replies_n(node: NodeProcess, bg: Background) -> None:
+    bg.start("reply", "svc/n", "a", "--group", "ga", server=node.ipc)
+    bg.start("reply", "svc/n", "b", "--group", "gb", server=node.ipc)
+    result = run_cli("req", "svc/n", "x", "--replies", "2", "--timeout", "5s", server=node.ipc)
+    assert result.returncode == 0, result.describe()
+    assert sorted(result.out_lines) == ["a", "b"]
+    assert result.elapsed < 5, "req --replies 2 must return as soon as both replies arrived"
+
+
+def test_no_responders_fails_fast(node: NodeProcess) -> None:
+    result = run_cli("req", "nobody/home", "anyone?", "--timeout", "10s", server=node.ipc)
+    assert result.returncode == 1, result.describe()
+    assert result.err_lines == ["error: no responders for nobody/home"]
+    assert result.elapsed < 2, f"no responders must be answered at once, took {result.elapsed}"
+
+
+def test_request_timeout(node: NodeProcess, bg: Background) -> None:
+    silent = bg.start("sub", "svc/slow", server=node.ipc)  # interested, never answers
+    result = run_cli("req", "svc/slow", "ping", "--timeout", "500ms", server=node.ipc)
+    assert result.returncode == 1, result.describe()
+    assert len(result.err_lines) == 1, result.describe()
+    assert "timed out" in result.stderr
+    assert 0.4 < result.elapsed < 5
+    silent.wait_lines(1)  # the request did reach the silent subscriber
+
+
+def test_reply_count_exits(node: NodeProcess, bg: Background) -> None:
+    replier = bg.start("reply", "svc/once", "ok", "--count", "1", server=node.ipc)
+    assert run_cli("req", "svc/once", server=node.ipc).out_lines == ["ok"]
+    assert replier.wait_exit() == 0, replier.describe()
+
+
+def test_reply_command_transforms_request(node: NodeProcess, bg: Background) -> None:
+    bg.start("reply", "svc/upper", "--command", "tr a-z A-Z", server=node.ipc)
+    result = run_cli("req", "svc/upper", "hello, mesh", server=node.ipc)
+    assert result.returncode == 0, result.describe()
+    assert result.out_lines == ["HELLO, MESH"]
+
+
+def test_reply_failing_command_fails_request(node: NodeProcess, bg: Background) -> None:
+    replier = bg.start("reply", "svc/broken", "--command", "echo oops >&2; exit 3",
+                       server=node.ipc)
+    result = run_cli("req", "svc/broken", "x", server=node.ipc)
+    assert result.returncode == 1, result.describe()
+    assert result.err_lines[-1].startswith("error:"), result.describe()
+    assert "3" in result.err_lines[-1]
+    assert replier.proc.poll() is None, "a failing command must not stop the replier"
+    # The replier keeps serving after a failure.
+    again = run_cli("req", "svc/broken", "y", server=node.ipc)
+    assert again.returncode == 1, again.describe()
+
+
+def test_reply_plain_exit_code_command(node: NodeProcess, bg: Background) -> None:
+    bg.start("reply", "svc/exit3", "--command", "exit 3", server=node.ipc)
+    result = run_cli("req", "svc/exit3", "x", server=node.ipc)
+    assert result.returncode == 1, result.describe()
+    assert "error:" in result.stderr
+    assert "exited with 3" in result.stderr
