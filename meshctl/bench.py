@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing.queues import Queue
@@ -106,14 +106,20 @@ def _subscriber(server: str, pattern: str, count: int, out: Queue[Any]) -> None:
         out.put(("done", got, first, time.perf_counter()))
 
 
-def _publisher(server: str, topic: str, count: int, size: int, out: Queue[Any]) -> None:
+def _publisher(
+    server: str, topic: str, topics: int, count: int, size: int, out: Queue[Any]
+) -> None:
+    """Publish ``count`` events; with ``topics`` > 1 cycle over that many distinct topics
+    (each first sighting is a route-cache miss at the node)."""
     with connect(server, name="bench pub") as client:
         payload = b"x" * size
         publish = client.publish
+        names = [topic] if topics <= 1 else [f"{topic}/{i}" for i in range(topics)]
+        n = len(names)
         start = time.perf_counter()
         with client.batch():
-            for _ in range(count):
-                publish(topic, payload)
+            for i in range(count):
+                publish(names[i % n], payload)
         client.flush(30)
         out.put(("sent", start))
 
@@ -150,6 +156,7 @@ def _pair(
     count: int,
     *,
     pass_port: bool,
+    when_ready: Callable[[], None] = lambda: None,
 ) -> Throughput:
     ctx = mp.get_context("spawn")
     rq: Queue[Any] = ctx.Queue()
@@ -158,6 +165,7 @@ def _pair(
     r.start()
     try:
         _, port = _expect(rq, "ready")
+        when_ready()
         s_args = (port, *sargs) if pass_port else sargs
         s = ctx.Process(target=sender, args=(*s_args, count, size, sq), daemon=True)
         s.start()
@@ -185,18 +193,116 @@ def raw_baseline(transport: str, size: int, count: int) -> Throughput:
     )
 
 
-def pubsub(server: str, size: int, count: int) -> Throughput:
-    """One publisher process -> one node -> one subscriber process."""
+def pubsub(
+    server: str,
+    size: int,
+    count: int,
+    *,
+    sub_server: str | None = None,
+    topics: int = 1,
+    when_ready: Callable[[], None] = lambda: None,
+) -> Throughput:
+    """One publisher process -> node(s) -> one subscriber process."""
     return _pair(
         _subscriber,
-        (server, "bench/>"),
+        (sub_server or server, "bench/>"),
         _publisher,
-        (server, "bench/data"),
+        (server, "bench/data", topics),
         "pub->node->sub",
         size,
         count,
         pass_port=False,
+        when_ready=when_ready,
     )
+
+
+def wait_interest(server: str, topic: str, nodes: int, timeout: float = 15) -> None:
+    """Until the node at ``server`` routes ``topic`` to ``nodes`` other nodes."""
+    deadline = time.monotonic() + timeout
+    with connect(server, timeout=5) as client:
+        while True:
+            view = client.view("routes", topic=topic)
+            if sum(1 for r in view["remote"] if r["reachable"]) >= nodes:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{server} never saw interest in {topic} on {nodes} nodes")
+            time.sleep(0.02)
+
+
+@contextmanager
+def bench_mesh(links: dict[str, list[str]]) -> Iterator[dict[str, str]]:
+    """Start throwaway nodes (no discovery, loopback only) linked as ``links`` says, in
+    order (a node links to nodes started before it); yields name -> ipc URL."""
+    tmp = Path(tempfile.mkdtemp(prefix="meshctl-bench-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    ipc: dict[str, str] = {}
+    tcp: dict[str, str] = {}
+    try:
+        for name, peers in links.items():
+            data = tmp / name
+            data.mkdir()
+            argv = [
+                sys.executable,
+                "-m",
+                "meshctl",
+                "up",
+                "--port",
+                "0",
+                "--listen",
+                "127.0.0.1",
+                "--data-dir",
+                str(data),
+                "--name",
+                name,
+                "--no-discovery",
+            ]
+            for peer in peers:
+                argv += ["--link", tcp[peer]]
+            log = (data / "node.log").open("wb")
+            procs.append(
+                subprocess.Popen(
+                    argv,
+                    stdout=log,
+                    stderr=log,  # noqa: S603
+                    env={**os.environ, "MESHCTL_CONFIG": os.devnull},
+                )
+            )
+            log.close()
+            ipc[name] = f"ipc://{data / 'node.sock'}"
+            tcp[name] = _wait_tcp(ipc[name], procs[-1], data)
+        yield ipc
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_tcp(ipc: str, proc: subprocess.Popen[bytes], data: Path) -> str:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            with connect(ipc, timeout=0.5) as c:
+                return next(e for e in c.status()["endpoints"] if e.startswith("tcp://"))
+        except Exception:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"bench node did not start; see {data / 'node.log'}") from None
+            time.sleep(0.1)
+
+
+def hold_subscriptions(servers: list[str], per_node: int) -> list[Any]:
+    """Clients holding ``per_node`` patterns each (none matching bench topics)."""
+    clients = []
+    for i, server in enumerate(servers):
+        c = connect(server, name="bench load", timeout=5)
+        c.subscribe(*[f"load/n{i}/s{j}/*/x" for j in range(per_node)])
+        clients.append(c)
+    return clients
 
 
 def request_latency(server: str, count: int) -> list[float]:
@@ -244,6 +350,7 @@ def bench_node(server: str | None, transport: str) -> Iterator[str]:
             str(tmp),
             "--name",
             "bench",
+            "--no-discovery",
         ],
         stdout=log,
         stderr=log,
@@ -291,3 +398,47 @@ def summarize_latency(rtts: list[float]) -> dict[str, float]:
         "p99_us": percentile(rtts, 99) * 1e6,
         "mean_us": statistics.fmean(rtts) * 1e6,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class MeshFigures:
+    """The mesh benchmark: two hops vs one node, and routing cost under many subscriptions."""
+
+    one_node: Throughput
+    two_hops: Throughput
+    few_subs: Throughput
+    many_subs: Throughput
+    subscriptions: int
+
+
+def mesh_suite(size: int, count: int, *, topics: int = 20_000) -> MeshFigures:
+    """Measure, in one run:
+
+    - pub on A, sub on C, through B (line A-B-C) vs pub and sub on one node;
+    - a star of 10 nodes, pub on the hub, sub on a leaf, every event on a topic the hub
+      has not seen for ``topics`` events (route-cache misses), with 10 subscriptions in
+      the mesh vs 10,000 (1,000 per node) that the trie must sift through.
+    """
+    with bench_mesh({"A": [], "B": ["A"], "C": ["B"]}) as ipc:
+        one = pubsub(ipc["A"], size, count)
+        two = pubsub(
+            ipc["A"],
+            size,
+            count,
+            sub_server=ipc["C"],
+            when_ready=lambda: wait_interest(ipc["A"], "bench/data", 1),
+        )
+    star = {"n0": []} | {f"n{i}": ["n0"] for i in range(1, 10)}
+    with bench_mesh(star) as ipc:
+        servers = [ipc[f"n{i}"] for i in range(10)]
+        ready = lambda: wait_interest(ipc["n0"], "bench/data/0", 1)  # noqa: E731
+        few_clients = hold_subscriptions(servers, 1)
+        few = pubsub(ipc["n0"], size, count, sub_server=ipc["n1"], topics=topics, when_ready=ready)
+        for c in few_clients:
+            c.close()
+        many_clients = hold_subscriptions(servers, 1000)
+        wait_interest(ipc["n0"], "load/n9/s999/a/x", 1)  # every node's load is known
+        many = pubsub(ipc["n0"], size, count, sub_server=ipc["n1"], topics=topics, when_ready=ready)
+        for c in many_clients:
+            c.close()
+    return MeshFigures(one, two, few, many, 10_000)

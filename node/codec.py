@@ -57,7 +57,7 @@ class Kind(IntEnum):
     BEAT_ACK = 0x17  # node -> node: {"t"}: echo of a heartbeat, gives the round-trip time
     PUB = 0x20
     DELIVER = 0x21
-    FWD = 0x22  # node -> node: ([targets] record)*
+    FWD = 0x22  # node -> node: [routing header] record*
 
 
 CONTROL_KINDS: Final = frozenset(k for k in Kind if k < 0x20)
@@ -203,8 +203,10 @@ def iter_deliveries(frame: bytes) -> Iterator[tuple[int, int, int]]:
 
 
 def encode_targets(hops: int, targets: list[tuple[bytes, tuple[str, ...]]]) -> bytes:
-    """The routing header of a forwarded record: hop count, then each target node and the
-    queue groups it must serve. ``[hops u8][n u8]([node 8B][ng u8]([len u8][group])*)*``."""
+    """The routing header of a FWD frame, length-prefixed so a relay can use it as a cache
+    key without parsing it: ``[len u16][hops u8][n u8]([node 8B][ng u8]([len u8][group])*)*``,
+    the hop count, then each target node and the queue groups it serves. Every record of
+    the frame shares it."""
     out = bytearray((hops, len(targets)))
     for node, groups in targets:
         out += node
@@ -213,45 +215,32 @@ def encode_targets(hops: int, targets: list[tuple[bytes, tuple[str, ...]]]) -> b
             gb = g.encode()
             out.append(len(gb))
             out += gb
-    return bytes(out)
+    return len(out).to_bytes(2, "little") + bytes(out)
 
 
-def decode_forwarded(
-    frame: bytes,
-) -> Iterator[tuple[int, list[tuple[bytes, tuple[str, ...]]], int, int]]:
-    """(hops, targets, record start, record end) of each entry of a FWD frame.
-
-    CodecError for anything malformed, raised before the bad entry is yielded.
-    """
-    n = len(frame)
-    off = 2
+def decode_targets(header: bytes) -> tuple[int, list[tuple[bytes, tuple[str, ...]]]]:
+    """Hops and targets of a routing header (without its length prefix); CodecError."""
     try:
-        while off < n:
-            hops = frame[off]
-            count = frame[off + 1]
-            off += 2
-            targets: list[tuple[bytes, tuple[str, ...]]] = []
-            for _ in range(count):
-                node = frame[off : off + NODE_ID_BYTES]
-                ng = frame[off + NODE_ID_BYTES]
-                off += NODE_ID_BYTES + 1
-                groups = []
-                for _ in range(ng):
-                    glen = frame[off]
-                    groups.append(frame[off + 1 : off + 1 + glen].decode())
-                    off += 1 + glen
-                if len(node) != NODE_ID_BYTES:
-                    raise CodecError("truncated target")
-                targets.append((node, tuple(groups)))
-            if off + RECORD_SIZE > n:
-                raise CodecError(f"truncated forwarded record at byte {off}")
-            plen, tlen, hlen = RECORD.unpack_from(frame, off)[:3]
-            end = off + RECORD_SIZE + tlen + hlen + plen
-            if end > n:
-                raise CodecError(f"forwarded record at byte {off} overruns the frame")
-            yield hops, targets, off, end
-            off = end
+        hops, count = header[0], header[1]
+        off = 2
+        targets: list[tuple[bytes, tuple[str, ...]]] = []
+        for _ in range(count):
+            node = header[off : off + NODE_ID_BYTES]
+            ng = header[off + NODE_ID_BYTES]
+            off += NODE_ID_BYTES + 1
+            groups = []
+            for _ in range(ng):
+                glen = header[off]
+                group = header[off + 1 : off + 1 + glen]
+                if len(group) != glen:
+                    raise CodecError("truncated queue group name")
+                groups.append(group.decode())
+                off += 1 + glen
+            targets.append((node, tuple(groups)))
     except IndexError:
         raise CodecError("truncated routing header") from None
     except UnicodeDecodeError:
         raise CodecError("queue group name is not UTF-8") from None
+    if off != len(header):
+        raise CodecError("routing header length does not match its targets")
+    return hops, targets

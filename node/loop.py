@@ -325,12 +325,13 @@ class Node:
         """
         if seconds <= 0:
             return False
-        events = self.sock.getsockopt
+        checks = [self.sock.getsockopt, *(s.getsockopt for s in self.dialers.by_sock)]
         clock = time.perf_counter
         end = clock() + seconds
         while clock() < end:
-            if events(zmq.EVENTS) & zmq.POLLIN:
-                return True
+            for events in checks:
+                if events(zmq.EVENTS) & zmq.POLLIN:
+                    return True
         return False
 
     def _drain(self, now: float) -> None:

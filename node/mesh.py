@@ -26,6 +26,7 @@ from node.routing import MeshRoute, MeshTable, NodeState
 
 PROTO: Final = 1
 MAX_HOPS_FORWARD: Final = 16  # a forwarded copy travels at most this many links
+CONVERGENCE_WINDOW: Final = 10.0  # seconds after a change during which copies may meet
 Via = bytes | str
 
 
@@ -99,6 +100,7 @@ class Mesh:
         self.counters = {"links_refused": 0, "hop_limit": 0, "no_route": 0, "bad_states": 0}
         self._dirty = False
         self._up: set[str] = set()  # nodes reachable at the last topology change
+        self._changed_at = float("-inf")
 
     # ---- our own state -------------------------------------------------------------------
 
@@ -240,8 +242,14 @@ class Mesh:
         if peer is not None:
             self._link_down(self.links[peer], why, now)
 
+    def converging(self, now: float) -> bool:
+        """True for CONVERGENCE_WINDOW after this node last saw the mesh change: views may
+        differ, so copies of an event may meet and the duplicate window must run."""
+        return now - self._changed_at < CONVERGENCE_WINDOW
+
     def _topology_changed(self, now: float) -> None:
         """Drop cached routes; announce nodes that became reachable or unreachable."""
+        self._changed_at = now
         self.on_change()
         reachable = set(self.table.paths())
         for node_id in sorted(reachable - self._up):

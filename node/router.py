@@ -21,7 +21,7 @@ from node.codec import (
     SID,
     Kind,
     decode_control,
-    decode_forwarded,
+    decode_targets,
     encode_control,
     encode_record,
     frame_kind,
@@ -139,6 +139,7 @@ class Counters:
     bad_handshakes: int = 0
     forwarded_in: int = 0
     forwarded_out: int = 0
+    relayed_frames: int = 0
     duplicates: int = 0
     dropped: dict[str, int] = field(
         default_factory=lambda: {
@@ -182,6 +183,7 @@ class Router:
         self.status_extra: Callable[[float], dict[str, Any]] = lambda _now: {}
         self.peers_extra: Callable[[float], list[dict[str, Any]]] = lambda _now: []
         self._cache: dict[bytes, Route | _Refused] = {}
+        self._fwd_cache: dict[bytes, tuple[tuple[str, ...] | None, list[tuple[Via, bytes]]]] = {}
         self._turns: dict[str, _Turn] = {}
         self._control: list[tuple[bytes, bytes, int]] = []
         self._pending: dict[bytes, list[bytes]] = {}
@@ -191,7 +193,7 @@ class Router:
         self._interest: dict[tuple[str, str | None], int] = {}
         self._interest_dirty = False
         self._link_control: list[tuple[Via, bytes]] = []
-        self._link_pending: dict[Via, list[bytes]] = {}
+        self._link_pending: dict[tuple[Via, bytes], list[bytes]] = {}
         self._dedup = DedupWindow()
         self.net = Mesh(
             node_id=node_id,
@@ -200,7 +202,7 @@ class Router:
             epoch=wall_ns(),
             dead_after=dead_after,
             log=log,
-            on_change=self._cache.clear,
+            on_change=self._routes_changed,
             emit=self.emit_system,
         )
 
@@ -544,6 +546,11 @@ class Router:
         ]
         return Route(plain, groups, plan)
 
+    def _routes_changed(self) -> None:
+        """The mesh changed: every cached routing decision may be wrong now."""
+        self._cache.clear()
+        self._fwd_cache.clear()
+
     def _inbox_plan(self, topic: str) -> Plan:
         """``_INBOX/<other node>/...``: straight to that node."""
         parts = topic.split("/", 2)
@@ -552,35 +559,73 @@ class Router:
         return self.net.inbox_plan(parts[1])
 
     def _forward(self, plan: Plan, rec: bytes) -> None:
-        """Queue one copy of ``rec`` per next hop of ``plan``."""
+        """Queue one copy of ``rec`` per next hop of ``plan``, grouped by routing header so
+        that a frame carries one header and many records."""
         pending = self._link_pending
-        for via, header in plan.static if not plan.groups else self.net.dynamic(plan):
-            parts = pending.get(via)
+        for key in plan.static if not plan.groups else self.net.dynamic(plan):
+            parts = pending.get(key)
             if parts is None:
-                pending[via] = parts = []
-            parts.append(header)
+                pending[key] = parts = []
             parts.append(rec)
             self.counters.forwarded_out += 1
 
     def _on_forward(self, via: Via, frame: bytes, now: float) -> None:
-        """Events from another node: deliver here if we are a target, pass the rest on."""
+        """Events from another node: pass the frame on, deliver here if we are a target.
+
+        A frame carries one routing header for all its records, and what to do with a
+        header is decided once and cached until the mesh changes, so a relay passes a
+        frame on without touching its records.
+        """
+        if len(frame) < 4:
+            raise CodecError("truncated forwarded frame")
+        h1 = 4 + int.from_bytes(frame[2:4], "little")
+        header = frame[4:h1]
+        decision = self._fwd_cache.get(header)
+        if decision is None:
+            hops, targets = decode_targets(header)
+            decision = self.net.onward(targets, hops)
+            if len(self._fwd_cache) > 4096:
+                self._fwd_cache.clear()
+            self._fwd_cache[header] = decision
+        mine, onward = decision
+        body = frame[h1:]
+        for key in onward:
+            self._link_pending.setdefault(key, []).append(body)
+            self.counters.relayed_frames += 1
+        if mine is not None:
+            self._deliver_forwarded(body, mine, self.net.converging(now))
+
+    def _deliver_forwarded(self, body: bytes, groups: tuple[str, ...], dedup: bool) -> None:
+        """Local delivery of records from another node: plain subscribers and the queue
+        groups this node was chosen for.
+
+        While the mesh is stable every target gets exactly one copy by construction (the
+        origin names the targets; each is in one copy). Only while it converges can copies
+        meet, so only then does the (origin, sequence) window run (``dedup``).
+        """
         pending = self._pending
-        for hops, targets, start, end in decode_forwarded(frame):
-            rec = frame[start:end]
-            self.counters.forwarded_in += 1
-            mine, onward = self.net.onward(targets, hops)
-            for out_via, header in onward:
-                self._link_pending.setdefault(out_via, []).extend((header, rec))
-                self.counters.forwarded_out += 1
-            if mine is None:
-                continue
-            if self._dedup.seen(
+        seen = self._dedup.seen
+        unpack = _HEAD.unpack_from
+        n = len(body)
+        off = 0
+        count = 0
+        while off < n:
+            if off + RECORD_SIZE > n:
+                raise CodecError(f"truncated forwarded record at byte {off}")
+            plen, tlen, hlen, _flags = unpack(body, off)
+            t0 = off + RECORD_SIZE
+            end = t0 + tlen + hlen + plen
+            if end > n:
+                raise CodecError(f"forwarded record at byte {off} overruns the frame")
+            rec = body[off:end]
+            off = end
+            count += 1
+            if dedup and seen(
                 rec[RECORD_SIZE - 16 : RECORD_SIZE - 8],
                 int.from_bytes(rec[RECORD_SIZE - 8 : RECORD_SIZE], "big"),
             ):
                 self.counters.duplicates += 1
                 continue
-            tlen = int.from_bytes(rec[4:6], "little")
             topic = rec[RECORD_SIZE : RECORD_SIZE + tlen]
             route = self._cache.get(topic)
             if route is None:
@@ -594,11 +639,12 @@ class Router:
                     pending[dest] = parts = []
                 parts.append(prefix)
                 parts.append(rec)
-            if mine:
+            if groups:
                 for g in route.groups:  # type: ignore[union-attr]
-                    if g.name in mine:
+                    if g.name in groups:
                         dest, prefix = g.pick()
                         pending.setdefault(dest, []).extend((prefix, rec))
+        self.counters.forwarded_in += count
 
     def _inbox_target(self, topic: str) -> tuple[bytes, bytes] | None:
         """``_INBOX/<node>/<client>/...`` goes straight to that client's inbox (sid 0)."""
@@ -623,7 +669,7 @@ class Router:
             b"",
             0,
             self.wall_ns(),
-            self._origin + self._seq.to_bytes(8, "little"),
+            self._origin + self._seq.to_bytes(8, "big"),
         )
         route = self._route_for(topic)
         for dest, prefix in route.plain + [g.pick() for g in route.groups]:
@@ -662,8 +708,8 @@ class Router:
             for frame, count in _frames_counted(parts):
                 yield ident, frame, count
         links, self._link_pending = self._link_pending, {}
-        for via, parts in links.items():
-            for frame in _link_frames(parts):
+        for (via, header), parts in links.items():
+            for frame in _link_frames(header, parts):
                 yield via, frame, 0
 
     def delivered(self, ident: bytes, count: int) -> None:
@@ -763,6 +809,7 @@ class Router:
                 "bad_handshakes": c.bad_handshakes,
                 "forwarded_in": c.forwarded_in,
                 "forwarded_out": c.forwarded_out,
+                "relayed_frames": c.relayed_frames,
                 "duplicates": c.duplicates,
                 "dropped": dict(c.dropped),
                 **self.net.counters,
@@ -784,18 +831,18 @@ def _valid_group(group: object) -> bool:
     )
 
 
-def _link_frames(parts: list[bytes]) -> Iterator[bytes]:
-    """Cut (routing header, record) pairs into FWD frames of about MAX_FRAME_BYTES."""
+def _link_frames(header: bytes, parts: list[bytes]) -> Iterator[bytes]:
+    """FWD frames of about MAX_FRAME_BYTES: one routing header, then records."""
+    head = HEAD_FWD + header
     start = 0
     size = 0
-    n = len(parts)
-    for i in range(1, n, 2):
-        size += len(parts[i]) + len(parts[i - 1])
+    for i, part in enumerate(parts):
+        size += len(part)
         if size >= MAX_FRAME_BYTES:
-            yield HEAD_FWD + b"".join(parts[start : i + 1])
+            yield head + b"".join(parts[start : i + 1])
             start, size = i + 1, 0
-    if start < n:
-        yield HEAD_FWD + b"".join(parts[start:])
+    if start < len(parts):
+        yield head + b"".join(parts[start:])
 
 
 def _frames_counted(parts: list[bytes]) -> Iterator[tuple[bytes, int]]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -30,13 +30,18 @@ def bench(
     transport: Annotated[
         str, typer.Option("--transport", help="ipc (how local clients connect) or tcp (loopback).")
     ] = "ipc",
+    suite: Annotated[
+        str, typer.Option("--suite", help="node (one node), mesh (linked nodes) or all.")
+    ] = "all",
     server: ServerOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Measure pub->sub throughput and request-reply latency through one node.
+    """Measure throughput and latency through one node, and across linked nodes.
 
-    Starts a throwaway node on 127.0.0.1 unless --server is given, and measures raw pyzmq
-    PUSH->PULL (two processes, one frame per message) in the same run as the baseline.
+    Starts throwaway nodes on 127.0.0.1 (no discovery) unless --server is given, and
+    measures raw pyzmq PUSH->PULL (two processes, one frame per message) in the same run
+    as the baseline. The mesh suite compares two hops to one node, and routing with
+    10,000 subscriptions over 10 nodes to 10 subscriptions, in the same run.
     """
     from meshctl import bench as b  # noqa: PLC0415 - multiprocessing machinery on demand
 
@@ -46,10 +51,52 @@ def bench(
         raise typer.BadParameter(
             f"{sizes!r} is not a comma-separated list of sizes", param_hint="--sizes"
         ) from None
+    if suite not in ("node", "mesh", "all"):
+        raise typer.BadParameter(f"{suite!r} is not node, mesh or all", param_hint="--suite")
     if transport not in ("ipc", "tcp"):
         raise typer.BadParameter(f"{transport!r} is not ipc or tcp", param_hint="--transport")
     if server:
         transport = server.split("://", 1)[0] if "://" in server else "tcp"
+    result: dict[str, object] = {}
+    if suite in ("node", "all"):
+        result |= _node_suite(b, server, transport, count, size_list, requests)
+    if suite in ("mesh", "all") and not server:
+        result["mesh"] = _mesh_suite(b, count)
+    if json_out:
+        print(dumps(result))
+        return
+    _render(result, requests)
+
+
+def _mesh_suite(b: Any, count: int) -> dict[str, object]:
+    note("mesh: line A-B-C and a 10-node star, 256 B events")
+    m = b.mesh_suite(256, count)
+    out = {
+        "one_node_per_s": round(m.one_node.per_second),
+        "two_hops_per_s": round(m.two_hops.per_second),
+        "two_hop_ratio": round(m.two_hops.per_second / m.one_node.per_second, 3),
+        "routing_10_subs_per_s": round(m.few_subs.per_second),
+        "routing_10k_subs_per_s": round(m.many_subs.per_second),
+        "routing_slowdown": round(1 - m.many_subs.per_second / m.few_subs.per_second, 3),
+        "lost": {
+            "one_node": m.one_node.sent - m.one_node.received,
+            "two_hops": m.two_hops.sent - m.two_hops.received,
+            "10_subs": m.few_subs.sent - m.few_subs.received,
+            "10k_subs": m.many_subs.sent - m.many_subs.received,
+        },
+        "targets": {"two_hop_ratio": 0.8, "routing_slowdown": 0.2},
+    }
+    note(
+        f"  two hops {out['two_hops_per_s']:,}/s vs one node {out['one_node_per_s']:,}/s "
+        f"({out['two_hop_ratio']:.2f}x); routing 10k subs {out['routing_10k_subs_per_s']:,}/s "
+        f"vs 10 subs {out['routing_10_subs_per_s']:,}/s ({out['routing_slowdown']:+.1%})"
+    )
+    return out
+
+
+def _node_suite(
+    b: Any, server: str | None, transport: str, count: int, size_list: list[int], requests: int
+) -> dict[str, object]:
     rows = []
     with b.bench_node(server, transport) as url:
         note(f"benchmarking through {url}: {count} events per run")
@@ -62,7 +109,7 @@ def bench(
                 f"({run.per_second / base.per_second:.2f}x)"
             )
         lat = b.summarize_latency(b.request_latency(url, requests))
-    result = {
+    return {
         "throughput": [
             {
                 "size": size,
@@ -80,10 +127,13 @@ def bench(
         "request_reply": {k: round(v, 1) for k, v in lat.items()} | {"requests": requests},
         "targets": {"ratio_256B": TARGET_RATIO, "p50_us": TARGET_P50_US},
     }
-    if json_out:
-        print(dumps(result))
-        return
+
+
+def _render(result: dict[str, Any], requests: int) -> None:
     out = Console(highlight=False)
+    if "throughput" not in result:
+        _render_mesh(out, result["mesh"])
+        return
     t = Table("payload", "raw push->pull", "via node", "MB/s", "ratio", "lost", box=None)
     for r in result["throughput"]:  # type: ignore[union-attr]
         t.add_row(
@@ -101,3 +151,18 @@ def bench(
         f"mean {rr['mean_us']:.0f} µs over {requests} requests"
     )  # type: ignore[index]
     out.print(f"targets: ratio ≥ {TARGET_RATIO} at 256 B, p50 ≤ {TARGET_P50_US:.0f} µs")
+    if "mesh" in result:
+        _render_mesh(out, result["mesh"])
+
+
+def _render_mesh(out: Console, m: dict[str, Any]) -> None:
+    out.print(
+        f"mesh: pub A → B → sub C {m['two_hops_per_s']:,}/s vs one node "
+        f"{m['one_node_per_s']:,}/s: {m['two_hop_ratio']:.2f}x (target ≥ 0.8)"
+    )
+    out.print(
+        f"mesh: routing with 10,000 subscriptions on 10 nodes {m['routing_10k_subs_per_s']:,}/s"
+        f" vs 10 subscriptions {m['routing_10_subs_per_s']:,}/s: "
+        f"{m['routing_slowdown']:+.1%} slower (target ≤ 20%; every event a cache miss)"
+    )
+    out.print(f"mesh: events lost {m['lost']}")
