@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -464,10 +465,8 @@ class Client:
                     return False
                 if now - self._last_rx >= KEEPALIVE and self.node:
                     self._last_rx = now
-                    try:
+                    with contextlib.suppress(zmq.Again):  # a full queue: next slice
                         sock.send(_KEEPALIVE_PING, zmq.NOBLOCK)
-                    except zmq.Again:
-                        pass
         self._last_rx = time.monotonic()
         self._dispatch(frame)
         events = sock.getsockopt

@@ -35,6 +35,7 @@ IDLE_BEFORE_PROBE: Final = 1.0
 MAX_POLL_MS: Final = 100  # upper bound on reacting to a stop request
 LINK_TICK: Final = 0.1  # how often dials, handshakes and heartbeats are looked at
 _PING: Final = encode_control(Kind.PING, {})
+_LINK_KIND: Final = bytes((Kind.LINK,))
 _HANDSHAKE_FAILED: Final = (
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -269,9 +270,10 @@ class Node:
                 self.dialers.remove(old["url"])
             if url not in self.dialers.by_url:
                 log.info("mDNS: found %s (%s) at %s", msg["name"], peer, url)
-                # The lower id dials at once; the other waits a little for that dial.
-                wait = 0.0 if self.identity.node_id < peer else 1.0
-                self.dialers.add(url, "mdns", now + wait)
+                # Both sides dial at once: a newcomer is advertised only after ~1.5 s of
+                # probing, so waiting for the other side would slow joining; if both
+                # links come up, the one dialed by the lower id survives (mesh.py).
+                self.dialers.add(url, "mdns", now)
                 self.dialers.by_url[url].peer_id = peer
 
     def _dialer_view(self, now: float) -> list[dict[str, Any]]:
@@ -338,12 +340,23 @@ class Node:
         sock = self.sock
         recv = sock.recv
         handle = self.router.handle
+        known = self.router.clients
+        links = self.router.net.by_via
         events = sock.getsockopt
         for _ in range(DRAIN_BATCH):
             if not events(zmq.EVENTS) & zmq.POLLIN:  # cheaper than catching zmq.Again
                 return
             ident = recv()
-            frame = recv()
+            if ident in known or ident in links:
+                frame = recv()
+            else:  # a newcomer: if it is a node dialing us, keep its address for `peers`
+                msg = recv(copy=False)
+                frame = msg.bytes
+                if frame[1:2] == _LINK_KIND:
+                    addresses = self.router.net.peer_addresses
+                    if len(addresses) > 1000:
+                        addresses.clear()
+                    addresses[ident] = msg.get("Peer-Address") or ""
             if sock.getsockopt(zmq.RCVMORE):
                 while sock.getsockopt(zmq.RCVMORE):
                     recv()

@@ -97,6 +97,7 @@ class Mesh:
         self.closed: list[Via] = []  # outbound links the loop must close
         self.refusals: dict[Via, str] = {}  # last refusal reason per dialer, for `peers`
         self.known_dialers: dict[Via, str] = {}  # dialer URL -> peer id once learned
+        self.peer_addresses: dict[bytes, str] = {}  # ROUTER identity -> remote IP (bounded)
         self.counters = {"links_refused": 0, "hop_limit": 0, "no_route": 0, "bad_states": 0}
         self._dirty = False
         self._up: set[str] = set()  # nodes reachable at the last topology change
@@ -160,8 +161,11 @@ class Mesh:
         if state is not None:
             existing = self.links.get(state.node_id)
             if existing is not None and existing.via != via:
-                # One link per pair: the link dialed by the lower node id survives.
-                if state.node_id < self.node_id and existing.outbound:
+                # One link per pair: the link dialed by the lower node id survives,
+                # unless the peer restarted (a newer epoch): then its old link is dead.
+                if self._restarted(state):
+                    self._link_down(existing, "peer restarted", now)
+                elif state.node_id < self.node_id and existing.outbound:
                     self._link_down(existing, "replaced by the peer's link", now)
                 else:
                     why = "duplicate link: already linked to this node"
@@ -171,7 +175,7 @@ class Mesh:
             self.out.append((via, encode_control(Kind.LINK_REFUSE, {"reason": why})))
             return
         assert state is not None
-        address = address or (state.endpoints[0] if state.endpoints else "?")
+        address = address or self._inbound_address(via, state)
         self.out.append((via, encode_control(Kind.LINK_OK, {"node": self.state().to_json()})))
         self._link_up(state, via, outbound=False, found="inbound", address=address, now=now)
 
@@ -183,13 +187,27 @@ class Mesh:
             return
         existing = self.links.get(state.node_id)
         if existing is not None and existing.via != via:
-            if self.node_id < state.node_id:
+            if self._restarted(state):
+                self._link_down(existing, "peer restarted", now)
+            elif self.node_id < state.node_id:
                 self._link_down(existing, "replaced by our own link", now)
             else:
                 self.refuse_outbound(via, "duplicate link: already linked to this node")
                 return
         self.refusals.pop(via, None)
         self._link_up(state, via, outbound=True, found=found, address=via, now=now)
+
+    def _inbound_address(self, via: bytes, state: NodeState) -> str:
+        """The dialer's IP as the socket saw it, with the port it says it listens on."""
+        ip = self.peer_addresses.pop(via, "")
+        port = state.endpoints[0].rsplit(":", 1)[-1] if state.endpoints else "?"
+        if ip:
+            return f"tcp://{ip}:{port}"
+        return state.endpoints[0] if state.endpoints else "?"
+
+    def _restarted(self, state: NodeState) -> bool:
+        known = self.table.states.get(state.node_id)
+        return known is not None and state.epoch > known.epoch
 
     def refuse_outbound(self, via: str, why: str) -> None:
         """Our dial failed the handshake: log, remember why, and have the loop close it."""
@@ -363,8 +381,19 @@ class Mesh:
             by_hop.setdefault(hop, []).append((bytes.fromhex(node), groups))
         out = []
         for hop, tl in sorted(by_hop.items()):
-            for i in range(0, len(tl), 255):
-                out.append((self.links[hop].via, encode_targets(hops, tl[i : i + 255])))
+            via = self.links[hop].via
+            chunk: list[tuple[bytes, tuple[str, ...]]] = []
+            for node, groups in tl:
+                # A header holds 255 entries of 255 groups each; a node with more groups
+                # takes several entries, always in the same header so it gets one copy.
+                entries = [(node, groups[i : i + 255]) for i in range(0, len(groups), 255)]
+                entries = entries or [(node, ())]
+                if len(chunk) + len(entries) > 255:
+                    out.append((via, encode_targets(hops, chunk)))
+                    chunk = []
+                chunk += entries[:255]
+            if chunk:
+                out.append((via, encode_targets(hops, chunk)))
         return out
 
     def onward(
@@ -373,16 +402,17 @@ class Mesh:
         """For a forwarded event: the groups this node serves (None: not a target) and the
         copies to pass on. Events beyond the hop limit go no further."""
         mine: tuple[str, ...] | None = None
-        rest: list[tuple[str, tuple[str, ...]]] = []
-        for node, groups in targets:
+        rest: dict[str, tuple[str, ...]] = {}
+        for node, groups in targets:  # a node may take several entries (many groups)
             if node == self.raw_id:
-                mine = groups
+                mine = (mine or ()) + groups
             elif len(node) == NODE_ID_BYTES:
-                rest.append((node.hex(), groups))
+                key = node.hex()
+                rest[key] = rest.get(key, ()) + groups
         if rest and hops + 1 >= MAX_HOPS_FORWARD:
             self.counters["hop_limit"] += 1
             rest = []
-        return mine, self._split(rest, hops + 1) if rest else []
+        return mine, self._split(list(rest.items()), hops + 1) if rest else []
 
     # ---- views ---------------------------------------------------------------------------
 

@@ -140,6 +140,7 @@ class Counters:
     forwarded_in: int = 0
     forwarded_out: int = 0
     relayed_frames: int = 0
+    internal_errors: int = 0
     duplicates: int = 0
     dropped: dict[str, int] = field(
         default_factory=lambda: {
@@ -227,6 +228,9 @@ class Router:
             self._on_control(ident, kind, body, now)
         except CodecError as e:
             self.bad_frame(ident, str(e))
+        except Exception as e:  # a bug of ours must not take the node down: drop, count, log
+            self.counters.internal_errors += 1
+            self.log(f"internal error on a frame from {ident.hex()} (dropped): {e!r}")
 
     def handle_dialed(self, via: str, found: str, frame: bytes, now: float) -> None:
         """A frame on a link we dialed (the loop's DEALER for ``via``)."""
@@ -342,7 +346,7 @@ class Router:
                 validate_pattern(p)
             if group is not None and not _valid_group(group):
                 raise ValueError(
-                    f"queue group {group!r} must be 1-{MAX_GROUP_NAME} characters "
+                    f"queue group {group!r} must be 1-{MAX_GROUP_NAME} bytes "
                     "without spaces, '/', '*' or '>'"
                 )
             held = sum(len(s.patterns) for s in client.subs.values())
@@ -810,6 +814,7 @@ class Router:
                 "forwarded_in": c.forwarded_in,
                 "forwarded_out": c.forwarded_out,
                 "relayed_frames": c.relayed_frames,
+                "internal_errors": c.internal_errors,
                 "duplicates": c.duplicates,
                 "dropped": dict(c.dropped),
                 **self.net.counters,
@@ -824,9 +829,10 @@ class Router:
 
 
 def _valid_group(group: object) -> bool:
+    """1-64 UTF-8 bytes (the mesh's routing headers carry them) without separators."""
     return (
         isinstance(group, str)
-        and 0 < len(group) <= MAX_GROUP_NAME
+        and 0 < len(group.encode("utf-8", "replace")) <= MAX_GROUP_NAME
         and not any(ch in group for ch in " \t\r\n/*>")
     )
 

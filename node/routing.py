@@ -21,6 +21,7 @@ from typing import Any, Final
 from node.topics import INBOX_PREFIX, SubscriptionTrie
 
 MAX_HOPS: Final = 16
+MAX_GROUP_BYTES: Final = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +57,7 @@ class NodeState:
         """Parse an announced state; ValueError if it is malformed (the peer's fault)."""
         try:
             interest = frozenset(
-                (str(p), None if g is None else str(g)) for p, g in obj["interest"]
+                (str(p), None if g is None else _group(g)) for p, g in obj["interest"]
             )
             state = cls(
                 node_id=_node_id(obj["id"]),
@@ -67,9 +68,17 @@ class NodeState:
                 interest=interest,
                 endpoints=tuple(str(e) for e in obj.get("endpoints", ())),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"malformed node state: {e!r}") from None
         return state
+
+
+def _group(value: object) -> str:
+    """A queue group name as routing headers can carry it (at most 64 UTF-8 bytes)."""
+    text = str(value)
+    if not 0 < len(text.encode("utf-8", "replace")) <= MAX_GROUP_BYTES:
+        raise ValueError(f"queue group {text[:80]!r} is not 1-{MAX_GROUP_BYTES} bytes")
+    return text
 
 
 def _node_id(value: object) -> str:

@@ -1,0 +1,617 @@
+"""The sans-IO Mesh: handshake, one link per pair, heartbeats, flooding and forwarding plans.
+
+Several Mesh objects talk through a tiny in-test wire that hands each ``out`` frame to the
+peer's handler, as the loop and Router would; time is passed explicitly, nothing sleeps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from node.codec import Kind, decode_control, decode_targets
+from node.mesh import MAX_HOPS_FORWARD, NO_PLAN, PROTO, Mesh, Via
+from node.routing import NodeState
+
+MESH = "m"
+A, B, C, D, E = (f"{c}000000000000000" for c in "abcde")
+S = "5000000000000000"
+LOW = "1000000000000000"  # the only id lower than S
+NAMES = {A: "alpha", B: "bravo", C: "charlie", D: "delta", E: "echo", S: "self", LOW: "low"}
+
+# ---- helpers ------------------------------------------------------------------------------
+
+
+class Node:
+    """A Mesh plus what it logged, emitted and how often it dropped its route cache."""
+
+    def __init__(self, node_id: str, *, epoch: int = 1, dead_after: float = 3.0) -> None:
+        self.logs: list[str] = []
+        self.events: list[tuple[str, dict[str, Any], float]] = []
+        self.changes = 0
+        self.mesh = Mesh(
+            node_id=node_id,
+            name=NAMES[node_id],
+            mesh=MESH,
+            epoch=epoch,
+            dead_after=dead_after,
+            log=self.logs.append,
+            on_change=self._changed,
+            emit=lambda topic, body, now: self.events.append((topic, body, now)),
+        )
+
+    def _changed(self) -> None:
+        self.changes += 1
+
+    @property
+    def id(self) -> str:
+        return self.mesh.node_id
+
+    def emitted(self, topic: str) -> list[dict[str, Any]]:
+        return [body for t, body, _ in self.events if t == topic]
+
+    def take(self) -> list[tuple[Via, Kind, dict[str, Any]]]:
+        """Decode and clear the control frames this node queued."""
+        out, self.mesh.out = self.mesh.out, []
+        return [(via, *decode_control(frame)) for via, frame in out]
+
+
+def state(
+    node_id: str, links: Any = (), interest: Any = (), *, epoch: int = 1, version: int = 1
+) -> NodeState:
+    return NodeState(
+        node_id, NAMES.get(node_id, node_id), epoch, version, frozenset(links), frozenset(interest)
+    )
+
+
+def link_body(st_: NodeState, *, mesh: str = MESH, proto: Any = PROTO) -> dict[str, Any]:
+    return {"mesh": mesh, "proto": proto, "node": st_.to_json()}
+
+
+def link_in(node: Node, peer: NodeState, now: float = 0.0) -> bytes:
+    """``peer`` dials ``node``: return the ROUTER identity the link is known by."""
+    via = f"from-{peer.node_id[:1]}".encode()
+    node.mesh.on_link_request(via, link_body(peer), "", now)
+    assert node.mesh.is_link(via), node.logs
+    return via
+
+
+def targets_of(header: bytes) -> tuple[int, list[tuple[str, tuple[str, ...]]]]:
+    """Hops and (node id, groups) of a routing header as encode_targets writes it."""
+    assert int.from_bytes(header[:2], "little") == len(header) - 2
+    hops, targets = decode_targets(header[2:])
+    return hops, [(n.hex(), g) for n, g in targets]
+
+
+def copies(frames: list[tuple[Via, bytes]]) -> list[tuple[Via, int, list[Any]]]:
+    return [(via, *targets_of(h)) for via, h in frames]
+
+
+class Wire:
+    """Connections between Nodes. The dialer addresses the acceptor by URL (a str via), the
+    acceptor knows the dialer by ROUTER identity (a bytes via); frames on one connection
+    arrive in order. Closing a connection (``mesh.closed``) drops what is still in flight."""
+
+    def __init__(self, *nodes: Node) -> None:
+        self.nodes = {n.id: n for n in nodes}
+        self.peer_end: dict[tuple[str, Via], tuple[str, Via]] = {}
+        self.inbox: dict[tuple[str, Via], deque[bytes]] = {}
+        self.dead: set[tuple[str, Via]] = set()
+
+    def dial(self, dialer: Node, acceptor: Node) -> str:
+        url = f"tcp://{acceptor.mesh.name}"
+        ident = f"{dialer.mesh.name}>{acceptor.mesh.name}".encode()
+        self.peer_end[(dialer.id, url)] = (acceptor.id, ident)
+        self.peer_end[(acceptor.id, ident)] = (dialer.id, url)
+        self.inbox[(acceptor.id, ident)] = deque([dialer.mesh.hello()])
+        self.inbox[(dialer.id, url)] = deque()
+        return url
+
+    def collect(self) -> None:
+        for node in self.nodes.values():
+            for via in node.mesh.closed:
+                end = (node.id, via)
+                self.dead |= {end, self.peer_end[end]}
+                for e in (end, self.peer_end[end]):
+                    self.inbox[e].clear()
+            node.mesh.closed.clear()
+            out, node.mesh.out = node.mesh.out, []
+            for via, frame in out:
+                far = self.peer_end[(node.id, via)]
+                if far not in self.dead:
+                    self.inbox[far].append(frame)
+
+    def ready(self) -> list[tuple[str, Via]]:
+        return sorted((k for k, q in self.inbox.items() if q), key=repr)
+
+    def deliver_one(self, key: tuple[str, Via], now: float) -> None:
+        node_id, via = key
+        deliver(self.nodes[node_id].mesh, via, self.inbox[key].popleft(), now)
+        self.collect()
+
+    def pump(self, now: float) -> None:
+        self.collect()
+        for _ in range(1000):
+            ready = self.ready()
+            if not ready:
+                return
+            for key in ready:
+                self.deliver_one(key, now)
+        raise AssertionError("the mesh did not go quiet")
+
+
+def deliver(m: Mesh, via: Via, frame: bytes, now: float) -> None:
+    """What Router.handle / handle_dialed do with a frame from another node."""
+    kind, body = decode_control(frame)
+    if m.is_link(via):
+        m.heard(via, now)
+        if kind == Kind.STATES:
+            m.on_states(via, body, now)
+        elif kind in (Kind.BEAT, Kind.BEAT_ACK):
+            m.on_beat(via, kind, body, now)
+        elif kind == Kind.LINK_REFUSE:
+            m.drop_via(via, str(body.get("reason")), now)
+        else:
+            raise AssertionError(f"unexpected {kind.name} on a link")
+    elif isinstance(via, bytes):
+        assert kind == Kind.LINK, kind
+        m.on_link_request(via, body, "", now)
+    elif kind == Kind.LINK_OK:
+        m.on_link_ok(via, body, "static", now)
+    elif kind == Kind.LINK_REFUSE:
+        m.refuse_outbound(via, body["reason"])
+
+
+def line(now: float = 0.0) -> tuple[Wire, Node, Node, Node]:
+    """alpha - bravo - charlie: alpha dials bravo, charlie dials bravo."""
+    a, b, c = Node(A), Node(B), Node(C)
+    wire = Wire(a, b, c)
+    wire.dial(a, b)
+    wire.dial(c, b)
+    wire.pump(now)
+    return wire, a, b, c
+
+
+# ---- handshake ----------------------------------------------------------------------------
+
+
+def test_link_request_accepted() -> None:
+    n = Node(S)
+    via = link_in(n, state(A, [], [("x", None)]), now=0.0)
+    out = n.take()
+    assert out[0] == (via, Kind.LINK_OK, {"node": NodeState(S, "self", 1, 0).to_json()})
+    # The new neighbour is given everything this node knows, then everyone hears the news.
+    assert (via, Kind.STATES, {"states": [state(A, [], [("x", None)]).to_json()]}) in out
+    assert (via, Kind.STATES, {"states": [n.mesh.state().to_json()]}) in out
+    assert n.mesh.state().links == {A}
+    assert n.mesh.version == 1
+    assert n.mesh.table.paths() == {A: (1, A)}
+    assert n.mesh.table.route("x").plain == (A,)
+    assert n.emitted("$mesh/link/up") == [{"peer": A, "peer_name": "alpha", "address": "?"}]
+    assert n.emitted("$mesh/node/up") == [{"peer": A, "peer_name": "alpha"}]
+    assert n.changes >= 1
+    (peer,) = n.mesh.peers_view(2.0)
+    assert (peer["id"], peer["found"], peer["age_s"], peer["rtt_ms"]) == (A, "inbound", 2.0, None)
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (link_body(state(A), mesh="other"), "mesh 'other' is not this node's mesh 'm'"),
+        ({"proto": PROTO, "node": state(A).to_json()}, "mesh None is not this node's mesh"),
+        (link_body(state(A), proto=2), "protocol 2 is not supported (this node: 1)"),
+        (link_body(state(A), proto="1"), "protocol '1' is not supported"),
+        (link_body(state(S)), "that is this node itself"),
+        ({"mesh": MESH, "proto": PROTO, "node": {"id": "nope"}}, "malformed node state"),
+        ({"mesh": MESH, "proto": PROTO}, "malformed node state"),
+    ],
+    ids=["mesh", "no-mesh", "proto", "proto-str", "self", "bad-state", "no-state"],
+)
+def test_link_request_refused(body: dict[str, Any], reason: str) -> None:
+    n = Node(S)
+    n.mesh.on_link_request(b"dialer", body, "tcp://x:1", 0.0)
+    ((via, kind, reply),) = n.take()
+    assert (via, kind) == (b"dialer", Kind.LINK_REFUSE)
+    assert reason in reply["reason"]
+    assert not n.mesh.links
+    assert not n.mesh.is_link(b"dialer")
+    assert n.mesh.counters["links_refused"] == 1
+    assert any("refused link from tcp://x:1" in line for line in n.logs)
+    assert n.events == []
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ({"node": state(S).to_json()}, "that is this node itself"),
+        ({"node": None}, "malformed node state"),
+        ({}, "malformed node state"),
+    ],
+)
+def test_link_ok_refused(body: dict[str, Any], reason: str) -> None:
+    n = Node(S)
+    for _ in range(2):
+        n.mesh.on_link_ok("tcp://x:1", body, "static", 0.0)
+    assert n.mesh.closed == ["tcp://x:1", "tcp://x:1"]
+    assert reason in n.mesh.refusals["tcp://x:1"]
+    assert n.mesh.counters["links_refused"] == 2
+    assert len(n.logs) == 1  # the same refusal is logged once
+    assert not n.mesh.links
+
+
+def test_link_ok_brings_the_link_up() -> None:
+    n = Node(S)
+    n.mesh.refusals["tcp://a:1"] = "earlier"
+    n.mesh.on_link_ok("tcp://a:1", {"node": state(A).to_json()}, "mdns", 1.0)
+    assert n.mesh.is_link("tcp://a:1")
+    assert n.mesh.known_dialers == {"tcp://a:1": A}
+    assert "tcp://a:1" not in n.mesh.refusals
+    link = n.mesh.links[A]
+    assert (link.outbound, link.found, link.address, link.since) == (True, "mdns", "tcp://a:1", 1.0)
+
+
+# ---- one link per pair ---------------------------------------------------------------------
+# S (5...) sits between LOW (1...) and A (a...); the link dialed by the lower id survives.
+
+
+def test_higher_id_refuses_a_second_link_when_its_own_dial_is_lower() -> None:
+    n = Node(S)
+    n.mesh.on_link_ok("tcp://a", {"node": state(A).to_json()}, "static", 0.0)  # S dialed A
+    n.take()
+    n.mesh.on_link_request(b"a-dials", link_body(state(A)), "", 0.5)  # A dials S as well
+    ((via, kind, body),) = n.take()
+    assert (via, kind) == (b"a-dials", Kind.LINK_REFUSE)
+    assert body["reason"] == "duplicate link: already linked to this node"
+    assert n.mesh.links[A].via == "tcp://a"
+
+
+def test_lower_peers_dial_replaces_our_outbound_link() -> None:
+    n = Node(S)
+    n.mesh.on_link_ok("tcp://low", {"node": state(LOW).to_json()}, "static", 0.0)  # S dialed
+    n.mesh.on_link_request(b"low-dials", link_body(state(LOW)), "", 0.5)  # LOW dials S
+    assert n.mesh.links[LOW].via == b"low-dials"
+    assert not n.mesh.is_link("tcp://low")
+    assert n.mesh.closed == ["tcp://low"]  # the loop closes our dialer
+    (down,) = n.emitted("$mesh/link/down")
+    assert down == {"peer": LOW, "peer_name": "low", "reason": "replaced by the peer's link"}
+
+
+def test_our_lower_dial_replaces_the_peers_inbound_link() -> None:
+    n = Node(S)
+    link_in(n, state(A))  # A dialed S
+    n.mesh.on_link_ok("tcp://a", {"node": state(A).to_json()}, "static", 0.5)  # S's dial to A
+    assert n.mesh.links[A].via == "tcp://a"
+    assert not n.mesh.is_link(b"from-a")
+    assert n.mesh.closed == []  # an inbound link has no dialer of ours to close
+    assert n.emitted("$mesh/link/down")[0]["reason"] == "replaced by our own link"
+
+
+def test_our_higher_dial_is_refused_when_the_peer_already_dialed() -> None:
+    n = Node(S)
+    link_in(n, state(LOW))  # LOW dialed S
+    n.mesh.on_link_ok("tcp://low", {"node": state(LOW).to_json()}, "static", 0.5)
+    assert n.mesh.links[LOW].via == b"from-1"
+    assert n.mesh.closed == ["tcp://low"]
+    assert n.mesh.refusals["tcp://low"] == "duplicate link: already linked to this node"
+
+
+@given(st.data())
+def test_simultaneous_dials_keep_the_lower_ids_link(data: st.DataObject) -> None:
+    """A and B dial each other at once; whatever order frames arrive in, both keep A's."""
+    a, b = Node(A), Node(B)
+    wire = Wire(a, b)
+    url_b = wire.dial(a, b)
+    url_a = wire.dial(b, a)
+    wire.collect()
+    for _ in range(200):
+        ready = wire.ready()
+        if not ready:
+            break
+        wire.deliver_one(data.draw(st.sampled_from(ready)), 0.0)
+    assert not wire.ready()
+    assert set(a.mesh.links) == {B}
+    assert set(b.mesh.links) == {A}
+    assert a.mesh.links[B].via == url_b
+    assert b.mesh.links[A].via == b"alpha>bravo"
+    assert a.mesh.by_via == {url_b: B}
+    assert b.mesh.by_via == {b"alpha>bravo": A}
+    assert (b.id, url_a) in wire.dead  # bravo's own dial was closed
+    assert a.mesh.table.paths() == {B: (1, B)}
+    assert b.mesh.table.paths() == {A: (1, A)}
+
+
+# ---- heartbeats and dead links ---------------------------------------------------------------
+
+
+def test_heartbeats_and_round_trip_time() -> None:
+    n = Node(S, dead_after=3.0)
+    via = link_in(n, state(A), now=0.0)
+    n.take()
+    n.mesh.tick(0.5, 1.0)
+    assert n.take() == [(via, Kind.BEAT, {"t": 0.5})]
+    n.mesh.tick(1.0, 1.0)
+    assert n.take() == []  # not yet due
+    n.mesh.tick(1.5, 1.0)
+    assert n.take() == [(via, Kind.BEAT, {"t": 1.5})]
+    n.mesh.on_beat(via, Kind.BEAT, {"t": 9.0}, 1.6)
+    assert n.take() == [(via, Kind.BEAT_ACK, {"t": 9.0})]
+    n.mesh.on_beat(via, Kind.BEAT_ACK, {"t": 1.5}, 1.75)
+    assert n.mesh.links[A].rtt == pytest.approx(0.25)
+    assert n.mesh.peers_view(2.0)[0]["rtt_ms"] == 250.0
+    n.mesh.on_beat(via, Kind.BEAT_ACK, {"t": "junk"}, 1.8)  # ignored, still heard
+    assert n.mesh.links[A].rtt == pytest.approx(0.25)
+    assert n.mesh.links[A].last_rx == 1.8
+
+
+def test_silent_link_is_taken_down() -> None:
+    n = Node(S, dead_after=3.0)
+    via = link_in(n, state(A), now=0.0)
+    n.mesh.on_link_ok("tcp://b", {"node": state(B).to_json()}, "static", 0.0)
+    n.take()
+    n.mesh.heard(via, 2.5)
+    n.mesh.tick(5.0, 1.0)
+    assert set(n.mesh.links) == {A}
+    assert n.mesh.closed == ["tcp://b"]
+    (down,) = n.emitted("$mesh/link/down")
+    assert down == {"peer": B, "peer_name": "bravo", "reason": "silent for 5.0s"}
+    assert n.emitted("$mesh/node/down") == [{"peer": B, "peer_name": "bravo"}]
+    assert [e[2] for e in n.events if e[0] == "$mesh/link/down"] == [5.0]
+    # The survivor hears the new state (without B) and its heartbeat.
+    kinds = {k: body for v, k, body in n.take() if v == via}
+    assert kinds[Kind.STATES]["states"][0]["links"] == [A]
+    assert kinds[Kind.BEAT] == {"t": 5.0}
+    n.mesh.tick(5.4, 1.0)
+    assert set(n.mesh.links) == {A}  # 5.4 - 2.5 = 2.9 <= dead_after
+    n.mesh.tick(5.6, 1.0)
+    assert not n.mesh.links
+
+
+def test_frames_from_unknown_vias_are_ignored() -> None:
+    n = Node(S)
+    n.mesh.on_states(b"stranger", {"states": [state(A).to_json()]}, 0.0)
+    n.mesh.on_beat(b"stranger", Kind.BEAT, {"t": 1}, 0.0)
+    n.mesh.heard(b"stranger", 0.0)
+    n.mesh.drop_via(b"stranger", "gone", 0.0)
+    assert n.take() == []
+    assert not n.mesh.table.states
+
+
+# ---- flooding ------------------------------------------------------------------------------
+
+
+def test_newer_states_are_flooded_to_every_other_link() -> None:
+    hub = Node(S)
+    via_a = link_in(hub, state(A, [S]))
+    via_b = link_in(hub, state(B, [S]))
+    via_c = link_in(hub, state(C, [S]))
+    hub.take()
+    d1 = state(D, [A], [("x", None)], version=1)
+    hub.mesh.on_states(via_a, {"states": [d1.to_json()]}, 1.0)
+    out = hub.take()
+    assert sorted((v, k) for v, k, _ in out) == [(via_b, Kind.STATES), (via_c, Kind.STATES)]
+    assert all(body == {"states": [d1.to_json()]} for _, _, body in out)
+    assert hub.mesh.links[A].last_rx == 1.0
+    # The same state again, from anywhere, or an older one: nothing moves.
+    hub.mesh.on_states(via_b, {"states": [d1.to_json()]}, 1.0)
+    hub.mesh.on_states(via_a, {"states": [state(D, [A], version=0).to_json()]}, 1.0)
+    assert hub.take() == []
+    # A newer epoch beats any version; only the fresh states of a batch travel on.
+    d2 = state(D, [A], epoch=2, version=0)
+    hub.mesh.on_states(via_c, {"states": [d1.to_json(), d2.to_json(), {"id": "junk"}]}, 2.0)
+    out = hub.take()
+    assert sorted(v for v, _, _ in out) == [via_a, via_b]
+    assert all(body == {"states": [d2.to_json()]} for _, _, body in out)
+    assert hub.mesh.counters["bad_states"] == 1
+    hub.mesh.on_states(via_c, {"states": "nope"}, 2.0)
+    assert hub.mesh.counters["bad_states"] == 2
+    assert hub.take() == []
+
+
+def test_own_state_is_not_adopted_or_flooded() -> None:
+    hub = Node(S)
+    via_a = link_in(hub, state(A, [S]))
+    link_in(hub, state(B, [S]))
+    hub.take()
+    hub.mesh.on_states(via_a, {"states": [state(S, [], epoch=99).to_json()]}, 1.0)
+    assert hub.take() == []
+    assert S not in hub.mesh.table.states
+
+
+def test_announcements_are_coalesced() -> None:
+    n = Node(S)
+    via = link_in(n, state(A))
+    n.take()
+    version = n.mesh.version
+    n.mesh.set_interest(frozenset({("x", None)}))
+    n.mesh.set_interest(frozenset({("x", None), ("y", "g")}))
+    n.mesh.flush_announcements()
+    n.mesh.flush_announcements()
+    ((v, kind, body),) = n.take()
+    assert (v, kind) == (via, Kind.STATES)
+    assert body["states"][0]["interest"] == [["x", None], ["y", "g"]]
+    assert n.mesh.version == version + 1
+    n.mesh.set_interest(frozenset({("x", None), ("y", "g")}))  # unchanged
+    n.mesh.flush_announcements()
+    assert n.take() == []
+
+
+# ---- a three-node line over the in-test wire -----------------------------------------------
+
+
+def test_line_converges() -> None:
+    _, a, b, c = line()
+    assert a.mesh.table.paths() == {B: (1, B), C: (2, B)}
+    assert c.mesh.table.paths() == {B: (1, B), A: (2, B)}
+    assert b.mesh.table.paths() == {A: (1, A), C: (1, C)}
+    assert a.mesh.table.path_to(C) == [B, C]
+    assert [e["peer"] for e in a.emitted("$mesh/node/up")] == [B, C]
+    assert a.mesh.links[B].outbound
+    assert not b.mesh.links[A].outbound
+
+
+def test_event_travels_the_line_one_copy_per_hop() -> None:
+    wire, a, b, c = line()
+    c.mesh.set_interest(frozenset({("t/>", None)}))
+    c.mesh.flush_announcements()
+    wire.pump(0.5)
+    assert a.mesh.table.route("t/x").plain == (C,)
+    plan = a.mesh.plan("t/x", set())
+    assert plan.groups == []
+    assert copies(plan.static) == [("tcp://bravo", 0, [(C, ())])]
+    hops, targets = decode_targets(plan.static[0][1][2:])
+    mine, onward = b.mesh.onward(targets, hops)
+    assert mine is None
+    assert copies(onward) == [(b"charlie>bravo", 1, [(C, ())])]
+    hops, targets = decode_targets(onward[0][1][2:])
+    assert c.mesh.onward(targets, hops) == ((), [])
+    assert a.mesh.plan("u", set()) is NO_PLAN
+
+
+def test_queue_group_goes_to_the_nearest_member_only() -> None:
+    wire, a, b, c = line()
+    b.mesh.set_interest(frozenset({("jobs", "workers")}))
+    c.mesh.set_interest(frozenset({("jobs", "workers"), ("jobs", None)}))
+    b.mesh.flush_announcements()
+    c.mesh.flush_announcements()
+    wire.pump(0.5)
+    plan = a.mesh.plan("jobs", set())
+    assert plan.groups == [("workers", (B,))]
+    for _ in range(3):  # bravo is nearest every time; charlie's plain copy shares the hop
+        assert copies(a.mesh.dynamic(plan)) == [("tcp://bravo", 0, [(C, ()), (B, ("workers",))])]
+    # A local member of the group serves it: only the plain copy leaves.
+    local = a.mesh.plan("jobs", {"workers"})
+    assert local.groups == []
+    assert copies(local.static) == [("tcp://bravo", 0, [(C, ())])]
+    hops, targets = decode_targets(a.mesh.dynamic(plan)[0][1][2:])
+    mine, onward = b.mesh.onward(targets, hops)
+    assert mine == ("workers",)
+    assert copies(onward) == [(b"charlie>bravo", 1, [(C, ())])]
+
+
+def test_dead_link_in_the_line_cuts_the_far_end_off() -> None:
+    wire, a, b, c = line(now=0.0)
+    c.mesh.set_interest(frozenset({("t", None)}))
+    c.mesh.flush_announcements()
+    wire.pump(0.0)
+    b.mesh.heard(b"alpha>bravo", 4.5)  # alpha keeps talking; charlie went silent
+    b.mesh.tick(5.0, 1.0)
+    assert set(b.mesh.links) == {A}
+    assert b.emitted("$mesh/link/down")[0]["peer"] == C
+    wire.pump(5.0)
+    assert a.mesh.table.paths() == {B: (1, B)}
+    assert a.mesh.plan("t", set()) is NO_PLAN
+    assert a.emitted("$mesh/node/down") == [{"peer": C, "peer_name": "charlie"}]
+    assert [t for t, _, now in a.events if now == 5.0] == ["$mesh/node/down"]
+
+
+# ---- forwarding decisions on a hub -------------------------------------------------------------
+
+
+def hub_with_two_branches() -> tuple[Node, bytes, bytes]:
+    """self - A - C, self - B - D, and E behind A too; interest on C, D and E."""
+    hub = Node(S)
+    via_a = link_in(hub, state(A, [S, C, E]))
+    via_b = link_in(hub, state(B, [S, D]))
+    hub.mesh.on_states(
+        via_a,
+        {
+            "states": [
+                state(C, [A], [("t", None), ("t", "g")]).to_json(),
+                state(E, [A], [("t", None)]).to_json(),
+            ]
+        },
+        0.0,
+    )
+    hub.mesh.on_states(via_b, {"states": [state(D, [B], [("t", None), ("t", "g")]).to_json()]}, 0.0)
+    hub.take()
+    return hub, via_a, via_b
+
+
+def test_plan_makes_one_copy_per_next_hop() -> None:
+    hub, via_a, via_b = hub_with_two_branches()
+    plan = hub.mesh.plan("t", {"g"})
+    assert plan.plain == (C, D, E)
+    assert copies(plan.static) == [
+        (via_a, 0, [(C, ()), (E, ())]),
+        (via_b, 0, [(D, ())]),
+    ]
+
+
+def test_dynamic_takes_turns_among_equally_near_members() -> None:
+    hub, via_a, via_b = hub_with_two_branches()
+    plan = hub.mesh.plan("t", set())
+    assert plan.static == []
+    assert plan.groups == [("g", (C, D))]
+    picks = []
+    for _ in range(4):
+        got = {via: dict(t) for via, _, t in copies(hub.mesh.dynamic(plan))}
+        assert set(got) == {via_a, via_b}  # plain copies always go both ways
+        picks.append(next(n for t in got.values() for n, g in t.items() if g == ("g",)))
+    assert picks == [C, D, C, D]
+
+
+@pytest.mark.parametrize(("hops", "forwarded"), [(0, True), (14, True), (15, False), (40, False)])
+def test_onward_hop_limit(hops: int, forwarded: bool) -> None:
+    hub, via_a, _ = hub_with_two_branches()
+    mine, onward = hub.mesh.onward([(bytes.fromhex(S), ("g",)), (bytes.fromhex(C), ())], hops)
+    assert mine == ("g",)  # this node still delivers its own share
+    if forwarded:
+        assert copies(onward) == [(via_a, hops + 1, [(C, ())])]
+        assert hops + 1 < MAX_HOPS_FORWARD
+    else:
+        assert onward == []
+    assert hub.mesh.counters["hop_limit"] == (0 if forwarded else 1)
+
+
+def test_onward_skips_malformed_and_unreachable_targets() -> None:
+    hub, _, via_b = hub_with_two_branches()
+    unknown = bytes.fromhex("f" * 16)
+    mine, onward = hub.mesh.onward([(b"short", ()), (unknown, ()), (bytes.fromhex(D), ())], 2)
+    assert mine is None
+    assert copies(onward) == [(via_b, 3, [(D, ())])]
+    assert hub.mesh.counters["no_route"] == 1
+
+
+def test_copies_are_split_at_255_targets() -> None:
+    hub = Node(S)
+    far = [f"{i:016x}" for i in range(0x100, 0x100 + 300)]
+    via = link_in(hub, state(A, [S, *far]))
+    hub.mesh.on_states(via, {"states": [state(n, [A], [("t", None)]).to_json() for n in far]}, 0.0)
+    plan = hub.mesh.plan("t", set())
+    sizes = [(v, len(t)) for v, _, t in copies(plan.static)]
+    assert sizes == [(via, 255), (via, 45)]
+    assert sorted(n for _, _, t in copies(plan.static) for n, _ in t) == far
+
+
+def test_inbox_plan_goes_straight_to_the_node() -> None:
+    hub, via_a, _ = hub_with_two_branches()
+    assert copies(hub.mesh.inbox_plan(E).static) == [(via_a, 0, [(E, ())])]
+    assert hub.mesh.inbox_plan("f" * 16) is NO_PLAN
+
+
+def test_group_names_are_limited_in_bytes_where_they_enter() -> None:
+    """Routing headers carry a group name's length in one byte: names over 64 UTF-8 bytes
+    are refused by the router at SUB and dropped from states announced by other nodes."""
+    from node.router import _valid_group
+    from node.routing import NodeState
+
+    long_name = "\N{GRINNING FACE}" * 64  # 64 characters, 256 bytes
+    assert not _valid_group(long_name)
+    assert _valid_group("\N{GRINNING FACE}" * 16)  # 64 bytes
+    bad = state(A, [S], [("t", long_name)]).to_json()
+    with pytest.raises(ValueError, match="queue group"):
+        NodeState.from_json(bad)
+
+
+def test_many_groups_on_one_node_can_be_forwarded() -> None:
+    names = tuple(f"g{i:03d}" for i in range(256))
+    hub = Node(S)
+    via = link_in(hub, state(A, [S], [("t", g) for g in names]))
+    plan = hub.mesh.plan("t", set())
+    sent = [(n, g) for _, _, t in copies(hub.mesh.dynamic(plan)) for n, g in t]
+    assert sorted(g for _, gs in sent for g in gs) == list(names)
+    assert {v for v, _ in hub.mesh.dynamic(plan)} == {via}
