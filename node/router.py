@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from node import views
 from node.codec import (
     F_REQUEST,
-    HEAD_DELIVER,
     HEAD_FWD,
     RECORD_SIZE,
     SID,
@@ -28,6 +28,7 @@ from node.codec import (
 )
 from node.dedup import DedupWindow
 from node.errors import CodecError, TopicError
+from node.framing import frames_counted, link_frames
 from node.mesh import NO_PLAN, Mesh, Plan, Via
 from node.routing import announced
 from node.topics import (
@@ -39,7 +40,6 @@ from node.topics import (
 )
 
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
-MAX_FRAME_BYTES: Final = 64 * 1024  # deliveries are cut into frames of about this size
 MAX_GROUP_NAME: Final = 64
 ROUTE_CACHE_SIZE: Final = 65536
 SLOW_NOTICE_INTERVAL: Final = 1.0
@@ -428,11 +428,13 @@ class Router:
         client.last_seen = now
         cache = self._cache
         pending = self._pending
+        link_pending = self._link_pending
         unpack = _HEAD.unpack_from
         max_payload = self.max_payload
         n = len(frame)
         off = 2
         count = 0
+        forwarded = 0
         while off < n:
             if off + RECORD_SIZE > n:
                 self.bad_frame(ident, f"truncated record header at byte {off}")
@@ -468,7 +470,15 @@ class Router:
             groups = route.groups  # type: ignore[union-attr]
             plan = route.plan  # type: ignore[union-attr]
             if plan is not NO_PLAN:
-                self._forward(plan, rec)
+                if plan.groups:
+                    self._forward(plan, rec)
+                else:  # the common case, inlined: a fixed set of (link, header) copies
+                    for key in plan.static:
+                        lp = link_pending.get(key)
+                        if lp is None:
+                            link_pending[key] = lp = []
+                        lp.append(rec)
+                    forwarded += len(plan.static)
             for dest, prefix in plain:
                 parts = pending.get(dest)
                 if parts is None:
@@ -492,6 +502,7 @@ class Router:
                     )
         client.events_in += count
         self.counters.events_in += count
+        self.counters.forwarded_out += forwarded
 
     def _remote_route(self, topic_b: bytes) -> Route | _Refused:
         """Route of a topic that arrived from another node: its ``$mesh/...`` events are
@@ -686,7 +697,7 @@ class Router:
     def _send_control(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
         parts = self._pending.pop(ident, None)
         if parts:  # keep order: data routed to this client before the control reply
-            self._control.extend((ident, f, n) for f, n in _frames_counted(parts))
+            self._control.extend((ident, f, n) for f, n in frames_counted(parts))
         self._control.append((ident, encode_control(kind, body), 0))
 
     def _error(self, ident: bytes, ref: object, error: str, code: str) -> None:
@@ -709,11 +720,11 @@ class Router:
             yield via, frame, 0
         pending, self._pending = self._pending, {}
         for ident, parts in pending.items():
-            for frame, count in _frames_counted(parts):
+            for frame, count in frames_counted(parts):
                 yield ident, frame, count
         links, self._link_pending = self._link_pending, {}
         for (via, header), parts in links.items():
-            for frame in _link_frames(header, parts):
+            for frame in link_frames(header, parts):
                 yield via, frame, 0
 
     def delivered(self, ident: bytes, count: int) -> None:
@@ -754,78 +765,11 @@ class Router:
 
     def view(self, body: dict[str, Any], now: float) -> dict[str, Any]:
         """Answer a STATUS request: the node status, or the peers, mesh or routes view."""
-        what = body.get("view", "status")
-        if what == "peers":
-            return {"peers": self.net.peers_view(now) + self.peers_extra(now)}
-        if what == "mesh":
-            return self.net.mesh_view()
-        if what == "routes":
-            topic = str(body.get("topic", ""))
-            try:
-                validate_topic(topic)
-            except TopicError as e:
-                return {"error": str(e)}
-            local = self._route_for(topic)
-            groups = {g.name: len(g.members) for g in local.groups}
-            subs = [
-                {
-                    "client": s.client.hex(),
-                    "sid": s.sid,
-                    "group": s.group,
-                    "patterns": list(s.patterns),
-                }
-                for s in self.trie.match(topic)
-            ]
-            return self.net.explain(topic, subs) | {"local_groups": groups}
-        return self.status(now)
+        return views.view(self, body, now)
 
     def status(self, now: float) -> dict[str, Any]:
         """The node's state for ``meshctl status``; JSON-ready."""
-        c = self.counters
-        return {
-            "id": self.node_id,
-            "name": self.name,
-            "mesh": self.mesh_name,
-            **self.status_extra(now),
-            "clients": [
-                {
-                    "id": cl.client_id,
-                    "name": cl.name,
-                    "connected_s": round(now - cl.connected_at, 3),
-                    "subscriptions": sum(len(s.patterns) for s in cl.subs.values()),
-                    "events_in": cl.events_in,
-                    "events_out": cl.events_out,
-                    "dropped": cl.dropped,
-                }
-                for cl in self.clients.values()
-            ],
-            "subscriptions": [
-                {"client": s.client.hex(), "sid": s.sid, "pattern": p, "group": s.group}
-                for cl in self.clients.values()
-                for s in cl.subs.values()
-                for p in s.patterns
-            ],
-            "counters": {
-                "events_in": c.events_in,
-                "events_out": c.events_out,
-                "no_interest": c.no_interest,
-                "bad_frames": c.bad_frames,
-                "bad_handshakes": c.bad_handshakes,
-                "forwarded_in": c.forwarded_in,
-                "forwarded_out": c.forwarded_out,
-                "relayed_frames": c.relayed_frames,
-                "internal_errors": c.internal_errors,
-                "duplicates": c.duplicates,
-                "dropped": dict(c.dropped),
-                **self.net.counters,
-            },
-            "net": {
-                "links": len(self.net.links),
-                "nodes_known": len(self.net.table.states),
-                "nodes_reachable": len(self.net.table.paths()),
-                "version": self.net.version,
-            },
-        }
+        return views.status(self, now)
 
 
 def _valid_group(group: object) -> bool:
@@ -835,31 +779,3 @@ def _valid_group(group: object) -> bool:
         and 0 < len(group.encode("utf-8", "replace")) <= MAX_GROUP_NAME
         and not any(ch in group for ch in " \t\r\n/*>")
     )
-
-
-def _link_frames(header: bytes, parts: list[bytes]) -> Iterator[bytes]:
-    """FWD frames of about MAX_FRAME_BYTES: one routing header, then records."""
-    head = HEAD_FWD + header
-    start = 0
-    size = 0
-    for i, part in enumerate(parts):
-        size += len(part)
-        if size >= MAX_FRAME_BYTES:
-            yield head + b"".join(parts[start : i + 1])
-            start, size = i + 1, 0
-    if start < len(parts):
-        yield head + b"".join(parts[start:])
-
-
-def _frames_counted(parts: list[bytes]) -> Iterator[tuple[bytes, int]]:
-    """Cut (sid prefix, record) pairs into DELIVER frames of about MAX_FRAME_BYTES."""
-    start = 0
-    size = 0
-    n = len(parts)
-    for i in range(1, n, 2):
-        size += len(parts[i]) + 4
-        if size >= MAX_FRAME_BYTES:
-            yield HEAD_DELIVER + b"".join(parts[start : i + 1]), (i + 1 - start) // 2
-            start, size = i + 1, 0
-    if start < n:
-        yield HEAD_DELIVER + b"".join(parts[start:]), (n - start) // 2

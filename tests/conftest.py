@@ -43,8 +43,9 @@ def make_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NodeFa
     and their logs printed if it failed."""
     started: list[NodeProcess] = []
 
-    def make(*, config_text: str | None = None, name: str = "e2e",
-             data_dir: Path | None = None) -> NodeProcess:
+    def make(
+        *, config_text: str | None = None, name: str = "e2e", data_dir: Path | None = None
+    ) -> NodeProcess:
         proc = start_node(tmp_path, config_text=config_text, name=name, data_dir=data_dir)
         started.append(proc)
         return proc
@@ -58,8 +59,9 @@ def make_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NodeFa
             for proc in started:
                 print(f"--- node log ({proc.log_path})\n{proc.log_text()}")
     for proc in started:
-        assert "Traceback" not in proc.log_text(), f"the node logged a traceback:\n" \
-            f"{proc.log_text()}"
+        assert "Traceback" not in proc.log_text(), (
+            f"the node logged a traceback:\n{proc.log_text()}"
+        )
 
 
 @pytest.fixture

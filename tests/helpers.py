@@ -50,24 +50,30 @@ def remove_sandbox() -> None:
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a child process: no MESHCTL_* from outside, HOME/XDG in the sandbox."""
     box = sandbox()
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MESHCTL_", "XDG_", "PYTEST_", "COV_"))}
-    env.update({
-        "HOME": str(box / "home"),
-        "XDG_CONFIG_HOME": str(box / "config"),
-        "XDG_DATA_HOME": str(box / "data"),
-        "XDG_STATE_HOME": str(box / "state"),
-        "MESHCTL_DATA_DIR": str(box / "data" / "meshctl"),
-        "NO_COLOR": "1",
-        "COLUMNS": "200",
-        "PYTHONDONTWRITEBYTECODE": "1",
-    })
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MESHCTL_", "XDG_", "PYTEST_", "COV_"))
+    }
+    env.update(
+        {
+            "HOME": str(box / "home"),
+            "XDG_CONFIG_HOME": str(box / "config"),
+            "XDG_DATA_HOME": str(box / "data"),
+            "XDG_STATE_HOME": str(box / "state"),
+            "MESHCTL_DATA_DIR": str(box / "data" / "meshctl"),
+            "NO_COLOR": "1",
+            "COLUMNS": "200",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+    )
     env.update(extra or {})
     return env
 
 
-def wait_for(condition: Callable[[], T], *, timeout: float, what: str,
-             interval: float = POLL_INTERVAL) -> T:
+def wait_for(
+    condition: Callable[[], T], *, timeout: float, what: str, interval: float = POLL_INTERVAL
+) -> T:
     """Poll ``condition`` until it returns something truthy; AssertionError at the deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -122,10 +128,15 @@ def kill_pid(pid: int) -> None:
 class CliResult(subprocess.CompletedProcess[str]):
     """A finished ``meshctl`` run: text stdout/stderr, the raw stdout bytes and wall time."""
 
-    def __init__(self, args: Sequence[str], returncode: int, stdout: bytes, stderr: bytes,
-                 elapsed: float) -> None:
-        super().__init__(list(args), returncode, stdout.decode("utf-8", "replace"),
-                         stderr.decode("utf-8", "replace"))
+    def __init__(
+        self, args: Sequence[str], returncode: int, stdout: bytes, stderr: bytes, elapsed: float
+    ) -> None:
+        super().__init__(
+            list(args),
+            returncode,
+            stdout.decode("utf-8", "replace"),
+            stderr.decode("utf-8", "replace"),
+        )
         self.stdout_bytes = stdout
         self.elapsed = elapsed
 
@@ -145,22 +156,35 @@ class CliResult(subprocess.CompletedProcess[str]):
 
     def describe(self) -> str:
         """Everything about the run, for assertion messages."""
-        return (f"$ {' '.join(self.args[2:])}\nexit {self.returncode} after {self.elapsed:.2f}s\n"
-                f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}")
+        return (
+            f"$ {' '.join(self.args[2:])}\nexit {self.returncode} after {self.elapsed:.2f}s\n"
+            f"--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
+        )
 
 
-def run_cli(*args: str, server: str | None = None, input: bytes | str | None = None,
-            timeout: float = 15, env: Mapping[str, str] | None = None) -> CliResult:
+def run_cli(
+    *args: str,
+    server: str | None = None,
+    input: bytes | str | None = None,
+    timeout: float = 15,
+    env: Mapping[str, str] | None = None,
+) -> CliResult:
     """Run ``python -m meshctl ARGS [--server URL]`` in a clean environment and wait for it."""
     argv = [*CLI, *args]
     if server is not None:
         argv += ["--server", server]
     data = input.encode() if isinstance(input, str) else input
     start = time.monotonic()
-    done = subprocess.run(argv, input=data, capture_output=True, timeout=timeout, check=False,
-                          env=cli_env(env), stdin=None if data is not None else subprocess.DEVNULL)
-    result = CliResult(argv, done.returncode, done.stdout, done.stderr,
-                       time.monotonic() - start)
+    done = subprocess.run(
+        argv,
+        input=data,
+        capture_output=True,
+        timeout=timeout,
+        check=False,
+        env=cli_env(env),
+        stdin=None if data is not None else subprocess.DEVNULL,
+    )
+    result = CliResult(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
     assert_no_traceback(result.stderr, result.describe())
     return result
 
@@ -177,24 +201,43 @@ class SubProcess:
 
     def __init__(self, argv: list[str], env: Mapping[str, str] | None = None) -> None:
         self.argv = argv
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=cli_env(env))
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=cli_env(env),
+        )
         self.pid = self.proc.pid
         self._cond = threading.Condition()
         self._out: list[bytes] = []
         self._err: list[bytes] = []
         self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self._out),
-                             name=f"sub-{self.pid}-out", daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self._err),
-                             name=f"sub-{self.pid}-err", daemon=True),
+            threading.Thread(
+                target=self._read,
+                args=(self.proc.stdout, self._out),
+                name=f"sub-{self.pid}-out",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._read,
+                args=(self.proc.stderr, self._err),
+                name=f"sub-{self.pid}-err",
+                daemon=True,
+            ),
         ]
         for t in self._readers:
             t.start()
 
     @classmethod
-    def start(cls, *args: str, server: str | None, ready: str | None = "subscribed:",
-              timeout: float = 10, env: Mapping[str, str] | None = None) -> SubProcess:
+    def start(
+        cls,
+        *args: str,
+        server: str | None,
+        ready: str | None = "subscribed:",
+        timeout: float = 10,
+        env: Mapping[str, str] | None = None,
+    ) -> SubProcess:
         """Spawn ``meshctl ARGS --server URL`` and wait for ``ready`` on its stderr."""
         argv = [*CLI, *args]
         if server is not None:
@@ -244,8 +287,10 @@ class SubProcess:
         """Command, state and output, for assertion messages."""
         rc = self.proc.poll()
         out = "\n".join(_clip(line) for line in self.lines[-20:])
-        return (f"$ {' '.join(self.argv[2:])}\nexit {rc}\n--- stdout (last 20 of "
-                f"{len(self.raw_lines)})\n{out}\n--- stderr\n{self.stderr}")
+        return (
+            f"$ {' '.join(self.argv[2:])}\nexit {rc}\n--- stdout (last 20 of "
+            f"{len(self.raw_lines)})\n{out}\n--- stderr\n{self.stderr}"
+        )
 
     # ---- waiting
 
@@ -256,12 +301,14 @@ class SubProcess:
         with self._cond:
             while not predicate():
                 if self.proc.poll() is not None and not self._readers_alive():
-                    raise AssertionError(f"process exited while waiting for {what}\n"
-                                         f"{self.describe()}")
+                    raise AssertionError(
+                        f"process exited while waiting for {what}\n{self.describe()}"
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n"
-                                         f"{self.describe()}")
+                    raise AssertionError(
+                        f"timed out after {timeout:g}s waiting for {what}\n{self.describe()}"
+                    )
                 self._cond.wait(min(left, 0.1))  # 0.1: also notice the process exiting
 
     def wait_stderr(self, text: str, *, timeout: float = 10) -> None:
@@ -274,11 +321,18 @@ class SubProcess:
         self._wait(lambda: len(self._out) >= count, timeout, f"{count} stdout lines")
         return self.lines
 
-    def wait_line(self, predicate: Callable[[str], bool], *, timeout: float = 10,
-                  what: str = "a matching line") -> str:
+    def wait_line(
+        self,
+        predicate: Callable[[str], bool],
+        *,
+        timeout: float = 10,
+        what: str = "a matching line",
+    ) -> str:
         """Wait for a stdout line satisfying ``predicate`` and return it."""
+
         def find() -> bool:
             return any(predicate(line.decode("utf-8", "replace")) for line in self._out)
+
         self._wait(find, timeout, what)
         return next(line for line in self.lines if predicate(line))
 
@@ -287,8 +341,9 @@ class SubProcess:
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"process did not exit within {timeout:g}s\n"
-                                 f"{self.describe()}") from None
+            raise AssertionError(
+                f"process did not exit within {timeout:g}s\n{self.describe()}"
+            ) from None
         self._join_readers(timeout=5)
         assert_no_traceback(self.stderr, self.describe())
         return rc
@@ -326,8 +381,9 @@ def short_dir(base: Path, name: str) -> tuple[Path, bool]:
 class NodeProcess:
     """A ``meshctl up`` process on 127.0.0.1 port 0 plus an ipc socket in its data dir."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], data_dir: Path, log_path: Path,
-                 cleanup_dir: bool) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], data_dir: Path, log_path: Path, cleanup_dir: bool
+    ) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.data_dir = data_dir
@@ -337,9 +393,16 @@ class NodeProcess:
         self.node_id = ""
 
     @classmethod
-    def start(cls, tmp_path: Path, *, config_text: str | None = None, name: str = "e2e",
-              data_dir: Path | None = None, discovery: bool = False,
-              extra_args: Iterable[str] = ()) -> NodeProcess:
+    def start(
+        cls,
+        tmp_path: Path,
+        *,
+        config_text: str | None = None,
+        name: str = "e2e",
+        data_dir: Path | None = None,
+        discovery: bool = False,
+        extra_args: Iterable[str] = (),
+    ) -> NodeProcess:
         """Spawn a node whose data dir is ``data_dir`` or a fresh one under ``tmp_path``.
 
         mDNS discovery is off unless asked for: a test node must not link up with other
@@ -349,16 +412,29 @@ class NodeProcess:
         cleanup = False
         if data_dir is None:
             data_dir, cleanup = short_dir(tmp_path, "node")
-        argv = [*CLI, "up", "--port", "0", "--listen", "127.0.0.1", "--data-dir", str(data_dir),
-                "--name", name, *([] if discovery else ["--no-discovery"]), *extra_args]
+        argv = [
+            *CLI,
+            "up",
+            "--port",
+            "0",
+            "--listen",
+            "127.0.0.1",
+            "--data-dir",
+            str(data_dir),
+            "--name",
+            name,
+            *([] if discovery else ["--no-discovery"]),
+            *extra_args,
+        ]
         if config_text is not None:
             config_path = tmp_path / f"{name}.toml"
             config_path.write_text(config_text)
             argv += ["--config", str(config_path)]
         log_path = tmp_path / f"{name}-{time.monotonic_ns()}.log"
         with log_path.open("wb") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=cli_env())
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=cli_env()
+            )
         return cls(proc, data_dir, log_path, cleanup)
 
     @property
@@ -386,8 +462,10 @@ class NodeProcess:
 
         def answered() -> dict[str, Any] | None:
             if self.proc.poll() is not None:
-                raise AssertionError(f"node exited with code {self.proc.returncode} before "
-                                     f"it was ready\n{self.log_text()}")
+                raise AssertionError(
+                    f"node exited with code {self.proc.returncode} before "
+                    f"it was ready\n{self.log_text()}"
+                )
             if not sock.exists():
                 return None
             try:
@@ -407,8 +485,13 @@ class NodeProcess:
         with connect(server or self.ipc, name="e2e probe", timeout=timeout) as client:
             return client.status(timeout=timeout)
 
-    def wait_status(self, predicate: Callable[[dict[str, Any]], bool], *, timeout: float = 10,
-                    what: str = "a status condition") -> dict[str, Any]:
+    def wait_status(
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        *,
+        timeout: float = 10,
+        what: str = "a status condition",
+    ) -> dict[str, Any]:
         """Poll the status until ``predicate`` holds; return that status."""
         last: dict[str, Any] = {}
 
@@ -420,8 +503,9 @@ class NodeProcess:
         try:
             return wait_for(check, timeout=timeout, what=what, interval=0.05)
         except AssertionError as e:
-            raise AssertionError(f"{e}\nlast status: {json.dumps(last.get('counters'))}\n"
-                                 f"{self.log_text()}") from None
+            raise AssertionError(
+                f"{e}\nlast status: {json.dumps(last.get('counters'))}\n{self.log_text()}"
+            ) from None
 
     def log_text(self) -> str:
         """Everything the node logged so far."""
@@ -456,8 +540,14 @@ class Background:
     def __init__(self) -> None:
         self.procs: list[SubProcess] = []
 
-    def start(self, *args: str, server: str | None, ready: str | None = "subscribed:",
-              timeout: float = 10, env: Mapping[str, str] | None = None) -> SubProcess:
+    def start(
+        self,
+        *args: str,
+        server: str | None,
+        ready: str | None = "subscribed:",
+        timeout: float = 10,
+        env: Mapping[str, str] | None = None,
+    ) -> SubProcess:
         """Start ``meshctl ARGS`` and wait for its ready line (see ``SubProcess.start``)."""
         proc = SubProcess.start(*args, server=server, ready=ready, timeout=timeout, env=env)
         self.procs.append(proc)
@@ -476,8 +566,12 @@ class Background:
             raise errors[0]
 
 
-def publish(server: str, events: Iterable[tuple[str, bytes | str]], *,
-            headers: Mapping[str, str] | None = None) -> None:
+def publish(
+    server: str,
+    events: Iterable[tuple[str, bytes | str]],
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> None:
     """Publish many events quickly with the client library and wait until the node has them."""
     from meshctl import connect
 
@@ -487,8 +581,13 @@ def publish(server: str, events: Iterable[tuple[str, bytes | str]], *,
         client.flush(5)
 
 
-def start_node(tmp_path: Path, *, config_text: str | None = None, name: str = "e2e",
-               data_dir: Path | None = None) -> NodeProcess:
+def start_node(
+    tmp_path: Path,
+    *,
+    config_text: str | None = None,
+    name: str = "e2e",
+    data_dir: Path | None = None,
+) -> NodeProcess:
     """Start a node and wait until it answers; stop it again if it never does."""
     proc = NodeProcess.start(tmp_path, config_text=config_text, name=name, data_dir=data_dir)
     try:
@@ -501,5 +600,6 @@ def start_node(tmp_path: Path, *, config_text: str | None = None, name: str = "e
 class NodeFactory(Protocol):
     """The ``make_node`` fixture: start one more node for the current test."""
 
-    def __call__(self, *, config_text: str | None = ..., name: str = ...,
-                 data_dir: Path | None = ...) -> NodeProcess: ...
+    def __call__(
+        self, *, config_text: str | None = ..., name: str = ..., data_dir: Path | None = ...
+    ) -> NodeProcess: ...

@@ -15,6 +15,8 @@ PURE = [
     "node/mesh.py",
     "node/routing.py",
     "node/dedup.py",
+    "node/views.py",
+    "node/framing.py",
     "node/router.py",
     "node/config.py",
     "node/errors.py",

@@ -11,7 +11,6 @@ from helpers import CliResult, NodeProcess, free_tcp_port, run_cli
 pytestmark = pytest.mark.e2e
 
 
-
 def assert_one_line_error(result: CliResult, code: int) -> None:
     """Exit ``code``, nothing on stdout, exactly one 'error: ...' line on stderr."""
     assert result.returncode == code, result.describe()
@@ -23,21 +22,25 @@ def assert_one_line_error(result: CliResult, code: int) -> None:
 # ---- bad input is exit 2 ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    pytest.param(("pub", "a//b", "x"), "a//b", id="pub-empty-level"),
-    pytest.param(("pub", "/a", "x"), "/a", id="pub-leading-slash"),
-    pytest.param(("pub", "a/*", "x"), "wildcard", id="pub-wildcard-topic"),
-    pytest.param(("pub", "a/>", "x"), "wildcard", id="pub-tail-wildcard-topic"),
-    pytest.param(("pub", "$mesh/x", "x"), "reserved", id="pub-reserved-topic"),
-    pytest.param(("sub", "a/>/b"), "'>' must be the last level", id="sub-gt-not-last"),
-    pytest.param(("sub", "a*"), "a*", id="sub-wildcard-inside-level"),
-    pytest.param(("sub", "ok", "a//b"), "a//b", id="sub-second-pattern-bad"),
-    pytest.param(("req", "a//b", "x"), "a//b", id="req-bad-topic"),
-    pytest.param(("reply", "a/>/c", "x"), "a/>/c", id="reply-bad-pattern"),
-    pytest.param(("tail", "x*"), "x*", id="tail-bad-pattern"),
-])
-def test_invalid_topic_or_pattern_exits_2(shared_node: NodeProcess, args: tuple[str, ...],
-                                          needle: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        pytest.param(("pub", "a//b", "x"), "a//b", id="pub-empty-level"),
+        pytest.param(("pub", "/a", "x"), "/a", id="pub-leading-slash"),
+        pytest.param(("pub", "a/*", "x"), "wildcard", id="pub-wildcard-topic"),
+        pytest.param(("pub", "a/>", "x"), "wildcard", id="pub-tail-wildcard-topic"),
+        pytest.param(("pub", "$mesh/x", "x"), "reserved", id="pub-reserved-topic"),
+        pytest.param(("sub", "a/>/b"), "'>' must be the last level", id="sub-gt-not-last"),
+        pytest.param(("sub", "a*"), "a*", id="sub-wildcard-inside-level"),
+        pytest.param(("sub", "ok", "a//b"), "a//b", id="sub-second-pattern-bad"),
+        pytest.param(("req", "a//b", "x"), "a//b", id="req-bad-topic"),
+        pytest.param(("reply", "a/>/c", "x"), "a/>/c", id="reply-bad-pattern"),
+        pytest.param(("tail", "x*"), "x*", id="tail-bad-pattern"),
+    ],
+)
+def test_invalid_topic_or_pattern_exits_2(
+    shared_node: NodeProcess, args: tuple[str, ...], needle: str
+) -> None:
     result = run_cli(*args, server=shared_node.ipc)
     assert_one_line_error(result, 2)
     assert needle in result.stderr
@@ -49,17 +52,20 @@ def test_bad_server_address_exits_2() -> None:
     assert "bogus://x" in result.stderr
 
 
-@pytest.mark.parametrize("args", [
-    pytest.param(("sub", "x", "--timeout", "5x"), id="bad-duration"),
-    pytest.param(("req", "x", "y", "--timeout", "soon"), id="bad-req-duration"),
-    pytest.param(("pub", "x", "y", "-H", "novalue"), id="bad-header"),
-    pytest.param(("pub", "x", "y", "-H", "=v"), id="bad-header-empty-key"),
-    pytest.param(("pub", "x", "y", "--bogus"), id="unknown-option"),
-    pytest.param(("pub",), id="missing-topic"),
-    pytest.param(("pub", "x", "y", "--count", "0"), id="count-out-of-range"),
-    pytest.param(("reply", "svc", "data", "--echo"), id="reply-data-and-echo"),
-    pytest.param(("frobnicate",), id="unknown-command"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(("sub", "x", "--timeout", "5x"), id="bad-duration"),
+        pytest.param(("req", "x", "y", "--timeout", "soon"), id="bad-req-duration"),
+        pytest.param(("pub", "x", "y", "-H", "novalue"), id="bad-header"),
+        pytest.param(("pub", "x", "y", "-H", "=v"), id="bad-header-empty-key"),
+        pytest.param(("pub", "x", "y", "--bogus"), id="unknown-option"),
+        pytest.param(("pub",), id="missing-topic"),
+        pytest.param(("pub", "x", "y", "--count", "0"), id="count-out-of-range"),
+        pytest.param(("reply", "svc", "data", "--echo"), id="reply-data-and-echo"),
+        pytest.param(("frobnicate",), id="unknown-command"),
+    ],
+)
 def test_usage_error_exits_2(shared_node: NodeProcess, args: tuple[str, ...]) -> None:
     result = run_cli(*args, server=shared_node.ipc)
     assert_one_line_error(result, 2)
@@ -85,12 +91,15 @@ def test_version_and_help() -> None:
 # ---- an unreachable node is exit 1, quickly ---------------------------------------------------
 
 
-@pytest.mark.parametrize("args", [
-    pytest.param(("status",), id="status"),
-    pytest.param(("pub", "x", "y"), id="pub"),
-    pytest.param(("sub", "x"), id="sub"),
-    pytest.param(("req", "x", "y"), id="req"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(("status",), id="status"),
+        pytest.param(("pub", "x", "y"), id="pub"),
+        pytest.param(("sub", "x"), id="sub"),
+        pytest.param(("req", "x", "y"), id="req"),
+    ],
+)
 def test_unreachable_node_exits_1_fast(args: tuple[str, ...]) -> None:
     port = free_tcp_port()
     result = run_cli(*args, "--timeout", "500ms", server=f"tcp://127.0.0.1:{port}")
@@ -159,21 +168,26 @@ def test_config_default_path_is_used(tmp_path: Path) -> None:
     assert shown.json_lines()[0]["node"]["mesh"] == "fromfile"
 
 
-@pytest.mark.parametrize(("text", "key"), [
-    pytest.param("[limits]\nbogus = 1\n", "limits.bogus", id="unknown-key"),
-    pytest.param('[limits]\nclient_queue = "x"\n', "limits.client_queue", id="bad-value"),
-    pytest.param("[limits]\nclient_queue = 0\n", "limits.client_queue", id="zero-queue"),
-    pytest.param('[limits]\nmax_payload = "lots"\n', "limits.max_payload", id="bad-size"),
-    pytest.param("[listen]\nport = 70000\n", "listen.port", id="port-range"),
-    pytest.param('[log]\nlevel = "loud"\n', "log.level", id="bad-level"),
-    pytest.param("[nope]\nx = 1\n", "nope", id="unknown-section"),
-    pytest.param("[limits\n", "TOML", id="not-toml"),
-])
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        pytest.param("[limits]\nbogus = 1\n", "limits.bogus", id="unknown-key"),
+        pytest.param('[limits]\nclient_queue = "x"\n', "limits.client_queue", id="bad-value"),
+        pytest.param("[limits]\nclient_queue = 0\n", "limits.client_queue", id="zero-queue"),
+        pytest.param('[limits]\nmax_payload = "lots"\n', "limits.max_payload", id="bad-size"),
+        pytest.param("[listen]\nport = 70000\n", "listen.port", id="port-range"),
+        pytest.param('[log]\nlevel = "loud"\n', "log.level", id="bad-level"),
+        pytest.param("[nope]\nx = 1\n", "nope", id="unknown-section"),
+        pytest.param("[limits\n", "TOML", id="not-toml"),
+    ],
+)
 def test_bad_config_names_file_and_key(tmp_path: Path, text: str, key: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)
-    for args in (("config", "show", "--config", str(path)),
-                 ("up", "--config", str(path), "--data-dir", str(tmp_path / "d"))):
+    for args in (
+        ("config", "show", "--config", str(path)),
+        ("up", "--config", str(path), "--data-dir", str(tmp_path / "d")),
+    ):
         result = run_cli(*args, timeout=10)
         assert_one_line_error(result, 2)
         assert str(path) in result.stderr
@@ -192,8 +206,16 @@ def test_status_json_fields(node: NodeProcess) -> None:
     result = run_cli("status", "--json", server=node.tcp)
     assert result.returncode == 0, result.describe()
     (status,) = result.json_lines()
-    assert {"id", "name", "mesh", "endpoints", "uptime_s", "clients", "subscriptions",
-            "counters"} <= set(status)
+    assert {
+        "id",
+        "name",
+        "mesh",
+        "endpoints",
+        "uptime_s",
+        "clients",
+        "subscriptions",
+        "counters",
+    } <= set(status)
     assert status["id"] == node.node_id
     assert status["name"] == "e2e"
     assert status["mesh"] == "default"
@@ -203,10 +225,20 @@ def test_status_json_fields(node: NodeProcess) -> None:
     (me,) = status["clients"]  # the status command itself
     assert {"id", "name", "subscriptions", "events_in", "events_out", "dropped"} <= set(me)
     counters = status["counters"]
-    assert {"events_in", "events_out", "no_interest", "bad_frames", "bad_handshakes",
-            "dropped"} <= set(counters)
-    assert set(counters["dropped"]) >= {"slow_consumer", "payload_too_large", "bad_topic",
-                                        "no_session"}
+    assert {
+        "events_in",
+        "events_out",
+        "no_interest",
+        "bad_frames",
+        "bad_handshakes",
+        "dropped",
+    } <= set(counters)
+    assert set(counters["dropped"]) >= {
+        "slow_consumer",
+        "payload_too_large",
+        "bad_topic",
+        "no_session",
+    }
     human = run_cli("status", server=node.ipc)
     assert human.returncode == 0, human.describe()
     assert node.node_id in human.stdout

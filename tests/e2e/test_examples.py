@@ -17,7 +17,11 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 def test_quickstart_runs_against_a_node(node: NodeProcess) -> None:
     done = subprocess.run(
         [sys.executable, str(EXAMPLES / "quickstart.py"), "--server", node.ipc],
-        capture_output=True, text=True, timeout=30, env=cli_env(), check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=cli_env(),
+        check=False,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [

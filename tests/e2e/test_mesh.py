@@ -24,7 +24,7 @@ from meshctl.errors import NoResponders, Timeout
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mesh]
 
-FAST = "[mesh]\nheartbeat = \"200ms\"\ndead_after = \"1s\"\nbackoff_max = \"500ms\"\n"
+FAST = '[mesh]\nheartbeat = "200ms"\ndead_after = "1s"\nbackoff_max = "500ms"\n'
 
 
 class Mesh:
@@ -35,15 +35,22 @@ class Mesh:
         self.nodes: dict[str, NodeProcess] = {}
         self.clients: list[Client] = []
 
-    def start(self, name: str, links: list[str] = (), *, data_dir: Path | None = None,
-              port: int | None = None) -> NodeProcess:
+    def start(
+        self,
+        name: str,
+        links: list[str] = (),
+        *,
+        data_dir: Path | None = None,
+        port: int | None = None,
+    ) -> NodeProcess:
         args = ["--no-discovery"]
         for other in links:
             args += ["--link", f"tcp://127.0.0.1:{self.nodes[other].tcp_port}"]
         if port is not None:
             args += ["--port", str(port)]
-        node = NodeProcess.start(self.tmp_path / name, name=name, config_text=FAST,
-                                 data_dir=data_dir, extra_args=args)
+        node = NodeProcess.start(
+            self.tmp_path / name, name=name, config_text=FAST, data_dir=data_dir, extra_args=args
+        )
         node.wait_ready(timeout=10)
         self.nodes[name] = node
         return node
@@ -54,21 +61,32 @@ class Mesh:
         return c
 
     def wait_linked(self, name: str, peers: int, timeout: float = 10) -> None:
-        wait_for(lambda: len(self.view(name, "peers")["peers"]) >= peers and all(
-            p["state"] == "up" for p in self.view(name, "peers")["peers"]),
-            timeout=timeout, what=f"{name} to have {peers} links up")
+        wait_for(
+            lambda: (
+                len(self.view(name, "peers")["peers"]) >= peers
+                and all(p["state"] == "up" for p in self.view(name, "peers")["peers"])
+            ),
+            timeout=timeout,
+            what=f"{name} to have {peers} links up",
+        )
 
     def wait_reachable(self, name: str, count: int, timeout: float = 10) -> None:
         def ok() -> bool:
             nodes = self.view(name, "mesh")["nodes"]
             return sum(1 for n in nodes if n["reachable"]) == count
+
         wait_for(ok, timeout=timeout, what=f"{name} to reach {count} nodes")
 
     def wait_interest(self, name: str, topic: str, nodes: int, timeout: float = 5) -> None:
         """Until ``name`` routes ``topic`` to ``nodes`` remote (node, group) entries."""
-        wait_for(lambda: sum(1 for r in self.view(name, "routes", topic=topic)["remote"]
-                             if r["reachable"]) >= nodes,
-                 timeout=timeout, what=f"{name} to see interest in {topic} on {nodes} nodes")
+        wait_for(
+            lambda: (
+                sum(1 for r in self.view(name, "routes", topic=topic)["remote"] if r["reachable"])
+                >= nodes
+            ),
+            timeout=timeout,
+            what=f"{name} to see interest in {topic} on {nodes} nodes",
+        )
 
     def view(self, name: str, view: str, **args: object) -> dict:
         with connect(self.nodes[name].ipc, timeout=5) as c:
@@ -218,8 +236,9 @@ def test_queue_group_members_at_equal_distance_share(mesh: Mesh) -> None:
 def test_request_reply_and_no_responders_across_hops(mesh: Mesh) -> None:
     line(mesh)
     responder = mesh.client("C")
-    responder.subscribe("svc/echo", group="svc",
-                        callback=lambda req: responder.reply(req, b"echo:" + req.data))
+    responder.subscribe(
+        "svc/echo", group="svc", callback=lambda req: responder.reply(req, b"echo:" + req.data)
+    )
     stop = threading.Event()
 
     def serve() -> None:  # the responder's client is used by this thread only

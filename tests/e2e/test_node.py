@@ -43,8 +43,9 @@ def short_tmp() -> Iterator[Path]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_node_stops_promptly_on_signal(node: NodeProcess, bg: Background,
-                                       sig: signal.Signals) -> None:
+def test_node_stops_promptly_on_signal(
+    node: NodeProcess, bg: Background, sig: signal.Signals
+) -> None:
     bg.start("sub", "busy/>", server=node.ipc)  # a connected client must not delay the stop
     pid_file = node.data_dir / "node.pid"
     assert pid_file.read_text().strip() == str(node.pid)
@@ -78,8 +79,9 @@ def test_node_id_persists_across_restarts(make_node: NodeFactory, short_tmp: Pat
 
 
 @pytest.mark.slow
-def test_subscriber_survives_node_restart(make_node: NodeFactory, bg: Background,
-                                          short_tmp: Path) -> None:
+def test_subscriber_survives_node_restart(
+    make_node: NodeFactory, bg: Background, short_tmp: Path
+) -> None:
     data_dir = short_tmp / "node"
     first = make_node(data_dir=data_dir)
     sub = bg.start("sub", "--raw", "restart/>", server=first.ipc)
@@ -95,8 +97,12 @@ def test_subscriber_survives_node_restart(make_node: NodeFactory, bg: Background
         publish(second.ipc, [("restart/2", "after")])
         return len(sub.raw_lines) >= 2
 
-    wait_for(resumed_or_failed, timeout=5, interval=0.25,
-             what="the subscriber to resume (or to exit with an error) after a node restart")
+    wait_for(
+        resumed_or_failed,
+        timeout=5,
+        interval=0.25,
+        what="the subscriber to resume (or to exit with an error) after a node restart",
+    )
     if sub.proc.poll() is not None:
         assert sub.wait_exit() == 1, sub.describe()
         assert "error:" in sub.stderr
@@ -105,8 +111,9 @@ def test_subscriber_survives_node_restart(make_node: NodeFactory, bg: Background
 
 
 def test_second_node_in_same_data_dir_is_refused(node: NodeProcess) -> None:
-    result = run_cli("up", "--port", "0", "--listen", "127.0.0.1", "--data-dir",
-                     str(node.data_dir), timeout=10)
+    result = run_cli(
+        "up", "--port", "0", "--listen", "127.0.0.1", "--data-dir", str(node.data_dir), timeout=10
+    )
     assert result.returncode == 2, result.describe()
     assert len(result.err_lines) == 1, result.describe()
     assert str(node.pid) in result.stderr
@@ -119,8 +126,16 @@ def test_port_in_use_exits_1(short_tmp: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_cli("up", "--port", str(port), "--listen", "127.0.0.1", "--data-dir",
-                         str(short_tmp / "d"), timeout=10)
+        result = run_cli(
+            "up",
+            "--port",
+            str(port),
+            "--listen",
+            "127.0.0.1",
+            "--data-dir",
+            str(short_tmp / "d"),
+            timeout=10,
+        )
     assert result.returncode == 1, result.describe()
     errors = [line for line in result.err_lines if line.startswith("error:")]
     assert len(errors) == 1, result.describe()
@@ -132,9 +147,20 @@ def test_up_detach_then_down(short_tmp: Path) -> None:
     data_dir = short_tmp / "d"
     pid = None
     try:
-        result = run_cli("up", "--detach", "--port", "0", "--listen", "127.0.0.1",
-                         "--no-discovery", "--data-dir", str(data_dir), "--name", "bg",
-                         timeout=15)
+        result = run_cli(
+            "up",
+            "--detach",
+            "--port",
+            "0",
+            "--listen",
+            "127.0.0.1",
+            "--no-discovery",
+            "--data-dir",
+            str(data_dir),
+            "--name",
+            "bg",
+            timeout=15,
+        )
         assert result.returncode == 0, result.describe()
         pid = int((data_dir / "node.pid").read_text())
         assert pid_alive(pid)
@@ -186,8 +212,11 @@ def test_dead_client_is_forgotten(node: NodeProcess, bg: Background) -> None:
     sub = bg.start("sub", "ghost/>", server=node.ipc)
     assert any(s["pattern"] == "ghost/>" for s in node.status()["subscriptions"])
     sub.stop()  # SIGKILL: no goodbye
-    node.wait_status(lambda s: all(x["pattern"] != "ghost/>" for x in s["subscriptions"]),
-                     timeout=5, what="the killed subscriber to be dropped")
+    node.wait_status(
+        lambda s: all(x["pattern"] != "ghost/>" for x in s["subscriptions"]),
+        timeout=5,
+        what="the killed subscriber to be dropped",
+    )
 
 
 # ---- limits -------------------------------------------------------------------------------
@@ -226,8 +255,9 @@ def test_default_limit_is_one_mebibyte(node: NodeProcess, bg: Background) -> Non
     assert "1048576" in too_big.stderr
 
 
-def test_node_refuses_oversized_payload_from_raw_client(make_node: NodeFactory,
-                                                        bg: Background) -> None:
+def test_node_refuses_oversized_payload_from_raw_client(
+    make_node: NodeFactory, bg: Background
+) -> None:
     """A client that ignores the advertised limit is refused by the node, which keeps serving."""
     from meshctl import connect
     from meshctl.errors import RemoteError
@@ -265,13 +295,23 @@ def test_garbage_does_not_disturb_subscribers(node: NodeProcess, bg: Background)
     for blob in (rng.randbytes(512), b"GET / HTTP/1.1\r\nHost: mesh\r\n\r\n"):
         with socket.create_connection(("127.0.0.1", node.tcp_port), timeout=5) as raw:
             raw.sendall(blob)
-    node.wait_status(lambda s: s["counters"]["bad_handshakes"] >= 1, timeout=10,
-                     what="the non-ZMTP connection to be counted")
+    node.wait_status(
+        lambda s: s["counters"]["bad_handshakes"] >= 1,
+        timeout=10,
+        what="the non-ZMTP connection to be counted",
+    )
 
     # 2. A ZMTP peer that greets properly, then sends malformed frames; and a stranger
     #    (no HELLO) sending the same.
-    garbage = [b"\x09\x01", b"\x01\xff", b"\x01\x20\x00", b"", b"\x01",
-               b"\x01\x02not json", b"\x01\x02[1,2]"]
+    garbage = [
+        b"\x09\x01",
+        b"\x01\xff",
+        b"\x01\x20\x00",
+        b"",
+        b"\x01",
+        b"\x01\x02not json",
+        b"\x01\x02[1,2]",
+    ]
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         dealer = _dealer(ctx, node.tcp)
@@ -283,8 +323,9 @@ def test_garbage_does_not_disturb_subscribers(node: NodeProcess, bg: Background)
         stranger = _dealer(ctx, node.tcp)
         for frame in garbage:
             stranger.send(frame)
-        status = node.wait_status(lambda s: s["counters"]["bad_frames"] >= 3, timeout=10,
-                                  what="bad frames to be counted")
+        status = node.wait_status(
+            lambda s: s["counters"]["bad_frames"] >= 3, timeout=10, what="bad frames to be counted"
+        )
     finally:
         ctx.destroy(linger=0)
 
@@ -309,21 +350,35 @@ def _answers(node: NodeProcess, dealer: zmq.Socket[bytes], timeout: float = 3) -
     pytest.fail(f"the node did not answer within {timeout}s\n{node.log_text()}")
 
 
-@pytest.mark.parametrize(("hello", "frames"), [
-    # Regressions: each of the first three used to kill the node (fixed in 1b2784f).
-    pytest.param(False, [b"\x01\x06" + b"[" * 5000], id="nested-json-array"),
-    pytest.param(True, [b"\x01\x04" + b'{"a":' * 5000], id="nested-json-object"),
-    pytest.param(True, [b'\x01\x02{"ref":1,"sid":1,"patterns":["a"]}',
-                        b'\x01\x03{"ref":2,"sid":[1]}'], id="unsub-unhashable-sid"),
-    pytest.param(True, [b'\x01\x02{"ref":1,"sid":"x","patterns":["a"]}',
-                        b'\x01\x02{"ref":2,"sid":2,"patterns":"a"}',
-                        b'\x01\x02{"ref":3,"sid":3,"patterns":[1]}',
-                        b'\x01\x02{"ref":4,"sid":4,"patterns":["a"],"group":"a b"}',
-                        b'\x01\x03{"ref":5,"sid":77}', b'\x01\x11{}', b"\x01\x14{}"],
-                 id="bad-control-fields"),
-])
+@pytest.mark.parametrize(
+    ("hello", "frames"),
+    [
+        # Regressions: each of the first three used to kill the node (fixed in 1b2784f).
+        pytest.param(False, [b"\x01\x06" + b"[" * 5000], id="nested-json-array"),
+        pytest.param(True, [b"\x01\x04" + b'{"a":' * 5000], id="nested-json-object"),
+        pytest.param(
+            True,
+            [b'\x01\x02{"ref":1,"sid":1,"patterns":["a"]}', b'\x01\x03{"ref":2,"sid":[1]}'],
+            id="unsub-unhashable-sid",
+        ),
+        pytest.param(
+            True,
+            [
+                b'\x01\x02{"ref":1,"sid":"x","patterns":["a"]}',
+                b'\x01\x02{"ref":2,"sid":2,"patterns":"a"}',
+                b'\x01\x02{"ref":3,"sid":3,"patterns":[1]}',
+                b'\x01\x02{"ref":4,"sid":4,"patterns":["a"],"group":"a b"}',
+                b'\x01\x03{"ref":5,"sid":77}',
+                b"\x01\x11{}",
+                b"\x01\x14{}",
+            ],
+            id="bad-control-fields",
+        ),
+    ],
+)
 def test_one_malformed_control_frame_cannot_kill_the_node(
-        node: NodeProcess, bg: Background, hello: bool, frames: list[bytes]) -> None:
+    node: NodeProcess, bg: Background, hello: bool, frames: list[bytes]
+) -> None:
     sub = bg.start("sub", "--raw", "alive", server=node.ipc)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
@@ -341,8 +396,7 @@ def test_one_malformed_control_frame_cannot_kill_the_node(
 
 
 @pytest.mark.slow
-def test_slow_consumer_is_dropped_not_waited_for(make_node: NodeFactory,
-                                                 bg: Background) -> None:
+def test_slow_consumer_is_dropped_not_waited_for(make_node: NodeFactory, bg: Background) -> None:
     node = make_node(config_text="[limits]\nclient_queue = 4\n")
     fast = bg.start("sub", "--raw", "--count", "3000", "load/>", server=node.ipc)
     notices = bg.start("sub", "--json", "--count", "1", "$mesh/slow-consumer", server=node.ipc)
@@ -355,8 +409,9 @@ def test_slow_consumer_is_dropped_not_waited_for(make_node: NodeFactory,
     # subscriber for tens of ms; at this rate the OS socket buffer absorbs that, so only the
     # frozen consumer overflows its 4-frame queue.
     payload = "{{n}}:" + "x" * 994
-    result = run_cli("pub", "load/x", payload, "--count", "3000", "--rate", "2000",
-                     server=node.tcp, timeout=30)
+    result = run_cli(
+        "pub", "load/x", payload, "--count", "3000", "--rate", "2000", server=node.tcp, timeout=30
+    )
     assert result.returncode == 0, result.describe()
 
     assert fast.wait_exit(timeout=20) == 0, fast.describe()

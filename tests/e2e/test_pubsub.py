@@ -33,8 +33,9 @@ def test_wildcards_match_whole_levels(node: NodeProcess, bg: Background) -> None
     exact.wait_lines(1)
 
     assert _topics(star.json_lines()) == ["a/b/c", "a/x/c", "a/end/c"]
-    assert _topics(tail.json_lines()) == ["a/b", "a/b/c", "a/x/c", "a/b/c/d", "a/b/x",
-                                          "a/end/c"], "a/> must match a/b... but never a"
+    assert _topics(tail.json_lines()) == ["a/b", "a/b/c", "a/x/c", "a/b/c/d", "a/b/x", "a/end/c"], (
+        "a/> must match a/b... but never a"
+    )
     assert _topics(every.json_lines()) == [*published, "a/end/c"]
     assert _topics(exact.json_lines()) == ["a"]
 
@@ -47,22 +48,26 @@ def test_catch_all_never_sees_reserved_topics(node: NodeProcess, bg: Background)
     publish(node.ipc, [("done", "")])
 
     every.wait_line(lambda line: '"topic":"done"' in line, what="the end marker")
-    assert _topics(every.json_lines()) == ["svc/ping", "done"], \
+    assert _topics(every.json_lines()) == ["svc/ping", "done"], (
         "'>' must not match $mesh/... system events or _INBOX/... replies"
+    )
 
 
 def test_one_sub_with_several_patterns(node: NodeProcess, bg: Background) -> None:
     proc = bg.start("sub", "--raw", "x/1", "y/>", "y/2", server=node.ipc)
-    publish(node.tcp, [("x/1", "one"), ("x/2", "not me"), ("y/2", "two"), ("z", "nor me"),
-                       ("y/3/4", "three")])
+    publish(
+        node.tcp,
+        [("x/1", "one"), ("x/2", "not me"), ("y/2", "two"), ("z", "nor me"), ("y/3/4", "three")],
+    )
     lines = proc.wait_lines(3)
     assert lines == ["one", "two", "three"], "overlapping patterns must deliver once"
     assert len(node.status()["subscriptions"]) == 3
 
 
 def test_queue_group_shares_events_fairly(node: NodeProcess, bg: Background) -> None:
-    members = [bg.start("sub", "--raw", "--group", "g", "jobs/>", server=node.ipc)
-               for _ in range(2)]
+    members = [
+        bg.start("sub", "--raw", "--group", "g", "jobs/>", server=node.ipc) for _ in range(2)
+    ]
     plain = bg.start("sub", "--raw", "--count", "100", "jobs/>", server=node.ipc)
 
     result = run_cli("pub", "jobs/work", "job-{{n}}", "--count", "100", server=node.ipc)
@@ -83,20 +88,21 @@ def test_queue_group_shares_events_fairly(node: NodeProcess, bg: Background) -> 
         assert 30 <= len(share) <= 70, f"unfair split {[len(s) for s in shares]}"
 
 
-def test_queue_group_stays_fair_while_interest_changes(node: NodeProcess,
-                                                       bg: Background) -> None:
+def test_queue_group_stays_fair_while_interest_changes(node: NodeProcess, bg: Background) -> None:
     """Regression: the round-robin position used to reset whenever anyone (un)subscribed."""
     from meshctl import connect
 
-    members = [bg.start("sub", "--raw", "--group", "g", "work", server=node.ipc)
-               for _ in range(2)]
+    members = [bg.start("sub", "--raw", "--group", "g", "work", server=node.ipc) for _ in range(2)]
     with connect(node.ipc, name="e2e pub") as pub, connect(node.ipc, name="e2e churn") as other:
         for i in range(20):
             pub.publish("work", f"w{i}")
             pub.flush(5)
             other.unsubscribe(other.subscribe("unrelated/topic"))  # someone else comes and goes
-    wait_for(lambda: sum(len(m.raw_lines) for m in members) >= 20, timeout=10,
-             what="20 events across the group")
+    wait_for(
+        lambda: sum(len(m.raw_lines) for m in members) >= 20,
+        timeout=10,
+        what="20 events across the group",
+    )
     shares = [len(m.raw_lines) for m in members]
     assert sum(shares) == 20
     assert min(shares) >= 5, f"unfair split {shares}"
@@ -105,8 +111,9 @@ def test_queue_group_stays_fair_while_interest_changes(node: NodeProcess,
 def test_json_fields_are_a_contract(node: NodeProcess, bg: Background) -> None:
     proc = bg.start("sub", "--json", "sensors/>", server=node.ipc)
     before = datetime.now(timezone.utc)
-    result = run_cli("pub", "sensors/t1", "21.5 °C", "-H", "unit=celsius", "-H", "src=e2e",
-                     server=node.ipc)
+    result = run_cli(
+        "pub", "sensors/t1", "21.5 °C", "-H", "unit=celsius", "-H", "src=e2e", server=node.ipc
+    )
     assert result.returncode == 0, result.describe()
 
     (event,) = [json.loads(line) for line in proc.wait_lines(1)]
@@ -119,8 +126,9 @@ def test_json_fields_are_a_contract(node: NodeProcess, bg: Background) -> None:
     assert re.fullmatch(r"[0-9a-f]{32}", event["id"]), event["id"]
     assert event["time"].endswith("Z")
     stamp = datetime.fromisoformat(event["time"])
-    assert before - timedelta(seconds=5) <= stamp <= datetime.now(timezone.utc) + \
-        timedelta(seconds=5)
+    assert (
+        before - timedelta(seconds=5) <= stamp <= datetime.now(timezone.utc) + timedelta(seconds=5)
+    )
 
 
 def test_json_base64_for_binary_payload(node: NodeProcess, bg: Background) -> None:
@@ -153,8 +161,9 @@ def test_count_templating(node: NodeProcess, bg: Background) -> None:
 
 def test_publish_stdin_one_event_per_line(node: NodeProcess, bg: Background) -> None:
     proc = bg.start("sub", "--json", "--count", "3", "lines", server=node.ipc)
-    result = run_cli("pub", "lines", "-", "-H", "k=v", server=node.ipc,
-                     input=b"first\nsecond line\r\nthird")
+    result = run_cli(
+        "pub", "lines", "-", "-H", "k=v", server=node.ipc, input=b"first\nsecond line\r\nthird"
+    )
     assert result.returncode == 0, result.describe()
     assert proc.wait_exit() == 0, proc.describe()
     events = proc.json_lines()
@@ -196,8 +205,9 @@ def test_sub_timeout_after_some_events(node: NodeProcess, bg: Background) -> Non
 
 
 def test_env_server_is_used(node: NodeProcess, bg: Background) -> None:
-    proc = bg.start("sub", "--raw", "--count", "1", "viaenv", server=None,
-                    env={"MESHCTL_SERVER": node.tcp})
+    proc = bg.start(
+        "sub", "--raw", "--count", "1", "viaenv", server=None, env={"MESHCTL_SERVER": node.tcp}
+    )
     result = run_cli("pub", "viaenv", "hello", env={"MESHCTL_SERVER": node.ipc})
     assert result.returncode == 0, result.describe()
     assert proc.wait_exit() == 0, proc.describe()

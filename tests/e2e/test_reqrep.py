@@ -43,11 +43,13 @@ def test_scatter_gather_collects_one_reply_per_group(node: NodeProcess, bg: Back
     bg.start("reply", "svc/poll", "from-g1", "--group", "g1", server=node.ipc)
     bg.start("reply", "svc/poll", "from-g2", "--group", "g2", server=node.ipc)
     bg.start("reply", "svc/poll", "from-g1", "--group", "g1", server=node.ipc)
-    result = run_cli("req", "svc/poll", "who?", "--replies", "0", "--timeout", "1s",
-                     server=node.ipc)
+    result = run_cli(
+        "req", "svc/poll", "who?", "--replies", "0", "--timeout", "1s", server=node.ipc
+    )
     assert result.returncode == 0, result.describe()
-    assert sorted(result.out_lines) == ["from-g1", "from-g2"], \
+    assert sorted(result.out_lines) == ["from-g1", "from-g2"], (
         "one reply from each group: two members of g1 must not both answer"
+    )
 
 
 def test_req_replies_n(node: NodeProcess, bg: Background) -> None:
@@ -90,8 +92,7 @@ def test_reply_command_transforms_request(node: NodeProcess, bg: Background) -> 
 
 
 def test_reply_failing_command_fails_request(node: NodeProcess, bg: Background) -> None:
-    replier = bg.start("reply", "svc/broken", "--command", "echo oops >&2; exit 3",
-                       server=node.ipc)
+    replier = bg.start("reply", "svc/broken", "--command", "echo oops >&2; exit 3", server=node.ipc)
     result = run_cli("req", "svc/broken", "x", server=node.ipc)
     assert result.returncode == 1, result.describe()
     assert result.err_lines[-1].startswith("error:"), result.describe()

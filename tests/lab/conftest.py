@@ -25,8 +25,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-LAB_DIR = Path(os.environ.get("MESH_LAB_DIR",
-                              Path(__file__).resolve().parents[3] / "shared" / "lab"))
+LAB_DIR = Path(
+    os.environ.get("MESH_LAB_DIR", Path(__file__).resolve().parents[3] / "shared" / "lab")
+)
 if (LAB_DIR / "labhelpers.py").exists():
     sys.path.insert(0, str(LAB_DIR))
     import labhelpers as lh
@@ -38,8 +39,7 @@ FAST_CONFIG = '[mesh]\nheartbeat = "200ms"\ndead_after = "1s"\nbackoff_max = "1s
 T = TypeVar("T")
 
 
-def wait_for(condition: Callable[[], T], *, timeout: float, what: str,
-             interval: float = 0.05) -> T:
+def wait_for(condition: Callable[[], T], *, timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll ``condition`` until it returns something truthy; AssertionError at the deadline."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -115,28 +115,34 @@ class Bg:
             return "\n".join(line for _, line in self.err)
 
     def describe(self) -> str:
-        return (f"$ {' '.join(self.argv)}\nexit {self.proc.poll()}\n--- stdout\n"
-                + "\n".join(self.lines[-20:]) + f"\n--- stderr\n{self.stderr}")
+        return (
+            f"$ {' '.join(self.argv)}\nexit {self.proc.poll()}\n--- stdout\n"
+            + "\n".join(self.lines[-20:])
+            + f"\n--- stderr\n{self.stderr}"
+        )
 
     def _wait(self, found: Callable[[], float | None], timeout: float, what: str) -> float:
         deadline = time.monotonic() + timeout
         with self._cond:
             while (at := found()) is None:
-                done = self.proc.poll() is not None and not any(
-                    t.is_alive() for t in self._readers)
+                done = self.proc.poll() is not None and not any(t.is_alive() for t in self._readers)
                 if done:
                     raise AssertionError(f"exited while waiting for {what}\n{self.describe()}")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}\n"
-                                         f"{self.describe()}")
+                    raise AssertionError(
+                        f"timed out after {timeout:g}s waiting for {what}\n{self.describe()}"
+                    )
                 self._cond.wait(min(left, 0.1))
             return at
 
     def wait_stderr(self, text: str, timeout: float = 10) -> float:
         """Wait for ``text`` on stderr; returns the monotonic time its line arrived."""
-        return self._wait(lambda: next((t for t, line in self.err if text in line), None),
-                          timeout, f"{text!r} on stderr")
+        return self._wait(
+            lambda: next((t for t, line in self.err if text in line), None),
+            timeout,
+            f"{text!r} on stderr",
+        )
 
     def wait_line(self, timeout: float = 10) -> tuple[float, str]:
         """Wait for the first stdout line; returns (arrival time, line)."""
@@ -163,10 +169,16 @@ class Bg:
 class Node:
     """One ``meshctl up`` inside lab host ``index``."""
 
-    def __init__(self, index: int, name: str, data_dir: Path, log_path: Path,
-                 proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, index: int, name: str, data_dir: Path, log_path: Path, proc: subprocess.Popen[bytes]
+    ) -> None:
         self.index, self.name, self.data_dir, self.log_path, self.proc = (
-            index, name, data_dir, log_path, proc)
+            index,
+            name,
+            data_dir,
+            log_path,
+            proc,
+        )
 
     @property
     def sock(self) -> Path:
@@ -187,10 +199,18 @@ class MeshLab:
         self.config = self.root / "fast.toml"
         self.config.write_text(FAST_CONFIG)
         (self.root / "home").mkdir()
-        self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("MESHCTL_", "XDG_", "PYTEST_"))}
-        self.env.update({"HOME": str(self.root / "home"), "NO_COLOR": "1", "COLUMNS": "200",
-                         "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"})
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("MESHCTL_", "XDG_", "PYTEST_"))
+        }
+        self.env.update(
+            {
+                "HOME": str(self.root / "home"),
+                "NO_COLOR": "1",
+                "COLUMNS": "200",
+                "PYTHONDONTWRITEBYTECODE": "1",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
         self.nodes: dict[int, Node] = {}
         self.clients: list[Bg] = []
         self.lab = lh.Lab(n=n, prefix="t" + uuid.uuid4().hex[:8])
@@ -202,11 +222,27 @@ class MeshLab:
         name = name or f"h{i}"
         data_dir = self.root / f"h{i}"
         log_path = self.root / f"h{i}.log"
-        argv = [*CLI, "up", "--name", name, "--data-dir", str(data_dir), "--mesh", mesh,
-                "--config", str(self.config)]
+        argv = [
+            *CLI,
+            "up",
+            "--name",
+            name,
+            "--data-dir",
+            str(data_dir),
+            "--mesh",
+            mesh,
+            "--config",
+            str(self.config),
+        ]
         with log_path.open("wb") as log:
-            proc = self.lab.popen(i, argv, stdin=subprocess.DEVNULL, stdout=log,
-                                  stderr=subprocess.STDOUT, env=self.env)
+            proc = self.lab.popen(
+                i,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
         node = Node(i, name, data_dir, log_path, proc)
         self.nodes[i] = node
         return node
@@ -225,8 +261,16 @@ class MeshLab:
 
     def cli(self, i: int, *args: str, timeout: float = 15) -> subprocess.CompletedProcess[str]:
         argv = [*CLI, *args, "-s", str(self.nodes[i].data_dir)]
-        done = self.lab.run(i, argv, capture_output=True, text=True, timeout=timeout,
-                            env=self.env, stdin=subprocess.DEVNULL, check=False)
+        done = self.lab.run(
+            i,
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         assert "Traceback" not in done.stderr, done.stderr
         return done
 
@@ -243,27 +287,40 @@ class MeshLab:
         return {p["name"] for p in self.view(i, "peers") if p["state"] == "up"}
 
     def reachable(self, i: int) -> set[str]:
-        return {n["name"] for n in self.view(i, "mesh")["nodes"]
-                if n["reachable"] and not n["self"]}
+        return {
+            n["name"] for n in self.view(i, "mesh")["nodes"] if n["reachable"] and not n["self"]
+        }
 
     def wait_links(self, i: int, names: set[str], timeout: float) -> None:
-        wait_for(lambda: self.peers_up(i) == names, timeout=timeout, interval=0.1,
-                 what=f"h{i} to have links up to exactly {sorted(names)} "
-                      f"(log:\n{self.nodes[i].log()})")
+        wait_for(
+            lambda: self.peers_up(i) == names,
+            timeout=timeout,
+            interval=0.1,
+            what=f"h{i} to have links up to exactly {sorted(names)} (log:\n{self.nodes[i].log()})",
+        )
 
     def wait_interest(self, i: int, topic: str, node_name: str, timeout: float = 5) -> None:
         """Until host i routes ``topic`` to ``node_name`` (the subscriber's interest arrived):
         ``subscribed:`` is confirmed by the subscriber's own node only."""
+
         def arrived() -> bool:
             remote = self.view(i, "routes", topic)["remote"]
             return any(r["name"] == node_name and r["reachable"] for r in remote)
-        wait_for(arrived, timeout=timeout, interval=0.05,
-                 what=f"h{i} to route {topic} to {node_name}")
+
+        wait_for(
+            arrived, timeout=timeout, interval=0.05, what=f"h{i} to route {topic} to {node_name}"
+        )
 
     def spawn(self, i: int, *args: str) -> Bg:
         argv = [*CLI, *args, "-s", str(self.nodes[i].data_dir)]
-        proc = self.lab.popen(i, argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=self.env)
+        proc = self.lab.popen(
+            i,
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+        )
         bg = Bg(proc, argv[2:])
         self.clients.append(bg)
         return bg

@@ -50,8 +50,9 @@ def test_three_hosts_discover_link_and_deliver(make_lab: LabFactory, mesh_name: 
 
     deadline = time.monotonic() + 15
     for i in (1, 2, 3):
-        lab.wait_links(i, {f"h{j}" for j in (1, 2, 3) if j != i},
-                       timeout=max(0.5, deadline - time.monotonic()))
+        lab.wait_links(
+            i, {f"h{j}" for j in (1, 2, 3) if j != i}, timeout=max(0.5, deadline - time.monotonic())
+        )
     for i in (1, 2, 3):
         peers = lab.view(i, "peers")
         assert len(peers) == 2, peers
@@ -65,8 +66,7 @@ def test_three_hosts_discover_link_and_deliver(make_lab: LabFactory, mesh_name: 
     assert event["data"] == "21.5 from h1"
 
 
-def test_node_of_another_mesh_is_listed_never_linked(make_lab: LabFactory,
-                                                     mesh_name: str) -> None:
+def test_node_of_another_mesh_is_listed_never_linked(make_lab: LabFactory, mesh_name: str) -> None:
     lab = make_lab(4)
     other = f"other-{uuid.uuid4().hex[:10]}"
     for i in (1, 2, 3):
@@ -86,10 +86,15 @@ def test_node_of_another_mesh_is_listed_never_linked(make_lab: LabFactory,
     assert row["address"] == f"tcp://{lab.lab.addr(4)}:4850", row
 
     # h4 has found the others as well, and refuses them the same way.
-    wait_for(lambda: {p["name"] for p in lab.view(4, "peers")} >= {"h1", "h2", "h3"},
-             timeout=10, interval=0.1, what="h4 to list h1..h3")
-    assert all(p["state"] == "not linked" and mesh_name in p["error"]
-               for p in lab.view(4, "peers")), lab.view(4, "peers")
+    wait_for(
+        lambda: {p["name"] for p in lab.view(4, "peers")} >= {"h1", "h2", "h3"},
+        timeout=10,
+        interval=0.1,
+        what="h4 to list h1..h3",
+    )
+    assert all(
+        p["state"] == "not linked" and mesh_name in p["error"] for p in lab.view(4, "peers")
+    ), lab.view(4, "peers")
 
     # Events on the mesh never reach h4; a subscriber on h3 is the positive control.
     topic = f"lab/{uuid.uuid4().hex[:8]}/x"
@@ -118,8 +123,12 @@ def test_cable_pull_detected_then_relinks(make_lab: LabFactory, mesh_name: str) 
 
     pulled = time.monotonic()
     lab.ctl("link", "2", "down")
-    wait_for(lambda: "h2" not in lab.reachable(1), timeout=3, interval=0.05,
-             what="h1 to see h2 unreachable within 3 s of the cable pull (dead_after 1s)")
+    wait_for(
+        lambda: "h2" not in lab.reachable(1),
+        timeout=3,
+        interval=0.05,
+        what="h1 to see h2 unreachable within 3 s of the cable pull (dead_after 1s)",
+    )
     detected = time.monotonic() - pulled
     print(f"cable pull on h2 detected by h1 after {detected:.2f}s (dead_after 1s)")
     assert "link down: h2" in lab.nodes[1].log()
@@ -127,8 +136,12 @@ def test_cable_pull_detected_then_relinks(make_lab: LabFactory, mesh_name: str) 
 
     restored = time.monotonic()
     lab.ctl("link", "2", "up")
-    wait_for(lambda: lab.reachable(1) == {"h2", "h3"}, timeout=10, interval=0.1,
-             what="h2 to relink by itself within 10 s of the cable coming back")
+    wait_for(
+        lambda: lab.reachable(1) == {"h2", "h3"},
+        timeout=10,
+        interval=0.1,
+        what="h2 to relink by itself within 10 s of the cable coming back",
+    )
     lab.wait_links(2, {"h1", "h3"}, timeout=max(0.5, 10 - (time.monotonic() - restored)))
     print(f"h2 relinked {time.monotonic() - restored:.2f}s after the cable came back")
 
@@ -137,16 +150,20 @@ def test_cable_pull_detected_then_relinks(make_lab: LabFactory, mesh_name: str) 
     assert event["data"] == "welcome back"
 
 
-def test_time_from_up_to_first_event(make_lab: LabFactory, mesh_name: str,
-                                     record_property: Callable[[str, object], None]) -> None:
+def test_time_from_up_to_first_event(
+    make_lab: LabFactory, mesh_name: str, record_property: Callable[[str, object], None]
+) -> None:
     lab = make_lab(3)
     start_mesh(lab, range(1, 3), mesh_name)
     lab.wait_links(1, {"h2"}, timeout=15)
     # An established mesh: h1 and h2 have finished mDNS probing and answer queries (links
     # come up before that, so without this wait the figure would include their probing).
     for i in (1, 2):
-        wait_for(lambda i=i: "mDNS: advertising" in lab.nodes[i].log(), timeout=10,
-                 what=f"h{i} to advertise itself")
+        wait_for(
+            lambda i=i: "mDNS: advertising" in lab.nodes[i].log(),
+            timeout=10,
+            what=f"h{i} to advertise itself",
+        )
 
     # A publisher on h1: one event every 50 ms with a sequence number. A local subscriber
     # proves it is publishing before the clock starts.
@@ -172,10 +189,12 @@ def test_time_from_up_to_first_event(make_lab: LabFactory, mesh_name: str,
     # then it dials nobody at once (one link to h1 or h2 is enough to get the event).
     my_id = lab.view(3, "status")["id"]
     highest = all(my_id > p["id"] for p in lab.view(3, "peers"))
-    print(f"time from `meshctl up` on h3 to its first delivered event: {elapsed:.2f}s "
-          f"(ipc socket after {t_sock:.2f}s, subscribed after {t_subscribed:.2f}s, "
-          f"first event #{seq}, h3's id {'is' if highest else 'is not'} the highest; "
-          f"target <= 2 s)")
+    print(
+        f"time from `meshctl up` on h3 to its first delivered event: {elapsed:.2f}s "
+        f"(ipc socket after {t_sock:.2f}s, subscribed after {t_subscribed:.2f}s, "
+        f"first event #{seq}, h3's id {'is' if highest else 'is not'} the highest; "
+        f"target <= 2 s)"
+    )
     record_property("time_to_first_event_s", round(elapsed, 3))
     assert sub.wait_exit(timeout=5) == 0, sub.describe()
     assert elapsed < 8, f"first event after {elapsed:.2f}s"

@@ -44,8 +44,26 @@ def test_parse_duration(text: str, seconds: float) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", " ", "abc", "-1", "-1s", "1d", "1 s s", "ms", "s", "1e3", "1,5", "1S", "1sec", ".", "1..2",
-     "inf", "nan", "1 h 2 m"],
+    [
+        "",
+        " ",
+        "abc",
+        "-1",
+        "-1s",
+        "1d",
+        "1 s s",
+        "ms",
+        "s",
+        "1e3",
+        "1,5",
+        "1S",
+        "1sec",
+        ".",
+        "1..2",
+        "inf",
+        "nan",
+        "1 h 2 m",
+    ],
 )
 def test_parse_duration_refuses(text: str) -> None:
     with pytest.raises(ValueError, match="is not a duration"):

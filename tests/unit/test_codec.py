@@ -41,8 +41,8 @@ KEY_PROPS = settings(deadline=None, max_examples=4 * settings.default.max_exampl
 DATA = Path(__file__).parent.parent / "data" / "codec"
 
 T = 1_700_000_000_123_456_789
-ID1 = bytes.fromhex("0011223344556677" "0100000000000000")
-ID2 = bytes.fromhex("0011223344556677" "0200000000000000")
+ID1 = bytes.fromhex("00112233445566770100000000000000")
+ID2 = bytes.fromhex("00112233445566770200000000000000")
 GOLDEN_HEADERS = {"content-type": "text/plain", "reply-to": "_INBOX/0123456789abcdef/c0ffee/1"}
 
 
@@ -79,8 +79,18 @@ def test_record_layout_is_frozen() -> None:
 def test_kind_numbers_are_frozen() -> None:
     """New kinds may be added; the numbers of the v1 kinds never change."""
     v1 = {
-        "HELLO": 0x01, "SUB": 0x02, "UNSUB": 0x03, "STATUS": 0x04, "BYE": 0x05, "PING": 0x06,
-        "WELCOME": 0x11, "OK": 0x12, "ERR": 0x13, "NORESP": 0x14, "PUB": 0x20, "DELIVER": 0x21,
+        "HELLO": 0x01,
+        "SUB": 0x02,
+        "UNSUB": 0x03,
+        "STATUS": 0x04,
+        "BYE": 0x05,
+        "PING": 0x06,
+        "WELCOME": 0x11,
+        "OK": 0x12,
+        "ERR": 0x13,
+        "NORESP": 0x14,
+        "PUB": 0x20,
+        "DELIVER": 0x21,
     }
     assert {name: Kind[name].value for name in v1} == v1
     assert {k for k in Kind if k < 0x20} == CONTROL_KINDS
@@ -90,18 +100,32 @@ def test_kind_numbers_are_frozen() -> None:
 
 GOLDEN_CONTROL = [
     ("v1-hello.bin", Kind.HELLO, {"name": "golden", "version": "0.1.0"}),
-    ("v1-sub.bin", Kind.SUB,
-     {"ref": 1, "sid": 7, "patterns": ["plant1/*/temp", "alerts/>"], "group": "workers"}),
+    (
+        "v1-sub.bin",
+        Kind.SUB,
+        {"ref": 1, "sid": 7, "patterns": ["plant1/*/temp", "alerts/>"], "group": "workers"},
+    ),
     ("v1-unsub.bin", Kind.UNSUB, {"ref": 2, "sid": 7}),
     ("v1-status.bin", Kind.STATUS, {"ref": 3}),
     ("v1-bye.bin", Kind.BYE, {}),
     ("v1-ping.bin", Kind.PING, {"ref": 4}),
-    ("v1-welcome.bin", Kind.WELCOME,
-     {"node_id": "0123456789abcdef", "name": "n1", "mesh": "default", "client_id": "c0ffee",
-      "max_payload": 1048576}),
+    (
+        "v1-welcome.bin",
+        Kind.WELCOME,
+        {
+            "node_id": "0123456789abcdef",
+            "name": "n1",
+            "mesh": "default",
+            "client_id": "c0ffee",
+            "max_payload": 1048576,
+        },
+    ),
     ("v1-ok.bin", Kind.OK, {"ref": 1, "sid": 7}),
-    ("v1-err.bin", Kind.ERR,
-     {"ref": 1, "error": "invalid topic 'a//b': empty level at position 2", "code": "input"}),
+    (
+        "v1-err.bin",
+        Kind.ERR,
+        {"ref": 1, "error": "invalid topic 'a//b': empty level at position 2", "code": "input"},
+    ),
     ("v1-noresp.bin", Kind.NORESP, {"id": ID1.hex(), "topic": "svc/echo"}),
 ]
 
@@ -205,7 +229,9 @@ def test_corrupt_headers_raise_codec_error(name: str) -> None:
 
 def test_every_data_file_is_covered() -> None:
     golden = {n for n, _, _ in GOLDEN_CONTROL} | {
-        "v1-headers.bin", "v1-pub.bin", "v1-deliver.bin",
+        "v1-headers.bin",
+        "v1-pub.bin",
+        "v1-deliver.bin",
     }
     corrupt = {n for n, _ in CORRUPT_FRAMES} | set(CORRUPT_HEADERS)
     assert not golden & corrupt
@@ -335,9 +361,7 @@ def test_headers_round_trip(headers: dict[str, str]) -> None:
 
 @KEY_PROPS
 @given(ev=event_st, prefix=st.binary(max_size=8), suffix=st.binary(max_size=8))
-def test_record_round_trip(
-    ev: EventT, prefix: bytes, suffix: bytes
-) -> None:
+def test_record_round_trip(ev: EventT, prefix: bytes, suffix: bytes) -> None:
     rec = record_of(ev)
     assert len(rec) == RECORD_SIZE + len(ev[0]) + len(encode_headers(ev[2])) + len(ev[1])
     buf = prefix + rec + suffix

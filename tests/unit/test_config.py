@@ -35,9 +35,17 @@ GOOD = {
     "good-minimal.toml": {"name": "edge-1"},
     "good-sizes.toml": {"max_payload": 65536},
     "good-full.toml": {
-        "name": "plant1-gw", "mesh": "factory.eu-1", "data_dir": "/var/lib/meshctl",
-        "listen": "127.0.0.1", "port": 0, "ipc": False, "max_payload": 512 * 1024,
-        "client_queue": 50, "max_clients": 8, "max_subscriptions": 100, "log_level": "debug",
+        "name": "plant1-gw",
+        "mesh": "factory.eu-1",
+        "data_dir": "/var/lib/meshctl",
+        "listen": "127.0.0.1",
+        "port": 0,
+        "ipc": False,
+        "max_payload": 512 * 1024,
+        "client_queue": 50,
+        "max_clients": 8,
+        "max_subscriptions": 100,
+        "log_level": "debug",
     },
 }
 
@@ -210,7 +218,13 @@ def test_parse_size_refuses(value: object) -> None:
 
 
 UNITS = {
-    "": 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "KB": 1000, "MB": 1000**2,
+    "": 1,
+    "B": 1,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "KB": 1000,
+    "MB": 1000**2,
     "GB": 1000**3,
 }
 
@@ -283,9 +297,9 @@ def test_as_dict_is_the_toml_shape() -> None:
 
 
 # Values the checks accept, including characters that need escaping in TOML.
-safe_text = st.text(alphabet=st.sampled_from('abz09_.-"\\\'é€😀#[]= '), max_size=20)
+safe_text = st.text(alphabet=st.sampled_from("abz09_.-\"\\'é€😀#[]= "), max_size=20)
 VALUES: dict[str, st.SearchStrategy[Any]] = {
-    "name": st.text(alphabet=st.sampled_from('abz09_.-"\\\'é€#[]='), max_size=63),
+    "name": st.text(alphabet=st.sampled_from("abz09_.-\"\\'é€#[]="), max_size=63),
     "mesh": st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,20}\Z"),
     "data_dir": safe_text,
     "listen": safe_text,

@@ -37,8 +37,13 @@ A, B, C, D = b"client-a", b"client-b", b"client-c", b"client-d"
 
 def make_router(**overrides: Any) -> Router:
     args: dict[str, Any] = {
-        "node_id": NODE_ID, "name": "n", "mesh": "m", "max_payload": 1024, "max_clients": 3,
-        "max_subscriptions": 5, "wall_ns": lambda: 1,
+        "node_id": NODE_ID,
+        "name": "n",
+        "mesh": "m",
+        "max_payload": 1024,
+        "max_clients": 3,
+        "max_subscriptions": 5,
+        "wall_ns": lambda: 1,
     }
     args.update(overrides)
     return Router(**args)
@@ -116,7 +121,11 @@ def connected(*idents: bytes, **overrides: Any) -> Router:
 def test_welcome_after_hello() -> None:
     r = make_router()
     assert hello(r, A) == {
-        "node_id": NODE_ID, "name": "n", "mesh": "m", "client_id": A.hex(), "max_payload": 1024,
+        "node_id": NODE_ID,
+        "name": "n",
+        "mesh": "m",
+        "client_id": A.hex(),
+        "max_payload": 1024,
     }
     assert [c["id"] for c in r.status(0.0)["clients"]] == [A.hex()]
 
@@ -193,7 +202,10 @@ def test_status_keys_and_content() -> None:
     assert {x["group"] for x in s["subscriptions"]} == {"g"}
     assert s["counters"]["events_in"] == 1
     assert set(s["counters"]["dropped"]) >= {
-        "slow_consumer", "payload_too_large", "bad_topic", "no_session",
+        "slow_consumer",
+        "payload_too_large",
+        "bad_topic",
+        "no_session",
     }
     json.dumps(s)  # JSON-ready
 
@@ -508,8 +520,20 @@ def test_payload_limit() -> None:
 
 @pytest.mark.parametrize(
     "topic",
-    [b"a/*", b"a/>", b">", b"$mesh/x", b"$x", b"", b"a//b", b"/a", b"a/", b"a\x00b", b"a/\xff",
-     b"a" * 1025],
+    [
+        b"a/*",
+        b"a/>",
+        b">",
+        b"$mesh/x",
+        b"$x",
+        b"",
+        b"a//b",
+        b"/a",
+        b"a/",
+        b"a\x00b",
+        b"a/\xff",
+        b"a" * 1025,
+    ],
     ids=repr,
 )
 def test_bad_topics_are_dropped_and_counted(topic: bytes) -> None:
@@ -583,11 +607,24 @@ def test_valid_records_before_a_truncated_one_are_delivered() -> None:
 
 GOOD_FRAMES = {
     f"v1-{name}.bin"
-    for name in ("hello", "sub", "unsub", "status", "bye", "ping", "welcome", "ok", "err",
-                 "noresp", "pub", "deliver")
+    for name in (
+        "hello",
+        "sub",
+        "unsub",
+        "status",
+        "bye",
+        "ping",
+        "welcome",
+        "ok",
+        "err",
+        "noresp",
+        "pub",
+        "deliver",
+    )
 }
 CORRUPT_FRAME_FILES = sorted(
-    p for p in CODEC_DATA.glob("v1-*.bin")
+    p
+    for p in CODEC_DATA.glob("v1-*.bin")
     if p.name not in GOOD_FRAMES and not p.name.startswith("v1-headers")
 )
 
@@ -612,8 +649,10 @@ def test_deeply_nested_control_frame_is_counted() -> None:
 
 
 json_scalar = st.none() | st.booleans() | st.integers(-3, 2**33) | st.text(max_size=6)
-json_value = json_scalar | st.lists(json_scalar, max_size=3) | st.dictionaries(
-    st.text(max_size=4), json_scalar, max_size=2
+json_value = (
+    json_scalar
+    | st.lists(json_scalar, max_size=3)
+    | st.dictionaries(st.text(max_size=4), json_scalar, max_size=2)
 )
 control_frame = st.builds(
     encode_control,
@@ -793,8 +832,9 @@ pattern_st = st.builds(
 
 @PROPS
 @given(
-    subs=st.lists(st.tuples(st.sampled_from([A, B]), st.lists(pattern_st, min_size=1, max_size=2)),
-                  max_size=4),
+    subs=st.lists(
+        st.tuples(st.sampled_from([A, B]), st.lists(pattern_st, min_size=1, max_size=2)), max_size=4
+    ),
     topics=st.lists(topic_st, min_size=1, max_size=4),
 )
 def test_router_delivers_exactly_to_matching_subscriptions(
@@ -811,7 +851,8 @@ def test_router_delivers_exactly_to_matching_subscriptions(
             continue
         for ident in (A, B):
             want = sorted(
-                sid for sid, (who, ps) in enumerate(subs, 1)
+                sid
+                for sid, (who, ps) in enumerate(subs, 1)
                 if who == ident and any(matches(p, topic) for p in ps)
             )
             assert sorted(sid for sid, _ in deliveries(out, ident)) == want

@@ -350,9 +350,7 @@ def op_sequences(draw: st.DrawFn) -> list[tuple[bool, str, int]]:
 
 @KEY_PROPS
 @given(ops=op_sequences(), topics=st.lists(topic_st, min_size=1, max_size=6))
-def test_trie_add_remove_sequences(
-    ops: list[tuple[bool, str, int]], topics: list[str]
-) -> None:
+def test_trie_add_remove_sequences(ops: list[tuple[bool, str, int]], topics: list[str]) -> None:
     trie: SubscriptionTrie[int] = SubscriptionTrie()
     model: set[tuple[str, int]] = set()
     for is_add, pattern, sub in ops:

@@ -1,0 +1,91 @@
+"""Operator views of a node, built from the Router's state: status, peers, mesh, routes.
+
+Pure: JSON-ready dicts for ``meshctl status|peers|mesh|routes --json``; the CLI renders them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from node.errors import TopicError
+from node.topics import validate_topic
+
+if TYPE_CHECKING:
+    from node.router import Router
+
+
+def view(router: Router, body: dict[str, Any], now: float) -> dict[str, Any]:
+    """Answer a STATUS request: the node status, or the peers, mesh or routes view."""
+    what = body.get("view", "status")
+    if what == "peers":
+        return {"peers": router.net.peers_view(now) + router.peers_extra(now)}
+    if what == "mesh":
+        return router.net.mesh_view()
+    if what == "routes":
+        topic = str(body.get("topic", ""))
+        try:
+            validate_topic(topic)
+        except TopicError as e:
+            return {"error": str(e)}
+        local = router._route_for(topic)
+        groups = {g.name: len(g.members) for g in local.groups}
+        subs = [
+            {
+                "client": s.client.hex(),
+                "sid": s.sid,
+                "group": s.group,
+                "patterns": list(s.patterns),
+            }
+            for s in router.trie.match(topic)
+        ]
+        return router.net.explain(topic, subs) | {"local_groups": groups}
+    return status(router, now)
+
+
+def status(router: Router, now: float) -> dict[str, Any]:
+    """The node's state for ``meshctl status``; JSON-ready."""
+    c = router.counters
+    return {
+        "id": router.node_id,
+        "name": router.name,
+        "mesh": router.mesh_name,
+        **router.status_extra(now),
+        "clients": [
+            {
+                "id": cl.client_id,
+                "name": cl.name,
+                "connected_s": round(now - cl.connected_at, 3),
+                "subscriptions": sum(len(s.patterns) for s in cl.subs.values()),
+                "events_in": cl.events_in,
+                "events_out": cl.events_out,
+                "dropped": cl.dropped,
+            }
+            for cl in router.clients.values()
+        ],
+        "subscriptions": [
+            {"client": s.client.hex(), "sid": s.sid, "pattern": p, "group": s.group}
+            for cl in router.clients.values()
+            for s in cl.subs.values()
+            for p in s.patterns
+        ],
+        "counters": {
+            "events_in": c.events_in,
+            "events_out": c.events_out,
+            "no_interest": c.no_interest,
+            "bad_frames": c.bad_frames,
+            "bad_handshakes": c.bad_handshakes,
+            "forwarded_in": c.forwarded_in,
+            "forwarded_out": c.forwarded_out,
+            "relayed_frames": c.relayed_frames,
+            "internal_errors": c.internal_errors,
+            "duplicates": c.duplicates,
+            "dropped": dict(c.dropped),
+            **router.net.counters,
+        },
+        "net": {
+            "links": len(router.net.links),
+            "nodes_known": len(router.net.table.states),
+            "nodes_reachable": len(router.net.table.paths()),
+            "version": router.net.version,
+        },
+    }
