@@ -71,6 +71,8 @@ def _raw_pull(transport: str, count: int, out: Queue[Any]) -> None:
     out.put(("done", got, first, time.perf_counter()))
     s.close(linger=0)
     ctx.term()
+    if endpoint.startswith("ipc://"):
+        Path(endpoint[len("ipc://") :]).unlink(missing_ok=True)
 
 
 def _raw_push(endpoint: str, count: int, size: int, out: Queue[Any]) -> None:

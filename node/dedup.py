@@ -31,6 +31,12 @@ class DedupWindow:
             self._state[origin] = [seq, 1]
             return False
         top, bits = state
+        if seq == top + 1:  # in order, the common case: no mask until the bitmap doubles
+            bits = (bits << 1) | 1
+            if bits.bit_length() > 2 * self.window:
+                bits &= (1 << self.window) - 1
+            state[0], state[1] = seq, bits
+            return False
         if seq > top:
             shift = seq - top
             bits = ((bits << shift) | 1) & ((1 << self.window) - 1) if shift < self.window else 1

@@ -6,7 +6,9 @@ by ZeroMQ's high-water mark, is also bounded in bytes.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import Final
 
 from node.codec import HEAD_DELIVER, HEAD_FWD
@@ -14,29 +16,30 @@ from node.codec import HEAD_DELIVER, HEAD_FWD
 MAX_FRAME_BYTES: Final = 64 * 1024
 
 
+def _cuts(cum: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, last) item of each frame: cut after the item that reaches MAX_FRAME_BYTES.
+
+    ``cum`` holds running byte totals; ``accumulate`` and ``bisect`` keep the per-item
+    work in C, which showed in profiles of a busy node.
+    """
+    n = len(cum)
+    start = 0
+    base = 0
+    while start < n:
+        k = min(bisect_left(cum, base + MAX_FRAME_BYTES, lo=start), n - 1)
+        yield start, k
+        base = cum[k]
+        start = k + 1
+
+
 def link_frames(header: bytes, parts: list[bytes]) -> Iterator[bytes]:
     """FWD frames of about MAX_FRAME_BYTES: one routing header, then records."""
     head = HEAD_FWD + header
-    start = 0
-    size = 0
-    for i, part in enumerate(parts):
-        size += len(part)
-        if size >= MAX_FRAME_BYTES:
-            yield head + b"".join(parts[start : i + 1])
-            start, size = i + 1, 0
-    if start < len(parts):
-        yield head + b"".join(parts[start:])
+    for first, last in _cuts(list(accumulate(map(len, parts)))):
+        yield head + b"".join(parts[first : last + 1])
 
 
 def frames_counted(parts: list[bytes]) -> Iterator[tuple[bytes, int]]:
     """Cut (sid prefix, record) pairs into DELIVER frames of about MAX_FRAME_BYTES."""
-    start = 0
-    size = 0
-    n = len(parts)
-    for i in range(1, n, 2):
-        size += len(parts[i]) + 4
-        if size >= MAX_FRAME_BYTES:
-            yield HEAD_DELIVER + b"".join(parts[start : i + 1]), (i + 1 - start) // 2
-            start, size = i + 1, 0
-    if start < n:
-        yield HEAD_DELIVER + b"".join(parts[start:]), (n - start) // 2
+    for first, last in _cuts(list(accumulate(map(len, parts)))[1::2]):
+        yield HEAD_DELIVER + b"".join(parts[2 * first : 2 * last + 2]), last + 1 - first

@@ -40,6 +40,7 @@ from node.topics import (
 )
 
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
+_ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian sequence
 MAX_GROUP_NAME: Final = 64
 ROUTE_CACHE_SIZE: Final = 65536
 SLOW_NOTICE_INTERVAL: Final = 1.0
@@ -635,10 +636,7 @@ class Router:
             rec = body[off:end]
             off = end
             count += 1
-            if dedup and seen(
-                rec[RECORD_SIZE - 16 : RECORD_SIZE - 8],
-                int.from_bytes(rec[RECORD_SIZE - 8 : RECORD_SIZE], "big"),
-            ):
+            if dedup and seen(*_ORIGIN_SEQ.unpack_from(rec, RECORD_SIZE - 16)):
                 self.counters.duplicates += 1
                 continue
             topic = rec[RECORD_SIZE : RECORD_SIZE + tlen]
