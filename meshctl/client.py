@@ -137,6 +137,7 @@ class Client:
         self._sids = itertools.count(1)
         self._subs: dict[int, Subscription] = {}
         self._control: dict[int, tuple[Kind, dict[str, Any]]] = {}
+        self._awaiting: set[int] = set()
         self._async_errors: deque[RemoteError] = deque(maxlen=100)
         self._topics: dict[str, bytes] = {}
         self._buffer: list[bytes] = []
@@ -157,6 +158,8 @@ class Client:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RCVHWM, 0)  # the node bounds what it queues for us
+        # A node that stops reading must not hang us: sends give up after the timeout.
+        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
         try:
             sock.connect(self.server)
         except zmq.ZMQError as e:
@@ -246,7 +249,7 @@ class Client:
                 self._send_buffer()
         else:
             self._send_buffer()
-            self._socket().send(HEAD_PUB + rec + tb + hb + data)  # type: ignore[operator]
+            self._send(HEAD_PUB + rec + tb + hb + data)  # type: ignore[operator]
         return event_id.hex()
 
     @contextmanager
@@ -268,7 +271,7 @@ class Client:
             frame = HEAD_PUB + b"".join(self._buffer)
             self._buffer.clear()
             self._buffered = 0
-            self._socket().send(frame)
+            self._send(frame)
 
     def flush(self, timeout: float | None = None) -> None:
         """Wait until the node has processed everything sent so far.
@@ -363,6 +366,7 @@ class Client:
         inbox = f"{self._inbox}/{token}"
         got: list[Event] = []
         self._replies[token] = got
+        req_id = ""
         try:
             req_id = self.publish(
                 topic, data, {**(headers or {}), "reply-to": inbox}, _flags=F_REQUEST
@@ -377,6 +381,7 @@ class Client:
                     break
         finally:
             self._replies.pop(token, None)
+            self._no_responders.discard(req_id)
         if not got or len(got) < replies:
             raise Timeout(
                 f"request on {topic} timed out after {timeout:g}s with "
@@ -413,6 +418,16 @@ class Client:
 
     # ---- plumbing ----------------------------------------------------------------------
 
+    def _send(self, frame: bytes) -> None:
+        """Send, or raise Timeout if the node has not taken frames for the whole timeout."""
+        try:
+            self._socket().send(frame)
+        except zmq.Again:
+            raise Timeout(
+                f"node at {self.server} accepted nothing for {self.timeout:g}s "
+                "(unreachable, or its queue for us stayed full)"
+            ) from None
+
     def _socket(self) -> zmq.Socket[bytes]:
         if self._sock is None:
             raise InputError("client is closed")
@@ -424,14 +439,18 @@ class Client:
         """Send a control request and wait for its OK; ERR becomes an exception."""
         ref = next(self._refs)
         self._send_buffer()
-        self._socket().send(encode_control(kind, {"ref": ref, **body}))
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while ref not in self._control:
-            if not self._pump(deadline):
-                raise Timeout(
-                    f"node at {self.server} did not answer {kind.name} within "
-                    f"{self.timeout if timeout is None else timeout:g}s"
-                )
+        self._awaiting.add(ref)
+        try:
+            self._send(encode_control(kind, {"ref": ref, **body}))
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            while ref not in self._control:
+                if not self._pump(deadline):
+                    raise Timeout(
+                        f"node at {self.server} did not answer {kind.name} within "
+                        f"{self.timeout if timeout is None else timeout:g}s"
+                    )
+        finally:
+            self._awaiting.discard(ref)  # an answer arriving later is dropped, not kept
         answer, reply = self._control.pop(ref)
         if answer == Kind.ERR:
             if reply.get("code") == "input":
@@ -480,17 +499,21 @@ class Client:
     def _dispatch(self, frame: bytes) -> None:
         try:
             if frame[:2] == b"\x01\x21":
-                self._deliver(frame)
-                return
-            kind, body = decode_control(frame)
-        except (CodecError, IndexError):
+                events = decode_deliveries(frame, self._topic_names)
+            else:
+                kind, body = decode_control(frame)
+        except CodecError:
             return  # a newer node's frame we do not know: ignore, as the node counts ours
+        if frame[:2] == b"\x01\x21":
+            self._deliver(events)  # callbacks run outside the try: their errors are theirs
+            return
         if kind == Kind.WELCOME:
             self.node = body
             self.max_payload = int(body.get("max_payload", self.max_payload))
             self._inbox = f"_INBOX/{body['node_id']}/{body['client_id']}"
         elif kind in (Kind.OK, Kind.ERR) and isinstance(body.get("ref"), int):
-            self._control[body["ref"]] = (kind, body)
+            if body["ref"] in self._awaiting:
+                self._control[body["ref"]] = (kind, body)
         elif kind == Kind.ERR:
             if body.get("code") == "session" and self.node:
                 self._resume()
@@ -501,9 +524,9 @@ class Client:
         elif kind == Kind.NORESP:
             self._no_responders.add(str(body.get("id")))
 
-    def _deliver(self, frame: bytes) -> None:
+    def _deliver(self, events: list[tuple[int, Event]]) -> None:
         subs = self._subs
-        for sid, event in decode_deliveries(frame, self._topic_names):
+        for sid, event in events:
             if sid == 0:
                 token = event.topic.rsplit("/", 1)[-1]
                 waiting = self._replies.get(token)
@@ -523,9 +546,9 @@ class Client:
         """The node restarted and forgot us: greet it again and restore subscriptions."""
         assert self._sock is not None
         self.node = {}
-        self._sock.send(encode_control(Kind.HELLO, {"name": self.name}))
+        self._send(encode_control(Kind.HELLO, {"name": self.name}))
         for sub in self._subs.values():
-            self._sock.send(
+            self._send(
                 encode_control(
                     Kind.SUB,
                     {

@@ -13,6 +13,7 @@ NODE_ID_FILE: Final = "node_id"
 PID_FILE: Final = "node.pid"
 IPC_FILE: Final = "node.sock"
 LOG_FILE: Final = "node.log"
+EPOCH_FILE: Final = "epoch"
 _IPC_PATH_MAX: Final = 100  # sun_path is 108 bytes on Linux; keep a margin
 
 
@@ -107,3 +108,18 @@ def remove_pid(data_dir: Path) -> None:
             path.unlink()
     except (OSError, ValueError):
         pass
+
+
+def next_epoch(data_dir: Path, wall_ns: int) -> int:
+    """This run's epoch: the wall clock, but always above the last run's, so a node whose
+    clock went back (no RTC, before NTP) still supersedes its old announcements."""
+    path = data_dir / EPOCH_FILE
+    try:
+        last = int(path.read_text().strip())
+    except (OSError, ValueError):
+        last = 0
+    epoch = max(wall_ns, last + 1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{epoch}\n")
+    tmp.replace(path)
+    return epoch

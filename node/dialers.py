@@ -61,6 +61,9 @@ class Dialers:
     def dial(self, d: Dialer, hello: bytes, now: float) -> None:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        # No silent reconnect: a new connection must start with a new LINK hello, so a
+        # lost connection ends this socket; heartbeats notice, and we redial afresh.
+        sock.setsockopt(zmq.RECONNECT_IVL, -1)
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)

@@ -111,8 +111,7 @@ class Discovery:
         """Unregister (mDNS goodbye), close zeroconf and join the thread."""
         self._stop.set()
         self._thread.join(timeout=5)
-        self._actor_pipe.close(linger=0)
-        self.pipe.close(linger=0)
+        self.pipe.close(linger=0)  # the actor closes its own end, on its own thread
 
     def _send(self, msg: dict[str, Any]) -> None:
         self._actor_pipe.send(json.dumps(msg).encode())
@@ -122,6 +121,7 @@ class Discovery:
             zc = Zeroconf(interfaces=self.addresses, ip_version=IPVersion.V4Only)
         except OSError as e:
             log.error("mDNS discovery off: cannot open zeroconf on %s: %s", self.addresses, e)
+            self._actor_pipe.close(linger=0)
             return
         # Probing before the first announcement takes about a second: do it on a thread of
         # its own so that finding the others (and linking to them) starts at once.
@@ -149,6 +149,7 @@ class Discovery:
             if browser is not None:
                 browser.cancel()  # its thread is not a daemon: it would hold up exit
             zc.close()
+            self._actor_pipe.close(linger=0)
 
     def _register(self, zc: Zeroconf) -> None:
         try:

@@ -74,6 +74,7 @@ class Node:
             wall_ns=time.time_ns,
             log=log.info,
             dead_after=config.dead_after,
+            epoch=datadir.next_epoch(identity.data_dir, time.time_ns()),
         )
         self.router.status_extra = self._status_extra
         self.router.peers_extra = self._dialer_view
@@ -204,6 +205,8 @@ class Node:
                     self.dialers.backoff(d, now)
             elif d.state == "up" and d.url not in net.by_via:
                 self.dialers.backoff(d, now)
+            if d.found == "mdns" and d.state != "up" and d.url not in self._discovered_urls():
+                self.dialers.remove(d.url)  # mDNS said goodbye: stop redialling
         net.tick(now, self.config.heartbeat)
 
     def _close_refused(self, now: float) -> None:
@@ -267,7 +270,13 @@ class Node:
                     )
                 continue
             if old is not None and old["url"] != url:
-                self.dialers.remove(old["url"])
+                if old["url"].split("//")[1].rsplit(":", 1)[0] in msg["addresses"] and old[
+                    "url"
+                ].rsplit(":", 1)[1] == str(msg["port"]):
+                    msg["url"] = url = old["url"]  # same peer, addresses listed in another order
+                else:
+                    self.router.net.drop_via(old["url"], "peer moved", now)
+                    self.dialers.remove(old["url"])
             if url not in self.dialers.by_url:
                 log.info("mDNS: found %s (%s) at %s", msg["name"], peer, url)
                 # Both sides dial at once: a newcomer is advertised only after ~1.5 s of
@@ -275,6 +284,9 @@ class Node:
                 # links come up, the one dialed by the lower id survives (mesh.py).
                 self.dialers.add(url, "mdns", now)
                 self.dialers.by_url[url].peer_id = peer
+
+    def _discovered_urls(self) -> set[str]:
+        return {m["url"] for m in self.discovered.values()}
 
     def _dialer_view(self, now: float) -> list[dict[str, Any]]:
         """Outbound links that are not up, and nodes seen but not linked, for `meshctl peers`."""

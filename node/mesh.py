@@ -17,6 +17,7 @@ sockets; this module decides:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -27,6 +28,7 @@ from node.routing import MeshRoute, MeshTable, NodeState
 PROTO: Final = 1
 MAX_HOPS_FORWARD: Final = 16  # a forwarded copy travels at most this many links
 CONVERGENCE_WINDOW: Final = 10.0  # seconds after a change during which copies may meet
+FORGET_AFTER: Final = 600.0  # an unreachable node's state is dropped after this long
 Via = bytes | str
 
 
@@ -102,6 +104,7 @@ class Mesh:
         self._dirty = False
         self._up: set[str] = set()  # nodes reachable at the last topology change
         self._changed_at = float("-inf")
+        self._unreachable_since: dict[str, float] = {}
 
     # ---- our own state -------------------------------------------------------------------
 
@@ -274,7 +277,10 @@ class Mesh:
             name = self.table.states[node_id].name
             self.log(f"node reachable: {name} ({node_id})")
             self.emit("$mesh/node/up", {"peer": node_id, "peer_name": name}, now)
+        for node_id in reachable:
+            self._unreachable_since.pop(node_id, None)
         for node_id in sorted(self._up - reachable):
+            self._unreachable_since[node_id] = now
             state = self.table.states.get(node_id)
             name = state.name if state else node_id
             self.log(f"node unreachable: {name} ({node_id})")
@@ -323,7 +329,8 @@ class Mesh:
         if kind == Kind.BEAT:
             self.out.append((via, encode_control(Kind.BEAT_ACK, {"t": body.get("t")})))
         elif isinstance(body.get("t"), int | float):
-            link.rtt = max(0.0, now - float(body["t"]))
+            with contextlib.suppress(OverflowError):  # a peer's nonsense must not raise
+                link.rtt = max(0.0, now - float(body["t"]))
 
     def heard(self, via: Via, now: float) -> None:
         """Any frame on a link proves it alive."""
@@ -332,7 +339,13 @@ class Mesh:
             self.links[peer].last_rx = now
 
     def tick(self, now: float, interval: float) -> None:
-        """Heartbeat every link each ``interval``; declare silent links dead."""
+        """Heartbeat every link each ``interval``; declare silent links dead; forget nodes
+        unreachable for FORGET_AFTER so the table does not grow with every id ever seen."""
+        for node_id in [n for n, t in self._unreachable_since.items() if now - t > FORGET_AFTER]:
+            del self._unreachable_since[node_id]
+            if node_id not in self._up:
+                self.table.forget(node_id)
+                self.on_change()
         for link in list(self.links.values()):
             if now - link.last_rx > self.dead_after:
                 self._link_down(link, f"silent for {now - link.last_rx:.1f}s", now)
@@ -383,15 +396,18 @@ class Mesh:
         for hop, tl in sorted(by_hop.items()):
             via = self.links[hop].via
             chunk: list[tuple[bytes, tuple[str, ...]]] = []
+            chunk_bytes = 0
             for node, groups in tl:
                 # A header holds 255 entries of 255 groups each; a node with more groups
                 # takes several entries, always in the same header so it gets one copy.
                 entries = [(node, groups[i : i + 255]) for i in range(0, len(groups), 255)]
                 entries = entries or [(node, ())]
-                if len(chunk) + len(entries) > 255:
+                size = sum(9 + sum(1 + len(g.encode()) for g in gs) for _, gs in entries)
+                if chunk and (len(chunk) + len(entries) > 255 or chunk_bytes + size > 60_000):
                     out.append((via, encode_targets(hops, chunk)))
-                    chunk = []
+                    chunk, chunk_bytes = [], 0
                 chunk += entries[:255]
+                chunk_bytes += size
             if chunk:
                 out.append((via, encode_targets(hops, chunk)))
         return out

@@ -41,6 +41,8 @@ from node.topics import (
 
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
 _ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian sequence
+_LINK_ONLY: Final = frozenset((Kind.FWD, Kind.STATES, Kind.BEAT, Kind.BEAT_ACK))
+_NOT_LINKED: Final = encode_control(Kind.LINK_REFUSE, {"reason": "not linked (node restarted?)"})
 MAX_GROUP_NAME: Final = 64
 ROUTE_CACHE_SIZE: Final = 65536
 SLOW_NOTICE_INTERVAL: Final = 1.0
@@ -169,6 +171,7 @@ class Router:
         wall_ns: Callable[[], int],
         log: Callable[[str], None] = lambda _msg: None,
         dead_after: float = 3.0,
+        epoch: int | None = None,
     ) -> None:
         self.node_id = node_id
         self.name = name
@@ -201,7 +204,7 @@ class Router:
             node_id=node_id,
             name=name,
             mesh=mesh,
-            epoch=wall_ns(),
+            epoch=wall_ns() if epoch is None else epoch,
             dead_after=dead_after,
             log=log,
             on_change=self._routes_changed,
@@ -220,6 +223,11 @@ class Router:
                 self._on_link_frame(ident, frame, now)
                 return
             kind = frame_kind(frame)
+            if kind in _LINK_ONLY and ident not in self.clients:
+                # A node that still thinks it is linked to us (we restarted): say so, and
+                # its link goes down now instead of after its heartbeat timeout.
+                self._control.append((ident, _NOT_LINKED, 0))
+                return
             if kind in (Kind.PUB, Kind.DELIVER, Kind.FWD):
                 raise CodecError(f"{kind.name} is not a frame a client may send")
             kind, body = decode_control(frame)
@@ -249,13 +257,21 @@ class Router:
         except CodecError as e:
             self.counters.bad_frames += 1
             self.log(f"bad frame on link {via}: {e}")
+        except Exception as e:  # a bug of ours must not take the node down: drop, count, log
+            self.counters.internal_errors += 1
+            self.log(f"internal error on a frame from link {via} (dropped): {e!r}")
 
     def _on_link_frame(self, via: Via, frame: bytes, now: float) -> None:
-        self.net.heard(via, now)
         if frame[:2] == HEAD_FWD:
+            self.net.heard(via, now)
             self._on_forward(via, frame, now)
             return
         kind, body = decode_control(frame)
+        if kind in (Kind.ERR, Kind.LINK_REFUSE):  # e.g. a restarted peer that forgot us
+            reason = body.get("reason") or body.get("error") or "refused"
+            self.net.drop_via(via, f"peer ended the link: {str(reason)[:200]}", now)
+            return
+        self.net.heard(via, now)
         if kind == Kind.STATES:
             self.net.on_states(via, body, now)
         elif kind in (Kind.BEAT, Kind.BEAT_ACK):
@@ -264,8 +280,6 @@ class Router:
             self.net.drop_via(via, "peer re-linked", now)
             if isinstance(via, bytes):
                 self.net.on_link_request(via, body, "", now)
-        elif kind == Kind.LINK_REFUSE:
-            self.net.drop_via(via, str(body.get("reason", "refused")), now)
 
     def bad_frame(self, ident: bytes | None, why: str) -> None:
         """Count a malformed frame and tell its sender, if any."""

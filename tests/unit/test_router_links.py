@@ -1,0 +1,54 @@
+"""Router behaviour at the edges of links: forgotten peers, hostile link frames, restarts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from node import datadir
+from node.codec import Kind, decode_control, encode_control
+from node.router import Router
+
+NODE = "0123456789abcdef"
+
+
+def router() -> Router:
+    return Router(
+        node_id=NODE,
+        name="n",
+        mesh="m",
+        max_payload=1024,
+        max_clients=4,
+        max_subscriptions=8,
+        wall_ns=lambda: 1,
+    )
+
+
+def test_link_frames_from_an_unknown_peer_are_answered_not_linked() -> None:
+    r = router()
+    for kind in (Kind.BEAT, Kind.STATES, Kind.BEAT_ACK):
+        r.handle(b"stranger", encode_control(kind, {"t": 1}), 0.0)
+        (out,) = list(r.take_output())
+        assert out[0] == b"stranger"
+        assert decode_control(out[1])[0] == Kind.LINK_REFUSE
+    assert r.counters.bad_frames == 0
+
+
+def test_nonsense_on_a_dialed_link_is_counted_not_raised() -> None:
+    r = router()
+    # Not linked yet: a LINK_OK whose node state is junk is refused, nothing raises.
+    r.handle_dialed(
+        "tcp://10.0.0.1:4850",
+        "static",
+        encode_control(Kind.LINK_OK, {"node": {"id": "x", "epoch": 1e999}}),
+        0.0,
+    )
+    r.handle_dialed("tcp://10.0.0.1:4850", "static", b"\x01\x15[[[", 0.0)
+    assert r.counters.bad_frames == 1
+    assert r.net.counters["links_refused"] == 1
+
+
+def test_epoch_always_grows_even_when_the_clock_goes_back(tmp_path: Path) -> None:
+    first = datadir.next_epoch(tmp_path, 1_000)
+    assert first == 1_000
+    assert datadir.next_epoch(tmp_path, 500) == 1_001  # clock went back: still newer
+    assert datadir.next_epoch(tmp_path, 5_000) == 5_000
