@@ -81,7 +81,7 @@ class NodeConfig:
     discovery: bool = True
     interfaces: tuple[str, ...] = ()
     heartbeat: float = 1.0
-    dead_after: float = 3.0
+    dead_after: float = 2.5
     backoff_max: float = 10.0
 
 

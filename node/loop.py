@@ -34,6 +34,7 @@ PROBE_INTERVAL: Final = 0.5  # how often silent clients are probed for liveness
 IDLE_BEFORE_PROBE: Final = 1.0
 MAX_POLL_MS: Final = 100  # upper bound on reacting to a stop request
 LINK_TICK: Final = 0.1  # how often dials, handshakes and heartbeats are looked at
+SPIN_AFTER_PASS_BELOW: Final = 16 * 1024  # bytes read in a pass; more means a stream
 _PING: Final = encode_control(Kind.PING, {})
 _LINK_KIND: Final = bytes((Kind.LINK,))
 _HANDSHAKE_FAILED: Final = (
@@ -64,6 +65,7 @@ class Node:
         self.started_wall = time.time()
         self.started = time.monotonic()
         self._stop = False
+        self._pass_bytes = 0
         self.router = Router(
             node_id=identity.node_id,
             name=identity.name,
@@ -148,7 +150,11 @@ class Node:
             if self.dialers.changed:
                 poller = self._new_poller()
             ready: dict[Any, int] = {}
-            if not self._spin(spin):
+            # Spin only after light passes (request-reply, trickles): under a stream of
+            # full frames the CPU is better left to the publishers and subscribers.
+            light = self._pass_bytes < SPIN_AFTER_PASS_BELOW
+            self._pass_bytes = 0
+            if not (light and self._spin(spin)):
                 wait = min(next_probe, next_link_tick) - now
                 ready = dict(poller.poll(max(0, min(MAX_POLL_MS, int(wait * 1000) + 1))))
             now = time.monotonic()
@@ -185,7 +191,9 @@ class Node:
             for _ in range(DRAIN_BATCH):
                 if not events(zmq.EVENTS) & zmq.POLLIN:
                     break
-                handle(d.url, d.found, sock.recv(), now)
+                frame = sock.recv()
+                self._pass_bytes += len(frame)
+                handle(d.url, d.found, frame, now)
 
     def _link_tick(self, now: float) -> None:
         """Dial what is due, time out stuck handshakes, notice links that went down."""
@@ -374,6 +382,7 @@ class Node:
                     recv()
                 self.router.bad_frame(ident, "multi-part message (the protocol sends one frame)")
                 continue
+            self._pass_bytes += len(frame)
             handle(ident, frame, now)
 
     def _flush(self, now: float) -> None:

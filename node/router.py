@@ -170,7 +170,7 @@ class Router:
         max_subscriptions: int,
         wall_ns: Callable[[], int],
         log: Callable[[str], None] = lambda _msg: None,
-        dead_after: float = 3.0,
+        dead_after: float = 2.5,
         epoch: int | None = None,
     ) -> None:
         self.node_id = node_id

@@ -333,3 +333,23 @@ def test_operator_views_and_mesh_events(mesh: Mesh) -> None:
     routes = run_cli("routes", "x/y", "--json", server=mesh.nodes["A"].ipc).json_lines()[0]
     assert routes["remote"] == []
     assert routes["local"] == []
+
+
+def test_stopped_peer_is_noticed_and_relinks_when_continued(mesh: Mesh) -> None:
+    """SIGSTOP: the process is alive, its sockets open, but silent. Heartbeats must notice."""
+    line(mesh)
+    c_node = mesh.nodes["C"]
+    os.kill(c_node.pid, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        mesh.wait_reachable("A", 2, timeout=5)
+        assert time.monotonic() - t0 < 3.0  # dead_after is 1 s in this test's config
+    finally:
+        os.kill(c_node.pid, signal.SIGCONT)
+    mesh.wait_reachable("A", 3, timeout=10)
+    sub = mesh.client("C").subscribe("cont/>")
+    mesh.wait_interest("A", "cont/x", 1)
+    pub = mesh.client("A")
+    pub.publish("cont/x", b"1")
+    pub.flush()
+    assert [e.data for e in drain(sub)] == [b"1"]
