@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PURE = [
+    "edge/mapping.py",
     "node/topics.py",
     "node/codec.py",
     "node/events.py",
