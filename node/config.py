@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
+from node.bridge_config import BridgeConfig, parse_bridges
 from node.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -83,6 +84,7 @@ class NodeConfig:
     heartbeat: float = 1.0
     dead_after: float = 2.5
     backoff_max: float = 10.0
+    bridges: tuple[BridgeConfig, ...] = ()  # [[bridge]] tables, see bridge_config.py
 
 
 def _str(v: object) -> str:
@@ -299,6 +301,9 @@ def load_config(text: str, *, source: str = "<string>") -> NodeConfig:
         raise ConfigError(source, "", f"not valid TOML: {e}") from None
     values: dict[str, Any] = {}
     for section, table in doc.items():
+        if section == "bridge":
+            values["bridges"] = parse_bridges(table, source)
+            continue
         if section not in _SECTIONS:
             raise ConfigError(source, section, f"unknown section (known: {', '.join(_SECTIONS)})")
         if not isinstance(table, dict):
@@ -372,7 +377,43 @@ def render_config(config: NodeConfig, *, comments: bool) -> str:
                 lines.append(f"# {f.help}")
             lines.append(f"{f.key} = {_toml_value(getattr(config, f.attr))}")
         lines.append("")
+    for b in config.bridges:
+        lines += [
+            "[[bridge]]",
+            f"kind = {_toml_value(b.kind)}",
+            f"name = {_toml_value(b.name)}",
+            f"url = {_toml_value(b.url)}",
+            f"tls = {_toml_value(b.tls)}",
+            f"import = {_toml_value(b.imports)}",
+            f"export = {_toml_value(b.exports)}",
+            f"local_prefix = {_toml_value(b.local_prefix)}",
+            f"remote_prefix = {_toml_value(b.remote_prefix)}",
+            f"qos = {b.qos}",
+        ]
+        if b.username:
+            lines += [f"username = {_toml_value(b.username)}", 'password = "***"']
+        lines.append("")
+    if comments and not config.bridges:
+        lines += BRIDGE_EXAMPLE
     return "\n".join(lines)
+
+
+BRIDGE_EXAMPLE: Final = [
+    "# Bridges to external brokers: one [[bridge]] table each (none by default).",
+    "# import: patterns in the remote dialect (MQTT filters, NATS subjects) brought in;",
+    "# export: mesh patterns sent out. Imported events are never exported back.",
+    "# [[bridge]]",
+    '# kind = "mqtt"                 # or "nats"',
+    '# url = "mqtt://broker:1883"    # nats://server:4222; mqtts:// or tls:// for TLS',
+    '# import = ["sensors/#"]',
+    '# export = ["commands/>"]',
+    '# local_prefix = ""             # mesh side prefix, swapped for remote_prefix',
+    '# remote_prefix = ""',
+    "# qos = 0                       # MQTT: 0 or 1",
+    '# username = ""',
+    '# password = ""',
+    "",
+]
 
 
 def as_dict(config: NodeConfig) -> dict[str, dict[str, object]]:
@@ -381,9 +422,21 @@ def as_dict(config: NodeConfig) -> dict[str, dict[str, object]]:
     for f in FIELDS:
         value = getattr(config, f.attr)
         out[f.section][f.key] = list(value) if isinstance(value, tuple) else value
+    if config.bridges:
+        out["bridge"] = [
+            {
+                "kind": b.kind,
+                "name": b.name,
+                "url": b.url,
+                "import": list(b.imports),
+                "export": list(b.exports),
+                "qos": b.qos,
+            }
+            for b in config.bridges
+        ]  # type: ignore[dict-item]
     return out
 
 
-assert {f.attr for f in FIELDS} == {f.name for f in fields(NodeConfig)}, (
+assert {f.attr for f in FIELDS} | {"bridges"} == {f.name for f in fields(NodeConfig)}, (
     "FIELDS must cover NodeConfig"
 )

@@ -12,10 +12,11 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -66,6 +67,7 @@ class Node:
         self.started = time.monotonic()
         self._stop = False
         self._pass_bytes = 0
+        self.plugins: list[Plugin] = []
         self.router = Router(
             node_id=identity.node_id,
             name=identity.name,
@@ -116,6 +118,9 @@ class Node:
             Path(ipc[len("ipc://") :]).unlink(missing_ok=True)  # stale file of a dead node
             s.bind(ipc)
             self.endpoints.append(ipc)
+        # In-process actors (bridges) connect here; inproc needs this node's context.
+        self.inproc = f"inproc://meshctl-{self.identity.node_id}"
+        s.bind(self.inproc)
 
     def _status_extra(self, now: float) -> dict[str, Any]:
         return {
@@ -125,6 +130,7 @@ class Node:
             "endpoints": self.endpoints,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_wall)),
             "uptime_s": round(now - self.started, 3),
+            "bridges": [p.status() for p in self.plugins],
             "limits": {
                 "max_payload": self.config.max_payload,
                 "client_queue": self.config.client_queue,
@@ -461,8 +467,23 @@ class Node:
         self.ctx.term()
 
 
-def serve(config: NodeConfig, identity: Identity) -> None:
-    """Run a node in the foreground until SIGINT or SIGTERM; logs one line per notable event."""
+class Plugin(Protocol):
+    """An in-process actor started with the node (a bridge): stopped with it, and shown
+    in its status."""
+
+    def stop(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+def serve(
+    config: NodeConfig, identity: Identity, plugins: Callable[[Node], list[Plugin]] | None = None
+) -> None:
+    """Run a node in the foreground until SIGINT or SIGTERM; logs one line per notable event.
+
+    ``plugins`` starts in-process actors once the node listens (``meshctl up`` passes the
+    edge bridges this way, so node/ never imports edge/).
+    """
     node = Node(config, identity)
     datadir.write_pid(identity.data_dir)
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -474,6 +495,8 @@ def serve(config: NodeConfig, identity: Identity) -> None:
     try:
         node.bind()
         node.start_discovery()
+        if plugins is not None:
+            node.plugins = plugins(node)
         for s in old:
             signal.signal(s, on_signal)
         log.info(
@@ -487,6 +510,8 @@ def serve(config: NodeConfig, identity: Identity) -> None:
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
+        for plugin in node.plugins:
+            plugin.stop()
         node.close()
         datadir.remove_pid(identity.data_dir)
         log.info("node stopped")

@@ -187,6 +187,7 @@ class Router:
         self.counters = Counters()
         self.status_extra: Callable[[float], dict[str, Any]] = lambda _now: {}
         self.peers_extra: Callable[[float], list[dict[str, Any]]] = lambda _now: []
+        self.internal: set[bytes] = set()  # identities of in-process actors (bridges)
         self._cache: dict[bytes, Route | _Refused] = {}
         self._fwd_cache: dict[bytes, tuple[tuple[str, ...] | None, list[tuple[Via, bytes]]]] = {}
         self._turns: dict[str, _Turn] = {}
@@ -476,9 +477,11 @@ class Router:
             route = cache.get(topic)
             if route is None:
                 route = self._resolve(topic)
+            if type(route) is _Refused and ident in self.internal:
+                route = self._remote_route(topic)  # in-process actors announce $mesh events
             if type(route) is _Refused:
                 self.counters.dropped["bad_topic"] += 1
-                self._error(ident, None, route.reason, "topic")
+                self._error(ident, None, route.reason, "topic")  # type: ignore[union-attr]
                 continue
             count += 1
             plain = route.plain  # type: ignore[union-attr]

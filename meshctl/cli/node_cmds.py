@@ -114,7 +114,7 @@ def up(
     if detach:
         _detach(where)
         return
-    from node.loop import Identity, serve  # noqa: PLC0415 - keeps zmq off the CLI's start path
+    from node.loop import Identity, Node, serve  # noqa: PLC0415 - keeps zmq off the CLI's start path
 
     logging.basicConfig(
         level=cfg.log_level.upper(),
@@ -127,8 +127,16 @@ def up(
         name=cfg.name or socket.gethostname(),
         data_dir=where,
     )
+
+    def bridges(node: Node) -> list[Any]:
+        if not cfg.bridges:
+            return []
+        from edge.bridges import start_bridges  # noqa: PLC0415 - paho/nats only when used
+
+        return start_bridges(cfg.bridges, node.ctx, node.inproc, node.router.internal.add)
+
     try:
-        serve(cfg, identity)
+        serve(cfg, identity, bridges)
     except OSError as e:
         raise OperationalError(str(e)) from None
 
@@ -214,6 +222,31 @@ def _render_status(s: dict[str, Any]) -> None:
         f"no interest {c['no_interest']}  [dim]dropped[/] {drops}  "
         f"[dim]bad frames[/] {c['bad_frames']}  [dim]bad handshakes[/] {c['bad_handshakes']}"
     )
+    if s.get("bridges"):
+        t = Table(
+            "bridge",
+            "kind",
+            "url",
+            "state",
+            "imported",
+            "exported",
+            "refused",
+            "dropped (remote down)",
+            box=None,
+        )
+        for b in s["bridges"]:
+            state = b["state"] if b["state"] == "up" else f"[red]{b['state']}[/]"
+            t.add_row(
+                b["name"],
+                b["kind"],
+                b["url"],
+                state,
+                str(b["imported"]),
+                str(b["exported"]),
+                str(b["refused"]),
+                str(b["dropped_remote_down"]),
+            )
+        out.print(t)
     if s["clients"]:
         t = Table("client", "name", "connected", "subs", "in", "out", "dropped", box=None)
         for cl in s["clients"]:

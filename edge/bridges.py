@@ -1,0 +1,310 @@
+"""Bridge actors: each a thread with its own DEALER to the node (inproc) and a client of an
+external broker. Topic mapping lives in mapping.py; this module only moves bytes.
+
+What a bridge does while its broker is down: exports are dropped and counted
+(``dropped_remote_down``); there is no spool yet (it comes with the durability work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+import zmq
+
+from edge.mapping import (
+    MappingError,
+    mesh_to_nats,
+    mesh_topic_to_mqtt,
+    mqtt_topic_to_mesh,
+    nats_to_mesh,
+    swap_prefix,
+)
+from edge.port import MeshPort
+from node.bridge_config import BridgeConfig
+
+log = logging.getLogger("meshctl.node")
+
+POLL_MS: Final = 50
+
+
+class Bridge:
+    """Common part: the node side (port, socket, counters) and the thread."""
+
+    def __init__(
+        self, cfg: BridgeConfig, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, ident: bytes
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.ident = ident
+        self.port = MeshPort(cfg.name)
+        self.state = "starting"
+        self.counters = {"imported": 0, "exported": 0, "refused": 0, "dropped_remote_down": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"bridge-{cfg.name}", daemon=True)
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
+        self._notices: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.cfg.name,
+            "kind": self.cfg.kind,
+            "url": self.cfg.url,
+            "state": self.state,
+            "import": list(self.cfg.imports),
+            "export": list(self.cfg.exports),
+            **self.counters,
+        }
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        if state != self.state:
+            self.state = state
+            log.info(
+                "bridge %s (%s): %s%s",
+                self.cfg.name,
+                self.cfg.url,
+                state,
+                f": {detail}" if detail else "",
+            )
+            # Callbacks run on the client library's threads: only the bridge thread may use
+            # the node socket, so the $mesh event waits in a queue for it.
+            self._notices.put(
+                (
+                    f"$mesh/bridge/{'up' if state == 'up' else 'down'}",
+                    {"bridge": self.cfg.name, "url": self.cfg.url, "detail": detail},
+                )
+            )
+
+    def _send_notices(self, sock: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                topic, body = self._notices.get_nowait()
+            except queue.Empty:
+                return
+            sock.send(self.port.publish(topic, json.dumps(body).encode(), imported=False))
+
+    def _open_port(self) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.ident)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        sock.send(self.port.hello())
+        if self.cfg.exports:
+            sock.send(self.port.subscribe(self.cfg.exports))
+        return sock
+
+    def _import(
+        self, sock: zmq.Socket[bytes], remote: str, payload: bytes, to_mesh: Callable[[str], str]
+    ) -> None:
+        try:
+            topic = swap_prefix(to_mesh(remote), self.cfg.remote_prefix, self.cfg.local_prefix)
+        except MappingError:
+            self.counters["refused"] += 1
+            return
+        if topic is None:
+            self.counters["refused"] += 1
+            return
+        sock.send(self.port.publish(topic, payload))
+        self.counters["imported"] += 1
+
+    def _export_topic(self, topic: str, to_remote: Callable[[str], str]) -> str | None:
+        local = swap_prefix(topic, self.cfg.local_prefix, self.cfg.remote_prefix)
+        try:
+            return None if local is None else to_remote(local)
+        except MappingError:
+            return None
+
+    def _run(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class MqttBridge(Bridge):
+    """paho-mqtt (MQTT v5, so subscriptions are no-local: our exports never come back)."""
+
+    def _run(self) -> None:
+        import paho.mqtt.client as mqtt  # noqa: PLC0415 - optional dependency
+        from paho.mqtt.subscribeoptions import SubscribeOptions  # noqa: PLC0415
+
+        sock = self._open_port()
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"meshctl-{self.cfg.name}-{self.ident.hex()[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        if self.cfg.username:
+            client.username_pw_set(self.cfg.username, self.cfg.password)
+        if self.cfg.tls:
+            client.tls_set()
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+
+        def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if reason.is_failure:
+                self._set_state("down", str(reason))
+                return
+            for filt in self.cfg.imports:
+                c.subscribe(filt, options=SubscribeOptions(qos=self.cfg.qos, noLocal=True))
+            self._set_state("up")
+
+        def on_disconnect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            self._set_state("down", str(reason))
+
+        def on_message(_c: Any, _u: Any, msg: Any) -> None:
+            with contextlib.suppress(queue.Full):
+                self._inbox.put_nowait((msg.topic, msg.payload))
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        client.on_message = on_message
+        client.connect_async(self.cfg.host, self.cfg.port, keepalive=10)
+        client.loop_start()
+        try:
+            while not self._stop.is_set():
+                if sock.poll(POLL_MS):
+                    while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        for ev in self.port.events(sock.recv()):
+                            self._export_mqtt(client, ev.topic, ev.data)
+                while True:
+                    try:
+                        topic, payload = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._import(sock, topic, payload, mqtt_topic_to_mesh)
+                self._send_notices(sock)
+        finally:
+            client.loop_stop()
+            client.disconnect()
+            sock.close(linger=0)
+
+    def _export_mqtt(self, client: Any, topic: str, data: bytes) -> None:
+        remote = self._export_topic(topic, mesh_topic_to_mqtt)
+        if remote is None:
+            self.counters["refused"] += 1
+        elif self.state != "up":
+            self.counters["dropped_remote_down"] += 1
+        else:
+            client.publish(remote, data, qos=self.cfg.qos)
+            self.counters["exported"] += 1
+
+
+class NatsBridge(Bridge):
+    """nats-py on an asyncio loop in this thread; ``no_echo`` keeps our exports from
+    coming back on our own subscriptions."""
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        import nats  # noqa: PLC0415 - optional dependency
+
+        sock = self._open_port()
+        nc: Any = None
+        delay = 0.2
+        try:
+            while not self._stop.is_set():
+                if nc is None or nc.is_closed:
+                    nc = await self._connect(nats)
+                    if nc is None:
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 10.0)
+                        continue
+                    delay = 0.2
+                await self._pump(sock, nc)
+        finally:
+            if nc is not None and not nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await nc.close()
+            sock.close(linger=0)
+
+    async def _connect(self, nats: Any) -> Any:
+        async def on_disconnected() -> None:
+            self._set_state("down", "disconnected")
+
+        async def on_reconnected() -> None:
+            self._set_state("up")
+
+        async def on_error(e: Exception) -> None:
+            log.debug("bridge %s: %s", self.cfg.name, e)
+
+        try:
+            nc = await nats.connect(
+                servers=[f"{'tls' if self.cfg.tls else 'nats'}://{self.cfg.host}:{self.cfg.port}"],
+                user=self.cfg.username or None,
+                password=self.cfg.password or None,
+                no_echo=True,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=1,
+                connect_timeout=2,
+                name=f"meshctl-{self.cfg.name}",
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+                error_cb=on_error,
+            )
+        except Exception as e:  # any failure to connect means: retry later
+            self._set_state("down", str(e) or type(e).__name__)
+            return None
+
+        async def on_msg(msg: Any) -> None:
+            with contextlib.suppress(queue.Full):
+                self._inbox.put_nowait((msg.subject, msg.data))
+
+        for subject in self.cfg.imports:
+            await nc.subscribe(subject, cb=on_msg)
+        self._set_state("up")
+        return nc
+
+    async def _pump(self, sock: zmq.Socket[bytes], nc: Any) -> None:
+        busy = False
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            busy = True
+            for ev in self.port.events(sock.recv()):
+                remote = self._export_topic(ev.topic, mesh_to_nats)
+                if remote is None:
+                    self.counters["refused"] += 1
+                elif not nc.is_connected:
+                    self.counters["dropped_remote_down"] += 1
+                else:
+                    await nc.publish(remote, ev.data)
+                    self.counters["exported"] += 1
+        while True:
+            try:
+                subject, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            busy = True
+            self._import(sock, subject, payload, nats_to_mesh)
+        self._send_notices(sock)
+        await asyncio.sleep(0 if busy else 0.005)
+
+
+def start_bridges(
+    configs: tuple[BridgeConfig, ...],
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    register: Callable[[bytes], None],
+) -> list[Bridge]:
+    """Start one actor per ``[[bridge]]``; ``register`` tells the node their identities."""
+    bridges: list[Bridge] = []
+    for i, cfg in enumerate(configs):
+        ident = b"\x00bridge" + i.to_bytes(2, "big") + time.time_ns().to_bytes(8, "big")
+        register(ident)
+        cls = MqttBridge if cfg.kind == "mqtt" else NatsBridge
+        bridge = cls(cfg, ctx, endpoint, ident)
+        bridge.start()
+        bridges.append(bridge)
+    return bridges

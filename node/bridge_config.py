@@ -1,0 +1,133 @@
+"""``[[bridge]]`` tables of the node config: which external brokers to bridge, and how.
+
+Pure: TOML values in, frozen BridgeConfig out, ConfigError naming ``bridge[i].key``.
+``import`` patterns are written in the remote dialect (MQTT filters, NATS subjects), since
+they are subscribed there; ``export`` patterns are mesh patterns.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from node.errors import ConfigError, TopicError
+from node.topics import validate_pattern, validate_topic
+
+KINDS: Final = ("mqtt", "nats")
+_URL: Final = re.compile(r"(mqtt|mqtts|nats|tls)://([^:/\s]+)(?::([0-9]{1,5}))?")
+_DEFAULT_PORT: Final = {"mqtt": 1883, "mqtts": 8883, "nats": 4222, "tls": 4222}
+_KEYS: Final = (
+    "kind",
+    "name",
+    "url",
+    "username",
+    "password",
+    "tls",
+    "import",
+    "export",
+    "local_prefix",
+    "remote_prefix",
+    "qos",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeConfig:
+    """One bridge to an external MQTT broker or NATS server."""
+
+    kind: str
+    name: str
+    host: str
+    port: int
+    username: str = ""
+    password: str = ""
+    tls: bool = False
+    imports: tuple[str, ...] = ()
+    exports: tuple[str, ...] = ()
+    local_prefix: str = ""
+    remote_prefix: str = ""
+    qos: int = 0
+
+    @property
+    def url(self) -> str:
+        return f"{self.kind}://{self.host}:{self.port}"
+
+
+def parse_bridges(raw: Any, source: str) -> tuple[BridgeConfig, ...]:
+    """The ``[[bridge]]`` array; names must be unique."""
+    if not isinstance(raw, list):
+        raise ConfigError(source, "bridge", "must be an array of tables, as in [[bridge]]")
+    out = [_one(item, f"bridge[{i}]", source) for i, item in enumerate(raw)]
+    names = [b.name for b in out]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(source, f"bridge[{i}].name", f"{name!r} is used twice")
+    return tuple(out)
+
+
+def _one(item: Any, where: str, source: str) -> BridgeConfig:
+    if not isinstance(item, dict):
+        raise ConfigError(source, where, "must be a table")
+    for key in item:
+        if key not in _KEYS:
+            raise ConfigError(source, f"{where}.{key}", f"unknown key (known: {', '.join(_KEYS)})")
+
+    def fail(key: str, why: str) -> ConfigError:
+        return ConfigError(source, f"{where}.{key}", why)
+
+    kind = item.get("kind")
+    if kind not in KINDS:
+        raise fail("kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+    url = item.get("url")
+    m = _URL.fullmatch(url) if isinstance(url, str) else None
+    if m is None or (m.group(1) in ("mqtt", "mqtts")) != (kind == "mqtt"):
+        example = "mqtt://broker:1883" if kind == "mqtt" else "nats://server:4222"
+        raise fail("url", f"{url!r} is not a {kind} URL such as {example!r}")
+    port = int(m.group(3) or _DEFAULT_PORT[m.group(1)])
+    if not 0 < port < 65536:
+        raise fail("url", f"port {port} is outside 1-65535")
+    name = item.get("name", kind)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name):
+        raise fail("name", f"{name!r} must be 1-32 letters, digits, '.', '_' or '-'")
+    strings = {}
+    for key in ("username", "password", "local_prefix", "remote_prefix"):
+        value = item.get(key, "")
+        if not isinstance(value, str):
+            raise fail(key, "expected a string")
+        strings[key] = value
+    if strings["local_prefix"]:
+        try:
+            validate_topic(strings["local_prefix"])
+        except TopicError as e:
+            raise fail("local_prefix", str(e)) from None
+    tls = item.get("tls", m.group(1) in ("mqtts", "tls"))
+    if not isinstance(tls, bool):
+        raise fail("tls", "expected true or false")
+    qos = item.get("qos", 0)
+    if qos not in (0, 1) or isinstance(qos, bool):
+        raise fail("qos", f"{qos!r} must be 0 or 1")
+    lists = {}
+    for key in ("import", "export"):
+        value = item.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise fail(key, "expected a list of patterns")
+        lists[key] = tuple(value)
+    for pattern in lists["export"]:
+        try:
+            validate_pattern(pattern)
+        except TopicError as e:
+            raise fail("export", str(e)) from None
+    if not lists["import"] and not lists["export"]:
+        raise fail("import", "a bridge needs import or export patterns (or both)")
+    return BridgeConfig(
+        kind=kind,
+        name=name,
+        host=m.group(2),
+        port=port,
+        tls=tls,
+        imports=lists["import"],
+        exports=lists["export"],
+        qos=qos,
+        **strings,
+    )

@@ -1,0 +1,237 @@
+"""Bridges against real brokers: Debian's mosquitto and nats-server on free loopback ports.
+
+scripts/test installs them (as root); without them, and outside CI, these tests skip
+with the reason. The clients on the far side are the real ones too: paho-mqtt, nats-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import NodeFactory, NodeProcess, wait_for
+
+from meshctl import connect
+from meshctl.errors import Timeout
+
+pytestmark = [pytest.mark.e2e, pytest.mark.bridge]
+
+LAB_DIR = Path(
+    os.environ.get("MESH_LAB_DIR", Path(__file__).resolve().parents[3] / "shared" / "lab")
+)
+sys.path.insert(0, str(LAB_DIR))
+import labhelpers as lh  # noqa: E402
+
+
+def _need(binary: str) -> None:
+    if shutil.which(binary) is None:
+        why = f"{binary} is not installed (scripts/test installs it as root)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture
+def mosquitto() -> Iterator[int]:
+    _need("mosquitto")
+    port = lh.free_port()
+    with lh.mosquitto(port=port):
+        yield port
+
+
+@pytest.fixture
+def nats_port() -> Iterator[int]:
+    _need("nats-server")
+    port = lh.free_port()
+    with lh.nats_server(port=port):
+        yield port
+
+
+def bridged_node(make_node: NodeFactory, table: str) -> NodeProcess:
+    node = make_node(config_text=f"[mesh]\ndiscovery = false\n{table}")
+    wait_for(
+        lambda: all(b["state"] == "up" for b in node.status()["bridges"]),
+        timeout=10,
+        what="bridges up",
+    )
+    return node
+
+
+class MqttPeer:
+    """A paho-mqtt client on the broker, collecting what it receives."""
+
+    def __init__(self, port: int, filters: list[str]) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.got: list[tuple[str, bytes]] = []
+        self.ready = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+
+        def on_connect(c: Any, *_: Any) -> None:
+            for f in filters:
+                c.subscribe(f, qos=1)
+
+        self.client.on_connect = on_connect
+        self.client.on_subscribe = lambda *_: self.ready.set()
+        self.client.on_message = lambda _c, _u, m: self.got.append((m.topic, m.payload))
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert self.ready.wait(5)
+
+    def publish(self, topic: str, data: bytes) -> None:
+        self.client.publish(topic, data, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def drain(sub: Any, timeout: float = 0.7) -> list[Any]:
+    got = []
+    try:
+        while True:
+            got.append(sub.next(timeout))
+    except Timeout:
+        return got
+
+
+def test_mqtt_both_ways_with_overlapping_patterns_and_no_loop(
+    make_node: NodeFactory, mosquitto: int
+) -> None:
+    node = bridged_node(
+        make_node,
+        f"""
+[[bridge]]
+kind = "mqtt"
+url = "mqtt://127.0.0.1:{mosquitto}"
+import = ["sensors/#"]
+export = ["sensors/>"]
+""",
+    )
+    peer = MqttPeer(mosquitto, ["sensors/#"])
+    try:
+        with connect(node.ipc) as client:
+            sub = client.subscribe("sensors/>")
+            for i in range(20):
+                peer.publish("sensors/from-mqtt", str(i).encode())
+            for i in range(20):
+                client.publish("sensors/from-mesh", str(i))
+            client.flush()
+            mesh_got = drain(sub, 1.0)
+        wait_for(lambda: len(peer.got) >= 40, timeout=5, what="40 events at the MQTT peer")
+        time.sleep(0.5)  # a loop would show up as more than 40 here: give it the chance
+        # Exactly once each way: MQTT saw its own 20 plus the mesh's 20; the mesh saw its
+        # own 20 plus MQTT's 20. An echo or loop would add more.
+        assert (
+            sorted(t for t, _ in peer.got)
+            == ["sensors/from-mesh"] * 20 + ["sensors/from-mqtt"] * 20
+        )
+        assert (
+            sorted(e.topic for e in mesh_got)
+            == ["sensors/from-mesh"] * 20 + ["sensors/from-mqtt"] * 20
+        )
+        (bridge,) = node.status()["bridges"]
+        assert bridge["imported"] == 20
+        assert bridge["exported"] == 20
+    finally:
+        peer.close()
+
+
+def test_nats_pub_sub_both_ways(make_node: NodeFactory, nats_port: int) -> None:
+    import nats
+
+    node = bridged_node(
+        make_node,
+        f"""
+[[bridge]]
+kind = "nats"
+url = "nats://127.0.0.1:{nats_port}"
+import = ["svc.>"]
+export = ["cmd/>"]
+local_prefix = ""
+""",
+    )
+
+    async def nats_side() -> tuple[list[str], Any]:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        sub = await nc.subscribe("cmd.>")
+        await nc.flush()
+        return [], (nc, sub)
+
+    async def run() -> list[bytes]:
+        _, (nc, sub) = await nats_side()
+        with connect(node.ipc) as client:
+            mesh_sub = client.subscribe("svc/>")
+            for i in range(10):
+                await nc.publish("svc.temp", str(i).encode())
+            await nc.flush()
+            for i in range(10):
+                client.publish("cmd/door", str(i))
+            client.flush()
+            got_mesh = [e.data for e in drain(mesh_sub, 1.0)]
+        got_nats = []
+        for _ in range(10):
+            msg = await sub.next_msg(timeout=3)
+            got_nats.append((msg.subject, msg.data))
+        await nc.close()
+        assert got_nats == [("cmd.door", str(i).encode()) for i in range(10)]
+        return got_mesh
+
+    assert asyncio.run(run()) == [str(i).encode() for i in range(10)]
+
+
+def next_topic(sub: Any, topic: str, timeout: float) -> Any:
+    """The next event on ``topic``, skipping others (an earlier up may still be queued)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        event = sub.next(max(0.01, deadline - time.monotonic()))
+        if event.topic == topic:
+            return event
+
+
+def test_broker_restart_reconnects_and_is_announced(make_node: NodeFactory) -> None:
+    _need("mosquitto")
+    port = lh.free_port()
+    with lh.mosquitto(port=port):
+        node = bridged_node(
+            make_node,
+            f"""
+[[bridge]]
+kind = "mqtt"
+name = "edge-mqtt"
+url = "mqtt://127.0.0.1:{port}"
+export = ["out/>"]
+""",
+        )
+        watcher = connect(node.ipc)
+        events = watcher.subscribe("$mesh/bridge/>")
+    try:
+        down = next_topic(events, "$mesh/bridge/down", 10)  # the broker is gone
+        assert '"bridge": "edge-mqtt"' in down.text()
+        wait_for(
+            lambda: node.status()["bridges"][0]["state"] == "down", timeout=5, what="bridge down"
+        )
+        with lh.mosquitto(port=port):
+            next_topic(events, "$mesh/bridge/up", 15)
+            peer = MqttPeer(port, ["out/#"])
+            try:
+                with connect(node.ipc) as client:
+                    client.publish("out/after", b"restart")
+                    client.flush()
+                wait_for(
+                    lambda: peer.got == [("out/after", b"restart")],
+                    timeout=5,
+                    what="an export after the restart",
+                )
+            finally:
+                peer.close()
+    finally:
+        watcher.close()
