@@ -29,10 +29,12 @@ from edge.mapping import (
 )
 from edge.port import MeshPort
 from node.bridge_config import BridgeConfig
+from node.codec import HEAD_PUB
 
 log = logging.getLogger("meshctl.node")
 
 POLL_MS: Final = 50
+IMPORT_FRAME_BYTES: Final = 64 * 1024
 
 
 class Bridge:
@@ -47,7 +49,13 @@ class Bridge:
         self.ident = ident
         self.port = MeshPort(cfg.name)
         self.state = "starting"
-        self.counters = {"imported": 0, "exported": 0, "refused": 0, "dropped_remote_down": 0}
+        self.counters = {
+            "imported": 0,
+            "exported": 0,
+            "refused": 0,
+            "dropped_remote_down": 0,
+            "dropped_import_full": 0,
+        }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bridge-{cfg.name}", daemon=True)
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
@@ -90,6 +98,13 @@ class Bridge:
                 )
             )
 
+    def _take(self, remote: str, payload: bytes) -> None:
+        """From the client library's thread: queue an import (bounded; overflow counted)."""
+        try:
+            self._inbox.put_nowait((remote, payload))
+        except queue.Full:
+            self.counters["dropped_import_full"] += 1
+
     def _send_notices(self, sock: zmq.Socket[bytes]) -> None:
         while True:
             try:
@@ -108,19 +123,32 @@ class Bridge:
             sock.send(self.port.subscribe(self.cfg.exports))
         return sock
 
-    def _import(
-        self, sock: zmq.Socket[bytes], remote: str, payload: bytes, to_mesh: Callable[[str], str]
-    ) -> None:
-        try:
-            topic = swap_prefix(to_mesh(remote), self.cfg.remote_prefix, self.cfg.local_prefix)
-        except MappingError:
-            self.counters["refused"] += 1
-            return
-        if topic is None:
-            self.counters["refused"] += 1
-            return
-        sock.send(self.port.publish(topic, payload))
-        self.counters["imported"] += 1
+    def _drain_imports(self, sock: zmq.Socket[bytes], to_mesh: Callable[[str], str]) -> bool:
+        """Move queued imports into the mesh, many records per frame; True if any."""
+        batch: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                remote, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                topic = swap_prefix(to_mesh(remote), self.cfg.remote_prefix, self.cfg.local_prefix)
+            except MappingError:
+                topic = None
+            if topic is None:
+                self.counters["refused"] += 1
+                continue
+            rec = self.port.record(topic, payload)
+            batch.append(rec)
+            size += len(rec)
+            self.counters["imported"] += 1
+            if size >= IMPORT_FRAME_BYTES:
+                sock.send(HEAD_PUB + b"".join(batch))
+                batch, size = [], 0
+        if batch:
+            sock.send(HEAD_PUB + b"".join(batch))
+        return bool(batch) or size > 0
 
     def _export_topic(self, topic: str, to_remote: Callable[[str], str]) -> str | None:
         local = swap_prefix(topic, self.cfg.local_prefix, self.cfg.remote_prefix)
@@ -164,8 +192,7 @@ class MqttBridge(Bridge):
             self._set_state("down", str(reason))
 
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
-            with contextlib.suppress(queue.Full):
-                self._inbox.put_nowait((msg.topic, msg.payload))
+            self._take(msg.topic, msg.payload)
 
         client.on_connect = on_connect
         client.on_disconnect = on_disconnect
@@ -178,12 +205,7 @@ class MqttBridge(Bridge):
                     while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         for ev in self.port.events(sock.recv()):
                             self._export_mqtt(client, ev.topic, ev.data)
-                while True:
-                    try:
-                        topic, payload = self._inbox.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._import(sock, topic, payload, mqtt_topic_to_mesh)
+                self._drain_imports(sock, mqtt_topic_to_mesh)
                 self._send_notices(sock)
         finally:
             client.loop_stop()
@@ -260,8 +282,7 @@ class NatsBridge(Bridge):
             return None
 
         async def on_msg(msg: Any) -> None:
-            with contextlib.suppress(queue.Full):
-                self._inbox.put_nowait((msg.subject, msg.data))
+            self._take(msg.subject, msg.data)
 
         for subject in self.cfg.imports:
             await nc.subscribe(subject, cb=on_msg)
@@ -281,13 +302,7 @@ class NatsBridge(Bridge):
                 else:
                     await nc.publish(remote, ev.data)
                     self.counters["exported"] += 1
-        while True:
-            try:
-                subject, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            busy = True
-            self._import(sock, subject, payload, nats_to_mesh)
+        busy = self._drain_imports(sock, nats_to_mesh) or busy
         self._send_notices(sock)
         await asyncio.sleep(0 if busy else 0.005)
 

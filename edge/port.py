@@ -38,6 +38,10 @@ class MeshPort:
 
     def publish(self, topic: str, payload: bytes, *, imported: bool = True) -> bytes:
         """A PUB frame for one event (topic must already be a valid mesh topic)."""
+        return HEAD_PUB + self.record(topic, payload, imported=imported)
+
+    def record(self, topic: str, payload: bytes, *, imported: bool = True) -> bytes:
+        """One event record; many go in one PUB frame (``HEAD_PUB`` + records)."""
         self._seq += 1
         tb = topic.encode()
         hb = self._headers if imported else b""
@@ -51,7 +55,7 @@ class MeshPort:
             time.time_ns(),
             self._origin + self._seq.to_bytes(8, "big"),
         )
-        return HEAD_PUB + rec + tb + hb + payload
+        return rec + tb + hb + payload
 
     def events(self, frame: bytes) -> list[Event]:
         """Events for export in a frame from the node; control frames give none."""
