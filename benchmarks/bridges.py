@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -20,7 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from meshctl import connect
+import nats
+import paho.mqtt.client as mqtt
+
+from meshctl import MeshError, connect
 from meshctl.errors import Timeout
 
 LAB = Path(os.environ.get("MESH_LAB_DIR", Path(__file__).resolve().parents[2] / "shared" / "lab"))
@@ -43,7 +47,7 @@ url = "nats://127.0.0.1:{nats_port}"
 import = ["in.nats.>"]
 export = ["out/>"]
 """)
-    proc = subprocess.Popen(
+    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
         [
             sys.executable,
             "-m",
@@ -64,20 +68,15 @@ export = ["out/>"]
     ipc = f"ipc://{tmp / 'n' / 'node.sock'}"
     deadline = time.monotonic() + 15
     while True:
-        try:
-            with connect(ipc, timeout=0.5) as c:
-                if all(b["state"] == "up" for b in c.status()["bridges"]):
-                    return proc, ipc
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
+        with contextlib.suppress(MeshError), connect(ipc, timeout=0.5) as c:  # not up yet
+            if all(b["state"] == "up" for b in c.status()["bridges"]):
+                return proc, ipc
         if time.monotonic() > deadline:
             raise SystemExit("node or bridges did not come up")
         time.sleep(0.1)
 
 
 def mesh_to_mqtt(ipc: str, port: int, count: int) -> float:
-    import paho.mqtt.client as mqtt
-
     got = [0]
     done = threading.Event()
     ready = threading.Event()
@@ -107,8 +106,6 @@ def mesh_to_mqtt(ipc: str, port: int, count: int) -> float:
 
 
 def mqtt_to_mesh(ipc: str, port: int, count: int) -> float:
-    import paho.mqtt.client as mqtt
-
     with connect(ipc) as client:
         sub = client.subscribe("in/mqtt/>")
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
@@ -132,8 +129,6 @@ def mqtt_to_mesh(ipc: str, port: int, count: int) -> float:
 
 
 def mesh_to_nats(ipc: str, port: int, count: int) -> float:
-    import nats
-
     async def run() -> float:
         nc = await nats.connect(f"nats://127.0.0.1:{port}")
         got = 0
@@ -153,10 +148,8 @@ def mesh_to_nats(ipc: str, port: int, count: int) -> float:
                 for _ in range(count):
                     client.publish("out/x", b"x" * 256)
             client.flush()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), 60)
-            except TimeoutError:
-                pass
             elapsed = time.perf_counter() - t0
         await nc.close()
         return got / elapsed
@@ -165,8 +158,6 @@ def mesh_to_nats(ipc: str, port: int, count: int) -> float:
 
 
 def nats_to_mesh(ipc: str, port: int, count: int) -> float:
-    import nats
-
     async def run(sub: Any) -> float:
         nc = await nats.connect(f"nats://127.0.0.1:{port}")
         t0 = time.perf_counter()
