@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import queue
@@ -35,6 +36,9 @@ log = logging.getLogger("meshctl.node")
 
 POLL_MS: Final = 50
 IMPORT_FRAME_BYTES: Final = 64 * 1024
+REQUEST_TIMEOUT: Final = 5.0  # a mesh request forwarded to NATS waits this long
+REQUEST_MEMORY: Final = 60.0  # a NATS request is remembered this long for its reply
+NATS_NO_RESPONDERS: Final = "503"  # the status NATS servers send; nats-py raises on it
 
 
 class Bridge:
@@ -58,7 +62,11 @@ class Bridge:
         }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bridge-{cfg.name}", daemon=True)
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
+        self._inbox: queue.Queue[tuple[str, bytes, str]] = queue.Queue(maxsize=100_000)
+        # Requests from the remote waiting for a mesh reply: token -> (reply subject, since)
+        self._requests: dict[str, tuple[str, float]] = {}
+        self._request_ids: dict[str, str] = {}  # mesh event id -> token, for no-responders
+        self._tokens = itertools.count(1)
         self._notices: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
 
     def start(self) -> None:
@@ -98,10 +106,11 @@ class Bridge:
                 )
             )
 
-    def _take(self, remote: str, payload: bytes) -> None:
-        """From the client library's thread: queue an import (bounded; overflow counted)."""
+    def _take(self, remote: str, payload: bytes, reply: str = "") -> None:
+        """From the client library's thread: queue an import (bounded; overflow counted).
+        ``reply``: the remote requester's reply subject, when it is a request."""
         try:
-            self._inbox.put_nowait((remote, payload))
+            self._inbox.put_nowait((remote, payload, reply))
         except queue.Full:
             self.counters["dropped_import_full"] += 1
 
@@ -129,7 +138,7 @@ class Bridge:
         size = 0
         while True:
             try:
-                remote, payload = self._inbox.get_nowait()
+                remote, payload, reply = self._inbox.get_nowait()
             except queue.Empty:
                 break
             try:
@@ -139,7 +148,13 @@ class Bridge:
             if topic is None:
                 self.counters["refused"] += 1
                 continue
-            rec = self.port.record(topic, payload)
+            if reply and self.port.inbox:
+                token = str(next(self._tokens))
+                event_id, rec = self.port.request(topic, payload, token)
+                self._requests[token] = (reply, time.monotonic())
+                self._request_ids[event_id] = token
+            else:
+                rec = self.port.record(topic, payload)
             batch.append(rec)
             size += len(rec)
             self.counters["imported"] += 1
@@ -149,6 +164,18 @@ class Bridge:
         if batch:
             sock.send(HEAD_PUB + b"".join(batch))
         return bool(batch) or size > 0
+
+    def _expire_requests(self) -> None:
+        """Forget remote requests nobody answered (their requesters gave up long ago)."""
+        if not self._requests:
+            return
+        cutoff = time.monotonic() - REQUEST_MEMORY
+        stale = [t for t, (_, since) in self._requests.items() if since < cutoff]
+        for token in stale:
+            del self._requests[token]
+        if stale:
+            live = set(self._requests)
+            self._request_ids = {i: t for i, t in self._request_ids.items() if t in live}
 
     def _export_topic(self, topic: str, to_remote: Callable[[str], str]) -> str | None:
         local = swap_prefix(topic, self.cfg.local_prefix, self.cfg.remote_prefix)
@@ -228,7 +255,26 @@ class NatsBridge(Bridge):
     coming back on our own subscriptions."""
 
     def _run(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
         asyncio.run(self._main())
+
+    async def _ask(self, nc: Any, sock: zmq.Socket[bytes], subject: str, ev: Any) -> None:
+        """A mesh request for a NATS responder: ask, and answer the mesh requester."""
+        import nats.errors  # noqa: PLC0415 - optional dependency
+
+        assert ev.reply_to is not None
+        try:
+            msg = await nc.request(subject, ev.data, timeout=REQUEST_TIMEOUT)
+        except nats.errors.NoRespondersError:
+            sock.send(
+                self.port.reply(
+                    ev.reply_to, f"no responders for {subject}".encode(), no_responders=True
+                )
+            )
+        except nats.errors.TimeoutError:
+            return  # the mesh requester times out on its own, as a NATS requester would
+        else:
+            sock.send(self.port.reply(ev.reply_to, msg.data))
 
     async def _main(self) -> None:
         import nats  # noqa: PLC0415 - optional dependency
@@ -282,7 +328,7 @@ class NatsBridge(Bridge):
             return None
 
         async def on_msg(msg: Any) -> None:
-            self._take(msg.subject, msg.data)
+            self._take(msg.subject, msg.data, msg.reply or "")
 
         for subject in self.cfg.imports:
             await nc.subscribe(subject, cb=on_msg)
@@ -293,15 +339,29 @@ class NatsBridge(Bridge):
         busy = False
         while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             busy = True
-            for ev in self.port.events(sock.recv()):
+            incoming = self.port.handle(sock.recv())
+            for ev in incoming.exports:
                 remote = self._export_topic(ev.topic, mesh_to_nats)
                 if remote is None:
                     self.counters["refused"] += 1
                 elif not nc.is_connected:
                     self.counters["dropped_remote_down"] += 1
+                elif ev.is_request and ev.reply_to:
+                    self._tasks.add(asyncio.create_task(self._ask(nc, sock, remote, ev)))
+                    self.counters["exported"] += 1
                 else:
                     await nc.publish(remote, ev.data)
                     self.counters["exported"] += 1
+            for ev in incoming.replies:  # a mesh responder answered a NATS requester
+                pending = self._requests.pop(ev.topic.rsplit("/", 1)[-1], None)
+                if pending is not None and nc.is_connected:
+                    await nc.publish(pending[0], ev.data)
+            for event_id in incoming.no_responders:  # nothing in the mesh can answer
+                pending = self._requests.pop(self._request_ids.pop(event_id, ""), None)
+                if pending is not None and nc.is_connected:
+                    await nc.publish(pending[0], b"", headers={"Status": NATS_NO_RESPONDERS})
+        self._tasks = {t for t in self._tasks if not t.done()}
+        self._expire_requests()
         busy = self._drain_imports(sock, nats_to_mesh) or busy
         self._send_notices(sock)
         await asyncio.sleep(0 if busy else 0.005)

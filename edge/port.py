@@ -9,9 +9,20 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Final
 
-from node.codec import F_IMPORTED, HEAD_PUB, RECORD, Kind, encode_control, encode_headers
+from node.codec import (
+    F_ERROR,
+    F_IMPORTED,
+    F_REQUEST,
+    HEAD_PUB,
+    RECORD,
+    Kind,
+    decode_control,
+    encode_control,
+    encode_headers,
+)
 from node.errors import CodecError
 from node.events import Event, decode_deliveries
 
@@ -27,6 +38,7 @@ class MeshPort:
         self._seq = 0
         self._topics: dict[bytes, str] = {}
         self._headers = encode_headers({BRIDGE_HEADER: name})
+        self.inbox = ""  # _INBOX/<node>/<client>, known once the node has welcomed us
 
     def hello(self) -> bytes:
         return encode_control(Kind.HELLO, {"name": f"bridge {self.name}"})
@@ -42,14 +54,17 @@ class MeshPort:
 
     def record(self, topic: str, payload: bytes, *, imported: bool = True) -> bytes:
         """One event record; many go in one PUB frame (``HEAD_PUB`` + records)."""
+        hb = self._headers if imported else b""
+        return self._record(topic, payload, hb, F_IMPORTED if imported else 0)
+
+    def _record(self, topic: str, payload: bytes, hb: bytes, flags: int) -> bytes:
         self._seq += 1
         tb = topic.encode()
-        hb = self._headers if imported else b""
         rec = RECORD.pack(
             len(payload),
             len(tb),
             len(hb),
-            F_IMPORTED if imported else 0,
+            flags,
             0,
             0,
             time.time_ns(),
@@ -59,13 +74,46 @@ class MeshPort:
 
     def events(self, frame: bytes) -> list[Event]:
         """Events for export in a frame from the node; control frames give none."""
-        if frame[:2] != b"\x01\x21":
-            return []
+        return self.handle(frame).exports
+
+    def handle(self, frame: bytes) -> Incoming:
+        """Sort a frame from the node: events to export, replies to our requests (our inbox,
+        sid 0), and ids of our requests that nothing in the mesh can answer."""
+        incoming = Incoming([], [], [])
         try:
-            return [
-                ev
-                for _, ev in decode_deliveries(frame, self._topics)
-                if ev.headers.get(BRIDGE_HEADER) != self.name
-            ]
+            if frame[:2] == b"\x01\x21":
+                for sid, ev in decode_deliveries(frame, self._topics):
+                    if sid == 0:
+                        incoming.replies.append(ev)
+                    elif ev.headers.get(BRIDGE_HEADER) != self.name:
+                        incoming.exports.append(ev)
+                return incoming
+            kind, body = decode_control(frame)
         except CodecError:
-            return []
+            return incoming
+        if kind == Kind.WELCOME:
+            self.inbox = f"_INBOX/{body.get('node_id')}/{body.get('client_id')}"
+        elif kind == Kind.NORESP:
+            incoming.no_responders.append(str(body.get("id")))
+        return incoming
+
+    def request(self, topic: str, payload: bytes, token: str) -> tuple[str, bytes]:
+        """(event id, record) of a request into the mesh whose replies come to our inbox."""
+        headers = encode_headers({BRIDGE_HEADER: self.name, "reply-to": f"{self.inbox}/{token}"})
+        rec = self._record(topic, payload, headers, F_IMPORTED | F_REQUEST)
+        return rec[RECORD.size - 16 : RECORD.size].hex(), rec
+
+    def reply(self, reply_to: str, payload: bytes, *, no_responders: bool = False) -> bytes:
+        """A PUB frame answering a mesh request (``no_responders``: the remote had none)."""
+        headers = encode_headers({"status": "no-responders"}) if no_responders else b""
+        flags = F_ERROR if no_responders else 0
+        return HEAD_PUB + self._record(reply_to, payload, headers, flags)
+
+
+@dataclass
+class Incoming:
+    """What one frame from the node holds for a bridge."""
+
+    exports: list[Event]
+    replies: list[Event]
+    no_responders: list[str]

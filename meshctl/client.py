@@ -379,6 +379,12 @@ class Client:
                     raise NoResponders(topic)
                 if not self._pump(deadline):
                     break
+                if any(e.headers.get("status") == "no-responders" for e in got):
+                    # A bridge's remote side had nobody: not a reply. With no real reply
+                    # yet, say so at once, as the node does for the mesh itself.
+                    got[:] = [e for e in got if e.headers.get("status") != "no-responders"]
+                    if not got:
+                        raise NoResponders(topic)
         finally:
             self._replies.pop(token, None)
             self._no_responders.discard(req_id)

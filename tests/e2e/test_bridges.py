@@ -235,3 +235,53 @@ export = ["out/>"]
                 peer.close()
     finally:
         watcher.close()
+
+
+def test_request_reply_across_the_nats_bridge_both_ways(
+    make_node: NodeFactory, nats_port: int, bg: Any
+) -> None:
+    import nats
+    import nats.errors
+
+    from meshctl.errors import NoResponders
+
+    node = bridged_node(
+        make_node,
+        f"""
+[[bridge]]
+kind = "nats"
+url = "nats://127.0.0.1:{nats_port}"
+import = ["svc.>"]
+export = ["ext/>"]
+""",
+    )
+    bg.start("reply", "svc/echo", "--echo", server=node.ipc)
+
+    async def run() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        # NATS requester -> mesh responder
+        msg = await nc.request("svc.echo", b"ping", timeout=3)
+        assert msg.data == b"ping"
+        # NATS requester, nothing in the mesh: NATS's own "no responders"
+        with pytest.raises(nats.errors.NoRespondersError):
+            await nc.request("svc.nobody", b"x", timeout=3)
+
+        # NATS responder <- mesh requester
+        async def answer(m: Any) -> None:
+            await m.respond(b"from-nats:" + m.data)
+
+        await nc.subscribe("ext.time", cb=answer)
+        await nc.flush()
+
+        def mesh_requests() -> None:
+            with connect(node.ipc, timeout=3) as client:
+                assert client.request("ext/time", b"q", timeout=3).data == b"from-nats:q"
+                start = time.monotonic()
+                with pytest.raises(NoResponders):
+                    client.request("ext/nobody", b"q", timeout=3)
+                assert time.monotonic() - start < 1.0
+
+        await asyncio.get_running_loop().run_in_executor(None, mesh_requests)
+        await nc.close()
+
+    asyncio.run(run())
