@@ -76,6 +76,17 @@ export = ["out/>"]
         time.sleep(0.1)
 
 
+def _collect(sub: Any, count: int, t0: float) -> tuple[int, float]:
+    """Receive up to ``count`` events (3 s of silence ends it); (received, time of last)."""
+    got, last = 0, t0
+    with contextlib.suppress(Timeout):
+        while got < count:
+            sub.next(3)
+            got += 1
+            last = time.perf_counter()
+    return got, last
+
+
 def mesh_to_mqtt(ipc: str, port: int, count: int) -> float:
     got = [0]
     done = threading.Event()
@@ -114,14 +125,7 @@ def mqtt_to_mesh(ipc: str, port: int, count: int) -> float:
         t0 = time.perf_counter()
         for _ in range(count):
             c.publish("in/mqtt/x", b"x" * 256)
-        got, last = 0, t0
-        try:
-            while got < count:
-                sub.next(3)
-                got += 1
-                last = time.perf_counter()
-        except Timeout:
-            pass
+        got, last = _collect(sub, count, t0)
         c.loop_stop()
     if got < count:
         print(f"  (MQTT -> mesh: {count - got} of {count} lost: QoS 0 queue limits)")
@@ -164,14 +168,7 @@ def nats_to_mesh(ipc: str, port: int, count: int) -> float:
         for _ in range(count):
             await nc.publish("in.nats.x", b"x" * 256)
         await nc.flush()
-        got, last = 0, t0
-        try:
-            while got < count:
-                sub.next(3)
-                got += 1
-                last = time.perf_counter()
-        except Timeout:
-            pass
+        got, last = _collect(sub, count, t0)
         await nc.close()
         if got < count:
             print(f"  (NATS -> mesh: {count - got} of {count} lost)")

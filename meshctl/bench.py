@@ -232,9 +232,9 @@ def wait_interest(server: str, topic: str, nodes: int, timeout: float = 15) -> N
 
 
 @contextmanager
-def bench_mesh(links: dict[str, list[str]]) -> Iterator[dict[str, str]]:
+def bench_mesh(links: dict[str, list[str]], transport: str = "ipc") -> Iterator[dict[str, str]]:
     """Start throwaway nodes (no discovery, loopback only) linked as ``links`` says, in
-    order (a node links to nodes started before it); yields name -> ipc URL."""
+    order (a node links to nodes started before it); yields name -> URL of ``transport``."""
     tmp = Path(tempfile.mkdtemp(prefix="meshctl-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     ipc: dict[str, str] = {}
@@ -272,7 +272,7 @@ def bench_mesh(links: dict[str, list[str]]) -> Iterator[dict[str, str]]:
             log.close()
             ipc[name] = f"ipc://{data / 'node.sock'}"
             tcp[name] = _wait_tcp(ipc[name], procs[-1], data)
-        yield ipc
+        yield tcp if transport == "tcp" else ipc
     finally:
         for proc in procs:
             proc.terminate()
@@ -336,54 +336,8 @@ def bench_node(server: str | None, transport: str) -> Iterator[str]:
     if server:
         yield server
         return
-    tmp = Path(tempfile.mkdtemp(prefix="meshctl-bench-"))
-    log = (tmp / "node.log").open("wb")
-    proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-        [
-            sys.executable,
-            "-m",
-            "meshctl",
-            "up",
-            "--port",
-            "0",
-            "--listen",
-            "127.0.0.1",
-            "--data-dir",
-            str(tmp),
-            "--name",
-            "bench",
-            "--no-discovery",
-        ],
-        stdout=log,
-        stderr=log,
-        env={**os.environ, "MESHCTL_CONFIG": os.devnull},
-    )
-    try:
-        ipc = f"ipc://{tmp / 'node.sock'}"
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                with connect(ipc, timeout=0.5) as c:
-                    url = next(
-                        e for e in c.status()["endpoints"] if e.startswith(f"{transport}://")
-                    )
-                break
-            except Exception:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError(
-                        f"bench node did not start; see {tmp / 'node.log'}"
-                    ) from None
-                time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with bench_mesh({"bench": []}, transport) as urls:
+        yield urls["bench"]
 
 
 def percentile(values: list[float], pct: float) -> float:

@@ -297,10 +297,7 @@ class Router:
             return
         client = self.clients.get(ident)
         if client is None:
-            self.counters.dropped["no_session"] += 1
-            self._send_control(
-                ident, Kind.ERR, {"error": "no session: say HELLO first", "code": "session"}
-            )
+            self._no_session(ident)
             return
         client.last_seen = now
         ref = body.get("ref")
@@ -317,6 +314,14 @@ class Router:
                 self._send_control(ident, Kind.OK, {"ref": ref})
         else:
             raise CodecError(f"{kind.name} is not a frame a client may send")
+
+    def _no_session(self, ident: bytes) -> None:
+        """A frame from an identity that never said HELLO (or a node restart forgot it):
+        count it and tell the sender, whose client library then greets us again."""
+        self.counters.dropped["no_session"] += 1
+        self._send_control(
+            ident, Kind.ERR, {"error": "no session: say HELLO first", "code": "session"}
+        )
 
     def _hello(self, ident: bytes, body: dict[str, Any], now: float) -> None:
         if ident in self.clients:
@@ -436,10 +441,7 @@ class Router:
     def _on_pub(self, ident: bytes, frame: bytes, now: float) -> None:
         client = self.clients.get(ident)
         if client is None:
-            self.counters.dropped["no_session"] += 1
-            self._send_control(
-                ident, Kind.ERR, {"error": "no session: say HELLO first", "code": "session"}
-            )
+            self._no_session(ident)
             return
         client.last_seen = now
         cache = self._cache
