@@ -58,6 +58,7 @@ _TOPIC_CACHE_MAX: Final = 4096
 PERSIST_WINDOW: Final = 20_000  # unacknowledged persistent events before publish waits
 RETRY_AFTER: Final = 2.0  # seconds without any acknowledgement before unacked are resent
 ACK_BATCH: Final = 256
+ACKS_REMEMBERED: Final = 100_000  # per subscription, for confirm_acks to send again
 
 Handler = Callable[[Event], None]
 
@@ -166,8 +167,9 @@ class Client:
         self._unacked: dict[bytes, bytes] = {}  # persistent event id -> record, in order
         self._persist_errors: list[RemoteError] = []
         self._last_pack = time.monotonic()
-        self._acks: dict[int, list[str]] = {}
+        self._acks: dict[int, list[str]] = {}  # given, not yet sent
         self._acks_n = 0
+        self._acks_sent: dict[int, list[str]] = {}  # sent, not yet confirmed
 
     # ---- connection --------------------------------------------------------------------
 
@@ -469,9 +471,33 @@ class Client:
             self._send_acks()
 
     def _send_acks(self) -> None:
+        """Send acks fire-and-forget, and remember them until ``confirm_acks``."""
         acks, self._acks, self._acks_n = self._acks, {}, 0
         for sid, ids in acks.items():
             self._send(encode_control(Kind.ACK, {"sid": sid, "ids": ids}))
+            sent = self._acks_sent.setdefault(sid, [])
+            sent.extend(ids)
+            del sent[:-ACKS_REMEMBERED]
+
+    def confirm_acks(self, timeout: float | None = None) -> int:
+        """Wait until the node has committed every ack given since the last confirmation;
+        returns how many. After this returns, those events will not come back.
+
+        Plain acks are fire-and-forget, and one lost with a crashed node would mean a
+        redelivery; so this sends them all again, now waiting for the node's answer (an
+        ack of an event already removed does nothing).
+        """
+        self._send_acks()
+        sent, self._acks_sent = self._acks_sent, {}
+        try:
+            for sid, ids in sent.items():
+                for i in range(0, len(ids), 1000):  # well under the control frame limit
+                    self._call(Kind.ACK, {"sid": sid, "ids": ids[i : i + 1000]}, timeout)
+        except BaseException:
+            for sid, ids in sent.items():  # not confirmed: keep them for the next try
+                self._acks_sent[sid] = ids + self._acks_sent.get(sid, [])
+            raise
+        return sum(len(ids) for ids in sent.values())
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Remove a subscription at the node."""
@@ -647,12 +673,14 @@ class Client:
                 break
             except zmq.Again:
                 now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    return False
+                # Before the deadline check: a caller polling with short timeouts must
+                # still find out that the node restarted and forgot us.
                 if now - self._last_rx >= KEEPALIVE and self.node:
                     self._last_rx = now
                     with contextlib.suppress(zmq.Again):  # a full queue: next slice
                         sock.send(_KEEPALIVE_PING, zmq.NOBLOCK)
+                if deadline is not None and now >= deadline:
+                    return False
         self._last_rx = time.monotonic()
         self._dispatch(frame)
         events = sock.getsockopt

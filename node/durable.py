@@ -9,7 +9,7 @@ lost by a crash, and nothing is sent that a failed commit would have to take bac
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -137,9 +137,13 @@ class Durable:
         if bound is None:
             return f"subscription {sid} is not bound to a queue"
         q, consumer = bound
-        before = {raw: consumer.inflight.get(raw) for raw in ids}
-        self.queues.ack(q, consumer, ids)
-        self.p.acked.extend((q, s) for s in before.values() if s is not None)
+        try:
+            done = self.queues.ack(q, consumer, ids)
+        except StoreError as e:
+            self.errors += 1
+            self.last_error = str(e)
+            return None  # not deleted: the events come back after the ack wait
+        self.p.acked.extend((q, s) for s in done)
         return None
 
     def answer_after_commit(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
@@ -164,13 +168,16 @@ class Durable:
                 self.store.dedupe_add(p.dedupe, self.wall_ns())
             for topic, rec in p.retained.items():
                 self.store.retain(topic, rec)
+            staged = Counter(q.name for queues in p.captured for q in queues)
             for q in self.queues.by_name.values():
-                if q.consumers and (q.redeliver or q.depth > len(q.inflight)):
+                waiting = q.depth + staged[q.name] - len(q.inflight)
+                if q.consumers and (q.redeliver or waiting > 0):
                     got = self.queues.take(q, now)
                     if got:
                         taken.append((q, got))
             self.store.commit()
         except StoreError as e:
+            self.store.rollback()
             self._failed(p, taken, str(e), out)
             return
         self.persisted += len(p.dedupe)
@@ -260,7 +267,11 @@ class Durable:
     def unbind(self, ident: bytes, sid: int) -> bool:
         bound = self.consumers.pop((ident, sid), None)
         if bound is not None:
-            self.queues.unbind(*bound)
+            try:
+                self.queues.unbind(*bound, self.wall_ns())
+            except StoreError as e:  # a dead-letter move failed: counted; retried never
+                self.errors += 1
+                self.last_error = str(e)
         self.replays = [r for r in self.replays if (r.ident, r.sid) != (ident, sid)]
         return bound is not None
 

@@ -465,8 +465,11 @@ class Router:
         except ValueError:
             raise CodecError("ACK ids must be hex event ids") from None
         err = self.durable.ack(client.ident, sid, raw)
+        ref = body.get("ref")
         if err is not None:
-            self._error(client.ident, None, err, "input")
+            self._error(client.ident, ref, err, "input")
+        elif ref is not None:  # a synchronous ack: answered once the deletion is on disk
+            self.durable.answer_after_commit(client.ident, Kind.OK, {"ref": ref})
 
     def queue_interest(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         """A queue's patterns changed: the mesh must route its events here (or stop)."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +81,16 @@ def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProces
     finally:
         proc.stop()
     assert "Traceback" not in proc.log_text(), proc.log_text()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory (ipc socket paths are limited to ~100 characters), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="mesh-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
