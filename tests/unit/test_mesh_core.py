@@ -607,6 +607,21 @@ def test_group_names_are_limited_in_bytes_where_they_enter() -> None:
         NodeState.from_json(bad)
 
 
+def test_group_names_with_lone_surrogates_are_refused_where_they_enter() -> None:
+    """Found by benchmarks/fuzz.py: JSON carries "\\ud800", which passed the byte-length
+    check and then failed to encode into the routing header of every event for the group."""
+    from node.router import _valid_group
+
+    assert not _valid_group("g\udc80")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        NodeState.from_json(state(A, [S], [("t", "g\ud800")]).to_json())
+    hub = Node(S)
+    via = link_in(hub, state(A, [S]))
+    hub.mesh.on_states(via, {"states": [state(A, [S], [("t", "\ud800")], version=2).to_json()]}, 0)
+    assert hub.mesh.counters["bad_states"] == 1
+    assert hub.mesh.plan("t", set()) is NO_PLAN
+
+
 def test_many_groups_on_one_node_can_be_forwarded() -> None:
     names = tuple(f"g{i:03d}" for i in range(256))
     hub = Node(S)
