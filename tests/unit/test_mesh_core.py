@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.codec import Kind, decode_control, decode_targets
-from node.mesh import MAX_HOPS_FORWARD, NO_PLAN, PROTO, Mesh, Via
+from node.mesh import FORGET_AFTER, MAX_HOPS_FORWARD, NO_PLAN, PROTO, Mesh, Via
 from node.routing import NodeState
 
 MESH = "m"
@@ -378,6 +378,21 @@ def test_frames_from_unknown_vias_are_ignored() -> None:
     n.mesh.drop_via(b"stranger", "gone", 0.0)
     assert n.take() == []
     assert not n.mesh.table.states
+
+
+def test_nodes_that_were_never_reachable_are_forgotten_too() -> None:
+    """Found by benchmarks/fuzz.py: states of made-up nodes, never reachable, were kept
+    for ever, so a peer could grow the table (and every link-up's STATES) without bound."""
+    n = Node(S, dead_after=1e9)
+    via = link_in(n, state(A, [S]), now=0.0)
+    ghost = state(B, [C])  # B claims a link to C; neither links to us: never reachable
+    n.mesh.on_states(via, {"states": [ghost.to_json()]}, 1.0)
+    assert B in n.mesh.table.states
+    n.mesh.tick(1.0 + FORGET_AFTER, 1e9)
+    assert B in n.mesh.table.states  # not yet
+    n.mesh.tick(1.5 + FORGET_AFTER, 1e9)
+    assert B not in n.mesh.table.states
+    assert A in n.mesh.table.states  # the neighbour stays
 
 
 # ---- flooding ------------------------------------------------------------------------------
