@@ -996,9 +996,11 @@ class _DurableOut:
 
 
 def _valid_group(group: object) -> bool:
-    """1-64 UTF-8 bytes (the mesh's routing headers carry them) without separators."""
+    """1-64 UTF-8 bytes (the mesh's routing headers carry them) without separators, and
+    no lone surrogates (JSON carries them; UTF-8 cannot, so other nodes refuse them)."""
     return (
         isinstance(group, str)
         and 0 < len(group.encode("utf-8", "replace")) <= MAX_GROUP_NAME
         and not any(ch in group for ch in " \t\r\n/*>")
+        and not any("\ud800" <= ch <= "\udfff" for ch in group)
     )
