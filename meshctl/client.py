@@ -136,14 +136,24 @@ class Client:
     """One connection to a node. Not thread-safe: use it from one thread, as a socket."""
 
     def __init__(
-        self, server: str | None = None, *, name: str = "", timeout: float = DEFAULT_TIMEOUT
+        self,
+        server: str | None = None,
+        *,
+        name: str = "",
+        timeout: float = DEFAULT_TIMEOUT,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        identity: bytes | None = None,
     ) -> None:
-        self.server = resolve_server(server)
+        self.server = (
+            server if server and server.startswith("inproc://") else resolve_server(server)
+        )
         self.name = name
         self.timeout = timeout
         self.node: dict[str, Any] = {}
         self.max_payload = 1 << 62
-        self._ctx = zmq.Context.instance()
+        # An in-process actor (edge/) passes its node's context to reach it over inproc://.
+        self._ctx = context or zmq.Context.instance()
+        self._identity = identity
         self._sock: zmq.Socket[bytes] | None = None
         self._origin = os.urandom(8)
         self._seq = 0
@@ -176,6 +186,8 @@ class Client:
     def open(self) -> None:
         """Connect and greet the node; raises Unreachable if it does not answer in time."""
         sock = self._ctx.socket(zmq.DEALER)
+        if self._identity is not None:
+            sock.setsockopt(zmq.IDENTITY, self._identity)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RCVHWM, 0)  # the node bounds what it queues for us
         # A node that stops reading must not hang us: sends give up after the timeout.
@@ -289,6 +301,25 @@ class Client:
             self._send_buffer()
             self._send(HEAD_PUB + rec + tb + hb + data)  # type: ignore[operator]
         return event_id.hex()
+
+    def forward(self, record: bytes, *, persistent: bool) -> None:
+        """Publish an existing event record unchanged: same id, time, headers (edge/ uses
+        this to carry events between nodes; the receiving node drops ids it has stored).
+        ``persistent`` marks it so, and ``confirm()`` then covers it."""
+        if persistent:
+            record = record[:8] + bytes((record[8] | F_PERSISTENT,)) + record[9:]
+            event_id = record[RECORD.size - 16 : RECORD.size]
+            if not self._unacked:
+                self._last_pack = time.monotonic()
+            self._unacked[event_id] = record
+        if self._batching:
+            self._buffer.append(record)
+            self._buffered += len(record)
+            if self._buffered >= BATCH_BYTES:
+                self._send_buffer()
+        else:
+            self._send_buffer()
+            self._send(HEAD_PUB + record)
 
     @contextmanager
     def batch(self) -> Iterator[Client]:

@@ -489,6 +489,10 @@ def _open_durable(config: NodeConfig, data_dir: Path) -> Durable | None:
             log_patterns=config.log_patterns,
             log_max_bytes=config.log_max_bytes,
             log_max_age=config.log_max_age,
+            spool_patterns=config.uplink_export if config.uplink_url else (),
+            spool_cursor=datadir.uplink_cursor_path(data_dir) if config.uplink_url else None,
+            spool_max_bytes=config.spool_max_bytes,
+            spool_overflow=config.spool_overflow,
         ),
         time.time_ns,
     )

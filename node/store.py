@@ -207,15 +207,49 @@ class Store:
         )[0]
         return int(n), int(size), int(first or 0), int(t or 0)
 
-    def log_trim(self, max_bytes: int, max_age_ns: int, now_ns: int) -> int:
-        """Drop the oldest entries beyond the size or age bound; returns how many went."""
-        gone = self.guard("DELETE FROM log WHERE time_ns < ?", (now_ns - max_age_ns,)).rowcount
+    def log_trim(
+        self, max_bytes: int, max_age_ns: int, now_ns: int, keep_after: int | None = None
+    ) -> int:
+        """Drop the oldest entries beyond the size or age bound; returns how many went.
+
+        ``keep_after``: entries after this sequence are not the log's to trim (an uplink
+        has not sent them yet; the spool bound governs them)."""
+        upto = (1 << 62) if keep_after is None else keep_after
+        gone = self.guard(
+            "DELETE FROM log WHERE time_ns < ? AND seq <= ?", (now_ns - max_age_ns, upto)
+        ).rowcount
         n, size, first, _t = self.log_stats()
         if size > max_bytes and n:
             # Cut roughly the share over the bound, oldest first; the next trim refines.
             over = max(1, int(n * (size - max_bytes) / size))
-            gone += self.guard("DELETE FROM log WHERE seq < ?", (first + over,)).rowcount
+            cut = min(first + over, upto + 1)
+            gone += self.guard("DELETE FROM log WHERE seq < ?", (cut,)).rowcount
         return gone
+
+    def spool_stats(self, cursor: int) -> tuple[int, int, int]:
+        """(entries, bytes, oldest time_ns) of the log after ``cursor``: what an uplink has
+        not sent yet."""
+        n, size, oldest = self.read(
+            "SELECT count(*), coalesce(sum(length(record)), 0), min(time_ns) FROM log "
+            "WHERE seq > ?",
+            (cursor,),
+        )[0]
+        return int(n), int(size), int(oldest or 0)
+
+    def spool_drop_oldest(self, cursor: int, max_bytes: int) -> int:
+        """Delete the oldest unsent entries until the rest fit in ``max_bytes``."""
+        n, size, _oldest = self.spool_stats(cursor)
+        if size <= max_bytes or not n:
+            return 0
+        over = max(1, int(n * (size - max_bytes) / size) + 1)
+        rows = self.read(
+            "SELECT seq FROM log WHERE seq > ? ORDER BY seq LIMIT 1 OFFSET ?", (cursor, over - 1)
+        )
+        if not rows:
+            return 0
+        return self.guard(
+            "DELETE FROM log WHERE seq > ? AND seq <= ?", (cursor, rows[0][0])
+        ).rowcount
 
     # ---- dedupe ------------------------------------------------------------------------
 

@@ -101,6 +101,8 @@ def up(
     )
     if link:
         cfg = with_overrides(cfg, {"links": [*cfg.links, *link]}, source="command line")
+    if cfg.uplink_url and not cfg.store:
+        raise InputError("an uplink spools to the store: set store.enabled = true")
     where = datadir.resolve_data_dir(cfg.data_dir)
     datadir.prepare(where)
     if cfg.ipc:
@@ -129,11 +131,25 @@ def up(
     )
 
     def bridges(node: Node) -> list[Any]:
-        if not cfg.bridges:
-            return []
-        from edge.bridges import start_bridges  # noqa: PLC0415 - paho/nats only when used
+        started: list[Any] = []
+        if cfg.uplink_url:
+            from edge.uplink import UplinkSettings, start_uplink  # noqa: PLC0415
 
-        return start_bridges(cfg.bridges, node.ctx, node.inproc, node.router.internal.add)
+            settings = UplinkSettings(
+                url=cfg.uplink_url,
+                export=cfg.uplink_export,
+                imports=cfg.uplink_import,
+                data_dir=where,
+                cursor_path=datadir.uplink_cursor_path(where),
+                node_id=identity.node_id,
+                node_name=identity.name,
+            )
+            started.append(start_uplink(settings, node.ctx, node.inproc, node.router.internal.add))
+        if cfg.bridges:
+            from edge.bridges import start_bridges  # noqa: PLC0415 - paho/nats only when used
+
+            started += start_bridges(cfg.bridges, node.ctx, node.inproc, node.router.internal.add)
+        return started
 
     try:
         serve(cfg, identity, bridges)
