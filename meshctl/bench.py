@@ -138,6 +138,38 @@ def _replier(server: str, topic: str, out: Queue[Any]) -> None:
             pass
 
 
+def _persist_publisher(server: str, topic: str, count: int, size: int, out: Queue[Any]) -> None:
+    """Publish ``count`` persistent events and wait until the node has stored them all."""
+    with connect(server, name="bench persist", timeout=5) as client:
+        payload = b"x" * size
+        publish = client.publish
+        start = time.perf_counter()
+        with client.batch():
+            for _ in range(count):
+                publish(topic, payload, persistent=True)
+        client.confirm(60)
+        out.put(("sent", start))
+
+
+def _queue_consumer(server: str, queue: str, count: int, out: Queue[Any]) -> None:
+    """Consume a durable queue, acking every event; the end is when the acks are stored."""
+    with connect(server, name="bench consume", timeout=5) as client:
+        sub = client.consume(queue, max_inflight=4096)
+        out.put(("ready", 0))
+        got = 0
+        first = 0.0
+        try:
+            while got < count:
+                sub.ack(sub.next(IDLE_LIMIT))
+                if got == 0:
+                    first = time.perf_counter()
+                got += 1
+        except Timeout:
+            pass
+        client.confirm_acks(30)
+        out.put(("done", got, first, time.perf_counter()))
+
+
 # ---- orchestration ----------------------------------------------------------------------
 
 
@@ -232,9 +264,16 @@ def wait_interest(server: str, topic: str, nodes: int, timeout: float = 15) -> N
 
 
 @contextmanager
-def bench_mesh(links: dict[str, list[str]], transport: str = "ipc") -> Iterator[dict[str, str]]:
+def bench_mesh(
+    links: dict[str, list[str]],
+    transport: str = "ipc",
+    *,
+    config: str = "",
+    port: int = 0,
+) -> Iterator[dict[str, str]]:
     """Start throwaway nodes (no discovery, loopback only) linked as ``links`` says, in
-    order (a node links to nodes started before it); yields name -> URL of ``transport``."""
+    order (a node links to nodes started before it); yields name -> URL of ``transport``.
+    ``config`` is TOML every node reads; ``port`` fixes the TCP port (one node only)."""
     tmp = Path(tempfile.mkdtemp(prefix="meshctl-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     ipc: dict[str, str] = {}
@@ -249,7 +288,7 @@ def bench_mesh(links: dict[str, list[str]], transport: str = "ipc") -> Iterator[
                 "meshctl",
                 "up",
                 "--port",
-                "0",
+                str(port),
                 "--listen",
                 "127.0.0.1",
                 "--data-dir",
@@ -260,6 +299,9 @@ def bench_mesh(links: dict[str, list[str]], transport: str = "ipc") -> Iterator[
             ]
             for peer in peers:
                 argv += ["--link", tcp[peer]]
+            if config:
+                (data / "node.toml").write_text(config)
+                argv += ["--config", str(data / "node.toml")]
             log = (data / "node.log").open("wb")
             procs.append(
                 subprocess.Popen(  # noqa: S603 - our own interpreter and module
@@ -398,3 +440,76 @@ def mesh_suite(size: int, count: int, *, topics: int = 20_000) -> MeshFigures:
         for c in many_clients:
             c.close()
     return MeshFigures(one, two, few, many, 10_000)
+
+
+@dataclass(frozen=True, slots=True)
+class DurableFigures:
+    """Persistent delivery through a durable queue vs direct delivery, and uplink drain."""
+
+    direct: Throughput
+    persistent: Throughput
+    drain: Throughput
+
+
+def durable_suite(size: int, count: int) -> DurableFigures:
+    """Measure, in one run: direct pub->sub through a node; persistent pub (acknowledged
+    after commit) -> durable queue -> consumer acking each event; and the rate at which an
+    edge node's uplink drains ``count`` spooled events into a cloud node that comes back."""
+    with bench_mesh({"n": []}) as ipc:
+        direct = pubsub(ipc["n"], size, count)
+        with connect(ipc["n"], timeout=5) as admin:
+            admin.queue("add", "bench", patterns=["bench/persist"])
+        persistent = _pair(
+            _queue_consumer,
+            (ipc["n"], "bench"),
+            _persist_publisher,
+            (ipc["n"], "bench/persist"),
+            "persistent pub->queue->consumer",
+            size,
+            count,
+            pass_port=False,
+        )
+    return DurableFigures(direct, persistent, uplink_drain(size, count))
+
+
+def uplink_drain(size: int, count: int) -> Throughput:
+    """Spool ``count`` events on an edge node whose cloud is down, start the cloud, and
+    time the drain until the edge's spool is empty."""
+    with socket_port() as port:
+        config = f'[uplink]\nurl = "tcp://127.0.0.1:{port}"\nexport = ["bench/>"]\n'
+        with bench_mesh({"edge": []}, config=config) as edge:
+            payload = b"x" * size
+            with connect(edge["edge"], timeout=5) as client:
+                with client.batch():
+                    for _ in range(count):
+                        client.publish("bench/spool", payload)
+                client.flush(30)
+                _wait_spool(client, lambda s: s["entries"] >= count)
+                with bench_mesh({"cloud": []}, port=port):
+                    start = time.perf_counter()
+                    _wait_spool(client, lambda s: s["entries"] == 0, timeout=120)
+                    end = time.perf_counter()
+                    sent = next(b for b in client.status()["bridges"] if b["kind"] == "uplink")
+    return Throughput("uplink drain", size, count, int(sent["sent"]), end - start)
+
+
+def _wait_spool(client: Any, done: Callable[[dict[str, Any]], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        up = next(b for b in client.status()["bridges"] if b["kind"] == "uplink")
+        if done(up["spool"]):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"uplink spool stuck at {up['spool']}")
+        time.sleep(0.05)
+
+
+@contextmanager
+def socket_port() -> Iterator[int]:
+    """A free TCP port on 127.0.0.1 (for a node that must come up at a known address)."""
+    import socket  # noqa: PLC0415
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port

@@ -13,6 +13,7 @@ from meshctl.cli.output import dumps, note
 
 TARGET_RATIO = 0.3
 TARGET_P50_US = 250.0
+TARGET_PERSISTENT = 20_000
 
 
 def bench(
@@ -31,7 +32,11 @@ def bench(
         str, typer.Option("--transport", help="ipc (how local clients connect) or tcp (loopback).")
     ] = "ipc",
     suite: Annotated[
-        str, typer.Option("--suite", help="node (one node), mesh (linked nodes) or all.")
+        str,
+        typer.Option(
+            "--suite",
+            help="node (one node), mesh (linked nodes), durable (persistent, uplink) or all.",
+        ),
     ] = "all",
     server: ServerOpt = None,
     json_out: JsonOpt = False,
@@ -51,8 +56,10 @@ def bench(
         raise typer.BadParameter(
             f"{sizes!r} is not a comma-separated list of sizes", param_hint="--sizes"
         ) from None
-    if suite not in ("node", "mesh", "all"):
-        raise typer.BadParameter(f"{suite!r} is not node, mesh or all", param_hint="--suite")
+    if suite not in ("node", "mesh", "durable", "all"):
+        raise typer.BadParameter(
+            f"{suite!r} is not node, mesh, durable or all", param_hint="--suite"
+        )
     if transport not in ("ipc", "tcp"):
         raise typer.BadParameter(f"{transport!r} is not ipc or tcp", param_hint="--transport")
     if server:
@@ -62,10 +69,17 @@ def bench(
         result |= _node_suite(b, server, transport, count, size_list, requests)
     if suite in ("mesh", "all") and not server:
         result["mesh"] = _mesh_suite(b, count)
+    if suite in ("durable", "all") and not server:
+        result["durable"] = _durable_suite(b, min(count, 100_000))
     if json_out:
         print(dumps(result))
         return
     _render(result, requests)
+
+
+def _lost(**runs: Any) -> dict[str, int]:
+    """Events sent but not received, per run."""
+    return {name: run.sent - run.received for name, run in runs.items()}
 
 
 def _mesh_suite(b: Any, count: int) -> dict[str, object]:
@@ -78,18 +92,36 @@ def _mesh_suite(b: Any, count: int) -> dict[str, object]:
         "routing_10_subs_per_s": round(m.few_subs.per_second),
         "routing_10k_subs_per_s": round(m.many_subs.per_second),
         "routing_slowdown": round(1 - m.many_subs.per_second / m.few_subs.per_second, 3),
-        "lost": {
-            "one_node": m.one_node.sent - m.one_node.received,
-            "two_hops": m.two_hops.sent - m.two_hops.received,
-            "10_subs": m.few_subs.sent - m.few_subs.received,
-            "10k_subs": m.many_subs.sent - m.many_subs.received,
-        },
+        "lost": _lost(
+            one_node=m.one_node,
+            two_hops=m.two_hops,
+            **{"10_subs": m.few_subs},
+            **{"10k_subs": m.many_subs},
+        ),
         "targets": {"two_hop_ratio": 0.8, "routing_slowdown": 0.2},
     }
     note(
         f"  two hops {out['two_hops_per_s']:,}/s vs one node {out['one_node_per_s']:,}/s "
         f"({out['two_hop_ratio']:.2f}x); routing 10k subs {out['routing_10k_subs_per_s']:,}/s "
         f"vs 10 subs {out['routing_10_subs_per_s']:,}/s ({out['routing_slowdown']:+.1%})"
+    )
+    return out
+
+
+def _durable_suite(b: Any, count: int) -> dict[str, object]:
+    note(f"durable: {count} events of 256 B, direct vs persistent, and an uplink drain")
+    d = b.durable_suite(256, count)
+    out = {
+        "direct_per_s": round(d.direct.per_second),
+        "persistent_per_s": round(d.persistent.per_second),
+        "persistent_ratio": round(d.persistent.per_second / d.direct.per_second, 3),
+        "uplink_drain_per_s": round(d.drain.per_second),
+        "lost": _lost(direct=d.direct, persistent=d.persistent, uplink=d.drain),
+        "targets": {"persistent_per_s": TARGET_PERSISTENT},
+    }
+    note(
+        f"  persistent {out['persistent_per_s']:,}/s vs direct {out['direct_per_s']:,}/s "
+        f"({out['persistent_ratio']:.2f}x); uplink drain {out['uplink_drain_per_s']:,}/s"
     )
     return out
 
@@ -132,7 +164,10 @@ def _node_suite(
 def _render(result: dict[str, Any], requests: int) -> None:
     out = Console(highlight=False)
     if "throughput" not in result:
-        _render_mesh(out, result["mesh"])
+        if "mesh" in result:
+            _render_mesh(out, result["mesh"])
+        if "durable" in result:
+            _render_durable(out, result["durable"])
         return
     t = Table("payload", "raw push->pull", "via node", "MB/s", "ratio", "lost", box=None)
     for r in result["throughput"]:  # type: ignore[union-attr]
@@ -153,6 +188,18 @@ def _render(result: dict[str, Any], requests: int) -> None:
     out.print(f"targets: ratio ≥ {TARGET_RATIO} at 256 B, p50 ≤ {TARGET_P50_US:.0f} µs")
     if "mesh" in result:
         _render_mesh(out, result["mesh"])
+    if "durable" in result:
+        _render_durable(out, result["durable"])
+
+
+def _render_durable(out: Console, d: dict[str, Any]) -> None:
+    out.print(
+        f"durable: persistent pub → queue → acking consumer {d['persistent_per_s']:,}/s vs "
+        f"direct {d['direct_per_s']:,}/s: {d['persistent_ratio']:.2f}x "
+        f"(target ≥ {TARGET_PERSISTENT:,}/s)"
+    )
+    out.print(f"durable: uplink drain after an outage {d['uplink_drain_per_s']:,}/s")
+    out.print(f"durable: events lost {d['lost']}")
 
 
 def _render_mesh(out: Console, m: dict[str, Any]) -> None:

@@ -238,7 +238,9 @@ def _render_status(s: dict[str, Any]) -> None:
         f"no interest {c['no_interest']}  [dim]dropped[/] {drops}  "
         f"[dim]bad frames[/] {c['bad_frames']}  [dim]bad handshakes[/] {c['bad_handshakes']}"
     )
-    if s.get("bridges"):
+    _render_durable(out, s)
+    bridges = [b for b in s.get("bridges") or [] if b.get("kind") != "uplink"]
+    if bridges:
         t = Table(
             "bridge",
             "kind",
@@ -250,7 +252,7 @@ def _render_status(s: dict[str, Any]) -> None:
             "dropped (remote down)",
             box=None,
         )
-        for b in s["bridges"]:
+        for b in bridges:
             state = b["state"] if b["state"] == "up" else f"[red]{b['state']}[/]"
             t.add_row(
                 b["name"],
@@ -281,6 +283,32 @@ def _render_status(s: dict[str, Any]) -> None:
         for sub in s["subscriptions"]:
             t.add_row(sub["pattern"], sub["group"] or "", sub["client"])
         out.print(t)
+
+
+def _render_durable(out: Console, s: dict[str, Any]) -> None:
+    """The store line and, with an uplink, its state and spool."""
+    st = s.get("store")
+    if st is None:
+        out.print("[dim]store[/] off (no persistence)")
+        return
+    log = st["log"]
+    errors = f"[red]{st['errors']} ({st['last_error']})[/]" if st["errors"] else "0"
+    out.print(
+        f"[dim]store[/] sync {st['sync']}  persisted {st['persisted']}  "
+        f"duplicates {st['duplicates']}  log {log['entries']} entries, {log['bytes']} B  "
+        f"queues {st['queues']}  retained {st['retained']}  errors {errors}"
+    )
+    for up in (b for b in s.get("bridges") or [] if b.get("kind") == "uplink"):
+        state = up["state"] if up["state"] == "up" else f"[red]{up['state']}[/]"
+        spool = up["spool"]
+        age = "" if spool["oldest_age_s"] is None else f", oldest {_ago(spool['oldest_age_s'])}"
+        node_spool = st.get("spool") or {}
+        lost = node_spool.get("dropped", 0) + node_spool.get("refused", 0)
+        out.print(
+            f"[dim]uplink[/] {up['url']} {state}  sent {up['sent']}  received "
+            f"{up['received']}  [dim]spool[/] {spool['entries']} events, {spool['bytes']} B"
+            f"{age}" + (f"  [red]lost to overflow {lost}[/]" if lost else "")
+        )
 
 
 def _ago(seconds: float) -> str:

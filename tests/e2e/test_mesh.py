@@ -353,3 +353,26 @@ def test_stopped_peer_is_noticed_and_relinks_when_continued(mesh: Mesh) -> None:
     pub.publish("cont/x", b"1")
     pub.flush()
     assert [e.data for e in drain(sub)] == [b"1"]
+
+
+def test_a_queue_captures_persistent_events_published_on_another_node(mesh: Mesh) -> None:
+    """A - B - C: a durable queue on C captures what A's publisher stores, with no
+    consumer connected."""
+    line(mesh)
+    admin = mesh.client("C")
+    admin.queue("add", "orders", patterns=["orders/>"])
+    mesh.wait_interest("A", "orders/1", 1)
+    pub = mesh.client("A")
+    for i in range(100):
+        pub.publish("orders/1", str(i), persistent=True)
+        pub.publish("orders/direct", "not captured")  # direct events are not queued
+    assert pub.confirm(timeout=5) == 100
+    wait_for(
+        lambda: admin.queue("info", "orders")["queue"]["depth"] == 100,
+        timeout=5,
+        what="C's queue to hold 100 events",
+    )
+    consumer = mesh.client("C").consume("orders")
+    got = [consumer.next(timeout=2) for _ in range(100)]
+    assert [e.data for e in got] == [str(i).encode() for i in range(100)]
+    assert all(e.deliveries == 1 for e in got)
