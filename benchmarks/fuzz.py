@@ -15,7 +15,9 @@ import argparse
 import json
 import random
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -27,7 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edge.port import MeshPort
 from node.codec import (
+    F_PERSISTENT,
     F_REQUEST,
+    F_RETAIN,
     HEAD_DELIVER,
     HEAD_FWD,
     HEAD_PUB,
@@ -45,11 +49,13 @@ from node.codec import (
     iter_deliveries,
     split_records,
 )
+from node.durable import Durable, DurableConfig
 from node.errors import CodecError
 from node.events import decode_deliveries, decode_event
 from node.mesh import PROTO
 from node.router import ROUTE_CACHE_SIZE, Router
 from node.routing import NodeState
+from node.store import open_store
 
 NODE: Final = "0123456789abcdef"  # the fuzzed node
 PEER: Final = "00000000000000aa"  # dialed us: an inbound link (lower id than NODE)
@@ -74,6 +80,7 @@ TOPICS: Final = [
 ]  # fmt: skip
 PATTERNS: Final = ["a/*/c", "a/>", ">", "sensors/>", "$mesh/>", "*/t1", "x/y", "a/b/c"]
 GROUPS: Final = [None, "g1", "g2", "workers"]
+QUEUES: Final = ["q", "jobs", "q.dead", "bad name", "", "a" * 70]
 NODE_IDS: Final = [NODE, PEER, FAR, "1111111111111111", "2222222222222222", "abcdefabcdef0123"]
 _DEEP: Final = "@@deep@@"  # placeholder replaced by nested brackets after json.dumps
 _SIZES: Final = {"I": 4, "H": 2, "B": 1}
@@ -156,6 +163,20 @@ class Gen:
                 "sid": rng.randint(1, 40),
                 "patterns": rng.sample(PATTERNS, rng.randint(1, 3)),
                 "group": rng.choice(GROUPS),
+                **self.sub_options(),
+            },
+            Kind.ACK: lambda: {
+                "sid": rng.randint(1, 40),
+                "ids": [rng.randbytes(16).hex() for _ in range(rng.randint(0, 3))],
+                **({"ref": ref} if rng.random() < 0.5 else {}),
+            },
+            Kind.QUEUE: lambda: {
+                "ref": ref,
+                "op": rng.choice(["add", "add", "rm", "purge", "ls", "info", "drop"]),
+                "name": rng.choice(QUEUES),
+                "patterns": rng.sample(PATTERNS, rng.randint(0, 2)),
+                "ack_wait": rng.choice([None, 0.05, 1, "2s", "soon"]),
+                "max_deliver": rng.choice([None, 1, 3, 0]),
             },
             Kind.UNSUB: lambda: {"ref": ref, "sid": rng.randint(1, 40)},
             Kind.STATUS: lambda: {
@@ -175,6 +196,20 @@ class Gen:
         make = bodies.get(kind)
         return make() if make else {}
 
+    def sub_options(self) -> dict[str, Any]:
+        """The durable side of SUB: a queue, a replay, retained values, or nothing."""
+        rng = self.rng
+        return rng.choice(
+            [
+                {},
+                {},
+                {"queue": rng.choice(QUEUES), "max_inflight": rng.choice([None, 1, 5, 0])},
+                {"since_s": rng.choice([0, 1, 3600, -1])},
+                {"from_seq": rng.choice([1, 5, 10**9, 0])},
+                {"retained": True},
+            ]
+        )
+
     def record(self) -> tuple[bytes, list[tuple[int, str]]]:
         """A record and the offsets (within it) of its length fields."""
         rng = self.rng
@@ -184,7 +219,7 @@ class Gen:
         if rng.random() < 0.3:
             headers = encode_headers({"reply-to": "_INBOX/x/y/1", "k": "v" * rng.randint(0, 9)})
         payload = rng.randbytes(rng.choice([0, 1, 10, 100, MAX_PAYLOAD + 1]))
-        flags = rng.choice([0, 0, F_REQUEST, 0xFF])
+        flags = rng.choice([0, 0, F_REQUEST, 0xFF, F_PERSISTENT, F_RETAIN, F_PERSISTENT | F_RETAIN])
         origin = rng.choice([b"origin-a", b"origin-b", rng.randbytes(8)])
         rec = encode_record(topic, payload, headers, flags, 1, origin + self.seq.to_bytes(8, "big"))
         return rec, [(0, "I"), (4, "H"), (6, "H")]
@@ -310,7 +345,9 @@ class Gen:
 # ---- targets ------------------------------------------------------------------------------
 
 
-CLIENT_KINDS: Final = [Kind.HELLO, Kind.SUB, Kind.UNSUB, Kind.STATUS, Kind.PING, Kind.BYE]
+CLIENT_KINDS: Final = [
+    Kind.HELLO, Kind.SUB, Kind.UNSUB, Kind.STATUS, Kind.PING, Kind.BYE, Kind.ACK, Kind.QUEUE,
+]  # fmt: skip
 LINK_KINDS: Final = [Kind.STATES, Kind.BEAT, Kind.BEAT_ACK, Kind.LINK, Kind.ERR]
 HANDSHAKE_KINDS: Final = [Kind.LINK, Kind.LINK_OK, Kind.STATES, Kind.BEAT, Kind.BEAT_ACK]
 
@@ -354,6 +391,8 @@ class Harness:
     def __init__(self) -> None:
         self.now = 0.0
         self.logs: list[str] = []
+        self.store_dir = Path(tempfile.mkdtemp(prefix="meshctl-fuzz-"))
+        self.durable = Durable(open_store(self.store_dir), DurableConfig(), lambda: 1)
         self.router = Router(
             node_id=NODE,
             name="fuzz",
@@ -364,12 +403,18 @@ class Harness:
             wall_ns=lambda: 1,
             log=self._log,
             epoch=1,
+            durable=self.durable,
         )
         self.router.internal.add(BRIDGE)
         self.topics: dict[bytes, str] = {}
         self.port = MeshPort("fuzz")
         self.decoded = 0  # decoder inputs that some decoder accepted
         self.restore()
+
+    def close(self) -> None:
+        """Close the store and remove its directory."""
+        self.durable.close()
+        shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def _log(self, msg: str) -> None:
         if msg.startswith("internal error"):
@@ -394,6 +439,8 @@ class Harness:
         """What the loop does around a batch: heartbeat, send (here: drop) output, close."""
         r = self.router
         r.net.tick(self.now, 1.0)
+        r.tick(self.now)
+        r.end_pass(self.now)
         self.restore()
         for _ in r.take_output():
             pass
@@ -415,6 +462,10 @@ class Harness:
             "peer addresses": (len(net.peer_addresses), 1001),
             "dedup origins": (len(r._dedup), 65_536),
             "topic cache": (len(self.topics), 4096),
+            "queue consumers": (len(self.durable.consumers), 16 * 40),
+            "replays": (len(self.durable.replays), 16 * 40),
+            "queues": (len(self.durable.queues.by_name), 2 * len(QUEUES)),
+            "retained bytes": (self.durable.retained_bytes, self.durable.config.retained_max_bytes),
         }
         out = [f"{name}: {n} > {limit}" for name, (n, limit) in limits.items() if n > limit]
         pending = {
@@ -482,12 +533,15 @@ WEIGHTS: Final = [3, 1, 3, 2, 1, 3]
 def replay(inputs: list[Input]) -> bool:
     """True if ``inputs`` on a fresh harness make the last one fail."""
     h = Harness()
-    for i, inp in enumerate(inputs):
-        h.now += TICK
-        if feed(h, inp) is not None:
-            return i == len(inputs) - 1
-        h.housekeep()
-    return False
+    try:
+        for i, inp in enumerate(inputs):
+            h.now += TICK
+            if feed(h, inp) is not None:
+                return i == len(inputs) - 1
+            h.housekeep()
+        return False
+    finally:
+        h.close()
 
 
 def minimize(history: list[Input], failing: Input, budget: float) -> list[Input] | None:
@@ -594,8 +648,11 @@ def run(inputs: int, seed: int, max_seconds: float, max_rss_mb: float) -> tuple[
             "mesh links_refused": h.router.net.counters["links_refused"],
             "mesh bad_states": h.router.net.counters["bad_states"],
             "known nodes at end": len(h.router.net.table.states),
+            "store commits": h.durable.store.commits,
+            "store persisted": h.durable.persisted,
         }
     )
+    h.close()
     return stats, elapsed
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from node.codec import F_PERSISTENT, F_RETAIN, RECORD_SIZE, Kind, with_headers
+from node.errors import CodecError
 from node.queues import DEFAULT_MAX_INFLIGHT, Consumer, Queue, Queues
 from node.store import Store, StoreError
 from node.topics import SubscriptionTrie
@@ -23,6 +24,7 @@ from node.topics import SubscriptionTrie
 DEDUPE_WINDOW: Final = 120.0  # seconds, as NATS JetStream's Nats-Msg-Id window
 REPLAY_BATCH: Final = 2048  # log entries read per replaying subscription per pass
 TRIM_EVERY: Final = 5.0
+MAX_SINCE: Final = 100 * 365 * 86400.0
 SPOOL_CHECK: Final = 0.5
 SPOOL_FULL: Final = (
     "the uplink spool is full (the cloud has been away too long); "
@@ -40,6 +42,7 @@ class DurableConfig:
     log_max_bytes: int = 256 * 1024 * 1024
     log_max_age: float = 7 * 24 * 3600.0
     dedupe_window: float = DEDUPE_WINDOW
+    retained_max_bytes: int = 64 * 1024 * 1024
     spool_patterns: tuple[str, ...] = ()  # an uplink's export patterns: the log keeps them
     spool_cursor: Path | None = None  # the file where the uplink records what it sent
     spool_max_bytes: int = 256 * 1024 * 1024
@@ -132,6 +135,9 @@ class Durable:
         self.spool = Spool(config) if config.spool_cursor is not None else None
         self._next_spool_check = 0.0
         self.retained: dict[str, bytes] = dict(store.retained_all())
+        self.retained_bytes = sum(len(r) for r in self.retained.values())
+        self.retained_refused = 0
+        self._staged_retained = 0
         since = wall_ns() - int(config.dedupe_window * 1e9)
         self.seen: OrderedDict[bytes, int] = OrderedDict(
             (raw, 0) for raw in store.dedupe_load(since)
@@ -180,7 +186,22 @@ class Durable:
             self.p.captured.append(route.queues)
         if flags & F_RETAIN:
             empty = int.from_bytes(record[0:4], "little") == 0
-            self.p.retained[topic] = None if empty else record
+            if empty:
+                self.p.retained[topic] = None
+            elif self._retained_room(topic, record):
+                self.p.retained[topic] = record
+
+    def _retained_room(self, topic: str, record: bytes) -> bool:
+        """Retained values live in memory too: bounded in bytes (a client inventing topics
+        must not exhaust the node); what does not fit is routed but not kept, and counted."""
+        old = self.retained.get(topic)
+        staged = self.p.retained.get(topic)
+        grow = len(record) - len(staged if staged is not None else old or b"")
+        if self.retained_bytes + self._staged_retained + grow > self.config.retained_max_bytes:
+            self.retained_refused += 1
+            return False
+        self._staged_retained += grow
+        return True
 
     def _spool_refuses(self, topic: str) -> bool:
         """With overflow = refuse and the spool full, events for the cloud are refused."""
@@ -243,11 +264,13 @@ class Durable:
         self.logged += len(p.log)
         for queues in p.captured:
             self.queues.committed_capture(queues)
+        self._staged_retained = 0
         for topic, rec in p.retained.items():
-            if rec is None:
-                self.retained.pop(topic, None)
-            else:
+            old = self.retained.pop(topic, None)
+            self.retained_bytes -= len(old or b"")
+            if rec is not None:
                 self.retained[topic] = rec
+                self.retained_bytes += len(rec)
         for ident, kind, body in p.answers:
             out.answer(ident, kind, body)
         for held in p.held:
@@ -271,6 +294,7 @@ class Durable:
     ) -> None:
         """Nothing of the pass was stored: say so to every publisher waiting on it."""
         self.errors += 1
+        self._staged_retained = 0
         self.last_error = error
         for raw in p.dedupe:
             self.seen.pop(raw, None)
@@ -410,6 +434,8 @@ class Durable:
             "last_error": self.last_error,
             "log": {"entries": n, "bytes": size, "first_seq": first, "head_seq": first + n - 1},
             "retained": len(self.retained),
+            "retained_bytes": self.retained_bytes,
+            "retained_refused": self.retained_refused,
             "queues": len(self.queues.by_name),
             "spool": None
             if self.spool is None
@@ -440,11 +466,15 @@ def replay_options(
     if since is not None and from_seq is not None:
         raise ValueError("give either since or from-seq, not both")
     if since is not None and (
-        isinstance(since, bool) or not isinstance(since, (int, float)) or since < 0
+        isinstance(since, bool)
+        or not isinstance(since, (int, float))
+        or not 0 <= since <= MAX_SINCE  # NaN fails this too
     ):
-        raise ValueError(f"since must be a non-negative number of seconds, not {since!r}")
+        raise ValueError(
+            f"since must be a number of seconds from 0 to {MAX_SINCE:.0f}, not {since!r}"
+        )
     if from_seq is not None and (
-        isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 1
+        isinstance(from_seq, bool) or not isinstance(from_seq, int) or not 1 <= from_seq < 2**62
     ):
         raise ValueError(f"from-seq must be a positive integer, not {from_seq!r}")
     return {"since_s": since, "from_seq": from_seq}
@@ -466,5 +496,9 @@ class Output:
 
 def with_seq(record: bytes, seq: int) -> bytes:
     """A replayed record carries its log sequence in a ``log-seq`` header, so a consumer
-    can resume with ``--from-seq``."""
-    return with_headers(record, {"log-seq": str(seq)})
+    can resume with ``--from-seq`` (unless its own headers block is malformed: the node
+    passes headers through unread, so such an event is replayed as it was published)."""
+    try:
+        return with_headers(record, {"log-seq": str(seq)})
+    except CodecError:
+        return record

@@ -6,7 +6,7 @@ operator who saw "created" has a queue that survives a crash.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from node.codec import Kind
 from node.config import parse_duration
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from node.router import Router
 
 Answer = tuple[Kind, dict[str, Any]]
+MAX_ACK_WAIT: Final = 86400.0
+MAX_DELIVER: Final = 1_000_000
 
 
 def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> Answer | None:
@@ -46,7 +48,7 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
                 str(name),
                 patterns,
                 ack_wait=_seconds(body.get("ack_wait"), DEFAULT_ACK_WAIT),
-                max_deliver=int(body.get("max_deliver") or DEFAULT_MAX_DELIVER),
+                max_deliver=_count(body.get("max_deliver"), DEFAULT_MAX_DELIVER),
                 now_wall=now_ns / 1e9,
             )
             router.queue_interest(old_patterns, q.patterns)
@@ -71,11 +73,25 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
 
 
 def _seconds(value: object, default: float) -> float:
+    """An ack wait: a number of seconds or a duration text, 1 ms to a day."""
     if value is None:
         return default
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return parse_duration(str(value))
+        seconds = float(value) if -1e12 < value < 1e12 else -1.0
+    else:
+        seconds = parse_duration(str(value))
+    if not 0.001 <= seconds <= MAX_ACK_WAIT:  # NaN fails this too
+        raise ValueError(f"ack wait must be from 1ms to {MAX_ACK_WAIT:.0f}s, not {value!r}")
+    return seconds
+
+
+def _count(value: object, default: int) -> int:
+    """A max deliver count: 1 to a million."""
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DELIVER:
+        raise ValueError(f"max deliver must be a whole number from 1 to {MAX_DELIVER}")
+    return value
 
 
 def _err(ref: object, error: str, code: str) -> Answer:

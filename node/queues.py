@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from node.codec import with_headers
+from node.errors import CodecError
 from node.store import Store
 from node.topics import SubscriptionTrie, validate_pattern
 
@@ -92,9 +93,12 @@ def with_count(record: bytes, deliveries: int) -> bytes:
 def dead_record(record: bytes, queue: str, deliveries: int) -> bytes:
     """The record as it enters the dead-letter queue: where it died and after how many
     deliveries, in its headers."""
-    return with_headers(
-        with_count(record, 0), {"dead-queue": queue, "dead-deliveries": str(deliveries)}
-    )
+    try:
+        return with_headers(
+            with_count(record, 0), {"dead-queue": queue, "dead-deliveries": str(deliveries)}
+        )
+    except CodecError:  # its own headers are malformed (passed through unread): as it was
+        return with_count(record, 0)
 
 
 class Queues:

@@ -678,12 +678,22 @@ class Router:
         """The loop read what it could: commit the pass's durable writes and release what
         waited on them."""
         if self.durable is not None:
-            self.durable.end_pass(now, self._durable_out)
+            try:
+                self.durable.end_pass(now, self._durable_out)
+            except Exception as e:  # a bug of ours must not take the node down: count, log
+                self._internal_error("the end of a pass", e)
 
     def tick(self, now: float) -> None:
         """Timers of the durable side (ack waits, log bounds); the loop calls it often."""
         if self.durable is not None:
-            self.durable.tick(now)
+            try:
+                self.durable.tick(now)
+            except Exception as e:  # as in end_pass
+                self._internal_error("a timer", e)
+
+    def _internal_error(self, where: str, e: Exception) -> None:
+        self.counters.internal_errors += 1
+        self.log(f"internal error in {where}: {e!r}")
 
     def _remote_route(self, topic_b: bytes) -> Route | _Refused:
         """Route of a topic that arrived from another node: its ``$mesh/...`` events are

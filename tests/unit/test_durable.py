@@ -439,7 +439,7 @@ def test_replay_since_a_time(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("extra", "error"),
     [
-        ({"since_s": -1}, "non-negative"),
+        ({"since_s": -1}, "number of seconds from 0"),
         ({"from_seq": 0}, "positive integer"),
         ({"from_seq": 1, "since_s": 1}, "either"),
         ({"from_seq": 1, "group": "g"}, "queue group cannot replay"),
@@ -529,3 +529,62 @@ def test_an_ack_from_before_a_restart_still_removes_the_event(tmp_path: Path) ->
     r.end_pass(0.1)
     assert deliveries(take(r), B) == []  # the second is gone, nothing more comes
     assert d.queues.by_name["jobs"].depth == 0
+
+
+# ---- found by benchmarks/fuzz.py -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"op": "add", "name": "q", "patterns": ["a"], "ack_wait": 10**400},
+        {"op": "add", "name": "q", "patterns": ["a"], "ack_wait": float("nan")},
+        {"op": "add", "name": "q", "patterns": ["a"], "max_deliver": 2**70},
+        {"op": "add", "name": "q", "patterns": ["a"], "max_deliver": True},
+    ],
+)
+def test_absurd_queue_numbers_are_input_errors(tmp_path: Path, body: dict[str, Any]) -> None:
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    send(r, A, Kind.QUEUE, {"ref": 2, **body})
+    r.end_pass(0.0)
+    ((kind, reply),) = controls(take(r), A)
+    assert kind is Kind.ERR
+    assert reply["code"] == "input"
+    assert r.counters.internal_errors == 0
+
+
+@pytest.mark.parametrize("since", [float("inf"), float("nan"), 10**30])
+def test_absurd_replay_times_are_input_errors(tmp_path: Path, since: float) -> None:
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    send(r, A, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["t"], "since_s": since})
+    ((kind, _body),) = controls(take(r), A)
+    assert kind is Kind.ERR
+    assert r.counters.internal_errors == 0
+
+
+def test_an_event_with_a_malformed_headers_block_replays_as_published(tmp_path: Path) -> None:
+    """Headers pass through the node unread; replay adds one only where it can."""
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    bad = encode_record(b"t", b"x", b"\x05ab", F_PERSISTENT, 7, PUBLISHER + (1).to_bytes(8, "big"))
+    pub(r, A, bad)
+    r.end_pass(0.0)
+    send(r, A, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["t"], "from_seq": 1})
+    take(r)
+    r.end_pass(0.0)
+    out = take(r)
+    assert r.counters.internal_errors == 0
+    assert any(f.endswith(b"\x05abx") for _i, f, _n in out)
+
+
+def test_retained_values_are_bounded_in_bytes(tmp_path: Path) -> None:
+    r, d = durable_router(tmp_path, retained_max_bytes=4096)
+    hello(r, A)
+    for i in range(20):
+        pub(r, A, rec(f"cfg/{i}", b"v" * 1000, flags=F_RETAIN, seq=i + 1))
+        r.end_pass(0.0)
+    assert d.retained_bytes <= 4096
+    assert len(d.retained) == 3
+    assert d.retained_refused == 17
