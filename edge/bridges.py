@@ -1,8 +1,9 @@
 """Bridge actors: each a thread with its own DEALER to the node (inproc) and a client of an
 external broker. Topic mapping lives in mapping.py; this module only moves bytes.
 
-What a bridge does while its broker is down: exports are dropped and counted
-(``dropped_remote_down``); there is no spool yet (it comes with the durability work).
+What a bridge does while its broker is down: persistent exports wait in the node's log
+(the spool, edge/logreader.py) and go out in order once the broker is back; direct
+exports are dropped and counted (``dropped_remote_down``), as they are at most once.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 import zmq
 
+from edge.logreader import LogReader
 from edge.mapping import (
     MappingError,
     mesh_to_nats,
@@ -28,9 +31,13 @@ from edge.mapping import (
     nats_to_mesh,
     swap_prefix,
 )
-from edge.port import MeshPort
+from edge.port import BRIDGE_HEADER, MeshPort
+from node import datadir
 from node.bridge_config import BridgeConfig
-from node.codec import HEAD_PUB
+from node.codec import F_PERSISTENT, HEAD_PUB
+from node.errors import CodecError
+from node.events import Event, decode_event
+from node.topics import SubscriptionTrie
 
 log = logging.getLogger("meshctl.node")
 
@@ -39,15 +46,27 @@ IMPORT_FRAME_BYTES: Final = 64 * 1024
 REQUEST_TIMEOUT: Final = 5.0  # a mesh request forwarded to NATS waits this long
 REQUEST_MEMORY: Final = 60.0  # a NATS request is remembered this long for its reply
 NATS_NO_RESPONDERS: Final = "503"  # the status NATS servers send; nats-py raises on it
+SPOOL_BATCH: Final = 500  # persistent exports read from the log per round
+SPOOL_WAIT: Final = 5.0  # how long the broker may take to acknowledge a round
 
 
 class Bridge:
     """Common part: the node side (port, socket, counters) and the thread."""
 
     def __init__(
-        self, cfg: BridgeConfig, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, ident: bytes
+        self,
+        cfg: BridgeConfig,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        ident: bytes,
+        data_dir: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        self.data_dir = data_dir  # None: the node has no store, so no spool either
+        self.spool: LogReader | None = None
+        self._exports: SubscriptionTrie[bool] = SubscriptionTrie()
+        for p in cfg.exports:
+            self._exports.add(p, True)
         self.ctx = ctx
         self.endpoint = endpoint
         self.ident = ident
@@ -59,6 +78,7 @@ class Bridge:
             "refused": 0,
             "dropped_remote_down": 0,
             "dropped_import_full": 0,
+            "spooled": 0,
         }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bridge-{cfg.name}", daemon=True)
@@ -77,7 +97,9 @@ class Bridge:
         self._thread.join(timeout=5)
 
     def status(self) -> dict[str, Any]:
+        spool = self._spool_stats
         return {
+            "spool": spool,
             "name": self.cfg.name,
             "kind": self.cfg.kind,
             "url": self.cfg.url,
@@ -122,6 +144,46 @@ class Bridge:
                 return
             sock.send(self.port.publish(topic, json.dumps(body).encode(), imported=False))
 
+    # ---- the spool: persistent exports from the node's log ------------------------------
+
+    _spool_stats: dict[str, Any] | None = None
+
+    def _open_spool(self) -> None:
+        """Persistent exports go through the log from a cursor, so a broker that is away
+        (or dies mid-stream) misses none of them; the cursor starts at the log's end."""
+        if self.data_dir is not None and self.cfg.exports:
+            path = datadir.bridge_cursor_path(self.data_dir, self.cfg.name)
+            self.spool = LogReader(self.data_dir, path, start_at_head=True)
+
+    def _spooled(self, ev: Event) -> bool:
+        """True for a live export the spool carries instead."""
+        return self.spool is not None and bool(ev.flags & F_PERSISTENT)
+
+    def _spool_round(self) -> tuple[int, list[Event]] | None:
+        """The next persistent events to export from the log, with the sequence to move
+        the cursor to once the broker has them; None when there is nothing new."""
+        assert self.spool is not None
+        rows = self.spool.after(SPOOL_BATCH)
+        if not rows:
+            self._spool_stats = self.spool.stats() if self._spool_stats is None else None
+            return None
+        events = []
+        for _seq, topic, record in rows:
+            if record[8] & F_PERSISTENT and self._exports.match(topic):
+                try:
+                    ev = decode_event(record, 0, len(record))
+                except CodecError:
+                    continue
+                if ev.headers.get(BRIDGE_HEADER) != self.cfg.name:  # not one we imported
+                    events.append(ev)
+        return rows[-1][0], events
+
+    def _spool_done(self, seq: int, sent: int) -> None:
+        assert self.spool is not None
+        self.spool.advance(seq)
+        self.counters["exported"] += sent
+        self.counters["spooled"] += sent
+
     def _open_port(self) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.ident)
@@ -136,6 +198,7 @@ class Bridge:
         """Move queued imports into the mesh, many records per frame; True if any."""
         batch: list[bytes] = []
         size = 0
+        sent_any = False
         while True:
             try:
                 remote, payload, reply = self._inbox.get_nowait()
@@ -160,10 +223,10 @@ class Bridge:
             self.counters["imported"] += 1
             if size >= IMPORT_FRAME_BYTES:
                 sock.send(HEAD_PUB + b"".join(batch))
-                batch, size = [], 0
+                batch, size, sent_any = [], 0, True
         if batch:
             sock.send(HEAD_PUB + b"".join(batch))
-        return bool(batch) or size > 0
+        return sent_any or bool(batch)
 
     def _expire_requests(self) -> None:
         """Forget remote requests nobody answered (their requesters gave up long ago)."""
@@ -226,28 +289,58 @@ class MqttBridge(Bridge):
         client.on_message = on_message
         client.connect_async(self.cfg.host, self.cfg.port, keepalive=10)
         client.loop_start()
+        self._open_spool()
         try:
             while not self._stop.is_set():
                 if sock.poll(POLL_MS):
                     while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                         for ev in self.port.events(sock.recv()):
-                            self._export_mqtt(client, ev.topic, ev.data)
+                            if not self._spooled(ev):
+                                self._export_mqtt(client, ev.topic, ev.data)
+                if self.spool is not None and self.state == "up":
+                    self._drain_spool_mqtt(client)
                 self._drain_imports(sock, mqtt_topic_to_mesh)
                 self._send_notices(sock)
         finally:
             client.loop_stop()
             client.disconnect()
             sock.close(linger=0)
+            if self.spool is not None:
+                self.spool.close()
 
-    def _export_mqtt(self, client: Any, topic: str, data: bytes) -> None:
+    def _export_mqtt(self, client: Any, topic: str, data: bytes) -> Any:
         remote = self._export_topic(topic, mesh_topic_to_mqtt)
         if remote is None:
             self.counters["refused"] += 1
         elif self.state != "up":
             self.counters["dropped_remote_down"] += 1
         else:
-            client.publish(remote, data, qos=self.cfg.qos)
             self.counters["exported"] += 1
+            return client.publish(remote, data, qos=self.cfg.qos)
+        return None
+
+    def _drain_spool_mqtt(self, client: Any) -> None:
+        """Send the next persistent exports; move the cursor once the broker has them all
+        (PUBACK at QoS 1; written to the socket at QoS 0). A round cut short by the broker
+        going away is sent again after it returns: at least once, as MQTT QoS 1 is."""
+        got = self._spool_round()
+        if got is None:
+            return
+        seq, events = got
+        infos = []
+        for ev in events:
+            remote = self._export_topic(ev.topic, mesh_topic_to_mqtt)
+            if remote is None:
+                self.counters["refused"] += 1
+                continue
+            infos.append(client.publish(remote, ev.data, qos=self.cfg.qos))
+        deadline = time.monotonic() + SPOOL_WAIT
+        for info in infos:
+            with contextlib.suppress(RuntimeError, ValueError):  # disconnected meanwhile
+                info.wait_for_publish(max(0.01, deadline - time.monotonic()))
+            if not info.is_published():
+                return  # not all there: this round goes again
+        self._spool_done(seq, len(infos))
 
 
 class NatsBridge(Bridge):
@@ -280,6 +373,7 @@ class NatsBridge(Bridge):
         import nats  # noqa: PLC0415 - optional dependency
 
         sock = self._open_port()
+        self._open_spool()
         nc: Any = None
         delay = 0.2
         try:
@@ -297,6 +391,31 @@ class NatsBridge(Bridge):
                 with contextlib.suppress(Exception):
                     await nc.close()
             sock.close(linger=0)
+            if self.spool is not None:
+                self.spool.close()
+
+    async def _drain_spool_nats(self, nc: Any) -> bool:
+        """Send the next persistent exports; move the cursor once the server has them all
+        (a flush round trip). True if there were some."""
+        got = self._spool_round()
+        if got is None:
+            return False
+        seq, events = got
+        sent = 0
+        try:
+            for ev in events:
+                remote = self._export_topic(ev.topic, mesh_to_nats)
+                if remote is None:
+                    self.counters["refused"] += 1
+                    continue
+                await nc.publish(remote, ev.data)
+                sent += 1
+            await nc.flush(timeout=SPOOL_WAIT)
+        except Exception as e:  # the server went away mid-round: it goes again later
+            log.debug("bridge %s: spool round cut short: %s", self.cfg.name, e)
+            return False
+        self._spool_done(seq, sent)
+        return True
 
     async def _connect(self, nats: Any) -> Any:
         async def on_disconnected() -> None:
@@ -341,6 +460,8 @@ class NatsBridge(Bridge):
             busy = True
             incoming = self.port.handle(sock.recv())
             for ev in incoming.exports:
+                if self._spooled(ev):
+                    continue
                 remote = self._export_topic(ev.topic, mesh_to_nats)
                 if remote is None:
                     self.counters["refused"] += 1
@@ -360,6 +481,8 @@ class NatsBridge(Bridge):
                 pending = self._requests.pop(self._request_ids.pop(event_id, ""), None)
                 if pending is not None and nc.is_connected:
                     await nc.publish(pending[0], b"", headers={"Status": NATS_NO_RESPONDERS})
+        if self.spool is not None and nc.is_connected:
+            busy = await self._drain_spool_nats(nc) or busy
         self._tasks = {t for t in self._tasks if not t.done()}
         self._expire_requests()
         busy = self._drain_imports(sock, nats_to_mesh) or busy
@@ -372,6 +495,7 @@ def start_bridges(
     ctx: zmq.Context[zmq.Socket[bytes]],
     endpoint: str,
     register: Callable[[bytes], None],
+    data_dir: Path | None = None,
 ) -> list[Bridge]:
     """Start one actor per ``[[bridge]]``; ``register`` tells the node their identities."""
     bridges: list[Bridge] = []
@@ -379,7 +503,7 @@ def start_bridges(
         ident = b"\x00bridge" + i.to_bytes(2, "big") + time.time_ns().to_bytes(8, "big")
         register(ident)
         cls = MqttBridge if cfg.kind == "mqtt" else NatsBridge
-        bridge = cls(cfg, ctx, endpoint, ident)
+        bridge = cls(cfg, ctx, endpoint, ident, data_dir)
         bridge.start()
         bridges.append(bridge)
     return bridges

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import random
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import Any, Final
 
 import zmq
 
+from edge.logreader import LogReader
 from meshctl.client import Client, connect
 from meshctl.errors import MeshError
 from node.codec import (
@@ -44,7 +44,6 @@ from node.codec import (
     with_headers,
 )
 from node.events import Event
-from node.store import FILE_NAME
 from node.topics import SubscriptionTrie
 
 log = logging.getLogger("meshctl.uplink")
@@ -96,9 +95,8 @@ class Uplink(threading.Thread):
         self.cloud_id = ""
         self.sent = 0
         self.received = 0
-        self.gaps = 0
         self.spool: dict[str, Any] = {"entries": 0, "bytes": 0, "oldest_age_s": None}
-        self.cursor = _read_cursor(settings.cursor_path)
+        self.cursor = 0
         self._next_stats = 0.0
 
     # ---- the plugin interface ------------------------------------------------------------
@@ -126,9 +124,8 @@ class Uplink(threading.Thread):
     # ---- the actor -------------------------------------------------------------------------
 
     def run(self) -> None:
-        db = sqlite3.connect(
-            f"file:{self.s.data_dir / FILE_NAME}?mode=ro", uri=True, check_same_thread=False
-        )
+        # Everything the node logged before the uplink first ran is for the cloud too.
+        db = LogReader(self.s.data_dir, self.s.cursor_path, start_at_head=False)
         local = Client(
             self.inproc, name="uplink", context=self.ctx, identity=self.zmq_ident, timeout=5.0
         )
@@ -153,7 +150,7 @@ class Uplink(threading.Thread):
             local.close()
             db.close()
 
-    def _session(self, db: sqlite3.Connection, local: Client) -> None:
+    def _session(self, db: LogReader, local: Client) -> None:
         """One connection to the cloud, until it fails or we are stopped."""
         with connect(self.s.url, name=f"uplink {self.s.node_name}", timeout=2.0) as cloud:
             self.cloud_id = cloud.node_id
@@ -177,21 +174,15 @@ class Uplink(threading.Thread):
                         cloud.flush(timeout=CHECK_TIMEOUT)
                         next_check = time.monotonic() + CHECK_EVERY
 
-    def _ship(self, db: sqlite3.Connection, cloud: Client) -> int:
+    def _ship(self, db: LogReader, cloud: Client) -> int:
         """Send the next stretch of the log to the cloud; how many entries it read."""
-        rows = db.execute(
-            "SELECT seq, topic, record FROM log WHERE seq > ? ORDER BY seq LIMIT ?",
-            (self.cursor, BATCH),
-        ).fetchall()
+        rows = db.after(BATCH)
         if not rows:
             return 0
-        if rows[0][0] > self.cursor + 1 and self.cursor:
-            self.gaps += rows[0][0] - self.cursor - 1  # dropped by the spool bound
         marker = {HEADER: self.s.node_id}
         n = 0
         with cloud.batch():
-            for _seq, topic, stored in rows:
-                record = bytes(stored)
+            for _seq, topic, record in rows:
                 if not self.trie.match(topic) or _crossed(record):
                     continue
                 cloud.forward(with_headers(record, marker), persistent=True)
@@ -199,8 +190,8 @@ class Uplink(threading.Thread):
         if n:
             cloud.confirm(timeout=10.0)
             self.sent += n
-        self.cursor = rows[-1][0]
-        _write_cursor(self.s.cursor_path, self.cursor)
+        db.advance(rows[-1][0])
+        self.cursor = db.cursor
         return len(rows)
 
     def _bring(self, cloud: Client, local: Client, consumer: Any) -> int:
@@ -263,18 +254,13 @@ class Uplink(threading.Thread):
         with contextlib.suppress(MeshError):
             local.forward(record, persistent=False)
 
-    def _stats(self, db: sqlite3.Connection) -> None:
+    def _stats(self, db: LogReader) -> None:
         now = time.monotonic()
         if now < self._next_stats:
             return
         self._next_stats = now + STATS_EVERY
-        n, size, oldest = db.execute(
-            "SELECT count(*), coalesce(sum(length(record)), 0), min(time_ns) FROM log "
-            "WHERE seq > ?",
-            (self.cursor,),
-        ).fetchone()
-        age = None if not oldest else round((time.time_ns() - oldest) / 1e9, 3)
-        self.spool = {"entries": n, "bytes": size, "oldest_age_s": age, "gaps": self.gaps}
+        self.cursor = db.cursor
+        self.spool = db.stats()
 
 
 def _crossed(record: bytes) -> bool:
@@ -284,20 +270,6 @@ def _crossed(record: bytes) -> bool:
         return False
     block = record[RECORD_SIZE + tlen : RECORD_SIZE + tlen + hlen]
     return _HEADER_KEY in block and HEADER in decode_headers(block)
-
-
-def _read_cursor(path: Path) -> int:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def _write_cursor(path: Path, seq: int) -> None:
-    """Atomically: a crash leaves the old cursor or the new one, never half of one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{seq}\n")
-    tmp.replace(path)
 
 
 def start_uplink(

@@ -128,3 +128,9 @@ def next_epoch(data_dir: Path, wall_ns: int) -> int:
 def uplink_cursor_path(data_dir: Path) -> Path:
     """Where the uplink records the last log sequence the cloud acknowledged."""
     return data_dir / "uplink.cursor"
+
+
+def bridge_cursor_path(data_dir: Path, name: str) -> Path:
+    """Where a bridge records the last log sequence its broker acknowledged."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return data_dir / f"bridge-{safe}.cursor"

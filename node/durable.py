@@ -23,11 +23,13 @@ from node.topics import SubscriptionTrie
 
 DEDUPE_WINDOW: Final = 120.0  # seconds, as NATS JetStream's Nats-Msg-Id window
 REPLAY_BATCH: Final = 2048  # log entries read per replaying subscription per pass
+LOG_ALL: Final = 1
+LOG_PERSISTENT: Final = 2
 TRIM_EVERY: Final = 5.0
 MAX_SINCE: Final = 100 * 365 * 86400.0
 SPOOL_CHECK: Final = 0.5
 SPOOL_FULL: Final = (
-    "the uplink spool is full (the cloud has been away too long); "
+    "the spool is full (the uplink's cloud or a bridge's broker has been away too long); "
     "events for the cloud are refused until it drains"
 )
 _ID: Final = slice(RECORD_SIZE - 16, RECORD_SIZE)
@@ -43,37 +45,42 @@ class DurableConfig:
     log_max_age: float = 7 * 24 * 3600.0
     dedupe_window: float = DEDUPE_WINDOW
     retained_max_bytes: int = 64 * 1024 * 1024
-    spool_patterns: tuple[str, ...] = ()  # an uplink's export patterns: the log keeps them
-    spool_cursor: Path | None = None  # the file where the uplink records what it sent
+    spool_patterns: tuple[str, ...] = ()  # an uplink's exports: the log keeps all such events
+    persist_patterns: tuple[str, ...] = ()  # bridges' exports: the log keeps persistent ones
+    spool_cursors: tuple[Path, ...] = ()  # where the uplink and bridges record what they sent
     spool_max_bytes: int = 256 * 1024 * 1024
     spool_overflow: str = "drop-oldest"
 
 
 class Spool:
-    """The unsent part of the log, as the uplink's cursor file says, and its bound.
+    """The unsent part of the log, as the readers' cursor files say, and its bound.
 
-    The uplink (edge/uplink.py) reads the log and records in its cursor file how far the
-    cloud has acknowledged; the node only reads that file. So the spool costs nothing
-    extra: it is the log, with trimming held back for what has not been sent.
+    The uplink and the bridges (edge/logreader.py) read the log and record in their cursor
+    files how far the far side has acknowledged; the node only reads those files. So the
+    spool costs nothing extra: it is the log after the slowest reader, with trimming held
+    back for it.
     """
 
     def __init__(self, config: DurableConfig) -> None:
-        assert config.spool_cursor is not None
-        self.path = config.spool_cursor
+        self.paths = config.spool_cursors
         self.max_bytes = config.spool_max_bytes
         self.refuse = config.spool_overflow == "refuse"
         self.trie: SubscriptionTrie[bool] = SubscriptionTrie()
-        for p in config.spool_patterns:
+        for p in (*config.spool_patterns, *config.persist_patterns):
             self.trie.add(p, True)
         self.full = False
         self.dropped = 0
         self.refused = 0
 
     def cursor(self) -> int:
-        try:
-            return int(self.path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return 0
+        """The slowest reader's position (a reader that has not started yet holds none)."""
+        seqs = []
+        for path in self.paths:
+            try:
+                seqs.append(int(path.read_text().split()[0]))
+            except (OSError, ValueError, IndexError):
+                continue
+        return min(seqs, default=1 << 62)
 
     def check(self, store: Store) -> None:
         """Enforce the bound: drop the oldest unsent, or refuse new ones until it drains."""
@@ -132,7 +139,10 @@ class Durable:
         self.log_trie: SubscriptionTrie[bool] = SubscriptionTrie()
         for p in (*config.log_patterns, *config.spool_patterns):
             self.log_trie.add(p, True)
-        self.spool = Spool(config) if config.spool_cursor is not None else None
+        self.persist_trie: SubscriptionTrie[bool] = SubscriptionTrie()
+        for p in config.persist_patterns:
+            self.persist_trie.add(p, True)
+        self.spool = Spool(config) if config.spool_cursors else None
         self._next_spool_check = 0.0
         self.retained: dict[str, bytes] = dict(store.retained_all())
         self.retained_bytes = sum(len(r) for r in self.retained.values())
@@ -154,8 +164,12 @@ class Durable:
 
     # ---- staging, during the pass ------------------------------------------------------
 
-    def wants_log(self, topic: str) -> bool:
-        return bool(self.log_trie.match(topic))
+    def wants_log(self, topic: str) -> int:
+        """LOG_ALL: the log keeps every event on ``topic``; LOG_PERSISTENT: only the
+        persistent ones (a bridge's spool); 0: none but local persistent events."""
+        if self.log_trie.match(topic):
+            return LOG_ALL
+        return LOG_PERSISTENT if self.persist_trie.match(topic) else 0
 
     def persist(self, ident: bytes, record: bytes, topic: str, route: Any) -> bool:
         """A persistent event from a local publisher; False if it is a duplicate (already
@@ -179,7 +193,8 @@ class Durable:
         """Log, capture and retain one event as its flags and route say."""
         flags = record[8]
         t_ns = int.from_bytes(record[_TIME], "little")
-        if (route.log or (local and flags & F_PERSISTENT)) and not self._spool_refuses(topic):
+        keep = route.log == LOG_ALL or (flags & F_PERSISTENT and (local or route.log))
+        if keep and not self._spool_refuses(topic):
             self.p.log.append((record[_ID], topic, t_ns, record))
         if flags & F_PERSISTENT and route.queues:
             self.queues.capture(route.queues, record[_ID], record, t_ns)

@@ -490,12 +490,28 @@ def _open_durable(config: NodeConfig, data_dir: Path) -> Durable | None:
             log_max_bytes=config.log_max_bytes,
             log_max_age=config.log_max_age,
             spool_patterns=config.uplink_export if config.uplink_url else (),
-            spool_cursor=datadir.uplink_cursor_path(data_dir) if config.uplink_url else None,
+            persist_patterns=tuple(p for b in config.bridges for p in b.exports),
+            spool_cursors=(
+                *([datadir.uplink_cursor_path(data_dir)] if config.uplink_url else []),
+                *(
+                    datadir.bridge_cursor_path(data_dir, b.name)
+                    for b in config.bridges
+                    if b.exports
+                ),
+            ),
             spool_max_bytes=config.spool_max_bytes,
             spool_overflow=config.spool_overflow,
         ),
         time.time_ns,
     )
+
+
+def _spool_cursors(config: NodeConfig, data_dir: Path) -> tuple[Path, ...]:
+    """The cursor files of the uplink and of each exporting bridge: the log after the
+    slowest of them is the spool."""
+    paths = [datadir.uplink_cursor_path(data_dir)] if config.uplink_url else []
+    paths += [datadir.bridge_cursor_path(data_dir, b.name) for b in config.bridges if b.exports]
+    return tuple(paths)
 
 
 class Plugin(Protocol):

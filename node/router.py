@@ -29,7 +29,7 @@ from node.codec import (
     frame_kind,
 )
 from node.dedup import DedupWindow
-from node.durable import Durable, replay_options
+from node.durable import LOG_ALL, Durable, replay_options
 from node.errors import CodecError, TopicError
 from node.framing import frames_counted, link_frames
 from node.mesh import NO_PLAN, Mesh, Plan, Via
@@ -107,7 +107,7 @@ class Route:
         plain: list[tuple[bytes, bytes]],
         groups: list[_Group],
         plan: Plan = NO_PLAN,
-        log: bool = False,
+        log: int = 0,
         queues: list[Queue] | None = None,
     ) -> None:
         self.plain = plain
@@ -596,7 +596,7 @@ class Router:
                 self._error(ident, None, route.reason, "topic")  # type: ignore[union-attr]
                 continue
             count += 1
-            if flags & _DURABLE_FLAGS or route.log:  # type: ignore[union-attr]
+            if flags & _DURABLE_FLAGS or route.log == LOG_ALL:  # type: ignore[union-attr]
                 rec = self._durable_pub(ident, rec, topic, route)  # type: ignore[arg-type]
                 if rec is None:
                     continue  # routed after the pass's commit, or refused
@@ -840,7 +840,7 @@ class Router:
             if type(route) is _Refused:
                 self.counters.dropped["bad_topic"] += 1
                 continue
-            if (flags & _DURABLE_FLAGS or route.log) and self.durable:  # type: ignore[union-attr]
+            if (flags & _DURABLE_FLAGS or route.log == LOG_ALL) and self.durable:  # type: ignore[union-attr]
                 self.durable.stage(rec, topic.decode(), route, local=False)
                 rec = _live(rec)
             for dest, prefix in route.plain:  # type: ignore[union-attr]

@@ -1,4 +1,5 @@
-"""The architecture, enforced: node <- edge <- meshctl, and pure cores import no I/O."""
+"""The architecture, enforced: node <- client library <- edge <- CLI, and pure cores import
+no I/O."""
 
 from __future__ import annotations
 
@@ -53,10 +54,21 @@ def test_node_imports_neither_edge_nor_meshctl(path: Path) -> None:
     assert not bad, f"{path.name} imports {bad}: node must not depend on edge or meshctl"
 
 
+# An edge actor may be a client of a node like any application (the uplink is one): the
+# public client library is open to it. The CLI and everything else in meshctl are not.
+CLIENT_LIBRARY = {"meshctl.client", "meshctl.errors"}
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "edge").rglob("*.py")), ids=lambda p: p.name)
-def test_edge_does_not_import_meshctl(path: Path) -> None:
-    bad = {m for m in _imports(path) if m.split(".")[0] == "meshctl"}
-    assert not bad, f"{path.name} imports {bad}: edge must not depend on meshctl"
+def test_edge_uses_at_most_the_client_library_of_meshctl(path: Path) -> None:
+    bad = {m for m in _imports(path) if m.split(".")[0] == "meshctl" and m not in CLIENT_LIBRARY}
+    assert not bad, f"{path.name} imports {bad}: edge may use only meshctl's client library"
+
+
+def test_the_client_library_does_not_import_the_cli_or_edge() -> None:
+    for rel in ("meshctl/client.py", "meshctl/errors.py", "meshctl/url.py"):
+        bad = {m for m in _imports(ROOT / rel) if m.startswith(("meshctl.cli", "edge"))}
+        assert not bad, f"{rel} imports {bad}: the client library sits below edge and the CLI"
 
 
 @pytest.mark.parametrize("rel", PURE)

@@ -1,0 +1,81 @@
+"""Reading the node's log from a cursor: the spool of the uplink and of the bridges.
+
+An actor that must not lose events while its far side is away (the cloud node, an MQTT
+broker, a NATS server) does not keep a queue of its own: the node logs what it must carry
+before routing it, and the actor reads the log in order from its cursor, a small file in
+the data dir that it moves only once the far side has the events. The node reads the same
+file so that it never trims what has not been sent (``node/durable.py``, Spool).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from node.store import FILE_NAME
+
+
+class LogReader:
+    """A read-only view of the log (WAL: it never blocks the node's writes) and a cursor."""
+
+    def __init__(self, data_dir: Path, cursor_path: Path, *, start_at_head: bool) -> None:
+        self.db = sqlite3.connect(
+            f"file:{data_dir / FILE_NAME}?mode=ro", uri=True, check_same_thread=False
+        )
+        self.path = cursor_path
+        cursor = read_cursor(cursor_path)
+        if cursor is None:
+            # A new reader that should not send history: it starts where the log ends now.
+            cursor = self.head() if start_at_head else 0
+            write_cursor(cursor_path, cursor)
+        self.cursor = cursor
+        self.gaps = 0  # entries lost to the spool bound before they could be sent
+
+    def head(self) -> int:
+        return int(self.db.execute("SELECT coalesce(max(seq), 0) FROM log").fetchone()[0])
+
+    def after(self, limit: int) -> list[tuple[int, str, bytes]]:
+        """Up to ``limit`` entries after the cursor, in order: (seq, topic, record)."""
+        rows = self.db.execute(
+            "SELECT seq, topic, record FROM log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (self.cursor, limit),
+        ).fetchall()
+        if rows and self.cursor and rows[0][0] > self.cursor + 1:
+            self.gaps += rows[0][0] - self.cursor - 1  # counted as entries, sent or not
+        return [(seq, topic, bytes(record)) for seq, topic, record in rows]
+
+    def advance(self, seq: int) -> None:
+        """The far side has everything up to ``seq``."""
+        if seq > self.cursor:
+            self.cursor = seq
+            write_cursor(self.path, seq)
+
+    def stats(self) -> dict[str, Any]:
+        """Entries, bytes and the age of the oldest entry not yet sent."""
+        n, size, oldest = self.db.execute(
+            "SELECT count(*), coalesce(sum(length(record)), 0), min(time_ns) FROM log "
+            "WHERE seq > ?",
+            (self.cursor,),
+        ).fetchone()
+        age = None if not oldest else round((time.time_ns() - oldest) / 1e9, 3)
+        return {"entries": n, "bytes": size, "oldest_age_s": age, "gaps": self.gaps}
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def read_cursor(path: Path) -> int | None:
+    """The sequence in a cursor file; None when there is none (or it is unreadable)."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def write_cursor(path: Path, seq: int) -> None:
+    """Atomically: a crash leaves the old cursor or the new one, never half of one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{seq}\n")
+    tmp.replace(path)
