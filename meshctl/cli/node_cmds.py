@@ -84,6 +84,15 @@ def up(
             show_default=False,
         ),
     ] = None,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(
+            "--mqtt",
+            metavar="HOST:PORT",
+            help="Accept MQTT 3.1.1 clients here (mqtt.listen, default off; port 0: free).",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     detach: Annotated[
         bool, typer.Option("--detach", help="Run in the background; stop it with `meshctl down`.")
@@ -101,6 +110,11 @@ def up(
     )
     if link:
         cfg = with_overrides(cfg, {"links": [*cfg.links, *link]}, source="command line")
+    if mqtt is not None:
+        try:
+            cfg = with_overrides(cfg, {"mqtt_listen": mqtt}, source="command line")
+        except ConfigError as e:
+            raise ConfigError("command line", "--mqtt", e.reason) from None
     where = datadir.resolve_data_dir(cfg.data_dir)
     datadir.prepare(where)
     if cfg.ipc:
@@ -128,15 +142,25 @@ def up(
         data_dir=where,
     )
 
-    def bridges(node: Node) -> list[Any]:
-        if not cfg.bridges:
-            return []
-        from edge.bridges import start_bridges  # noqa: PLC0415 - paho/nats only when used
+    def plugins(node: Node) -> list[Any]:
+        started: list[Any] = []
+        if cfg.bridges:
+            from edge.bridges import start_bridges  # noqa: PLC0415 - paho/nats only when used
 
-        return start_bridges(cfg.bridges, node.ctx, node.inproc, node.router.internal.add)
+            started += start_bridges(cfg.bridges, node.ctx, node.inproc, node.router.internal.add)
+        if cfg.mqtt_listen:
+            from edge.mqtt_listener import start_listener  # noqa: PLC0415 - only when used
+
+            try:
+                started.append(start_listener(cfg, node.ctx, node.inproc, node.router.internal.add))
+            except OSError:
+                for plugin in started:
+                    plugin.stop()
+                raise
+        return started
 
     try:
-        serve(cfg, identity, bridges)
+        serve(cfg, identity, plugins)
     except OSError as e:
         raise OperationalError(str(e)) from None
 
@@ -222,6 +246,15 @@ def _render_status(s: dict[str, Any]) -> None:
         f"no interest {c['no_interest']}  [dim]dropped[/] {drops}  "
         f"[dim]bad frames[/] {c['bad_frames']}  [dim]bad handshakes[/] {c['bad_handshakes']}"
     )
+    m = s.get("mqtt")
+    if m:
+        out.print(
+            f"[dim]mqtt[/] {m['listen']}  [dim]clients[/] {m['clients']}  "
+            f"[dim]sessions[/] {m['sessions']} ({m['offline_sessions']} away)  "
+            f"[dim]retained[/] {m['retained']}  [dim]published[/] {m['published']}  "
+            f"[dim]delivered[/] {m['delivered']}  [dim]refused topics[/] {m['refused_topics']}  "
+            f"[dim]protocol errors[/] {m['protocol_errors']}"
+        )
     if s.get("bridges"):
         t = Table(
             "bridge",
