@@ -55,6 +55,11 @@ class MqttConnection(asyncio.Protocol):
         if self.closing:
             return
         self.last_rx = self.listener.now()
+        if self.connect is None and not self.decoder.pending and data[:1] != b"\x10":
+            # Not MQTT at all (an HTTP probe, a port scan): say so now, not when a
+            # length it never meant has been read.
+            self.listener.protocol_error(self, f"first byte {data[:1].hex()} is not CONNECT")
+            return
         self._in_read = True
         try:
             for packet in self.decoder.feed(data):
