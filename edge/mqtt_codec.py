@@ -103,8 +103,10 @@ class Publish:
     packet_id: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PubAck:
+    """Not frozen, for the same reason as Publish: one per QoS 1 message."""
+
     packet_id: int
 
 
@@ -178,6 +180,7 @@ Packet = (
     | Disconnect
 )
 _ID_ONLY: Final = {4: PubAck, 5: PubRec, 6: PubRel, 7: PubComp, 11: UnsubAck}
+_ACK_TYPES: Final = {cls: Type(kind) for kind, cls in _ID_ONLY.items()}
 
 
 # ---- decoding ------------------------------------------------------------------------------
@@ -228,7 +231,10 @@ class Decoder:
             end = i + length
             if end > n:
                 break
-            out.append(parse(b0, buf[i:end]))
+            if b0 == 0x40 and length == 2 and (buf[i] or buf[i + 1]):  # PUBACK, inlined
+                out.append(PubAck((buf[i] << 8) | buf[i + 1]))
+            else:
+                out.append(parse(b0, buf[i:end]))
             off = end
         self._buf = buf[off:] if off < n else b""
         return out
@@ -432,6 +438,11 @@ def encode_publish(
     return head + var + payload
 
 
+def encode_ack(kind: Type, packet_id: int) -> bytes:
+    """PUBACK, PUBREC, PUBREL, PUBCOMP or UNSUBACK: the per-message path of QoS 1 and 2."""
+    return bytes(((kind << 4) | _FLAGS[kind], 2)) + packet_id.to_bytes(2, "big")
+
+
 def _str(text: str) -> bytes:
     raw = text.encode()
     return len(raw).to_bytes(2, "big") + raw
@@ -455,8 +466,7 @@ def encode(packet: Packet) -> bytes:
     body: bytes
     match packet:
         case PubAck() | PubRec() | PubRel() | PubComp() | UnsubAck():
-            kind = {PubAck: 4, PubRec: 5, PubRel: 6, PubComp: 7, UnsubAck: 11}[type(packet)]
-            body = _U16.pack(packet.packet_id)
+            return encode_ack(_ACK_TYPES[type(packet)], packet.packet_id)
         case Connack(session_present=sp, return_code=rc):
             kind, body = 2, bytes((int(sp), rc))
         case Subscribe(packet_id=pid, filters=filters):

@@ -55,10 +55,11 @@ from edge.mqtt_codec import (
     PubRel,
     SubAck,
     Subscribe,
-    UnsubAck,
+    Type,
     Unsubscribe,
     Will,
     encode,
+    encode_ack,
 )
 from edge.mqtt_conn import MqttConnection
 from edge.mqtt_retain import ListenerRetained, Retained
@@ -291,12 +292,12 @@ class MqttListener:
                     sub = session.subs.pop(filt, None)
                     if sub is not None:
                         self._unsub(sub)
-                conn.write(encode(UnsubAck(pid)))
+                conn.write(encode_ack(Type.UNSUBACK, pid))
             case PingReq():
                 conn.write(PINGRESP)
             case PubRel(packet_id=pid):
                 conn.awaiting_rel.discard(pid)
-                conn.write(encode(PubComp(pid)))
+                conn.write(encode_ack(Type.PUBCOMP, pid))
             case Disconnect():
                 conn.said_disconnect = True
                 conn.close()
@@ -354,12 +355,12 @@ class MqttListener:
 
     def _on_publish(self, conn: MqttConnection, p: Publish) -> None:
         if p.qos == 2 and p.packet_id in conn.awaiting_rel:
-            conn.write(encode(PubRec(p.packet_id)))  # a resend: published once already
+            conn.write(encode_ack(Type.PUBREC, p.packet_id))  # a resend: published already
             return
         routed = self._publish(conn, p)
         if p.qos == 0:
             return
-        ack = encode(PubAck(p.packet_id) if p.qos == 1 else PubRec(p.packet_id))
+        ack = encode_ack(Type.PUBACK if p.qos == 1 else Type.PUBREC, p.packet_id)
         if p.qos == 2:
             conn.awaiting_rel.add(p.packet_id)
         if routed:
