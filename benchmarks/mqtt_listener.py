@@ -32,7 +32,6 @@ import labhelpers as lh  # noqa: E402
 
 PAYLOAD = b"x" * 256
 INFLIGHT = 100  # QoS 1 window of the clients and of both brokers
-SPIN_US = int(os.environ.get("SPIN_US", "0"))  # see README: the node's busy-wait
 QUEUE = 100_000  # both brokers queue this many QoS 1 messages per client: nothing is lost
 
 
@@ -115,7 +114,7 @@ def meshctl_node(tmp: Path) -> Iterator[int]:
     conf = tmp / "meshctl.toml"
     conf.write_text(
         f'[mqtt]\nlisten = "127.0.0.1:{port}"\nmax_inflight = {INFLIGHT}\n'
-        f"max_queued = {QUEUE}\n[tuning]\nspin_us = {SPIN_US}\n"
+        f"max_queued = {QUEUE}\n"
     )
     argv = [sys.executable, "-m", "meshctl", "up", "--port", "0", "--listen", "127.0.0.1",
             "--no-discovery", "--data-dir", str(tmp / "node"), "--config", str(conf)]  # fmt: skip
