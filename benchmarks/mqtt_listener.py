@@ -113,8 +113,7 @@ def meshctl_node(tmp: Path) -> Iterator[int]:
     port = lh.free_port()
     conf = tmp / "meshctl.toml"
     conf.write_text(
-        f'[mqtt]\nlisten = "127.0.0.1:{port}"\nmax_inflight = {INFLIGHT}\n'
-        f"max_queued = {QUEUE}\n"
+        f'[mqtt]\nlisten = "127.0.0.1:{port}"\nmax_inflight = {INFLIGHT}\nmax_queued = {QUEUE}\n'
     )
     argv = [sys.executable, "-m", "meshctl", "up", "--port", "0", "--listen", "127.0.0.1",
             "--no-discovery", "--data-dir", str(tmp / "node"), "--config", str(conf)]  # fmt: skip
