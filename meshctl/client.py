@@ -34,7 +34,9 @@ from meshctl.errors import InputError, NoResponders, RemoteError, Timeout, Unrea
 from meshctl.url import resolve_server
 from node.codec import (
     F_ERROR,
+    F_PERSISTENT,
     F_REQUEST,
+    F_RETAIN,
     HEAD_PUB,
     RECORD,
     Kind,
@@ -53,6 +55,9 @@ DEFAULT_TIMEOUT: Final = 2.0
 KEEPALIVE: Final = 2.0  # a node probes idle clients every second; silence this long is news
 _KEEPALIVE_PING: Final = encode_control(Kind.PING, {})
 _TOPIC_CACHE_MAX: Final = 4096
+PERSIST_WINDOW: Final = 20_000  # unacknowledged persistent events before publish waits
+RETRY_AFTER: Final = 2.0  # seconds without any acknowledgement before unacked are resent
+ACK_BATCH: Final = 256
 
 Handler = Callable[[Event], None]
 
@@ -99,6 +104,9 @@ class Subscription:
         self.callback = callback
         self.queue: deque[Event] = deque()
         self.received = 0
+        self.resume_body: dict[str, Any] = {"patterns": list(patterns), "group": group}
+        self.queue_name: str | None = None  # the durable queue, for a consumer
+        self.first_seq: int | None = None  # the first log sequence of a replay
 
     def next(self, timeout: float | None = None) -> Event:
         """The next event; raises Timeout when none arrives within ``timeout`` seconds."""
@@ -116,6 +124,11 @@ class Subscription:
     def unsubscribe(self) -> None:
         """Stop receiving; events already queued stay readable."""
         self.client.unsubscribe(self)
+
+    def ack(self, event: Event) -> None:
+        """Acknowledge a delivery from a durable queue: the node deletes it and will not
+        deliver it again. Acks are batched and sent with the next read or flush."""
+        self.client._ack(self.sid, event.id)
 
 
 class Client:
@@ -150,6 +163,11 @@ class Client:
         self._rcvtimeo = -1
         self._last_rx = time.monotonic()
         self._topic_names: dict[bytes, str] = {}
+        self._unacked: dict[bytes, bytes] = {}  # persistent event id -> record, in order
+        self._persist_errors: list[RemoteError] = []
+        self._last_pack = time.monotonic()
+        self._acks: dict[int, list[str]] = {}
+        self._acks_n = 0
 
     # ---- connection --------------------------------------------------------------------
 
@@ -211,14 +229,28 @@ class Client:
         data: bytes | str = b"",
         headers: Mapping[str, str] | None = None,
         *,
+        persistent: bool = False,
+        retain: bool = False,
         _flags: int = 0,
     ) -> str:
-        """Publish one event (at most once, to every interested subscriber); returns its id.
+        """Publish one event to every interested subscriber; returns its id.
+
+        Direct events (the default) are delivered at most once and never touch disk.
+        ``persistent=True``: the node stores the event before it acknowledges it; call
+        ``confirm()`` to wait for the acknowledgements (resending what got none, with the
+        same ids, which the node stores once). ``retain=True``: the node keeps it as the
+        topic's last value for new subscribers; empty ``data`` clears it.
 
         Raises:
             TopicError: the topic is invalid or reserved.
             PayloadTooLarge: ``data`` exceeds the node's limit.
         """
+        if persistent:
+            _flags |= F_PERSISTENT
+            if len(self._unacked) >= PERSIST_WINDOW:
+                self._wait_acks(PERSIST_WINDOW // 2, self.timeout * 5)
+        if retain:
+            _flags |= F_RETAIN
         tb = self._topics.get(topic)
         if tb is None:
             validate_publish_topic(topic)
@@ -237,6 +269,10 @@ class Client:
         self._seq += 1
         event_id = self._origin + self._seq.to_bytes(8, "big")
         rec = RECORD.pack(len(data), len(tb), len(hb), _flags, 0, 0, time.time_ns(), event_id)
+        if _flags & F_PERSISTENT:
+            if not self._unacked:
+                self._last_pack = time.monotonic()
+            self._unacked[event_id] = rec + tb + hb + data  # type: ignore[operator]
         if self._batching:
             buf = self._buffer
             buf.append(rec)
@@ -267,6 +303,8 @@ class Client:
         self._send_buffer()
 
     def _send_buffer(self) -> None:
+        if self._acks_n:
+            self._send_acks()
         if self._buffer:
             frame = HEAD_PUB + b"".join(self._buffer)
             self._buffer.clear()
@@ -286,10 +324,82 @@ class Client:
             self._async_errors.clear()
             raise err
 
+    def confirm(self, timeout: float | None = None) -> int:
+        """Wait until the node has stored every persistent event published so far.
+
+        Events with no acknowledgement for a while are sent again with the same ids (a
+        node that restarted, a lost frame); the node stores each id once. Returns how many
+        events were confirmed.
+
+        Raises:
+            RemoteError: the node could not store some events (code ``store``, e.g. its
+                disk is full); nothing of those was acknowledged.
+            Timeout: some events are still unacknowledged after ``timeout`` seconds.
+        """
+        pending = len(self._unacked)
+        self._wait_acks(0, self.timeout * 5 if timeout is None else timeout)
+        return pending
+
+    @property
+    def unconfirmed(self) -> int:
+        """Persistent events published and not yet acknowledged by the node."""
+        return len(self._unacked)
+
+    def _wait_acks(self, below: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self._unacked) > below:
+            now = time.monotonic()
+            if now - self._last_pack >= RETRY_AFTER:
+                self._resend_unacked()
+            if now >= deadline:
+                raise Timeout(
+                    f"{len(self._unacked)} persistent events not acknowledged by the node "
+                    f"within {timeout:g}s"
+                )
+            self._pump(min(deadline, self._last_pack + RETRY_AFTER))
+        if self._persist_errors:
+            err = self._persist_errors[0]
+            self._persist_errors.clear()
+            raise err
+
+    def _resend_unacked(self) -> None:
+        """Send every unacknowledged persistent event again, same ids, in order."""
+        self._last_pack = time.monotonic()
+        self._send_buffer()
+        frame: list[bytes] = []
+        size = 0
+        for rec in list(self._unacked.values()):
+            frame.append(rec)
+            size += len(rec)
+            if size >= BATCH_BYTES:
+                self._send(HEAD_PUB + b"".join(frame))
+                frame, size = [], 0
+        if frame:
+            self._send(HEAD_PUB + b"".join(frame))
+
+    def _on_persisted(self, ids: list[object], error: dict[str, Any] | None) -> None:
+        self._last_pack = time.monotonic()
+        unacked = self._unacked
+        for i in ids:
+            try:
+                unacked.pop(bytes.fromhex(str(i)), None)
+            except ValueError:
+                continue
+        if error is not None:
+            self._persist_errors.append(
+                RemoteError(str(error.get("error")), str(error.get("code", "")))
+            )
+
     # ---- subscribing -------------------------------------------------------------------
 
     def subscribe(
-        self, *patterns: str, group: str | None = None, callback: Handler | None = None
+        self,
+        *patterns: str,
+        group: str | None = None,
+        callback: Handler | None = None,
+        retained: bool = True,
+        since: float | None = None,
+        from_seq: int | None = None,
     ) -> Subscription:
         """Receive events matching any of ``patterns``; returns once the node has confirmed.
 
@@ -297,20 +407,71 @@ class Client:
             patterns: one or more patterns (``*`` one level, ``>`` the rest).
             group: join this queue group: each event goes to one member of the group.
             callback: called with each Event inside ``process``/``run`` instead of queuing.
+            retained: first receive the retained last value of each matching topic.
+            since: first replay the node's log from this many seconds ago, then go live
+                with no gap and no duplicate at the seam.
+            from_seq: first replay the log from this sequence (``Event.seq``).
         """
         if not patterns:
             raise InputError("subscribe needs at least one pattern")
         for p in patterns:
             validate_pattern(p)
+        body: dict[str, Any] = {"patterns": list(patterns), "group": group}
+        if retained:
+            body["retained"] = True
+        if since is not None:
+            body["since_s"] = since
+        if from_seq is not None:
+            body["from_seq"] = from_seq
+        return self._open_sub(tuple(patterns), group, callback, body)
+
+    def consume(
+        self, queue: str, *, max_inflight: int | None = None, callback: Handler | None = None
+    ) -> Subscription:
+        """Take events from the durable queue ``queue``; acknowledge each with
+        ``Subscription.ack``. Unacknowledged events come back after the queue's ack wait
+        or when this client goes away (``Event.redelivered``)."""
+        body: dict[str, Any] = {"queue": queue}
+        if max_inflight is not None:
+            body["max_inflight"] = max_inflight
+        return self._open_sub((), None, callback, body, queue=queue)
+
+    def _open_sub(
+        self,
+        patterns: tuple[str, ...],
+        group: str | None,
+        callback: Handler | None,
+        body: dict[str, Any],
+        queue: str | None = None,
+    ) -> Subscription:
         sid = next(self._sids)
-        sub = Subscription(self, sid, tuple(patterns), group, callback)
+        sub = Subscription(self, sid, patterns, group, callback)
+        sub.resume_body = body
+        sub.queue_name = queue
         self._subs[sid] = sub
         try:
-            self._call(Kind.SUB, {"sid": sid, "patterns": list(patterns), "group": group})
+            answer = self._call(Kind.SUB, {"sid": sid, **body})
         except BaseException:
             self._subs.pop(sid, None)
             raise
+        sub.first_seq = answer.get("first_seq")
         return sub
+
+    def queue(self, op: str, name: str | None = None, **args: Any) -> dict[str, Any]:
+        """Administer durable queues: ``add`` (patterns, ack_wait, max_deliver), ``rm``,
+        ``purge``, ``ls``, ``info``; returns the node's answer."""
+        return self._call(Kind.QUEUE, {"op": op, "name": name, **args})
+
+    def _ack(self, sid: int, event_id: str) -> None:
+        self._acks.setdefault(sid, []).append(event_id)
+        self._acks_n += 1
+        if self._acks_n >= ACK_BATCH:
+            self._send_acks()
+
+    def _send_acks(self) -> None:
+        acks, self._acks, self._acks_n = self._acks, {}, 0
+        for sid, ids in acks.items():
+            self._send(encode_control(Kind.ACK, {"sid": sid, "ids": ids}))
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Remove a subscription at the node."""
@@ -523,12 +684,16 @@ class Client:
         elif kind == Kind.ERR:
             if body.get("code") == "session" and self.node:
                 self._resume()
+            elif isinstance(body.get("ids"), list):
+                self._on_persisted(body["ids"], body)
             else:
                 self._async_errors.append(
                     RemoteError(str(body.get("error")), str(body.get("code", "")))
                 )
         elif kind == Kind.NORESP:
             self._no_responders.add(str(body.get("id")))
+        elif kind == Kind.PACK:
+            self._on_persisted(body.get("ids") or [], None)
 
     def _deliver(self, events: list[tuple[int, Event]]) -> None:
         subs = self._subs
@@ -554,14 +719,8 @@ class Client:
         self.node = {}
         self._send(encode_control(Kind.HELLO, {"name": self.name}))
         for sub in self._subs.values():
-            self._send(
-                encode_control(
-                    Kind.SUB,
-                    {
-                        "ref": None,  # nobody waits for these answers
-                        "sid": sub.sid,
-                        "patterns": list(sub.patterns),
-                        "group": sub.group,
-                    },
-                )
-            )
+            body = {k: v for k, v in sub.resume_body.items() if k not in ("since_s", "from_seq")}
+            body.pop("retained", None)  # already had them
+            # "ref": None: nobody waits for these answers.
+            self._send(encode_control(Kind.SUB, {"ref": None, "sid": sub.sid, **body}))
+        self._last_pack = 0.0  # resend unacknowledged persistent events at the next wait

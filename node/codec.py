@@ -48,6 +48,8 @@ class Kind(IntEnum):
     LINK = 0x07  # node -> node: {"mesh", "proto", "node": NodeState}: open a link
     STATES = 0x08  # node -> node: {"states": [NodeState...]}: flooded announcements
     BEAT = 0x09  # node -> node: {"t": sender clock}: heartbeat, answered with BEAT_ACK
+    ACK = 0x0A  # client -> node: {"sid", "ids"}: queue deliveries done (no answer)
+    QUEUE = 0x0B  # client -> node: {"ref", "op", ...}: durable queue administration
     WELCOME = 0x11  # node -> client: {"node_id", "name", "mesh", "client_id", "max_payload"}
     OK = 0x12  # node -> client: {"ref", ...result}
     ERR = 0x13  # node -> client: {"ref"?, "error", "code"}
@@ -55,6 +57,7 @@ class Kind(IntEnum):
     LINK_OK = 0x15  # node -> node: {"node": NodeState}: link accepted
     LINK_REFUSE = 0x16  # node -> node: {"reason"}: link refused, the dialer logs why
     BEAT_ACK = 0x17  # node -> node: {"t"}: echo of a heartbeat, gives the round-trip time
+    PACK = 0x18  # node -> client: {"ids"}: persistent events committed to disk
     PUB = 0x20
     DELIVER = 0x21
     FWD = 0x22  # node -> node: [routing header] record*
@@ -64,9 +67,9 @@ CONTROL_KINDS: Final = frozenset(k for k in Kind if k < 0x20)
 
 # Record flags.
 F_REQUEST: Final = 0x01  # the publisher waits for replies: answer "no responders" at once
-F_PERSISTENT: Final = 0x02  # reserved for durable delivery
-F_RETAIN: Final = 0x04  # reserved for retained events
-F_IMPORTED: Final = 0x08  # reserved: entered the mesh through a bridge; never export back
+F_PERSISTENT: Final = 0x02  # stored before it is acknowledged (a PACK answers the publisher)
+F_RETAIN: Final = 0x04  # kept as the topic's last value; set on retained deliveries
+F_IMPORTED: Final = 0x08  # entered the mesh through a bridge; never export back
 F_ERROR: Final = 0x10  # a reply that reports the responder's failure
 
 RECORD: Final = struct.Struct("<IHHBBHQ16s")
@@ -164,6 +167,19 @@ def encode_record(
         + headers
         + payload
     )
+
+
+def with_headers(record: bytes, extra: Mapping[str, str]) -> bytes:
+    """A copy of ``record`` with ``extra`` headers added (replacing same-named ones).
+
+    The slow path only (replay, dead letters): it decodes and re-encodes the headers."""
+    plen, tlen, hlen, flags, hops, r, time_ns, raw_id = RECORD.unpack_from(record)
+    t0 = RECORD_SIZE + tlen
+    headers = decode_headers(record[t0 : t0 + hlen]) if hlen else {}
+    headers.update(extra)
+    hb = encode_headers(headers)
+    head = RECORD.pack(plen, tlen, len(hb), flags, hops, r, time_ns, raw_id)
+    return head + record[RECORD_SIZE:t0] + hb + record[t0 + hlen :]
 
 
 def split_records(body: bytes, offset: int = 2) -> Iterator[tuple[int, int]]:

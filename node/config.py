@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from node.bridge_config import BridgeConfig, parse_bridges
-from node.errors import ConfigError
+from node.errors import ConfigError, InputError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -88,6 +88,11 @@ class NodeConfig:
     mqtt_max_inflight: int = 100
     mqtt_max_queued: int = 1000
     mqtt_max_sessions: int = 1000
+    store: bool = True
+    store_sync: str = "normal"
+    log_patterns: tuple[str, ...] = ()
+    log_max_bytes: int = 256 * 1024 * 1024
+    log_max_age: float = 7 * 24 * 3600.0
     bridges: tuple[BridgeConfig, ...] = ()  # [[bridge]] tables, see bridge_config.py
 
 
@@ -192,6 +197,33 @@ def _listen_or_off(v: object) -> str:
     if s:
         host_port(s)
     return s
+
+
+def _sync(v: object) -> str:
+    s = _str(v)
+    if s not in ("normal", "full"):
+        raise ValueError(f"{s!r} is not normal or full")
+    return s
+
+
+def _patterns(v: object) -> tuple[str, ...]:
+    from node.topics import validate_pattern  # noqa: PLC0415 - config stays light to import
+
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError('expected a list of topic patterns such as ["plant1/>"]')
+    for p in v:
+        try:
+            validate_pattern(p)
+        except InputError as e:
+            raise ValueError(str(e)) from None
+    return tuple(v)
+
+
+def _log_bytes(v: object) -> int:
+    n = parse_size(v)
+    if n < 1024 * 1024:
+        raise ValueError(f"{n} bytes is below the minimum of 1MiB")
+    return n
 
 
 def _level(v: object) -> str:
@@ -335,6 +367,43 @@ FIELDS: Final = (
         _spin,
         "Microseconds the loop busy-waits for more input after a burst before sleeping; "
         "halves request-reply latency. 0 = never spin (lowest idle CPU).",
+    ),
+    Field(
+        "store",
+        "enabled",
+        "store",
+        _bool,
+        "Keep a store (SQLite in the data dir): persistent events, log, retained, queues.",
+    ),
+    Field(
+        "store",
+        "sync",
+        "store_sync",
+        _sync,
+        "normal: acknowledged events survive a node crash; full: also a power loss "
+        "(one fsync per commit).",
+    ),
+    Field(
+        "store",
+        "log",
+        "log_patterns",
+        _patterns,
+        "Topic patterns whose direct events the log also keeps for replay "
+        "(persistent events are always kept).",
+    ),
+    Field(
+        "store",
+        "log_max_bytes",
+        "log_max_bytes",
+        _log_bytes,
+        'Log size bound; the oldest entries go first ("256MiB").',
+    ),
+    Field(
+        "store",
+        "log_max_age",
+        "log_max_age",
+        _duration(1, 10 * 365 * 86400),
+        'Log age bound ("168h").',
     ),
 )
 _BY_PATH: Final = {(f.section, f.key): f for f in FIELDS}

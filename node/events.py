@@ -11,7 +11,7 @@ import struct
 from collections.abc import Mapping
 from typing import Final
 
-from node.codec import F_ERROR, F_REQUEST, RECORD, RECORD_SIZE, decode_headers
+from node.codec import F_ERROR, F_REQUEST, F_RETAIN, RECORD, RECORD_SIZE, decode_headers
 from node.errors import CodecError
 
 _EMPTY: Final[Mapping[str, str]] = {}
@@ -24,7 +24,7 @@ class Event:
     and frozen dataclasses cost several times more to construct.
     """
 
-    __slots__ = ("data", "flags", "headers", "raw_id", "time_ns", "topic")
+    __slots__ = ("data", "deliveries", "flags", "headers", "raw_id", "time_ns", "topic")
 
     def __init__(
         self,
@@ -34,6 +34,7 @@ class Event:
         raw_id: bytes,
         time_ns: int,
         flags: int = 0,
+        deliveries: int = 0,
     ) -> None:
         self.topic = topic
         self.data = data
@@ -41,6 +42,7 @@ class Event:
         self.raw_id = raw_id
         self.time_ns = time_ns
         self.flags = flags
+        self.deliveries = deliveries  # from a durable queue: 1 the first time, then more
 
     @property
     def id(self) -> str:
@@ -62,6 +64,22 @@ class Event:
         return bool(self.flags & F_REQUEST)
 
     @property
+    def redelivered(self) -> bool:
+        """True when a durable queue delivers this event again (it may have been seen)."""
+        return self.deliveries > 1
+
+    @property
+    def retained(self) -> bool:
+        """True for a stored last value delivered because the subscription is new."""
+        return bool(self.flags & F_RETAIN)
+
+    @property
+    def seq(self) -> int | None:
+        """The log sequence of a replayed event (resume with ``from_seq``)."""
+        value = self.headers.get("log-seq")
+        return int(value) if value is not None and value.isdigit() else None
+
+    @property
     def is_error(self) -> bool:
         """True for a reply that reports the responder's failure."""
         return bool(self.flags & F_ERROR)
@@ -77,7 +95,7 @@ class Event:
 def decode_event(buf: bytes, start: int, end: int) -> Event:
     """The Event in ``buf[start:end]``; CodecError if it is not a well-formed record."""
     try:
-        plen, tlen, hlen, flags, _hops, _r, time_ns, raw_id = RECORD.unpack_from(buf, start)
+        plen, tlen, hlen, flags, _hops, count, time_ns, raw_id = RECORD.unpack_from(buf, start)
     except Exception as e:  # struct.error
         raise CodecError(f"truncated record: {e}") from None
     t0 = start + RECORD_SIZE
@@ -90,7 +108,7 @@ def decode_event(buf: bytes, start: int, end: int) -> Event:
     except UnicodeDecodeError:
         raise CodecError("topic is not UTF-8") from None
     headers = decode_headers(buf[h0:p0]) if hlen else _EMPTY
-    return Event(topic, buf[p0:end], headers, raw_id, time_ns, flags)
+    return Event(topic, buf[p0:end], headers, raw_id, time_ns, flags, count)
 
 
 _DELIVERY: Final = struct.Struct("<I" + RECORD.format.lstrip("<"))
@@ -110,7 +128,7 @@ def decode_deliveries(frame: bytes, topics: dict[bytes, str]) -> list[tuple[int,
     hdr = _DELIVERY.size
     try:
         while off < n:
-            sid, plen, tlen, hlen, flags, _hops, _r, time_ns, raw_id = unpack(frame, off)
+            sid, plen, tlen, hlen, flags, _hops, count, time_ns, raw_id = unpack(frame, off)
             t0 = off + hdr
             h0 = t0 + tlen
             p0 = h0 + hlen
@@ -125,7 +143,8 @@ def decode_deliveries(frame: bytes, topics: dict[bytes, str]) -> list[tuple[int,
                     topics.clear()
                 topics[tb] = topic
             headers = decode_headers(frame[h0:p0]) if hlen else _EMPTY
-            out.append((sid, Event(topic, frame[p0:end], headers, raw_id, time_ns, flags)))
+            event = Event(topic, frame[p0:end], headers, raw_id, time_ns, flags, count)
+            out.append((sid, event))
             off = end
     except struct.error as e:
         raise CodecError(f"truncated delivery: {e}") from None

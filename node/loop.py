@@ -25,8 +25,10 @@ from node import __version__, datadir, discovery
 from node.codec import Kind, encode_control
 from node.config import NodeConfig
 from node.dialers import HANDSHAKE_TIMEOUT, Dialers
+from node.durable import Durable, DurableConfig
 from node.mesh import PROTO
 from node.router import Router
+from node.store import open_store
 
 log = logging.getLogger("meshctl.node")
 
@@ -68,6 +70,7 @@ class Node:
         self._stop = False
         self._pass_bytes = 0
         self.plugins: list[Plugin] = []
+        self.durable = _open_durable(config, identity.data_dir)
         self.router = Router(
             node_id=identity.node_id,
             name=identity.name,
@@ -79,6 +82,7 @@ class Node:
             log=log.info,
             dead_after=config.dead_after,
             epoch=datadir.next_epoch(identity.data_dir, time.time_ns()),
+            durable=self.durable,
         )
         self.router.status_extra = self._status_extra
         self.router.peers_extra = self._dialer_view
@@ -176,13 +180,16 @@ class Node:
                 self._read_discovery(now)
             if now >= next_link_tick:
                 self._link_tick(now)
+                self.router.tick(now)
                 next_link_tick = now + LINK_TICK
+            self.router.end_pass(now)
             if now >= next_probe:
                 self._read_monitor()
                 self._probe(now)
                 next_probe = now + PROBE_INTERVAL
             self._flush(now)
         self.router.emit_system("$mesh/node/down", {"reason": "stopped"}, time.monotonic())
+        self.router.end_pass(time.monotonic())
         self._flush(time.monotonic())
 
     def _new_poller(self) -> zmq.Poller:
@@ -466,11 +473,31 @@ class Node:
             self.discovery.stop()
             self.discovery = None
         self.dialers.close_all()
+        if self.durable is not None:
+            self.durable.close()
+            self.durable = None
         if not self.sock.closed:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
             self.sock.close(linger=0)
         self.ctx.term()
+
+
+def _open_durable(config: NodeConfig, data_dir: Path) -> Durable | None:
+    """The store and the durable core, unless ``store.enabled = false``; StoreError if the
+    store is unusable (the node refuses to start rather than serve it short)."""
+    if not config.store:
+        return None
+    store = open_store(data_dir, sync=config.store_sync)
+    return Durable(
+        store,
+        DurableConfig(
+            log_patterns=config.log_patterns,
+            log_max_bytes=config.log_max_bytes,
+            log_max_age=config.log_max_age,
+        ),
+        time.time_ns,
+    )
 
 
 class Plugin(Protocol):

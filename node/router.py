@@ -13,9 +13,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from node import views
+from node import queue_admin, views
 from node.codec import (
+    F_PERSISTENT,
     F_REQUEST,
+    F_RETAIN,
     HEAD_FWD,
     RECORD_SIZE,
     SID,
@@ -27,9 +29,11 @@ from node.codec import (
     frame_kind,
 )
 from node.dedup import DedupWindow
+from node.durable import Durable, replay_options
 from node.errors import CodecError, TopicError
 from node.framing import frames_counted, link_frames
 from node.mesh import NO_PLAN, Mesh, Plan, Via
+from node.queues import Queue
 from node.routing import announced
 from node.topics import (
     INBOX_PREFIX,
@@ -41,6 +45,8 @@ from node.topics import (
 
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
 _ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian sequence
+_DURABLE_FLAGS: Final = F_PERSISTENT | F_RETAIN
+_IDS_PER_FRAME: Final = 1000  # event ids per PACK/ERR frame: well under the control limit
 _LINK_ONLY: Final = frozenset((Kind.FWD, Kind.STATES, Kind.BEAT, Kind.BEAT_ACK))
 _NOT_LINKED: Final = encode_control(Kind.LINK_REFUSE, {"reason": "not linked (node restarted?)"})
 MAX_GROUP_NAME: Final = 64
@@ -51,7 +57,7 @@ SLOW_NOTICE_INTERVAL: Final = 1.0
 class SubRef:
     """One subscription of one client; the trie holds these. Identity equality on purpose."""
 
-    __slots__ = ("client", "group", "patterns", "prefix", "sid")
+    __slots__ = ("client", "group", "live", "patterns", "prefix", "sid")
 
     def __init__(self, client: bytes, sid: int, patterns: tuple[str, ...], group: str | None):
         self.client = client
@@ -59,6 +65,7 @@ class SubRef:
         self.patterns = patterns
         self.group = group
         self.prefix = SID.pack(sid)
+        self.live = False  # in the trie: not while it replays the log, never for a queue
 
 
 class _Turn:
@@ -90,16 +97,24 @@ class _Group:
 
 class Route:
     """Where events on one topic go: every local plain subscriber, one member per local
-    group, and the mesh plan for other nodes."""
+    group, and the mesh plan for other nodes; whether the log keeps it and which durable
+    queues capture it (when persistent)."""
 
-    __slots__ = ("groups", "plain", "plan")
+    __slots__ = ("groups", "log", "plain", "plan", "queues")
 
     def __init__(
-        self, plain: list[tuple[bytes, bytes]], groups: list[_Group], plan: Plan = NO_PLAN
+        self,
+        plain: list[tuple[bytes, bytes]],
+        groups: list[_Group],
+        plan: Plan = NO_PLAN,
+        log: bool = False,
+        queues: list[Queue] | None = None,
     ) -> None:
         self.plain = plain
         self.groups = groups
         self.plan = plan
+        self.log = log
+        self.queues = queues or []
 
 
 class _Refused:
@@ -172,6 +187,7 @@ class Router:
         log: Callable[[str], None] = lambda _msg: None,
         dead_after: float = 2.5,
         epoch: int | None = None,
+        durable: Durable | None = None,
     ) -> None:
         self.node_id = node_id
         self.name = name
@@ -201,6 +217,12 @@ class Router:
         self._link_control: list[tuple[Via, bytes]] = []
         self._link_pending: dict[tuple[Via, bytes], list[bytes]] = {}
         self._dedup = DedupWindow()
+        self.durable = durable
+        self._durable_out = _DurableOut(self)
+        if durable is not None:
+            for q in durable.queues.by_name.values():
+                for p in q.patterns:
+                    self._count_interest((p, None), +1)
         self.net = Mesh(
             node_id=node_id,
             name=name,
@@ -312,6 +334,12 @@ class Router:
         elif kind == Kind.PING:
             if ref is not None:  # a flush: everything sent before it has been processed
                 self._send_control(ident, Kind.OK, {"ref": ref})
+        elif kind == Kind.ACK:
+            self._queue_ack(client, body)
+        elif kind == Kind.QUEUE:
+            answer = queue_admin.handle(self, ident, body, now)
+            if answer is not None:
+                self._send_control(ident, *answer)
         else:
             raise CodecError(f"{kind.name} is not a frame a client may send")
 
@@ -359,6 +387,9 @@ class Router:
         try:
             if not isinstance(sid, int) or not 0 < sid < 2**32 or sid in client.subs:
                 raise ValueError(f"subscription id {sid!r} is not a new positive integer")
+            if body.get("queue") is not None:
+                self._consume(client, ref, sid, body)
+                return
             if not isinstance(patterns, list) or not patterns:
                 raise ValueError("a subscription needs at least one pattern")
             for p in patterns:
@@ -383,12 +414,81 @@ class Router:
             self._error(client.ident, ref, str(e), "input")
             return
         sub = SubRef(client.ident, sid, tuple(dict.fromkeys(patterns)), group)
+        try:
+            replay = replay_options(body, group, self.durable)
+        except ValueError as e:
+            self._error(client.ident, ref, str(e), "input")
+            return
         client.subs[sid] = sub
+        answer: dict[str, Any] = {"ref": ref, "sid": sid}
+        if replay is None:
+            self._go_live(sub)
+        else:
+            assert self.durable is not None
+            answer["first_seq"] = self.durable.start_replay(
+                client.ident,
+                sid,
+                sub.prefix,
+                sub.patterns,
+                **replay,
+                on_live=lambda: self._go_live(sub),
+            )
+        self._send_control(client.ident, Kind.OK, answer)
+        if body.get("retained") and self.durable is not None:
+            parts = self._pending.setdefault(client.ident, [])
+            for rec in self.durable.retained_for(sub.patterns):
+                parts.extend((sub.prefix, rec))
+
+    def _consume(self, client: Client, ref: object, sid: int, body: dict[str, Any]) -> None:
+        """Bind a subscription to a durable queue: deliveries with explicit acks."""
+        if self.durable is None:
+            self._error(client.ident, ref, "this node has no store (persistence is off)", "store")
+            return
+        inflight = body.get("max_inflight")
+        if inflight is not None and (not isinstance(inflight, int) or not 0 < inflight <= 65536):
+            self._error(client.ident, ref, "max_inflight must be 1..65536", "input")
+            return
+        sub = SubRef(client.ident, sid, (), None)
+        try:
+            q = self.durable.bind_consumer(
+                client.ident, sid, sub.prefix, str(body["queue"]), inflight
+            )
+        except KeyError as e:
+            self._error(client.ident, ref, str(e.args[0]), "input")
+            return
+        client.subs[sid] = sub
+        self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sid, "queue": q.name})
+
+    def _queue_ack(self, client: Client, body: dict[str, Any]) -> None:
+        sid, ids = body.get("sid"), body.get("ids")
+        if self.durable is None or not isinstance(sid, int) or not isinstance(ids, list):
+            raise CodecError("ACK needs an integer sid and a list of ids")
+        try:
+            raw = [bytes.fromhex(i) for i in ids if isinstance(i, str)]
+        except ValueError:
+            raise CodecError("ACK ids must be hex event ids") from None
+        err = self.durable.ack(client.ident, sid, raw)
+        if err is not None:
+            self._error(client.ident, None, err, "input")
+
+    def queue_interest(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+        """A queue's patterns changed: the mesh must route its events here (or stop)."""
+        for p in old:
+            self._count_interest((p, None), -1)
+        for p in new:
+            self._count_interest((p, None), +1)
+        self._cache.clear()
+
+    def _go_live(self, sub: SubRef) -> None:
+        """Route live events to ``sub`` from now on (at once, or after its replay)."""
+        client = self.clients.get(sub.client)
+        if client is None or client.subs.get(sub.sid) is not sub or sub.live:
+            return
+        sub.live = True
         for p in sub.patterns:
             self.trie.add(p, sub)
-            self._count_interest((p, group), +1)
+            self._count_interest((p, sub.group), +1)
         self._cache.clear()
-        self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sid})
 
     def _unsubscribe(self, client: Client, ref: object, body: dict[str, Any]) -> None:
         sid = body.get("sid")
@@ -400,6 +500,11 @@ class Router:
         self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sub.sid})
 
     def _remove_sub(self, sub: SubRef) -> None:
+        if self.durable is not None:
+            self.durable.unbind(sub.client, sub.sid)
+        if not sub.live:
+            return
+        sub.live = False
         for p in sub.patterns:
             self.trie.remove(p, sub)
             self._count_interest((p, sub.group), -1)
@@ -432,6 +537,8 @@ class Router:
         for sub in client.subs.values():
             self._remove_sub(sub)
         self._pending.pop(ident, None)
+        if self.durable is not None:
+            self.durable.client_gone(ident)
         self.log(f"client {client.client_id} disconnected: {why}")
         self.emit_system(
             "$mesh/client/disconnect",
@@ -489,6 +596,10 @@ class Router:
                 self._error(ident, None, route.reason, "topic")  # type: ignore[union-attr]
                 continue
             count += 1
+            if flags & _DURABLE_FLAGS or route.log:  # type: ignore[union-attr]
+                rec = self._durable_pub(ident, rec, topic, route)  # type: ignore[arg-type]
+                if rec is None:
+                    continue  # routed after the pass's commit, or refused
             plain = route.plain  # type: ignore[union-attr]
             groups = route.groups  # type: ignore[union-attr]
             plan = route.plan  # type: ignore[union-attr]
@@ -526,6 +637,53 @@ class Router:
         client.events_in += count
         self.counters.events_in += count
         self.counters.forwarded_out += forwarded
+
+    def _durable_pub(self, ident: bytes, rec: bytes, topic_b: bytes, route: Route) -> bytes | None:
+        """Log, retain or persist one local event; the record to route now, or None when
+        it waits for the commit (persistent) or was refused."""
+        flags = rec[8]
+        durable = self.durable
+        if durable is None:
+            if flags & F_PERSISTENT:
+                self._send_control(
+                    ident,
+                    Kind.ERR,
+                    {
+                        "error": "this node has no store (persistence is off)",
+                        "code": "store",
+                        "ids": [rec[RECORD_SIZE - 16 : RECORD_SIZE].hex()],
+                    },
+                )
+                return None
+            return rec
+        if flags & F_PERSISTENT:
+            durable.persist(ident, rec, topic_b.decode(), route)
+            return None
+        durable.stage(rec, topic_b.decode(), route, local=True)
+        return _live(rec)
+
+    def route_record(self, ident: bytes, rec: bytes, route: Route) -> None:
+        """Route one record as the hot loop does (the slow path: committed events)."""
+        rec = _live(rec)
+        if route.plan is not NO_PLAN:
+            self._forward(route.plan, rec)
+        pending = self._pending
+        for dest, prefix in route.plain:
+            pending.setdefault(dest, []).extend((prefix, rec))
+        for g in route.groups:
+            dest, prefix = g.pick()
+            pending.setdefault(dest, []).extend((prefix, rec))
+
+    def end_pass(self, now: float) -> None:
+        """The loop read what it could: commit the pass's durable writes and release what
+        waited on them."""
+        if self.durable is not None:
+            self.durable.end_pass(now, self._durable_out)
+
+    def tick(self, now: float) -> None:
+        """Timers of the durable side (ack waits, log bounds); the loop calls it often."""
+        if self.durable is not None:
+            self.durable.tick(now)
 
     def _remote_route(self, topic_b: bytes) -> Route | _Refused:
         """Route of a topic that arrived from another node: its ``$mesh/...`` events are
@@ -582,7 +740,11 @@ class Router:
             _Group(name, sorted(m), turns.setdefault(name, _Turn()))
             for name, m in sorted(grouped.items())
         ]
-        return Route(plain, groups, plan)
+        durable = self.durable
+        if durable is None or topic.startswith(INBOX_PREFIX + "/"):
+            return Route(plain, groups, plan)
+        queues = list(durable.queues.trie.match(topic))
+        return Route(plain, groups, plan, durable.wants_log(topic), queues)
 
     def _routes_changed(self) -> None:
         """The mesh changed: every cached routing decision may be wrong now."""
@@ -650,7 +812,7 @@ class Router:
         while off < n:
             if off + RECORD_SIZE > n:
                 raise CodecError(f"truncated forwarded record at byte {off}")
-            plen, tlen, hlen, _flags = unpack(body, off)
+            plen, tlen, hlen, flags = unpack(body, off)
             t0 = off + RECORD_SIZE
             end = t0 + tlen + hlen + plen
             if end > n:
@@ -668,6 +830,9 @@ class Router:
             if type(route) is _Refused:
                 self.counters.dropped["bad_topic"] += 1
                 continue
+            if (flags & _DURABLE_FLAGS or route.log) and self.durable:  # type: ignore[union-attr]
+                self.durable.stage(rec, topic.decode(), route, local=False)
+                rec = _live(rec)
             for dest, prefix in route.plain:  # type: ignore[union-attr]
                 parts = pending.get(dest)
                 if parts is None:
@@ -790,6 +955,44 @@ class Router:
     def status(self, now: float) -> dict[str, Any]:
         """The node's state for ``meshctl status``; JSON-ready."""
         return views.status(self, now)
+
+
+def _live(rec: bytes) -> bytes:
+    """A retained event as live subscribers get it: without the retain flag (MQTT rule:
+    the flag marks what a subscriber got because it was stored, not because it was new)."""
+    if rec[8] & F_RETAIN:
+        return rec[:8] + bytes((rec[8] & ~F_RETAIN,)) + rec[9:]
+    return rec
+
+
+class _DurableOut:
+    """Hands the Durable core's post-commit results to the Router's output queues."""
+
+    __slots__ = ("router",)
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def route(self, ident: bytes, record: bytes, route: Any) -> None:
+        self.router.route_record(ident, record, route)
+
+    def persisted(self, ident: bytes, ids: list[str]) -> None:
+        if ident in self.router.clients:
+            for i in range(0, len(ids), _IDS_PER_FRAME):
+                self.router._send_control(ident, Kind.PACK, {"ids": ids[i : i + _IDS_PER_FRAME]})
+
+    def refused(self, ident: bytes, ids: list[str], error: str) -> None:
+        if ident in self.router.clients:
+            for i in range(0, len(ids), _IDS_PER_FRAME):
+                body = {"error": error, "code": "store", "ids": ids[i : i + _IDS_PER_FRAME]}
+                self.router._send_control(ident, Kind.ERR, body)
+
+    def deliver(self, ident: bytes, prefix: bytes, record: bytes) -> None:
+        self.router._pending.setdefault(ident, []).extend((prefix, record))
+
+    def answer(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
+        if ident in self.router.clients:
+            self.router._send_control(ident, kind, body)
 
 
 def _valid_group(group: object) -> bool:

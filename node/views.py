@@ -88,4 +88,5 @@ def status(router: Router, now: float) -> dict[str, Any]:
             "nodes_reachable": len(router.net.table.paths()),
             "version": router.net.version,
         },
+        "store": router.durable.status() if router.durable is not None else None,
     }

@@ -15,7 +15,7 @@ from rich.markup import escape
 from meshctl.cli.options import HeaderOpt, JsonOpt, ServerOpt, TimeoutOpt, duration, parse_headers
 from meshctl.cli.output import dumps, event_json, iso_time, note, preview, write_line
 from meshctl.client import Client, connect
-from meshctl.errors import OperationalError, Timeout
+from meshctl.errors import InputError, OperationalError, Timeout
 from node.events import Event
 from node.topics import validate_pattern, validate_publish_topic
 
@@ -33,7 +33,14 @@ def _render(event: Event, json_out: bool, raw: bool) -> None:
     elif raw:
         sys.stdout.buffer.write(event.data + b"\n")
     else:
-        write_line(f"[{iso_time(event.time_ns)[11:23]}] {event.topic}: {event.text()}")
+        marks = "".join(
+            (
+                " (retained)" if event.retained else "",
+                f" (delivery {event.deliveries})" if event.redelivered else "",
+                f" #{event.seq}" if event.seq is not None else "",
+            )
+        )
+        write_line(f"[{iso_time(event.time_ns)[11:23]}] {event.topic}{marks}: {event.text()}")
 
 
 def pub(
@@ -56,6 +63,20 @@ def pub(
             help="Events per second (default: as fast as the node takes them).",
         ),
     ] = None,
+    persistent: Annotated[
+        bool,
+        typer.Option(
+            "--persistent",
+            "-p",
+            help="Store the events before the node acknowledges them; exit 1 if it cannot.",
+        ),
+    ] = False,
+    retain: Annotated[
+        bool,
+        typer.Option(
+            "--retain", help="Keep as the topic's last value for new subscribers; '' clears it."
+        ),
+    ] = False,
     server: ServerOpt = None,
     timeout: TimeoutOpt = 2.0,
     json_out: JsonOpt = False,
@@ -63,20 +84,24 @@ def pub(
     """Publish events to a topic."""
     validate_publish_topic(topic)
     headers = parse_headers(header)
+    mode = {"persistent": persistent, "retain": retain}
     with connect(server, name="meshctl pub", timeout=timeout) as client:
         start = time.monotonic()
         with client.batch():
             if data == "-":
-                sent = _publish_lines(client, topic, headers, rate)
+                sent = _publish_lines(client, topic, headers, rate, mode)
             else:
-                sent = _publish_count(client, topic, data, headers, count, rate)
+                sent = _publish_count(client, topic, data, headers, count, rate, mode)
+        if persistent:
+            client.confirm(max(timeout, 5.0))
         client.flush(timeout)
         elapsed = time.monotonic() - start
+    verb = "stored" if persistent else "published"
     if json_out:
-        print(dumps({"topic": topic, "published": sent, "seconds": round(elapsed, 6)}))
+        print(dumps({"topic": topic, verb: sent, "seconds": round(elapsed, 6)}))
     else:
         rate_txt = f" in {elapsed:.3f}s ({sent / elapsed:,.0f}/s)" if sent > 1 and elapsed else ""
-        note(f"published {sent} event{'s' if sent != 1 else ''} to {topic}{rate_txt}")
+        note(f"{verb} {sent} event{'s' if sent != 1 else ''} to {topic}{rate_txt}")
 
 
 def _pace(client: Client, i: int, start: float, rate: float | None) -> None:
@@ -91,7 +116,13 @@ def _pace(client: Client, i: int, start: float, rate: float | None) -> None:
 
 
 def _publish_count(
-    client: Client, topic: str, data: str, headers: dict[str, str], count: int, rate: float | None
+    client: Client,
+    topic: str,
+    data: str,
+    headers: dict[str, str],
+    count: int,
+    rate: float | None,
+    mode: dict[str, bool],
 ) -> int:
     templated = "{{n}}" in data
     payload = data.encode()
@@ -99,16 +130,22 @@ def _publish_count(
     for i in range(count):
         _pace(client, i, start, rate)
         body = data.replace("{{n}}", str(i + 1)).encode() if templated else payload
-        client.publish(topic, body, headers)
+        client.publish(topic, body, headers, **mode)
     return count
 
 
-def _publish_lines(client: Client, topic: str, headers: dict[str, str], rate: float | None) -> int:
+def _publish_lines(
+    client: Client,
+    topic: str,
+    headers: dict[str, str],
+    rate: float | None,
+    mode: dict[str, bool],
+) -> int:
     sent = 0
     start = time.monotonic()
     for line in sys.stdin.buffer:
         _pace(client, sent, start, rate)
-        client.publish(topic, line.rstrip(b"\r\n"), headers)
+        client.publish(topic, line.rstrip(b"\r\n"), headers, **mode)
         sent += 1
         if rate is None and sent % 64 == 0:
             client.send_pending()
@@ -116,7 +153,10 @@ def _publish_lines(client: Client, topic: str, headers: dict[str, str], rate: fl
 
 
 def sub(
-    patterns: Annotated[list[str], typer.Argument(help="Patterns: '*' one level, '>' the rest.")],
+    patterns: Annotated[
+        list[str] | None,
+        typer.Argument(help="Patterns: '*' one level, '>' the rest.", show_default=False),
+    ] = None,
     group: Annotated[
         str | None,
         typer.Option(
@@ -138,17 +178,64 @@ def sub(
             help="Exit 1 if no (further) event arrives within this time.",
         ),
     ] = None,
+    queue: Annotated[
+        str | None,
+        typer.Option(
+            "--queue",
+            "-q",
+            show_default=False,
+            help="Consume the durable queue NAME (explicit acks; see --ack).",
+        ),
+    ] = None,
+    ack: Annotated[
+        bool, typer.Option("--ack", help="With --queue: acknowledge each event once printed.")
+    ] = False,
+    since: Annotated[
+        float | None,
+        typer.Option(
+            "--since",
+            parser=duration,
+            metavar="DURATION",
+            show_default=False,
+            help="First replay the node's log from this long ago (10m, 1h), then go live.",
+        ),
+    ] = None,
+    from_seq: Annotated[
+        int | None,
+        typer.Option(
+            "--from-seq", min=1, show_default=False, help="First replay the log from sequence N."
+        ),
+    ] = None,
+    retained: Annotated[
+        bool,
+        typer.Option(
+            "--retained/--no-retained", help="First receive matching retained last values."
+        ),
+    ] = True,
     raw: RawOpt = False,
     json_out: JsonOpt = False,
     server: ServerOpt = None,
 ) -> None:
     """Subscribe and print events as they arrive (Ctrl-C exits 0)."""
+    patterns = patterns or []
     for p in patterns:
         validate_pattern(p)
+    if queue is None and not patterns:
+        raise InputError("give at least one pattern, or --queue NAME")
+    if queue is not None and (patterns or group or since is not None or from_seq is not None):
+        raise InputError("--queue takes no patterns, --group, --since or --from-seq")
+    if ack and queue is None:
+        raise InputError("--ack needs --queue NAME")
     with connect(server, name="meshctl sub", timeout=timeout or 2.0) as client:
-        subscription = client.subscribe(*patterns, group=group)
-        for p in patterns:
-            note(f"subscribed: {p}")
+        if queue is not None:
+            subscription = client.consume(queue)
+            note(f"consuming queue {queue}" + ("" if ack else " (not acknowledging)"))
+        else:
+            subscription = client.subscribe(
+                *patterns, group=group, retained=retained, since=since, from_seq=from_seq
+            )
+            for p in patterns:
+                note(f"subscribed: {p}")
         received = 0
         try:
             while count is None or received < count:
@@ -159,6 +246,8 @@ def sub(
                 except Timeout:
                     raise Timeout(f"no event within {timeout:g}s (received {received})") from None
                 _render(event, json_out, raw)
+                if ack:
+                    subscription.ack(event)
                 received += 1
         except KeyboardInterrupt:
             pass

@@ -39,6 +39,12 @@ def event_json(event: Event) -> dict[str, Any]:
     out["id"] = event.id
     out["time"] = iso_time(event.time_ns)
     out["size"] = len(event.data)
+    if event.deliveries:
+        out["deliveries"] = event.deliveries
+    if event.retained:
+        out["retained"] = True
+    if event.seq is not None:
+        out["seq"] = event.seq
     return out
 
 

@@ -1,0 +1,382 @@
+"""The guaranteed side of a node: persistent publish, the log, retained events, durable
+queues and replay. Sans-IO except for its Store; the Router calls it, the loop never does.
+
+Everything one pass of the loop writes is committed together at the end of the pass
+(``end_pass``). Only after the commit are persistent publishers acknowledged, persistent
+events routed, and queue deliveries sent, so nothing a client was told is stored can be
+lost by a crash, and nothing is sent that a failed commit would have to take back.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from node.codec import F_PERSISTENT, F_RETAIN, RECORD_SIZE, Kind, with_headers
+from node.queues import DEFAULT_MAX_INFLIGHT, Consumer, Queue, Queues
+from node.store import Store, StoreError
+from node.topics import SubscriptionTrie
+
+DEDUPE_WINDOW: Final = 120.0  # seconds, as NATS JetStream's Nats-Msg-Id window
+REPLAY_BATCH: Final = 2048  # log entries read per replaying subscription per pass
+TRIM_EVERY: Final = 5.0
+_ID: Final = slice(RECORD_SIZE - 16, RECORD_SIZE)
+_TIME: Final = slice(RECORD_SIZE - 24, RECORD_SIZE - 16)
+
+
+@dataclass(frozen=True, slots=True)
+class DurableConfig:
+    """The ``[store]`` settings a node runs with."""
+
+    log_patterns: tuple[str, ...] = ()
+    log_max_bytes: int = 256 * 1024 * 1024
+    log_max_age: float = 7 * 24 * 3600.0
+    dedupe_window: float = DEDUPE_WINDOW
+
+
+@dataclass
+class Replay:
+    """A subscription catching up from the log before it goes live."""
+
+    ident: bytes
+    sid: int
+    prefix: bytes
+    cursor: int
+    trie: SubscriptionTrie[int]
+    on_live: Callable[[], None]
+    sent: int = 0
+
+
+@dataclass
+class Held:
+    """A persistent event waiting for the pass's commit before it is routed."""
+
+    ident: bytes
+    record: bytes
+    route: Any
+
+
+@dataclass
+class _Pass:
+    """What one pass staged; committed or rolled back together."""
+
+    log: list[tuple[bytes, str, int, bytes]] = field(default_factory=list)
+    dedupe: list[bytes] = field(default_factory=list)
+    acks: dict[bytes, list[str]] = field(default_factory=dict)
+    held: list[Held] = field(default_factory=list)
+    captured: list[list[Queue]] = field(default_factory=list)
+    acked: list[tuple[Queue, int]] = field(default_factory=list)
+    retained: dict[str, bytes | None] = field(default_factory=dict)
+    answers: list[tuple[bytes, Kind, dict[str, Any]]] = field(default_factory=list)
+
+
+class Durable:
+    """Persistent publish, log, retained, queues and replay for one node."""
+
+    def __init__(self, store: Store, config: DurableConfig, wall_ns: Callable[[], int]) -> None:
+        self.store = store
+        self.config = config
+        self.wall_ns = wall_ns
+        self.queues = Queues(store)
+        self.log_trie: SubscriptionTrie[bool] = SubscriptionTrie()
+        for p in config.log_patterns:
+            self.log_trie.add(p, True)
+        self.retained: dict[str, bytes] = dict(store.retained_all())
+        since = wall_ns() - int(config.dedupe_window * 1e9)
+        self.seen: OrderedDict[bytes, int] = OrderedDict(
+            (raw, 0) for raw in store.dedupe_load(since)
+        )
+        self.consumers: dict[tuple[bytes, int], tuple[Queue, Consumer]] = {}
+        self.replays: list[Replay] = []
+        self.p = _Pass()
+        self.errors = 0
+        self.last_error = ""
+        self.duplicates = 0
+        self.persisted = 0
+        self.logged = 0
+        self._next_trim = 0.0
+
+    # ---- staging, during the pass ------------------------------------------------------
+
+    def wants_log(self, topic: str) -> bool:
+        return bool(self.log_trie.match(topic))
+
+    def persist(self, ident: bytes, record: bytes, topic: str, route: Any) -> bool:
+        """A persistent event from a local publisher; False if it is a duplicate (already
+        stored: it is acknowledged again but not routed again)."""
+        raw = record[_ID]
+        ack = self.p.acks.setdefault(ident, [])
+        ack.append(raw.hex())
+        if raw in self.seen:
+            self.duplicates += 1
+            return False
+        self.seen[raw] = 0
+        self.p.dedupe.append(raw)
+        self.stage(record, topic, route, local=True)
+        self.p.held.append(Held(ident, record, route))
+        return True
+
+    def stage(self, record: bytes, topic: str, route: Any, *, local: bool) -> None:
+        """Log, capture and retain one event as its flags and route say."""
+        flags = record[8]
+        t_ns = int.from_bytes(record[_TIME], "little")
+        if route.log or (local and flags & F_PERSISTENT):
+            self.p.log.append((record[_ID], topic, t_ns, record))
+        if flags & F_PERSISTENT and route.queues:
+            self.queues.capture(route.queues, record[_ID], record, t_ns)
+            self.p.captured.append(route.queues)
+        if flags & F_RETAIN:
+            empty = int.from_bytes(record[0:4], "little") == 0
+            self.p.retained[topic] = None if empty else record
+
+    def ack(self, ident: bytes, sid: int, ids: list[bytes]) -> str | None:
+        """A consumer acknowledged deliveries; an error text if ``sid`` is no consumer."""
+        bound = self.consumers.get((ident, sid))
+        if bound is None:
+            return f"subscription {sid} is not bound to a queue"
+        q, consumer = bound
+        before = {raw: consumer.inflight.get(raw) for raw in ids}
+        self.queues.ack(q, consumer, ids)
+        self.p.acked.extend((q, s) for s in before.values() if s is not None)
+        return None
+
+    def answer_after_commit(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
+        """Answer an administrative request once its change is on disk."""
+        self.p.answers.append((ident, kind, body))
+
+    def drop_consumers(self, q: Queue) -> None:
+        """A removed queue's consumers get nothing more (their subscriptions stay, idle)."""
+        for key in [k for k, (bq, _c) in self.consumers.items() if bq is q]:
+            del self.consumers[key]
+
+    # ---- the commit ----------------------------------------------------------------------
+
+    def end_pass(self, now: float, out: Output) -> None:
+        """Write what the pass staged, commit, then release acks, routes and deliveries."""
+        p, self.p = self.p, _Pass()
+        taken: list[tuple[Queue, list[tuple[Consumer, bytes, int]]]] = []
+        try:
+            if p.log:
+                self.store.log_append(p.log)
+            if p.dedupe:
+                self.store.dedupe_add(p.dedupe, self.wall_ns())
+            for topic, rec in p.retained.items():
+                self.store.retain(topic, rec)
+            for q in self.queues.by_name.values():
+                if q.consumers and (q.redeliver or q.depth > len(q.inflight)):
+                    got = self.queues.take(q, now)
+                    if got:
+                        taken.append((q, got))
+            self.store.commit()
+        except StoreError as e:
+            self._failed(p, taken, str(e), out)
+            return
+        self.persisted += len(p.dedupe)
+        self.logged += len(p.log)
+        for queues in p.captured:
+            self.queues.committed_capture(queues)
+        for topic, rec in p.retained.items():
+            if rec is None:
+                self.retained.pop(topic, None)
+            else:
+                self.retained[topic] = rec
+        for ident, kind, body in p.answers:
+            out.answer(ident, kind, body)
+        for held in p.held:
+            out.route(held.ident, held.record, held.route)
+        for ident, ids in p.acks.items():
+            out.persisted(ident, ids)
+        for _q, got in taken:
+            for consumer, rec, _seq in got:
+                out.deliver(consumer.ident, consumer.prefix, rec)
+        if self.replays:
+            self._pump_replays(out)
+
+    def _failed(
+        self,
+        p: _Pass,
+        taken: list[tuple[Queue, list[tuple[Consumer, bytes, int]]]],
+        error: str,
+        out: Output,
+    ) -> None:
+        """Nothing of the pass was stored: say so to every publisher waiting on it."""
+        self.errors += 1
+        self.last_error = error
+        for raw in p.dedupe:
+            self.seen.pop(raw, None)
+        for q, got in taken:
+            self.queues.undo_take(q, got)
+        for q, seq in p.acked:
+            q.depth += 1
+            q.redeliver.append(seq)
+        for ident, ids in p.acks.items():
+            out.refused(ident, ids, error)
+        for ident, _kind, body in p.answers:
+            out.answer(ident, Kind.ERR, {"ref": body.get("ref"), "error": error, "code": "store"})
+
+    # ---- timers ------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Ack-wait expiry, dedupe window and log bounds; cheap when nothing is due."""
+        now_ns = self.wall_ns()
+        try:
+            for q in list(self.queues.by_name.values()):
+                if q.inflight:
+                    self.queues.expire(q, now, now_ns)
+            if now >= self._next_trim:
+                self._next_trim = now + TRIM_EVERY
+                cutoff = now_ns - int(self.config.dedupe_window * 1e9)
+                self.store.dedupe_prune(cutoff)
+                self._prune_seen()
+                self.store.log_trim(
+                    self.config.log_max_bytes, int(self.config.log_max_age * 1e9), now_ns
+                )
+        except StoreError as e:
+            self.errors += 1
+            self.last_error = str(e)
+
+    def _prune_seen(self) -> None:
+        """Bound the in-memory window; the table keeps the exact one for restarts."""
+        limit = 1_000_000
+        while len(self.seen) > limit:
+            self.seen.popitem(last=False)
+
+    # ---- subscriptions -------------------------------------------------------------------
+
+    def bind_consumer(
+        self, ident: bytes, sid: int, prefix: bytes, name: str, max_inflight: int | None
+    ) -> Queue:
+        """Attach a client subscription to a queue; KeyError if there is no such queue."""
+        q = self.queues.by_name.get(name)
+        if q is None:
+            raise KeyError(f"no queue named {name!r} (create it with `meshctl queue add`)")
+        c = Consumer(ident, sid, prefix, max_inflight or DEFAULT_MAX_INFLIGHT)
+        self.queues.bind(q, c)
+        self.consumers[(ident, sid)] = (q, c)
+        return q
+
+    def unbind(self, ident: bytes, sid: int) -> bool:
+        bound = self.consumers.pop((ident, sid), None)
+        if bound is not None:
+            self.queues.unbind(*bound)
+        self.replays = [r for r in self.replays if (r.ident, r.sid) != (ident, sid)]
+        return bound is not None
+
+    def client_gone(self, ident: bytes) -> None:
+        for key in [k for k in self.consumers if k[0] == ident]:
+            self.unbind(*key)
+        self.replays = [r for r in self.replays if r.ident != ident]
+
+    def retained_for(self, patterns: tuple[str, ...]) -> list[bytes]:
+        """Retained records matching any of ``patterns``, in topic order."""
+        trie: SubscriptionTrie[int] = SubscriptionTrie()
+        for p in patterns:
+            trie.add(p, 0)
+        return [rec for topic, rec in sorted(self.retained.items()) if trie.match(topic)]
+
+    def start_replay(
+        self,
+        ident: bytes,
+        sid: int,
+        prefix: bytes,
+        patterns: tuple[str, ...],
+        *,
+        since_s: float | None,
+        from_seq: int | None,
+        on_live: Callable[[], None],
+    ) -> int:
+        """Begin replaying the log to a subscription; returns the first sequence it gets."""
+        if from_seq is not None:
+            cursor = max(0, from_seq - 1)
+        else:
+            cursor = self.store.log_seq_at(self.wall_ns() - int((since_s or 0) * 1e9))
+        trie: SubscriptionTrie[int] = SubscriptionTrie()
+        for p in patterns:
+            trie.add(p, 0)
+        self.replays.append(Replay(ident, sid, prefix, cursor, trie, on_live))
+        return cursor + 1
+
+    def _pump_replays(self, out: Output) -> None:
+        """Send the next stretch of the log to each replaying subscription; one that has
+        caught up goes live now, in the same pass, so there is no gap and no duplicate at
+        the seam (every earlier event is in the log, every later one is routed live)."""
+        still = []
+        for r in self.replays:
+            rows = self.store.log_after(r.cursor, REPLAY_BATCH)
+            for seq, topic, rec in rows:
+                if r.trie.match(topic):
+                    out.deliver(r.ident, r.prefix, with_seq(bytes(rec), seq))
+                    r.sent += 1
+                r.cursor = seq
+            if len(rows) < REPLAY_BATCH:
+                r.on_live()
+            else:
+                still.append(r)
+        self.replays = still
+
+    # ---- views -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        n, size, first, _t = self.store.log_stats()
+        return {
+            "path": str(self.store.path),
+            "sync": self.store.sync,
+            "commits": self.store.commits,
+            "persisted": self.persisted,
+            "duplicates": self.duplicates,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "log": {"entries": n, "bytes": size, "first_seq": first, "head_seq": first + n - 1},
+            "retained": len(self.retained),
+            "queues": len(self.queues.by_name),
+        }
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def replay_options(
+    body: dict[str, Any], group: object, durable: Durable | None
+) -> dict[str, Any] | None:
+    """``since_s``/``from_seq`` of a SUB request, or None for a live-only subscription;
+    ValueError says what is wrong."""
+    since, from_seq = body.get("since_s"), body.get("from_seq")
+    if since is None and from_seq is None:
+        return None
+    if durable is None:
+        raise ValueError("this node keeps no log (persistence is off): nothing to replay")
+    if group is not None:
+        raise ValueError("a queue group cannot replay the log")
+    if since is not None and from_seq is not None:
+        raise ValueError("give either since or from-seq, not both")
+    if since is not None and (
+        isinstance(since, bool) or not isinstance(since, (int, float)) or since < 0
+    ):
+        raise ValueError(f"since must be a non-negative number of seconds, not {since!r}")
+    if from_seq is not None and (
+        isinstance(from_seq, bool) or not isinstance(from_seq, int) or from_seq < 1
+    ):
+        raise ValueError(f"from-seq must be a positive integer, not {from_seq!r}")
+    return {"since_s": since, "from_seq": from_seq}
+
+
+class Output:
+    """What the Durable core hands back to the Router after a commit."""
+
+    def route(self, ident: bytes, record: bytes, route: Any) -> None: ...
+
+    def persisted(self, ident: bytes, ids: list[str]) -> None: ...
+
+    def refused(self, ident: bytes, ids: list[str], error: str) -> None: ...
+
+    def deliver(self, ident: bytes, prefix: bytes, record: bytes) -> None: ...
+
+    def answer(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None: ...
+
+
+def with_seq(record: bytes, seq: int) -> bytes:
+    """A replayed record carries its log sequence in a ``log-seq`` header, so a consumer
+    can resume with ``--from-seq``."""
+    return with_headers(record, {"log-seq": str(seq)})

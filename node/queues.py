@@ -1,0 +1,346 @@
+"""Durable queues: messages on disk, consumers and in-flight deliveries in memory.
+
+A queue captures matching persistent events (from this node's clients or forwarded by the
+mesh) whether or not a consumer is connected. Consumers share it; each message goes to
+one of them and stays on disk until acknowledged. A delivery not acknowledged within the
+queue's ack wait, or held by a consumer that went away, is delivered again; after
+``max_deliver`` attempts the message moves to the dead-letter queue ``NAME.dead`` with
+its delivery count in its headers.
+
+Delivery counts are written in the same commit that precedes sending, so after a crash
+every message that may have reached a consumer comes back marked as a redelivery.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from node.codec import with_headers
+from node.store import Store
+from node.topics import SubscriptionTrie, validate_pattern
+
+DEAD_SUFFIX: Final = ".dead"
+DEFAULT_ACK_WAIT: Final = 30.0
+DEFAULT_MAX_DELIVER: Final = 5
+DEFAULT_MAX_INFLIGHT: Final = 256
+_NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
+_COUNT: Final = struct.Struct("<H")
+_COUNT_AT: Final = 10  # the record header's reserved u16 carries the delivery count
+
+
+@dataclass(eq=False)
+class Consumer:
+    """One client subscription bound to a queue."""
+
+    ident: bytes
+    sid: int
+    prefix: bytes
+    max_inflight: int
+    inflight: dict[bytes, int] = field(default_factory=dict)  # event id -> seq
+
+
+@dataclass
+class Inflight:
+    consumer: Consumer
+    deadline: float
+    deliveries: int
+
+
+@dataclass(eq=False)  # identity: the trie holds queues in sets
+class Queue:
+    """One durable queue's configuration and in-memory state (its messages are on disk)."""
+
+    name: str
+    patterns: tuple[str, ...]
+    ack_wait: float
+    max_deliver: int
+    created: float
+    depth: int = 0
+    next_seq: int = 1
+    cursor: int = 0  # every seq above this has not been handed out since start
+    redeliver: list[int] = field(default_factory=list)  # heap of seqs to hand out again
+    inflight: dict[int, Inflight] = field(default_factory=dict)
+    consumers: list[Consumer] = field(default_factory=list)
+    turn: int = 0
+    redeliveries: int = 0
+    dead_lettered: int = 0
+
+    @property
+    def is_dead_letter(self) -> bool:
+        return self.name.endswith(DEAD_SUFFIX)
+
+
+def validate_queue_name(name: object) -> str:
+    """A queue name; ValueError naming the rule otherwise."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            f"queue name {name!r} must be 1-64 characters of letters, digits, '_', '-', '.'"
+        )
+    return name
+
+
+def with_count(record: bytes, deliveries: int) -> bytes:
+    """The record as a consumer sees it: the delivery count in the reserved header field."""
+    return record[:_COUNT_AT] + _COUNT.pack(min(deliveries, 0xFFFF)) + record[_COUNT_AT + 2 :]
+
+
+def dead_record(record: bytes, queue: str, deliveries: int) -> bytes:
+    """The record as it enters the dead-letter queue: where it died and after how many
+    deliveries, in its headers."""
+    return with_headers(
+        with_count(record, 0), {"dead-queue": queue, "dead-deliveries": str(deliveries)}
+    )
+
+
+class Queues:
+    """Every durable queue of a node; the Durable core drives it once per pass."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.by_name: dict[str, Queue] = {}
+        self.trie: SubscriptionTrie[Queue] = SubscriptionTrie()
+        self._load()
+
+    def _load(self) -> None:
+        for name, patterns, ack_wait, max_deliver, created in self.store.read(
+            "SELECT name, patterns, ack_wait, max_deliver, created FROM queues"
+        ):
+            q = Queue(name, tuple(json.loads(patterns)), ack_wait, max_deliver, created)
+            depth, top = self.store.read(
+                "SELECT count(*), max(seq) FROM qmsgs WHERE queue = ?", (name,)
+            )[0]
+            q.depth, q.next_seq = int(depth), int(top or 0) + 1
+            self._attach(q)
+
+    def _attach(self, q: Queue) -> None:
+        self.by_name[q.name] = q
+        for p in q.patterns:
+            self.trie.add(p, q)
+
+    # ---- administration ----------------------------------------------------------------
+
+    def add(
+        self,
+        name: str,
+        patterns: list[str],
+        *,
+        ack_wait: float,
+        max_deliver: int,
+        now_wall: float,
+    ) -> Queue:
+        """Create a queue (or update its patterns and settings); ValueError on bad input."""
+        validate_queue_name(name)
+        if name.endswith(DEAD_SUFFIX) and patterns:
+            raise ValueError(f"{name!r} is a dead-letter queue name; it takes no patterns")
+        for p in patterns:
+            validate_pattern(p)
+        if not ack_wait > 0:
+            raise ValueError("ack wait must be positive")
+        if max_deliver < 1:
+            raise ValueError("max deliver must be at least 1")
+        old = self.by_name.get(name)
+        if old is not None:
+            for p in old.patterns:
+                self.trie.remove(p, old)
+            old.patterns, old.ack_wait, old.max_deliver = tuple(patterns), ack_wait, max_deliver
+            q = old
+        else:
+            q = Queue(name, tuple(patterns), ack_wait, max_deliver, now_wall)
+        self.store.guard(
+            "INSERT OR REPLACE INTO queues VALUES (?, ?, ?, ?, ?)",
+            (name, json.dumps(list(q.patterns)), ack_wait, max_deliver, q.created),
+        )
+        self._attach(q)
+        return q
+
+    def remove(self, name: str) -> Queue:
+        q = self.get(name)
+        self.store.guard("DELETE FROM qmsgs WHERE queue = ?", (name,))
+        self.store.guard("DELETE FROM queues WHERE name = ?", (name,))
+        for p in q.patterns:
+            self.trie.remove(p, q)
+        del self.by_name[name]
+        return q
+
+    def purge(self, name: str) -> int:
+        q = self.get(name)
+        gone = q.depth
+        self.store.guard("DELETE FROM qmsgs WHERE queue = ?", (name,))
+        q.depth, q.cursor, q.redeliver = 0, q.next_seq - 1, []
+        q.inflight.clear()
+        for c in q.consumers:
+            c.inflight.clear()
+        return gone
+
+    def get(self, name: str) -> Queue:
+        q = self.by_name.get(name)
+        if q is None:
+            raise KeyError(f"no queue named {name!r}")
+        return q
+
+    def dead_letter_queue(self, q: Queue, now_wall: float) -> Queue:
+        name = q.name + DEAD_SUFFIX
+        dlq = self.by_name.get(name)
+        if dlq is None:
+            dlq = self.add(name, [], ack_wait=q.ack_wait, max_deliver=1 << 30, now_wall=now_wall)
+        return dlq
+
+    def info(self, q: Queue, now_ns: int) -> dict[str, Any]:
+        oldest = self.store.read(
+            "SELECT min(at_ns), coalesce(sum(length(record)), 0) FROM qmsgs WHERE queue = ?",
+            (q.name,),
+        )[0]
+        return {
+            "name": q.name,
+            "patterns": list(q.patterns),
+            "depth": q.depth,
+            "bytes": int(oldest[1]),
+            "oldest_age_s": round((now_ns - oldest[0]) / 1e9, 3) if oldest[0] else None,
+            "consumers": len(q.consumers),
+            "inflight": len(q.inflight),
+            "redeliveries": q.redeliveries,
+            "dead_lettered": q.dead_lettered,
+            "ack_wait_s": q.ack_wait,
+            "max_deliver": q.max_deliver,
+        }
+
+    # ---- the data path -----------------------------------------------------------------
+
+    def capture(self, queues: list[Queue], event_id: bytes, record: bytes, at_ns: int) -> None:
+        """Store one persistent event in each of ``queues`` (inside the pass's transaction)."""
+        rows = []
+        for q in queues:
+            rows.append((q.name, q.next_seq, event_id, at_ns, record))
+            q.next_seq += 1
+        self.store.guard_many(
+            "INSERT INTO qmsgs (queue, seq, id, at_ns, record) VALUES (?, ?, ?, ?, ?)", rows
+        )
+
+    def committed_capture(self, queues: list[Queue]) -> None:
+        for q in queues:
+            q.depth += 1
+
+    def bind(self, q: Queue, consumer: Consumer) -> None:
+        q.consumers.append(consumer)
+
+    def unbind(self, q: Queue, consumer: Consumer) -> None:
+        """A consumer left: what it held is delivered again, to someone else."""
+        if consumer in q.consumers:
+            q.consumers.remove(consumer)
+        for seq in consumer.inflight.values():
+            if q.inflight.pop(seq, None) is not None:
+                heapq.heappush(q.redeliver, seq)
+        consumer.inflight.clear()
+
+    def ack(self, q: Queue, consumer: Consumer, ids: list[bytes]) -> int:
+        """Remove acknowledged messages; ids not held by this consumer are ignored."""
+        done = []
+        for raw in ids:
+            seq = consumer.inflight.pop(raw, None)
+            if seq is not None and q.inflight.pop(seq, None) is not None:
+                done.append((q.name, seq))
+        if done:
+            self.store.guard_many("DELETE FROM qmsgs WHERE queue = ? AND seq = ?", done)
+            q.depth -= len(done)
+        return len(done)
+
+    def expire(self, q: Queue, now: float, now_ns: int) -> None:
+        """Deliveries past their ack wait go back to the queue, or to its dead letters."""
+        late = [(seq, f) for seq, f in q.inflight.items() if f.deadline <= now]
+        for seq, f in late:
+            del q.inflight[seq]
+            for raw, s in list(f.consumer.inflight.items()):
+                if s == seq:
+                    del f.consumer.inflight[raw]
+                    break
+            if f.deliveries >= q.max_deliver:
+                self._dead_letter(q, seq, f.deliveries, now_ns)
+            else:
+                heapq.heappush(q.redeliver, seq)
+
+    def _dead_letter(self, q: Queue, seq: int, deliveries: int, now_ns: int) -> None:
+        rows = self.store.read(
+            "SELECT id, record FROM qmsgs WHERE queue = ? AND seq = ?", (q.name, seq)
+        )
+        if not rows:
+            return
+        raw, record = rows[0]
+        dlq = self.dead_letter_queue(q, now_ns / 1e9)
+        self.capture([dlq], bytes(raw), dead_record(bytes(record), q.name, deliveries), now_ns)
+        self.committed_capture([dlq])
+        self.store.guard("DELETE FROM qmsgs WHERE queue = ? AND seq = ?", (q.name, seq))
+        q.depth -= 1
+        q.dead_lettered += 1
+
+    def take(self, q: Queue, now: float) -> list[tuple[Consumer, bytes, int]]:
+        """Hand out what consumers have room for: (consumer, record to send, seq).
+
+        Redeliveries go first, then new messages in order. Delivery counts are written in
+        this pass's transaction; the caller sends only after it commits.
+        """
+        room = sum(max(0, c.max_inflight - len(c.inflight)) for c in q.consumers)
+        if not room:
+            return []
+        rows: list[tuple[int, bytes, int, bytes]] = []
+        while q.redeliver and len(rows) < room:
+            seq = heapq.heappop(q.redeliver)
+            if seq in q.inflight:
+                continue
+            got = self.store.read(
+                "SELECT seq, id, deliveries, record FROM qmsgs WHERE queue = ? AND seq = ?",
+                (q.name, seq),
+            )
+            rows.extend(got)
+        if len(rows) < room:
+            fresh = self.store.read(
+                "SELECT seq, id, deliveries, record FROM qmsgs WHERE queue = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (q.name, q.cursor, room - len(rows)),
+            )
+            if fresh:
+                q.cursor = fresh[-1][0]
+            rows.extend(r for r in fresh if r[0] not in q.inflight)
+        out = []
+        updates = []
+        for seq, raw_id, deliveries, record in rows:
+            consumer = self._next_consumer(q)
+            if consumer is None:
+                heapq.heappush(q.redeliver, seq)
+                continue
+            n = deliveries + 1
+            if n > 1:
+                q.redeliveries += 1
+            consumer.inflight[bytes(raw_id)] = seq
+            q.inflight[seq] = Inflight(consumer, now + q.ack_wait, n)
+            updates.append((n, q.name, seq))
+            out.append((consumer, with_count(bytes(record), n), seq))
+        if updates:
+            self.store.guard_many(
+                "UPDATE qmsgs SET deliveries = ? WHERE queue = ? AND seq = ?", updates
+            )
+        return out
+
+    def _next_consumer(self, q: Queue) -> Consumer | None:
+        """Round-robin over consumers with room, so several share the load."""
+        n = len(q.consumers)
+        for i in range(n):
+            c = q.consumers[(q.turn + i) % n]
+            if len(c.inflight) < c.max_inflight:
+                q.turn = (q.turn + i + 1) % n
+                return c
+        return None
+
+    def undo_take(self, q: Queue, taken: list[tuple[Consumer, bytes, int]]) -> None:
+        """The commit failed: nothing was sent, so the messages wait again."""
+        for consumer, _rec, seq in taken:
+            f = q.inflight.pop(seq, None)
+            if f is not None:
+                consumer.inflight = {k: v for k, v in consumer.inflight.items() if v != seq}
+                if f.deliveries > 1:
+                    q.redeliveries -= 1
+            heapq.heappush(q.redeliver, seq)

@@ -1,0 +1,250 @@
+"""The node's durable state in SQLite (stdlib ``sqlite3``, WAL) in its data dir.
+
+What lives here: the event log (persistent events always, direct events whose topic
+matches the configured log patterns), the persistent-publish dedupe window, retained
+events, and durable queues with their messages. The loop thread owns the one connection
+and commits once per pass (group commit): everything written during a pass becomes
+durable together, and only then are publishers acknowledged.
+
+Durability, stated exactly (also in the README):
+
+* ``sync = "normal"`` (default): a commit is written to the WAL file before the node
+  acknowledges. It survives a crash of the node process (``kill -9``); a power loss or
+  kernel crash may lose the last commits that the OS had not yet flushed.
+* ``sync = "full"``: the WAL is fsync'ed on every commit; acknowledged events also
+  survive a power loss, at the cost of one fsync per pass.
+
+Every failure surfaces as StoreError with a message an operator can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Final
+
+from node.errors import NodeError
+
+SCHEMA_VERSION: Final = 1
+FILE_NAME: Final = "store.db"
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS log (
+    seq INTEGER PRIMARY KEY, id BLOB NOT NULL, topic TEXT NOT NULL,
+    time_ns INTEGER NOT NULL, record BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS dedupe (id BLOB PRIMARY KEY, at_ns INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dedupe_at ON dedupe (at_ns);
+CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, record BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS queues (
+    name TEXT PRIMARY KEY, patterns TEXT NOT NULL, ack_wait REAL NOT NULL,
+    max_deliver INTEGER NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS qmsgs (
+    queue TEXT NOT NULL, seq INTEGER NOT NULL, id BLOB NOT NULL, at_ns INTEGER NOT NULL,
+    deliveries INTEGER NOT NULL DEFAULT 0, record BLOB NOT NULL,
+    PRIMARY KEY (queue, seq)) WITHOUT ROWID;
+"""
+
+
+class StoreError(NodeError):
+    """The store cannot be opened or written (corrupt file, disk full, permissions)."""
+
+
+class Store:
+    """One SQLite database; writes batch into one transaction until ``commit``."""
+
+    def __init__(self, path: Path, *, sync: str = "normal") -> None:
+        self.path = path
+        self.sync = sync
+        self._in_tx = False
+        self.commits = 0
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._check()
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+            self.db.executescript(_SCHEMA)
+            self._version()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(
+                f"store {path} is unreadable ({e}); move it aside to start with an empty "
+                "store, or restore it from a backup"
+            ) from None
+
+    def _check(self) -> None:
+        """Refuse a corrupt file at start rather than serve it short."""
+        rows = self.db.execute("PRAGMA quick_check").fetchall()
+        if rows != [("ok",)]:
+            detail = "; ".join(str(r[0]) for r in rows[:3])
+            raise sqlite3.DatabaseError(f"integrity check failed: {detail}")
+
+    def _version(self) -> None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] != str(SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(
+                f"schema version {row[0]}, this node reads version {SCHEMA_VERSION}"
+            )
+
+    # ---- transactions ----------------------------------------------------------------
+
+    def _write(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Cursor:
+        if not self._in_tx:
+            self.db.execute("BEGIN")
+            self._in_tx = True
+        return self.db.execute(sql, tuple(args))
+
+    def _write_many(self, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
+        if not self._in_tx:
+            self.db.execute("BEGIN")
+            self._in_tx = True
+        self.db.executemany(sql, rows)
+
+    @property
+    def dirty(self) -> bool:
+        """True while writes wait for ``commit``."""
+        return self._in_tx
+
+    def commit(self) -> None:
+        """Make this pass's writes durable; StoreError (after a rollback) if that fails."""
+        if not self._in_tx:
+            return
+        try:
+            self.db.execute("COMMIT")
+            self.commits += 1
+        except sqlite3.Error as e:
+            self.rollback()
+            raise StoreError(_explain(e)) from None
+        finally:
+            self._in_tx = False
+
+    def rollback(self) -> None:
+        """Forget this pass's writes (after a failed write)."""
+        if self.db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+        self._in_tx = False
+
+    def guard(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Cursor:
+        """One write inside the pass's transaction; StoreError (after rollback) on failure."""
+        try:
+            return self._write(sql, args)
+        except sqlite3.Error as e:
+            self.rollback()
+            raise StoreError(_explain(e)) from None
+
+    def guard_many(self, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
+        """Many writes inside the pass's transaction; StoreError (after rollback)."""
+        try:
+            self._write_many(sql, rows)
+        except sqlite3.Error as e:
+            self.rollback()
+            raise StoreError(_explain(e)) from None
+
+    def read(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:  # type: ignore[type-arg]
+        """Rows of a query (sees this pass's uncommitted writes: one connection)."""
+        try:
+            return self.db.execute(sql, tuple(args)).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(_explain(e)) from None
+
+    def close(self) -> None:
+        """Commit what is pending and close; safe to call twice."""
+        with contextlib.suppress(StoreError):
+            self.commit()
+        with contextlib.suppress(sqlite3.Error):
+            self.db.close()
+
+    # ---- the log ---------------------------------------------------------------------
+
+    def log_head(self) -> int:
+        """The highest log sequence (0 when empty)."""
+        row = self.read("SELECT max(seq) FROM log")[0]
+        return int(row[0] or 0)
+
+    def log_append(self, rows: list[tuple[bytes, str, int, bytes]]) -> int:
+        """Append (id, topic, time_ns, record) rows; returns the last sequence used."""
+        if not rows:
+            return 0
+        head = self.log_head()
+        self.guard_many(
+            "INSERT INTO log (seq, id, topic, time_ns, record) VALUES (?, ?, ?, ?, ?)",
+            ((head + i, *r) for i, r in enumerate(rows, 1)),
+        )
+        return head + len(rows)
+
+    def log_after(self, seq: int, limit: int) -> list[tuple[int, str, bytes]]:
+        """(seq, topic, record) of up to ``limit`` log entries after ``seq``, in order."""
+        return self.read(
+            "SELECT seq, topic, record FROM log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (seq, limit),
+        )
+
+    def log_seq_at(self, time_ns: int) -> int:
+        """The last sequence before ``time_ns`` (so replay from it starts at that time)."""
+        row = self.read("SELECT min(seq) FROM log WHERE time_ns >= ?", (time_ns,))[0]
+        return int(row[0]) - 1 if row[0] is not None else self.log_head()
+
+    def log_stats(self) -> tuple[int, int, int, int]:
+        """(entries, bytes, first seq, first time_ns) of the log."""
+        n, size, first, t = self.read(
+            "SELECT count(*), coalesce(sum(length(record)), 0), min(seq), min(time_ns) FROM log"
+        )[0]
+        return int(n), int(size), int(first or 0), int(t or 0)
+
+    def log_trim(self, max_bytes: int, max_age_ns: int, now_ns: int) -> int:
+        """Drop the oldest entries beyond the size or age bound; returns how many went."""
+        gone = self.guard("DELETE FROM log WHERE time_ns < ?", (now_ns - max_age_ns,)).rowcount
+        n, size, first, _t = self.log_stats()
+        if size > max_bytes and n:
+            # Cut roughly the share over the bound, oldest first; the next trim refines.
+            over = max(1, int(n * (size - max_bytes) / size))
+            gone += self.guard("DELETE FROM log WHERE seq < ?", (first + over,)).rowcount
+        return gone
+
+    # ---- dedupe ------------------------------------------------------------------------
+
+    def dedupe_load(self, since_ns: int) -> Iterator[bytes]:
+        """Ids stored within the window: a publisher retrying after our crash is caught."""
+        for (raw,) in self.read("SELECT id FROM dedupe WHERE at_ns >= ?", (since_ns,)):
+            yield bytes(raw)
+
+    def dedupe_add(self, ids: list[bytes], at_ns: int) -> None:
+        self.guard_many(
+            "INSERT OR IGNORE INTO dedupe (id, at_ns) VALUES (?, ?)", ((i, at_ns) for i in ids)
+        )
+
+    def dedupe_prune(self, before_ns: int) -> None:
+        self.guard("DELETE FROM dedupe WHERE at_ns < ?", (before_ns,))
+
+    # ---- retained ----------------------------------------------------------------------
+
+    def retained_all(self) -> list[tuple[str, bytes]]:
+        return [(t, bytes(r)) for t, r in self.read("SELECT topic, record FROM retained")]
+
+    def retain(self, topic: str, record: bytes | None) -> None:
+        """Keep ``record`` as the last value of ``topic``; None clears it."""
+        if record is None:
+            self.guard("DELETE FROM retained WHERE topic = ?", (topic,))
+        else:
+            self.guard("INSERT OR REPLACE INTO retained VALUES (?, ?)", (topic, record))
+
+
+def _explain(e: sqlite3.Error) -> str:
+    text = str(e)
+    if "full" in text or "disk I/O" in text:
+        return f"the node's disk is full or failing ({text}); nothing was stored"
+    if "readonly" in text or "permission" in text.lower():
+        return f"the node cannot write its store ({text})"
+    if "locked" in text:
+        return f"the store is locked by another process ({text})"
+    return f"store error: {text}"
+
+
+def open_store(data_dir: Path, *, sync: str = "normal") -> Store:
+    """The node's store in ``data_dir``; StoreError with a clear message if unusable."""
+    return Store(data_dir / FILE_NAME, sync=sync)
