@@ -6,7 +6,7 @@ per-client subscription limit to it; the listener applies that limit per MQTT cl
 Every MQTT subscription is one mesh subscription (its own sid); every MQTT publish is one
 record in a batched PUB frame. Topic rules are edge/mapping.py's; packets are
 edge/mqtt_codec.py's; sessions edge/mqtt_session.py's; retained messages sit behind the
-``Retained`` seam of edge/mqtt_retain.py.
+``Retained`` seam of edge/mqtt_retain.py (in the node when its store is on).
 
 QoS 1 from a client is acknowledged once the node has routed the message: the listener
 sends a PING with a ``ref`` after the PUB frame and writes the PUBACKs when the node's OK
@@ -62,10 +62,11 @@ from edge.mqtt_codec import (
     encode_ack,
 )
 from edge.mqtt_conn import MqttConnection
-from edge.mqtt_retain import ListenerRetained, Retained
+from edge.mqtt_retain import ListenerRetained, NodeRetained, Retained
 from edge.mqtt_session import Session, SessionTable, Subscription
 from edge.port import MeshPort
 from node.codec import (
+    F_RETAIN,
     HEAD_PUB,
     RECORD_SIZE,
     Kind,
@@ -100,6 +101,7 @@ class ListenerConfig:
     max_sessions: int = 1000
     max_subscriptions: int = 10_000
     max_packet: int = 1024 * 1024 + 65_536
+    node_retained: bool = True  # the node keeps retained events (its store is on)
 
 
 class MqttListener:
@@ -113,7 +115,7 @@ class MqttListener:
         self.endpoint = endpoint
         self.ident = ident
         self.port = MeshPort("mqtt")
-        self.retained: Retained = ListenerRetained()
+        self.retained: Retained = NodeRetained() if cfg.node_retained else ListenerRetained()
         self.sessions = SessionTable(cfg.max_sessions)
         self.bound = ""
         self.counters = {
@@ -136,8 +138,11 @@ class MqttListener:
         self._to_mqtt: dict[bytes, bytes | None] = {}
         self._records: list[bytes] = []
         self._record_bytes = 0
-        self._after: list[tuple[MqttConnection, bytes]] = []
-        self._waiting: dict[int, list[tuple[MqttConnection, bytes]]] = {}
+        # Packets written once the node has answered a flush, and the sids whose deliveries
+        # wait for them (a new subscription's, until its SUBACK is out).
+        self._after: list[tuple[MqttConnection, bytes, tuple[int, ...]]] = []
+        self._waiting: dict[int, list[tuple[MqttConnection, bytes, tuple[int, ...]]]] = {}
+        self._held: dict[int, list[bytes]] = {}
         self._flush_due = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: zmq.Socket[bytes] | None = None
@@ -173,7 +178,7 @@ class MqttListener:
             "clients": len(self._online),
             "sessions": len(self.sessions),
             "offline_sessions": self.sessions.offline,
-            "retained": len(self.retained),  # type: ignore[arg-type]
+            "retained": self.retained.count(),  # None: kept by the node (its status)
             **self.counters,
         }
 
@@ -364,7 +369,7 @@ class MqttListener:
         if p.qos == 2:
             conn.awaiting_rel.add(p.packet_id)
         if routed:
-            self._after.append((conn, ack))
+            self._after.append((conn, ack, ()))
             self._schedule_flush()
         else:
             conn.write(ack)  # refused topics are acknowledged, so the client does not resend
@@ -377,9 +382,11 @@ class MqttListener:
             if conn is not None:
                 log.debug("MQTT client %s: topic %r refused", conn.name, p.topic)
             return False
+        flags = 0
         if p.retain:
             self.retained.retain(p.topic, p.payload, p.qos)
-        rec = self.port.raw_record(tb, p.payload, HB_QOS0 if p.qos == 0 else b"")
+            flags = F_RETAIN if self.retained.in_node else 0
+        rec = self.port.raw_record(tb, p.payload, HB_QOS0 if p.qos == 0 else b"", flags)
         self._records.append(rec)
         self._record_bytes += len(rec)
         self.counters["published"] += 1
@@ -391,6 +398,7 @@ class MqttListener:
     def _on_subscribe(self, conn: MqttConnection, session: Session, s: Subscribe) -> None:
         codes: list[int] = []
         retained: list[bytes] = []
+        sids: list[int] = []
         for filt, qos in s.filters:
             try:
                 group, plain = mqtt_shared(filt)
@@ -413,12 +421,13 @@ class MqttListener:
             sub = Subscription(next(self._next_sid), granted, group)
             session.subs[filt] = sub
             self._sids[sub.sid] = (session, sub)
-            self._send(
-                encode_control(
-                    Kind.SUB,
-                    {"ref": None, "sid": sub.sid, "patterns": list(patterns), "group": group},
-                )
-            )
+            self._held[sub.sid] = []
+            sids.append(sub.sid)
+            body: dict[str, Any] = {"ref": None, "sid": sub.sid, "patterns": list(patterns)}
+            body["group"] = group
+            if group is None and self.retained.in_node:
+                body["retained"] = True
+            self._send(encode_control(Kind.SUB, body))
             codes.append(granted)
             if group is None:
                 for m in self.retained.matching(plain):
@@ -427,8 +436,8 @@ class MqttListener:
                     if packet is not None:
                         retained.append(packet)
         # SUBACK once the node has the subscriptions, so a publish right after it is seen.
-        self._after.append((conn, encode(SubAck(s.packet_id, tuple(codes)))))
-        self._after.extend((conn, r) for r in retained)
+        self._after.append((conn, encode(SubAck(s.packet_id, tuple(codes))), tuple(sids)))
+        self._after.extend((conn, r, ()) for r in retained)
         self._schedule_flush()
 
     def _unsub(self, sub: Subscription) -> None:
@@ -502,9 +511,11 @@ class MqttListener:
             log.warning("MQTT listener: bad frame from the node: %s", e)
             return
         if kind == Kind.OK and body.get("ref") in self._waiting:
-            for conn, packet in self._waiting.pop(body["ref"]):
+            for conn, packet, release in self._waiting.pop(body["ref"]):
+                held = [p for sid in release for p in self._held.pop(sid, ())]
                 if not conn.closing:
                     conn.out.append(packet)
+                    conn.out.extend(held)
                     touched.add(conn)
         elif kind == Kind.ERR:
             log.warning("MQTT listener: the node said: %s", body.get("error"))
@@ -519,7 +530,7 @@ class MqttListener:
         n = len(frame)
         off = 2
         while off + 4 + RECORD_SIZE <= n:
-            sid, plen, tlen, hlen, _flags = unpack(frame, off)
+            sid, plen, tlen, hlen, flags = unpack(frame, off)
             t0 = off + 4 + RECORD_SIZE
             h0 = t0 + tlen
             p0 = h0 + hlen
@@ -546,11 +557,16 @@ class MqttListener:
             if qos == 0 and conn is not None and conn.backlog() > MAX_BACKLOG:
                 self.counters["dropped_slow"] += 1
                 continue
-            packet = session.deliver(topic, frame[p0:end], qos)
-            if packet is not None and conn is not None:
+            packet = session.deliver(topic, frame[p0:end], qos, retain=bool(flags & F_RETAIN))
+            if packet is None or conn is None:
+                continue
+            self.counters["delivered"] += 1
+            held = self._held.get(sid)
+            if held is not None:
+                held.append(packet)  # before its SUBACK: goes out right after it
+            else:
                 conn.out.append(packet)
                 touched.add(conn)
-                self.counters["delivered"] += 1
 
     def _mqtt_topic(self, tb: bytes) -> bytes | None:
         topic = self._to_mqtt.get(tb, b"")
@@ -585,6 +601,7 @@ def start_listener(
         max_sessions=config.mqtt_max_sessions,
         max_subscriptions=config.max_subscriptions,
         max_packet=config.max_payload + 65_536,
+        node_retained=config.store,
     )
     ident = b"\x00mqtt" + time.time_ns().to_bytes(8, "big")
     register(ident)

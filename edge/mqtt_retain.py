@@ -5,11 +5,11 @@ empty one too), ``#`` as the last level matches the parent and any number of lev
 (``a/#`` matches ``a``, ``a/b``, ``a/b/c``); a filter starting with a wildcard never
 matches a topic starting with ``$``.
 
-Retained messages live in the listener for now (``ListenerRetained``), so only MQTT
-clients of this node see them, and a node restart forgets them. The node itself will keep
-them (record flag F_RETAIN, SUB ``"retained": true``) with the durability work; the
-listener talks to its store only through the ``Retained`` protocol, so switching is one
-class.
+Where retained messages live is behind the ``Retained`` protocol. With the node's store
+on (the default), the node keeps them (``NodeRetained``): the listener sets the record
+flag F_RETAIN on a retained publish and asks for retained events in its SUB, so they are
+shared with mesh clients and survive a restart. With ``store.enabled = false`` the
+listener keeps them itself (``ListenerRetained``): in memory, for its own MQTT clients.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ class RetainedMessage:
 class Retained(Protocol):
     """What the listener needs from a store of retained messages."""
 
+    in_node: bool  # True: F_RETAIN on publishes, "retained" on SUBs; the node does the rest
+
+    def count(self) -> int | None:
+        """Retained topics held here (None: held by the node, see its status)."""
+
     def retain(self, topic: str, payload: bytes, qos: int) -> None:
         """Keep ``payload`` as the topic's retained message; an empty payload clears it."""
 
@@ -56,15 +61,33 @@ class Retained(Protocol):
         """Retained messages a new subscription to ``filt`` receives first."""
 
 
+class NodeRetained:
+    """The node keeps retained events: nothing to do here."""
+
+    in_node = True
+
+    def count(self) -> int | None:
+        return None
+
+    def retain(self, topic: str, payload: bytes, qos: int) -> None:
+        """The record's F_RETAIN flag tells the node."""
+
+    def matching(self, filt: str) -> list[RetainedMessage]:
+        """The node sends them in answer to the SUB."""
+        return []
+
+
 class ListenerRetained:
     """Retained messages in memory, bounded: past ``limit`` topics the oldest is dropped."""
+
+    in_node = False
 
     def __init__(self, limit: int = MAX_RETAINED) -> None:
         self.limit = limit
         self.dropped = 0
         self._by_topic: OrderedDict[str, RetainedMessage] = OrderedDict()
 
-    def __len__(self) -> int:
+    def count(self) -> int | None:
         return len(self._by_topic)
 
     def retain(self, topic: str, payload: bytes, qos: int) -> None:

@@ -251,7 +251,8 @@ def _render_status(s: dict[str, Any]) -> None:
         out.print(
             f"[dim]mqtt[/] {m['listen']}  [dim]clients[/] {m['clients']}  "
             f"[dim]sessions[/] {m['sessions']} ({m['offline_sessions']} away)  "
-            f"[dim]retained[/] {m['retained']}  [dim]published[/] {m['published']}  "
+            f"[dim]retained[/] {'in node' if m['retained'] is None else m['retained']}  "
+            f"[dim]published[/] {m['published']}  "
             f"[dim]delivered[/] {m['delivered']}  [dim]refused topics[/] {m['refused_topics']}  "
             f"[dim]protocol errors[/] {m['protocol_errors']}"
         )

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -276,7 +277,7 @@ def test_retained_message_for_new_subscribers_and_cleared(
     pub.publish("r/state", b"off", qos=1)  # live messages are not marked retained
     (m,) = late.take(1)
     assert (m.payload, m.retain) == (b"off", False)
-    assert mqtt_status(mnode)["retained"] == 2
+    assert mnode.status()["store"]["retained"] == 2  # kept by the node (its store is on)
     pub.publish("r/state", b"", qos=1, retain=True)  # an empty retained message clears it
     late.take(1)
     later = Paho(port, "later")
@@ -284,6 +285,42 @@ def test_retained_message_for_new_subscribers_and_cleared(
     later.subscribe("r/#", qos=1)
     assert [(m.topic, m.payload) for m in later.take(1)] == [("r/other", b"x")]
     assert later.quiet(0.3) == []
+
+
+def test_retained_is_shared_with_the_mesh_and_survives_a_restart(
+    make_node: NodeFactory, paho: list[Paho], bg: Background, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "kept"
+    node = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    pub = Paho(mqtt_port(node), "retainer")
+    pub.publish("shared/mqtt", b"from mqtt", qos=1, retain=True)
+    pub.close()
+    assert run_cli("pub", "--retain", "shared/mesh", "from mesh", server=node.ipc).returncode == 0
+    sub = bg.start("sub", "shared/>", "--json", server=node.ipc)
+    got = {(e["topic"], e["data"]) for e in _json_events(sub, 2)}
+    assert got == {("shared/mqtt", "from mqtt"), ("shared/mesh", "from mesh")}
+    node.stop()
+    again = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    late = Paho(mqtt_port(again), "late")
+    paho.append(late)
+    late.subscribe("shared/#", qos=1)
+    got_mqtt = {(m.topic, m.payload, m.retain) for m in late.take(2)}
+    assert got_mqtt == {("shared/mqtt", b"from mqtt", True), ("shared/mesh", b"from mesh", True)}
+
+
+def test_retained_in_the_listener_when_the_node_has_no_store(
+    make_node: NodeFactory, paho: list[Paho]
+) -> None:
+    node = make_node(config_text=MQTT_CONFIG + "[store]\nenabled = false\n")
+    port = mqtt_port(node)
+    pub = Paho(port, "retainer")
+    paho.append(pub)
+    pub.publish("r/state", b"on", qos=1, retain=True)
+    late = Paho(port, "late")
+    paho.append(late)
+    late.subscribe("r/#", qos=1)
+    assert [(m.topic, m.payload, m.retain) for m in late.take(1)] == [("r/state", b"on", True)]
+    assert mqtt_status(node)["retained"] == 1
 
 
 def test_will_published_when_the_socket_dies(mnode: NodeProcess, paho: list[Paho]) -> None:

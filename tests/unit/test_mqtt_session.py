@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge.mqtt_codec import Decoder, Publish
-from edge.mqtt_retain import ListenerRetained, filter_matches
+from edge.mqtt_retain import ListenerRetained, NodeRetained, filter_matches
 from edge.mqtt_session import Session, SessionTable
 
 
@@ -150,6 +150,14 @@ def test_retained_set_clear_match_and_bound() -> None:
     assert r.matching("a/b") == []
     r.retain("x", b"1", 0)
     r.retain("y", b"1", 0)
-    assert len(r) == 2
+    assert r.count() == 2
     assert r.dropped == 1
     assert r.matching("a/#") == []
+
+
+def test_node_retained_leaves_it_to_the_node() -> None:
+    r = NodeRetained()
+    r.retain("a", b"x", 1)
+    assert r.in_node
+    assert r.matching("a") == []
+    assert r.count() is None
