@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import sys
 import threading
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import NodeFactory, NodeProcess, wait_for
+from helpers import NodeFactory, NodeProcess, need_binary, wait_for
 
 from meshctl import connect
 from meshctl.errors import Timeout
@@ -31,17 +30,9 @@ sys.path.insert(0, str(LAB_DIR))
 import labhelpers as lh  # noqa: E402
 
 
-def _need(binary: str) -> None:
-    if shutil.which(binary) is None:
-        why = f"{binary} is not installed (scripts/test installs it as root)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(why)
-        pytest.skip(why)
-
-
 @pytest.fixture
 def mosquitto() -> Iterator[int]:
-    _need("mosquitto")
+    need_binary("mosquitto")
     port = lh.free_port()
     with lh.mosquitto(port=port):
         yield port
@@ -49,7 +40,7 @@ def mosquitto() -> Iterator[int]:
 
 @pytest.fixture
 def nats_port() -> Iterator[int]:
-    _need("nats-server")
+    need_binary("nats-server")
     port = lh.free_port()
     with lh.nats_server(port=port):
         yield port
@@ -198,7 +189,7 @@ def next_topic(sub: Any, topic: str, timeout: float) -> Any:
 
 
 def test_broker_restart_reconnects_and_is_announced(make_node: NodeFactory) -> None:
-    _need("mosquitto")
+    need_binary("mosquitto")
     port = lh.free_port()
     with lh.mosquitto(port=port):
         node = bridged_node(

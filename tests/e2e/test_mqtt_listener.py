@@ -7,9 +7,7 @@ process is stopped by its PID.
 
 from __future__ import annotations
 
-import os
 import queue
-import shutil
 import socket
 import subprocess
 import time
@@ -18,7 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Background, NodeFactory, NodeProcess, cli_env, run_cli, wait_for
+from helpers import (
+    Background,
+    NodeFactory,
+    NodeProcess,
+    cli_env,
+    need_binary,
+    run_cli,
+    wait_for,
+)
 
 from edge.mqtt_codec import (
     Connack,
@@ -36,14 +42,6 @@ from edge.mqtt_codec import (
 pytestmark = [pytest.mark.e2e]
 
 MQTT_CONFIG = '[mqtt]\nlisten = "127.0.0.1:0"\n'
-
-
-def _need(binary: str) -> None:
-    if shutil.which(binary) is None:
-        why = f"{binary} is not installed (scripts/test installs mosquitto-clients as root)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(why)
-        pytest.skip(why)
 
 
 @pytest.fixture
@@ -139,9 +137,22 @@ class Paho:
         self.client.loop_stop()
 
 
+class Clients(list[Paho]):
+    """The paho clients of one test, all stopped after it."""
+
+    def open(
+        self, port: int, client_id: str, *, subscribe: str = "", qos: int = 1, **kw: Any
+    ) -> Paho:
+        c = Paho(port, client_id, **kw)
+        self.append(c)
+        if subscribe:
+            c.subscribe(subscribe, qos)
+        return c
+
+
 @pytest.fixture
-def paho() -> Iterator[list[Paho]]:
-    clients: list[Paho] = []
+def paho() -> Iterator[Clients]:
+    clients = Clients()
     yield clients
     for c in clients:
         c.client.loop_stop()
@@ -188,7 +199,7 @@ class Raw:
 
 
 def test_mosquitto_pub_reaches_meshctl_sub(mnode: NodeProcess, bg: Background) -> None:
-    _need("mosquitto_pub")
+    need_binary("mosquitto_pub")
     sub = bg.start("sub", "sensors/>", "--json", server=mnode.ipc)
     port = mqtt_port(mnode)
     for qos in ("0", "1"):
@@ -208,7 +219,7 @@ def _json_events(sub: Any, n: int) -> list[dict[str, Any]]:
 
 
 def test_meshctl_pub_reaches_mosquitto_sub(mnode: NodeProcess) -> None:
-    _need("mosquitto_sub")
+    need_binary("mosquitto_sub")
     port = mqtt_port(mnode)
     proc = subprocess.Popen(
         ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-t", "cmd/#", "-v",
@@ -231,9 +242,7 @@ def test_meshctl_pub_reaches_mosquitto_sub(mnode: NodeProcess) -> None:
     assert out.decode().splitlines() == ["cmd/light on", "cmd all"], err
 
 
-def test_paho_qos1_both_ways_and_no_echo(
-    mnode: NodeProcess, paho: list[Paho], bg: Background
-) -> None:
+def test_paho_qos1_both_ways_and_no_echo(mnode: NodeProcess, paho: Clients, bg: Background) -> None:
     port = mqtt_port(mnode)
     sub, pub = Paho(port, "sub"), Paho(port, "pub")
     paho += [sub, pub]
@@ -262,16 +271,13 @@ def test_paho_qos1_both_ways_and_no_echo(
 
 
 def test_retained_message_for_new_subscribers_and_cleared(
-    mnode: NodeProcess, paho: list[Paho]
+    mnode: NodeProcess, paho: Clients
 ) -> None:
     port = mqtt_port(mnode)
-    pub = Paho(port, "retainer")
-    paho.append(pub)
+    pub = paho.open(port, "retainer")
     pub.publish("r/state", b"on", qos=1, retain=True)
     pub.publish("r/other", b"x", qos=0, retain=True)
-    late = Paho(port, "late")
-    paho.append(late)
-    late.subscribe("r/state", qos=1)
+    late = paho.open(port, "late", subscribe="r/state", qos=1)
     (m,) = late.take(1)
     assert (m.topic, m.payload, m.retain) == ("r/state", b"on", True)
     pub.publish("r/state", b"off", qos=1)  # live messages are not marked retained
@@ -280,15 +286,13 @@ def test_retained_message_for_new_subscribers_and_cleared(
     assert mnode.status()["store"]["retained"] == 2  # kept by the node (its store is on)
     pub.publish("r/state", b"", qos=1, retain=True)  # an empty retained message clears it
     late.take(1)
-    later = Paho(port, "later")
-    paho.append(later)
-    later.subscribe("r/#", qos=1)
+    later = paho.open(port, "later", subscribe="r/#", qos=1)
     assert [(m.topic, m.payload) for m in later.take(1)] == [("r/other", b"x")]
     assert later.quiet(0.3) == []
 
 
 def test_retained_is_shared_with_the_mesh_and_survives_a_restart(
-    make_node: NodeFactory, paho: list[Paho], bg: Background, tmp_path: Path
+    make_node: NodeFactory, paho: Clients, bg: Background, tmp_path: Path
 ) -> None:
     data_dir = tmp_path / "kept"
     node = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
@@ -309,25 +313,20 @@ def test_retained_is_shared_with_the_mesh_and_survives_a_restart(
 
 
 def test_retained_in_the_listener_when_the_node_has_no_store(
-    make_node: NodeFactory, paho: list[Paho]
+    make_node: NodeFactory, paho: Clients
 ) -> None:
     node = make_node(config_text=MQTT_CONFIG + "[store]\nenabled = false\n")
     port = mqtt_port(node)
-    pub = Paho(port, "retainer")
-    paho.append(pub)
+    pub = paho.open(port, "retainer")
     pub.publish("r/state", b"on", qos=1, retain=True)
-    late = Paho(port, "late")
-    paho.append(late)
-    late.subscribe("r/#", qos=1)
+    late = paho.open(port, "late", subscribe="r/#", qos=1)
     assert [(m.topic, m.payload, m.retain) for m in late.take(1)] == [("r/state", b"on", True)]
     assert mqtt_status(node)["retained"] == 1
 
 
-def test_will_published_when_the_socket_dies(mnode: NodeProcess, paho: list[Paho]) -> None:
+def test_will_published_when_the_socket_dies(mnode: NodeProcess, paho: Clients) -> None:
     port = mqtt_port(mnode)
-    watcher = Paho(port, "watcher")
-    paho.append(watcher)
-    watcher.subscribe("wills/#", qos=1)
+    watcher = paho.open(port, "watcher", subscribe="wills/#", qos=1)
     dying = Paho(port, "dying", will=("wills/dying", b"gone", 1, True))
     dying.vanish()
     (m,) = watcher.take(1)
@@ -342,13 +341,9 @@ def test_will_published_when_the_socket_dies(mnode: NodeProcess, paho: list[Paho
     assert mqtt_status(mnode)["wills"] == 1
 
 
-def test_keepalive_timeout_closes_and_publishes_the_will(
-    mnode: NodeProcess, paho: list[Paho]
-) -> None:
+def test_keepalive_timeout_closes_and_publishes_the_will(mnode: NodeProcess, paho: Clients) -> None:
     port = mqtt_port(mnode)
-    watcher = Paho(port, "watcher")
-    paho.append(watcher)
-    watcher.subscribe("wills/#", qos=0)
+    watcher = paho.open(port, "watcher", subscribe="wills/#", qos=0)
     silent = Raw(port)
     started = time.monotonic()
     silent.connect("silent", keepalive=1, will=Will("wills/silent", b"timeout"))
@@ -361,7 +356,7 @@ def test_keepalive_timeout_closes_and_publishes_the_will(
 
 
 def test_shared_subscription_gives_each_message_to_exactly_one(
-    mnode: NodeProcess, paho: list[Paho]
+    mnode: NodeProcess, paho: Clients
 ) -> None:
     port = mqtt_port(mnode)
     a, b, pub = Paho(port, "a"), Paho(port, "b"), Paho(port, "pub")
@@ -384,29 +379,26 @@ def test_shared_subscription_gives_each_message_to_exactly_one(
 
 
 def test_persistent_session_keeps_subscriptions_and_queued_qos1(
-    mnode: NodeProcess, paho: list[Paho]
+    mnode: NodeProcess, paho: Clients
 ) -> None:
     port = mqtt_port(mnode)
     first = Paho(port, "keeper", clean=False)
     assert not first.session_present
     first.subscribe("p/#", qos=1)
     first.close()
-    pub = Paho(port, "pub")
-    paho.append(pub)
+    pub = paho.open(port, "pub")
     for i in range(5):
         pub.publish(f"p/{i}", str(i).encode(), qos=1)
     pub.publish("p/q0", b"lost", qos=0)  # QoS 0 for an absent client is dropped
     assert mqtt_status(mnode)["offline_sessions"] == 1
-    back = Paho(port, "keeper", clean=False)
-    paho.append(back)
+    back = paho.open(port, "keeper", clean=False)
     assert back.session_present
     assert [m.payload for m in back.take(5)] == [str(i).encode() for i in range(5)]
     assert back.quiet(0.3) == []
     # clean_session=1 throws the session away
     back.close()
     paho.remove(back)
-    fresh = Paho(port, "keeper", clean=True)
-    paho.append(fresh)
+    fresh = paho.open(port, "keeper", clean=True)
     assert not fresh.session_present
 
 
@@ -429,12 +421,10 @@ def test_unacknowledged_qos1_is_resent_with_dup_on_resume(mnode: NodeProcess) ->
 
 
 def test_garbage_client_is_closed_and_counted_others_unaffected(
-    mnode: NodeProcess, paho: list[Paho]
+    mnode: NodeProcess, paho: Clients
 ) -> None:
     port = mqtt_port(mnode)
-    good = Paho(port, "good")
-    paho.append(good)
-    good.subscribe("g/#", qos=1)
+    good = paho.open(port, "good", subscribe="g/#", qos=1)
     for garbage in (
         b"\x00\x00",
         b"GET / HTTP/1.1\r\n\r\n",
@@ -457,11 +447,9 @@ def test_garbage_client_is_closed_and_counted_others_unaffected(
     assert "protocol error" in mnode.log_text()
 
 
-def test_unmappable_topics_are_refused_and_counted(mnode: NodeProcess, paho: list[Paho]) -> None:
+def test_unmappable_topics_are_refused_and_counted(mnode: NodeProcess, paho: Clients) -> None:
     port = mqtt_port(mnode)
-    c = Paho(port, "c")
-    paho.append(c)
-    c.subscribe("ok/#", qos=1)
+    c = paho.open(port, "c", subscribe="ok/#", qos=1)
     c.publish("ok//empty-level", b"x", qos=1)  # acknowledged, but refused
     c.publish("$mesh/fake", b"x", qos=1)  # reserved for the node's own events
     c.publish("ok/fine", b"y", qos=1)
