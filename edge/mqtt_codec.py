@@ -179,7 +179,13 @@ Packet = (
     | PingResp
     | Disconnect
 )
-_ID_ONLY: Final = {4: PubAck, 5: PubRec, 6: PubRel, 7: PubComp, 11: UnsubAck}
+_ID_ONLY: Final[dict[int, type[PubAck | PubRec | PubRel | PubComp | UnsubAck]]] = {
+    4: PubAck,
+    5: PubRec,
+    6: PubRel,
+    7: PubComp,
+    11: UnsubAck,
+}
 _ACK_TYPES: Final = {cls: Type(kind) for kind, cls in _ID_ONLY.items()}
 
 

@@ -212,7 +212,8 @@ class MqttListener:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.connect(self.endpoint)
         sock.send(encode_control(Kind.HELLO, {"name": "mqtt listener"}))
-        loop.add_reader(sock.getsockopt(zmq.FD), self._on_node)
+        fd = int(sock.getsockopt(zmq.FD))
+        loop.add_reader(fd, self._on_node)
         tick = loop.create_task(self._ticker())
         log.info("MQTT listener on %s", self.bound)
         self._ready.set()
@@ -223,7 +224,7 @@ class MqttListener:
             server.close()
             for conn in list(self._conns):
                 conn.close(abort=True)
-            loop.remove_reader(sock.getsockopt(zmq.FD))
+            loop.remove_reader(fd)
             sock.close(linger=0)
             self.bound = ""
 
@@ -483,7 +484,7 @@ class MqttListener:
         except zmq.Again:
             self.counters["dropped_node_busy"] += 1
         # The FD is edge-triggered: a send may consume the edge of frames that arrived.
-        if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN and self._loop is not None:
+        if _readable(sock) and self._loop is not None:
             self._loop.call_soon(self._on_node)
 
     def _on_node(self) -> None:
@@ -492,7 +493,7 @@ class MqttListener:
             return
         touched: set[MqttConnection] = set()
         for _ in range(256):
-            if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if not _readable(sock):
                 break
             frame = sock.recv()
             if frame[:2] == b"\x01\x21":
@@ -579,6 +580,11 @@ class MqttListener:
                 self._to_mqtt.clear()
             self._to_mqtt[tb] = topic
         return topic
+
+
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    """Frames wait on ``sock`` (its FD only signals edges, so this is what to ask)."""
+    return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 def _will_publish(will: Will) -> Publish:

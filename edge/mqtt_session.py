@@ -111,7 +111,7 @@ class SessionTable:
         return len(self._offline)
 
     def attach(
-        self, client_id: str, clean: bool, **limits: int
+        self, client_id: str, clean: bool, *, max_inflight: int = 100, max_queued: int = 1000
     ) -> tuple[Session, bool, list[Session]]:
         """The session for a new connection: (session, session_present, sessions to
         forget). A clean connect always starts afresh and ends an old session."""
@@ -125,7 +125,7 @@ class SessionTable:
             old.clean = False
             self.by_id[client_id] = old
             return old, True, ended
-        session = Session(client_id, clean, **limits)
+        session = Session(client_id, clean, max_inflight=max_inflight, max_queued=max_queued)
         self.by_id[client_id] = session
         return session, False, ended
 
