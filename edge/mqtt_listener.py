@@ -222,10 +222,11 @@ class MqttListener:
         finally:
             tick.cancel()
             server.close()
+            loop.remove_reader(fd)
+            self._sock = None  # the node is stopping: no wills, nothing more to send
+            sock.close(linger=0)
             for conn in list(self._conns):
                 conn.close(abort=True)
-            loop.remove_reader(fd)
-            sock.close(linger=0)
             self.bound = ""
 
     async def _ticker(self) -> None:

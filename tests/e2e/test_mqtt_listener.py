@@ -477,3 +477,17 @@ def test_up_with_busy_mqtt_port_fails_cleanly(tmp_path: Any) -> None:
         )  # fmt: skip
     assert r.returncode == 1, r.describe()
     assert f"cannot listen for MQTT on 127.0.0.1:{port}" in r.stderr
+
+
+def test_node_stops_cleanly_with_mqtt_clients_connected(mnode: NodeProcess) -> None:
+    port = mqtt_port(mnode)
+    c = Raw(port)
+    c.connect("stay", will=Will("wills/stay", b"x"))
+    c.send(Subscribe(1, (("x/#", 1),)))
+    c.expect(SubAck)
+    started = time.monotonic()
+    assert mnode.stop() == 0
+    assert time.monotonic() - started < 3
+    assert c.sock.recv(10) == b""
+    c.close()
+    assert "Traceback" not in mnode.log_text()
