@@ -349,7 +349,7 @@ def test_keepalive_timeout_closes_and_publishes_the_will(mnode: NodeProcess, pah
     silent.connect("silent", keepalive=1, will=Will("wills/silent", b"timeout"))
     (m,) = watcher.take(1, timeout=5)
     assert m.payload == b"timeout"
-    assert 1.4 <= time.monotonic() - started < 3.5  # 1.5 x keepalive, checked every 0.25 s
+    assert 1.4 <= time.monotonic() - started < 5  # 1.5 x keepalive, checked every 0.25 s
     assert silent.sock.recv(10) == b""  # the listener closed it
     silent.close()
     assert mqtt_status(mnode)["keepalive_timeouts"] == 1
@@ -365,8 +365,9 @@ def test_shared_subscription_gives_each_message_to_exactly_one(
     b.subscribe("$share/workers/jobs/#", qos=1)
     for i in range(20):
         pub.publish(f"jobs/{i}", str(i).encode(), qos=1)
-    got_a = a.quiet(0.7)
-    got_b = b.quiet(0.1)
+    wait_for(lambda: a.got.qsize() + b.got.qsize() >= 20, timeout=10, what="20 deliveries")
+    got_a = a.quiet(0.3)  # and no more than 20
+    got_b = b.quiet(0.0)
     ids_a = {m.payload for m in got_a}
     ids_b = {m.payload for m in got_b}
     assert ids_a | ids_b == {str(i).encode() for i in range(20)}
