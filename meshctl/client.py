@@ -58,6 +58,7 @@ _TOPIC_CACHE_MAX: Final = 4096
 PERSIST_WINDOW: Final = 20_000  # unacknowledged persistent events before publish waits
 RETRY_AFTER: Final = 2.0  # seconds without any acknowledgement before unacked are resent
 ACK_BATCH: Final = 256
+ACKS_REMEMBERED: Final = 100_000  # per subscription, for confirm_acks to send again
 
 Handler = Callable[[Event], None]
 
@@ -135,14 +136,24 @@ class Client:
     """One connection to a node. Not thread-safe: use it from one thread, as a socket."""
 
     def __init__(
-        self, server: str | None = None, *, name: str = "", timeout: float = DEFAULT_TIMEOUT
+        self,
+        server: str | None = None,
+        *,
+        name: str = "",
+        timeout: float = DEFAULT_TIMEOUT,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        identity: bytes | None = None,
     ) -> None:
-        self.server = resolve_server(server)
+        self.server = (
+            server if server and server.startswith("inproc://") else resolve_server(server)
+        )
         self.name = name
         self.timeout = timeout
         self.node: dict[str, Any] = {}
         self.max_payload = 1 << 62
-        self._ctx = zmq.Context.instance()
+        # An in-process actor (edge/) passes its node's context to reach it over inproc://.
+        self._ctx = context or zmq.Context.instance()
+        self._identity = identity
         self._sock: zmq.Socket[bytes] | None = None
         self._origin = os.urandom(8)
         self._seq = 0
@@ -166,14 +177,17 @@ class Client:
         self._unacked: dict[bytes, bytes] = {}  # persistent event id -> record, in order
         self._persist_errors: list[RemoteError] = []
         self._last_pack = time.monotonic()
-        self._acks: dict[int, list[str]] = {}
+        self._acks: dict[int, list[str]] = {}  # given, not yet sent
         self._acks_n = 0
+        self._acks_sent: dict[int, list[str]] = {}  # sent, not yet confirmed
 
     # ---- connection --------------------------------------------------------------------
 
     def open(self) -> None:
         """Connect and greet the node; raises Unreachable if it does not answer in time."""
         sock = self._ctx.socket(zmq.DEALER)
+        if self._identity is not None:
+            sock.setsockopt(zmq.IDENTITY, self._identity)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RCVHWM, 0)  # the node bounds what it queues for us
         # A node that stops reading must not hang us: sends give up after the timeout.
@@ -287,6 +301,25 @@ class Client:
             self._send_buffer()
             self._send(HEAD_PUB + rec + tb + hb + data)  # type: ignore[operator]
         return event_id.hex()
+
+    def forward(self, record: bytes, *, persistent: bool) -> None:
+        """Publish an existing event record unchanged: same id, time, headers (edge/ uses
+        this to carry events between nodes; the receiving node drops ids it has stored).
+        ``persistent`` marks it so, and ``confirm()`` then covers it."""
+        if persistent:
+            record = record[:8] + bytes((record[8] | F_PERSISTENT,)) + record[9:]
+            event_id = record[RECORD.size - 16 : RECORD.size]
+            if not self._unacked:
+                self._last_pack = time.monotonic()
+            self._unacked[event_id] = record
+        if self._batching:
+            self._buffer.append(record)
+            self._buffered += len(record)
+            if self._buffered >= BATCH_BYTES:
+                self._send_buffer()
+        else:
+            self._send_buffer()
+            self._send(HEAD_PUB + record)
 
     @contextmanager
     def batch(self) -> Iterator[Client]:
@@ -469,9 +502,33 @@ class Client:
             self._send_acks()
 
     def _send_acks(self) -> None:
+        """Send acks fire-and-forget, and remember them until ``confirm_acks``."""
         acks, self._acks, self._acks_n = self._acks, {}, 0
         for sid, ids in acks.items():
             self._send(encode_control(Kind.ACK, {"sid": sid, "ids": ids}))
+            sent = self._acks_sent.setdefault(sid, [])
+            sent.extend(ids)
+            del sent[:-ACKS_REMEMBERED]
+
+    def confirm_acks(self, timeout: float | None = None) -> int:
+        """Wait until the node has committed every ack given since the last confirmation;
+        returns how many. After this returns, those events will not come back.
+
+        Plain acks are fire-and-forget, and one lost with a crashed node would mean a
+        redelivery; so this sends them all again, now waiting for the node's answer (an
+        ack of an event already removed does nothing).
+        """
+        self._send_acks()
+        sent, self._acks_sent = self._acks_sent, {}
+        try:
+            for sid, ids in sent.items():
+                for i in range(0, len(ids), 1000):  # well under the control frame limit
+                    self._call(Kind.ACK, {"sid": sid, "ids": ids[i : i + 1000]}, timeout)
+        except BaseException:
+            for sid, ids in sent.items():  # not confirmed: keep them for the next try
+                self._acks_sent[sid] = ids + self._acks_sent.get(sid, [])
+            raise
+        return sum(len(ids) for ids in sent.values())
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Remove a subscription at the node."""
@@ -647,12 +704,14 @@ class Client:
                 break
             except zmq.Again:
                 now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    return False
+                # Before the deadline check: a caller polling with short timeouts must
+                # still find out that the node restarted and forgot us.
                 if now - self._last_rx >= KEEPALIVE and self.node:
                     self._last_rx = now
                     with contextlib.suppress(zmq.Again):  # a full queue: next slice
                         sock.send(_KEEPALIVE_PING, zmq.NOBLOCK)
+                if deadline is not None and now >= deadline:
+                    return False
         self._last_rx = time.monotonic()
         self._dispatch(frame)
         events = sock.getsockopt

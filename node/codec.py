@@ -77,6 +77,10 @@ RECORD_SIZE: Final = RECORD.size
 SID: Final = struct.Struct("<I")
 MAX_HEADERS_BYTES: Final = 0xFFFF
 MAX_CONTROL_BYTES: Final = 64 * 1024
+# Control bodies nest a few levels (STATES: states, a state, interest, one entry). A peer's
+# deeper body could parse and then break whatever echoes or prints part of it (a BEAT_ACK,
+# a ref in an OK, a str() in a log line) with RecursionError, far from this boundary.
+MAX_CONTROL_DEPTH: Final = 32
 
 HEAD_PUB: Final = bytes((VERSION, Kind.PUB))
 HEAD_DELIVER: Final = bytes((VERSION, Kind.DELIVER))
@@ -117,7 +121,23 @@ def decode_control(frame: bytes) -> tuple[Kind, dict[str, Any]]:
         raise CodecError("control frame body nests too deeply") from None
     if not isinstance(body, dict):
         raise CodecError("control frame body is not a JSON object")
+    # Counting brackets (in C) bounds the depth, so most frames skip the walk.
+    if frame.count(b"[") + frame.count(b"{") > MAX_CONTROL_DEPTH and _nests_deeper(body):
+        raise CodecError(f"control frame body nests deeper than {MAX_CONTROL_DEPTH} levels")
     return kind, body
+
+
+def _nests_deeper(body: object, limit: int = MAX_CONTROL_DEPTH) -> bool:
+    """True if ``body`` has containers nested more than ``limit`` deep; iterative, so it
+    cannot itself hit the recursion limit."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in items if isinstance(v, dict | list))
+    return False
 
 
 def encode_headers(headers: Mapping[str, str]) -> bytes:

@@ -93,6 +93,11 @@ class NodeConfig:
     log_patterns: tuple[str, ...] = ()
     log_max_bytes: int = 256 * 1024 * 1024
     log_max_age: float = 7 * 24 * 3600.0
+    uplink_url: str = ""
+    uplink_export: tuple[str, ...] = ()
+    uplink_import: tuple[str, ...] = ()
+    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_overflow: str = "drop-oldest"
     bridges: tuple[BridgeConfig, ...] = ()  # [[bridge]] tables, see bridge_config.py
 
 
@@ -217,6 +222,20 @@ def _patterns(v: object) -> tuple[str, ...]:
         except InputError as e:
             raise ValueError(str(e)) from None
     return tuple(v)
+
+
+def _uplink_url(v: object) -> str:
+    url = _str(v)
+    if url:
+        _links([url])
+    return url
+
+
+def _overflow(v: object) -> str:
+    s = _str(v)
+    if s not in ("drop-oldest", "refuse"):
+        raise ValueError(f"{s!r} is not drop-oldest or refuse")
+    return s
 
 
 def _log_bytes(v: object) -> int:
@@ -404,6 +423,42 @@ FIELDS: Final = (
         "log_max_age",
         _duration(1, 10 * 365 * 86400),
         'Log age bound ("168h").',
+    ),
+    Field(
+        "uplink",
+        "url",
+        "uplink_url",
+        _uplink_url,
+        "The cloud node this edge node forwards to, as tcp://host:port; empty: no uplink.",
+    ),
+    Field(
+        "uplink",
+        "export",
+        "uplink_export",
+        _patterns,
+        "Patterns of events that must reach the cloud; spooled to disk while it is away.",
+    ),
+    Field(
+        "uplink",
+        "import",
+        "uplink_import",
+        _patterns,
+        "Patterns of events from the cloud for this node (persistent ones wait for it there).",
+    ),
+    Field(
+        "uplink",
+        "spool_max_bytes",
+        "spool_max_bytes",
+        _log_bytes,
+        'Bytes of unsent events kept while the cloud is away ("256MiB").',
+    ),
+    Field(
+        "uplink",
+        "overflow",
+        "spool_overflow",
+        _overflow,
+        "When the spool is full: drop-oldest (count what is lost) or refuse (persistent "
+        "publishers get an error; direct events are dropped and counted).",
     ),
 )
 _BY_PATH: Final = {(f.section, f.key): f for f in FIELDS}

@@ -123,3 +123,8 @@ def next_epoch(data_dir: Path, wall_ns: int) -> int:
     tmp.write_text(f"{epoch}\n")
     tmp.replace(path)
     return epoch
+
+
+def uplink_cursor_path(data_dir: Path) -> Path:
+    """Where the uplink records the last log sequence the cloud acknowledged."""
+    return data_dir / "uplink.cursor"

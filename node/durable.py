@@ -9,9 +9,10 @@ lost by a crash, and nothing is sent that a failed commit would have to take bac
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 from node.codec import F_PERSISTENT, F_RETAIN, RECORD_SIZE, Kind, with_headers
@@ -22,6 +23,11 @@ from node.topics import SubscriptionTrie
 DEDUPE_WINDOW: Final = 120.0  # seconds, as NATS JetStream's Nats-Msg-Id window
 REPLAY_BATCH: Final = 2048  # log entries read per replaying subscription per pass
 TRIM_EVERY: Final = 5.0
+SPOOL_CHECK: Final = 0.5
+SPOOL_FULL: Final = (
+    "the uplink spool is full (the cloud has been away too long); "
+    "events for the cloud are refused until it drains"
+)
 _ID: Final = slice(RECORD_SIZE - 16, RECORD_SIZE)
 _TIME: Final = slice(RECORD_SIZE - 24, RECORD_SIZE - 16)
 
@@ -34,6 +40,45 @@ class DurableConfig:
     log_max_bytes: int = 256 * 1024 * 1024
     log_max_age: float = 7 * 24 * 3600.0
     dedupe_window: float = DEDUPE_WINDOW
+    spool_patterns: tuple[str, ...] = ()  # an uplink's export patterns: the log keeps them
+    spool_cursor: Path | None = None  # the file where the uplink records what it sent
+    spool_max_bytes: int = 256 * 1024 * 1024
+    spool_overflow: str = "drop-oldest"
+
+
+class Spool:
+    """The unsent part of the log, as the uplink's cursor file says, and its bound.
+
+    The uplink (edge/uplink.py) reads the log and records in its cursor file how far the
+    cloud has acknowledged; the node only reads that file. So the spool costs nothing
+    extra: it is the log, with trimming held back for what has not been sent.
+    """
+
+    def __init__(self, config: DurableConfig) -> None:
+        assert config.spool_cursor is not None
+        self.path = config.spool_cursor
+        self.max_bytes = config.spool_max_bytes
+        self.refuse = config.spool_overflow == "refuse"
+        self.trie: SubscriptionTrie[bool] = SubscriptionTrie()
+        for p in config.spool_patterns:
+            self.trie.add(p, True)
+        self.full = False
+        self.dropped = 0
+        self.refused = 0
+
+    def cursor(self) -> int:
+        try:
+            return int(self.path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def check(self, store: Store) -> None:
+        """Enforce the bound: drop the oldest unsent, or refuse new ones until it drains."""
+        cursor = self.cursor()
+        if self.refuse:
+            self.full = store.spool_stats(cursor)[1] > self.max_bytes
+        else:
+            self.dropped += store.spool_drop_oldest(cursor, self.max_bytes)
 
 
 @dataclass
@@ -70,6 +115,7 @@ class _Pass:
     acked: list[tuple[Queue, int]] = field(default_factory=list)
     retained: dict[str, bytes | None] = field(default_factory=dict)
     answers: list[tuple[bytes, Kind, dict[str, Any]]] = field(default_factory=list)
+    refused: dict[bytes, list[str]] = field(default_factory=dict)
 
 
 class Durable:
@@ -81,8 +127,10 @@ class Durable:
         self.wall_ns = wall_ns
         self.queues = Queues(store)
         self.log_trie: SubscriptionTrie[bool] = SubscriptionTrie()
-        for p in config.log_patterns:
+        for p in (*config.log_patterns, *config.spool_patterns):
             self.log_trie.add(p, True)
+        self.spool = Spool(config) if config.spool_cursor is not None else None
+        self._next_spool_check = 0.0
         self.retained: dict[str, bytes] = dict(store.retained_all())
         since = wall_ns() - int(config.dedupe_window * 1e9)
         self.seen: OrderedDict[bytes, int] = OrderedDict(
@@ -107,6 +155,9 @@ class Durable:
         """A persistent event from a local publisher; False if it is a duplicate (already
         stored: it is acknowledged again but not routed again)."""
         raw = record[_ID]
+        if self._spool_refuses(topic):
+            self.p.refused.setdefault(ident, []).append(raw.hex())
+            return False
         ack = self.p.acks.setdefault(ident, [])
         ack.append(raw.hex())
         if raw in self.seen:
@@ -122,7 +173,7 @@ class Durable:
         """Log, capture and retain one event as its flags and route say."""
         flags = record[8]
         t_ns = int.from_bytes(record[_TIME], "little")
-        if route.log or (local and flags & F_PERSISTENT):
+        if (route.log or (local and flags & F_PERSISTENT)) and not self._spool_refuses(topic):
             self.p.log.append((record[_ID], topic, t_ns, record))
         if flags & F_PERSISTENT and route.queues:
             self.queues.capture(route.queues, record[_ID], record, t_ns)
@@ -131,15 +182,27 @@ class Durable:
             empty = int.from_bytes(record[0:4], "little") == 0
             self.p.retained[topic] = None if empty else record
 
+    def _spool_refuses(self, topic: str) -> bool:
+        """With overflow = refuse and the spool full, events for the cloud are refused."""
+        spool = self.spool
+        if spool is None or not spool.full or not spool.trie.match(topic):
+            return False
+        spool.refused += 1
+        return True
+
     def ack(self, ident: bytes, sid: int, ids: list[bytes]) -> str | None:
         """A consumer acknowledged deliveries; an error text if ``sid`` is no consumer."""
         bound = self.consumers.get((ident, sid))
         if bound is None:
             return f"subscription {sid} is not bound to a queue"
         q, consumer = bound
-        before = {raw: consumer.inflight.get(raw) for raw in ids}
-        self.queues.ack(q, consumer, ids)
-        self.p.acked.extend((q, s) for s in before.values() if s is not None)
+        try:
+            done = self.queues.ack(q, consumer, ids)
+        except StoreError as e:
+            self.errors += 1
+            self.last_error = str(e)
+            return None  # not deleted: the events come back after the ack wait
+        self.p.acked.extend((q, s) for s in done)
         return None
 
     def answer_after_commit(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
@@ -164,13 +227,16 @@ class Durable:
                 self.store.dedupe_add(p.dedupe, self.wall_ns())
             for topic, rec in p.retained.items():
                 self.store.retain(topic, rec)
+            staged = Counter(q.name for queues in p.captured for q in queues)
             for q in self.queues.by_name.values():
-                if q.consumers and (q.redeliver or q.depth > len(q.inflight)):
+                waiting = q.depth + staged[q.name] - len(q.inflight)
+                if q.consumers and (q.redeliver or waiting > 0):
                     got = self.queues.take(q, now)
                     if got:
                         taken.append((q, got))
             self.store.commit()
         except StoreError as e:
+            self.store.rollback()
             self._failed(p, taken, str(e), out)
             return
         self.persisted += len(p.dedupe)
@@ -188,6 +254,8 @@ class Durable:
             out.route(held.ident, held.record, held.route)
         for ident, ids in p.acks.items():
             out.persisted(ident, ids)
+        for ident, ids in p.refused.items():
+            out.refused(ident, ids, SPOOL_FULL)
         for _q, got in taken:
             for consumer, rec, _seq in got:
                 out.deliver(consumer.ident, consumer.prefix, rec)
@@ -213,6 +281,8 @@ class Durable:
             q.redeliver.append(seq)
         for ident, ids in p.acks.items():
             out.refused(ident, ids, error)
+        for ident, ids in p.refused.items():
+            out.refused(ident, ids, SPOOL_FULL)
         for ident, _kind, body in p.answers:
             out.answer(ident, Kind.ERR, {"ref": body.get("ref"), "error": error, "code": "store"})
 
@@ -225,13 +295,19 @@ class Durable:
             for q in list(self.queues.by_name.values()):
                 if q.inflight:
                     self.queues.expire(q, now, now_ns)
+            if self.spool is not None and now >= self._next_spool_check:
+                self._next_spool_check = now + SPOOL_CHECK
+                self.spool.check(self.store)
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_EVERY
                 cutoff = now_ns - int(self.config.dedupe_window * 1e9)
                 self.store.dedupe_prune(cutoff)
                 self._prune_seen()
                 self.store.log_trim(
-                    self.config.log_max_bytes, int(self.config.log_max_age * 1e9), now_ns
+                    self.config.log_max_bytes,
+                    int(self.config.log_max_age * 1e9),
+                    now_ns,
+                    keep_after=None if self.spool is None else self.spool.cursor(),
                 )
         except StoreError as e:
             self.errors += 1
@@ -260,7 +336,11 @@ class Durable:
     def unbind(self, ident: bytes, sid: int) -> bool:
         bound = self.consumers.pop((ident, sid), None)
         if bound is not None:
-            self.queues.unbind(*bound)
+            try:
+                self.queues.unbind(*bound, self.wall_ns())
+            except StoreError as e:  # a dead-letter move failed: counted; retried never
+                self.errors += 1
+                self.last_error = str(e)
         self.replays = [r for r in self.replays if (r.ident, r.sid) != (ident, sid)]
         return bound is not None
 
@@ -331,6 +411,14 @@ class Durable:
             "log": {"entries": n, "bytes": size, "first_seq": first, "head_seq": first + n - 1},
             "retained": len(self.retained),
             "queues": len(self.queues.by_name),
+            "spool": None
+            if self.spool is None
+            else {
+                "full": self.spool.full,
+                "dropped": self.spool.dropped,
+                "refused": self.spool.refused,
+                "max_bytes": self.spool.max_bytes,
+            },
         }
 
     def close(self) -> None:

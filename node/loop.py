@@ -127,11 +127,16 @@ class Node:
         s.bind(self.inproc)
 
     def _status_extra(self, now: float) -> dict[str, Any]:
-        plugins = [p.status() for p in self.plugins]
         # A plugin whose status names a "section" gets a key of its own (the MQTT
-        # listener: "mqtt"); the others are bridges.
-        sections = {s.pop("section"): s for s in plugins if "section" in s}
-        bridges = [s for s in plugins if s not in sections.values()]
+        # listener: "mqtt"); the others are listed as bridges.
+        bridges: list[dict[str, Any]] = []
+        sections: dict[str, dict[str, Any]] = {}
+        for status in (p.status() for p in self.plugins):
+            key = status.pop("section", None)
+            if key is None:
+                bridges.append(status)
+            else:
+                sections[key] = status
         return {
             **sections,
             "version": __version__,
@@ -495,6 +500,10 @@ def _open_durable(config: NodeConfig, data_dir: Path) -> Durable | None:
             log_patterns=config.log_patterns,
             log_max_bytes=config.log_max_bytes,
             log_max_age=config.log_max_age,
+            spool_patterns=config.uplink_export if config.uplink_url else (),
+            spool_cursor=datadir.uplink_cursor_path(data_dir) if config.uplink_url else None,
+            spool_max_bytes=config.spool_max_bytes,
+            spool_overflow=config.spool_overflow,
         ),
         time.time_ns,
     )

@@ -285,6 +285,10 @@ class Mesh:
             name = state.name if state else node_id
             self.log(f"node unreachable: {name} ({node_id})")
             self.emit("$mesh/node/down", {"peer": node_id, "peer_name": name}, now)
+        # Nodes announced but never reachable are forgotten too, or a peer could grow the
+        # table with every id it makes up.
+        for node_id in self.table.states.keys() - reachable - self._unreachable_since.keys():
+            self._unreachable_since[node_id] = now
         self._up = reachable
 
     # ---- control traffic on links ------------------------------------------------------------

@@ -228,26 +228,56 @@ class Queues:
     def bind(self, q: Queue, consumer: Consumer) -> None:
         q.consumers.append(consumer)
 
-    def unbind(self, q: Queue, consumer: Consumer) -> None:
-        """A consumer left: what it held is delivered again, to someone else."""
+    def unbind(self, q: Queue, consumer: Consumer, now_ns: int) -> None:
+        """A consumer left: what it held is delivered again, to someone else (or, if that
+        was its last attempt, moves to the dead letters)."""
         if consumer in q.consumers:
             q.consumers.remove(consumer)
         for seq in consumer.inflight.values():
-            if q.inflight.pop(seq, None) is not None:
+            f = q.inflight.pop(seq, None)
+            if f is None:
+                continue
+            if f.deliveries >= q.max_deliver:
+                self._dead_letter(q, seq, f.deliveries, now_ns)
+            else:
                 heapq.heappush(q.redeliver, seq)
         consumer.inflight.clear()
 
-    def ack(self, q: Queue, consumer: Consumer, ids: list[bytes]) -> int:
-        """Remove acknowledged messages; ids not held by this consumer are ignored."""
-        done = []
+    def ack(self, q: Queue, consumer: Consumer, ids: list[bytes]) -> list[int]:
+        """Remove acknowledged messages; returns their seqs.
+
+        An id this consumer does not hold (delivered to it before a node restart, or
+        since handed to another consumer) is still removed if it is in the queue: the
+        consumer has processed that event, and delivering it again would only make a
+        duplicate.
+        """
+        done: list[int] = []
+        stray: list[bytes] = []
         for raw in ids:
             seq = consumer.inflight.pop(raw, None)
             if seq is not None and q.inflight.pop(seq, None) is not None:
-                done.append((q.name, seq))
+                done.append(seq)
+            else:
+                stray.append(raw)
         if done:
-            self.store.guard_many("DELETE FROM qmsgs WHERE queue = ? AND seq = ?", done)
+            self.store.guard_many(
+                "DELETE FROM qmsgs WHERE queue = ? AND seq = ?", ((q.name, s) for s in done)
+            )
             q.depth -= len(done)
-        return len(done)
+        for i in range(0, len(stray), 500):
+            chunk = stray[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self.store.guard(
+                f"DELETE FROM qmsgs WHERE queue = ? AND id IN ({marks}) RETURNING seq",  # noqa: S608 - only placeholders
+                (q.name, *chunk),
+            ).fetchall()
+            for (seq,) in rows:
+                q.depth -= 1
+                done.append(seq)
+                f = q.inflight.pop(seq, None)
+                if f is not None:
+                    f.consumer.inflight = {k: v for k, v in f.consumer.inflight.items() if v != seq}
+        return done
 
     def expire(self, q: Queue, now: float, now_ns: int) -> None:
         """Deliveries past their ack wait go back to the queue, or to its dead letters."""

@@ -468,8 +468,11 @@ class Router:
         except ValueError:
             raise CodecError("ACK ids must be hex event ids") from None
         err = self.durable.ack(client.ident, sid, raw)
+        ref = body.get("ref")
         if err is not None:
-            self._error(client.ident, None, err, "input")
+            self._error(client.ident, ref, err, "input")
+        elif ref is not None:  # a synchronous ack: answered once the deletion is on disk
+            self.durable.answer_after_commit(client.ident, Kind.OK, {"ref": ref})
 
     def queue_interest(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         """A queue's patterns changed: the mesh must route its events here (or stop)."""
@@ -996,9 +999,11 @@ class _DurableOut:
 
 
 def _valid_group(group: object) -> bool:
-    """1-64 UTF-8 bytes (the mesh's routing headers carry them) without separators."""
+    """1-64 UTF-8 bytes (the mesh's routing headers carry them) without separators, and
+    no lone surrogates (JSON carries them; UTF-8 cannot, so other nodes refuse them)."""
     return (
         isinstance(group, str)
         and 0 < len(group.encode("utf-8", "replace")) <= MAX_GROUP_NAME
         and not any(ch in group for ch in " \t\r\n/*>")
+        and not any("\ud800" <= ch <= "\udfff" for ch in group)
     )

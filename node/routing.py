@@ -74,9 +74,17 @@ class NodeState:
 
 
 def _group(value: object) -> str:
-    """A queue group name as routing headers can carry it (at most 64 UTF-8 bytes)."""
+    """A queue group name as routing headers can carry it (at most 64 UTF-8 bytes).
+
+    Strict UTF-8: JSON can carry a lone surrogate, which would pass here and then fail to
+    encode into the routing header of every event forwarded to that group.
+    """
     text = str(value)
-    if not 0 < len(text.encode("utf-8", "replace")) <= MAX_GROUP_BYTES:
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"queue group {text[:80]!r} is not UTF-8") from None
+    if not 0 < size <= MAX_GROUP_BYTES:
         raise ValueError(f"queue group {text[:80]!r} is not 1-{MAX_GROUP_BYTES} bytes")
     return text
 

@@ -60,6 +60,7 @@ class Store:
         self.path = path
         self.sync = sync
         self._in_tx = False
+        self._failed = ""  # a write of this pass failed: the pass is rolled back as a whole
         self.commits = 0
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -69,8 +70,9 @@ class Store:
             self.db.executescript(_SCHEMA)
             self._version()
         except sqlite3.DatabaseError as e:
+            why = " ".join(str(e).split())  # one line: sqlite's reports span several
             raise StoreError(
-                f"store {path} is unreadable ({e}); move it aside to start with an empty "
+                f"store {path} is unreadable ({why}); move it aside to start with an empty "
                 "store, or restore it from a backup"
             ) from None
 
@@ -93,24 +95,27 @@ class Store:
     # ---- transactions ----------------------------------------------------------------
 
     def _write(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Cursor:
+        if self._failed:
+            raise sqlite3.OperationalError(self._failed)
         if not self._in_tx:
             self.db.execute("BEGIN")
             self._in_tx = True
         return self.db.execute(sql, tuple(args))
 
     def _write_many(self, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
+        if self._failed:
+            raise sqlite3.OperationalError(self._failed)
         if not self._in_tx:
             self.db.execute("BEGIN")
             self._in_tx = True
         self.db.executemany(sql, rows)
 
-    @property
-    def dirty(self) -> bool:
-        """True while writes wait for ``commit``."""
-        return self._in_tx
-
     def commit(self) -> None:
-        """Make this pass's writes durable; StoreError (after a rollback) if that fails."""
+        """Make this pass's writes durable; StoreError (after a rollback) if that fails or
+        if any write of the pass failed (then nothing of the pass is kept)."""
+        if self._failed:
+            why, self._failed = self._failed, ""
+            raise StoreError(_explain(sqlite3.OperationalError(why)))
         if not self._in_tx:
             return
         try:
@@ -123,27 +128,33 @@ class Store:
             self._in_tx = False
 
     def rollback(self) -> None:
-        """Forget this pass's writes (after a failed write)."""
+        """Forget this pass's writes; the next pass starts clean."""
         if self.db.in_transaction:
             with contextlib.suppress(sqlite3.Error):
                 self.db.execute("ROLLBACK")
         self._in_tx = False
+        self._failed = ""
 
     def guard(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Cursor:
-        """One write inside the pass's transaction; StoreError (after rollback) on failure."""
+        """One write inside the pass's transaction; StoreError on failure, after which
+        the whole pass is rolled back and ``commit`` fails too."""
         try:
             return self._write(sql, args)
         except sqlite3.Error as e:
-            self.rollback()
+            self._fail(e)
             raise StoreError(_explain(e)) from None
 
     def guard_many(self, sql: str, rows: Iterable[tuple[object, ...]]) -> None:
-        """Many writes inside the pass's transaction; StoreError (after rollback)."""
+        """Many writes inside the pass's transaction; StoreError as ``guard``."""
         try:
             self._write_many(sql, rows)
         except sqlite3.Error as e:
-            self.rollback()
+            self._fail(e)
             raise StoreError(_explain(e)) from None
+
+    def _fail(self, e: sqlite3.Error) -> None:
+        self.rollback()
+        self._failed = self._failed or str(e)
 
     def read(self, sql: str, args: Iterable[object] = ()) -> list[tuple]:  # type: ignore[type-arg]
         """Rows of a query (sees this pass's uncommitted writes: one connection)."""
@@ -196,15 +207,49 @@ class Store:
         )[0]
         return int(n), int(size), int(first or 0), int(t or 0)
 
-    def log_trim(self, max_bytes: int, max_age_ns: int, now_ns: int) -> int:
-        """Drop the oldest entries beyond the size or age bound; returns how many went."""
-        gone = self.guard("DELETE FROM log WHERE time_ns < ?", (now_ns - max_age_ns,)).rowcount
+    def log_trim(
+        self, max_bytes: int, max_age_ns: int, now_ns: int, keep_after: int | None = None
+    ) -> int:
+        """Drop the oldest entries beyond the size or age bound; returns how many went.
+
+        ``keep_after``: entries after this sequence are not the log's to trim (an uplink
+        has not sent them yet; the spool bound governs them)."""
+        upto = (1 << 62) if keep_after is None else keep_after
+        gone = self.guard(
+            "DELETE FROM log WHERE time_ns < ? AND seq <= ?", (now_ns - max_age_ns, upto)
+        ).rowcount
         n, size, first, _t = self.log_stats()
         if size > max_bytes and n:
             # Cut roughly the share over the bound, oldest first; the next trim refines.
             over = max(1, int(n * (size - max_bytes) / size))
-            gone += self.guard("DELETE FROM log WHERE seq < ?", (first + over,)).rowcount
+            cut = min(first + over, upto + 1)
+            gone += self.guard("DELETE FROM log WHERE seq < ?", (cut,)).rowcount
         return gone
+
+    def spool_stats(self, cursor: int) -> tuple[int, int, int]:
+        """(entries, bytes, oldest time_ns) of the log after ``cursor``: what an uplink has
+        not sent yet."""
+        n, size, oldest = self.read(
+            "SELECT count(*), coalesce(sum(length(record)), 0), min(time_ns) FROM log "
+            "WHERE seq > ?",
+            (cursor,),
+        )[0]
+        return int(n), int(size), int(oldest or 0)
+
+    def spool_drop_oldest(self, cursor: int, max_bytes: int) -> int:
+        """Delete the oldest unsent entries until the rest fit in ``max_bytes``."""
+        n, size, _oldest = self.spool_stats(cursor)
+        if size <= max_bytes or not n:
+            return 0
+        over = max(1, int(n * (size - max_bytes) / size) + 1)
+        rows = self.read(
+            "SELECT seq FROM log WHERE seq > ? ORDER BY seq LIMIT 1 OFFSET ?", (cursor, over - 1)
+        )
+        if not rows:
+            return 0
+        return self.guard(
+            "DELETE FROM log WHERE seq > ? AND seq <= ?", (cursor, rows[0][0])
+        ).rowcount
 
     # ---- dedupe ------------------------------------------------------------------------
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,9 +46,15 @@ def make_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NodeFa
     started: list[NodeProcess] = []
 
     def make(
-        *, config_text: str | None = None, name: str = "e2e", data_dir: Path | None = None
+        *,
+        config_text: str | None = None,
+        name: str = "e2e",
+        data_dir: Path | None = None,
+        extra_args: Iterable[str] = (),
     ) -> NodeProcess:
-        proc = start_node(tmp_path, config_text=config_text, name=name, data_dir=data_dir)
+        proc = start_node(
+            tmp_path, config_text=config_text, name=name, data_dir=data_dir, extra_args=extra_args
+        )
         started.append(proc)
         return proc
 
@@ -79,6 +87,16 @@ def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProces
     finally:
         proc.stop()
     assert "Traceback" not in proc.log_text(), proc.log_text()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short directory (ipc socket paths are limited to ~100 characters), removed after."""
+    path = Path(tempfile.mkdtemp(prefix="mesh-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -599,9 +599,12 @@ def start_node(
     config_text: str | None = None,
     name: str = "e2e",
     data_dir: Path | None = None,
+    extra_args: Iterable[str] = (),
 ) -> NodeProcess:
     """Start a node and wait until it answers; stop it again if it never does."""
-    proc = NodeProcess.start(tmp_path, config_text=config_text, name=name, data_dir=data_dir)
+    proc = NodeProcess.start(
+        tmp_path, config_text=config_text, name=name, data_dir=data_dir, extra_args=extra_args
+    )
     try:
         return proc.wait_ready(timeout=10)
     except BaseException:
@@ -613,5 +616,10 @@ class NodeFactory(Protocol):
     """The ``make_node`` fixture: start one more node for the current test."""
 
     def __call__(
-        self, *, config_text: str | None = ..., name: str = ..., data_dir: Path | None = ...
+        self,
+        *,
+        config_text: str | None = ...,
+        name: str = ...,
+        data_dir: Path | None = ...,
+        extra_args: Iterable[str] = ...,
     ) -> NodeProcess: ...

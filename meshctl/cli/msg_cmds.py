@@ -228,7 +228,8 @@ def sub(
         raise InputError("--ack needs --queue NAME")
     with connect(server, name="meshctl sub", timeout=timeout or 2.0) as client:
         if queue is not None:
-            subscription = client.consume(queue)
+            # A consumer that stops after N takes no more than N: the rest stay for others.
+            subscription = client.consume(queue, max_inflight=min(count or 256, 256))
             note(f"consuming queue {queue}" + ("" if ack else " (not acknowledging)"))
         else:
             subscription = client.subscribe(

@@ -115,6 +115,8 @@ def up(
             cfg = with_overrides(cfg, {"mqtt_listen": mqtt}, source="command line")
         except ConfigError as e:
             raise ConfigError("command line", "--mqtt", e.reason) from None
+    if cfg.uplink_url and not cfg.store:
+        raise InputError("an uplink spools to the store: set store.enabled = true")
     where = datadir.resolve_data_dir(cfg.data_dir)
     datadir.prepare(where)
     if cfg.ipc:
@@ -144,19 +146,33 @@ def up(
 
     def plugins(node: Node) -> list[Any]:
         started: list[Any] = []
-        if cfg.bridges:
-            from edge.bridges import start_bridges  # noqa: PLC0415 - paho/nats only when used
+        register = node.router.internal.add
+        try:
+            if cfg.uplink_url:
+                from edge.uplink import UplinkSettings, start_uplink  # noqa: PLC0415
 
-            started += start_bridges(cfg.bridges, node.ctx, node.inproc, node.router.internal.add)
-        if cfg.mqtt_listen:
-            from edge.mqtt_listener import start_listener  # noqa: PLC0415 - only when used
+                settings = UplinkSettings(
+                    url=cfg.uplink_url,
+                    export=cfg.uplink_export,
+                    imports=cfg.uplink_import,
+                    data_dir=where,
+                    cursor_path=datadir.uplink_cursor_path(where),
+                    node_id=identity.node_id,
+                    node_name=identity.name,
+                )
+                started.append(start_uplink(settings, node.ctx, node.inproc, register))
+            if cfg.bridges:
+                from edge.bridges import start_bridges  # noqa: PLC0415 - paho/nats when used
 
-            try:
-                started.append(start_listener(cfg, node.ctx, node.inproc, node.router.internal.add))
-            except OSError:
-                for plugin in started:
-                    plugin.stop()
-                raise
+                started += start_bridges(cfg.bridges, node.ctx, node.inproc, register)
+            if cfg.mqtt_listen:
+                from edge.mqtt_listener import start_listener  # noqa: PLC0415 - when used
+
+                started.append(start_listener(cfg, node.ctx, node.inproc, register))
+        except OSError:  # e.g. the MQTT port is taken: stop what already started
+            for plugin in started:
+                plugin.stop()
+            raise
         return started
 
     try:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,16 +24,6 @@ from helpers import (
 )
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    """A short directory (ipc socket paths are limited to ~100 characters), removed after."""
-    path = Path(tempfile.mkdtemp(prefix="mesh-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- lifecycle ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from node.codec import (
     HEAD_DELIVER,
     HEAD_PUB,
     MAX_CONTROL_BYTES,
+    MAX_CONTROL_DEPTH,
     RECORD,
     RECORD_SIZE,
     SID,
@@ -315,6 +317,19 @@ def test_decode_control_size_limit() -> None:
 def test_deeply_nested_control_body_is_a_codec_error(body: bytes) -> None:
     with pytest.raises(CodecError):
         decode_control(bytes((VERSION, Kind.PING)) + body)
+
+
+def test_control_body_depth_limit() -> None:
+    """Found by benchmarks/fuzz.py: a body json.loads accepts, nested just short of the
+    recursion limit, broke whoever echoed part of it (BEAT_ACK, an OK's ref)."""
+    at_limit = "[" * (MAX_CONTROL_DEPTH - 1) + "]" * (MAX_CONTROL_DEPTH - 1)
+    assert decode_control(bytes((VERSION, Kind.PING)) + b'{"ref":' + at_limit.encode() + b"}")
+    for depth in (MAX_CONTROL_DEPTH, sys.getrecursionlimit() - 10):
+        deep = "[" * depth + "]" * depth
+        with pytest.raises(CodecError, match="nests"):
+            decode_control(bytes((VERSION, Kind.BEAT)) + b'{"t":' + deep.encode() + b"}")
+    wide = {"states": [[[1]]] * 1000}  # many brackets, little depth: accepted
+    assert decode_control(encode_control(Kind.STATES, wide)) == (Kind.STATES, wide)
 
 
 @pytest.mark.parametrize(

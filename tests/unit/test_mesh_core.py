@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from node.codec import Kind, decode_control, decode_targets
-from node.mesh import MAX_HOPS_FORWARD, NO_PLAN, PROTO, Mesh, Via
+from node.mesh import FORGET_AFTER, MAX_HOPS_FORWARD, NO_PLAN, PROTO, Mesh, Via
 from node.routing import NodeState
 
 MESH = "m"
@@ -380,6 +380,21 @@ def test_frames_from_unknown_vias_are_ignored() -> None:
     assert not n.mesh.table.states
 
 
+def test_nodes_that_were_never_reachable_are_forgotten_too() -> None:
+    """Found by benchmarks/fuzz.py: states of made-up nodes, never reachable, were kept
+    for ever, so a peer could grow the table (and every link-up's STATES) without bound."""
+    n = Node(S, dead_after=1e9)
+    via = link_in(n, state(A, [S]), now=0.0)
+    ghost = state(B, [C])  # B claims a link to C; neither links to us: never reachable
+    n.mesh.on_states(via, {"states": [ghost.to_json()]}, 1.0)
+    assert B in n.mesh.table.states
+    n.mesh.tick(1.0 + FORGET_AFTER, 1e9)
+    assert B in n.mesh.table.states  # not yet
+    n.mesh.tick(1.5 + FORGET_AFTER, 1e9)
+    assert B not in n.mesh.table.states
+    assert A in n.mesh.table.states  # the neighbour stays
+
+
 # ---- flooding ------------------------------------------------------------------------------
 
 
@@ -605,6 +620,21 @@ def test_group_names_are_limited_in_bytes_where_they_enter() -> None:
     bad = state(A, [S], [("t", long_name)]).to_json()
     with pytest.raises(ValueError, match="queue group"):
         NodeState.from_json(bad)
+
+
+def test_group_names_with_lone_surrogates_are_refused_where_they_enter() -> None:
+    """Found by benchmarks/fuzz.py: JSON carries "\\ud800", which passed the byte-length
+    check and then failed to encode into the routing header of every event for the group."""
+    from node.router import _valid_group
+
+    assert not _valid_group("g\udc80")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        NodeState.from_json(state(A, [S], [("t", "g\ud800")]).to_json())
+    hub = Node(S)
+    via = link_in(hub, state(A, [S]))
+    hub.mesh.on_states(via, {"states": [state(A, [S], [("t", "\ud800")], version=2).to_json()]}, 0)
+    assert hub.mesh.counters["bad_states"] == 1
+    assert hub.mesh.plan("t", set()) is NO_PLAN
 
 
 def test_many_groups_on_one_node_can_be_forwarded() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from node import datadir
@@ -45,6 +46,31 @@ def test_nonsense_on_a_dialed_link_is_counted_not_raised() -> None:
     r.handle_dialed("tcp://10.0.0.1:4850", "static", b"\x01\x15[[[", 0.0)
     assert r.counters.bad_frames == 1
     assert r.net.counters["links_refused"] == 1
+
+
+def test_deep_bodies_near_the_recursion_limit_are_bad_frames_not_internal_errors() -> None:
+    """Found by benchmarks/fuzz.py: a body that json.loads just accepts made the echo of its
+    ``t`` (BEAT_ACK) or ``ref`` (OK) or a str() of a field raise RecursionError."""
+    r = router()
+    peer = {"id": "00000000000000aa", "name": "p", "epoch": 1, "version": 0}
+    peer |= {"links": [NODE], "interest": [], "endpoints": []}
+    r.handle(b"peer", encode_control(Kind.LINK, {"mesh": "m", "proto": 1, "node": peer}), 0.0)
+    r.handle(b"client", encode_control(Kind.HELLO, {"name": "c"}), 0.0)
+    limit = sys.getrecursionlimit()
+    for depth in range(limit - 300, limit + 2):  # where loads gives up depends on the stack
+        deep = "[" * depth + "]" * depth
+        for ident, kind, key in (
+            (b"peer", Kind.BEAT, "t"),
+            (b"peer", Kind.ERR, "reason"),
+            (b"client", Kind.PING, "ref"),
+            (b"client", Kind.STATUS, "topic"),
+            (b"stranger", Kind.LINK, "node"),
+        ):
+            r.handle(ident, bytes((1, kind)) + f'{{"view":"routes","{key}":{deep}}}'.encode(), 0.0)
+        r.handle_dialed("tcp://x:1", "static", b'\x01\x15{"node":' + deep.encode() + b"}", 0.0)
+        list(r.take_output())
+    assert r.counters.internal_errors == 0
+    assert "00000000000000aa" in r.net.links
 
 
 def test_epoch_always_grows_even_when_the_clock_goes_back(tmp_path: Path) -> None:

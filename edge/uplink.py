@@ -1,0 +1,314 @@
+"""The edge uplink: store-and-forward between an edge node and its cloud node.
+
+Edge to cloud, the spool is the node's own log: the node logs every event matching the
+uplink's export patterns (persistent or not) before it routes it, so nothing is lost to
+a slow or absent cloud. This actor reads the log in order from its cursor, sends each
+batch to the cloud as persistent events with their original ids, and advances the
+cursor (a file the node reads to bound the spool) only when the cloud has stored them.
+A batch sent again after a lost acknowledgement is dropped by the cloud's dedupe window.
+
+Cloud to edge, persistent events wait in a durable queue on the cloud node named
+``uplink-<edge node id>``; this actor consumes it, stores each event on the edge node,
+and only then acknowledges it to the cloud. Direct events flow live while connected.
+
+Events that crossed an uplink carry an ``uplink`` header (the node they came from) and
+are never sent back across it, so overlapping export and import patterns make no loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import zmq
+
+from meshctl.client import Client, connect
+from meshctl.errors import MeshError
+from node.codec import (
+    F_IMPORTED,
+    F_PERSISTENT,
+    RECORD,
+    RECORD_SIZE,
+    decode_headers,
+    encode_headers,
+    encode_record,
+    with_headers,
+)
+from node.events import Event
+from node.store import FILE_NAME
+from node.topics import SubscriptionTrie
+
+log = logging.getLogger("meshctl.uplink")
+
+HEADER: Final = "uplink"
+_HEADER_KEY: Final = bytes((len(HEADER),)) + HEADER.encode()
+BATCH: Final = 2000  # log entries read per round
+IDLE_WAIT: Final = 0.02  # how long an idle round waits for the cloud
+BACKOFF_MAX: Final = 5.0
+STATS_EVERY: Final = 1.0
+CHECK_EVERY: Final = 1.0  # an idle uplink asks the cloud this often whether it is there
+CHECK_TIMEOUT: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkSettings:
+    """What ``[uplink]`` says, plus where this node keeps its store."""
+
+    url: str
+    export: tuple[str, ...]
+    imports: tuple[str, ...]
+    data_dir: Path
+    cursor_path: Path
+    node_id: str
+    node_name: str
+
+
+class Uplink(threading.Thread):
+    """One actor thread: ships the spool up, brings cloud events down."""
+
+    def __init__(
+        self,
+        settings: UplinkSettings,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        inproc: str,
+        ident: bytes,
+    ) -> None:
+        super().__init__(name="uplink", daemon=True)
+        self.s = settings
+        self.ctx = ctx
+        self.inproc = inproc
+        self.zmq_ident = ident
+        self.trie: SubscriptionTrie[bool] = SubscriptionTrie()
+        for p in settings.export:
+            self.trie.add(p, True)
+        self._stopping = threading.Event()
+        self.state = "connecting"
+        self.last_error = ""
+        self.cloud_id = ""
+        self.sent = 0
+        self.received = 0
+        self.gaps = 0
+        self.spool: dict[str, Any] = {"entries": 0, "bytes": 0, "oldest_age_s": None}
+        self.cursor = _read_cursor(settings.cursor_path)
+        self._next_stats = 0.0
+
+    # ---- the plugin interface ------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=5)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": "uplink",
+            "kind": "uplink",
+            "url": self.s.url,
+            "state": self.state,
+            "error": self.last_error,
+            "cloud": self.cloud_id,
+            "export": list(self.s.export),
+            "import": list(self.s.imports),
+            "sent": self.sent,
+            "received": self.received,
+            "cursor": self.cursor,
+            "spool": dict(self.spool),
+        }
+
+    # ---- the actor -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        db = sqlite3.connect(
+            f"file:{self.s.data_dir / FILE_NAME}?mode=ro", uri=True, check_same_thread=False
+        )
+        local = Client(
+            self.inproc, name="uplink", context=self.ctx, identity=self.zmq_ident, timeout=5.0
+        )
+        try:
+            local.open()
+            attempt = 0
+            while not self._stopping.is_set():
+                self._stats(db)
+                try:
+                    self._session(db, local)
+                    attempt = 0
+                except (MeshError, zmq.ZMQError) as e:
+                    self.last_error = str(e)
+                attempt += 1
+                self._set_state(local, "down")
+                wait = min(BACKOFF_MAX, 0.2 * 2 ** min(attempt, 6)) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
+                self._stopping.wait(wait)
+        except Exception:  # a bug of ours must not go unnoticed: say so, the node carries on
+            log.exception("uplink stopped by an internal error")
+            self.state = "failed"
+        finally:
+            local.close()
+            db.close()
+
+    def _session(self, db: sqlite3.Connection, local: Client) -> None:
+        """One connection to the cloud, until it fails or we are stopped."""
+        with connect(self.s.url, name=f"uplink {self.s.node_name}", timeout=2.0) as cloud:
+            self.cloud_id = cloud.node_id
+            consumer = None
+            if self.s.imports:
+                queue = f"uplink-{self.s.node_id}"
+                cloud.queue("add", queue, patterns=list(self.s.imports))
+                consumer = cloud.consume(queue, max_inflight=BATCH)
+                cloud.subscribe(*self.s.imports, retained=False, callback=self._live(local))
+            self.last_error = ""
+            self._set_state(local, "up")
+            next_check = time.monotonic() + CHECK_EVERY
+            while not self._stopping.is_set():
+                shipped = self._ship(db, cloud)
+                brought = self._bring(cloud, local, consumer)
+                self._stats(db)
+                if not shipped and not brought:
+                    cloud.process(IDLE_WAIT)
+                    if time.monotonic() >= next_check:
+                        # ZeroMQ reconnects silently: ask, so a gone cloud is noticed.
+                        cloud.flush(timeout=CHECK_TIMEOUT)
+                        next_check = time.monotonic() + CHECK_EVERY
+
+    def _ship(self, db: sqlite3.Connection, cloud: Client) -> int:
+        """Send the next stretch of the log to the cloud; how many entries it read."""
+        rows = db.execute(
+            "SELECT seq, topic, record FROM log WHERE seq > ? ORDER BY seq LIMIT ?",
+            (self.cursor, BATCH),
+        ).fetchall()
+        if not rows:
+            return 0
+        if rows[0][0] > self.cursor + 1 and self.cursor:
+            self.gaps += rows[0][0] - self.cursor - 1  # dropped by the spool bound
+        marker = {HEADER: self.s.node_id}
+        n = 0
+        with cloud.batch():
+            for _seq, topic, stored in rows:
+                record = bytes(stored)
+                if not self.trie.match(topic) or _crossed(record):
+                    continue
+                cloud.forward(with_headers(record, marker), persistent=True)
+                n += 1
+        if n:
+            cloud.confirm(timeout=10.0)
+            self.sent += n
+        self.cursor = rows[-1][0]
+        _write_cursor(self.s.cursor_path, self.cursor)
+        return len(rows)
+
+    def _bring(self, cloud: Client, local: Client, consumer: Any) -> int:
+        """Store on this node what waited for it in the cloud, then ack it there; how
+        many events that was."""
+        if consumer is None:
+            return 0
+        cloud.process(0)
+        events: list[Event] = []
+        while consumer.queue and len(events) < BATCH:
+            events.append(consumer.queue.popleft())
+        if not events:
+            return 0
+        with local.batch():
+            for event in events:
+                if event.headers.get(HEADER) != self.s.node_id:  # not our own, come back
+                    local.forward(self._record(event), persistent=True)
+        local.confirm(timeout=10.0)
+        for event in events:
+            consumer.ack(event)
+        cloud.confirm_acks(timeout=10.0)
+        self.received += len(events)
+        return len(events)
+
+    def _live(self, local: Client) -> Any:
+        def on_event(event: Event) -> None:
+            if event.flags & F_PERSISTENT or event.headers.get(HEADER) == self.s.node_id:
+                return  # persistent ones come through the queue; our own stay away
+            local.forward(self._record(event), persistent=False)
+            self.received += 1
+
+        return on_event
+
+    def _record(self, event: Event) -> bytes:
+        headers = dict(event.headers)
+        headers.setdefault(HEADER, self.cloud_id)
+        flags = (event.flags | F_IMPORTED) & ~F_PERSISTENT
+        return encode_record(
+            event.topic.encode(),
+            event.data,
+            encode_headers(headers),
+            flags,
+            event.time_ns,
+            event.raw_id,
+        )
+
+    def _set_state(self, local: Client, state: str) -> None:
+        if state == self.state:
+            return
+        self.state = state
+        body = {"node": self.s.node_id, "url": self.s.url, "cloud": self.cloud_id}
+        if state == "down":
+            body["error"] = self.last_error
+        log.info("uplink to %s %s%s", self.s.url, state, f": {self.last_error}" * (state == "down"))
+        payload = json.dumps(body).encode()
+        event_id = os.urandom(8) + time.time_ns().to_bytes(8, "big")
+        record = encode_record(
+            f"$mesh/uplink/{state}".encode(), payload, b"", 0, time.time_ns(), event_id
+        )
+        with contextlib.suppress(MeshError):
+            local.forward(record, persistent=False)
+
+    def _stats(self, db: sqlite3.Connection) -> None:
+        now = time.monotonic()
+        if now < self._next_stats:
+            return
+        self._next_stats = now + STATS_EVERY
+        n, size, oldest = db.execute(
+            "SELECT count(*), coalesce(sum(length(record)), 0), min(time_ns) FROM log "
+            "WHERE seq > ?",
+            (self.cursor,),
+        ).fetchone()
+        age = None if not oldest else round((time.time_ns() - oldest) / 1e9, 3)
+        self.spool = {"entries": n, "bytes": size, "oldest_age_s": age, "gaps": self.gaps}
+
+
+def _crossed(record: bytes) -> bool:
+    """True when the record already crossed an uplink (never send it back)."""
+    tlen, hlen = RECORD.unpack_from(record)[1:3]
+    if not hlen:
+        return False
+    block = record[RECORD_SIZE + tlen : RECORD_SIZE + tlen + hlen]
+    return _HEADER_KEY in block and HEADER in decode_headers(block)
+
+
+def _read_cursor(path: Path) -> int:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _write_cursor(path: Path, seq: int) -> None:
+    """Atomically: a crash leaves the old cursor or the new one, never half of one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{seq}\n")
+    tmp.replace(path)
+
+
+def start_uplink(
+    settings: UplinkSettings,
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    inproc: str,
+    register: Any,
+) -> Uplink:
+    """Start the uplink actor; ``register`` lets its identity publish ``$mesh`` events."""
+    ident = b"\x00uplink" + time.time_ns().to_bytes(8, "big")
+    register(ident)
+    uplink = Uplink(settings, ctx, inproc, ident)
+    uplink.start()
+    return uplink

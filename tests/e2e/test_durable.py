@@ -1,0 +1,242 @@
+"""Persistent publish, durable queues, replay and retained events through real node
+processes, including a ``kill -9`` of the node mid-stream and a full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from helpers import Background, NodeFactory, cli_env, run_cli, wait_for
+
+from meshctl import Client, connect
+from meshctl.errors import RemoteError
+
+pytestmark = pytest.mark.e2e
+REPO = Path(__file__).resolve().parents[2]
+
+
+def worker(role: str, server: str, name: str, count: int, out: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.e2e.durable_workers",
+            role,
+            server,
+            name,
+            str(count),
+            str(out),
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def facts(path: Path) -> list[dict[str, object]]:
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [json.loads(line) for line in lines if line.endswith("}")]
+
+
+def test_queue_commands_and_acked_consumption(make_node: NodeFactory) -> None:
+    node = make_node()
+    s = node.ipc
+    r = run_cli("queue", "add", "jobs", "--topic", "jobs/>", "--ack-wait", "1s", server=s)
+    assert r.returncode == 0, r.describe()
+    assert "created queue jobs" in r.stderr
+    r = run_cli("pub", "--persistent", "jobs/build", "job {{n}}", "-n", "3", server=s)
+    assert r.returncode == 0, r.describe()
+    assert "stored 3 events" in r.stderr
+    info = run_cli("queue", "info", "jobs", "--json", server=s).json_lines()[0]
+    assert (info["depth"], info["consumers"]) == (3, 0)
+    assert info["oldest_age_s"] >= 0
+    r = run_cli("sub", "--queue", "jobs", "-n", "2", "--json", server=s)
+    assert [e["data"] for e in r.json_lines()] == ["job 1", "job 2"]  # not acked
+    r = run_cli("sub", "--queue", "jobs", "--ack", "-n", "3", "--json", server=s)
+    got = [(e["data"], e["deliveries"]) for e in r.json_lines()]
+    assert sorted(got) == [("job 1", 2), ("job 2", 2), ("job 3", 1)]
+    ls = run_cli("queue", "ls", "--json", server=s).json_lines()
+    assert [(q["name"], q["depth"], q["redeliveries"]) for q in ls] == [("jobs", 0, 2)]
+    assert run_cli("queue", "purge", "jobs", server=s).returncode == 0
+    assert run_cli("queue", "rm", "jobs", server=s).returncode == 0
+    r = run_cli("queue", "info", "jobs", server=s)
+    assert r.returncode == 2
+    assert r.err_lines == ["error: no queue named 'jobs'"]
+    r = run_cli("sub", "--ack", "x", server=s)
+    assert r.returncode == 2
+    assert "--ack needs --queue" in r.stderr
+
+
+def test_a_consumer_that_never_acks_ends_in_the_dead_letter_queue(make_node: NodeFactory) -> None:
+    node = make_node()
+    s = node.ipc
+    cmd = ("queue", "add", "q", "--topic", "q", "--ack-wait", "300ms", "--max-deliver", "3")
+    assert run_cli(*cmd, server=s).returncode == 0
+    assert run_cli("pub", "-p", "q", "poison", server=s).returncode == 0
+    r = run_cli("sub", "--queue", "q", "-n", "3", "--json", "--timeout", "5s", server=s)
+    assert [e["deliveries"] for e in r.json_lines()] == [1, 2, 3], r.describe()
+
+    def dead() -> dict[str, object] | None:
+        infos = {q["name"]: q for q in run_cli("queue", "ls", "--json", server=s).json_lines()}
+        return infos.get("q.dead") if infos.get("q.dead", {}).get("depth") == 1 else None
+
+    wait_for(dead, timeout=5, what="the event to move to q.dead")
+    r = run_cli("sub", "--queue", "q.dead", "--ack", "-n", "1", "--json", server=s)
+    (event,) = r.json_lines()
+    assert event["data"] == "poison"
+    assert event["headers"] == {"dead-queue": "q", "dead-deliveries": "3"}
+
+
+def test_retained_values_and_clearing_through_the_cli(make_node: NodeFactory) -> None:
+    node = make_node()
+    s = node.ipc
+    assert run_cli("pub", "--retain", "cfg/a", "1", server=s).returncode == 0
+    assert run_cli("pub", "--retain", "cfg/a", "2", server=s).returncode == 0
+    assert run_cli("pub", "--retain", "cfg/b", "3", server=s).returncode == 0
+    r = run_cli("sub", "cfg/>", "-n", "2", "--json", server=s)
+    assert [(e["topic"], e["data"], e.get("retained")) for e in r.json_lines()] == [
+        ("cfg/a", "2", True),
+        ("cfg/b", "3", True),
+    ]
+    assert run_cli("pub", "--retain", "cfg/a", "", server=s).returncode == 0
+    r = run_cli("sub", "cfg/>", "-n", "1", "--json", server=s)
+    assert [e["topic"] for e in r.json_lines()] == ["cfg/b"]
+    r = run_cli("sub", "cfg/>", "--no-retained", "-n", "1", "--timeout", "300ms", server=s)
+    assert r.returncode == 1  # nothing live arrives
+
+
+def test_replay_joins_a_live_stream_without_gap_or_duplicate(
+    make_node: NodeFactory, bg: Background
+) -> None:
+    node = make_node(config_text='[store]\nlog = ["metrics/>"]\n')
+    s = node.ipc
+    total = 6000
+    with connect(s) as client:
+        for i in range(2000):  # history
+            client.publish("metrics/m", str(i))
+        client.flush()
+        stream = subprocess.Popen(  # more while the replay runs
+            [*_cli(), "pub", "metrics/m", "{{n}}", "-n", str(total - 2000), "--rate", "4000"],
+            env=cli_env({"MESHCTL_SERVER": s}),
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(0.2)
+        sub = client.subscribe("metrics/m", since=3600)
+        got: list[int] = []
+        deadline = time.monotonic() + 20
+        while len(got) < total and time.monotonic() < deadline:
+            got.append(int(sub.next(timeout=5).data))
+        assert stream.wait(10) == 0
+    history, live = got[:2000], got[2000:]
+    assert history == list(range(2000))
+    assert live == list(range(1, total - 2000 + 1)), "gap or duplicate at the seam"
+
+
+def _fill(client: Client) -> RemoteError:
+    """Publish persistent 16 KiB events until the node says it cannot store them."""
+    for _ in range(50):
+        for _ in range(10):
+            client.publish("big", os.urandom(16 * 1024), persistent=True)
+        try:
+            client.confirm(timeout=10)
+        except RemoteError as e:
+            return e
+    raise AssertionError("the node stored 8 MiB on a 4 MiB disk")
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "meshctl"]
+
+
+@pytest.mark.slow
+def test_kill_9_during_a_persistent_stream_loses_nothing_acknowledged(
+    make_node: NodeFactory, short_tmp: Path, tmp_path: Path
+) -> None:
+    """10,000 persistent events, a consumer acking, the node killed with SIGKILL at about
+    a third: every event the producer was told is stored is delivered; an event comes
+    twice only if its ack was never committed, and then it says it is a redelivery."""
+    total = 10_000
+    data_dir = short_tmp / "node"
+    node = make_node(data_dir=data_dir)
+    ipc = node.ipc
+    assert run_cli("queue", "add", "orders", "--topic", "orders", server=ipc).returncode == 0
+    produced, consumed = tmp_path / "producer.jsonl", tmp_path / "consumer.jsonl"
+    consumer = worker("consumer", ipc, "orders", total, consumed)
+    producer = worker("producer", ipc, "orders", total, produced)
+    try:
+        wait_for(
+            lambda: sum(1 for f in facts(consumed) if "got" in f) >= 3000,
+            timeout=30,
+            what="3000 deliveries before the crash",
+        )
+        os.kill(node.pid, signal.SIGKILL)
+        node.proc.wait(5)
+        make_node(data_dir=data_dir)  # same data dir: same store, same ipc path
+        assert producer.wait(60) == 0, producer.stderr.read().decode()  # type: ignore[union-attr]
+        assert consumer.wait(60) == 0, consumer.stderr.read().decode()  # type: ignore[union-attr]
+    finally:
+        for p in (producer, consumer):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    confirmed = {i for f in facts(produced) for i in f.get("confirmed", [])}  # type: ignore[union-attr]
+    assert confirmed == set(range(total))
+    acked: set[int] = set()
+    copies: Counter[int] = Counter()
+    for fact in facts(consumed):
+        if "acked" in fact:
+            acked.update(fact["acked"])  # type: ignore[arg-type]
+            continue
+        payload, n = int(fact["got"]), int(fact["n"])  # type: ignore[arg-type]
+        assert payload not in acked, f"{payload} came back after its ack was committed"
+        copies[payload] += 1
+        if copies[payload] > 1:
+            assert n >= 2, f"duplicate of {payload} not marked as a redelivery"
+    assert set(copies) == confirmed, "an acknowledged event was lost"
+    duplicates = sum(c - 1 for c in copies.values())
+    print(f"kill -9: {total} delivered, {duplicates} redelivered")
+
+
+@pytest.mark.slow
+def test_disk_full_refuses_persistent_publish_and_recovers(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    try:
+        node = make_node(data_dir=mount / "node")
+        s = node.ipc
+        filler = mount / "filler"
+        with filler.open("wb") as f:  # take all but a little of the space
+            free = shutil.disk_usage(mount).free
+            f.write(b"\0" * max(0, free - 64 * 1024))
+        with connect(s) as client:
+            sub = client.subscribe("direct")
+            error = _fill(client)
+            assert error.code == "store"
+            assert "disk is full" in str(error)
+            client.publish("direct", "still flowing")  # the node keeps serving
+            assert sub.next(timeout=2).data == b"still flowing"
+            filler.unlink()
+            client.publish("big", b"after", persistent=True)
+            assert client.confirm(timeout=10) >= 1  # recovered, no restart
+        assert node.proc.poll() is None
+        status = run_cli("status", "--json", server=s).json_lines()[0]
+        assert status["store"]["errors"] >= 1
+        node.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -1,0 +1,190 @@
+"""The edge uplink through real node processes: store-and-forward while the cloud node
+is stopped, an edge node killed with SIGKILL while it spools, commands from the cloud
+waiting for an edge node that is away, and the spool's overflow policies."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Background, NodeFactory, NodeProcess, free_tcp_port, wait_for
+
+from meshctl import connect
+from meshctl.errors import RemoteError, Timeout
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def uplink_config(port: int, **extra: str) -> str:
+    lines = [
+        "[uplink]",
+        f'url = "tcp://127.0.0.1:{port}"',
+        'export = ["plant/>"]',
+        'import = ["cmd/plant/>"]',
+        *(f"{k} = {v}" for k, v in extra.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def uplink(node: NodeProcess) -> dict[str, Any]:
+    with connect(node.ipc) as client:
+        status = client.status()
+    (up,) = [b for b in status["bridges"] if b["kind"] == "uplink"]
+    return up | {"node_spool": status["store"]["spool"]}
+
+
+def wait_uplink(node: NodeProcess, state: str, timeout: float = 15) -> dict[str, Any]:
+    return wait_for(
+        lambda: (u := uplink(node))["state"] == state and u,
+        timeout=timeout,
+        what=f"the uplink to be {state}",
+    )
+
+
+def replay_all(node: NodeProcess, pattern: str, count: int, timeout: float = 30) -> list[str]:
+    """Everything the node's log holds on ``pattern`` (and what follows), in order."""
+    got: list[str] = []
+    with connect(node.ipc) as client:
+        sub = client.subscribe(pattern, since=3600, retained=False)
+        while len(got) < count:
+            got.append(sub.next(timeout=timeout).data.decode())
+        with pytest.raises(Exception, match="no event"):
+            sub.next(timeout=0.5)  # and not one more: no duplicates
+    return got
+
+
+def start_cloud(make_node: NodeFactory, data_dir: Path, port: int) -> NodeProcess:
+    return make_node(name="cloud", data_dir=data_dir, extra_args=["--port", str(port)])
+
+
+def test_the_cloud_away_then_back_gets_every_event_in_order_once(
+    make_node: NodeFactory, short_tmp: Path, bg: Background
+) -> None:
+    port = free_tcp_port()
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=uplink_config(port))
+    wait_uplink(edge, "up")
+    events = bg.start("sub", "--json", "$mesh/uplink/>", server=edge.ipc)
+    cloud.stop()
+    wait_uplink(edge, "down")
+    total = 10_000
+    with connect(edge.ipc) as client, client.batch():
+        for i in range(total):
+            client.publish("plant/line1/temp", str(i))
+        client.publish("other/topic", "not for the cloud")
+    spooled = wait_for(
+        lambda: (u := uplink(edge))["spool"]["entries"] >= total and u,
+        timeout=10,
+        what="the spool to hold the events",
+    )
+    assert spooled["spool"]["bytes"] > 0
+    assert spooled["spool"]["oldest_age_s"] is not None
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    wait_uplink(edge, "up")
+    assert replay_all(cloud, "plant/>", total) == [str(i) for i in range(total)]
+    drained = wait_for(
+        lambda: (u := uplink(edge))["spool"]["entries"] == 0 and u, timeout=10, what="drain"
+    )
+    assert drained["sent"] == total
+    events.wait_lines(2)
+    assert [e["topic"] for e in events.json_lines()][:2] == [
+        "$mesh/uplink/down",
+        "$mesh/uplink/up",
+    ]
+
+
+def test_an_edge_killed_while_spooling_sends_everything_after_restart(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    port = free_tcp_port()
+    config = uplink_config(port)
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    wait_uplink(edge, "down")  # no cloud yet: everything spools
+    total = 3000
+    with connect(edge.ipc) as client:
+        with client.batch():
+            for i in range(total):
+                client.publish("plant/a", str(i), persistent=True)
+        client.confirm(timeout=10)
+    os.kill(edge.pid, signal.SIGKILL)
+    edge.proc.wait(5)
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    wait_uplink(edge, "up")
+    assert replay_all(cloud, "plant/>", total) == [str(i) for i in range(total)]
+
+
+def test_commands_from_the_cloud_wait_for_an_edge_that_is_away(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    port = free_tcp_port()
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    config = uplink_config(port)
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    wait_uplink(edge, "up")  # the cloud now holds a queue for this edge
+    edge.stop()
+    with connect(cloud.ipc) as client:
+        for i in range(50):
+            client.publish("cmd/plant/valve", f"open {i}", persistent=True)
+        client.publish("cmd/other", "not for this edge", persistent=True)
+        client.confirm(timeout=10)
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    wait_uplink(edge, "up")
+    assert replay_all(edge, "cmd/>", 50) == [f"open {i}" for i in range(50)]
+    # Both directions overlap nothing here, but what came down must not go back up.
+    assert uplink(edge)["sent"] == 0
+
+
+def test_a_full_spool_with_overflow_refuse_refuses_persistent_events(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    port = free_tcp_port()  # no cloud at all
+    config = uplink_config(port, spool_max_bytes='"1MiB"', overflow='"refuse"')
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    payload = b"x" * 1000
+    with connect(edge.ipc) as client:
+        with client.batch():
+            for _ in range(1500):  # 1.5 MB: over the bound
+                client.publish("plant/a", payload, persistent=True)
+        client.confirm(timeout=10)
+        wait_for(lambda: uplink(edge)["node_spool"]["full"], timeout=5, what="spool full")
+        client.publish("plant/a", payload, persistent=True)
+        with pytest.raises(RemoteError, match="spool is full"):
+            client.confirm(timeout=5)
+        client.publish("elsewhere", payload, persistent=True)  # not for the cloud: fine
+        client.confirm(timeout=5)
+
+
+def test_a_full_spool_with_drop_oldest_keeps_the_newest(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    port = free_tcp_port()
+    config = uplink_config(port, spool_max_bytes='"1MiB"')
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    with connect(edge.ipc) as client:
+        with client.batch():
+            for i in range(3000):  # ~3 MB
+                client.publish("plant/a", f"{i:04d}" + "x" * 996)
+        client.flush()
+    status = wait_for(
+        lambda: (u := uplink(edge))["node_spool"]["dropped"] > 0 and u,
+        timeout=10,
+        what="the oldest to be dropped",
+    )
+    assert status["spool"]["bytes"] <= 1.1 * 1024 * 1024 or status["node_spool"]["dropped"]
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    wait_uplink(edge, "up")
+    got: list[str] = []
+    with connect(cloud.ipc) as client:
+        sub = client.subscribe("plant/>", since=3600, retained=False)
+        with contextlib.suppress(Timeout):
+            while True:  # until the drain is over
+                got.append(sub.next(timeout=2).data.decode())
+    numbers = [int(g[:4]) for g in got]
+    assert numbers == sorted(numbers)
+    assert numbers[-1] == 2999  # the newest survived
+    assert len(numbers) < 3000

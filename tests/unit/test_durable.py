@@ -1,0 +1,531 @@
+"""The durable side of the Router with a real SQLite store in a temp dir: persistent
+publish and its acknowledgement, dedupe, queues, redelivery, dead letters, retained,
+replay, and what happens when the disk is full or the store is corrupt."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.codec import F_PERSISTENT, F_RETAIN, HEAD_PUB, Kind, encode_control, encode_record
+from node.durable import Durable, DurableConfig
+from node.router import Router
+from node.store import StoreError, open_store
+from tests.unit.test_router import A, B, controls, deliveries, hello, make_router, take
+
+PUBLISHER = b"\x01" * 8
+
+
+class Clock:
+    """Wall time the tests move by hand (ns), and a matching monotonic ``now``."""
+
+    def __init__(self) -> None:
+        self.ns = 1_700_000_000 * 10**9
+
+    def __call__(self) -> int:
+        return self.ns
+
+
+def durable_router(path: Path, clock: Clock | None = None, **config: Any) -> tuple[Router, Durable]:
+    clock = clock or Clock()
+    durable = Durable(open_store(path), DurableConfig(**config), clock)
+    router = make_router(durable=durable, wall_ns=clock, max_payload=1 << 20)
+    return router, durable
+
+
+def rec(topic: str, payload: bytes = b"x", flags: int = F_PERSISTENT, seq: int = 1) -> bytes:
+    return encode_record(topic.encode(), payload, b"", flags, 7, PUBLISHER + seq.to_bytes(8, "big"))
+
+
+def pub(r: Router, ident: bytes, *records: bytes, now: float = 0.0) -> None:
+    r.handle(ident, HEAD_PUB + b"".join(records), now)
+
+
+def send(r: Router, ident: bytes, kind: Kind, body: dict[str, Any], now: float = 0.0) -> None:
+    r.handle(ident, encode_control(kind, body), now)
+
+
+def queue_add(r: Router, name: str, *patterns: str, **args: Any) -> None:
+    send(
+        r, A, Kind.QUEUE, {"ref": 9, "op": "add", "name": name, "patterns": list(patterns), **args}
+    )
+    r.end_pass(0.0)
+    ((kind, body),) = controls(take(r), A)
+    assert kind is Kind.OK, body
+
+
+def consume(r: Router, ident: bytes, sid: int, queue: str, **extra: Any) -> None:
+    send(r, ident, Kind.SUB, {"ref": 1, "sid": sid, "queue": queue, **extra})
+    ((kind, body),) = controls(take(r), ident)
+    assert kind is Kind.OK, body
+
+
+def ids(n: int, first: int = 1) -> list[str]:
+    return [(PUBLISHER + i.to_bytes(8, "big")).hex() for i in range(first, first + n)]
+
+
+# ---- persistent publish -------------------------------------------------------------------
+
+
+def test_persistent_event_is_acknowledged_and_routed_only_after_the_commit(
+    tmp_path: Path,
+) -> None:
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    send(r, B, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["orders/>"]})
+    take(r)
+    pub(r, A, rec("orders/1", b"one"))
+    out = take(r)
+    assert controls(out, A) == []
+    assert deliveries(out, B) == []
+    r.end_pass(0.0)
+    out = take(r)
+    assert controls(out, A) == [(Kind.PACK, {"ids": ids(1)})]
+    assert [e.data for _sid, e in deliveries(out, B)] == [b"one"]
+    assert d.store.log_stats()[0] == 1
+
+
+def test_a_retried_event_is_stored_once_and_acknowledged_again(tmp_path: Path) -> None:
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    send(r, B, Kind.SUB, {"ref": 1, "sid": 1, "patterns": [">"]})
+    take(r)
+    for _ in range(2):
+        pub(r, A, rec("t", seq=5))
+        r.end_pass(0.0)
+        out = take(r)
+        assert controls(out, A) == [(Kind.PACK, {"ids": ids(1, 5)})]
+    assert d.store.log_stats()[0] == 1
+    assert d.duplicates == 1
+    assert len(deliveries([*out], B)) == 0  # the retry was not routed again
+
+
+def test_the_dedupe_window_survives_a_restart(tmp_path: Path) -> None:
+    clock = Clock()
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    pub(r, A, rec("t", seq=3))
+    r.end_pass(0.0)
+    d.close()
+    r2, d2 = durable_router(tmp_path, clock)
+    hello(r2, A)
+    pub(r2, A, rec("t", seq=3))
+    r2.end_pass(0.0)
+    assert controls(take(r2), A) == [(Kind.PACK, {"ids": ids(1, 3)})]
+    assert d2.duplicates == 1
+    assert d2.store.log_stats()[0] == 1
+    clock.ns += 121 * 10**9  # past the window: the id may be used again
+    d2.tick(1000.0)
+    r3, d3 = durable_router(tmp_path, clock)
+    hello(r3, A)
+    pub(r3, A, rec("t", seq=3))
+    r3.end_pass(0.0)
+    assert d3.duplicates == 0
+
+
+def test_without_a_store_a_persistent_publish_is_refused(tmp_path: Path) -> None:
+    r = make_router()
+    hello(r, A)
+    pub(r, A, rec("t"))
+    r.end_pass(0.0)
+    ((kind, body),) = controls(take(r), A)
+    assert kind is Kind.ERR
+    assert body["code"] == "store"
+    assert body["ids"] == ids(1)
+
+
+def test_acknowledgements_are_split_into_bounded_frames(tmp_path: Path) -> None:
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    pub(r, A, *(rec("t", seq=i) for i in range(1, 2501)))
+    r.end_pass(0.0)
+    acks = controls(take(r), A)
+    assert [len(b["ids"]) for _k, b in acks] == [1000, 1000, 500]
+
+
+# ---- disk full and corrupt stores ---------------------------------------------------------
+
+
+def test_disk_full_refuses_persistent_events_and_recovers_without_restart(
+    tmp_path: Path,
+) -> None:
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    send(r, B, Kind.SUB, {"ref": 1, "sid": 1, "patterns": [">"]})
+    take(r)
+    pages = d.store.db.execute("PRAGMA page_count").fetchone()[0]
+    d.store.db.execute(f"PRAGMA max_page_count = {pages}")  # the file may not grow: "full"
+    pub(r, A, rec("big", b"x" * 50_000, seq=1))
+    pub(r, A, rec("direct", b"d", flags=0, seq=2))
+    r.end_pass(0.0)
+    out = take(r)
+    ((kind, body),) = controls(out, A)
+    assert kind is Kind.ERR
+    assert body["code"] == "store"
+    assert body["ids"] == ids(1)
+    assert "full" in body["error"]
+    assert [e.topic for _s, e in deliveries(out, B)] == ["direct"]  # direct traffic flows
+    assert d.errors == 1
+    d.store.db.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    pub(r, A, rec("big", b"x" * 50_000, seq=1))  # the publisher retries, same id
+    r.end_pass(0.0)
+    out = take(r)
+    assert controls(out, A) == [(Kind.PACK, {"ids": ids(1)})]
+    assert [e.topic for _s, e in deliveries(out, B)] == ["big"]
+
+
+def test_a_corrupt_store_is_refused_at_start_with_a_clear_message(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    store.log_append([(b"i" * 16, "t", 1, b"r" * 5000)] * 50)
+    store.commit()
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    path = tmp_path / "store.db"
+    data = bytearray(path.read_bytes())
+    data[2 * 4096 : 2 * 4096 + 200] = b"\xff" * 200  # garble a b-tree page's header
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"unreadable \(.*\); move it aside") as e:
+        open_store(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_garbage_instead_of_a_store_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "store.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="unreadable"):
+        open_store(tmp_path)
+
+
+# ---- durable queues -----------------------------------------------------------------------
+
+
+def test_a_queue_captures_events_while_no_consumer_is_connected(tmp_path: Path) -> None:
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs/>")
+    pub(r, A, rec("jobs/1", seq=1), rec("other", seq=2), rec("jobs/2", seq=3))
+    pub(r, A, rec("jobs/direct", flags=0, seq=4))  # direct events are not captured
+    r.end_pass(0.0)
+    take(r)
+    assert d.queues.by_name["jobs"].depth == 2
+    hello(r, B)
+    consume(r, B, 1, "jobs")
+    r.end_pass(0.0)
+    got = deliveries(take(r), B)
+    assert [(sid, e.topic, e.deliveries) for sid, e in got] == [
+        (1, "jobs/1", 1),
+        (1, "jobs/2", 1),
+    ]
+
+
+def test_ack_removes_and_the_ack_wait_redelivers_then_dead_letters(tmp_path: Path) -> None:
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs/>", ack_wait=1.0, max_deliver=2)
+    pub(r, A, rec("jobs/1", seq=1), rec("jobs/2", seq=2))
+    consume(r, A, 1, "jobs")
+    r.end_pass(0.0)
+    first = deliveries(take(r), A)
+    assert [e.deliveries for _s, e in first] == [1, 1]
+    send(r, A, Kind.ACK, {"sid": 1, "ids": [first[0][1].id]})
+    r.tick(0.5)
+    r.end_pass(0.5)
+    assert deliveries(take(r), A) == []  # not yet due
+    r.tick(1.1)
+    r.end_pass(1.1)
+    again = deliveries(take(r), A)
+    assert [(e.topic, e.deliveries, e.redelivered) for _s, e in again] == [("jobs/2", 2, True)]
+    r.tick(2.2)  # the second attempt times out too: max_deliver reached
+    r.end_pass(2.2)
+    assert deliveries(take(r), A) == []
+    q = d.queues.by_name["jobs"]
+    dead = d.queues.by_name["jobs.dead"]
+    assert (q.depth, dead.depth, q.dead_lettered) == (0, 1, 1)
+    consume(r, A, 2, "jobs.dead")
+    r.end_pass(3.0)
+    ((_sid, ev),) = deliveries(take(r), A)
+    assert ev.topic == "jobs/2"
+    assert ev.headers == {"dead-queue": "jobs", "dead-deliveries": "2"}
+
+
+def test_a_consumer_that_leaves_has_its_deliveries_go_to_another(tmp_path: Path) -> None:
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    queue_add(r, "jobs", "jobs/>")
+    consume(r, A, 1, "jobs")
+    pub(r, A, rec("jobs/1", seq=1))
+    r.end_pass(0.0)
+    assert len(deliveries(take(r), A)) == 1
+    consume(r, B, 1, "jobs")
+    send(r, A, Kind.BYE, {})
+    r.end_pass(0.1)
+    ((_s, ev),) = deliveries(take(r), B)
+    assert (ev.topic, ev.deliveries) == ("jobs/1", 2)
+
+
+def test_consumers_share_a_queue_and_one_consumer_keeps_order(tmp_path: Path) -> None:
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    queue_add(r, "jobs", "jobs")
+    consume(r, A, 1, "jobs", max_inflight=3)
+    consume(r, B, 1, "jobs", max_inflight=3)
+    pub(r, A, *(rec("jobs", str(i).encode(), seq=i) for i in range(1, 7)))
+    r.end_pass(0.0)
+    out = take(r)
+    a = [int(e.data) for _s, e in deliveries(out, A)]
+    b = [int(e.data) for _s, e in deliveries(out, B)]
+    assert sorted(a + b) == [1, 2, 3, 4, 5, 6]
+    assert a == sorted(a)
+    assert b == sorted(b)
+    assert len(a) == len(b) == 3
+
+
+def test_max_inflight_holds_the_rest_until_acks(tmp_path: Path) -> None:
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs")
+    consume(r, A, 1, "jobs", max_inflight=2)
+    pub(r, A, *(rec("jobs", str(i).encode(), seq=i) for i in range(1, 6)))
+    r.end_pass(0.0)
+    got = deliveries(take(r), A)
+    assert [e.data for _s, e in got] == [b"1", b"2"]
+    send(r, A, Kind.ACK, {"sid": 1, "ids": [e.id for _s, e in got]})
+    r.end_pass(0.1)
+    assert [e.data for _s, e in deliveries(take(r), A)] == [b"3", b"4"]
+
+
+def test_after_a_crash_unacknowledged_deliveries_come_back_as_redeliveries(
+    tmp_path: Path,
+) -> None:
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs")
+    consume(r, A, 1, "jobs")
+    pub(r, A, *(rec("jobs", str(i).encode(), seq=i) for i in range(1, 4)))
+    r.end_pass(0.0)
+    got = deliveries(take(r), A)
+    send(r, A, Kind.ACK, {"sid": 1, "ids": [got[0][1].id]})
+    r.end_pass(0.1)
+    d.store.db.close()  # no orderly close: what is on disk is what was committed
+    r2, _d2 = durable_router(tmp_path)
+    hello(r2, B)
+    consume(r2, B, 1, "jobs")
+    r2.end_pass(0.0)
+    again = deliveries(take(r2), B)
+    assert [(e.data, e.deliveries) for _s, e in again] == [(b"2", 2), (b"3", 2)]
+
+
+def test_queue_admin_errors_are_input_errors(tmp_path: Path) -> None:
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    for body in (
+        {"op": "add", "name": "bad name", "patterns": ["a"]},
+        {"op": "add", "name": "q", "patterns": ["a//b"]},
+        {"op": "add", "name": "q", "patterns": "a"},
+        {"op": "info", "name": "missing"},
+        {"op": "explode", "name": "q"},
+        {"op": "add", "name": "q", "patterns": ["a"], "ack_wait": "soon"},
+    ):
+        send(r, A, Kind.QUEUE, {"ref": 2, **body})
+        r.end_pass(0.0)
+        ((kind, reply),) = controls(take(r), A)
+        assert kind is Kind.ERR, (body, reply)
+        assert reply["code"] == "input", (body, reply)
+    send(r, A, Kind.SUB, {"ref": 3, "sid": 1, "queue": "missing"})
+    ((kind, reply),) = controls(take(r), A)
+    assert kind is Kind.ERR
+    assert "no queue named 'missing'" in reply["error"]
+
+
+def test_purge_and_remove(tmp_path: Path) -> None:
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs")
+    pub(r, A, rec("jobs", seq=1), rec("jobs", seq=2))
+    r.end_pass(0.0)
+    send(r, A, Kind.QUEUE, {"ref": 4, "op": "purge", "name": "jobs"})
+    r.end_pass(0.0)
+    assert controls(take(r), A)[-1] == (Kind.OK, {"ref": 4, "purged": 2})
+    send(r, A, Kind.QUEUE, {"ref": 5, "op": "rm", "name": "jobs"})
+    r.end_pass(0.0)
+    assert controls(take(r), A)[-1] == (Kind.OK, {"ref": 5, "removed": "jobs"})
+    assert "jobs" not in d.queues.by_name
+    assert d.store.read("SELECT count(*) FROM qmsgs")[0][0] == 0
+
+
+def test_queue_patterns_are_announced_to_the_mesh(tmp_path: Path) -> None:
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs/>")
+    assert ("jobs/>", None) in r._interest
+
+
+# ---- retained and replay ------------------------------------------------------------------
+
+
+def test_retained_last_value_for_new_subscribers_and_empty_clears(tmp_path: Path) -> None:
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    send(r, B, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["cfg/>"]})
+    take(r)
+    pub(r, A, rec("cfg/a", b"1", flags=F_RETAIN, seq=1))
+    pub(r, A, rec("cfg/a", b"2", flags=F_RETAIN, seq=2))
+    pub(r, A, rec("cfg/b", b"3", flags=F_RETAIN, seq=3))
+    r.end_pass(0.0)
+    live = deliveries(take(r), B)
+    assert [(e.data, e.retained) for _s, e in live] == [(b"1", False), (b"2", False), (b"3", False)]
+    send(r, B, Kind.SUB, {"ref": 2, "sid": 2, "patterns": ["cfg/*"], "retained": True})
+    got = deliveries(take(r), B)
+    assert [(e.topic, e.data, e.retained) for _s, e in got] == [
+        ("cfg/a", b"2", True),
+        ("cfg/b", b"3", True),
+    ]
+    pub(r, A, rec("cfg/a", b"", flags=F_RETAIN, seq=4))
+    r.end_pass(0.0)
+    take(r)
+    assert set(d.retained) == {"cfg/b"}
+    d.close()
+    _r2, d2 = durable_router(tmp_path)
+    assert set(d2.retained) == {"cfg/b"}
+
+
+def test_replay_then_live_without_gap_or_duplicate(tmp_path: Path) -> None:
+    r, _d = durable_router(tmp_path, log_patterns=("sensors/>",))
+    hello(r, A)
+    hello(r, B)
+    pub(r, A, *(rec("sensors/t", str(i).encode(), flags=0, seq=i) for i in range(1, 4)))
+    pub(r, A, rec("other", b"not logged", flags=0, seq=9))
+    r.end_pass(0.0)
+    send(r, B, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["sensors/>"], "from_seq": 2})
+    ((_k, body),) = controls(take(r), B)
+    assert body["first_seq"] == 2
+    pub(r, A, rec("sensors/t", b"4", flags=0, seq=4))  # published while replay is pending
+    r.end_pass(0.0)
+    got = [(e.data, e.seq) for _s, e in deliveries(take(r), B)]
+    assert got == [(b"2", 2), (b"3", 3), (b"4", 4)]
+    pub(r, A, rec("sensors/t", b"5", flags=0, seq=5))
+    r.end_pass(0.0)
+    assert [(e.data, e.seq) for _s, e in deliveries(take(r), B)] == [(b"5", None)]
+
+
+def test_replay_since_a_time(tmp_path: Path) -> None:
+    clock = Clock()
+    r, _d = durable_router(tmp_path, clock)
+    hello(r, A)
+    hello(r, B)
+    for i in range(1, 4):
+        record = encode_record(
+            b"t", str(i).encode(), b"", F_PERSISTENT, clock.ns, PUBLISHER + i.to_bytes(8, "big")
+        )
+        pub(r, A, record)
+        r.end_pass(0.0)
+        clock.ns += 60 * 10**9
+    send(r, B, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["t"], "since_s": 90})
+    take(r)
+    r.end_pass(0.0)
+    assert [e.data for _s, e in deliveries(take(r), B)] == [b"3"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ({"since_s": -1}, "non-negative"),
+        ({"from_seq": 0}, "positive integer"),
+        ({"from_seq": 1, "since_s": 1}, "either"),
+        ({"from_seq": 1, "group": "g"}, "queue group cannot replay"),
+    ],
+)
+def test_bad_replay_options_are_refused(tmp_path: Path, extra: dict[str, Any], error: str) -> None:
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    send(r, A, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["t"], **extra})
+    ((kind, body),) = controls(take(r), A)
+    assert kind is Kind.ERR
+    assert error in body["error"]
+
+
+# ---- a property: nothing acknowledged is ever lost -----------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    acks=st.lists(st.booleans(), min_size=1, max_size=30),
+    crash_after=st.integers(min_value=0, max_value=3),
+)
+def test_every_event_is_acked_eventually_across_crashes_and_timeouts(
+    tmp_path_factory: pytest.TempPathFactory, acks: list[bool], crash_after: int
+) -> None:
+    """Publish N persistent events; a consumer acks some on each round; rounds time out
+    and, at one point, the store is closed without ceremony. Every event ends acked exactly
+    once, none disappears, and a redelivered event says so."""
+    path = tmp_path_factory.mktemp("prop")
+    r, d = durable_router(path)
+    hello(r, A)
+    queue_add(r, "q", "q", ack_wait=1.0, max_deliver=1000)
+    consume(r, A, 1, "q")
+    n = len(acks)
+    pub(r, A, *(rec("q", str(i).encode(), seq=i) for i in range(n)))
+    acked: list[bytes] = []
+    now = 0.0
+    for rnd in range(8):
+        r.end_pass(now)
+        got = deliveries(take(r), A)
+        for _s, ev in got:
+            if rnd > 0:
+                assert ev.deliveries >= 2
+            if acks[int(ev.data)] or rnd >= 3:
+                send(r, A, Kind.ACK, {"sid": 1, "ids": [ev.id]}, now)
+                acked.append(ev.data)
+        r.end_pass(now)
+        if rnd == crash_after:
+            d.store.db.close()
+            r, d = durable_router(path)
+            hello(r, A)
+            consume(r, A, 1, "q")
+        now += 1.5
+        r.tick(now)
+    assert sorted(acked, key=int) == [str(i).encode() for i in range(n)]
+    assert d.queues.by_name["q"].depth == 0
+
+
+def test_store_rejects_a_newer_schema(tmp_path: Path) -> None:
+    open_store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "store.db")
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        open_store(tmp_path)
+
+
+def test_an_ack_from_before_a_restart_still_removes_the_event(tmp_path: Path) -> None:
+    """The consumer processed the event; the node that delivered it died before the ack
+    arrived. The restarted node removes it instead of delivering a duplicate."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs")
+    pub(r, A, rec("jobs", b"1", seq=1), rec("jobs", b"2", seq=2))
+    r.end_pass(0.0)
+    take(r)
+    hello(r, B)
+    consume(r, B, 1, "jobs", max_inflight=1)  # holds the first; the second waits
+    send(r, B, Kind.ACK, {"sid": 1, "ids": ids(1, 2), "ref": 7})  # acks the one it lacks
+    r.end_pass(0.0)
+    out = take(r)
+    assert (Kind.OK, {"ref": 7}) in controls(out, B)
+    assert [e.data for _s, e in deliveries(out, B)] == [b"1"]
+    assert d.queues.by_name["jobs"].depth == 1
+    send(r, B, Kind.ACK, {"sid": 1, "ids": ids(1, 1)})
+    r.end_pass(0.1)
+    assert deliveries(take(r), B) == []  # the second is gone, nothing more comes
+    assert d.queues.by_name["jobs"].depth == 0
