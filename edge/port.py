@@ -58,8 +58,11 @@ class MeshPort:
         return self._record(topic, payload, hb, F_IMPORTED if imported else 0)
 
     def _record(self, topic: str, payload: bytes, hb: bytes, flags: int) -> bytes:
+        return self.raw_record(topic.encode(), payload, hb, flags)
+
+    def raw_record(self, tb: bytes, payload: bytes, hb: bytes = b"", flags: int = 0) -> bytes:
+        """One record from an encoded topic and headers block (callers that cache them)."""
         self._seq += 1
-        tb = topic.encode()
         rec = RECORD.pack(
             len(payload),
             len(tb),

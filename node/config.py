@@ -84,6 +84,10 @@ class NodeConfig:
     heartbeat: float = 1.0
     dead_after: float = 2.5
     backoff_max: float = 10.0
+    mqtt_listen: str = ""  # [mqtt] listen = "HOST:PORT"; empty: no MQTT listener
+    mqtt_max_inflight: int = 100
+    mqtt_max_queued: int = 1000
+    mqtt_max_sessions: int = 1000
     store: bool = True
     store_sync: str = "normal"
     log_patterns: tuple[str, ...] = ()
@@ -182,6 +186,22 @@ def _names(v: object) -> tuple[str, ...]:
     if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
         raise ValueError('expected a list of interface names or addresses such as ["eth0"]')
     return tuple(v)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``[v6]:PORT``) as (host, port); ValueError names the problem."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT such as 127.0.0.1:1883 (port 0: a free one)")
+    return host, int(port)
+
+
+def _listen_or_off(v: object) -> str:
+    s = _str(v).strip()
+    if s:
+        host_port(s)
+    return s
 
 
 def _sync(v: object) -> str:
@@ -330,6 +350,34 @@ FIELDS: Final = (
         "backoff_max",
         _duration(0.1, 3600),
         "Longest wait between redials (the wait doubles from 0.2s, with jitter).",
+    ),
+    Field(
+        "mqtt",
+        "listen",
+        "mqtt_listen",
+        _listen_or_off,
+        'MQTT 3.1.1 listener as "HOST:PORT" (meshctl up --mqtt); empty: off.',
+    ),
+    Field(
+        "mqtt",
+        "max_inflight",
+        "mqtt_max_inflight",
+        _positive(65_535),
+        "QoS 1 messages sent to one MQTT client and not yet acknowledged.",
+    ),
+    Field(
+        "mqtt",
+        "max_queued",
+        "mqtt_max_queued",
+        _positive(1_000_000),
+        "QoS 1 messages queued per MQTT session beyond those in flight (then dropped).",
+    ),
+    Field(
+        "mqtt",
+        "max_sessions",
+        "mqtt_max_sessions",
+        _positive(1_000_000),
+        "Persistent MQTT sessions kept for absent clients (the longest absent goes first).",
     ),
     Field(
         "tuning",

@@ -127,14 +127,25 @@ class Node:
         s.bind(self.inproc)
 
     def _status_extra(self, now: float) -> dict[str, Any]:
+        # A plugin whose status names a "section" gets a key of its own (the MQTT
+        # listener: "mqtt"); the others are listed as bridges.
+        bridges: list[dict[str, Any]] = []
+        sections: dict[str, dict[str, Any]] = {}
+        for status in (p.status() for p in self.plugins):
+            key = status.pop("section", None)
+            if key is None:
+                bridges.append(status)
+            else:
+                sections[key] = status
         return {
+            **sections,
             "version": __version__,
             "pid": os.getpid(),
             "data_dir": str(self.identity.data_dir),
             "endpoints": self.endpoints,
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_wall)),
             "uptime_s": round(now - self.started, 3),
-            "bridges": [p.status() for p in self.plugins],
+            "bridges": bridges,
             "limits": {
                 "max_payload": self.config.max_payload,
                 "client_queue": self.config.client_queue,
@@ -515,8 +526,9 @@ def _spool_cursors(config: NodeConfig, data_dir: Path) -> tuple[Path, ...]:
 
 
 class Plugin(Protocol):
-    """An in-process actor started with the node (a bridge): stopped with it, and shown
-    in its status."""
+    """An in-process actor started with the node (a bridge, the MQTT listener): stopped
+    with it, and shown in its status (under "bridges", or under the key its status dict
+    names as "section")."""
 
     def stop(self) -> None: ...
 

@@ -203,7 +203,7 @@ class Router:
         self.counters = Counters()
         self.status_extra: Callable[[float], dict[str, Any]] = lambda _now: {}
         self.peers_extra: Callable[[float], list[dict[str, Any]]] = lambda _now: []
-        self.internal: set[bytes] = set()  # identities of in-process actors (bridges)
+        self.internal: set[bytes] = set()  # identities of in-process actors (bridges, MQTT)
         self._cache: dict[bytes, Route | _Refused] = {}
         self._fwd_cache: dict[bytes, tuple[tuple[str, ...] | None, list[tuple[Via, bytes]]]] = {}
         self._turns: dict[str, _Turn] = {}
@@ -401,12 +401,15 @@ class Router:
                     f"queue group {group!r} must be 1-{MAX_GROUP_NAME} bytes "
                     "without spaces, '/', '*' or '>'"
                 )
-            held = sum(len(s.patterns) for s in client.subs.values())
-            if held + len(patterns) > self.max_subscriptions:
-                raise ValueError(
-                    f"{held + len(patterns)} patterns exceed the limit of "
-                    f"{self.max_subscriptions} per client"
-                )
+            # In-process actors (the MQTT listener) subscribe for many clients of their own
+            # and apply the limit per client themselves.
+            if client.ident not in self.internal:
+                held = sum(len(s.patterns) for s in client.subs.values())
+                if held + len(patterns) > self.max_subscriptions:
+                    raise ValueError(
+                        f"{held + len(patterns)} patterns exceed the limit of "
+                        f"{self.max_subscriptions} per client"
+                    )
         except (ValueError, TopicError) as e:
             self._error(client.ident, ref, str(e), "input")
             return

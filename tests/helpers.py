@@ -101,6 +101,18 @@ def assert_no_traceback(stderr: str, what: str) -> None:
     assert "Traceback" not in stderr, f"{what} printed a traceback:\n{stderr}"
 
 
+def need_binary(binary: str) -> None:
+    """Skip a test whose program is missing, with the reason; in CI (CI=true) fail instead,
+    since scripts/test installs every such program there."""
+    import pytest
+
+    if shutil.which(binary) is None:
+        why = f"{binary} is not installed (scripts/test installs it as root)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:

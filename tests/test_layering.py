@@ -11,6 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PURE = [
     "edge/mapping.py",
+    "edge/mqtt_codec.py",
+    "edge/mqtt_session.py",
+    "edge/mqtt_retain.py",
     "node/topics.py",
     "node/codec.py",
     "node/events.py",

@@ -84,6 +84,15 @@ def up(
             show_default=False,
         ),
     ] = None,
+    mqtt: Annotated[
+        str | None,
+        typer.Option(
+            "--mqtt",
+            metavar="HOST:PORT",
+            help="Accept MQTT 3.1.1 clients here (mqtt.listen, default off; port 0: free).",
+            show_default=False,
+        ),
+    ] = None,
     config: ConfigOpt = None,
     detach: Annotated[
         bool, typer.Option("--detach", help="Run in the background; stop it with `meshctl down`.")
@@ -101,6 +110,11 @@ def up(
     )
     if link:
         cfg = with_overrides(cfg, {"links": [*cfg.links, *link]}, source="command line")
+    if mqtt is not None:
+        try:
+            cfg = with_overrides(cfg, {"mqtt_listen": mqtt}, source="command line")
+        except ConfigError as e:
+            raise ConfigError("command line", "--mqtt", e.reason) from None
     if cfg.uplink_url and not cfg.store:
         raise InputError("an uplink spools to the store: set store.enabled = true")
     where = datadir.resolve_data_dir(cfg.data_dir)
@@ -130,29 +144,42 @@ def up(
         data_dir=where,
     )
 
-    def bridges(node: Node) -> list[Any]:
+    def plugins(node: Node) -> list[Any]:
         started: list[Any] = []
-        if cfg.uplink_url:
-            from edge.uplink import UplinkSettings, start_uplink  # noqa: PLC0415
+        register = node.router.internal.add
+        try:
+            if cfg.uplink_url:
+                from edge.uplink import UplinkSettings, start_uplink  # noqa: PLC0415
 
-            settings = UplinkSettings(
-                url=cfg.uplink_url,
-                export=cfg.uplink_export,
-                imports=cfg.uplink_import,
-                data_dir=where,
-                cursor_path=datadir.uplink_cursor_path(where),
-                node_id=identity.node_id,
-                node_name=identity.name,
-            )
-            started.append(start_uplink(settings, node.ctx, node.inproc, node.router.internal.add))
-        if cfg.bridges:
-            from edge.bridges import start_bridges  # noqa: PLC0415 - paho/nats only when used
+                settings = UplinkSettings(
+                    url=cfg.uplink_url,
+                    export=cfg.uplink_export,
+                    imports=cfg.uplink_import,
+                    data_dir=where,
+                    cursor_path=datadir.uplink_cursor_path(where),
+                    node_id=identity.node_id,
+                    node_name=identity.name,
+                )
+                started.append(start_uplink(settings, node.ctx, node.inproc, register))
+            if cfg.bridges:
+                from edge.bridges import start_bridges  # noqa: PLC0415 - paho/nats when used
 
-            started += start_bridges(cfg.bridges, node.ctx, node.inproc, node.router.internal.add)
+                spool_dir = where if cfg.store else None  # the store holds their spool
+                started += start_bridges(
+                    cfg.bridges, node.ctx, node.inproc, register, data_dir=spool_dir
+                )
+            if cfg.mqtt_listen:
+                from edge.mqtt_listener import start_listener  # noqa: PLC0415 - when used
+
+                started.append(start_listener(cfg, node.ctx, node.inproc, register))
+        except OSError:  # e.g. the MQTT port is taken: stop what already started
+            for plugin in started:
+                plugin.stop()
+            raise
         return started
 
     try:
-        serve(cfg, identity, bridges)
+        serve(cfg, identity, plugins)
     except OSError as e:
         raise OperationalError(str(e)) from None
 
@@ -239,6 +266,16 @@ def _render_status(s: dict[str, Any]) -> None:
         f"[dim]bad frames[/] {c['bad_frames']}  [dim]bad handshakes[/] {c['bad_handshakes']}"
     )
     _render_durable(out, s)
+    m = s.get("mqtt")
+    if m:
+        out.print(
+            f"[dim]mqtt[/] {m['listen']}  [dim]clients[/] {m['clients']}  "
+            f"[dim]sessions[/] {m['sessions']} ({m['offline_sessions']} away)  "
+            f"[dim]retained[/] {'in node' if m['retained'] is None else m['retained']}  "
+            f"[dim]published[/] {m['published']}  "
+            f"[dim]delivered[/] {m['delivered']}  [dim]refused topics[/] {m['refused_topics']}  "
+            f"[dim]protocol errors[/] {m['protocol_errors']}"
+        )
     bridges = [b for b in s.get("bridges") or [] if b.get("kind") != "uplink"]
     if bridges:
         t = Table(

@@ -7,8 +7,10 @@ with the reason. The clients on the far side are the real ones too: paho-mqtt, n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-import shutil
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import NodeFactory, NodeProcess, wait_for
+from helpers import NodeFactory, NodeProcess, need_binary, wait_for
 
 from meshctl import connect
 from meshctl.errors import Timeout
@@ -31,17 +33,9 @@ sys.path.insert(0, str(LAB_DIR))
 import labhelpers as lh  # noqa: E402
 
 
-def _need(binary: str) -> None:
-    if shutil.which(binary) is None:
-        why = f"{binary} is not installed (scripts/test installs it as root)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(why)
-        pytest.skip(why)
-
-
 @pytest.fixture
 def mosquitto() -> Iterator[int]:
-    _need("mosquitto")
+    need_binary("mosquitto")
     port = lh.free_port()
     with lh.mosquitto(port=port):
         yield port
@@ -49,7 +43,7 @@ def mosquitto() -> Iterator[int]:
 
 @pytest.fixture
 def nats_port() -> Iterator[int]:
-    _need("nats-server")
+    need_binary("nats-server")
     port = lh.free_port()
     with lh.nats_server(port=port):
         yield port
@@ -198,7 +192,7 @@ def next_topic(sub: Any, topic: str, timeout: float) -> Any:
 
 
 def test_broker_restart_reconnects_and_is_announced(make_node: NodeFactory) -> None:
-    _need("mosquitto")
+    need_binary("mosquitto")
     port = lh.free_port()
     with lh.mosquitto(port=port):
         node = bridged_node(
@@ -285,3 +279,95 @@ export = ["ext/>"]
         await nc.close()
 
     asyncio.run(run())
+
+
+@contextlib.contextmanager
+def persistent_mosquitto(port: int, state: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """mosquitto keeping its sessions on disk (saved when it stops), stopped by PID."""
+    need_binary("mosquitto")
+    conf = state / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+        f"persistence_location {state}/\nlog_dest none\n"
+    )
+    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(port), timeout=5, what="mosquitto to listen")
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # SIGTERM: mosquitto saves its sessions
+            proc.wait(5)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_persistent_exports_wait_out_a_broker_restart(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """The broker stops mid-stream and comes back: every persistent export arrives (at
+    least once, in order of first arrival), none is dropped; direct ones are counted."""
+    import paho.mqtt.client as mqtt
+
+    port = lh.free_port()
+    state = tmp_path / "mosq"
+    state.mkdir()
+    got: list[bytes] = []
+    with persistent_mosquitto(port, state):
+        node = bridged_node(
+            make_node,
+            f"""
+[[bridge]]
+kind = "mqtt"
+name = "plant"
+url = "mqtt://127.0.0.1:{port}"
+export = ["out/>"]
+qos = 1
+""",
+        )
+        peer = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id="spool-peer",
+            clean_session=False,
+            protocol=mqtt.MQTTv311,
+        )
+        subscribed = threading.Event()
+        peer.on_connect = lambda c, *_: c.subscribe("out/#", qos=1)
+        peer.on_subscribe = lambda *_: subscribed.set()
+        peer.on_message = lambda _c, _u, m: got.append(m.payload)
+        peer.reconnect_delay_set(min_delay=1, max_delay=1)
+        peer.connect("127.0.0.1", port)
+        peer.loop_start()
+        assert subscribed.wait(5)
+        client = connect(node.ipc)
+        for i in range(100):
+            client.publish("out/a", str(i), persistent=True)
+        client.confirm(timeout=5)
+        wait_for(lambda: len(set(got)) == 100, timeout=10, what="the first 100")
+    try:  # the broker is gone: persistent events wait, direct ones are dropped
+        wait_for(lambda: node.status()["bridges"][0]["state"] == "down", timeout=10, what="down")
+        for i in range(100, 300):
+            client.publish("out/a", str(i), persistent=True)
+        client.publish("out/direct", "lost")
+        client.confirm(timeout=5)
+        with persistent_mosquitto(port, state):
+            wait_for(lambda: len(set(got)) == 300, timeout=20, what="all 300 after the restart")
+            for i in range(300, 350):  # and the stream goes on
+                client.publish("out/a", str(i), persistent=True)
+            client.confirm(timeout=5)
+            wait_for(lambda: len(set(got)) == 350, timeout=10, what="the rest")
+            bridge = wait_for(
+                lambda: (b := node.status()["bridges"][0])["spooled"] >= 350 and b,
+                timeout=5,
+                what="the bridge to count them",
+            )
+        firsts = list(dict.fromkeys(int(g) for g in got if g != b"lost"))
+        assert firsts == list(range(350))
+        assert bridge["dropped_remote_down"] >= 1
+    finally:
+        peer.loop_stop()
+        client.close()

@@ -122,6 +122,12 @@ def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
         ("[limits]\nclient_queue = 1_000_000", "client_queue", 1_000_000),
         ("[limits]\nmax_subscriptions = 10_000_000", "max_subscriptions", 10_000_000),
         ('[log]\nlevel = "error"', "log_level", "error"),
+        ('[mqtt]\nlisten = "127.0.0.1:1883"', "mqtt_listen", "127.0.0.1:1883"),
+        ('[mqtt]\nlisten = "[::1]:0"', "mqtt_listen", "[::1]:0"),
+        ('[mqtt]\nlisten = ""', "mqtt_listen", ""),
+        ("[mqtt]\nmax_inflight = 65535", "mqtt_max_inflight", 65535),
+        ("[mqtt]\nmax_queued = 1", "mqtt_max_queued", 1),
+        ("[mqtt]\nmax_sessions = 5", "mqtt_max_sessions", 5),
     ],
 )
 def test_valid_values(text: str, attr: str, value: object) -> None:
@@ -155,6 +161,13 @@ def test_valid_values(text: str, attr: str, value: object) -> None:
         ("[limits]\nmax_clients = false", "limits.max_clients"),
         ('[limits]\nmax_subscriptions = "10"', "limits.max_subscriptions"),
         ('[log]\nlevel = "INFO"', "log.level"),
+        ('[mqtt]\nlisten = "1883"', "mqtt.listen"),
+        ('[mqtt]\nlisten = "host:http"', "mqtt.listen"),
+        ('[mqtt]\nlisten = "host:70000"', "mqtt.listen"),
+        ('[mqtt]\nlisten = ":1883"', "mqtt.listen"),
+        ("[mqtt]\nmax_inflight = 0", "mqtt.max_inflight"),
+        ("[mqtt]\nmax_queued = true", "mqtt.max_queued"),
+        ("[mqtt]\nport = 1883", "mqtt.port"),
         ("[log.level]\nx = 1", "log.level"),
         ("[[node]]\nname = 'x'", "node"),
         ("name = 'x'", "name"),
@@ -311,6 +324,10 @@ VALUES: dict[str, st.SearchStrategy[Any]] = {
     "max_clients": st.integers(1, 1_000_000),
     "max_subscriptions": st.integers(1, 10_000_000),
     "log_level": st.sampled_from(["debug", "info", "warning", "error"]),
+    "mqtt_listen": st.sampled_from(["", "127.0.0.1:1883", "[::1]:0", "broker.local:8883"]),
+    "mqtt_max_inflight": st.integers(1, 65535),
+    "mqtt_max_queued": st.integers(1, 1_000_000),
+    "mqtt_max_sessions": st.integers(1, 1_000_000),
 }
 
 

@@ -1,0 +1,107 @@
+"""One MQTT client's TCP connection to the listener: bytes to packets, packets to bytes.
+
+The protocol object only frames and buffers; what a packet means is decided by the
+listener (mqtt_listener.py), which owns the sessions and the node connection. Writes made
+while handling one read are coalesced into one ``transport.write``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from edge.mqtt_codec import Connect, Decoder, MqttProtocolError
+from edge.mqtt_session import Session
+
+if TYPE_CHECKING:
+    from edge.mqtt_listener import MqttListener
+
+log = logging.getLogger("meshctl.node")
+
+
+class MqttConnection(asyncio.Protocol):
+    """A connected socket and, once CONNECT was accepted, its session."""
+
+    def __init__(self, listener: MqttListener, max_packet: int) -> None:
+        self.listener = listener
+        self.decoder = Decoder(max_packet)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.connect: Connect | None = None
+        self.session: Session | None = None
+        self.last_rx = 0.0
+        self.opened = 0.0
+        self.said_disconnect = False
+        self.closing = False
+        self.awaiting_rel: set[int] = set()  # QoS 2 ids published, waiting for PUBREL
+        self.out: list[bytes] = []
+        self._in_read = False
+
+    @property
+    def name(self) -> str:
+        cid = self.connect.client_id if self.connect is not None else "-"
+        return f"{cid}@{self.peer}"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.opened = self.last_rx = self.listener.now()
+        self.listener.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_rx = self.listener.now()
+        if self.connect is None and not self.decoder.pending and data[:1] != b"\x10":
+            # Not MQTT at all (an HTTP probe, a port scan): say so now, not when a
+            # length it never meant has been read.
+            self.listener.protocol_error(self, f"first byte {data[:1].hex()} is not CONNECT")
+            return
+        self._in_read = True
+        try:
+            for packet in self.decoder.feed(data):
+                self.listener.on_packet(self, packet)
+                if self.closing:
+                    break
+        except MqttProtocolError as e:
+            self.listener.protocol_error(self, str(e))
+        finally:
+            self._in_read = False
+            self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.listener.closed(self)
+
+    def write(self, packet: bytes) -> None:
+        """Queue a packet; it goes out at the end of the current read or with ``flush``."""
+        self.out.append(packet)
+        if not self._in_read:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self.out[0] if len(self.out) == 1 else b"".join(self.out))
+        self.out.clear()
+
+    def backlog(self) -> int:
+        """Bytes written but not yet taken by the kernel (a slow reader grows this)."""
+        t = self.transport
+        return 0 if t is None else t.get_write_buffer_size()
+
+    def close(self, *, abort: bool = False) -> None:
+        """Close after writing what is queued (``abort``: drop it, for a peer gone bad)."""
+        if self.closing:
+            return
+        self.closing = True
+        if self.transport is None:
+            return
+        if abort:
+            self.out.clear()
+            self.transport.abort()
+        else:
+            self.flush()
+            self.transport.close()

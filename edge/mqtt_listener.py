@@ -1,0 +1,617 @@
+"""The node's native MQTT 3.1.1 listener: an in-process actor, like the bridges.
+
+One thread runs an asyncio loop with a TCP server for MQTT clients and ONE DEALER to the
+node over inproc (its identity is registered as internal, so the node does not apply its
+per-client subscription limit to it; the listener applies that limit per MQTT client).
+Every MQTT subscription is one mesh subscription (its own sid); every MQTT publish is one
+record in a batched PUB frame. Topic rules are edge/mapping.py's; packets are
+edge/mqtt_codec.py's; sessions edge/mqtt_session.py's; retained messages sit behind the
+``Retained`` seam of edge/mqtt_retain.py (in the node when its store is on).
+
+QoS 1 from a client is acknowledged once the node has routed the message: the listener
+sends a PING with a ``ref`` after the PUB frame and writes the PUBACKs when the node's OK
+for that ref comes back (the node answers in order). QoS 0 publishes carry a ``qos: 0``
+header so that subscribers receive min(publish QoS, subscription QoS); events published
+by mesh clients have no QoS and are delivered at the subscription's QoS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import zmq
+
+from edge.mapping import (
+    MappingError,
+    mesh_topic_to_mqtt,
+    mqtt_filter_to_mesh,
+    mqtt_shared,
+    mqtt_topic_to_mesh,
+)
+from edge.mqtt_codec import (
+    CONNACK_BAD_PROTOCOL,
+    CONNACK_ID_REJECTED,
+    PINGRESP,
+    SUBACK_FAILURE,
+    Connack,
+    Connect,
+    Disconnect,
+    Packet,
+    PingReq,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    SubAck,
+    Subscribe,
+    Type,
+    Unsubscribe,
+    Will,
+    encode,
+    encode_ack,
+)
+from edge.mqtt_conn import MqttConnection
+from edge.mqtt_retain import ListenerRetained, NodeRetained, Retained
+from edge.mqtt_session import Session, SessionTable, Subscription
+from edge.port import MeshPort
+from node.codec import (
+    F_RETAIN,
+    HEAD_PUB,
+    RECORD_SIZE,
+    Kind,
+    decode_control,
+    encode_control,
+    encode_headers,
+)
+from node.config import NodeConfig, host_port
+from node.errors import CodecError, InputError
+from node.topics import validate_publish_topic
+
+log = logging.getLogger("meshctl.node")
+
+QOS_HEADER: Final = "qos"
+HB_QOS0: Final = encode_headers({QOS_HEADER: "0"})
+FRAME_BYTES: Final = 64 * 1024  # PUB frames to the node are cut at about this size
+CONNECT_TIMEOUT: Final = 10.0  # a socket that sends no CONNECT this long is closed
+TICK: Final = 0.25  # keepalive and CONNECT deadlines are checked this often
+MAX_BACKLOG: Final = 8 * 1024 * 1024  # QoS 0 to a client with more unsent bytes is dropped
+LOG_FIRST: Final = 20  # protocol errors logged one by one before only every 1000th
+_DELIVERY: Final = struct.Struct("<IIHHB")  # sid, plen, tlen, hlen, flags
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    """What the listener needs from the node config."""
+
+    host: str
+    port: int
+    max_inflight: int = 100
+    max_queued: int = 1000
+    max_sessions: int = 1000
+    max_subscriptions: int = 10_000
+    max_packet: int = 1024 * 1024 + 65_536
+    node_retained: bool = True  # the node keeps retained events (its store is on)
+
+
+class MqttListener:
+    """The actor: ``start()`` binds (or raises OSError), ``stop()`` joins the thread."""
+
+    def __init__(
+        self, cfg: ListenerConfig, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, ident: bytes
+    ) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.endpoint = endpoint
+        self.ident = ident
+        self.port = MeshPort("mqtt")
+        self.retained: Retained = NodeRetained() if cfg.node_retained else ListenerRetained()
+        self.sessions = SessionTable(cfg.max_sessions)
+        self.bound = ""
+        self.counters = {
+            "connects": 0,
+            "published": 0,
+            "delivered": 0,
+            "refused_topics": 0,
+            "protocol_errors": 0,
+            "keepalive_timeouts": 0,
+            "wills": 0,
+            "dropped_slow": 0,
+            "dropped_node_busy": 0,
+        }
+        self._conns: set[MqttConnection] = set()
+        self._online: dict[str, MqttConnection] = {}
+        self._sids: dict[int, tuple[Session, Subscription]] = {}
+        self._next_sid = itertools.count(1)
+        self._refs = itertools.count(1)
+        self._to_mesh: dict[str, bytes | None] = {}
+        self._to_mqtt: dict[bytes, bytes | None] = {}
+        self._records: list[bytes] = []
+        self._record_bytes = 0
+        # Packets written once the node has answered a flush, and the sids whose deliveries
+        # wait for them (a new subscription's, until its SUBACK is out).
+        self._after: list[tuple[MqttConnection, bytes, tuple[int, ...]]] = []
+        self._waiting: dict[int, list[tuple[MqttConnection, bytes, tuple[int, ...]]]] = {}
+        self._held: dict[int, list[bytes]] = {}
+        self._flush_due = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sock: zmq.Socket[bytes] | None = None
+        self._stopping: asyncio.Event | None = None
+        self._ready = threading.Event()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="mqtt-listener", daemon=True)
+        self.now: Callable[[], float] = time.monotonic
+
+    # ---- the actor -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the thread and wait until the TCP port is bound; OSError if it cannot be."""
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            self._thread.join(5)
+            raise self._error
+
+    def stop(self) -> None:
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(stopping.set)
+        self._thread.join(timeout=5)
+
+    def status(self) -> dict[str, Any]:
+        """For ``meshctl status`` (read from the node's thread: plain ints and lengths)."""
+        return {
+            "section": "mqtt",
+            "listen": self.bound,
+            "state": "up" if self.bound else "down",
+            "clients": len(self._online),
+            "sessions": len(self.sessions),
+            "offline_sessions": self.sessions.offline,
+            "retained": self.retained.count(),  # None: kept by the node (its status)
+            **self.counters,
+        }
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stopping = asyncio.Event()
+        self.now = loop.time
+        try:
+            server = await loop.create_server(
+                lambda: MqttConnection(self, self.cfg.max_packet),
+                self.cfg.host,
+                self.cfg.port,
+                reuse_address=True,
+            )
+        except OSError as e:
+            where = f"{self.cfg.host}:{self.cfg.port}"
+            why = os.strerror(e.errno).lower() if e.errno else str(e)
+            self._error = OSError(f"cannot listen for MQTT on {where}: {why}")
+            self._ready.set()
+            return
+        addr = server.sockets[0].getsockname()
+        self.bound = f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
+        sock = self._sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.ident)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, 1000)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.connect(self.endpoint)
+        sock.send(encode_control(Kind.HELLO, {"name": "mqtt listener"}))
+        fd = int(sock.getsockopt(zmq.FD))
+        loop.add_reader(fd, self._on_node)
+        tick = loop.create_task(self._ticker())
+        log.info("MQTT listener on %s", self.bound)
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            tick.cancel()
+            server.close()
+            loop.remove_reader(fd)
+            self._sock = None  # the node is stopping: no wills, nothing more to send
+            sock.close(linger=0)
+            for conn in list(self._conns):
+                conn.close(abort=True)
+            self.bound = ""
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            now = self.now()
+            for conn in list(self._conns):
+                if conn.connect is None:
+                    if now - conn.opened > CONNECT_TIMEOUT:
+                        self._drop(conn, "no CONNECT within 10s")
+                elif conn.connect.keepalive and now - conn.last_rx > 1.5 * conn.connect.keepalive:
+                    self.counters["keepalive_timeouts"] += 1
+                    self._drop(conn, f"silent for 1.5 x keepalive {conn.connect.keepalive}s")
+
+    # ---- connections ---------------------------------------------------------------------
+
+    def opened(self, conn: MqttConnection) -> None:
+        self._conns.add(conn)
+
+    def closed(self, conn: MqttConnection) -> None:
+        """The socket is gone: publish the will unless the client said DISCONNECT."""
+        self._conns.discard(conn)
+        connect, session = conn.connect, conn.session
+        conn.session = None
+        if connect is None or session is None:
+            return
+        if self._online.get(connect.client_id) is conn:
+            del self._online[connect.client_id]
+        if connect.will is not None and not conn.said_disconnect:
+            self.counters["wills"] += 1
+            self._publish(None, _will_publish(connect.will))
+        for gone in self.sessions.detach(session):
+            self._forget(gone)
+        self._schedule_flush()
+
+    def _drop(self, conn: MqttConnection, why: str) -> None:
+        log.info("MQTT client %s: closing: %s", conn.name, why)
+        conn.close(abort=True)
+
+    def protocol_error(self, conn: MqttConnection, why: str) -> None:
+        """The client sent garbage (or broke the protocol): close only its connection."""
+        n = self.counters["protocol_errors"] = self.counters["protocol_errors"] + 1
+        if n <= LOG_FIRST or n % 1000 == 0:
+            log.warning("MQTT client %s: protocol error (total %d): %s", conn.name, n, why)
+        conn.close(abort=True)
+
+    # ---- packets from clients -------------------------------------------------------------
+
+    def on_packet(self, conn: MqttConnection, packet: Packet) -> None:
+        """One decoded packet; anything out of place is a protocol error."""
+        if conn.connect is None:
+            if not isinstance(packet, Connect):
+                self.protocol_error(conn, f"first packet is {type(packet).__name__}, not CONNECT")
+            else:
+                self._on_connect(conn, packet)
+            return
+        session = conn.session
+        if session is None:
+            return
+        match packet:
+            case Publish():
+                self._on_publish(conn, packet)
+            case PubAck(packet_id=pid):
+                for out in session.acked(pid):
+                    conn.write(out)
+            case Subscribe():
+                self._on_subscribe(conn, session, packet)
+            case Unsubscribe(packet_id=pid, filters=filters):
+                for filt in filters:
+                    sub = session.subs.pop(filt, None)
+                    if sub is not None:
+                        self._unsub(sub)
+                conn.write(encode_ack(Type.UNSUBACK, pid))
+            case PingReq():
+                conn.write(PINGRESP)
+            case PubRel(packet_id=pid):
+                conn.awaiting_rel.discard(pid)
+                conn.write(encode_ack(Type.PUBCOMP, pid))
+            case Disconnect():
+                conn.said_disconnect = True
+                conn.close()
+            case PubRec() | PubComp():
+                self.protocol_error(conn, "QoS 2 acknowledgement for a message never sent")
+            case _:
+                self.protocol_error(conn, f"{type(packet).__name__} is not sent by clients")
+
+    def _on_connect(self, conn: MqttConnection, c: Connect) -> None:
+        if c.level not in (3, 4):
+            conn.write(encode(Connack(False, CONNACK_BAD_PROTOCOL)))
+            conn.close()
+            return
+        client_id = c.client_id
+        if not client_id:
+            if not c.clean_session:
+                conn.write(encode(Connack(False, CONNACK_ID_REJECTED)))
+                conn.close()
+                return
+            client_id = f"auto-{os.urandom(8).hex()}"
+            c = Connect(client_id, True, c.keepalive, c.will, c.username, c.password, c.level)
+        old = self._online.pop(client_id, None)
+        if old is not None:  # session takeover (MQTT 3.1.1 §3.1.4): the old socket goes
+            old.session = None
+            old.connect = None
+            self._drop(old, "the same client id connected again")
+        session, present, ended = self.sessions.attach(
+            client_id,
+            c.clean_session,
+            max_inflight=self.cfg.max_inflight,
+            max_queued=self.cfg.max_queued,
+        )
+        for gone in ended:
+            self._forget(gone)
+        conn.connect, conn.session = c, session
+        self._online[client_id] = conn
+        self.counters["connects"] += 1
+        conn.write(encode(Connack(present)))
+        for out in session.resume():
+            conn.write(out)
+
+    def _mesh_topic(self, topic: str) -> bytes | None:
+        """The mesh topic of an MQTT topic name, or None (refused: counted by the caller)."""
+        tb = self._to_mesh.get(topic, b"")
+        if tb == b"":
+            try:
+                validate_publish_topic(mqtt_topic_to_mesh(topic))
+                tb = topic.encode()
+            except InputError:
+                tb = None
+            if len(self._to_mesh) > 65_536:
+                self._to_mesh.clear()
+            self._to_mesh[topic] = tb
+        return tb
+
+    def _on_publish(self, conn: MqttConnection, p: Publish) -> None:
+        if p.qos == 2 and p.packet_id in conn.awaiting_rel:
+            conn.write(encode_ack(Type.PUBREC, p.packet_id))  # a resend: published already
+            return
+        routed = self._publish(conn, p)
+        if p.qos == 0:
+            return
+        ack = encode_ack(Type.PUBACK if p.qos == 1 else Type.PUBREC, p.packet_id)
+        if p.qos == 2:
+            conn.awaiting_rel.add(p.packet_id)
+        if routed:
+            self._after.append((conn, ack, ()))
+            self._schedule_flush()
+        else:
+            conn.write(ack)  # refused topics are acknowledged, so the client does not resend
+
+    def _publish(self, conn: MqttConnection | None, p: Publish) -> bool:
+        """Queue one message for the node; False if its topic is refused."""
+        tb = self._mesh_topic(p.topic)
+        if tb is None:
+            self.counters["refused_topics"] += 1
+            if conn is not None:
+                log.debug("MQTT client %s: topic %r refused", conn.name, p.topic)
+            return False
+        flags = 0
+        if p.retain:
+            self.retained.retain(p.topic, p.payload, p.qos)
+            flags = F_RETAIN if self.retained.in_node else 0
+        rec = self.port.raw_record(tb, p.payload, HB_QOS0 if p.qos == 0 else b"", flags)
+        self._records.append(rec)
+        self._record_bytes += len(rec)
+        self.counters["published"] += 1
+        if self._record_bytes >= FRAME_BYTES:
+            self._send_records()
+        self._schedule_flush()
+        return True
+
+    def _on_subscribe(self, conn: MqttConnection, session: Session, s: Subscribe) -> None:
+        codes: list[int] = []
+        retained: list[bytes] = []
+        sids: list[int] = []
+        for filt, qos in s.filters:
+            try:
+                group, plain = mqtt_shared(filt)
+                patterns = mqtt_filter_to_mesh(plain).patterns
+                if group is not None and any(c in group for c in " */>+#"):
+                    raise MappingError(filt, "mesh", f"queue group {group!r} holds a wildcard")
+            except MappingError as e:
+                self.counters["refused_topics"] += 1
+                log.debug("MQTT client %s: filter refused: %s", conn.name, e)
+                codes.append(SUBACK_FAILURE)
+                continue
+            held = len(session.subs)
+            old = session.subs.pop(filt, None)
+            if old is not None:
+                self._unsub(old)
+            elif held >= self.cfg.max_subscriptions:
+                codes.append(SUBACK_FAILURE)
+                continue
+            granted = min(qos, 1)
+            sub = Subscription(next(self._next_sid), granted, group)
+            session.subs[filt] = sub
+            self._sids[sub.sid] = (session, sub)
+            self._held[sub.sid] = []
+            sids.append(sub.sid)
+            body: dict[str, Any] = {"ref": None, "sid": sub.sid, "patterns": list(patterns)}
+            body["group"] = group
+            if group is None and self.retained.in_node:
+                body["retained"] = True
+            self._send(encode_control(Kind.SUB, body))
+            codes.append(granted)
+            if group is None:
+                for m in self.retained.matching(plain):
+                    q = min(m.qos, granted)
+                    packet = session.deliver(m.topic.encode(), m.payload, q, retain=True)
+                    if packet is not None:
+                        retained.append(packet)
+        # SUBACK once the node has the subscriptions, so a publish right after it is seen.
+        self._after.append((conn, encode(SubAck(s.packet_id, tuple(codes))), tuple(sids)))
+        self._after.extend((conn, r, ()) for r in retained)
+        self._schedule_flush()
+
+    def _unsub(self, sub: Subscription) -> None:
+        self._sids.pop(sub.sid, None)
+        self._send(encode_control(Kind.UNSUB, {"ref": None, "sid": sub.sid}))
+
+    def _forget(self, session: Session) -> None:
+        """A session ended for good: its mesh subscriptions go."""
+        for sub in session.subs.values():
+            self._unsub(sub)
+        session.subs.clear()
+
+    # ---- the node side ---------------------------------------------------------------------
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_due and self._loop is not None:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Once per loop pass: hand batched records to the node, then ask it to confirm."""
+        self._flush_due = False
+        self._send_records()
+        if self._after:
+            ref = next(self._refs)
+            self._waiting[ref] = self._after
+            self._after = []
+            self._send(encode_control(Kind.PING, {"ref": ref}))
+
+    def _send_records(self) -> None:
+        if self._records:
+            frame = HEAD_PUB + b"".join(self._records)
+            self._records.clear()
+            self._record_bytes = 0
+            self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.send(frame)
+        except zmq.Again:
+            self.counters["dropped_node_busy"] += 1
+        # The FD is edge-triggered: a send may consume the edge of frames that arrived.
+        if _readable(sock) and self._loop is not None:
+            self._loop.call_soon(self._on_node)
+
+    def _on_node(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        touched: set[MqttConnection] = set()
+        for _ in range(256):
+            if not _readable(sock):
+                break
+            frame = sock.recv()
+            if frame[:2] == b"\x01\x21":
+                self._deliver(frame, touched)
+            else:
+                self._on_control(frame, touched)
+        else:
+            self._loop.call_soon(self._on_node)  # type: ignore[union-attr]
+        for conn in touched:
+            conn.flush()
+
+    def _on_control(self, frame: bytes, touched: set[MqttConnection]) -> None:
+        try:
+            kind, body = decode_control(frame)
+        except CodecError as e:
+            log.warning("MQTT listener: bad frame from the node: %s", e)
+            return
+        if kind == Kind.OK and body.get("ref") in self._waiting:
+            for conn, packet, release in self._waiting.pop(body["ref"]):
+                held = [p for sid in release for p in self._held.pop(sid, ())]
+                if not conn.closing:
+                    conn.out.append(packet)
+                    conn.out.extend(held)
+                    touched.add(conn)
+        elif kind == Kind.ERR:
+            log.warning("MQTT listener: the node said: %s", body.get("error"))
+
+    def _deliver(self, frame: bytes, touched: set[MqttConnection]) -> None:
+        """Events from the node to MQTT clients: once per client even when several of its
+        subscriptions match (they arrive in the same frame)."""
+        unpack = _DELIVERY.unpack_from
+        sids = self._sids
+        online = self._online
+        seen: set[tuple[int, bytes]] = set()
+        n = len(frame)
+        off = 2
+        while off + 4 + RECORD_SIZE <= n:
+            sid, plen, tlen, hlen, flags = unpack(frame, off)
+            t0 = off + 4 + RECORD_SIZE
+            h0 = t0 + tlen
+            p0 = h0 + hlen
+            end = p0 + plen
+            rec_id = frame[t0 - 16 : t0]
+            off = end
+            target = sids.get(sid)
+            if target is None:
+                continue
+            session, sub = target
+            if len(session.subs) > 1:
+                key = (id(session), rec_id)
+                if key in seen:
+                    continue
+                seen.add(key)
+            topic = self._mqtt_topic(frame[t0:h0])
+            if topic is None:
+                self.counters["refused_topics"] += 1
+                continue
+            qos = sub.qos
+            if qos and hlen and frame[h0:p0] == HB_QOS0:
+                qos = 0
+            conn = online.get(session.client_id)
+            if qos == 0 and conn is not None and conn.backlog() > MAX_BACKLOG:
+                self.counters["dropped_slow"] += 1
+                continue
+            packet = session.deliver(topic, frame[p0:end], qos, retain=bool(flags & F_RETAIN))
+            if packet is None or conn is None:
+                continue
+            self.counters["delivered"] += 1
+            held = self._held.get(sid)
+            if held is not None:
+                held.append(packet)  # before its SUBACK: goes out right after it
+            else:
+                conn.out.append(packet)
+                touched.add(conn)
+
+    def _mqtt_topic(self, tb: bytes) -> bytes | None:
+        topic = self._to_mqtt.get(tb, b"")
+        if topic == b"":
+            try:
+                topic = mesh_topic_to_mqtt(tb.decode()).encode()
+            except (InputError, UnicodeDecodeError):
+                topic = None
+            if len(self._to_mqtt) > 65_536:
+                self._to_mqtt.clear()
+            self._to_mqtt[tb] = topic
+        return topic
+
+
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    """Frames wait on ``sock`` (its FD only signals edges, so this is what to ask)."""
+    return bool(int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+
+
+def _will_publish(will: Will) -> Publish:
+    return Publish(will.topic, will.payload, will.qos, will.retain)
+
+
+def start_listener(
+    config: NodeConfig,
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    endpoint: str,
+    register: Callable[[bytes], None],
+) -> MqttListener:
+    """Start the listener ``[mqtt]`` asks for; OSError when its port cannot be bound."""
+    host, port = host_port(config.mqtt_listen)
+    cfg = ListenerConfig(
+        host,
+        port,
+        max_inflight=config.mqtt_max_inflight,
+        max_queued=config.mqtt_max_queued,
+        max_sessions=config.mqtt_max_sessions,
+        max_subscriptions=config.max_subscriptions,
+        max_packet=config.max_payload + 65_536,
+        node_retained=config.store,
+    )
+    ident = b"\x00mqtt" + time.time_ns().to_bytes(8, "big")
+    register(ident)
+    listener = MqttListener(cfg, ctx, endpoint, ident)
+    listener.start()
+    return listener

@@ -1,0 +1,145 @@
+"""MQTT sessions of the listener, sans-IO: subscriptions and outgoing QoS 1 state.
+
+A session outlives its connection when the client connected with clean_session=0: its
+subscriptions stay active at the node and QoS 1 messages for it wait in a bounded queue
+until it comes back, when unacknowledged ones are sent again with DUP set (MQTT 3.1.1
+§4.4). QoS 0 messages for an absent client are dropped, as mosquitto does by default.
+Everything is in memory: a node restart forgets every session (README).
+
+Outgoing QoS 1 flow: at most ``max_inflight`` messages await PUBACK; more wait in the
+queue (at most ``max_queued``; beyond that new ones are dropped and counted).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Final
+
+from edge.mqtt_codec import encode_publish
+
+MAX_PACKET_ID: Final = 0xFFFF
+
+
+@dataclass(slots=True)
+class Subscription:
+    """One MQTT subscription and the mesh subscription (sid) that serves it."""
+
+    sid: int
+    qos: int
+    group: str | None
+
+
+@dataclass
+class Session:
+    """What the listener keeps for one client id."""
+
+    client_id: str
+    clean: bool
+    max_inflight: int = 100
+    max_queued: int = 1000
+    online: bool = False
+    subs: dict[str, Subscription] = field(default_factory=dict)
+    inflight: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    queue: deque[tuple[bytes, bytes]] = field(default_factory=deque)
+    dropped: int = 0
+    _next_id: int = 0
+
+    def deliver(
+        self, topic: bytes, payload: bytes, qos: int, *, retain: bool = False
+    ) -> bytes | None:
+        """The PUBLISH to write now for one message, or None (queued or dropped).
+        ``retain`` marks a retained message sent for a new subscription."""
+        if qos == 0:
+            if self.online:
+                return encode_publish(topic, payload, retain=retain)
+            self.dropped += 1
+            return None
+        if self.online and len(self.inflight) < self.max_inflight and not self.queue:
+            return self._send(topic, payload, retain=retain)
+        if len(self.queue) >= self.max_queued:
+            self.dropped += 1
+            return None
+        self.queue.append((topic, payload))
+        return None
+
+    def acked(self, packet_id: int) -> list[bytes]:
+        """PUBACK from the client: forget the message and send what waited for room."""
+        self.inflight.pop(packet_id, None)
+        return self._fill()
+
+    def resume(self) -> list[bytes]:
+        """The client is back: every unacknowledged message again (DUP), then the queue."""
+        self.online = True
+        out = [
+            encode_publish(topic, payload, 1, pid, dup=True)
+            for pid, (topic, payload) in self.inflight.items()
+        ]
+        return out + self._fill()
+
+    def _fill(self) -> list[bytes]:
+        out = []
+        while self.online and self.queue and len(self.inflight) < self.max_inflight:
+            out.append(self._send(*self.queue.popleft()))
+        return out
+
+    def _send(self, topic: bytes, payload: bytes, *, retain: bool = False) -> bytes:
+        pid = self._next_id
+        while True:
+            pid = pid % MAX_PACKET_ID + 1
+            if pid not in self.inflight:
+                break
+        self._next_id = pid
+        self.inflight[pid] = (topic, payload)
+        return encode_publish(topic, payload, 1, pid, retain=retain)
+
+
+class SessionTable:
+    """Sessions by client id; at most ``max_offline`` absent persistent sessions are kept
+    (the longest absent is dropped first)."""
+
+    def __init__(self, max_offline: int = 1000) -> None:
+        self.max_offline = max_offline
+        self.by_id: dict[str, Session] = {}
+        self._offline: OrderedDict[str, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+    @property
+    def offline(self) -> int:
+        return len(self._offline)
+
+    def attach(
+        self, client_id: str, clean: bool, *, max_inflight: int = 100, max_queued: int = 1000
+    ) -> tuple[Session, bool, list[Session]]:
+        """The session for a new connection: (session, session_present, sessions to
+        forget). A clean connect always starts afresh and ends an old session."""
+        self._offline.pop(client_id, None)
+        old = self.by_id.pop(client_id, None)
+        ended = []
+        if old is not None and (clean or old.clean):
+            ended.append(old)
+            old = None
+        if old is not None:
+            old.clean = False
+            self.by_id[client_id] = old
+            return old, True, ended
+        session = Session(client_id, clean, max_inflight=max_inflight, max_queued=max_queued)
+        self.by_id[client_id] = session
+        return session, False, ended
+
+    def detach(self, session: Session) -> list[Session]:
+        """The connection ended: sessions to forget (a clean one, or the oldest absent)."""
+        session.online = False
+        if self.by_id.get(session.client_id) is not session:
+            return []  # already replaced by a newer connection of the same client id
+        if session.clean:
+            del self.by_id[session.client_id]
+            return [session]
+        self._offline[session.client_id] = None
+        ended = []
+        while len(self._offline) > self.max_offline:
+            gone, _ = self._offline.popitem(last=False)
+            ended.append(self.by_id.pop(gone))
+        return ended

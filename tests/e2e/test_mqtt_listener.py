@@ -1,0 +1,494 @@
+"""The node's MQTT listener against unmodified clients: mosquitto_pub/sub, paho-mqtt, raw
+sockets (for what well-behaved clients never do: garbage, vanishing, not acknowledging).
+
+Every node runs with --no-discovery on 127.0.0.1 and picks its own free ports; every
+process is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import (
+    Background,
+    NodeFactory,
+    NodeProcess,
+    cli_env,
+    need_binary,
+    run_cli,
+    wait_for,
+)
+
+from edge.mqtt_codec import (
+    Connack,
+    Connect,
+    Decoder,
+    Packet,
+    PubAck,
+    Publish,
+    SubAck,
+    Subscribe,
+    Will,
+    encode,
+)
+
+pytestmark = [pytest.mark.e2e]
+
+MQTT_CONFIG = '[mqtt]\nlisten = "127.0.0.1:0"\n'
+
+
+@pytest.fixture
+def mnode(make_node: NodeFactory) -> NodeProcess:
+    """A node with its MQTT listener on a free port."""
+    return make_node(config_text=MQTT_CONFIG)
+
+
+def mqtt_port(node: NodeProcess) -> int:
+    listen = node.status()["mqtt"]["listen"]
+    return int(listen.rsplit(":", 1)[1])
+
+
+def mqtt_status(node: NodeProcess) -> dict[str, Any]:
+    return dict(node.status()["mqtt"])
+
+
+class Paho:
+    """A paho-mqtt 3.1.1 client on the listener, collecting what it receives."""
+
+    def __init__(
+        self,
+        port: int,
+        client_id: str = "",
+        *,
+        clean: bool = True,
+        will: tuple[str, bytes, int, bool] | None = None,
+    ) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.got: queue.Queue[Any] = queue.Queue()
+        self.connected: queue.Queue[Any] = queue.Queue()
+        self.client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            clean_session=clean,
+            protocol=mqtt.MQTTv311,
+        )
+        if will is not None:
+            self.client.will_set(will[0], will[1], qos=will[2], retain=will[3])
+        self.client.on_message = lambda _c, _u, m: self.got.put(m)
+        self.client.on_connect = lambda _c, _u, flags, rc, _p: self.connected.put((flags, rc))
+        self.client.connect("127.0.0.1", port, keepalive=30)
+        self.client.loop_start()
+        flags, rc = self.connected.get(timeout=5)
+        assert not rc.is_failure, rc
+        self.session_present = bool(flags.session_present)
+
+    def subscribe(self, filt: str, qos: int = 1) -> None:
+        done: queue.Queue[Any] = queue.Queue()
+        self.client.on_subscribe = lambda _c, _u, m, codes, _p: done.put((m, codes))
+        _result, mid = self.client.subscribe(filt, qos)
+        got_mid, codes = done.get(timeout=5)
+        assert got_mid == mid
+        assert not any(c.is_failure for c in codes), codes
+
+    def publish(self, topic: str, data: bytes, qos: int = 1, retain: bool = False) -> None:
+        info = self.client.publish(topic, data, qos=qos, retain=retain)
+        info.wait_for_publish(5)
+        assert info.is_published()
+
+    def take(self, n: int, timeout: float = 5) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        out = []
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"got {len(out)} of {n} messages: {[m.topic for m in out]}")
+            try:
+                out.append(self.got.get(timeout=left))
+            except queue.Empty:
+                continue
+        return out
+
+    def quiet(self, wait: float = 0.5) -> list[Any]:
+        """Whatever arrives within ``wait`` seconds (expected: nothing)."""
+        time.sleep(wait)  # waiting for an absence: there is no event to wait on
+        out = []
+        while not self.got.empty():
+            out.append(self.got.get())
+        return out
+
+    def vanish(self) -> None:
+        """Stop without DISCONNECT: the listener sees the socket close."""
+        self.client.loop_stop()
+        sock = self.client.socket()
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Clients(list[Paho]):
+    """The paho clients of one test, all stopped after it."""
+
+    def open(
+        self, port: int, client_id: str, *, subscribe: str = "", qos: int = 1, **kw: Any
+    ) -> Paho:
+        c = Paho(port, client_id, **kw)
+        self.append(c)
+        if subscribe:
+            c.subscribe(subscribe, qos)
+        return c
+
+
+@pytest.fixture
+def paho() -> Iterator[Clients]:
+    clients = Clients()
+    yield clients
+    for c in clients:
+        c.client.loop_stop()
+        c.client.disconnect()
+
+
+class Raw:
+    """A bare socket speaking MQTT through edge.mqtt_codec: does what real clients won't."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.decoder = Decoder()
+        self.packets: list[Packet] = []
+
+    def send(self, packet: Packet) -> None:
+        self.sock.sendall(encode(packet))
+
+    def expect(self, kind: type[Any], timeout: float = 5) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, p in enumerate(self.packets):
+                if isinstance(p, kind):
+                    return self.packets.pop(i)
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                raise AssertionError(f"no {kind.__name__} within {timeout}s") from None
+            if not data:
+                raise AssertionError(f"connection closed while waiting for {kind.__name__}")
+            self.packets += self.decoder.feed(data)
+
+    def connect(self, client_id: str, *, clean: bool = True, **kw: Any) -> Connack:
+        self.send(Connect(client_id, clean_session=clean, **kw))
+        ack: Connack = self.expect(Connack)
+        assert ack.return_code == 0
+        return ack
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+# ---- interoperability with the mesh ----------------------------------------------------------
+
+
+def test_mosquitto_pub_reaches_meshctl_sub(mnode: NodeProcess, bg: Background) -> None:
+    need_binary("mosquitto_pub")
+    sub = bg.start("sub", "sensors/>", "--json", server=mnode.ipc)
+    port = mqtt_port(mnode)
+    for qos in ("0", "1"):
+        done = subprocess.run(
+            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", qos,
+             "-t", f"sensors/t{qos}", "-m", f"hello {qos}"],
+            capture_output=True, timeout=10, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+    got = {(e["topic"], e["data"]) for e in _json_events(sub, 2)}
+    assert got == {("sensors/t0", "hello 0"), ("sensors/t1", "hello 1")}
+
+
+def _json_events(sub: Any, n: int) -> list[dict[str, Any]]:
+    sub.wait_lines(n)
+    return sub.json_lines()
+
+
+def test_meshctl_pub_reaches_mosquitto_sub(mnode: NodeProcess) -> None:
+    need_binary("mosquitto_sub")
+    port = mqtt_port(mnode)
+    proc = subprocess.Popen(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-t", "cmd/#", "-v",
+         "-C", "2", "-W", "15", "-q", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: {"cmd", "cmd/>"} <= {s["pattern"] for s in mnode.status()["subscriptions"]},
+            timeout=10,
+            what="mosquitto_sub's subscription at the node",
+        )
+        assert run_cli("pub", "cmd/light", "on", server=mnode.ipc).returncode == 0
+        assert run_cli("pub", "cmd", "all", server=mnode.ipc).returncode == 0
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert out.decode().splitlines() == ["cmd/light on", "cmd all"], err
+
+
+def test_paho_qos1_both_ways_and_no_echo(mnode: NodeProcess, paho: Clients, bg: Background) -> None:
+    port = mqtt_port(mnode)
+    sub, pub = Paho(port, "sub"), Paho(port, "pub")
+    paho += [sub, pub]
+    sub.subscribe("q/#", qos=1)
+    mesh = bg.start("sub", "q/>", "--json", server=mnode.ipc)
+    for i in range(20):
+        pub.publish(f"q/{i}", f"m{i}".encode(), qos=1)  # PUBACK only after the node routed it
+    got = sub.take(20)
+    assert [(m.topic, m.payload, m.qos) for m in got] == [
+        (f"q/{i}", f"m{i}".encode(), 1) for i in range(20)
+    ]
+    assert len(_json_events(mesh, 20)) == 20
+    assert pub.quiet(0.3) == []  # not subscribed: its own publishes do not come back
+    # mesh -> MQTT at the subscription's QoS
+    assert run_cli("pub", "q/from-mesh", "hi", server=mnode.ipc).returncode == 0
+    (m,) = sub.take(1)
+    assert (m.topic, m.payload, m.qos) == ("q/from-mesh", b"hi", 1)
+    # a QoS 0 publish arrives at QoS 0 even on a QoS 1 subscription
+    pub.publish("q/zero", b"z", qos=0)
+    (m,) = sub.take(1)
+    assert (m.topic, m.qos) == ("q/zero", 0)
+    # subscribed to what it publishes: MQTT 3.1.1 has no no-local, so it comes back
+    sub.publish("q/self", b"me", qos=1)
+    (m,) = sub.take(1)
+    assert m.topic == "q/self"
+
+
+def test_retained_message_for_new_subscribers_and_cleared(
+    mnode: NodeProcess, paho: Clients
+) -> None:
+    port = mqtt_port(mnode)
+    pub = paho.open(port, "retainer")
+    pub.publish("r/state", b"on", qos=1, retain=True)
+    pub.publish("r/other", b"x", qos=0, retain=True)
+    late = paho.open(port, "late", subscribe="r/state", qos=1)
+    (m,) = late.take(1)
+    assert (m.topic, m.payload, m.retain) == ("r/state", b"on", True)
+    pub.publish("r/state", b"off", qos=1)  # live messages are not marked retained
+    (m,) = late.take(1)
+    assert (m.payload, m.retain) == (b"off", False)
+    assert mnode.status()["store"]["retained"] == 2  # kept by the node (its store is on)
+    pub.publish("r/state", b"", qos=1, retain=True)  # an empty retained message clears it
+    late.take(1)
+    later = paho.open(port, "later", subscribe="r/#", qos=1)
+    assert [(m.topic, m.payload) for m in later.take(1)] == [("r/other", b"x")]
+    assert later.quiet(0.3) == []
+
+
+def test_retained_is_shared_with_the_mesh_and_survives_a_restart(
+    make_node: NodeFactory, paho: Clients, bg: Background, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "kept"
+    node = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    pub = Paho(mqtt_port(node), "retainer")
+    pub.publish("shared/mqtt", b"from mqtt", qos=1, retain=True)
+    pub.close()
+    assert run_cli("pub", "--retain", "shared/mesh", "from mesh", server=node.ipc).returncode == 0
+    sub = bg.start("sub", "shared/>", "--json", server=node.ipc)
+    got = {(e["topic"], e["data"]) for e in _json_events(sub, 2)}
+    assert got == {("shared/mqtt", "from mqtt"), ("shared/mesh", "from mesh")}
+    node.stop()
+    again = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    late = Paho(mqtt_port(again), "late")
+    paho.append(late)
+    late.subscribe("shared/#", qos=1)
+    got_mqtt = {(m.topic, m.payload, m.retain) for m in late.take(2)}
+    assert got_mqtt == {("shared/mqtt", b"from mqtt", True), ("shared/mesh", b"from mesh", True)}
+
+
+def test_retained_in_the_listener_when_the_node_has_no_store(
+    make_node: NodeFactory, paho: Clients
+) -> None:
+    node = make_node(config_text=MQTT_CONFIG + "[store]\nenabled = false\n")
+    port = mqtt_port(node)
+    pub = paho.open(port, "retainer")
+    pub.publish("r/state", b"on", qos=1, retain=True)
+    late = paho.open(port, "late", subscribe="r/#", qos=1)
+    assert [(m.topic, m.payload, m.retain) for m in late.take(1)] == [("r/state", b"on", True)]
+    assert mqtt_status(node)["retained"] == 1
+
+
+def test_will_published_when_the_socket_dies(mnode: NodeProcess, paho: Clients) -> None:
+    port = mqtt_port(mnode)
+    watcher = paho.open(port, "watcher", subscribe="wills/#", qos=1)
+    dying = Paho(port, "dying", will=("wills/dying", b"gone", 1, True))
+    dying.vanish()
+    (m,) = watcher.take(1)
+    assert (m.topic, m.payload) == ("wills/dying", b"gone")
+    polite = Paho(port, "polite", will=("wills/polite", b"gone", 1, False))
+    polite.close()  # DISCONNECT: no will
+    assert watcher.quiet(0.5) == []
+    late = Paho(port, "late")  # the will was retained
+    paho.append(late)
+    late.subscribe("wills/+", qos=1)
+    assert [m.payload for m in late.take(1)] == [b"gone"]
+    assert mqtt_status(mnode)["wills"] == 1
+
+
+def test_keepalive_timeout_closes_and_publishes_the_will(mnode: NodeProcess, paho: Clients) -> None:
+    port = mqtt_port(mnode)
+    watcher = paho.open(port, "watcher", subscribe="wills/#", qos=0)
+    silent = Raw(port)
+    started = time.monotonic()
+    silent.connect("silent", keepalive=1, will=Will("wills/silent", b"timeout"))
+    (m,) = watcher.take(1, timeout=5)
+    assert m.payload == b"timeout"
+    assert 1.4 <= time.monotonic() - started < 5  # 1.5 x keepalive, checked every 0.25 s
+    assert silent.sock.recv(10) == b""  # the listener closed it
+    silent.close()
+    assert mqtt_status(mnode)["keepalive_timeouts"] == 1
+
+
+def test_shared_subscription_gives_each_message_to_exactly_one(
+    mnode: NodeProcess, paho: Clients
+) -> None:
+    port = mqtt_port(mnode)
+    a, b, pub = Paho(port, "a"), Paho(port, "b"), Paho(port, "pub")
+    paho += [a, b, pub]
+    a.subscribe("$share/workers/jobs/#", qos=1)
+    b.subscribe("$share/workers/jobs/#", qos=1)
+    for i in range(20):
+        pub.publish(f"jobs/{i}", str(i).encode(), qos=1)
+    wait_for(lambda: a.got.qsize() + b.got.qsize() >= 20, timeout=10, what="20 deliveries")
+    got_a = a.quiet(0.3)  # and no more than 20
+    got_b = b.quiet(0.0)
+    ids_a = {m.payload for m in got_a}
+    ids_b = {m.payload for m in got_b}
+    assert ids_a | ids_b == {str(i).encode() for i in range(20)}
+    assert not ids_a & ids_b
+    assert len(got_a) + len(got_b) == 20
+    assert ids_a
+    assert ids_b
+    groups = {s["group"] for s in mnode.status()["subscriptions"]}
+    assert "workers" in groups
+
+
+def test_persistent_session_keeps_subscriptions_and_queued_qos1(
+    mnode: NodeProcess, paho: Clients
+) -> None:
+    port = mqtt_port(mnode)
+    first = Paho(port, "keeper", clean=False)
+    assert not first.session_present
+    first.subscribe("p/#", qos=1)
+    first.close()
+    pub = paho.open(port, "pub")
+    for i in range(5):
+        pub.publish(f"p/{i}", str(i).encode(), qos=1)
+    pub.publish("p/q0", b"lost", qos=0)  # QoS 0 for an absent client is dropped
+    assert mqtt_status(mnode)["offline_sessions"] == 1
+    back = paho.open(port, "keeper", clean=False)
+    assert back.session_present
+    assert [m.payload for m in back.take(5)] == [str(i).encode() for i in range(5)]
+    assert back.quiet(0.3) == []
+    # clean_session=1 throws the session away
+    back.close()
+    paho.remove(back)
+    fresh = paho.open(port, "keeper", clean=True)
+    assert not fresh.session_present
+
+
+def test_unacknowledged_qos1_is_resent_with_dup_on_resume(mnode: NodeProcess) -> None:
+    port = mqtt_port(mnode)
+    c = Raw(port)
+    c.connect("dup-client", clean=False)
+    c.send(Subscribe(1, (("d/#", 1),)))
+    assert c.expect(SubAck).return_codes == (1,)
+    assert run_cli("pub", "d/x", "once", server=mnode.ipc).returncode == 0
+    p = c.expect(Publish)
+    assert (p.payload, p.qos, p.dup) == (b"once", 1, False)
+    c.close()  # no PUBACK
+    again = Raw(port)
+    assert again.connect("dup-client", clean=False).session_present
+    p2 = again.expect(Publish)
+    assert (p2.payload, p2.dup, p2.packet_id) == (b"once", True, p.packet_id)
+    again.send(PubAck(p2.packet_id))
+    again.close()
+
+
+def test_garbage_client_is_closed_and_counted_others_unaffected(
+    mnode: NodeProcess, paho: Clients
+) -> None:
+    port = mqtt_port(mnode)
+    good = paho.open(port, "good", subscribe="g/#", qos=1)
+    for garbage in (
+        b"\x00\x00",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"\x10\xff\xff\xff\xff",
+        b"\x30\x03\x00\x01#",
+    ):
+        bad = socket.create_connection(("127.0.0.1", port), timeout=5)
+        bad.sendall(garbage)
+        assert bad.recv(10) == b""  # closed by the listener
+        bad.close()
+    bad = Raw(port)  # a valid client that then breaks the protocol
+    bad.connect("bad")
+    bad.send(Connect("again"))
+    assert bad.sock.recv(10) == b""
+    bad.close()
+    good.publish("g/still", b"fine", qos=1)
+    assert [m.payload for m in good.take(1)] == [b"fine"]
+    status = mqtt_status(mnode)
+    assert status["protocol_errors"] >= 4, status
+    assert "protocol error" in mnode.log_text()
+
+
+def test_unmappable_topics_are_refused_and_counted(mnode: NodeProcess, paho: Clients) -> None:
+    port = mqtt_port(mnode)
+    c = paho.open(port, "c", subscribe="ok/#", qos=1)
+    c.publish("ok//empty-level", b"x", qos=1)  # acknowledged, but refused
+    c.publish("$mesh/fake", b"x", qos=1)  # reserved for the node's own events
+    c.publish("ok/fine", b"y", qos=1)
+    assert [m.topic for m in c.take(1)] == ["ok/fine"]
+    assert mqtt_status(mnode)["refused_topics"] == 2
+    c.client.subscribe("a//b", 1)  # SUBACK 0x80: no empty levels in the mesh
+    wait_for(lambda: mqtt_status(mnode)["refused_topics"] == 3, timeout=5, what="refusal")
+
+
+def test_up_with_bad_mqtt_address_is_a_usage_error(tmp_path: Any) -> None:
+    r = run_cli("up", "--no-discovery", "--data-dir", str(tmp_path / "d"), "--mqtt", "nowhere")
+    assert r.returncode == 2, r.describe()
+    assert len(r.err_lines) == 1
+    assert "--mqtt" in r.stderr
+
+
+def test_up_with_busy_mqtt_port_fails_cleanly(tmp_path: Any) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_cli(
+            "up", "--no-discovery", "--port", "0", "--listen", "127.0.0.1",
+            "--data-dir", str(tmp_path / "d"), "--mqtt", f"127.0.0.1:{port}",
+        )  # fmt: skip
+    assert r.returncode == 1, r.describe()
+    assert f"cannot listen for MQTT on 127.0.0.1:{port}" in r.stderr
+
+
+def test_node_stops_cleanly_with_mqtt_clients_connected(mnode: NodeProcess) -> None:
+    port = mqtt_port(mnode)
+    c = Raw(port)
+    c.connect("stay", will=Will("wills/stay", b"x"))
+    c.send(Subscribe(1, (("x/#", 1),)))
+    c.expect(SubAck)
+    started = time.monotonic()
+    assert mnode.stop() == 0
+    assert time.monotonic() - started < 3
+    assert c.sock.recv(10) == b""
+    c.close()
+    assert "Traceback" not in mnode.log_text()

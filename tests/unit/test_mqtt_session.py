@@ -1,0 +1,163 @@
+"""MQTT sessions (QoS 1 window, queue, resume with DUP), the session table, retained store."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from edge.mqtt_codec import Decoder, Publish
+from edge.mqtt_retain import ListenerRetained, NodeRetained, filter_matches
+from edge.mqtt_session import Session, SessionTable
+
+
+def publishes(packets: list[bytes]) -> list[Publish]:
+    out = Decoder().feed(b"".join(packets))
+    assert all(isinstance(p, Publish) for p in out)
+    return out  # type: ignore[return-value]
+
+
+# ---- Session ----------------------------------------------------------------------------
+
+
+def test_qos0_goes_out_only_while_online() -> None:
+    s = Session("c", clean=True, online=True)
+    assert publishes([s.deliver(b"t", b"x", 0)]) == [Publish("t", b"x")]  # type: ignore[list-item]
+    s.online = False
+    assert s.deliver(b"t", b"x", 0) is None
+    assert s.dropped == 1
+
+
+def test_qos1_window_then_queue_then_fill_on_ack() -> None:
+    s = Session("c", clean=False, max_inflight=2, max_queued=2, online=True)
+    sent = [s.deliver(b"t", bytes([i]), 1) for i in range(5)]
+    assert [p is not None for p in sent] == [True, True, False, False, False]
+    assert s.dropped == 1  # the fifth: queue of 2 full
+    first = publishes([sent[0]])[0]  # type: ignore[list-item]
+    assert (first.qos, first.packet_id, first.dup) == (1, 1, False)
+    more = publishes(s.acked(1))
+    assert [(p.payload, p.packet_id) for p in more] == [(b"\x02", 3)]
+    assert sorted(s.inflight) == [2, 3]
+
+
+def test_resume_resends_inflight_with_dup_then_queue() -> None:
+    s = Session("c", clean=False, max_inflight=1, online=True)
+    s.deliver(b"t", b"a", 1)
+    s.online = False
+    s.deliver(b"t", b"b", 1)
+    got = publishes(s.resume())
+    assert [(p.payload, p.dup, p.packet_id) for p in got] == [(b"a", True, 1)]
+    got = publishes(s.acked(1))
+    assert [(p.payload, p.dup) for p in got] == [(b"b", False)]
+
+
+def test_packet_ids_skip_those_in_flight_and_wrap() -> None:
+    s = Session("c", clean=False, max_inflight=3, online=True)
+    s._next_id = 0xFFFE
+    ids = [publishes([s.deliver(b"t", b"", 1)])[0].packet_id for _ in range(3)]  # type: ignore[list-item]
+    assert ids == [0xFFFF, 1, 2]
+
+
+def test_retained_flag_on_immediate_delivery() -> None:
+    s = Session("c", clean=True, online=True)
+    p = publishes([s.deliver(b"t", b"x", 1, retain=True)])[0]  # type: ignore[list-item]
+    assert p.retain
+
+
+# ---- SessionTable -----------------------------------------------------------------------
+
+
+def test_persistent_session_comes_back_and_clean_one_does_not() -> None:
+    table = SessionTable()
+    s, present, ended = table.attach("a", clean=False)
+    assert (present, ended) == (False, [])
+    assert table.detach(s) == []
+    again, present, _ = table.attach("a", clean=False)
+    assert again is s
+    assert present
+    _, present, ended = table.attach("a", clean=True)
+    assert not present
+    assert ended == [s]
+
+
+def test_clean_session_ends_on_detach() -> None:
+    table = SessionTable()
+    s, _, _ = table.attach("a", clean=True)
+    assert table.detach(s) == [s]
+    assert len(table) == 0
+
+
+def test_absent_sessions_are_bounded_oldest_first() -> None:
+    table = SessionTable(max_offline=2)
+    sessions = [table.attach(name, clean=False)[0] for name in "abc"]
+    ended = [gone for s in sessions for gone in table.detach(s)]
+    assert [g.client_id for g in ended] == ["a"]
+    assert table.offline == 2
+
+
+# ---- retained and filters ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filt", "topic", "hit"),
+    [
+        ("a/b", "a/b", True),
+        ("a/+", "a/b", True),
+        ("a/+", "a/b/c", False),
+        ("a/#", "a", True),
+        ("a/#", "a/b/c", True),
+        ("#", "a/b", True),
+        ("+/b", "a/b", True),
+        ("+", "/a", False),
+        ("+/+", "/a", True),
+        ("#", "$SYS/x", False),
+        ("+/x", "$SYS/x", False),
+        ("$SYS/#", "$SYS/x", True),
+        ("a/b", "a/b/c", False),
+    ],
+)
+def test_filter_matches(filt: str, topic: str, hit: bool) -> None:
+    assert filter_matches(filt, topic) is hit
+
+
+def naive(filt: str, topic: str) -> bool:
+    if topic.startswith("$") and filt[:1] in "+#":
+        return False
+    f, t = filt.split("/"), topic.split("/")
+    if f[-1] == "#":
+        return len(t) >= len(f) - 1 and all(a in ("+", b) for a, b in zip(f[:-1], t, strict=False))
+    return len(f) == len(t) and all(a in ("+", b) for a, b in zip(f, t, strict=True))
+
+
+level = st.sampled_from(["a", "b", "", "$x"])
+
+
+@given(st.lists(level | st.just("+"), min_size=1, max_size=4), st.booleans(),
+       st.lists(level, min_size=1, max_size=4))  # fmt: skip
+def test_filter_matches_agrees_with_naive(fl: list[str], hash_: bool, tl: list[str]) -> None:
+    filt = "/".join([*fl, "#"] if hash_ else fl)
+    topic = "/".join(tl)
+    assert filter_matches(filt, topic) == naive(filt, topic)
+
+
+def test_retained_set_clear_match_and_bound() -> None:
+    r = ListenerRetained(limit=2)
+    r.retain("a/b", b"1", 1)
+    r.retain("a/c", b"2", 0)
+    assert {m.topic for m in r.matching("a/+")} == {"a/b", "a/c"}
+    assert [m.payload for m in r.matching("a/b")] == [b"1"]
+    r.retain("a/b", b"", 0)
+    assert r.matching("a/b") == []
+    r.retain("x", b"1", 0)
+    r.retain("y", b"1", 0)
+    assert r.count() == 2
+    assert r.dropped == 1
+    assert r.matching("a/#") == []
+
+
+def test_node_retained_leaves_it_to_the_node() -> None:
+    r = NodeRetained()
+    r.retain("a", b"x", 1)
+    assert r.in_node
+    assert r.matching("a") == []
+    assert r.count() is None
