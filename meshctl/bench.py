@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ class Throughput:
     sent: int
     received: int
     seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of each process
 
     @property
     def per_second(self) -> float:
@@ -205,13 +206,26 @@ def _pair(
         s.start()
         (_, start) = _expect(sq, "sent")
         _, got, _first, end = _expect(rq, "done")
+        cpu = {"sender": cpu_seconds(s.pid), "receiver": cpu_seconds(r.pid)}  # zombies count
         s.join(10)
     finally:
         r.join(10)
         for p in (r,):
             if p.is_alive():
                 p.kill()
-    return Throughput(name, size, count, got, end - start)
+    return Throughput(name, size, count, got, end - start, cpu)
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0.0 where unavailable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+NODE_PIDS: dict[str, int] = {}  # name -> pid of the nodes bench_mesh runs now
 
 
 def _endpoint(transport: str) -> str:
@@ -312,6 +326,7 @@ def bench_mesh(
                 )
             )
             log.close()
+            NODE_PIDS[name] = procs[-1].pid
             ipc[name] = f"ipc://{data / 'node.sock'}"
             tcp[name] = _wait_tcp(ipc[name], procs[-1], data)
         yield tcp if transport == "tcp" else ipc
@@ -407,6 +422,8 @@ class MeshFigures:
     few_subs: Throughput
     many_subs: Throughput
     subscriptions: int
+    cpu_one: dict[str, float]  # CPU µs per event of each process, one node
+    cpu_two: dict[str, float]  # the same through A -> B -> C
 
 
 def mesh_suite(size: int, count: int, *, topics: int = 20_000) -> MeshFigures:
@@ -418,7 +435,9 @@ def mesh_suite(size: int, count: int, *, topics: int = 20_000) -> MeshFigures:
       the mesh vs 10,000 (1,000 per node) that the trie must sift through.
     """
     with bench_mesh({"A": [], "B": ["A"], "C": ["B"]}) as ipc:
+        before = {n: cpu_seconds(NODE_PIDS[n]) for n in "ABC"}
         one = pubsub(ipc["A"], size, count)
+        middle = {n: cpu_seconds(NODE_PIDS[n]) for n in "ABC"}
         two = pubsub(
             ipc["A"],
             size,
@@ -426,6 +445,18 @@ def mesh_suite(size: int, count: int, *, topics: int = 20_000) -> MeshFigures:
             sub_server=ipc["C"],
             when_ready=lambda: wait_interest(ipc["A"], "bench/data", 1),
         )
+        after = {n: cpu_seconds(NODE_PIDS[n]) for n in "ABC"}
+    per = 1e6 / count
+    cpu_one = {
+        "pub": one.cpu["sender"] * per,
+        "node": (middle["A"] - before["A"]) * per,
+        "sub": one.cpu["receiver"] * per,
+    }
+    cpu_two = {
+        "pub": two.cpu["sender"] * per,
+        **{f"node {n}": (after[n] - middle[n]) * per for n in "ABC"},
+        "sub": two.cpu["receiver"] * per,
+    }
     star = {"n0": []} | {f"n{i}": ["n0"] for i in range(1, 10)}
     with bench_mesh(star) as ipc:
         servers = [ipc[f"n{i}"] for i in range(10)]
@@ -439,7 +470,7 @@ def mesh_suite(size: int, count: int, *, topics: int = 20_000) -> MeshFigures:
         many = pubsub(ipc["n0"], size, count, sub_server=ipc["n1"], topics=topics, when_ready=ready)
         for c in many_clients:
             c.close()
-    return MeshFigures(one, two, few, many, 10_000)
+    return MeshFigures(one, two, few, many, 10_000, cpu_one, cpu_two)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Any
 
 import typer
@@ -99,6 +100,17 @@ def _mesh_suite(b: Any, count: int) -> dict[str, object]:
             **{"10k_subs": m.many_subs},
         ),
         "targets": {"two_hop_ratio": 0.8, "routing_slowdown": 0.2},
+        # Where the CPU goes: with more processes than cores the pipeline is bound by the
+        # sum of these, not by its slowest stage; the ratio of the sums says what a
+        # CPU-bound machine can reach at best.
+        "cpu_us_per_event": {
+            "one_node": {k: round(v, 2) for k, v in m.cpu_one.items()},
+            "two_hops": {k: round(v, 2) for k, v in m.cpu_two.items()},
+            "cpu_bound_ratio": round(
+                sum(m.cpu_one.values()) / max(1e-9, sum(m.cpu_two.values())), 3
+            ),
+            "cores": os.cpu_count(),
+        },
     }
     note(
         f"  two hops {out['two_hops_per_s']:,}/s vs one node {out['one_node_per_s']:,}/s "
@@ -213,3 +225,11 @@ def _render_mesh(out: Console, m: dict[str, Any]) -> None:
         f"{m['routing_slowdown']:+.1%} slower (target ≤ 20%; every event a cache miss)"
     )
     out.print(f"mesh: events lost {m['lost']}")
+    cpu = m["cpu_us_per_event"]
+    for run in ("one_node", "two_hops"):
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in cpu[run].items())
+        out.print(f"mesh: CPU µs per event, {run.replace('_', ' ')}: {parts}")
+    out.print(
+        f"mesh: on {cpu['cores']} cores the sum of CPU per event bounds two hops at "
+        f"{cpu['cpu_bound_ratio']:.2f}x of one node"
+    )
