@@ -58,6 +58,7 @@ _TOPIC_CACHE_MAX: Final = 4096
 PERSIST_WINDOW: Final = 20_000  # unacknowledged persistent events before publish waits
 RETRY_AFTER: Final = 2.0  # seconds without any acknowledgement before unacked are resent
 ACK_BATCH: Final = 256
+REPLAY_REPORT: Final = 1000  # replayed events between progress reports to the node
 ACKS_REMEMBERED: Final = 100_000  # per subscription, for confirm_acks to send again
 
 Handler = Callable[[Event], None]
@@ -108,6 +109,8 @@ class Subscription:
         self.resume_body: dict[str, Any] = {"patterns": list(patterns), "group": group}
         self.queue_name: str | None = None  # the durable queue, for a consumer
         self.first_seq: int | None = None  # the first log sequence of a replay
+        self.replaying = False
+        self.consumed = 0  # replayed events consumed, reported to the node
 
     def next(self, timeout: float | None = None) -> Event:
         """The next event; raises Timeout when none arrives within ``timeout`` seconds."""
@@ -116,7 +119,20 @@ class Subscription:
             while not self.queue:
                 if not self.client._pump(deadline):
                     raise Timeout(f"no event on {', '.join(self.patterns)} within {timeout}s")
-        return self.queue.popleft()
+        event = self.queue.popleft()
+        if self.replaying:
+            self._replayed(event)
+        return event
+
+    def _replayed(self, event: Event) -> None:
+        """Tell the node how far a replay has been consumed, so it sends at most a window
+        ahead (a slow reader never makes the node drop replayed events)."""
+        if event.seq is None:
+            self.replaying = False  # the first live event: the replay is over
+            return
+        self.consumed += 1
+        if self.consumed % REPLAY_REPORT == 0:
+            self.client._send_control(Kind.ACK, {"sid": self.sid, "replayed": self.consumed})
 
     def __iter__(self) -> Iterator[Event]:
         while True:
@@ -456,7 +472,11 @@ class Client:
             body["since_s"] = since
         if from_seq is not None:
             body["from_seq"] = from_seq
-        return self._open_sub(tuple(patterns), group, callback, body)
+        if since is not None or from_seq is not None:
+            body["paced"] = True  # we report consumption (Subscription._replayed)
+        sub = self._open_sub(tuple(patterns), group, callback, body)
+        sub.replaying = "paced" in body
+        return sub
 
     def consume(
         self, queue: str, *, max_inflight: int | None = None, callback: Handler | None = None
@@ -500,6 +520,11 @@ class Client:
         self._acks_n += 1
         if self._acks_n >= ACK_BATCH:
             self._send_acks()
+
+    def _send_control(self, kind: Kind, body: dict[str, Any]) -> None:
+        """A control frame that needs no answer, after what is buffered."""
+        self._send_buffer()
+        self._send(encode_control(kind, body))
 
     def _send_acks(self) -> None:
         """Send acks fire-and-forget, and remember them until ``confirm_acks``."""
@@ -769,6 +794,8 @@ class Client:
             sub.received += 1
             if sub.callback is not None:
                 sub.callback(event)
+                if sub.replaying:
+                    sub._replayed(event)
             else:
                 sub.queue.append(event)
 

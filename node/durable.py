@@ -23,6 +23,7 @@ from node.topics import SubscriptionTrie
 
 DEDUPE_WINDOW: Final = 120.0  # seconds, as NATS JetStream's Nats-Msg-Id window
 REPLAY_BATCH: Final = 2048  # log entries read per replaying subscription per pass
+REPLAY_WINDOW: Final = 20_000  # replayed events a paced client may have unconsumed
 LOG_ALL: Final = 1
 LOG_PERSISTENT: Final = 2
 TRIM_EVERY: Final = 5.0
@@ -101,7 +102,9 @@ class Replay:
     cursor: int
     trie: SubscriptionTrie[int]
     on_live: Callable[[], None]
+    paced: bool = False  # the client reports what it consumed: at most a window ahead
     sent: int = 0
+    acked: int = 0
 
 
 @dataclass
@@ -405,6 +408,7 @@ class Durable:
         since_s: float | None,
         from_seq: int | None,
         on_live: Callable[[], None],
+        paced: bool = False,
     ) -> int:
         """Begin replaying the log to a subscription; returns the first sequence it gets."""
         if from_seq is not None:
@@ -414,7 +418,7 @@ class Durable:
         trie: SubscriptionTrie[int] = SubscriptionTrie()
         for p in patterns:
             trie.add(p, 0)
-        self.replays.append(Replay(ident, sid, prefix, cursor, trie, on_live))
+        self.replays.append(Replay(ident, sid, prefix, cursor, trie, on_live, paced))
         return cursor + 1
 
     def _pump_replays(self, out: Output) -> None:
@@ -423,17 +427,33 @@ class Durable:
         the seam (every earlier event is in the log, every later one is routed live)."""
         still = []
         for r in self.replays:
-            rows = self.store.log_after(r.cursor, REPLAY_BATCH)
+            limit = REPLAY_BATCH
+            if r.paced:
+                limit = min(limit, REPLAY_WINDOW - (r.sent - r.acked))
+                if limit <= 0:
+                    still.append(r)  # the client is behind: wait for its report
+                    continue
+            rows = self.store.log_after(r.cursor, limit)
             for seq, topic, rec in rows:
                 if r.trie.match(topic):
                     out.deliver(r.ident, r.prefix, with_seq(bytes(rec), seq))
                     r.sent += 1
                 r.cursor = seq
-            if len(rows) < REPLAY_BATCH:
+            if len(rows) < limit:
                 r.on_live()
             else:
                 still.append(r)
         self.replays = still
+
+    def replay_consumed(self, ident: bytes, sid: int, count: int) -> None:
+        """A paced client has consumed ``count`` replayed events of ``sid`` so far."""
+        for r in self.replays:
+            if r.ident == ident and r.sid == sid:
+                r.acked = max(r.acked, count)
+
+    def busy(self) -> bool:
+        """True while a replay could send more now: the loop should not sleep."""
+        return any(not r.paced or r.sent - r.acked < REPLAY_WINDOW for r in self.replays)
 
     # ---- views -------------------------------------------------------------------------
 
@@ -492,7 +512,7 @@ def replay_options(
         isinstance(from_seq, bool) or not isinstance(from_seq, int) or not 1 <= from_seq < 2**62
     ):
         raise ValueError(f"from-seq must be a positive integer, not {from_seq!r}")
-    return {"since_s": since, "from_seq": from_seq}
+    return {"since_s": since, "from_seq": from_seq, "paced": body.get("paced") is True}
 
 
 class Output:

@@ -176,7 +176,7 @@ class Node:
             light = self._pass_bytes < SPIN_AFTER_PASS_BELOW
             self._pass_bytes = 0
             if not (light and self._spin(spin)):
-                wait = min(next_probe, next_link_tick) - now
+                wait = 0.0 if self.router.busy() else min(next_probe, next_link_tick) - now
                 ready = dict(poller.poll(max(0, min(MAX_POLL_MS, int(wait * 1000) + 1))))
             now = time.monotonic()
             self._drain(now)

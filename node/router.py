@@ -461,6 +461,10 @@ class Router:
 
     def _queue_ack(self, client: Client, body: dict[str, Any]) -> None:
         sid, ids = body.get("sid"), body.get("ids")
+        consumed = body.get("replayed")
+        if self.durable is not None and isinstance(sid, int) and type(consumed) is int:
+            self.durable.replay_consumed(client.ident, sid, consumed)  # a replay's progress
+            return
         if self.durable is None or not isinstance(sid, int) or not isinstance(ids, list):
             raise CodecError("ACK needs an integer sid and a list of ids")
         try:
@@ -685,6 +689,10 @@ class Router:
                 self.durable.end_pass(now, self._durable_out)
             except Exception as e:  # a bug of ours must not take the node down: count, log
                 self._internal_error("the end of a pass", e)
+
+    def busy(self) -> bool:
+        """True when the next pass has work even without input (a replay to continue)."""
+        return self.durable is not None and self.durable.busy()
 
     def tick(self, now: float) -> None:
         """Timers of the durable side (ack waits, log bounds); the loop calls it often."""

@@ -588,3 +588,33 @@ def test_retained_values_are_bounded_in_bytes(tmp_path: Path) -> None:
     assert d.retained_bytes <= 4096
     assert len(d.retained) == 3
     assert d.retained_refused == 17
+
+
+def test_a_paced_replay_stays_a_window_ahead_of_what_the_client_consumed(
+    tmp_path: Path,
+) -> None:
+    """A slow reader must not make the node overfill its queue (and drop replayed events):
+    the node sends at most REPLAY_WINDOW unconsumed events, then waits for the report."""
+    from node.durable import REPLAY_WINDOW
+
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    total = REPLAY_WINDOW + 3000
+    for start in range(0, total, 1000):
+        pub(r, A, *(rec("h", seq=i + 1) for i in range(start, min(total, start + 1000))))
+        r.end_pass(0.0)
+    take(r)
+    send(r, A, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["h"], "from_seq": 1, "paced": True})
+    take(r)
+    got = 0
+    for _ in range(30):
+        r.end_pass(0.0)
+        got += len(deliveries(take(r), A))
+    assert got == REPLAY_WINDOW
+    assert not r.busy()  # nothing to do until the client reports
+    send(r, A, Kind.ACK, {"sid": 1, "replayed": REPLAY_WINDOW})
+    for _ in range(5):
+        r.end_pass(0.0)
+        got += len(deliveries(take(r), A))
+    assert got == total
+    assert d.replays == []  # caught up: live now
