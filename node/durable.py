@@ -34,7 +34,6 @@ SPOOL_FULL: Final = (
     "events for the cloud are refused until it drains"
 )
 _ID: Final = slice(RECORD_SIZE - 16, RECORD_SIZE)
-_TIME: Final = slice(RECORD_SIZE - 24, RECORD_SIZE - 16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +194,9 @@ class Durable:
     def stage(self, record: bytes, topic: str, route: Any, *, local: bool) -> None:
         """Log, capture and retain one event as its flags and route say."""
         flags = record[8]
-        t_ns = int.from_bytes(record[_TIME], "little")
+        # The node's clock, not the publisher's: a device without a real-time clock must
+        # not have its events aged out of the log (or replayed from 1970) at once.
+        t_ns = self.wall_ns()
         keep = route.log == LOG_ALL or (flags & F_PERSISTENT and (local or route.log))
         if keep and not self._spool_refuses(topic):
             self.p.log.append((record[_ID], topic, t_ns, record))

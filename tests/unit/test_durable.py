@@ -618,3 +618,16 @@ def test_a_paced_replay_stays_a_window_ahead_of_what_the_client_consumed(
         got += len(deliveries(take(r), A))
     assert got == total
     assert d.replays == []  # caught up: live now
+
+
+def test_the_log_ages_events_by_the_nodes_clock_not_the_publishers(tmp_path: Path) -> None:
+    """A device without a real-time clock stamps 1970: its events still stay for the
+    log's age bound, counted from when this node stored them."""
+    r, d = durable_router(tmp_path, log_max_age=3600.0)
+    hello(r, A)
+    record = encode_record(b"t", b"x", b"", F_PERSISTENT, 0, PUBLISHER + (1).to_bytes(8, "big"))
+    pub(r, A, record)
+    r.end_pass(0.0)
+    r.tick(100.0)
+    r.end_pass(100.0)
+    assert d.store.log_stats()[0] == 1
