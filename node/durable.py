@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from node.codec import F_PERSISTENT, F_RETAIN, RECORD_SIZE, Kind, with_headers
+from node.codec import F_PERSISTENT, F_REPLICA, F_RETAIN, RECORD_SIZE, Kind, with_headers
 from node.errors import CodecError
 from node.queues import DEFAULT_MAX_INFLIGHT, Consumer, Queue, Queues
 from node.store import Store, StoreError
@@ -125,7 +125,8 @@ class _Pass:
     held: list[Held] = field(default_factory=list)
     captured: list[list[Queue]] = field(default_factory=list)
     acked: list[tuple[Queue, int]] = field(default_factory=list)
-    retained: dict[str, bytes | None] = field(default_factory=dict)
+    retained: dict[str, tuple[bytes | None, bool]] = field(default_factory=dict)
+    replicate: list[bytes] = field(default_factory=list)
     answers: list[tuple[bytes, Kind, dict[str, Any]]] = field(default_factory=list)
     refused: dict[bytes, list[str]] = field(default_factory=dict)
 
@@ -146,7 +147,10 @@ class Durable:
             self.persist_trie.add(p, True)
         self.spool = Spool(config) if config.spool_cursors else None
         self._next_spool_check = 0.0
-        self.retained: dict[str, bytes] = dict(store.retained_all())
+        held = store.retained_all()
+        self.retained: dict[str, bytes] = {t: r for t, r, _local in held}
+        self.retained_local: set[str] = {t for t, _r, local in held if local}
+        self.replicas = 0
         self.retained_bytes = sum(len(r) for r in self.retained.values())
         self.retained_refused = 0
         self._staged_retained = 0
@@ -203,19 +207,35 @@ class Durable:
         if flags & F_PERSISTENT and route.queues:
             self.queues.capture(route.queues, record[_ID], record, t_ns)
             self.p.captured.append(route.queues)
-        if flags & F_RETAIN:
+        if flags & F_RETAIN and local:
             empty = int.from_bytes(record[0:4], "little") == 0
-            if empty:
-                self.p.retained[topic] = None
-            elif self._retained_room(topic, record):
-                self.p.retained[topic] = record
+            if empty or self._retained_room(topic, record):
+                self.p.retained[topic] = (None if empty else record, True)
+                self.p.replicate.append(record)  # every other node keeps it too
+
+    def stage_replica(self, record: bytes, topic: str) -> None:
+        """A retained value another node replicated to this one: keep it unless what this
+        node holds for the topic is newer (by publish time)."""
+        self.replicas += 1
+        record = record[:8] + bytes((record[8] & ~F_REPLICA,)) + record[9:]
+        staged = self.p.retained.get(topic)
+        current = staged[0] if staged is not None else self.retained.get(topic)
+        if current is not None and _time_ns(current) > _time_ns(record):
+            return
+        empty = int.from_bytes(record[0:4], "little") == 0
+        if empty or self._retained_room(topic, record):
+            self.p.retained[topic] = (None if empty else record, False)
+
+    def local_retained(self) -> list[bytes]:
+        """The retained values published on this node, for a node that joins the mesh."""
+        return [self.retained[t] for t in sorted(self.retained_local) if t in self.retained]
 
     def _retained_room(self, topic: str, record: bytes) -> bool:
         """Retained values live in memory too: bounded in bytes (a client inventing topics
         must not exhaust the node); what does not fit is routed but not kept, and counted."""
         old = self.retained.get(topic)
         staged = self.p.retained.get(topic)
-        grow = len(record) - len(staged if staged is not None else old or b"")
+        grow = len(record) - len((staged[0] if staged is not None else old) or b"")
         if self.retained_bytes + self._staged_retained + grow > self.config.retained_max_bytes:
             self.retained_refused += 1
             return False
@@ -265,8 +285,8 @@ class Durable:
                 self.store.log_append(p.log)
             if p.dedupe:
                 self.store.dedupe_add(p.dedupe, self.wall_ns())
-            for topic, rec in p.retained.items():
-                self.store.retain(topic, rec)
+            for topic, (rec, local) in p.retained.items():
+                self.store.retain(topic, rec, local)
             staged = Counter(q.name for queues in p.captured for q in queues)
             for q in self.queues.by_name.values():
                 waiting = q.depth + staged[q.name] - len(q.inflight)
@@ -284,12 +304,17 @@ class Durable:
         for queues in p.captured:
             self.queues.committed_capture(queues)
         self._staged_retained = 0
-        for topic, rec in p.retained.items():
+        for topic, (rec, local) in p.retained.items():
             old = self.retained.pop(topic, None)
             self.retained_bytes -= len(old or b"")
+            self.retained_local.discard(topic)
             if rec is not None:
                 self.retained[topic] = rec
                 self.retained_bytes += len(rec)
+                if local:
+                    self.retained_local.add(topic)
+        for rec in p.replicate:
+            out.replicate(rec)
         for ident, kind, body in p.answers:
             out.answer(ident, kind, body)
         for held in p.held:
@@ -470,6 +495,7 @@ class Durable:
             "last_error": self.last_error,
             "log": {"entries": n, "bytes": size, "first_seq": first, "head_seq": first + n - 1},
             "retained": len(self.retained),
+            "retained_replicas_in": self.replicas,
             "retained_bytes": self.retained_bytes,
             "retained_refused": self.retained_refused,
             "queues": len(self.queues.by_name),
@@ -528,6 +554,12 @@ class Output:
     def deliver(self, ident: bytes, prefix: bytes, record: bytes) -> None: ...
 
     def answer(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None: ...
+
+    def replicate(self, record: bytes) -> None: ...
+
+
+def _time_ns(record: bytes) -> int:
+    return int.from_bytes(record[RECORD_SIZE - 24 : RECORD_SIZE - 16], "little")
 
 
 def with_seq(record: bytes, seq: int) -> bytes:

@@ -376,6 +376,14 @@ class Mesh:
             return NO_PLAN
         return Plan(self._split([(node_id, ())], 0), (node_id,), [])
 
+    def broadcast_plan(self, nodes: list[str]) -> Plan:
+        """One copy per next hop to reach every node of ``nodes`` (retained values)."""
+        reachable = self.table.paths()
+        targets = sorted(n for n in nodes if n in reachable)
+        if not targets:
+            return NO_PLAN
+        return Plan(self._split([(n, ()) for n in targets], 0), tuple(targets), [])
+
     def dynamic(self, plan: Plan) -> list[tuple[Via, bytes]]:
         """Per-event choice of one nearest member node per remote-only queue group."""
         assign: dict[str, list[str]] = {n: [] for n in plan.plain}

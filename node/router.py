@@ -16,6 +16,7 @@ from typing import Any, Final
 from node import queue_admin, views
 from node.codec import (
     F_PERSISTENT,
+    F_REPLICA,
     F_REQUEST,
     F_RETAIN,
     HEAD_FWD,
@@ -219,6 +220,7 @@ class Router:
         self._dedup = DedupWindow()
         self.durable = durable
         self._durable_out = _DurableOut(self)
+        self._reachable: set[str] = set()
         if durable is not None:
             for q in durable.queues.by_name.values():
                 for p in q.patterns:
@@ -768,9 +770,23 @@ class Router:
         return Route(plain, groups, plan, durable.wants_log(topic), queues)
 
     def _routes_changed(self) -> None:
-        """The mesh changed: every cached routing decision may be wrong now."""
+        """The mesh changed: every cached routing decision may be wrong now. Nodes that
+        became reachable get the retained values published here."""
         self._cache.clear()
         self._fwd_cache.clear()
+        reachable = set(self.net.table.paths())
+        new = reachable - self._reachable
+        self._reachable = reachable
+        if new and self.durable is not None:
+            for rec in self.durable.local_retained():
+                self.replicate(rec, sorted(new))
+
+    def replicate(self, rec: bytes, nodes: list[str] | None = None) -> None:
+        """Send a retained value to ``nodes`` (default: every reachable node) to keep."""
+        plan = self.net.broadcast_plan(nodes if nodes is not None else list(self._reachable))
+        if plan is NO_PLAN:
+            return
+        self._forward(plan, rec[:8] + bytes((rec[8] | F_REPLICA | F_RETAIN,)) + rec[9:])
 
     def _inbox_plan(self, topic: str) -> Plan:
         """``_INBOX/<other node>/...``: straight to that node."""
@@ -841,6 +857,9 @@ class Router:
             rec = body[off:end]
             off = end
             count += 1
+            if flags & F_REPLICA:  # a retained value to keep, not an event to deliver:
+                self._keep_replica(rec, tlen)  # it shares the event's id, so no dedup
+                continue
             if dedup and seen(*_ORIGIN_SEQ.unpack_from(rec, RECORD_SIZE - 16)):
                 self.counters.duplicates += 1
                 continue
@@ -866,6 +885,17 @@ class Router:
                         dest, prefix = g.pick()
                         pending.setdefault(dest, []).extend((prefix, rec))
         self.counters.forwarded_in += count
+
+    def _keep_replica(self, rec: bytes, tlen: int) -> None:
+        """Store a retained value another node replicated here (topic checked first)."""
+        try:
+            topic = rec[RECORD_SIZE : RECORD_SIZE + tlen].decode()
+            validate_topic(topic)
+        except (UnicodeDecodeError, TopicError):
+            self.counters.dropped["bad_topic"] += 1
+            return
+        if self.durable is not None:
+            self.durable.stage_replica(rec, topic)
 
     def _inbox_target(self, topic: str) -> tuple[bytes, bytes] | None:
         """``_INBOX/<node>/<client>/...`` goes straight to that client's inbox (sid 0)."""
@@ -1014,6 +1044,9 @@ class _DurableOut:
     def answer(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
         if ident in self.router.clients:
             self.router._send_control(ident, kind, body)
+
+    def replicate(self, record: bytes) -> None:
+        self.router.replicate(record)
 
 
 def _valid_group(group: object) -> bool:

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS log (
 CREATE TABLE IF NOT EXISTS dedupe (id BLOB PRIMARY KEY, at_ns INTEGER NOT NULL)
     WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dedupe_at ON dedupe (at_ns);
-CREATE TABLE IF NOT EXISTS retained (topic TEXT PRIMARY KEY, record BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS retained (
+    topic TEXT PRIMARY KEY, record BLOB NOT NULL, local INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS queues (
     name TEXT PRIMARY KEY, patterns TEXT NOT NULL, ack_wait REAL NOT NULL,
     max_deliver INTEGER NOT NULL, created REAL NOT NULL);
@@ -268,15 +269,20 @@ class Store:
 
     # ---- retained ----------------------------------------------------------------------
 
-    def retained_all(self) -> list[tuple[str, bytes]]:
-        return [(t, bytes(r)) for t, r in self.read("SELECT topic, record FROM retained")]
+    def retained_all(self) -> list[tuple[str, bytes, bool]]:
+        """(topic, record, published on this node) of every retained value."""
+        rows = self.read("SELECT topic, record, local FROM retained")
+        return [(t, bytes(r), bool(local)) for t, r, local in rows]
 
-    def retain(self, topic: str, record: bytes | None) -> None:
-        """Keep ``record`` as the last value of ``topic``; None clears it."""
+    def retain(self, topic: str, record: bytes | None, local: bool) -> None:
+        """Keep ``record`` as the last value of ``topic``; None clears it. ``local``: it
+        was published on this node (which then tells nodes that join later)."""
         if record is None:
             self.guard("DELETE FROM retained WHERE topic = ?", (topic,))
         else:
-            self.guard("INSERT OR REPLACE INTO retained VALUES (?, ?)", (topic, record))
+            self.guard(
+                "INSERT OR REPLACE INTO retained VALUES (?, ?, ?)", (topic, record, int(local))
+            )
 
 
 def _explain(e: sqlite3.Error) -> str:

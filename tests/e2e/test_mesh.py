@@ -376,3 +376,33 @@ def test_a_queue_captures_persistent_events_published_on_another_node(mesh: Mesh
     got = [consumer.next(timeout=2) for _ in range(100)]
     assert [e.data for e in got] == [str(i).encode() for i in range(100)]
     assert all(e.deliveries == 1 for e in got)
+
+
+def test_retained_values_reach_new_subscribers_on_any_node_even_nodes_that_join_later(
+    mesh: Mesh,
+) -> None:
+    """A - B - C: a value retained on A is kept by every node (replicated, not routed as an
+    event), so a new subscriber on C gets it; D, linked to C after the fact, gets it too,
+    and a newer value or a clear on A replaces it everywhere."""
+    line(mesh)
+    pub = mesh.client("A")
+    pub.publish("cfg/rate", "10", retain=True)
+    pub.flush()
+
+    def retained_on(node: str, pattern: str = "cfg/>") -> list[tuple[str, bytes]]:
+        with connect(mesh.nodes[node].ipc, timeout=5) as c:
+            sub = c.subscribe(pattern)
+            return [(e.topic, e.data) for e in drain(sub, 0.3) if e.retained]
+
+    wait_for(lambda: retained_on("C") == [("cfg/rate", b"10")], timeout=5, what="C keeps it")
+    mesh.start("D", ["C"])
+    mesh.wait_reachable("D", 4)
+    wait_for(lambda: retained_on("D") == [("cfg/rate", b"10")], timeout=5, what="D gets it")
+    live = mesh.client("D").subscribe("cfg/>", retained=False)  # D converging: dedup is on
+    mesh.wait_interest("A", "cfg/rate", 1)
+    pub.publish("cfg/rate", "20", retain=True)
+    pub.publish("cfg/old", "x", retain=True)
+    pub.publish("cfg/old", "", retain=True)  # cleared
+    pub.flush()
+    wait_for(lambda: retained_on("D") == [("cfg/rate", b"20")], timeout=5, what="D updated")
+    assert [e.data for e in drain(live)] == [b"20", b"x", b""]  # the replicas took nothing
