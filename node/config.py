@@ -38,7 +38,12 @@ _SIZE_UNITS: Final = {
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 _DURATION: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*")
 _UNIT: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_LINK_URL: Final = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
+# A static link may end in ``#KEY``: the peer's CurveZMQ public key (40 Z85 characters),
+# which a secured node needs to dial it (mDNS peers advertise theirs).
+_LINK_URL: Final = re.compile(
+    r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})"
+    r"(#[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40})?"
+)
 
 
 def parse_duration(text: str) -> float:
@@ -89,6 +94,7 @@ class NodeConfig:
     log_patterns: tuple[str, ...] = ()
     log_max_bytes: int = 256 * 1024 * 1024
     log_max_age: float = 7 * 24 * 3600.0
+    insecure: bool = False
     bridges: tuple[BridgeConfig, ...] = ()  # [[bridge]] tables, see bridge_config.py
 
 
@@ -311,6 +317,14 @@ FIELDS: Final = (
         "backoff_max",
         _duration(0.1, 3600),
         "Longest wait between redials (the wait doubles from 0.2s, with jitter).",
+    ),
+    Field(
+        "security",
+        "insecure",
+        "insecure",
+        _bool,
+        "Open mode: no CurveZMQ, no membership; anyone who reaches the port or advertises "
+        "the mesh name joins. Only for a first try on a trusted network (meshctl up --insecure).",
     ),
     Field(
         "tuning",

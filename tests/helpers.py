@@ -402,11 +402,14 @@ class NodeProcess:
         data_dir: Path | None = None,
         discovery: bool = False,
         extra_args: Iterable[str] = (),
+        secure: bool = False,
     ) -> NodeProcess:
         """Spawn a node whose data dir is ``data_dir`` or a fresh one under ``tmp_path``.
 
         mDNS discovery is off unless asked for: a test node must not link up with other
-        nodes that happen to run on this host (nor they with it).
+        nodes that happen to run on this host (nor they with it). Nodes run ``--insecure``
+        unless ``secure``: most tests are about routing, not membership, and open mode keeps
+        them free of credentials; the security tests ask for secured nodes explicitly.
         """
         tmp_path.mkdir(parents=True, exist_ok=True)
         cleanup = False
@@ -424,6 +427,7 @@ class NodeProcess:
             "--name",
             name,
             *([] if discovery else ["--no-discovery"]),
+            *([] if secure else ["--insecure"]),
             *extra_args,
         ]
         if config_text is not None:
