@@ -338,9 +338,15 @@ class Security:
         try:
             self._check(body.get("member"), key, "node", str(claimed))
         except ms.MembershipError as e:
-            name = node.get("name") if isinstance(node, dict) else None
-            self.reject(str(claimed), name, address, key, str(e))
-            return f"not a member of mesh {self.creds.mesh!r}: {e}"
+            why = f"not a member of mesh {self.creds.mesh!r}: {e}"
+            self.reject(
+                str(claimed),
+                node.get("name") if isinstance(node, dict) else None,
+                address,
+                key,
+                why,
+            )
+            return why
         return None
 
     def check_link_ok(self, body: dict[str, Any], server_key: str, url: str) -> str | None:
@@ -350,9 +356,15 @@ class Security:
         try:
             self._check(body.get("member"), server_key, "node", str(claimed))
         except ms.MembershipError as e:
-            name = node.get("name") if isinstance(node, dict) else None
-            self.reject(str(claimed), name, url, server_key, str(e))
-            return f"not a member of mesh {self.creds.mesh!r}: {e}"
+            why = f"not a member of mesh {self.creds.mesh!r}: {e}"
+            self.reject(
+                str(claimed),
+                node.get("name") if isinstance(node, dict) else None,
+                url,
+                server_key,
+                why,
+            )
+            return why
         return None
 
     def check_hello(self, body: dict[str, Any], key: str) -> tuple[ms.Member | None, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -46,9 +46,21 @@ def make_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NodeFa
     started: list[NodeProcess] = []
 
     def make(
-        *, config_text: str | None = None, name: str = "e2e", data_dir: Path | None = None
+        *,
+        config_text: str | None = None,
+        name: str = "e2e",
+        data_dir: Path | None = None,
+        secure: bool = False,
+        extra_args: Iterable[str] = (),
     ) -> NodeProcess:
-        proc = start_node(tmp_path, config_text=config_text, name=name, data_dir=data_dir)
+        proc = start_node(
+            tmp_path,
+            config_text=config_text,
+            name=name,
+            data_dir=data_dir,
+            secure=secure,
+            extra_args=extra_args,
+        )
         started.append(proc)
         return proc
 

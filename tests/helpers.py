@@ -591,9 +591,18 @@ def start_node(
     config_text: str | None = None,
     name: str = "e2e",
     data_dir: Path | None = None,
+    secure: bool = False,
+    extra_args: Iterable[str] = (),
 ) -> NodeProcess:
     """Start a node and wait until it answers; stop it again if it never does."""
-    proc = NodeProcess.start(tmp_path, config_text=config_text, name=name, data_dir=data_dir)
+    proc = NodeProcess.start(
+        tmp_path,
+        config_text=config_text,
+        name=name,
+        data_dir=data_dir,
+        secure=secure,
+        extra_args=extra_args,
+    )
     try:
         return proc.wait_ready(timeout=10)
     except BaseException:
@@ -605,5 +614,11 @@ class NodeFactory(Protocol):
     """The ``make_node`` fixture: start one more node for the current test."""
 
     def __call__(
-        self, *, config_text: str | None = ..., name: str = ..., data_dir: Path | None = ...
+        self,
+        *,
+        config_text: str | None = ...,
+        name: str = ...,
+        data_dir: Path | None = ...,
+        secure: bool = ...,
+        extra_args: Iterable[str] = ...,
     ) -> NodeProcess: ...
