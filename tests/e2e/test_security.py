@@ -3,6 +3,7 @@ permissions, revocation, rogue nodes and open mode (real processes, real sockets
 
 from __future__ import annotations
 
+import contextlib
 import json
 import selectors
 import socket
@@ -53,10 +54,8 @@ class Tap:
                     data = b""
                 if not data:
                     for s in (src, key.data):
-                        try:
+                        with contextlib.suppress(KeyError, ValueError):
                             self._sel.unregister(s)
-                        except (KeyError, ValueError):
-                            pass
                         s.close()
                     continue
                 self.seen += data

@@ -92,7 +92,10 @@ def test_token_use() -> None:
 
 
 PERMS = ms.Permissions(
-    pub_allow=("app/>",), pub_deny=("app/admin/>",), sub_allow=("app/>",), sub_deny=("app/secret/*",)
+    pub_allow=("app/>",),
+    pub_deny=("app/admin/>",),
+    sub_allow=("app/>",),
+    sub_deny=("app/secret/*",),
 )
 
 
