@@ -577,7 +577,7 @@ class Node:
                     "retry_in_s": round(max(0.0, d.next_try - now), 3),
                 }
             )
-        out.extend(r for r in rejected.values() if r["id"] not in linked)
+        out.extend(rejected.values())  # by address: an impersonator shares a linked id
         return out
 
     def _spin(self, seconds: float) -> bool:

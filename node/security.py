@@ -287,7 +287,6 @@ class Security:
             "enrolled": 0,
             "enroll_refused": 0,
             "revocations": 0,
-            "permission_denied": 0,
         }
         self._revoked_mtime = 0.0
         self.poll_revocations_file()
