@@ -31,7 +31,11 @@ def bench(
         str, typer.Option("--transport", help="ipc (how local clients connect) or tcp (loopback).")
     ] = "ipc",
     suite: Annotated[
-        str, typer.Option("--suite", help="node (one node), mesh (linked nodes) or all.")
+        str,
+        typer.Option(
+            "--suite",
+            help="node (one node), mesh (linked nodes), curve (open vs CurveZMQ link) or all.",
+        ),
     ] = "all",
     server: ServerOpt = None,
     json_out: JsonOpt = False,
@@ -51,8 +55,8 @@ def bench(
         raise typer.BadParameter(
             f"{sizes!r} is not a comma-separated list of sizes", param_hint="--sizes"
         ) from None
-    if suite not in ("node", "mesh", "all"):
-        raise typer.BadParameter(f"{suite!r} is not node, mesh or all", param_hint="--suite")
+    if suite not in ("node", "mesh", "curve", "all"):
+        raise typer.BadParameter(f"{suite!r} is not node, mesh, curve or all", param_hint="--suite")
     if transport not in ("ipc", "tcp"):
         raise typer.BadParameter(f"{transport!r} is not ipc or tcp", param_hint="--transport")
     if server:
@@ -62,10 +66,38 @@ def bench(
         result |= _node_suite(b, server, transport, count, size_list, requests)
     if suite in ("mesh", "all") and not server:
         result["mesh"] = _mesh_suite(b, count)
+    if suite in ("curve", "all") and not server:
+        result["curve"] = _curve_suite(b, count, requests)
     if json_out:
         print(dumps(result))
         return
     _render(result, requests)
+
+
+def _curve_suite(b: Any, count: int, requests: int) -> dict[str, object]:
+    note("curve: one link A-B, open (--insecure) vs CurveZMQ, 256 B events")
+    f = b.curve_suite(256, count, requests)
+    open_lat = b.summarize_latency(f.open_rtts)
+    curve_lat = b.summarize_latency(f.curve_rtts)
+    out = {
+        "open_per_s": round(f.open_link.per_second),
+        "curve_per_s": round(f.curve_link.per_second),
+        "throughput_ratio": round(f.curve_link.per_second / f.open_link.per_second, 3),
+        "open_p50_us": round(open_lat["p50_us"], 1),
+        "curve_p50_us": round(curve_lat["p50_us"], 1),
+        "open_p99_us": round(open_lat["p99_us"], 1),
+        "curve_p99_us": round(curve_lat["p99_us"], 1),
+        "lost": {
+            "open": f.open_link.sent - f.open_link.received,
+            "curve": f.curve_link.sent - f.curve_link.received,
+        },
+    }
+    note(
+        f"  across one link: open {out['open_per_s']:,}/s, CurveZMQ {out['curve_per_s']:,}/s "
+        f"({out['throughput_ratio']:.2f}x); request-reply p50 {out['open_p50_us']} µs open "
+        f"vs {out['curve_p50_us']} µs CurveZMQ"
+    )
+    return out
 
 
 def _mesh_suite(b: Any, count: int) -> dict[str, object]:
@@ -132,7 +164,10 @@ def _node_suite(
 def _render(result: dict[str, Any], requests: int) -> None:
     out = Console(highlight=False)
     if "throughput" not in result:
-        _render_mesh(out, result["mesh"])
+        if "mesh" in result:
+            _render_mesh(out, result["mesh"])
+        if "curve" in result:
+            _render_curve(out, result["curve"])
         return
     t = Table("payload", "raw push->pull", "via node", "MB/s", "ratio", "lost", box=None)
     for r in result["throughput"]:  # type: ignore[union-attr]
@@ -153,6 +188,17 @@ def _render(result: dict[str, Any], requests: int) -> None:
     out.print(f"targets: ratio ≥ {TARGET_RATIO} at 256 B, p50 ≤ {TARGET_P50_US:.0f} µs")
     if "mesh" in result:
         _render_mesh(out, result["mesh"])
+    if "curve" in result:
+        _render_curve(out, result["curve"])
+
+
+def _render_curve(out: Console, c: dict[str, Any]) -> None:
+    out.print(
+        f"curve: one link, CurveZMQ {c['curve_per_s']:,}/s vs open {c['open_per_s']:,}/s "
+        f"({c['throughput_ratio']:.2f}x); request-reply p50 {c['curve_p50_us']} µs vs "
+        f"{c['open_p50_us']} µs, p99 {c['curve_p99_us']} µs vs {c['open_p99_us']} µs; "
+        f"lost {c['lost']}"
+    )
 
 
 def _render_mesh(out: Console, m: dict[str, Any]) -> None:
