@@ -122,7 +122,9 @@ class Node:
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         s.setsockopt(zmq.HANDSHAKE_IVL, 2000)
         # Backstop only: the router refuses oversized payloads with an explicit error first.
-        s.setsockopt(zmq.MAXMSGSIZE, self.config.max_payload + 192 * 1024)
+        # Twice the limit, so a client that ignores it by up to 2x (a 2 MiB event at the
+        # 1 MiB default) hears why; beyond that libzmq cuts the connection unread.
+        s.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.max_payload + 192 * 1024)
         self._monitor = s.get_monitor_socket(_HANDSHAKE_FAILED)
         # Local endpoints first, without CURVE: libzmq copies security options into each
         # listener at bind time, so ipc (guarded by the data dir's 0700) and inproc stay

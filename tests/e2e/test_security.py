@@ -283,3 +283,27 @@ def test_bad_tokens_are_usage_errors(tmp_path: Path) -> None:
     assert "join token" in done.stderr
     both = run_cli("up", "--data-dir", str(tmp_path / "d"), "--join", "x", "--insecure")
     assert both.returncode == 2
+
+
+def test_member_client_sending_2mib_gets_the_payload_error_others_carry_on(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """A client that ignores the advertised 1 MiB limit (default) on a secured node."""
+    from meshctl import connect
+    from meshctl.errors import RemoteError
+
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    creds = tmp_path / "big.creds"
+    run_cli("invite", "--data-dir", str(a.data_dir), "--client", "big", "-o", str(creds))
+    sub = SubProcess.start("sub", "--raw", "lim/>", server=a.ipc)
+    try:
+        with connect(a.tcp, name="liar", timeout=5, creds=creds) as client:
+            client.max_payload = 1 << 30  # pretend the node accepts anything
+            client.publish("lim/big", b"x" * (2 << 20))
+            with pytest.raises(RemoteError, match="1048576"):
+                client.flush(5)
+        assert run_cli("pub", "lim/small", "fine", server=a.ipc).returncode == 0
+        assert sub.wait_lines(1) == ["fine"]
+    finally:
+        sub.stop()
+    assert a.status()["counters"]["dropped"]["payload_too_large"] == 1
