@@ -343,7 +343,7 @@ class Node:
             _, body = decode_control(frame)
         except Exception:
             return True
-        why = sec.check_link_ok(body, d.server_key if d else "", url)
+        why = sec.check_link(body, d.server_key if d else "", url)
         if why is not None:
             net.refuse_outbound(url, why)
             return False

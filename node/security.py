@@ -331,38 +331,17 @@ class Security:
         )
 
     def check_link(self, body: dict[str, Any], key: str, address: str) -> str | None:
-        """None if a LINK from the holder of ``key`` proves membership, else the reason."""
+        """None if a LINK (or, for a node we dialed, a LINK_OK) proves that the holder of
+        ``key``, the key CURVE authenticated, is a member under the node id it claims;
+        else the reason, after counting and listing the peer as rejected."""
         node = body.get("node")
         claimed = node.get("id") if isinstance(node, dict) else None
         try:
             self._check(body.get("member"), key, "node", str(claimed))
         except ms.MembershipError as e:
             why = f"not a member of mesh {self.creds.mesh!r}: {e}"
-            self.reject(
-                str(claimed),
-                node.get("name") if isinstance(node, dict) else None,
-                address,
-                key,
-                why,
-            )
-            return why
-        return None
-
-    def check_link_ok(self, body: dict[str, Any], server_key: str, url: str) -> str | None:
-        """None if the node we dialed (CURVE proved it holds ``server_key``) is a member."""
-        node = body.get("node")
-        claimed = node.get("id") if isinstance(node, dict) else None
-        try:
-            self._check(body.get("member"), server_key, "node", str(claimed))
-        except ms.MembershipError as e:
-            why = f"not a member of mesh {self.creds.mesh!r}: {e}"
-            self.reject(
-                str(claimed),
-                node.get("name") if isinstance(node, dict) else None,
-                url,
-                server_key,
-                why,
-            )
+            name = node.get("name") if isinstance(node, dict) else None
+            self.reject(str(claimed), name, address, key, why)
             return why
         return None
 

@@ -324,17 +324,8 @@ class MeshLab:
         )
 
     def spawn(self, i: int, *args: str) -> Bg:
-        argv = [*CLI, *args, "-s", str(self.nodes[i].data_dir)]
-        proc = self.lab.popen(
-            i,
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=self.env,
-        )
-        bg = Bg(proc, argv[2:])
-        self.clients.append(bg)
+        bg = self.spawn_raw(i, [*CLI, *args, "-s", str(self.nodes[i].data_dir)])
+        bg.argv = bg.argv[2:]
         return bg
 
     def spawn_raw(self, i: int, argv: list[str]) -> Bg:
