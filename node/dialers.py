@@ -102,7 +102,13 @@ class Dialers:
         d.dial_started = now
         self.by_sock[sock] = d
         self.changed = True
-        sock.send(hello, zmq.NOBLOCK)  # queued until TCP connects
+        try:
+            sock.send(hello, zmq.NOBLOCK)  # queued until TCP connects
+        except zmq.Again:
+            # The connection already failed its handshake (a CURVE peer we dialed open, or
+            # the other way round) and libzmq dropped the pipe: a failed dial, not a crash.
+            d.last_error = "handshake failed (security mode or key mismatch?)"
+            self.backoff(d, now)
 
     def _close(self, d: Dialer) -> None:
         if d.sock is not None:
