@@ -69,6 +69,7 @@ class UplinkSettings:
     cursor_path: Path
     node_id: str
     node_name: str
+    creds: str = ""  # client credentials for a secured cloud node
 
 
 class Uplink(threading.Thread):
@@ -152,7 +153,9 @@ class Uplink(threading.Thread):
 
     def _session(self, db: LogReader, local: Client) -> None:
         """One connection to the cloud, until it fails or we are stopped."""
-        with connect(self.s.url, name=f"uplink {self.s.node_name}", timeout=2.0) as cloud:
+        creds = self.s.creds or None
+        name = f"uplink {self.s.node_name}"
+        with connect(self.s.url, name=name, timeout=2.0, creds=creds) as cloud:
             self.cloud_id = cloud.node_id
             consumer = None
             if self.s.imports:

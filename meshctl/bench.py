@@ -284,14 +284,20 @@ def bench_mesh(
     *,
     config: str = "",
     port: int = 0,
+    secure: bool = False,
 ) -> Iterator[dict[str, str]]:
     """Start throwaway nodes (no discovery, loopback only) linked as ``links`` says, in
     order (a node links to nodes started before it); yields name -> URL of ``transport``.
-    ``config`` is TOML every node reads; ``port`` fixes the TCP port (one node only)."""
+    ``config`` is TOML every node reads; ``port`` fixes the TCP port (one node only).
+
+    Open mode (--insecure) unless ``secure``: then the first node creates a mesh and the
+    others join it with tokens, and links carry the peer's CurveZMQ key."""
     tmp = Path(tempfile.mkdtemp(prefix="meshctl-bench-"))
     procs: list[subprocess.Popen[bytes]] = []
     ipc: dict[str, str] = {}
     tcp: dict[str, str] = {}
+    keys: dict[str, str] = {}
+    first = next(iter(links))
     try:
         for name, peers in links.items():
             data = tmp / name
@@ -311,8 +317,15 @@ def bench_mesh(
                 name,
                 "--no-discovery",
             ]
+            if not secure:
+                argv.append("--insecure")
+            elif name != first:
+                argv += ["--join", _invite(tmp / first, tcp[first])]
             for peer in peers:
-                argv += ["--link", tcp[peer]]
+                if not secure:
+                    argv += ["--link", tcp[peer]]
+                elif peer != first:  # the join already links to the first node
+                    argv += ["--link", f"{tcp[peer]}#{keys[peer]}"]
             if config:
                 (data / "node.toml").write_text(config)
                 argv += ["--config", str(data / "node.toml")]
@@ -329,6 +342,9 @@ def bench_mesh(
             NODE_PIDS[name] = procs[-1].pid
             ipc[name] = f"ipc://{data / 'node.sock'}"
             tcp[name] = _wait_tcp(ipc[name], procs[-1], data)
+            if secure:
+                with connect(ipc[name], timeout=5) as c:
+                    keys[name] = c.status()["security"]["public_key"]
         yield tcp if transport == "tcp" else ipc
     finally:
         for proc in procs:
@@ -340,6 +356,17 @@ def bench_mesh(
                 proc.kill()
                 proc.wait()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _invite(data: Path, url: str) -> str:
+    done = subprocess.run(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "meshctl", "invite", "--data-dir", str(data), "--url", url],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return done.stdout.strip()
 
 
 def _wait_tcp(ipc: str, proc: subprocess.Popen[bytes], data: Path) -> str:
@@ -364,14 +391,17 @@ def hold_subscriptions(servers: list[str], per_node: int) -> list[Any]:
     return clients
 
 
-def request_latency(server: str, count: int) -> list[float]:
-    """Round trips in seconds for ``count`` sequential requests to an echo replier."""
+def request_latency(server: str, count: int, replier: str | None = None) -> list[float]:
+    """Round trips in seconds for ``count`` sequential requests to an echo replier (on
+    ``replier``'s node if given: across the mesh)."""
     ctx = mp.get_context("spawn")
     q: Queue[Any] = ctx.Queue()
-    p = ctx.Process(target=_replier, args=(server, "bench/echo", q), daemon=True)
+    p = ctx.Process(target=_replier, args=(replier or server, "bench/echo", q), daemon=True)
     p.start()
     try:
         _expect(q, "ready")
+        if replier:
+            wait_interest(server, "bench/echo", 1)
         rtts: list[float] = []
         with connect(server, name="bench req") as client:
             payload = b"x" * 64
@@ -544,3 +574,31 @@ def socket_port() -> Iterator[int]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     yield port
+
+
+@dataclass(frozen=True, slots=True)
+class CurveFigures:
+    """One link between two nodes, open and CurveZMQ, measured in the same run."""
+
+    open_link: Throughput
+    curve_link: Throughput
+    open_rtts: list[float]
+    curve_rtts: list[float]
+
+
+def curve_suite(size: int, count: int, requests: int) -> CurveFigures:
+    """Pub on A, sub on B across one link, and request-reply across it: open mode vs
+    secured (CURVE-encrypted link, membership checked), started and measured alike."""
+    figures: dict[bool, tuple[Throughput, list[float]]] = {}
+    for secure in (False, True):
+        with bench_mesh({"A": [], "B": ["A"]}, secure=secure) as ipc:
+            thr = pubsub(
+                ipc["A"],
+                size,
+                count,
+                sub_server=ipc["B"],
+                when_ready=lambda ipc=ipc: wait_interest(ipc["A"], "bench/data", 1),
+            )
+            rtts = request_latency(ipc["A"], requests, replier=ipc["B"])
+        figures[secure] = (thr, rtts)
+    return CurveFigures(figures[False][0], figures[True][0], figures[False][1], figures[True][1])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import time
 from collections import deque
@@ -65,7 +66,11 @@ Handler = Callable[[Event], None]
 
 
 def connect(
-    server: str | None = None, *, name: str = "", timeout: float = DEFAULT_TIMEOUT
+    server: str | None = None,
+    *,
+    name: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    creds: str | os.PathLike[str] | None = None,
 ) -> Client:
     """Connect to a node and return a ready Client.
 
@@ -74,18 +79,34 @@ def connect(
             ``$MESHCTL_SERVER`` or the local node.
         name: shown by ``meshctl status`` to tell clients apart.
         timeout: seconds to wait for the node to answer.
+        creds: a credentials file from ``meshctl invite --client`` (default
+            ``$MESHCTL_CREDS``); needed for ``tcp://`` to a secured node, unused on ipc.
 
     Raises:
         Unreachable: no node answered within ``timeout``.
         InputError: ``server`` is not an address.
     """
-    client = Client(server, name=name, timeout=timeout)
+    client = Client(server, name=name, timeout=timeout, creds=creds)
     try:
         client.open()
     except BaseException:
         client.close()
         raise
     return client
+
+
+def _load_creds(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """A credentials file's keys and signed record; InputError names a bad file."""
+    if path is None:
+        return None
+    try:
+        creds = json.loads(open(path, encoding="utf-8").read())  # noqa: PTH123, SIM115
+        for k in ("public", "secret", "member", "server_key"):
+            if not isinstance(creds.get(k), str | dict):
+                raise ValueError(f"missing {k!r}")
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputError(f"cannot use credentials file {str(path)!r}: {e}") from None
+    return creds  # type: ignore[no-any-return]
 
 
 class Subscription:
@@ -159,10 +180,12 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         identity: bytes | None = None,
+        creds: str | os.PathLike[str] | None = None,
     ) -> None:
         self.server = (
             server if server and server.startswith("inproc://") else resolve_server(server)
         )
+        self._creds = _load_creds(creds or os.environ.get("MESHCTL_CREDS") or None)
         self.name = name
         self.timeout = timeout
         self.node: dict[str, Any] = {}
@@ -208,6 +231,11 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, 0)  # the node bounds what it queues for us
         # A node that stops reading must not hang us: sends give up after the timeout.
         sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
+        if self._creds is not None and self.server.startswith("tcp://"):
+            sock.curve_publickey = self._creds["public"].encode()
+            sock.curve_secretkey = self._creds["secret"].encode()
+            server_key = os.environ.get("MESHCTL_SERVER_KEY") or self._creds["server_key"]
+            sock.curve_serverkey = server_key.encode()
         try:
             sock.connect(self.server)
         except zmq.ZMQError as e:
@@ -218,14 +246,25 @@ class Client:
 
     def _hello(self) -> None:
         assert self._sock is not None
-        self._sock.send(encode_control(Kind.HELLO, {"name": self.name}))
+        self._sock.send(self._hello_frame())
         deadline = time.monotonic() + self.timeout
         while not self.node:
+            if self._async_errors and self._async_errors[-1].code in ("auth", "limit"):
+                raise self._async_errors.pop()  # refused: say why rather than time out
             if not self._pump(deadline):
+                hint = "is `meshctl up` running there?"
+                if self.server.startswith("tcp://") and self._creds is None:
+                    hint += " A secured node also needs client credentials: MESHCTL_CREDS"
                 raise Unreachable(
-                    f"cannot reach a node at {self.server} within "
-                    f"{self.timeout:g}s (is `meshctl up` running there?)"
+                    f"cannot reach a node at {self.server} within {self.timeout:g}s ({hint})"
                 )
+
+    def _hello_frame(self) -> bytes:
+        """HELLO, with our signed membership record when we use credentials over tcp."""
+        hello: dict[str, Any] = {"name": self.name}
+        if self._creds is not None and self.server.startswith("tcp://"):
+            hello["member"] = self._creds["member"]
+        return encode_control(Kind.HELLO, hello)
 
     def close(self) -> None:
         """Flush buffered events, say goodbye and close; safe to call twice."""
@@ -803,7 +842,7 @@ class Client:
         """The node restarted and forgot us: greet it again and restore subscriptions."""
         assert self._sock is not None
         self.node = {}
-        self._send(encode_control(Kind.HELLO, {"name": self.name}))
+        self._send(self._hello_frame())
         for sub in self._subs.values():
             body = {k: v for k, v in sub.resume_body.items() if k not in ("since_s", "from_seq")}
             body.pop("retained", None)  # already had them

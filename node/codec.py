@@ -50,6 +50,8 @@ class Kind(IntEnum):
     BEAT = 0x09  # node -> node: {"t": sender clock}: heartbeat, answered with BEAT_ACK
     ACK = 0x0A  # client -> node: {"sid", "ids"}: queue deliveries done (no answer)
     QUEUE = 0x0B  # client -> node: {"ref", "op", ...}: durable queue administration
+    ENROLL = 0x0C  # joining node -> node: {"ref", "token", "secret", "node", "name"}
+    REVOKE = 0x0D  # node -> node: {"revocations": [signed revocation...]}: flooded
     WELCOME = 0x11  # node -> client: {"node_id", "name", "mesh", "client_id", "max_payload"}
     OK = 0x12  # node -> client: {"ref", ...result}
     ERR = 0x13  # node -> client: {"ref"?, "error", "code"}

@@ -38,7 +38,12 @@ _SIZE_UNITS: Final = {
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 _DURATION: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h)?\s*")
 _UNIT: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_LINK_URL: Final = re.compile(r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})")
+# A static link may end in ``#KEY``: the peer's CurveZMQ public key (40 Z85 characters),
+# which a secured node needs to dial it (mDNS peers advertise theirs).
+_LINK_URL: Final = re.compile(
+    r"tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):([0-9]{1,5})"
+    r"(#[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40})?"
+)
 
 
 def parse_duration(text: str) -> float:
@@ -98,6 +103,8 @@ class NodeConfig:
     uplink_import: tuple[str, ...] = ()
     spool_max_bytes: int = 256 * 1024 * 1024
     spool_overflow: str = "drop-oldest"
+    uplink_creds: str = ""
+    insecure: bool = False
     bridges: tuple[BridgeConfig, ...] = ()  # [[bridge]] tables, see bridge_config.py
 
 
@@ -380,6 +387,14 @@ FIELDS: Final = (
         "Persistent MQTT sessions kept for absent clients (the longest absent goes first).",
     ),
     Field(
+        "security",
+        "insecure",
+        "insecure",
+        _bool,
+        "Open mode: no CurveZMQ, no membership; anyone who reaches the port or advertises "
+        "the mesh name joins. Only for a first try on a trusted network (meshctl up --insecure).",
+    ),
+    Field(
         "tuning",
         "spin_us",
         "spin_us",
@@ -444,6 +459,13 @@ FIELDS: Final = (
         "uplink_import",
         _patterns,
         "Patterns of events from the cloud for this node (persistent ones wait for it there).",
+    ),
+    Field(
+        "uplink",
+        "creds",
+        "uplink_creds",
+        _str,
+        "Client credentials for a secured cloud node (from `meshctl invite --client` there).",
     ),
     Field(
         "uplink",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -34,13 +35,24 @@ class Dialer:
     dial_started: float = 0.0
     peer_id: str | None = None
     last_error: str = ""
+    server_key: str = ""  # the peer's CurveZMQ public key (secured nodes)
+
+    @property
+    def endpoint(self) -> str:
+        """The URL to connect to: a static link's ``#KEY`` suffix removed."""
+        return self.url.split("#", 1)[0]
 
 
 class Dialers:
     """All outbound links of a node."""
 
     def __init__(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], *, max_payload: int, backoff_max: float
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        *,
+        max_payload: int,
+        backoff_max: float,
+        curve: Callable[[zmq.Socket[bytes], str], None] | None = None,
     ) -> None:
         self.ctx = ctx
         self.max_payload = max_payload
@@ -48,10 +60,13 @@ class Dialers:
         self.by_url: dict[str, Dialer] = {}
         self.by_sock: dict[zmq.Socket[bytes], Dialer] = {}
         self.changed = False  # the set of sockets to poll changed
+        self.curve = curve  # sets CURVE client options on a new socket (secured nodes)
 
-    def add(self, url: str, found: str, now: float) -> None:
+    def add(self, url: str, found: str, now: float, server_key: str = "") -> None:
         if url not in self.by_url:
-            self.by_url[url] = Dialer(url, found, next_try=now)
+            if not server_key and "#" in url:
+                server_key = url.split("#", 1)[1]
+            self.by_url[url] = Dialer(url, found, next_try=now, server_key=server_key)
 
     def remove(self, url: str) -> None:
         d = self.by_url.pop(url, None)
@@ -59,7 +74,13 @@ class Dialers:
             self._close(d)
 
     def dial(self, d: Dialer, hello: bytes, now: float) -> None:
+        if self.curve is not None and not d.server_key:
+            d.last_error = "no CurveZMQ key known for this peer (add #KEY to the link URL)"
+            self.backoff(d, now)
+            return
         sock = self.ctx.socket(zmq.DEALER)
+        if self.curve is not None:
+            self.curve(sock, d.server_key)
         sock.setsockopt(zmq.LINGER, 0)
         # No silent reconnect: a new connection must start with a new LINK hello, so a
         # lost connection ends this socket; heartbeats notice, and we redial afresh.
@@ -70,7 +91,7 @@ class Dialers:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_payload + 256 * 1024)
         try:
-            sock.connect(d.url)
+            sock.connect(d.endpoint)
         except zmq.ZMQError as e:
             sock.close(linger=0)
             d.last_error = e.strerror
@@ -81,7 +102,13 @@ class Dialers:
         d.dial_started = now
         self.by_sock[sock] = d
         self.changed = True
-        sock.send(hello, zmq.NOBLOCK)  # queued until TCP connects
+        try:
+            sock.send(hello, zmq.NOBLOCK)  # queued until TCP connects
+        except zmq.Again:
+            # The connection already failed its handshake (a CURVE peer we dialed open, or
+            # the other way round) and libzmq dropped the pipe: a failed dial, not a crash.
+            d.last_error = "handshake failed (security mode or key mismatch?)"
+            self.backoff(d, now)
 
     def _close(self, d: Dialer) -> None:
         if d.sock is not None:

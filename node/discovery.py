@@ -5,7 +5,8 @@ PAIR socket, one JSON message per resolved or removed service. Discovery is a hi
 *where* a node is; whether it is alive, and whether it may link, is the link's business.
 
 The TXT record carries the mesh name, node id, protocol version, node name and room for a
-public key (``pk``, empty until the security issue lands).
+public key (``pk``: the node's CurveZMQ key, empty for an open node). ``pk`` is a hint for
+dialing only: a node proves membership in the link handshake, never by advertising.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class Discovery:
         proto: int,
         port: int,
         addresses: list[str],
+        pk: str = "",
     ) -> None:
         self.node_id = node_id
         self.addresses = addresses
@@ -90,7 +92,7 @@ class Discovery:
             SERVICE_TYPE,
             f"{name}-{node_id[:8]}.{SERVICE_TYPE}",
             port=port,
-            properties={"mesh": mesh, "id": node_id, "proto": str(proto), "name": name, "pk": ""},
+            properties={"mesh": mesh, "id": node_id, "proto": str(proto), "name": name, "pk": pk},
             server=f"meshctl-{node_id}.local.",
             parsed_addresses=addresses,
         )
@@ -190,6 +192,7 @@ class Discovery:
                 "name": props.get("name", ""),
                 "mesh": props.get("mesh", ""),
                 "proto": props.get("proto", ""),
+                "pk": props.get("pk", ""),
                 "addresses": addresses,
                 "port": info.port,
             }

@@ -22,12 +22,13 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from node import __version__, datadir, discovery
-from node.codec import Kind, encode_control
+from node.codec import Kind, decode_control, encode_control
 from node.config import NodeConfig
 from node.dialers import HANDSHAKE_TIMEOUT, Dialers
 from node.durable import Durable, DurableConfig
 from node.mesh import PROTO
 from node.router import Router
+from node.security import Security, join_links
 from node.store import open_store
 
 log = logging.getLogger("meshctl.node")
@@ -40,6 +41,9 @@ LINK_TICK: Final = 0.1  # how often dials, handshakes and heartbeats are looked 
 SPIN_AFTER_PASS_BELOW: Final = 16 * 1024  # bytes read in a pass; more means a stream
 _PING: Final = encode_control(Kind.PING, {})
 _LINK_KIND: Final = bytes((Kind.LINK,))
+_REVOKE_KIND: Final = bytes((Kind.REVOKE,))
+_LINK_OK_KIND: Final = bytes((Kind.LINK_OK,))
+_GUARDED: Final = frozenset((Kind.LINK, Kind.HELLO, Kind.ENROLL))  # first frames to prove
 _HANDSHAKE_FAILED: Final = (
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -59,8 +63,11 @@ class Identity:
 class Node:
     """A running node: sockets, the poll loop and the Router core."""
 
-    def __init__(self, config: NodeConfig, identity: Identity) -> None:
+    def __init__(
+        self, config: NodeConfig, identity: Identity, security: Security | None = None
+    ) -> None:
         self.config = config
+        self.security = security
         self.identity = identity
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -87,10 +94,20 @@ class Node:
         self.router.status_extra = self._status_extra
         self.router.peers_extra = self._dialer_view
         self.dialers = Dialers(
-            self.ctx, max_payload=config.max_payload, backoff_max=config.backoff_max
+            self.ctx,
+            max_payload=config.max_payload,
+            backoff_max=config.backoff_max,
+            curve=None if security is None else security.dial_curve,
         )
         for url in config.links:
             self.dialers.add(url, "static", 0.0)
+        self._keys: dict[bytes, str] = {}  # ROUTER identity -> CURVE key it proved ("" local)
+        self._pins: dict[str, str] = {}  # node id -> CurveZMQ key of its proven links
+        self._synced: set[str] = set()  # linked nodes that have our revocations
+        if security is not None:
+            self.router.net.proof = security.creds.member
+            for url, key in join_links(identity.data_dir):
+                self.dialers.add(url, "static", 0.0, key)
         self.discovery: discovery.Discovery | None = None
         self.discovered: dict[str, dict[str, Any]] = {}  # mDNS service name -> TXT + url
 
@@ -105,8 +122,24 @@ class Node:
         s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
         s.setsockopt(zmq.HANDSHAKE_IVL, 2000)
         # Backstop only: the router refuses oversized payloads with an explicit error first.
-        s.setsockopt(zmq.MAXMSGSIZE, self.config.max_payload + 192 * 1024)
+        # Twice the limit, so a client that ignores it by up to 2x (a 2 MiB event at the
+        # 1 MiB default) hears why; beyond that libzmq cuts the connection unread.
+        s.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.max_payload + 192 * 1024)
         self._monitor = s.get_monitor_socket(_HANDSHAKE_FAILED)
+        # Local endpoints first, without CURVE: libzmq copies security options into each
+        # listener at bind time, so ipc (guarded by the data dir's 0700) and inproc stay
+        # plain while the TCP listener bound after serve_curve() is CURVE + ZAP only.
+        ipc = ""
+        if self.config.ipc:
+            ipc = datadir.ipc_endpoint(self.identity.data_dir)
+            Path(ipc[len("ipc://") :]).unlink(missing_ok=True)  # stale file of a dead node
+            s.bind(ipc)
+            Path(ipc[len("ipc://") :]).chmod(0o600)
+        # In-process actors (bridges) connect here; inproc needs this node's context.
+        self.inproc = f"inproc://meshctl-{self.identity.node_id}"
+        s.bind(self.inproc)
+        if self.security is not None:
+            self.security.serve_curve(s)
         tcp = f"tcp://{self.config.listen}:{self.config.port}"
         try:
             s.bind(tcp)
@@ -117,14 +150,8 @@ class Node:
             e.replace("0.0.0.0", socket.gethostname())  # noqa: S104 - a wildcard is no address
             for e in self.endpoints
         )
-        if self.config.ipc:
-            ipc = datadir.ipc_endpoint(self.identity.data_dir)
-            Path(ipc[len("ipc://") :]).unlink(missing_ok=True)  # stale file of a dead node
-            s.bind(ipc)
+        if ipc:
             self.endpoints.append(ipc)
-        # In-process actors (bridges) connect here; inproc needs this node's context.
-        self.inproc = f"inproc://meshctl-{self.identity.node_id}"
-        s.bind(self.inproc)
 
     def _status_extra(self, now: float) -> dict[str, Any]:
         # A plugin whose status names a "section" gets a key of its own (the MQTT
@@ -146,6 +173,7 @@ class Node:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started_wall)),
             "uptime_s": round(now - self.started, 3),
             "bridges": bridges,
+            "security": {"mode": "insecure"} if self.security is None else self.security.view(),
             "limits": {
                 "max_payload": self.config.max_payload,
                 "client_queue": self.config.client_queue,
@@ -167,6 +195,7 @@ class Node:
         self.router.emit_system("$mesh/node/up", {"endpoints": self.endpoints}, now)
         next_probe = now + PROBE_INTERVAL
         next_link_tick = now
+        drain = self._drain if self.security is None else self._drain_secure
         while not self._stop:
             if self.dialers.changed:
                 poller = self._new_poller()
@@ -179,11 +208,13 @@ class Node:
                 wait = 0.0 if self.router.busy() else min(next_probe, next_link_tick) - now
                 ready = dict(poller.poll(max(0, min(MAX_POLL_MS, int(wait * 1000) + 1))))
             now = time.monotonic()
-            self._drain(now)
+            drain(now)
             if len(ready) != 1 or self.sock not in ready:
                 self._drain_dialers(now)
                 self._read_discovery(now)
             if now >= next_link_tick:
+                if self.security is not None:
+                    self._security_tick(now)
                 self._link_tick(now)
                 self.router.tick(now)
                 next_link_tick = now + LINK_TICK
@@ -217,7 +248,164 @@ class Node:
                     break
                 frame = sock.recv()
                 self._pass_bytes += len(frame)
+                if self.security is not None and not self._admit_dialed(d.url, frame, now):
+                    continue
                 handle(d.url, d.found, frame, now)
+
+    # ---- security (secured nodes only; open mode never calls these) -----------------------
+
+    def _drain_secure(self, now: float) -> None:
+        """``_drain`` for a secured node: every frame's CURVE key (libzmq's User-Id, set by
+        the ZAP handler) is checked against the key its ROUTER identity proved first, so a
+        connection that takes over a dead client's identity cannot inherit its session; the
+        first LINK, HELLO or ENROLL of a connection must prove membership."""
+        sock = self.sock
+        recv = sock.recv
+        handle = self.router.handle
+        keys = self._keys
+        events = sock.getsockopt
+        for _ in range(DRAIN_BATCH):
+            if not events(zmq.EVENTS) & zmq.POLLIN:
+                return
+            ident = recv()
+            msg = recv(copy=False)
+            frame = msg.bytes
+            if sock.getsockopt(zmq.RCVMORE):
+                while sock.getsockopt(zmq.RCVMORE):
+                    recv()
+                self.router.bad_frame(ident, "multi-part message (the protocol sends one frame)")
+                continue
+            try:
+                key = msg.get("User-Id")
+            except zmq.ZMQError:
+                key = ""  # ipc or inproc: no CURVE; the data dir's permissions guard it
+            known = keys.get(ident)
+            if known != key:
+                if known is not None:  # another connection took over this identity
+                    self.router.gone(ident, now)
+                if len(keys) > 100_000:
+                    self._prune_keys()
+                keys[ident] = key
+            self._pass_bytes += len(frame)
+            kind = frame[1] if len(frame) > 1 else -1
+            if kind == Kind.REVOKE and ident in self.router.net.by_via:
+                self._on_revoke_frame(frame, now)
+                continue
+            if key and kind in _GUARDED and not self._admit(ident, key, kind, frame, msg, now):
+                continue
+            handle(ident, frame, now)
+
+    def _prune_keys(self) -> None:
+        live = self.router.clients.keys() | self.router.net.by_via.keys()
+        self._keys = {i: k for i, k in self._keys.items() if i in live}
+
+    def _admit(
+        self, ident: bytes, key: str, kind: int, frame: bytes, msg: zmq.Frame, now: float
+    ) -> bool:
+        """Check a guarded first frame from a CURVE connection; False if it was handled
+        (refused, or an enrollment answered) and must not reach the router."""
+        sec = self.security
+        assert sec is not None
+        try:
+            _, body = decode_control(frame)
+        except Exception:
+            return True
+        router = self.router
+        if kind == Kind.LINK:
+            address = msg.get("Peer-Address") or "?"
+            why = sec.check_link(body, key, f"tcp://{address}")
+            if why is not None:
+                router.net.counters["links_refused"] += 1
+                router._send_control(ident, Kind.LINK_REFUSE, {"reason": why})
+                return False
+            node = body["node"]["id"]
+            self._pins[node] = key
+            return not sec.is_revoked(node)
+        if kind == Kind.HELLO:
+            member, why = sec.check_hello(body, key)
+            if member is None:
+                router._send_control(ident, Kind.ERR, {"error": why, "code": "auth"})
+                return False
+            router.handle(ident, frame, now)
+            if ident in router.clients and not member.perms.unrestricted:
+                router.acl[ident] = member.perms
+            return False
+        ok, answer = sec.enroll(body, key)
+        answer["ref"] = body.get("ref")
+        if not ok:
+            answer["code"] = "auth"
+        router._send_control(ident, Kind.OK if ok else Kind.ERR, answer)
+        return False
+
+    def _admit_dialed(self, url: str, frame: bytes, now: float) -> bool:
+        """Check what a node we dialed says: its LINK_OK must prove that it is a member
+        holding the key we dialed (CURVE proved that it holds the secret half)."""
+        sec = self.security
+        assert sec is not None
+        net = self.router.net
+        kind = frame[1:2]
+        if kind == _REVOKE_KIND and url in net.by_via:
+            self._on_revoke_frame(frame, now)
+            return False
+        if kind != _LINK_OK_KIND or url in net.by_via:
+            return True
+        d = self.dialers.by_url.get(url)
+        try:
+            _, body = decode_control(frame)
+        except Exception:
+            return True
+        why = sec.check_link(body, d.server_key if d else "", url)
+        if why is not None:
+            net.refuse_outbound(url, why)
+            return False
+        self._pins[body["node"]["id"]] = d.server_key if d else ""
+        return True
+
+    def _on_revoke_frame(self, frame: bytes, now: float) -> None:
+        try:
+            _, body = decode_control(frame)
+        except Exception:
+            self.router.counters.bad_frames += 1
+            return
+        assert self.security is not None
+        self._apply_revocations(self.security.accept_revocations(body.get("revocations")), now)
+
+    def _apply_revocations(self, fresh: list[dict[str, Any]], now: float) -> None:
+        """Close everything of each newly revoked member and pass the revocations on."""
+        if not fresh:
+            return
+        net = self.router.net
+        frame = encode_control(Kind.REVOKE, {"revocations": fresh})
+        for link in net.links.values():  # the revoked node too: it learns why, and stops
+            net.out.append((link.via, frame))
+        for signed in fresh:
+            node, key = signed["rec"]["node"], signed["rec"]["key"]
+            link = net.links.get(node)
+            if link is not None:
+                net.drop_via(link.via, "membership revoked", now)
+            for d in list(self.dialers.by_url.values()):
+                if d.peer_id == node or d.server_key == key:
+                    self.dialers.remove(d.url)
+            for ident, k in list(self._keys.items()):
+                if k == key and ident in self.router.clients:
+                    self.router.drop_client(ident, "membership revoked", now)
+
+    def _security_tick(self, now: float) -> None:
+        """Pick up `meshctl revoke` (it writes revoked.json) and give newly linked
+        neighbours every revocation we know, so late joiners learn them too."""
+        sec = self.security
+        assert sec is not None
+        self._apply_revocations(sec.poll_revocations_file(), now)
+        net = self.router.net
+        new = net.links.keys() - self._synced
+        if new and sec.revocations:
+            frame = encode_control(Kind.REVOKE, {"revocations": sec.revocations})
+            for node in new:
+                net.out.append((net.links[node].via, frame))
+        for node in new:
+            if sec.is_revoked(node):
+                net.drop_via(net.links[node].via, "membership revoked", now)
+        self._synced = set(net.links)
 
     def _link_tick(self, now: float) -> None:
         """Dial what is due, time out stuck handshakes, notice links that went down."""
@@ -269,6 +457,7 @@ class Node:
             proto=PROTO,
             port=port,
             addresses=addresses,
+            pk="" if self.security is None else self.security.creds.public_text,
         )
         self.discovery.start()
         self.dialers.changed = True  # re-poll with the discovery pipe
@@ -301,7 +490,22 @@ class Node:
                         msg["proto"],
                     )
                 continue
-            if old is not None and old["url"] != url:
+            why = self._discovery_refusal(msg)
+            if why:
+                if old is None or old.get("pk") != msg.get("pk"):
+                    log.info(
+                        "mDNS: found %s (%s) at %s: not linking: %s", msg["name"], peer, url, why
+                    )
+                    if self.security is not None and msg.get("pk"):
+                        self.security.reject(peer, msg["name"], url, msg.get("pk", ""), why)
+                continue
+            if old is not None and old["url"] != url and self.security is not None:
+                # Never let an advertisement tear down a proven link: anyone can say
+                # "node X is now here"; a new address is dialed, the old link stays.
+                d = self.dialers.by_url.get(old["url"])
+                if d is None or d.state != "up":
+                    self.dialers.remove(old["url"])
+            elif old is not None and old["url"] != url:
                 if old["url"].split("//")[1].rsplit(":", 1)[0] in msg["addresses"] and old[
                     "url"
                 ].rsplit(":", 1)[1] == str(msg["port"]):
@@ -314,8 +518,22 @@ class Node:
                 # Both sides dial at once: a newcomer is advertised only after ~1.5 s of
                 # probing, so waiting for the other side would slow joining; if both
                 # links come up, the one dialed by the lower id survives (mesh.py).
-                self.dialers.add(url, "mdns", now)
+                self.dialers.add(url, "mdns", now, msg.get("pk", ""))
                 self.dialers.by_url[url].peer_id = peer
+
+    def _discovery_refusal(self, msg: dict[str, Any]) -> str:
+        """Why a node of our mesh name found by mDNS is not dialed ("" if it is)."""
+        pk = msg.get("pk", "")
+        if self.security is None:
+            return "secured node (this node runs --insecure)" if pk else ""
+        if not pk:
+            return "open node (runs --insecure)"
+        if self.security.is_revoked(msg["id"]):
+            return "membership revoked"
+        pinned = self._pins.get(msg["id"])
+        if pinned is not None and pinned != pk:
+            return "key differs from the key proven for this node id (impersonation?)"
+        return ""
 
     def _discovered_urls(self) -> set[str]:
         return {m["url"] for m in self.discovered.values()}
@@ -324,8 +542,21 @@ class Node:
         """Outbound links that are not up, and nodes seen but not linked, for `meshctl peers`."""
         out = []
         linked = set(self.router.net.links)
+        rejected = {} if self.security is None else dict(self.security.rejected)
         for msg in self.discovered.values():
             if msg["id"] in linked:
+                continue
+            if msg["mesh"] == self.config.mesh and (why := self._discovery_refusal(msg)):
+                if msg["url"] not in rejected:
+                    rejected[msg["url"]] = {
+                        "id": msg["id"],
+                        "name": msg["name"],
+                        "address": msg["url"],
+                        "found": "mdns",
+                        "state": "rejected",
+                        "error": why,
+                        "rtt_ms": None,
+                    }
                 continue
             if msg["mesh"] != self.config.mesh or msg["proto"] != str(PROTO):
                 why = (
@@ -345,7 +576,7 @@ class Node:
                     }
                 )
         for d in self.dialers.by_url.values():
-            if d.state == "up" or d.peer_id in linked:
+            if d.state == "up" or d.peer_id in linked or d.url in rejected:
                 continue
             out.append(
                 {
@@ -359,6 +590,7 @@ class Node:
                     "retry_in_s": round(max(0.0, d.next_try - now), 3),
                 }
             )
+        out.extend(rejected.values())  # by address: an impersonator shares a linked id
         return out
 
     def _spin(self, seconds: float) -> bool:
@@ -485,6 +717,8 @@ class Node:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
             self.sock.close(linger=0)
+        if self.security is not None:
+            self.security.stop()
         self.ctx.term()
 
 
@@ -536,14 +770,25 @@ class Plugin(Protocol):
 
 
 def serve(
-    config: NodeConfig, identity: Identity, plugins: Callable[[Node], list[Plugin]] | None = None
+    config: NodeConfig,
+    identity: Identity,
+    plugins: Callable[[Node], list[Plugin]] | None = None,
+    security: Security | None = None,
 ) -> None:
     """Run a node in the foreground until SIGINT or SIGTERM; logs one line per notable event.
 
     ``plugins`` starts in-process actors once the node listens (``meshctl up`` passes the
     edge bridges this way, so node/ never imports edge/).
     """
-    node = Node(config, identity)
+    node = Node(config, identity, security)
+    if security is not None:
+        security.start(node.ctx)  # before bind: with no ZAP handler CURVE fails closed
+    else:
+        log.warning(
+            "INSECURE: open mode (--insecure): no encryption, no membership; anyone who "
+            "reaches this node or advertises mesh %r joins",
+            config.mesh,
+        )
     datadir.write_pid(identity.data_dir)
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 

@@ -100,6 +100,7 @@ class Mesh:
         self.refusals: dict[Via, str] = {}  # last refusal reason per dialer, for `peers`
         self.known_dialers: dict[Via, str] = {}  # dialer URL -> peer id once learned
         self.peer_addresses: dict[bytes, str] = {}  # ROUTER identity -> remote IP (bounded)
+        self.proof: dict[str, Any] | None = None  # our signed membership (secured nodes)
         self.counters = {"links_refused": 0, "hop_limit": 0, "no_route": 0, "bad_states": 0}
         self._dirty = False
         self._up: set[str] = set()  # nodes reachable at the last topology change
@@ -139,9 +140,10 @@ class Mesh:
 
     def hello(self) -> bytes:
         """The LINK frame a dialer sends first."""
-        return encode_control(
-            Kind.LINK, {"mesh": self.mesh, "proto": PROTO, "node": self.state().to_json()}
-        )
+        body = {"mesh": self.mesh, "proto": PROTO, "node": self.state().to_json()}
+        if self.proof is not None:
+            body["member"] = self.proof
+        return encode_control(Kind.LINK, body)
 
     # ---- handshake -----------------------------------------------------------------------
 
@@ -179,7 +181,10 @@ class Mesh:
             return
         assert state is not None
         address = address or self._inbound_address(via, state)
-        self.out.append((via, encode_control(Kind.LINK_OK, {"node": self.state().to_json()})))
+        ok: dict[str, Any] = {"node": self.state().to_json()}
+        if self.proof is not None:
+            ok["member"] = self.proof
+        self.out.append((via, encode_control(Kind.LINK_OK, ok)))
         self._link_up(state, via, outbound=False, found="inbound", address=address, now=now)
 
     def on_link_ok(self, via: str, body: dict[str, Any], found: str, now: float) -> None:

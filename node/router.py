@@ -11,7 +11,7 @@ import json
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from node import queue_admin, views
 from node.codec import (
@@ -53,6 +53,15 @@ _NOT_LINKED: Final = encode_control(Kind.LINK_REFUSE, {"reason": "not linked (no
 MAX_GROUP_NAME: Final = 64
 ROUTE_CACHE_SIZE: Final = 65536
 SLOW_NOTICE_INTERVAL: Final = 1.0
+
+
+class Acl(Protocol):
+    """A client's permissions (node/membership.py): each check returns the reason for a
+    refusal naming the rule, or None."""
+
+    def check_publish(self, topic: str) -> str | None: ...
+
+    def check_subscribe(self, pattern: str) -> str | None: ...
 
 
 class SubRef:
@@ -168,6 +177,7 @@ class Counters:
             "bad_topic": 0,
             "no_session": 0,
             "link_full": 0,
+            "permission": 0,
         }
     )
 
@@ -205,6 +215,10 @@ class Router:
         self.status_extra: Callable[[float], dict[str, Any]] = lambda _now: {}
         self.peers_extra: Callable[[float], list[dict[str, Any]]] = lambda _now: []
         self.internal: set[bytes] = set()  # identities of in-process actors (bridges, MQTT)
+        # Permissions of clients that proved a restricted identity; enforced here, at the
+        # node the client is attached to, so nothing refused ever enters the mesh.
+        self.acl: dict[bytes, Acl] = {}
+        self._acl_seen: dict[bytes, dict[bytes, str | None]] = {}
         self._cache: dict[bytes, Route | _Refused] = {}
         self._fwd_cache: dict[bytes, tuple[tuple[str, ...] | None, list[tuple[Via, bytes]]]] = {}
         self._turns: dict[str, _Turn] = {}
@@ -398,6 +412,13 @@ class Router:
                 if not isinstance(p, str):
                     raise ValueError(f"pattern {p!r} is not a string")
                 validate_pattern(p)
+            acl = self.acl.get(client.ident)
+            if acl is not None:
+                for p in patterns:
+                    if (why := acl.check_subscribe(p)) is not None:
+                        self.counters.dropped["permission"] += 1
+                        self._error(client.ident, ref, f"permission denied: {why}", "permission")
+                        return
             if group is not None and not _valid_group(group):
                 raise ValueError(
                     f"queue group {group!r} must be 1-{MAX_GROUP_NAME} bytes "
@@ -543,6 +564,8 @@ class Router:
         if client is None:
             return
         self.by_client_id.pop(client.client_id, None)
+        self.acl.pop(ident, None)
+        self._acl_seen.pop(ident, None)
         for sub in client.subs.values():
             self._remove_sub(sub)
         self._pending.pop(ident, None)
@@ -568,6 +591,7 @@ class Router:
         link_pending = self._link_pending
         unpack = _HEAD.unpack_from
         max_payload = self.max_payload
+        acl = self.acl.get(ident) if self.acl else None
         n = len(frame)
         off = 2
         count = 0
@@ -594,6 +618,8 @@ class Router:
                     f"{max_payload} bytes; event dropped",
                     "payload",
                 )
+                continue
+            if acl is not None and self._acl_refuses(ident, acl, topic):
                 continue
             route = cache.get(topic)
             if route is None:
@@ -646,6 +672,22 @@ class Router:
         client.events_in += count
         self.counters.events_in += count
         self.counters.forwarded_out += forwarded
+
+    def _acl_refuses(self, ident: bytes, acl: Acl, topic_b: bytes) -> bool:
+        """Check one publish against the client's permissions (cached per topic); a refusal
+        is counted and answered with an error naming the topic and the rule."""
+        seen = self._acl_seen.setdefault(ident, {})
+        if topic_b in seen:
+            why = seen[topic_b]
+        else:
+            why = acl.check_publish(topic_b.decode(errors="replace"))
+            if len(seen) < 4096:
+                seen[topic_b] = why
+        if why is None:
+            return False
+        self.counters.dropped["permission"] += 1
+        self._error(ident, None, f"permission denied: {why}; event dropped", "permission")
+        return True
 
     def _durable_pub(self, ident: bytes, rec: bytes, topic_b: bytes, route: Route) -> bytes | None:
         """Log, retain or persist one local event; the record to route now, or None when

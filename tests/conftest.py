@@ -50,10 +50,16 @@ def make_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NodeFa
         config_text: str | None = None,
         name: str = "e2e",
         data_dir: Path | None = None,
+        secure: bool = False,
         extra_args: Iterable[str] = (),
     ) -> NodeProcess:
         proc = start_node(
-            tmp_path, config_text=config_text, name=name, data_dir=data_dir, extra_args=extra_args
+            tmp_path,
+            config_text=config_text,
+            name=name,
+            data_dir=data_dir,
+            secure=secure,
+            extra_args=extra_args,
         )
         started.append(proc)
         return proc

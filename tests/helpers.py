@@ -414,11 +414,14 @@ class NodeProcess:
         data_dir: Path | None = None,
         discovery: bool = False,
         extra_args: Iterable[str] = (),
+        secure: bool = False,
     ) -> NodeProcess:
         """Spawn a node whose data dir is ``data_dir`` or a fresh one under ``tmp_path``.
 
         mDNS discovery is off unless asked for: a test node must not link up with other
-        nodes that happen to run on this host (nor they with it).
+        nodes that happen to run on this host (nor they with it). Nodes run ``--insecure``
+        unless ``secure``: most tests are about routing, not membership, and open mode keeps
+        them free of credentials; the security tests ask for secured nodes explicitly.
         """
         tmp_path.mkdir(parents=True, exist_ok=True)
         cleanup = False
@@ -436,6 +439,7 @@ class NodeProcess:
             "--name",
             name,
             *([] if discovery else ["--no-discovery"]),
+            *([] if secure else ["--insecure"]),
             *extra_args,
         ]
         if config_text is not None:
@@ -599,11 +603,17 @@ def start_node(
     config_text: str | None = None,
     name: str = "e2e",
     data_dir: Path | None = None,
+    secure: bool = False,
     extra_args: Iterable[str] = (),
 ) -> NodeProcess:
     """Start a node and wait until it answers; stop it again if it never does."""
     proc = NodeProcess.start(
-        tmp_path, config_text=config_text, name=name, data_dir=data_dir, extra_args=extra_args
+        tmp_path,
+        config_text=config_text,
+        name=name,
+        data_dir=data_dir,
+        secure=secure,
+        extra_args=extra_args,
     )
     try:
         return proc.wait_ready(timeout=10)
@@ -621,5 +631,6 @@ class NodeFactory(Protocol):
         config_text: str | None = ...,
         name: str = ...,
         data_dir: Path | None = ...,
+        secure: bool = ...,
         extra_args: Iterable[str] = ...,
     ) -> NodeProcess: ...

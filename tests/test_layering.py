@@ -25,6 +25,7 @@ PURE = [
     "node/router.py",
     "node/config.py",
     "node/errors.py",
+    "node/membership.py",
 ]
 IO_MODULES = {
     "zmq",

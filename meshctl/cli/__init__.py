@@ -13,7 +13,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from meshctl.cli import mesh_cmds, msg_cmds, node_cmds, queue_cmds, topic_cmds
+from meshctl.cli import mesh_cmds, msg_cmds, node_cmds, queue_cmds, security_cmds, topic_cmds
 from meshctl.cli.output import err_console
 from node import __version__
 from node.errors import InputError, NodeError
@@ -55,6 +55,9 @@ def _root(
 app.command()(node_cmds.up)
 app.command()(node_cmds.down)
 app.command()(node_cmds.status)
+app.command()(security_cmds.init)
+app.command()(security_cmds.invite)
+app.command()(security_cmds.revoke)
 app.add_typer(node_cmds.config_app, name="config")
 app.add_typer(topic_cmds.topic_app, name="topic")
 app.add_typer(queue_cmds.queue_app, name="queue")

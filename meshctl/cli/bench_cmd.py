@@ -36,7 +36,8 @@ def bench(
         str,
         typer.Option(
             "--suite",
-            help="node (one node), mesh (linked nodes), durable (persistent, uplink) or all.",
+            help="node (one node), mesh (linked nodes), durable (persistent, uplink), "
+            "curve (open vs CurveZMQ link) or all.",
         ),
     ] = "all",
     server: ServerOpt = None,
@@ -57,9 +58,9 @@ def bench(
         raise typer.BadParameter(
             f"{sizes!r} is not a comma-separated list of sizes", param_hint="--sizes"
         ) from None
-    if suite not in ("node", "mesh", "durable", "all"):
+    if suite not in ("node", "mesh", "durable", "curve", "all"):
         raise typer.BadParameter(
-            f"{suite!r} is not node, mesh, durable or all", param_hint="--suite"
+            f"{suite!r} is not node, mesh, durable, curve or all", param_hint="--suite"
         )
     if transport not in ("ipc", "tcp"):
         raise typer.BadParameter(f"{transport!r} is not ipc or tcp", param_hint="--transport")
@@ -72,6 +73,8 @@ def bench(
         result["mesh"] = _mesh_suite(b, count)
     if suite in ("durable", "all") and not server:
         result["durable"] = _durable_suite(b, min(count, 100_000))
+    if suite in ("curve", "all") and not server:
+        result["curve"] = _curve_suite(b, count, requests)
     if json_out:
         print(dumps(result))
         return
@@ -81,6 +84,29 @@ def bench(
 def _lost(**runs: Any) -> dict[str, int]:
     """Events sent but not received, per run."""
     return {name: run.sent - run.received for name, run in runs.items()}
+
+
+def _curve_suite(b: Any, count: int, requests: int) -> dict[str, object]:
+    note("curve: one link A-B, open (--insecure) vs CurveZMQ, 256 B events")
+    f = b.curve_suite(256, count, requests)
+    open_lat = b.summarize_latency(f.open_rtts)
+    curve_lat = b.summarize_latency(f.curve_rtts)
+    out = {
+        "open_per_s": round(f.open_link.per_second),
+        "curve_per_s": round(f.curve_link.per_second),
+        "throughput_ratio": round(f.curve_link.per_second / f.open_link.per_second, 3),
+        "open_p50_us": round(open_lat["p50_us"], 1),
+        "curve_p50_us": round(curve_lat["p50_us"], 1),
+        "open_p99_us": round(open_lat["p99_us"], 1),
+        "curve_p99_us": round(curve_lat["p99_us"], 1),
+        "lost": _lost(open=f.open_link, curve=f.curve_link),
+    }
+    note(
+        f"  across one link: open {out['open_per_s']:,}/s, CurveZMQ {out['curve_per_s']:,}/s "
+        f"({out['throughput_ratio']:.2f}x); request-reply p50 {out['open_p50_us']} µs open "
+        f"vs {out['curve_p50_us']} µs CurveZMQ"
+    )
+    return out
 
 
 def _mesh_suite(b: Any, count: int) -> dict[str, object]:
@@ -180,6 +206,8 @@ def _render(result: dict[str, Any], requests: int) -> None:
             _render_mesh(out, result["mesh"])
         if "durable" in result:
             _render_durable(out, result["durable"])
+        if "curve" in result:
+            _render_curve(out, result["curve"])
         return
     t = Table("payload", "raw push->pull", "via node", "MB/s", "ratio", "lost", box=None)
     for r in result["throughput"]:  # type: ignore[union-attr]
@@ -202,6 +230,8 @@ def _render(result: dict[str, Any], requests: int) -> None:
         _render_mesh(out, result["mesh"])
     if "durable" in result:
         _render_durable(out, result["durable"])
+    if "curve" in result:
+        _render_curve(out, result["curve"])
 
 
 def _render_durable(out: Console, d: dict[str, Any]) -> None:
@@ -212,6 +242,15 @@ def _render_durable(out: Console, d: dict[str, Any]) -> None:
     )
     out.print(f"durable: uplink drain after an outage {d['uplink_drain_per_s']:,}/s")
     out.print(f"durable: events lost {d['lost']}")
+
+
+def _render_curve(out: Console, c: dict[str, Any]) -> None:
+    out.print(
+        f"curve: one link, CurveZMQ {c['curve_per_s']:,}/s vs open {c['open_per_s']:,}/s "
+        f"({c['throughput_ratio']:.2f}x); request-reply p50 {c['curve_p50_us']} µs vs "
+        f"{c['open_p50_us']} µs, p99 {c['curve_p99_us']} µs vs {c['open_p99_us']} µs; "
+        f"lost {c['lost']}"
+    )
 
 
 def _render_mesh(out: Console, m: dict[str, Any]) -> None:

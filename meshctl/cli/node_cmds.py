@@ -97,6 +97,23 @@ def up(
     detach: Annotated[
         bool, typer.Option("--detach", help="Run in the background; stop it with `meshctl down`.")
     ] = False,
+    insecure: Annotated[
+        bool | None,
+        typer.Option(
+            "--insecure",
+            help="Open mode: no encryption or membership (security.insecure). Trusted LANs only.",
+            show_default=False,
+        ),
+    ] = None,
+    join: Annotated[
+        str | None,
+        typer.Option(
+            "--join",
+            metavar="TOKEN",
+            help="Join the mesh of a `meshctl invite` token (once; kept in the data dir).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Start a node in the foreground (Ctrl-C stops it) or, with --detach, in the background."""
     cfg = effective_config(
@@ -107,7 +124,10 @@ def up(
         name=name,
         mesh=mesh,
         discovery=discovery,
+        insecure=insecure,
     )
+    if join is not None and cfg.insecure:
+        raise InputError("--join and --insecure exclude each other: a joined node is secured")
     if link:
         cfg = with_overrides(cfg, {"links": [*cfg.links, *link]}, source="command line")
     if mqtt is not None:
@@ -143,6 +163,11 @@ def up(
         name=cfg.name or socket.gethostname(),
         data_dir=where,
     )
+    security = None
+    if not cfg.insecure:
+        from meshctl.cli.security_cmds import credentials_for_up  # noqa: PLC0415
+
+        cfg, security = credentials_for_up(where, cfg, identity.node_id, identity.name, join)
 
     def plugins(node: Node) -> list[Any]:
         started: list[Any] = []
@@ -159,6 +184,7 @@ def up(
                     cursor_path=datadir.uplink_cursor_path(where),
                     node_id=identity.node_id,
                     node_name=identity.name,
+                    creds=cfg.uplink_creds,
                 )
                 started.append(start_uplink(settings, node.ctx, node.inproc, register))
             if cfg.bridges:
@@ -179,7 +205,7 @@ def up(
         return started
 
     try:
-        serve(cfg, identity, plugins)
+        serve(cfg, identity, plugins, security)
     except OSError as e:
         raise OperationalError(str(e)) from None
 
@@ -255,6 +281,16 @@ def _render_status(s: dict[str, Any]) -> None:
         f"[dim]version[/] {s.get('version', '?')}  [dim]pid[/] {s.get('pid', '?')}"
     )
     out.print(f"[dim]endpoints[/] {', '.join(s.get('endpoints', []))}")
+    security = s.get("security") or {}
+    if security.get("mode") == "insecure":
+        out.print("[bold red]WARNING: open mode (--insecure): no encryption, no membership[/]")
+    elif security:
+        out.print(
+            f"[dim]security[/] CurveZMQ  [dim]links rejected[/] {security['links_rejected']}  "
+            f"[dim]clients rejected[/] {security['clients_rejected']}  "
+            f"[dim]permission denied[/] {c['dropped'].get('permission', 0)}  "
+            f"[dim]revocations[/] {security['revocations']}"
+        )
     out.print(
         f"[dim]uptime[/] {_ago(s.get('uptime_s', 0))}  [dim]clients[/] {len(s['clients'])}  "
         f"[dim]subscriptions[/] {len(s['subscriptions'])}"

@@ -188,3 +188,26 @@ def test_a_full_spool_with_drop_oldest_keeps_the_newest(
     assert numbers == sorted(numbers)
     assert numbers[-1] == 2999  # the newest survived
     assert len(numbers) < 3000
+
+
+def test_an_uplink_to_a_secured_cloud_uses_client_credentials(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """The cloud node is secured (CurveZMQ, membership); the edge's uplink presents the
+    client credentials the cloud issued, and the events arrive encrypted and accepted."""
+    from helpers import run_cli
+
+    cloud = make_node(name="cloud", data_dir=short_tmp / "cloud", secure=True)
+    creds = short_tmp / "edge.creds"
+    done = run_cli(
+        "invite", "--data-dir", str(cloud.data_dir), "--client", "edge1", "-o", str(creds)
+    )
+    assert done.returncode == 0, done.describe()
+    config = f'[uplink]\nurl = "{cloud.tcp}"\nexport = ["plant/>"]\ncreds = "{creds}"\n'
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    wait_uplink(edge, "up")
+    with connect(edge.ipc) as client:
+        for i in range(100):
+            client.publish("plant/x", str(i))
+        client.flush()
+    assert replay_all(cloud, "plant/>", 100) == [str(i) for i in range(100)]

@@ -217,10 +217,20 @@ class MeshLab:
 
     # ---- nodes -----------------------------------------------------------------------------
 
-    def start(self, i: int, *, mesh: str, name: str | None = None) -> Node:
-        """``meshctl up`` in host i with only a name, data dir, mesh and the fast config."""
+    def start(
+        self,
+        i: int,
+        *,
+        mesh: str,
+        name: str | None = None,
+        secure: bool = False,
+        extra: tuple[str, ...] = (),
+        data_dir: Path | None = None,
+    ) -> Node:
+        """``meshctl up`` in host i with only a name, data dir, mesh and the fast config;
+        open mode (--insecure) unless ``secure``: the mesh tests are about routing."""
         name = name or f"h{i}"
-        data_dir = self.root / f"h{i}"
+        data_dir = data_dir or self.root / f"h{i}"
         log_path = self.root / f"h{i}.log"
         argv = [
             *CLI,
@@ -233,6 +243,8 @@ class MeshLab:
             mesh,
             "--config",
             str(self.config),
+            *([] if secure else ["--insecure"]),
+            *extra,
         ]
         with log_path.open("wb") as log:
             proc = self.lab.popen(
@@ -312,7 +324,12 @@ class MeshLab:
         )
 
     def spawn(self, i: int, *args: str) -> Bg:
-        argv = [*CLI, *args, "-s", str(self.nodes[i].data_dir)]
+        bg = self.spawn_raw(i, [*CLI, *args, "-s", str(self.nodes[i].data_dir)])
+        bg.argv = bg.argv[2:]
+        return bg
+
+    def spawn_raw(self, i: int, argv: list[str]) -> Bg:
+        """Any program in host i (not meshctl), watched like a client and stopped by PID."""
         proc = self.lab.popen(
             i,
             argv,
@@ -321,7 +338,7 @@ class MeshLab:
             stderr=subprocess.PIPE,
             env=self.env,
         )
-        bg = Bg(proc, argv[2:])
+        bg = Bg(proc, argv)
         self.clients.append(bg)
         return bg
 

@@ -1,0 +1,264 @@
+"""Commands that create and manage a mesh's credentials: init, invite, revoke; and the
+credential step of ``meshctl up`` (auto-initialise, or enroll with ``--join``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import zmq
+
+from meshctl.cli.options import ConfigOpt, DataDirOpt, duration
+from meshctl.cli.output import note
+from meshctl.errors import OperationalError
+from node import datadir, membership
+from node import security as sec
+from node.codec import Kind, decode_control, encode_control
+from node.config import NodeConfig
+from node.errors import CodecError, InputError
+
+
+def _where(config: Path | None, data_dir: Path | None) -> Path:
+    from meshctl.cli.node_cmds import effective_config  # noqa: PLC0415 - avoids an import cycle
+
+    cfg = effective_config(config, data_dir=None if data_dir is None else str(data_dir))
+    where = datadir.resolve_data_dir(cfg.data_dir)
+    datadir.prepare(where)
+    return where
+
+
+def init(
+    mesh: Annotated[str, typer.Option("--mesh", "-m", help="Name of the new mesh.")] = "default",
+    name: Annotated[
+        str | None, typer.Option(help="This node's name (default: host name).", show_default=False)
+    ] = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Create a mesh on this node: its signing key, this node's CurveZMQ keys and record."""
+    from node.config import _mesh  # noqa: PLC0415 - the one mesh-name rule
+
+    try:
+        _mesh(mesh)
+    except ValueError as e:
+        raise InputError(f"--mesh: {e}") from None
+    where = _where(config, data_dir)
+    node_id = datadir.load_or_create_node_id(where)
+    creds = sec.init_mesh(
+        where, mesh=mesh, node_id=node_id, name=name or socket.gethostname(), now=time.time()
+    )
+    note(
+        f"mesh {mesh!r} created in {where} (mesh key {creds.mesh_pk.hex()[:16]}…); "
+        "start it with `meshctl up`, add devices with `meshctl invite`"
+    )
+
+
+def invite(
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="Address joiners dial, tcp://HOST:PORT [default: the local node's endpoint]",
+            show_default=False,
+        ),
+    ] = None,
+    ttl: Annotated[
+        float,
+        typer.Option(
+            parser=duration, metavar="DURATION", help="How long the token is valid (10m, 1h)."
+        ),
+    ] = 900.0,
+    uses: Annotated[int, typer.Option(min=1, max=1000, help="Devices it may enroll.")] = 1,
+    client: Annotated[
+        str | None,
+        typer.Option(
+            "--client",
+            metavar="NAME",
+            help="Instead of a join token, write credentials for a client identity.",
+            show_default=False,
+        ),
+    ] = None,
+    pub_allow: Annotated[
+        list[str] | None, typer.Option(help="Client may publish (pattern).")
+    ] = None,
+    pub_deny: Annotated[list[str] | None, typer.Option(help="Client may not publish.")] = None,
+    sub_allow: Annotated[list[str] | None, typer.Option(help="Client may subscribe.")] = None,
+    sub_deny: Annotated[list[str] | None, typer.Option(help="Client may not subscribe.")] = None,
+    days: Annotated[float, typer.Option(help="Client credentials validity in days.")] = 365.0,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Client credentials file ('-' for stdout)."),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Print a join token for `meshctl up --join TOKEN` (short-lived, single-use), or with
+    --client write a client credentials file with publish/subscribe permissions."""
+    where = _where(config, data_dir)
+    if client is not None:
+        _client_creds(where, client, pub_allow, pub_deny, sub_allow, sub_deny, days, output)
+        return
+    url = url or _local_url(where)
+    token = sec.issue_token(where, url=url, ttl=ttl, uses=uses, now=time.time())
+    note(f"join token for mesh {token.mesh!r} via {url}: valid {ttl:g}s, {uses} use(s)")
+    print(token.encode())
+
+
+def _client_creds(
+    where: Path,
+    name: str,
+    pub_allow: list[str] | None,
+    pub_deny: list[str] | None,
+    sub_allow: list[str] | None,
+    sub_deny: list[str] | None,
+    days: float,
+    output: Path | None,
+) -> None:
+    from node.topics import validate_pattern  # noqa: PLC0415
+
+    for p in [*(pub_allow or []), *(pub_deny or []), *(sub_allow or []), *(sub_deny or [])]:
+        validate_pattern(p)  # a TopicError (exit 2) names the bad pattern
+    perms = membership.Permissions(
+        tuple(pub_allow or ()), tuple(pub_deny or ()), tuple(sub_allow or ()), tuple(sub_deny or ())
+    )
+    doc = sec.client_credentials(where, name=name, perms=perms, days=days, now=time.time())
+    sec.remember_member(where, node=name, name=name, key=doc["public"], role="client")
+    text = json.dumps(doc, indent=1) + "\n"
+    if output is None or str(output) == "-":
+        sys.stdout.write(text)
+        return
+    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    note(f"wrote client credentials {output} for {name!r} (use with MESHCTL_CREDS)")
+
+
+def _local_url(where: Path) -> str:
+    """The running local node's TCP endpoint, for the token."""
+    from meshctl.client import connect  # noqa: PLC0415
+
+    try:
+        with connect(f"ipc://{where / datadir.IPC_FILE}", name="meshctl invite") as c:
+            endpoints = c.status().get("endpoints", [])
+    except Exception:
+        endpoints = []
+    tcp = [e for e in endpoints if e.startswith("tcp://")]
+    if not tcp:
+        raise InputError(
+            "no running node here to take the address from; pass --url tcp://HOST:PORT"
+        )
+    return tcp[0].replace("0.0.0.0", socket.gethostname())  # noqa: S104
+
+
+def revoke(
+    who: Annotated[str, typer.Argument(help="Node id, node name or client name to revoke.")],
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Revoke a member: the local node floods the signed revocation and every node drops
+    its links and sessions."""
+    where = _where(config, data_dir)
+    try:
+        members = json.loads((where / sec.MEMBERS_FILE).read_text())
+    except (OSError, ValueError):
+        members = []
+    found = [m for m in members if who in (m["node"], m["name"])]
+    if not found:
+        raise InputError(f"{who!r} is not a member enrolled from this data dir ({where})")
+    for m in found:
+        sec.revoke(where, node=m["node"], key=m["key"], now=time.time())
+        note(f"revoked {m['role']} {m['name']} ({m['node']})")
+
+
+def credentials_for_up(
+    where: Path, cfg: NodeConfig, node_id: str, name: str, join: str | None, timeout: float = 10.0
+) -> tuple[NodeConfig, sec.Security]:
+    """The credentials ``meshctl up`` runs with: enroll with ``--join``, else those in the
+    data dir, else a new one-node mesh (so `meshctl up` on a fresh machine just works,
+    secured, and `meshctl invite` grows it)."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    creds = sec.load_credentials(where)
+    if join is not None:
+        try:
+            token = membership.Token.decode(join)
+        except membership.MembershipError as e:
+            raise InputError(f"--join: {e}") from None
+        if creds is not None:
+            if creds.mesh_pk.hex() != token.mesh_pk:
+                raise InputError(
+                    f"--join: {where} already belongs to mesh {creds.mesh!r}; "
+                    "use another --data-dir"
+                )
+            note(f"already a member of mesh {creds.mesh!r}; --join ignored")
+        else:
+            _enroll(where, token, node_id, name, timeout)
+            creds = sec.load_credentials(where)
+            note(f"joined mesh {token.mesh!r} via {token.url}")
+    if creds is None:
+        creds = sec.init_mesh(where, mesh=cfg.mesh, node_id=node_id, name=name, now=time.time())
+        note(
+            f"created a new one-node mesh {cfg.mesh!r} in {where}; "
+            "add devices with `meshctl invite` (or run open with --insecure)"
+        )
+    assert creds is not None
+    if cfg.mesh != creds.mesh:
+        if cfg.mesh != NodeConfig().mesh:
+            raise InputError(
+                f"this data dir belongs to mesh {creds.mesh!r}, not {cfg.mesh!r}; "
+                "drop --mesh or use another --data-dir"
+            )
+        cfg = replace(cfg, mesh=creds.mesh)
+    return cfg, sec.Security(creds, where, node_id, logging.getLogger("meshctl.node").info)
+
+
+def _enroll(where: Path, token: membership.Token, node_id: str, name: str, timeout: float) -> None:
+    """Redeem ``token`` at the node that issued it, over CURVE to the key in the token."""
+    if token.expires <= time.time():
+        raise InputError("--join: the join token has expired; ask for a new one (meshctl invite)")
+    public, secret = sec.curve_keys(where)
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    try:
+        s.curve_publickey, s.curve_secretkey = public, secret
+        s.curve_serverkey = token.server_key.encode()
+        s.connect(token.url)
+        body: dict[str, Any] = {
+            "ref": 1,
+            "token": token.token_id,
+            "secret": token.secret,
+            "node": node_id,
+            "name": name,
+        }
+        s.send(encode_control(Kind.ENROLL, body))
+        if not s.poll(int(timeout * 1000)):
+            raise OperationalError(
+                f"no answer from {token.url} within {timeout:g}s (is that node up and reachable?)"
+            )
+        try:
+            kind, answer = decode_control(s.recv())
+        except CodecError as e:
+            raise OperationalError(f"enrollment answer unreadable: {e}") from None
+    finally:
+        s.close(0)
+    if kind != Kind.OK:
+        raise OperationalError(f"enrollment refused by {token.url}: {answer.get('error')}")
+    try:
+        membership.check_member(
+            answer.get("member"),
+            mesh=token.mesh,
+            mesh_pk=bytes.fromhex(token.mesh_pk),
+            now=time.time(),
+            curve_key=public.decode(),
+            node=node_id,
+        )
+    except membership.MembershipError as e:
+        raise OperationalError(f"enrollment answer does not hold: {e}") from None
+    sec.save_enrollment(where, token, answer)

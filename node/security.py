@@ -1,0 +1,481 @@
+"""CurveZMQ credentials in the data dir, the ZAP handler, and the membership checks a node
+makes on links, clients, enrollment and revocation.
+
+Files (all in the node's data dir, secrets 0600):
+  curve.key / curve.key_secret   this node's CurveZMQ key pair (zmq.auth certificate files)
+  mesh.json                      the mesh name and the mesh's public signing key (trust root)
+  member.json                    this node's membership record, signed by the mesh key
+  mesh_signing.key               the mesh's private signing key: only where `meshctl init` ran
+  tokens.json                    join tokens issued here (hashes, expiry, uses left)
+  revoked.json                   signed revocations this node knows
+  join_links.json                the node that enrolled us (url + CurveZMQ key), a static link
+  members.json                   members this authority enrolled (to revoke them by name)
+
+ZAP (pyzmq's ``zmq.auth.thread.ThreadAuthenticator``, domain ``meshctl`` enforced, so a
+missing handler refuses every connection) lets through CURVE keys that are neither revoked
+nor blocked after a failed proof; the first frame of a connection must then prove membership
+for the key CURVE authenticated (LINK, HELLO) or redeem a join token (ENROLL). Anything else
+is refused, counted and listed, and the key is blocked for BLOCK_SECONDS, which makes a
+flood of attempts from one rogue key cheap to turn away.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from node import membership as ms
+from node.errors import ConfigError
+
+log = logging.getLogger("meshctl.node")
+
+ZAP_DOMAIN: Final = "meshctl"
+CURVE_FILE: Final = "curve"
+MESH_FILE: Final = "mesh.json"
+MEMBER_FILE: Final = "member.json"
+SIGNING_FILE: Final = "mesh_signing.key"
+TOKENS_FILE: Final = "tokens.json"
+REVOKED_FILE: Final = "revoked.json"
+JOIN_LINKS_FILE: Final = "join_links.json"
+MEMBERS_FILE: Final = "members.json"  # what an authority issued: id/name -> key, for revoke
+BLOCK_SECONDS: Final = 30.0
+NODE_RECORD_DAYS: Final = 365
+MAX_REJECTED: Final = 256  # rejected peers listed by `meshctl peers`
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a secret file that is 0600 from its first byte (no window with looser modes)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    tmp.replace(path)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return default
+    except (OSError, ValueError) as e:
+        raise ConfigError(str(path), "", f"unreadable: {e}") from None
+
+
+def curve_keys(data_dir: Path) -> tuple[bytes, bytes]:
+    """This node's CurveZMQ key pair (Z85), made on first use; the secret file is 0600."""
+    secret = data_dir / f"{CURVE_FILE}.key_secret"
+    if not secret.exists():
+        _, sec_path = zmq.auth.create_certificates(data_dir, CURVE_FILE)
+        Path(sec_path).chmod(0o600)
+    else:
+        mode = secret.stat().st_mode & 0o077
+        if mode:
+            secret.chmod(0o600)  # tighten a copied file rather than serve with it readable
+    public, private = zmq.auth.load_certificate(secret)
+    assert private is not None
+    return public, private
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a secured node holds: the trust root, its keys and its own signed record."""
+
+    mesh: str
+    mesh_pk: bytes
+    public: bytes  # Z85
+    secret: bytes  # Z85
+    member: dict[str, Any]
+    signing_key: bytes | None  # only on the node where the mesh was created
+
+    @property
+    def public_text(self) -> str:
+        return self.public.decode()
+
+
+def load_credentials(data_dir: Path) -> Credentials | None:
+    """The data dir's credentials, or None if it has none (a never-initialised node)."""
+    mesh = _read_json(data_dir / MESH_FILE, None)
+    member = _read_json(data_dir / MEMBER_FILE, None)
+    if mesh is None or member is None:
+        return None
+    public, private = curve_keys(data_dir)
+    signing = data_dir / SIGNING_FILE
+    return Credentials(
+        mesh=str(mesh["mesh"]),
+        mesh_pk=bytes.fromhex(mesh["mesh_pk"]),
+        public=public,
+        secret=private,
+        member=member,
+        signing_key=bytes.fromhex(signing.read_text().strip()) if signing.exists() else None,
+    )
+
+
+def init_mesh(data_dir: Path, *, mesh: str, node_id: str, name: str, now: float) -> Credentials:
+    """Create a mesh: a signing key, this node's CurveZMQ keys and its membership record."""
+    if (data_dir / MESH_FILE).exists():
+        raise ConfigError(
+            str(data_dir / MESH_FILE),
+            "",
+            "this data dir already belongs to a mesh; use another --data-dir for a new mesh",
+        )
+    private, public_key = ms.new_signing_key()
+    _write_private(data_dir / SIGNING_FILE, private.hex() + "\n")
+    (data_dir / MESH_FILE).write_text(json.dumps({"mesh": mesh, "mesh_pk": public_key.hex()}))
+    pub, _ = curve_keys(data_dir)
+    rec = ms.member_record(
+        mesh=mesh,
+        node=node_id,
+        key=pub.decode(),
+        name=name,
+        role="node",
+        expires=int(now + NODE_RECORD_DAYS * 86400),
+    )
+    (data_dir / MEMBER_FILE).write_text(json.dumps(ms.sign(private, rec)))
+    creds = load_credentials(data_dir)
+    assert creds is not None
+    return creds
+
+
+def save_enrollment(data_dir: Path, token: ms.Token, answer: dict[str, Any]) -> None:
+    """Keep what the enrolling node sent: trust root, our record, and a link back to it."""
+    (data_dir / MESH_FILE).write_text(json.dumps({"mesh": token.mesh, "mesh_pk": token.mesh_pk}))
+    (data_dir / MEMBER_FILE).write_text(json.dumps(answer["member"]))
+    (data_dir / JOIN_LINKS_FILE).write_text(
+        json.dumps([{"url": token.url, "key": token.server_key}])
+    )
+    revs = answer.get("revocations")
+    if isinstance(revs, list):
+        (data_dir / REVOKED_FILE).write_text(json.dumps(revs))
+
+
+def remember_member(data_dir: Path, *, node: str, name: str, key: str, role: str) -> None:
+    """Note a member this authority signed, so `meshctl revoke NAME` can find its key."""
+    path = data_dir / MEMBERS_FILE
+    members = _read_json(path, [])
+    members.append({"node": node, "name": name, "key": key, "role": role})
+    path.write_text(json.dumps(members))
+
+
+def join_links(data_dir: Path) -> list[tuple[str, str]]:
+    """Static links learnt at enrollment: (url, CurveZMQ server key)."""
+    return [(d["url"], d["key"]) for d in _read_json(data_dir / JOIN_LINKS_FILE, [])]
+
+
+def issue_token(data_dir: Path, *, url: str, ttl: float, uses: int, now: float) -> ms.Token:
+    """Record a new join token here (its hash) and return it; needs the mesh signing key."""
+    creds = load_credentials(data_dir)
+    if creds is None or creds.signing_key is None:
+        raise ConfigError(
+            str(data_dir),
+            "",
+            "no mesh signing key here: run `meshctl invite` on the node "
+            "where `meshctl init` ran (or pass its --data-dir)",
+        )
+    token = ms.Token(
+        mesh=creds.mesh,
+        mesh_pk=creds.mesh_pk.hex(),
+        url=url,
+        server_key=creds.public_text,
+        token_id=secrets.token_hex(6),
+        secret=secrets.token_hex(16),
+        expires=int(now + ttl),
+    )
+    path = data_dir / TOKENS_FILE
+    tokens = {
+        k: v for k, v in _read_json(path, {}).items() if int(v.get("exp", 0)) > now
+    }  # expired ones are forgotten as new ones are made
+    tokens[token.token_id] = {
+        "hash": ms.secret_hash(token.secret),
+        "exp": token.expires,
+        "uses": uses,
+    }
+    _write_private(path, json.dumps(tokens))
+    return token
+
+
+def client_credentials(
+    data_dir: Path, *, name: str, perms: ms.Permissions, days: float, now: float
+) -> dict[str, Any]:
+    """A client credentials document (its own key pair and signed record), like a NATS
+    creds file: whoever holds it is that client, so it is written 0600."""
+    creds = load_credentials(data_dir)
+    if creds is None or creds.signing_key is None:
+        raise ConfigError(str(data_dir), "", "no mesh signing key here (see `meshctl init`)")
+    public, secret = zmq.curve_keypair()
+    rec = ms.member_record(
+        mesh=creds.mesh,
+        node=name,
+        key=public.decode(),
+        name=name,
+        role="client",
+        expires=int(now + days * 86400),
+        perms=perms,
+    )
+    return {
+        "mesh": creds.mesh,
+        "public": public.decode(),
+        "secret": secret.decode(),
+        "member": ms.sign(creds.signing_key, rec),
+        "server_key": creds.public_text,
+    }
+
+
+def revoke(data_dir: Path, *, node: str, key: str, now: float) -> dict[str, Any]:
+    """Sign a revocation of ``node`` and add it to revoked.json; a running node floods it."""
+    creds = load_credentials(data_dir)
+    if creds is None or creds.signing_key is None:
+        raise ConfigError(str(data_dir), "", "no mesh signing key here (see `meshctl init`)")
+    signed = ms.sign(
+        creds.signing_key, ms.revocation_record(mesh=creds.mesh, node=node, key=key, at=int(now))
+    )
+    path = data_dir / REVOKED_FILE
+    revs = _read_json(path, [])
+    revs.append(signed)
+    path.write_text(json.dumps(revs))
+    return signed
+
+
+class _KeyPolicy:
+    """The ZAP callback: refuses revoked keys and keys blocked after a failed proof.
+    Runs on the authenticator's thread, hence the lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.revoked: set[bytes] = set()
+        self.blocked: dict[bytes, float] = {}
+        self.denied = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        with self.lock:
+            until = self.blocked.get(key)
+            if key in self.revoked or (until is not None and until > time.monotonic()):
+                self.denied += 1
+                return False
+            return True
+
+
+class Security:
+    """A secured node's checks; the loop calls these with the key each connection proved."""
+
+    def __init__(
+        self, creds: Credentials, data_dir: Path, node_id: str, log: Callable[[str], None]
+    ) -> None:
+        self.creds = creds
+        self.data_dir = data_dir
+        self.node_id = node_id
+        self.log = log
+        self.policy = _KeyPolicy()
+        self.auth: ThreadAuthenticator | None = None
+        self.revoked: set[str] = set()  # curve keys and "node:<id>"
+        self.revocations: list[dict[str, Any]] = []
+        self.rejected: dict[str, dict[str, Any]] = {}
+        self.counters = {
+            "links_rejected": 0,
+            "clients_rejected": 0,
+            "enrolled": 0,
+            "enroll_refused": 0,
+            "revocations": 0,
+        }
+        self._revoked_mtime = 0.0
+        self.poll_revocations_file()
+
+    # ---- sockets -----------------------------------------------------------------------
+
+    def start(self, ctx: zmq.Context[Any]) -> None:
+        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("meshctl.zap"))
+        self.auth.start()
+        self.auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self.policy)
+
+    def stop(self) -> None:
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+
+    def serve_curve(self, sock: zmq.Socket[Any]) -> None:
+        """Make the next binds of ``sock`` CURVE servers that ZAP must approve."""
+        sock.curve_secretkey = self.creds.secret
+        sock.curve_publickey = self.creds.public
+        sock.curve_server = True
+        sock.zap_domain = ZAP_DOMAIN.encode()
+        sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+    def dial_curve(self, sock: zmq.Socket[Any], server_key: str) -> None:
+        sock.curve_secretkey = self.creds.secret
+        sock.curve_publickey = self.creds.public
+        sock.curve_serverkey = server_key.encode()
+
+    # ---- checks ------------------------------------------------------------------------
+
+    def _check(self, signed: object, key: str, role: str, node: str | None = None) -> ms.Member:
+        return ms.check_member(
+            signed,
+            mesh=self.creds.mesh,
+            mesh_pk=self.creds.mesh_pk,
+            now=time.time(),
+            curve_key=key,
+            revoked=self.revoked,
+            node=node,
+            role=role,
+        )
+
+    def check_link(self, body: dict[str, Any], key: str, address: str) -> str | None:
+        """None if a LINK (or, for a node we dialed, a LINK_OK) proves that the holder of
+        ``key``, the key CURVE authenticated, is a member under the node id it claims;
+        else the reason, after counting and listing the peer as rejected."""
+        node = body.get("node")
+        claimed = node.get("id") if isinstance(node, dict) else None
+        try:
+            self._check(body.get("member"), key, "node", str(claimed))
+        except ms.MembershipError as e:
+            why = f"not a member of mesh {self.creds.mesh!r}: {e}"
+            name = node.get("name") if isinstance(node, dict) else None
+            self.reject(str(claimed), name, address, key, why)
+            return why
+        return None
+
+    def check_hello(self, body: dict[str, Any], key: str) -> tuple[ms.Member | None, str]:
+        """A remote client's membership (with its permissions), or why it is refused."""
+        try:
+            return self._check(body.get("member"), key, "client"), ""
+        except ms.MembershipError as e:
+            self.counters["clients_rejected"] += 1
+            self.block(key)
+            return None, f"client not authorised for mesh {self.creds.mesh!r}: {e}"
+
+    def reject(self, node: str | None, name: object, address: str, key: str, why: str) -> None:
+        """Count and list a refused peer; block its key for a while."""
+        self.counters["links_rejected"] += 1
+        self.block(key)
+        if len(self.rejected) >= MAX_REJECTED:
+            self.rejected.pop(next(iter(self.rejected)))
+        self.rejected[address] = {
+            "id": node,
+            "name": str(name) if name else None,
+            "address": address,
+            "found": "rejected",
+            "state": "rejected",
+            "error": why,
+            "rtt_ms": None,
+        }
+        if self.counters["links_rejected"] <= 20 or self.counters["links_rejected"] % 1000 == 0:
+            self.log(f"rejected {name or node or '?'} at {address}: {why}")
+
+    def block(self, key: str) -> None:
+        with self.policy.lock:
+            if len(self.policy.blocked) > 10_000:
+                self.policy.blocked.clear()
+            self.policy.blocked[key.encode()] = time.monotonic() + BLOCK_SECONDS
+
+    # ---- enrollment --------------------------------------------------------------------
+
+    def enroll(self, body: dict[str, Any], key: str) -> tuple[bool, dict[str, Any]]:
+        """Redeem a join token for the holder of ``key``: (ok, answer body)."""
+        ok, answer = self._enroll(body, key)
+        self.counters["enrolled" if ok else "enroll_refused"] += 1
+        if not ok:
+            self.block(key)
+        return ok, answer
+
+    def _enroll(self, body: dict[str, Any], key: str) -> tuple[bool, dict[str, Any]]:
+        if self.creds.signing_key is None:
+            return False, {"error": "this node cannot enroll: it has no mesh signing key"}
+        node, name = body.get("node"), body.get("name")
+        if not isinstance(node, str) or len(node) != 16 or not isinstance(name, str):
+            return False, {"error": "enrollment needs a node id and a name"}
+        path = self.data_dir / TOKENS_FILE
+        tokens = _read_json(path, {})
+        token_id = str(body.get("token", ""))
+        why = ms.check_token_use(tokens.get(token_id), str(body.get("secret", "")), time.time())
+        if why is not None:
+            return False, {"error": why}
+        tokens[token_id]["uses"] -= 1
+        if tokens[token_id]["uses"] <= 0:
+            del tokens[token_id]
+        _write_private(path, json.dumps(tokens))
+        rec = ms.member_record(
+            mesh=self.creds.mesh,
+            node=node,
+            key=key,
+            name=name[:63],
+            role="node",
+            expires=int(time.time() + NODE_RECORD_DAYS * 86400),
+        )
+        remember_member(self.data_dir, node=node, name=name[:63], key=key, role="node")
+        self.log(f"enrolled node {name} ({node}) with join token {token_id}")
+        return True, {
+            "member": ms.sign(self.creds.signing_key, rec),
+            "revocations": self.revocations,
+        }
+
+    # ---- revocation --------------------------------------------------------------------
+
+    def accept_revocations(self, items: object) -> list[dict[str, Any]]:
+        """The valid revocations in ``items`` that are new here (kept and persisted)."""
+        if not isinstance(items, list):
+            return []
+        fresh = []
+        for signed in items[:1000]:
+            try:
+                rec = ms.check_revocation(signed, mesh=self.creds.mesh, mesh_pk=self.creds.mesh_pk)
+            except ms.MembershipError:
+                continue
+            if rec["key"] in self.revoked:
+                continue
+            self.revoked.update((rec["key"], f"node:{rec['node']}"))
+            with self.policy.lock:
+                self.policy.revoked.add(rec["key"].encode())
+            self.revocations.append(signed)
+            fresh.append(signed)
+            self.counters["revocations"] += 1
+            self.log(f"node {rec['node']} revoked: its links and sessions are closed")
+        if fresh:
+            path = self.data_dir / REVOKED_FILE
+            try:
+                path.write_text(json.dumps(self.revocations))
+                self._revoked_mtime = path.stat().st_mtime
+            except OSError as e:
+                self.log(f"cannot save revocations: {e}")
+        return fresh
+
+    def poll_revocations_file(self) -> list[dict[str, Any]]:
+        """New revocations `meshctl revoke` wrote to the data dir since the last look."""
+        path = self.data_dir / REVOKED_FILE
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return []
+        if mtime == self._revoked_mtime:
+            return []
+        self._revoked_mtime = mtime
+        try:
+            items = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return []
+        return self.accept_revocations(items)
+
+    def is_revoked(self, node_id: str) -> bool:
+        return f"node:{node_id}" in self.revoked
+
+    def view(self) -> dict[str, Any]:
+        with self.policy.lock:
+            denied = self.policy.denied
+        return {
+            "mode": "curve",
+            "mesh_key": self.creds.mesh_pk.hex(),
+            "public_key": self.creds.public_text,
+            "authority": self.creds.signing_key is not None,
+            "zap_denied": denied,
+            **self.counters,
+        }

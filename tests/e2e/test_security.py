@@ -1,0 +1,314 @@
+"""Secured nodes on 127.0.0.1: join tokens, encrypted links, client credentials,
+permissions, revocation, rogue nodes and open mode (real processes, real sockets)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import selectors
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import NodeFactory, NodeProcess, SubProcess, run_cli, wait_for
+
+pytestmark = pytest.mark.e2e
+
+TOPIC = "plant7/line3/secret-topic"
+MARKER = "PAYLOAD-MARKER-0123456789"
+
+
+class Tap:
+    """A TCP proxy on 127.0.0.1 that records every byte both ways: what a wiretap on the
+    link would see."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.seen = bytearray()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self.listener, selectors.EVENT_READ, None)
+        self._stop = threading.Event()
+        self._socks: list[socket.socket] = [self.listener]
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for key, _ in self._sel.select(0.05):
+                if key.data is None:
+                    a, _addr = self.listener.accept()
+                    b = socket.create_connection(self.target)
+                    self._socks += [a, b]
+                    self._sel.register(a, selectors.EVENT_READ, b)
+                    self._sel.register(b, selectors.EVENT_READ, a)
+                    continue
+                src: socket.socket = key.fileobj  # type: ignore[assignment]
+                try:
+                    data = src.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    for s in (src, key.data):
+                        with contextlib.suppress(KeyError, ValueError):
+                            self._sel.unregister(s)
+                        s.close()
+                    continue
+                self.seen += data
+                key.data.sendall(data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for s in self._socks:
+            s.close()
+        self._sel.close()
+
+
+@pytest.fixture
+def tap() -> Iterator[list[Tap]]:
+    taps: list[Tap] = []
+    try:
+        yield taps
+    finally:
+        for t in taps:
+            t.close()
+
+
+def invite(node: NodeProcess, *args: str) -> str:
+    done = run_cli("invite", "--data-dir", str(node.data_dir), *args)
+    assert done.returncode == 0, done.describe()
+    return done.stdout.strip()
+
+
+def security(node: NodeProcess) -> dict[str, Any]:
+    return node.status()["security"]  # type: ignore[no-any-return]
+
+
+def peers(node: NodeProcess) -> list[dict[str, Any]]:
+    done = run_cli("peers", "--json", server=node.ipc)
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+def linked(node: NodeProcess, name: str) -> bool:
+    return any(p["name"] == name and p["state"] == "up" for p in peers(node))
+
+
+def test_join_token_links_encrypted_and_single_use(
+    make_node: NodeFactory, tmp_path: Path, tap: list[Tap]
+) -> None:
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    t = Tap(a.tcp_port)
+    tap.append(t)
+    token = invite(a, "--url", f"tcp://127.0.0.1:{t.port}")
+    b = make_node(name="b", data_dir=tmp_path / "b", secure=True, extra_args=["--join", token])
+    wait_for(lambda: linked(b, "a") and linked(a, "b"), timeout=10, what="a and b linked")
+    sub = SubProcess.start("sub", TOPIC, "--json", server=b.ipc)
+    try:
+        sub.wait_stderr("subscribed", timeout=10)
+        wait_for(
+            lambda: any(r["name"] == "b" for r in _routes(a, TOPIC)),
+            timeout=10,
+            what="a to route to b",
+        )
+        assert run_cli("pub", TOPIC, MARKER, server=a.ipc).returncode == 0
+        event = json.loads(sub.wait_lines(1, timeout=10)[0])
+        assert event["topic"] == TOPIC
+    finally:
+        sub.stop()
+    # The link carried the event, the subscription and the node names: none in clear.
+    assert len(t.seen) > 1000
+    for clear in (TOPIC.encode(), MARKER.encode(), b"plant7", b'"name"'):
+        assert clear not in t.seen, f"{clear!r} crossed the link in clear"
+    # Single use: the same token enrolls nobody else.
+    again = run_cli(
+        "up", "--port", "0", "--listen", "127.0.0.1", "--no-discovery",
+        "--data-dir", str(tmp_path / "c"), "--join", token, timeout=20,
+    )  # fmt: skip
+    assert again.returncode == 1
+    assert "already used" in again.stderr or "unknown" in again.stderr
+    assert security(a)["enrolled"] == 1
+    assert security(a)["enroll_refused"] == 1
+
+
+def _routes(node: NodeProcess, topic: str) -> list[dict[str, Any]]:
+    done = run_cli("routes", topic, "--json", server=node.ipc)
+    return json.loads(done.stdout)["remote"]  # type: ignore[no-any-return]
+
+
+def test_open_mode_link_is_in_clear_for_comparison(
+    make_node: NodeFactory, tap: list[Tap], tmp_path: Path
+) -> None:
+    """The tap itself works: the same traffic between open nodes is readable."""
+    a = make_node(name="a", data_dir=tmp_path / "a")
+    t = Tap(a.tcp_port)
+    tap.append(t)
+    b = make_node(
+        name="b", data_dir=tmp_path / "b", extra_args=["--link", f"tcp://127.0.0.1:{t.port}"]
+    )
+    wait_for(lambda: linked(b, "a"), timeout=10, what="open link")
+    assert b'"name"' in t.seen
+    status = run_cli("status", server=b.ipc).stdout
+    assert "WARNING: open mode" in status
+
+
+def test_rogue_node_with_the_mesh_name_is_refused_and_counted(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    key = security(a)["public_key"]
+    # Its own credentials (auto-initialised), the same mesh name, our address and key.
+    rogue = make_node(
+        name="rogue",
+        data_dir=tmp_path / "rogue",
+        secure=True,
+        extra_args=["--link", f"{a.tcp}#{key}"],
+    )
+    wait_for(lambda: security(a)["links_rejected"] >= 1, timeout=10, what="a to reject the rogue")
+    assert not linked(a, "rogue")
+    assert not linked(rogue, "a")
+    row = next(p for p in peers(a) if p["state"] == "rejected")
+    assert row["name"] == "rogue"
+    assert "not a member" in row["error"]
+    rogue_view = next(p for p in peers(rogue) if p["address"].startswith(a.tcp))
+    # First a LINK_REFUSE naming the reason; then ZAP turns the blocked key away silently.
+    assert rogue_view["state"] != "up"
+    assert "not a member" in rogue.log_text()
+
+
+def test_open_node_never_links_with_a_secured_one(make_node: NodeFactory, tmp_path: Path) -> None:
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    key = security(a)["public_key"]
+    b = make_node(
+        name="b", data_dir=tmp_path / "b", extra_args=["--link", a.tcp]
+    )  # open (--insecure)
+    c = make_node(name="c", data_dir=tmp_path / "c", extra_args=["--link", f"{a.tcp}#{key}"])
+    for open_node in (b, c):  # each dial fails its handshake and backs off
+        wait_for(
+            lambda n=open_node: any(p["error"] and p["state"] != "up" for p in peers(n)),
+            timeout=15,
+            what="the open node's dial to fail",
+        )
+    assert not linked(a, "b")
+    assert not linked(a, "c")
+    assert b.status()["security"] == {"mode": "insecure"}
+    assert c.status()["security"] == {"mode": "insecure"}
+
+
+def test_clients_need_credentials_and_obey_permissions(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    creds = tmp_path / "app.creds"
+    done = run_cli(
+        "invite", "--data-dir", str(a.data_dir), "--client", "app",
+        "--pub-allow", "app/>", "--pub-deny", "app/admin/>",
+        "--sub-allow", "app/>", "--sub-deny", "app/secret/*", "-o", str(creds),
+    )  # fmt: skip
+    assert done.returncode == 0, done.describe()
+    assert creds.stat().st_mode & 0o777 == 0o600
+    env = {"MESHCTL_CREDS": str(creds)}
+    # No credentials over tcp: refused (CURVE), one clear line.
+    plain = run_cli("pub", "app/x", "1", server=a.tcp, timeout=10)
+    assert plain.returncode == 1
+    assert "MESHCTL_CREDS" in plain.stderr
+    # The local CLI over ipc needs none: the data dir's permissions guard it.
+    sub = SubProcess.start("sub", "app/>", "--json", server=a.ipc)
+    try:
+        sub.wait_stderr("subscribed", timeout=10)
+        ok = run_cli("pub", "app/x", "fine", server=a.tcp, env=env)
+        assert ok.returncode == 0, ok.describe()
+        denied = run_cli("pub", "app/admin/reset", "no", server=a.tcp, env=env)
+        assert denied.returncode == 1
+        err = denied.stderr
+        assert "app/admin/reset" in err
+        assert "pub_deny 'app/admin/>'" in err
+        other = run_cli("pub", "other/x", "no", server=a.tcp, env=env)
+        assert "pub_allow" in other.stderr
+        bad_sub = run_cli("sub", "app/>", "--count", "1", server=a.tcp, env=env, timeout=10)
+        assert bad_sub.returncode == 1
+        assert "sub_deny 'app/secret/*'" in bad_sub.stderr
+        lines = sub.wait_lines(1, timeout=5)
+        assert [json.loads(x)["topic"] for x in lines] == ["app/x"]
+        assert run_cli("pub", "app/y", "last", server=a.ipc).returncode == 0
+        lines = sub.wait_lines(2, timeout=5)
+        assert [json.loads(x)["topic"] for x in lines] == ["app/x", "app/y"]  # nothing denied
+    finally:
+        sub.stop()
+    status = a.status()
+    assert status["counters"]["dropped"]["permission"] == 3
+    # A credentials file of another mesh is refused with its reason.
+    other_mesh = make_node(name="z", data_dir=tmp_path / "z", secure=True)
+    foreign = tmp_path / "foreign.creds"
+    run_cli("invite", "--data-dir", str(other_mesh.data_dir), "--client", "x", "-o", str(foreign))
+    doc = json.loads(foreign.read_text())
+    doc["server_key"] = status["security"]["public_key"]
+    foreign.write_text(json.dumps(doc))
+    refused = run_cli("pub", "app/x", "1", server=a.tcp, env={"MESHCTL_CREDS": str(foreign)})
+    assert refused.returncode == 1
+    assert "not authorised" in refused.stderr
+    assert security(a)["clients_rejected"] == 1
+
+
+def test_revoked_node_is_dropped_and_cannot_return(make_node: NodeFactory, tmp_path: Path) -> None:
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    b = make_node(
+        name="b",
+        data_dir=tmp_path / "b",
+        secure=True,
+        extra_args=["--join", invite(a, "--url", a.tcp)],
+    )
+    c = make_node(
+        name="c",
+        data_dir=tmp_path / "c",
+        secure=True,
+        extra_args=["--join", invite(a, "--url", a.tcp)],
+    )
+    wait_for(lambda: linked(a, "b") and linked(a, "c"), timeout=10, what="three linked")
+    done = run_cli("revoke", "b", "--data-dir", str(a.data_dir))
+    assert done.returncode == 0, done.describe()
+    wait_for(lambda: not linked(a, "b"), timeout=10, what="a to drop b")
+    wait_for(lambda: security(c)["revocations"] == 1, timeout=10, what="c to learn it")
+    assert security(b)["revocations"] == 1  # b was told why
+    assert linked(a, "c")
+    # b keeps redialling (its join link); it is refused every time.
+    wait_for(lambda: security(a)["zap_denied"] >= 1, timeout=10, what="b refused by ZAP")
+    assert not linked(a, "b")
+    bad = run_cli("revoke", "nobody", "--data-dir", str(a.data_dir))
+    assert bad.returncode == 2
+
+
+def test_bad_tokens_are_usage_errors(tmp_path: Path) -> None:
+    done = run_cli("up", "--data-dir", str(tmp_path / "d"), "--join", "garbage")
+    assert done.returncode == 2
+    assert "join token" in done.stderr
+    both = run_cli("up", "--data-dir", str(tmp_path / "d"), "--join", "x", "--insecure")
+    assert both.returncode == 2
+
+
+def test_member_client_sending_2mib_gets_the_payload_error_others_carry_on(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """A client that ignores the advertised 1 MiB limit (default) on a secured node."""
+    from meshctl import connect
+    from meshctl.errors import RemoteError
+
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    creds = tmp_path / "big.creds"
+    run_cli("invite", "--data-dir", str(a.data_dir), "--client", "big", "-o", str(creds))
+    sub = SubProcess.start("sub", "--raw", "lim/>", server=a.ipc)
+    try:
+        with connect(a.tcp, name="liar", timeout=5, creds=creds) as client:
+            client.max_payload = 1 << 30  # pretend the node accepts anything
+            client.publish("lim/big", b"x" * (2 << 20))
+            with pytest.raises(RemoteError, match="1048576"):
+                client.flush(5)
+        assert run_cli("pub", "lim/small", "fine", server=a.ipc).returncode == 0
+        assert sub.wait_lines(1) == ["fine"]
+    finally:
+        sub.stop()
+    assert a.status()["counters"]["dropped"]["payload_too_large"] == 1
