@@ -5,7 +5,10 @@ subscriber (its own process), QoS 0 and QoS 1, 256-byte payloads. The brokers ar
 throwaway ``meshctl up --mqtt`` and Debian's mosquitto, each on a free 127.0.0.1 port in
 the same run, each stopped by its PID. Bounded: ``--count`` messages per run, ``--rounds``
 interleaved rounds (medians reported), and a run ends after 3 s without a message.
-Run: ``python benchmarks/mqtt_listener.py [--count N] [--rounds N]``.
+With the node's store on (the default), QoS 1 through meshctl is persistent: each PUBACK
+waits for the event's commit to SQLite, which mosquitto (``persistence false``) does not
+do; ``--no-store`` measures the node without a store (QoS 1 acknowledged after routing).
+Run: ``python benchmarks/mqtt_listener.py [--count N] [--rounds N] [--no-store]``.
 """
 
 from __future__ import annotations
@@ -109,11 +112,12 @@ def mosquitto(tmp: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def meshctl_node(tmp: Path) -> Iterator[int]:
+def meshctl_node(tmp: Path, *, store: bool = True) -> Iterator[int]:
     port = lh.free_port()
     conf = tmp / "meshctl.toml"
     conf.write_text(
         f'[mqtt]\nlisten = "127.0.0.1:{port}"\nmax_inflight = {INFLIGHT}\nmax_queued = {QUEUE}\n'
+        + ("" if store else "[store]\nenabled = false\n")
     )
     argv = [sys.executable, "-m", "meshctl", "up", "--port", "0", "--listen", "127.0.0.1",
             "--no-discovery", "--data-dir", str(tmp / "node"), "--config", str(conf)]  # fmt: skip
@@ -142,13 +146,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--no-store", action="store_true", help="node without a store: QoS 1 is not persistent"
+    )
     args = parser.parse_args()
     if shutil.which("mosquitto") is None:
         raise SystemExit("mosquitto is not installed (scripts/test installs it as root)")
     tmp = Path(tempfile.mkdtemp(prefix="meshctl-mqtt-bench-"))
     rates: dict[tuple[str, int], list[float]] = {}
     try:
-        with mosquitto(tmp) as mosq_port, meshctl_node(tmp) as mesh_port:
+        with (
+            mosquitto(tmp) as mosq_port,
+            meshctl_node(tmp, store=not args.no_store) as mesh_port,
+        ):
             for rnd in range(args.rounds):  # interleaved: machine noise hits both alike
                 for qos in (0, 1):
                     for name, port in (("mosquitto", mosq_port), ("meshctl", mesh_port)):

@@ -34,7 +34,6 @@ class MqttConnection(asyncio.Protocol):
         self.opened = 0.0
         self.said_disconnect = False
         self.closing = False
-        self.awaiting_rel: set[int] = set()  # QoS 2 ids published, waiting for PUBREL
         self.out: list[bytes] = []
         self._in_read = False
 

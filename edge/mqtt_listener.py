@@ -8,11 +8,14 @@ record in a batched PUB frame. Topic rules are edge/mapping.py's; packets are
 edge/mqtt_codec.py's; sessions edge/mqtt_session.py's; retained messages sit behind the
 ``Retained`` seam of edge/mqtt_retain.py (in the node when its store is on).
 
-QoS 1 from a client is acknowledged once the node has routed the message: the listener
-sends a PING with a ``ref`` after the PUB frame and writes the PUBACKs when the node's OK
-for that ref comes back (the node answers in order). QoS 0 publishes carry a ``qos: 0``
-header so that subscribers receive min(publish QoS, subscription QoS); events published
-by mesh clients have no QoS and are delivered at the subscription's QoS.
+QoS 1 and 2 from a client, with the node's store on, are persistent events: the PUBACK
+(PUBREC) is written when the node's PACK names the event's id, i.e. once it is committed
+to disk (edge/mqtt_commit.py); an ERR naming it closes that client's connection. With the
+store off they are acknowledged once the node has routed them: the listener sends a PING
+with a ``ref`` after the PUB frame and writes the acks when the node's OK for that ref
+comes back (the node answers in order). QoS 0 publishes carry a ``qos: 0`` header so that
+subscribers receive min(publish QoS, subscription QoS); events published by mesh clients
+have no QoS and are delivered at the subscription's QoS.
 """
 
 from __future__ import annotations
@@ -61,11 +64,13 @@ from edge.mqtt_codec import (
     encode,
     encode_ack,
 )
+from edge.mqtt_commit import Committing
 from edge.mqtt_conn import MqttConnection
 from edge.mqtt_retain import ListenerRetained, NodeRetained, Retained
 from edge.mqtt_session import Session, SessionTable, Subscription
 from edge.port import MeshPort
 from node.codec import (
+    F_PERSISTENT,
     F_RETAIN,
     HEAD_PUB,
     RECORD_SIZE,
@@ -88,6 +93,8 @@ TICK: Final = 0.25  # keepalive and CONNECT deadlines are checked this often
 MAX_BACKLOG: Final = 8 * 1024 * 1024  # QoS 0 to a client with more unsent bytes is dropped
 LOG_FIRST: Final = 20  # protocol errors logged one by one before only every 1000th
 _DELIVERY: Final = struct.Struct("<IIHHB")  # sid, plen, tlen, hlen, flags
+_ACK: Final = struct.Struct(">BBH")  # PUBACK/PUBREC: first byte, length 2, packet id
+_ID: Final = slice(RECORD_SIZE - 16, RECORD_SIZE)  # a record's event id
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +109,8 @@ class ListenerConfig:
     max_subscriptions: int = 10_000
     max_packet: int = 1024 * 1024 + 65_536
     node_retained: bool = True  # the node keeps retained events (its store is on)
+    persistent: bool = True  # QoS 1/2 publishes are persistent events (the store is on)
+    max_payload: int = 1024 * 1024  # the node's limit: larger publishes are refused here
 
 
 class MqttListener:
@@ -128,7 +137,10 @@ class MqttListener:
             "wills": 0,
             "dropped_slow": 0,
             "dropped_node_busy": 0,
+            "refused_payloads": 0,
+            "store_refused": 0,
         }
+        self.committing = Committing()
         self._conns: set[MqttConnection] = set()
         self._online: dict[str, MqttConnection] = {}
         self._sids: dict[int, tuple[Session, Subscription]] = {}
@@ -179,6 +191,8 @@ class MqttListener:
             "sessions": len(self.sessions),
             "offline_sessions": self.sessions.offline,
             "retained": self.retained.count(),  # None: kept by the node (its status)
+            "qos1": "persistent" if self.cfg.persistent else "after routing",
+            "awaiting_commit": len(self.committing),
             **self.counters,
         }
 
@@ -240,6 +254,11 @@ class MqttListener:
                 elif conn.connect.keepalive and now - conn.last_rx > 1.5 * conn.connect.keepalive:
                     self.counters["keepalive_timeouts"] += 1
                     self._drop(conn, f"silent for 1.5 x keepalive {conn.connect.keepalive}s")
+            again = self.committing.due(now)
+            if again:  # a PUB frame lost on the way (the node's queue full): same ids again
+                for rec in again:
+                    self._add_record(rec)
+                self._schedule_flush()
 
     # ---- connections ---------------------------------------------------------------------
 
@@ -303,7 +322,7 @@ class MqttListener:
             case PingReq():
                 conn.write(PINGRESP)
             case PubRel(packet_id=pid):
-                conn.awaiting_rel.discard(pid)
+                session.awaiting_rel.discard(pid)
                 conn.write(encode_ack(Type.PUBCOMP, pid))
             case Disconnect():
                 conn.said_disconnect = True
@@ -361,41 +380,78 @@ class MqttListener:
         return tb
 
     def _on_publish(self, conn: MqttConnection, p: Publish) -> None:
-        if p.qos == 2 and p.packet_id in conn.awaiting_rel:
-            conn.write(encode_ack(Type.PUBREC, p.packet_id))  # a resend: published already
+        qos = p.qos
+        if qos == 0:
+            self._publish(conn, p)
             return
-        routed = self._publish(conn, p)
-        if p.qos == 0:
+        session: Session = conn.session  # type: ignore[assignment]  # on_packet checked it
+        pid = p.packet_id
+        if qos == 2 and pid in session.awaiting_rel:
+            conn.write(_ACK.pack(0x50, 2, pid))  # a resend: published already
             return
-        ack = encode_ack(Type.PUBACK if p.qos == 1 else Type.PUBREC, p.packet_id)
-        if p.qos == 2:
-            conn.awaiting_rel.add(p.packet_id)
-        if routed:
+        if self.cfg.persistent:
+            self._persist(conn, session, p)
+            return
+        rec = self._publish(conn, p)
+        ack = _ACK.pack(0x40 if qos == 1 else 0x50, 2, pid)
+        if qos == 2:
+            session.awaiting_rel.add(pid)
+        if rec is not None:
             self._after.append((conn, ack, ()))
             self._schedule_flush()
         else:
             conn.write(ack)  # refused topics are acknowledged, so the client does not resend
 
-    def _publish(self, conn: MqttConnection | None, p: Publish) -> bool:
-        """Queue one message for the node; False if its topic is refused."""
+    def _persist(self, conn: MqttConnection, session: Session, p: Publish) -> None:
+        """QoS 1/2 as a persistent event, acknowledged on the node's PACK (``_committed``).
+        A resend (DUP) of a packet id still waiting goes out with the event id it had."""
+        pid = p.packet_id
+        held = session.incoming.get(pid) if p.dup else None
+        if held is not None:
+            key, rec = held
+            self._add_record(rec)
+            self._schedule_flush()
+        else:
+            made = self._publish(conn, p)
+            if made is None:  # refused here: acknowledged, so the client does not resend
+                conn.write(_ACK.pack(0x40 if p.qos == 1 else 0x50, 2, pid))
+                if p.qos == 2:
+                    session.awaiting_rel.add(pid)
+                return
+            key, rec = made[_ID].hex(), made
+        self.committing.wait(session, pid, p.qos, key, rec, self.now())
+
+    def _publish(self, conn: MqttConnection | None, p: Publish) -> bytes | None:
+        """Queue one message for the node: its record, or None if refused (its topic has no
+        mesh equivalent, or its payload exceeds the node's limit)."""
         tb = self._mesh_topic(p.topic)
         if tb is None:
             self.counters["refused_topics"] += 1
             if conn is not None:
                 log.debug("MQTT client %s: topic %r refused", conn.name, p.topic)
-            return False
+            return None
+        if len(p.payload) > self.cfg.max_payload:
+            self.counters["refused_payloads"] += 1
+            if conn is not None:
+                log.debug("MQTT client %s: %d-byte payload refused", conn.name, len(p.payload))
+            return None
         flags = 0
         if p.retain:
             self.retained.retain(p.topic, p.payload, p.qos)
             flags = F_RETAIN if self.retained.in_node else 0
+        if p.qos and self.cfg.persistent:
+            flags |= F_PERSISTENT
         rec = self.port.raw_record(tb, p.payload, HB_QOS0 if p.qos == 0 else b"", flags)
+        self.counters["published"] += 1
+        self._add_record(rec)
+        self._schedule_flush()
+        return rec
+
+    def _add_record(self, rec: bytes) -> None:
         self._records.append(rec)
         self._record_bytes += len(rec)
-        self.counters["published"] += 1
         if self._record_bytes >= FRAME_BYTES:
             self._send_records()
-        self._schedule_flush()
-        return True
 
     def _on_subscribe(self, conn: MqttConnection, session: Session, s: Subscribe) -> None:
         codes: list[int] = []
@@ -519,8 +575,45 @@ class MqttListener:
                     conn.out.append(packet)
                     conn.out.extend(held)
                     touched.add(conn)
+        elif kind == Kind.PACK:
+            self._committed(body.get("ids") or [], touched)
+        elif kind == Kind.ERR and isinstance(body.get("ids"), list):
+            self._refused(body["ids"], str(body.get("error")))
         elif kind == Kind.ERR:
             log.warning("MQTT listener: the node said: %s", body.get("error"))
+
+    def _committed(self, ids: list[Any], touched: set[MqttConnection]) -> None:
+        """The node stored these events: PUBACK (PUBREC) each to its client, in one write
+        per client per frame. A client that is not connected right now keeps the mapping
+        in its session: its resend (DUP) reuses the id and the node acknowledges again."""
+        online = self._online
+        for session, pid, qos in self.committing.answered(ids, self.now()):
+            conn = online.get(session.client_id)
+            if conn is None or conn.session is not session or conn.closing:
+                continue
+            del session.incoming[pid]
+            if qos == 1:
+                conn.out.append(_ACK.pack(0x40, 2, pid))
+            else:
+                session.awaiting_rel.add(pid)
+                conn.out.append(_ACK.pack(0x50, 2, pid))
+            touched.add(conn)
+
+    def _refused(self, ids: list[Any], error: str) -> None:
+        """The node could not store these events (disk or spool full). MQTT 3.1.1 has no
+        negative PUBACK: close the client's connection; it resends on reconnect."""
+        for session, pid, qos in self.committing.answered(ids, self.now()):
+            n = self.counters["store_refused"] = self.counters["store_refused"] + 1
+            conn = self._online.get(session.client_id)
+            if conn is None or conn.session is not session or conn.closing:
+                continue
+            if n <= LOG_FIRST or n % 1000 == 0:
+                log.warning(
+                    "MQTT client %s: closing: the node could not store its QoS %d message "
+                    "(packet id %d; total %d): %s",
+                    conn.name, qos, pid, n, error,
+                )  # fmt: skip
+            conn.close(abort=True)
 
     def _deliver(self, frame: bytes, touched: set[MqttConnection]) -> None:
         """Events from the node to MQTT clients: once per client even when several of its
@@ -609,6 +702,8 @@ def start_listener(
         max_subscriptions=config.max_subscriptions,
         max_packet=config.max_payload + 65_536,
         node_retained=config.store,
+        persistent=config.store,
+        max_payload=config.max_payload,
     )
     ident = b"\x00mqtt" + time.time_ns().to_bytes(8, "big")
     register(ident)

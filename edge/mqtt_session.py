@@ -8,6 +8,11 @@ Everything is in memory: a node restart forgets every session (README).
 
 Outgoing QoS 1 flow: at most ``max_inflight`` messages await PUBACK; more wait in the
 queue (at most ``max_queued``; beyond that new ones are dropped and counted).
+
+Incoming QoS 1/2 flow (the node's store on): ``incoming`` maps the client's packet id to
+the mesh event (id, record) made for it until the PUBACK/PUBREC is out, so a resend with
+DUP after a reconnect carries the same event id and the node's dedupe window drops it if
+it was stored already. ``awaiting_rel`` holds QoS 2 ids between PUBREC and PUBREL.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class Session:
     subs: dict[str, Subscription] = field(default_factory=dict)
     inflight: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     queue: deque[tuple[bytes, bytes]] = field(default_factory=deque)
+    incoming: dict[int, tuple[str, bytes]] = field(default_factory=dict)
+    awaiting_rel: set[int] = field(default_factory=set)
     dropped: int = 0
     _next_id: int = 0
 

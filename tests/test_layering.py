@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PURE = [
     "edge/mapping.py",
     "edge/mqtt_codec.py",
+    "edge/mqtt_commit.py",
     "edge/mqtt_session.py",
     "edge/mqtt_retain.py",
     "node/topics.py",

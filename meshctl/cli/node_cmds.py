@@ -308,9 +308,11 @@ def _render_status(s: dict[str, Any]) -> None:
             f"[dim]mqtt[/] {m['listen']}  [dim]clients[/] {m['clients']}  "
             f"[dim]sessions[/] {m['sessions']} ({m['offline_sessions']} away)  "
             f"[dim]retained[/] {'in node' if m['retained'] is None else m['retained']}  "
+            f"[dim]qos1[/] {m.get('qos1', '?')}  "
             f"[dim]published[/] {m['published']}  "
             f"[dim]delivered[/] {m['delivered']}  [dim]refused topics[/] {m['refused_topics']}  "
             f"[dim]protocol errors[/] {m['protocol_errors']}"
+            + (f"  [dim]store refused[/] {m['store_refused']}" if m.get("store_refused") else "")
         )
     bridges = [b for b in s.get("bridges") or [] if b.get("kind") != "uplink"]
     if bridges:

@@ -7,7 +7,9 @@ process is stopped by its PID.
 
 from __future__ import annotations
 
+import os
 import queue
+import signal
 import socket
 import subprocess
 import time
@@ -321,7 +323,9 @@ def test_retained_in_the_listener_when_the_node_has_no_store(
     pub.publish("r/state", b"on", qos=1, retain=True)
     late = paho.open(port, "late", subscribe="r/#", qos=1)
     assert [(m.topic, m.payload, m.retain) for m in late.take(1)] == [("r/state", b"on", True)]
-    assert mqtt_status(node)["retained"] == 1
+    status = mqtt_status(node)
+    assert status["retained"] == 1
+    assert status["qos1"] == "after routing"  # no store: QoS 1 cannot be persistent
 
 
 def test_will_published_when_the_socket_dies(mnode: NodeProcess, paho: Clients) -> None:
@@ -492,3 +496,99 @@ def test_node_stops_cleanly_with_mqtt_clients_connected(mnode: NodeProcess) -> N
     assert c.sock.recv(10) == b""
     c.close()
     assert "Traceback" not in mnode.log_text()
+
+
+# ---- QoS 1 is persistent delivery (the node's store is on) ----------------------------------
+
+
+def _queue(node: NodeProcess, name: str, pattern: str) -> None:
+    r = run_cli("queue", "add", name, "--topic", pattern, server=node.ipc)
+    assert r.returncode == 0, r.describe()
+
+
+def _consume(node: NodeProcess, name: str, n: int) -> list[dict[str, Any]]:
+    r = run_cli("sub", "--queue", name, "--ack", "-n", str(n), "--json", "--timeout", "20s",
+                server=node.ipc, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.describe()
+    return r.json_lines()
+
+
+def test_qos1_publish_is_stored_in_a_durable_queue(mnode: NodeProcess, paho: Clients) -> None:
+    _queue(mnode, "mq", "dur/>")
+    pub = paho.open(mqtt_port(mnode), "durable-pub")
+    for i in range(20):
+        pub.publish(f"dur/{i % 3}", f"m{i}".encode(), qos=1)  # PUBACK once committed
+    pub.publish("dur/zero", b"direct", qos=0)  # QoS 0 stays direct: not in the queue
+    pub.publish("dur/two", b"exactly", qos=2)  # QoS 2: persistent too (PUBREC after PACK)
+    info = run_cli("queue", "info", "mq", "--json", server=mnode.ipc).json_lines()[0]
+    assert info["depth"] == 21  # acknowledged means stored: no waiting needed
+    got = _consume(mnode, "mq", 21)
+    assert [e["data"] for e in got] == [f"m{i}" for i in range(20)] + ["exactly"]
+    status = mqtt_status(mnode)
+    assert (status["qos1"], status["awaiting_commit"], status["store_refused"]) == (
+        "persistent",
+        0,
+        0,
+    )
+
+
+def test_qos1_resend_with_dup_reuses_the_event_id(mnode: NodeProcess) -> None:
+    """A DUP resend of a packet id not yet acknowledged carries the event id it had, so the
+    node's dedupe window stores it once and the client gets one PUBACK."""
+    _queue(mnode, "once", "once")
+    c = Raw(mqtt_port(mnode))
+    c.connect("resender", clean=False)
+    first = encode(Publish("once", b"x", qos=1, packet_id=7))
+    again = encode(Publish("once", b"x", qos=1, packet_id=7, dup=True))
+    c.sock.sendall(first + again)  # one read: the resend comes before any PACK
+    assert c.expect(PubAck).packet_id == 7
+    c.send(Publish("once", b"y", qos=1, packet_id=7))  # acknowledged: a new message now
+    assert c.expect(PubAck).packet_id == 7
+    with pytest.raises(AssertionError, match="no PubAck"):
+        c.expect(PubAck, timeout=0.5)  # no second PUBACK for the duplicate
+    c.close()
+    info = run_cli("queue", "info", "once", "--json", server=mnode.ipc).json_lines()[0]
+    assert info["depth"] == 2
+    assert [e["data"] for e in _consume(mnode, "once", 2)] == ["x", "y"]
+
+
+@pytest.mark.slow
+def test_kill_9_keeps_every_acknowledged_qos1_publish(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """2,000 QoS 1 publishes from paho, the node killed with SIGKILL after about 500
+    PUBACKs: after a restart, every PUBACKed message is in the durable queue."""
+    import paho.mqtt.client as mqtt
+
+    total = 2000
+    data_dir = short_tmp / "node"
+    node = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    _queue(node, "k9", "k9/>")
+    acked: set[int] = set()  # mids; filled by paho's thread (set.add holds the GIL)
+    mids: dict[int, int] = {}
+
+    def on_publish(_c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        acked.add(mid)
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="k9", protocol=mqtt.MQTTv311)
+    c.max_inflight_messages_set(100)
+    c.on_publish = on_publish
+    c.connect("127.0.0.1", mqtt_port(node))
+    c.loop_start()
+    try:
+        for i in range(total):
+            mids[c.publish(f"k9/{i % 8}", str(i).encode(), qos=1).mid] = i
+        wait_for(lambda: len(acked) >= 500, timeout=30, what="500 PUBACKs before the crash")
+        os.kill(node.pid, signal.SIGKILL)
+        node.proc.wait(5)
+    finally:
+        c.loop_stop()
+    confirmed = {mids[m] for m in list(acked)}
+    assert confirmed, "nothing was acknowledged"
+    again = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    depth = run_cli("queue", "info", "k9", "--json", server=again.ipc).json_lines()[0]["depth"]
+    assert len(confirmed) <= depth <= total
+    stored = [int(e["data"]) for e in _consume(again, "k9", depth)]
+    missing = confirmed - set(stored)
+    assert not missing, f"{len(missing)} PUBACKed messages lost, e.g. {sorted(missing)[:5]}"
+    print(f"kill -9: {len(confirmed)} PUBACKed, {depth} stored of {total}")

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from edge.mqtt_codec import Decoder, Publish
+from edge.mqtt_commit import RETRY_AFTER, Committing
 from edge.mqtt_retain import ListenerRetained, NodeRetained, filter_matches
 from edge.mqtt_session import Session, SessionTable
 
@@ -161,3 +162,35 @@ def test_node_retained_leaves_it_to_the_node() -> None:
     assert r.in_node
     assert r.matching("a") == []
     assert r.count() is None
+
+
+# ---- Committing: QoS 1/2 publishes waiting for the node's commit ---------------------------
+
+
+def test_committing_settles_each_id_once_and_ignores_strangers() -> None:
+    c, s = Committing(), Session("c", clean=False, online=True)
+    c.wait(s, 7, 1, "aa", b"rec-a", now=0.0)
+    c.wait(s, 8, 2, "bb", b"rec-b", now=0.0)
+    assert c.answered(["bb", "zz", "aa", "aa"], now=1.0) == [(s, 8, 2), (s, 7, 1)]
+    assert len(c) == 0
+    assert s.incoming == {7: ("aa", b"rec-a"), 8: ("bb", b"rec-b")}  # until the ack is out
+
+
+def test_committing_skips_a_packet_id_reused_since() -> None:
+    c, s = Committing(), Session("c", clean=False)
+    c.wait(s, 7, 1, "old", b"r1", now=0.0)
+    c.wait(s, 7, 1, "new", b"r2", now=0.0)  # the client reused 7 (a different message)
+    assert c.answered(["old"], now=0.5) == []
+    assert c.answered(["new"], now=0.5) == [(s, 7, 1)]
+
+
+def test_committing_resends_after_silence_only() -> None:
+    c, s = Committing(), Session("c", clean=False)
+    assert c.due(100.0) == []
+    c.wait(s, 1, 1, "a", b"r1", now=10.0)
+    c.wait(s, 2, 1, "b", b"r2", now=10.5)
+    assert c.due(10.0 + RETRY_AFTER - 0.01) == []
+    assert c.due(10.0 + RETRY_AFTER) == [b"r1", b"r2"]  # same records: same event ids
+    assert c.due(10.0 + RETRY_AFTER + 0.1) == []  # the clock restarted
+    c.answered(["a"], now=13.0)
+    assert c.due(13.0 + RETRY_AFTER) == [b"r2"]

@@ -1,0 +1,72 @@
+"""QoS 1/2 publishes from MQTT clients waiting for the node's commit, sans-IO.
+
+With the node's store on, a QoS 1 or 2 PUBLISH becomes a persistent mesh event (F_PERSISTENT)
+and is acknowledged (PUBACK, or PUBREC for QoS 2) only when the node's PACK names its event
+id: the event is then on disk. An ERR naming the id (disk full, spool full) means nothing
+was stored: MQTT 3.1.1 has no negative PUBACK, so the client's connection is closed and the
+client resends on reconnect, with the same event id when its session kept the mapping
+(``Session.incoming``). The node answers every persistent record it receives; a record
+lost on the way (the node's queue full) is sent again, same id, after ``RETRY_AFTER``
+seconds with no answer at all, as ``meshctl.client`` does.
+
+The time is a parameter (``now``); this module keeps no clock and sends nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from edge.mqtt_session import Session
+
+RETRY_AFTER: Final = 2.0  # seconds without a PACK or ERR before records are sent again
+
+
+class Committing:
+    """Event id (hex, as PACK and ERR carry it) -> the session and packet id it answers."""
+
+    __slots__ = ("last_answer", "waiting")
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, tuple[Session, int, int]] = {}
+        self.last_answer = 0.0
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def wait(
+        self, session: Session, packet_id: int, qos: int, key: str, record: bytes, now: float
+    ) -> None:
+        """Remember a publish until the node answers for ``key``."""
+        if not self.waiting:
+            self.last_answer = now  # the retry clock starts with the first one waiting
+        session.incoming[packet_id] = (key, record)
+        self.waiting[key] = (session, packet_id, qos)
+
+    def answered(self, ids: list[Any], now: float) -> list[tuple[Session, int, int]]:
+        """The (session, packet id, QoS) that ``ids`` (a PACK's or an ERR's) settle; ids
+        that are not ours (a will's), or whose packet id was reused since, give nothing.
+        The caller acknowledges (or refuses) them; once a PUBACK/PUBREC is written it drops
+        ``session.incoming[packet_id]``, which the client may then reuse."""
+        self.last_answer = now
+        out = []
+        waiting = self.waiting
+        for i in ids:
+            entry = waiting.pop(i, None)
+            if entry is None:
+                continue
+            held = entry[0].incoming.get(entry[1])
+            if held is not None and held[0] == i:
+                out.append(entry)
+        return out
+
+    def due(self, now: float) -> list[bytes]:
+        """Records to send again (same ids): nothing answered for ``RETRY_AFTER`` seconds."""
+        if not self.waiting or now - self.last_answer < RETRY_AFTER:
+            return []
+        self.last_answer = now
+        out = []
+        for key, (session, packet_id, _qos) in self.waiting.items():
+            held = session.incoming.get(packet_id)
+            if held is not None and held[0] == key:
+                out.append(held[1])
+        return out
