@@ -205,6 +205,18 @@ def issue_token(data_dir: Path, *, url: str, ttl: float, uses: int, now: float) 
     return token
 
 
+def revoke_token(data_dir: Path, token_id: str) -> bool:
+    """Forget an unused join token, so it can no longer enroll anyone (the running node
+    reads the file at each enrollment); False if there is no such token here."""
+    path = data_dir / TOKENS_FILE
+    tokens = _read_json(path, {})
+    if token_id not in tokens:
+        return False
+    del tokens[token_id]
+    _write_private(path, json.dumps(tokens))
+    return True
+
+
 def client_credentials(
     data_dir: Path, *, name: str, perms: ms.Permissions, days: float, now: float
 ) -> dict[str, Any]:

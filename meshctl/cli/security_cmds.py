@@ -106,7 +106,10 @@ def invite(
         return
     url = url or _local_url(where)
     token = sec.issue_token(where, url=url, ttl=ttl, uses=uses, now=time.time())
-    note(f"join token for mesh {token.mesh!r} via {url}: valid {ttl:g}s, {uses} use(s)")
+    note(
+        f"join token {token.token_id} for mesh {token.mesh!r} via {url}: valid {ttl:g}s, "
+        f"{uses} use(s) (`meshctl revoke {token.token_id}` cancels it)"
+    )
     print(token.encode())
 
 
@@ -157,13 +160,25 @@ def _local_url(where: Path) -> str:
 
 
 def revoke(
-    who: Annotated[str, typer.Argument(help="Node id, node name or client name to revoke.")],
+    who: Annotated[
+        str,
+        typer.Argument(help="Node id, node name, client name, or a join token or its id."),
+    ],
     data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Revoke a member: the local node floods the signed revocation and every node drops
-    its links and sessions."""
+    """Revoke a member (the local node floods the signed revocation and every node drops
+    its links and sessions), or an unused join token (by the token or its id)."""
     where = _where(config, data_dir)
+    token_id = who
+    if who.startswith("mtk1."):
+        try:
+            token_id = membership.Token.decode(who).token_id
+        except membership.MembershipError as e:
+            raise InputError(f"{who[:20]}...: not a join token ({e})") from None
+    if sec.revoke_token(where, token_id):
+        note(f"revoked join token {token_id}: it can no longer enroll anyone")
+        return
     try:
         members = json.loads((where / sec.MEMBERS_FILE).read_text())
     except (OSError, ValueError):

@@ -312,3 +312,18 @@ def test_member_client_sending_2mib_gets_the_payload_error_others_carry_on(
     finally:
         sub.stop()
     assert a.status()["counters"]["dropped"]["payload_too_large"] == 1
+
+
+def test_an_unused_join_token_can_be_revoked(make_node: NodeFactory, tmp_path: Path) -> None:
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    token = invite(a, "--url", a.tcp)
+    done = run_cli("revoke", "--data-dir", str(a.data_dir), token)
+    assert done.returncode == 0, done.describe()
+    assert "revoked join token" in done.stderr
+    refused = run_cli(
+        "up", "--port", "0", "--listen", "127.0.0.1", "--no-discovery",
+        "--data-dir", str(tmp_path / "b"), "--join", token, timeout=20,
+    )  # fmt: skip
+    assert refused.returncode == 1
+    assert len(refused.err_lines) == 1, refused.describe()
+    assert security(a)["enrolled"] == 0
