@@ -27,6 +27,7 @@ REPLAY_WINDOW: Final = 20_000  # replayed events a paced client may have unconsu
 LOG_ALL: Final = 1
 LOG_PERSISTENT: Final = 2
 TRIM_EVERY: Final = 5.0
+MAX_SEEN: Final = 1_000_000  # ids in the in-memory dedupe window at most
 MAX_SINCE: Final = 100 * 365 * 86400.0
 SPOOL_CHECK: Final = 0.5
 SPOOL_FULL: Final = (
@@ -155,9 +156,9 @@ class Durable:
         self.retained_refused = 0
         self._staged_retained = 0
         since = wall_ns() - int(config.dedupe_window * 1e9)
-        self.seen: OrderedDict[bytes, int] = OrderedDict(
-            (raw, 0) for raw in store.dedupe_load(since)
-        )
+        # Ids of persistent events within the dedupe window, oldest first, with their time.
+        self.seen: OrderedDict[bytes, int] = OrderedDict(store.dedupe_load(since))
+        self._pass_ns = wall_ns()
         self.consumers: dict[tuple[bytes, int], tuple[Queue, Consumer]] = {}
         self.replays: list[Replay] = []
         self.p = _Pass()
@@ -189,7 +190,7 @@ class Durable:
         if raw in self.seen:
             self.duplicates += 1
             return False
-        self.seen[raw] = 0
+        self.seen[raw] = self._pass_ns
         self.p.dedupe.append(raw)
         self.stage(record, topic, route, local=True)
         self.p.held.append(Held(ident, record, route))
@@ -279,12 +280,11 @@ class Durable:
     def end_pass(self, now: float, out: Output) -> None:
         """Write what the pass staged, commit, then release acks, routes and deliveries."""
         p, self.p = self.p, _Pass()
+        self._pass_ns = self.wall_ns()  # the time the next pass's new ids are seen at
         taken: list[tuple[Queue, list[tuple[Consumer, bytes, int]]]] = []
         try:
             if p.log:
                 self.store.log_append(p.log)
-            if p.dedupe:
-                self.store.dedupe_add(p.dedupe, self.wall_ns())
             for topic, (rec, local) in p.retained.items():
                 self.store.retain(topic, rec, local)
             staged = Counter(q.name for queues in p.captured for q in queues)
@@ -368,9 +368,7 @@ class Durable:
                 self.spool.check(self.store)
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_EVERY
-                cutoff = now_ns - int(self.config.dedupe_window * 1e9)
-                self.store.dedupe_prune(cutoff)
-                self._prune_seen()
+                self._prune_seen(now_ns - int(self.config.dedupe_window * 1e9))
                 self.store.log_trim(
                     self.config.log_max_bytes,
                     int(self.config.log_max_age * 1e9),
@@ -381,11 +379,12 @@ class Durable:
             self.errors += 1
             self.last_error = str(e)
 
-    def _prune_seen(self) -> None:
-        """Bound the in-memory window; the table keeps the exact one for restarts."""
-        limit = 1_000_000
-        while len(self.seen) > limit:
-            self.seen.popitem(last=False)
+    def _prune_seen(self, cutoff_ns: int) -> None:
+        """Forget ids older than the window (the log keeps them for a restart), and never
+        hold more than a bound however fast events come."""
+        seen = self.seen
+        while seen and (len(seen) > MAX_SEEN or next(iter(seen.values())) < cutoff_ns):
+            seen.popitem(last=False)
 
     # ---- subscriptions -------------------------------------------------------------------
 
