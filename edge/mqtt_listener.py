@@ -705,6 +705,15 @@ def start_listener(
         persistent=config.store,
         max_payload=config.max_payload,
     )
+    if not config.insecure:
+        # The mesh checks members and client credentials; MQTT 3.1.1 clients here bring
+        # none that we verify, so say so where the operator looks first.
+        log.warning(
+            "MQTT listener on %s takes clients without authentication: anyone who reaches "
+            "it may publish and subscribe like a local client (bind it to 127.0.0.1 or a "
+            "trusted interface)",
+            config.mqtt_listen,
+        )
     ident = b"\x00mqtt" + time.time_ns().to_bytes(8, "big")
     register(ident)
     listener = MqttListener(cfg, ctx, endpoint, ident)

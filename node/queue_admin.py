@@ -36,6 +36,15 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
             infos = [queues.info(q, now_ns) for _n, q in sorted(queues.by_name.items())]
             return Kind.OK, {"ref": ref, "queues": infos}
         name = body.get("name")
+        acl = router.acl.get(ident)
+        if acl is not None and op in ("add", "rm", "purge"):
+            # A client administers only queues whose events it could read anyway.
+            old = queues.by_name.get(str(name))
+            wanted = body.get("patterns") if op == "add" else (old.patterns if old else [])
+            for p in wanted if isinstance(wanted, (list, tuple)) else []:
+                if isinstance(p, str) and (why := acl.check_subscribe(p)) is not None:
+                    router.counters.dropped["permission"] += 1
+                    return _err(ref, f"permission denied: queue {name!r}: {why}", "permission")
         if op == "info":
             return Kind.OK, {"ref": ref, "queue": queues.info(queues.get(str(name)), now_ns)}
         if op == "add":

@@ -479,6 +479,15 @@ class Router:
         except KeyError as e:
             self._error(client.ident, ref, str(e.args[0]), "input")
             return
+        acl = self.acl.get(client.ident)
+        for p in q.patterns if acl is not None else ():
+            if (why := acl.check_subscribe(p)) is not None:  # type: ignore[union-attr]
+                self.durable.unbind(client.ident, sid)  # a queue is a way to read its events
+                self.counters.dropped["permission"] += 1
+                self._error(
+                    client.ident, ref, f"permission denied: queue {q.name}: {why}", "permission"
+                )
+                return
         client.subs[sid] = sub
         self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sid, "queue": q.name})
 

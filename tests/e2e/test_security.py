@@ -327,3 +327,31 @@ def test_an_unused_join_token_can_be_revoked(make_node: NodeFactory, tmp_path: P
     assert refused.returncode == 1
     assert len(refused.err_lines) == 1, refused.describe()
     assert security(a)["enrolled"] == 0
+
+
+def test_a_client_reads_through_queues_only_what_it_may_subscribe_to(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """A durable queue is one more way to read events: creating, removing or consuming
+    one is held to the client's subscribe permissions."""
+    from meshctl import connect
+    from meshctl.errors import RemoteError
+
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    creds = tmp_path / "app.creds"
+    done = run_cli(
+        "invite", "--data-dir", str(a.data_dir), "--client", "app",
+        "--sub-allow", "app/>", "--sub-deny", "app/secret/>", "-o", str(creds),
+    )  # fmt: skip
+    assert done.returncode == 0, done.describe()
+    with connect(a.ipc) as local:  # the local operator may do anything
+        local.queue("add", "secrets", patterns=["app/secret/>"])
+    with connect(a.tcp, creds=creds) as app:
+        app.queue("add", "mine", patterns=["app/jobs/>"])  # allowed
+        with pytest.raises(RemoteError, match="permission denied: queue 'peek'"):
+            app.queue("add", "peek", patterns=["app/secret/>"])
+        with pytest.raises(RemoteError, match="permission denied: queue secrets"):
+            app.consume("secrets")
+        with pytest.raises(RemoteError, match="permission denied"):
+            app.queue("rm", "secrets")
+    assert a.status()["counters"]["dropped"]["permission"] == 3
