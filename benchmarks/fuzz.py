@@ -53,6 +53,7 @@ from node.durable import Durable, DurableConfig
 from node.errors import CodecError
 from node.events import decode_deliveries, decode_event
 from node.mesh import PROTO
+from node.queues import MAX_QUEUES
 from node.router import ROUTE_CACHE_SIZE, Router
 from node.routing import NodeState
 from node.store import open_store
@@ -464,7 +465,7 @@ class Harness:
             "topic cache": (len(self.topics), 4096),
             "queue consumers": (len(self.durable.consumers), 16 * 40),
             "replays": (len(self.durable.replays), 16 * 40),
-            "queues": (len(self.durable.queues.by_name), 2 * len(QUEUES)),
+            "queues": (len(self.durable.queues.by_name), 2 * MAX_QUEUES),
             "retained bytes": (self.durable.retained_bytes, self.durable.config.retained_max_bytes),
         }
         out = [f"{name}: {n} > {limit}" for name, (n, limit) in limits.items() if n > limit]

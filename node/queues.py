@@ -29,6 +29,7 @@ DEAD_SUFFIX: Final = ".dead"
 DEFAULT_ACK_WAIT: Final = 30.0
 DEFAULT_MAX_DELIVER: Final = 5
 DEFAULT_MAX_INFLIGHT: Final = 256
+MAX_QUEUES: Final = 10_000  # per node (plus at most one dead-letter queue each)
 _NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 _COUNT: Final = struct.Struct("<H")
 _COUNT_AT: Final = 10  # the record header's reserved u16 carries the delivery count
@@ -136,6 +137,7 @@ class Queues:
         ack_wait: float,
         max_deliver: int,
         now_wall: float,
+        dead_letters_of: Queue | None = None,
     ) -> Queue:
         """Create a queue (or update its patterns and settings); ValueError on bad input."""
         validate_queue_name(name)
@@ -148,6 +150,8 @@ class Queues:
         if max_deliver < 1:
             raise ValueError("max deliver must be at least 1")
         old = self.by_name.get(name)
+        if old is None and dead_letters_of is None and len(self.by_name) >= MAX_QUEUES:
+            raise ValueError(f"this node has reached its limit of {MAX_QUEUES} queues")
         if old is not None:
             for p in old.patterns:
                 self.trie.remove(p, old)
@@ -191,7 +195,15 @@ class Queues:
         name = q.name + DEAD_SUFFIX
         dlq = self.by_name.get(name)
         if dlq is None:
-            dlq = self.add(name, [], ack_wait=q.ack_wait, max_deliver=1 << 30, now_wall=now_wall)
+            # Not counted against the limit: at most one per queue, and it must not fail.
+            dlq = self.add(
+                name,
+                [],
+                ack_wait=q.ack_wait,
+                max_deliver=1 << 30,
+                now_wall=now_wall,
+                dead_letters_of=q,
+            )
         return dlq
 
     def info(self, q: Queue, now_ns: int) -> dict[str, Any]:

@@ -631,3 +631,28 @@ def test_the_log_ages_events_by_the_nodes_clock_not_the_publishers(tmp_path: Pat
     r.tick(100.0)
     r.end_pass(100.0)
     assert d.store.log_stats()[0] == 1
+
+
+def test_queues_per_node_are_bounded_but_dead_letters_always_have_a_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import node.queues
+
+    monkeypatch.setattr(node.queues, "MAX_QUEUES", 2)
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "q1", "a", ack_wait=0.5, max_deliver=1)
+    queue_add(r, "q2", "b")
+    send(r, A, Kind.QUEUE, {"ref": 3, "op": "add", "name": "q3", "patterns": ["c"]})
+    r.end_pass(0.0)
+    ((kind, reply),) = controls(take(r), A)
+    assert kind is Kind.ERR
+    assert "limit of 2 queues" in reply["error"]
+    pub(r, A, rec("a", seq=1))
+    consume(r, A, 1, "q1")
+    r.end_pass(0.0)
+    take(r)
+    r.tick(1.0)  # the only attempt times out: dead-lettered despite the limit
+    r.end_pass(1.0)
+    assert d.queues.by_name["q1.dead"].depth == 1
+    assert r.counters.internal_errors == 0
