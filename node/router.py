@@ -3,6 +3,8 @@
 It owns client sessions, the subscription trie, queue-group choice, the per-topic route
 cache and the counters. It never touches a socket or a clock: the loop passes ``now`` in and
 sends what ``take_output`` hands back. The cache is dropped whenever interest changes.
+Its mesh side (router_mesh.py) and durable side (router_durable.py) are mixins of the one
+Router; its values live in sessions.py.
 """
 
 from __future__ import annotations
@@ -10,21 +12,15 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from node import queue_admin, views
 from node.codec import (
-    F_PERSISTENT,
-    F_REPLICA,
     F_REQUEST,
-    F_RETAIN,
-    HEAD_FWD,
     RECORD_SIZE,
     SID,
     Kind,
     decode_control,
-    decode_targets,
     encode_control,
     encode_record,
     frame_kind,
@@ -33,9 +29,22 @@ from node.dedup import DedupWindow
 from node.durable import LOG_ALL, Durable, replay_options
 from node.errors import CodecError, TopicError
 from node.framing import frames_counted, link_frames
-from node.mesh import NO_PLAN, Mesh, Plan, Via
-from node.queues import Queue
+from node.mesh import NO_PLAN, Mesh, Via
+from node.router_durable import DURABLE_FLAGS, DurableOut, DurableSide
+from node.router_mesh import MeshSide
 from node.routing import announced
+from node.sessions import (
+    MAX_GROUP_NAME,
+    Acl,
+    Client,
+    Counters,
+    Route,
+    SubRef,
+    _Group,
+    _Refused,
+    _Turn,
+    _valid_group,
+)
 from node.topics import (
     INBOX_PREFIX,
     SubscriptionTrie,
@@ -46,143 +55,13 @@ from node.topics import (
 
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
 _ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian sequence
-_DURABLE_FLAGS: Final = F_PERSISTENT | F_RETAIN
-_IDS_PER_FRAME: Final = 1000  # event ids per PACK/ERR frame: well under the control limit
 _LINK_ONLY: Final = frozenset((Kind.FWD, Kind.STATES, Kind.BEAT, Kind.BEAT_ACK))
 _NOT_LINKED: Final = encode_control(Kind.LINK_REFUSE, {"reason": "not linked (node restarted?)"})
-MAX_GROUP_NAME: Final = 64
 ROUTE_CACHE_SIZE: Final = 65536
 SLOW_NOTICE_INTERVAL: Final = 1.0
 
 
-class Acl(Protocol):
-    """A client's permissions (node/membership.py): each check returns the reason for a
-    refusal naming the rule, or None."""
-
-    def check_publish(self, topic: str) -> str | None: ...
-
-    def check_subscribe(self, pattern: str) -> str | None: ...
-
-
-class SubRef:
-    """One subscription of one client; the trie holds these. Identity equality on purpose."""
-
-    __slots__ = ("client", "group", "live", "patterns", "prefix", "sid")
-
-    def __init__(self, client: bytes, sid: int, patterns: tuple[str, ...], group: str | None):
-        self.client = client
-        self.sid = sid
-        self.patterns = patterns
-        self.group = group
-        self.prefix = SID.pack(sid)
-        self.live = False  # in the trie: not while it replays the log, never for a queue
-
-
-class _Turn:
-    """Whose turn is next in one queue group; outlives route-cache flushes so load stays even."""
-
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-
-class _Group:
-    """The local members of one queue group that match one topic."""
-
-    __slots__ = ("members", "name", "turn")
-
-    def __init__(self, name: str, members: list[tuple[bytes, bytes]], turn: _Turn) -> None:
-        self.name = name
-        self.members = members
-        self.turn = turn
-
-    def pick(self) -> tuple[bytes, bytes]:
-        """The next member, round-robin."""
-        turn = self.turn
-        i = turn.n
-        turn.n = i + 1
-        return self.members[i % len(self.members)]
-
-
-class Route:
-    """Where events on one topic go: every local plain subscriber, one member per local
-    group, and the mesh plan for other nodes; whether the log keeps it and which durable
-    queues capture it (when persistent)."""
-
-    __slots__ = ("groups", "log", "plain", "plan", "queues")
-
-    def __init__(
-        self,
-        plain: list[tuple[bytes, bytes]],
-        groups: list[_Group],
-        plan: Plan = NO_PLAN,
-        log: int = 0,
-        queues: list[Queue] | None = None,
-    ) -> None:
-        self.plain = plain
-        self.groups = groups
-        self.plan = plan
-        self.log = log
-        self.queues = queues or []
-
-
-class _Refused:
-    """A cached verdict that a topic cannot be published to."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-@dataclass
-class Client:
-    """One connected client session."""
-
-    ident: bytes
-    name: str
-    connected_at: float
-    last_seen: float
-    subs: dict[int, SubRef] = field(default_factory=dict)
-    events_in: int = 0
-    events_out: int = 0
-    dropped: int = 0
-    dropped_noticed: int = 0
-    last_notice: float = float("-inf")
-
-    @property
-    def client_id(self) -> str:
-        return self.ident.hex()
-
-
-@dataclass
-class Counters:
-    """Node-wide counters shown by ``meshctl status``."""
-
-    events_in: int = 0
-    events_out: int = 0
-    no_interest: int = 0
-    bad_frames: int = 0
-    bad_handshakes: int = 0
-    forwarded_in: int = 0
-    forwarded_out: int = 0
-    relayed_frames: int = 0
-    internal_errors: int = 0
-    duplicates: int = 0
-    dropped: dict[str, int] = field(
-        default_factory=lambda: {
-            "slow_consumer": 0,
-            "payload_too_large": 0,
-            "bad_topic": 0,
-            "no_session": 0,
-            "link_full": 0,
-            "permission": 0,
-        }
-    )
-
-
-class Router:
+class Router(MeshSide, DurableSide):
     """Sessions, interest and delivery for one node."""
 
     def __init__(
@@ -233,7 +112,7 @@ class Router:
         self._link_pending: dict[tuple[Via, bytes], list[bytes]] = {}
         self._dedup = DedupWindow()
         self.durable = durable
-        self._durable_out = _DurableOut(self)
+        self._durable_out = DurableOut(self)
         self._reachable: set[str] = set()
         if durable is not None:
             for q in durable.queues.by_name.values():
@@ -279,46 +158,6 @@ class Router:
         except Exception as e:  # a bug of ours must not take the node down: drop, count, log
             self.counters.internal_errors += 1
             self.log(f"internal error on a frame from {ident.hex()} (dropped): {e!r}")
-
-    def handle_dialed(self, via: str, found: str, frame: bytes, now: float) -> None:
-        """A frame on a link we dialed (the loop's DEALER for ``via``)."""
-        try:
-            if via in self.net.by_via:
-                self._on_link_frame(via, frame, now)
-                return
-            kind, body = decode_control(frame)
-            if kind == Kind.LINK_OK:
-                self.net.on_link_ok(via, body, found, now)
-            elif kind == Kind.LINK_REFUSE:
-                self.net.refuse_outbound(via, str(body.get("reason", "no reason given"))[:200])
-            elif kind == Kind.ERR:
-                self.net.refuse_outbound(via, str(body.get("error", "error"))[:200])
-        except CodecError as e:
-            self.counters.bad_frames += 1
-            self.log(f"bad frame on link {via}: {e}")
-        except Exception as e:  # a bug of ours must not take the node down: drop, count, log
-            self.counters.internal_errors += 1
-            self.log(f"internal error on a frame from link {via} (dropped): {e!r}")
-
-    def _on_link_frame(self, via: Via, frame: bytes, now: float) -> None:
-        if frame[:2] == HEAD_FWD:
-            self.net.heard(via, now)
-            self._on_forward(via, frame, now)
-            return
-        kind, body = decode_control(frame)
-        if kind in (Kind.ERR, Kind.LINK_REFUSE):  # e.g. a restarted peer that forgot us
-            reason = body.get("reason") or body.get("error") or "refused"
-            self.net.drop_via(via, f"peer ended the link: {str(reason)[:200]}", now)
-            return
-        self.net.heard(via, now)
-        if kind == Kind.STATES:
-            self.net.on_states(via, body, now)
-        elif kind in (Kind.BEAT, Kind.BEAT_ACK):
-            self.net.on_beat(via, kind, body, now)
-        elif kind == Kind.LINK:  # the peer restarted and dials again on the same socket
-            self.net.drop_via(via, "peer re-linked", now)
-            if isinstance(via, bytes):
-                self.net.on_link_request(via, body, "", now)
 
     def bad_frame(self, ident: bytes | None, why: str) -> None:
         """Count a malformed frame and tell its sender, if any."""
@@ -462,62 +301,6 @@ class Router:
             for rec in self.durable.retained_for(sub.patterns):
                 parts.extend((sub.prefix, rec))
 
-    def _consume(self, client: Client, ref: object, sid: int, body: dict[str, Any]) -> None:
-        """Bind a subscription to a durable queue: deliveries with explicit acks."""
-        if self.durable is None:
-            self._error(client.ident, ref, "this node has no store (persistence is off)", "store")
-            return
-        inflight = body.get("max_inflight")
-        if inflight is not None and (not isinstance(inflight, int) or not 0 < inflight <= 65536):
-            self._error(client.ident, ref, "max_inflight must be 1..65536", "input")
-            return
-        sub = SubRef(client.ident, sid, (), None)
-        try:
-            q = self.durable.bind_consumer(
-                client.ident, sid, sub.prefix, str(body["queue"]), inflight
-            )
-        except KeyError as e:
-            self._error(client.ident, ref, str(e.args[0]), "input")
-            return
-        acl = self.acl.get(client.ident)
-        for p in q.patterns if acl is not None else ():
-            if (why := acl.check_subscribe(p)) is not None:  # type: ignore[union-attr]
-                self.durable.unbind(client.ident, sid)  # a queue is a way to read its events
-                self.counters.dropped["permission"] += 1
-                self._error(
-                    client.ident, ref, f"permission denied: queue {q.name}: {why}", "permission"
-                )
-                return
-        client.subs[sid] = sub
-        self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sid, "queue": q.name})
-
-    def _queue_ack(self, client: Client, body: dict[str, Any]) -> None:
-        sid, ids = body.get("sid"), body.get("ids")
-        consumed = body.get("replayed")
-        if self.durable is not None and isinstance(sid, int) and type(consumed) is int:
-            self.durable.replay_consumed(client.ident, sid, consumed)  # a replay's progress
-            return
-        if self.durable is None or not isinstance(sid, int) or not isinstance(ids, list):
-            raise CodecError("ACK needs an integer sid and a list of ids")
-        try:
-            raw = [bytes.fromhex(i) for i in ids if isinstance(i, str)]
-        except ValueError:
-            raise CodecError("ACK ids must be hex event ids") from None
-        err = self.durable.ack(client.ident, sid, raw)
-        ref = body.get("ref")
-        if err is not None:
-            self._error(client.ident, ref, err, "input")
-        elif ref is not None:  # a synchronous ack: answered once the deletion is on disk
-            self.durable.answer_after_commit(client.ident, Kind.OK, {"ref": ref})
-
-    def queue_interest(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
-        """A queue's patterns changed: the mesh must route its events here (or stop)."""
-        for p in old:
-            self._count_interest((p, None), -1)
-        for p in new:
-            self._count_interest((p, None), +1)
-        self._cache.clear()
-
     def _go_live(self, sub: SubRef) -> None:
         """Route live events to ``sub`` from now on (at once, or after its replay)."""
         client = self.clients.get(sub.client)
@@ -640,7 +423,7 @@ class Router:
                 self._error(ident, None, route.reason, "topic")  # type: ignore[union-attr]
                 continue
             count += 1
-            if flags & _DURABLE_FLAGS or route.log == LOG_ALL:  # type: ignore[union-attr]
+            if flags & DURABLE_FLAGS or route.log == LOG_ALL:  # type: ignore[union-attr]
                 rec = self._durable_pub(ident, rec, topic, route)  # type: ignore[arg-type]
                 if rec is None:
                     continue  # routed after the pass's commit, or refused
@@ -697,67 +480,6 @@ class Router:
         self.counters.dropped["permission"] += 1
         self._error(ident, None, f"permission denied: {why}; event dropped", "permission")
         return True
-
-    def _durable_pub(self, ident: bytes, rec: bytes, topic_b: bytes, route: Route) -> bytes | None:
-        """Log, retain or persist one local event; the record to route now, or None when
-        it waits for the commit (persistent) or was refused."""
-        flags = rec[8]
-        durable = self.durable
-        if durable is None:
-            if flags & F_PERSISTENT:
-                self._send_control(
-                    ident,
-                    Kind.ERR,
-                    {
-                        "error": "this node has no store (persistence is off)",
-                        "code": "store",
-                        "ids": [rec[RECORD_SIZE - 16 : RECORD_SIZE].hex()],
-                    },
-                )
-                return None
-            return rec
-        if flags & F_PERSISTENT:
-            durable.persist(ident, rec, topic_b.decode(), route)
-            return None
-        durable.stage(rec, topic_b.decode(), route, local=True)
-        return _live(rec)
-
-    def route_record(self, ident: bytes, rec: bytes, route: Route) -> None:
-        """Route one record as the hot loop does (the slow path: committed events)."""
-        rec = _live(rec)
-        if route.plan is not NO_PLAN:
-            self._forward(route.plan, rec)
-        pending = self._pending
-        for dest, prefix in route.plain:
-            pending.setdefault(dest, []).extend((prefix, rec))
-        for g in route.groups:
-            dest, prefix = g.pick()
-            pending.setdefault(dest, []).extend((prefix, rec))
-
-    def end_pass(self, now: float) -> None:
-        """The loop read what it could: commit the pass's durable writes and release what
-        waited on them."""
-        if self.durable is not None:
-            try:
-                self.durable.end_pass(now, self._durable_out)
-            except Exception as e:  # a bug of ours must not take the node down: count, log
-                self._internal_error("the end of a pass", e)
-
-    def busy(self) -> bool:
-        """True when the next pass has work even without input (a replay to continue)."""
-        return self.durable is not None and self.durable.busy()
-
-    def tick(self, now: float) -> None:
-        """Timers of the durable side (ack waits, log bounds); the loop calls it often."""
-        if self.durable is not None:
-            try:
-                self.durable.tick(now)
-            except Exception as e:  # as in end_pass
-                self._internal_error("a timer", e)
-
-    def _internal_error(self, where: str, e: Exception) -> None:
-        self.counters.internal_errors += 1
-        self.log(f"internal error in {where}: {e!r}")
 
     def _remote_route(self, topic_b: bytes) -> Route | _Refused:
         """Route of a topic that arrived from another node: its ``$mesh/...`` events are
@@ -819,134 +541,6 @@ class Router:
             return Route(plain, groups, plan)
         queues = list(durable.queues.trie.match(topic))
         return Route(plain, groups, plan, durable.wants_log(topic), queues)
-
-    def _routes_changed(self) -> None:
-        """The mesh changed: every cached routing decision may be wrong now. Nodes that
-        became reachable get the retained values published here."""
-        self._cache.clear()
-        self._fwd_cache.clear()
-        reachable = set(self.net.table.paths())
-        new = reachable - self._reachable
-        self._reachable = reachable
-        if new and self.durable is not None:
-            for rec in self.durable.local_retained():
-                self.replicate(rec, sorted(new))
-
-    def replicate(self, rec: bytes, nodes: list[str] | None = None) -> None:
-        """Send a retained value to ``nodes`` (default: every reachable node) to keep."""
-        plan = self.net.broadcast_plan(nodes if nodes is not None else list(self._reachable))
-        if plan is NO_PLAN:
-            return
-        self._forward(plan, rec[:8] + bytes((rec[8] | F_REPLICA | F_RETAIN,)) + rec[9:])
-
-    def _inbox_plan(self, topic: str) -> Plan:
-        """``_INBOX/<other node>/...``: straight to that node."""
-        parts = topic.split("/", 2)
-        if len(parts) < 3 or parts[1] == self.node_id:
-            return NO_PLAN
-        return self.net.inbox_plan(parts[1])
-
-    def _forward(self, plan: Plan, rec: bytes) -> None:
-        """Queue one copy of ``rec`` per next hop of ``plan``, grouped by routing header so
-        that a frame carries one header and many records."""
-        pending = self._link_pending
-        for key in plan.static if not plan.groups else self.net.dynamic(plan):
-            parts = pending.get(key)
-            if parts is None:
-                pending[key] = parts = []
-            parts.append(rec)
-            self.counters.forwarded_out += 1
-
-    def _on_forward(self, via: Via, frame: bytes, now: float) -> None:
-        """Events from another node: pass the frame on, deliver here if we are a target.
-
-        A frame carries one routing header for all its records, and what to do with a
-        header is decided once and cached until the mesh changes, so a relay passes a
-        frame on without touching its records.
-        """
-        if len(frame) < 4:
-            raise CodecError("truncated forwarded frame")
-        h1 = 4 + int.from_bytes(frame[2:4], "little")
-        header = frame[4:h1]
-        decision = self._fwd_cache.get(header)
-        if decision is None:
-            hops, targets = decode_targets(header)
-            decision = self.net.onward(targets, hops)
-            if len(self._fwd_cache) > 4096:
-                self._fwd_cache.clear()
-            self._fwd_cache[header] = decision
-        mine, onward = decision
-        body = frame[h1:]
-        for key in onward:
-            self._link_pending.setdefault(key, []).append(body)
-            self.counters.relayed_frames += 1
-        if mine is not None:
-            self._deliver_forwarded(body, mine, self.net.converging(now))
-
-    def _deliver_forwarded(self, body: bytes, groups: tuple[str, ...], dedup: bool) -> None:
-        """Local delivery of records from another node: plain subscribers and the queue
-        groups this node was chosen for.
-
-        While the mesh is stable every target gets exactly one copy by construction (the
-        origin names the targets; each is in one copy). Only while it converges can copies
-        meet, so only then does the (origin, sequence) window run (``dedup``).
-        """
-        pending = self._pending
-        seen = self._dedup.seen
-        unpack = _HEAD.unpack_from
-        n = len(body)
-        off = 0
-        count = 0
-        while off < n:
-            if off + RECORD_SIZE > n:
-                raise CodecError(f"truncated forwarded record at byte {off}")
-            plen, tlen, hlen, flags = unpack(body, off)
-            t0 = off + RECORD_SIZE
-            end = t0 + tlen + hlen + plen
-            if end > n:
-                raise CodecError(f"forwarded record at byte {off} overruns the frame")
-            rec = body[off:end]
-            off = end
-            count += 1
-            if flags & F_REPLICA:  # a retained value to keep, not an event to deliver:
-                self._keep_replica(rec, tlen)  # it shares the event's id, so no dedup
-                continue
-            if dedup and seen(*_ORIGIN_SEQ.unpack_from(rec, RECORD_SIZE - 16)):
-                self.counters.duplicates += 1
-                continue
-            topic = rec[RECORD_SIZE : RECORD_SIZE + tlen]
-            route = self._cache.get(topic)
-            if route is None:
-                route = self._remote_route(topic)
-            if type(route) is _Refused:
-                self.counters.dropped["bad_topic"] += 1
-                continue
-            if (flags & _DURABLE_FLAGS or route.log == LOG_ALL) and self.durable:  # type: ignore[union-attr]
-                self.durable.stage(rec, topic.decode(), route, local=False)
-                rec = _live(rec)
-            for dest, prefix in route.plain:  # type: ignore[union-attr]
-                parts = pending.get(dest)
-                if parts is None:
-                    pending[dest] = parts = []
-                parts.append(prefix)
-                parts.append(rec)
-            if groups:
-                for g in route.groups:  # type: ignore[union-attr]
-                    if g.name in groups:
-                        dest, prefix = g.pick()
-                        pending.setdefault(dest, []).extend((prefix, rec))
-        self.counters.forwarded_in += count
-
-    def _keep_replica(self, rec: bytes, tlen: int) -> None:
-        """Store a retained value another node replicated here (topic checked first)."""
-        try:
-            topic = rec[RECORD_SIZE : RECORD_SIZE + tlen].decode()
-            validate_topic(topic)
-        except (UnicodeDecodeError, TopicError):
-            self.counters.dropped["bad_topic"] += 1
-            return
-        if self.durable is not None:
-            self.durable.stage_replica(rec, topic)
 
     def _inbox_target(self, topic: str) -> tuple[bytes, bytes] | None:
         """``_INBOX/<node>/<client>/...`` goes straight to that client's inbox (sid 0)."""
@@ -1057,55 +651,3 @@ class Router:
     def status(self, now: float) -> dict[str, Any]:
         """The node's state for ``meshctl status``; JSON-ready."""
         return views.status(self, now)
-
-
-def _live(rec: bytes) -> bytes:
-    """A retained event as live subscribers get it: without the retain flag (MQTT rule:
-    the flag marks what a subscriber got because it was stored, not because it was new)."""
-    if rec[8] & F_RETAIN:
-        return rec[:8] + bytes((rec[8] & ~F_RETAIN,)) + rec[9:]
-    return rec
-
-
-class _DurableOut:
-    """Hands the Durable core's post-commit results to the Router's output queues."""
-
-    __slots__ = ("router",)
-
-    def __init__(self, router: Router) -> None:
-        self.router = router
-
-    def route(self, ident: bytes, record: bytes, route: Any) -> None:
-        self.router.route_record(ident, record, route)
-
-    def persisted(self, ident: bytes, ids: list[str]) -> None:
-        if ident in self.router.clients:
-            for i in range(0, len(ids), _IDS_PER_FRAME):
-                self.router._send_control(ident, Kind.PACK, {"ids": ids[i : i + _IDS_PER_FRAME]})
-
-    def refused(self, ident: bytes, ids: list[str], error: str) -> None:
-        if ident in self.router.clients:
-            for i in range(0, len(ids), _IDS_PER_FRAME):
-                body = {"error": error, "code": "store", "ids": ids[i : i + _IDS_PER_FRAME]}
-                self.router._send_control(ident, Kind.ERR, body)
-
-    def deliver(self, ident: bytes, prefix: bytes, record: bytes) -> None:
-        self.router._pending.setdefault(ident, []).extend((prefix, record))
-
-    def answer(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
-        if ident in self.router.clients:
-            self.router._send_control(ident, kind, body)
-
-    def replicate(self, record: bytes) -> None:
-        self.router.replicate(record)
-
-
-def _valid_group(group: object) -> bool:
-    """1-64 UTF-8 bytes (the mesh's routing headers carry them) without separators, and
-    no lone surrogates (JSON carries them; UTF-8 cannot, so other nodes refuse them)."""
-    return (
-        isinstance(group, str)
-        and 0 < len(group.encode("utf-8", "replace")) <= MAX_GROUP_NAME
-        and not any(ch in group for ch in " \t\r\n/*>")
-        and not any("\ud800" <= ch <= "\udfff" for ch in group)
-    )

@@ -1,0 +1,182 @@
+"""The durable side of the Router: persistent publish, queues, replay and retained values,
+glued to the Durable core (node/durable.py).
+
+A mixin of node/router.py's Router, split out to keep modules small.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+from node.codec import F_PERSISTENT, F_RETAIN, RECORD_SIZE, Kind
+from node.errors import CodecError
+from node.mesh import NO_PLAN
+from node.sessions import Client, Route, SubRef
+
+if TYPE_CHECKING:
+    from node.router import Router
+
+_IDS_PER_FRAME: Final = 1000  # event ids per PACK/ERR frame: well under the control limit
+DURABLE_FLAGS: Final = F_PERSISTENT | F_RETAIN  # records that take the durable path
+
+
+class DurableSide:
+    """What persistent events, queue consumers and replays need from the Router."""
+
+    def _consume(self, client: Client, ref: object, sid: int, body: dict[str, Any]) -> None:
+        """Bind a subscription to a durable queue: deliveries with explicit acks."""
+        if self.durable is None:
+            self._error(client.ident, ref, "this node has no store (persistence is off)", "store")
+            return
+        inflight = body.get("max_inflight")
+        if inflight is not None and (not isinstance(inflight, int) or not 0 < inflight <= 65536):
+            self._error(client.ident, ref, "max_inflight must be 1..65536", "input")
+            return
+        sub = SubRef(client.ident, sid, (), None)
+        try:
+            q = self.durable.bind_consumer(
+                client.ident, sid, sub.prefix, str(body["queue"]), inflight
+            )
+        except KeyError as e:
+            self._error(client.ident, ref, str(e.args[0]), "input")
+            return
+        acl = self.acl.get(client.ident)
+        for p in q.patterns if acl is not None else ():
+            if (why := acl.check_subscribe(p)) is not None:  # type: ignore[union-attr]
+                self.durable.unbind(client.ident, sid)  # a queue is a way to read its events
+                self.counters.dropped["permission"] += 1
+                self._error(
+                    client.ident, ref, f"permission denied: queue {q.name}: {why}", "permission"
+                )
+                return
+        client.subs[sid] = sub
+        self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sid, "queue": q.name})
+
+    def _queue_ack(self, client: Client, body: dict[str, Any]) -> None:
+        sid, ids = body.get("sid"), body.get("ids")
+        consumed = body.get("replayed")
+        if self.durable is not None and isinstance(sid, int) and type(consumed) is int:
+            self.durable.replay_consumed(client.ident, sid, consumed)  # a replay's progress
+            return
+        if self.durable is None or not isinstance(sid, int) or not isinstance(ids, list):
+            raise CodecError("ACK needs an integer sid and a list of ids")
+        try:
+            raw = [bytes.fromhex(i) for i in ids if isinstance(i, str)]
+        except ValueError:
+            raise CodecError("ACK ids must be hex event ids") from None
+        err = self.durable.ack(client.ident, sid, raw)
+        ref = body.get("ref")
+        if err is not None:
+            self._error(client.ident, ref, err, "input")
+        elif ref is not None:  # a synchronous ack: answered once the deletion is on disk
+            self.durable.answer_after_commit(client.ident, Kind.OK, {"ref": ref})
+
+    def queue_interest(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+        """A queue's patterns changed: the mesh must route its events here (or stop)."""
+        for p in old:
+            self._count_interest((p, None), -1)
+        for p in new:
+            self._count_interest((p, None), +1)
+        self._cache.clear()
+
+    def _durable_pub(self, ident: bytes, rec: bytes, topic_b: bytes, route: Route) -> bytes | None:
+        """Log, retain or persist one local event; the record to route now, or None when
+        it waits for the commit (persistent) or was refused."""
+        flags = rec[8]
+        durable = self.durable
+        if durable is None:
+            if flags & F_PERSISTENT:
+                self._send_control(
+                    ident,
+                    Kind.ERR,
+                    {
+                        "error": "this node has no store (persistence is off)",
+                        "code": "store",
+                        "ids": [rec[RECORD_SIZE - 16 : RECORD_SIZE].hex()],
+                    },
+                )
+                return None
+            return rec
+        if flags & F_PERSISTENT:
+            durable.persist(ident, rec, topic_b.decode(), route)
+            return None
+        durable.stage(rec, topic_b.decode(), route, local=True)
+        return live_copy(rec)
+
+    def route_record(self, ident: bytes, rec: bytes, route: Route) -> None:
+        """Route one record as the hot loop does (the slow path: committed events)."""
+        rec = live_copy(rec)
+        if route.plan is not NO_PLAN:
+            self._forward(route.plan, rec)
+        pending = self._pending
+        for dest, prefix in route.plain:
+            pending.setdefault(dest, []).extend((prefix, rec))
+        for g in route.groups:
+            dest, prefix = g.pick()
+            pending.setdefault(dest, []).extend((prefix, rec))
+
+    def end_pass(self, now: float) -> None:
+        """The loop read what it could: commit the pass's durable writes and release what
+        waited on them."""
+        if self.durable is not None:
+            try:
+                self.durable.end_pass(now, self._durable_out)
+            except Exception as e:  # a bug of ours must not take the node down: count, log
+                self._internal_error("the end of a pass", e)
+
+    def busy(self) -> bool:
+        """True when the next pass has work even without input (a replay to continue)."""
+        return self.durable is not None and self.durable.busy()
+
+    def tick(self, now: float) -> None:
+        """Timers of the durable side (ack waits, log bounds); the loop calls it often."""
+        if self.durable is not None:
+            try:
+                self.durable.tick(now)
+            except Exception as e:  # as in end_pass
+                self._internal_error("a timer", e)
+
+    def _internal_error(self, where: str, e: Exception) -> None:
+        self.counters.internal_errors += 1
+        self.log(f"internal error in {where}: {e!r}")
+
+
+def live_copy(rec: bytes) -> bytes:
+    """A retained event as live subscribers get it: without the retain flag (MQTT rule:
+    the flag marks what a subscriber got because it was stored, not because it was new)."""
+    if rec[8] & F_RETAIN:
+        return rec[:8] + bytes((rec[8] & ~F_RETAIN,)) + rec[9:]
+    return rec
+
+
+class DurableOut:
+    """Hands the Durable core's post-commit results to the Router's output queues."""
+
+    __slots__ = ("router",)
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def route(self, ident: bytes, record: bytes, route: Any) -> None:
+        self.router.route_record(ident, record, route)
+
+    def persisted(self, ident: bytes, ids: list[str]) -> None:
+        if ident in self.router.clients:
+            for i in range(0, len(ids), _IDS_PER_FRAME):
+                self.router._send_control(ident, Kind.PACK, {"ids": ids[i : i + _IDS_PER_FRAME]})
+
+    def refused(self, ident: bytes, ids: list[str], error: str) -> None:
+        if ident in self.router.clients:
+            for i in range(0, len(ids), _IDS_PER_FRAME):
+                body = {"error": error, "code": "store", "ids": ids[i : i + _IDS_PER_FRAME]}
+                self.router._send_control(ident, Kind.ERR, body)
+
+    def deliver(self, ident: bytes, prefix: bytes, record: bytes) -> None:
+        self.router._pending.setdefault(ident, []).extend((prefix, record))
+
+    def answer(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
+        if ident in self.router.clients:
+            self.router._send_control(ident, kind, body)
+
+    def replicate(self, record: bytes) -> None:
+        self.router.replicate(record)

@@ -1,0 +1,204 @@
+"""The mesh side of the Router: frames on links, forwarding, and retained replicas.
+
+A mixin of node/router.py's Router, split out to keep modules small; it works on the
+Router's own state (the annotations below name what it uses).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Final
+
+from node.codec import (
+    F_REPLICA,
+    F_RETAIN,
+    HEAD_FWD,
+    RECORD_SIZE,
+    Kind,
+    decode_control,
+    decode_targets,
+)
+from node.durable import LOG_ALL
+from node.errors import CodecError, TopicError
+from node.mesh import NO_PLAN, Plan, Via
+from node.router_durable import DURABLE_FLAGS, live_copy
+from node.sessions import _Refused
+from node.topics import validate_topic
+
+if TYPE_CHECKING:
+    pass
+
+_HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
+_ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian sequence
+
+
+class MeshSide:
+    """Link frames in, forwarded events out and delivered here, retained replicas."""
+
+    def handle_dialed(self, via: str, found: str, frame: bytes, now: float) -> None:
+        """A frame on a link we dialed (the loop's DEALER for ``via``)."""
+        try:
+            if via in self.net.by_via:
+                self._on_link_frame(via, frame, now)
+                return
+            kind, body = decode_control(frame)
+            if kind == Kind.LINK_OK:
+                self.net.on_link_ok(via, body, found, now)
+            elif kind == Kind.LINK_REFUSE:
+                self.net.refuse_outbound(via, str(body.get("reason", "no reason given"))[:200])
+            elif kind == Kind.ERR:
+                self.net.refuse_outbound(via, str(body.get("error", "error"))[:200])
+        except CodecError as e:
+            self.counters.bad_frames += 1
+            self.log(f"bad frame on link {via}: {e}")
+        except Exception as e:  # a bug of ours must not take the node down: drop, count, log
+            self.counters.internal_errors += 1
+            self.log(f"internal error on a frame from link {via} (dropped): {e!r}")
+
+    def _on_link_frame(self, via: Via, frame: bytes, now: float) -> None:
+        if frame[:2] == HEAD_FWD:
+            self.net.heard(via, now)
+            self._on_forward(via, frame, now)
+            return
+        kind, body = decode_control(frame)
+        if kind in (Kind.ERR, Kind.LINK_REFUSE):  # e.g. a restarted peer that forgot us
+            reason = body.get("reason") or body.get("error") or "refused"
+            self.net.drop_via(via, f"peer ended the link: {str(reason)[:200]}", now)
+            return
+        self.net.heard(via, now)
+        if kind == Kind.STATES:
+            self.net.on_states(via, body, now)
+        elif kind in (Kind.BEAT, Kind.BEAT_ACK):
+            self.net.on_beat(via, kind, body, now)
+        elif kind == Kind.LINK:  # the peer restarted and dials again on the same socket
+            self.net.drop_via(via, "peer re-linked", now)
+            if isinstance(via, bytes):
+                self.net.on_link_request(via, body, "", now)
+
+    def _routes_changed(self) -> None:
+        """The mesh changed: every cached routing decision may be wrong now. Nodes that
+        became reachable get the retained values published here."""
+        self._cache.clear()
+        self._fwd_cache.clear()
+        reachable = set(self.net.table.paths())
+        new = reachable - self._reachable
+        self._reachable = reachable
+        if new and self.durable is not None:
+            for rec in self.durable.local_retained():
+                self.replicate(rec, sorted(new))
+
+    def replicate(self, rec: bytes, nodes: list[str] | None = None) -> None:
+        """Send a retained value to ``nodes`` (default: every reachable node) to keep."""
+        plan = self.net.broadcast_plan(nodes if nodes is not None else list(self._reachable))
+        if plan is NO_PLAN:
+            return
+        self._forward(plan, rec[:8] + bytes((rec[8] | F_REPLICA | F_RETAIN,)) + rec[9:])
+
+    def _inbox_plan(self, topic: str) -> Plan:
+        """``_INBOX/<other node>/...``: straight to that node."""
+        parts = topic.split("/", 2)
+        if len(parts) < 3 or parts[1] == self.node_id:
+            return NO_PLAN
+        return self.net.inbox_plan(parts[1])
+
+    def _forward(self, plan: Plan, rec: bytes) -> None:
+        """Queue one copy of ``rec`` per next hop of ``plan``, grouped by routing header so
+        that a frame carries one header and many records."""
+        pending = self._link_pending
+        for key in plan.static if not plan.groups else self.net.dynamic(plan):
+            parts = pending.get(key)
+            if parts is None:
+                pending[key] = parts = []
+            parts.append(rec)
+            self.counters.forwarded_out += 1
+
+    def _on_forward(self, via: Via, frame: bytes, now: float) -> None:
+        """Events from another node: pass the frame on, deliver here if we are a target.
+
+        A frame carries one routing header for all its records, and what to do with a
+        header is decided once and cached until the mesh changes, so a relay passes a
+        frame on without touching its records.
+        """
+        if len(frame) < 4:
+            raise CodecError("truncated forwarded frame")
+        h1 = 4 + int.from_bytes(frame[2:4], "little")
+        header = frame[4:h1]
+        decision = self._fwd_cache.get(header)
+        if decision is None:
+            hops, targets = decode_targets(header)
+            decision = self.net.onward(targets, hops)
+            if len(self._fwd_cache) > 4096:
+                self._fwd_cache.clear()
+            self._fwd_cache[header] = decision
+        mine, onward = decision
+        body = frame[h1:]
+        for key in onward:
+            self._link_pending.setdefault(key, []).append(body)
+            self.counters.relayed_frames += 1
+        if mine is not None:
+            self._deliver_forwarded(body, mine, self.net.converging(now))
+
+    def _deliver_forwarded(self, body: bytes, groups: tuple[str, ...], dedup: bool) -> None:
+        """Local delivery of records from another node: plain subscribers and the queue
+        groups this node was chosen for.
+
+        While the mesh is stable every target gets exactly one copy by construction (the
+        origin names the targets; each is in one copy). Only while it converges can copies
+        meet, so only then does the (origin, sequence) window run (``dedup``).
+        """
+        pending = self._pending
+        seen = self._dedup.seen
+        unpack = _HEAD.unpack_from
+        n = len(body)
+        off = 0
+        count = 0
+        while off < n:
+            if off + RECORD_SIZE > n:
+                raise CodecError(f"truncated forwarded record at byte {off}")
+            plen, tlen, hlen, flags = unpack(body, off)
+            t0 = off + RECORD_SIZE
+            end = t0 + tlen + hlen + plen
+            if end > n:
+                raise CodecError(f"forwarded record at byte {off} overruns the frame")
+            rec = body[off:end]
+            off = end
+            count += 1
+            if flags & F_REPLICA:  # a retained value to keep, not an event to deliver:
+                self._keep_replica(rec, tlen)  # it shares the event's id, so no dedup
+                continue
+            if dedup and seen(*_ORIGIN_SEQ.unpack_from(rec, RECORD_SIZE - 16)):
+                self.counters.duplicates += 1
+                continue
+            topic = rec[RECORD_SIZE : RECORD_SIZE + tlen]
+            route = self._cache.get(topic)
+            if route is None:
+                route = self._remote_route(topic)
+            if type(route) is _Refused:
+                self.counters.dropped["bad_topic"] += 1
+                continue
+            if (flags & DURABLE_FLAGS or route.log == LOG_ALL) and self.durable:  # type: ignore[union-attr]
+                self.durable.stage(rec, topic.decode(), route, local=False)
+                rec = live_copy(rec)
+            for dest, prefix in route.plain:  # type: ignore[union-attr]
+                parts = pending.get(dest)
+                if parts is None:
+                    pending[dest] = parts = []
+                parts.append(prefix)
+                parts.append(rec)
+            if groups:
+                for g in route.groups:  # type: ignore[union-attr]
+                    if g.name in groups:
+                        dest, prefix = g.pick()
+                        pending.setdefault(dest, []).extend((prefix, rec))
+        self.counters.forwarded_in += count
+
+    def _keep_replica(self, rec: bytes, tlen: int) -> None:
+        """Store a retained value another node replicated here (topic checked first)."""
+        try:
+            topic = rec[RECORD_SIZE : RECORD_SIZE + tlen].decode()
+            validate_topic(topic)
+        except (UnicodeDecodeError, TopicError):
+            self.counters.dropped["bad_topic"] += 1
+            return
+        if self.durable is not None:
+            self.durable.stage_replica(rec, topic)

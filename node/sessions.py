@@ -1,0 +1,154 @@
+"""The Router's values: client sessions, subscriptions, cached routes and counters.
+
+Plain data with no behaviour beyond small helpers; node/router.py and its two sides
+(router_mesh.py, router_durable.py) work on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+from node.codec import SID
+from node.mesh import NO_PLAN, Plan
+from node.queues import Queue
+
+MAX_GROUP_NAME: Final = 64
+
+
+class Acl(Protocol):
+    """A client's permissions (node/membership.py): each check returns the reason for a
+    refusal naming the rule, or None."""
+
+    def check_publish(self, topic: str) -> str | None: ...
+
+    def check_subscribe(self, pattern: str) -> str | None: ...
+
+
+class SubRef:
+    """One subscription of one client; the trie holds these. Identity equality on purpose."""
+
+    __slots__ = ("client", "group", "live", "patterns", "prefix", "sid")
+
+    def __init__(self, client: bytes, sid: int, patterns: tuple[str, ...], group: str | None):
+        self.client = client
+        self.sid = sid
+        self.patterns = patterns
+        self.group = group
+        self.prefix = SID.pack(sid)
+        self.live = False  # in the trie: not while it replays the log, never for a queue
+
+
+class _Turn:
+    """Whose turn is next in one queue group; outlives route-cache flushes so load stays even."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+class _Group:
+    """The local members of one queue group that match one topic."""
+
+    __slots__ = ("members", "name", "turn")
+
+    def __init__(self, name: str, members: list[tuple[bytes, bytes]], turn: _Turn) -> None:
+        self.name = name
+        self.members = members
+        self.turn = turn
+
+    def pick(self) -> tuple[bytes, bytes]:
+        """The next member, round-robin."""
+        turn = self.turn
+        i = turn.n
+        turn.n = i + 1
+        return self.members[i % len(self.members)]
+
+
+class Route:
+    """Where events on one topic go: every local plain subscriber, one member per local
+    group, and the mesh plan for other nodes; whether the log keeps it and which durable
+    queues capture it (when persistent)."""
+
+    __slots__ = ("groups", "log", "plain", "plan", "queues")
+
+    def __init__(
+        self,
+        plain: list[tuple[bytes, bytes]],
+        groups: list[_Group],
+        plan: Plan = NO_PLAN,
+        log: int = 0,
+        queues: list[Queue] | None = None,
+    ) -> None:
+        self.plain = plain
+        self.groups = groups
+        self.plan = plan
+        self.log = log
+        self.queues = queues or []
+
+
+class _Refused:
+    """A cached verdict that a topic cannot be published to."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+@dataclass
+class Client:
+    """One connected client session."""
+
+    ident: bytes
+    name: str
+    connected_at: float
+    last_seen: float
+    subs: dict[int, SubRef] = field(default_factory=dict)
+    events_in: int = 0
+    events_out: int = 0
+    dropped: int = 0
+    dropped_noticed: int = 0
+    last_notice: float = float("-inf")
+
+    @property
+    def client_id(self) -> str:
+        return self.ident.hex()
+
+
+@dataclass
+class Counters:
+    """Node-wide counters shown by ``meshctl status``."""
+
+    events_in: int = 0
+    events_out: int = 0
+    no_interest: int = 0
+    bad_frames: int = 0
+    bad_handshakes: int = 0
+    forwarded_in: int = 0
+    forwarded_out: int = 0
+    relayed_frames: int = 0
+    internal_errors: int = 0
+    duplicates: int = 0
+    dropped: dict[str, int] = field(
+        default_factory=lambda: {
+            "slow_consumer": 0,
+            "payload_too_large": 0,
+            "bad_topic": 0,
+            "no_session": 0,
+            "link_full": 0,
+            "permission": 0,
+        }
+    )
+
+
+def _valid_group(group: object) -> bool:
+    """1-64 UTF-8 bytes (the mesh's routing headers carry them) without separators, and
+    no lone surrogates (JSON carries them; UTF-8 cannot, so other nodes refuse them)."""
+    return (
+        isinstance(group, str)
+        and 0 < len(group.encode("utf-8", "replace")) <= MAX_GROUP_NAME
+        and not any(ch in group for ch in " \t\r\n/*>")
+        and not any("\ud800" <= ch <= "\udfff" for ch in group)
+    )
