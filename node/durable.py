@@ -168,6 +168,7 @@ class Durable:
         self.persisted = 0
         self.logged = 0
         self._next_trim = 0.0
+        self._work = False  # something for end_pass to do (set by every staging call)
 
     # ---- staging, during the pass ------------------------------------------------------
 
@@ -181,6 +182,7 @@ class Durable:
     def persist(self, ident: bytes, record: bytes, topic: str, route: Any) -> bool:
         """A persistent event from a local publisher; False if it is a duplicate (already
         stored: it is acknowledged again but not routed again)."""
+        self._work = True
         raw = record[_ID]
         if self._spool_refuses(topic):
             self.p.refused.setdefault(ident, []).append(raw.hex())
@@ -198,6 +200,7 @@ class Durable:
 
     def stage(self, record: bytes, topic: str, route: Any, *, local: bool) -> None:
         """Log, capture and retain one event as its flags and route say."""
+        self._work = True
         flags = record[8]
         # The node's clock, not the publisher's: a device without a real-time clock must
         # not have its events aged out of the log (or replayed from 1970) at once.
@@ -217,6 +220,7 @@ class Durable:
     def stage_replica(self, record: bytes, topic: str) -> None:
         """A retained value another node replicated to this one: keep it unless what this
         node holds for the topic is newer (by publish time)."""
+        self._work = True
         self.replicas += 1
         record = record[:8] + bytes((record[8] & ~F_REPLICA,)) + record[9:]
         staged = self.p.retained.get(topic)
@@ -253,6 +257,7 @@ class Durable:
 
     def ack(self, ident: bytes, sid: int, ids: list[bytes]) -> str | None:
         """A consumer acknowledged deliveries; an error text if ``sid`` is no consumer."""
+        self._work = True
         bound = self.consumers.get((ident, sid))
         if bound is None:
             return f"subscription {sid} is not bound to a queue"
@@ -268,6 +273,7 @@ class Durable:
 
     def answer_after_commit(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
         """Answer an administrative request once its change is on disk."""
+        self._work = True
         self.p.answers.append((ident, kind, body))
 
     def drop_consumers(self, q: Queue) -> None:
@@ -279,6 +285,9 @@ class Durable:
 
     def end_pass(self, now: float, out: Output) -> None:
         """Write what the pass staged, commit, then release acks, routes and deliveries."""
+        if not (self._work or self.replays or self.store.pending):
+            return  # an idle pass costs nothing here (request-reply runs many of them)
+        self._work = False
         p, self.p = self.p, _Pass()
         self._pass_ns = self.wall_ns()  # the time the next pass's new ids are seen at
         taken: list[tuple[Queue, list[tuple[Consumer, bytes, int]]]] = []
@@ -362,7 +371,10 @@ class Durable:
         try:
             for q in list(self.queues.by_name.values()):
                 if q.inflight:
+                    before = len(q.inflight)
                     self.queues.expire(q, now, now_ns)
+                    if len(q.inflight) != before:
+                        self._work = True  # redeliveries or dead letters to send
             if self.spool is not None and now >= self._next_spool_check:
                 self._next_spool_check = now + SPOOL_CHECK
                 self.spool.check(self.store)
@@ -392,6 +404,7 @@ class Durable:
         self, ident: bytes, sid: int, prefix: bytes, name: str, max_inflight: int | None
     ) -> Queue:
         """Attach a client subscription to a queue; KeyError if there is no such queue."""
+        self._work = True
         q = self.queues.by_name.get(name)
         if q is None:
             raise KeyError(f"no queue named {name!r} (create it with `meshctl queue add`)")
@@ -401,6 +414,7 @@ class Durable:
         return q
 
     def unbind(self, ident: bytes, sid: int) -> bool:
+        self._work = True
         bound = self.consumers.pop((ident, sid), None)
         if bound is not None:
             try:
@@ -436,6 +450,7 @@ class Durable:
         paced: bool = False,
     ) -> int:
         """Begin replaying the log to a subscription; returns the first sequence it gets."""
+        self._work = True
         if from_seq is not None:
             cursor = max(0, from_seq - 1)
         else:
@@ -472,6 +487,7 @@ class Durable:
 
     def replay_consumed(self, ident: bytes, sid: int, count: int) -> None:
         """A paced client has consumed ``count`` replayed events of ``sid`` so far."""
+        self._work = True
         for r in self.replays:
             if r.ident == ident and r.sid == sid:
                 r.acked = max(r.acked, count)

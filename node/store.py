@@ -108,6 +108,11 @@ class Store:
             self._in_tx = True
         self.db.executemany(sql, rows)
 
+    @property
+    def pending(self) -> bool:
+        """True while this pass has written (or failed to write) something."""
+        return self._in_tx or bool(self._failed)
+
     def commit(self) -> None:
         """Make this pass's writes durable; StoreError (after a rollback) if that fails or
         if any write of the pass failed (then nothing of the pass is kept)."""
