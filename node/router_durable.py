@@ -14,7 +14,9 @@ from node.mesh import NO_PLAN
 from node.sessions import Client, Route, SubRef
 
 if TYPE_CHECKING:
+    from node.durable import Durable
     from node.router import Router
+    from node.sessions import Acl, Counters
 
 _IDS_PER_FRAME: Final = 1000  # event ids per PACK/ERR frame: well under the control limit
 DURABLE_FLAGS: Final = F_PERSISTENT | F_RETAIN  # records that take the durable path
@@ -22,6 +24,13 @@ DURABLE_FLAGS: Final = F_PERSISTENT | F_RETAIN  # records that take the durable 
 
 class DurableSide:
     """What persistent events, queue consumers and replays need from the Router."""
+
+    # The Router's state this side works on (set in Router.__init__).
+    durable: Durable | None
+    acl: dict[bytes, Acl]
+    counters: Counters
+    clients: dict[bytes, Client]
+    _pending: dict[bytes, list[bytes]]
 
     def _consume(self, client: Client, ref: object, sid: int, body: dict[str, Any]) -> None:
         """Bind a subscription to a durable queue: deliveries with explicit acks."""

@@ -26,7 +26,9 @@ from node.sessions import _Refused
 from node.topics import validate_topic
 
 if TYPE_CHECKING:
-    pass
+    from node.durable import Durable
+    from node.mesh import Mesh
+    from node.sessions import Counters
 
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
 _ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian sequence
@@ -34,6 +36,14 @@ _ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian s
 
 class MeshSide:
     """Link frames in, forwarded events out and delivered here, retained replicas."""
+
+    # The Router's state this side works on (set in Router.__init__).
+    net: Mesh
+    durable: Durable | None
+    counters: Counters
+    _pending: dict[bytes, list[bytes]]
+    _link_pending: dict[tuple[Via, bytes], list[bytes]]
+    _reachable: set[str]
 
     def handle_dialed(self, via: str, found: str, frame: bytes, now: float) -> None:
         """A frame on a link we dialed (the loop's DEALER for ``via``)."""
