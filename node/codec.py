@@ -80,6 +80,10 @@ RECORD_SIZE: Final = RECORD.size
 SID: Final = struct.Struct("<I")
 MAX_HEADERS_BYTES: Final = 0xFFFF
 MAX_CONTROL_BYTES: Final = 64 * 1024
+# Node states carry a node's whole interest (thousands of patterns on a busy node): the
+# frames that hold them may be larger, and senders cut tables into frames of this size.
+MAX_STATE_BYTES: Final = 1024 * 1024
+STATE_KINDS: Final = frozenset((Kind.LINK, Kind.LINK_OK, Kind.STATES))
 # Control bodies nest a few levels (STATES: states, a state, interest, one entry). A peer's
 # deeper body could parse and then break whatever echoes or prints part of it (a BEAT_ACK,
 # a ref in an OK, a str() in a log line) with RecursionError, far from this boundary.
@@ -114,8 +118,9 @@ def decode_control(frame: bytes) -> tuple[Kind, dict[str, Any]]:
     kind = frame_kind(frame)
     if kind not in CONTROL_KINDS:
         raise CodecError(f"frame kind {kind.name} is not a control frame")
-    if len(frame) > MAX_CONTROL_BYTES:
-        raise CodecError(f"control frame of {len(frame)} bytes exceeds {MAX_CONTROL_BYTES}")
+    limit = MAX_STATE_BYTES if kind in STATE_KINDS else MAX_CONTROL_BYTES
+    if len(frame) > limit:
+        raise CodecError(f"control frame of {len(frame)} bytes exceeds {limit}")
     try:
         body = json.loads(frame[2:])
     except (ValueError, UnicodeDecodeError) as e:

@@ -18,17 +18,19 @@ sockets; this module decides:
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from node.codec import NODE_ID_BYTES, Kind, encode_control, encode_targets
+from node.codec import MAX_STATE_BYTES, NODE_ID_BYTES, Kind, encode_control, encode_targets
 from node.routing import MeshRoute, MeshTable, NodeState
 
 PROTO: Final = 1
 MAX_HOPS_FORWARD: Final = 16  # a forwarded copy travels at most this many links
 CONVERGENCE_WINDOW: Final = 10.0  # seconds after a change during which copies may meet
 FORGET_AFTER: Final = 600.0  # an unreachable node's state is dropped after this long
+STATES_FRAME_BUDGET: Final = MAX_STATE_BYTES // 2  # bytes of states per STATES frame
 Via = bytes | str
 
 
@@ -131,6 +133,24 @@ class Mesh:
         frame = encode_control(Kind.STATES, {"states": [self.state().to_json()]})
         for link in self.links.values():
             self.out.append((link.via, frame))
+
+    @staticmethod
+    def _states_frames(states: list[dict[str, Any]]) -> list[bytes]:
+        """STATES frames holding ``states``, each within the size a receiver accepts (a
+        table of many nodes with large interest would not fit in one)."""
+        frames: list[bytes] = []
+        batch: list[dict[str, Any]] = []
+        size = 0
+        for obj in states:
+            n = len(json.dumps(obj, separators=(",", ":")))
+            if batch and size + n > STATES_FRAME_BUDGET:
+                frames.append(encode_control(Kind.STATES, {"states": batch}))
+                batch, size = [], 0
+            batch.append(obj)
+            size += n + 1
+        if batch:
+            frames.append(encode_control(Kind.STATES, {"states": batch}))
+        return frames
 
     def flush_announcements(self) -> None:
         """Send our state once for all changes since the last call (coalesces bursts)."""
@@ -242,10 +262,8 @@ class Mesh:
             now,
         )
         # Give the new neighbour everything we know; everyone else learns of the link.
-        frame = encode_control(
-            Kind.STATES, {"states": [s.to_json() for s in self.table.states.values()]}
-        )
-        self.out.append((via, frame))
+        for frame in self._states_frames([s.to_json() for s in self.table.states.values()]):
+            self.out.append((via, frame))
         self._announce()
         self._topology_changed(now)
 
@@ -325,10 +343,10 @@ class Mesh:
                     self._topology_changed(now)
         if fresh:
             self.on_change()
-            frame = encode_control(Kind.STATES, {"states": fresh})
+            frames = self._states_frames(fresh)
             for other in self.links.values():
                 if other.via != via:
-                    self.out.append((other.via, frame))
+                    self.out.extend((other.via, frame) for frame in frames)
 
     def on_beat(self, via: Via, kind: Kind, body: dict[str, Any], now: float) -> None:
         link = self.links.get(self.by_via.get(via, ""))

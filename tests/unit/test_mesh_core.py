@@ -645,3 +645,28 @@ def test_many_groups_on_one_node_can_be_forwarded() -> None:
     sent = [(n, g) for _, _, t in copies(hub.mesh.dynamic(plan)) for n, g in t]
     assert sorted(g for _, gs in sent for g in gs) == list(names)
     assert {v for v, _ in hub.mesh.dynamic(plan)} == {via}
+
+
+def test_a_large_table_reaches_a_new_neighbour_in_frames_it_accepts() -> None:
+    """Found in review (the fuzz helper's report): a new neighbour got the whole table in
+    one STATES frame, and a table of busy nodes (thousands of patterns each) exceeded the
+    size a receiver decodes, so the neighbour learnt nothing. Tables go in several frames."""
+    from node.codec import MAX_STATE_BYTES
+
+    s = Node(S)
+    via_a = link_in(s, state(A))
+    s.take()
+    others = [f"{i:016x}" for i in range(0x7000000000000000, 0x7000000000000000 + 40)]
+    busy = [
+        state(n, [A], [(f"plant/{n}/line{j}/sensor/*", None) for j in range(1500)]).to_json()
+        for n in others
+    ]
+    s.mesh.on_states(via_a, {"states": busy}, 0.0)
+    s.take()
+    via_b = link_in(s, state(B))
+    frames = [f for v, f in s.mesh.out if v == via_b]
+    assert all(len(f) <= MAX_STATE_BYTES for f in frames)
+    tables = [body for kind, body in map(decode_control, frames) if kind == Kind.STATES]
+    assert len(tables) > 1
+    learnt = {st["id"] for body in tables for st in body["states"]}
+    assert set(others) <= learnt
