@@ -425,8 +425,12 @@ class NodeProcess:
         """
         tmp_path.mkdir(parents=True, exist_ok=True)
         cleanup = False
-        if data_dir is None:
-            data_dir, cleanup = short_dir(tmp_path, "node")
+        if data_dir is None:  # the first node of a test gets `node`, later ones `node-2`, ...
+            base, i = "node", 1
+            while (tmp_path / base).exists():
+                i += 1
+                base = f"node-{i}"
+            data_dir, cleanup = short_dir(tmp_path, base)
         argv = [
             *CLI,
             "up",

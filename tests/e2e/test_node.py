@@ -418,3 +418,10 @@ def test_slow_consumer_is_dropped_not_waited_for(make_node: NodeFactory, bg: Bac
     assert notice["topic"] == "$mesh/slow-consumer"
     assert slow_client["id"] in notice["data"]
     assert "slow consumer" in node.log_text()
+
+
+def test_two_nodes_in_one_test_get_their_own_data_dirs(make_node: NodeFactory) -> None:
+    """make_node without a data dir: each node its own (they used to share `node`)."""
+    first, second = make_node(name="one"), make_node(name="two")
+    assert first.data_dir != second.data_dir
+    assert first.node_id != second.node_id
