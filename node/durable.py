@@ -158,7 +158,6 @@ class Durable:
         since = wall_ns() - int(config.dedupe_window * 1e9)
         # Ids of persistent events within the dedupe window, oldest first, with their time.
         self.seen: OrderedDict[bytes, int] = OrderedDict(store.dedupe_load(since))
-        self._pass_ns = wall_ns()
         self.consumers: dict[tuple[bytes, int], tuple[Queue, Consumer]] = {}
         self.replays: list[Replay] = []
         self.p = _Pass()
@@ -192,7 +191,7 @@ class Durable:
         if raw in self.seen:
             self.duplicates += 1
             return False
-        self.seen[raw] = self._pass_ns
+        self.seen[raw] = self.wall_ns()  # now: idle passes do not move any clock here
         self.p.dedupe.append(raw)
         self.stage(record, topic, route, local=True)
         self.p.held.append(Held(ident, record, route))
@@ -289,7 +288,6 @@ class Durable:
             return  # an idle pass costs nothing here (request-reply runs many of them)
         self._work = False
         p, self.p = self.p, _Pass()
-        self._pass_ns = self.wall_ns()  # the time the next pass's new ids are seen at
         taken: list[tuple[Queue, list[tuple[Consumer, bytes, int]]]] = []
         try:
             if p.log:

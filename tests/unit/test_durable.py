@@ -656,3 +656,27 @@ def test_queues_per_node_are_bounded_but_dead_letters_always_have_a_place(
     r.end_pass(1.0)
     assert d.queues.by_name["q1.dead"].depth == 1
     assert r.counters.internal_errors == 0
+
+
+def test_the_dedupe_window_counts_from_the_publish_even_after_idle_passes(
+    tmp_path: Path,
+) -> None:
+    """Idle passes skip the durable side; an id published after a long quiet spell must
+    still be remembered for the whole window, not timed from the last busy pass."""
+    clock = Clock()
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    pub(r, A, rec("t", seq=1))
+    r.end_pass(0.0)
+    for i in range(5):  # ten quiet minutes of idle passes
+        clock.ns += 120 * 10**9
+        r.end_pass(float(i))
+    pub(r, A, rec("t", seq=2))
+    r.end_pass(10.0)
+    clock.ns += 30 * 10**9
+    r.tick(1000.0)  # prunes ids older than the window
+    take(r)
+    pub(r, A, rec("t", seq=2))  # the publisher retries 30 s later
+    r.end_pass(11.0)
+    assert controls(take(r), A) == [(Kind.PACK, {"ids": ids(1, 2)})]
+    assert d.duplicates == 1
