@@ -28,6 +28,7 @@ from typing import Final
 from node.errors import NodeError
 
 SCHEMA_VERSION: Final = 1
+CLOCK_STEP_NS: Final = 60 * 10**9  # how far back the node's clock may step between entries
 FILE_NAME: Final = "store.db"
 
 _SCHEMA: Final = """
@@ -260,9 +261,18 @@ class Store:
         """(id, time) of what the log took within the window: a publisher retrying after
         our crash is caught. Every persistent event is logged, so the log is the dedupe
         record too (one write per event instead of three with a table and its index)."""
-        rows = self.read("SELECT id, time_ns FROM log WHERE time_ns >= ? ORDER BY seq", (since_ns,))
-        for raw, t_ns in rows:
-            yield bytes(raw), int(t_ns)
+        # Newest first along the primary key, stopping a minute past the window (the node's
+        # clock may have stepped back): start-up reads the window, not the whole log.
+        found: list[tuple[bytes, int]] = []
+        try:
+            for raw, t_ns in self.db.execute("SELECT id, time_ns FROM log ORDER BY seq DESC"):
+                if t_ns < since_ns - CLOCK_STEP_NS:
+                    break
+                if t_ns >= since_ns:
+                    found.append((bytes(raw), int(t_ns)))
+        except sqlite3.Error as e:
+            raise StoreError(_explain(e)) from None
+        yield from reversed(found)
 
     # ---- retained ----------------------------------------------------------------------
 
