@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from node.datadir import read_cursor, write_cursor
 from node.store import FILE_NAME
 
 
@@ -64,18 +65,3 @@ class LogReader:
 
     def close(self) -> None:
         self.db.close()
-
-
-def read_cursor(path: Path) -> int | None:
-    """The sequence in a cursor file; None when there is none (or it is unreadable)."""
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def write_cursor(path: Path, seq: int) -> None:
-    """Atomically: a crash leaves the old cursor or the new one, never half of one."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{seq}\n")
-    tmp.replace(path)

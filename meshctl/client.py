@@ -44,6 +44,7 @@ from node.codec import (
     decode_control,
     encode_control,
     encode_headers,
+    with_flags,
 )
 from node.errors import CodecError, PayloadTooLarge
 from node.events import Event, decode_deliveries
@@ -362,7 +363,7 @@ class Client:
         this to carry events between nodes; the receiving node drops ids it has stored).
         ``persistent`` marks it so, and ``confirm()`` then covers it."""
         if persistent:
-            record = record[:8] + bytes((record[8] | F_PERSISTENT,)) + record[9:]
+            record = with_flags(record, add=F_PERSISTENT)
             event_id = record[RECORD.size - 16 : RECORD.size]
             if not self._unacked:
                 self._last_pack = time.monotonic()

@@ -197,6 +197,11 @@ def encode_record(
     )
 
 
+def with_flags(record: bytes, add: int = 0, remove: int = 0) -> bytes:
+    """A copy of ``record`` with flags set and cleared (the one byte the node rewrites)."""
+    return record[:8] + bytes(((record[8] | add) & ~remove,)) + record[9:]
+
+
 def with_headers(record: bytes, extra: Mapping[str, str]) -> bytes:
     """A copy of ``record`` with ``extra`` headers added (replacing same-named ones).
 

@@ -134,3 +134,18 @@ def bridge_cursor_path(data_dir: Path, name: str) -> Path:
     """Where a bridge records the last log sequence its broker acknowledged."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     return data_dir / f"bridge-{safe}.cursor"
+
+
+def read_cursor(path: Path) -> int | None:
+    """The sequence in a cursor file; None when there is none (or it is unreadable)."""
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def write_cursor(path: Path, seq: int) -> None:
+    """Atomically: a crash leaves the old cursor or the new one, never half of one."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{seq}\n")
+    tmp.replace(path)

@@ -15,7 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from node.codec import F_PERSISTENT, F_REPLICA, F_RETAIN, RECORD_SIZE, Kind, with_headers
+from node.codec import (
+    F_PERSISTENT,
+    F_REPLICA,
+    F_RETAIN,
+    RECORD_SIZE,
+    Kind,
+    with_flags,
+    with_headers,
+)
+from node.datadir import read_cursor
 from node.errors import CodecError
 from node.queues import DEFAULT_MAX_INFLIGHT, Consumer, Queue, Queues
 from node.store import Store, StoreError
@@ -75,12 +84,7 @@ class Spool:
 
     def cursor(self) -> int:
         """The slowest reader's position (a reader that has not started yet holds none)."""
-        seqs = []
-        for path in self.paths:
-            try:
-                seqs.append(int(path.read_text().split()[0]))
-            except (OSError, ValueError, IndexError):
-                continue
+        seqs = [seq for seq in map(read_cursor, self.paths) if seq is not None]
         return min(seqs, default=1 << 62)
 
     def check(self, store: Store) -> None:
@@ -221,7 +225,7 @@ class Durable:
         node holds for the topic is newer (by publish time)."""
         self._work = True
         self.replicas += 1
-        record = record[:8] + bytes((record[8] & ~F_REPLICA,)) + record[9:]
+        record = with_flags(record, remove=F_REPLICA)
         staged = self.p.retained.get(topic)
         current = staged[0] if staged is not None else self.retained.get(topic)
         if current is not None and _time_ns(current) > _time_ns(record):

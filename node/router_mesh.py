@@ -17,6 +17,7 @@ from node.codec import (
     Kind,
     decode_control,
     decode_targets,
+    with_flags,
 )
 from node.durable import LOG_ALL
 from node.errors import CodecError, TopicError
@@ -102,7 +103,7 @@ class MeshSide:
         plan = self.net.broadcast_plan(nodes if nodes is not None else list(self._reachable))
         if plan is NO_PLAN:
             return
-        self._forward(plan, rec[:8] + bytes((rec[8] | F_REPLICA | F_RETAIN,)) + rec[9:])
+        self._forward(plan, with_flags(rec, add=F_REPLICA | F_RETAIN))
 
     def _inbox_plan(self, topic: str) -> Plan:
         """``_INBOX/<other node>/...``: straight to that node."""
