@@ -36,10 +36,14 @@ def link_frames(header: bytes, parts: list[bytes]) -> Iterator[bytes]:
     """FWD frames of about MAX_FRAME_BYTES: one routing header, then records."""
     head = HEAD_FWD + header
     for first, last in _cuts(list(accumulate(map(len, parts)))):
-        yield head + b"".join(parts[first : last + 1])
+        chunk = parts[first : last + 1]
+        chunk.insert(0, head)  # one join copies the records once; head + join copied twice
+        yield b"".join(chunk)
 
 
 def frames_counted(parts: list[bytes]) -> Iterator[tuple[bytes, int]]:
     """Cut (sid prefix, record) pairs into DELIVER frames of about MAX_FRAME_BYTES."""
     for first, last in _cuts(list(accumulate(map(len, parts)))[1::2]):
-        yield HEAD_DELIVER + b"".join(parts[2 * first : 2 * last + 2]), last + 1 - first
+        chunk = parts[2 * first : 2 * last + 2]
+        chunk.insert(0, HEAD_DELIVER)
+        yield b"".join(chunk), last + 1 - first

@@ -44,6 +44,7 @@ class MeshSide:
     counters: Counters
     _pending: dict[bytes, list[bytes]]
     _link_pending: dict[tuple[Via, bytes], list[bytes]]
+    _plans: dict[tuple[tuple[str, ...], tuple[tuple[Via, bytes], ...]], Plan]
     _reachable: set[str]
 
     def handle_dialed(self, via: str, found: str, frame: bytes, now: float) -> None:
@@ -90,6 +91,7 @@ class MeshSide:
         """The mesh changed: every cached routing decision may be wrong now. Nodes that
         became reachable get the retained values published here."""
         self._cache.clear()
+        self._plans.clear()
         self._fwd_cache.clear()
         reachable = set(self.net.table.paths())
         new = reachable - self._reachable
@@ -177,7 +179,7 @@ class MeshSide:
             if flags & F_REPLICA:  # a retained value to keep, not an event to deliver:
                 self._keep_replica(rec, tlen)  # it shares the event's id, so no dedup
                 continue
-            if dedup and seen(*_ORIGIN_SEQ.unpack_from(rec, RECORD_SIZE - 16)):
+            if dedup and seen(*_ORIGIN_SEQ.unpack_from(body, t0 - 16)):
                 self.counters.duplicates += 1
                 continue
             topic = rec[RECORD_SIZE : RECORD_SIZE + tlen]

@@ -145,3 +145,25 @@ def test_older_than_the_window_is_seen(top: int, behind: int, window: int) -> No
     d = DedupWindow(window=window)
     assert not d.seen(O1, top)
     assert d.seen(O1, top - behind) == (behind == 0 or behind >= window)
+
+
+@given(
+    window=st.integers(1, 12),
+    steps=st.lists(
+        st.tuples(
+            origins,
+            st.one_of(st.just(1), st.integers(-20, 20)),  # mostly in order, as on a link
+        ),
+        max_size=200,
+    ),
+)
+def test_runs_skips_and_late_arrivals_agree_with_reference(
+    window: int, steps: list[tuple[bytes, int]]
+) -> None:
+    """Long in-order runs (the fast path), skips and late seqs, each origin its own stream."""
+    d = DedupWindow(window=window)
+    ref = Reference(window, MAX_ORIGINS)
+    at = dict.fromkeys((O1, O2, O3, b"origin-4"), 100)
+    for origin, delta in steps:
+        at[origin] = max(0, at[origin] + delta)
+        assert d.seen(origin, at[origin]) == ref.seen(origin, at[origin]), (origin, at[origin])
