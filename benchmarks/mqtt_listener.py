@@ -117,6 +117,7 @@ def meshctl_node(tmp: Path, *, store: bool = True) -> Iterator[int]:
     conf = tmp / "meshctl.toml"
     conf.write_text(
         f'[mqtt]\nlisten = "127.0.0.1:{port}"\nmax_inflight = {INFLIGHT}\nmax_queued = {QUEUE}\n'
+        "allow_anonymous = true\n"  # as mosquitto here: the clients bring no user
         + ("" if store else "[store]\nenabled = false\n")
     )
     argv = [sys.executable, "-m", "meshctl", "up", "--port", "0", "--listen", "127.0.0.1",

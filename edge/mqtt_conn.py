@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from edge.mqtt_codec import Connect, Decoder, MqttProtocolError
 from edge.mqtt_session import Session
+from node.membership import Permissions
 
 if TYPE_CHECKING:
     from edge.mqtt_listener import MqttListener
@@ -36,6 +37,7 @@ class MqttConnection(asyncio.Protocol):
         self.closing = False
         self.out: list[bytes] = []
         self._in_read = False
+        self.perms: Permissions | None = None  # the user's rules; None: unrestricted
 
     @property
     def name(self) -> str:

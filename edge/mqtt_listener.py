@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import zmq
@@ -41,9 +42,12 @@ from edge.mapping import (
     mqtt_shared,
     mqtt_topic_to_mesh,
 )
+from edge.mqtt_auth import USERS_FILE, Authenticator
 from edge.mqtt_codec import (
+    CONNACK_BAD_CREDENTIALS,
     CONNACK_BAD_PROTOCOL,
     CONNACK_ID_REJECTED,
+    CONNACK_NOT_AUTHORIZED,
     PINGRESP,
     SUBACK_FAILURE,
     Connack,
@@ -81,7 +85,8 @@ from node.codec import (
 )
 from node.config import NodeConfig, host_port
 from node.errors import CodecError, InputError
-from node.topics import validate_publish_topic
+from node.membership import Permissions
+from node.topics import matches, validate_publish_topic
 
 log = logging.getLogger("meshctl.node")
 
@@ -112,6 +117,8 @@ class ListenerConfig:
     node_retained: bool = True  # the node keeps retained events (its store is on)
     persistent: bool = True  # QoS 1/2 publishes are persistent events (the store is on)
     max_payload: int = 1024 * 1024  # the node's limit: larger publishes are refused here
+    users: Path | None = None  # mqtt_users.json: names, password hashes, permissions
+    anonymous: bool = True  # clients without a user name may connect (unrestricted)
 
 
 class MqttListener:
@@ -127,6 +134,7 @@ class MqttListener:
         self.port = MeshPort("mqtt")
         self.retained: Retained = NodeRetained() if cfg.node_retained else ListenerRetained()
         self.sessions = SessionTable(cfg.max_sessions)
+        self.auth = Authenticator(cfg.users, anonymous=cfg.anonymous)
         self.bound = ""
         self.counters = {
             "connects": 0,
@@ -140,6 +148,8 @@ class MqttListener:
             "dropped_node_busy": 0,
             "refused_payloads": 0,
             "store_refused": 0,
+            "auth_failures": 0,
+            "denied": 0,  # publishes and subscriptions a user's permissions refused
         }
         self.committing = Committing()
         self._conns: set[MqttConnection] = set()
@@ -193,6 +203,9 @@ class MqttListener:
             "offline_sessions": self.sessions.offline,
             "retained": self.retained.count(),  # None: kept by the node (its status)
             "qos1": "persistent" if self.cfg.persistent else "after routing",
+            "anonymous": self.cfg.anonymous,
+            "users": len(self.auth.users),
+            **({"users_error": self.auth.error} if self.auth.error else {}),
             "awaiting_commit": len(self.committing),
             **self.counters,
         }
@@ -338,6 +351,23 @@ class MqttListener:
             conn.write(encode(Connack(False, CONNACK_BAD_PROTOCOL)))
             conn.close()
             return
+        verdict = self.auth.check(c.username, c.password)
+        if isinstance(verdict, int) or self._will_denied(c, verdict):
+            n = self.counters["auth_failures"] = self.counters["auth_failures"] + 1
+            why = "no user name" if c.username is None else f"user {c.username!r}"
+            if isinstance(verdict, int) and verdict == CONNACK_BAD_CREDENTIALS:
+                why += ": unknown user or wrong password"
+            elif not isinstance(verdict, int):
+                why += ": its will's topic is not allowed"
+            else:
+                why += ": anonymous clients are not allowed"
+            if n <= LOG_FIRST or n % 1000 == 0:
+                log.warning("MQTT client %s refused (total %d): %s", conn.peer, n, why)
+            code = verdict if isinstance(verdict, int) else CONNACK_NOT_AUTHORIZED
+            conn.write(encode(Connack(False, code)))
+            conn.close()
+            return
+        conn.perms = None if verdict.unrestricted else verdict
         client_id = c.client_id
         if not client_id:
             if not c.clean_session:
@@ -356,6 +386,7 @@ class MqttListener:
             c.clean_session,
             max_inflight=self.cfg.max_inflight,
             max_queued=self.cfg.max_queued,
+            owner=c.username,
         )
         for gone in ended:
             self._forget(gone)
@@ -365,6 +396,14 @@ class MqttListener:
         conn.write(encode(Connack(present)))
         for out in session.resume():
             conn.write(out)
+
+    def _will_denied(self, c: Connect, perms: Permissions) -> bool:
+        """True if the client's will goes to a topic its user may not publish to (refused
+        at CONNECT, as mosquitto does, rather than dropped when the client dies)."""
+        if c.will is None or perms.unrestricted:
+            return False
+        tb = self._mesh_topic(c.will.topic)
+        return tb is not None and perms.check_publish(tb.decode()) is not None
 
     def _mesh_topic(self, topic: str) -> bytes | None:
         """The mesh topic of an MQTT topic name, or None (refused: counted by the caller)."""
@@ -431,6 +470,11 @@ class MqttListener:
             if conn is not None:
                 log.debug("MQTT client %s: topic %r refused", conn.name, p.topic)
             return None
+        if conn is not None and conn.perms is not None:
+            why = conn.perms.check_publish(tb.decode())
+            if why is not None:  # acknowledged all the same: MQTT 3.1.1 has no refusal
+                self._denied(conn, why)
+                return None
         if len(p.payload) > self.cfg.max_payload:
             self.counters["refused_payloads"] += 1
             if conn is not None:
@@ -469,6 +513,12 @@ class MqttListener:
                 log.debug("MQTT client %s: filter refused: %s", conn.name, e)
                 codes.append(SUBACK_FAILURE)
                 continue
+            if conn.perms is not None:
+                patterns, why = _allowed(conn.perms, patterns)
+                if why is not None:
+                    self._denied(conn, why)
+                    codes.append(SUBACK_FAILURE)
+                    continue
             held = len(session.subs)
             old = session.subs.pop(filt, None)
             if old is not None:
@@ -490,6 +540,8 @@ class MqttListener:
             codes.append(granted)
             if group is None:
                 for m in self.retained.matching(plain):
+                    if conn.perms is not None and not any(matches(p, m.topic) for p in patterns):
+                        continue  # kept by the listener (no store): the rules apply here too
                     q = min(m.qos, granted)
                     packet = session.deliver(m.topic.encode(), m.payload, q, retain=True)
                     if packet is not None:
@@ -498,6 +550,11 @@ class MqttListener:
         self._after.append((conn, encode(SubAck(s.packet_id, tuple(codes))), tuple(sids)))
         self._after.extend((conn, r, ()) for r in retained)
         self._schedule_flush()
+
+    def _denied(self, conn: MqttConnection, why: str) -> None:
+        n = self.counters["denied"] = self.counters["denied"] + 1
+        if n <= LOG_FIRST or n % 1000 == 0:
+            log.warning("MQTT client %s: %s (total %d)", conn.name, why, n)
 
     def _unsub(self, sub: Subscription) -> None:
         self._sids.pop(sub.sid, None)
@@ -677,6 +734,17 @@ class MqttListener:
         return topic
 
 
+def _allowed(perms: Permissions, patterns: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
+    """The mesh patterns of one MQTT filter that ``perms`` lets the user subscribe to, or
+    why the filter is refused. ``a/#`` is ``a/>`` plus the zero-level ``a``; with a rule
+    ``sub_allow a/>`` the filter is granted and ``a`` itself left out, so nothing the
+    rules do not allow is delivered. The last pattern is the filter's own: if that one is
+    refused, the filter is."""
+    kept = tuple(p for p in patterns[:-1] if perms.check_subscribe(p) is None)
+    why = perms.check_subscribe(patterns[-1])
+    return (*kept, patterns[-1]), why
+
+
 def _readable(sock: zmq.Socket[bytes]) -> bool:
     """Frames wait on ``sock`` (its FD only signals edges, so this is what to ask)."""
     return bool(int(sock.getsockopt(zmq.EVENTS)) & _POLLIN)
@@ -691,9 +759,15 @@ def start_listener(
     ctx: zmq.Context[zmq.Socket[bytes]],
     endpoint: str,
     register: Callable[[bytes], None],
+    *,
+    data_dir: Path | None = None,
 ) -> MqttListener:
-    """Start the listener ``[mqtt]`` asks for; OSError when its port cannot be bound."""
+    """Start the listener ``[mqtt]`` asks for; OSError when its port cannot be bound.
+    Its users (``meshctl mqtt passwd``) are read from ``data_dir``."""
     host, port = host_port(config.mqtt_listen)
+    anonymous = (
+        config.insecure if config.mqtt_anonymous == "auto" else config.mqtt_anonymous == "true"
+    )
     cfg = ListenerConfig(
         host,
         port,
@@ -705,14 +779,15 @@ def start_listener(
         node_retained=config.store,
         persistent=config.store,
         max_payload=config.max_payload,
+        users=None if data_dir is None else data_dir / USERS_FILE,
+        anonymous=anonymous,
     )
-    if not config.insecure:
-        # The mesh checks members and client credentials; MQTT 3.1.1 clients here bring
-        # none that we verify, so say so where the operator looks first.
+    if anonymous and not config.insecure:
+        # The operator turned anonymous MQTT on for a secured mesh: say what that means
+        # where the operator looks first.
         log.warning(
-            "MQTT listener on %s takes clients without authentication: anyone who reaches "
-            "it may publish and subscribe like a local client (bind it to 127.0.0.1 or a "
-            "trusted interface)",
+            "MQTT listener on %s takes anonymous clients ([mqtt] allow_anonymous): anyone "
+            "who reaches it may publish and subscribe like a local client",
             config.mqtt_listen,
         )
     ident = b"\x00mqtt" + time.time_ns().to_bytes(8, "big")

@@ -50,6 +50,7 @@ class Session:
     incoming: dict[int, tuple[str, bytes]] = field(default_factory=dict)
     awaiting_rel: set[int] = field(default_factory=set)
     dropped: int = 0
+    owner: str | None = None  # the MQTT user name it was made for (None: anonymous)
     _next_id: int = 0
 
     def deliver(
@@ -118,21 +119,31 @@ class SessionTable:
         return len(self._offline)
 
     def attach(
-        self, client_id: str, clean: bool, *, max_inflight: int = 100, max_queued: int = 1000
+        self,
+        client_id: str,
+        clean: bool,
+        *,
+        max_inflight: int = 100,
+        max_queued: int = 1000,
+        owner: str | None = None,
     ) -> tuple[Session, bool, list[Session]]:
         """The session for a new connection: (session, session_present, sessions to
-        forget). A clean connect always starts afresh and ends an old session."""
+        forget). A clean connect always starts afresh and ends an old session, and so
+        does another user's connect with the same client id: it must not inherit the
+        subscriptions (and queued messages) the first user's rules allowed."""
         self._offline.pop(client_id, None)
         old = self.by_id.pop(client_id, None)
         ended = []
-        if old is not None and (clean or old.clean):
+        if old is not None and (clean or old.clean or old.owner != owner):
             ended.append(old)
             old = None
         if old is not None:
             old.clean = False
             self.by_id[client_id] = old
             return old, True, ended
-        session = Session(client_id, clean, max_inflight=max_inflight, max_queued=max_queued)
+        session = Session(
+            client_id, clean, max_inflight=max_inflight, max_queued=max_queued, owner=owner
+        )
         self.by_id[client_id] = session
         return session, False, ended
 

@@ -93,6 +93,7 @@ class NodeConfig:
     mqtt_max_inflight: int = 100
     mqtt_max_queued: int = 1000
     mqtt_max_sessions: int = 1000
+    mqtt_anonymous: str = "auto"  # auto: only in open mode; "true" / "false"
     store: bool = True
     store_sync: str = "normal"
     log_patterns: tuple[str, ...] = ()
@@ -138,6 +139,14 @@ def _bool(v: object) -> bool:
     if not isinstance(v, bool):
         raise ValueError(f"expected true or false, got {v!r}")
     return v
+
+
+def _anonymous(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v in ("auto", "true", "false"):
+        return str(v)
+    raise ValueError(f'expected true, false or "auto", got {v!r}')
 
 
 def _positive(limit: int) -> Callable[[object], int]:
@@ -385,6 +394,14 @@ FIELDS: Final = (
         "mqtt_max_sessions",
         _positive(1_000_000),
         "Persistent MQTT sessions kept for absent clients (the longest absent goes first).",
+    ),
+    Field(
+        "mqtt",
+        "allow_anonymous",
+        "mqtt_anonymous",
+        _anonymous,
+        'MQTT clients without a user name: "auto" lets them in only in open mode (--insecure); '
+        "users and their permissions come from `meshctl mqtt passwd`.",
     ),
     Field(
         "security",

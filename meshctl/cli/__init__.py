@@ -13,7 +13,15 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from meshctl.cli import mesh_cmds, msg_cmds, node_cmds, queue_cmds, security_cmds, topic_cmds
+from meshctl.cli import (
+    mesh_cmds,
+    mqtt_cmds,
+    msg_cmds,
+    node_cmds,
+    queue_cmds,
+    security_cmds,
+    topic_cmds,
+)
 from meshctl.cli.output import err_console
 from node import __version__
 from node.errors import InputError, NodeError
@@ -61,6 +69,7 @@ app.command()(security_cmds.revoke)
 app.add_typer(node_cmds.config_app, name="config")
 app.add_typer(topic_cmds.topic_app, name="topic")
 app.add_typer(queue_cmds.queue_app, name="queue")
+app.add_typer(mqtt_cmds.mqtt_app, name="mqtt")
 app.command()(msg_cmds.pub)
 app.command()(msg_cmds.sub)
 app.command()(msg_cmds.tail)

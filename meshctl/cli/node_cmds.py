@@ -197,7 +197,7 @@ def up(
             if cfg.mqtt_listen:
                 from edge.mqtt_listener import start_listener  # noqa: PLC0415 - when used
 
-                started.append(start_listener(cfg, node.ctx, node.inproc, register))
+                started.append(start_listener(cfg, node.ctx, node.inproc, register, data_dir=where))
         except OSError:  # e.g. the MQTT port is taken: stop what already started
             for plugin in started:
                 plugin.stop()

@@ -25,7 +25,7 @@ from node.config import NodeConfig
 from node.errors import CodecError, InputError
 
 
-def _where(config: Path | None, data_dir: Path | None) -> Path:
+def data_dir_of(config: Path | None, data_dir: Path | None) -> Path:
     from meshctl.cli.node_cmds import effective_config  # noqa: PLC0415 - avoids an import cycle
 
     cfg = effective_config(config, data_dir=None if data_dir is None else str(data_dir))
@@ -49,7 +49,7 @@ def init(
         _mesh(mesh)
     except ValueError as e:
         raise InputError(f"--mesh: {e}") from None
-    where = _where(config, data_dir)
+    where = data_dir_of(config, data_dir)
     node_id = datadir.load_or_create_node_id(where)
     creds = sec.init_mesh(
         where, mesh=mesh, node_id=node_id, name=name or socket.gethostname(), now=time.time()
@@ -100,7 +100,7 @@ def invite(
 ) -> None:
     """Print a join token for `meshctl up --join TOKEN` (short-lived, single-use), or with
     --client write a client credentials file with publish/subscribe permissions."""
-    where = _where(config, data_dir)
+    where = data_dir_of(config, data_dir)
     if client is not None:
         _client_creds(where, client, pub_allow, pub_deny, sub_allow, sub_deny, days, output)
         return
@@ -169,7 +169,7 @@ def revoke(
 ) -> None:
     """Revoke a member (the local node floods the signed revocation and every node drops
     its links and sessions), or an unused join token (by the token or its id)."""
-    where = _where(config, data_dir)
+    where = data_dir_of(config, data_dir)
     token_id = who
     if who.startswith("mtk1."):
         try:

@@ -1,0 +1,134 @@
+"""Users and permissions on the MQTT listener of a secured node, against real clients.
+
+On a secured node an MQTT client needs a user (``meshctl mqtt passwd``): anonymous and
+wrong passwords are refused at CONNECT with the MQTT return codes, and a user's publish
+and subscribe rules hold as they do for a mesh client identity. Nodes run on 127.0.0.1
+with --no-discovery; every process is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+from typing import Any
+
+import pytest
+from helpers import Background, NodeFactory, NodeProcess, need_binary, run_cli, wait_for
+
+from tests.e2e.test_mqtt_listener import MQTT_CONFIG, mqtt_port, mqtt_status
+
+pytestmark = [pytest.mark.e2e]
+
+BAD_CREDENTIALS = "Bad user name or password"
+NOT_AUTHORIZED = "Not authorized"
+
+
+@pytest.fixture
+def secured(make_node: NodeFactory) -> NodeProcess:
+    """A secured node (no --insecure) with its MQTT listener on a free port."""
+    return make_node(config_text=MQTT_CONFIG, secure=True)
+
+
+def add_user(node: NodeProcess, name: str, password: str, *rules: str) -> None:
+    done = run_cli(
+        "mqtt", "passwd", name, "--password-stdin", *rules,
+        "--data-dir", str(node.data_dir), input=password + "\n",
+    )  # fmt: skip
+    assert done.returncode == 0, done.describe()
+
+
+def connect(
+    port: int, user: str | None, password: str | None, *, will: str = ""
+) -> tuple[Any, Any, queue.Queue[Any]]:
+    """(paho client, CONNACK reason code, queue of messages); runs until ``close``."""
+    import paho.mqtt.client as mqtt
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    if user is not None:
+        c.username_pw_set(user, password)
+    if will:
+        c.will_set(will, b"gone", qos=0)
+    acks: queue.Queue[Any] = queue.Queue()
+    got: queue.Queue[Any] = queue.Queue()
+    c.on_connect = lambda _c, _u, _f, rc, _p: acks.put(rc)
+    c.on_message = lambda _c, _u, m: got.put(m)
+    c.connect("127.0.0.1", port, keepalive=30)
+    c.loop_start()
+    return c, acks.get(timeout=5), got
+
+
+def close(c: Any) -> None:
+    c.disconnect()
+    c.loop_stop()
+
+
+def test_anonymous_and_wrong_passwords_are_refused(secured: NodeProcess) -> None:
+    need_binary("mosquitto_pub")
+    port = mqtt_port(secured)
+    anon = subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", "a", "-m", "x"],
+        capture_output=True, timeout=10, check=False,
+    )  # fmt: skip
+    assert anon.returncode != 0
+    assert b"not authori" in anon.stderr.lower(), anon.stderr
+    add_user(secured, "dev", "right horse")
+    c, rc, _ = connect(port, "dev", "wrong horse")
+    close(c)
+    assert str(rc) == BAD_CREDENTIALS  # return code 4 (paho names it as MQTT 5 does)
+    c, rc, _ = connect(port, "nobody", "right horse")
+    close(c)
+    assert str(rc) == BAD_CREDENTIALS
+    c, rc, _ = connect(port, "dev", "right horse")  # added while the node runs: no restart
+    close(c)
+    assert not rc.is_failure
+    status = mqtt_status(secured)
+    assert status["auth_failures"] == 3
+    assert status["anonymous"] is False
+    assert status["users"] == 1
+
+
+def test_a_users_rules_hold_for_publish_and_subscribe(secured: NodeProcess, bg: Background) -> None:
+    port = mqtt_port(secured)
+    add_user(secured, "sensor", "pw1", "--pub-allow", "sensors/>", "--sub-allow", "cmd/>")
+    mesh = bg.start("sub", ">", "--json", server=secured.ipc)
+    c, rc, got = connect(port, "sensor", "pw1")
+    try:
+        assert not rc.is_failure
+        for topic in ("sensors/t", "other/t", "sensors/u"):
+            info = c.publish(topic, b"v", qos=1)
+            info.wait_for_publish(5)  # acknowledged either way: MQTT 3.1.1 cannot refuse
+            assert info.is_published()
+        mesh.wait_lines(2)
+        wait_for(lambda: mqtt_status(secured)["denied"] == 1, timeout=5, what="the refused publish")
+        assert [e["topic"] for e in mesh.json_lines()] == ["sensors/t", "sensors/u"]
+
+        codes: queue.Queue[Any] = queue.Queue()
+        c.on_subscribe = lambda _c, _u, _m, rcs, _p: codes.put(rcs)
+        c.subscribe([("cmd/#", 1), ("secrets/#", 1), ("#", 0)])
+        assert [r.value for r in codes.get(timeout=5)] == [1, 0x80, 0x80]  # what sub_allow covers
+        assert mqtt_status(secured)["denied"] == 3
+        for topic in ("cmd/go", "secrets/k", "cmd/stop"):
+            assert run_cli("pub", topic, "x", server=secured.ipc).returncode == 0
+        assert [got.get(timeout=5).topic for _ in range(2)] == ["cmd/go", "cmd/stop"]
+        assert got.empty()
+    finally:
+        close(c)
+
+
+def test_a_will_on_a_forbidden_topic_is_refused_at_connect(secured: NodeProcess) -> None:
+    port = mqtt_port(secured)
+    add_user(secured, "dev", "pw", "--pub-allow", "dev/>")
+    c, rc, _ = connect(port, "dev", "pw", will="alarms/dev")
+    close(c)
+    assert str(rc) == NOT_AUTHORIZED  # return code 5
+    c, rc, _ = connect(port, "dev", "pw", will="dev/status")
+    close(c)
+    assert not rc.is_failure
+
+
+def test_anonymous_can_be_allowed_on_a_secured_node(make_node: NodeFactory) -> None:
+    node = make_node(config_text=MQTT_CONFIG + "allow_anonymous = true\n", secure=True)
+    c, rc, _ = connect(mqtt_port(node), None, None)
+    close(c)
+    assert not rc.is_failure
+    assert "takes anonymous clients" in node.log_path.read_text()
