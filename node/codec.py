@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from collections.abc import Iterator, Mapping
 from enum import IntEnum
 from typing import Any, Final
@@ -83,6 +84,11 @@ MAX_CONTROL_BYTES: Final = 64 * 1024
 # Node states carry a node's whole interest (thousands of patterns on a busy node): the
 # frames that hold them may be larger, and senders cut tables into frames of this size.
 MAX_STATE_BYTES: Final = 1024 * 1024
+# A state frame's JSON over COMPRESS_STATES_ABOVE goes zlib-compressed (patterns repeat:
+# 7x on 40,000 device topics), so one node may announce ~190,000 patterns in a frame; the
+# receiver inflates at most MAX_STATE_JSON (a bomb stops there).
+COMPRESS_STATES_ABOVE: Final = 64 * 1024
+MAX_STATE_JSON: Final = 16 * 1024 * 1024
 STATE_KINDS: Final = frozenset((Kind.LINK, Kind.LINK_OK, Kind.STATES))
 # Control bodies nest a few levels (STATES: states, a state, interest, one entry). A peer's
 # deeper body could parse and then break whatever echoes or prints part of it (a BEAT_ACK,
@@ -109,8 +115,12 @@ def frame_kind(frame: bytes) -> Kind:
 
 
 def encode_control(kind: Kind, body: Mapping[str, Any]) -> bytes:
-    """A control frame: head plus compact JSON."""
-    return bytes((VERSION, kind)) + json.dumps(body, separators=(",", ":")).encode()
+    """A control frame: head plus compact JSON (zlib-compressed for a large state frame;
+    a JSON object starts with ``{``, a zlib stream with 0x78, so the reader can tell)."""
+    data = json.dumps(body, separators=(",", ":")).encode()
+    if kind in STATE_KINDS and len(data) > COMPRESS_STATES_ABOVE:
+        data = zlib.compress(data, 1)
+    return bytes((VERSION, kind)) + data
 
 
 def decode_control(frame: bytes) -> tuple[Kind, dict[str, Any]]:
@@ -121,8 +131,11 @@ def decode_control(frame: bytes) -> tuple[Kind, dict[str, Any]]:
     limit = MAX_STATE_BYTES if kind in STATE_KINDS else MAX_CONTROL_BYTES
     if len(frame) > limit:
         raise CodecError(f"control frame of {len(frame)} bytes exceeds {limit}")
+    raw = frame[2:]
+    if kind in STATE_KINDS and raw[:1] == b"\x78":
+        raw = _inflate(raw)
     try:
-        body = json.loads(frame[2:])
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise CodecError(f"control frame body is not JSON: {e}") from None
     except RecursionError:
@@ -130,9 +143,24 @@ def decode_control(frame: bytes) -> tuple[Kind, dict[str, Any]]:
     if not isinstance(body, dict):
         raise CodecError("control frame body is not a JSON object")
     # Counting brackets (in C) bounds the depth, so most frames skip the walk.
-    if frame.count(b"[") + frame.count(b"{") > MAX_CONTROL_DEPTH and _nests_deeper(body):
+    if raw.count(b"[") + raw.count(b"{") > MAX_CONTROL_DEPTH and _nests_deeper(body):
         raise CodecError(f"control frame body nests deeper than {MAX_CONTROL_DEPTH} levels")
     return kind, body
+
+
+def _inflate(data: bytes) -> bytes:
+    """The JSON of a compressed state frame; CodecError if it is not one zlib stream or
+    would inflate beyond MAX_STATE_JSON."""
+    z = zlib.decompressobj()
+    try:
+        out = z.decompress(data, MAX_STATE_JSON)
+    except zlib.error as e:
+        raise CodecError(f"compressed state frame is corrupt: {e}") from None
+    if z.unconsumed_tail:
+        raise CodecError(f"compressed state frame inflates beyond {MAX_STATE_JSON} bytes")
+    if not z.eof or z.unused_data:
+        raise CodecError("compressed state frame is truncated or has trailing bytes")
+    return out
 
 
 def _nests_deeper(body: object, limit: int = MAX_CONTROL_DEPTH) -> bool:

@@ -16,6 +16,8 @@ from typing import Final
 
 import zmq
 
+from node.codec import MAX_STATE_BYTES
+
 log = logging.getLogger("meshctl.node")
 
 HANDSHAKE_TIMEOUT: Final = 2.0
@@ -95,7 +97,8 @@ class Dialers:
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_payload + 256 * 1024)
+        # Events up to max_payload, node states up to MAX_STATE_BYTES, whichever is more.
+        sock.setsockopt(zmq.MAXMSGSIZE, max(self.max_payload, MAX_STATE_BYTES) + 256 * 1024)
         try:
             sock.connect(d.endpoint)
         except zmq.ZMQError as e:

@@ -103,7 +103,13 @@ class Mesh:
         self.known_dialers: dict[Via, str] = {}  # dialer URL -> peer id once learned
         self.peer_addresses: dict[bytes, str] = {}  # ROUTER identity -> remote IP (bounded)
         self.proof: dict[str, Any] | None = None  # our signed membership (secured nodes)
-        self.counters = {"links_refused": 0, "hop_limit": 0, "no_route": 0, "bad_states": 0}
+        self.counters = {
+            "links_refused": 0,
+            "hop_limit": 0,
+            "no_route": 0,
+            "bad_states": 0,
+            "state_too_large": 0,  # own announcements no receiver would accept
+        }
         self._dirty = False
         self._up: set[str] = set()  # nodes reachable at the last topology change
         self._changed_at = float("-inf")
@@ -130,7 +136,16 @@ class Mesh:
 
     def _announce(self) -> None:
         self.version += 1
-        frame = encode_control(Kind.STATES, {"states": [self.state().to_json()]})
+        state = self.state()
+        frame = encode_control(Kind.STATES, {"states": [state.to_json()]})
+        if len(frame) > MAX_STATE_BYTES:  # say so here: receivers can only drop it
+            n = self.counters["state_too_large"] = self.counters["state_too_large"] + 1
+            if n == 1 or n % 100 == 0:
+                self.log(
+                    f"this node's interest ({len(state.interest)} patterns) does not fit in "
+                    f"a state frame ({len(frame)} bytes compressed, limit {MAX_STATE_BYTES}): "
+                    "other nodes keep its last announced interest"
+                )
         for link in self.links.values():
             self.out.append((link.via, frame))
 

@@ -42,6 +42,7 @@ class Mesh:
         *,
         data_dir: Path | None = None,
         port: int | None = None,
+        config: str = "",
     ) -> NodeProcess:
         args = ["--no-discovery"]
         for other in links:
@@ -49,7 +50,11 @@ class Mesh:
         if port is not None:
             args += ["--port", str(port)]
         node = NodeProcess.start(
-            self.tmp_path / name, name=name, config_text=FAST, data_dir=data_dir, extra_args=args
+            self.tmp_path / name,
+            name=name,
+            config_text=FAST + config,
+            data_dir=data_dir,
+            extra_args=args,
         )
         node.wait_ready(timeout=10)
         self.nodes[name] = node
@@ -406,3 +411,24 @@ def test_retained_values_reach_new_subscribers_on_any_node_even_nodes_that_join_
     pub.flush()
     wait_for(lambda: retained_on("D") == [("cfg/rate", b"20")], timeout=5, what="D updated")
     assert [e.data for e in drain(live)] == [b"20", b"x", b""]  # the replicas took nothing
+
+
+def test_a_node_with_60000_patterns_links_and_is_routed_to(mesh: Mesh) -> None:
+    """Its state (about 2.5 MB of JSON) used to exceed the 1 MiB a peer decodes: the link
+    never came up. State frames over 64 KiB now travel compressed."""
+    mesh.start("B", config="[limits]\nmax_subscriptions = 100000\n")
+    sub = mesh.client("B")
+    pats = [f"plant{i % 50}/line{i % 40}/device{i}/cmd" for i in range(60_000)]
+    subs = [sub.subscribe(*pats[i : i + 2000]) for i in range(0, len(pats), 2000)]
+    mesh.start("A", ["B"])  # LINK_OK carries B's whole state
+    mesh.wait_linked("A", 1)
+    mesh.wait_interest("A", pats[-1], 1, timeout=10)
+    late = sub.subscribe("late/topic")  # and a later STATES announcement of it
+    mesh.wait_interest("A", "late/topic", 1, timeout=10)
+    pub = mesh.client("A")
+    for topic in (pats[0], pats[-1], "late/topic"):
+        pub.publish(topic, b"x")
+    pub.flush()
+    got = [e.topic for s in (subs[0], subs[-1], late) for e in drain(s)]
+    assert got == [pats[0], pats[-1], "late/topic"]
+    assert "does not fit" not in mesh.nodes["B"].log_text()
