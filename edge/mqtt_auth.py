@@ -9,9 +9,10 @@ the listener before anything reaches the node.
 The users live in DATA_DIR/mqtt_users.json (0600), written by ``meshctl mqtt passwd``.
 The listener looks at the file's mtime at each CONNECT and re-reads it when it changed,
 so adding or removing a user needs no restart. Passwords are hashed with scrypt
-(stdlib ``hashlib``; 16 MiB and ~40 ms a check, which is the point). A password that
-verified is remembered in memory by its SHA-256, so a device that reconnects often costs
-a dictionary lookup, not a fresh scrypt.
+(stdlib ``hashlib``; 16 MiB and ~40 ms a check, which is the point), in a worker thread
+of the listener so that a flood of wrong passwords delays only other CONNECTs. A password
+that verified is remembered in memory by its SHA-256, so a device that reconnects often
+costs a dictionary lookup, not a fresh scrypt.
 """
 
 from __future__ import annotations
@@ -134,19 +135,33 @@ class Authenticator:
 
     def check(self, username: str | None, password: bytes | None) -> Permissions | int:
         """The client's permissions, or the CONNACK return code that refuses it."""
+        verdict = self.quick(username, password)
+        return self.verify(username, password) if verdict is None else verdict
+
+    def quick(self, username: str | None, password: bytes | None) -> Permissions | int | None:
+        """The verdict if it needs no password hashing (anonymous, unknown user, a password
+        that verified before), else None: then ``verify``, which takes tens of ms."""
         if username is None:
             return Permissions() if self.anonymous else CONNACK_NOT_AUTHORIZED
         self._reload()
         user = self.users.get(username)
         if user is None or password is None:
             return CONNACK_BAD_CREDENTIALS
-        key = (username, hashlib.sha256(password).digest())
-        if self._verified.get(key) != user.hash:
-            if not verify_password(password, user.hash):
-                return CONNACK_BAD_CREDENTIALS
-            if len(self._verified) >= _REMEMBERED:
-                self._verified.clear()
-            self._verified[key] = user.hash  # a changed hash (new password) checks again
+        if self._verified.get((username, hashlib.sha256(password).digest())) == user.hash:
+            return user.perms
+        return None
+
+    def verify(self, username: str | None, password: bytes | None) -> Permissions | int:
+        """Hash ``password`` against the user's; safe in a worker thread (scrypt releases
+        the GIL; the users and the memory of verified passwords change atomically)."""
+        user = self.users.get(username or "")
+        if user is None or password is None:
+            return CONNACK_BAD_CREDENTIALS
+        if not verify_password(password, user.hash):
+            return CONNACK_BAD_CREDENTIALS
+        if len(self._verified) >= _REMEMBERED:
+            self._verified.clear()
+        self._verified[(user.name, hashlib.sha256(password).digest())] = user.hash
         return user.perms
 
     def _reload(self) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from edge.mqtt_codec import Connect, Decoder, MqttProtocolError
+from edge.mqtt_codec import Connect, Decoder, MqttProtocolError, Packet
 from edge.mqtt_session import Session
 from node.membership import Permissions
 
@@ -38,6 +39,8 @@ class MqttConnection(asyncio.Protocol):
         self.out: list[bytes] = []
         self._in_read = False
         self.perms: Permissions | None = None  # the user's rules; None: unrestricted
+        self.verifying = False  # its password is being hashed; reading is paused
+        self.held: list[Packet] = []  # what came after that CONNECT, handled once it is in
 
     @property
     def name(self) -> str:
@@ -64,6 +67,9 @@ class MqttConnection(asyncio.Protocol):
         self._in_read = True
         try:
             for packet in self.decoder.feed(data):
+                if self.verifying:  # after a CONNECT whose password is being checked
+                    self.held.append(packet)
+                    continue
                 self.listener.on_packet(self, packet)
                 if self.closing:
                     break
@@ -72,6 +78,24 @@ class MqttConnection(asyncio.Protocol):
         finally:
             self._in_read = False
             self.flush()
+
+    def resume(self, admit: Callable[[], None]) -> None:
+        """The password was checked: ``admit`` (CONNACK), then what arrived meanwhile, in
+        one write; then read again."""
+        self.verifying = False
+        held, self.held = self.held, []
+        self._in_read = True
+        try:
+            admit()
+            for packet in held:
+                if self.closing:
+                    break
+                self.listener.on_packet(self, packet)
+        finally:
+            self._in_read = False
+            self.flush()
+        if not self.closing and self.transport is not None:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True

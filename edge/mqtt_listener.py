@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -135,6 +136,8 @@ class MqttListener:
         self.retained: Retained = NodeRetained() if cfg.node_retained else ListenerRetained()
         self.sessions = SessionTable(cfg.max_sessions)
         self.auth = Authenticator(cfg.users, anonymous=cfg.anonymous)
+        # One worker: a flood of wrong passwords queues here instead of taking every core.
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqtt-auth")
         self.bound = ""
         self.counters = {
             "connects": 0,
@@ -191,6 +194,7 @@ class MqttListener:
             with contextlib.suppress(RuntimeError):  # the loop already ended
                 loop.call_soon_threadsafe(stopping.set)
         self._thread.join(timeout=5)
+        self._hasher.shutdown(wait=False, cancel_futures=True)
 
     def status(self) -> dict[str, Any]:
         """For ``meshctl status`` (read from the node's thread: plain ints and lengths)."""
@@ -351,18 +355,40 @@ class MqttListener:
             conn.write(encode(Connack(False, CONNACK_BAD_PROTOCOL)))
             conn.close()
             return
-        verdict = self.auth.check(c.username, c.password)
+        verdict = self.auth.quick(c.username, c.password)
+        if verdict is not None:
+            self._admit(conn, c, verdict)
+            return
+        # A password to hash (tens of ms): in the worker, while this client's reading waits.
+        conn.verifying = True
+        if conn.transport is not None:
+            conn.transport.pause_reading()
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._hasher, self.auth.verify, c.username, c.password)
+        fut.add_done_callback(lambda f: self._verified(conn, c, f))
+
+    def _verified(self, conn: MqttConnection, c: Connect, fut: asyncio.Future[Any]) -> None:
+        if conn.closing or fut.cancelled():
+            return
+        try:
+            verdict = fut.result()
+        except Exception:
+            log.exception("MQTT client %s: checking its password failed", conn.peer)
+            verdict = CONNACK_NOT_AUTHORIZED
+        conn.resume(lambda: self._admit(conn, c, verdict))
+
+    def _admit(self, conn: MqttConnection, c: Connect, verdict: Permissions | int) -> None:
         if isinstance(verdict, int) or self._will_denied(c, verdict):
             n = self.counters["auth_failures"] = self.counters["auth_failures"] + 1
-            why = "no user name" if c.username is None else f"user {c.username!r}"
-            if isinstance(verdict, int) and verdict == CONNACK_BAD_CREDENTIALS:
-                why += ": unknown user or wrong password"
-            elif not isinstance(verdict, int):
-                why += ": its will's topic is not allowed"
+            who = "no user name" if c.username is None else f"user {c.username!r}"
+            if not isinstance(verdict, int):
+                why = "its will's topic is not allowed"
+            elif verdict == CONNACK_BAD_CREDENTIALS:
+                why = "unknown user or wrong password"
             else:
-                why += ": anonymous clients are not allowed"
+                why = "anonymous clients are not allowed" if c.username is None else "refused"
             if n <= LOG_FIRST or n % 1000 == 0:
-                log.warning("MQTT client %s refused (total %d): %s", conn.peer, n, why)
+                log.warning("MQTT client %s refused (total %d): %s: %s", conn.peer, n, who, why)
             code = verdict if isinstance(verdict, int) else CONNACK_NOT_AUTHORIZED
             conn.write(encode(Connack(False, code)))
             conn.close()

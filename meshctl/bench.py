@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.queues import Queue
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import zmq
 
@@ -264,13 +264,17 @@ def pubsub(
     )
 
 
-def wait_interest(server: str, topic: str, nodes: int, timeout: float = 15) -> None:
-    """Until the node at ``server`` routes ``topic`` to ``nodes`` other nodes."""
+def wait_interest(
+    server: str, topic: str, nodes: int, timeout: float = 15, *, at_most: bool = False
+) -> None:
+    """Until the node at ``server`` routes ``topic`` to ``nodes`` other nodes (or more;
+    with ``at_most``, or fewer)."""
     deadline = time.monotonic() + timeout
     with connect(server, timeout=5) as client:
         while True:
             view = client.view("routes", topic=topic)
-            if sum(1 for r in view["remote"] if r["reachable"]) >= nodes:
+            seen = sum(1 for r in view["remote"] if r["reachable"])
+            if (seen <= nodes) if at_most else (seen >= nodes):
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{server} never saw interest in {topic} on {nodes} nodes")
@@ -445,7 +449,9 @@ def summarize_latency(rtts: list[float]) -> dict[str, float]:
 
 @dataclass(frozen=True, slots=True)
 class MeshFigures:
-    """The mesh benchmark: two hops vs one node, and routing cost under many subscriptions."""
+    """The mesh benchmark: two hops vs one node, and routing cost under many subscriptions.
+    Each figure is the median of ``rounds`` interleaved runs; the per-round lists show the
+    spread (a 2-core machine running five processes is noisy)."""
 
     one_node: Throughput
     two_hops: Throughput
@@ -454,53 +460,76 @@ class MeshFigures:
     subscriptions: int
     cpu_one: dict[str, float]  # CPU µs per event of each process, one node
     cpu_two: dict[str, float]  # the same through A -> B -> C
+    rounds: list[dict[str, Throughput]]  # every run, round by round
 
 
-def mesh_suite(size: int, count: int, *, topics: int = 20_000) -> MeshFigures:
-    """Measure, in one run:
+MESH_ROUNDS: Final = 3
+
+
+def _median(runs: list[Throughput]) -> Throughput:
+    return sorted(runs, key=lambda t: t.per_second)[len(runs) // 2]
+
+
+def mesh_suite(
+    size: int, count: int, *, topics: int = 20_000, rounds: int = MESH_ROUNDS
+) -> MeshFigures:
+    """Measure, in one run, ``rounds`` times each, interleaved:
 
     - pub on A, sub on C, through B (line A-B-C) vs pub and sub on one node;
     - a star of 10 nodes, pub on the hub, sub on a leaf, every event on a topic the hub
       has not seen for ``topics`` events (route-cache misses), with 10 subscriptions in
       the mesh vs 10,000 (1,000 per node) that the trie must sift through.
     """
+    runs: list[dict[str, Throughput]] = [{} for _ in range(rounds)]
+    per = 1e6 / count / rounds
+    cpu_one = dict.fromkeys(("pub", "node", "sub"), 0.0)
+    cpu_two = dict.fromkeys(("pub", "node A", "node B", "node C", "sub"), 0.0)
     with bench_mesh({"A": [], "B": ["A"], "C": ["B"]}) as ipc:
-        before = {n: cpu_seconds(NODE_PIDS[n]) for n in "ABC"}
-        one = pubsub(ipc["A"], size, count)
-        middle = {n: cpu_seconds(NODE_PIDS[n]) for n in "ABC"}
-        two = pubsub(
-            ipc["A"],
-            size,
-            count,
-            sub_server=ipc["C"],
-            when_ready=lambda: wait_interest(ipc["A"], "bench/data", 1),
-        )
-        after = {n: cpu_seconds(NODE_PIDS[n]) for n in "ABC"}
-    per = 1e6 / count
-    cpu_one = {
-        "pub": one.cpu["sender"] * per,
-        "node": (middle["A"] - before["A"]) * per,
-        "sub": one.cpu["receiver"] * per,
-    }
-    cpu_two = {
-        "pub": two.cpu["sender"] * per,
-        **{f"node {n}": (after[n] - middle[n]) * per for n in "ABC"},
-        "sub": two.cpu["receiver"] * per,
-    }
+        for r in runs:
+            before = {n: cpu_seconds(NODE_PIDS[n]) for n in "ABC"}
+            one = r["one_node"] = pubsub(ipc["A"], size, count)
+            middle = {n: cpu_seconds(NODE_PIDS[n]) for n in "ABC"}
+            two = r["two_hops"] = pubsub(
+                ipc["A"],
+                size,
+                count,
+                sub_server=ipc["C"],
+                when_ready=lambda: wait_interest(ipc["A"], "bench/data", 1),
+            )
+            after = {n: cpu_seconds(NODE_PIDS[n]) for n in "ABC"}
+            cpu_one["pub"] += one.cpu["sender"] * per
+            cpu_one["node"] += (middle["A"] - before["A"]) * per
+            cpu_one["sub"] += one.cpu["receiver"] * per
+            cpu_two["pub"] += two.cpu["sender"] * per
+            for n in "ABC":
+                cpu_two[f"node {n}"] += (after[n] - middle[n]) * per
+            cpu_two["sub"] += two.cpu["receiver"] * per
     star = {"n0": []} | {f"n{i}": ["n0"] for i in range(1, 10)}
     with bench_mesh(star) as ipc:
         servers = [ipc[f"n{i}"] for i in range(10)]
         ready = lambda: wait_interest(ipc["n0"], "bench/data/0", 1)  # noqa: E731
-        few_clients = hold_subscriptions(servers, 1)
-        few = pubsub(ipc["n0"], size, count, sub_server=ipc["n1"], topics=topics, when_ready=ready)
-        for c in few_clients:
-            c.close()
-        many_clients = hold_subscriptions(servers, 1000)
-        wait_interest(ipc["n0"], "load/n9/s999/a/x", 1)  # every node's load is known
-        many = pubsub(ipc["n0"], size, count, sub_server=ipc["n1"], topics=topics, when_ready=ready)
-        for c in many_clients:
-            c.close()
-    return MeshFigures(one, two, few, many, 10_000, cpu_one, cpu_two)
+        for r in runs:
+            few_clients = hold_subscriptions(servers, 1)
+            r["10_subs"] = pubsub(
+                ipc["n0"], size, count, sub_server=ipc["n1"], topics=topics, when_ready=ready
+            )
+            for c in few_clients:
+                c.close()
+            many_clients = hold_subscriptions(servers, 1000)
+            wait_interest(ipc["n0"], "load/n9/s999/a/x", 1)  # every node's load is known
+            r["10k_subs"] = pubsub(
+                ipc["n0"], size, count, sub_server=ipc["n1"], topics=topics, when_ready=ready
+            )
+            for c in many_clients:
+                c.close()
+            wait_interest(ipc["n0"], "load/n9/s999/a/x", 0, at_most=True)  # all withdrawn
+    return MeshFigures(
+        *(_median([r[k] for r in runs]) for k in ("one_node", "two_hops", "10_subs", "10k_subs")),
+        10_000,
+        cpu_one,
+        cpu_two,
+        runs,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,12 +9,14 @@ with --no-discovery; every process is stopped by its PID.
 from __future__ import annotations
 
 import queue
+import socket
 import subprocess
 from typing import Any
 
 import pytest
 from helpers import Background, NodeFactory, NodeProcess, need_binary, run_cli, wait_for
 
+from edge.mqtt_codec import Connack, Connect, Decoder, encode
 from tests.e2e.test_mqtt_listener import MQTT_CONFIG, mqtt_port, mqtt_status
 
 pytestmark = [pytest.mark.e2e]
@@ -132,3 +134,30 @@ def test_anonymous_can_be_allowed_on_a_secured_node(make_node: NodeFactory) -> N
     close(c)
     assert not rc.is_failure
     assert "takes anonymous clients" in node.log_path.read_text()
+
+
+def test_wrong_passwords_do_not_stall_connected_clients(secured: NodeProcess) -> None:
+    """Each unremembered password costs a scrypt (tens of ms), checked off the listener's
+    thread: while 20 wrong ones queue up, a connected client's publish is still answered
+    before the last of them is refused (checked inline, it would come after them all)."""
+    port = mqtt_port(secured)
+    add_user(secured, "dev", "pw")
+    good, rc, _ = connect(port, "dev", "pw")
+    assert not rc.is_failure
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+    try:
+        for i, s in enumerate(socks):
+            s.sendall(encode(Connect(f"bad-{i}", username="dev", password=f"no{i}".encode())))
+        info = good.publish("dev/t", b"x", qos=1)
+        info.wait_for_publish(10)
+        assert info.is_published()
+        answered = mqtt_status(secured)["auth_failures"]
+        assert answered < 20, "the publish waited for every password check"
+        for s in socks:  # and every one of them is refused in the end
+            (ack,) = Decoder().feed(s.recv(64))
+            assert isinstance(ack, Connack)
+            assert ack.return_code == 4
+    finally:
+        for s in socks:
+            s.close()
+        close(good)
