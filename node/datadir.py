@@ -145,7 +145,15 @@ def read_cursor(path: Path) -> int | None:
 
 
 def write_cursor(path: Path, seq: int) -> None:
-    """Atomically: a crash leaves the old cursor or the new one, never half of one."""
+    """Atomically: a crash leaves the old cursor or the new one, never half of one.
+
+    The new file's bytes reach the disk before the rename: after a power cut a renamed but
+    empty cursor would read as none, and a bridge would start at the log's head, skipping
+    what it had not sent yet. (The rename itself may be lost: then the old cursor stands
+    and the far side gets some events again, which it drops as duplicates.)"""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{seq}\n")
+    with tmp.open("w") as f:
+        f.write(f"{seq}\n")
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)

@@ -61,6 +61,7 @@ class Store:
         self._in_tx = False
         self._failed = ""  # a write of this pass failed: the pass is rolled back as a whole
         self.commits = 0
+        self._head: int | None = None  # the log's highest sequence ever (None: ask SQLite)
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._check()
@@ -138,6 +139,7 @@ class Store:
                 self.db.execute("ROLLBACK")
         self._in_tx = False
         self._failed = ""
+        self._head = None  # the pass's appends are gone
 
     def guard(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Cursor:
         """One write inside the pass's transaction; StoreError on failure, after which
@@ -177,9 +179,23 @@ class Store:
     # ---- the log ---------------------------------------------------------------------
 
     def log_head(self) -> int:
-        """The highest log sequence (0 when empty)."""
-        row = self.read("SELECT max(seq) FROM log")[0]
-        return int(row[0] or 0)
+        """The highest log sequence ever used (0 for a new log), even if trimmed away.
+
+        Sequences never go back: cursors (the uplink's, each bridge's, a replaying
+        client's) say "everything up to N was sent", and a log that restarted at 1 after
+        an idle night trimmed it empty had its new events skipped until it passed N."""
+        if self._head is None:
+            row = self.read("SELECT max(seq) FROM log")[0]
+            kept = self.read("SELECT value FROM meta WHERE key = 'log_head'")
+            self._head = max(int(row[0] or 0), int(kept[0][0]) if kept else 0)
+        return self._head
+
+    def _keep_head(self) -> None:
+        """Before deleting from the log: remember its head (the newest row may go)."""
+        self.guard(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('log_head', ?)",
+            (str(self.log_head()),),
+        )
 
     def log_append(self, rows: list[tuple[bytes, str, int, bytes]]) -> int:
         """Append (id, topic, time_ns, record) rows; returns the last sequence used."""
@@ -190,7 +206,8 @@ class Store:
             "INSERT INTO log (seq, id, topic, time_ns, record) VALUES (?, ?, ?, ?, ?)",
             ((head + i, *r) for i, r in enumerate(rows, 1)),
         )
-        return head + len(rows)
+        self._head = head + len(rows)
+        return self._head
 
     def log_after(self, seq: int, limit: int) -> list[tuple[int, str, bytes]]:
         """(seq, topic, record) of up to ``limit`` log entries after ``seq``, in order."""
@@ -219,6 +236,7 @@ class Store:
         ``keep_after``: entries after this sequence are not the log's to trim (an uplink
         has not sent them yet; the spool bound governs them)."""
         upto = (1 << 62) if keep_after is None else keep_after
+        self._keep_head()
         gone = self.guard(
             "DELETE FROM log WHERE time_ns < ? AND seq <= ?", (now_ns - max_age_ns, upto)
         ).rowcount
@@ -251,6 +269,7 @@ class Store:
         )
         if not rows:
             return 0
+        self._keep_head()
         return self.guard(
             "DELETE FROM log WHERE seq > ? AND seq <= ?", (cursor, rows[0][0])
         ).rowcount

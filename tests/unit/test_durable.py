@@ -680,3 +680,33 @@ def test_the_dedupe_window_counts_from_the_publish_even_after_idle_passes(
     r.end_pass(11.0)
     assert controls(take(r), A) == [(Kind.PACK, {"ids": ids(1, 2)})]
     assert d.duplicates == 1
+
+
+def test_log_sequences_never_go_back_after_the_log_is_trimmed_empty(tmp_path: Path) -> None:
+    """Found reading the store: an idle spell longer than the age bound trimmed every row, the
+    next event got sequence 1 again, and a bridge or uplink whose cursor said "sent up to
+    5" skipped new events until the log passed 5 (LogReader reads seq > cursor)."""
+    from edge.logreader import LogReader
+
+    store = open_store(tmp_path)
+    rows = [(bytes(16), "t", 1_000, b"rec")] * 5
+    assert store.log_append(rows) == 5
+    store.commit()
+    cursor = tmp_path / "bridge.cursor"
+    reader = LogReader(tmp_path, cursor, start_at_head=True)
+    assert reader.cursor == 5  # everything so far counts as sent
+    assert store.log_trim(1 << 30, max_age_ns=10, now_ns=10**18) == 5
+    store.commit()
+    assert store.log_head() == 5
+    store.close()
+    store = open_store(tmp_path)  # and across a restart
+    assert store.log_head() == 5
+    assert store.log_append(rows[:1]) == 6
+    store.commit()
+    assert [seq for seq, _t, _r in reader.after(10)] == [6]
+    # A pass that fails after trimming rolls the remembered head back with it.
+    store.log_trim(1 << 30, max_age_ns=10, now_ns=10**18)
+    store.rollback()
+    assert store.log_head() == 6
+    reader.close()
+    store.close()
