@@ -132,6 +132,7 @@ class Authenticator:
         self.error = ""  # why the users file was not read (the last users stay in force)
         self._mtime: int | None = None
         self._verified: dict[tuple[str, bytes], str] = {}
+        self._decoy: str | None = None  # what an unknown user's password is checked against
 
     def check(self, username: str | None, password: bytes | None) -> Permissions | int:
         """The client's permissions, or the CONNACK return code that refuses it."""
@@ -143,10 +144,12 @@ class Authenticator:
         that verified before), else None: then ``verify``, which takes tens of ms."""
         if username is None:
             return Permissions() if self.anonymous else CONNACK_NOT_AUTHORIZED
+        if password is None:
+            return CONNACK_BAD_CREDENTIALS
         self._reload()
         user = self.users.get(username)
-        if user is None or password is None:
-            return CONNACK_BAD_CREDENTIALS
+        if user is None:
+            return None  # hashed all the same: timing must not tell which names exist
         if self._verified.get((username, hashlib.sha256(password).digest())) == user.hash:
             return user.perms
         return None
@@ -156,6 +159,9 @@ class Authenticator:
         the GIL; the users and the memory of verified passwords change atomically)."""
         user = self.users.get(username or "")
         if user is None or password is None:
+            if self._decoy is None:
+                self._decoy = hash_password(os.urandom(16).hex())
+            verify_password(password or b"", self._decoy)  # as long as a real check
             return CONNACK_BAD_CREDENTIALS
         if not verify_password(password, user.hash):
             return CONNACK_BAD_CREDENTIALS

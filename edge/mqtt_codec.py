@@ -59,6 +59,7 @@ _FLAGS: Final = {t: (0b0010 if t in (6, 8, 10) else 0) for t in range(1, 15) if 
 CONNACK_ACCEPTED: Final = 0
 CONNACK_BAD_PROTOCOL: Final = 1
 CONNACK_ID_REJECTED: Final = 2
+CONNACK_SERVER_UNAVAILABLE: Final = 3
 CONNACK_BAD_CREDENTIALS: Final = 4  # bad user name or password
 CONNACK_NOT_AUTHORIZED: Final = 5
 SUBACK_FAILURE: Final = 0x80

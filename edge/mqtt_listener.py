@@ -49,6 +49,7 @@ from edge.mqtt_codec import (
     CONNACK_BAD_PROTOCOL,
     CONNACK_ID_REJECTED,
     CONNACK_NOT_AUTHORIZED,
+    CONNACK_SERVER_UNAVAILABLE,
     PINGRESP,
     SUBACK_FAILURE,
     Connack,
@@ -98,6 +99,7 @@ FRAME_BYTES: Final = 64 * 1024  # PUB frames to the node are cut at about this s
 CONNECT_TIMEOUT: Final = 10.0  # a socket that sends no CONNECT this long is closed
 TICK: Final = 0.25  # keepalive and CONNECT deadlines are checked this often
 MAX_BACKLOG: Final = 8 * 1024 * 1024  # QoS 0 to a client with more unsent bytes is dropped
+MAX_PENDING_CHECKS: Final = 32  # passwords waiting for the hashing worker (~1.5 s of work)
 LOG_FIRST: Final = 20  # protocol errors logged one by one before only every 1000th
 _DELIVERY: Final = struct.Struct("<IIHHB")  # sid, plen, tlen, hlen, flags
 _ACK: Final = struct.Struct(">BBH")  # PUBACK/PUBREC: first byte, length 2, packet id
@@ -138,6 +140,7 @@ class MqttListener:
         self.auth = Authenticator(cfg.users, anonymous=cfg.anonymous)
         # One worker: a flood of wrong passwords queues here instead of taking every core.
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqtt-auth")
+        self._checking = 0  # passwords queued or being hashed
         self.bound = ""
         self.counters = {
             "connects": 0,
@@ -360,14 +363,25 @@ class MqttListener:
             self._admit(conn, c, verdict)
             return
         # A password to hash (tens of ms): in the worker, while this client's reading waits.
+        if self._checking >= MAX_PENDING_CHECKS:  # a flood: refuse at once, do not queue
+            self.counters["auth_failures"] += 1
+            conn.write(encode(Connack(False, CONNACK_SERVER_UNAVAILABLE)))
+            conn.close()
+            return
+        self._checking += 1
         conn.verifying = True
         if conn.transport is not None:
             conn.transport.pause_reading()
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._hasher, self.auth.verify, c.username, c.password)
+        fut = loop.run_in_executor(self._hasher, self._check, conn, c)
         fut.add_done_callback(lambda f: self._verified(conn, c, f))
 
+    def _check(self, conn: MqttConnection, c: Connect) -> Permissions | int | None:
+        """In the worker: None for a client that has gone meanwhile (nothing to hash)."""
+        return None if conn.closing else self.auth.verify(c.username, c.password)
+
     def _verified(self, conn: MqttConnection, c: Connect, fut: asyncio.Future[Any]) -> None:
+        self._checking -= 1
         if conn.closing or fut.cancelled():
             return
         try:
@@ -375,7 +389,8 @@ class MqttListener:
         except Exception:
             log.exception("MQTT client %s: checking its password failed", conn.peer)
             verdict = CONNACK_NOT_AUTHORIZED
-        conn.resume(lambda: self._admit(conn, c, verdict))
+        if verdict is not None:
+            conn.resume(lambda: self._admit(conn, c, verdict))
 
     def _admit(self, conn: MqttConnection, c: Connect, verdict: Permissions | int) -> None:
         if isinstance(verdict, int) or self._will_denied(c, verdict):
@@ -402,6 +417,19 @@ class MqttListener:
                 return
             client_id = f"auto-{os.urandom(8).hex()}"
             c = Connect(client_id, True, c.keepalive, c.will, c.username, c.password, c.level)
+        old = self._online.get(client_id)
+        if old is not None and old.connect is not None and old.connect.username != c.username:
+            # Another user's device is connected with this client id: a user may not kick
+            # it off (nor take its session). Mosquitto lets it; we refuse, and count it.
+            self.counters["auth_failures"] += 1
+            log.warning(
+                "MQTT client %s refused: client id %r is connected as another user",
+                conn.peer,
+                client_id,
+            )
+            conn.write(encode(Connack(False, CONNACK_ID_REJECTED)))
+            conn.close()
+            return
         old = self._online.pop(client_id, None)
         if old is not None:  # session takeover (MQTT 3.1.1 §3.1.4): the old socket goes
             old.session = None
@@ -414,6 +442,16 @@ class MqttListener:
             max_queued=self.cfg.max_queued,
             owner=c.username,
         )
+        if present and conn.perms is not None and not self._still_allowed(session, conn.perms):
+            # The user's rules changed while it was away: the session's subscriptions (and
+            # what they queued) may hold what it may no longer see. Start afresh.
+            ended.append(session)
+            session, present, more = self.sessions.attach(
+                client_id, True, max_inflight=self.cfg.max_inflight,
+                max_queued=self.cfg.max_queued, owner=c.username,
+            )  # fmt: skip
+            ended += [s for s in more if s is not ended[-1]]
+            session.clean = c.clean_session
         for gone in ended:
             self._forget(gone)
         conn.connect, conn.session = c, session
@@ -422,6 +460,17 @@ class MqttListener:
         conn.write(encode(Connack(present)))
         for out in session.resume():
             conn.write(out)
+
+    @staticmethod
+    def _still_allowed(session: Session, perms: Permissions) -> bool:
+        """True if every subscription of ``session`` is one ``perms`` grants in full."""
+        for filt in session.subs:
+            _group, plain = mqtt_shared(filt)
+            patterns = mqtt_filter_to_mesh(plain).patterns
+            kept, why = _allowed(perms, patterns)
+            if why is not None or kept != patterns:
+                return False
+        return True
 
     def _will_denied(self, c: Connect, perms: Permissions) -> bool:
         """True if the client's will goes to a topic its user may not publish to (refused

@@ -227,7 +227,6 @@ class Client:
     def open(self) -> None:
         """Connect and greet the node; raises Unreachable if it does not answer in time."""
         sock = self._ctx.socket(zmq.DEALER)
-        sock.copy_threshold = 1 << 22
         if self._identity is not None:
             sock.setsockopt(zmq.IDENTITY, self._identity)
         sock.setsockopt(zmq.LINGER, 1000)

@@ -85,10 +85,13 @@ MAX_CONTROL_BYTES: Final = 64 * 1024
 # frames that hold them may be larger, and senders cut tables into frames of this size.
 MAX_STATE_BYTES: Final = 1024 * 1024
 # A state frame's JSON over COMPRESS_STATES_ABOVE goes zlib-compressed (patterns repeat:
-# 7x on 40,000 device topics), so one node may announce ~190,000 patterns in a frame; the
-# receiver inflates at most MAX_STATE_JSON (a bomb stops there).
+# 7x on 40,000 device topics), so one node may announce ~190,000 patterns in a frame. The
+# receiver inflates at most MAX_INFLATE_RATIO times what it got, and never more than
+# MAX_STATE_JSON: a 16 KB bomb of empty objects used to cost 7.5 s and 765 MB to parse
+# (found in review); the cost of a frame now stays in proportion to its bytes.
 COMPRESS_STATES_ABOVE: Final = 64 * 1024
 MAX_STATE_JSON: Final = 16 * 1024 * 1024
+MAX_INFLATE_RATIO: Final = 40
 STATE_KINDS: Final = frozenset((Kind.LINK, Kind.LINK_OK, Kind.STATES))
 # Control bodies nest a few levels (STATES: states, a state, interest, one entry). A peer's
 # deeper body could parse and then break whatever echoes or prints part of it (a BEAT_ACK,
@@ -151,13 +154,14 @@ def decode_control(frame: bytes) -> tuple[Kind, dict[str, Any]]:
 def _inflate(data: bytes) -> bytes:
     """The JSON of a compressed state frame; CodecError if it is not one zlib stream or
     would inflate beyond MAX_STATE_JSON."""
+    limit = min(MAX_STATE_JSON, MAX_INFLATE_RATIO * len(data))
     z = zlib.decompressobj()
     try:
-        out = z.decompress(data, MAX_STATE_JSON)
+        out = z.decompress(data, limit)
     except zlib.error as e:
         raise CodecError(f"compressed state frame is corrupt: {e}") from None
     if z.unconsumed_tail:
-        raise CodecError(f"compressed state frame inflates beyond {MAX_STATE_JSON} bytes")
+        raise CodecError(f"compressed state frame inflates beyond {limit} bytes")
     if not z.eof or z.unused_data:
         raise CodecError("compressed state frame is truncated or has trailing bytes")
     return out

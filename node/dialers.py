@@ -21,11 +21,6 @@ from node.codec import MAX_STATE_BYTES
 log = logging.getLogger("meshctl.node")
 
 HANDSHAKE_TIMEOUT: Final = 2.0
-# pyzmq sends a frame above its copy threshold (64 KiB) without copying, but then has its
-# garbage-collector thread told when libzmq is done with it: for our frames of 64 KiB and a
-# bit more, that cost more than the copy (the mesh benchmark's relay CPU fell by a fifth
-# with copying). Frames stay under a few hundred KiB, so copying all of them is cheap.
-COPY_THRESHOLD: Final = 1 << 22
 FIRST_BACKOFF: Final = 0.2
 
 
@@ -86,7 +81,6 @@ class Dialers:
             self.backoff(d, now)
             return
         sock = self.ctx.socket(zmq.DEALER)
-        sock.copy_threshold = COPY_THRESHOLD
         if self.curve is not None:
             self.curve(sock, d.server_key)
         sock.setsockopt(zmq.LINGER, 0)

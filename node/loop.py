@@ -25,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from node import __version__, datadir, discovery
 from node.codec import MAX_STATE_BYTES, Kind, decode_control, encode_control
 from node.config import NodeConfig
-from node.dialers import COPY_THRESHOLD, HANDSHAKE_TIMEOUT, Dialers
+from node.dialers import HANDSHAKE_TIMEOUT, Dialers
 from node.durable import Durable, DurableConfig
 from node.mesh import PROTO
 from node.router import Router
@@ -73,7 +73,6 @@ class Node:
         self.identity = identity
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.copy_threshold = COPY_THRESHOLD
         self.endpoints: list[str] = []
         self.started_wall = time.time()
         self.started = time.monotonic()

@@ -138,14 +138,16 @@ class Mesh:
         self.version += 1
         state = self.state()
         frame = encode_control(Kind.STATES, {"states": [state.to_json()]})
-        if len(frame) > MAX_STATE_BYTES:  # say so here: receivers can only drop it
+        if len(frame) > MAX_STATE_BYTES:  # receivers would drop it, or libzmq the link
             n = self.counters["state_too_large"] = self.counters["state_too_large"] + 1
             if n == 1 or n % 100 == 0:
                 self.log(
                     f"this node's interest ({len(state.interest)} patterns) does not fit in "
                     f"a state frame ({len(frame)} bytes compressed, limit {MAX_STATE_BYTES}): "
-                    "other nodes keep its last announced interest"
+                    "not announced; other nodes keep its last announced interest, and new "
+                    "links to it fail until it holds fewer patterns"
                 )
+            return
         for link in self.links.values():
             self.out.append((link.via, frame))
 

@@ -399,91 +399,93 @@ class Router(MeshSide, DurableSide):
         forwarded = 0
         run_plan = NO_PLAN  # the static plan of the run being gathered, from run_start
         run_start = run_end = 0
-        while off < n:
-            if off + RECORD_SIZE > n:
-                self.bad_frame(ident, f"truncated record header at byte {off}")
-                break
-            plen, tlen, hlen, flags = unpack(frame, off)
-            start = off
-            t0 = off + RECORD_SIZE
-            end = t0 + tlen + hlen + plen
-            if end > n:
-                self.bad_frame(ident, f"record at byte {off} overruns the frame")
-                break
-            topic = frame[t0 : t0 + tlen]
-            off = end
-            if plen > max_payload:
-                self.counters.dropped["payload_too_large"] += 1
-                self._error(
-                    ident,
-                    None,
-                    f"payload of {plen} bytes exceeds the limit of "
-                    f"{max_payload} bytes; event dropped",
-                    "payload",
-                )
-                continue
-            if acl is not None and self._acl_refuses(ident, acl, topic):
-                continue
-            route = cache.get(topic)
-            if route is None:
-                route = self._resolve(topic)
-            if type(route) is _Refused and ident in self.internal:
-                route = self._remote_route(topic)  # in-process actors announce $mesh events
-            if type(route) is _Refused:
-                self.counters.dropped["bad_topic"] += 1
-                self._error(ident, None, route.reason, "topic")  # type: ignore[union-attr]
-                continue
-            count += 1
-            rec = None  # sliced from the frame only if something needs it alone
-            if flags & DURABLE_FLAGS or route.log == LOG_ALL:  # type: ignore[union-attr]
-                rec = self._durable_pub(ident, frame[start:end], topic, route)  # type: ignore[arg-type]
-                if rec is None:
-                    continue  # routed after the pass's commit, or refused
-            plain = route.plain  # type: ignore[union-attr]
-            groups = route.groups  # type: ignore[union-attr]
-            plan = route.plan  # type: ignore[union-attr]
-            if plan is not NO_PLAN:
-                if plan is run_plan and start == run_end and rec is None:
-                    run_end = end
-                    forwarded += len(plan.static)
-                    if end - run_start >= MAX_FRAME_BYTES:  # frames stay near the bound
-                        self._forward_run(plan, frame[run_start:end])
-                        run_plan = NO_PLAN
-                else:
-                    if run_plan is not NO_PLAN:
-                        self._forward_run(run_plan, frame[run_start:run_end])
-                        run_plan = NO_PLAN
-                    if plan.groups or rec is not None:  # a choice per event, or a new copy
-                        self._forward(plan, frame[start:end] if rec is None else rec)
-                    else:
-                        run_plan, run_start, run_end = plan, start, end
-                        forwarded += len(plan.static)
-            if plain or groups:
-                if rec is None:
-                    rec = frame[start:end]
-                for dest, prefix in plain:
-                    parts = pending.get(dest)
-                    if parts is None:
-                        pending[dest] = parts = []
-                    parts.append(prefix)
-                    parts.append(rec)
-                for g in groups:
-                    dest, prefix = g.pick()
-                    parts = pending.get(dest)
-                    if parts is None:
-                        pending[dest] = parts = []
-                    parts.append(prefix)
-                    parts.append(rec)
-            elif plan.empty:
-                self.counters.no_interest += 1
-                if flags & F_REQUEST:
-                    self._send_control(
+        try:
+            while off < n:
+                if off + RECORD_SIZE > n:
+                    self.bad_frame(ident, f"truncated record header at byte {off}")
+                    break
+                plen, tlen, hlen, flags = unpack(frame, off)
+                start = off
+                t0 = off + RECORD_SIZE
+                end = t0 + tlen + hlen + plen
+                if end > n:
+                    self.bad_frame(ident, f"record at byte {off} overruns the frame")
+                    break
+                topic = frame[t0 : t0 + tlen]
+                off = end
+                if plen > max_payload:
+                    self.counters.dropped["payload_too_large"] += 1
+                    self._error(
                         ident,
-                        Kind.NORESP,
-                        {"id": frame[t0 - 16 : t0].hex(), "topic": topic.decode()},
+                        None,
+                        f"payload of {plen} bytes exceeds the limit of "
+                        f"{max_payload} bytes; event dropped",
+                        "payload",
                     )
-        if run_plan is not NO_PLAN:
-            self._forward_run(run_plan, frame[run_start:run_end])
+                    continue
+                if acl is not None and self._acl_refuses(ident, acl, topic):
+                    continue
+                route = cache.get(topic)
+                if route is None:
+                    route = self._resolve(topic)
+                if type(route) is _Refused and ident in self.internal:
+                    route = self._remote_route(topic)  # in-process actors announce $mesh events
+                if type(route) is _Refused:
+                    self.counters.dropped["bad_topic"] += 1
+                    self._error(ident, None, route.reason, "topic")  # type: ignore[union-attr]
+                    continue
+                count += 1
+                rec = None  # sliced from the frame only if something needs it alone
+                if flags & DURABLE_FLAGS or route.log == LOG_ALL:  # type: ignore[union-attr]
+                    rec = self._durable_pub(ident, frame[start:end], topic, route)  # type: ignore[arg-type]
+                    if rec is None:
+                        continue  # routed after the pass's commit, or refused
+                plain = route.plain  # type: ignore[union-attr]
+                groups = route.groups  # type: ignore[union-attr]
+                plan = route.plan  # type: ignore[union-attr]
+                if plan is not NO_PLAN:
+                    if plan is run_plan and start == run_end and rec is None:
+                        run_end = end
+                        forwarded += len(plan.static)
+                        if end - run_start >= MAX_FRAME_BYTES:  # frames stay near the bound
+                            self._forward_run(plan, frame[run_start:end])
+                            run_plan = NO_PLAN
+                    else:
+                        if run_plan is not NO_PLAN:
+                            self._forward_run(run_plan, frame[run_start:run_end])
+                            run_plan = NO_PLAN
+                        if plan.groups or rec is not None:  # a choice per event, or a new copy
+                            self._forward(plan, frame[start:end] if rec is None else rec)
+                        else:
+                            run_plan, run_start, run_end = plan, start, end
+                            forwarded += len(plan.static)
+                if plain or groups:
+                    if rec is None:
+                        rec = frame[start:end]
+                    for dest, prefix in plain:
+                        parts = pending.get(dest)
+                        if parts is None:
+                            pending[dest] = parts = []
+                        parts.append(prefix)
+                        parts.append(rec)
+                    for g in groups:
+                        dest, prefix = g.pick()
+                        parts = pending.get(dest)
+                        if parts is None:
+                            pending[dest] = parts = []
+                        parts.append(prefix)
+                        parts.append(rec)
+                elif plan.empty:
+                    self.counters.no_interest += 1
+                    if flags & F_REQUEST:
+                        self._send_control(
+                            ident,
+                            Kind.NORESP,
+                            {"id": frame[t0 - 16 : t0].hex(), "topic": topic.decode()},
+                        )
+        finally:  # records of an unfinished run still go (as they did one by one)
+            if run_plan is not NO_PLAN:
+                self._forward_run(run_plan, frame[run_start:run_end])
         client.events_in += count
         self.counters.events_in += count
         self.counters.forwarded_out += forwarded

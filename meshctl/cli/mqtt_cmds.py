@@ -41,10 +41,14 @@ def passwd(
         bool, typer.Option("--password-stdin", help="Read the password from standard input.")
     ] = False,
     delete: Annotated[bool, typer.Option("--delete", help="Remove the user.")] = False,
+    unrestricted: Annotated[
+        bool, typer.Option("--unrestricted", help="Clear an existing user's rules.")
+    ] = False,
     data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Add a user or set its password and rules (mesh patterns); --delete removes it."""
+    """Add a user or set its password and rules (mesh patterns; given none, an existing
+    user keeps its rules, --unrestricted clears them); --delete removes it."""
     from edge import mqtt_auth  # noqa: PLC0415
     from node.membership import Permissions  # noqa: PLC0415
     from node.topics import validate_pattern  # noqa: PLC0415
@@ -70,6 +74,10 @@ def passwd(
     perms = Permissions(
         tuple(pub_allow or ()), tuple(pub_deny or ()), tuple(sub_allow or ()), tuple(sub_deny or ())
     )
+    if rules and unrestricted:
+        raise typer.BadParameter("rules and --unrestricted contradict each other")
+    if not rules and not unrestricted and name in users:  # a new password, same rules
+        perms = users[name].perms
     verb = "updated" if name in users else "added"
     users[name] = mqtt_auth.User(name, mqtt_auth.hash_password(password), perms)
     mqtt_auth.save_users(path, users)

@@ -8,9 +8,11 @@ with --no-discovery; every process is stopped by its PID.
 
 from __future__ import annotations
 
+import json
 import queue
 import socket
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -161,3 +163,91 @@ def test_wrong_passwords_do_not_stall_connected_clients(secured: NodeProcess) ->
         for s in socks:
             s.close()
         close(good)
+
+
+def test_a_new_password_keeps_the_users_rules(tmp_path: Path) -> None:
+    """Found in review: `passwd NAME` without rule options made the user unrestricted."""
+    where = ["--data-dir", str(tmp_path)]
+
+    def passwd(*rules: str) -> None:
+        done = run_cli("mqtt", "passwd", "alice", "--password-stdin", *rules, *where, input="pw\n")
+        assert done.returncode == 0, done.describe()
+
+    def rules() -> list[str]:
+        return list(json.loads(run_cli("mqtt", "users", "--json", *where).stdout)["sub_allow"])
+
+    passwd("--sub-allow", "a/>")
+    passwd()
+    assert rules() == ["a/>"]
+    passwd("--unrestricted")
+    assert rules() == []
+
+
+def test_a_persistent_session_is_dropped_when_the_rules_no_longer_allow_it(
+    secured: NodeProcess,
+) -> None:
+    """Found in review: rules were checked at SUBSCRIBE only, so a persistent session kept
+    a subscription its user's new rules forbid (and what it queued meanwhile)."""
+    import paho.mqtt.client as mqtt
+
+    port = mqtt_port(secured)
+    add_user(secured, "alice", "pw")
+
+    def session(clean: bool) -> tuple[Any, Any, queue.Queue[Any]]:
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "alice-1", clean_session=clean,
+                        protocol=mqtt.MQTTv311)  # fmt: skip
+        c.username_pw_set("alice", "pw")
+        acks: queue.Queue[Any] = queue.Queue()
+        got: queue.Queue[Any] = queue.Queue()
+        c.on_connect = lambda _c, _u, flags, rc, _p: acks.put((flags, rc))
+        c.on_message = lambda _c, _u, m: got.put(m)
+        c.connect("127.0.0.1", port, keepalive=30)
+        c.loop_start()
+        return c, acks.get(timeout=5), got
+
+    c, _, _ = session(False)
+    done: queue.Queue[Any] = queue.Queue()
+    c.on_subscribe = lambda *_: done.put(True)
+    c.subscribe("secret/#", 1)
+    done.get(timeout=5)
+    close(c)
+    add_user(secured, "alice", "pw", "--sub-deny", "secret/>")
+    assert run_cli("pub", "secret/k", "queued?", server=secured.ipc).returncode == 0
+    c, (flags, rc), got = session(False)
+    try:
+        assert not rc.is_failure
+        assert not flags.session_present  # the old session is gone, with its queue
+        assert run_cli("pub", "secret/k", "live?", server=secured.ipc).returncode == 0
+        with pytest.raises(queue.Empty):
+            got.get(timeout=0.5)  # waiting for an absence: nothing must arrive
+    finally:
+        close(c)
+
+
+def test_another_user_cannot_take_over_a_connected_client_id(secured: NodeProcess) -> None:
+    import paho.mqtt.client as mqtt
+
+    port = mqtt_port(secured)
+    add_user(secured, "alice", "pw1")
+    add_user(secured, "mallory", "pw2")
+    results = []
+    clients = []
+    for user, pw in (("alice", "pw1"), ("mallory", "pw2")):
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, "plc-7", protocol=mqtt.MQTTv311)
+        c.username_pw_set(user, pw)
+        acks: queue.Queue[Any] = queue.Queue()
+        c.on_connect = lambda _c, _u, _f, rc, _p, q=acks: q.put(rc)
+        c.connect("127.0.0.1", port, keepalive=30)
+        c.loop_start()
+        results.append(acks.get(timeout=5))
+        clients.append(c)
+    try:
+        assert not results[0].is_failure
+        assert str(results[1]) == "Client identifier not valid"
+        assert mqtt_status(secured)["clients"] == 1  # alice is still connected
+        info = clients[0].publish("t", b"x", qos=1)
+        info.wait_for_publish(5)
+        assert info.is_published()
+    finally:
+        for c in clients:
+            close(c)

@@ -145,3 +145,17 @@ def test_another_user_does_not_inherit_a_persistent_session() -> None:
     assert not present
     assert ended == [first]
     assert other is not first
+
+
+def test_unknown_users_cost_a_hash_like_known_ones(tmp_path: Path) -> None:
+    """Found in review: unknown names were refused at once and known ones after a scrypt,
+    so timing told which user names exist. Both now go to the hashing worker."""
+    path = tmp_path / "users.json"
+    save_users(path, {"dev": User("dev", hash_password("pw"), SENSOR)})
+    auth = Authenticator(path, anonymous=False)
+    assert auth.quick("nobody", b"pw") is None  # needs the (slow) check, as "dev" does
+    assert auth.quick("dev", b"pw") is None
+    assert auth.quick("dev", None) == CONNACK_BAD_CREDENTIALS  # no password: nothing to hash
+    assert auth.verify("nobody", b"pw") == CONNACK_BAD_CREDENTIALS
+    assert auth.verify("dev", b"pw") == SENSOR
+    assert auth.quick("dev", b"pw") == SENSOR  # remembered now
