@@ -7,7 +7,6 @@ NOBLOCK so that a slow client can never stall the loop: a full queue is a counte
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import signal
@@ -23,29 +22,25 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from node import __version__, datadir, discovery
-from node.codec import MAX_STATE_BYTES, Kind, decode_control, encode_control
+from node.codec import MAX_STATE_BYTES, Kind, encode_control
 from node.config import NodeConfig
 from node.dialers import HANDSHAKE_TIMEOUT, Dialers
 from node.durable import Durable, DurableConfig
-from node.mesh import PROTO
+from node.loop_discovery import DiscoverySide
+from node.loop_security import DRAIN_BATCH, POLLIN, SecureSide
 from node.router import Router
 from node.security import Security, join_links
 from node.store import open_store
 
 log = logging.getLogger("meshctl.node")
 
-DRAIN_BATCH: Final = 256  # frames read per wake-up before output is flushed
 PROBE_INTERVAL: Final = 0.5  # how often silent clients are probed for liveness
 IDLE_BEFORE_PROBE: Final = 1.0
 MAX_POLL_MS: Final = 100  # upper bound on reacting to a stop request
 LINK_TICK: Final = 0.1  # how often dials, handshakes and heartbeats are looked at
 SPIN_AFTER_PASS_BELOW: Final = 16 * 1024  # bytes read in a pass; more means a stream
 _PING: Final = encode_control(Kind.PING, {})
-_POLLIN: Final = int(zmq.POLLIN)  # a plain int: `int & IntFlag` goes through enum code (0.8 us)
 _LINK_KIND: Final = bytes((Kind.LINK,))
-_REVOKE_KIND: Final = bytes((Kind.REVOKE,))
-_LINK_OK_KIND: Final = bytes((Kind.LINK_OK,))
-_GUARDED: Final = frozenset((Kind.LINK, Kind.HELLO, Kind.ENROLL))  # first frames to prove
 _HANDSHAKE_FAILED: Final = (
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -62,7 +57,7 @@ class Identity:
     data_dir: Path
 
 
-class Node:
+class Node(SecureSide, DiscoverySide):
     """A running node: sockets, the poll loop and the Router core."""
 
     def __init__(
@@ -248,168 +243,13 @@ class Node:
         for sock, d in list(self.dialers.by_sock.items()):
             events = sock.getsockopt
             for _ in range(DRAIN_BATCH):
-                if not events(zmq.EVENTS) & _POLLIN:
+                if not events(zmq.EVENTS) & POLLIN:
                     break
                 frame = sock.recv()
                 self._pass_bytes += len(frame)
                 if self.security is not None and not self._admit_dialed(d.url, frame, now):
                     continue
                 handle(d.url, d.found, frame, now)
-
-    # ---- security (secured nodes only; open mode never calls these) -----------------------
-
-    def _drain_secure(self, now: float) -> None:
-        """``_drain`` for a secured node: every frame's CURVE key (libzmq's User-Id, set by
-        the ZAP handler) is checked against the key its ROUTER identity proved first, so a
-        connection that takes over a dead client's identity cannot inherit its session; the
-        first LINK, HELLO or ENROLL of a connection must prove membership."""
-        sock = self.sock
-        recv = sock.recv
-        handle = self.router.handle
-        keys = self._keys
-        events = sock.getsockopt
-        for _ in range(DRAIN_BATCH):
-            if not events(zmq.EVENTS) & _POLLIN:
-                return
-            ident = recv()
-            msg = recv(copy=False)
-            frame = msg.bytes
-            if sock.getsockopt(zmq.RCVMORE):
-                while sock.getsockopt(zmq.RCVMORE):
-                    recv()
-                self.router.bad_frame(ident, "multi-part message (the protocol sends one frame)")
-                continue
-            try:
-                key = msg.get("User-Id")
-            except zmq.ZMQError:
-                key = ""  # ipc or inproc: no CURVE; the data dir's permissions guard it
-            known = keys.get(ident)
-            if known != key:
-                if known is not None:  # another connection took over this identity
-                    self.router.gone(ident, now)
-                if len(keys) > 100_000:
-                    self._prune_keys()
-                keys[ident] = key
-            self._pass_bytes += len(frame)
-            kind = frame[1] if len(frame) > 1 else -1
-            if kind == Kind.REVOKE and ident in self.router.net.by_via:
-                self._on_revoke_frame(frame, now)
-                continue
-            if key and kind in _GUARDED and not self._admit(ident, key, kind, frame, msg, now):
-                continue
-            handle(ident, frame, now)
-
-    def _prune_keys(self) -> None:
-        live = self.router.clients.keys() | self.router.net.by_via.keys()
-        self._keys = {i: k for i, k in self._keys.items() if i in live}
-
-    def _admit(
-        self, ident: bytes, key: str, kind: int, frame: bytes, msg: zmq.Frame, now: float
-    ) -> bool:
-        """Check a guarded first frame from a CURVE connection; False if it was handled
-        (refused, or an enrollment answered) and must not reach the router."""
-        sec = self.security
-        assert sec is not None
-        try:
-            _, body = decode_control(frame)
-        except Exception:
-            return True
-        router = self.router
-        if kind == Kind.LINK:
-            address = msg.get("Peer-Address") or "?"
-            why = sec.check_link(body, key, f"tcp://{address}")
-            if why is not None:
-                router.net.counters["links_refused"] += 1
-                router._send_control(ident, Kind.LINK_REFUSE, {"reason": why})
-                return False
-            node = body["node"]["id"]
-            self._pins[node] = key
-            return not sec.is_revoked(node)
-        if kind == Kind.HELLO:
-            member, why = sec.check_hello(body, key)
-            if member is None:
-                router._send_control(ident, Kind.ERR, {"error": why, "code": "auth"})
-                return False
-            router.handle(ident, frame, now)
-            if ident in router.clients and not member.perms.unrestricted:
-                router.acl[ident] = member.perms
-            return False
-        ok, answer = sec.enroll(body, key)
-        answer["ref"] = body.get("ref")
-        if not ok:
-            answer["code"] = "auth"
-        router._send_control(ident, Kind.OK if ok else Kind.ERR, answer)
-        return False
-
-    def _admit_dialed(self, url: str, frame: bytes, now: float) -> bool:
-        """Check what a node we dialed says: its LINK_OK must prove that it is a member
-        holding the key we dialed (CURVE proved that it holds the secret half)."""
-        sec = self.security
-        assert sec is not None
-        net = self.router.net
-        kind = frame[1:2]
-        if kind == _REVOKE_KIND and url in net.by_via:
-            self._on_revoke_frame(frame, now)
-            return False
-        if kind != _LINK_OK_KIND or url in net.by_via:
-            return True
-        d = self.dialers.by_url.get(url)
-        try:
-            _, body = decode_control(frame)
-        except Exception:
-            return True
-        why = sec.check_link(body, d.server_key if d else "", url)
-        if why is not None:
-            net.refuse_outbound(url, why)
-            return False
-        self._pins[body["node"]["id"]] = d.server_key if d else ""
-        return True
-
-    def _on_revoke_frame(self, frame: bytes, now: float) -> None:
-        try:
-            _, body = decode_control(frame)
-        except Exception:
-            self.router.counters.bad_frames += 1
-            return
-        assert self.security is not None
-        self._apply_revocations(self.security.accept_revocations(body.get("revocations")), now)
-
-    def _apply_revocations(self, fresh: list[dict[str, Any]], now: float) -> None:
-        """Close everything of each newly revoked member and pass the revocations on."""
-        if not fresh:
-            return
-        net = self.router.net
-        frame = encode_control(Kind.REVOKE, {"revocations": fresh})
-        for link in net.links.values():  # the revoked node too: it learns why, and stops
-            net.out.append((link.via, frame))
-        for signed in fresh:
-            node, key = signed["rec"]["node"], signed["rec"]["key"]
-            link = net.links.get(node)
-            if link is not None:
-                net.drop_via(link.via, "membership revoked", now)
-            for d in list(self.dialers.by_url.values()):
-                if d.peer_id == node or d.server_key == key:
-                    self.dialers.remove(d.url)
-            for ident, k in list(self._keys.items()):
-                if k == key and ident in self.router.clients:
-                    self.router.drop_client(ident, "membership revoked", now)
-
-    def _security_tick(self, now: float) -> None:
-        """Pick up `meshctl revoke` (it writes revoked.json) and give newly linked
-        neighbours every revocation we know, so late joiners learn them too."""
-        sec = self.security
-        assert sec is not None
-        self._apply_revocations(sec.poll_revocations_file(), now)
-        net = self.router.net
-        new = net.links.keys() - self._synced
-        if new and sec.revocations:
-            frame = encode_control(Kind.REVOKE, {"revocations": sec.revocations})
-            for node in new:
-                net.out.append((net.links[node].via, frame))
-        for node in new:
-            if sec.is_revoked(node):
-                net.drop_via(net.links[node].via, "membership revoked", now)
-        self._synced = set(net.links)
 
     def _link_tick(self, now: float) -> None:
         """Dial what is due, time out stuck handshakes, notice links that went down."""
@@ -444,159 +284,6 @@ class Node:
                 self.dialers.backoff(d, now)
         net.closed.clear()
 
-    def start_discovery(self) -> None:
-        """Advertise and browse with mDNS on the configured (or default-route) interfaces."""
-        if not self.config.discovery:
-            return
-        addresses = discovery.choose_addresses(self.config.interfaces, self.config.listen)
-        if not addresses:
-            log.warning("mDNS discovery off: no IPv4 interface to use (set mesh.interfaces)")
-            return
-        port = int(self.endpoints[0].rsplit(":", 1)[1])
-        self.discovery = discovery.Discovery(
-            self.ctx,
-            node_id=self.identity.node_id,
-            name=self.identity.name,
-            mesh=self.config.mesh,
-            proto=PROTO,
-            port=port,
-            addresses=addresses,
-            pk="" if self.security is None else self.security.creds.public_text,
-        )
-        self.discovery.start()
-        self.dialers.changed = True  # re-poll with the discovery pipe
-
-    def _read_discovery(self, now: float) -> None:
-        if self.discovery is None:
-            return
-        pipe = self.discovery.pipe
-        while pipe.getsockopt(zmq.EVENTS) & _POLLIN:
-            msg = json.loads(pipe.recv())
-            service = msg["service"]
-            if msg["event"] == "removed":
-                gone = self.discovered.pop(service, None)
-                d = self.dialers.by_url.get(gone["url"]) if gone else None
-                if d is not None and d.found == "mdns" and d.state != "up":
-                    self.dialers.remove(d.url)
-                continue
-            url = f"tcp://{msg['addresses'][0]}:{msg['port']}"
-            msg["url"] = url
-            old = self.discovered.get(service)
-            self.discovered[service] = msg
-            peer = msg["id"]
-            if msg["mesh"] != self.config.mesh or msg["proto"] != str(PROTO):
-                if old is None:
-                    log.info(
-                        "mDNS: found %s (%s) of mesh %r, protocol %s: not linking",
-                        msg["name"],
-                        peer,
-                        msg["mesh"],
-                        msg["proto"],
-                    )
-                continue
-            why = self._discovery_refusal(msg)
-            if why:
-                if old is None or old.get("pk") != msg.get("pk"):
-                    log.info(
-                        "mDNS: found %s (%s) at %s: not linking: %s", msg["name"], peer, url, why
-                    )
-                    if self.security is not None and msg.get("pk"):
-                        self.security.reject(peer, msg["name"], url, msg.get("pk", ""), why)
-                continue
-            if old is not None and old["url"] != url and self.security is not None:
-                # Never let an advertisement tear down a proven link: anyone can say
-                # "node X is now here"; a new address is dialed, the old link stays.
-                d = self.dialers.by_url.get(old["url"])
-                if d is None or d.state != "up":
-                    self.dialers.remove(old["url"])
-            elif old is not None and old["url"] != url:
-                if old["url"].split("//")[1].rsplit(":", 1)[0] in msg["addresses"] and old[
-                    "url"
-                ].rsplit(":", 1)[1] == str(msg["port"]):
-                    msg["url"] = url = old["url"]  # same peer, addresses listed in another order
-                else:
-                    self.router.net.drop_via(old["url"], "peer moved", now)
-                    self.dialers.remove(old["url"])
-            if url not in self.dialers.by_url:
-                log.info("mDNS: found %s (%s) at %s", msg["name"], peer, url)
-                # Both sides dial at once: a newcomer is advertised only after ~1.5 s of
-                # probing, so waiting for the other side would slow joining; if both
-                # links come up, the one dialed by the lower id survives (mesh.py).
-                self.dialers.add(url, "mdns", now, msg.get("pk", ""))
-                self.dialers.by_url[url].peer_id = peer
-
-    def _discovery_refusal(self, msg: dict[str, Any]) -> str:
-        """Why a node of our mesh name found by mDNS is not dialed ("" if it is)."""
-        pk = msg.get("pk", "")
-        if self.security is None:
-            return "secured node (this node runs --insecure)" if pk else ""
-        if not pk:
-            return "open node (runs --insecure)"
-        if self.security.is_revoked(msg["id"]):
-            return "membership revoked"
-        pinned = self._pins.get(msg["id"])
-        if pinned is not None and pinned != pk:
-            return "key differs from the key proven for this node id (impersonation?)"
-        return ""
-
-    def _discovered_urls(self) -> set[str]:
-        return {m["url"] for m in self.discovered.values()}
-
-    def _dialer_view(self, now: float) -> list[dict[str, Any]]:
-        """Outbound links that are not up, and nodes seen but not linked, for `meshctl peers`."""
-        out = []
-        linked = set(self.router.net.links)
-        rejected = {} if self.security is None else dict(self.security.rejected)
-        for msg in self.discovered.values():
-            if msg["id"] in linked:
-                continue
-            if msg["mesh"] == self.config.mesh and (why := self._discovery_refusal(msg)):
-                if msg["url"] not in rejected:
-                    rejected[msg["url"]] = {
-                        "id": msg["id"],
-                        "name": msg["name"],
-                        "address": msg["url"],
-                        "found": "mdns",
-                        "state": "rejected",
-                        "error": why,
-                        "rtt_ms": None,
-                    }
-                continue
-            if msg["mesh"] != self.config.mesh or msg["proto"] != str(PROTO):
-                why = (
-                    f"other mesh {msg['mesh']!r}"
-                    if msg["mesh"] != self.config.mesh
-                    else f"protocol {msg['proto']}"
-                )
-                out.append(
-                    {
-                        "id": msg["id"],
-                        "name": msg["name"],
-                        "address": msg["url"],
-                        "found": "mdns",
-                        "state": "not linked",
-                        "error": why,
-                        "rtt_ms": None,
-                    }
-                )
-        for d in self.dialers.by_url.values():
-            if d.state == "up" or d.peer_id in linked or d.url in rejected:
-                continue
-            out.append(
-                {
-                    "id": d.peer_id,
-                    "name": None,
-                    "address": d.url,
-                    "found": d.found,
-                    "state": d.state,
-                    "error": d.last_error,
-                    "rtt_ms": None,
-                    "retry_in_s": round(max(0.0, d.next_try - now), 3),
-                }
-            )
-        out.extend(rejected.values())  # by address: an impersonator shares a linked id
-        return out
-
     def _spin(self, seconds: float) -> bool:
         """Busy-wait up to ``seconds`` for input; True if some arrived.
 
@@ -612,7 +299,7 @@ class Node:
         end = clock() + seconds
         while clock() < end:
             for events in checks:
-                if events(zmq.EVENTS) & _POLLIN:
+                if events(zmq.EVENTS) & POLLIN:
                     return True
         return False
 
@@ -624,7 +311,7 @@ class Node:
         links = self.router.net.by_via
         events = sock.getsockopt
         for _ in range(DRAIN_BATCH):
-            if not events(zmq.EVENTS) & _POLLIN:  # cheaper than catching zmq.Again
+            if not events(zmq.EVENTS) & POLLIN:  # cheaper than catching zmq.Again
                 return
             ident = recv()
             if ident in known or ident in links:

@@ -1,0 +1,191 @@
+"""The security side of the node's loop: what a secured node checks on every frame.
+
+A mixin of node/loop.py's Node, split out to keep modules small; it works on the Node's
+own state (the annotations below name what it uses). Open mode never calls it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Final
+
+import zmq
+
+from node.codec import Kind, decode_control, encode_control
+
+if TYPE_CHECKING:
+    from node.dialers import Dialers
+    from node.router import Router
+    from node.security import Security
+
+DRAIN_BATCH: Final = 256  # frames read per wake-up before output is flushed
+POLLIN: Final = int(zmq.POLLIN)  # a plain int: `int & IntFlag` goes through enum code (0.8 us)
+_REVOKE_KIND: Final = bytes((Kind.REVOKE,))
+_LINK_OK_KIND: Final = bytes((Kind.LINK_OK,))
+_GUARDED: Final = frozenset((Kind.LINK, Kind.HELLO, Kind.ENROLL))  # first frames to prove
+
+
+class SecureSide:
+    """Membership on first frames, one CURVE key per connection, revocations."""
+
+    # The Node's state this side works on (set in Node.__init__).
+    sock: zmq.Socket[bytes]
+    router: Router
+    security: Security | None
+    dialers: Dialers
+    _keys: dict[bytes, str]
+    _pins: dict[str, str]
+    _synced: set[str]
+    _pass_bytes: int
+
+    def _drain_secure(self, now: float) -> None:
+        """``_drain`` for a secured node: every frame's CURVE key (libzmq's User-Id, set by
+        the ZAP handler) is checked against the key its ROUTER identity proved first, so a
+        connection that takes over a dead client's identity cannot inherit its session; the
+        first LINK, HELLO or ENROLL of a connection must prove membership."""
+        sock = self.sock
+        recv = sock.recv
+        handle = self.router.handle
+        keys = self._keys
+        events = sock.getsockopt
+        for _ in range(DRAIN_BATCH):
+            if not events(zmq.EVENTS) & POLLIN:
+                return
+            ident = recv()
+            msg = recv(copy=False)
+            frame = msg.bytes
+            if sock.getsockopt(zmq.RCVMORE):
+                while sock.getsockopt(zmq.RCVMORE):
+                    recv()
+                self.router.bad_frame(ident, "multi-part message (the protocol sends one frame)")
+                continue
+            try:
+                key = msg.get("User-Id")
+            except zmq.ZMQError:
+                key = ""  # ipc or inproc: no CURVE; the data dir's permissions guard it
+            known = keys.get(ident)
+            if known != key:
+                if known is not None:  # another connection took over this identity
+                    self.router.gone(ident, now)
+                if len(keys) > 100_000:
+                    self._prune_keys()
+                keys[ident] = key
+            self._pass_bytes += len(frame)
+            kind = frame[1] if len(frame) > 1 else -1
+            if kind == Kind.REVOKE and ident in self.router.net.by_via:
+                self._on_revoke_frame(frame, now)
+                continue
+            if key and kind in _GUARDED and not self._admit(ident, key, kind, frame, msg, now):
+                continue
+            handle(ident, frame, now)
+
+    def _prune_keys(self) -> None:
+        live = self.router.clients.keys() | self.router.net.by_via.keys()
+        self._keys = {i: k for i, k in self._keys.items() if i in live}
+
+    def _admit(
+        self, ident: bytes, key: str, kind: int, frame: bytes, msg: zmq.Frame, now: float
+    ) -> bool:
+        """Check a guarded first frame from a CURVE connection; False if it was handled
+        (refused, or an enrollment answered) and must not reach the router."""
+        sec = self.security
+        assert sec is not None
+        try:
+            _, body = decode_control(frame)
+        except Exception:
+            return True
+        router = self.router
+        if kind == Kind.LINK:
+            address = msg.get("Peer-Address") or "?"
+            why = sec.check_link(body, key, f"tcp://{address}")
+            if why is not None:
+                router.net.counters["links_refused"] += 1
+                router._send_control(ident, Kind.LINK_REFUSE, {"reason": why})
+                return False
+            node = body["node"]["id"]
+            self._pins[node] = key
+            return not sec.is_revoked(node)
+        if kind == Kind.HELLO:
+            member, why = sec.check_hello(body, key)
+            if member is None:
+                router._send_control(ident, Kind.ERR, {"error": why, "code": "auth"})
+                return False
+            router.handle(ident, frame, now)
+            if ident in router.clients and not member.perms.unrestricted:
+                router.acl[ident] = member.perms
+            return False
+        ok, answer = sec.enroll(body, key)
+        answer["ref"] = body.get("ref")
+        if not ok:
+            answer["code"] = "auth"
+        router._send_control(ident, Kind.OK if ok else Kind.ERR, answer)
+        return False
+
+    def _admit_dialed(self, url: str, frame: bytes, now: float) -> bool:
+        """Check what a node we dialed says: its LINK_OK must prove that it is a member
+        holding the key we dialed (CURVE proved that it holds the secret half)."""
+        sec = self.security
+        assert sec is not None
+        net = self.router.net
+        kind = frame[1:2]
+        if kind == _REVOKE_KIND and url in net.by_via:
+            self._on_revoke_frame(frame, now)
+            return False
+        if kind != _LINK_OK_KIND or url in net.by_via:
+            return True
+        d = self.dialers.by_url.get(url)
+        try:
+            _, body = decode_control(frame)
+        except Exception:
+            return True
+        why = sec.check_link(body, d.server_key if d else "", url)
+        if why is not None:
+            net.refuse_outbound(url, why)
+            return False
+        self._pins[body["node"]["id"]] = d.server_key if d else ""
+        return True
+
+    def _on_revoke_frame(self, frame: bytes, now: float) -> None:
+        try:
+            _, body = decode_control(frame)
+        except Exception:
+            self.router.counters.bad_frames += 1
+            return
+        assert self.security is not None
+        self._apply_revocations(self.security.accept_revocations(body.get("revocations")), now)
+
+    def _apply_revocations(self, fresh: list[dict[str, Any]], now: float) -> None:
+        """Close everything of each newly revoked member and pass the revocations on."""
+        if not fresh:
+            return
+        net = self.router.net
+        frame = encode_control(Kind.REVOKE, {"revocations": fresh})
+        for link in net.links.values():  # the revoked node too: it learns why, and stops
+            net.out.append((link.via, frame))
+        for signed in fresh:
+            node, key = signed["rec"]["node"], signed["rec"]["key"]
+            link = net.links.get(node)
+            if link is not None:
+                net.drop_via(link.via, "membership revoked", now)
+            for d in list(self.dialers.by_url.values()):
+                if d.peer_id == node or d.server_key == key:
+                    self.dialers.remove(d.url)
+            for ident, k in list(self._keys.items()):
+                if k == key and ident in self.router.clients:
+                    self.router.drop_client(ident, "membership revoked", now)
+
+    def _security_tick(self, now: float) -> None:
+        """Pick up `meshctl revoke` (it writes revoked.json) and give newly linked
+        neighbours every revocation we know, so late joiners learn them too."""
+        sec = self.security
+        assert sec is not None
+        self._apply_revocations(sec.poll_revocations_file(), now)
+        net = self.router.net
+        new = net.links.keys() - self._synced
+        if new and sec.revocations:
+            frame = encode_control(Kind.REVOKE, {"revocations": sec.revocations})
+            for node in new:
+                net.out.append((net.links[node].via, frame))
+        for node in new:
+            if sec.is_revoked(node):
+                net.drop_via(net.links[node].via, "membership revoked", now)
+        self._synced = set(net.links)
