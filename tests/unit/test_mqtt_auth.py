@@ -18,7 +18,7 @@ from edge.mqtt_auth import (
     verify_password,
 )
 from edge.mqtt_codec import CONNACK_BAD_CREDENTIALS, CONNACK_NOT_AUTHORIZED
-from edge.mqtt_listener import _allowed
+from edge.mqtt_connect import allowed
 from edge.mqtt_session import SessionTable
 from node.errors import InputError
 from node.membership import Permissions
@@ -126,7 +126,7 @@ def test_a_broken_file_keeps_the_last_users_and_says_why(tmp_path: Path) -> None
 def test_subscribe_filters_keep_only_what_the_rules_allow(
     patterns: tuple[str, ...], kept: tuple[str, ...] | None, refused: bool
 ) -> None:
-    got, why = _allowed(SENSOR, patterns)
+    got, why = allowed(SENSOR, patterns)
     assert (why is not None) == refused
     if not refused:
         assert got == kept
