@@ -198,10 +198,8 @@ class Node(SecureSide, DiscoverySide):
                 poller = self._new_poller()
             ready: dict[Any, int] = {}
             # Spin only after light passes (request-reply, trickles): under a stream of
-            # full frames the CPU is better left to the publishers and subscribers. Never
-            # with in-process actors (MQTT listener, bridges, uplink): the spin holds the
-            # GIL they need to answer (QoS 1 through the listener: 10-12k -> 14k msg/s).
-            light = self._pass_bytes < SPIN_AFTER_PASS_BELOW and not self.router.internal
+            # full frames the CPU is better left to the publishers and subscribers.
+            light = self._pass_bytes < SPIN_AFTER_PASS_BELOW
             self._pass_bytes = 0
             if not (light and self._spin(spin)):
                 wait = 0.0 if self.router.busy() else min(next_probe, next_link_tick) - now
