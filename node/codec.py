@@ -84,11 +84,13 @@ MAX_CONTROL_BYTES: Final = 64 * 1024
 # Node states carry a node's whole interest (thousands of patterns on a busy node): the
 # frames that hold them may be larger, and senders cut tables into frames of this size.
 MAX_STATE_BYTES: Final = 1024 * 1024
-# A state frame's JSON over COMPRESS_STATES_ABOVE goes zlib-compressed (patterns repeat:
-# 7x on 40,000 device topics), so one node may announce ~190,000 patterns in a frame. The
+# A STATES frame's JSON over COMPRESS_STATES_ABOVE goes zlib-compressed (patterns repeat:
+# 11-15x on device topics), so one node may announce ~190,000 patterns in a frame. The
 # receiver inflates at most MAX_INFLATE_RATIO times what it got, and never more than
 # MAX_STATE_JSON: a 16 KB bomb of empty objects used to cost 7.5 s and 765 MB to parse
-# (found in review); the cost of a frame now stays in proportion to its bytes.
+# (found in review). Only STATES, which only linked (proven) nodes may send: LINK and
+# LINK_OK come before membership is checked, so they stay plain JSON within
+# MAX_STATE_BYTES, and a large node leaves its interest out of them (node/mesh.py).
 COMPRESS_STATES_ABOVE: Final = 64 * 1024
 MAX_STATE_JSON: Final = 16 * 1024 * 1024
 MAX_INFLATE_RATIO: Final = 40
@@ -118,10 +120,10 @@ def frame_kind(frame: bytes) -> Kind:
 
 
 def encode_control(kind: Kind, body: Mapping[str, Any]) -> bytes:
-    """A control frame: head plus compact JSON (zlib-compressed for a large state frame;
+    """A control frame: head plus compact JSON (zlib-compressed for a large STATES frame;
     a JSON object starts with ``{``, a zlib stream with 0x78, so the reader can tell)."""
     data = json.dumps(body, separators=(",", ":")).encode()
-    if kind in STATE_KINDS and len(data) > COMPRESS_STATES_ABOVE:
+    if kind == Kind.STATES and len(data) > COMPRESS_STATES_ABOVE:
         data = zlib.compress(data, 1)
     return bytes((VERSION, kind)) + data
 
@@ -135,7 +137,7 @@ def decode_control(frame: bytes) -> tuple[Kind, dict[str, Any]]:
     if len(frame) > limit:
         raise CodecError(f"control frame of {len(frame)} bytes exceeds {limit}")
     raw = frame[2:]
-    if kind in STATE_KINDS and raw[:1] == b"\x78":
+    if kind == Kind.STATES and raw[:1] == b"\x78":
         raw = _inflate(raw)
     try:
         body = json.loads(raw)

@@ -31,6 +31,7 @@ MAX_HOPS_FORWARD: Final = 16  # a forwarded copy travels at most this many links
 CONVERGENCE_WINDOW: Final = 10.0  # seconds after a change during which copies may meet
 FORGET_AFTER: Final = 600.0  # an unreachable node's state is dropped after this long
 STATES_FRAME_BUDGET: Final = MAX_STATE_BYTES // 2  # bytes of states per STATES frame
+HANDSHAKE_INTEREST_BYTES: Final = 256 * 1024  # interest sent in LINK / LINK_OK, else none
 Via = bytes | str
 
 
@@ -175,9 +176,18 @@ class Mesh:
             self._dirty = False
             self._announce()
 
+    def _handshake_state(self) -> dict[str, Any]:
+        """Our state for LINK / LINK_OK, which a peer decodes before it knows we are a
+        member: without the interest when that is large. Nothing is lost: once linked,
+        each side announces its whole state (STATES, a newer version) at once."""
+        obj = self.state().to_json()
+        if len(json.dumps(obj["interest"], separators=(",", ":"))) > HANDSHAKE_INTEREST_BYTES:
+            obj["interest"] = []
+        return obj
+
     def hello(self) -> bytes:
         """The LINK frame a dialer sends first."""
-        body = {"mesh": self.mesh, "proto": PROTO, "node": self.state().to_json()}
+        body = {"mesh": self.mesh, "proto": PROTO, "node": self._handshake_state()}
         if self.proof is not None:
             body["member"] = self.proof
         return encode_control(Kind.LINK, body)
@@ -218,7 +228,7 @@ class Mesh:
             return
         assert state is not None
         address = address or self._inbound_address(via, state)
-        ok: dict[str, Any] = {"node": self.state().to_json()}
+        ok: dict[str, Any] = {"node": self._handshake_state()}
         if self.proof is not None:
             ok["member"] = self.proof
         self.out.append((via, encode_control(Kind.LINK_OK, ok)))

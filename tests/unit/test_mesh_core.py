@@ -670,3 +670,24 @@ def test_a_large_table_reaches_a_new_neighbour_in_frames_it_accepts() -> None:
     assert len(tables) > 1
     learnt = {st["id"] for body in tables for st in body["states"]}
     assert set(others) <= learnt
+
+
+def test_a_large_node_links_without_its_interest_then_announces_it() -> None:
+    """LINK and LINK_OK are decoded before membership is checked, so they are never
+    compressed and a large node leaves its interest out of them; each side announces its
+    whole state (a newer version, in STATES) right after the link comes up."""
+    from node.codec import MAX_STATE_BYTES
+
+    a, b = Node(A), Node(B)
+    big = frozenset((f"plant{i % 50}/line{i % 40}/device{i}/cmd", None) for i in range(60_000))
+    a.mesh.set_interest(big)
+    b.mesh.set_interest(big)
+    hello = a.mesh.hello()
+    assert len(hello) <= MAX_STATE_BYTES
+    assert decode_control(hello)[1]["node"]["interest"] == []
+    wire = Wire(a, b)
+    wire.dial(a, b)
+    wire.pump(0.0)
+    for node, other in ((a, b), (b, a)):
+        assert node.mesh.table.states[other.id].interest == big
+        assert node.mesh.plan("plant1/line1/device1/cmd", set()).static
