@@ -84,14 +84,15 @@ MAX_CONTROL_BYTES: Final = 64 * 1024
 # Node states carry a node's whole interest (thousands of patterns on a busy node): the
 # frames that hold them may be larger, and senders cut tables into frames of this size.
 MAX_STATE_BYTES: Final = 1024 * 1024
-# A STATES frame's JSON over COMPRESS_STATES_ABOVE goes zlib-compressed (patterns repeat:
-# 11-15x on device topics), so one node may announce ~190,000 patterns in a frame. The
+# A STATES frame whose JSON would not fit MAX_STATE_BYTES goes zlib-compressed (patterns
+# repeat: 11-15x on device topics), so one node may announce ~190,000 patterns in a frame;
+# everything that fitted before stays plain JSON, which older nodes read. The
 # receiver inflates at most MAX_INFLATE_RATIO times what it got, and never more than
 # MAX_STATE_JSON: a 16 KB bomb of empty objects used to cost 7.5 s and 765 MB to parse
 # (found in review). Only STATES, which only linked (proven) nodes may send: LINK and
 # LINK_OK come before membership is checked, so they stay plain JSON within
 # MAX_STATE_BYTES, and a large node leaves its interest out of them (node/mesh.py).
-COMPRESS_STATES_ABOVE: Final = 64 * 1024
+COMPRESS_STATES_ABOVE: Final = MAX_STATE_BYTES - 2  # the body of the largest plain frame
 MAX_STATE_JSON: Final = 16 * 1024 * 1024
 MAX_INFLATE_RATIO: Final = 40
 STATE_KINDS: Final = frozenset((Kind.LINK, Kind.LINK_OK, Kind.STATES))

@@ -1,4 +1,4 @@
-"""Large node states: state frames over 64 KiB travel zlib-compressed, inflated with a bound.
+"""Large node states: a STATES frame over 1 MiB of JSON travels compressed, inflated with a bound.
 
 A node's state carries its whole interest; a gateway with tens of thousands of device
 subscriptions used to exceed the 1 MiB a receiver decodes, so the link never came up.
