@@ -39,6 +39,7 @@ class MqttConnection(asyncio.Protocol):
         self.out: list[bytes] = []
         self._in_read = False
         self.perms: Permissions | None = None  # the user's rules; None: unrestricted
+        self.verdicts: dict[bytes, str | None] = {}  # its publish topics, checked once each
         self.verifying = False  # its password is being hashed; reading is paused
         self.held: list[Packet] = []  # what came after that CONNECT, handled once it is in
 

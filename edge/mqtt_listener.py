@@ -82,6 +82,7 @@ from node.codec import (
 )
 from node.config import NodeConfig, host_port
 from node.errors import CodecError, InputError
+from node.sessions import publish_verdict
 from node.topics import matches, validate_publish_topic
 
 log = logging.getLogger("meshctl.node")
@@ -411,7 +412,7 @@ class MqttListener(ConnectSide):
                 log.debug("MQTT client %s: topic %r refused", conn.name, p.topic)
             return None
         if conn is not None and conn.perms is not None:
-            why = conn.perms.check_publish(tb.decode())
+            why = publish_verdict(conn.perms, conn.verdicts, tb)
             if why is not None:  # acknowledged all the same: MQTT 3.1.1 has no refusal
                 self._denied(conn, why)
                 return None

@@ -44,6 +44,7 @@ from node.sessions import (
     _Refused,
     _Turn,
     _valid_group,
+    publish_verdict,
 )
 from node.topics import (
     INBOX_PREFIX,
@@ -502,13 +503,7 @@ class Router(MeshSide, DurableSide):
     def _acl_refuses(self, ident: bytes, acl: Acl, topic_b: bytes) -> bool:
         """Check one publish against the client's permissions (cached per topic); a refusal
         is counted and answered with an error naming the topic and the rule."""
-        seen = self._acl_seen.setdefault(ident, {})
-        if topic_b in seen:
-            why = seen[topic_b]
-        else:
-            why = acl.check_publish(topic_b.decode(errors="replace"))
-            if len(seen) < 4096:
-                seen[topic_b] = why
+        why = publish_verdict(acl, self._acl_seen.setdefault(ident, {}), topic_b)
         if why is None:
             return False
         self.counters.dropped["permission"] += 1

@@ -25,6 +25,21 @@ class Acl(Protocol):
     def check_subscribe(self, pattern: str) -> str | None: ...
 
 
+MAX_VERDICTS: Final = 4096  # publish verdicts remembered per client
+
+
+def publish_verdict(acl: Acl, seen: dict[bytes, str | None], topic_b: bytes) -> str | None:
+    """``acl.check_publish`` for a topic as bytes, remembered in the client's ``seen``: the
+    rules are matched once per topic, not once per event (a device publishes to a few
+    topics over and over)."""
+    if topic_b in seen:
+        return seen[topic_b]
+    why = acl.check_publish(topic_b.decode(errors="replace"))
+    if len(seen) < MAX_VERDICTS:
+        seen[topic_b] = why
+    return why
+
+
 class SubRef:
     """One subscription of one client; the trie holds these. Identity equality on purpose."""
 

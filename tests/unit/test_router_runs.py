@@ -23,24 +23,16 @@ from node.codec import (
 )
 from node.framing import MAX_FRAME_BYTES
 from node.router import Router
-from tests.unit.test_router import deliveries, hello, sub_ok
+from tests.unit.test_router import NODE_ID as NODE
+from tests.unit.test_router import deliveries, hello, make_router, sub_ok
 
-NODE = "0123456789abcdef"
 P, Q = "00000000000000aa", "00000000000000bb"  # two neighbours, each with its interest
 CLIENT, SUB = b"client-pub", b"client-sub"
 TOPICS = ("far/1", "far/2", "q/1", "both/1", "near/1", "none/1", "bad//topic")
 
 
 def linked_router() -> Router:
-    r = Router(
-        node_id=NODE,
-        name="n",
-        mesh="m",
-        max_payload=100_000,
-        max_clients=4,
-        max_subscriptions=8,
-        wall_ns=lambda: 1,
-    )
+    r = make_router(max_payload=100_000, max_clients=4, max_subscriptions=8)
     for peer, interest in ((P, [["far/>", None], ["both/>", None]]), (Q, [["q/>", None]])):
         state = {"id": peer, "name": peer, "epoch": 1, "version": 1, "links": [NODE]}
         state |= {"interest": interest, "endpoints": []}
