@@ -101,16 +101,20 @@ def assert_no_traceback(stderr: str, what: str) -> None:
     assert "Traceback" not in stderr, f"{what} printed a traceback:\n{stderr}"
 
 
-def need_binary(binary: str) -> None:
-    """Skip a test whose program is missing, with the reason; in CI (CI=true) fail instead,
-    since scripts/test installs every such program there."""
+def unavailable(why: str) -> None:
+    """Skip the test with the reason; in CI (CI=true) fail instead: there everything a test
+    needs is installed or created by scripts/test, so a skip would hide a gap."""
     import pytest
 
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+def need_binary(binary: str) -> None:
+    """Skip (CI: fail) a test whose program is missing, with the reason."""
     if shutil.which(binary) is None:
-        why = f"{binary} is not installed (scripts/test installs it as root)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(why)
-        pytest.skip(why)
+        unavailable(f"{binary} is not installed (scripts/test installs it as root)")
 
 
 def pid_alive(pid: int) -> bool:
