@@ -83,6 +83,7 @@ class NodeConfig:
     max_subscriptions: int = 10000
     log_level: str = "info"
     spin_us: int = 200
+    heap_keep: int = 16 * 1024 * 1024
     links: tuple[str, ...] = ()
     discovery: bool = True
     interfaces: tuple[str, ...] = ()
@@ -254,6 +255,13 @@ def _overflow(v: object) -> str:
     return s
 
 
+def _heap_keep(v: object) -> int:
+    n = parse_size(v)
+    if n > 1024 * 1024 * 1024:
+        raise ValueError(f"{n} bytes is above the maximum of 1GiB")
+    return n
+
+
 def _log_bytes(v: object) -> int:
     n = parse_size(v)
     if n < 1024 * 1024:
@@ -418,6 +426,14 @@ FIELDS: Final = (
         _spin,
         "Microseconds the loop busy-waits for more input after a burst before sleeping; "
         "halves request-reply latency. 0 = never spin (lowest idle CPU).",
+    ),
+    Field(
+        "tuning",
+        "heap_keep",
+        "heap_keep",
+        _heap_keep,
+        "Freed memory the node keeps for reuse instead of returning it to the kernel at once "
+        "(glibc); saves a page fault every few events under load. 0 = the C library's default.",
     ),
     Field(
         "store",

@@ -26,8 +26,9 @@ from node.codec import MAX_STATE_BYTES, Kind, encode_control
 from node.config import NodeConfig
 from node.dialers import HANDSHAKE_TIMEOUT, Dialers
 from node.durable import Durable, DurableConfig
+from node.heap import keep_freed
 from node.loop_discovery import DiscoverySide
-from node.loop_security import DRAIN_BATCH, POLLIN, SecureSide
+from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide
 from node.router import Router
 from node.security import Security, join_links
 from node.store import open_store
@@ -240,8 +241,9 @@ class Node(SecureSide, DiscoverySide):
         handle = self.router.handle_dialed
         for sock, d in list(self.dialers.by_sock.items()):
             events = sock.getsockopt
+            budget = self._pass_bytes + PASS_BYTES
             for _ in range(DRAIN_BATCH):
-                if not events(zmq.EVENTS) & POLLIN:
+                if self._pass_bytes > budget or not events(zmq.EVENTS) & POLLIN:
                     break
                 frame = sock.recv()
                 self._pass_bytes += len(frame)
@@ -308,8 +310,10 @@ class Node(SecureSide, DiscoverySide):
         known = self.router.clients
         links = self.router.net.by_via
         events = sock.getsockopt
+        budget = self._pass_bytes + PASS_BYTES
         for _ in range(DRAIN_BATCH):
-            if not events(zmq.EVENTS) & POLLIN:  # cheaper than catching zmq.Again
+            # Asking EVENTS is cheaper than catching zmq.Again.
+            if self._pass_bytes > budget or not events(zmq.EVENTS) & POLLIN:
                 return
             ident = recv()
             if ident in known or ident in links:
@@ -461,8 +465,9 @@ class Plugin(Protocol):
 GC_THRESHOLD: Final = (10_000, 10, 10)
 
 
-def _tune_gc() -> None:
-    """Collect less often, and never walk what start-up made.
+def _tune_memory(config: NodeConfig) -> None:
+    """Collect less often, never walk what start-up made, and keep freed heap for reuse
+    (node/heap.py).
 
     A node allocates steadily and keeps large, long-lived tables (the interest of every
     node of the mesh). With CPython's default first threshold (700 new containers),
@@ -472,6 +477,8 @@ def _tune_gc() -> None:
     """
     gc.set_threshold(*GC_THRESHOLD)
     gc.freeze()  # imports, config, sockets: permanent, out of every later collection
+    if config.heap_keep and not keep_freed(config.heap_keep):
+        log.debug("tuning.heap_keep: the C library takes no such setting here")
 
 
 def serve(
@@ -515,7 +522,7 @@ def serve(
             config.mesh,
             ", ".join(node.endpoints),
         )
-        _tune_gc()
+        _tune_memory(config)
         node.run()
     finally:
         for s, handler in old.items():

@@ -18,6 +18,13 @@ if TYPE_CHECKING:
     from node.security import Security
 
 DRAIN_BATCH: Final = 256  # frames read per wake-up before output is flushed
+# Bytes read from one socket per pass before output is flushed. Every record read stays
+# alive until the flush at the end of the pass, and CPython returns an emptied 1 MiB arena
+# of small objects to the kernel at once (it keeps just one): passes of up to 256 frames
+# (16 MiB) mapped and unmapped arenas every time, a page fault every ~7 records on the
+# node that delivers from a link. Bounded passes reuse the same arenas (measured: 0.16 ->
+# 0.00-0.02 faults per event there, 1.9 -> 1.5-1.6 us of CPU per event).
+PASS_BYTES: Final = 256 * 1024
 POLLIN: Final = int(zmq.POLLIN)  # a plain int: `int & IntFlag` goes through enum code (0.8 us)
 _REVOKE_KIND: Final = bytes((Kind.REVOKE,))
 _LINK_OK_KIND: Final = bytes((Kind.LINK_OK,))
@@ -47,8 +54,9 @@ class SecureSide:
         handle = self.router.handle
         keys = self._keys
         events = sock.getsockopt
+        budget = self._pass_bytes + PASS_BYTES
         for _ in range(DRAIN_BATCH):
-            if not events(zmq.EVENTS) & POLLIN:
+            if self._pass_bytes > budget or not events(zmq.EVENTS) & POLLIN:
                 return
             ident = recv()
             msg = recv(copy=False)

@@ -128,6 +128,9 @@ def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
         ("[mqtt]\nmax_inflight = 65535", "mqtt_max_inflight", 65535),
         ("[mqtt]\nmax_queued = 1", "mqtt_max_queued", 1),
         ("[mqtt]\nmax_sessions = 5", "mqtt_max_sessions", 5),
+        ('[tuning]\nheap_keep = "64MiB"', "heap_keep", 64 * 1024 * 1024),
+        ("[tuning]\nheap_keep = 0", "heap_keep", 0),
+        ('[tuning]\nheap_keep = "1GiB"', "heap_keep", 1024**3),
     ],
 )
 def test_valid_values(text: str, attr: str, value: object) -> None:
@@ -168,6 +171,9 @@ def test_valid_values(text: str, attr: str, value: object) -> None:
         ("[mqtt]\nmax_inflight = 0", "mqtt.max_inflight"),
         ("[mqtt]\nmax_queued = true", "mqtt.max_queued"),
         ("[mqtt]\nport = 1883", "mqtt.port"),
+        ('[tuning]\nheap_keep = "2GiB"', "tuning.heap_keep"),
+        ("[tuning]\nheap_keep = -1", "tuning.heap_keep"),
+        ("[tuning]\nheap_keep = true", "tuning.heap_keep"),
         ("[log.level]\nx = 1", "log.level"),
         ("[[node]]\nname = 'x'", "node"),
         ("name = 'x'", "name"),
