@@ -97,15 +97,20 @@ class SecureSide:
         (refused, or an enrollment answered) and must not reach the router."""
         sec = self.security
         assert sec is not None
+        address = msg.get("Peer-Address") or ""
+        if address and sec.proofs.blocked(address, now):  # before the costly decode
+            sec.counters["handshakes_dropped"] += 1
+            return False
         try:
             _, body = decode_control(frame)
         except Exception:
+            self._proof_failed(address, now)
             return True
         router = self.router
         if kind == Kind.LINK:
-            address = msg.get("Peer-Address") or "?"
-            why = sec.check_link(body, key, f"tcp://{address}")
+            why = sec.check_link(body, key, f"tcp://{address or '?'}")
             if why is not None:
+                self._proof_failed(address, now)
                 router.net.counters["links_refused"] += 1
                 router._send_control(ident, Kind.LINK_REFUSE, {"reason": why})
                 return False
@@ -115,6 +120,7 @@ class SecureSide:
         if kind == Kind.HELLO:
             member, why = sec.check_hello(body, key)
             if member is None:
+                self._proof_failed(address, now)
                 router._send_control(ident, Kind.ERR, {"error": why, "code": "auth"})
                 return False
             router.handle(ident, frame, now)
@@ -124,9 +130,22 @@ class SecureSide:
         ok, answer = sec.enroll(body, key)
         answer["ref"] = body.get("ref")
         if not ok:
+            self._proof_failed(address, now)
             answer["code"] = "auth"
         router._send_control(ident, Kind.OK if ok else Kind.ERR, answer)
         return False
+
+    def _proof_failed(self, address: str, now: float) -> None:
+        """Count a failed first frame against its address (node/failed_proofs.py)."""
+        sec = self.security
+        assert sec is not None
+        if address and sec.proofs.failed(address, now):
+            sec.counters["address_blocks"] += 1
+            p = sec.proofs
+            sec.log(
+                f"address {address}: {p.limit} failed proofs within {p.window:g}s; its "
+                f"handshakes are dropped unread for {p.block:g}s"
+            )
 
     def _admit_dialed(self, url: str, frame: bytes, now: float) -> bool:
         """Check what a node we dialed says: its LINK_OK must prove that it is a member

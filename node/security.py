@@ -16,7 +16,8 @@ missing handler refuses every connection) lets through CURVE keys that are neith
 nor blocked after a failed proof; the first frame of a connection must then prove membership
 for the key CURVE authenticated (LINK, HELLO) or redeem a join token (ENROLL). Anything else
 is refused, counted and listed, and the key is blocked for BLOCK_SECONDS, which makes a
-flood of attempts from one rogue key cheap to turn away.
+flood of attempts from one rogue key cheap to turn away. An address that fails again and
+again with fresh keys has its first frames dropped unread for a while (failed_proofs.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from node import membership as ms
 from node.errors import ConfigError
+from node.failed_proofs import FailedProofs
 
 log = logging.getLogger("meshctl.node")
 
@@ -299,7 +301,10 @@ class Security:
             "enrolled": 0,
             "enroll_refused": 0,
             "revocations": 0,
+            "address_blocks": 0,  # blocks started (node/failed_proofs.py)
+            "handshakes_dropped": 0,  # first frames from a blocked address, dropped unread
         }
+        self.proofs = FailedProofs()
         self._revoked_mtime = 0.0
         self.poll_revocations_file()
 
@@ -489,5 +494,6 @@ class Security:
             "public_key": self.creds.public_text,
             "authority": self.creds.signing_key is not None,
             "zap_denied": denied,
+            "blocked_addresses": self.proofs.listing(time.monotonic()),
             **self.counters,
         }

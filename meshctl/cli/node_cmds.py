@@ -291,6 +291,11 @@ def _render_status(s: dict[str, Any]) -> None:
             f"[dim]permission denied[/] {c['dropped'].get('permission', 0)}  "
             f"[dim]revocations[/] {security['revocations']}"
         )
+        for address, left in (security.get("blocked_addresses") or {}).items():
+            out.print(
+                f"[yellow]blocked[/] {address}: too many failed proofs, its handshakes are "
+                f"dropped for {left:g}s more"
+            )
     out.print(
         f"[dim]uptime[/] {_ago(s.get('uptime_s', 0))}  [dim]clients[/] {len(s['clients'])}  "
         f"[dim]subscriptions[/] {len(s['subscriptions'])}"

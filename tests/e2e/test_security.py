@@ -13,7 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 from helpers import NodeFactory, NodeProcess, SubProcess, run_cli, wait_for
+
+from meshctl.client import connect
+from meshctl.errors import RemoteError, Unreachable
 
 pytestmark = pytest.mark.e2e
 
@@ -355,3 +359,35 @@ def test_a_client_reads_through_queues_only_what_it_may_subscribe_to(
         with pytest.raises(RemoteError, match="permission denied"):
             app.queue("rm", "secrets")
     assert a.status()["counters"]["dropped"]["permission"] == 3
+
+
+def test_an_address_failing_proofs_with_fresh_keys_is_blocked_for_a_while(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """A rogue key is blocked after one failed proof, but fresh keys cost nothing: after 20
+    failures from one address within a minute, its first frames are dropped unread."""
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    creds = tmp_path / "app.creds"
+    done = run_cli("invite", "--data-dir", str(a.data_dir), "--client", "app", "-o", str(creds))
+    assert done.returncode == 0, done.describe()
+    doc = json.loads(creds.read_text())
+    rogue = tmp_path / "rogue.creds"
+    for _ in range(20):
+        public, secret = zmq.curve_keypair()  # a fresh key that the member record does not name
+        rogue.write_text(json.dumps(doc | {"public": public.decode(), "secret": secret.decode()}))
+        with pytest.raises(RemoteError, match="not authorised"):
+            connect(a.tcp, creds=rogue, timeout=5).close()
+    s = security(a)
+    assert s["clients_rejected"] == 20
+    assert s["address_blocks"] == 1
+    assert set(s["blocked_addresses"]) == {"127.0.0.1"}
+    # For a while even real credentials get no answer over TCP from that address ...
+    with pytest.raises(Unreachable):
+        connect(a.tcp, creds=creds, timeout=1).close()
+    assert security(a)["handshakes_dropped"] >= 1
+    assert security(a)["clients_rejected"] == 20  # dropped before it was even decoded
+    # ... while local clients on ipc carry on, and status says what is going on.
+    with connect(a.ipc, timeout=5) as c:
+        c.publish("app/x", b"1")
+    shown = run_cli("status", server=a.ipc)
+    assert "blocked 127.0.0.1: too many failed proofs" in shown.stdout, shown.describe()

@@ -1,0 +1,55 @@
+"""node/failed_proofs.py: an address that keeps failing to prove membership is blocked for a
+while; one that fails now and then never is; memory stays bounded."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from node.failed_proofs import FailedProofs
+
+
+def test_the_limit_within_the_window_blocks_for_a_while() -> None:
+    p = FailedProofs(limit=20, window=60.0, block=60.0)
+    assert not any(p.failed("10.0.0.9", 100.0 + i) for i in range(19))
+    assert not p.blocked("10.0.0.9", 119.0)
+    assert p.failed("10.0.0.9", 119.5)  # the 20th within 60 s
+    assert p.blocked("10.0.0.9", 119.5)
+    assert p.blocked("10.0.0.9", 179.0)
+    assert p.listing(150.0) == {"10.0.0.9": 29.5}
+    assert not p.blocked("10.0.0.10", 150.0)  # only that address
+    assert not p.blocked("10.0.0.9", 179.6)  # over
+    assert p.listing(180.0) == {}
+    # After a block the count starts again from nothing.
+    assert not p.failed("10.0.0.9", 180.0)
+
+
+def test_failures_now_and_then_never_block() -> None:
+    p = FailedProofs(limit=20, window=60.0)
+    # One every 3.5 s: any 20 of them span 66.5 s, more than the window.
+    assert not any(p.failed("a", i * 3.5) for i in range(1000))
+    assert not p.blocked("a", 3500.0)
+
+
+def test_memory_is_bounded() -> None:
+    p = FailedProofs(limit=2, window=60.0, max_addresses=100)
+    for i in range(10_000):
+        p.failed(f"10.{i // 256}.{i % 256}.1", float(i) / 1000)
+        p.failed(f"10.{i // 256}.{i % 256}.1", float(i) / 1000)
+    assert len(p._failures) <= 100
+    assert len(p._blocked) <= 100
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e4, allow_nan=False), max_size=200))
+def test_blocks_exactly_when_the_last_limit_failures_fit_the_window(gaps: list[float]) -> None:
+    limit, window = 5, 60.0
+    p = FailedProofs(limit=limit, window=window, block=1e-9)
+    now = 0.0
+    since_block: list[float] = []  # the model: failures since the last block
+    for gap in gaps:
+        now += gap % 40  # often several within a window, sometimes not
+        since_block.append(now)
+        expect = len(since_block) >= limit and now - since_block[-limit] <= window
+        assert p.failed("x", now) is expect
+        if expect:
+            since_block = []
