@@ -30,7 +30,7 @@ from node.heap import keep_freed
 from node.loop_discovery import DiscoverySide
 from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide
 from node.router import Router
-from node.security import Security, join_links
+from node.security import REVOKED_SELF, Security, join_links
 from node.store import open_store
 
 log = logging.getLogger("meshctl.node")
@@ -254,8 +254,12 @@ class Node(SecureSide, DiscoverySide):
     def _link_tick(self, now: float) -> None:
         """Dial what is due, time out stuck handshakes, notice links that went down."""
         net = self.router.net
+        revoked = self.security is not None and self.security.self_revoked
         for d in list(self.dialers.by_url.values()):
             if d.state in ("idle", "backoff") and now >= d.next_try:
+                if revoked:  # every member refuses us now: dialing would only be noise
+                    d.last_error, d.next_try = REVOKED_SELF, now + 3600.0
+                    continue
                 link = net.links.get(d.peer_id or "")
                 if link is not None and link.via != d.url:
                     d.next_try = now + 1.0  # already linked the other way round: stand by

@@ -55,6 +55,7 @@ MEMBERS_FILE: Final = "members.json"  # what an authority issued: id/name -> key
 BLOCK_SECONDS: Final = 30.0
 NODE_RECORD_DAYS: Final = 365
 MAX_REJECTED: Final = 256  # rejected peers listed by `meshctl peers`
+REVOKED_SELF: Final = "this node's membership was revoked: it no longer dials other nodes"
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -456,7 +457,15 @@ class Security:
             self.revocations.append(signed)
             fresh.append(signed)
             self.counters["revocations"] += 1
-            self.log(f"node {rec['node']} revoked: its links and sessions are closed")
+            if rec["node"] == self.node_id:
+                log.error(
+                    "this node's membership of mesh %r was revoked: it no longer dials other "
+                    "nodes (local clients still work); to rejoin, start afresh (a new data "
+                    "dir) with a new join token",
+                    self.creds.mesh,
+                )
+            else:
+                self.log(f"node {rec['node']} revoked: its links and sessions are closed")
         if fresh:
             path = self.data_dir / REVOKED_FILE
             try:
@@ -485,6 +494,12 @@ class Security:
     def is_revoked(self, node_id: str) -> bool:
         return f"node:{node_id}" in self.revoked
 
+    @property
+    def self_revoked(self) -> bool:
+        """This node's own membership was revoked (told by a neighbour, or at start-up
+        from revoked.json): it stops dialing, since every member refuses it."""
+        return f"node:{self.node_id}" in self.revoked
+
     def view(self) -> dict[str, Any]:
         with self.policy.lock:
             denied = self.policy.denied
@@ -494,6 +509,7 @@ class Security:
             "public_key": self.creds.public_text,
             "authority": self.creds.signing_key is not None,
             "zap_denied": denied,
+            "revoked": self.self_revoked,
             "blocked_addresses": self.proofs.listing(time.monotonic()),
             **self.counters,
         }

@@ -285,6 +285,8 @@ def _render_status(s: dict[str, Any]) -> None:
     if security.get("mode") == "insecure":
         out.print("[bold red]WARNING: open mode (--insecure): no encryption, no membership[/]")
     elif security:
+        if security.get("revoked"):
+            out.print("[bold red]this node's membership was revoked: it no longer links[/]")
         out.print(
             f"[dim]security[/] CurveZMQ  [dim]links rejected[/] {security['links_rejected']}  "
             f"[dim]clients rejected[/] {security['clients_rejected']}  "
