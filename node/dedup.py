@@ -71,5 +71,25 @@ class DedupWindow:
         state[2] |= mask
         return False
 
+    def admit(self, origin: bytes, seq: int) -> bool | None:
+        """``seen`` for a caller that checks runs itself: None for a repeat, else whether
+        ``seq`` is now the origin's top, so that ``seq + 1`` cannot have been recorded and
+        the caller may take the sequences after it as new without asking, until it calls
+        ``extend`` (or asks about anything else)."""
+        if self.seen(origin, seq):
+            return None
+        return self._state[origin][0] == seq
+
+    def extend(self, origin: bytes, seq: int) -> None:
+        """Record every sequence from the origin's top up to ``seq``, which the caller took
+        as new after ``admit`` said the top was where its run began: what ``seen`` does for
+        each in-order event, in one step."""
+        state = self._state.get(origin)
+        if state is None:  # never, while callers keep to admit-then-extend; but be safe
+            self._state[origin] = [seq, 1, 0]
+        elif seq > state[0]:
+            state[1] += seq - state[0]
+            state[0] = seq
+
     def __len__(self) -> int:
         return len(self._state)

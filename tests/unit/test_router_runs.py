@@ -21,8 +21,10 @@ from node.codec import (
     frame_kind,
     split_records,
 )
+from node.dedup import MAX_ORIGINS, WINDOW
 from node.framing import MAX_FRAME_BYTES
 from node.router import Router
+from tests.unit.test_dedup import Reference
 from tests.unit.test_router import NODE_ID as NODE
 from tests.unit.test_router import deliveries, hello, make_router, sub_ok
 
@@ -112,3 +114,41 @@ def test_a_request_nobody_wants_still_gets_no_responders() -> None:
     assert len(noresp) == 1
     assert (bytes(8) + (5).to_bytes(8)).hex().encode() in noresp[0]
     assert forwarded(out)[P] == [far, far]
+
+
+# ---- the duplicate window over forwarded frames, while the mesh converges -----------------
+
+
+@settings(deadline=None)
+@given(
+    st.lists(  # frames, each a list of (origin, step): mostly in order, as on a link
+        st.lists(
+            st.tuples(
+                st.sampled_from((b"origin-1", b"origin-2")),
+                st.sampled_from((1, 1, 1, 0, -3, 2, 9000)),
+            ),
+            max_size=30,
+        ),
+        max_size=6,
+    )
+)
+def test_forwarded_records_are_delivered_once_each_while_converging(
+    frames: list[list[tuple[bytes, int]]],
+) -> None:
+    """The in-order shortcut of ``_deliver_forwarded`` delivers exactly what asking the
+    window about every record would: each (origin, seq) once, repeats and stale ones not."""
+
+    r = linked_router()
+    ref = Reference(WINDOW, MAX_ORIGINS)
+    at = {b"origin-1": 10_000, b"origin-2": 10_000}
+    for frame in frames:
+        body, expect = b"", []
+        for origin, step in frame:
+            at[origin] = max(0, at[origin] + step)
+            eid = origin + at[origin].to_bytes(8, "big")
+            body += encode_record(b"near/x", eid, b"", 0, 7, eid)
+            if not ref.seen(origin, at[origin]):
+                expect.append(eid)
+        r._deliver_forwarded(body, (), True)
+        got = [ev.data for _, ev in deliveries(list(r.take_output()), SUB)]
+        assert got == expect
