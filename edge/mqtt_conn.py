@@ -53,6 +53,15 @@ class MqttConnection(asyncio.Protocol):
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if self.listener.cfg.tls is not None:  # an mqtts port: nothing is read in clear
+            transport.pause_reading()
+            self.listener.start_tls(self, transport)
+            return
+        self.secured(transport)
+
+    def secured(self, transport: asyncio.Transport) -> None:
+        """The connection is ready for MQTT (over TLS once its handshake is done)."""
+        self.transport = transport
         self.opened = self.last_rx = self.listener.now()
         self.listener.opened(self)
 

@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import logging
 import os
+import ssl
 import struct
 import threading
 import time
@@ -115,6 +116,7 @@ class ListenerConfig:
     max_payload: int = 1024 * 1024  # the node's limit: larger publishes are refused here
     users: Path | None = None  # mqtt_users.json: names, password hashes, permissions
     anonymous: bool = True  # clients without a user name may connect (unrestricted)
+    tls: ssl.SSLContext | None = None  # edge/mqtt_tls.py: the port speaks TLS (mqtts)
 
 
 class MqttListener(ConnectSide):
@@ -149,6 +151,7 @@ class MqttListener(ConnectSide):
             "store_refused": 0,
             "auth_failures": 0,
             "denied": 0,  # publishes and subscriptions a user's permissions refused
+            "tls_failures": 0,  # connections that failed the TLS handshake
         }
         self.committing = Committing()
         self._conns: set[MqttConnection] = set()
@@ -171,6 +174,7 @@ class MqttListener(ConnectSide):
         self._stopping: asyncio.Event | None = None
         self._ready = threading.Event()
         self._error: OSError | None = None
+        self._handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes under way
         self._thread = threading.Thread(target=self._run, name="mqtt-listener", daemon=True)
         self.now: Callable[[], float] = time.monotonic
 
@@ -204,6 +208,9 @@ class MqttListener(ConnectSide):
             "retained": self.retained.count(),  # None: kept by the node (its status)
             "qos1": "persistent" if self.cfg.persistent else "after routing",
             "anonymous": self.cfg.anonymous,
+            "tls": self.cfg.tls is not None,
+            "client_certs": self.cfg.tls is not None
+            and self.cfg.tls.verify_mode == ssl.CERT_REQUIRED,
             "users": len(self.auth.users),
             **({"users_error": self.auth.error} if self.auth.error else {}),
             "awaiting_commit": len(self.committing),
@@ -256,6 +263,36 @@ class MqttListener(ConnectSide):
             for conn in list(self._conns):
                 conn.close(abort=True)
             self.bound = ""
+
+    def start_tls(self, conn: MqttConnection, transport: asyncio.Transport) -> None:
+        """Secure a new connection (an mqtts port): ``conn`` is opened once it is done."""
+        task = asyncio.get_running_loop().create_task(self._handshake(conn, transport))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _handshake(self, conn: MqttConnection, transport: asyncio.Transport) -> None:
+        """A client that fails the TLS handshake (plain MQTT or garbage on this port, no or
+        an untrusted certificate, silence) is bad input: one line, counted, closed."""
+        assert self.cfg.tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            secured = await loop.start_tls(
+                transport, conn, self.cfg.tls, server_side=True,
+                ssl_handshake_timeout=CONNECT_TIMEOUT,
+            )  # fmt: skip
+        except OSError as e:  # ssl.SSLError, ConnectionError and TimeoutError are OSErrors
+            n = self.counters["tls_failures"] = self.counters["tls_failures"] + 1
+            if n <= LOG_FIRST or n % 1000 == 0:
+                why = getattr(e, "reason", None) or str(e) or type(e).__name__
+                log.warning(
+                    "MQTT client %s: TLS handshake failed (total %d): %s", conn.peer, n, why
+                )
+            transport.abort()
+            return
+        if secured is None or conn.closing:  # the client left during the handshake
+            transport.abort()
+            return
+        conn.secured(secured)
 
     async def _ticker(self) -> None:
         while True:
@@ -691,9 +728,11 @@ def start_listener(
     register: Callable[[bytes], None],
     *,
     data_dir: Path | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> MqttListener:
     """Start the listener ``[mqtt]`` asks for; OSError when its port cannot be bound.
-    Its users (``meshctl mqtt passwd``) are read from ``data_dir``."""
+    Its users (``meshctl mqtt passwd``) are read from ``data_dir``; ``tls`` (from
+    edge/mqtt_tls.py) makes it an mqtts port."""
     host, port = host_port(config.mqtt_listen)
     anonymous = (
         config.insecure if config.mqtt_anonymous == "auto" else config.mqtt_anonymous == "true"
@@ -711,6 +750,7 @@ def start_listener(
         max_payload=config.max_payload,
         users=None if data_dir is None else data_dir / USERS_FILE,
         anonymous=anonymous,
+        tls=tls,
     )
     if anonymous and not config.insecure:
         # The operator turned anonymous MQTT on for a secured mesh: say what that means

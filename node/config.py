@@ -95,6 +95,9 @@ class NodeConfig:
     mqtt_max_queued: int = 1000
     mqtt_max_sessions: int = 1000
     mqtt_anonymous: str = "auto"  # auto: only in open mode; "true" / "false"
+    mqtt_tls_cert: str = ""  # PEM certificate (chain): the listener speaks TLS
+    mqtt_tls_key: str = ""
+    mqtt_tls_ca: str = ""  # set: clients must present a certificate this CA signed
     store: bool = True
     store_sync: str = "normal"
     log_patterns: tuple[str, ...] = ()
@@ -410,6 +413,21 @@ FIELDS: Final = (
         _anonymous,
         'MQTT clients without a user name: "auto" lets them in only in open mode (--insecure); '
         "users and their permissions come from `meshctl mqtt passwd`.",
+    ),
+    Field(
+        "mqtt",
+        "tls_cert",
+        "mqtt_tls_cert",
+        _str,
+        "PEM certificate (chain) of the MQTT listener: clients connect with TLS (mqtts).",
+    ),
+    Field("mqtt", "tls_key", "mqtt_tls_key", _str, "PEM private key of tls_cert."),
+    Field(
+        "mqtt",
+        "tls_ca",
+        "mqtt_tls_ca",
+        _str,
+        "PEM CA bundle: MQTT clients must present a certificate it signed (empty: none asked).",
     ),
     Field(
         "security",

@@ -137,6 +137,12 @@ def up(
             raise ConfigError("command line", "--mqtt", e.reason) from None
     if cfg.uplink_url and not cfg.store:
         raise InputError("an uplink spools to the store: set store.enabled = true")
+    mqtt_tls = None
+    if cfg.mqtt_listen:
+        from edge.mqtt_tls import server_context  # noqa: PLC0415 - when used
+
+        source = config or (default_config_path() if default_config_path().exists() else None)
+        mqtt_tls = server_context(cfg, str(source or "config"))
     where = datadir.resolve_data_dir(cfg.data_dir)
     datadir.prepare(where)
     if cfg.ipc:
@@ -197,7 +203,11 @@ def up(
             if cfg.mqtt_listen:
                 from edge.mqtt_listener import start_listener  # noqa: PLC0415 - when used
 
-                started.append(start_listener(cfg, node.ctx, node.inproc, register, data_dir=where))
+                started.append(
+                    start_listener(
+                        cfg, node.ctx, node.inproc, register, data_dir=where, tls=mqtt_tls
+                    )
+                )
         except OSError:  # e.g. the MQTT port is taken: stop what already started
             for plugin in started:
                 plugin.stop()
@@ -208,6 +218,12 @@ def up(
         serve(cfg, identity, plugins, security)
     except OSError as e:
         raise OperationalError(str(e)) from None
+
+
+def _mqtt_tls(m: dict[str, Any]) -> str:
+    if not m.get("tls"):
+        return ""
+    return " (TLS, client certificates)" if m.get("client_certs") else " (TLS)"
 
 
 def _detach(where: Path) -> None:
@@ -312,7 +328,7 @@ def _render_status(s: dict[str, Any]) -> None:
     m = s.get("mqtt")
     if m:
         out.print(
-            f"[dim]mqtt[/] {m['listen']}  [dim]clients[/] {m['clients']}  "
+            f"[dim]mqtt[/] {m['listen']}{_mqtt_tls(m)}  [dim]clients[/] {m['clients']}  "
             f"[dim]sessions[/] {m['sessions']} ({m['offline_sessions']} away)  "
             f"[dim]retained[/] {'in node' if m['retained'] is None else m['retained']}  "
             f"[dim]qos1[/] {m.get('qos1', '?')}  "
@@ -320,6 +336,7 @@ def _render_status(s: dict[str, Any]) -> None:
             f"[dim]delivered[/] {m['delivered']}  [dim]refused topics[/] {m['refused_topics']}  "
             f"[dim]protocol errors[/] {m['protocol_errors']}"
             + (f"  [dim]store refused[/] {m['store_refused']}" if m.get("store_refused") else "")
+            + (f"  [dim]TLS failures[/] {m['tls_failures']}" if m.get("tls_failures") else "")
         )
     bridges = [b for b in s.get("bridges") or [] if b.get("kind") != "uplink"]
     if bridges:

@@ -1,0 +1,191 @@
+"""The MQTT listener over TLS (`[mqtt] tls_cert`, `tls_key`, `tls_ca`) with unmodified
+clients: mosquitto_pub and mosquitto_sub with --cafile (and --cert/--key when the node
+asks for client certificates). Certificates are made per test (tests/tls_certs.py)."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Background, NodeFactory, NodeProcess, cli_env, need_binary, run_cli, wait_for
+from tls_certs import Authority, Pair
+
+pytestmark = [pytest.mark.e2e]
+
+CONNECT = b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00"  # clean session, empty id
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> dict[str, Any]:
+    """A CA with a server certificate for 127.0.0.1 and a client certificate, and a client
+    certificate from another CA that the node does not trust."""
+    ca = Authority(tmp_path)
+    other = (
+        Authority(tmp_path / "other", "other CA") if (tmp_path / "other").mkdir() is None else None
+    )
+    assert other is not None
+    return {
+        "ca": ca.pem,
+        "server": ca.issue("server", "localhost", server=True),
+        "client": ca.issue("client", "sensor-1", server=False),
+        "stranger": other.issue("stranger", "stranger", server=False),
+    }
+
+
+def tls_config(server: Pair, ca: Path | None = None) -> str:
+    text = f'[mqtt]\nlisten = "127.0.0.1:0"\ntls_cert = "{server.cert}"\ntls_key = "{server.key}"\n'
+    return text + (f'tls_ca = "{ca}"\n' if ca else "")
+
+
+def mqtt_port(node: NodeProcess) -> int:
+    return int(node.status()["mqtt"]["listen"].rsplit(":", 1)[1])
+
+
+def mosquitto_pub(
+    port: int, topic: str, message: str, *tls: str
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-q", "1", "-t", topic,
+         "-m", message, *tls],
+        capture_output=True, timeout=15, check=False, env=cli_env(),
+    )  # fmt: skip
+
+
+def test_mosquitto_clients_over_tls_both_ways(
+    make_node: NodeFactory, pki: dict[str, Any], bg: Background
+) -> None:
+    need_binary("mosquitto_pub")
+    node = make_node(config_text=tls_config(pki["server"]))
+    port = mqtt_port(node)
+    status = node.status()["mqtt"]
+    assert status["tls"] is True
+    assert status["client_certs"] is False
+    assert "(TLS)" in run_cli("status", server=node.ipc).stdout
+    sub = bg.start("sub", "sensors/>", "--json", server=node.ipc)
+    done = mosquitto_pub(port, "sensors/t", "over tls", "--cafile", str(pki["ca"]))
+    assert done.returncode == 0, done.stderr
+    sub.wait_lines(1)
+    assert [(e["topic"], e["data"]) for e in sub.json_lines()] == [("sensors/t", "over tls")]
+    # And the other way: a mesh publish reaches mosquitto_sub over TLS.
+    proc = subprocess.Popen(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "--cafile", str(pki["ca"]),
+         "-t", "cmd/#", "-v", "-C", "1", "-W", "15"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: "cmd/>" in {s["pattern"] for s in node.status()["subscriptions"]},
+            timeout=10,
+            what="mosquitto_sub's subscription at the node",
+        )
+        assert run_cli("pub", "cmd/light", "on", server=node.ipc).returncode == 0
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert out.decode().splitlines() == ["cmd/light on"], err
+
+
+def test_plain_mqtt_and_garbage_on_the_tls_port_are_refused_in_one_line_each(
+    make_node: NodeFactory, pki: dict[str, Any]
+) -> None:
+    need_binary("mosquitto_pub")
+    node = make_node(config_text=tls_config(pki["server"]))
+    port = mqtt_port(node)
+    plain = mosquitto_pub(port, "sensors/t", "in clear")  # no TLS: the handshake fails
+    assert plain.returncode != 0
+    for garbage in (CONNECT, b"GET / HTTP/1.1\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as bad:
+            bad.sendall(garbage)
+            while bad.recv(4096):  # a TLS alert at most; then the node closes
+                pass
+    wait_for(lambda: node.status()["mqtt"]["tls_failures"] >= 3, timeout=10, what="3 TLS failures")
+    # A TLS client is not disturbed, and the log has one line per failure, no traceback.
+    done = mosquitto_pub(port, "sensors/t", "fine", "--cafile", str(pki["ca"]))
+    assert done.returncode == 0, done.stderr
+    log = node.log_text()
+    assert "TLS handshake failed" in log
+    assert "Traceback" not in log
+
+
+def test_client_certificates_when_the_node_asks_for_them(
+    make_node: NodeFactory, pki: dict[str, Any]
+) -> None:
+    need_binary("mosquitto_pub")
+    node = make_node(config_text=tls_config(pki["server"], pki["ca"]))
+    port = mqtt_port(node)
+    assert node.status()["mqtt"]["client_certs"] is True
+    shown = " ".join(run_cli("status", server=node.ipc).stdout.split())
+    assert "(TLS, client certificates)" in shown
+    ca = ["--cafile", str(pki["ca"])]
+    mine, stranger = pki["client"], pki["stranger"]
+    signed = mosquitto_pub(port, "t/x", "1", *ca, "--cert", str(mine.cert), "--key", str(mine.key))
+    assert signed.returncode == 0, signed.stderr
+    assert mosquitto_pub(port, "t/x", "2", *ca).returncode != 0  # no certificate
+    untrusted = ["--cert", str(stranger.cert), "--key", str(stranger.key)]
+    assert mosquitto_pub(port, "t/x", "3", *ca, *untrusted).returncode != 0
+    wait_for(lambda: node.status()["mqtt"]["tls_failures"] >= 2, timeout=10, what="2 refusals")
+    # The same from Python's ssl (what a paho client uses): refused without a certificate.
+    assert tls_answer(port, ssl.create_default_context(cafile=str(pki["ca"]))) == "refused"
+    with_cert = ssl.create_default_context(cafile=str(pki["ca"]))
+    with_cert.load_cert_chain(mine.cert, mine.key)
+    assert tls_answer(port, with_cert) == "CONNACK"
+
+
+def tls_answer(port: int, ctx: ssl.SSLContext) -> str:
+    """Send CONNECT over TLS; "CONNACK" if the node answered, "refused" if TLS failed
+    (with TLS 1.3 the client's side of the handshake may finish first: then the node's
+    refusal shows as the connection closing)."""
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s,
+        ):
+            s.sendall(CONNECT)
+            got = s.recv(4)
+    except (ssl.SSLError, ConnectionError):
+        return "refused"
+    if not got:
+        return "refused"
+    return "CONNACK" if got[:1] == b"\x20" else f"other: {got!r}"
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "why"),
+    [
+        ('tls_cert = "{dir}/nope.crt"\ntls_key = "{dir}/nope.key"', "mqtt.tls_cert", "cannot read"),
+        ('tls_key = "{server_key}"', "mqtt.tls_key", "needs mqtt.tls_cert"),
+        ('tls_cert = "{server_cert}"', "mqtt.tls_key", "private key"),
+        ('tls_cert = "{server_cert}"\ntls_key = "{client_key}"', "mqtt.tls_cert", "cannot use"),
+        (
+            'tls_cert = "{server_cert}"\ntls_key = "{server_key}"\ntls_ca = "{server_key}"',
+            "mqtt.tls_ca",
+            "cannot use",
+        ),
+    ],
+    ids=["missing-files", "key-without-cert", "cert-without-key", "wrong-key", "ca-not-a-cert"],
+)
+def test_bad_tls_settings_stop_up_with_one_line(
+    tmp_path: Path, pki: dict[str, Any], settings: str, key: str, why: str
+) -> None:
+    text = settings.format(
+        dir=tmp_path,
+        server_cert=pki["server"].cert,
+        server_key=pki["server"].key,
+        client_key=pki["client"].key,
+    )
+    conf = tmp_path / "node.toml"
+    conf.write_text(f'[mqtt]\nlisten = "127.0.0.1:0"\n{text}\n')
+    r = run_cli(
+        "up", "--no-discovery", "--port", "0", "--listen", "127.0.0.1",
+        "--data-dir", str(tmp_path / "d"), "--config", str(conf),
+    )  # fmt: skip
+    assert r.returncode == 2, r.describe()
+    assert len(r.err_lines) == 1, r.describe()
+    assert f"{conf}: {key}: " in r.stderr
+    assert why in r.stderr
