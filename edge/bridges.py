@@ -32,6 +32,7 @@ from edge.mapping import (
     swap_prefix,
 )
 from edge.port import BRIDGE_HEADER, MeshPort
+from edge.tls import client_context
 from node import datadir
 from node.bridge_config import BridgeConfig
 from node.codec import F_PERSISTENT, HEAD_PUB
@@ -268,7 +269,7 @@ class MqttBridge(Bridge):
         if self.cfg.username:
             client.username_pw_set(self.cfg.username, self.cfg.password)
         if self.cfg.tls:
-            client.tls_set()
+            client.tls_set_context(client_context(self.cfg))
         client.reconnect_delay_set(min_delay=1, max_delay=10)
 
         def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -431,6 +432,7 @@ class NatsBridge(Bridge):
         try:
             nc = await nats.connect(
                 servers=[f"{'tls' if self.cfg.tls else 'nats'}://{self.cfg.host}:{self.cfg.port}"],
+                tls=client_context(self.cfg),
                 user=self.cfg.username or None,
                 password=self.cfg.password or None,
                 no_echo=True,

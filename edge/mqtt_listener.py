@@ -116,7 +116,7 @@ class ListenerConfig:
     max_payload: int = 1024 * 1024  # the node's limit: larger publishes are refused here
     users: Path | None = None  # mqtt_users.json: names, password hashes, permissions
     anonymous: bool = True  # clients without a user name may connect (unrestricted)
-    tls: ssl.SSLContext | None = None  # edge/mqtt_tls.py: the port speaks TLS (mqtts)
+    tls: ssl.SSLContext | None = None  # edge/tls.py: the port speaks TLS (mqtts)
 
 
 class MqttListener(ConnectSide):
@@ -732,7 +732,7 @@ def start_listener(
 ) -> MqttListener:
     """Start the listener ``[mqtt]`` asks for; OSError when its port cannot be bound.
     Its users (``meshctl mqtt passwd``) are read from ``data_dir``; ``tls`` (from
-    edge/mqtt_tls.py) makes it an mqtts port."""
+    edge/tls.py) makes it an mqtts port."""
     host, port = host_port(config.mqtt_listen)
     anonymous = (
         config.insecure if config.mqtt_anonymous == "auto" else config.mqtt_anonymous == "true"

@@ -17,6 +17,7 @@ from node.topics import validate_pattern, validate_topic
 KINDS: Final = ("mqtt", "nats")
 _URL: Final = re.compile(r"(mqtt|mqtts|nats|tls)://([^:/\s]+)(?::([0-9]{1,5}))?")
 _DEFAULT_PORT: Final = {"mqtt": 1883, "mqtts": 8883, "nats": 4222, "tls": 4222}
+_FILES: Final = ("ca_file", "cert_file", "key_file")  # TLS files; any of them means TLS
 _KEYS: Final = (
     "kind",
     "name",
@@ -24,6 +25,9 @@ _KEYS: Final = (
     "username",
     "password",
     "tls",
+    "ca_file",
+    "cert_file",
+    "key_file",
     "import",
     "export",
     "local_prefix",
@@ -43,6 +47,9 @@ class BridgeConfig:
     username: str = ""
     password: str = ""
     tls: bool = False
+    ca_file: str = ""  # PEM CA bundle that signed the broker's certificate ("": the system's)
+    cert_file: str = ""  # PEM client certificate shown to the broker (with key_file)
+    key_file: str = ""
     imports: tuple[str, ...] = ()
     exports: tuple[str, ...] = ()
     local_prefix: str = ""
@@ -91,7 +98,7 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,32}", name):
         raise fail("name", f"{name!r} must be 1-32 letters, digits, '.', '_' or '-'")
     strings = {}
-    for key in ("username", "password", "local_prefix", "remote_prefix"):
+    for key in ("username", "password", "local_prefix", "remote_prefix", *_FILES):
         value = item.get(key, "")
         if not isinstance(value, str):
             raise fail(key, "expected a string")
@@ -101,9 +108,15 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
             validate_topic(strings["local_prefix"])
         except TopicError as e:
             raise fail("local_prefix", str(e)) from None
-    tls = item.get("tls", m.group(1) in ("mqtts", "tls"))
+    files = [k for k in _FILES if strings[k]]
+    tls = item.get("tls", m.group(1) in ("mqtts", "tls") or bool(files))
     if not isinstance(tls, bool):
         raise fail("tls", "expected true or false")
+    if files and not tls:
+        raise fail(files[0], "is a TLS setting, but tls = false")
+    if bool(strings["cert_file"]) != bool(strings["key_file"]):
+        missing = "key_file" if strings["cert_file"] else "cert_file"
+        raise fail(missing, "cert_file and key_file go together")
     qos = item.get("qos", 0)
     if qos not in (0, 1) or isinstance(qos, bool):
         raise fail("qos", f"{qos!r} must be 0 or 1")

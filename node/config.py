@@ -657,6 +657,9 @@ BRIDGE_EXAMPLE: Final = [
     "# qos = 0                       # MQTT: 0 or 1",
     '# username = ""',
     '# password = ""',
+    '# ca_file = ""                  # TLS: PEM CA of a private broker ("": the system\'s)',
+    '# cert_file = ""                # TLS: client certificate and its key, if asked for',
+    '# key_file = ""',
     "",
 ]
 
@@ -676,6 +679,8 @@ def as_dict(config: NodeConfig) -> dict[str, dict[str, object]]:
                 "import": list(b.imports),
                 "export": list(b.exports),
                 "qos": b.qos,
+                "tls": b.tls,
+                **{k: v for k, v in (("ca_file", b.ca_file), ("cert_file", b.cert_file)) if v},
             }
             for b in config.bridges
         ]  # type: ignore[dict-item]

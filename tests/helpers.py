@@ -208,6 +208,14 @@ def run_cli(
 # ---- background CLI processes ---------------------------------------------------------------
 
 
+def run_up_refused(config: Path, data_dir: Path) -> CliResult:
+    """`meshctl up` on loopback with ``config``, for tests of what it refuses at start."""
+    return run_cli(
+        "up", "--no-discovery", "--port", "0", "--listen", "127.0.0.1",
+        "--data-dir", str(data_dir), "--config", str(config), timeout=30,
+    )  # fmt: skip
+
+
 class SubProcess:
     """A background ``meshctl sub``/``reply``/``tail``: collects its output in reader threads.
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -24,6 +24,9 @@ from meshctl.errors import OperationalError
 from node import datadir
 from node.config import NodeConfig, as_dict, read_config, render_config, with_overrides
 from node.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    import ssl
 
 config_app = typer.Typer(help="Write or show the node configuration.", no_args_is_help=True)
 
@@ -137,12 +140,7 @@ def up(
             raise ConfigError("command line", "--mqtt", e.reason) from None
     if cfg.uplink_url and not cfg.store:
         raise InputError("an uplink spools to the store: set store.enabled = true")
-    mqtt_tls = None
-    if cfg.mqtt_listen:
-        from edge.mqtt_tls import server_context  # noqa: PLC0415 - when used
-
-        source = config or (default_config_path() if default_config_path().exists() else None)
-        mqtt_tls = server_context(cfg, str(source or "config"))
+    mqtt_tls = _tls_contexts(cfg, config)
     where = datadir.resolve_data_dir(cfg.data_dir)
     datadir.prepare(where)
     if cfg.ipc:
@@ -218,6 +216,21 @@ def up(
         serve(cfg, identity, plugins, security)
     except OSError as e:
         raise OperationalError(str(e)) from None
+
+
+def _tls_contexts(cfg: NodeConfig, config: Path | None) -> ssl.SSLContext | None:
+    """Read every TLS file the config names now, in the foreground, so that a wrong one is
+    one line (exit 2) rather than a node without its MQTT port or a bridge that never
+    connects; the MQTT listener's context is returned for it."""
+    if not (cfg.mqtt_listen or any(b.tls for b in cfg.bridges)):
+        return None
+    from edge.tls import client_context, server_context  # noqa: PLC0415 - when used
+
+    path = config or (default_config_path() if default_config_path().exists() else None)
+    source = str(path or "config")
+    for i, bridge in enumerate(cfg.bridges):
+        client_context(bridge, source, f"bridge[{i}]")
+    return server_context(cfg, source) if cfg.mqtt_listen else None
 
 
 def _mqtt_tls(m: dict[str, Any]) -> str:

@@ -11,7 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Background, NodeFactory, NodeProcess, cli_env, need_binary, run_cli, wait_for
+from helpers import (
+    Background,
+    NodeFactory,
+    NodeProcess,
+    cli_env,
+    need_binary,
+    run_cli,
+    run_up_refused,
+    wait_for,
+)
 from tls_certs import Authority, Pair
 
 pytestmark = [pytest.mark.e2e]
@@ -181,10 +190,7 @@ def test_bad_tls_settings_stop_up_with_one_line(
     )
     conf = tmp_path / "node.toml"
     conf.write_text(f'[mqtt]\nlisten = "127.0.0.1:0"\n{text}\n')
-    r = run_cli(
-        "up", "--no-discovery", "--port", "0", "--listen", "127.0.0.1",
-        "--data-dir", str(tmp_path / "d"), "--config", str(conf),
-    )  # fmt: skip
+    r = run_up_refused(conf, tmp_path / "d")
     assert r.returncode == 2, r.describe()
     assert len(r.err_lines) == 1, r.describe()
     assert f"{conf}: {key}: " in r.stderr

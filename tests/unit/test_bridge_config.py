@@ -1,0 +1,86 @@
+"""``[[bridge]]`` tables -> BridgeConfig: defaults, TLS settings, and every refusal naming
+``bridge[i].key`` (node/bridge_config.py is pure: no files are read here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from node.bridge_config import BridgeConfig, parse_bridges
+from node.errors import ConfigError
+
+MQTT: dict[str, Any] = {"kind": "mqtt", "url": "mqtt://broker", "export": ["a/>"]}
+NATS: dict[str, Any] = {"kind": "nats", "url": "nats://server", "import": ["a.>"]}
+
+
+def one(**item: Any) -> BridgeConfig:
+    (bridge,) = parse_bridges([item], "node.toml")
+    return bridge
+
+
+def test_defaults_come_from_the_url() -> None:
+    b = one(**MQTT)
+    assert (b.kind, b.name, b.host, b.port, b.tls, b.qos) == (
+        "mqtt",
+        "mqtt",
+        "broker",
+        1883,
+        False,
+        0,
+    )
+    assert one(**MQTT | {"url": "mqtts://broker"}).port == 8883
+    assert one(**MQTT | {"url": "mqtts://broker"}).tls is True
+    n = one(**NATS | {"url": "tls://server:4443", "name": "cloud"})
+    assert (n.port, n.tls, n.name, n.imports) == (4443, True, "cloud", ("a.>",))
+
+
+def test_tls_files_are_kept_and_turn_tls_on() -> None:
+    b = one(**MQTT, ca_file="/etc/ca.pem", cert_file="dev.crt", key_file="dev.key")
+    assert (b.tls, b.ca_file, b.cert_file, b.key_file) == (
+        True,
+        "/etc/ca.pem",
+        "dev.crt",
+        "dev.key",
+    )
+    assert one(**NATS, ca_file="ca.pem").tls is True
+
+
+@pytest.mark.parametrize(
+    ("item", "key", "why"),
+    [
+        (MQTT | {"kind": "amqp"}, "kind", "not one of"),
+        (MQTT | {"url": "nats://x"}, "url", "not a mqtt URL"),
+        (NATS | {"url": "mqtt://x"}, "url", "not a nats URL"),
+        (MQTT | {"url": "mqtt://x:0"}, "url", "outside"),
+        (MQTT | {"name": "a b"}, "name", "letters"),
+        (MQTT | {"username": 5}, "username", "string"),
+        (MQTT | {"tls": "yes"}, "tls", "true or false"),
+        (MQTT | {"qos": 2}, "qos", "0 or 1"),
+        (MQTT | {"export": ["a//b"]}, "export", ""),
+        (MQTT | {"export": []}, "import", "needs import or export"),
+        (MQTT | {"local_prefix": "a//b"}, "local_prefix", ""),
+        (MQTT | {"colour": "red"}, "colour", "unknown key"),
+        (MQTT | {"ca_file": 1}, "ca_file", "string"),
+        (MQTT | {"cert_file": "c.crt"}, "key_file", "go together"),
+        (MQTT | {"key_file": "c.key"}, "cert_file", "go together"),
+        (MQTT | {"tls": False, "ca_file": "ca.pem"}, "ca_file", "tls = false"),
+        (
+            MQTT | {"url": "mqtts://x", "tls": False, "cert_file": "c", "key_file": "k"},
+            "cert_file",
+            "tls = false",
+        ),
+    ],
+)
+def test_refusals_name_the_key(item: dict[str, Any], key: str, why: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_bridges([item], "node.toml")
+    assert info.value.key == f"bridge[0].{key}"
+    assert why in info.value.reason
+
+
+def test_names_are_unique_and_the_array_is_an_array() -> None:
+    with pytest.raises(ConfigError, match=r"bridge\[1\]\.name: 'mqtt' is used twice"):
+        parse_bridges([MQTT, MQTT], "node.toml")
+    with pytest.raises(ConfigError, match="array of tables"):
+        parse_bridges({"kind": "mqtt"}, "node.toml")
