@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import queue
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -62,8 +63,10 @@ class Bridge:
         endpoint: str,
         ident: bytes,
         data_dir: Path | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.cfg = cfg
+        self.tls = tls  # edge/tls.py's client context when cfg.tls (read once, at start)
         self.data_dir = data_dir  # None: the node has no store, so no spool either
         self.spool: LogReader | None = None
         self._exports: SubscriptionTrie[bool] = SubscriptionTrie()
@@ -268,8 +271,8 @@ class MqttBridge(Bridge):
         )
         if self.cfg.username:
             client.username_pw_set(self.cfg.username, self.cfg.password)
-        if self.cfg.tls:
-            client.tls_set_context(client_context(self.cfg))
+        if self.tls is not None:
+            client.tls_set_context(self.tls)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
 
         def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -295,7 +298,7 @@ class MqttBridge(Bridge):
         try:
             while not self._stop.is_set():
                 if sock.poll(POLL_MS):
-                    while sock.getsockopt(zmq.EVENTS) & _POLLIN:
+                    while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
                         for ev in self.port.events(sock.recv()):
                             if not self._spooled(ev):
                                 self._export_mqtt(client, ev.topic, ev.data)
@@ -432,7 +435,7 @@ class NatsBridge(Bridge):
         try:
             nc = await nats.connect(
                 servers=[f"{'tls' if self.cfg.tls else 'nats'}://{self.cfg.host}:{self.cfg.port}"],
-                tls=client_context(self.cfg),
+                tls=self.tls,
                 user=self.cfg.username or None,
                 password=self.cfg.password or None,
                 no_echo=True,
@@ -459,7 +462,7 @@ class NatsBridge(Bridge):
 
     async def _pump(self, sock: zmq.Socket[bytes], nc: Any) -> None:
         busy = False
-        while sock.getsockopt(zmq.EVENTS) & _POLLIN:
+        while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
             busy = True
             incoming = self.port.handle(sock.recv())
             for ev in incoming.exports:
@@ -499,14 +502,18 @@ def start_bridges(
     endpoint: str,
     register: Callable[[bytes], None],
     data_dir: Path | None = None,
+    tls: dict[str, ssl.SSLContext] | None = None,
 ) -> list[Bridge]:
-    """Start one actor per ``[[bridge]]``; ``register`` tells the node their identities."""
+    """Start one actor per ``[[bridge]]``; ``register`` tells the node their identities.
+    ``tls`` holds the TLS contexts `meshctl up` built (by bridge name); missing ones are
+    built here (ConfigError if their files are unusable)."""
     bridges: list[Bridge] = []
     for i, cfg in enumerate(configs):
         ident = b"\x00bridge" + i.to_bytes(2, "big") + time.time_ns().to_bytes(8, "big")
         register(ident)
         cls = MqttBridge if cfg.kind == "mqtt" else NatsBridge
-        bridge = cls(cfg, ctx, endpoint, ident, data_dir)
+        context = (tls or {}).get(cfg.name) or client_context(cfg, where=f"bridge[{i}]")
+        bridge = cls(cfg, ctx, endpoint, ident, data_dir, context)
         bridge.start()
         bridges.append(bridge)
     return bridges

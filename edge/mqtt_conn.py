@@ -42,6 +42,7 @@ class MqttConnection(asyncio.Protocol):
         self.verdicts: dict[bytes, str | None] = {}  # its publish topics, checked once each
         self.verifying = False  # its password is being hashed; reading is paused
         self.held: list[Packet] = []  # what came after that CONNECT, handled once it is in
+        self.early: list[bytes] | None = None  # TLS: data that came before secured()
 
     @property
     def name(self) -> str:
@@ -54,19 +55,29 @@ class MqttConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if self.listener.cfg.tls is not None:  # an mqtts port: nothing is read in clear
+            self.early = []
             transport.pause_reading()
             self.listener.start_tls(self, transport)
             return
         self.secured(transport)
 
     def secured(self, transport: asyncio.Transport) -> None:
-        """The connection is ready for MQTT (over TLS once its handshake is done)."""
+        """The connection is ready for MQTT (over TLS once its handshake is done); what
+        the client sent with its last handshake message is handled now."""
         self.transport = transport
         self.opened = self.last_rx = self.listener.now()
         self.listener.opened(self)
+        early, self.early = self.early, None
+        if early:
+            self.data_received(b"".join(early))
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            return
+        if self.early is not None:
+            # Decrypted, but asyncio hands it over before start_tls returns the secured
+            # transport: answering now would write in clear on the raw one. Kept until then.
+            self.early.append(data)
             return
         self.last_rx = self.listener.now()
         if self.connect is None and not self.decoder.pending and data[:1] != b"\x10":

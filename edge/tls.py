@@ -33,13 +33,13 @@ def server_context(config: NodeConfig, source: str = "config") -> ssl.SSLContext
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(_path(cert), _path(key))
-    except (OSError, ssl.SSLError) as e:
+        ctx.load_cert_chain(_path(cert), _path(key), password=_no_passphrase)
+    except (OSError, ssl.SSLError, ValueError, _Encrypted) as e:
         raise ConfigError(source, "mqtt.tls_cert", _why(e, cert, key)) from None
     if ca:
         try:
             ctx.load_verify_locations(cafile=_path(ca))
-        except (OSError, ssl.SSLError) as e:
+        except (OSError, ssl.SSLError, ValueError) as e:
             raise ConfigError(source, "mqtt.tls_ca", _why(e, ca)) from None
         ctx.verify_mode = ssl.CERT_REQUIRED  # clients must show a certificate this CA signed
     return ctx
@@ -55,24 +55,40 @@ def client_context(
         return None
     try:
         ctx = ssl.create_default_context(cafile=_path(bridge.ca_file) if bridge.ca_file else None)
-    except (OSError, ssl.SSLError) as e:
+    except (OSError, ssl.SSLError, ValueError) as e:
         raise ConfigError(source, f"{where}.ca_file", _why(e, bridge.ca_file)) from None
     if bridge.cert_file:
         try:
-            ctx.load_cert_chain(_path(bridge.cert_file), _path(bridge.key_file))
-        except (OSError, ssl.SSLError) as e:
+            ctx.load_cert_chain(
+                _path(bridge.cert_file), _path(bridge.key_file), password=_no_passphrase
+            )
+        except (OSError, ssl.SSLError, ValueError, _Encrypted) as e:
             why = _why(e, bridge.cert_file, bridge.key_file)
             raise ConfigError(source, f"{where}.cert_file", why) from None
     return ctx
+
+
+class _Encrypted(Exception):
+    """The key file asks for a passphrase."""
+
+
+def _no_passphrase() -> str:
+    """OpenSSL's default would prompt on the terminal, and a background node has none."""
+    raise _Encrypted
 
 
 def _path(p: str) -> str:
     return str(Path(p).expanduser())
 
 
-def _why(e: OSError | ssl.SSLError, *paths: str) -> str:
+def _why(e: Exception, *paths: str) -> str:
     """One line: which file and what is wrong with it."""
+    if isinstance(e, _Encrypted):
+        return f"{paths[-1]} is encrypted: give the node an unencrypted key (it cannot ask)"
+    if isinstance(e, ValueError):
+        return f"cannot read {' / '.join(repr(p) for p in paths)}: {e}"
     if isinstance(e, ssl.SSLError):
         return f"cannot use {' / '.join(paths)}: {e.reason or e}"
+    assert isinstance(e, OSError)
     where = e.filename or " / ".join(paths)
     return f"cannot read {where}: {(e.strerror or str(e)).lower()}"

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from multiprocessing.queues import Queue
 from pathlib import Path
 from typing import Any, Final
@@ -504,7 +505,7 @@ def mesh_suite(
             for n in "ABC":
                 cpu_two[f"node {n}"] += (after[n] - middle[n]) * per
             cpu_two["sub"] += two.cpu["receiver"] * per
-    star = {"n0": []} | {f"n{i}": ["n0"] for i in range(1, 10)}
+    star: dict[str, list[str]] = {"n0": []} | {f"n{i}": ["n0"] for i in range(1, 10)}
     with bench_mesh(star) as ipc:
         servers = [ipc[f"n{i}"] for i in range(10)]
         ready = lambda: wait_interest(ipc["n0"], "bench/data/0", 1)  # noqa: E731
@@ -523,8 +524,14 @@ def mesh_suite(
             for c in many_clients:
                 c.close()
             wait_interest(ipc["n0"], "load/n9/s999/a/x", 0, at_most=True)  # all withdrawn
+    one, two, few, many = (
+        _median([r[k] for r in runs]) for k in ("one_node", "two_hops", "10_subs", "10k_subs")
+    )
     return MeshFigures(
-        *(_median([r[k] for r in runs]) for k in ("one_node", "two_hops", "10_subs", "10k_subs")),
+        one,
+        two,
+        few,
+        many,
         10_000,
         cpu_one,
         cpu_two,
@@ -626,7 +633,7 @@ def curve_suite(size: int, count: int, requests: int) -> CurveFigures:
                 size,
                 count,
                 sub_server=ipc["B"],
-                when_ready=lambda ipc=ipc: wait_interest(ipc["A"], "bench/data", 1),
+                when_ready=partial(wait_interest, ipc["A"], "bench/data", 1),
             )
             rtts = request_latency(ipc["A"], requests, replier=ipc["B"])
         figures[secure] = (thr, rtts)

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import zmq
 
@@ -780,7 +780,7 @@ class Client:
                     return False
         self._last_rx = time.monotonic()
         self._dispatch(frame)
-        events = sock.getsockopt
+        events = cast("Callable[[int], int]", sock.getsockopt)  # EVENTS is an int option
         recv = sock.recv
         for _ in range(63):
             if not events(zmq.EVENTS) & _POLLIN:

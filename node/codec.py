@@ -173,7 +173,7 @@ def _inflate(data: bytes) -> bytes:
 def _nests_deeper(body: object, limit: int = MAX_CONTROL_DEPTH) -> bool:
     """True if ``body`` has containers nested more than ``limit`` deep; iterative, so it
     cannot itself hit the recursion limit."""
-    stack = [(body, 1)]
+    stack: list[tuple[Any, int]] = [(body, 1)]
     while stack:
         value, depth = stack.pop()
         if depth > limit:

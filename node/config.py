@@ -664,9 +664,9 @@ BRIDGE_EXAMPLE: Final = [
 ]
 
 
-def as_dict(config: NodeConfig) -> dict[str, dict[str, object]]:
-    """Nested {section: {key: value}} for ``config show --json``."""
-    out: dict[str, dict[str, object]] = {s: {} for s in _SECTIONS}
+def as_dict(config: NodeConfig) -> dict[str, Any]:
+    """Nested {section: {key: value}} for ``config show --json`` (``bridge``: a list)."""
+    out: dict[str, Any] = {s: {} for s in _SECTIONS}
     for f in FIELDS:
         value = getattr(config, f.attr)
         out[f.section][f.key] = list(value) if isinstance(value, tuple) else value
@@ -680,10 +680,18 @@ def as_dict(config: NodeConfig) -> dict[str, dict[str, object]]:
                 "export": list(b.exports),
                 "qos": b.qos,
                 "tls": b.tls,
-                **{k: v for k, v in (("ca_file", b.ca_file), ("cert_file", b.cert_file)) if v},
+                **{
+                    k: v
+                    for k, v in (
+                        ("ca_file", b.ca_file),
+                        ("cert_file", b.cert_file),
+                        ("key_file", b.key_file),
+                    )
+                    if v
+                },
             }
             for b in config.bridges
-        ]  # type: ignore[dict-item]
+        ]
     return out
 
 

@@ -8,6 +8,7 @@ next dial so that a fleet restarting at once does not redial in lockstep.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -70,10 +71,17 @@ class Dialers:
                 server_key = url.split("#", 1)[1]
             self.by_url[url] = Dialer(url, found, next_try=now, server_key=server_key)
 
-    def remove(self, url: str) -> None:
+    def remove(self, url: str, last: bytes | None = None) -> None:
+        """Stop dialing ``url``; ``last``, if given, is sent first and given a second to
+        leave (a REVOKE telling the peer why it is cut off)."""
         d = self.by_url.pop(url, None)
-        if d is not None:
-            self._close(d)
+        if d is None:
+            return
+        if last is not None and d.sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                d.sock.send(last, zmq.NOBLOCK)
+                self._close(d, linger_ms=1000)
+        self._close(d)
 
     def dial(self, d: Dialer, hello: bytes, now: float) -> None:
         if self.curve is not None and not d.server_key:
@@ -113,10 +121,10 @@ class Dialers:
             d.last_error = "handshake failed (security mode or key mismatch?)"
             self.backoff(d, now)
 
-    def _close(self, d: Dialer) -> None:
+    def _close(self, d: Dialer, linger_ms: int = 0) -> None:
         if d.sock is not None:
             self.by_sock.pop(d.sock, None)
-            d.sock.close(linger=0)
+            d.sock.close(linger=linger_ms)
             d.sock = None
             self.changed = True
 

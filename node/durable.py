@@ -13,7 +13,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from node.codec import (
     F_PERSISTENT,
@@ -559,7 +559,7 @@ def replay_options(
     return {"since_s": since, "from_seq": from_seq, "paced": body.get("paced") is True}
 
 
-class Output:
+class Output(Protocol):
     """What the Durable core hands back to the Router after a commit."""
 
     def route(self, ident: bytes, record: bytes, route: Any) -> None: ...

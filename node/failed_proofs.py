@@ -8,12 +8,14 @@ node. Counting failed proofs per address bounds that: after ``limit`` failures w
 ``window`` seconds, first frames from that address are dropped before they are decoded,
 for ``block`` seconds. Sans-IO: the caller passes the clock.
 
-The price is that a member behind the same address (one NAT) cannot connect over TCP
-while the block lasts; local clients on ipc never count.
+Addresses are counted as IPv4 addresses or IPv6 /64s (``source_of``). The price is that
+a member behind the same address (one NAT, one /64) cannot connect over TCP while the
+block lasts; local clients on ipc never count.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from typing import Final
 
@@ -21,6 +23,20 @@ LIMIT: Final = 20  # failed proofs from one address ...
 WINDOW: Final = 60.0  # ... within this many seconds ...
 BLOCK: Final = 60.0  # ... drop its first frames unread for this long
 MAX_ADDRESSES: Final = 10_000  # addresses tracked at once (memory bound)
+
+
+def source_of(address: str) -> str:
+    """What is counted: an IPv4 address, or the /64 of an IPv6 one (a host is handed a
+    whole /64 and may pick any address in it)."""
+    if ":" not in address:
+        return address
+    try:
+        ip = ipaddress.IPv6Address(address.split("%", maxsplit=1)[0])
+    except ValueError:
+        return address
+    if ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is an IPv4 peer
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
 
 
 class FailedProofs:
@@ -42,6 +58,7 @@ class FailedProofs:
 
     def failed(self, address: str, now: float) -> bool:
         """Note a failed proof from ``address``; True if that starts a block."""
+        address = source_of(address)
         times = self._failures.get(address)
         if times is None:
             if len(self._failures) >= self.max_addresses:
@@ -60,6 +77,7 @@ class FailedProofs:
 
     def blocked(self, address: str, now: float) -> bool:
         """Whether first frames from ``address`` are to be dropped unread right now."""
+        address = source_of(address)
         until = self._blocked.get(address)
         if until is None:
             return False

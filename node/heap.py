@@ -16,7 +16,6 @@ limit (16 MiB by default). ``heap_keep = 0`` leaves glibc's defaults.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 from typing import Final
 
@@ -27,18 +26,21 @@ MAX_KEEP: Final = 1024 * 1024 * 1024  # mallopt takes an int
 
 
 def keep_freed(limit: int) -> bool:
-    """Let the C allocator keep up to ``limit`` bytes of freed heap and serve blocks up to
-    4 MiB from it. False where nothing was set: ``limit`` 0, not Linux, or no glibc."""
+    """Let the C allocator keep up to ``limit`` bytes of freed heap, and serve blocks up
+    to 4 MiB from it (512 KiB, glibc's cap, on 32-bit systems such as Raspberry Pi OS
+    armhf). False where nothing was set: ``limit`` 0, not Linux, or no glibc."""
     if limit <= 0 or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # no C library found, or one without mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):  # no mallopt (not glibc)
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
     # mallopt returns 1 on success; musl's stub returns 0 and changes nothing.
     if mallopt(M_TRIM_THRESHOLD, min(limit, MAX_KEEP)) != 1:
         return False
-    return mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS) == 1
+    for blocks in (HEAP_BLOCKS, 512 * 1024):  # glibc refuses more than half its heap size
+        if mallopt(M_MMAP_THRESHOLD, blocks) == 1:
+            break
+    return True

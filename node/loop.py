@@ -28,7 +28,7 @@ from node.dialers import HANDSHAKE_TIMEOUT, Dialers
 from node.durable import Durable, DurableConfig
 from node.heap import keep_freed
 from node.loop_discovery import DiscoverySide
-from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide
+from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide, events_of
 from node.router import Router
 from node.security import REVOKED_SELF, Security, join_links
 from node.store import open_store
@@ -240,7 +240,7 @@ class Node(SecureSide, DiscoverySide):
         """Read frames that arrived on links we dialed."""
         handle = self.router.handle_dialed
         for sock, d in list(self.dialers.by_sock.items()):
-            events = sock.getsockopt
+            events = events_of(sock)
             budget = self._pass_bytes + PASS_BYTES
             for _ in range(DRAIN_BATCH):
                 if self._pass_bytes > budget or not events(zmq.EVENTS) & POLLIN:
@@ -298,7 +298,7 @@ class Node(SecureSide, DiscoverySide):
         """
         if seconds <= 0:
             return False
-        checks = [self.sock.getsockopt, *(s.getsockopt for s in self.dialers.by_sock)]
+        checks = [events_of(self.sock), *(events_of(s) for s in self.dialers.by_sock)]
         clock = time.perf_counter
         end = clock() + seconds
         while clock() < end:
@@ -313,7 +313,7 @@ class Node(SecureSide, DiscoverySide):
         handle = self.router.handle
         known = self.router.clients
         links = self.router.net.by_via
-        events = sock.getsockopt
+        events = events_of(sock)
         budget = self._pass_bytes + PASS_BYTES
         for _ in range(DRAIN_BATCH):
             # Asking EVENTS is cheaper than catching zmq.Again.
@@ -329,7 +329,7 @@ class Node(SecureSide, DiscoverySide):
                     addresses = self.router.net.peer_addresses
                     if len(addresses) > 1000:
                         addresses.clear()
-                    addresses[ident] = msg.get("Peer-Address") or ""
+                    addresses[ident] = str(msg.get("Peer-Address") or "")
             if sock.getsockopt(zmq.RCVMORE):
                 while sock.getsockopt(zmq.RCVMORE):
                     recv()
@@ -342,7 +342,7 @@ class Node(SecureSide, DiscoverySide):
         send = self.sock.send
         router = self.router
         for dest, frame, count in router.take_output():
-            if type(dest) is str:
+            if isinstance(dest, str):
                 self._send_dialed(dest, frame, now)
                 continue
             try:

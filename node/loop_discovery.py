@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from node import discovery
-from node.loop_security import POLLIN
+from node.loop_security import POLLIN, events_of
 from node.mesh import PROTO
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class DiscoverySide:
         if self.discovery is None:
             return
         pipe = self.discovery.pipe
-        while pipe.getsockopt(zmq.EVENTS) & POLLIN:
+        while events_of(pipe)(zmq.EVENTS) & POLLIN:
             msg = json.loads(pipe.recv())
             service = msg["service"]
             if msg["event"] == "removed":

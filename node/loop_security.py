@@ -6,7 +6,8 @@ own state (the annotations below name what it uses). Open mode never calls it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import zmq
 
@@ -26,6 +27,13 @@ DRAIN_BATCH: Final = 256  # frames read per wake-up before output is flushed
 # 0.00-0.02 faults per event there, 1.9 -> 1.5-1.6 us of CPU per event).
 PASS_BYTES: Final = 256 * 1024
 POLLIN: Final = int(zmq.POLLIN)  # a plain int: `int & IntFlag` goes through enum code (0.8 us)
+
+
+def events_of(sock: zmq.Socket[bytes]) -> Callable[[int], int]:
+    """``sock.getsockopt`` typed for the int options the loop asks (EVENTS, RCVMORE)."""
+    return cast("Callable[[int], int]", sock.getsockopt)
+
+
 _REVOKE_KIND: Final = bytes((Kind.REVOKE,))
 _LINK_OK_KIND: Final = bytes((Kind.LINK_OK,))
 _GUARDED: Final = frozenset((Kind.LINK, Kind.HELLO, Kind.ENROLL))  # first frames to prove
@@ -53,7 +61,7 @@ class SecureSide:
         recv = sock.recv
         handle = self.router.handle
         keys = self._keys
-        events = sock.getsockopt
+        events = events_of(sock)
         budget = self._pass_bytes + PASS_BYTES
         for _ in range(DRAIN_BATCH):
             if self._pass_bytes > budget or not events(zmq.EVENTS) & POLLIN:
@@ -67,7 +75,7 @@ class SecureSide:
                 self.router.bad_frame(ident, "multi-part message (the protocol sends one frame)")
                 continue
             try:
-                key = msg.get("User-Id")
+                key = str(msg.get("User-Id"))
             except zmq.ZMQError:
                 key = ""  # ipc or inproc: no CURVE; the data dir's permissions guard it
             known = keys.get(ident)
@@ -97,7 +105,7 @@ class SecureSide:
         (refused, or an enrollment answered) and must not reach the router."""
         sec = self.security
         assert sec is not None
-        address = msg.get("Peer-Address") or ""
+        address = str(msg.get("Peer-Address") or "")
         if address and sec.proofs.blocked(address, now):  # before the costly decode
             sec.counters["handshakes_dropped"] += 1
             return False
@@ -186,8 +194,8 @@ class SecureSide:
             return
         net = self.router.net
         frame = encode_control(Kind.REVOKE, {"revocations": fresh})
-        for link in net.links.values():  # the revoked node too: it learns why, and stops
-            net.out.append((link.via, frame))
+        for each in net.links.values():  # the revoked node too: it learns why, and stops
+            net.out.append((each.via, frame))
         for signed in fresh:
             node, key = signed["rec"]["node"], signed["rec"]["key"]
             link = net.links.get(node)
@@ -195,7 +203,9 @@ class SecureSide:
                 net.drop_via(link.via, "membership revoked", now)
             for d in list(self.dialers.by_url.values()):
                 if d.peer_id == node or d.server_key == key:
-                    self.dialers.remove(d.url)
+                    # The REVOKE queued for this link would find the dialer gone at flush:
+                    # it goes now, so the revoked node learns why (and stops dialing).
+                    self.dialers.remove(d.url, last=frame)
             for ident, k in list(self._keys.items()):
                 if k == key and ident in self.router.clients:
                     self.router.drop_client(ident, "membership revoked", now)

@@ -459,11 +459,11 @@ class Mesh:
             via = self.links[hop].via
             chunk: list[tuple[bytes, tuple[str, ...]]] = []
             chunk_bytes = 0
-            for node, groups in tl:
+            for raw, groups in tl:
                 # A header holds 255 entries of 255 groups each; a node with more groups
                 # takes several entries, always in the same header so it gets one copy.
-                entries = [(node, groups[i : i + 255]) for i in range(0, len(groups), 255)]
-                entries = entries or [(node, ())]
+                entries = [(raw, groups[i : i + 255]) for i in range(0, len(groups), 255)]
+                entries = entries or [(raw, ())]
                 size = sum(9 + sum(1 + len(g.encode()) for g in gs) for _, gs in entries)
                 if chunk and (len(chunk) + len(entries) > 255 or chunk_bytes + size > 60_000):
                     out.append((via, encode_targets(hops, chunk)))
@@ -489,7 +489,7 @@ class Mesh:
                 rest[key] = rest.get(key, ()) + groups
         if rest and hops + 1 >= MAX_HOPS_FORWARD:
             self.counters["hop_limit"] += 1
-            rest = []
+            rest = {}
         return mine, self._split(list(rest.items()), hops + 1) if rest else []
 
     # ---- views ---------------------------------------------------------------------------

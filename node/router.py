@@ -57,6 +57,9 @@ from node.topics import (
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
 _ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian sequence
 _LINK_ONLY: Final = frozenset((Kind.FWD, Kind.STATES, Kind.BEAT, Kind.BEAT_ACK))
+# What an identity without a session may send; anything else is answered "say HELLO
+# first" on its kind byte alone, so a stranger cannot make the node parse 1 MiB of JSON.
+_GREETINGS: Final = frozenset((Kind.HELLO, Kind.LINK))
 _NOT_LINKED: Final = encode_control(Kind.LINK_REFUSE, {"reason": "not linked (node restarted?)"})
 ROUTE_CACHE_SIZE: Final = 65536
 SLOW_NOTICE_INTERVAL: Final = 1.0
@@ -152,6 +155,9 @@ class Router(MeshSide, DurableSide):
                 return
             if kind in (Kind.PUB, Kind.DELIVER, Kind.FWD):
                 raise CodecError(f"{kind.name} is not a frame a client may send")
+            if ident not in self.clients and kind not in _GREETINGS:
+                self._no_session(ident)  # decided on the kind byte: no JSON parsed for it
+                return
             kind, body = decode_control(frame)
             if kind == Kind.LINK:
                 self.net.on_link_request(ident, body, "", now)

@@ -14,9 +14,12 @@ from node.mesh import NO_PLAN
 from node.sessions import Client, Route, SubRef
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from node.durable import Durable
+    from node.mesh import Plan
     from node.router import Router
-    from node.sessions import Acl, Counters
+    from node.sessions import Acl, Counters, _Refused
 
 _IDS_PER_FRAME: Final = 1000  # event ids per PACK/ERR frame: well under the control limit
 DURABLE_FLAGS: Final = F_PERSISTENT | F_RETAIN  # records that take the durable path
@@ -31,6 +34,19 @@ class DurableSide:
     counters: Counters
     clients: dict[bytes, Client]
     _pending: dict[bytes, list[bytes]]
+    log: Callable[[str], None]
+    _cache: dict[bytes, Route | _Refused]
+    _durable_out: DurableOut
+
+    if TYPE_CHECKING:  # the Router's, used here
+
+        def _error(self, ident: bytes, ref: object, error: str, code: str) -> None: ...
+
+        def _send_control(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None: ...
+
+        def _count_interest(self, key: tuple[str, str | None], delta: int) -> None: ...
+
+        def _forward(self, plan: Plan, rec: bytes) -> None: ...
 
     def _consume(self, client: Client, ref: object, sid: int, body: dict[str, Any]) -> None:
         """Bind a subscription to a durable queue: deliveries with explicit acks."""

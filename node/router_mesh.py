@@ -27,9 +27,12 @@ from node.sessions import _Refused
 from node.topics import validate_topic
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from node.dedup import DedupWindow
     from node.durable import Durable
     from node.mesh import Mesh
-    from node.sessions import Counters
+    from node.sessions import Counters, Route
 
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
 _ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian sequence
@@ -46,6 +49,15 @@ class MeshSide:
     _link_pending: dict[tuple[Via, bytes], list[bytes]]
     _plans: dict[tuple[tuple[str, ...], tuple[tuple[Via, bytes], ...]], Plan]
     _reachable: set[str]
+    node_id: str
+    log: Callable[[str], None]
+    _cache: dict[bytes, Route | _Refused]
+    _fwd_cache: dict[bytes, tuple[tuple[str, ...] | None, list[tuple[Via, bytes]]]]
+    _dedup: DedupWindow
+
+    if TYPE_CHECKING:  # the Router's, used here
+
+        def _remote_route(self, topic_b: bytes) -> Route | _Refused: ...
 
     def handle_dialed(self, via: str, found: str, frame: bytes, now: float) -> None:
         """A frame on a link we dialed (the loop's DEALER for ``via``)."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar, cast
 
 from node.errors import TopicError
 
@@ -179,7 +179,7 @@ class SubscriptionTrie(Generic[S]):
                 node.tail_subs = target
             else:
                 node.subs = target
-        target.add(sub)
+        cast("set[S]", target).add(sub)  # a real set now, not the shared empty one
         self._count += 1
         return True
 

@@ -76,3 +76,17 @@ class Authority:
             san = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
             builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
         return _write(self.where, stem, builder.sign(self.key, hashes.SHA256()), key)
+
+
+def encrypted_key(pair: Pair, passphrase: bytes = b"secret") -> Path:
+    """A copy of ``pair``'s key encrypted with a passphrase (a node cannot use it)."""
+    key = serialization.load_pem_private_key(pair.key.read_bytes(), password=None)
+    out = pair.key.with_suffix(".encrypted.key")
+    out.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase),
+        )
+    )
+    return out

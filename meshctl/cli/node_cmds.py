@@ -140,7 +140,7 @@ def up(
             raise ConfigError("command line", "--mqtt", e.reason) from None
     if cfg.uplink_url and not cfg.store:
         raise InputError("an uplink spools to the store: set store.enabled = true")
-    mqtt_tls = _tls_contexts(cfg, config)
+    mqtt_tls, bridge_tls = _tls_contexts(cfg, config)
     where = datadir.resolve_data_dir(cfg.data_dir)
     datadir.prepare(where)
     if cfg.ipc:
@@ -196,7 +196,7 @@ def up(
 
                 spool_dir = where if cfg.store else None  # the store holds their spool
                 started += start_bridges(
-                    cfg.bridges, node.ctx, node.inproc, register, data_dir=spool_dir
+                    cfg.bridges, node.ctx, node.inproc, register, spool_dir, bridge_tls
                 )
             if cfg.mqtt_listen:
                 from edge.mqtt_listener import start_listener  # noqa: PLC0415 - when used
@@ -218,19 +218,24 @@ def up(
         raise OperationalError(str(e)) from None
 
 
-def _tls_contexts(cfg: NodeConfig, config: Path | None) -> ssl.SSLContext | None:
+def _tls_contexts(
+    cfg: NodeConfig, config: Path | None
+) -> tuple[ssl.SSLContext | None, dict[str, ssl.SSLContext]]:
     """Read every TLS file the config names now, in the foreground, so that a wrong one is
     one line (exit 2) rather than a node without its MQTT port or a bridge that never
-    connects; the MQTT listener's context is returned for it."""
+    connects: the MQTT listener's context, and each TLS bridge's by name."""
     if not (cfg.mqtt_listen or any(b.tls for b in cfg.bridges)):
-        return None
+        return None, {}
     from edge.tls import client_context, server_context  # noqa: PLC0415 - when used
 
     path = config or (default_config_path() if default_config_path().exists() else None)
     source = str(path or "config")
+    bridges = {}
     for i, bridge in enumerate(cfg.bridges):
-        client_context(bridge, source, f"bridge[{i}]")
-    return server_context(cfg, source) if cfg.mqtt_listen else None
+        context = client_context(bridge, source, f"bridge[{i}]")
+        if context is not None:
+            bridges[bridge.name] = context
+    return (server_context(cfg, source) if cfg.mqtt_listen else None), bridges
 
 
 def _mqtt_tls(m: dict[str, Any]) -> str:

@@ -238,7 +238,7 @@ def _enroll(where: Path, token: membership.Token, node_id: str, name: str, timeo
     if token.expires <= time.time():
         raise InputError("--join: the join token has expired; ask for a new one (meshctl invite)")
     public, secret = sec.curve_keys(where)
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.linger = 0
     try:

@@ -4,6 +4,7 @@ asks for client certificates). Certificates are made per test (tests/tls_certs.p
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import subprocess
@@ -21,7 +22,7 @@ from helpers import (
     run_up_refused,
     wait_for,
 )
-from tls_certs import Authority, Pair
+from tls_certs import Authority, Pair, encrypted_key
 
 pytestmark = [pytest.mark.e2e]
 
@@ -100,6 +101,38 @@ def test_mosquitto_clients_over_tls_both_ways(
     assert out.decode().splitlines() == ["cmd/light on"], err
 
 
+def test_connect_sent_with_the_last_handshake_message_is_answered_over_tls(
+    make_node: NodeFactory, pki: dict[str, Any]
+) -> None:
+    """A TLS 1.3 client may send its Finished and its CONNECT in one segment: the node
+    reads the CONNECT before its side of the handshake is handed over, and must still
+    answer through TLS (it once wrote the CONNACK in clear into the TLS stream)."""
+    node = make_node(config_text=tls_config(pki["server"]))
+    port = mqtt_port(node)
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    for _ in range(5):
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    raw.sendall(outgoing.read())
+                    incoming.write(raw.recv(65536))
+            tls.write(CONNECT)
+            raw.sendall(outgoing.read())  # Finished and CONNECT together
+            answer = b""
+            while not answer:
+                data = raw.recv(65536)
+                assert data, "the node closed the connection"
+                incoming.write(data)
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    answer = tls.read(4)
+            assert answer == b"\x20\x02\x00\x00"  # CONNACK, accepted
+
+
 def test_plain_mqtt_and_garbage_on_the_tls_port_are_refused_in_one_line_each(
     make_node: NodeFactory, pki: dict[str, Any]
 ) -> None:
@@ -176,8 +209,18 @@ def tls_answer(port: int, ctx: ssl.SSLContext) -> str:
             "mqtt.tls_ca",
             "cannot use",
         ),
+        ('tls_cert = "{server_cert}"\ntls_key = "{encrypted_key}"', "mqtt.tls_cert", "encrypted"),
+        ('tls_cert = "{server_cert}"\ntls_key = "a\\u0000b"', "mqtt.tls_cert", "null"),
     ],
-    ids=["missing-files", "key-without-cert", "cert-without-key", "wrong-key", "ca-not-a-cert"],
+    ids=[
+        "missing-files",
+        "key-without-cert",
+        "cert-without-key",
+        "wrong-key",
+        "ca-not-a-cert",
+        "encrypted-key",
+        "nul-in-path",
+    ],
 )
 def test_bad_tls_settings_stop_up_with_one_line(
     tmp_path: Path, pki: dict[str, Any], settings: str, key: str, why: str
@@ -187,6 +230,7 @@ def test_bad_tls_settings_stop_up_with_one_line(
         server_cert=pki["server"].cert,
         server_key=pki["server"].key,
         client_key=pki["client"].key,
+        encrypted_key=encrypted_key(pki["server"]),
     )
     conf = tmp_path / "node.toml"
     conf.write_text(f'[mqtt]\nlisten = "127.0.0.1:0"\n{text}\n')

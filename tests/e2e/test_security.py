@@ -299,6 +299,32 @@ def test_revoked_node_is_dropped_and_cannot_return(make_node: NodeFactory, tmp_p
     assert bad.returncode == 2
 
 
+def test_a_revoked_node_is_told_even_when_the_revoker_dialed_it(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """The REVOKE for a link this node dialed used to be lost: the dialer was closed before
+    the frame went out, and the revoked node never learnt why it was cut off."""
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    x = make_node(
+        name="x", data_dir=tmp_path / "x", secure=True,
+        extra_args=["--join", invite(a, "--url", a.tcp)],
+    )  # fmt: skip
+    wait_for(lambda: linked(a, "x"), timeout=10, what="x to join a")
+    x_key = security(x)["public_key"]
+    # x forgets its join link, so the only link is one that a dials.
+    assert x.stop() == 0
+    (tmp_path / "x" / "join_links.json").unlink()
+    x = make_node(name="x", data_dir=tmp_path / "x", secure=True)
+    assert a.stop() == 0
+    a = make_node(
+        name="a", data_dir=tmp_path / "a", secure=True, extra_args=["--link", f"{x.tcp}#{x_key}"]
+    )
+    wait_for(lambda: linked(a, "x"), timeout=10, what="a to dial x")
+    assert run_cli("revoke", "x", "--data-dir", str(a.data_dir)).returncode == 0
+    wait_for(lambda: security(x)["revoked"], timeout=10, what="x to learn that it was revoked")
+    assert not linked(a, "x")
+
+
 def test_bad_tokens_are_usage_errors(tmp_path: Path) -> None:
     done = run_cli("up", "--data-dir", str(tmp_path / "d"), "--join", "garbage")
     assert done.returncode == 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.failed_proofs import FailedProofs
+from node.failed_proofs import FailedProofs, source_of
 
 
 def test_the_limit_within_the_window_blocks_for_a_while() -> None:
@@ -53,3 +53,18 @@ def test_blocks_exactly_when_the_last_limit_failures_fit_the_window(gaps: list[f
         assert p.failed("x", now) is expect
         if expect:
             since_block = []
+
+
+def test_ipv6_counts_per_64_and_mapped_ipv4_as_ipv4() -> None:
+    assert source_of("10.1.2.3") == "10.1.2.3"
+    assert source_of("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert source_of("fe80::1%eth0") == "fe80::/64"
+    assert source_of("::ffff:192.0.2.7") == "192.0.2.7"
+    assert source_of("not an address") == "not an address"
+    p = FailedProofs(limit=3, window=60.0)
+    # Three fresh addresses of one /64 are one source.
+    assert not p.failed("2001:db8:1:2::a", 1.0)
+    assert not p.failed("2001:db8:1:2::b", 2.0)
+    assert p.failed("2001:db8:1:2::c", 3.0)
+    assert p.blocked("2001:db8:1:2:ffff::9", 4.0)
+    assert not p.blocked("2001:db8:1:3::a", 4.0)

@@ -165,6 +165,19 @@ def test_frames_without_hello_are_dropped(frame: bytes) -> None:
     assert not r.clients
 
 
+@pytest.mark.parametrize("kind", [Kind.SUB, Kind.STATUS, Kind.LINK_OK, Kind.ENROLL, Kind.ACK])
+def test_a_stranger_is_answered_on_the_kind_byte_without_parsing(kind: Kind) -> None:
+    """A frame from an identity without a session is not decoded (a stranger could send
+    1 MiB of JSON per frame): its body here is not even JSON, and it is still answered
+    "say HELLO first" and counted, not taken for a malformed frame."""
+    r = make_router()
+    r.handle(A, bytes((1, kind)) + b"{" * 500_000, 0.0)
+    ((answer, body),) = controls(take(r), A)
+    assert (answer, body["code"]) == (Kind.ERR, "session")
+    assert r.counters.dropped["no_session"] == 1
+    assert r.counters.bad_frames == 0
+
+
 def test_bye_drops_the_client() -> None:
     r = connected(A)
     sub_ok(r, A, 1, "a/>")
