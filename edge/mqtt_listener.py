@@ -26,7 +26,6 @@ import itertools
 import logging
 import os
 import ssl
-import struct
 import threading
 import time
 from collections.abc import Callable
@@ -39,7 +38,6 @@ import zmq
 
 from edge.mapping import (
     MappingError,
-    mesh_topic_to_mqtt,
     mqtt_filter_to_mesh,
     mqtt_shared,
     mqtt_topic_to_mesh,
@@ -68,35 +66,27 @@ from edge.mqtt_codec import (
 from edge.mqtt_commit import Committing
 from edge.mqtt_conn import MqttConnection
 from edge.mqtt_connect import LOG_FIRST, ConnectSide, allowed
+from edge.mqtt_node_side import ACK, HB_QOS0, NodeSide
 from edge.mqtt_retain import ListenerRetained, NodeRetained, Retained
 from edge.mqtt_session import Session, SessionTable, Subscription
 from edge.port import MeshPort
 from node.codec import (
     F_PERSISTENT,
     F_RETAIN,
-    HEAD_PUB,
     RECORD_SIZE,
     Kind,
-    decode_control,
     encode_control,
-    encode_headers,
 )
 from node.config import NodeConfig, host_port
-from node.errors import CodecError, InputError
+from node.errors import InputError
 from node.sessions import publish_verdict
 from node.topics import matches, validate_publish_topic
 
 log = logging.getLogger("meshctl.node")
 
-QOS_HEADER: Final = "qos"
-_POLLIN: Final = int(zmq.POLLIN)  # a plain int: `int & IntFlag` goes through enum code (0.8 us)
-HB_QOS0: Final = encode_headers({QOS_HEADER: "0"})
 FRAME_BYTES: Final = 64 * 1024  # PUB frames to the node are cut at about this size
 CONNECT_TIMEOUT: Final = 10.0  # a socket that sends no CONNECT this long is closed
 TICK: Final = 0.25  # keepalive and CONNECT deadlines are checked this often
-MAX_BACKLOG: Final = 8 * 1024 * 1024  # QoS 0 to a client with more unsent bytes is dropped
-_DELIVERY: Final = struct.Struct("<IIHHB")  # sid, plen, tlen, hlen, flags
-_ACK: Final = struct.Struct(">BBH")  # PUBACK/PUBREC: first byte, length 2, packet id
 _ID: Final = slice(RECORD_SIZE - 16, RECORD_SIZE)  # a record's event id
 
 
@@ -119,7 +109,7 @@ class ListenerConfig:
     tls: ssl.SSLContext | None = None  # edge/tls.py: the port speaks TLS (mqtts)
 
 
-class MqttListener(ConnectSide):
+class MqttListener(ConnectSide, NodeSide):
     """The actor: ``start()`` binds (or raises OSError), ``stop()`` joins the thread."""
 
     def __init__(
@@ -405,13 +395,13 @@ class MqttListener(ConnectSide):
         session: Session = conn.session  # type: ignore[assignment]  # on_packet checked it
         pid = p.packet_id
         if qos == 2 and pid in session.awaiting_rel:
-            conn.write(_ACK.pack(0x50, 2, pid))  # a resend: published already
+            conn.write(ACK.pack(0x50, 2, pid))  # a resend: published already
             return
         if self.cfg.persistent:
             self._persist(conn, session, p)
             return
         rec = self._publish(conn, p)
-        ack = _ACK.pack(0x40 if qos == 1 else 0x50, 2, pid)
+        ack = ACK.pack(0x40 if qos == 1 else 0x50, 2, pid)
         if qos == 2:
             session.awaiting_rel.add(pid)
         if rec is not None:
@@ -432,7 +422,7 @@ class MqttListener(ConnectSide):
         else:
             made = self._publish(conn, p)
             if made is None:  # refused here: acknowledged, so the client does not resend
-                conn.write(_ACK.pack(0x40 if p.qos == 1 else 0x50, 2, pid))
+                conn.write(ACK.pack(0x40 if p.qos == 1 else 0x50, 2, pid))
                 if p.qos == 2:
                     session.awaiting_rel.add(pid)
                 return
@@ -543,178 +533,6 @@ class MqttListener(ConnectSide):
         for sub in session.subs.values():
             self._unsub(sub)
         session.subs.clear()
-
-    # ---- the node side ---------------------------------------------------------------------
-
-    def _schedule_flush(self) -> None:
-        if not self._flush_due and self._loop is not None:
-            self._flush_due = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        """Once per loop pass: hand batched records to the node, then ask it to confirm."""
-        self._flush_due = False
-        self._send_records()
-        if self._after:
-            ref = next(self._refs)
-            self._waiting[ref] = self._after
-            self._after = []
-            self._send(encode_control(Kind.PING, {"ref": ref}))
-
-    def _send_records(self) -> None:
-        if self._records:
-            frame = HEAD_PUB + b"".join(self._records)
-            self._records.clear()
-            self._record_bytes = 0
-            self._send(frame)
-
-    def _send(self, frame: bytes) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        try:
-            sock.send(frame)
-        except zmq.Again:
-            self.counters["dropped_node_busy"] += 1
-        # The FD is edge-triggered: a send may consume the edge of frames that arrived.
-        if _readable(sock) and self._loop is not None:
-            self._loop.call_soon(self._on_node)
-
-    def _on_node(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        touched: set[MqttConnection] = set()
-        for _ in range(256):
-            if not _readable(sock):
-                break
-            frame = sock.recv()
-            if frame[:2] == b"\x01\x21":
-                self._deliver(frame, touched)
-            else:
-                self._on_control(frame, touched)
-        else:
-            self._loop.call_soon(self._on_node)  # type: ignore[union-attr]
-        for conn in touched:
-            conn.flush()
-
-    def _on_control(self, frame: bytes, touched: set[MqttConnection]) -> None:
-        try:
-            kind, body = decode_control(frame)
-        except CodecError as e:
-            log.warning("MQTT listener: bad frame from the node: %s", e)
-            return
-        if kind == Kind.OK and body.get("ref") in self._waiting:
-            for conn, packet, release in self._waiting.pop(body["ref"]):
-                held = [p for sid in release for p in self._held.pop(sid, ())]
-                if not conn.closing:
-                    conn.out.append(packet)
-                    conn.out.extend(held)
-                    touched.add(conn)
-        elif kind == Kind.PACK:
-            self._committed(body.get("ids") or [], touched)
-        elif kind == Kind.ERR and isinstance(body.get("ids"), list):
-            self._refused(body["ids"], str(body.get("error")))
-        elif kind == Kind.ERR:
-            log.warning("MQTT listener: the node said: %s", body.get("error"))
-
-    def _committed(self, ids: list[Any], touched: set[MqttConnection]) -> None:
-        """The node stored these events: PUBACK (PUBREC) each to its client, in one write
-        per client per frame. A client that is not connected right now keeps the mapping
-        in its session: its resend (DUP) reuses the id and the node acknowledges again."""
-        online = self._online
-        for session, pid, qos in self.committing.answered(ids, self.now()):
-            conn = online.get(session.client_id)
-            if conn is None or conn.session is not session or conn.closing:
-                continue
-            del session.incoming[pid]
-            if qos == 1:
-                conn.out.append(_ACK.pack(0x40, 2, pid))
-            else:
-                session.awaiting_rel.add(pid)
-                conn.out.append(_ACK.pack(0x50, 2, pid))
-            touched.add(conn)
-
-    def _refused(self, ids: list[Any], error: str) -> None:
-        """The node could not store these events (disk or spool full). MQTT 3.1.1 has no
-        negative PUBACK: close the client's connection; it resends on reconnect."""
-        for session, pid, qos in self.committing.answered(ids, self.now()):
-            n = self.counters["store_refused"] = self.counters["store_refused"] + 1
-            conn = self._online.get(session.client_id)
-            if conn is None or conn.session is not session or conn.closing:
-                continue
-            if n <= LOG_FIRST or n % 1000 == 0:
-                log.warning(
-                    "MQTT client %s: closing: the node could not store its QoS %d message "
-                    "(packet id %d; total %d): %s",
-                    conn.name, qos, pid, n, error,
-                )  # fmt: skip
-            conn.close(abort=True)
-
-    def _deliver(self, frame: bytes, touched: set[MqttConnection]) -> None:
-        """Events from the node to MQTT clients: once per client even when several of its
-        subscriptions match (they arrive in the same frame)."""
-        unpack = _DELIVERY.unpack_from
-        sids = self._sids
-        online = self._online
-        seen: set[tuple[int, bytes]] = set()
-        n = len(frame)
-        off = 2
-        while off + 4 + RECORD_SIZE <= n:
-            sid, plen, tlen, hlen, flags = unpack(frame, off)
-            t0 = off + 4 + RECORD_SIZE
-            h0 = t0 + tlen
-            p0 = h0 + hlen
-            end = p0 + plen
-            rec_id = frame[t0 - 16 : t0]
-            off = end
-            target = sids.get(sid)
-            if target is None:
-                continue
-            session, sub = target
-            if len(session.subs) > 1:
-                key = (id(session), rec_id)
-                if key in seen:
-                    continue
-                seen.add(key)
-            topic = self._mqtt_topic(frame[t0:h0])
-            if topic is None:
-                self.counters["refused_topics"] += 1
-                continue
-            qos = sub.qos
-            if qos and hlen and frame[h0:p0] == HB_QOS0:
-                qos = 0
-            conn = online.get(session.client_id)
-            if qos == 0 and conn is not None and conn.backlog() > MAX_BACKLOG:
-                self.counters["dropped_slow"] += 1
-                continue
-            packet = session.deliver(topic, frame[p0:end], qos, retain=bool(flags & F_RETAIN))
-            if packet is None or conn is None:
-                continue
-            self.counters["delivered"] += 1
-            held = self._held.get(sid)
-            if held is not None:
-                held.append(packet)  # before its SUBACK: goes out right after it
-            else:
-                conn.out.append(packet)
-                touched.add(conn)
-
-    def _mqtt_topic(self, tb: bytes) -> bytes | None:
-        topic = self._to_mqtt.get(tb, b"")
-        if topic == b"":
-            try:
-                topic = mesh_topic_to_mqtt(tb.decode()).encode()
-            except (InputError, UnicodeDecodeError):
-                topic = None
-            if len(self._to_mqtt) > 65_536:
-                self._to_mqtt.clear()
-            self._to_mqtt[tb] = topic
-        return topic
-
-
-def _readable(sock: zmq.Socket[bytes]) -> bool:
-    """Frames wait on ``sock`` (its FD only signals edges, so this is what to ask)."""
-    return bool(int(sock.getsockopt(zmq.EVENTS)) & _POLLIN)
 
 
 def _will_publish(will: Will) -> Publish:

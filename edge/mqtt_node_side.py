@@ -1,0 +1,238 @@
+"""The MQTT listener's side facing its node: batched PUB frames out, deliveries, flush
+answers and commit acknowledgements (PACK/ERR) in.
+
+A mixin of edge/mqtt_listener.py's MqttListener, split out to keep modules small; it
+works on the listener's own state (the annotations below name what it uses). The node
+is reached over one inproc DEALER whose FD only signals edges, hence ``_readable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import zmq
+
+from edge.mapping import mesh_topic_to_mqtt
+from edge.mqtt_commit import Committing
+from edge.mqtt_connect import LOG_FIRST
+from edge.mqtt_session import Session, Subscription
+from node.codec import (
+    F_RETAIN,
+    HEAD_PUB,
+    RECORD_SIZE,
+    Kind,
+    decode_control,
+    encode_control,
+    encode_headers,
+)
+from node.errors import CodecError, InputError
+
+if TYPE_CHECKING:
+    from edge.mqtt_conn import MqttConnection
+
+log = logging.getLogger("meshctl.node")
+
+QOS_HEADER: Final = "qos"
+HB_QOS0: Final = encode_headers({QOS_HEADER: "0"})
+MAX_BACKLOG: Final = 8 * 1024 * 1024  # QoS 0 to a client with more unsent bytes is dropped
+ACK: Final = struct.Struct(">BBH")  # PUBACK/PUBREC: first byte, length 2, packet id
+_POLLIN: Final = int(zmq.POLLIN)  # a plain int: `int & IntFlag` goes through enum code (0.8 us)
+_DELIVERY: Final = struct.Struct("<IIHHB")  # sid, plen, tlen, hlen, flags
+
+Pending = list[tuple["MqttConnection", bytes, tuple[int, ...]]]
+
+
+class NodeSide:
+    """Frames to and from the node."""
+
+    # The listener's state this side works on (set in MqttListener.__init__).
+    counters: dict[str, int]
+    committing: Committing
+    now: Callable[[], float]
+    _loop: asyncio.AbstractEventLoop | None
+    _sock: zmq.Socket[bytes] | None
+    _online: dict[str, MqttConnection]
+    _sids: dict[int, tuple[Session, Subscription]]
+    _refs: itertools.count[int]
+    _to_mqtt: dict[bytes, bytes | None]
+    _records: list[bytes]
+    _record_bytes: int
+    _after: Pending
+    _waiting: dict[int, Pending]
+    _held: dict[int, list[bytes]]
+    _flush_due: bool
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_due and self._loop is not None:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Once per loop pass: hand batched records to the node, then ask it to confirm."""
+        self._flush_due = False
+        self._send_records()
+        if self._after:
+            ref = next(self._refs)
+            self._waiting[ref] = self._after
+            self._after = []
+            self._send(encode_control(Kind.PING, {"ref": ref}))
+
+    def _send_records(self) -> None:
+        if self._records:
+            frame = HEAD_PUB + b"".join(self._records)
+            self._records.clear()
+            self._record_bytes = 0
+            self._send(frame)
+
+    def _send(self, frame: bytes) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        try:
+            sock.send(frame)
+        except zmq.Again:
+            self.counters["dropped_node_busy"] += 1
+        # The FD is edge-triggered: a send may consume the edge of frames that arrived.
+        if _readable(sock) and self._loop is not None:
+            self._loop.call_soon(self._on_node)
+
+    def _on_node(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        touched: set[MqttConnection] = set()
+        for _ in range(256):
+            if not _readable(sock):
+                break
+            frame = sock.recv()
+            if frame[:2] == b"\x01\x21":
+                self._deliver(frame, touched)
+            else:
+                self._on_control(frame, touched)
+        else:
+            self._loop.call_soon(self._on_node)  # type: ignore[union-attr]
+        for conn in touched:
+            conn.flush()
+
+    def _on_control(self, frame: bytes, touched: set[MqttConnection]) -> None:
+        try:
+            kind, body = decode_control(frame)
+        except CodecError as e:
+            log.warning("MQTT listener: bad frame from the node: %s", e)
+            return
+        if kind == Kind.OK and body.get("ref") in self._waiting:
+            for conn, packet, release in self._waiting.pop(body["ref"]):
+                held = [p for sid in release for p in self._held.pop(sid, ())]
+                if not conn.closing:
+                    conn.out.append(packet)
+                    conn.out.extend(held)
+                    touched.add(conn)
+        elif kind == Kind.PACK:
+            self._committed(body.get("ids") or [], touched)
+        elif kind == Kind.ERR and isinstance(body.get("ids"), list):
+            self._refused(body["ids"], str(body.get("error")))
+        elif kind == Kind.ERR:
+            log.warning("MQTT listener: the node said: %s", body.get("error"))
+
+    def _committed(self, ids: list[Any], touched: set[MqttConnection]) -> None:
+        """The node stored these events: PUBACK (PUBREC) each to its client, in one write
+        per client per frame. A client that is not connected right now keeps the mapping
+        in its session: its resend (DUP) reuses the id and the node acknowledges again."""
+        online = self._online
+        for session, pid, qos in self.committing.answered(ids, self.now()):
+            conn = online.get(session.client_id)
+            if conn is None or conn.session is not session or conn.closing:
+                continue
+            del session.incoming[pid]
+            if qos == 1:
+                conn.out.append(ACK.pack(0x40, 2, pid))
+            else:
+                session.awaiting_rel.add(pid)
+                conn.out.append(ACK.pack(0x50, 2, pid))
+            touched.add(conn)
+
+    def _refused(self, ids: list[Any], error: str) -> None:
+        """The node could not store these events (disk or spool full). MQTT 3.1.1 has no
+        negative PUBACK: close the client's connection; it resends on reconnect."""
+        for session, pid, qos in self.committing.answered(ids, self.now()):
+            n = self.counters["store_refused"] = self.counters["store_refused"] + 1
+            conn = self._online.get(session.client_id)
+            if conn is None or conn.session is not session or conn.closing:
+                continue
+            if n <= LOG_FIRST or n % 1000 == 0:
+                log.warning(
+                    "MQTT client %s: closing: the node could not store its QoS %d message "
+                    "(packet id %d; total %d): %s",
+                    conn.name, qos, pid, n, error,
+                )  # fmt: skip
+            conn.close(abort=True)
+
+    def _deliver(self, frame: bytes, touched: set[MqttConnection]) -> None:
+        """Events from the node to MQTT clients: once per client even when several of its
+        subscriptions match (they arrive in the same frame)."""
+        unpack = _DELIVERY.unpack_from
+        sids = self._sids
+        online = self._online
+        seen: set[tuple[int, bytes]] = set()
+        n = len(frame)
+        off = 2
+        while off + 4 + RECORD_SIZE <= n:
+            sid, plen, tlen, hlen, flags = unpack(frame, off)
+            t0 = off + 4 + RECORD_SIZE
+            h0 = t0 + tlen
+            p0 = h0 + hlen
+            end = p0 + plen
+            rec_id = frame[t0 - 16 : t0]
+            off = end
+            target = sids.get(sid)
+            if target is None:
+                continue
+            session, sub = target
+            if len(session.subs) > 1:
+                key = (id(session), rec_id)
+                if key in seen:
+                    continue
+                seen.add(key)
+            topic = self._mqtt_topic(frame[t0:h0])
+            if topic is None:
+                self.counters["refused_topics"] += 1
+                continue
+            qos = sub.qos
+            if qos and hlen and frame[h0:p0] == HB_QOS0:
+                qos = 0
+            conn = online.get(session.client_id)
+            if qos == 0 and conn is not None and conn.backlog() > MAX_BACKLOG:
+                self.counters["dropped_slow"] += 1
+                continue
+            packet = session.deliver(topic, frame[p0:end], qos, retain=bool(flags & F_RETAIN))
+            if packet is None or conn is None:
+                continue
+            self.counters["delivered"] += 1
+            held = self._held.get(sid)
+            if held is not None:
+                held.append(packet)  # before its SUBACK: goes out right after it
+            else:
+                conn.out.append(packet)
+                touched.add(conn)
+
+    def _mqtt_topic(self, tb: bytes) -> bytes | None:
+        topic = self._to_mqtt.get(tb, b"")
+        if topic == b"":
+            try:
+                topic = mesh_topic_to_mqtt(tb.decode()).encode()
+            except (InputError, UnicodeDecodeError):
+                topic = None
+            if len(self._to_mqtt) > 65_536:
+                self._to_mqtt.clear()
+            self._to_mqtt[tb] = topic
+        return topic
+
+
+def _readable(sock: zmq.Socket[bytes]) -> bool:
+    """Frames wait on ``sock`` (its FD only signals edges, so this is what to ask)."""
+    return bool(int(sock.getsockopt(zmq.EVENTS)) & _POLLIN)
