@@ -239,3 +239,28 @@ def test_bad_tls_settings_stop_up_with_one_line(
     assert len(r.err_lines) == 1, r.describe()
     assert f"{conf}: {key}: " in r.stderr
     assert why in r.stderr
+
+
+def test_users_and_passwords_over_tls_on_a_secured_node(
+    make_node: NodeFactory, pki: dict[str, Any], bg: Background
+) -> None:
+    """What TLS is for: a password CONNECT (checked on a worker thread while the client's
+    reading waits) over the TLS transport, then traffic both ways on the same connection."""
+    need_binary("mosquitto_pub")
+    node = make_node(config_text=tls_config(pki["server"]), secure=True)
+    done = run_cli(
+        "mqtt", "passwd", "sensor", "--password-stdin", "--data-dir", str(node.data_dir),
+        input="s3cret\n",
+    )  # fmt: skip
+    assert done.returncode == 0, done.describe()
+    port = mqtt_port(node)
+    sub = bg.start("sub", "sensors/>", "--json", server=node.ipc)
+    ca = ["--cafile", str(pki["ca"])]
+    for i in range(3):  # again and again: each one reads on after its password check
+        ok = mosquitto_pub(port, "sensors/t", f"m{i}", *ca, "-u", "sensor", "-P", "s3cret")
+        assert ok.returncode == 0, ok.stderr
+    wrong = mosquitto_pub(port, "sensors/t", "no", *ca, "-u", "sensor", "-P", "guess")
+    assert wrong.returncode != 0
+    sub.wait_lines(3)
+    assert [e["data"] for e in sub.json_lines()] == ["m0", "m1", "m2"]
+    assert node.status()["mqtt"]["auth_failures"] == 1
