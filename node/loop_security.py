@@ -75,7 +75,7 @@ class SecureSide:
                 self.router.bad_frame(ident, "multi-part message (the protocol sends one frame)")
                 continue
             try:
-                key = str(msg.get("User-Id"))
+                key = str(msg.get("User-Id") or "")
             except zmq.ZMQError:
                 key = ""  # ipc or inproc: no CURVE; the data dir's permissions guard it
             known = keys.get(ident)
