@@ -132,15 +132,18 @@ export = ["out/>"]
                 sub.wait(5)
 
 
-def test_nats_bridge_with_private_ca(make_node: NodeFactory, pki: dict[str, Any]) -> None:
+def test_nats_bridge_with_private_ca_and_client_certificate(
+    make_node: NodeFactory, pki: dict[str, Any]
+) -> None:
     import asyncio
 
     import nats
 
     need_binary("nats-server")
-    port, server = free_tcp_port(), pki["server"]
-    argv = ["nats-server", "-a", "127.0.0.1", "-p", str(port), "--tls",
-            "--tlscert", str(server.cert), "--tlskey", str(server.key)]  # fmt: skip
+    port, server, mine, tool = free_tcp_port(), pki["server"], pki["client"], pki["tool"]
+    argv = ["nats-server", "-a", "127.0.0.1", "-p", str(port), "--tlsverify",
+            "--tlscert", str(server.cert), "--tlskey", str(server.key),
+            "--tlscacert", str(pki["ca"])]  # fmt: skip
     with broker(argv, port):
         node = bridged(
             make_node,
@@ -149,6 +152,8 @@ def test_nats_bridge_with_private_ca(make_node: NodeFactory, pki: dict[str, Any]
 kind = "nats"
 url = "tls://127.0.0.1:{port}"
 ca_file = "{pki["ca"]}"
+cert_file = "{mine.cert}"
+key_file = "{mine.key}"
 export = ["out/>"]
 """,
         )
@@ -157,6 +162,7 @@ export = ["out/>"]
             import ssl
 
             ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+            ctx.load_cert_chain(tool.cert, tool.key)
             nc = await nats.connect(f"tls://127.0.0.1:{port}", tls=ctx)
             sub = await nc.subscribe("out.>")
             await nc.flush()
