@@ -179,13 +179,12 @@ class Router(MeshSide, DurableSide):
             self._error(ident, None, f"malformed frame dropped: {why}", "protocol")
 
     def _on_control(self, ident: bytes, kind: Kind, body: dict[str, Any], now: float) -> None:
+        """A decoded control frame: HELLO, or one from a client with a session (``handle``
+        answered every other sender before decoding)."""
         if kind == Kind.HELLO:
             self._hello(ident, body, now)
             return
-        client = self.clients.get(ident)
-        if client is None:
-            self._no_session(ident)
-            return
+        client = self.clients[ident]
         client.last_seen = now
         ref = body.get("ref")
         if kind == Kind.SUB:
