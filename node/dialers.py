@@ -77,11 +77,12 @@ class Dialers:
         d = self.by_url.pop(url, None)
         if d is None:
             return
+        linger_ms = 0
         if last is not None and d.sock is not None:
             with contextlib.suppress(zmq.ZMQError):
                 d.sock.send(last, zmq.NOBLOCK)
-                self._close(d, linger_ms=1000)
-        self._close(d)
+                linger_ms = 1000
+        self._close(d, linger_ms)
 
     def dial(self, d: Dialer, hello: bytes, now: float) -> None:
         if self.curve is not None and not d.server_key:
