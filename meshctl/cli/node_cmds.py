@@ -37,14 +37,18 @@ def default_config_path() -> Path:
     return Path(base) / "meshctl" / "meshctl.toml"
 
 
+def config_file(config: Path | None) -> Path | None:
+    """The config file a command reads: the explicit one, else the default path if present."""
+    if config is not None:
+        return config
+    default = default_config_path()
+    return default if default.exists() else None
+
+
 def effective_config(config: Path | None, **overrides: object) -> NodeConfig:
     """Defaults, then the config file (explicit or the default path if present), then options."""
-    if config is not None:
-        base = read_config(config)
-    elif default_config_path().exists():
-        base = read_config(default_config_path())
-    else:
-        base = NodeConfig()
+    path = config_file(config)
+    base = NodeConfig() if path is None else read_config(path)
     return with_overrides(base, overrides, source="command line")
 
 
@@ -228,8 +232,7 @@ def _tls_contexts(
         return None, {}
     from edge.tls import client_context, server_context  # noqa: PLC0415 - when used
 
-    path = config or (default_config_path() if default_config_path().exists() else None)
-    source = str(path or "config")
+    source = str(config_file(config) or "config")
     bridges = {}
     for i, bridge in enumerate(cfg.bridges):
         context = client_context(bridge, source, f"bridge[{i}]")
