@@ -1,0 +1,102 @@
+"""The log's kept totals (node/store.py): the node never counts the whole log on a timer.
+
+Every check compares the store's answers with SQLite counting the rows itself, after any
+mix of appends, trims, spool drops, a moving cursor, commits and rollbacks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from node.store import Store, StoreError, open_store
+
+BIG = 1 << 62
+
+
+def counted(store: Store, after: int = 0) -> tuple[int, int]:
+    """(entries, bytes) of the log after ``after``, counted by SQLite."""
+    n, size = store.db.execute(
+        "SELECT count(*), coalesce(sum(length(record)), 0) FROM log WHERE seq > ?", (after,)
+    ).fetchone()
+    return n, size
+
+
+def rows(sizes: list[int], t_ns: int) -> list[tuple[bytes, str, int, bytes]]:
+    return [(bytes(16), "t", t_ns, b"r" * n) for n in sizes]
+
+
+_ops = st.one_of(
+    st.tuples(st.just("append"), st.lists(st.integers(0, 300), min_size=1, max_size=8)),
+    st.tuples(st.just("trim_age"), st.integers(0, 40)),
+    st.tuples(st.just("trim_size"), st.integers(0, 4000)),
+    st.tuples(st.just("cursor"), st.integers(-5, 5)),
+    st.tuples(st.just("no_reader"), st.none()),  # no reader yet: Spool.cursor()'s 1 << 62
+    st.tuples(st.just("drop"), st.integers(0, 3000)),
+    st.tuples(st.just("commit"), st.none()),
+    st.tuples(st.just("rollback"), st.none()),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_ops, max_size=40))
+def test_kept_totals_match_a_count_after_any_changes(ops: list[tuple[str, Any]]) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        store = open_store(Path(d))
+        clock, cursor, keep = 100, 0, False  # keep: trims hold back what is after the cursor
+        try:
+            for op, arg in ops:
+                if op == "append":
+                    clock += 1
+                    store.log_append(rows(arg, clock))
+                elif op == "trim_age":
+                    store.log_trim(BIG, arg, clock, keep_after=cursor if keep else None)
+                elif op == "trim_size":
+                    store.log_trim(arg, BIG, clock, keep_after=cursor if keep else None)
+                elif op == "cursor":
+                    cursor, keep = max(0, min(store.log_head(), cursor + arg)), True
+                elif op == "no_reader":
+                    cursor = BIG
+                elif op == "drop":
+                    store.spool_drop_oldest(cursor, arg)
+                elif op == "commit":
+                    store.commit()
+                else:
+                    store.rollback()
+                assert store.log_stats()[:2] == counted(store)
+                assert store.spool_stats(cursor)[:2] == counted(store, cursor)
+        finally:
+            store.close()
+
+
+def test_the_age_trim_goes_from_the_oldest_end() -> None:
+    """An entry behind a newer one (the clock stepped back) waits for it to go."""
+    with tempfile.TemporaryDirectory() as d:
+        store = open_store(Path(d))
+        for t in (10, 11, 50, 12, 60):
+            store.log_append(rows([5], t))
+        assert store.log_trim(BIG, max_age_ns=20, now_ns=70) == 2  # 10 and 11, not 12
+        assert [r[1] for r in store.log_after(0, 10)] == ["t"] * 3
+        assert store.log_stats() == (3, 15, 3, 50)
+        assert store.log_trim(BIG, max_age_ns=20, now_ns=75) == 2  # 50, then 12 behind it
+        assert store.log_stats() == (1, 5, 5, 60)
+        store.close()
+
+
+def test_the_totals_survive_a_failed_pass(tmp_path: Path) -> None:
+    """A pass rolled back (disk full) takes its appends with it: the totals count again."""
+    store = open_store(tmp_path)
+    store.log_append(rows([7, 7], 1))
+    store.commit()
+    assert store.spool_stats(0)[:2] == (2, 14)
+    store.log_append(rows([100], 2))
+    with pytest.raises(StoreError):
+        store.guard("INSERT INTO nowhere VALUES (1)")  # a failed write rolls the pass back
+    assert store.log_stats()[:2] == (2, 14) == counted(store)
+    assert store.spool_stats(0)[:2] == (2, 14)
+    store.close()
