@@ -100,3 +100,23 @@ def test_the_totals_survive_a_failed_pass(tmp_path: Path) -> None:
     assert store.log_stats()[:2] == (2, 14) == counted(store)
     assert store.spool_stats(0)[:2] == (2, 14)
     store.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.booleans()), max_size=40), st.integers(0, 130))
+def test_the_replay_start_for_a_time_matches_a_scan(
+    entries: list[tuple[int, bool]], at: int
+) -> None:
+    """``log_seq_at`` searches instead of scanning; on a log in time order with gaps
+    anywhere (a trimmed front, a dropped spool range) it answers as the scan did."""
+    with tempfile.TemporaryDirectory() as d:
+        store = open_store(Path(d))
+        t = 0
+        for dt, _ in entries:
+            t += dt
+            store.log_append(rows([1], t))
+        gone = [(seq,) for seq, (_, drop) in enumerate(entries, 1) if drop]
+        store.db.executemany("DELETE FROM log WHERE seq = ?", gone)
+        row = store.db.execute("SELECT min(seq) FROM log WHERE time_ns >= ?", (at,)).fetchone()
+        assert store.log_seq_at(at) == (row[0] - 1 if row[0] is not None else store.log_head())
+        store.close()
