@@ -51,6 +51,14 @@ class Inflight:
     consumer: Consumer
     deadline: float
     deliveries: int
+    raw: bytes  # the event id: the key of this delivery in ``consumer.inflight``
+
+    def release(self, seq: int) -> None:
+        """Forget the delivery on its consumer's side: one dict operation, where searching
+        the consumer's deliveries for ``seq`` made a tick that expired many of them
+        quadratic (16,384 in flight, all expiring at once: 7.5 s of the node's thread)."""
+        if self.consumer.inflight.get(self.raw) == seq:
+            del self.consumer.inflight[self.raw]
 
 
 @dataclass(eq=False)  # identity: the trie holds queues in sets
@@ -292,7 +300,7 @@ class Queues:
                 done.append(seq)
                 f = q.inflight.pop(seq, None)
                 if f is not None:
-                    f.consumer.inflight = {k: v for k, v in f.consumer.inflight.items() if v != seq}
+                    f.release(seq)
         return done
 
     def expire(self, q: Queue, now: float, now_ns: int) -> None:
@@ -300,10 +308,7 @@ class Queues:
         late = [(seq, f) for seq, f in q.inflight.items() if f.deadline <= now]
         for seq, f in late:
             del q.inflight[seq]
-            for raw, s in list(f.consumer.inflight.items()):
-                if s == seq:
-                    del f.consumer.inflight[raw]
-                    break
+            f.release(seq)
             if f.deliveries >= q.max_deliver:
                 self._dead_letter(q, seq, f.deliveries, now_ns)
             else:
@@ -361,8 +366,9 @@ class Queues:
             n = deliveries + 1
             if n > 1:
                 q.redeliveries += 1
-            consumer.inflight[bytes(raw_id)] = seq
-            q.inflight[seq] = Inflight(consumer, now + q.ack_wait, n)
+            raw = bytes(raw_id)
+            consumer.inflight[raw] = seq
+            q.inflight[seq] = Inflight(consumer, now + q.ack_wait, n, raw)
             updates.append((n, q.name, seq))
             out.append((consumer, with_count(bytes(record), n), seq))
         if updates:
@@ -383,10 +389,10 @@ class Queues:
 
     def undo_take(self, q: Queue, taken: list[tuple[Consumer, bytes, int]]) -> None:
         """The commit failed: nothing was sent, so the messages wait again."""
-        for consumer, _rec, seq in taken:
+        for _consumer, _rec, seq in taken:
             f = q.inflight.pop(seq, None)
             if f is not None:
-                consumer.inflight = {k: v for k, v in consumer.inflight.items() if v != seq}
+                f.release(seq)
                 if f.deliveries > 1:
                     q.redeliveries -= 1
             heapq.heappush(q.redeliver, seq)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from node.codec import F_PERSISTENT, F_RETAIN, HEAD_PUB, Kind, encode_control, encode_record
@@ -255,6 +255,36 @@ def test_ack_removes_and_the_ack_wait_redelivers_then_dead_letters(tmp_path: Pat
     assert ev.headers == {"dead-queue": "jobs", "dead-deliveries": "2"}
 
 
+class Unsearchable(dict):  # type: ignore[type-arg]
+    """A consumer's deliveries that fail the test if anything walks them."""
+
+    def items(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("walked the consumer's deliveries")
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        raise AssertionError("walked the consumer's deliveries")
+
+
+def test_expiring_many_deliveries_at_once_forgets_each_directly(tmp_path: Path) -> None:
+    """Each expired delivery was found in its consumer's deliveries by a search: 16,384 in
+    flight expiring in one tick kept the node's thread for 7.5 s."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs", ack_wait=1.0)
+    consume(r, A, 1, "jobs", max_inflight=50)
+    pub(r, A, *(rec("jobs", str(i).encode(), seq=i) for i in range(1, 51)))
+    r.end_pass(0.0)
+    assert len(deliveries(take(r), A)) == 50
+    (consumer,) = d.queues.by_name["jobs"].consumers
+    consumer.inflight = Unsearchable(consumer.inflight)
+    r.tick(1.5)
+    assert len(consumer.inflight) == 0
+    r.end_pass(1.5)
+    again = deliveries(take(r), A)
+    assert sorted(int(e.data) for _s, e in again) == list(range(1, 51))
+    assert {e.deliveries for _s, e in again} == {2}
+
+
 def test_a_consumer_that_leaves_has_its_deliveries_go_to_another(tmp_path: Path) -> None:
     r, _d = durable_router(tmp_path)
     hello(r, A)
@@ -397,6 +427,47 @@ def test_retained_last_value_for_new_subscribers_and_empty_clears(tmp_path: Path
     d.close()
     _r2, d2 = durable_router(tmp_path)
     assert set(d2.retained) == {"cfg/b"}
+
+
+_RETAINED_TOPICS = ["a", "a/b", "a/b/c", "a/c", "ab", "ab/c", "b/a", "$mesh/x", "a/bc", "a/b/d"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_RETAINED_TOPICS), st.booleans(), st.booleans()), max_size=25
+    ),
+    st.lists(
+        st.sampled_from(["a", "a/>", "a/*", "*/c", ">", "a/b/*", "ab/>", "*", "a/*/c", "$mesh/>"]),
+        min_size=1,
+        max_size=3,
+    ),
+)
+@example([("a/b", True, True), ("a/b", False, True)], ["a/>"])  # set, then cleared
+@example([("a/c", True, False), ("a/b", True, True)], ["a/*"])  # two new in one pass
+def test_retained_for_finds_what_matching_every_value_finds(
+    changes: list[tuple[str, bool, bool]], patterns: list[str]
+) -> None:
+    """retained_for looks under each pattern's prefix only; the reference sorts and matches
+    every retained topic. Values are set and cleared through real passes, and reloaded."""
+    import tempfile
+
+    from node.topics import matches
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r, d = durable_router(Path(tmp))
+        hello(r, A)
+        for i, (topic, keep, commit) in enumerate(changes, 1):
+            pub(r, A, rec(topic, b"v%d" % i if keep else b"", flags=F_RETAIN, seq=i))
+            if commit:
+                r.end_pass(0.0)
+        r.end_pass(0.0)
+        for durable in (d, durable_router(Path(tmp))[1]):
+            want = [
+                rec for t, rec in sorted(durable.retained.items())
+                if any(matches(p, t) for p in patterns)
+            ]  # fmt: skip
+            assert durable.retained_for(tuple(patterns)) == want
 
 
 def test_replay_then_live_without_gap_or_duplicate(tmp_path: Path) -> None:
