@@ -39,6 +39,7 @@ from node.codec import (
     F_REQUEST,
     F_RETAIN,
     HEAD_PUB,
+    MAX_REPLY_BYTES,
     RECORD,
     Kind,
     decode_control,
@@ -793,7 +794,7 @@ class Client:
             if frame[:2] == b"\x01\x21":
                 events = decode_deliveries(frame, self._topic_names)
             else:
-                kind, body = decode_control(frame)
+                kind, body = decode_control(frame, MAX_REPLY_BYTES)
         except CodecError:
             return  # a newer node's frame we do not know: ignore, as the node counts ours
         if frame[:2] == b"\x01\x21":

@@ -81,6 +81,9 @@ RECORD_SIZE: Final = RECORD.size
 SID: Final = struct.Struct("<I")
 MAX_HEADERS_BYTES: Final = 0xFFFF
 MAX_CONTROL_BYTES: Final = 64 * 1024
+# What a client accepts from its own node: views (status, mesh, routes) of a large node
+# outgrow MAX_CONTROL_BYTES, which guards the node against its clients, not the reverse.
+MAX_REPLY_BYTES: Final = 16 * 1024 * 1024
 # Node states carry a node's whole interest (thousands of patterns on a busy node): the
 # frames that hold them may be larger, and senders cut tables into frames of this size.
 MAX_STATE_BYTES: Final = 1024 * 1024
@@ -129,12 +132,14 @@ def encode_control(kind: Kind, body: Mapping[str, Any]) -> bytes:
     return bytes((VERSION, kind)) + data
 
 
-def decode_control(frame: bytes) -> tuple[Kind, dict[str, Any]]:
-    """Kind and JSON object of a control frame; CodecError for anything else."""
+def decode_control(frame: bytes, limit: int | None = None) -> tuple[Kind, dict[str, Any]]:
+    """Kind and JSON object of a control frame; CodecError for anything else. ``limit``:
+    the largest frame accepted (default: by kind, as a node accepts them)."""
     kind = frame_kind(frame)
     if kind not in CONTROL_KINDS:
         raise CodecError(f"frame kind {kind.name} is not a control frame")
-    limit = MAX_STATE_BYTES if kind in STATE_KINDS else MAX_CONTROL_BYTES
+    if limit is None:
+        limit = MAX_STATE_BYTES if kind in STATE_KINDS else MAX_CONTROL_BYTES
     if len(frame) > limit:
         raise CodecError(f"control frame of {len(frame)} bytes exceeds {limit}")
     raw = frame[2:]

@@ -337,7 +337,7 @@ def _render_status(s: dict[str, Any]) -> None:
             )
     out.print(
         f"[dim]uptime[/] {_ago(s.get('uptime_s', 0))}  [dim]clients[/] {len(s['clients'])}  "
-        f"[dim]subscriptions[/] {len(s['subscriptions'])}"
+        f"[dim]subscriptions[/] {s.get('subscriptions_total', len(s['subscriptions']))}"
     )
     drops = ", ".join(f"{k} {v}" for k, v in c["dropped"].items() if v) or "none"
     out.print(
@@ -403,6 +403,9 @@ def _render_status(s: dict[str, Any]) -> None:
         for sub in s["subscriptions"]:
             t.add_row(sub["pattern"], sub["group"] or "", sub["client"])
         out.print(t)
+        more = s.get("subscriptions_total", 0) - len(s["subscriptions"])
+        if more > 0:
+            out.print(f"[dim]... and {more} more patterns (meshctl routes TOPIC explains one)[/]")
 
 
 def _render_durable(out: Console, s: dict[str, Any]) -> None:

@@ -202,6 +202,27 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert str(path) in result.stderr
 
 
+def test_status_of_a_node_with_thousands_of_patterns(node: NodeProcess) -> None:
+    """Its answer outgrew the 64 KiB a client read from its node, and was dropped unread:
+    above ~700 patterns `meshctl status` only said the node did not answer."""
+    from meshctl import connect
+
+    with connect(node.ipc, timeout=5) as c:
+        for i in range(0, 3000, 500):
+            c.subscribe(*(f"dev/{j}/cmd" for j in range(i, i + 500)), retained=False)
+        result = run_cli("status", "--json", server=node.tcp)
+        assert result.returncode == 0, result.describe()
+        (status,) = result.json_lines()
+        assert status["subscriptions_total"] == 3000
+        assert len(status["subscriptions"]) == 1000  # listed; the rest counted
+        (mine,) = (cl for cl in status["clients"] if cl["subscriptions"] == 3000)
+        assert mine["id"] == c.node["client_id"]
+        text = run_cli("status", server=node.tcp)
+        assert text.returncode == 0, text.describe()
+        assert "subscriptions 3000" in text.stdout
+        assert "... and 2000 more patterns" in text.stdout
+
+
 def test_status_json_fields(node: NodeProcess) -> None:
     result = run_cli("status", "--json", server=node.tcp)
     assert result.returncode == 0, result.describe()
