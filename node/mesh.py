@@ -23,14 +23,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from node.codec import MAX_STATE_BYTES, NODE_ID_BYTES, Kind, encode_control, encode_targets
+from node.codec import NODE_ID_BYTES, Kind, encode_control, encode_targets
+from node.mesh_states import Interest, StatesSide
 from node.routing import MeshRoute, MeshTable, NodeState
 
 PROTO: Final = 1
 MAX_HOPS_FORWARD: Final = 16  # a forwarded copy travels at most this many links
 CONVERGENCE_WINDOW: Final = 10.0  # seconds after a change during which copies may meet
 FORGET_AFTER: Final = 600.0  # an unreachable node's state is dropped after this long
-STATES_FRAME_BUDGET: Final = MAX_STATE_BYTES // 2  # bytes of states per STATES frame
 HANDSHAKE_INTEREST_BYTES: Final = 256 * 1024  # interest sent in LINK / LINK_OK, else none
 Via = bytes | str
 
@@ -49,6 +49,7 @@ class Link:
     last_rx: float
     last_beat: float = float("-inf")
     rtt: float | None = None
+    deltas: bool = False  # the peer takes interest deltas (it said so in its handshake)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class Plan:
 NO_PLAN: Final = Plan([], (), [])
 
 
-class Mesh:
+class Mesh(StatesSide):
     """This node's view of the mesh: links, node states and forwarding plans."""
 
     def __init__(
@@ -112,6 +113,8 @@ class Mesh:
             "state_too_large": 0,  # own announcements no receiver would accept
         }
         self._dirty = False
+        self._announced: NodeState | None = None  # our last state sent to the links
+        self._unannounced: tuple[Interest, Interest] = (set(), set())  # changes since then
         self._up: set[str] = set()  # nodes reachable at the last topology change
         self._changed_at = float("-inf")
         self._unreachable_since: dict[str, float] = {}
@@ -129,53 +132,6 @@ class Mesh:
             self.endpoints,
         )
 
-    def set_interest(self, interest: frozenset[tuple[str, str | None]]) -> None:
-        """The local clients' patterns changed: announce at the next output."""
-        if interest != self.interest:
-            self.interest = interest
-            self._dirty = True
-
-    def _announce(self) -> None:
-        self.version += 1
-        state = self.state()
-        frame = encode_control(Kind.STATES, {"states": [state.to_json()]})
-        if len(frame) > MAX_STATE_BYTES:  # receivers would drop it, or libzmq the link
-            n = self.counters["state_too_large"] = self.counters["state_too_large"] + 1
-            if n == 1 or n % 100 == 0:
-                self.log(
-                    f"this node's interest ({len(state.interest)} patterns) does not fit in "
-                    f"a state frame ({len(frame)} bytes compressed, limit {MAX_STATE_BYTES}): "
-                    "not announced; other nodes keep its last announced interest, and new "
-                    "links to it fail until it holds fewer patterns"
-                )
-            return
-        for link in self.links.values():
-            self.out.append((link.via, frame))
-
-    @staticmethod
-    def _states_frames(states: list[dict[str, Any]]) -> list[bytes]:
-        """STATES frames holding ``states``, each within the size a receiver accepts (a
-        table of many nodes with large interest would not fit in one)."""
-        frames: list[bytes] = []
-        batch: list[dict[str, Any]] = []
-        size = 0
-        for obj in states:
-            n = len(json.dumps(obj, separators=(",", ":")))
-            if batch and size + n > STATES_FRAME_BUDGET:
-                frames.append(encode_control(Kind.STATES, {"states": batch}))
-                batch, size = [], 0
-            batch.append(obj)
-            size += n + 1
-        if batch:
-            frames.append(encode_control(Kind.STATES, {"states": batch}))
-        return frames
-
-    def flush_announcements(self) -> None:
-        """Send our state once for all changes since the last call (coalesces bursts)."""
-        if self._dirty:
-            self._dirty = False
-            self._announce()
-
     def _handshake_state(self) -> dict[str, Any]:
         """Our state for LINK / LINK_OK, which a peer decodes before it knows we are a
         member: without the interest when that is large. Nothing is lost: once linked,
@@ -188,6 +144,7 @@ class Mesh:
     def hello(self) -> bytes:
         """The LINK frame a dialer sends first."""
         body = {"mesh": self.mesh, "proto": PROTO, "node": self._handshake_state()}
+        body["deltas"] = True  # we take interest deltas (routing.InterestDelta)
         if self.proof is not None:
             body["member"] = self.proof
         return encode_control(Kind.LINK, body)
@@ -228,11 +185,14 @@ class Mesh:
             return
         assert state is not None
         address = address or self._inbound_address(via, state)
-        ok: dict[str, Any] = {"node": self._handshake_state()}
+        ok: dict[str, Any] = {"node": self._handshake_state(), "deltas": True}
         if self.proof is not None:
             ok["member"] = self.proof
         self.out.append((via, encode_control(Kind.LINK_OK, ok)))
-        self._link_up(state, via, outbound=False, found="inbound", address=address, now=now)
+        deltas = body.get("deltas") is True
+        self._link_up(
+            state, via, outbound=False, found="inbound", address=address, now=now, deltas=deltas
+        )
 
     def on_link_ok(self, via: str, body: dict[str, Any], found: str, now: float) -> None:
         """Our dial was accepted."""
@@ -250,7 +210,8 @@ class Mesh:
                 self.refuse_outbound(via, "duplicate link: already linked to this node")
                 return
         self.refusals.pop(via, None)
-        self._link_up(state, via, outbound=True, found=found, address=via, now=now)
+        deltas = body.get("deltas") is True
+        self._link_up(state, via, outbound=True, found=found, address=via, now=now, deltas=deltas)
 
     def _inbound_address(self, via: bytes, state: NodeState) -> str:
         """The dialer's IP as the socket saw it, with the port it says it listens on."""
@@ -273,9 +234,18 @@ class Mesh:
         self.closed.append(via)
 
     def _link_up(
-        self, state: NodeState, via: Via, *, outbound: bool, found: str, address: str, now: float
+        self,
+        state: NodeState,
+        via: Via,
+        *,
+        outbound: bool,
+        found: str,
+        address: str,
+        now: float,
+        deltas: bool = False,
     ) -> None:
         link = Link(state.node_id, state.name, via, outbound, found, address, now, now)
+        link.deltas = deltas
         self.links[state.node_id] = link
         self.by_via[via] = state.node_id
         if outbound:
@@ -345,35 +315,6 @@ class Mesh:
 
     def is_link(self, via: Via) -> bool:
         return via in self.by_via
-
-    def on_states(self, via: Via, body: dict[str, Any], now: float) -> None:
-        """Adopt newer states and pass each on to every other link (flooding)."""
-        link = self.links.get(self.by_via.get(via, ""))
-        if link is None:
-            return
-        link.last_rx = now
-        states = body.get("states")
-        if not isinstance(states, list):
-            self.counters["bad_states"] += 1
-            return
-        fresh = []
-        for obj in states[:10_000]:
-            try:
-                state = NodeState.from_json(obj)
-            except ValueError:
-                self.counters["bad_states"] += 1
-                continue
-            topology_before = self.table.states.get(state.node_id)
-            if self.table.update(state):
-                fresh.append(obj)
-                if topology_before is None or topology_before.links != state.links:
-                    self._topology_changed(now)
-        if fresh:
-            self.on_change()
-            frames = self._states_frames(fresh)
-            for other in self.links.values():
-                if other.via != via:
-                    self.out.extend((other.via, frame) for frame in frames)
 
     def on_beat(self, via: Via, kind: Kind, body: dict[str, Any], now: float) -> None:
         link = self.links.get(self.by_via.get(via, ""))

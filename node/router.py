@@ -114,7 +114,8 @@ class Router(MeshSide, DurableSide):
         self._seq = 0
         self._inbox = f"{INBOX_PREFIX}/{node_id}/"
         self._interest: dict[tuple[str, str | None], int] = {}
-        self._interest_dirty = False
+        # (pattern, group) -> True taken up / False dropped, net, since the mesh last heard
+        self._interest_changes: dict[tuple[str, str | None], bool] = {}
         self._link_control: list[tuple[Via, bytes]] = []
         self._link_pending: dict[tuple[Via, bytes], list[bytes]] = {}
         self._dedup = DedupWindow()
@@ -347,10 +348,16 @@ class Router(MeshSide, DurableSide):
         if n > 0:
             self._interest[key] = n
             if n == 1 and delta > 0:
-                self._interest_dirty = True
+                self._interest_changed(key, True)
         else:
             self._interest.pop(key, None)
-            self._interest_dirty = True
+            self._interest_changed(key, False)
+
+    def _interest_changed(self, key: tuple[str, str | None], held: bool) -> None:
+        if self._interest_changes.get(key) is (not held):
+            del self._interest_changes[key]  # undone before the mesh heard of it
+        else:
+            self._interest_changes[key] = held
 
     def gone(self, ident: bytes, now: float) -> None:
         """The loop found ``ident`` unreachable: a client or a node that had dialed us."""
@@ -628,9 +635,12 @@ class Router(MeshSide, DurableSide):
         A destination is a ROUTER identity (bytes: a client or a node that dialed us) or the
         URL of a link we dialed (str). Link frames count 0 events.
         """
-        if self._interest_dirty:
-            self._interest_dirty = False
-            self.net.set_interest(announced(self._interest))
+        if self._interest_changes:
+            changes, self._interest_changes = self._interest_changes, {}
+            self.net.change_interest(
+                {k for k, held in changes.items() if held and announced(k[0])},
+                {k for k, held in changes.items() if not held and announced(k[0])},
+            )
         self.net.flush_announcements()
         control, self._control = self._control, []
         yield from control

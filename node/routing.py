@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from node.topics import INBOX_PREFIX, SubscriptionTrie
@@ -58,9 +58,7 @@ class NodeState:
     def from_json(cls, obj: Any) -> NodeState:
         """Parse an announced state; ValueError if it is malformed (the peer's fault)."""
         try:
-            interest = frozenset(
-                (str(p), None if g is None else _group(g)) for p, g in obj["interest"]
-            )
+            interest = _interest(obj["interest"])
             state = cls(
                 node_id=_node_id(obj["id"]),
                 name=str(obj["name"])[:64],
@@ -73,6 +71,55 @@ class NodeState:
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"malformed node state: {e!r}") from None
         return state
+
+
+@dataclass(frozen=True, slots=True)
+class InterestDelta:
+    """How a node's interest changed since the version it announced before (``base``).
+
+    What floods when only a node's patterns changed, instead of its whole state: a node
+    holding 50,000 patterns that added one re-announced all of them, ~90 ms to send and
+    ~125 ms for every other node to take in, for each change. Links, name and endpoints
+    never travel in a delta; a change to them goes out as a whole state."""
+
+    node_id: str
+    epoch: int
+    version: int
+    base: int
+    add: frozenset[tuple[str, str | None]]
+    remove: frozenset[tuple[str, str | None]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.node_id,
+            "epoch": self.epoch,
+            "version": self.version,
+            "base": self.base,
+            "add": [[p, g] for p, g in sorted(self.add, key=_interest_order)],
+            "remove": [[p, g] for p, g in sorted(self.remove, key=_interest_order)],
+        }
+
+    @classmethod
+    def from_json(cls, obj: Any) -> InterestDelta:
+        """Parse an announced delta; ValueError if it is malformed (the peer's fault)."""
+        try:
+            delta = cls(
+                node_id=_node_id(obj["id"]),
+                epoch=int(obj["epoch"]),
+                version=int(obj["version"]),
+                base=int(obj["base"]),
+                add=_interest(obj["add"]),
+                remove=_interest(obj["remove"]),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ValueError(f"malformed interest delta: {e!r}") from None
+        if delta.base >= delta.version:
+            raise ValueError(f"malformed interest delta: base {delta.base} >= {delta.version}")
+        return delta
+
+
+def _interest(entries: Any) -> frozenset[tuple[str, str | None]]:
+    return frozenset((str(p), None if g is None else _group(g)) for p, g in entries)
 
 
 def _group(value: object) -> str:
@@ -98,11 +145,9 @@ def _node_id(value: object) -> str:
     return text
 
 
-def announced(patterns: Iterable[tuple[str, str | None]]) -> frozenset[tuple[str, str | None]]:
-    """The interest a node announces: everything but reply inboxes, which route by node id."""
-    return frozenset(
-        (p, g) for p, g in patterns if not (p == INBOX_PREFIX or p.startswith(INBOX_PREFIX + "/"))
-    )
+def announced(pattern: str) -> bool:
+    """True for a pattern a node announces: all but reply inboxes, which route by node id."""
+    return not (pattern == INBOX_PREFIX or pattern.startswith(INBOX_PREFIX + "/"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +189,28 @@ class MeshTable:
         self.states[state.node_id] = state
         self._changed(topology=old is None or old.links != state.links)
         return True
+
+    def apply(self, delta: InterestDelta) -> str:
+        """Adopt an interest delta: "applied"; "stale" when we hold that version or a newer
+        one; "gap" when we hold no state it applies to (a version was missed on the way:
+        the caller asks for the whole state)."""
+        old = self.states.get(delta.node_id)
+        if delta.node_id == self.self_id or (
+            old is not None and (delta.epoch, delta.version) <= (old.epoch, old.version)
+        ):
+            return "stale"
+        if old is None or (old.epoch, old.version) != (delta.epoch, delta.base):
+            return "gap"
+        gone, new = delta.remove & old.interest, delta.add - old.interest
+        for p, g in gone:
+            self._trie.remove(p, (delta.node_id, g))
+        for p, g in new:
+            self._trie.add(p, (delta.node_id, g))
+        self.states[delta.node_id] = replace(
+            old, version=delta.version, interest=(old.interest - gone) | new
+        )
+        self._changed(topology=False)
+        return "applied"
 
     def forget(self, node_id: str) -> None:
         """Drop a node that has been unreachable for long."""

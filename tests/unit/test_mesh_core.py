@@ -183,7 +183,11 @@ def test_link_request_accepted() -> None:
     n = Node(S)
     via = link_in(n, state(A, [], [("x", None)]), now=0.0)
     out = n.take()
-    assert out[0] == (via, Kind.LINK_OK, {"node": NodeState(S, "self", 1, 0).to_json()})
+    assert out[0] == (
+        via,
+        Kind.LINK_OK,
+        {"node": NodeState(S, "self", 1, 0).to_json(), "deltas": True},
+    )
     # The new neighbour is given everything this node knows, then everyone hears the news.
     assert (via, Kind.STATES, {"states": [state(A, [], [("x", None)]).to_json()]}) in out
     assert (via, Kind.STATES, {"states": [n.mesh.state().to_json()]}) in out
@@ -452,6 +456,101 @@ def test_announcements_are_coalesced() -> None:
     n.mesh.set_interest(frozenset({("x", None), ("y", "g")}))  # unchanged
     n.mesh.flush_announcements()
     assert n.take() == []
+
+
+# ---- interest deltas ----------------------------------------------------------------------
+
+
+def patterns(*names: str) -> frozenset[tuple[str, str | None]]:
+    return frozenset((n, None) for n in names)
+
+
+def delta_link_in(node: Node, peer: NodeState) -> bytes:
+    """``peer`` dials ``node`` and says it takes interest deltas."""
+    via = f"from-{peer.node_id[:1]}".encode()
+    node.mesh.on_link_request(via, {**link_body(peer), "deltas": True}, "", 0.0)
+    assert node.mesh.is_link(via), node.logs
+    return via
+
+
+def test_an_interest_change_goes_as_a_delta_to_peers_that_take_them() -> None:
+    n = Node(S)
+    via_new = delta_link_in(n, state(A))
+    via_old = link_in(n, state(B))  # an older node: whole states only
+    n.mesh.set_interest(patterns(*"abcdef"))
+    n.mesh.flush_announcements()
+    n.take()
+    n.mesh.set_interest(patterns(*"abcdeg"))
+    n.mesh.flush_announcements()
+    out = {v: body["states"] for v, _k, body in n.take()}
+    version = n.mesh.version
+    assert out[via_new] == [
+        {"id": S, "epoch": 1, "version": version, "base": version - 1}
+        | {"add": [["g", None]], "remove": [["f", None]]}
+    ]
+    assert out[via_old] == [n.mesh.state().to_json()]
+    # Links changing, or a change as large as the state, go whole to everyone.
+    n.mesh.set_interest(patterns("z"))
+    n.mesh.flush_announcements()
+    assert all("base" not in body["states"][0] for _v, _k, body in n.take())
+
+
+def test_deltas_are_applied_and_passed_on_whole_to_older_peers() -> None:
+    hub = Node(S)
+    via_a = delta_link_in(hub, state(A, [S], [("x", None), ("y", None)], version=3))
+    via_b = delta_link_in(hub, state(B, [S]))
+    via_c = link_in(hub, state(C, [S]))
+    hub.take()
+    delta = {"id": A, "epoch": 1, "version": 4, "base": 3, "add": [["z", "g"]]}
+    delta |= {"remove": [["x", None]]}
+    hub.mesh.on_states(via_a, {"states": [delta]}, 1.0)
+    held = hub.mesh.table.states[A]
+    assert (held.version, held.interest) == (4, frozenset({("y", None), ("z", "g")}))
+    assert held.links == {S}
+    assert hub.mesh.table.route("x").plain == ()
+    assert hub.mesh.table.route("z").groups == (("g", (A,)),)
+    out = {v: body["states"] for v, _k, body in hub.take()}
+    assert out == {via_b: [delta], via_c: [held.to_json()]}
+    # Again (it came round another way), or older: nothing moves.
+    hub.mesh.on_states(via_b, {"states": [delta]}, 1.0)
+    assert hub.take() == []
+    assert hub.mesh.counters["bad_states"] == 0
+
+
+def test_a_missed_delta_is_made_good_by_asking_for_the_whole_state() -> None:
+    hub = Node(S)
+    via_a = delta_link_in(hub, state(A, [S], [("x", None)], version=3))
+    hub.take()
+    late = {"id": A, "epoch": 1, "version": 6, "base": 5, "add": [["q", None]], "remove": []}
+    hub.mesh.on_states(via_a, {"states": [late]}, 1.0)
+    assert hub.take() == [(via_a, Kind.STATES, {"states": [], "want": [A]})]
+    assert hub.mesh.table.states[A].version == 3  # unchanged until the whole state comes
+    # Asked the same, a node answers with what it holds, its own last announcement too.
+    whole = state(A, [S], [("x", None), ("p", None), ("q", None)], version=6)
+    hub.mesh.on_states(via_a, {"states": [whole.to_json()], "want": [A, S, "junk", 7]}, 2.0)
+    ((v, kind, body),) = hub.take()
+    assert (v, kind) == (via_a, Kind.STATES)
+    assert [s["id"] for s in body["states"]] == [A, S]
+    assert hub.mesh.table.states[A] == whole
+    hub.mesh.on_states(via_a, {"states": [], "want": "nope"}, 2.0)
+    bad = [{"id": A, "epoch": 1, "version": 7, "base": 7, "add": [], "remove": []}, {"base": 1}]
+    hub.mesh.on_states(via_a, {"states": bad}, 2.0)
+    assert hub.mesh.counters["bad_states"] == 3
+    assert hub.take() == []
+
+
+@given(st.lists(st.sets(st.sampled_from("abcdefgh"), max_size=8), min_size=1, max_size=12))
+def test_every_node_holds_each_interest_after_any_changes(changes: list[set[str]]) -> None:
+    """A line of three delta-taking nodes: whatever alpha's interest goes through, the
+    others end up holding it exactly, and route by it."""
+    wire, a, b, c = line()
+    for names in changes:
+        a.mesh.set_interest(patterns(*names))
+        a.mesh.flush_announcements()
+        wire.pump(1.0)
+        for other in (b, c):
+            assert other.mesh.table.states[A].interest == patterns(*names)
+            assert {t for t in "abcdefgh" if other.mesh.table.route(t).plain} == names
 
 
 # ---- a three-node line over the in-test wire -----------------------------------------------

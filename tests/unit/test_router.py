@@ -869,3 +869,34 @@ def test_router_delivers_exactly_to_matching_subscriptions(
                 if who == ident and any(matches(p, topic) for p in ps)
             )
             assert sorted(sid for sid, _ in deliveries(out, ident)) == want
+
+
+@given(
+    st.lists(
+        st.tuples(st.booleans(), st.sampled_from([A, B]), st.integers(1, 3), st.booleans()),
+        max_size=30,
+    )
+)
+def test_the_mesh_hears_the_net_interest_after_any_subs_and_unsubs(
+    ops: list[tuple[bool, bytes, int, bool]],
+) -> None:
+    """The router tells the mesh only what changed (taken up, dropped) since it last heard;
+    whatever clients do within and across passes, the mesh ends up holding exactly the
+    patterns the clients hold, inboxes left out."""
+    r = make_router(max_subscriptions=100)
+    hello(r, A)
+    hello(r, B)
+    held: dict[tuple[bytes, int], list[str]] = {}
+    for subscribe, ident, sid, flush in ops:
+        if subscribe and (ident, sid) not in held:
+            patterns = [f"p/{sid}", "shared", "_INBOX/x"]
+            body = {"ref": 1, "sid": sid, "patterns": patterns}
+            r.handle(ident, encode_control(Kind.SUB, body), 0.0)
+            held[ident, sid] = patterns
+        elif not subscribe and (ident, sid) in held:
+            r.handle(ident, encode_control(Kind.UNSUB, {"ref": 1, "sid": sid}), 0.0)
+            del held[ident, sid]
+        if flush:
+            take(r)
+            want = {(p, None) for ps in held.values() for p in ps if not p.startswith("_INBOX")}
+            assert r.net.interest == want
