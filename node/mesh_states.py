@@ -171,6 +171,7 @@ class StatesSide:
             return
         if want:
             self._send_wanted(via, want)
+        reshaped = False  # once per frame: paths are found again over the whole table
         fresh: dict[str, dict[str, Any]] = {}  # node id -> what to pass on
         deltas: dict[str, list[dict[str, Any]]] = {}
         gaps: set[str] = set()
@@ -189,7 +190,9 @@ class StatesSide:
                 deltas.pop(state.node_id, None)  # the whole state supersedes them
                 gaps.discard(state.node_id)
                 if topology_before is None or topology_before.links != state.links:
-                    self._topology_changed(now)
+                    reshaped = True
+        if reshaped:
+            self._topology_changed(now)
         if gaps:
             self.out.append(
                 (via, encode_control(Kind.STATES, {"states": [], "want": sorted(gaps)}))

@@ -790,3 +790,22 @@ def test_a_large_node_links_without_its_interest_then_announces_it() -> None:
     for node, other in ((a, b), (b, a)):
         assert node.mesh.table.states[other.id].interest == big
         assert node.mesh.plan("plant1/line1/device1/cmd", set()).static
+
+
+def test_a_table_arriving_in_one_frame_finds_paths_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each new state in a frame found every path again: a new link to a mesh of 2,000
+    nodes kept the node's thread for 1.7 s."""
+    hub = Node(S)
+    via = link_in(hub, state(A, [S]))
+    hub.take()
+    searches = []
+    bfs = hub.mesh.table._bfs
+    monkeypatch.setattr(hub.mesh.table, "_bfs", lambda: searches.append(1) or bfs())
+    ids = [f"{i:016x}" for i in range(0x100, 0x100 + 50)]
+    line = [A, *ids]  # S - A - ids[0] - ... - ids[-1], one frame
+    chain = [state(A, [S, ids[0]], version=2)]
+    chain += [state(n, line[i : i + 3 : 2]) for i, n in enumerate(ids)]
+    hub.mesh.on_states(via, {"states": [s.to_json() for s in chain]}, 1.0)
+    assert len(searches) == 1
+    assert len(hub.mesh.table.paths()) == 51
+    assert len(hub.emitted("$mesh/node/up")) == 51
