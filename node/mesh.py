@@ -451,7 +451,7 @@ class Mesh(StatesSide):
             )
         return out
 
-    def mesh_view(self) -> dict[str, Any]:
+    def mesh_view(self, now: float) -> dict[str, Any]:
         paths = self.table.paths()
         nodes = [
             {
@@ -478,7 +478,10 @@ class Mesh(StatesSide):
                     "endpoints": list(s.endpoints),
                 }
             )
-        return {"nodes": nodes}
+        # Seconds until this node holds the mesh stable again (0: stable): until then a
+        # forwarded event is checked against the duplicate window, as copies may meet.
+        settling = max(0.0, CONVERGENCE_WINDOW - (now - self._changed_at))
+        return {"nodes": nodes, "converging_s": round(settling, 3)}
 
     def explain(self, topic: str, local: list[dict[str, Any]]) -> dict[str, Any]:
         """What ``meshctl routes TOPIC`` shows: matching nodes, groups and each copy's path."""

@@ -26,7 +26,7 @@ def view(router: Router, body: dict[str, Any], now: float) -> dict[str, Any]:
     if what == "peers":
         return {"peers": router.net.peers_view(now) + router.peers_extra(now)}
     if what == "mesh":
-        return router.net.mesh_view()
+        return router.net.mesh_view(now)
     if what == "routes":
         topic = str(body.get("topic", ""))
         try:

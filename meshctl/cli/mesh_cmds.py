@@ -70,6 +70,11 @@ def mesh(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt 
     lost = [n for n in view["nodes"] if not n["reachable"]]
     for n in lost:
         out.print(f"[red]unreachable[/] {n['name']} [dim]{n['id']}[/]")
+    if view.get("converging_s"):
+        out.print(
+            f"[yellow]converging[/] the mesh changed: duplicate checks on for "
+            f"{view['converging_s']:g} s more"
+        )
 
 
 def routes(

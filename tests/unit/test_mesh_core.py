@@ -809,3 +809,15 @@ def test_a_table_arriving_in_one_frame_finds_paths_once(monkeypatch: pytest.Monk
     assert len(searches) == 1
     assert len(hub.mesh.table.paths()) == 51
     assert len(hub.emitted("$mesh/node/up")) == 51
+
+
+def test_the_mesh_view_says_how_long_the_mesh_still_converges() -> None:
+    """``meshctl mesh`` (and the benchmark, before it measures) can tell when duplicate
+    checks are on because the mesh changed recently."""
+    n = Node(S)
+    link_in(n, state(A, [S]), now=5.0)
+    assert n.mesh.mesh_view(5.0)["converging_s"] == 10.0
+    assert n.mesh.mesh_view(12.5)["converging_s"] == 2.5
+    assert n.mesh.converging(12.5)
+    assert n.mesh.mesh_view(15.0)["converging_s"] == 0.0
+    assert not n.mesh.converging(15.0)
