@@ -302,9 +302,9 @@ class Durable:
             for topic, (rec, local) in p.retained.items():
                 self.store.retain(topic, rec, local)
             staged = Counter(q.name for queues in p.captured for q in queues)
-            for q in self.queues.by_name.values():
+            for q in self.queues.busy:
                 waiting = q.depth + staged[q.name] - len(q.inflight)
-                if q.consumers and (q.redeliver or waiting > 0):
+                if q.redeliver or waiting > 0:
                     got = self.queues.take(q, now)
                     if got:
                         taken.append((q, got))
@@ -317,6 +317,9 @@ class Durable:
         self.logged += len(p.log)
         for queues in p.captured:
             self.queues.committed_capture(queues)
+        busy = self.queues.busy
+        for q in [q for q in busy if self.queues.idle(q)]:
+            del busy[q]
         self._staged_retained = 0
         for topic, (rec, local) in p.retained.items():
             old = self.retained.pop(topic, None)

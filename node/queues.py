@@ -116,6 +116,10 @@ class Queues:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.by_name: dict[str, Queue] = {}
+        # Queues with a consumer and messages that may wait for it, the only ones a pass
+        # offers messages: walking every queue took 1.5 ms a pass at 10,000 (a cloud node
+        # holds one per edge node it uplinks). A superset: the pass drops the idle ones.
+        self.busy: dict[Queue, None] = {}
         self.trie: SubscriptionTrie[Queue] = SubscriptionTrie()
         self._load()
 
@@ -181,6 +185,7 @@ class Queues:
         for p in q.patterns:
             self.trie.remove(p, q)
         del self.by_name[name]
+        self.busy.pop(q, None)
         return q
 
     def purge(self, name: str) -> int:
@@ -241,6 +246,7 @@ class Queues:
         for q in queues:
             rows.append((q.name, q.next_seq, event_id, at_ns, record))
             q.next_seq += 1
+            self.wake(q)
         self.store.guard_many(
             "INSERT INTO qmsgs (queue, seq, id, at_ns, record) VALUES (?, ?, ?, ?, ?)", rows
         )
@@ -251,12 +257,24 @@ class Queues:
 
     def bind(self, q: Queue, consumer: Consumer) -> None:
         q.consumers.append(consumer)
+        self.wake(q)
+
+    def wake(self, q: Queue) -> None:
+        """``q`` may have messages for its consumers: the next pass looks."""
+        if q.consumers:
+            self.busy[q] = None
+
+    def idle(self, q: Queue) -> bool:
+        """Nothing of ``q`` waits to be handed out (the pass stops looking at it)."""
+        return not q.redeliver and q.depth <= len(q.inflight)
 
     def unbind(self, q: Queue, consumer: Consumer, now_ns: int) -> None:
         """A consumer left: what it held is delivered again, to someone else (or, if that
         was its last attempt, moves to the dead letters)."""
         if consumer in q.consumers:
             q.consumers.remove(consumer)
+        if not q.consumers:
+            self.busy.pop(q, None)
         for seq in consumer.inflight.values():
             f = q.inflight.pop(seq, None)
             if f is None:
@@ -266,6 +284,7 @@ class Queues:
             else:
                 heapq.heappush(q.redeliver, seq)
         consumer.inflight.clear()
+        self.wake(q)
 
     def ack(self, q: Queue, consumer: Consumer, ids: list[bytes]) -> list[int]:
         """Remove acknowledged messages; returns their seqs.
@@ -313,6 +332,7 @@ class Queues:
                 self._dead_letter(q, seq, f.deliveries, now_ns)
             else:
                 heapq.heappush(q.redeliver, seq)
+                self.wake(q)
 
     def _dead_letter(self, q: Queue, seq: int, deliveries: int, now_ns: int) -> None:
         rows = self.store.read(
@@ -396,3 +416,4 @@ class Queues:
                 if f.deliveries > 1:
                     q.redeliveries -= 1
             heapq.heappush(q.redeliver, seq)
+        self.wake(q)

@@ -781,3 +781,62 @@ def test_log_sequences_never_go_back_after_the_log_is_trimmed_empty(tmp_path: Pa
     assert store.log_head() == 6
     reader.close()
     store.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("pub"), st.integers(1, 4)),
+            st.tuples(st.just("consume"), st.sampled_from([A, B])),
+            st.tuples(st.just("leave"), st.sampled_from([A, B])),
+            st.tuples(st.just("ack"), st.integers(0, 3)),
+            st.tuples(st.just("wait"), st.floats(0.1, 1.5)),
+        ),
+        max_size=30,
+    )
+)
+@example([("consume", A), ("consume", B), ("consume", B), ("pub", 4), ("leave", A)])
+def test_each_pass_hands_out_whatever_consumers_have_room_for(
+    ops: list[tuple[str, Any]],
+) -> None:
+    """A pass offers messages only to queues marked busy (captures, redeliveries, new
+    consumers). Whatever happens, after each pass no queue has a message waiting while one
+    of its consumers has room: a missed mark would leave one waiting."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        r, d = durable_router(Path(tmp))
+        hello(r, A)
+        hello(r, B)
+        for q in ("q1", "q2"):
+            queue_add(r, q, f"{q}/>", ack_wait=1.0, max_deliver=3)
+        now, seq, sid = 1.0, 0, 0
+        held: dict[bytes, list[tuple[int, str]]] = {A: [], B: []}  # deliveries to ack
+        subs: dict[bytes, list[int]] = {A: [], B: []}
+        for op, arg in ops:
+            if op == "pub":
+                for _ in range(arg):
+                    seq += 1
+                    pub(r, A, rec(f"q{1 + seq % 2}/x", seq=seq), now=now)
+            elif op == "consume":
+                sid += 1
+                consume(r, arg, sid, f"q{1 + sid % 2}", max_inflight=2)
+                subs[arg].append(sid)
+            elif op == "leave" and subs[arg]:
+                send(r, arg, Kind.UNSUB, {"ref": 1, "sid": subs[arg].pop()}, now=now)
+            elif op == "ack":
+                for ident in (A, B):
+                    for sid_, ev_id in held[ident][:arg]:
+                        send(r, ident, Kind.ACK, {"sid": sid_, "ids": [ev_id]}, now=now)
+                    held[ident] = held[ident][arg:]
+            elif op == "wait":
+                now += arg
+                r.tick(now)
+            r.end_pass(now)
+            for ident, (s_, ev) in [(i, x) for i in (A, B) for x in deliveries(take(r), i)]:
+                held[ident].append((s_, ev.id))
+            for q in d.queues.by_name.values():
+                room = any(len(c.inflight) < c.max_inflight for c in q.consumers)
+                waiting = q.redeliver or q.depth > len(q.inflight)
+                assert not (room and waiting), (q.name, q.depth, len(q.inflight), q.redeliver)
