@@ -9,6 +9,7 @@ lost by a crash, and nothing is sent that a failed commit would have to take bac
 
 from __future__ import annotations
 
+import heapq
 from bisect import bisect_left, insort
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -365,9 +366,13 @@ class Durable:
             self.seen.pop(raw, None)
         for q, got in taken:
             self.queues.undo_take(q, got)
-        for q, seq in p.acked:
+        for queues in p.captured:
+            self.queues.uncaptured(queues)
+        for q, seq in p.acked:  # the acks were not stored: the messages are owed again
             q.depth += 1
-            q.redeliver.append(seq)
+            heapq.heappush(q.redeliver, seq)
+            self.queues.wake(q)
+            self._work = True  # the next pass hands them out, traffic or not
         for ident, ids in p.acks.items():
             out.refused(ident, ids, error)
         for ident, ids in p.refused.items():

@@ -71,6 +71,7 @@ class Queue:
     max_deliver: int
     created: float
     depth: int = 0
+    staged: int = 0  # captured in this pass, counted in depth once committed
     next_seq: int = 1
     cursor: int = 0  # every seq above this has not been handed out since start
     redeliver: list[int] = field(default_factory=list)  # heap of seqs to hand out again
@@ -192,7 +193,7 @@ class Queues:
         q = self.get(name)
         gone = q.depth
         self.store.guard("DELETE FROM qmsgs WHERE queue = ?", (name,))
-        q.depth, q.cursor, q.redeliver = 0, q.next_seq - 1, []
+        q.depth, q.staged, q.cursor, q.redeliver = 0, 0, q.next_seq - 1, []
         q.inflight.clear()
         for c in q.consumers:
             c.inflight.clear()
@@ -246,6 +247,7 @@ class Queues:
         for q in queues:
             rows.append((q.name, q.next_seq, event_id, at_ns, record))
             q.next_seq += 1
+            q.staged += 1
             self.wake(q)
         self.store.guard_many(
             "INSERT INTO qmsgs (queue, seq, id, at_ns, record) VALUES (?, ?, ?, ?, ?)", rows
@@ -253,7 +255,14 @@ class Queues:
 
     def committed_capture(self, queues: list[Queue]) -> None:
         for q in queues:
-            q.depth += 1
+            if q.staged:  # not if a purge in the same pass took it with the rest
+                q.staged -= 1
+                q.depth += 1
+
+    def uncaptured(self, queues: list[Queue]) -> None:
+        """The pass failed: what it captured is not stored."""
+        for q in queues:
+            q.staged = 0
 
     def bind(self, q: Queue, consumer: Consumer) -> None:
         q.consumers.append(consumer)
@@ -275,16 +284,18 @@ class Queues:
             q.consumers.remove(consumer)
         if not q.consumers:
             self.busy.pop(q, None)
-        for seq in consumer.inflight.values():
-            f = q.inflight.pop(seq, None)
-            if f is None:
-                continue
-            if f.deliveries >= q.max_deliver:
-                self._dead_letter(q, seq, f.deliveries, now_ns)
-            else:
-                heapq.heappush(q.redeliver, seq)
-        consumer.inflight.clear()
-        self.wake(q)
+        try:
+            for seq in consumer.inflight.values():
+                f = q.inflight.pop(seq, None)
+                if f is None:
+                    continue
+                if f.deliveries >= q.max_deliver:
+                    self._dead_letter(q, seq, f.deliveries, now_ns)
+                else:
+                    heapq.heappush(q.redeliver, seq)
+        finally:  # a dead letter the store refused must not leave the rest unoffered
+            consumer.inflight.clear()
+            self.wake(q)
 
     def ack(self, q: Queue, consumer: Consumer, ids: list[bytes]) -> list[int]:
         """Remove acknowledged messages; returns their seqs.

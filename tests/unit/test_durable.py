@@ -840,3 +840,50 @@ def test_each_pass_hands_out_whatever_consumers_have_room_for(
                 room = any(len(c.inflight) < c.max_inflight for c in q.consumers)
                 waiting = q.redeliver or q.depth > len(q.inflight)
                 assert not (room and waiting), (q.name, q.depth, len(q.inflight), q.redeliver)
+
+
+def test_an_ack_whose_pass_fails_to_commit_is_owed_again(tmp_path: Path) -> None:
+    """Found in review: the message came back but its queue was not marked busy, so with
+    nothing else happening on the queue it was never handed out again."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs", ack_wait=1.0)
+    consume(r, A, 1, "jobs", max_inflight=1)
+    pub(r, A, rec("jobs", b"one", seq=1))
+    r.end_pass(0.0)
+    ((_sid, ev),) = deliveries(take(r), A)
+    send(r, A, Kind.ACK, {"sid": 1, "ids": [ev.id]})
+    commit = d.store.commit
+
+    def disk_full() -> None:
+        d.store.rollback()
+        raise StoreError("the node's disk is full")
+
+    d.store.commit = disk_full  # type: ignore[method-assign]
+    r.end_pass(0.0)
+    d.store.commit = commit  # type: ignore[method-assign]
+    take(r)
+    r.end_pass(0.1)
+    ((_sid, again),) = deliveries(take(r), A)
+    assert (again.id, again.deliveries) == (ev.id, 2)
+
+
+def test_a_purge_in_the_pass_that_captured_leaves_the_queue_empty(tmp_path: Path) -> None:
+    """Found in review: the purge deleted the row just captured, then the commit counted
+    it, so the queue said it held one message it did not have, and was offered work on
+    every pass for good."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs")
+    consume(r, A, 1, "jobs")
+    pub(r, A, rec("jobs", b"one", seq=1))
+    send(r, A, Kind.QUEUE, {"ref": 2, "op": "purge", "name": "jobs"})
+    r.end_pass(0.0)
+    take(r)
+    q = d.queues.by_name["jobs"]
+    assert q.depth == 0 == d.store.read("SELECT count(*) FROM qmsgs")[0][0]
+    assert q not in d.queues.busy
+    pub(r, A, rec("jobs", b"two", seq=2))  # and the queue works on
+    r.end_pass(1.0)
+    ((_sid, ev),) = deliveries(take(r), A)
+    assert ev.data == b"two"
