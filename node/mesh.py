@@ -32,6 +32,7 @@ MAX_HOPS_FORWARD: Final = 16  # a forwarded copy travels at most this many links
 CONVERGENCE_WINDOW: Final = 10.0  # seconds after a change during which copies may meet
 FORGET_AFTER: Final = 600.0  # an unreachable node's state is dropped after this long
 HANDSHAKE_INTEREST_BYTES: Final = 256 * 1024  # interest sent in LINK / LINK_OK, else none
+WANT_EVERY: Final = 1.0  # seconds between asking again for whole states we lack
 Via = bytes | str
 
 
@@ -50,6 +51,7 @@ class Link:
     last_beat: float = float("-inf")
     rtt: float | None = None
     deltas: bool = False  # the peer takes interest deltas (it said so in its handshake)
+    answered: dict[str, float] = field(default_factory=dict)  # node id -> when sent on want
 
 
 @dataclass
@@ -110,10 +112,11 @@ class Mesh(StatesSide):
             "hop_limit": 0,
             "no_route": 0,
             "bad_states": 0,
-            "state_too_large": 0,  # own announcements no receiver would accept
+            "state_too_large": 0,  # states left out: no receiver would accept the frame
         }
         self._dirty = False
         self._announced: NodeState | None = None  # our last state sent to the links
+        self._next_want = 0.0  # when to ask again for the whole states we lack
         self._unannounced: tuple[Interest, Interest] = (set(), set())  # changes since then
         self._up: set[str] = set()  # nodes reachable at the last topology change
         self._changed_at = float("-inf")
@@ -139,6 +142,7 @@ class Mesh(StatesSide):
         obj = self.state().to_json()
         if len(json.dumps(obj["interest"], separators=(",", ":"))) > HANDSHAKE_INTEREST_BYTES:
             obj["interest"] = []
+            obj["partial"] = True  # no delta may build on this; the peer asks for the rest
         return obj
 
     def hello(self) -> bytes:
@@ -189,9 +193,15 @@ class Mesh(StatesSide):
         if self.proof is not None:
             ok["member"] = self.proof
         self.out.append((via, encode_control(Kind.LINK_OK, ok)))
-        deltas = body.get("deltas") is True
         self._link_up(
-            state, via, outbound=False, found="inbound", address=address, now=now, deltas=deltas
+            state,
+            via,
+            outbound=False,
+            found="inbound",
+            address=address,
+            now=now,
+            deltas=body.get("deltas") is True,
+            partial=_partial(body),
         )
 
     def on_link_ok(self, via: str, body: dict[str, Any], found: str, now: float) -> None:
@@ -210,8 +220,16 @@ class Mesh(StatesSide):
                 self.refuse_outbound(via, "duplicate link: already linked to this node")
                 return
         self.refusals.pop(via, None)
-        deltas = body.get("deltas") is True
-        self._link_up(state, via, outbound=True, found=found, address=via, now=now, deltas=deltas)
+        self._link_up(
+            state,
+            via,
+            outbound=True,
+            found=found,
+            address=via,
+            now=now,
+            deltas=body.get("deltas") is True,
+            partial=_partial(body),
+        )
 
     def _inbound_address(self, via: bytes, state: NodeState) -> str:
         """The dialer's IP as the socket saw it, with the port it says it listens on."""
@@ -243,6 +261,7 @@ class Mesh(StatesSide):
         address: str,
         now: float,
         deltas: bool = False,
+        partial: bool = False,
     ) -> None:
         link = Link(state.node_id, state.name, via, outbound, found, address, now, now)
         link.deltas = deltas
@@ -250,7 +269,7 @@ class Mesh(StatesSide):
         self.by_via[via] = state.node_id
         if outbound:
             self.known_dialers[via] = state.node_id
-        self.table.update(state)
+        self.table.update(state, partial=partial)
         self.table.set_neighbours(self.links)
         self.log(f"link up: {state.name} ({state.node_id}) via {address}")
         self.emit(
@@ -259,7 +278,8 @@ class Mesh(StatesSide):
             now,
         )
         # Give the new neighbour everything we know; everyone else learns of the link.
-        for frame in self._states_frames([s.to_json() for s in self.table.states.values()]):
+        whole = [s.to_json() for n, s in self.table.states.items() if n not in self.table.partial]
+        for frame in self._states_frames(whole):
             self.out.append((via, frame))
         self._announce()
         self._topology_changed(now)
@@ -341,6 +361,9 @@ class Mesh(StatesSide):
             if node_id not in self._up:
                 self.table.forget(node_id)
                 self.on_change()
+        if self.table.partial and now >= self._next_want:
+            self._next_want = now + WANT_EVERY
+            self._want_partial()
         for link in list(self.links.values()):
             if now - link.last_rx > self.dead_after:
                 self._link_down(link, f"silent for {now - link.last_rx:.1f}s", now)
@@ -520,3 +543,9 @@ class Mesh(StatesSide):
             if hop is not None:
                 by_hop.setdefault(hop, []).append(node)
         return sorted(by_hop.items())
+
+
+def _partial(body: dict[str, Any]) -> bool:
+    """The handshake left the peer's interest out (it holds too many patterns)."""
+    node = body.get("node")
+    return isinstance(node, dict) and node.get("partial") is True

@@ -131,10 +131,11 @@ class StatesSide:
             )
         return b""
 
-    @staticmethod
-    def _states_frames(states: list[dict[str, Any]]) -> list[bytes]:
+    def _states_frames(self, states: list[dict[str, Any]]) -> list[bytes]:
         """STATES frames holding ``states``, each within the size a receiver accepts (a
-        table of many nodes with large interest would not fit in one)."""
+        table of many nodes with large interest would not fit in one). A state too large
+        for any frame, even compressed, is left out and counted: a receiver would drop
+        it, or libzmq the link."""
         frames: list[bytes] = []
         batch: list[dict[str, Any]] = []
         size = 0
@@ -147,7 +148,9 @@ class StatesSide:
             size += n + 1
         if batch:
             frames.append(encode_control(Kind.STATES, {"states": batch}))
-        return frames
+        fit = [f for f in frames if len(f) <= MAX_STATE_BYTES]
+        self.counters["state_too_large"] += len(frames) - len(fit)
+        return fit
 
     def flush_announcements(self) -> None:
         """Send our state once for all changes since the last call (coalesces bursts)."""
@@ -170,7 +173,7 @@ class StatesSide:
             self.counters["bad_states"] += 1
             return
         if want:
-            self._send_wanted(via, want)
+            self._send_wanted(via, want, now)
         reshaped = False  # once per frame: paths are found again over the whole table
         fresh: dict[str, dict[str, Any]] = {}  # node id -> what to pass on
         deltas: dict[str, list[dict[str, Any]]] = {}
@@ -236,15 +239,37 @@ class StatesSide:
                 frames = whole
             self.out.extend((other.via, frame) for frame in frames)
 
-    def _send_wanted(self, via: Via, want: list[Any]) -> None:
-        """A peer missed a delta of these nodes: send their whole states."""
+    def _send_wanted(self, via: Via, want: list[Any], now: float) -> None:
+        """A peer missed a delta of these nodes: send the whole states we hold, each at
+        most once a second to one link (a repeated id must not make us send it again and
+        again: 2,000 copies of one id once cost 308 MB of frames)."""
+        link = self.links[self.by_via[via]]
+        answered = link.answered
         held = []
-        for node_id in want[:10_000]:
+        for node_id in dict.fromkeys(x for x in want[:10_000] if isinstance(x, str)):
+            if now - answered.get(node_id, float("-inf")) < 1.0:
+                continue
             if node_id == self.node_id:
                 state = self._announced
+            elif node_id in self.table.partial:
+                state = None  # what we hold of it is not the whole truth
             else:
-                state = self.table.states.get(node_id) if isinstance(node_id, str) else None
+                state = self.table.states.get(node_id)
             if state is not None:
+                answered[node_id] = now
                 held.append(state.to_json())
+        if len(answered) > 10_000:
+            answered.clear()
         for frame in self._states_frames(held):
             self.out.append((via, frame))
+
+    def _want_partial(self) -> None:
+        """Ask the next hop towards each node we hold only partly for its whole state."""
+        by_link: dict[Via, list[str]] = {}
+        for node_id in sorted(self.table.partial):
+            hop = self.table.next_hop(node_id)
+            link = self.links.get(hop) if hop is not None else None
+            if link is not None:
+                by_link.setdefault(link.via, []).append(node_id)
+        for via, ids in by_link.items():
+            self.out.append((via, encode_control(Kind.STATES, {"states": [], "want": ids})))

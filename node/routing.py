@@ -171,14 +171,22 @@ class MeshTable:
     _trie: SubscriptionTrie[tuple[str, str | None]] = field(default_factory=SubscriptionTrie)
     _paths: dict[str, tuple[int, str]] | None = None  # node -> (distance, first hop)
     _routes: dict[str, MeshRoute] = field(default_factory=dict)
+    # Nodes whose interest we hold only from a handshake that left it out (a large node):
+    # no delta applies to it; the whole state is asked for until it comes.
+    partial: set[str] = field(default_factory=set)
 
-    def update(self, state: NodeState) -> bool:
-        """Adopt ``state`` if it is newer than what we hold; True if it changed anything."""
+    def update(self, state: NodeState, *, partial: bool = False) -> bool:
+        """Adopt ``state`` if it is newer than what we hold; True if it changed anything.
+        ``partial``: its interest was left out (a handshake), so it is not the whole truth."""
         if state.node_id == self.self_id:
             return False
         old = self.states.get(state.node_id)
         if not state.newer_than(old):
             return False
+        if partial:
+            self.partial.add(state.node_id)
+        else:
+            self.partial.discard(state.node_id)
         # Only the difference: a node with 60,000 patterns that adds one re-announces all
         # of them, and rebuilding its part of the trie took a second (heartbeats missed).
         before = old.interest if old is not None else frozenset()
@@ -199,7 +207,11 @@ class MeshTable:
             old is not None and (delta.epoch, delta.version) <= (old.epoch, old.version)
         ):
             return "stale"
-        if old is None or (old.epoch, old.version) != (delta.epoch, delta.base):
+        if (
+            old is None
+            or (old.epoch, old.version) != (delta.epoch, delta.base)
+            or delta.node_id in self.partial
+        ):
             return "gap"
         gone, new = delta.remove & old.interest, delta.add - old.interest
         for p, g in gone:
@@ -215,6 +227,7 @@ class MeshTable:
     def forget(self, node_id: str) -> None:
         """Drop a node that has been unreachable for long."""
         old = self.states.pop(node_id, None)
+        self.partial.discard(node_id)
         if old is not None:
             for p, g in old.interest:
                 self._trie.remove(p, (node_id, g))

@@ -821,3 +821,65 @@ def test_the_mesh_view_says_how_long_the_mesh_still_converges() -> None:
     assert n.mesh.converging(12.5)
     assert n.mesh.mesh_view(15.0)["converging_s"] == 0.0
     assert not n.mesh.converging(15.0)
+
+
+def test_a_want_is_answered_once_per_node_and_second() -> None:
+    """Found in review: 2,000 copies of one id in a 38 KB want made a node send its state
+    2,000 times (308 MB of frames)."""
+    hub = Node(S)
+    via_a = delta_link_in(hub, state(A, [S]))
+    hub.take()
+    hub.mesh.on_states(via_a, {"states": [], "want": [A, S] * 2000}, 1.0)
+    ((_v, _k, body),) = hub.take()
+    assert [s["id"] for s in body["states"]] == [A, S]
+    hub.mesh.on_states(via_a, {"states": [], "want": [A]}, 1.5)
+    assert hub.take() == []  # asked again within the second
+    hub.mesh.on_states(via_a, {"states": [], "want": [A]}, 2.6)
+    assert [b["states"][0]["id"] for _v, _k, b in hub.take()] == [A]
+
+
+def test_a_state_too_large_for_a_frame_is_left_out_and_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: a want got our state in one frame over the limit, which the
+    receiver drops (or libzmq, with the link)."""
+    import node.mesh_states
+
+    monkeypatch.setattr(node.mesh_states, "MAX_STATE_BYTES", 4096)
+    monkeypatch.setattr(node.mesh_states, "STATES_FRAME_BUDGET", 2048)
+    hub = Node(S)
+    via_a = delta_link_in(hub, state(A, [S]))
+    hub.mesh.set_interest(patterns(*(f"device/{i:05}/cmd" for i in range(400))))
+    hub.mesh.flush_announcements()
+    hub.take()
+    before = hub.mesh.counters["state_too_large"]
+    hub.mesh.on_states(via_a, {"states": [], "want": [S, A]}, 1.0)
+    ((_v, _k, body),) = hub.take()
+    assert [s["id"] for s in body["states"]] == [A]  # ours left out, the small one sent
+    assert hub.mesh.counters["state_too_large"] == before + 1
+
+
+def test_a_handshake_without_the_interest_is_never_a_base_for_deltas() -> None:
+    """Found in review: a large node's LINK leaves its interest out; the receiver took that
+    empty interest as the node's version N, applied later deltas to it, and stayed wrong
+    whenever no whole state followed (the dialer refused its own duplicate link)."""
+    hub = Node(S)
+    big = state(A, [S], version=5).to_json() | {"interest": [], "partial": True}
+    via_a = f"from-{A[:1]}".encode()
+    hub.mesh.on_link_request(via_a, {**link_body(state(A)), "node": big, "deltas": True}, "", 0.0)
+    via_b = delta_link_in(hub, state(B, [S]))
+    sent_b = [s["id"] for v, _k, body in hub.take() if v == via_b for s in body.get("states", [])]
+    assert A not in sent_b  # a partial state is not passed on as if it were whole
+    assert A in hub.mesh.table.partial
+    delta = {"id": A, "epoch": 1, "version": 6, "base": 5, "add": [["x", None]], "remove": []}
+    hub.mesh.on_states(via_a, {"states": [delta]}, 1.0)
+    assert hub.take() == [(via_a, Kind.STATES, {"states": [], "want": [A]})]
+    hub.mesh.tick(2.0, 1.0)  # and again from the tick, towards the node, until it comes
+    assert (via_a, Kind.STATES, {"states": [], "want": [A]}) in hub.take()
+    whole = state(A, [S], [("x", None), ("y", None)], version=6)
+    hub.mesh.on_states(via_a, {"states": [whole.to_json()]}, 2.5)
+    assert A not in hub.mesh.table.partial
+    assert hub.mesh.table.states[A] == whole
+    hub.take()
+    hub.mesh.tick(4.0, 1.0)
+    assert all("want" not in body for _v, _k, body in hub.take())
