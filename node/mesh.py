@@ -269,7 +269,10 @@ class Mesh(StatesSide):
         self.by_via[via] = state.node_id
         if outbound:
             self.known_dialers[via] = state.node_id
-        self.table.update(state, partial=partial)
+        if self.table.update(state, partial=partial) and not partial:
+            # Newer than what we held: the other links hear of it as from any STATES
+            # (the peer's own next announcement may never come if it keeps this version).
+            self._flood(via, {state.node_id: state.to_json()}, {})
         self.table.set_neighbours(self.links)
         self.log(f"link up: {state.name} ({state.node_id}) via {address}")
         self.emit(
