@@ -274,7 +274,7 @@ class Durable:
         except StoreError as e:
             self.errors += 1
             self.last_error = str(e)
-            return None  # not deleted: the events come back after the ack wait
+            return None  # not deleted: Queues.ack put them back to be delivered again
         self.p.acked.extend((q, s) for s in done)
         return None
 
@@ -385,6 +385,8 @@ class Durable:
     def tick(self, now: float) -> None:
         """Ack-wait expiry, dedupe window and log bounds; cheap when nothing is due."""
         now_ns = self.wall_ns()
+        if self.queues.busy:
+            self._work = True  # messages may wait for room, or a failed pass left them owed
         try:
             for q in list(self.queues.by_name.values()):
                 if q.inflight:

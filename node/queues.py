@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from node.codec import with_headers
 from node.errors import CodecError
-from node.store import Store
+from node.store import Store, StoreError
 from node.topics import SubscriptionTrie, validate_pattern
 
 DEAD_SUFFIX: Final = ".dead"
@@ -307,31 +307,42 @@ class Queues:
         """
         done: list[int] = []
         stray: list[bytes] = []
+        released: list[int] = []  # deliveries forgotten here: owed again if the store fails
         for raw in ids:
             seq = consumer.inflight.pop(raw, None)
             if seq is not None and q.inflight.pop(seq, None) is not None:
                 done.append(seq)
+                released.append(seq)
             else:
                 stray.append(raw)
-        if done:
-            self.store.guard_many(
-                "DELETE FROM qmsgs WHERE queue = ? AND seq = ?", ((q.name, s) for s in done)
-            )
-            q.depth -= len(done)
-        for i in range(0, len(stray), 500):
-            chunk = stray[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            rows = self.store.guard(
-                f"DELETE FROM qmsgs WHERE queue = ? AND id IN ({marks}) RETURNING seq",  # noqa: S608 - only placeholders
-                (q.name, *chunk),
-            ).fetchall()
-            for (seq,) in rows:
-                q.depth -= 1
-                done.append(seq)
-                f = q.inflight.pop(seq, None)
-                if f is not None:
-                    f.release(seq)
-        return done
+        found: list[int] = []
+        try:
+            if done:
+                self.store.guard_many(
+                    "DELETE FROM qmsgs WHERE queue = ? AND seq = ?", ((q.name, s) for s in done)
+                )
+            for i in range(0, len(stray), 500):
+                chunk = stray[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self.store.guard(
+                    f"DELETE FROM qmsgs WHERE queue = ? AND id IN ({marks}) RETURNING seq",  # noqa: S608 - only placeholders
+                    (q.name, *chunk),
+                ).fetchall()
+                for (seq,) in rows:
+                    found.append(seq)
+                    f = q.inflight.pop(seq, None)
+                    if f is not None:
+                        f.release(seq)
+                        released.append(seq)
+        except StoreError:
+            # The pass is rolled back with these deletes: what was in flight is owed again
+            # (it had left the in-flight set, so no ack wait would ever bring it back).
+            for seq in released:
+                heapq.heappush(q.redeliver, seq)
+            self.wake(q)
+            raise
+        q.depth -= len(done) + len(found)
+        return done + found
 
     def expire(self, q: Queue, now: float, now_ns: int) -> None:
         """Deliveries past their ack wait go back to the queue, or to its dead letters."""
@@ -403,9 +414,13 @@ class Queues:
             updates.append((n, q.name, seq))
             out.append((consumer, with_count(bytes(record), n), seq))
         if updates:
-            self.store.guard_many(
-                "UPDATE qmsgs SET deliveries = ? WHERE queue = ? AND seq = ?", updates
-            )
+            try:
+                self.store.guard_many(
+                    "UPDATE qmsgs SET deliveries = ? WHERE queue = ? AND seq = ?", updates
+                )
+            except StoreError:
+                self.undo_take(q, out)  # not sent: not in flight either (no ack wait)
+                raise
         return out
 
     def _next_consumer(self, q: Queue) -> Consumer | None:

@@ -887,3 +887,26 @@ def test_a_purge_in_the_pass_that_captured_leaves_the_queue_empty(tmp_path: Path
     r.end_pass(1.0)
     ((_sid, ev),) = deliveries(take(r), A)
     assert ev.data == b"two"
+
+
+def test_an_ack_the_store_refuses_leaves_the_message_owed(tmp_path: Path) -> None:
+    """Found in review: the delivery had already left the in-flight set when the delete
+    failed, so no ack wait brought it back, and it was never delivered again."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs", ack_wait=30.0)
+    consume(r, A, 1, "jobs", max_inflight=1)
+    pub(r, A, rec("jobs", b"one", seq=1))
+    r.end_pass(0.0)
+    ((_sid, ev),) = deliveries(take(r), A)
+    d.store.db.execute("PRAGMA query_only = 1")  # every write fails, as on a failing disk
+    send(r, A, Kind.ACK, {"sid": 1, "ids": [ev.id]})
+    r.end_pass(0.0)
+    take(r)
+    assert d.errors >= 1
+    d.store.db.execute("PRAGMA query_only = 0")
+    r.tick(0.1)  # long before the ack wait
+    r.end_pass(0.1)
+    ((_sid, again),) = deliveries(take(r), A)
+    assert (again.id, again.deliveries) == (ev.id, 2)
+    assert d.queues.by_name["jobs"].depth == 1
