@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from node.codec import F_PERSISTENT, F_RETAIN, HEAD_PUB, Kind, encode_control, encode_record
 from node.durable import Durable, DurableConfig
+from node.events import Event
 from node.router import Router
 from node.store import StoreError, open_store
 from tests.unit.test_router import A, B, controls, deliveries, hello, make_router, take
@@ -842,16 +843,22 @@ def test_each_pass_hands_out_whatever_consumers_have_room_for(
                 assert not (room and waiting), (q.name, q.depth, len(q.inflight), q.redeliver)
 
 
-def test_an_ack_whose_pass_fails_to_commit_is_owed_again(tmp_path: Path) -> None:
-    """Found in review: the message came back but its queue was not marked busy, so with
-    nothing else happening on the queue it was never handed out again."""
+def one_in_flight(tmp_path: Path, *, ack_wait: float) -> tuple[Router, Durable, Event]:
+    """A queue with one message delivered to A (its only consumer, room for one)."""
     r, d = durable_router(tmp_path)
     hello(r, A)
-    queue_add(r, "jobs", "jobs", ack_wait=1.0)
+    queue_add(r, "jobs", "jobs", ack_wait=ack_wait)
     consume(r, A, 1, "jobs", max_inflight=1)
     pub(r, A, rec("jobs", b"one", seq=1))
     r.end_pass(0.0)
     ((_sid, ev),) = deliveries(take(r), A)
+    return r, d, ev
+
+
+def test_an_ack_whose_pass_fails_to_commit_is_owed_again(tmp_path: Path) -> None:
+    """Found in review: the message came back but its queue was not marked busy, so with
+    nothing else happening on the queue it was never handed out again."""
+    r, d, ev = one_in_flight(tmp_path, ack_wait=1.0)
     send(r, A, Kind.ACK, {"sid": 1, "ids": [ev.id]})
     commit = d.store.commit
 
@@ -892,13 +899,7 @@ def test_a_purge_in_the_pass_that_captured_leaves_the_queue_empty(tmp_path: Path
 def test_an_ack_the_store_refuses_leaves_the_message_owed(tmp_path: Path) -> None:
     """Found in review: the delivery had already left the in-flight set when the delete
     failed, so no ack wait brought it back, and it was never delivered again."""
-    r, d = durable_router(tmp_path)
-    hello(r, A)
-    queue_add(r, "jobs", "jobs", ack_wait=30.0)
-    consume(r, A, 1, "jobs", max_inflight=1)
-    pub(r, A, rec("jobs", b"one", seq=1))
-    r.end_pass(0.0)
-    ((_sid, ev),) = deliveries(take(r), A)
+    r, d, ev = one_in_flight(tmp_path, ack_wait=30.0)
     d.store.db.execute("PRAGMA query_only = 1")  # every write fails, as on a failing disk
     send(r, A, Kind.ACK, {"sid": 1, "ids": [ev.id]})
     r.end_pass(0.0)
