@@ -108,10 +108,12 @@ class StatesSide:
         part: bytes | None = None
         for link in self.links.values():
             if delta is not None and link.deltas:
-                part = part or self._own_frame(delta.to_json(), len(add) + len(remove))
+                if part is None:
+                    part = self._own_frame(delta.to_json(), len(add) + len(remove))
                 frame = part
             else:
-                whole = whole or self._own_frame(state.to_json(), len(state.interest))
+                if whole is None:  # encoded once for all links (b"": too large, counted once)
+                    whole = self._own_frame(state.to_json(), len(state.interest))
                 frame = whole
             if frame:
                 self.out.append((link.via, frame))
