@@ -88,8 +88,9 @@ class Bridge:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bridge-{cfg.name}", daemon=True)
         self._inbox: queue.Queue[tuple[str, bytes, str]] = queue.Queue(maxsize=100_000)
-        # Requests from the remote waiting for a mesh reply: token -> (reply subject, since)
-        self._requests: dict[str, tuple[str, float]] = {}
+        # Remote requests waiting for a mesh reply, oldest first:
+        # token -> (NATS reply subject, when, mesh event id)
+        self._requests: dict[str, tuple[str, float, str]] = {}
         self._request_ids: dict[str, str] = {}  # mesh event id -> token, for no-responders
         self._tokens = itertools.count(1)
         self._notices: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
@@ -219,7 +220,7 @@ class Bridge:
             if reply and self.port.inbox:
                 token = str(next(self._tokens))
                 event_id, rec = self.port.request(topic, payload, token)
-                self._requests[token] = (reply, time.monotonic())
+                self._requests[token] = (reply, time.monotonic(), event_id)
                 self._request_ids[event_id] = token
             else:
                 rec = self.port.record(topic, payload)
@@ -234,16 +235,23 @@ class Bridge:
         return sent_any or bool(batch)
 
     def _expire_requests(self) -> None:
-        """Forget remote requests nobody answered (their requesters gave up long ago)."""
-        if not self._requests:
-            return
+        """Forget remote requests nobody answered (their requesters gave up long ago):
+        the oldest first, so a pump walks only what it forgets."""
         cutoff = time.monotonic() - REQUEST_MEMORY
-        stale = [t for t, (_, since) in self._requests.items() if since < cutoff]
-        for token in stale:
-            del self._requests[token]
-        if stale:
-            live = set(self._requests)
-            self._request_ids = {i: t for i, t in self._request_ids.items() if t in live}
+        requests = self._requests
+        while requests:
+            token = next(iter(requests))
+            if requests[token][1] >= cutoff:
+                break
+            self._forget_request(token)
+
+    def _forget_request(self, token: str) -> tuple[str, float, str] | None:
+        """The remote request ``token`` is answered or given up: forget both entries (an
+        answered one used to stay in ``_request_ids``: 64 MB after an hour at 100/s)."""
+        pending = self._requests.pop(token, None)
+        if pending is not None:
+            self._request_ids.pop(pending[2], None)
+        return pending
 
     def _export_topic(self, topic: str, to_remote: Callable[[str], str]) -> str | None:
         local = swap_prefix(topic, self.cfg.local_prefix, self.cfg.remote_prefix)
@@ -480,11 +488,11 @@ class NatsBridge(Bridge):
                     await nc.publish(remote, ev.data)
                     self.counters["exported"] += 1
             for ev in incoming.replies:  # a mesh responder answered a NATS requester
-                pending = self._requests.pop(ev.topic.rsplit("/", 1)[-1], None)
+                pending = self._forget_request(ev.topic.rsplit("/", 1)[-1])
                 if pending is not None and nc.is_connected:
                     await nc.publish(pending[0], ev.data)
             for event_id in incoming.no_responders:  # nothing in the mesh can answer
-                pending = self._requests.pop(self._request_ids.pop(event_id, ""), None)
+                pending = self._forget_request(self._request_ids.get(event_id, ""))
                 if pending is not None and nc.is_connected:
                     await nc.publish(pending[0], b"", headers={"Status": NATS_NO_RESPONDERS})
         if self.spool is not None and nc.is_connected:
