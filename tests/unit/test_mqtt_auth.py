@@ -159,3 +159,20 @@ def test_unknown_users_cost_a_hash_like_known_ones(tmp_path: Path) -> None:
     assert auth.verify("nobody", b"pw") == CONNACK_BAD_CREDENTIALS
     assert auth.verify("dev", b"pw") == SENSOR
     assert auth.quick("dev", b"pw") == SENSOR  # remembered now
+
+
+def test_a_fleet_larger_than_the_memory_stays_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by an audit: the memory of verified passwords was cleared whole when full, so
+    past 10,000 devices most reconnects paid scrypt (44 ms each, on one worker) again."""
+    import edge.mqtt_auth
+
+    monkeypatch.setattr(edge.mqtt_auth, "_REMEMBERED", 3)
+    path = tmp_path / "users.json"
+    names = [f"dev{i}" for i in range(6)]
+    save_users(path, {n: User(n, hash_password(f"pw-{n}"), SENSOR) for n in names})
+    auth = Authenticator(path, anonymous=False)
+    for n in names:
+        assert auth.check(n, f"pw-{n}".encode()) == SENSOR
+    assert [auth.quick(n, f"pw-{n}".encode()) for n in names] == [SENSOR] * 6
