@@ -14,6 +14,7 @@ listener keeps them itself (``ListenerRetained``): in memory, for its own MQTT c
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -86,23 +87,48 @@ class ListenerRetained:
         self.limit = limit
         self.dropped = 0
         self._by_topic: OrderedDict[str, RetainedMessage] = OrderedDict()
+        # The same topics sorted: a filter looks only under its literal prefix. Matching
+        # every topic took 6-9 ms per wildcard filter at 10,000, so devices resubscribing
+        # after a restart held the listener's thread for a minute.
+        self._topics: list[str] = []
 
     def count(self) -> int | None:
         return len(self._by_topic)
 
     def retain(self, topic: str, payload: bytes, qos: int) -> None:
         """Keep ``payload`` as the topic's retained message; an empty payload clears it."""
-        self._by_topic.pop(topic, None)
+        old = self._by_topic.pop(topic, None)
         if not payload:
+            if old is not None:
+                self._unsort(topic)
             return
         self._by_topic[topic] = RetainedMessage(topic, payload, qos)
+        if old is None:
+            insort(self._topics, topic)
         if len(self._by_topic) > self.limit:
-            self._by_topic.popitem(last=False)
+            gone, _ = self._by_topic.popitem(last=False)
+            self._unsort(gone)
             self.dropped += 1
 
+    def _unsort(self, topic: str) -> None:
+        del self._topics[bisect_left(self._topics, topic)]
+
     def matching(self, filt: str) -> list[RetainedMessage]:
-        """Retained messages a new subscription to ``filt`` receives first."""
-        if "+" not in filt and "#" not in filt:
+        """Retained messages a new subscription to ``filt`` receives first, in topic order."""
+        levels = filt.split("/")
+        k = next((i for i, level in enumerate(levels) if level in ("+", "#")), None)
+        if k is None:
             hit = self._by_topic.get(filt)
             return [] if hit is None else [hit]
-        return [m for t, m in self._by_topic.items() if filter_matches(filt, t)]
+        found = []
+        parent = "/".join(levels[:k])
+        if k and levels[k] == "#" and parent in self._by_topic:  # a/# matches a itself
+            found.append(self._by_topic[parent])
+        prefix = parent + "/" if k else ""
+        topics = self._topics
+        i = bisect_left(topics, prefix)
+        while i < len(topics) and topics[i].startswith(prefix):
+            if filter_matches(filt, topics[i]):
+                found.append(self._by_topic[topics[i]])
+            i += 1
+        return found

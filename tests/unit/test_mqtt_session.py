@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from edge.mqtt_codec import Decoder, Publish
@@ -154,6 +154,35 @@ def test_retained_set_clear_match_and_bound() -> None:
     assert r.count() == 2
     assert r.dropped == 1
     assert r.matching("a/#") == []
+
+
+_LEVELS = st.sampled_from(["a", "b", "", "$s"])
+
+
+@given(
+    st.lists(st.tuples(st.lists(_LEVELS, min_size=1, max_size=3), st.booleans()), max_size=25),
+    st.lists(st.sampled_from(["a", "b", "", "+", "#", "$s"]), min_size=1, max_size=4),
+    st.integers(2, 30),
+)
+@example([(["a"], True), (["a", "b"], True), (["ab"], True)], ["a", "#"], 10)  # a/# has a
+@example([(["", "a"], True), (["a"], True)], ["", "+"], 10)  # an empty first level
+def test_listener_retained_finds_what_a_scan_of_every_topic_finds(
+    changes: list[tuple[list[str], bool]], filter_levels: list[str], limit: int
+) -> None:
+    """``matching`` looks only under the filter's literal prefix (and at the parent for a
+    trailing ``#``); the reference matches every retained topic."""
+    if "#" in filter_levels[:-1]:
+        filter_levels = filter_levels[: filter_levels.index("#") + 1]  # '#' comes last
+    filt = "/".join(filter_levels)
+    r = ListenerRetained(limit=limit)
+    for levels, keep in changes:
+        r.retain("/".join(levels), b"x" if keep else b"", 0)
+    held = sorted(r._by_topic)
+    assert r._topics == held  # the sorted copy never drifts
+    want = [t for t in held if filter_matches(filt, t)]
+    got = [m.topic for m in r.matching(filt)]
+    assert sorted(got) == want
+    assert len(got) == len(set(got))
 
 
 def test_node_retained_leaves_it_to_the_node() -> None:
