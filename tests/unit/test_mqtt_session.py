@@ -7,7 +7,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from edge.mqtt_codec import Decoder, Publish
-from edge.mqtt_commit import RETRY_AFTER, Committing
+from edge.mqtt_commit import LOST_AFTER, RESEND_MAX, RETRY_AFTER, Committing
 from edge.mqtt_retain import ListenerRetained, NodeRetained, filter_matches
 from edge.mqtt_session import Session, SessionTable
 
@@ -213,13 +213,40 @@ def test_committing_skips_a_packet_id_reused_since() -> None:
     assert c.answered(["new"], now=0.5) == [(s, 7, 1)]
 
 
-def test_committing_resends_after_silence_only() -> None:
+def test_committing_resends_after_silence_each_record_once_per_wait() -> None:
     c, s = Committing(), Session("c", clean=False)
     assert c.due(100.0) == []
     c.wait(s, 1, 1, "a", b"r1", now=10.0)
     c.wait(s, 2, 1, "b", b"r2", now=10.5)
     assert c.due(10.0 + RETRY_AFTER - 0.01) == []
-    assert c.due(10.0 + RETRY_AFTER) == [b"r1", b"r2"]  # same records: same event ids
-    assert c.due(10.0 + RETRY_AFTER + 0.1) == []  # the clock restarted
+    assert c.due(10.0 + RETRY_AFTER) == [b"r1"]  # same record: same event id
+    assert c.due(10.5 + RETRY_AFTER) == [b"r2"]  # each when its own wait is over
+    assert c.due(10.5 + RETRY_AFTER + 0.1) == []  # each clock restarted
     c.answered(["a"], now=13.0)
     assert c.due(13.0 + RETRY_AFTER) == [b"r2"]
+
+
+def test_committing_resends_a_lost_record_while_the_node_answers_others() -> None:
+    """Found by an audit: a frame lost while the node answered later ones was never sent
+    again (any answer restarted the one clock)."""
+    c, s = Committing(), Session("c", clean=False)
+    c.wait(s, 1, 1, "lost", b"r1", now=0.0)
+    for t in range(1, 20):
+        c.wait(s, 100 + t, 1, f"k{t}", b"x", now=float(t))
+        c.answered([f"k{t}"], now=float(t))
+        assert c.due(float(t)) == ([b"r1"] if t == LOST_AFTER else [])
+
+
+def test_committing_resends_at_most_a_bounded_batch_oldest_first() -> None:
+    """Resending all that waited each time the node fell silent pushed 24 MB into a stalled
+    node every 2 s at 200,000 waiting."""
+    c, s = Committing(), Session("c", clean=False)
+    for i in range(RESEND_MAX + 10):
+        c.wait(s, i + 1, 1, f"k{i}", b"%d" % i, now=0.0)
+    first = c.due(RETRY_AFTER)
+    assert first == [b"%d" % i for i in range(RESEND_MAX)]
+    assert c.due(RETRY_AFTER) == [b"%d" % i for i in range(RESEND_MAX, RESEND_MAX + 10)]
+    assert c.due(RETRY_AFTER) == []
+    s.incoming[1] = ("someone-else", b"")  # the client reused packet id 1
+    assert b"0" not in c.due(2 * RETRY_AFTER)
+    assert "k0" not in c.waiting
