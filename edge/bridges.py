@@ -165,9 +165,10 @@ class Bridge:
         """True for a live export the spool carries instead."""
         return self.spool is not None and bool(ev.flags & F_PERSISTENT)
 
-    def _spool_round(self) -> tuple[int, list[Event]] | None:
-        """The next persistent events to export from the log, with the sequence to move
-        the cursor to once the broker has them; None when there is nothing new."""
+    def _spool_round(self) -> tuple[int, list[Event], bool] | None:
+        """The next persistent events to export from the log, the sequence to move the
+        cursor to once the broker has them, and whether the round was full (more may
+        wait); None when there is nothing new."""
         assert self.spool is not None
         rows = self.spool.after(SPOOL_BATCH)
         if not rows:
@@ -182,7 +183,7 @@ class Bridge:
                     continue
                 if ev.headers.get(BRIDGE_HEADER) != self.cfg.name:  # not one we imported
                     events.append(ev)
-        return rows[-1][0], events
+        return rows[-1][0], events, len(rows) == SPOOL_BATCH
 
     def _spool_done(self, seq: int, sent: int) -> None:
         assert self.spool is not None
@@ -303,15 +304,17 @@ class MqttBridge(Bridge):
         client.connect_async(self.cfg.host, self.cfg.port, keepalive=10)
         client.loop_start()
         self._open_spool()
+        behind = False  # the last spool round was full: more waits, do not sleep
         try:
             while not self._stop.is_set():
-                if sock.poll(POLL_MS):
+                if sock.poll(0 if behind else POLL_MS):
                     while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
                         for ev in self.port.events(sock.recv()):
                             if not self._spooled(ev):
                                 self._export_mqtt(client, ev.topic, ev.data)
+                behind = False
                 if self.spool is not None and self.state == "up":
-                    self._drain_spool_mqtt(client)
+                    behind = self._drain_spool_mqtt(client)
                 self._drain_imports(sock, mqtt_topic_to_mesh)
                 self._send_notices(sock)
         finally:
@@ -332,14 +335,17 @@ class MqttBridge(Bridge):
             return client.publish(remote, data, qos=self.cfg.qos)
         return None
 
-    def _drain_spool_mqtt(self, client: Any) -> None:
+    def _drain_spool_mqtt(self, client: Any) -> bool:
         """Send the next persistent exports; move the cursor once the broker has them all
         (PUBACK at QoS 1; written to the socket at QoS 0). A round cut short by the broker
-        going away is sent again after it returns: at least once, as MQTT QoS 1 is."""
+        going away is sent again after it returns: at least once, as MQTT QoS 1 is.
+        True if the round was full, so more may wait: the caller goes on without sleeping
+        (one round per 50 ms poll read at most 10,000 log entries a second, exports or
+        not, which a fleet of devices logging persistent events outruns)."""
         got = self._spool_round()
         if got is None:
-            return
-        seq, events = got
+            return False
+        seq, events, full = got
         infos = []
         for ev in events:
             remote = self._export_topic(ev.topic, mesh_topic_to_mqtt)
@@ -352,8 +358,9 @@ class MqttBridge(Bridge):
             with contextlib.suppress(RuntimeError, ValueError):  # disconnected meanwhile
                 info.wait_for_publish(max(0.01, deadline - time.monotonic()))
             if not info.is_published():
-                return  # not all there: this round goes again
+                return False  # not all there: this round goes again, after a poll
         self._spool_done(seq, len(infos))
+        return full
 
 
 class NatsBridge(Bridge):
@@ -413,7 +420,7 @@ class NatsBridge(Bridge):
         got = self._spool_round()
         if got is None:
             return False
-        seq, events = got
+        seq, events, _full = got
         sent = 0
         try:
             for ev in events:
