@@ -135,6 +135,7 @@ class MqttListener(ConnectSide, NodeSide):
             "protocol_errors": 0,
             "keepalive_timeouts": 0,
             "wills": 0,
+            "sessions_evicted": 0,  # absent persistent sessions dropped past max_sessions
             "dropped_slow": 0,
             "dropped_node_busy": 0,
             "refused_payloads": 0,
@@ -319,6 +320,14 @@ class MqttListener(ConnectSide, NodeSide):
             self.counters["wills"] += 1
             self._publish(None, _will_publish(connect.will))
         for gone in self.sessions.detach(session):
+            if gone is not session:  # the longest absent made room: its queue is lost
+                n = self.counters["sessions_evicted"] = self.counters["sessions_evicted"] + 1
+                if n <= LOG_FIRST or n % 1000 == 0:
+                    log.warning(
+                        "MQTT: %d absent persistent sessions kept (mqtt.max_sessions); "
+                        "dropped the longest absent, %s, and what it had queued (total %d)",
+                        self.sessions.max_offline, gone.client_id, n,
+                    )  # fmt: skip
             self._forget(gone)
         self._schedule_flush()
 

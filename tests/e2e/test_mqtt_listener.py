@@ -407,6 +407,19 @@ def test_persistent_session_keeps_subscriptions_and_queued_qos1(
     assert not fresh.session_present
 
 
+def test_absent_sessions_past_the_bound_are_dropped_counted_and_logged(
+    make_node: NodeFactory,
+) -> None:
+    """Silently, until an audit asked what a fleet larger than mqtt.max_sessions loses."""
+    node = make_node(config_text=MQTT_CONFIG.replace("[mqtt]\n", "[mqtt]\nmax_sessions = 1\n"))
+    port = mqtt_port(node)
+    for name in ("first", "second"):
+        Paho(port, name, clean=False).close()
+    wait_for(lambda: mqtt_status(node)["sessions_evicted"] == 1, timeout=5, what="an eviction")
+    assert mqtt_status(node)["offline_sessions"] == 1
+    assert "dropped the longest absent, first" in node.log_text()
+
+
 def test_unacknowledged_qos1_is_resent_with_dup_on_resume(mnode: NodeProcess) -> None:
     port = mqtt_port(mnode)
     c = Raw(port)
