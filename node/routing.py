@@ -181,7 +181,13 @@ class MeshTable:
         if state.node_id == self.self_id:
             return False
         old = self.states.get(state.node_id)
-        if not state.newer_than(old):
+        completes = (  # the whole state of the version a handshake gave us without interest
+            not partial
+            and old is not None
+            and state.node_id in self.partial
+            and (state.epoch, state.version) == (old.epoch, old.version)
+        )
+        if not (completes or state.newer_than(old)):
             return False
         if partial:
             self.partial.add(state.node_id)

@@ -38,6 +38,7 @@ class Sim:
         self.inbox: dict[End, deque[bytes]] = {}
         self.dead: set[End] = set()
         self.dials = 0
+        self.now = 0.0
 
     def _mesh(self, i: str) -> Mesh:
         return Mesh(
@@ -131,6 +132,16 @@ class Sim:
                 return
         raise AssertionError("the mesh did not go quiet")
 
+    def settle(self) -> None:
+        """Until quiet, then a few of the loop's ticks (which ask for whole states a node
+        holds only partly), each followed by what they set moving."""
+        self.pump()
+        for _ in range(3):
+            self.now += 10.0
+            for m in self.nodes.values():
+                m.tick(self.now, 1.0)
+            self.pump()
+
     def set_interest(self, i: str, names: set[str]) -> None:
         self.nodes[i].set_interest(frozenset((t, None) for t in names))
         self.nodes[i].flush_announcements()
@@ -185,13 +196,13 @@ def run(seed: int, *, n: int = 4, steps: int = 40, old_frac: float = 0.3) -> lis
         else:
             for _ in range(rng.randint(1, 10)):
                 sim.deliver_one()
-    sim.pump()
+    sim.settle()
     quiet = sim.problems()
     # One more change everywhere: with whole states that healed any stale copy; deltas
     # must not keep one stale.
     for i in sim.ids:
         sim.set_interest(i, {p for p, _g in sim.nodes[i].interest} ^ {rng.choice(TOPICS)})
-    sim.pump()
+    sim.settle()
     return quiet + sim.problems()
 
 
@@ -204,6 +215,8 @@ def test_every_node_holds_every_reachable_nodes_interest(seed: int, old_frac: fl
 
 @given(st.integers(0, 10**6))
 @example(336)
+@example(346)  # a whole state of the very version a handshake gave partly was refused
+@example(616)
 def test_the_same_when_handshakes_leave_the_interest_out(seed: int) -> None:
     """As a node holding over 256 KiB of patterns does (the bound lowered to fit here)."""
     import node.mesh

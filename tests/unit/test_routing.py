@@ -274,6 +274,19 @@ def test_first_hop_ties_break_by_node_id() -> None:
     assert t.paths()[C] == (2, A)
 
 
+def test_the_whole_state_completes_a_partial_one_of_the_same_version() -> None:
+    """Found in review: a handshake without the interest, at the node's current version,
+    made the whole state of that version look old, and the node seemed to want nothing."""
+    t = table([A])
+    assert t.update(ns(A, [S], [], version=7), partial=True)
+    assert A in t.partial
+    assert not t.update(ns(A, [S], [], version=7), partial=True)  # a partial one again: no
+    assert t.update(ns(A, [S], [("x", None)], version=7))
+    assert A not in t.partial
+    assert t.route("x").plain == (A,)
+    assert not t.update(ns(A, [S], [("y", None)], version=7))  # now whole: equal is old
+
+
 @pytest.mark.parametrize(
     ("old", "new", "adopted"),
     [
