@@ -247,11 +247,12 @@ class Queues:
         for q in queues:
             rows.append((q.name, q.next_seq, event_id, at_ns, record))
             q.next_seq += 1
-            q.staged += 1
-            self.wake(q)
         self.store.guard_many(
             "INSERT INTO qmsgs (queue, seq, id, at_ns, record) VALUES (?, ?, ?, ?, ?)", rows
         )
+        for q in queues:  # only once stored: a refused insert stages nothing
+            q.staged += 1
+            self.wake(q)
 
     def committed_capture(self, queues: list[Queue]) -> None:
         for q in queues:
@@ -357,16 +358,25 @@ class Queues:
                 self.wake(q)
 
     def _dead_letter(self, q: Queue, seq: int, deliveries: int, now_ns: int) -> None:
-        rows = self.store.read(
-            "SELECT id, record FROM qmsgs WHERE queue = ? AND seq = ?", (q.name, seq)
-        )
-        if not rows:
-            return
-        raw, record = rows[0]
-        dlq = self.dead_letter_queue(q, now_ns / 1e9)
-        self.capture([dlq], bytes(raw), dead_record(bytes(record), q.name, deliveries), now_ns)
+        """Move a message out of ``q`` into its dead letters. If the store refuses, the
+        message (already out of the in-flight set) is owed again: the next expiry of its
+        next delivery tries the move once more."""
+        try:
+            rows = self.store.read(
+                "SELECT id, record FROM qmsgs WHERE queue = ? AND seq = ?", (q.name, seq)
+            )
+            if not rows:
+                return
+            raw, record = rows[0]
+            dlq = self.dead_letter_queue(q, now_ns / 1e9)
+            dead = dead_record(bytes(record), q.name, deliveries)
+            self.capture([dlq], bytes(raw), dead, now_ns)
+            self.store.guard("DELETE FROM qmsgs WHERE queue = ? AND seq = ?", (q.name, seq))
+        except StoreError:
+            heapq.heappush(q.redeliver, seq)
+            self.wake(q)
+            raise
         self.committed_capture([dlq])
-        self.store.guard("DELETE FROM qmsgs WHERE queue = ? AND seq = ?", (q.name, seq))
         q.depth -= 1
         q.dead_lettered += 1
 
@@ -380,24 +390,32 @@ class Queues:
         if not room:
             return []
         rows: list[tuple[int, bytes, int, bytes]] = []
-        while q.redeliver and len(rows) < room:
-            seq = heapq.heappop(q.redeliver)
-            if seq in q.inflight:
-                continue
-            got = self.store.read(
-                "SELECT seq, id, deliveries, record FROM qmsgs WHERE queue = ? AND seq = ?",
-                (q.name, seq),
-            )
-            rows.extend(got)
-        if len(rows) < room:
-            fresh = self.store.read(
-                "SELECT seq, id, deliveries, record FROM qmsgs WHERE queue = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?",
-                (q.name, q.cursor, room - len(rows)),
-            )
-            if fresh:
-                q.cursor = fresh[-1][0]
-            rows.extend(r for r in fresh if r[0] not in q.inflight)
+        popped: list[int] = []  # redeliveries taken off the heap, owed still if a read fails
+        try:
+            while q.redeliver and len(rows) < room:
+                seq = heapq.heappop(q.redeliver)
+                if seq in q.inflight:
+                    continue
+                popped.append(seq)
+                rows.extend(
+                    self.store.read(
+                        "SELECT seq, id, deliveries, record FROM qmsgs WHERE queue = ? AND seq = ?",
+                        (q.name, seq),
+                    )
+                )
+            if len(rows) < room:
+                fresh = self.store.read(
+                    "SELECT seq, id, deliveries, record FROM qmsgs WHERE queue = ? AND seq > ? "
+                    "ORDER BY seq LIMIT ?",
+                    (q.name, q.cursor, room - len(rows)),
+                )
+                if fresh:
+                    q.cursor = fresh[-1][0]
+                rows.extend(r for r in fresh if r[0] not in q.inflight)
+        except StoreError:
+            for seq in popped:
+                heapq.heappush(q.redeliver, seq)
+            raise
         out = []
         updates = []
         for seq, raw_id, deliveries, record in rows:

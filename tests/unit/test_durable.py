@@ -911,3 +911,44 @@ def test_an_ack_the_store_refuses_leaves_the_message_owed(tmp_path: Path) -> Non
     ((_sid, again),) = deliveries(take(r), A)
     assert (again.id, again.deliveries) == (ev.id, 2)
     assert d.queues.by_name["jobs"].depth == 1
+
+
+def test_a_dead_letter_move_the_store_refuses_is_tried_again(tmp_path: Path) -> None:
+    """Found in review: the message left the in-flight set before the move, so when the
+    store refused it the message was neither in flight, owed, nor dead-lettered."""
+    r, d, _ev = one_in_flight(tmp_path, ack_wait=1.0)
+    d.queues.by_name["jobs"].max_deliver = 1
+    d.store.db.execute("PRAGMA query_only = 1")  # a failing disk, for one expiry
+    r.tick(1.5)
+    r.end_pass(1.5)
+    take(r)
+    assert d.errors >= 1
+    d.store.db.execute("PRAGMA query_only = 0")
+    for t in (1.6, 3.0, 5.0):  # owed again, delivered, expired again: moved this time
+        r.tick(t)
+        r.end_pass(t)
+        take(r)
+    assert d.queues.by_name["jobs"].depth == 0
+    assert d.queues.by_name["jobs.dead"].depth == 1
+    assert d.queues.by_name["jobs.dead"].staged == 0
+
+
+def test_a_redelivery_whose_read_fails_stays_owed(tmp_path: Path) -> None:
+    """Found in review: take() popped the owed message before reading its row."""
+    r, d, ev = one_in_flight(tmp_path, ack_wait=1.0)
+    read = d.store.read
+
+    def disk_error(sql: str, args: Any = ()) -> list[Any]:
+        if "FROM qmsgs" in sql:
+            raise StoreError("disk I/O error")
+        return read(sql, args)
+
+    d.store.read = disk_error  # type: ignore[method-assign]
+    r.tick(1.5)  # the ack wait is over: owed again, but the pass cannot read it
+    r.end_pass(1.5)
+    take(r)
+    d.store.read = read  # type: ignore[method-assign]
+    r.tick(1.6)
+    r.end_pass(1.6)
+    ((_sid, again),) = deliveries(take(r), A)
+    assert again.id == ev.id
