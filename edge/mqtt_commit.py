@@ -14,24 +14,26 @@ The time is a parameter (``now``); this module keeps no clock and sends nothing.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Final
 
 from edge.mqtt_session import Session
 
 RETRY_AFTER: Final = 2.0  # seconds without a PACK or ERR before records are sent again
-LOST_AFTER: Final = 5 * RETRY_AFTER  # a record unanswered this long was lost, answers or not
 RESEND_MAX: Final = 1_000  # records sent again per call, oldest first
 
 
 class Committing:
     """Event id (hex, as PACK and ERR carry it) -> the session and packet id it answers."""
 
-    __slots__ = ("last_answer", "waiting")
+    __slots__ = ("_answered_upto", "_sends", "last_answer", "waiting")
 
     def __init__(self) -> None:
-        # key -> (session, packet id, QoS, when last sent), in the order sent
-        self.waiting: dict[str, tuple[Session, int, int, float]] = {}
+        # key -> (session, packet id, QoS, when last sent, send number), in the order sent
+        self.waiting: dict[str, tuple[Session, int, int, float, int]] = {}
         self.last_answer = 0.0
+        self._sends = itertools.count()
+        self._answered_upto = -1  # the highest send number the node has answered
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -44,7 +46,7 @@ class Committing:
             self.last_answer = now  # the retry clock starts with the first one waiting
         session.incoming[packet_id] = (key, record)
         self.waiting.pop(key, None)  # a resend (DUP) goes to the back
-        self.waiting[key] = (session, packet_id, qos, now)
+        self.waiting[key] = (session, packet_id, qos, now, next(self._sends))
 
     def answered(self, ids: list[Any], now: float) -> list[tuple[Session, int, int]]:
         """The (session, packet id, QoS) that ``ids`` (a PACK's or an ERR's) settle; ids
@@ -58,35 +60,39 @@ class Committing:
             entry = waiting.pop(i, None)
             if entry is None:
                 continue
+            self._answered_upto = max(self._answered_upto, entry[4])
             held = entry[0].incoming.get(entry[1])
             if held is not None and held[0] == i:
                 out.append(entry[:3])
         return out
 
     def due(self, now: float) -> list[bytes]:
-        """Records to send again (same ids), oldest first, at most RESEND_MAX a call: those
-        sent RETRY_AFTER ago while the node has answered nothing since, and those sent
-        LOST_AFTER ago whatever it answered (a frame lost while others went through).
+        """Records to send again (same ids), oldest first, at most RESEND_MAX a call, each
+        at least RETRY_AFTER after it was last sent: all such while the node has answered
+        nothing for RETRY_AFTER, and otherwise those sent before a record it has answered
+        (it answers in the order sent, so those were lost on the way).
 
         Resending everything waiting each time the node fell silent pushed 24 MB into a
-        stalled node every 2 s at 200,000 waiting, and a frame lost while the node
-        answered others was never sent again."""
+        stalled node every 2 s at 200,000 waiting; a frame lost while the node answered
+        later ones was never sent again; and resending whatever waited long, answers or
+        not, resent healthy records of a saturated node (found in review)."""
         if not self.waiting:
             return []
         silent = now - self.last_answer >= RETRY_AFTER
-        older = now - (RETRY_AFTER if silent else LOST_AFTER)
+        before = (1 << 62) if silent else self._answered_upto
+        older = now - RETRY_AFTER
         out: list[bytes] = []
         seen: list[str] = []
-        for key, (session, packet_id, _qos, sent) in self.waiting.items():
-            if sent > older or len(out) >= RESEND_MAX:
-                break
+        for key, (session, packet_id, _qos, sent, number) in self.waiting.items():
+            if number >= before or sent > older or len(out) >= RESEND_MAX:
+                break  # the rest were sent later still (the order is the order sent)
             seen.append(key)
             held = session.incoming.get(packet_id)
             if held is not None and held[0] == key:
                 out.append(held[1])
         for key in seen:
-            session, packet_id, qos, _sent = self.waiting.pop(key)
+            session, packet_id, qos, _sent, _number = self.waiting.pop(key)
             held = session.incoming.get(packet_id)
             if held is not None and held[0] == key:  # else the client reused the id: gone
-                self.waiting[key] = (session, packet_id, qos, now)
+                self.waiting[key] = (session, packet_id, qos, now, next(self._sends))
         return out
