@@ -173,7 +173,9 @@ class Authenticator:
             return CONNACK_BAD_CREDENTIALS
         if not verify_password(password, user.hash):
             return CONNACK_BAD_CREDENTIALS
-        self._verified[(user.name, hashlib.sha256(password).digest())] = user.hash
+        key = (user.name, hashlib.sha256(password).digest())
+        self._verified[key] = user.hash
+        self._verified.move_to_end(key)  # verified again: the most recently used
         limit = max(_REMEMBERED, 2 * len(self.users))  # every user's, however many
         while len(self._verified) > limit:
             with contextlib.suppress(KeyError):
