@@ -276,7 +276,7 @@ class Router(MeshSide, DurableSide):
             # In-process actors (the MQTT listener) subscribe for many clients of their own
             # and apply the limit per client themselves.
             if client.ident not in self.internal:
-                held = sum(len(s.patterns) for s in client.subs.values())
+                held = client.patterns
                 if held + len(patterns) > self.max_subscriptions:
                     raise ValueError(
                         f"{held + len(patterns)} patterns exceed the limit of "
@@ -292,6 +292,7 @@ class Router(MeshSide, DurableSide):
             self._error(client.ident, ref, str(e), "input")
             return
         client.subs[sid] = sub
+        client.patterns += len(sub.patterns)
         answer: dict[str, Any] = {"ref": ref, "sid": sid}
         if replay is None:
             self._go_live(sub)
@@ -328,6 +329,7 @@ class Router(MeshSide, DurableSide):
         if sub is None:
             self._error(client.ident, ref, f"no subscription {body.get('sid')!r}", "input")
             return
+        client.patterns -= len(sub.patterns)
         self._remove_sub(sub)
         self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sub.sid})
 

@@ -121,6 +121,7 @@ class Client:
     connected_at: float
     last_seen: float
     subs: dict[int, SubRef] = field(default_factory=dict)
+    patterns: int = 0  # held by its subscriptions: the per-client limit, without a walk
     events_in: int = 0
     events_out: int = 0
     dropped: int = 0

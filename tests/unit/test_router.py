@@ -900,3 +900,5 @@ def test_the_mesh_hears_the_net_interest_after_any_subs_and_unsubs(
             take(r)
             want = {(p, None) for ps in held.values() for p in ps if not p.startswith("_INBOX")}
             assert r.net.interest == want
+        for client in (r.clients[A], r.clients[B]):  # what the per-client limit counts
+            assert client.patterns == sum(len(s.patterns) for s in client.subs.values())
