@@ -6,12 +6,13 @@ own state (the annotations below name what it uses). Open mode never calls it.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import zmq
 
-from node.codec import Kind, decode_control, encode_control
+from node.codec import MAX_CONTROL_BYTES, Kind, decode_control, encode_control
 
 if TYPE_CHECKING:
     from node.dialers import Dialers
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from node.security import Security
 
 DRAIN_BATCH: Final = 256  # frames read per wake-up before output is flushed
+REVOKE_FRAME_BUDGET: Final = MAX_CONTROL_BYTES * 3 // 4  # JSON bytes of revocations a frame
 # Bytes read from one socket per pass before output is flushed. Every record read stays
 # alive until the flush at the end of the pass, and CPython returns an emptied 1 MiB arena
 # of small objects to the kernel at once (it keeps just one): passes of up to 256 frames
@@ -193,9 +195,9 @@ class SecureSide:
         if not fresh:
             return
         net = self.router.net
-        frame = encode_control(Kind.REVOKE, {"revocations": fresh})
+        frames = revocation_frames(fresh)
         for each in net.links.values():  # the revoked node too: it learns why, and stops
-            net.out.append((each.via, frame))
+            net.out.extend((each.via, frame) for frame in frames)
         for signed in fresh:
             node, key = signed["rec"]["node"], signed["rec"]["key"]
             link = net.links.get(node)
@@ -205,7 +207,8 @@ class SecureSide:
                 if d.peer_id == node or d.server_key == key:
                     # The REVOKE queued for this link would find the dialer gone at flush:
                     # it goes now, so the revoked node learns why (and stops dialing).
-                    self.dialers.remove(d.url, last=frame)
+                    own = encode_control(Kind.REVOKE, {"revocations": [signed]})
+                    self.dialers.remove(d.url, last=own)
             for ident, k in list(self._keys.items()):
                 if k == key and ident in self.router.clients:
                     self.router.drop_client(ident, "membership revoked", now)
@@ -219,10 +222,29 @@ class SecureSide:
         net = self.router.net
         new = net.links.keys() - self._synced
         if new and sec.revocations:
-            frame = encode_control(Kind.REVOKE, {"revocations": sec.revocations})
+            frames = revocation_frames(sec.revocations)
             for node in new:
-                net.out.append((net.links[node].via, frame))
+                net.out.extend((net.links[node].via, frame) for frame in frames)
         for node in new:
             if sec.is_revoked(node):
                 net.drop_via(net.links[node].via, "membership revoked", now)
         self._synced = set(net.links)
+
+
+def revocation_frames(revocations: list[dict[str, Any]]) -> list[bytes]:
+    """REVOKE frames holding ``revocations``, each within what a receiver decodes: one
+    frame of them all was refused whole by every receiver past ~245 (over 64 KiB), so
+    revocations stopped spreading, and links coming up learnt none."""
+    frames: list[bytes] = []
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for signed in revocations:
+        n = len(json.dumps(signed, separators=(",", ":"))) + 1
+        if batch and size + n > REVOKE_FRAME_BUDGET:
+            frames.append(encode_control(Kind.REVOKE, {"revocations": batch}))
+            batch, size = [], 0
+        batch.append(signed)
+        size += n
+    if batch:
+        frames.append(encode_control(Kind.REVOKE, {"revocations": batch}))
+    return frames

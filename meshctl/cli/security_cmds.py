@@ -20,7 +20,7 @@ from meshctl.cli.output import note
 from meshctl.errors import OperationalError
 from node import datadir, membership
 from node import security as sec
-from node.codec import Kind, decode_control, encode_control
+from node.codec import MAX_REPLY_BYTES, Kind, decode_control, encode_control
 from node.config import NodeConfig
 from node.errors import CodecError, InputError
 
@@ -258,7 +258,9 @@ def _enroll(where: Path, token: membership.Token, node_id: str, name: str, timeo
                 f"no answer from {token.url} within {timeout:g}s (is that node up and reachable?)"
             )
         try:
-            kind, answer = decode_control(s.recv())
+            # From the node the token names (its CurveZMQ key checked): its answer carries
+            # every revocation of the mesh, past 64 KiB once there are ~245.
+            kind, answer = decode_control(s.recv(), MAX_REPLY_BYTES)
         except CodecError as e:
             raise OperationalError(f"enrollment answer unreadable: {e}") from None
     finally:
