@@ -89,7 +89,12 @@ class Dialers:
             d.last_error = "no CurveZMQ key known for this peer (add #KEY to the link URL)"
             self.backoff(d, now)
             return
-        sock = self.ctx.socket(zmq.DEALER)
+        try:
+            sock = self.ctx.socket(zmq.DEALER)
+        except zmq.ZMQError as e:  # out of sockets (the context's or the process's files)
+            d.last_error = f"cannot open a socket: {e.strerror}"
+            self.backoff(d, now)
+            return
         if self.curve is not None:
             self.curve(sock, d.server_key)
         sock.setsockopt(zmq.LINGER, 0)
