@@ -194,24 +194,29 @@ class SecureSide:
         """Close everything of each newly revoked member and pass the revocations on."""
         if not fresh:
             return
+        # One walk of the connections' keys and one of the dialers for all of them (a walk
+        # per revocation took 2.9 s for 244 of them at 100,000 connections).
+        revoked = {signed["rec"]["key"] for signed in fresh}
+        for ident, k in list(self._keys.items()):
+            if k in revoked and ident in self.router.clients:
+                self.router.drop_client(ident, "membership revoked", now)
         net = self.router.net
         frames = revocation_frames(fresh)
         for each in net.links.values():  # the revoked node too: it learns why, and stops
             net.out.extend((each.via, frame) for frame in frames)
-        for signed in fresh:
-            node, key = signed["rec"]["node"], signed["rec"]["key"]
-            link = net.links.get(node)
-            if link is not None:
-                net.drop_via(link.via, "membership revoked", now)
-            for d in list(self.dialers.by_url.values()):
-                if d.peer_id == node or d.server_key == key:
-                    # The REVOKE queued for this link would find the dialer gone at flush:
-                    # it goes now, so the revoked node learns why (and stops dialing).
-                    own = encode_control(Kind.REVOKE, {"revocations": [signed]})
-                    self.dialers.remove(d.url, last=own)
-            for ident, k in list(self._keys.items()):
-                if k == key and ident in self.router.clients:
-                    self.router.drop_client(ident, "membership revoked", now)
+        by_node = {signed["rec"]["node"]: signed for signed in fresh}
+        by_key = {signed["rec"]["key"]: signed for signed in fresh}
+        for node in by_node.keys() & net.links.keys():
+            net.drop_via(net.links[node].via, "membership revoked", now)
+        for d in list(self.dialers.by_url.values()):
+            hit = by_node.get(d.peer_id or "") or (
+                by_key.get(d.server_key) if d.server_key else None
+            )
+            if hit is not None:
+                # The REVOKE queued for this link would find the dialer gone at flush: it
+                # goes now, so the revoked node learns why (and stops dialing).
+                own = encode_control(Kind.REVOKE, {"revocations": [hit]})
+                self.dialers.remove(d.url, last=own)
 
     def _security_tick(self, now: float) -> None:
         """Pick up `meshctl revoke` (it writes revoked.json) and give newly linked
