@@ -6,6 +6,7 @@ NOBLOCK so that a slow client can never stall the loop: a full queue is a counte
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -253,6 +254,10 @@ class Node(SecureSide, DiscoverySide):
             events = events_of(sock)
             budget = self._pass_bytes + PASS_BYTES
             for _ in range(DRAIN_BATCH):
+                # A frame just read may have removed this dialer (a REVOKE naming its peer
+                # closes the socket at once): asking a closed socket ended the node.
+                if socks.get(sock) is not d:
+                    break
                 if self._pass_bytes > budget or not events(zmq.EVENTS) & POLLIN:
                     break
                 frame = sock.recv()
@@ -486,6 +491,26 @@ class Plugin(Protocol):
 GC_THRESHOLD: Final = (10_000, 10, 10)
 
 
+def raise_file_limit(ceiling: int = 1 << 20) -> int:
+    """Raise this process's soft limit on open files to its hard limit (at most
+    ``ceiling``); returns the soft limit now in force.
+
+    Each dialed link holds two files (its socket's mailbox and its connection) and each
+    client one. Under the common soft limit of 1,024 a node ran out near 500 links, and
+    mostly inside libzmq's own thread, where no error reaches the loop: dials hung and
+    new clients got nothing through. Brokers raise it the same way."""
+    try:
+        import resource  # noqa: PLC0415 - POSIX only
+    except ImportError:  # pragma: no cover - not POSIX
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def _tune_memory(config: NodeConfig) -> None:
     """Collect less often, never walk what start-up made, and keep freed heap for reuse
     (node/heap.py).
@@ -513,6 +538,7 @@ def serve(
     ``plugins`` starts in-process actors once the node listens (``meshctl up`` passes the
     edge bridges this way, so node/ never imports edge/).
     """
+    raise_file_limit()  # before any socket: see there
     node = Node(config, identity, security)
     if security is not None:
         security.start(node.ctx)  # before bind: with no ZAP handler CURVE fails closed

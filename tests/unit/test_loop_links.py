@@ -53,3 +53,80 @@ def test_a_dial_without_a_socket_backs_off_instead_of_ending_the_node(
     (d,) = node.dialers.by_url.values()
     assert d.state == "backoff"
     assert "cannot open a socket" in d.last_error
+
+
+@pytest.mark.parametrize("sender", ["revoked peer", "other peer"])
+def test_a_revoke_that_closes_a_dialed_link_mid_pass_does_not_end_the_node(
+    tmp_path: Path, sender: str
+) -> None:
+    """Found in review (older than this test): a REVOKE read on a dialed link closes the
+    revoked peer's socket at once; reading on from that closed socket in the same pass
+    raised ENOTSOCK out of the loop, and the node exited."""
+    import time
+
+    from node import membership as ms
+    from node import security
+    from node.codec import Kind, encode_control
+    from node.dialers import Dialer
+
+    me = "ab" * 8
+    creds = security.init_mesh(tmp_path, mesh="plant", node_id=me, name="me", now=time.time())
+    sec = security.Security(creds, tmp_path, me, lambda _m: None)
+    cfg = NodeConfig(
+        store=False, discovery=False, listen="127.0.0.1", port=0, ipc=False, mesh="plant"
+    )
+    node = Node(cfg, Identity(me, "me", tmp_path), security=sec)
+    node.bind()
+    far: dict[str, tuple[zmq.Socket[bytes], bytes]] = {}
+    try:
+        for name, peer_id in (("other peer", "1" * 16), ("revoked peer", "2" * 16)):
+            router = node.ctx.socket(zmq.ROUTER)
+            url = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
+            dealer = node.ctx.socket(zmq.DEALER)
+            dealer.connect(url)
+            dealer.send(b"hi")
+            ident, _ = router.recv_multipart()
+            key = zmq.curve_keypair()[0].decode()
+            d = Dialer(url, "static", sock=dealer, state="up", peer_id=peer_id, server_key=key)
+            node.dialers.by_url[url], node.dialers.by_sock[dealer] = d, d
+            node.router.net.by_via[url] = peer_id
+            far[name] = (router, ident)
+        revoked = node.dialers.by_url[
+            next(u for u, d in node.dialers.by_url.items() if d.peer_id == "2" * 16)
+        ]
+        rec = ms.revocation_record(
+            mesh="plant", node=revoked.peer_id or "", key=revoked.server_key, at=int(time.time())
+        )
+        router, ident = far[sender]
+        revoke = {"revocations": [ms.sign(creds.signing_key, rec)]}
+        router.send_multipart([ident, encode_control(Kind.REVOKE, revoke)])
+        router, ident = far["revoked peer"]  # and the revoked peer's socket has input too
+        router.send_multipart([ident, encode_control(Kind.PING, {})])
+        time.sleep(0.2)
+        node._drain_dialers(time.monotonic(), None)  # as after a spin: every dialer
+        assert [d.peer_id for d in node.dialers.by_url.values()] == ["1" * 16]
+        assert sec.is_revoked("2" * 16)
+    finally:
+        for router, _ident in far.values():
+            router.close(0)
+        node.close()
+
+
+def test_the_node_raises_its_soft_limit_on_open_files() -> None:
+    """Found in review: each dialed link holds two files, and under a soft limit of 1,024
+    a node ran out near 500 links, inside libzmq where no error reached it."""
+    import resource
+    import subprocess
+    import sys
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    code = "from node.loop import raise_file_limit; print(raise_file_limit(4096))"
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    want = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
+    assert int(done.stdout) == want
