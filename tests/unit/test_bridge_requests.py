@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -17,8 +18,11 @@ def bridge() -> Iterator[tuple[NatsBridge, zmq.Socket[bytes]]]:
     """A NATS bridge (not started) whose requests go into an inproc socket."""
     ctx = zmq.Context.instance()
     sink, sock = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    sink.bind("inproc://bridge-requests")
-    sock.connect("inproc://bridge-requests")
+    # A name of its own each time: libzmq releases a closed socket's inproc name in its
+    # reaper thread, so the next test binding the same name could find it still taken.
+    name = f"inproc://bridge-requests-{os.urandom(6).hex()}"
+    sink.bind(name)
+    sock.connect(name)
     (cfg,) = parse_bridges([{"kind": "nats", "url": "nats://h", "import": ["svc.>"]}], "t")
     b = NatsBridge(cfg, ctx, "inproc://unused", b"b")
     b.port.inbox = "_INBOX/0123456789abcdef/01"
