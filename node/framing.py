@@ -6,10 +6,11 @@ by ZeroMQ's high-water mark, is also bounded in bytes.
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import accumulate
-from typing import Final
+from typing import Any, Final
 
 from node.codec import HEAD_DELIVER, HEAD_FWD
 
@@ -47,3 +48,20 @@ def frames_counted(parts: list[bytes]) -> Iterator[tuple[bytes, int]]:
         chunk = parts[2 * first : 2 * last + 2]
         chunk.insert(0, HEAD_DELIVER)
         yield b"".join(chunk), last + 1 - first
+
+
+def json_batches(objs: list[dict[str, Any]], budget: int) -> Iterator[list[dict[str, Any]]]:
+    """``objs`` in order, in runs whose compact JSON stays within ``budget`` bytes (an
+    object larger than that goes alone): the control frames that carry many states or
+    revocations, each within what a receiver decodes."""
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for obj in objs:
+        n = len(json.dumps(obj, separators=(",", ":"))) + 1
+        if batch and size + n > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(obj)
+        size += n
+    if batch:
+        yield batch

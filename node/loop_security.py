@@ -6,13 +6,13 @@ own state (the annotations below name what it uses). Open mode never calls it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import zmq
 
 from node.codec import MAX_CONTROL_BYTES, Kind, decode_control, encode_control
+from node.framing import json_batches
 
 if TYPE_CHECKING:
     from node.dialers import Dialers
@@ -240,16 +240,7 @@ def revocation_frames(revocations: list[dict[str, Any]]) -> list[bytes]:
     """REVOKE frames holding ``revocations``, each within what a receiver decodes: one
     frame of them all was refused whole by every receiver past ~245 (over 64 KiB), so
     revocations stopped spreading, and links coming up learnt none."""
-    frames: list[bytes] = []
-    batch: list[dict[str, Any]] = []
-    size = 0
-    for signed in revocations:
-        n = len(json.dumps(signed, separators=(",", ":"))) + 1
-        if batch and size + n > REVOKE_FRAME_BUDGET:
-            frames.append(encode_control(Kind.REVOKE, {"revocations": batch}))
-            batch, size = [], 0
-        batch.append(signed)
-        size += n
-    if batch:
-        frames.append(encode_control(Kind.REVOKE, {"revocations": batch}))
-    return frames
+    return [
+        encode_control(Kind.REVOKE, {"revocations": batch})
+        for batch in json_batches(revocations, REVOKE_FRAME_BUDGET)
+    ]

@@ -13,11 +13,11 @@ the whole state (``want``), and any node answers such a request with what it hol
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from node.codec import MAX_STATE_BYTES, Kind, encode_control
+from node.framing import json_batches
 from node.routing import InterestDelta, MeshTable, NodeState
 
 if TYPE_CHECKING:
@@ -138,18 +138,10 @@ class StatesSide:
         table of many nodes with large interest would not fit in one). A state too large
         for any frame, even compressed, is left out and counted: a receiver would drop
         it, or libzmq the link."""
-        frames: list[bytes] = []
-        batch: list[dict[str, Any]] = []
-        size = 0
-        for obj in states:
-            n = len(json.dumps(obj, separators=(",", ":")))
-            if batch and size + n > STATES_FRAME_BUDGET:
-                frames.append(encode_control(Kind.STATES, {"states": batch}))
-                batch, size = [], 0
-            batch.append(obj)
-            size += n + 1
-        if batch:
-            frames.append(encode_control(Kind.STATES, {"states": batch}))
+        frames = [
+            encode_control(Kind.STATES, {"states": batch})
+            for batch in json_batches(states, STATES_FRAME_BUDGET)
+        ]
         fit = [f for f in frames if len(f) <= MAX_STATE_BYTES]
         self.counters["state_too_large"] += len(frames) - len(fit)
         return fit
