@@ -443,13 +443,28 @@ class Router(MeshSide, DurableSide):
                 route = cache.get(topic)
                 if route is None:
                     route = self._resolve(topic)
-                if type(route) is _Refused and ident in self.internal:
-                    route = self._remote_route(topic)  # in-process actors announce $mesh events
                 if type(route) is _Refused:
-                    self.counters.dropped["bad_topic"] += 1
-                    self._error(ident, None, route.reason, "topic")  # type: ignore[union-attr]
-                    continue
+                    if ident in self.internal:  # in-process actors announce $mesh events
+                        route = self._remote_route(topic)
+                    if type(route) is _Refused:
+                        self.counters.dropped["bad_topic"] += 1
+                        self._error(ident, None, route.reason, "topic")  # type: ignore[union-attr]
+                        continue
                 count += 1
+                relay = route.relay  # type: ignore[union-attr]
+                if relay is not None and not flags & DURABLE_FLAGS:  # only on along links
+                    if relay is run_plan and start == run_end:
+                        run_end = end
+                        forwarded += len(relay.static)
+                        if end - run_start >= MAX_FRAME_BYTES:  # frames stay near the bound
+                            self._forward_run(relay, frame[run_start:end])
+                            run_plan = NO_PLAN
+                        continue
+                    if run_plan is not NO_PLAN:
+                        self._forward_run(run_plan, frame[run_start:run_end])
+                    run_plan, run_start, run_end = relay, start, end
+                    forwarded += len(relay.static)
+                    continue
                 rec = None  # sliced from the frame only if something needs it alone
                 if flags & DURABLE_FLAGS or route.log == LOG_ALL:  # type: ignore[union-attr]
                     rec = self._durable_pub(ident, frame[start:end], topic, route)  # type: ignore[arg-type]

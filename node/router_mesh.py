@@ -172,6 +172,8 @@ class MeshSide:
         meet, so only then does the (origin, sequence) window run (``dedup``).
         """
         pending = self._pending
+        cache = self._cache
+        durable = self.durable
         window = self._dedup
         admit = window.admit
         origin_seq = _ORIGIN_SEQ.unpack_from
@@ -213,14 +215,14 @@ class MeshSide:
                             continue
                         run_origin, run_seq, run_told = (origin, seq, seq) if top else (b"", -1, -1)
                 topic = rec[RECORD_SIZE : RECORD_SIZE + tlen]
-                route = self._cache.get(topic)
+                route = cache.get(topic)
                 if route is None:
                     route = self._remote_route(topic)
                 if type(route) is _Refused:
                     self.counters.dropped["bad_topic"] += 1
                     continue
-                if (flags & DURABLE_FLAGS or route.log == LOG_ALL) and self.durable:  # type: ignore[union-attr]
-                    self.durable.stage(rec, topic.decode(), route, local=False)
+                if durable is not None and (flags & DURABLE_FLAGS or route.log == LOG_ALL):  # type: ignore[union-attr]
+                    durable.stage(rec, topic.decode(), route, local=False)
                     rec = live_copy(rec)
                 for dest, prefix in route.plain:  # type: ignore[union-attr]
                     parts = pending.get(dest)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from node.codec import SID
+from node.durable import LOG_ALL
 from node.mesh import NO_PLAN, Plan
 from node.queues import Queue
 
@@ -86,7 +87,7 @@ class Route:
     group, and the mesh plan for other nodes; whether the log keeps it and which durable
     queues capture it (when persistent)."""
 
-    __slots__ = ("groups", "log", "plain", "plan", "queues")
+    __slots__ = ("groups", "log", "plain", "plan", "queues", "relay")
 
     def __init__(
         self,
@@ -101,6 +102,11 @@ class Route:
         self.plan = plan
         self.log = log
         self.queues = queues or []
+        # The plan, when all a non-persistent event on this topic needs is to go on along
+        # fixed links: nothing here, no group choice, not logged. The first hop of a
+        # stream then only finds where each record ends (Router._on_pub).
+        only_links = plan.static and not (plain or groups or plan.groups or log == LOG_ALL)
+        self.relay: Plan | None = plan if only_links else None
 
 
 class _Refused:
