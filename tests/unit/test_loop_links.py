@@ -1,8 +1,10 @@
-"""The loop's link tick with many links (node/loop.py): work per tick, not per link."""
+"""The loop (node/loop.py): its link tick with many links (work per tick, not per link),
+and when it spins."""
 
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,18 @@ def node(tmp_path: Path) -> Iterator[Node]:
     n.bind()
     yield n
     n.close()
+
+
+def test_the_loop_spins_only_without_in_process_actors(node: Node) -> None:
+    """The spin holds the interpreter lock: an MQTT listener's or a bridge's thread waited
+    it out on each round trip through the node (QoS 1 p50 601 -> 347 µs without it)."""
+    t = time.perf_counter()
+    assert node._spin(0.05) is False  # nothing arrives: it spins the whole time
+    assert time.perf_counter() - t >= 0.05
+    node.router.internal.add(b"mqtt-listener")
+    t = time.perf_counter()
+    assert node._spin(0.05) is False
+    assert time.perf_counter() - t < 0.04
 
 
 def test_one_hello_per_tick_however_many_links_are_due(
