@@ -318,7 +318,7 @@ class Node(SecureSide, DiscoverySide):
         The cost is at most ``seconds`` of CPU after each burst; ``tuning.spin_us = 0``
         turns it off for devices where idle CPU matters more.
 
-        Never while in-process actors run (the MQTT listener, bridges): the spin holds the
+        Never while in-process actors run (MQTT listener, bridges, uplink): the spin holds the
         interpreter lock, so their threads waited it out. An MQTT QoS 1 round trip took
         601 µs with the spin and 347 µs without (p50, store off).
         """
