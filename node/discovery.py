@@ -15,6 +15,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,10 +23,13 @@ import ifaddr
 import zmq
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
+from node.resolving import Resolutions
+
 log = logging.getLogger("meshctl.node")
 
 SERVICE_TYPE: Final = "_meshctl._tcp.local."
 RESOLVE_TIMEOUT_MS: Final = 2000
+RESOLVERS: Final = 8  # resolutions at once: services that do not answer must not queue the rest
 
 
 def default_route_interface(route_table: Path = Path("/proc/net/route")) -> str | None:
@@ -101,7 +105,10 @@ class Discovery:
         self.pipe.bind(endpoint)
         self._actor_pipe = ctx.socket(zmq.PAIR)
         self._actor_pipe.connect(endpoint)
-        self._names: queue.Queue[tuple[str, bool]] = queue.Queue()
+        # From zeroconf's thread: ("added" | "removed", name, None); from a resolving
+        # thread: ("resolved", name, the "found" message, {} for nothing to report, or
+        # None when the service did not answer).
+        self._inbox: queue.Queue[tuple[str, str, dict[str, Any] | None]] = queue.Queue()
         self._stop = threading.Event()
         self._registered = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meshctl-discovery", daemon=True)
@@ -134,15 +141,29 @@ class Discovery:
         try:
             browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_change])
             registrar.start()
+            resolving = Resolutions(RESOLVERS)
             while not self._stop.is_set():
                 try:
-                    name, added = self._names.get(timeout=0.1)
+                    event, name, found = self._inbox.get(timeout=0.1)
                 except queue.Empty:
-                    continue
-                if added:
-                    self._resolve(zc, name)
-                else:
+                    event = ""
+                now = time.monotonic()
+                if event == "added":
+                    resolving.added(name, now)
+                elif event == "removed":
+                    resolving.removed(name)
                     self._send({"event": "removed", "service": name})
+                elif event == "resolved":
+                    report = resolving.finished(name, found is not None, now)
+                    if report and found:  # found == {}: our own node, nothing to say
+                        self._send(found)
+                for due in resolving.start(now):  # daemons: a stop never waits for one
+                    threading.Thread(
+                        target=self._lookup,
+                        args=(zc, due),
+                        daemon=True,
+                        name="meshctl-mdns-resolve",
+                    ).start()
             # Stopping must stay well under 2 s: a registration still probing is abandoned
             # (its thread dies with zeroconf); close() says goodbye for a finished one.
         except Exception:  # an actor must report, not die silently
@@ -166,34 +187,47 @@ class Discovery:
     def _on_change(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
-        # Runs on zeroconf's thread: only hand the name over, resolve on ours.
+        # Runs on zeroconf's thread: only hand the name over, resolve on others.
         if name != self.info.name:
-            self._names.put((name, state_change is not ServiceStateChange.Removed))
+            removed = state_change is ServiceStateChange.Removed
+            self._inbox.put(("removed" if removed else "added", name, None))
 
-    def _resolve(self, zc: Zeroconf, name: str) -> None:
+    def _lookup(self, zc: Zeroconf, name: str) -> None:
+        """On a thread of its own: resolve ``name`` and hand the outcome to ``_run``."""
+        try:
+            found = self._resolve(zc, name)
+        except Exception as e:  # zeroconf closing under it, most likely: a failed try
+            if not self._stop.is_set():
+                log.warning("mDNS: resolving %s failed: %s", name, e)
+            found = None
+        self._inbox.put(("resolved", name, found))
+
+    def _resolve(self, zc: Zeroconf, name: str) -> dict[str, Any] | None:
+        """The "found" message for ``name``; {} for our own node; None if the service did
+        not answer in time or answered without a port or an IPv4 address."""
         info = ServiceInfo(SERVICE_TYPE, name)
         # An announcement usually brought every record already: use the cache first.
         if not info.load_from_cache(zc) and not info.request(zc, RESOLVE_TIMEOUT_MS):
-            return
+            return None
         if info.port is None:
-            return
+            return None
         props = {
             k.decode(errors="replace"): (v or b"").decode(errors="replace")
             for k, v in info.properties.items()
         }
         addresses = list(info.parsed_addresses(IPVersion.V4Only))
-        if not addresses or props.get("id") == self.node_id:
-            return
-        self._send(
-            {
-                "event": "found",
-                "service": name,
-                "id": props.get("id", ""),
-                "name": props.get("name", ""),
-                "mesh": props.get("mesh", ""),
-                "proto": props.get("proto", ""),
-                "pk": props.get("pk", ""),
-                "addresses": addresses,
-                "port": info.port,
-            }
-        )
+        if props.get("id") == self.node_id:
+            return {}
+        if not addresses:
+            return None
+        return {
+            "event": "found",
+            "service": name,
+            "id": props.get("id", ""),
+            "name": props.get("name", ""),
+            "mesh": props.get("mesh", ""),
+            "proto": props.get("proto", ""),
+            "pk": props.get("pk", ""),
+            "addresses": addresses,
+            "port": info.port,
+        }

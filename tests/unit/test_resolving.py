@@ -1,0 +1,105 @@
+"""Which mDNS services discovery resolves, and when again (node/resolving.py)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from node.resolving import RETRY_FIRST, RETRY_MAX, Resolutions
+
+
+def test_at_most_limit_run_at_once_oldest_first() -> None:
+    r = Resolutions(2)
+    for i, name in enumerate("abcd"):
+        r.added(name, float(i))
+    assert r.start(10.0) == ["a", "b"]
+    assert r.start(10.0) == []  # full
+    assert r.finished("a", True, 10.0)
+    assert r.start(10.0) == ["c"]
+
+
+def test_a_failure_is_tried_again_after_a_doubling_wait_up_to_a_minute() -> None:
+    r = Resolutions(4)
+    r.added("x", 0.0)
+    assert r.start(0.0) == ["x"]
+    now, waits = 0.0, []
+    for _ in range(8):
+        assert not r.finished("x", False, now)
+        t = now
+        while not r.start(t):  # the first moment it is started again
+            t += 0.5
+        waits.append(t - now)
+        now = t
+    assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert (waits[0], waits[-1]) == (RETRY_FIRST, RETRY_MAX)
+
+
+def test_a_removed_service_is_neither_reported_nor_tried_again() -> None:
+    r = Resolutions(4)
+    r.added("x", 0.0)
+    assert r.start(0.0) == ["x"]
+    r.removed("x")
+    assert not r.finished("x", True, 1.0)
+    assert not r.finished("x", False, 1.0)
+    assert r.start(1000.0) == []
+
+
+def test_an_announcement_while_resolving_asks_again_after_it() -> None:
+    """Updated records (a new port, say) mid-resolution: the result in hand is reported
+    and the name is resolved once more, at once."""
+    r = Resolutions(4)
+    r.added("x", 0.0)
+    assert r.start(0.0) == ["x"]
+    r.added("x", 0.5)
+    assert r.start(0.5) == []  # one resolution per name at a time
+    assert not r.finished("x", False, 1.0)  # a failure does not push the new wish back
+    assert r.start(1.0) == ["x"]
+    assert r.finished("x", True, 1.2)
+
+
+def test_success_resets_the_backoff() -> None:
+    r = Resolutions(1)
+    r.added("x", 0.0)
+    for t in (0.0, 2.0, 6.0):  # fails three times: the next wait would be 8 s
+        assert r.start(t) == ["x"]
+        r.finished("x", False, t)
+    r.added("x", 14.0)  # re-announced: resolve now
+    assert r.start(14.0) == ["x"]
+    assert r.finished("x", True, 14.0)
+    r.added("x", 20.0)
+    assert r.start(20.0) == ["x"]
+    r.finished("x", False, 20.0)
+    assert r.start(20.0 + RETRY_FIRST - 0.01) == []
+    assert r.start(20.0 + RETRY_FIRST) == ["x"]
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["added", "removed", "start", "ok", "fail"]),
+        st.sampled_from("abcdef"),
+        st.floats(0, 5),
+    ),
+    max_size=80,
+)
+
+
+@given(_OPS, st.integers(1, 4))
+def test_never_over_the_limit_never_reports_a_removed_name(
+    ops: list[tuple[str, str, float]], limit: int
+) -> None:
+    r = Resolutions(limit)
+    now = 0.0
+    for op, name, dt in ops:
+        now += dt
+        if op == "added":
+            r.added(name, now)
+        elif op == "removed":
+            r.removed(name)
+        elif op == "start":
+            started = r.start(now)
+            assert len(set(started)) == len(started)
+            assert all(n in r.announced for n in started)
+        elif name in r.running:
+            reported = r.finished(name, op == "ok", now)
+            assert reported == (op == "ok" and name in r.announced)
+        assert len(r.running) <= limit
