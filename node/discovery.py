@@ -11,11 +11,13 @@ dialing only: a node proves membership in the link handshake, never by advertisi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Final
 
@@ -105,9 +107,9 @@ class Discovery:
         self.pipe.bind(endpoint)
         self._actor_pipe = ctx.socket(zmq.PAIR)
         self._actor_pipe.connect(endpoint)
-        # From zeroconf's thread: ("added" | "removed", name, None); from a resolving
-        # thread: ("resolved", name, the "found" message, {} for nothing to report, or
-        # None when the service did not answer).
+        # From zeroconf's thread: ("added" | "removed", name, None), and ("resolved", name,
+        # the "found" message, {} for nothing to report, or None when the service did not
+        # answer) as a resolution ends.
         self._inbox: queue.Queue[tuple[str, str, dict[str, Any] | None]] = queue.Queue()
         self._stop = threading.Event()
         self._registered = threading.Event()
@@ -138,6 +140,7 @@ class Discovery:
             target=self._register, args=(zc,), daemon=True, name="meshctl-mdns-register"
         )
         browser: ServiceBrowser | None = None
+        requests: dict[str, Future[bool]] = {}  # resolutions running on zeroconf's loop
         try:
             browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[self._on_change])
             registrar.start()
@@ -154,21 +157,19 @@ class Discovery:
                     resolving.removed(name)
                     self._send({"event": "removed", "service": name})
                 elif event == "resolved":
+                    requests.pop(name, None)
                     report = resolving.finished(name, found is not None, now)
                     if report and found:  # found == {}: our own node, nothing to say
                         self._send(found)
-                for due in resolving.start(now):  # daemons: a stop never waits for one
-                    threading.Thread(
-                        target=self._lookup,
-                        args=(zc, due),
-                        daemon=True,
-                        name="meshctl-mdns-resolve",
-                    ).start()
+                for due in resolving.start(now):
+                    requests[due] = self._lookup(zc, due)
             # Stopping must stay well under 2 s: a registration still probing is abandoned
             # (its thread dies with zeroconf); close() says goodbye for a finished one.
         except Exception:  # an actor must report, not die silently
             log.exception("mDNS discovery failed")
         finally:
+            for request in requests.values():  # left pending, asyncio logs each as an error
+                request.cancel()
             if browser is not None:
                 browser.cancel()  # its thread is not a daemon: it would hold up exit
             zc.close()
@@ -192,23 +193,25 @@ class Discovery:
             removed = state_change is ServiceStateChange.Removed
             self._inbox.put(("removed" if removed else "added", name, None))
 
-    def _lookup(self, zc: Zeroconf, name: str) -> None:
-        """On a thread of its own: resolve ``name`` and hand the outcome to ``_run``."""
-        try:
-            found = self._resolve(zc, name)
-        except Exception as e:  # zeroconf closing under it, most likely: a failed try
-            if not self._stop.is_set():
-                log.warning("mDNS: resolving %s failed: %s", name, e)
-            found = None
-        self._inbox.put(("resolved", name, found))
-
-    def _resolve(self, zc: Zeroconf, name: str) -> dict[str, Any] | None:
-        """The "found" message for ``name``; {} for our own node; None if the service did
-        not answer in time or answered without a port or an IPv4 address."""
+    def _lookup(self, zc: Zeroconf, name: str) -> Future[bool]:
+        """Resolve ``name`` on zeroconf's own loop (the cache first, then the network, for
+        up to RESOLVE_TIMEOUT_MS); the outcome comes back through ``_inbox``."""
         info = ServiceInfo(SERVICE_TYPE, name)
-        # An announcement usually brought every record already: use the cache first.
-        if not info.load_from_cache(zc) and not info.request(zc, RESOLVE_TIMEOUT_MS):
-            return None
+        assert zc.loop is not None  # a started Zeroconf has its loop
+        request = asyncio.run_coroutine_threadsafe(
+            info.async_request(zc, RESOLVE_TIMEOUT_MS), zc.loop
+        )
+
+        def done(f: Future[bool]) -> None:  # on zeroconf's loop
+            ok = not f.cancelled() and f.exception() is None and f.result()
+            self._inbox.put(("resolved", name, self._found(info) if ok else None))
+
+        request.add_done_callback(done)
+        return request
+
+    def _found(self, info: ServiceInfo) -> dict[str, Any] | None:
+        """The "found" message for a resolved service; {} for our own node; None if it
+        answered without a port or an IPv4 address."""
         if info.port is None:
             return None
         props = {
@@ -222,7 +225,7 @@ class Discovery:
             return None
         return {
             "event": "found",
-            "service": name,
+            "service": info.name,
             "id": props.get("id", ""),
             "name": props.get("name", ""),
             "mesh": props.get("mesh", ""),

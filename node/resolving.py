@@ -4,8 +4,11 @@ node/discovery.py resolves what its browser announces. One at a time, a service 
 answers held up every other for the whole timeout (2 s each: on a LAN of many such
 services, finding a peer took minutes); and a resolution that failed once (an answer lost
 on Wi-Fi, a peer still booting) was never tried again, so that peer stayed unlinked until
-it changed its records. Here up to ``limit`` resolutions run at once, and a failed one is
-tried again after 2, 4, 8 ... 60 s for as long as the service stays announced.
+it changed its records. Here up to ``limit`` resolutions run at once, a name never tried
+goes before any retry (a LAN of stale pointers must not keep a new peer waiting), and a
+failed one is tried again after 2, 4, 8, 16 and 32 s; then not until it is announced
+again (stale pointers live up to 75 minutes: retrying each forever would keep the
+resolvers busy and the network chattering for nothing).
 
 The time is a parameter (``now``); this module keeps no clock and starts nothing.
 """
@@ -15,7 +18,7 @@ from __future__ import annotations
 from typing import Final
 
 RETRY_FIRST: Final = 2.0  # seconds after the first failure
-RETRY_MAX: Final = 60.0  # the longest wait between tries
+TRIES: Final = 6  # resolutions of one announcement before waiting for the next one
 
 
 class Resolutions:
@@ -45,12 +48,14 @@ class Resolutions:
         self._failures.pop(name, None)
 
     def start(self, now: float) -> list[str]:
-        """Names to resolve now, oldest wish first, keeping at most ``limit`` running."""
+        """Names to resolve now, keeping at most ``limit`` running: the fewest failed
+        tries first, then the oldest wish."""
         room = self.limit - len(self.running)
         if room <= 0 or not self._due:
             return []
         out = [n for n, t in self._due.items() if t <= now and n not in self.running]
-        out.sort(key=self._due.__getitem__)
+        failures = self._failures
+        out.sort(key=lambda n: (failures.get(n, 0), self._due[n]))
         out = out[:room]
         for name in out:
             del self._due[name]
@@ -59,8 +64,8 @@ class Resolutions:
 
     def finished(self, name: str, ok: bool, now: float) -> bool:
         """A resolution of ``name`` ended; True if its result is to be reported (the
-        service is still announced). A failure is tried again later, unless a newer
-        announcement already asked for another try."""
+        service is still announced). A failure is tried again later (at most TRIES in
+        all), unless a newer announcement already asked for another try."""
         self.running.discard(name)
         if name not in self.announced:
             return False
@@ -68,6 +73,6 @@ class Resolutions:
             self._failures.pop(name, None)
             return True
         n = self._failures[name] = self._failures.get(name, 0) + 1
-        if name not in self._due:
-            self._due[name] = now + min(RETRY_MAX, RETRY_FIRST * 2 ** min(n - 1, 16))
+        if name not in self._due and n < TRIES:
+            self._due[name] = now + RETRY_FIRST * 2 ** (n - 1)
         return False

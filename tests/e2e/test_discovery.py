@@ -3,7 +3,9 @@ only: nothing is sent on the machine's own network."""
 
 from __future__ import annotations
 
+import gc
 import json
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,6 +43,20 @@ def peer() -> Iterator[Zeroconf]:
     zc.close()
 
 
+def _announce_silent(d: Discovery, peer: Zeroconf, mesh: str) -> None:
+    """Pointers to SILENT services with no SRV, TXT or address records, once ``d`` listens
+    (sent earlier they would be lost, and the test would prove nothing)."""
+    assert d._registered.wait(10), "discovery never came up"
+    out = DNSOutgoing(const._FLAGS_QR_RESPONSE | const._FLAGS_AA)
+    for i in range(SILENT):
+        name = f"silent{i}-{mesh}.{SERVICE_TYPE}"
+        out.add_answer_at_time(
+            DNSPointer(SERVICE_TYPE, const._TYPE_PTR, const._CLASS_IN, 120, name), 0
+        )
+    peer.send(out)
+    time.sleep(0.3)  # they are being resolved now
+
+
 def _found(d: Discovery, prefix: str, timeout: float) -> dict[str, object] | None:
     poller = zmq.Poller()
     poller.register(d.pipe, zmq.POLLIN)
@@ -58,14 +74,7 @@ def test_services_that_never_answer_do_not_hold_up_the_others(
 ) -> None:
     """Resolved one at a time, each silent service held the rest up for the whole
     timeout: a real peer announced after six of them was found 10 s late."""
-    out = DNSOutgoing(const._FLAGS_QR_RESPONSE | const._FLAGS_AA)
-    for i in range(SILENT):  # pointers to services with no SRV, TXT or address records
-        name = f"silent{i}-{mesh}.{SERVICE_TYPE}"
-        out.add_answer_at_time(
-            DNSPointer(SERVICE_TYPE, const._TYPE_PTR, const._CLASS_IN, 120, name), 0
-        )
-    peer.send(out)
-    time.sleep(0.3)  # they are being resolved now
+    _announce_silent(discovery, peer, mesh)
     info = ServiceInfo(
         SERVICE_TYPE,
         f"real-{mesh}.{SERVICE_TYPE}",
@@ -78,3 +87,27 @@ def test_services_that_never_answer_do_not_hold_up_the_others(
     found = _found(discovery, "real-", timeout=2 * RESOLVE_TIMEOUT_MS / 1000)
     assert found is not None, "the real peer was not found while silent ones were resolved"
     assert (found["id"], found["port"], found["addresses"]) == ("bb" * 8, 4242, ["127.0.0.1"])
+
+
+def test_a_stop_leaves_no_resolution_pending(
+    mesh: str, peer: Zeroconf, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: resolutions still running when zeroconf closed were left pending,
+    and asyncio logged "Task was destroyed but it is pending!" for each, seconds later."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    d = Discovery(
+        ctx, node_id="cc" * 8, name="me", mesh=mesh, proto=1, port=1, addresses=["127.0.0.1"]
+    )
+    d.start()
+    try:
+        _announce_silent(d, peer, mesh)
+    finally:
+        caplog.set_level(logging.ERROR, logger="asyncio")
+        t = time.monotonic()
+        d.stop()
+        stopped = time.monotonic() - t
+        ctx.term()
+    del d
+    gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+    assert stopped < RESOLVE_TIMEOUT_MS / 1000

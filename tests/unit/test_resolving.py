@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.resolving import RETRY_FIRST, RETRY_MAX, Resolutions
+from node.resolving import RETRY_FIRST, TRIES, Resolutions
 
 
 def test_at_most_limit_run_at_once_oldest_first() -> None:
@@ -18,20 +18,39 @@ def test_at_most_limit_run_at_once_oldest_first() -> None:
     assert r.start(10.0) == ["c"]
 
 
-def test_a_failure_is_tried_again_after_a_doubling_wait_up_to_a_minute() -> None:
+def test_a_failure_is_tried_again_after_a_doubling_wait_then_left_until_announced() -> None:
     r = Resolutions(4)
     r.added("x", 0.0)
     assert r.start(0.0) == ["x"]
     now, waits = 0.0, []
-    for _ in range(8):
+    for _ in range(TRIES - 1):
         assert not r.finished("x", False, now)
         t = now
         while not r.start(t):  # the first moment it is started again
             t += 0.5
         waits.append(t - now)
         now = t
-    assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
-    assert (waits[0], waits[-1]) == (RETRY_FIRST, RETRY_MAX)
+    assert waits == [RETRY_FIRST * 2**i for i in range(TRIES - 1)] == [2, 4, 8, 16, 32]
+    assert not r.finished("x", False, now)  # the last try failed: no more
+    assert r.start(now + 3600) == []
+    r.added("x", now + 3600)  # announced again (its records changed, or it came back)
+    assert r.start(now + 3600) == ["x"]
+
+
+def test_a_new_announcement_is_not_queued_behind_overdue_retries() -> None:
+    """Found in review: oldest wish first put every overdue retry of a LAN's stale
+    pointers ahead of a peer just announced (1,000 of them: a wait of minutes)."""
+    r = Resolutions(1)
+    r.added("stale1", 0.0)
+    r.added("stale2", 0.0)
+    assert r.start(0.0) == ["stale1"]
+    r.finished("stale1", False, 2.0)
+    assert r.start(2.0) == ["stale2"]
+    r.finished("stale2", False, 4.0)
+    r.added("real", 10.0)
+    assert r.start(10.0) == ["real"]
+    r.finished("real", True, 10.1)
+    assert r.start(10.1) == ["stale1"]
 
 
 def test_a_removed_service_is_neither_reported_nor_tried_again() -> None:
