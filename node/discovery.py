@@ -203,8 +203,13 @@ class Discovery:
         )
 
         def done(f: Future[bool]) -> None:  # on zeroconf's loop
-            ok = not f.cancelled() and f.exception() is None and f.result()
-            self._inbox.put(("resolved", name, self._found(info) if ok else None))
+            found = None
+            try:
+                if not f.cancelled() and f.exception() is None and f.result():
+                    found = self._found(info)
+            except Exception as e:  # a bad record: a failed try, and the slot is freed
+                log.warning("mDNS: cannot read the records of %s: %s", name, e)
+            self._inbox.put(("resolved", name, found))
 
         request.add_done_callback(done)
         return request
