@@ -162,7 +162,9 @@ class Discovery:
                     if report and found:  # found == {}: our own node, nothing to say
                         self._send(found)
                 for due in resolving.start(now):
-                    requests[due] = self._lookup(zc, due)
+                    request = self._lookup(zc, due)
+                    if request is not None:
+                        requests[due] = request
             # Stopping must stay well under 2 s: a registration still probing is abandoned
             # (its thread dies with zeroconf); close() says goodbye for a finished one.
         except Exception:  # an actor must report, not die silently
@@ -193,16 +195,21 @@ class Discovery:
             removed = state_change is ServiceStateChange.Removed
             self._inbox.put(("removed" if removed else "added", name, None))
 
-    def _lookup(self, zc: Zeroconf, name: str) -> Future[bool]:
+    def _lookup(self, zc: Zeroconf, name: str) -> Future[bool] | None:
         """Resolve ``name`` on zeroconf's own loop (the cache first, then the network, for
         up to RESOLVE_TIMEOUT_MS); the outcome comes back through ``_inbox``."""
-        info = ServiceInfo(SERVICE_TYPE, name)
+        try:
+            info = ServiceInfo(SERVICE_TYPE, name)
+        except Exception as e:  # a malformed name from the LAN: a failed try, not our end
+            log.warning("mDNS: cannot resolve %r: %s", name, e)
+            self._inbox.put(("resolved", name, None))
+            return None
         assert zc.loop is not None  # a started Zeroconf has its loop
         request = asyncio.run_coroutine_threadsafe(
             info.async_request(zc, RESOLVE_TIMEOUT_MS), zc.loop
         )
 
-        def done(f: Future[bool]) -> None:  # on zeroconf's loop
+        def done(f: Future[bool]) -> None:  # on zeroconf's loop (on ours when cancelled)
             found = None
             try:
                 if not f.cancelled() and f.exception() is None and f.result():

@@ -72,7 +72,9 @@ class Resolutions:
         if ok:
             self._failures.pop(name, None)
             return True
+        if name in self._due:  # announced again meanwhile: that one is a fresh start
+            return False
         n = self._failures[name] = self._failures.get(name, 0) + 1
-        if name not in self._due and n < TRIES:
+        if n < TRIES:
             self._due[name] = now + RETRY_FIRST * 2 ** (n - 1)
         return False

@@ -89,6 +89,33 @@ def test_services_that_never_answer_do_not_hold_up_the_others(
     assert (found["id"], found["port"], found["addresses"]) == ("bb" * 8, 4242, ["127.0.0.1"])
 
 
+def test_a_malformed_pointer_does_not_end_discovery(
+    discovery: Discovery, peer: Zeroconf, mesh: str
+) -> None:
+    """Found in review: a pointer to a name zeroconf refuses to resolve (an instance
+    label over 63 bytes) raised out of the actor's loop: the node stopped discovering
+    and advertising."""
+    assert discovery._registered.wait(10), "discovery never came up"
+    out = DNSOutgoing(const._FLAGS_QR_RESPONSE | const._FLAGS_AA)
+    bad = "a" * 40 + "." + "b" * 40 + f"-{mesh}.{SERVICE_TYPE}"
+    out.add_answer_at_time(DNSPointer(SERVICE_TYPE, const._TYPE_PTR, const._CLASS_IN, 120, bad), 0)
+    peer.send(out)
+    time.sleep(0.3)
+    info = ServiceInfo(
+        SERVICE_TYPE,
+        f"real-{mesh}.{SERVICE_TYPE}",
+        port=4243,
+        properties={"mesh": mesh, "id": "dd" * 8, "name": "real", "proto": "1"},
+        server=f"real-{mesh}.local.",
+        parsed_addresses=["127.0.0.1"],
+    )
+    peer.register_service(info)
+    found = _found(discovery, "real-", timeout=2 * RESOLVE_TIMEOUT_MS / 1000)
+    assert found is not None
+    assert found["port"] == 4243
+    assert discovery._thread.is_alive()
+
+
 def test_a_stop_leaves_no_resolution_pending(
     mesh: str, peer: Zeroconf, caplog: pytest.LogCaptureFixture
 ) -> None:

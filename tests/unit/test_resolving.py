@@ -76,6 +76,23 @@ def test_an_announcement_while_resolving_asks_again_after_it() -> None:
     assert r.finished("x", True, 1.2)
 
 
+def test_a_failure_of_a_resolution_overtaken_by_an_announcement_is_not_counted() -> None:
+    """The announcement made a fresh start: the name keeps all its tries (and so its
+    place among new names; found in review)."""
+    r = Resolutions(4)
+    r.added("x", 0.0)
+    assert r.start(0.0) == ["x"]
+    r.added("x", 0.5)
+    assert not r.finished("x", False, 1.0)
+    tries, now = 0, 1.0
+    while now < 1000:
+        if r.start(now):
+            tries += 1
+            r.finished("x", False, now)
+        now += 0.5
+    assert tries == TRIES
+
+
 def test_success_resets_the_backoff() -> None:
     r = Resolutions(1)
     r.added("x", 0.0)
