@@ -43,18 +43,35 @@ def peer() -> Iterator[Zeroconf]:
     zc.close()
 
 
-def _announce_silent(d: Discovery, peer: Zeroconf, mesh: str) -> None:
-    """Pointers to SILENT services with no SRV, TXT or address records, once ``d`` listens
-    (sent earlier they would be lost, and the test would prove nothing)."""
+def _point(d: Discovery, peer: Zeroconf, names: list[str]) -> None:
+    """Pointers to ``names``, services with no SRV, TXT or address records, once ``d``
+    listens (sent earlier they would be lost, and the test would prove nothing)."""
     assert d._registered.wait(10), "discovery never came up"
     out = DNSOutgoing(const._FLAGS_QR_RESPONSE | const._FLAGS_AA)
-    for i in range(SILENT):
-        name = f"silent{i}-{mesh}.{SERVICE_TYPE}"
+    for name in names:
         out.add_answer_at_time(
             DNSPointer(SERVICE_TYPE, const._TYPE_PTR, const._CLASS_IN, 120, name), 0
         )
     peer.send(out)
     time.sleep(0.3)  # they are being resolved now
+
+
+def _silent(mesh: str) -> list[str]:
+    return [f"silent{i}-{mesh}.{SERVICE_TYPE}" for i in range(SILENT)]
+
+
+def _real_peer_found(d: Discovery, peer: Zeroconf, mesh: str) -> dict[str, object] | None:
+    """Announce a real service and wait for ``d`` to report it (None: it did not)."""
+    info = ServiceInfo(
+        SERVICE_TYPE,
+        f"real-{mesh}.{SERVICE_TYPE}",
+        port=4242,
+        properties={"mesh": mesh, "id": "bb" * 8, "name": "real", "proto": "1"},
+        server=f"real-{mesh}.local.",
+        parsed_addresses=["127.0.0.1"],
+    )
+    peer.register_service(info)
+    return _found(d, "real-", timeout=2 * RESOLVE_TIMEOUT_MS / 1000)
 
 
 def _found(d: Discovery, prefix: str, timeout: float) -> dict[str, object] | None:
@@ -74,17 +91,8 @@ def test_services_that_never_answer_do_not_hold_up_the_others(
 ) -> None:
     """Resolved one at a time, each silent service held the rest up for the whole
     timeout: a real peer announced after six of them was found 10 s late."""
-    _announce_silent(discovery, peer, mesh)
-    info = ServiceInfo(
-        SERVICE_TYPE,
-        f"real-{mesh}.{SERVICE_TYPE}",
-        port=4242,
-        properties={"mesh": mesh, "id": "bb" * 8, "name": "real", "proto": "1"},
-        server=f"real-{mesh}.local.",
-        parsed_addresses=["127.0.0.1"],
-    )
-    peer.register_service(info)
-    found = _found(discovery, "real-", timeout=2 * RESOLVE_TIMEOUT_MS / 1000)
+    _point(discovery, peer, _silent(mesh))
+    found = _real_peer_found(discovery, peer, mesh)
     assert found is not None, "the real peer was not found while silent ones were resolved"
     assert (found["id"], found["port"], found["addresses"]) == ("bb" * 8, 4242, ["127.0.0.1"])
 
@@ -95,24 +103,10 @@ def test_a_malformed_pointer_does_not_end_discovery(
     """Found in review: a pointer to a name zeroconf refuses to resolve (an instance
     label over 63 bytes) raised out of the actor's loop: the node stopped discovering
     and advertising."""
-    assert discovery._registered.wait(10), "discovery never came up"
-    out = DNSOutgoing(const._FLAGS_QR_RESPONSE | const._FLAGS_AA)
-    bad = "a" * 40 + "." + "b" * 40 + f"-{mesh}.{SERVICE_TYPE}"
-    out.add_answer_at_time(DNSPointer(SERVICE_TYPE, const._TYPE_PTR, const._CLASS_IN, 120, bad), 0)
-    peer.send(out)
-    time.sleep(0.3)
-    info = ServiceInfo(
-        SERVICE_TYPE,
-        f"real-{mesh}.{SERVICE_TYPE}",
-        port=4243,
-        properties={"mesh": mesh, "id": "dd" * 8, "name": "real", "proto": "1"},
-        server=f"real-{mesh}.local.",
-        parsed_addresses=["127.0.0.1"],
-    )
-    peer.register_service(info)
-    found = _found(discovery, "real-", timeout=2 * RESOLVE_TIMEOUT_MS / 1000)
+    _point(discovery, peer, ["a" * 40 + "." + "b" * 40 + f"-{mesh}.{SERVICE_TYPE}"])
+    found = _real_peer_found(discovery, peer, mesh)
     assert found is not None
-    assert found["port"] == 4243
+    assert found["port"] == 4242
     assert discovery._thread.is_alive()
 
 
@@ -127,7 +121,7 @@ def test_a_stop_leaves_no_resolution_pending(
     )
     d.start()
     try:
-        _announce_silent(d, peer, mesh)
+        _point(d, peer, _silent(mesh))
     finally:
         caplog.set_level(logging.ERROR, logger="asyncio")
         t = time.monotonic()
