@@ -190,7 +190,7 @@ class Discovery:
     def _on_change(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
-        # Runs on zeroconf's thread: only hand the name over, resolve on others.
+        # Runs on zeroconf's thread: only hand the name over; _run schedules its resolution.
         if name != self.info.name:
             removed = state_change is ServiceStateChange.Removed
             self._inbox.put(("removed" if removed else "added", name, None))
