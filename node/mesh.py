@@ -33,6 +33,7 @@ CONVERGENCE_WINDOW: Final = 10.0  # seconds after a change during which copies m
 FORGET_AFTER: Final = 600.0  # an unreachable node's state is dropped after this long
 HANDSHAKE_INTEREST_BYTES: Final = 256 * 1024  # interest sent in LINK / LINK_OK, else none
 WANT_EVERY: Final = 1.0  # seconds between asking again for whole states we lack
+RTT_SAMPLE_EVERY: Final = 10  # heartbeat intervals between an accepted link's own beats
 Via = bytes | str
 
 
@@ -357,8 +358,15 @@ class Mesh(StatesSide):
             self.links[peer].last_rx = now
 
     def tick(self, now: float, interval: float) -> None:
-        """Heartbeat every link each ``interval``; declare silent links dead; forget nodes
-        unreachable for FORGET_AFTER so the table does not grow with every id ever seen."""
+        """Heartbeat links; declare silent links dead; forget nodes unreachable for
+        FORGET_AFTER so the table does not grow with every id ever seen.
+
+        The side that dialed a link beats each ``interval`` and the other answers: that
+        proves both alive. The accepting side beats on its own only to sample the round
+        trip (every RTT_SAMPLE_EVERY intervals), or when it has heard nothing for two. Both
+        sides beating every interval was twice the frames for the same verdicts: 1.7% of a
+        core per idle node in a 16-node full mesh, a quarter of one at 250 links.
+        """
         for node_id in [n for n, t in self._unreachable_since.items() if now - t > FORGET_AFTER]:
             del self._unreachable_since[node_id]
             if node_id not in self._up:
@@ -371,7 +379,12 @@ class Mesh(StatesSide):
             if now - link.last_rx > self.dead_after:
                 self._link_down(link, f"silent for {now - link.last_rx:.1f}s", now)
                 continue
-            if now - link.last_beat >= interval:
+            since_beat = now - link.last_beat
+            if since_beat >= interval and (
+                link.outbound
+                or now - link.last_rx >= 2 * interval
+                or since_beat >= RTT_SAMPLE_EVERY * interval
+            ):
                 link.last_beat = now
                 self.out.append((link.via, encode_control(Kind.BEAT, {"t": now})))
 

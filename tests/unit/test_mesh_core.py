@@ -332,8 +332,10 @@ def test_simultaneous_dials_keep_the_lower_ids_link(data: st.DataObject) -> None
 
 
 def test_heartbeats_and_round_trip_time() -> None:
+    """The side that dialed beats every interval; the answer gives the round trip."""
     n = Node(S, dead_after=3.0)
-    via = link_in(n, state(A), now=0.0)
+    via = "tcp://a:1"
+    n.mesh.on_link_ok(via, {"node": state(A).to_json()}, "static", 0.0)
     n.take()
     n.mesh.tick(0.5, 1.0)
     assert n.take() == [(via, Kind.BEAT, {"t": 0.5})]
@@ -341,7 +343,7 @@ def test_heartbeats_and_round_trip_time() -> None:
     assert n.take() == []  # not yet due
     n.mesh.tick(1.5, 1.0)
     assert n.take() == [(via, Kind.BEAT, {"t": 1.5})]
-    n.mesh.on_beat(via, Kind.BEAT, {"t": 9.0}, 1.6)
+    n.mesh.on_beat(via, Kind.BEAT, {"t": 9.0}, 1.6)  # an older peer beats too: answered
     assert n.take() == [(via, Kind.BEAT_ACK, {"t": 9.0})]
     n.mesh.on_beat(via, Kind.BEAT_ACK, {"t": 1.5}, 1.75)
     assert n.mesh.links[A].rtt == pytest.approx(0.25)
@@ -349,6 +351,35 @@ def test_heartbeats_and_round_trip_time() -> None:
     n.mesh.on_beat(via, Kind.BEAT_ACK, {"t": "junk"}, 1.8)  # ignored, still heard
     assert n.mesh.links[A].rtt == pytest.approx(0.25)
     assert n.mesh.links[A].last_rx == 1.8
+
+
+def test_the_accepting_side_beats_only_to_sample_the_round_trip_or_when_not_heard() -> None:
+    """The dialer's beats and our answers prove both sides alive: answering is enough
+    (half the heartbeat frames). Our own beats sample the round trip now and then, and go
+    out when the dialer has been silent for two intervals."""
+    n = Node(S, dead_after=3.0)
+    via = link_in(n, state(A), now=0.0)
+    n.take()
+    n.mesh.tick(0.5, 1.0)
+    assert n.take() == [(via, Kind.BEAT, {"t": 0.5})]  # a first sample at once
+    beats = []
+    for k in range(1, 21):  # the dialer beats every second; we answer
+        t = 0.5 + k
+        n.mesh.on_beat(via, Kind.BEAT, {"t": t}, t)
+        n.mesh.tick(t + 0.01, 1.0)
+        for beat in [v for v in n.take() if v[1] == Kind.BEAT]:
+            beats.append(beat[2]["t"])
+            n.mesh.on_beat(via, Kind.BEAT_ACK, beat[2], t + 0.1)
+    assert beats == [10.51, 20.51]  # every RTT_SAMPLE_EVERY intervals
+    assert n.mesh.links[A].rtt == pytest.approx(0.09)
+    n.mesh.tick(22.5, 1.0)  # last heard at 20.6: 1.9 s of silence, not yet two intervals
+    assert n.take() == []
+    n.mesh.tick(22.7, 1.0)
+    assert n.take() == [(via, Kind.BEAT, {"t": 22.7})]
+    n.mesh.tick(23.5, 1.0)
+    assert n.take() == []  # not an interval since that beat
+    n.mesh.tick(23.7, 1.0)
+    assert A not in n.mesh.links  # 3.1 s without a word
 
 
 def test_silent_link_is_taken_down() -> None:
