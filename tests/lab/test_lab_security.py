@@ -121,7 +121,7 @@ def test_flood_from_one_host_does_not_stop_members_linking(
         3,
         [sys.executable, str(FLOOD), "--mesh", mesh_name, "--target", lab.lab.addr(1),
          "--services", "60", "--seconds", "12",
-         "--server-key", security(lab, 1)["public_key"]],
+         f"--server-key={security(lab, 1)['public_key']}"],  # a Z85 key may start with "-"
     )  # fmt: skip
     flood.wait_stderr("flooding", timeout=15)
     started = time.monotonic()
