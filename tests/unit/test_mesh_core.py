@@ -372,14 +372,40 @@ def test_the_accepting_side_beats_only_to_sample_the_round_trip_or_when_not_hear
             n.mesh.on_beat(via, Kind.BEAT_ACK, beat[2], t + 0.1)
     assert beats == [10.51, 20.51]  # every RTT_SAMPLE_EVERY intervals
     assert n.mesh.links[A].rtt == pytest.approx(0.09)
-    n.mesh.tick(22.5, 1.0)  # last heard at 20.6: 1.9 s of silence, not yet two intervals
+    n.mesh.tick(22.0, 1.0)  # last heard at 20.6: 1.4 s of silence, not yet 1.5 intervals
     assert n.take() == []
-    n.mesh.tick(22.7, 1.0)
-    assert n.take() == [(via, Kind.BEAT, {"t": 22.7})]
-    n.mesh.tick(23.5, 1.0)
+    n.mesh.tick(22.2, 1.0)
+    assert n.take() == [(via, Kind.BEAT, {"t": 22.2})]
+    n.mesh.tick(23.1, 1.0)
     assert n.take() == []  # not an interval since that beat
+    n.mesh.tick(23.3, 1.0)
+    assert n.take() == [(via, Kind.BEAT, {"t": 23.3})]
     n.mesh.tick(23.7, 1.0)
     assert A not in n.mesh.links  # 3.1 s without a word
+
+
+@pytest.mark.parametrize(("dead_after", "dialer_every", "rtt"), [(1.8, 3.0, 0.05), (2.5, 5.0, 0.7)])
+def test_an_accepted_link_to_a_slower_beating_dialer_stays_up(
+    dead_after: float, dialer_every: float, rtt: float
+) -> None:
+    """Found in review: heartbeat settings are per node. A dialer beating every 3 s (or
+    5 s) and ours answering: we must beat it ourselves, and hear the answer, before our
+    own dead_after runs out. Waiting two of our intervals lost a live link every few
+    seconds (1 s / 1.8 s here), or past a 0.4 s round trip at the defaults (0.7 s here)."""
+    n = Node(S, dead_after=dead_after)
+    via = link_in(n, state(A), now=0.0)
+    answers: list[tuple[float, float]] = []  # (when, beat time) of the dialer's answers
+    t = 0.0
+    while t < 30.0:
+        t = round(t + 0.1, 1)  # the loop's link tick
+        if t % dialer_every == 0:
+            n.mesh.on_beat(via, Kind.BEAT, {"t": t}, t)
+        for when, sent in [a for a in answers if a[0] <= t]:
+            answers.remove((when, sent))
+            n.mesh.on_beat(via, Kind.BEAT_ACK, {"t": sent}, when)
+        n.mesh.tick(t, 1.0)
+        answers += [(t + rtt, b["t"]) for v, k, b in n.take() if k == Kind.BEAT]
+        assert A in n.mesh.links, f"the live link was declared dead at {t}"
 
 
 def test_silent_link_is_taken_down() -> None:
