@@ -562,7 +562,15 @@ def load_config(text: str, *, source: str = "<string>") -> NodeConfig:
                 values[field.attr] = field.check(raw)
             except ValueError as e:
                 raise ConfigError(source, f"{section}.{key}", str(e)) from None
-    return NodeConfig(**values)
+    config = NodeConfig(**values)
+    if config.dead_after <= config.heartbeat:
+        raise ConfigError(
+            source,
+            "mesh.dead_after",
+            f"{config.dead_after:g}s must be longer than mesh.heartbeat ({config.heartbeat:g}s): "
+            "a live link would be declared dead between two of its heartbeats",
+        )
+    return config
 
 
 def read_config(path: Path) -> NodeConfig:

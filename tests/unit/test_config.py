@@ -187,6 +187,17 @@ def test_invalid_values_name_the_key(text: str, key: str) -> None:
     assert isinstance(info.value, InputError)
 
 
+@pytest.mark.parametrize(
+    "text", ['[mesh]\nheartbeat = "5s"', '[mesh]\nheartbeat = "1s"\ndead_after = "1s"']
+)
+def test_a_dead_after_no_longer_than_the_heartbeat_is_refused(text: str) -> None:
+    """Such a node declares live links dead between two beats (found in review)."""
+    with pytest.raises(ConfigError, match=r"must be longer than mesh\.heartbeat") as info:
+        load_config(text, source="mesh.toml")
+    assert info.value.key == "mesh.dead_after"
+    load_config('[mesh]\nheartbeat = "5s"\ndead_after = "12s"')  # fine
+
+
 def test_unknown_key_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"unknown key \(known: address, port, ipc"):
         load_config("[listen]\nhost = 'x'")
