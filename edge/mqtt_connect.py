@@ -48,6 +48,7 @@ class ConnectSide:
     counters: dict[str, int]
     _online: dict[str, MqttConnection]
     _hasher: ThreadPoolExecutor
+    _loop: asyncio.AbstractEventLoop
     _checking: int
     _drop: Callable[[MqttConnection, str], None]
     _forget: Callable[[Session], None]
@@ -72,8 +73,7 @@ class ConnectSide:
         conn.verifying = True
         if conn.transport is not None:
             conn.transport.pause_reading()
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self._hasher, self._check, conn, c)
+        fut = self._loop.run_in_executor(self._hasher, self._check, conn, c)
         fut.add_done_callback(lambda f: self._verified(conn, c, f))
 
     def _check(self, conn: MqttConnection, c: Connect) -> Permissions | int | None:

@@ -1,12 +1,13 @@
-"""The node's native MQTT 3.1.1 listener: an in-process actor, like the bridges.
+"""The node's native MQTT 3.1.1 listener: an actor on the node's own thread.
 
-One thread runs an asyncio loop with a TCP server for MQTT clients and ONE DEALER to the
-node over inproc (its identity is registered as internal, so the node does not apply its
-per-client subscription limit to it; the listener applies that limit per MQTT client).
-Every MQTT subscription is one mesh subscription (its own sid); every MQTT publish is one
-record in a batched PUB frame. Topic rules are edge/mapping.py's; packets are
-edge/mqtt_codec.py's; sessions edge/mqtt_session.py's; retained messages sit behind the
-``Retained`` seam of edge/mqtt_retain.py (in the node when its store is on).
+An asyncio loop with a TCP server for MQTT clients, stepped by the node's loop once per
+pass (node/residents.py: no thread, no socket to the node; frames go both ways as calls).
+Its identity is internal, so the node does not apply its per-client subscription limit to
+it; the listener applies that limit per MQTT client. Every MQTT subscription is one mesh
+subscription (its own sid); every MQTT publish is one record in a batched PUB frame.
+Topic rules are edge/mapping.py's; packets are edge/mqtt_codec.py's; sessions
+edge/mqtt_session.py's; retained messages sit behind the ``Retained`` seam of
+edge/mqtt_retain.py (in the node when its store is on).
 
 QoS 1 and 2 from a client, with the node's store on, are persistent events: the PUBACK
 (PUBREC) is written when the node's PACK names the event's id, i.e. once it is committed
@@ -21,20 +22,17 @@ have no QoS and are delivered at the subscription's QoS.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
+import selectors
 import ssl
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
-
-import zmq
 
 from edge.mapping import (
     MappingError,
@@ -110,14 +108,11 @@ class ListenerConfig:
 
 
 class MqttListener(ConnectSide, NodeSide):
-    """The actor: ``start()`` binds (or raises OSError), ``stop()`` joins the thread."""
+    """The actor: ``start()`` binds (or raises OSError); then the node's loop steps it
+    (node/residents.py's Resident) until ``stop()``. All on the node's thread."""
 
-    def __init__(
-        self, cfg: ListenerConfig, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, ident: bytes
-    ) -> None:
+    def __init__(self, cfg: ListenerConfig, ident: bytes) -> None:
         self.cfg = cfg
-        self.ctx = ctx
-        self.endpoint = endpoint
         self.ident = ident
         self.port = MeshPort("mqtt")
         self.retained: Retained = NodeRetained() if cfg.node_retained else ListenerRetained()
@@ -137,7 +132,6 @@ class MqttListener(ConnectSide, NodeSide):
             "wills": 0,
             "sessions_evicted": 0,  # absent persistent sessions dropped past max_sessions
             "dropped_slow": 0,
-            "dropped_node_busy": 0,
             "refused_payloads": 0,
             "store_refused": 0,
             "auth_failures": 0,
@@ -160,35 +154,90 @@ class MqttListener(ConnectSide, NodeSide):
         self._waiting: dict[int, list[tuple[MqttConnection, bytes, tuple[int, ...]]]] = {}
         self._held: dict[int, list[bytes]] = {}
         self._flush_due = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._sock: zmq.Socket[bytes] | None = None
-        self._stopping: asyncio.Event | None = None
-        self._ready = threading.Event()
-        self._error: OSError | None = None
+        self._to_node: list[bytes] = []  # frames for the node, taken by ``step``
+        self._touched: set[MqttConnection] = set()  # written to by the node's frames
+        self._open = False  # between start and stop: frames may go to the node
+        self._selector = selectors.DefaultSelector()  # epoll here: one fd for the node to poll
+        self._loop = asyncio.SelectorEventLoop(self._selector)
+        self._server: asyncio.Server | None = None
+        self._tick: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes under way
-        self._thread = threading.Thread(target=self._run, name="mqtt-listener", daemon=True)
-        self.now: Callable[[], float] = time.monotonic
+        self.now: Callable[[], float] = self._loop.time
 
     # ---- the actor -----------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the thread and wait until the TCP port is bound; OSError if it cannot be."""
-        self._thread.start()
-        self._ready.wait(10)
-        if self._error is not None:
-            self._thread.join(5)
-            raise self._error
+        """Bind the TCP port (OSError if it cannot be) and greet the node."""
+        try:
+            self._loop.run_until_complete(self._bind())
+        except OSError:
+            self._loop.close()
+            raise
+        self._open = True
+        self._send(encode_control(Kind.HELLO, {"name": "mqtt listener"}))
+        self._tick = self._loop.create_task(self._ticker())
+        log.info("MQTT listener on %s", self.bound)
+
+    async def _bind(self) -> None:
+        try:
+            self._server = await self._loop.create_server(
+                lambda: MqttConnection(self, self.cfg.max_packet),
+                self.cfg.host,
+                self.cfg.port,
+                reuse_address=True,
+            )
+        except OSError as e:
+            where = f"{self.cfg.host}:{self.cfg.port}"
+            why = os.strerror(e.errno).lower() if e.errno else str(e)
+            raise OSError(f"cannot listen for MQTT on {where}: {why}") from None
+        addr = self._server.sockets[0].getsockname()
+        self.bound = f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
 
     def stop(self) -> None:
-        loop, stopping = self._loop, self._stopping
-        if loop is not None and stopping is not None:
-            with contextlib.suppress(RuntimeError):  # the loop already ended
-                loop.call_soon_threadsafe(stopping.set)
-        self._thread.join(timeout=5)
+        """Close the port and every connection. The node is stopping: no wills are sent."""
+        if self._loop.is_closed():
+            return
+        self._open = False
+        self._loop.run_until_complete(self._close())
+        self._loop.close()
         self._hasher.shutdown(wait=False, cancel_futures=True)
 
+    async def _close(self) -> None:
+        if self._tick is not None:
+            self._tick.cancel()
+        for task in list(self._handshakes):
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.close(abort=True)
+        await asyncio.sleep(0)  # the transports' connection_lost callbacks
+        self.bound = ""
+
+    # ---- stepped by the node's loop (node/residents.py) ------------------------------------
+
+    def fileno(self) -> int:
+        return self._selector.fileno()  # type: ignore[attr-defined]  # epoll, kqueue
+
+    def step(self, now: float) -> list[bytes]:
+        """One pass of the asyncio loop: what the clients sent, timers due, callbacks that
+        were ready; never waits (asyncio polls with no timeout once stop() was called)."""
+        loop = self._loop
+        loop.call_soon(loop.stop)
+        loop.run_forever()
+        if self._flush_due:
+            self._flush()
+        out, self._to_node = self._to_node, []
+        return out
+
+    def busy(self) -> bool:
+        # Callbacks asyncio made ready for its next pass (a connection just accepted or
+        # closed, a future's result): the node must not sleep on them. CPython keeps them
+        # in ``_ready``; tests/unit/test_mqtt_resident.py fails if that ever changes.
+        return self._flush_due or bool(self._to_node) or bool(self._loop._ready)  # type: ignore[attr-defined]
+
     def status(self) -> dict[str, Any]:
-        """For ``meshctl status`` (read from the node's thread: plain ints and lengths)."""
+        """For ``meshctl status``."""
         return {
             "section": "mqtt",
             "listen": self.bound,
@@ -208,56 +257,9 @@ class MqttListener(ConnectSide, NodeSide):
             **self.counters,
         }
 
-    def _run(self) -> None:
-        asyncio.run(self._main())
-
-    async def _main(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._stopping = asyncio.Event()
-        self.now = loop.time
-        try:
-            server = await loop.create_server(
-                lambda: MqttConnection(self, self.cfg.max_packet),
-                self.cfg.host,
-                self.cfg.port,
-                reuse_address=True,
-            )
-        except OSError as e:
-            where = f"{self.cfg.host}:{self.cfg.port}"
-            why = os.strerror(e.errno).lower() if e.errno else str(e)
-            self._error = OSError(f"cannot listen for MQTT on {where}: {why}")
-            self._ready.set()
-            return
-        addr = server.sockets[0].getsockname()
-        self.bound = f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
-        sock = self._sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.ROUTING_ID, self.ident)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDTIMEO, 1000)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.connect(self.endpoint)
-        sock.send(encode_control(Kind.HELLO, {"name": "mqtt listener"}))
-        fd = int(sock.getsockopt(zmq.FD))
-        loop.add_reader(fd, self._on_node)
-        tick = loop.create_task(self._ticker())
-        log.info("MQTT listener on %s", self.bound)
-        self._ready.set()
-        try:
-            await self._stopping.wait()
-        finally:
-            tick.cancel()
-            server.close()
-            loop.remove_reader(fd)
-            self._sock = None  # the node is stopping: no wills, nothing more to send
-            sock.close(linger=0)
-            for conn in list(self._conns):
-                conn.close(abort=True)
-            self.bound = ""
-
     def start_tls(self, conn: MqttConnection, transport: asyncio.Transport) -> None:
         """Secure a new connection (an mqtts port): ``conn`` is opened once it is done."""
-        task = asyncio.get_running_loop().create_task(self._handshake(conn, transport))
+        task = self._loop.create_task(self._handshake(conn, transport))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
@@ -265,9 +267,8 @@ class MqttListener(ConnectSide, NodeSide):
         """A client that fails the TLS handshake (plain MQTT or garbage on this port, no or
         an untrusted certificate, silence) is bad input: one line, counted, closed."""
         assert self.cfg.tls is not None
-        loop = asyncio.get_running_loop()
         try:
-            secured = await loop.start_tls(
+            secured = await self._loop.start_tls(
                 transport, conn, self.cfg.tls, server_side=True,
                 ssl_handshake_timeout=CONNECT_TIMEOUT,
             )  # fmt: skip
@@ -550,15 +551,13 @@ def _will_publish(will: Will) -> Publish:
 
 def start_listener(
     config: NodeConfig,
-    ctx: zmq.Context[zmq.Socket[bytes]],
-    endpoint: str,
-    register: Callable[[bytes], None],
     *,
     data_dir: Path | None = None,
     tls: ssl.SSLContext | None = None,
 ) -> MqttListener:
     """Start the listener ``[mqtt]`` asks for; OSError when its port cannot be bound.
-    Its users (``meshctl mqtt passwd``) are read from ``data_dir``; ``tls`` (from
+    The caller attaches it to the node (``Node.attach``), whose loop then steps it. Its
+    users (``meshctl mqtt passwd``) are read from ``data_dir``; ``tls`` (from
     edge/tls.py) makes it an mqtts port."""
     host, port = host_port(config.mqtt_listen)
     anonymous = (
@@ -588,7 +587,6 @@ def start_listener(
             config.mqtt_listen,
         )
     ident = b"\x00mqtt" + time.time_ns().to_bytes(8, "big")
-    register(ident)
-    listener = MqttListener(cfg, ctx, endpoint, ident)
+    listener = MqttListener(cfg, ident)
     listener.start()
     return listener

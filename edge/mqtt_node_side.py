@@ -2,20 +2,18 @@
 answers and commit acknowledgements (PACK/ERR) in.
 
 A mixin of edge/mqtt_listener.py's MqttListener, split out to keep modules small; it
-works on the listener's own state (the annotations below name what it uses). The node
-is reached over one inproc DEALER whose FD only signals edges, hence ``_readable``.
+works on the listener's own state (the annotations below name what it uses). Frames go
+to the node by ``step``'s return value and come back by ``take``, in the node's loop
+(node/residents.py); what they cause is written to the clients by ``flush``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
 import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
-
-import zmq
 
 from edge.mapping import mesh_topic_to_mqtt
 from edge.mqtt_commit import Committing
@@ -41,7 +39,6 @@ QOS_HEADER: Final = "qos"
 HB_QOS0: Final = encode_headers({QOS_HEADER: "0"})
 MAX_BACKLOG: Final = 8 * 1024 * 1024  # QoS 0 to a client with more unsent bytes is dropped
 ACK: Final = struct.Struct(">BBH")  # PUBACK/PUBREC: first byte, length 2, packet id
-_POLLIN: Final = int(zmq.POLLIN)  # a plain int: `int & IntFlag` goes through enum code (0.8 us)
 _DELIVERY: Final = struct.Struct("<IIHHB")  # sid, plen, tlen, hlen, flags
 
 Pending = list[tuple["MqttConnection", bytes, tuple[int, ...]]]
@@ -54,8 +51,8 @@ class NodeSide:
     counters: dict[str, int]
     committing: Committing
     now: Callable[[], float]
-    _loop: asyncio.AbstractEventLoop | None
-    _sock: zmq.Socket[bytes] | None
+    _open: bool
+    _to_node: list[bytes]
     _online: dict[str, MqttConnection]
     _sids: dict[int, tuple[Session, Subscription]]
     _refs: itertools.count[int]
@@ -66,14 +63,13 @@ class NodeSide:
     _waiting: dict[int, Pending]
     _held: dict[int, list[bytes]]
     _flush_due: bool
+    _touched: set[MqttConnection]
 
     def _schedule_flush(self) -> None:
-        if not self._flush_due and self._loop is not None:
-            self._flush_due = True
-            self._loop.call_soon(self._flush)
+        self._flush_due = True  # at the end of this step (or the next: ``busy`` says so)
 
     def _flush(self) -> None:
-        """Once per loop pass: hand batched records to the node, then ask it to confirm."""
+        """Once per step: hand batched records to the node, then ask it to confirm."""
         self._flush_due = False
         self._send_records()
         if self._after:
@@ -90,34 +86,22 @@ class NodeSide:
             self._send(frame)
 
     def _send(self, frame: bytes) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        try:
-            sock.send(frame)
-        except zmq.Again:
-            self.counters["dropped_node_busy"] += 1
-        # The FD is edge-triggered: a send may consume the edge of frames that arrived.
-        if _readable(sock) and self._loop is not None:
-            self._loop.call_soon(self._on_node)
+        if self._open:
+            self._to_node.append(frame)
 
-    def _on_node(self) -> None:
-        sock = self._sock
-        if sock is None:
-            return
-        touched: set[MqttConnection] = set()
-        for _ in range(256):
-            if not _readable(sock):
-                break
-            frame = sock.recv()
-            if frame[:2] == b"\x01\x21":
-                self._deliver(frame, touched)
-            else:
-                self._on_control(frame, touched)
+    def take(self, frame: bytes) -> None:
+        """A frame from the node; what it writes goes out with ``flush``."""
+        if frame[:2] == b"\x01\x21":
+            self._deliver(frame, self._touched)
         else:
-            self._loop.call_soon(self._on_node)  # type: ignore[union-attr]
+            self._on_control(frame, self._touched)
+
+    def flush(self) -> None:
+        """The node's frames of this pass are in: one write per client they touched."""
+        touched = self._touched
         for conn in touched:
             conn.flush()
+        touched.clear()
 
     def _on_control(self, frame: bytes, touched: set[MqttConnection]) -> None:
         try:
@@ -231,8 +215,3 @@ class NodeSide:
                 self._to_mqtt.clear()
             self._to_mqtt[tb] = topic
         return topic
-
-
-def _readable(sock: zmq.Socket[bytes]) -> bool:
-    """Frames wait on ``sock`` (its FD only signals edges, so this is what to ask)."""
-    return bool(int(sock.getsockopt(zmq.EVENTS)) & _POLLIN)

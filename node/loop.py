@@ -30,6 +30,7 @@ from node.durable import Durable, DurableConfig
 from node.heap import keep_freed
 from node.loop_discovery import DiscoverySide
 from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide, events_of
+from node.residents import Resident, Residents
 from node.router import Router
 from node.security import REVOKED_SELF, Security, join_links
 from node.store import open_store
@@ -96,6 +97,8 @@ class Node(SecureSide, DiscoverySide):
             durable=self.durable,
         )
         self.router.status_extra = self._status_extra
+        self.residents = Residents(self.router)
+        self._poll_changed = True
         self.router.peers_extra = self._dialer_view
         self.dialers = Dialers(
             self.ctx,
@@ -157,6 +160,11 @@ class Node(SecureSide, DiscoverySide):
         if ipc:
             self.endpoints.append(ipc)
 
+    def attach(self, resident: Resident) -> None:
+        """Run ``resident`` on this loop's thread (node/residents.py); before ``run``."""
+        self.residents.attach(resident)
+        self._poll_changed = True
+
     def _status_extra(self, now: float) -> dict[str, Any]:
         # A plugin whose status names a "section" gets a key of its own (the MQTT
         # listener: "mqtt"); the others are listed as bridges.
@@ -193,15 +201,15 @@ class Node(SecureSide, DiscoverySide):
     def run(self) -> None:
         """Serve until a stop is requested (SIGINT/SIGTERM in the foreground)."""
         spin = self.config.spin_us / 1e6
-        poller = zmq.Poller()  # one Poller: Socket.poll() would build a new one per call
-        poller.register(self.sock, zmq.POLLIN)
+        poller = self._new_poller()  # one Poller: Socket.poll() would build one per call
+        residents = self.residents
         now = time.monotonic()
         self.router.emit_system("$mesh/node/up", {"endpoints": self.endpoints}, now)
         next_probe = now + PROBE_INTERVAL
         next_link_tick = now
         drain = self._drain if self.security is None else self._drain_secure
         while not self._stop:
-            if self.dialers.changed:
+            if self.dialers.changed or self._poll_changed:
                 poller = self._new_poller()
             ready: dict[Any, int] = {}
             # Spin only after light passes (request-reply, trickles): under a stream of
@@ -210,13 +218,16 @@ class Node(SecureSide, DiscoverySide):
             self._pass_bytes = 0
             spun = light and self._spin(spin)
             if not spun:
-                wait = 0.0 if self.router.busy() else min(next_probe, next_link_tick) - now
+                busy = self.router.busy() or (residents.by_ident and residents.busy())
+                wait = 0.0 if busy else min(next_probe, next_link_tick) - now
                 ready = dict(poller.poll(max(0, min(MAX_POLL_MS, int(wait * 1000) + 1))))
             now = time.monotonic()
             drain(now)
             if len(ready) != 1 or self.sock not in ready:
                 self._drain_dialers(now, None if spun else ready)
                 self._read_discovery(now)
+            if residents.by_ident:
+                residents.step(now)
             if now >= next_link_tick:
                 if self.security is not None:
                     self._security_tick(now)
@@ -234,9 +245,11 @@ class Node(SecureSide, DiscoverySide):
         self._flush(time.monotonic())
 
     def _new_poller(self) -> zmq.Poller:
-        self.dialers.changed = False
+        self.dialers.changed = self._poll_changed = False
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        for fd in self.residents.fds():
+            poller.register(fd, zmq.POLLIN)
         if self.discovery is not None:
             poller.register(self.discovery.pipe, zmq.POLLIN)
         for s in self.dialers.sockets():
@@ -318,9 +331,10 @@ class Node(SecureSide, DiscoverySide):
         The cost is at most ``seconds`` of CPU after each burst; ``tuning.spin_us = 0``
         turns it off for devices where idle CPU matters more.
 
-        Never while in-process actors run (MQTT listener, bridges, uplink): the spin holds the
-        interpreter lock, so their threads waited it out. An MQTT QoS 1 round trip took
-        601 µs with the spin and 347 µs without (p50, store off).
+        Never while in-process actors run: the spin holds the interpreter lock, so the
+        threads of bridges and the uplink waited it out (an MQTT QoS 1 round trip took
+        601 µs with the spin and 347 µs without, p50, store off, when the listener was a
+        thread), and it does not watch residents' descriptors (node/residents.py).
         """
         if seconds <= 0 or self.router.internal or len(self.dialers.by_sock) > SPIN_SOCKETS:
             return False  # many links: one round of asking them all outlasts the spin
@@ -367,9 +381,15 @@ class Node(SecureSide, DiscoverySide):
     def _flush(self, now: float) -> None:
         send = self.sock.send
         router = self.router
+        residents = self.residents.by_ident
         for dest, frame, count in router.take_output():
             if isinstance(dest, str):
                 self._send_dialed(dest, frame, now)
+                continue
+            if dest in residents:
+                self.residents.take(dest, frame)
+                if count:
+                    router.delivered(dest, count)
                 continue
             try:
                 send(dest, zmq.NOBLOCK | zmq.SNDMORE)
@@ -387,6 +407,8 @@ class Node(SecureSide, DiscoverySide):
                 raise
             if count:
                 router.delivered(dest, count)
+        if residents:
+            self.residents.flush()
         if router.net.closed:
             self._close_refused(now)
 
@@ -402,6 +424,8 @@ class Node(SecureSide, DiscoverySide):
     def _probe(self, now: float) -> None:
         """Send a tiny PING to silent clients; libzmq reports a vanished peer as unreachable."""
         for ident in self.router.idle_clients(now, IDLE_BEFORE_PROBE):
+            if ident in self.residents.by_ident:
+                continue  # on this thread: it cannot vanish unnoticed
             try:
                 self.sock.send(ident, zmq.NOBLOCK | zmq.SNDMORE)
                 self.sock.send(_PING, zmq.NOBLOCK)

@@ -205,11 +205,9 @@ def up(
             if cfg.mqtt_listen:
                 from edge.mqtt_listener import start_listener  # noqa: PLC0415 - when used
 
-                started.append(
-                    start_listener(
-                        cfg, node.ctx, node.inproc, register, data_dir=where, tls=mqtt_tls
-                    )
-                )
+                listener = start_listener(cfg, data_dir=where, tls=mqtt_tls)
+                started.append(listener)
+                node.attach(listener)
         except OSError:  # e.g. the MQTT port is taken: stop what already started
             for plugin in started:
                 plugin.stop()

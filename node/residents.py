@@ -1,0 +1,100 @@
+"""In-process actors that run on the node's own thread: the MQTT listener.
+
+The bridges and the uplink are threads, each with an inproc DEALER to the node: their
+client libraries (paho, nats-py) bring loops of their own. An actor the node can step
+itself needs no thread at all. The loop polls the actor's file descriptor beside its own
+sockets, steps it once per pass, and hands frames both ways as calls: a message an MQTT
+client publishes is routed, and its PUBACK and the subscribers' PUBLISHes written, in
+the same pass. Through a thread, each such round trip was two wake-ups of one thread by
+the other and a frame each way through libzmq, with both threads taking turns at the
+interpreter lock.
+
+The frames are the client protocol's, as over a socket: the Router cannot tell a
+resident from any other local client, except that its identity is internal.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from node.router import Router
+
+log = logging.getLogger("meshctl.node")
+
+
+class Resident(Protocol):
+    """What the loop needs of an actor that runs on its thread."""
+
+    ident: bytes  # its client identity at the Router
+
+    def fileno(self) -> int:
+        """A descriptor that becomes readable when the actor has input (its selector)."""
+        ...
+
+    def step(self, now: float) -> list[bytes]:
+        """Handle what is ready without blocking; the frames it sends the node."""
+        ...
+
+    def busy(self) -> bool:
+        """True when it has work that must not wait for input (the loop must not sleep)."""
+        ...
+
+    def take(self, frame: bytes) -> None:
+        """A frame from the node (what the Router would have sent its socket)."""
+        ...
+
+    def flush(self) -> None:
+        """The loop's output for this pass is handed over: write what it caused."""
+        ...
+
+    def stop(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class Residents:
+    """The node's residents by identity; an error of one is logged and counted, never
+    raised into the loop (the node serves on, as for a bad frame)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.by_ident: dict[bytes, Resident] = {}
+
+    def attach(self, resident: Resident) -> None:
+        self.by_ident[resident.ident] = resident
+        self.router.internal.add(resident.ident)
+
+    def fds(self) -> list[int]:
+        return [r.fileno() for r in self.by_ident.values()]
+
+    def step(self, now: float) -> None:
+        handle = self.router.handle
+        for ident, r in self.by_ident.items():
+            try:
+                frames = r.step(now)
+            except Exception as e:
+                self._failed(r, "step", e)
+                continue
+            for frame in frames:
+                handle(ident, frame, now)
+
+    def busy(self) -> bool:
+        return any(r.busy() for r in self.by_ident.values())
+
+    def take(self, ident: bytes, frame: bytes) -> None:
+        try:
+            self.by_ident[ident].take(frame)
+        except Exception as e:
+            self._failed(self.by_ident[ident], "a frame from the node", e)
+
+    def flush(self) -> None:
+        for r in self.by_ident.values():
+            try:
+                r.flush()
+            except Exception as e:
+                self._failed(r, "flush", e)
+
+    def _failed(self, r: Resident, where: str, e: Exception) -> None:
+        self.router.counters.internal_errors += 1
+        log.error("internal error in %s (%s): %r", type(r).__name__, where, e, exc_info=e)
