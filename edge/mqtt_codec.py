@@ -201,19 +201,25 @@ class Decoder:
     def __init__(self, max_packet: int = MAX_REMAINING) -> None:
         self.max_packet = max_packet
         self._buf = b""
+        self.more = False  # the last feed stopped at its limit: whole packets wait in _buf
 
     @property
     def pending(self) -> int:
         """Bytes held back because they do not yet make a whole packet."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Packet]:
-        """Every complete packet in what arrived so far; MqttProtocolError on garbage."""
+    def feed(self, data: bytes, limit: int = 1 << 62) -> list[Packet]:
+        """The complete packets in what arrived so far, at most ``limit`` of them (the rest
+        wait for the next call: ``more``); MqttProtocolError on garbage."""
         buf = self._buf + data if self._buf else data
         out: list[Packet] = []
         n = len(buf)
         off = 0
+        self.more = False
         while n - off >= 2:
+            if len(out) >= limit:
+                self.more = True
+                break
             b0 = buf[off]
             i = off + 1
             length = buf[i]

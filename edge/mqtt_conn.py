@@ -86,19 +86,29 @@ class MqttConnection(asyncio.Protocol):
             self.listener.protocol_error(self, f"first byte {data[:1].hex()} is not CONNECT")
             return
         self._in_read = True
+        listener = self.listener
         try:
-            for packet in self.decoder.feed(data):
+            packets = self.decoder.feed(data, max(listener.budget, 0))
+            listener.budget -= len(packets)
+            for packet in packets:
                 if self.verifying:  # after a CONNECT whose password is being checked
                     self.held.append(packet)
                     continue
-                self.listener.on_packet(self, packet)
+                listener.on_packet(self, packet)
                 if self.closing:
                     break
         except MqttProtocolError as e:
-            self.listener.protocol_error(self, str(e))
+            listener.protocol_error(self, str(e))
         finally:
             self._in_read = False
             self.flush()
+        if self.decoder.more and not self.closing:
+            # The step's budget is spent: the rest waits, and so does this socket.
+            listener.defer(self)
+
+    def read_backlog(self) -> None:
+        """Handle more of what ``data_received`` left over (the listener's next steps)."""
+        self.data_received(b"")
 
     def resume(self, admit: Callable[[], None]) -> None:
         """The password was checked: ``admit`` (CONNACK), then what arrived meanwhile, in
@@ -115,8 +125,8 @@ class MqttConnection(asyncio.Protocol):
         finally:
             self._in_read = False
             self.flush()
-        if not self.closing and self.transport is not None:
-            self.transport.resume_reading()
+        if not self.closing and self.transport is not None and not self.decoder.more:
+            self.transport.resume_reading()  # (with a backlog: once it is read)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True

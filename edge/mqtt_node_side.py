@@ -9,7 +9,6 @@ to the node by ``step``'s return value and come back by ``take``, in the node's 
 
 from __future__ import annotations
 
-import itertools
 import logging
 import struct
 from collections.abc import Callable
@@ -25,7 +24,6 @@ from node.codec import (
     RECORD_SIZE,
     Kind,
     decode_control,
-    encode_control,
     encode_headers,
 )
 from node.errors import CodecError, InputError
@@ -55,12 +53,11 @@ class NodeSide:
     _to_node: list[bytes]
     _online: dict[str, MqttConnection]
     _sids: dict[int, tuple[Session, Subscription]]
-    _refs: itertools.count[int]
     _to_mqtt: dict[bytes, bytes | None]
     _records: list[bytes]
     _record_bytes: int
     _after: Pending
-    _waiting: dict[int, Pending]
+    _sent: Pending
     _held: dict[int, list[bytes]]
     _flush_due: bool
     _touched: set[MqttConnection]
@@ -69,14 +66,25 @@ class NodeSide:
         self._flush_due = True  # at the end of this step (or the next: ``busy`` says so)
 
     def _flush(self) -> None:
-        """Once per step: hand batched records to the node, then ask it to confirm."""
+        """Once per step: hand batched records to the node; what waits for them to be
+        routed goes out with ``routed``."""
         self._flush_due = False
         self._send_records()
         if self._after:
-            ref = next(self._refs)
-            self._waiting[ref] = self._after
+            self._sent += self._after
             self._after = []
-            self._send(encode_control(Kind.PING, {"ref": ref}))
+
+    def routed(self) -> None:
+        """The node has handled every frame of this step: the packets that waited for it
+        (SUBACKs, QoS 1 acknowledgements with the store off) and the deliveries held
+        behind a SUBACK go out, ahead of what the node's output of this pass adds."""
+        sent, self._sent = self._sent, []
+        for conn, packet, release in sent:
+            held = [p for sid in release for p in self._held.pop(sid, ())]
+            if not conn.closing:
+                conn.out.append(packet)
+                conn.out.extend(held)
+                self._touched.add(conn)
 
     def _send_records(self) -> None:
         if self._records:
@@ -109,14 +117,7 @@ class NodeSide:
         except CodecError as e:
             log.warning("MQTT listener: bad frame from the node: %s", e)
             return
-        if kind == Kind.OK and body.get("ref") in self._waiting:
-            for conn, packet, release in self._waiting.pop(body["ref"]):
-                held = [p for sid in release for p in self._held.pop(sid, ())]
-                if not conn.closing:
-                    conn.out.append(packet)
-                    conn.out.extend(held)
-                    touched.add(conn)
-        elif kind == Kind.PACK:
+        if kind == Kind.PACK:
             self._committed(body.get("ids") or [], touched)
         elif kind == Kind.ERR and isinstance(body.get("ids"), list):
             self._refused(body["ids"], str(body.get("error")))

@@ -218,9 +218,12 @@ class Node(SecureSide, DiscoverySide):
             self._pass_bytes = 0
             spun = light and self._spin(spin)
             if not spun:
-                busy = self.router.busy() or (residents.by_ident and residents.busy())
-                wait = 0.0 if busy else min(next_probe, next_link_tick) - now
-                ready = dict(poller.poll(max(0, min(MAX_POLL_MS, int(wait * 1000) + 1))))
+                if residents.by_ident and residents.busy():
+                    timeout = 0  # its callbacks are ready: asyncio's "call soon"
+                else:
+                    wait = 0.0 if self.router.busy() else min(next_probe, next_link_tick) - now
+                    timeout = max(0, min(MAX_POLL_MS, int(wait * 1000) + 1))
+                ready = dict(poller.poll(timeout))
             now = time.monotonic()
             drain(now)
             if len(ready) != 1 or self.sock not in ready:

@@ -16,11 +16,13 @@ resident from any other local client, except that its identity is internal.
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from node.router import Router
 
 log = logging.getLogger("meshctl.node")
+
+LOG_FIRST: Final = 10  # errors logged with their traceback, then every 1000th
 
 
 class Resident(Protocol):
@@ -38,6 +40,10 @@ class Resident(Protocol):
 
     def busy(self) -> bool:
         """True when it has work that must not wait for input (the loop must not sleep)."""
+        ...
+
+    def routed(self) -> None:
+        """The Router has handled every frame the last ``step`` returned (in order)."""
         ...
 
     def take(self, frame: bytes) -> None:
@@ -60,12 +66,14 @@ class Residents:
     def __init__(self, router: Router) -> None:
         self.router = router
         self.by_ident: dict[bytes, Resident] = {}
+        self.errors = 0
 
     def attach(self, resident: Resident) -> None:
         self.by_ident[resident.ident] = resident
         self.router.internal.add(resident.ident)
 
     def fds(self) -> list[int]:
+        """Their descriptors (each asked once, when the loop builds its poller)."""
         return [r.fileno() for r in self.by_ident.values()]
 
     def step(self, now: float) -> None:
@@ -78,9 +86,19 @@ class Residents:
                 continue
             for frame in frames:
                 handle(ident, frame, now)
+            try:
+                r.routed()
+            except Exception as e:
+                self._failed(r, "routed", e)
 
     def busy(self) -> bool:
-        return any(r.busy() for r in self.by_ident.values())
+        for r in self.by_ident.values():
+            try:
+                if r.busy():
+                    return True
+            except Exception as e:
+                self._failed(r, "busy", e)
+        return False
 
     def take(self, ident: bytes, frame: bytes) -> None:
         try:
@@ -97,4 +115,9 @@ class Residents:
 
     def _failed(self, r: Resident, where: str, e: Exception) -> None:
         self.router.counters.internal_errors += 1
-        log.error("internal error in %s (%s): %r", type(r).__name__, where, e, exc_info=e)
+        self.errors += 1
+        if self.errors <= LOG_FIRST or self.errors % 1000 == 0:
+            log.error(
+                "internal error in %s (%s; total %d): %r",
+                type(r).__name__, where, self.errors, e, exc_info=e,
+            )  # fmt: skip

@@ -12,6 +12,7 @@ import queue
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -463,6 +464,51 @@ def test_garbage_client_is_closed_and_counted_others_unaffected(
     status = mqtt_status(mnode)
     assert status["protocol_errors"] >= 4, status
     assert "protocol error" in mnode.log_text()
+
+
+@pytest.mark.slow
+def test_a_flood_of_mqtt_publishes_does_not_hold_up_the_nodes_own_clients(
+    mnode: NodeProcess,
+) -> None:
+    """The listener runs on the node's thread, at most STEP_PACKETS packets per pass: the
+    node's own clients are still served while MQTT clients flood it. Without the budget,
+    16 clients sending QoS 0 as fast as they could held a STATUS request ~1 s (p50)."""
+    from meshctl import connect
+
+    port = mqtt_port(mnode)
+    blob = encode(Publish("flood/x", b"0123456789abcdef", 0, False)) * 2000
+    stop = threading.Event()
+
+    def flood(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(encode(Connect(f"flood{i}", True, 0, None, None, None, 4)))
+            s.recv(4)
+            while not stop.is_set():  # bounded: the test sets stop after ~2 s
+                try:
+                    s.sendall(blob)
+                except OSError:
+                    return
+
+    threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(16)]
+    lat: list[float] = []
+    with connect(mnode.ipc, name="timer", timeout=10) as c:
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.3)
+            end = time.monotonic() + 2
+            while time.monotonic() < end:
+                t0 = time.monotonic()
+                c.status(timeout=10)
+                lat.append(time.monotonic() - t0)
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(10)
+    lat.sort()
+    assert lat[len(lat) // 2] < 0.25, lat
+    assert mqtt_status(mnode)["published"] > 10 * 2000, "the flood never got through"
 
 
 def test_unmappable_topics_are_refused_and_counted(mnode: NodeProcess, paho: Clients) -> None:

@@ -214,6 +214,30 @@ def test_any_split_of_the_stream_gives_the_same_packets(
     assert dec.pending == 0
 
 
+@given(st.lists(packets, max_size=12), st.data())
+def test_a_limited_feed_keeps_the_rest_for_the_next_call(
+    batch: list[Packet], data: st.DataObject
+) -> None:
+    """The listener parses at most a budget of packets per step (edge/mqtt_conn.py): what
+    is left over comes out, in order, from later calls that bring no new bytes."""
+    stream = b"".join(encode(p) for p in batch)
+    cut = data.draw(st.integers(0, len(stream)))
+    dec = Decoder()
+    got: list[Packet] = []
+    for chunk in (stream[:cut], stream[cut:]):
+        limit = data.draw(st.integers(1, 4))
+        out = dec.feed(chunk, limit)
+        got += out
+        while dec.more:
+            assert len(out) == limit
+            limit = data.draw(st.integers(1, 4))
+            out = dec.feed(b"", limit)
+            assert len(out) <= limit
+            got += out
+    assert got == batch
+    assert dec.pending == 0
+
+
 @given(st.binary(max_size=200))
 def test_garbage_raises_only_protocol_errors(data: bytes) -> None:
     with contextlib.suppress(MqttProtocolError):

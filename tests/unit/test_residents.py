@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 from node.codec import HEAD_PUB, Kind, decode_control, encode_control, encode_record, frame_kind
@@ -25,6 +26,8 @@ class Actor:
         self.outbox: list[bytes] = []
         self.got: list[bytes] = []
         self.flushes = 0
+        self.routed_calls = 0
+        self.check: Callable[[], bool] | None = None
         self._r, self._w = os.pipe()
 
     def fileno(self) -> int:
@@ -38,6 +41,11 @@ class Actor:
 
     def busy(self) -> bool:
         return bool(self.outbox)
+
+    def routed(self) -> None:
+        self.routed_calls += 1
+        if self.check is not None:
+            assert self.check(), "routed() came before the Router handled the step's frames"
 
     def take(self, frame: bytes) -> None:
         if self.fail == "take":
@@ -82,9 +90,11 @@ def test_a_resident_is_an_internal_client_and_its_frames_are_routed_in_the_same_
         encode_control(Kind.HELLO, {"name": "b"}),
         encode_control(Kind.SUB, {"ref": 1, "sid": 7, "patterns": ["t/>"], "group": None}),
     ]
+    b.check = lambda: b.ident in router.clients and len(router.trie) == 1
     assert residents.busy()
     _pass(router, residents)
     assert not residents.busy()
+    assert a.routed_calls == b.routed_calls == 1
     assert _kinds(a.got) == [Kind.WELCOME]
     assert _kinds(b.got) == [Kind.WELCOME, Kind.OK]
     a.outbox.append(HEAD_PUB + encode_record(b"t/x", b"hi", b"", 0, 1, bytes(16)))
@@ -92,6 +102,7 @@ def test_a_resident_is_an_internal_client_and_its_frames_are_routed_in_the_same_
     assert _kinds(b.got[2:]) == [Kind.DELIVER]
     assert b"hi" in b.got[2]
     assert a.flushes == b.flushes == 2
+    assert router.counters.internal_errors == 0
 
 
 def test_an_error_in_one_resident_is_counted_and_the_others_go_on() -> None:
