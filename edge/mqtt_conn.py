@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,9 @@ class MqttConnection(asyncio.Protocol):
         self.said_disconnect = False
         self.closing = False
         self.out: list[bytes] = []
+        # QoS 1/2 publishes not yet acknowledged, in the order they came: packet id ->
+        # its PUBACK (PUBREC) once ready. Acks go out in that order (MQTT 3.1.1 4.6).
+        self.unacked: OrderedDict[int, bytes | None] = OrderedDict()
         self._in_read = False
         self.perms: Permissions | None = None  # the user's rules; None: unrestricted
         self.verdicts: dict[bytes, str | None] = {}  # its publish topics, checked once each
@@ -72,6 +76,22 @@ class MqttConnection(asyncio.Protocol):
             self.data_received(b"".join(early))
 
     def data_received(self, data: bytes) -> None:
+        self._read(data, max(self.listener.budget, 0))
+
+    def read_backlog(self) -> None:
+        """Handle more of what ``data_received`` left over (the listener's next steps)."""
+        self._read(b"", max(self.listener.budget, 0))
+
+    def eof_received(self) -> bool | None:
+        """The client closed its side. What the step's budget left unread is handled now,
+        whatever the budget: on TLS the transport closes right after this, paused or not,
+        and the packets (a DISCONNECT among them, which cancels the will) would be lost."""
+        if self.decoder.more and not self.closing:
+            self._read(b"", 1 << 62)
+        return None  # close the transport
+
+    def _read(self, data: bytes, limit: int) -> None:
+        """Handle at most ``limit`` packets of what arrived; the rest waits (``defer``)."""
         if self.closing:
             return
         if self.early is not None:
@@ -88,7 +108,7 @@ class MqttConnection(asyncio.Protocol):
         self._in_read = True
         listener = self.listener
         try:
-            packets = self.decoder.feed(data, max(listener.budget, 0))
+            packets = self.decoder.feed(data, limit)
             listener.budget -= len(packets)
             for packet in packets:
                 if self.verifying:  # after a CONNECT whose password is being checked
@@ -105,10 +125,6 @@ class MqttConnection(asyncio.Protocol):
         if self.decoder.more and not self.closing:
             # The step's budget is spent: the rest waits, and so does this socket.
             listener.defer(self)
-
-    def read_backlog(self) -> None:
-        """Handle more of what ``data_received`` left over (the listener's next steps)."""
-        self.data_received(b"")
 
     def resume(self, admit: Callable[[], None]) -> None:
         """The password was checked: ``admit`` (CONNACK), then what arrived meanwhile, in
@@ -151,6 +167,8 @@ class MqttConnection(asyncio.Protocol):
     def close(self, *, abort: bool = False) -> None:
         """Close after writing what is queued (``abort``: drop it, for a peer gone bad)."""
         if self.closing:
+            if abort and self.transport is not None:
+                self.transport.abort()  # a graceful close that has not finished: end it
             return
         self.closing = True
         if self.transport is None:
@@ -160,4 +178,7 @@ class MqttConnection(asyncio.Protocol):
             self.transport.abort()
         else:
             self.flush()
+            # A TLS transport paused for the budget (or a password check) that has seen
+            # the client's EOF finishes closing only once it may read again.
+            self.transport.resume_reading()
             self.transport.close()

@@ -63,7 +63,7 @@ from edge.mqtt_codec import (
 from edge.mqtt_commit import Committing
 from edge.mqtt_conn import MqttConnection
 from edge.mqtt_connect import LOG_FIRST, ConnectSide, allowed
-from edge.mqtt_node_side import ACK, HB_QOS0, NodeSide
+from edge.mqtt_node_side import ACK, HB_QOS0, NodeSide, Pending
 from edge.mqtt_retain import ListenerRetained, NodeRetained, Retained
 from edge.mqtt_session import Session, SessionTable, Subscription
 from edge.port import MeshPort
@@ -153,8 +153,8 @@ class MqttListener(ConnectSide, NodeSide):
         self._record_bytes = 0
         # Packets written once the node has routed this step's frames, and the sids whose
         # deliveries wait for them (a new subscription's, until its SUBACK is out).
-        self._after: list[tuple[MqttConnection, bytes, tuple[int, ...]]] = []
-        self._sent: list[tuple[MqttConnection, bytes, tuple[int, ...]]] = []
+        self._after: Pending = []
+        self._sent: Pending = []
         self._held: dict[int, list[bytes]] = {}
         self._flush_due = False
         self._to_node: list[bytes] = []  # frames for the node, taken by ``step``
@@ -261,7 +261,12 @@ class MqttListener(ConnectSide, NodeSide):
             del deferred[conn]
             if conn.closing:
                 continue
-            conn.read_backlog()  # may defer it again, behind the others
+            try:
+                conn.read_backlog()  # may defer it again, behind the others
+            except Exception:  # as asyncio does for data_received: that client goes
+                log.exception("MQTT client %s: internal error, closing", conn.name)
+                conn.close(abort=True)
+                continue
             t = conn.transport
             if conn not in deferred and not conn.closing and not conn.verifying and t:
                 t.resume_reading()
@@ -435,8 +440,10 @@ class MqttListener(ConnectSide, NodeSide):
             return
         session: Session = conn.session  # type: ignore[assignment]  # on_packet checked it
         pid = p.packet_id
+        if pid not in conn.unacked:  # (a resend keeps its place)
+            conn.unacked[pid] = None
         if qos == 2 and pid in session.awaiting_rel:
-            conn.write(ACK.pack(0x50, 2, pid))  # a resend: published already
+            self._acked(conn, pid, ACK.pack(0x50, 2, pid))  # a resend: published already
             return
         if self.cfg.persistent:
             self._persist(conn, session, p)
@@ -446,10 +453,10 @@ class MqttListener(ConnectSide, NodeSide):
         if qos == 2:
             session.awaiting_rel.add(pid)
         if rec is not None:
-            self._after.append((conn, ack, ()))
+            self._after.append((conn, ack, (), pid))
             self._schedule_flush()
-        else:
-            conn.write(ack)  # refused topics are acknowledged, so the client does not resend
+        else:  # refused topics are acknowledged, so the client does not resend
+            self._acked(conn, pid, ack)
 
     def _persist(self, conn: MqttConnection, session: Session, p: Publish) -> None:
         """QoS 1/2 as a persistent event, acknowledged on the node's PACK (``_committed``).
@@ -463,7 +470,7 @@ class MqttListener(ConnectSide, NodeSide):
         else:
             made = self._publish(conn, p)
             if made is None:  # refused here: acknowledged, so the client does not resend
-                conn.write(ACK.pack(0x40 if p.qos == 1 else 0x50, 2, pid))
+                self._acked(conn, pid, ACK.pack(0x40 if p.qos == 1 else 0x50, 2, pid))
                 if p.qos == 2:
                     session.awaiting_rel.add(pid)
                 return
@@ -556,8 +563,8 @@ class MqttListener(ConnectSide, NodeSide):
                     if packet is not None:
                         retained.append(packet)
         # SUBACK once the node has the subscriptions, so a publish right after it is seen.
-        self._after.append((conn, encode(SubAck(s.packet_id, tuple(codes))), tuple(sids)))
-        self._after.extend((conn, r, ()) for r in retained)
+        self._after.append((conn, encode(SubAck(s.packet_id, tuple(codes))), tuple(sids), 0))
+        self._after.extend((conn, r, (), 0) for r in retained)
         self._schedule_flush()
 
     def _denied(self, conn: MqttConnection, why: str) -> None:

@@ -39,7 +39,8 @@ MAX_BACKLOG: Final = 8 * 1024 * 1024  # QoS 0 to a client with more unsent bytes
 ACK: Final = struct.Struct(">BBH")  # PUBACK/PUBREC: first byte, length 2, packet id
 _DELIVERY: Final = struct.Struct("<IIHHB")  # sid, plen, tlen, hlen, flags
 
-Pending = list[tuple["MqttConnection", bytes, tuple[int, ...]]]
+# (connection, packet, sids whose deliveries it releases, packet id if it is an ack)
+Pending = list[tuple["MqttConnection", bytes, tuple[int, ...], int]]
 
 
 class NodeSide:
@@ -79,12 +80,31 @@ class NodeSide:
         (SUBACKs, QoS 1 acknowledgements with the store off) and the deliveries held
         behind a SUBACK go out, ahead of what the node's output of this pass adds."""
         sent, self._sent = self._sent, []
-        for conn, packet, release in sent:
+        for conn, packet, release, pid in sent:
             held = [p for sid in release for p in self._held.pop(sid, ())]
             if not conn.closing:
-                conn.out.append(packet)
+                if pid:
+                    self._acked(conn, pid, packet)
+                else:
+                    conn.out.append(packet)
                 conn.out.extend(held)
                 self._touched.add(conn)
+
+    def _acked(self, conn: MqttConnection, pid: int, packet: bytes) -> None:
+        """``packet`` acknowledges publish ``pid``: it goes out (to ``conn.out``) once the
+        acks of every publish that came before it have, so that one ready early (a refused
+        topic, acknowledged at once) does not overtake them (MQTT 3.1.1 section 4.6)."""
+        unacked = conn.unacked
+        if pid not in unacked:  # from before a reconnect: nothing of this connection waits
+            conn.out.append(packet)
+            return
+        unacked[pid] = packet
+        while unacked:
+            first, ready = next(iter(unacked.items()))
+            if ready is None:
+                return
+            del unacked[first]
+            conn.out.append(ready)
 
     def _send_records(self) -> None:
         if self._records:
@@ -135,10 +155,10 @@ class NodeSide:
                 continue
             del session.incoming[pid]
             if qos == 1:
-                conn.out.append(ACK.pack(0x40, 2, pid))
+                self._acked(conn, pid, ACK.pack(0x40, 2, pid))
             else:
                 session.awaiting_rel.add(pid)
-                conn.out.append(ACK.pack(0x50, 2, pid))
+                self._acked(conn, pid, ACK.pack(0x50, 2, pid))
             touched.add(conn)
 
     def _refused(self, ids: list[Any], error: str) -> None:

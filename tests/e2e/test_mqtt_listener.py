@@ -511,6 +511,23 @@ def test_a_flood_of_mqtt_publishes_does_not_hold_up_the_nodes_own_clients(
     assert mqtt_status(mnode)["published"] > 10 * 2000, "the flood never got through"
 
 
+@pytest.mark.parametrize("store", ["true", "false"])
+def test_pubacks_go_out_in_the_order_the_publishes_came(make_node: NodeFactory, store: str) -> None:
+    """MQTT 3.1.1 4.6: a refused publish is acknowledged at once, accepted ones after the
+    commit (store on) or the routing (off); the refused one's PUBACK used to overtake
+    those before it (found in review)."""
+    node = make_node(config_text=MQTT_CONFIG + f"[store]\nenabled = {store}\n")
+    raw = Raw(mqtt_port(node))
+    raw.connect("order")
+    topics = ["ok/1", "ok//refused", "ok/3", "$mesh/refused", "ok/5"]
+    raw.sock.sendall(
+        b"".join(encode(Publish(t, b"x", 1, False, False, i + 1)) for i, t in enumerate(topics))
+    )
+    acks = [raw.expect(PubAck).packet_id for _ in topics]
+    assert acks == [1, 2, 3, 4, 5]
+    raw.close()
+
+
 def test_unmappable_topics_are_refused_and_counted(mnode: NodeProcess, paho: Clients) -> None:
     port = mqtt_port(mnode)
     c = paho.open(port, "c", subscribe="ok/#", qos=1)

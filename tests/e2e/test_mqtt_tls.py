@@ -133,6 +133,41 @@ def test_connect_sent_with_the_last_handshake_message_is_answered_over_tls(
             assert answer == b"\x20\x02\x00\x00"  # CONNACK, accepted
 
 
+def test_a_tls_client_that_sends_more_than_a_step_then_disconnects_loses_nothing(
+    make_node: NodeFactory, pki: dict[str, Any]
+) -> None:
+    """A step handles at most STEP_PACKETS packets; the rest waits with the socket paused.
+    Python's TLS transport closes on the client's EOF even while paused: the packets left
+    over (its DISCONNECT among them) were lost and its will was published, and after a
+    DISCONNECT the connection never closed (found in review)."""
+    from edge.mqtt_codec import Connect, Disconnect, Publish, Will, encode
+    from meshctl import connect
+    from meshctl.errors import Timeout
+
+    node = make_node(config_text=tls_config(pki["server"]))
+    port = mqtt_port(node)
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ctx.check_hostname = False
+    n = 3000
+    with connect(node.ipc, name="counter", timeout=10) as client:
+        sub = client.subscribe("b/>")
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            will = Will("b/will", b"WILL")
+            body = b"".join(encode(Publish("b/x", str(i).encode(), 0)) for i in range(n))
+            tls.sendall(encode(Connect("p", True, 0, will)) + body + encode(Disconnect()))
+            tls.shutdown(socket.SHUT_WR)  # FIN after the DISCONNECT
+            while tls.recv(65536):  # the CONNACK, then the node's close
+                pass
+        got = [sub.next(timeout=10).topic for _ in range(n)]
+        assert got == ["b/x"] * n
+        with pytest.raises(Timeout):  # and nothing after them: no will
+            sub.next(timeout=0.5)
+    status = node.status()["mqtt"]
+    assert status["clients"] == 0
+    assert status["wills"] == 0
+
+
 def test_plain_mqtt_and_garbage_on_the_tls_port_are_refused_in_one_line_each(
     make_node: NodeFactory, pki: dict[str, Any]
 ) -> None:
