@@ -202,6 +202,10 @@ class Decoder:
         self.max_packet = max_packet
         self._buf = b""
         self.more = False  # the last feed stopped at its limit: whole packets wait in _buf
+        # Garbage after whole packets of the same read: those came first and are handed
+        # over (as a broker reading packet by packet would handle them); this is raised
+        # by the next call, and the caller asks for it once it has handled them.
+        self.error: MqttProtocolError | None = None
 
     @property
     def pending(self) -> int:
@@ -210,9 +214,23 @@ class Decoder:
 
     def feed(self, data: bytes, limit: int = 1 << 62) -> list[Packet]:
         """The complete packets in what arrived so far, at most ``limit`` of them (the rest
-        wait for the next call: ``more``); MqttProtocolError on garbage."""
+        wait for the next call: ``more``); MqttProtocolError on garbage, or ``error`` set
+        when whole packets came before it."""
+        if self.error is not None:
+            raise self.error
         buf = self._buf + data if self._buf else data
         out: list[Packet] = []
+        try:
+            return self._packets(buf, out, limit)
+        except MqttProtocolError as e:
+            if not out:
+                raise
+            self.error = e
+            self._buf = b""
+            self.more = False
+            return out
+
+    def _packets(self, buf: bytes, out: list[Packet], limit: int) -> list[Packet]:
         n = len(buf)
         off = 0
         self.more = False

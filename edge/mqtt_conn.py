@@ -45,6 +45,8 @@ class MqttConnection(asyncio.Protocol):
         self.perms: Permissions | None = None  # the user's rules; None: unrestricted
         self.verdicts: dict[bytes, str | None] = {}  # its publish topics, checked once each
         self.verifying = False  # its password is being hashed; reading is paused
+        self.lost = False  # the socket went while verifying: closed once ``held`` is handled
+        self.finished = False  # close() was called: nothing more it sent is handled
         self.held: list[Packet] = []  # what came after that CONNECT, handled once it is in
         self.early: list[bytes] | None = None  # TLS: data that came before secured()
 
@@ -88,6 +90,7 @@ class MqttConnection(asyncio.Protocol):
         and the packets (a DISCONNECT among them, which cancels the will) would be lost."""
         if self.decoder.more and not self.closing:
             self._read(b"", 1 << 62)
+            self.listener.forget_deferred(self)
         return None  # close the transport
 
     def _read(self, data: bytes, limit: int) -> None:
@@ -100,7 +103,7 @@ class MqttConnection(asyncio.Protocol):
             self.early.append(data)
             return
         self.last_rx = self.listener.now()
-        if self.connect is None and not self.decoder.pending and data[:1] != b"\x10":
+        if self.connect is None and not self.decoder.pending and data and data[:1] != b"\x10":
             # Not MQTT at all (an HTTP probe, a port scan): say so now, not when a
             # length it never meant has been read.
             self.listener.protocol_error(self, f"first byte {data[:1].hex()} is not CONNECT")
@@ -117,6 +120,8 @@ class MqttConnection(asyncio.Protocol):
                 listener.on_packet(self, packet)
                 if self.closing:
                     break
+            if self.decoder.error is not None and not self.closing:
+                listener.protocol_error(self, str(self.decoder.error))
         except MqttProtocolError as e:
             listener.protocol_error(self, str(e))
         finally:
@@ -135,7 +140,7 @@ class MqttConnection(asyncio.Protocol):
         try:
             admit()
             for packet in held:
-                if self.closing:
+                if self.finished:  # (a lost socket is closing, but its packets still count)
                     break
                 self.listener.on_packet(self, packet)
         finally:
@@ -145,6 +150,13 @@ class MqttConnection(asyncio.Protocol):
             self.transport.resume_reading()  # (with a backlog: once it is read)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.verifying and self.held:
+            # It sent more after its CONNECT and left (TLS closes at the client's EOF even
+            # while reading is paused). Once the password is checked, what it sent is
+            # handled as if it had stayed: its publishes, its DISCONNECT (no will).
+            self.lost = True  # before ``closing``: the hashing worker reads both
+            self.closing = True
+            return
         self.closing = True
         self.listener.closed(self)
 
@@ -166,6 +178,7 @@ class MqttConnection(asyncio.Protocol):
 
     def close(self, *, abort: bool = False) -> None:
         """Close after writing what is queued (``abort``: drop it, for a peer gone bad)."""
+        self.finished = True
         if self.closing:
             if abort and self.transport is not None:
                 self.transport.abort()  # a graceful close that has not finished: end it

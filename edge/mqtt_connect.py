@@ -53,6 +53,7 @@ class ConnectSide:
     _drop: Callable[[MqttConnection, str], None]
     _forget: Callable[[Session], None]
     _mesh_topic: Callable[[str], bytes | None]
+    closed: Callable[[MqttConnection], None]
 
     def _on_connect(self, conn: MqttConnection, c: Connect) -> None:
         if c.level not in (3, 4):
@@ -77,12 +78,17 @@ class ConnectSide:
         fut.add_done_callback(lambda f: self._verified(conn, c, f))
 
     def _check(self, conn: MqttConnection, c: Connect) -> Permissions | int | None:
-        """In the worker: None for a client that has gone meanwhile (nothing to hash)."""
-        return None if conn.closing else self.auth.verify(c.username, c.password)
+        """In the worker: None for a client that has gone meanwhile with nothing else to
+        handle (nothing to hash)."""
+        if conn.closing and not conn.lost:
+            return None
+        return self.auth.verify(c.username, c.password)
 
     def _verified(self, conn: MqttConnection, c: Connect, fut: asyncio.Future[Any]) -> None:
         self._checking -= 1
-        if conn.closing or fut.cancelled():
+        if fut.cancelled() or (conn.closing and not conn.lost):
+            conn.verifying = False
+            self._gone(conn)
             return
         try:
             verdict = fut.result()
@@ -91,6 +97,13 @@ class ConnectSide:
             verdict = CONNACK_NOT_AUTHORIZED
         if verdict is not None:
             conn.resume(lambda: self._admit(conn, c, verdict))
+        self._gone(conn)
+
+    def _gone(self, conn: MqttConnection) -> None:
+        """A connection lost while its password was checked is closed now (its will)."""
+        if conn.lost:
+            conn.lost = False
+            self.closed(conn)
 
     def _admit(self, conn: MqttConnection, c: Connect, verdict: Permissions | int) -> None:
         if isinstance(verdict, int) or self._will_denied(c, verdict):

@@ -253,6 +253,9 @@ class MqttListener(ConnectSide, NodeSide):
             if conn.transport is not None:
                 conn.transport.pause_reading()
 
+    def forget_deferred(self, conn: MqttConnection) -> None:
+        self._deferred.pop(conn, None)
+
     def _read_deferred(self) -> None:
         deferred = self._deferred
         for conn in list(deferred):
@@ -440,7 +443,10 @@ class MqttListener(ConnectSide, NodeSide):
             return
         session: Session = conn.session  # type: ignore[assignment]  # on_packet checked it
         pid = p.packet_id
-        if pid not in conn.unacked:  # (a resend keeps its place)
+        if pid in conn.unacked:  # a resend before its ack went out: it keeps its place
+            if not self.cfg.persistent:
+                return  # routed already, its ack is on the way: not published twice
+        else:
             conn.unacked[pid] = None
         if qos == 2 and pid in session.awaiting_rel:
             self._acked(conn, pid, ACK.pack(0x50, 2, pid))  # a resend: published already

@@ -96,14 +96,20 @@ class NodeSide:
         topic, acknowledged at once) does not overtake them (MQTT 3.1.1 section 4.6)."""
         unacked = conn.unacked
         if pid not in unacked:  # from before a reconnect: nothing of this connection waits
+            if conn.session is not None:
+                conn.session.incoming.pop(pid, None)
             conn.out.append(packet)
             return
         unacked[pid] = packet
+        incoming = conn.session.incoming if conn.session is not None else {}
         while unacked:
             first, ready = next(iter(unacked.items()))
             if ready is None:
                 return
             del unacked[first]
+            # Only now may the client reuse the id; until then a resend (DUP) on another
+            # connection keeps the event id it had (edge/mqtt_commit.py).
+            incoming.pop(first, None)
             conn.out.append(ready)
 
     def _send_records(self) -> None:
@@ -153,7 +159,6 @@ class NodeSide:
             conn = online.get(session.client_id)
             if conn is None or conn.session is not session or conn.closing:
                 continue
-            del session.incoming[pid]
             if qos == 1:
                 self._acked(conn, pid, ACK.pack(0x40, 2, pid))
             else:

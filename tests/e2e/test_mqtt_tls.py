@@ -168,6 +168,56 @@ def test_a_tls_client_that_sends_more_than_a_step_then_disconnects_loses_nothing
     assert status["wills"] == 0
 
 
+def test_a_tls_client_that_leaves_during_its_password_check_is_still_heard(
+    make_node: NodeFactory, pki: dict[str, Any]
+) -> None:
+    """CONNECT with a password, publishes and DISCONNECT in one write, then close_notify:
+    TLS closes the transport at once, while the password is still being hashed. What the
+    client sent is handled once the check is done, as if it had stayed: every publish,
+    and no will (all was lost before; found in review). Wrong-password connections keep
+    the hashing worker busy so that the close always comes first."""
+    from edge.mqtt_codec import Connect, Disconnect, Publish, Will, encode
+    from meshctl import connect
+    from meshctl.errors import Timeout
+
+    node = make_node(config_text=tls_config(pki["server"]), secure=True)
+    done = run_cli(
+        "mqtt", "passwd", "sensor", "--password-stdin", "--data-dir", str(node.data_dir),
+        input="s3cret\n",
+    )  # fmt: skip
+    assert done.returncode == 0, done.describe()
+    port = mqtt_port(node)
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ctx.check_hostname = False
+
+    def tls() -> ssl.SSLSocket:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        return ctx.wrap_socket(raw, server_hostname="localhost")
+
+    n = 300
+    with connect(node.ipc, name="counter", timeout=10) as client:
+        sub = client.subscribe("b/>")
+        jam = [tls() for _ in range(6)]
+        for i, s in enumerate(jam):
+            s.sendall(encode(Connect(f"j{i}", True, 0, None, "sensor", b"wrong")))
+        s = tls()
+        body = b"".join(encode(Publish("b/x", str(i).encode(), 0)) for i in range(n))
+        hello = encode(Connect("p", True, 0, Will("b/will", b"WILL"), "sensor", b"s3cret"))
+        s.sendall(hello + body + encode(Disconnect()))
+        with contextlib.suppress(OSError):
+            s.unwrap()  # close_notify
+        s.close()
+        got = [sub.next(timeout=10).topic for _ in range(n)]
+        assert got == ["b/x"] * n
+        with pytest.raises(Timeout):  # and nothing after them: no will
+            sub.next(timeout=0.5)
+        for j in jam:
+            j.close()
+    status = node.status()["mqtt"]
+    assert status["wills"] == 0
+    assert status["protocol_errors"] == 0
+
+
 def test_plain_mqtt_and_garbage_on_the_tls_port_are_refused_in_one_line_each(
     make_node: NodeFactory, pki: dict[str, Any]
 ) -> None:

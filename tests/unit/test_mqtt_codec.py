@@ -238,6 +238,17 @@ def test_a_limited_feed_keeps_the_rest_for_the_next_call(
     assert dec.pending == 0
 
 
+@given(st.lists(packets, min_size=1, max_size=5), st.sampled_from([b"\x00\x00", b"\xf0\x00"]))
+def test_whole_packets_before_garbage_come_out_and_the_error_after_them(
+    batch: list[Packet], garbage: bytes
+) -> None:
+    dec = Decoder()
+    assert dec.feed(b"".join(encode(p) for p in batch) + garbage) == batch
+    assert isinstance(dec.error, MqttProtocolError)
+    with pytest.raises(MqttProtocolError):
+        dec.feed(b"")
+
+
 @given(st.binary(max_size=200))
 def test_garbage_raises_only_protocol_errors(data: bytes) -> None:
     with contextlib.suppress(MqttProtocolError):
