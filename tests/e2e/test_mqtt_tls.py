@@ -55,6 +55,17 @@ def mqtt_port(node: NodeProcess) -> int:
     return int(node.status()["mqtt"]["listen"].rsplit(":", 1)[1])
 
 
+def secured_node_with_a_user(make_node: NodeFactory, pki: dict[str, Any]) -> NodeProcess:
+    """A secured node on an mqtts port with MQTT user ``sensor``, password ``s3cret``."""
+    node = make_node(config_text=tls_config(pki["server"]), secure=True)
+    done = run_cli(
+        "mqtt", "passwd", "sensor", "--password-stdin", "--data-dir", str(node.data_dir),
+        input="s3cret\n",
+    )  # fmt: skip
+    assert done.returncode == 0, done.describe()
+    return node
+
+
 def mosquitto_pub(
     port: int, topic: str, message: str, *tls: str
 ) -> subprocess.CompletedProcess[bytes]:
@@ -180,12 +191,7 @@ def test_a_tls_client_that_leaves_during_its_password_check_is_still_heard(
     from meshctl import connect
     from meshctl.errors import Timeout
 
-    node = make_node(config_text=tls_config(pki["server"]), secure=True)
-    done = run_cli(
-        "mqtt", "passwd", "sensor", "--password-stdin", "--data-dir", str(node.data_dir),
-        input="s3cret\n",
-    )  # fmt: skip
-    assert done.returncode == 0, done.describe()
+    node = secured_node_with_a_user(make_node, pki)
     port = mqtt_port(node)
     ctx = ssl.create_default_context(cafile=str(pki["ca"]))
     ctx.check_hostname = False
@@ -332,12 +338,7 @@ def test_users_and_passwords_over_tls_on_a_secured_node(
     """What TLS is for: a password CONNECT (checked on a worker thread while the client's
     reading waits) over the TLS transport, then traffic both ways on the same connection."""
     need_binary("mosquitto_pub")
-    node = make_node(config_text=tls_config(pki["server"]), secure=True)
-    done = run_cli(
-        "mqtt", "passwd", "sensor", "--password-stdin", "--data-dir", str(node.data_dir),
-        input="s3cret\n",
-    )  # fmt: skip
-    assert done.returncode == 0, done.describe()
+    node = secured_node_with_a_user(make_node, pki)
     port = mqtt_port(node)
     sub = bg.start("sub", "sensors/>", "--json", server=node.ipc)
     ca = ["--cafile", str(pki["ca"])]
