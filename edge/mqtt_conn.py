@@ -120,8 +120,8 @@ class MqttConnection(asyncio.Protocol):
                 listener.on_packet(self, packet)
                 if self.closing:
                     break
-            if self.decoder.error is not None and not self.closing:
-                listener.protocol_error(self, str(self.decoder.error))
+            if self.decoder.error is not None and not self.closing and not self.verifying:
+                listener.protocol_error(self, str(self.decoder.error))  # (verifying: after held)
         except MqttProtocolError as e:
             listener.protocol_error(self, str(e))
         finally:
@@ -143,6 +143,8 @@ class MqttConnection(asyncio.Protocol):
                 if self.finished:  # (a lost socket is closing, but its packets still count)
                     break
                 self.listener.on_packet(self, packet)
+            if self.decoder.error is not None and not self.finished:
+                self.listener.protocol_error(self, str(self.decoder.error))
         finally:
             self._in_read = False
             self.flush()
@@ -150,7 +152,7 @@ class MqttConnection(asyncio.Protocol):
             self.transport.resume_reading()  # (with a backlog: once it is read)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.verifying and self.held:
+        if self.verifying and self.held and not self.finished:
             # It sent more after its CONNECT and left (TLS closes at the client's EOF even
             # while reading is paused). Once the password is checked, what it sent is
             # handled as if it had stayed: its publishes, its DISCONNECT (no will).

@@ -330,7 +330,7 @@ class MqttListener(ConnectSide, NodeSide):
             now = self.now()
             for conn in list(self._conns):
                 if conn.connect is None:
-                    if now - conn.opened > CONNECT_TIMEOUT:
+                    if not conn.verifying and now - conn.opened > CONNECT_TIMEOUT:
                         self._drop(conn, "no CONNECT within 10s")
                 elif conn.connect.keepalive and now - conn.last_rx > 1.5 * conn.connect.keepalive:
                     self.counters["keepalive_timeouts"] += 1

@@ -251,3 +251,35 @@ def test_another_user_cannot_take_over_a_connected_client_id(secured: NodeProces
     finally:
         for c in clients:
             close(c)
+
+
+def test_packets_after_a_password_connect_and_before_garbage_count(secured: NodeProcess) -> None:
+    """CONNECT with a password, PUBLISH, DISCONNECT and garbage in one write: the packets
+    wait for the password check and are handled after it; the garbage after the
+    DISCONNECT changes nothing. When the decoder's error closed the connection before the
+    check ended, the client was admitted anyway (it could take over a live client with
+    its id), its publish was dropped and its will published (found in review)."""
+    from edge.mqtt_codec import Disconnect, Publish, Will
+
+    add_user(secured, "u", "pw")
+    port = mqtt_port(secured)
+    watcher, rc, got = connect(port, "u", "pw")
+    assert rc == 0
+    watcher.subscribe("g/#", 0)
+    wait_for(lambda: mqtt_status(secured)["connects"] >= 1, timeout=5, what="watcher")
+    add_user(secured, "v", "fresh")  # a new password: hashed, not in the cache
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(
+            encode(Connect("b", True, 0, Will("g/will", b"W"), "v", b"fresh"))
+            + encode(Publish("g/pub", b"P", 0, False))
+            + encode(Disconnect())
+            + b"\xf0\x00"
+        )
+        while s.recv(100):  # CONNACK, then the close
+            pass
+    assert got.get(timeout=5).topic == "g/pub"
+    with pytest.raises(queue.Empty):
+        got.get(timeout=0.5)
+    status = mqtt_status(secured)
+    assert status["wills"] == 0
+    close(watcher)
