@@ -217,8 +217,10 @@ class Node(SecureSide, DiscoverySide):
             light = self._pass_bytes < SPIN_AFTER_PASS_BELOW
             self._pass_bytes = 0
             spun = light and self._spin(spin)
+            residents_busy = False
             if not spun:
                 if residents.by_ident and residents.busy():
+                    residents_busy = True
                     timeout = 0  # its callbacks are ready: asyncio's "call soon"
                 else:
                     wait = 0.0 if self.router.busy() else min(next_probe, next_link_tick) - now
@@ -229,7 +231,11 @@ class Node(SecureSide, DiscoverySide):
             if len(ready) != 1 or self.sock not in ready:
                 self._drain_dialers(now, None if spun else ready)
                 self._read_discovery(now)
-            if residents.by_ident:
+            # Residents step when they have input or work, and at each link tick (their
+            # timers), not on every pass of a stream that does not concern them.
+            if residents.by_ident and (
+                spun or residents_busy or now >= next_link_tick or residents.readable(ready)
+            ):
                 residents.step(now)
             if now >= next_link_tick:
                 if self.security is not None:

@@ -67,14 +67,20 @@ class Residents:
         self.router = router
         self.by_ident: dict[bytes, Resident] = {}
         self.errors = 0
+        self._fds: list[int] = []
 
     def attach(self, resident: Resident) -> None:
         self.by_ident[resident.ident] = resident
         self.router.internal.add(resident.ident)
+        self._fds.append(resident.fileno())
 
     def fds(self) -> list[int]:
-        """Their descriptors (each asked once, when the loop builds its poller)."""
-        return [r.fileno() for r in self.by_ident.values()]
+        """Their descriptors (asked once each, at ``attach``), for the loop's poller."""
+        return self._fds
+
+    def readable(self, ready: dict[Any, int]) -> bool:
+        """True if the poll found a resident's descriptor ready."""
+        return any(fd in ready for fd in self._fds)
 
     def step(self, now: float) -> None:
         handle = self.router.handle
