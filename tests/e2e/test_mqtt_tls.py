@@ -144,6 +144,22 @@ def test_connect_sent_with_the_last_handshake_message_is_answered_over_tls(
             assert answer == b"\x20\x02\x00\x00"  # CONNACK, accepted
 
 
+def client_context(pki: dict[str, Any]) -> ssl.SSLContext:
+    """A TLS client context trusting the test CA (the server certificate names localhost)."""
+    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
+    ctx.check_hostname = False
+    return ctx
+
+
+def expect_all_and_no_will(sub: Any, n: int) -> None:
+    """``sub`` (on b/>) gets the n publishes to b/x, then nothing: no will on b/will."""
+    from meshctl.errors import Timeout
+
+    assert [sub.next(timeout=10).topic for _ in range(n)] == ["b/x"] * n
+    with pytest.raises(Timeout):
+        sub.next(timeout=0.5)
+
+
 def test_a_tls_client_that_sends_more_than_a_step_then_disconnects_loses_nothing(
     make_node: NodeFactory, pki: dict[str, Any]
 ) -> None:
@@ -153,12 +169,10 @@ def test_a_tls_client_that_sends_more_than_a_step_then_disconnects_loses_nothing
     DISCONNECT the connection never closed (found in review)."""
     from edge.mqtt_codec import Connect, Disconnect, Publish, Will, encode
     from meshctl import connect
-    from meshctl.errors import Timeout
 
     node = make_node(config_text=tls_config(pki["server"]))
     port = mqtt_port(node)
-    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
-    ctx.check_hostname = False
+    ctx = client_context(pki)
     n = 3000
     with connect(node.ipc, name="counter", timeout=10) as client:
         sub = client.subscribe("b/>")
@@ -170,10 +184,7 @@ def test_a_tls_client_that_sends_more_than_a_step_then_disconnects_loses_nothing
             tls.shutdown(socket.SHUT_WR)  # FIN after the DISCONNECT
             while tls.recv(65536):  # the CONNACK, then the node's close
                 pass
-        got = [sub.next(timeout=10).topic for _ in range(n)]
-        assert got == ["b/x"] * n
-        with pytest.raises(Timeout):  # and nothing after them: no will
-            sub.next(timeout=0.5)
+        expect_all_and_no_will(sub, n)
     status = node.status()["mqtt"]
     assert status["clients"] == 0
     assert status["wills"] == 0
@@ -189,12 +200,10 @@ def test_a_tls_client_that_leaves_during_its_password_check_is_still_heard(
     the hashing worker busy so that the close always comes first."""
     from edge.mqtt_codec import Connect, Disconnect, Publish, Will, encode
     from meshctl import connect
-    from meshctl.errors import Timeout
 
     node = secured_node_with_a_user(make_node, pki)
     port = mqtt_port(node)
-    ctx = ssl.create_default_context(cafile=str(pki["ca"]))
-    ctx.check_hostname = False
+    ctx = client_context(pki)
 
     def tls() -> ssl.SSLSocket:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -213,10 +222,7 @@ def test_a_tls_client_that_leaves_during_its_password_check_is_still_heard(
         with contextlib.suppress(OSError):
             s.unwrap()  # close_notify
         s.close()
-        got = [sub.next(timeout=10).topic for _ in range(n)]
-        assert got == ["b/x"] * n
-        with pytest.raises(Timeout):  # and nothing after them: no will
-            sub.next(timeout=0.5)
+        expect_all_and_no_will(sub, n)
         for j in jam:
             j.close()
     status = node.status()["mqtt"]
