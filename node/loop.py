@@ -42,7 +42,8 @@ IDLE_BEFORE_PROBE: Final = 1.0
 MAX_POLL_MS: Final = 100  # upper bound on reacting to a stop request
 LINK_TICK: Final = 0.1  # how often dials, handshakes and heartbeats are looked at
 MAX_SOCKETS: Final = 16_384  # libzmq sockets (one per dialed link), not the files' limit
-SPIN_AFTER_PASS_BELOW: Final = 16 * 1024  # bytes read in a pass; more means a stream
+SPIN_AFTER_PASS_BELOW: Final = 16 * 1024  # bytes read lately (see run); more: a stream
+RECENT_CAP: Final = 4 * SPIN_AFTER_PASS_BELOW  # a stream's end lets the spin back in ~11 passes
 SPIN_SOCKETS: Final = 32  # dialed links beyond which the loop polls instead of spinning
 _PING: Final = encode_control(Kind.PING, {})
 _LINK_KIND: Final = bytes((Kind.LINK,))
@@ -81,6 +82,7 @@ class Node(SecureSide, DiscoverySide):
         self.started = time.monotonic()
         self._stop = False
         self._pass_bytes = 0
+        self._recent_bytes = 0  # bytes of the last passes, each pass weighing 7/8 of the one after
         self.plugins: list[Plugin] = []
         self.durable = _open_durable(config, identity.data_dir)
         self.router = Router(
@@ -212,9 +214,12 @@ class Node(SecureSide, DiscoverySide):
             if self.dialers.changed or self._poll_changed:
                 poller = self._new_poller()
             ready: dict[Any, int] = {}
-            # Spin only after light passes (request-reply, trickles): under a stream of
-            # full frames the CPU is better left to the publishers and subscribers.
-            light = self._pass_bytes < SPIN_AFTER_PASS_BELOW
+            # Spin only while passes are light (request-reply, trickles): under a stream
+            # the CPU is better left to the publishers and subscribers. Lately, not just the
+            # last pass: an MQTT stream alternates passes of one packet and of dozens.
+            recent = min((self._recent_bytes * 7 >> 3) + self._pass_bytes, RECENT_CAP)
+            self._recent_bytes = recent
+            light = recent < SPIN_AFTER_PASS_BELOW
             self._pass_bytes = 0
             spun = light and self._spin(spin)
             residents_busy = False
@@ -236,7 +241,7 @@ class Node(SecureSide, DiscoverySide):
             if residents.by_ident and (
                 spun or residents_busy or now >= next_link_tick or residents.readable(ready)
             ):
-                residents.step(now)
+                self._pass_bytes += residents.step(now)
             if now >= next_link_tick:
                 if self.security is not None:
                     self._security_tick(now)
@@ -340,20 +345,29 @@ class Node(SecureSide, DiscoverySide):
         The cost is at most ``seconds`` of CPU after each burst; ``tuning.spin_us = 0``
         turns it off for devices where idle CPU matters more.
 
-        Never while in-process actors run: the spin holds the interpreter lock, so the
-        threads of bridges and the uplink waited it out (an MQTT QoS 1 round trip took
-        601 µs with the spin and 347 µs without, p50, store off, when the listener was a
-        thread), and it does not watch residents' descriptors (node/residents.py).
+        Never while in-process actors with threads of their own run (bridges, the
+        uplink): the spin holds the interpreter lock, so they waited it out (an MQTT QoS 1
+        round trip took 601 µs with the spin and 347 µs without, p50, store off, when the
+        listener was a thread). Residents run on this thread: the spin watches their
+        descriptors, and ends at once when one has work that must not wait.
         """
-        if seconds <= 0 or self.router.internal or len(self.dialers.by_sock) > SPIN_SOCKETS:
+        if seconds <= 0 or len(self.dialers.by_sock) > SPIN_SOCKETS:
             return False  # many links: one round of asking them all outlasts the spin
+        residents = self.residents
+        if any(i not in residents.by_ident for i in self.router.internal):
+            return False
+        if residents.by_ident and residents.busy():
+            return True
         checks = [events_of(self.sock), *(events_of(s) for s in self.dialers.by_sock)]
+        input_now = residents.input_now if residents.by_ident else None
         clock = time.perf_counter
         end = clock() + seconds
         while clock() < end:
             for events in checks:
                 if events(zmq.EVENTS) & POLLIN:
                     return True
+            if input_now is not None and input_now():
+                return True
         return False
 
     def _drain(self, now: float) -> None:

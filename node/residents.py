@@ -16,6 +16,7 @@ resident from any other local client, except that its identity is internal.
 from __future__ import annotations
 
 import logging
+import select
 from typing import Any, Final, Protocol
 
 from node.router import Router
@@ -23,6 +24,9 @@ from node.router import Router
 log = logging.getLogger("meshctl.node")
 
 LOG_FIRST: Final = 10  # errors logged with their traceback, then every 1000th
+# What a byte from a resident weighs toward the loop's "a stream: do not spin": MQTT packets
+# are small, and each costs the node a read, asyncio's callbacks and an acknowledgement.
+BYTE_WEIGHT: Final = 4
 
 
 class Resident(Protocol):
@@ -68,11 +72,14 @@ class Residents:
         self.by_ident: dict[bytes, Resident] = {}
         self.errors = 0
         self._fds: list[int] = []
+        self._poll = select.poll()  # the same descriptors, for the loop's spin
 
     def attach(self, resident: Resident) -> None:
         self.by_ident[resident.ident] = resident
         self.router.internal.add(resident.ident)
-        self._fds.append(resident.fileno())
+        fd = resident.fileno()
+        self._fds.append(fd)
+        self._poll.register(fd, select.POLLIN)
 
     def fds(self) -> list[int]:
         """Their descriptors (asked once each, at ``attach``), for the loop's poller."""
@@ -82,8 +89,16 @@ class Residents:
         """True if the poll found a resident's descriptor ready."""
         return any(fd in ready for fd in self._fds)
 
-    def step(self, now: float) -> None:
+    def input_now(self) -> bool:
+        """True if a resident has input waiting, without blocking (the loop's spin asks
+        this between its looks at the sockets)."""
+        return bool(self._poll.poll(0))
+
+    def step(self, now: float) -> int:
+        """Step each resident and route what it sent; what that weighs (its bytes times
+        BYTE_WEIGHT) toward the loop's decision to spin."""
         handle = self.router.handle
+        size = 0
         for ident, r in self.by_ident.items():
             try:
                 frames = r.step(now)
@@ -91,11 +106,13 @@ class Residents:
                 self._failed(r, "step", e)
                 continue
             for frame in frames:
+                size += len(frame)
                 handle(ident, frame, now)
             try:
                 r.routed()
             except Exception as e:
                 self._failed(r, "routed", e)
+        return size * BYTE_WEIGHT
 
     def busy(self) -> bool:
         for r in self.by_ident.values():

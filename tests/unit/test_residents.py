@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from node.codec import HEAD_PUB, Kind, decode_control, encode_control, encode_record, frame_kind
-from node.residents import Residents
+from node.residents import BYTE_WEIGHT, Residents
 from node.router import Router
 from tests.unit.test_router import make_router
 
@@ -137,3 +137,24 @@ def test_asyncio_keeps_ready_callbacks_where_the_mqtt_listener_looks() -> None:
         assert len(loop._ready) == 0  # type: ignore[attr-defined]
     finally:
         loop.close()
+
+
+def test_input_now_sees_a_descriptor_ready_and_step_weighs_what_it_routed() -> None:
+    """The loop's spin asks ``input_now`` between its looks at the sockets, and spins only
+    while passes are light: a resident's bytes count BYTE_WEIGHT times."""
+    router = make_router()
+    residents = Residents(router)
+    actor = Actor(b"resident")
+    residents.attach(actor)
+    try:
+        assert residents.input_now() is False
+        os.write(actor._w, b"x")
+        assert residents.input_now() is True
+        os.read(actor.fileno(), 1)
+        assert residents.input_now() is False
+        frame = HEAD_PUB + encode_record(b"a/b", b"payload", b"", 0, 1, bytes(16))
+        actor.outbox += [frame, frame]
+        assert residents.step(1.0) == 2 * len(frame) * BYTE_WEIGHT
+        assert residents.step(1.0) == 0
+    finally:
+        actor.stop()
