@@ -51,6 +51,7 @@ REQUEST_MEMORY: Final = 60.0  # a NATS request is remembered this long for its r
 NATS_NO_RESPONDERS: Final = "503"  # the status NATS servers send; nats-py raises on it
 SPOOL_BATCH: Final = 500  # persistent exports read from the log per round
 SPOOL_WAIT: Final = 5.0  # how long the broker may take to acknowledge a round
+LOG_FIRST: Final = 10  # oversized exports logged one by one, then every 1000th
 
 
 class Bridge:
@@ -81,9 +82,11 @@ class Bridge:
             "imported": 0,
             "exported": 0,
             "refused": 0,
+            "refused_too_big": 0,
             "dropped_remote_down": 0,
             "dropped_import_full": 0,
             "spooled": 0,
+            "errors": 0,
         }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bridge-{cfg.name}", daemon=True)
@@ -355,9 +358,12 @@ class MqttBridge(Bridge):
             infos.append(client.publish(remote, ev.data, qos=self.cfg.qos))
         deadline = time.monotonic() + SPOOL_WAIT
         for info in infos:
-            with contextlib.suppress(RuntimeError, ValueError):  # disconnected meanwhile
+            try:
                 info.wait_for_publish(max(0.01, deadline - time.monotonic()))
-            if not info.is_published():
+                there = info.is_published()
+            except (RuntimeError, ValueError):  # paho: not connected (the broker went away)
+                there = False
+            if not there:
                 return False  # not all there: this round goes again, after a poll
         self._spool_done(seq, len(infos))
         return full
@@ -386,6 +392,8 @@ class NatsBridge(Bridge):
             )
         except nats.errors.TimeoutError:
             return  # the mesh requester times out on its own, as a NATS requester would
+        except nats.errors.MaxPayloadError:
+            self._too_big(subject, len(ev.data), nc.max_payload)  # it times out, as above
         else:
             sock.send(self.port.reply(ev.reply_to, msg.data))
 
@@ -405,7 +413,12 @@ class NatsBridge(Bridge):
                         delay = min(delay * 2, 10.0)
                         continue
                     delay = 0.2
-                await self._pump(sock, nc)
+                try:
+                    await self._pump(sock, nc)
+                except Exception as e:  # a bug of ours (or nats-py's) must not end the bridge
+                    self.counters["errors"] += 1
+                    log.error("bridge %s: %r (the bridge goes on)", self.cfg.name, e, exc_info=e)
+                    await asyncio.sleep(0.1)
         finally:
             if nc is not None and not nc.is_closed:
                 with contextlib.suppress(Exception):
@@ -428,7 +441,8 @@ class NatsBridge(Bridge):
                 if remote is None:
                     self.counters["refused"] += 1
                     continue
-                await nc.publish(remote, ev.data)
+                if not await self._publish_nats(nc, remote, ev.data):
+                    continue  # never deliverable there: waiting for it would stop the spool
                 sent += 1
             await nc.flush(timeout=SPOOL_WAIT)
         except Exception as e:  # the server went away mid-round: it goes again later
@@ -436,6 +450,27 @@ class NatsBridge(Bridge):
             return False
         self._spool_done(seq, sent)
         return True
+
+    async def _publish_nats(self, nc: Any, subject: str, data: bytes) -> bool:
+        """Publish to NATS; False, counted (``refused_too_big``), for a payload over the
+        server's max_payload (1 MB by default, the mesh allows more): nats-py raises for it,
+        which ended the bridge's thread, or stopped its spool at that event for good."""
+        from nats.errors import MaxPayloadError  # noqa: PLC0415 - optional dependency
+
+        try:
+            await nc.publish(subject, data)
+        except MaxPayloadError:
+            self._too_big(subject, len(data), nc.max_payload)
+            return False
+        return True
+
+    def _too_big(self, subject: str, size: int, limit: int) -> None:
+        n = self.counters["refused_too_big"] = self.counters["refused_too_big"] + 1
+        if n <= LOG_FIRST or n % 1000 == 0:
+            log.warning(
+                "bridge %s: not sent to %s: %d bytes, over the server's max_payload %d "
+                "(total %d)", self.cfg.name, subject, size, limit, n,
+            )  # fmt: skip
 
     async def _connect(self, nats: Any) -> Any:
         async def on_disconnected() -> None:
@@ -491,13 +526,12 @@ class NatsBridge(Bridge):
                 elif ev.is_request and ev.reply_to:
                     self._tasks.add(asyncio.create_task(self._ask(nc, sock, remote, ev)))
                     self.counters["exported"] += 1
-                else:
-                    await nc.publish(remote, ev.data)
+                elif await self._publish_nats(nc, remote, ev.data):
                     self.counters["exported"] += 1
             for ev in incoming.replies:  # a mesh responder answered a NATS requester
                 pending = self._forget_request(ev.topic.rsplit("/", 1)[-1])
                 if pending is not None and nc.is_connected:
-                    await nc.publish(pending[0], ev.data)
+                    await self._publish_nats(nc, pending[0], ev.data)
             for event_id in incoming.no_responders:  # nothing in the mesh can answer
                 pending = self._forget_request(self._request_ids.get(event_id, ""))
                 if pending is not None and nc.is_connected:

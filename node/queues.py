@@ -17,6 +17,7 @@ import heapq
 import json
 import re
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -384,7 +385,9 @@ class Queues:
         """Hand out what consumers have room for: (consumer, record to send, seq).
 
         Redeliveries go first, then new messages in order. Delivery counts are written in
-        this pass's transaction; the caller sends only after it commits.
+        this pass's transaction; the caller sends only after it commits. A message that
+        has had all its attempts (the last was under way when the node stopped) goes to
+        the dead letters instead: an attempt counts once it is committed, acked or not.
         """
         room = sum(max(0, c.max_inflight - len(c.inflight)) for c in q.consumers)
         if not room:
@@ -418,7 +421,11 @@ class Queues:
             raise
         out = []
         updates = []
+        spent: list[tuple[int, int]] = []  # (seq, deliveries) of messages out of attempts
         for seq, raw_id, deliveries, record in rows:
+            if deliveries >= q.max_deliver:  # its last attempt was under way at a crash
+                spent.append((seq, deliveries))
+                continue
             consumer = self._next_consumer(q)
             if consumer is None:
                 heapq.heappush(q.redeliver, seq)
@@ -438,6 +445,16 @@ class Queues:
                 )
             except StoreError:
                 self.undo_take(q, out)  # not sent: not in flight either (no ack wait)
+                for seq, _n in spent:
+                    heapq.heappush(q.redeliver, seq)
+                raise
+        for i, (seq, n) in enumerate(spent):
+            try:
+                self._dead_letter(q, seq, n, time.time_ns())
+            except StoreError:  # that one is owed again (_dead_letter); so are the rest
+                self.undo_take(q, out)
+                for later, _n in spent[i + 1 :]:
+                    heapq.heappush(q.redeliver, later)
                 raise
         return out
 

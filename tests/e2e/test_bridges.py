@@ -193,6 +193,49 @@ local_prefix = ""
     assert asyncio.run(run()) == [str(i).encode() for i in range(10)]
 
 
+@pytest.mark.parametrize("persistent", [False, True], ids=["direct", "persistent"])
+def test_an_export_over_the_nats_max_payload_is_counted_and_the_rest_goes_on(
+    make_node: NodeFactory, nats_port: int, persistent: bool
+) -> None:
+    """Found in review: nats-py raises for a payload over the server's max_payload (1 MB
+    by default; the mesh allows more). A direct export ended the bridge's thread; a
+    persistent one stopped its spool at that event for good."""
+    import nats
+
+    node = bridged_node(
+        make_node,
+        f"""
+[limits]
+max_payload = "4MiB"
+[[bridge]]
+kind = "nats"
+url = "nats://127.0.0.1:{nats_port}"
+export = ["out/>"]
+""",
+    )
+
+    async def run() -> list[bytes]:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        sub = await nc.subscribe("out.>")
+        await nc.flush()
+        with connect(node.ipc) as client:
+            client.publish("out/big", b"x" * (2 * 1024 * 1024), persistent=persistent)
+            for i in range(5):
+                client.publish("out/small", str(i), persistent=persistent)
+            if persistent:
+                client.confirm(10)
+            client.flush()
+        got = [(await sub.next_msg(timeout=5)).data for _ in range(5)]
+        await nc.close()
+        return got
+
+    assert asyncio.run(run()) == [str(i).encode() for i in range(5)]
+    (bridge,) = node.status()["bridges"]
+    assert bridge["state"] == "up"
+    assert bridge["refused_too_big"] == 1
+    assert "over the server's max_payload" in node.log_text()
+
+
 def next_topic(sub: Any, topic: str, timeout: float) -> Any:
     """The next event on ``topic``, skipping others (an earlier up may still be queued)."""
     deadline = time.monotonic() + timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import zmq
 
 from edge.bridges import SPOOL_BATCH, MqttBridge
@@ -55,3 +56,30 @@ def test_a_full_round_says_more_may_wait(tmp_path: Path) -> None:
     assert bridge.spool.cursor == SPOOL_BATCH + 10
     bridge.spool.close()
     store.close()
+
+
+def test_a_round_cut_by_a_disconnect_goes_again_instead_of_ending_the_bridge(
+    tmp_path: Path,
+) -> None:
+    """Found in review: paho's "not connected" (the broker gone between the bridge's
+    state check and the publish, or mid-round) raised out of ``is_published`` and ended
+    the bridge's thread: no more imports, exports or spool rounds until a restart."""
+    (cfg,) = parse_bridges(
+        [{"kind": "mqtt", "url": "mqtt://127.0.0.1:1", "export": ["alerts/>"], "qos": 1}], "t"
+    )
+    store, port = open_store(tmp_path), MeshPort("devices")
+    bridge = MqttBridge(cfg, zmq.Context.instance(), "inproc://unused", b"b", tmp_path)
+    bridge._open_spool()
+    assert bridge.spool is not None
+    rec = port.raw_record(b"alerts/fire", b"x", b"", F_PERSISTENT)
+    store.log_append([(rec[-16:], "alerts/fire", 1, rec)])
+    store.commit()
+    # The real paho client, never connected: what it is once its socket has gone.
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    bridge.state = "up"
+    try:
+        assert bridge._drain_spool_mqtt(client) is False  # the round goes again later
+        assert bridge.spool.cursor == 0
+    finally:
+        bridge.spool.close()
+        store.close()

@@ -355,6 +355,34 @@ def test_after_a_crash_unacknowledged_deliveries_come_back_as_redeliveries(
     assert [(e.data, e.deliveries) for _s, e in again] == [(b"2", 2), (b"3", 2)]
 
 
+def test_a_last_attempt_cut_by_a_crash_goes_to_the_dead_letters_not_out_again(
+    tmp_path: Path,
+) -> None:
+    """Found in review: after a restart a message that had had its max_deliver attempts
+    (the last one committed, never acked) was delivered once more."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs", max_deliver=1)
+    consume(r, A, 1, "jobs", max_inflight=1)
+    pub(r, A, rec("jobs", b"once", seq=1), rec("jobs", b"next", seq=2))
+    r.end_pass(0.0)
+    (got,) = deliveries(take(r), A)  # only the first is out
+    assert (got[1].data, got[1].deliveries) == (b"once", 1)
+    d.store.db.close()  # kill -9
+    r2, d2 = durable_router(tmp_path)
+    hello(r2, B)
+    consume(r2, B, 1, "jobs")
+    r2.end_pass(0.0)
+    again = deliveries(take(r2), B)
+    assert [(e.data, e.deliveries) for _s, e in again] == [(b"next", 1)]
+    q, dead = d2.queues.by_name["jobs"], d2.queues.by_name["jobs.dead"]
+    assert (q.depth, dead.depth, q.dead_lettered) == (1, 1, 1)
+    consume(r2, B, 2, "jobs.dead")
+    r2.end_pass(0.1)
+    ((_s, ev),) = deliveries(take(r2), B)
+    assert (ev.data, ev.headers["dead-deliveries"]) == (b"once", "1")
+
+
 def test_queue_admin_errors_are_input_errors(tmp_path: Path) -> None:
     r, _d = durable_router(tmp_path)
     hello(r, A)
