@@ -32,7 +32,7 @@ import zmq
 
 from edge.logreader import LogReader
 from meshctl.client import Client, connect
-from meshctl.errors import MeshError
+from meshctl.errors import MeshError, RemoteError
 from node.codec import (
     F_IMPORTED,
     F_PERSISTENT,
@@ -96,6 +96,7 @@ class Uplink(threading.Thread):
         self.last_error = ""
         self.cloud_id = ""
         self.sent = 0
+        self.refused = 0  # persistent exports the cloud refused for good, skipped
         self.received = 0
         self.spool: dict[str, Any] = {"entries": 0, "bytes": 0, "oldest_age_s": None}
         self.cursor = 0
@@ -118,6 +119,7 @@ class Uplink(threading.Thread):
             "export": list(self.s.export),
             "import": list(self.s.imports),
             "sent": self.sent,
+            "refused": self.refused,
             "received": self.received,
             "cursor": self.cursor,
             "spool": dict(self.spool),
@@ -192,7 +194,16 @@ class Uplink(threading.Thread):
                 cloud.forward(with_headers(record, marker), persistent=True)
                 n += 1
         if n:
-            cloud.confirm(timeout=10.0)
+            try:
+                cloud.confirm(timeout=10.0)
+            except RemoteError as e:
+                if e.code == "store":
+                    raise  # the cloud could not store them now: the session sends again
+                # Refused for good (over the cloud's payload limit, denied to our
+                # credentials, a topic it refuses): waiting for them would stop the uplink.
+                self.refused += len(e.ids)
+                n -= len(e.ids)
+                log.warning("uplink: the cloud refused %d events: %s", len(e.ids), e)
             self.sent += n
         db.advance(rows[-1][0])
         self.cursor = db.cursor

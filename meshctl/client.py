@@ -423,8 +423,10 @@ class Client:
         events were confirmed.
 
         Raises:
-            RemoteError: the node could not store some events (code ``store``, e.g. its
-                disk is full); nothing of those was acknowledged.
+            RemoteError: the node did not store some events, named by ``ids``: code
+                ``store`` when it could not (e.g. its disk is full; worth sending again
+                later), else the reason it refused them for good (``payload``,
+                ``permission``, ``topic``). The others were acknowledged.
             Timeout: some events are still unacknowledged after ``timeout`` seconds.
         """
         pending = len(self._unacked)
@@ -449,9 +451,13 @@ class Client:
                 )
             self._pump(min(deadline, self._last_pack + RETRY_AFTER))
         if self._persist_errors:
-            err = self._persist_errors[0]
-            self._persist_errors.clear()
-            raise err
+            errors, self._persist_errors = self._persist_errors, []
+            # A store error (a full disk: worth sending again) goes before refusals of
+            # single events (over the payload limit, denied, a bad topic: never stored).
+            first = next((e for e in errors if e.code == "store"), errors[0])
+            ids = tuple(i for e in errors if e.code == first.code for i in e.ids)
+            more = len(ids) - len(first.ids)
+            raise RemoteError(f"{first} (and {more} more)" if more else str(first), first.code, ids)
 
     def _resend_unacked(self) -> None:
         """Send every unacknowledged persistent event again, same ids, in order."""
@@ -478,7 +484,9 @@ class Client:
                 continue
         if error is not None:
             self._persist_errors.append(
-                RemoteError(str(error.get("error")), str(error.get("code", "")))
+                RemoteError(
+                    str(error.get("error")), str(error.get("code", "")), tuple(map(str, ids))
+                )
             )
 
     # ---- subscribing -------------------------------------------------------------------

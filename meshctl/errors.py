@@ -41,8 +41,10 @@ class NoResponders(OperationalError):
 
 
 class RemoteError(OperationalError):
-    """The node refused an operation and said why."""
+    """The node refused an operation and said why; ``ids``: the persistent events it
+    concerns (refused by ``confirm``), if any."""
 
-    def __init__(self, message: str, code: str = "") -> None:
+    def __init__(self, message: str, code: str = "", ids: tuple[str, ...] = ()) -> None:
         self.code = code
+        self.ids = ids
         super().__init__(message)

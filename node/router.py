@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from node import queue_admin, views
 from node.codec import (
+    F_PERSISTENT,
     F_REQUEST,
     RECORD_SIZE,
     SID,
@@ -430,15 +431,17 @@ class Router(MeshSide, DurableSide):
                 off = end
                 if plen > max_payload:
                     self.counters.dropped["payload_too_large"] += 1
-                    self._error(
+                    self._refuse(
                         ident,
-                        None,
+                        frame[t0 - 16 : t0] if flags & F_PERSISTENT else None,
                         f"payload of {plen} bytes exceeds the limit of "
                         f"{max_payload} bytes; event dropped",
                         "payload",
                     )
                     continue
-                if acl is not None and self._acl_refuses(ident, acl, topic):
+                if acl is not None and self._acl_refuses(
+                    ident, acl, topic, frame[t0 - 16 : t0] if flags & F_PERSISTENT else None
+                ):
                     continue
                 route = cache.get(topic)
                 if route is None:
@@ -448,7 +451,12 @@ class Router(MeshSide, DurableSide):
                         route = self._remote_route(topic)
                     if type(route) is _Refused:
                         self.counters.dropped["bad_topic"] += 1
-                        self._error(ident, None, route.reason, "topic")  # type: ignore[union-attr]
+                        self._refuse(
+                            ident,
+                            frame[t0 - 16 : t0] if flags & F_PERSISTENT else None,
+                            route.reason,  # type: ignore[union-attr]
+                            "topic",
+                        )
                         continue
                 count += 1
                 relay = route.relay  # type: ignore[union-attr]
@@ -529,15 +537,30 @@ class Router(MeshSide, DurableSide):
                 link_pending[key] = lp = []
             lp.append(run)
 
-    def _acl_refuses(self, ident: bytes, acl: Acl, topic_b: bytes) -> bool:
+    def _acl_refuses(
+        self, ident: bytes, acl: Acl, topic_b: bytes, event_id: bytes | None = None
+    ) -> bool:
         """Check one publish against the client's permissions (cached per topic); a refusal
         is counted and answered with an error naming the topic and the rule."""
         why = publish_verdict(acl, self._acl_seen.setdefault(ident, {}), topic_b)
         if why is None:
             return False
         self.counters.dropped["permission"] += 1
-        self._error(ident, None, f"permission denied: {why}; event dropped", "permission")
+        self._refuse(ident, event_id, f"permission denied: {why}; event dropped", "permission")
         return True
+
+    def _refuse(self, ident: bytes, event_id: bytes | None, error: str, code: str) -> None:
+        """Answer a dropped event. A persistent one's error names its id: the publisher
+        waits for an answer about each id (``confirm``), and without one it resent the
+        event forever (an edge's uplink stopped at it for good)."""
+        if event_id is None:
+            self._error(ident, None, error, code)
+        else:
+            self._send_control(
+                ident,
+                Kind.ERR,
+                {"ref": None, "error": error, "code": code, "ids": [event_id.hex()]},
+            )
 
     def _remote_route(self, topic_b: bytes) -> Route | _Refused:
         """Route of a topic that arrived from another node: its ``$mesh/...`` events are

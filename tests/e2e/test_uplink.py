@@ -139,6 +139,33 @@ def test_commands_from_the_cloud_wait_for_an_edge_that_is_away(
     assert uplink(edge)["sent"] == 0
 
 
+def test_an_event_the_cloud_refuses_is_skipped_and_counted_not_resent_forever(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Found in review: the cloud dropped a persistent event over its payload limit with an
+    error naming no id, so the uplink waited for its ack, timed out and resent the batch
+    forever; everything exported after it stayed in the edge's spool."""
+    port = free_tcp_port()
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    config = '[limits]\nmax_payload = "4MiB"\n' + uplink_config(port)  # the cloud's is 1 MiB
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    wait_uplink(edge, "up")
+    with connect(cloud.ipc) as watcher:
+        sub = watcher.subscribe("plant/>", retained=False)
+        with connect(edge.ipc) as client:
+            client.publish("plant/big", b"x" * (2 * 1024 * 1024), persistent=True)
+            for i in range(5):
+                client.publish("plant/small", str(i), persistent=True)
+            client.confirm(timeout=10)
+        got = [sub.next(timeout=15).data for _ in range(5)]
+    assert got == [str(i).encode() for i in range(5)]
+    status = wait_for(
+        lambda: (u := uplink(edge))["cursor"] >= 6 and u, timeout=10, what="the cursor past all"
+    )
+    assert (status["sent"], status["refused"], status["state"]) == (5, 1, "up")
+    assert "the cloud refused 1 events: payload of 2097152 bytes" in edge.log_text()
+
+
 def test_a_full_spool_with_overflow_refuse_refuses_persistent_events(
     make_node: NodeFactory, short_tmp: Path
 ) -> None:

@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.codec import (
+    F_PERSISTENT,
     F_REQUEST,
     HEAD_PUB,
+    RECORD_SIZE,
     Kind,
     decode_control,
     encode_control,
@@ -529,6 +531,22 @@ def test_payload_limit() -> None:
     assert [len(ev.data) for _, ev in deliveries(out, A)] == [1024, 1]
     assert r.counters.dropped["payload_too_large"] == 1
     assert r.counters.events_in == 2
+
+
+def test_a_refused_persistent_event_is_answered_with_its_id() -> None:
+    """Found in review: the error named no id, so the publisher's ``confirm`` waited for
+    an answer about it, timed out and sent it again, forever (an edge's uplink stopped at
+    the first event the cloud refused). Direct events carry no id in their errors."""
+    r = connected(A)
+    big = record("a", b"x" * 1025, flags=F_PERSISTENT, seq=1)
+    bad = record("$mesh/x", flags=F_PERSISTENT, seq=2)
+    publish(r, A, big, bad, record("a", b"x" * 1025))
+    errors = [body for kind, body in controls(take(r), A) if kind is Kind.ERR]
+    assert [(e["code"], e.get("ids")) for e in errors] == [
+        ("payload", [big[RECORD_SIZE - 16 : RECORD_SIZE].hex()]),
+        ("topic", [bad[RECORD_SIZE - 16 : RECORD_SIZE].hex()]),
+        ("payload", None),
+    ]
 
 
 @pytest.mark.parametrize(
