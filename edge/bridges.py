@@ -156,6 +156,18 @@ class Bridge:
     # ---- the spool: persistent exports from the node's log ------------------------------
 
     _spool_stats: dict[str, Any] | None = None
+    _next_stats = 0.0
+
+    def _count_spool(self) -> None:
+        """Count what waits for ``status``, every second, less often when counting is
+        costly (it walks every unsent entry), whether the remote is up or not. It was
+        counted only on idle rounds and cleared on every other one: a stuck spool showed
+        no entries, an idle one none half the time (found in review)."""
+        now = time.monotonic()
+        if self.spool is None or now < self._next_stats:
+            return
+        self._spool_stats = self.spool.stats()
+        self._next_stats = now + max(1.0, 10 * (time.monotonic() - now))
 
     def _open_spool(self) -> None:
         """Persistent exports go through the log from a cursor, so a broker that is away
@@ -175,7 +187,6 @@ class Bridge:
         assert self.spool is not None
         rows = self.spool.after(SPOOL_BATCH)
         if not rows:
-            self._spool_stats = self.spool.stats() if self._spool_stats is None else None
             return None
         events = []
         for _seq, topic, record in rows:
@@ -301,7 +312,11 @@ class MqttBridge(Bridge):
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
             self._take(msg.topic, msg.payload)
 
+        def on_connect_fail(_c: Any, _u: Any) -> None:  # a broker that never answered
+            self._set_state("down", f"cannot connect to {self.cfg.host}:{self.cfg.port}")
+
         client.on_connect = on_connect
+        client.on_connect_fail = on_connect_fail
         client.on_disconnect = on_disconnect
         client.on_message = on_message
         client.connect_async(self.cfg.host, self.cfg.port, keepalive=10)
@@ -318,6 +333,7 @@ class MqttBridge(Bridge):
                 behind = False
                 if self.spool is not None and self.state == "up":
                     behind = self._drain_spool_mqtt(client)
+                self._count_spool()
                 self._drain_imports(sock, mqtt_topic_to_mesh)
                 self._send_notices(sock)
         finally:
@@ -409,6 +425,7 @@ class NatsBridge(Bridge):
                 if nc is None or nc.is_closed:
                     nc = await self._connect(nats)
                     if nc is None:
+                        self._count_spool()
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 10.0)
                         continue
@@ -538,6 +555,7 @@ class NatsBridge(Bridge):
                     await nc.publish(pending[0], b"", headers={"Status": NATS_NO_RESPONDERS})
         if self.spool is not None and nc.is_connected:
             busy = await self._drain_spool_nats(nc) or busy
+        self._count_spool()
         self._tasks = {t for t in self._tasks if not t.done()}
         self._expire_requests()
         busy = self._drain_imports(sock, nats_to_mesh) or busy

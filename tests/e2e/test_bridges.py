@@ -236,6 +236,35 @@ export = ["out/>"]
     assert "over the server's max_payload" in node.log_text()
 
 
+def test_a_bridge_whose_broker_is_away_shows_what_waits(make_node: NodeFactory) -> None:
+    """Found in review: the bridge counted its spool only on idle rounds with its broker
+    up, and cleared the count on every other one: a broker away showed nothing waiting."""
+    port = lh.free_port()  # nothing listens there: the bridge stays down
+    node = make_node(
+        config_text=f"""[mesh]
+discovery = false
+[[bridge]]
+kind = "mqtt"
+url = "mqtt://127.0.0.1:{port}"
+export = ["alerts/>"]
+qos = 1
+"""
+    )
+    wait_for(lambda: node.status()["bridges"][0]["spool"] is not None, timeout=5, what="counted")
+    with connect(node.ipc) as client:
+        for i in range(5):
+            client.publish("alerts/fire", str(i), persistent=True)
+        client.publish("other/topic", "not for the bridge", persistent=True)
+        client.confirm(timeout=5)
+    wait_for(
+        lambda: node.status()["bridges"][0]["spool"]["entries"] == 5, timeout=5, what="5 waiting"
+    )
+    for _ in range(10):  # and it stays so
+        (bridge,) = node.status()["bridges"]
+        assert (bridge["state"], bridge["spool"]["entries"]) == ("down", 5)
+        time.sleep(0.15)
+
+
 def next_topic(sub: Any, topic: str, timeout: float) -> Any:
     """The next event on ``topic``, skipping others (an earlier up may still be queued)."""
     deadline = time.monotonic() + timeout
