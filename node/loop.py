@@ -63,6 +63,11 @@ class Identity:
     data_dir: Path
 
 
+def fade(recent: int, pass_bytes: int) -> int:
+    """The heaviest recent pass's bytes, fading by 1/8 a pass, capped (see Node.run)."""
+    return min(max(recent * 7 >> 3, pass_bytes), RECENT_CAP)
+
+
 class Node(SecureSide, DiscoverySide):
     """A running node: sockets, the poll loop and the Router core."""
 
@@ -82,7 +87,7 @@ class Node(SecureSide, DiscoverySide):
         self.started = time.monotonic()
         self._stop = False
         self._pass_bytes = 0
-        self._recent_bytes = 0  # bytes of the last passes, each pass weighing 7/8 of the one after
+        self._recent_bytes = 0  # the heaviest recent pass's bytes, fading (see run)
         self.plugins: list[Plugin] = []
         self.durable = _open_durable(config, identity.data_dir)
         self.router = Router(
@@ -216,9 +221,10 @@ class Node(SecureSide, DiscoverySide):
             ready: dict[Any, int] = {}
             # Spin only while passes are light (request-reply, trickles): under a stream
             # the CPU is better left to the publishers and subscribers. Lately, not just the
-            # last pass: an MQTT stream alternates passes of one packet and of dozens.
-            recent = min((self._recent_bytes * 7 >> 3) + self._pass_bytes, RECENT_CAP)
-            self._recent_bytes = recent
+            # last pass: an MQTT stream alternates passes of one packet and of dozens. So
+            # the heaviest recent pass, fading by 1/8 a pass (a steady load of passes under
+            # the bound still spins, as before).
+            recent = self._recent_bytes = fade(self._recent_bytes, self._pass_bytes)
             light = recent < SPIN_AFTER_PASS_BELOW
             self._pass_bytes = 0
             spun = light and self._spin(spin)

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from node.config import NodeConfig
-from node.loop import Identity, Node
+from node.loop import SPIN_AFTER_PASS_BELOW, Identity, Node, fade
 
 
 @pytest.fixture
@@ -60,6 +60,24 @@ def test_the_loop_spins_with_residents_and_watches_their_descriptors(node: Node)
         assert time.perf_counter() - t < 0.04
     finally:
         actor.stop()
+
+
+def test_the_spin_waits_out_streams_not_steady_light_passes() -> None:
+    """A steady load of passes under the bound still spins (request-reply); an MQTT
+    stream's passes of one packet between passes of dozens do not; after a stream the
+    spin is back within a dozen passes."""
+    recent = 0
+    for _ in range(50):
+        recent = fade(recent, SPIN_AFTER_PASS_BELOW - 1)
+        assert recent < SPIN_AFTER_PASS_BELOW
+    for _ in range(20):  # ~50 MQTT records (x4), then three single ones, again and again
+        for size in (62_000, 1_300, 1_300, 1_300):
+            recent = fade(recent, size)
+            assert recent >= SPIN_AFTER_PASS_BELOW
+    for _ in range(12):
+        recent = fade(recent, 1_300)
+    assert recent < SPIN_AFTER_PASS_BELOW
+    assert fade(0, 10**9) == fade(fade(0, 10**9), 10**9)  # capped: a flood is not remembered
 
 
 def test_one_hello_per_tick_however_many_links_are_due(
