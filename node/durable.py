@@ -330,6 +330,7 @@ class Durable:
         self.logged += len(p.log)
         for queues in p.captured:
             self.queues.committed_capture(queues)
+        self.queues.committed_dead()
         busy = self.queues.busy
         for q in [q for q in busy if self.queues.idle(q)]:
             del busy[q]
@@ -380,6 +381,7 @@ class Durable:
             self.queues.undo_take(q, got)
         for queues in p.captured:
             self.queues.uncaptured(queues)
+        self.queues.undo_dead()
         for q, seq in p.acked:  # the acks were not stored: the messages are owed again
             q.depth += 1
             heapq.heappush(q.redeliver, seq)

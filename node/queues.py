@@ -123,6 +123,9 @@ class Queues:
         # holds one per edge node it uplinks). A superset: the pass drops the idle ones.
         self.busy: dict[Queue, None] = {}
         self.trie: SubscriptionTrie[Queue] = SubscriptionTrie()
+        # Dead letters moved in this pass's transaction: (queue, seq, its dead-letter
+        # queue), counted once the pass commits, owed again if it fails.
+        self.dead_pending: list[tuple[Queue, int, Queue]] = []
         self._load()
 
     def _load(self) -> None:
@@ -377,9 +380,24 @@ class Queues:
             heapq.heappush(q.redeliver, seq)
             self.wake(q)
             raise
-        self.committed_capture([dlq])
-        q.depth -= 1
-        q.dead_lettered += 1
+        self.dead_pending.append((q, seq, dlq))
+
+    def committed_dead(self) -> None:
+        """The pass committed: its dead letters left their queues."""
+        for q, _seq, dlq in self.dead_pending:
+            self.committed_capture([dlq])
+            q.depth -= 1
+            q.dead_lettered += 1
+        self.dead_pending.clear()
+
+    def undo_dead(self) -> None:
+        """The pass failed: its dead letters are still in their queues, owed again (they
+        had left the in-flight set, so no ack wait would have brought them back)."""
+        for q, seq, dlq in self.dead_pending:
+            self.uncaptured([dlq])
+            heapq.heappush(q.redeliver, seq)
+            self.wake(q)
+        self.dead_pending.clear()
 
     def take(self, q: Queue, now: float) -> list[tuple[Consumer, bytes, int]]:
         """Hand out what consumers have room for: (consumer, record to send, seq).

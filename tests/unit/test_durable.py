@@ -256,6 +256,34 @@ def test_ack_removes_and_the_ack_wait_redelivers_then_dead_letters(tmp_path: Pat
     assert ev.headers == {"dead-queue": "jobs", "dead-deliveries": "2"}
 
 
+def test_a_dead_letter_in_a_pass_that_fails_is_owed_again_not_lost(tmp_path: Path) -> None:
+    """Found in review: a dead letter moved by the ack-wait timer changed the queues'
+    counts before the pass committed. When the commit failed (a full disk), the message was
+    still in its queue on disk, but neither in flight nor owed: stuck until a restart, and
+    the dead-letter queue counted one it did not hold."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs/>", ack_wait=1.0, max_deliver=1)
+    pub(r, A, rec("jobs/1", seq=1))
+    consume(r, A, 1, "jobs")
+    r.end_pass(0.0)
+    assert len(deliveries(take(r), A)) == 1
+    q = d.queues.by_name["jobs"]
+    r.tick(1.1)  # its only attempt timed out: to the dead letters, in this pass
+    with pytest.raises(StoreError):
+        d.store.guard("INSERT INTO nowhere VALUES (1)")  # a write of the pass fails
+    r.end_pass(1.1)
+    dead = d.queues.by_name["jobs.dead"]
+    assert (q.depth, dead.depth, q.dead_lettered) == (1, 0, 0)
+    r.tick(1.2)  # the next pass moves it again, and this time it holds
+    r.end_pass(1.2)
+    assert (q.depth, dead.depth, q.dead_lettered) == (0, 1, 1)
+    consume(r, A, 2, "jobs.dead")
+    r.end_pass(1.3)
+    ((_sid, ev),) = deliveries(take(r), A)
+    assert (ev.topic, ev.headers["dead-deliveries"]) == ("jobs/1", "1")
+
+
 class Unsearchable(dict):  # type: ignore[type-arg]
     """A consumer's deliveries that fail the test if anything walks them."""
 
