@@ -54,11 +54,10 @@ class LogReader:
             write_cursor(self.path, seq)
 
     def stats(self) -> dict[str, Any]:
-        """Entries, bytes and the age of the oldest entry not yet sent: the spool's (what
-        the uplink and the bridges send), not the rest of the log after the cursor."""
+        """Entries, bytes and the age of the oldest entry not yet sent."""
         n, size, oldest = self.db.execute(
             "SELECT count(*), coalesce(sum(length(record)), 0), min(time_ns) FROM log "
-            "WHERE seq > ? AND spool = 1",
+            "WHERE seq > ?",
             (self.cursor,),
         ).fetchone()
         age = None if not oldest else round((time.time_ns() - oldest) / 1e9, 3)

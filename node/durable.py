@@ -126,7 +126,7 @@ class Held:
 class _Pass:
     """What one pass staged; committed or rolled back together."""
 
-    log: list[tuple[bytes, str, int, bytes, int]] = field(default_factory=list)
+    log: list[tuple[bytes, str, int, bytes]] = field(default_factory=list)
     dedupe: list[bytes] = field(default_factory=list)
     acks: dict[bytes, list[str]] = field(default_factory=dict)
     held: list[Held] = field(default_factory=list)
@@ -152,9 +152,6 @@ class Durable:
         self.persist_trie: SubscriptionTrie[bool] = SubscriptionTrie()
         for p in config.persist_patterns:
             self.persist_trie.add(p, True)
-        self.uplink_trie: SubscriptionTrie[bool] = SubscriptionTrie()
-        for p in config.spool_patterns:
-            self.uplink_trie.add(p, True)
         self.spool = Spool(config) if config.spool_cursors else None
         self._next_spool_check = 0.0
         held = store.retained_all()
@@ -216,7 +213,7 @@ class Durable:
         t_ns = self.wall_ns()
         keep = route.log == LOG_ALL or (flags & F_PERSISTENT and (local or route.log))
         if keep and not self._spool_refuses(topic):
-            self.p.log.append((record[_ID], topic, t_ns, record, self._for_readers(topic, flags)))
+            self.p.log.append((record[_ID], topic, t_ns, record))
         if flags & F_PERSISTENT and route.queues:
             self.queues.capture(route.queues, record[_ID], record, t_ns)
             self.p.captured.append(route.queues)
@@ -256,15 +253,6 @@ class Durable:
             return False
         self._staged_retained += grow
         return True
-
-    def _for_readers(self, topic: str, flags: int) -> int:
-        """1 if the uplink (any event on its exports) or a bridge (persistent ones on its
-        exports) will send this log entry: only those make up the spool."""
-        if self.spool is None:
-            return 0
-        if self.uplink_trie.match(topic):
-            return 1
-        return 1 if flags & F_PERSISTENT and self.persist_trie.match(topic) else 0
 
     def _spool_refuses(self, topic: str) -> bool:
         """With overflow = refuse and the spool full, events for the cloud are refused."""

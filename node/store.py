@@ -35,7 +35,7 @@ _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS log (
     seq INTEGER PRIMARY KEY, id BLOB NOT NULL, topic TEXT NOT NULL,
-    time_ns INTEGER NOT NULL, record BLOB NOT NULL, spool INTEGER NOT NULL DEFAULT 1);
+    time_ns INTEGER NOT NULL, record BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS retained (
     topic TEXT PRIMARY KEY, record BLOB NOT NULL, local INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS queues (
@@ -46,13 +46,6 @@ CREATE TABLE IF NOT EXISTS qmsgs (
     deliveries INTEGER NOT NULL DEFAULT 0, record BLOB NOT NULL,
     PRIMARY KEY (queue, seq)) WITHOUT ROWID;
 """
-
-
-# Which log entries, as the bounds of ``spool BETWEEN ? AND ?``: every one, those a reader
-# (the uplink, a bridge) will send, or the others.
-_ALL: Final = (0, 1)
-_SPOOL: Final = (1, 1)
-_PLAIN: Final = (0, 0)
 
 
 class StoreError(NodeError):
@@ -70,11 +63,7 @@ class Store:
         self.commits = 0
         self._head: int | None = None  # the log's highest sequence ever (None: ask SQLite)
         self._totals: tuple[int, int] | None = None  # the log's (entries, bytes); None: count
-        # (cursor, entries, bytes) of the spool's entries after it
-        self._unsent: tuple[int, int, int] | None = None
-        # Plain entries (not the spool's) after a reader's cursor are trimmed as the log's
-        # own: up to this sequence that is done (so each trim walks only what is new).
-        self._plain_trimmed = 0
+        self._unsent: tuple[int, int, int] | None = None  # (cursor, entries, bytes) after it
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._check()
@@ -82,7 +71,6 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
             self.db.executescript(_SCHEMA)
             self._version()
-            self._add_spool_column()
         except sqlite3.DatabaseError as e:
             why = " ".join(str(e).split())  # one line: sqlite's reports span several
             raise StoreError(
@@ -105,13 +93,6 @@ class Store:
             raise sqlite3.DatabaseError(
                 f"schema version {row[0]}, this node reads version {SCHEMA_VERSION}"
             )
-
-    def _add_spool_column(self) -> None:
-        """A log written before entries were marked: every entry counts as the spool's,
-        as it did then (the mark only narrows what the spool bound counts and drops)."""
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(log)")}
-        if "spool" not in columns:
-            self.db.execute("ALTER TABLE log ADD COLUMN spool INTEGER NOT NULL DEFAULT 1")
 
     # ---- transactions ----------------------------------------------------------------
 
@@ -162,7 +143,6 @@ class Store:
         self._failed = ""
         self._head = None  # the pass's appends are gone
         self._totals = self._unsent = None  # and so are its changes to them: count again
-        self._plain_trimmed = 0  # and its trims of plain entries after the cursor
 
     def guard(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Cursor:
         """One write inside the pass's transaction; StoreError on failure, after which
@@ -220,17 +200,13 @@ class Store:
             (str(self.log_head()),),
         )
 
-    def log_append(self, rows: list[tuple[bytes, str, int, bytes, int]]) -> int:
-        """Append (id, topic, time_ns, record, spool) rows; returns the last sequence used.
-
-        ``spool`` (1 or 0): whether a reader (the uplink, a bridge) will send the entry. Only
-        such entries count toward the spool's bound and go when it drops the oldest; the
-        others after a reader's cursor are trimmed by the log's own bounds."""
+    def log_append(self, rows: list[tuple[bytes, str, int, bytes]]) -> int:
+        """Append (id, topic, time_ns, record) rows; returns the last sequence used."""
         if not rows:
             return 0
         head = self.log_head()
         self.guard_many(
-            "INSERT INTO log (seq, id, topic, time_ns, record, spool) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO log (seq, id, topic, time_ns, record) VALUES (?, ?, ?, ?, ?)",
             ((head + i, *r) for i, r in enumerate(rows, 1)),
         )
         self._head = head + len(rows)
@@ -239,7 +215,7 @@ class Store:
             self._totals = n + len(rows), size + sum(len(r[3]) for r in rows)
         if self._unsent is not None:
             cursor, n, size = self._unsent
-            after = [r for r in rows[max(0, cursor - head) :] if r[4]]  # the spool's, past it
+            after = rows[max(0, cursor - head) :]  # the rows past that cursor
             self._unsent = cursor, n + len(after), size + sum(len(r[3]) for r in after)
         return self._head
 
@@ -292,35 +268,27 @@ class Store:
             self._totals = int(n), int(size)
         return self._totals
 
-    def _range_totals(
-        self, after: int, upto: int, which: tuple[int, int] = _ALL
-    ) -> tuple[int, int]:
-        """(entries, bytes) with ``after < seq <= upto`` (of ``which``): a walk of that
-        range only."""
+    def _range_totals(self, after: int, upto: int) -> tuple[int, int]:
+        """(entries, bytes) with ``after < seq <= upto``: a walk of that range only."""
         n, size = self.read(
-            "SELECT count(*), coalesce(sum(length(record)), 0) FROM log "
-            "WHERE seq > ? AND seq <= ? AND spool BETWEEN ? AND ?",
-            (after, upto, *which),
+            "SELECT count(*), coalesce(sum(length(record)), 0) FROM log WHERE seq > ? AND seq <= ?",
+            (after, upto),
         )[0]
         return int(n), int(size)
 
-    def _delete_log(self, after: int, upto: int, which: tuple[int, int] = _ALL) -> int:
-        """Delete the entries with ``after < seq <= upto`` (``which``: of those, only the
-        spool's or only the plain ones), keeping the totals; their counting walks the same
-        rows as the delete, so it costs what the delete does."""
-        n, size = self._range_totals(after, upto, which)
+    def _delete_log(self, after: int, upto: int) -> int:
+        """Delete the entries with ``after < seq <= upto``, keeping the totals; their
+        counting walks the same rows as the delete, so it costs what the delete does."""
+        n, size = self._range_totals(after, upto)
         if not n:
             return 0
         unsent = self._unsent
-        if unsent is not None and upto > unsent[0] and which != _PLAIN:  # some were unsent
+        if unsent is not None and upto > unsent[0]:  # some of them were unsent
             cursor = unsent[0]
-            dn, dsize = self._range_totals(max(after, cursor), upto, _SPOOL)
+            dn, dsize = (n, size) if after >= cursor else self._range_totals(cursor, upto)
             unsent = cursor, unsent[1] - dn, unsent[2] - dsize
         self._keep_head()
-        gone = self.guard(
-            "DELETE FROM log WHERE seq > ? AND seq <= ? AND spool BETWEEN ? AND ?",
-            (after, upto, *which),
-        ).rowcount
+        gone = self.guard("DELETE FROM log WHERE seq > ? AND seq <= ?", (after, upto)).rowcount
         if self._totals is not None:
             self._totals = self._totals[0] - n, self._totals[1] - size
         self._unsent = unsent
@@ -335,86 +303,48 @@ class Store:
         clock that stepped back, and an old entry behind a newer one waits for it (as a
         segment of Kafka's log does). So the trim walks only what it deletes.
 
-        ``keep_after``: the entries after this sequence that a reader will send (the
-        uplink's, a bridge's) are not the log's to trim: the spool bound governs them. The
-        others after it go by the log's bounds as before it (a reader held them all back,
-        and unrelated traffic while a broker was away then filled the spool's bound)."""
+        ``keep_after``: entries after this sequence are not the log's to trim (an uplink
+        has not sent them yet; the spool bound governs them)."""
         upto = (1 << 62) if keep_after is None else keep_after
         young = self.read(
             "SELECT seq FROM log WHERE seq <= ? AND time_ns >= ? ORDER BY seq LIMIT 1",
             (upto, now_ns - max_age_ns),
         )
         gone = self._delete_log(-1, young[0][0] - 1 if young else upto)
-        if keep_after is not None and not young:
-            gone += self._trim_plain_by_age(keep_after, now_ns - max_age_ns)
         n, size, first, _t = self.log_stats()
         if size > max_bytes and n:
             # Cut roughly the share over the bound, oldest first; the next trim refines.
             over = max(1, int(n * (size - max_bytes) / size))
             gone += self._delete_log(-1, min(first + over, upto + 1) - 1)
-            n, size, _first, _t = self.log_stats()
-            if keep_after is not None and size > max_bytes and n:
-                gone += self._trim_plain_oldest(
-                    keep_after, max(1, int(n * (size - max_bytes) / size))
-                )
-        return gone
-
-    def _trim_plain_by_age(self, cursor: int, cutoff_ns: int) -> int:
-        """Delete the plain entries after ``cursor`` older than ``cutoff_ns``: a reader that
-        is behind holds back only what it will send, not the rest of the log."""
-        start = max(cursor, self._plain_trimmed)
-        young = self.read(
-            "SELECT seq FROM log WHERE seq > ? AND time_ns >= ? ORDER BY seq LIMIT 1",
-            (start, cutoff_ns),
-        )
-        upto = young[0][0] - 1 if young else self.log_head()
-        gone = self._delete_log(start, upto, _PLAIN)
-        self._plain_trimmed = upto
-        return gone
-
-    def _trim_plain_oldest(self, cursor: int, count: int) -> int:
-        """Delete about ``count`` of the oldest plain entries after ``cursor``."""
-        start = max(cursor, self._plain_trimmed)
-        row = self.read(
-            "SELECT seq FROM log WHERE seq > ? AND spool = 0 ORDER BY seq LIMIT 1 OFFSET ?",
-            (start, count - 1),
-        )
-        upto = row[0][0] if row else self.log_head()
-        gone = self._delete_log(start, upto, _PLAIN)
-        self._plain_trimmed = upto
         return gone
 
     def spool_stats(self, cursor: int) -> tuple[int, int, int]:
-        """(entries, bytes, oldest time_ns) of the spool's entries after ``cursor``: what the
-        uplink and bridges have not sent yet. Kept as the log and the cursor move (the node
-        asks every 0.5 s, and counting a large spool takes as long as counting the log);
-        "oldest" is the first such entry's time."""
+        """(entries, bytes, oldest time_ns) of the log after ``cursor``: what an uplink has
+        not sent yet. Kept as the log and the cursor move (the node asks every 0.5 s, and
+        counting a large spool takes as long as counting the log); "oldest" is the first
+        entry's time."""
         known = self._unsent
         if known is None or cursor < known[0]:
-            n, size = self._range_totals(cursor, 1 << 62, _SPOOL)
+            n, size = self._range_totals(cursor, 1 << 62)
         else:
-            sent = self._range_totals(known[0], cursor, _SPOOL) if cursor > known[0] else (0, 0)
+            sent = self._range_totals(known[0], cursor) if cursor > known[0] else (0, 0)
             n, size = known[1] - sent[0], known[2] - sent[1]
         self._unsent = cursor, n, size
-        row = self.read(
-            "SELECT time_ns FROM log WHERE seq > ? AND spool = 1 ORDER BY seq LIMIT 1", (cursor,)
-        )
+        row = self.read("SELECT time_ns FROM log WHERE seq > ? ORDER BY seq LIMIT 1", (cursor,))
         return n, size, int(row[0][0]) if row else 0
 
     def spool_drop_oldest(self, cursor: int, max_bytes: int) -> int:
-        """Delete the oldest unsent entries of the spool until the rest fit in
-        ``max_bytes``; the log's other entries are not the spool's to drop."""
+        """Delete the oldest unsent entries until the rest fit in ``max_bytes``."""
         n, size, _oldest = self.spool_stats(cursor)
         if size <= max_bytes or not n:
             return 0
         over = max(1, int(n * (size - max_bytes) / size) + 1)
         rows = self.read(
-            "SELECT seq FROM log WHERE seq > ? AND spool = 1 ORDER BY seq LIMIT 1 OFFSET ?",
-            (cursor, over - 1),
+            "SELECT seq FROM log WHERE seq > ? ORDER BY seq LIMIT 1 OFFSET ?", (cursor, over - 1)
         )
         if not rows:
             return 0
-        return self._delete_log(cursor, rows[0][0], _SPOOL)
+        return self._delete_log(cursor, rows[0][0])
 
     # ---- dedupe ------------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -216,32 +215,6 @@ def test_a_full_spool_with_drop_oldest_keeps_the_newest(
     assert numbers == sorted(numbers)
     assert numbers[-1] == 2999  # the newest survived
     assert len(numbers) < 3000
-
-
-def test_unrelated_persistent_traffic_does_not_push_waiting_exports_out(
-    make_node: NodeFactory, short_tmp: Path
-) -> None:
-    """Found in review: the spool was the whole log after the uplink's cursor. While the
-    cloud was away, 3 MB of persistent events nobody exports filled its 1 MiB bound, and
-    drop-oldest deleted the ten exports waiting (with refuse, it refused new exports)."""
-    port = free_tcp_port()  # no cloud yet
-    config = uplink_config(port, spool_max_bytes='"1MiB"')
-    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
-    with connect(edge.ipc) as client:
-        for i in range(10):
-            client.publish("plant/alarm", str(i), persistent=True)
-        client.confirm(timeout=10)
-        with client.batch():
-            for _ in range(300):  # 3 MB on a topic the uplink does not export
-                client.publish("orders/new", b"o" * 10_000, persistent=True)
-        client.confirm(timeout=20)
-    time.sleep(1.5)  # the node checks the spool's bound every 0.5 s
-    status = uplink(edge)
-    assert status["node_spool"]["dropped"] == 0
-    assert wait_for(lambda: uplink(edge)["spool"]["entries"] == 10, timeout=5, what="10 waiting")
-    cloud = start_cloud(make_node, short_tmp / "cloud", port)
-    wait_uplink(edge, "up")
-    assert replay_all(cloud, "plant/>", 10) == [str(i) for i in range(10)]
 
 
 def test_an_uplink_to_a_secured_cloud_uses_client_credentials(

@@ -45,7 +45,7 @@ def test_a_full_round_says_more_may_wait(tmp_path: Path) -> None:
     for i in range(SPOOL_BATCH + 10):
         topic = "alerts/fire" if i % 100 == 0 else f"devices/{i}/telemetry"
         rec = port.raw_record(topic.encode(), b"x", b"", F_PERSISTENT)
-        rows.append((rec[-16:], topic, 1, rec, 1))
+        rows.append((rec[-16:], topic, 1, rec))
     store.log_append(rows)
     store.commit()
     broker = Broker()
@@ -72,7 +72,7 @@ def test_a_round_cut_by_a_disconnect_goes_again_instead_of_ending_the_bridge(
     bridge._open_spool()
     assert bridge.spool is not None
     rec = port.raw_record(b"alerts/fire", b"x", b"", F_PERSISTENT)
-    store.log_append([(rec[-16:], "alerts/fire", 1, rec, 1)])
+    store.log_append([(rec[-16:], "alerts/fire", 1, rec)])
     store.commit()
     # The real paho client, never connected: what it is once its socket has gone.
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)

@@ -185,7 +185,7 @@ def test_disk_full_refuses_persistent_events_and_recovers_without_restart(
 
 def test_a_corrupt_store_is_refused_at_start_with_a_clear_message(tmp_path: Path) -> None:
     store = open_store(tmp_path)
-    store.log_append([(b"i" * 16, "t", 1, b"r" * 5000, 0)] * 50)
+    store.log_append([(b"i" * 16, "t", 1, b"r" * 5000)] * 50)
     store.commit()
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     store.close()
@@ -817,7 +817,7 @@ def test_log_sequences_never_go_back_after_the_log_is_trimmed_empty(tmp_path: Pa
     from edge.logreader import LogReader
 
     store = open_store(tmp_path)
-    rows = [(bytes(16), "t", 1_000, b"rec", 1)] * 5
+    rows = [(bytes(16), "t", 1_000, b"rec")] * 5
     assert store.log_append(rows) == 5
     store.commit()
     cursor = tmp_path / "bridge.cursor"

@@ -19,24 +19,20 @@ from node.store import Store, StoreError, open_store
 BIG = 1 << 62
 
 
-def counted(store: Store, after: int = 0, spool: tuple[int, ...] = (0, 1)) -> tuple[int, int]:
-    """(entries, bytes) of the log after ``after`` (of the spool's, or all), by SQLite."""
+def counted(store: Store, after: int = 0) -> tuple[int, int]:
+    """(entries, bytes) of the log after ``after``, counted by SQLite."""
     n, size = store.db.execute(
-        "SELECT count(*), coalesce(sum(length(record)), 0) FROM log WHERE seq > ? "
-        f"AND spool IN ({','.join('?' * len(spool))})",
-        (after, *spool),
+        "SELECT count(*), coalesce(sum(length(record)), 0) FROM log WHERE seq > ?", (after,)
     ).fetchone()
     return n, size
 
 
-def rows(sizes: list[int], t_ns: int, spool: int = 1) -> list[tuple[bytes, str, int, bytes, int]]:
-    """Log rows; ``spool``: a reader will send them (1), or they are the log's own (0)."""
-    return [(bytes(16), "t", t_ns, b"r" * n, spool) for n in sizes]
+def rows(sizes: list[int], t_ns: int) -> list[tuple[bytes, str, int, bytes]]:
+    return [(bytes(16), "t", t_ns, b"r" * n) for n in sizes]
 
 
 _ops = st.one_of(
     st.tuples(st.just("append"), st.lists(st.integers(0, 300), min_size=1, max_size=8)),
-    st.tuples(st.just("plain"), st.lists(st.integers(0, 300), min_size=1, max_size=8)),
     st.tuples(st.just("trim_age"), st.integers(0, 40)),
     st.tuples(st.just("trim_size"), st.integers(0, 4000)),
     st.tuples(st.just("cursor"), st.integers(-5, 5)),
@@ -55,9 +51,9 @@ def test_kept_totals_match_a_count_after_any_changes(ops: list[tuple[str, Any]])
         clock, cursor, keep = 100, 0, False  # keep: trims hold back what is after the cursor
         try:
             for op, arg in ops:
-                if op in ("append", "plain"):
+                if op == "append":
                     clock += 1
-                    store.log_append(rows(arg, clock, spool=int(op == "append")))
+                    store.log_append(rows(arg, clock))
                 elif op == "trim_age":
                     store.log_trim(BIG, arg, clock, keep_after=cursor if keep else None)
                 elif op == "trim_size":
@@ -73,7 +69,7 @@ def test_kept_totals_match_a_count_after_any_changes(ops: list[tuple[str, Any]])
                 else:
                     store.rollback()
                 assert store.log_stats()[:2] == counted(store)
-                assert store.spool_stats(cursor)[:2] == counted(store, cursor, spool=(1,))
+                assert store.spool_stats(cursor)[:2] == counted(store, cursor)
         finally:
             store.close()
 
@@ -124,52 +120,3 @@ def test_the_replay_start_for_a_time_matches_a_scan(
         row = store.db.execute("SELECT min(seq) FROM log WHERE time_ns >= ?", (at,)).fetchone()
         assert store.log_seq_at(at) == (row[0] - 1 if row[0] is not None else store.log_head())
         store.close()
-
-
-def test_a_reader_behind_holds_back_only_what_it_will_send(tmp_path: Path) -> None:
-    """Found in review: the spool was the whole log after the slowest reader's cursor, so
-    unrelated persistent traffic while a broker was away filled the spool's bound, and
-    drop-oldest deleted the few exports that were waiting (and the unrelated events)."""
-    store = open_store(tmp_path)
-    store.log_append(rows([10] * 3, 1))  # exports, sent: the cursor is after them
-    store.log_append(rows([10] * 2, 2))  # exports waiting
-    store.log_append(rows([1000] * 5, 3, spool=0))  # unrelated, after the cursor
-    store.log_append(rows([10] * 2, 4))  # exports waiting
-    assert store.spool_stats(3)[:2] == (4, 40)
-    assert store.spool_drop_oldest(3, max_bytes=100) == 0  # 40 bytes: within the bound
-    assert store.spool_drop_oldest(3, max_bytes=25) == 2  # the oldest two exports go
-    assert counted(store, 3, spool=(1,)) == (2, 20)
-    assert counted(store, 3, spool=(0,)) == (5, 5000)  # the others are not the spool's
-    # The log's own bounds trim the others after the cursor, not the exports waiting.
-    assert store.log_trim(2500, 1 << 62, 10, keep_after=3) > 0
-    # Over the log's bound: the sent exports go first, then the oldest others after it.
-    assert counted(store) == (4, 2020)  # two of the others, and the two exports waiting
-    assert counted(store, 3, spool=(1,)) == (2, 20)
-    store.log_append(rows([1000] * 2, 5, spool=0))
-    assert store.log_trim(1 << 40, max_age_ns=3, now_ns=10, keep_after=3) > 0  # by age
-    assert counted(store, 3, spool=(0,)) == (0, 0)
-    assert counted(store, 3, spool=(1,)) == (2, 20)
-    store.close()
-
-
-def test_a_log_from_before_the_mark_counts_every_entry_as_the_spools(tmp_path: Path) -> None:
-    """A store written by an older node has no spool column: it is added, every old entry
-    counting as the spool's, as it did then."""
-    import sqlite3
-
-    db = sqlite3.connect(tmp_path / "store.db")
-    db.executescript(
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
-        "INSERT INTO meta VALUES ('schema', '1');"
-        "CREATE TABLE log (seq INTEGER PRIMARY KEY, id BLOB NOT NULL, topic TEXT NOT NULL,"
-        " time_ns INTEGER NOT NULL, record BLOB NOT NULL);"
-        "INSERT INTO log VALUES (1, x'00', 't', 1, x'0102030405');"
-    )
-    db.commit()
-    db.close()
-    store = open_store(tmp_path)
-    assert store.spool_stats(0)[:2] == (1, 5)
-    store.log_append(rows([7], 2, spool=0))
-    assert store.spool_stats(0)[:2] == (1, 5)
-    assert store.log_stats()[:2] == (2, 12)
-    store.close()
