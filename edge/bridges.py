@@ -51,7 +51,7 @@ REQUEST_MEMORY: Final = 60.0  # a NATS request is remembered this long for its r
 NATS_NO_RESPONDERS: Final = "503"  # the status NATS servers send; nats-py raises on it
 SPOOL_BATCH: Final = 500  # persistent exports read from the log per round
 SPOOL_WAIT: Final = 5.0  # how long the broker may take to acknowledge a round
-LOG_FIRST: Final = 10  # oversized exports logged one by one, then every 1000th
+LOG_FIRST: Final = 10  # oversized exports, errors: logged one by one, then every 1000th
 
 
 class Bridge:
@@ -433,9 +433,13 @@ class NatsBridge(Bridge):
                 try:
                     await self._pump(sock, nc)
                 except Exception as e:  # a bug of ours (or nats-py's) must not end the bridge
-                    self.counters["errors"] += 1
-                    log.error("bridge %s: %r (the bridge goes on)", self.cfg.name, e, exc_info=e)
-                    await asyncio.sleep(0.1)
+                    n = self.counters["errors"] = self.counters["errors"] + 1
+                    if n <= LOG_FIRST or n % 1000 == 0:
+                        log.error(
+                            "bridge %s: %r (total %d; the bridge goes on)", self.cfg.name, e, n,
+                            exc_info=e,
+                        )  # fmt: skip
+                    await asyncio.sleep(1.0)  # a lasting fault: once a second, not a spin
         finally:
             if nc is not None and not nc.is_closed:
                 with contextlib.suppress(Exception):

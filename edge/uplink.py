@@ -97,6 +97,7 @@ class Uplink(threading.Thread):
         self.cloud_id = ""
         self.sent = 0
         self.refused = 0  # persistent exports the cloud refused for good, skipped
+        self.refused_in = 0  # events from the cloud this node refused for good
         self.received = 0
         self.spool: dict[str, Any] = {"entries": 0, "bytes": 0, "oldest_age_s": None}
         self.cursor = 0
@@ -120,6 +121,7 @@ class Uplink(threading.Thread):
             "import": list(self.s.imports),
             "sent": self.sent,
             "refused": self.refused,
+            "refused_in": self.refused_in,
             "received": self.received,
             "cursor": self.cursor,
             "spool": dict(self.spool),
@@ -224,11 +226,23 @@ class Uplink(threading.Thread):
             for event in events:
                 if event.headers.get(HEADER) != self.s.node_id:  # not our own, come back
                     local.forward(self._record(event), persistent=True)
-        local.confirm(timeout=10.0)
+        refused: set[str] = set()
+        try:
+            local.confirm(timeout=10.0)
+        except RemoteError as e:
+            if e.code == "store":
+                raise  # this node could not store them now: the session goes again
+            # Refused here for good (over this node's payload limit, say): left unacked,
+            # the cloud's queue dead-letters them after its attempts, where an operator
+            # can see them; the rest of the batch goes on.
+            refused = set(e.ids)
+            self.refused_in += len(refused)
+            log.warning("uplink: this node refused %d events from the cloud: %s", len(refused), e)
         for event in events:
-            consumer.ack(event)
+            if event.id not in refused:
+                consumer.ack(event)
         cloud.confirm_acks(timeout=10.0)
-        self.received += len(events)
+        self.received += len(events) - len(refused)
         return len(events)
 
     def _live(self, local: Client) -> Any:

@@ -452,10 +452,12 @@ class Client:
             self._pump(min(deadline, self._last_pack + RETRY_AFTER))
         if self._persist_errors:
             errors, self._persist_errors = self._persist_errors, []
-            # A store error (a full disk: worth sending again) goes before refusals of
-            # single events (over the payload limit, denied, a bad topic: never stored).
-            first = next((e for e in errors if e.code == "store"), errors[0])
-            ids = tuple(i for e in errors if e.code == first.code for i in e.ids)
+            # Store errors (a full disk: worth sending again) go before refusals of single
+            # events (over the payload limit, denied, a bad topic: never stored); ``ids``
+            # names every event of the kind raised.
+            chosen = [e for e in errors if e.code == "store"] or errors
+            first = chosen[0]
+            ids = tuple(i for e in chosen for i in e.ids)
             more = len(ids) - len(first.ids)
             raise RemoteError(f"{first} (and {more} more)" if more else str(first), first.code, ids)
 
@@ -477,16 +479,18 @@ class Client:
     def _on_persisted(self, ids: list[object], error: dict[str, Any] | None) -> None:
         self._last_pack = time.monotonic()
         unacked = self._unacked
+        settled = []
         for i in ids:
             try:
-                unacked.pop(bytes.fromhex(str(i)), None)
+                if unacked.pop(bytes.fromhex(str(i)), None) is not None:
+                    settled.append(str(i))
             except ValueError:
                 continue
-        if error is not None:
+        # An error only about ids already settled is a late answer to a resend (the node
+        # refuses a resent event again): it must not fail a later confirm().
+        if error is not None and settled:
             self._persist_errors.append(
-                RemoteError(
-                    str(error.get("error")), str(error.get("code", "")), tuple(map(str, ids))
-                )
+                RemoteError(str(error.get("error")), str(error.get("code", "")), tuple(settled))
             )
 
     # ---- subscribing -------------------------------------------------------------------

@@ -254,7 +254,6 @@ qos = 1
     with connect(node.ipc) as client:
         for i in range(5):
             client.publish("alerts/fire", str(i), persistent=True)
-        client.publish("other/topic", "not for the bridge", persistent=True)
         client.confirm(timeout=5)
     wait_for(
         lambda: node.status()["bridges"][0]["spool"]["entries"] == 5, timeout=5, what="5 waiting"

@@ -166,6 +166,38 @@ def test_an_event_the_cloud_refuses_is_skipped_and_counted_not_resent_forever(
     assert "the cloud refused 1 events: payload of 2097152 bytes" in edge.log_text()
 
 
+def test_a_command_this_edge_refuses_does_not_stop_the_ones_after_it(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Found in review: the edge refusing one event from the cloud for good (over its
+    payload limit) failed the whole batch, which went round again until the cloud's queue
+    dead-lettered all of it. Now the rest is stored and acknowledged; the refused one stays
+    unacknowledged, for the cloud's dead letters."""
+    port = free_tcp_port()
+    cloud = make_node(
+        name="cloud",
+        data_dir=short_tmp / "cloud",
+        extra_args=["--port", str(port)],
+        config_text='[limits]\nmax_payload = "4MiB"\n',  # the edge keeps its 1 MiB
+    )
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=uplink_config(port))
+    wait_uplink(edge, "up")
+    with connect(edge.ipc) as watcher:
+        sub = watcher.subscribe("cmd/>", retained=False)
+        with connect(cloud.ipc) as client:
+            client.publish("cmd/plant/big", b"x" * (2 * 1024 * 1024), persistent=True)
+            for i in range(5):
+                client.publish("cmd/plant/go", str(i), persistent=True)
+            client.confirm(timeout=10)
+        got = [sub.next(timeout=15).data for _ in range(5)]
+    assert got == [str(i).encode() for i in range(5)]
+    status = wait_for(
+        lambda: (u := uplink(edge))["received"] == 5 and u, timeout=10, what="5 received"
+    )
+    assert status["state"] == "up"
+    assert status["refused_in"] >= 1  # once per attempt the cloud's queue makes
+
+
 def test_a_full_spool_with_overflow_refuse_refuses_persistent_events(
     make_node: NodeFactory, short_tmp: Path
 ) -> None:

@@ -1,0 +1,61 @@
+"""How the client library settles persistent events from the node's answers (PACK, and
+ERR naming ids): what ``confirm()`` raises, and what it must not.
+
+The node's frames are fed to a real Client (never connected) as its reader would."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshctl.client import Client
+from meshctl.errors import RemoteError
+from node.codec import Kind, encode_control
+
+X, Y, Z = "aa" * 16, "bb" * 16, "cc" * 16
+
+
+def err(ids: list[str], code: str) -> bytes:
+    body = {"ref": None, "error": f"{code} refusal", "code": code, "ids": ids}
+    return encode_control(Kind.ERR, body)
+
+
+def client(*pending: str) -> Client:
+    c = Client("tcp://127.0.0.1:1")
+    c._unacked = {bytes.fromhex(i): b"record" for i in pending}
+    return c
+
+
+def test_refusals_of_several_kinds_name_every_refused_id() -> None:
+    """Found in review: only the first kind's ids were named, so the uplink counted a
+    batch with one event over the payload limit and one denied as one refused, one sent."""
+    c = client(X, Y, Z)
+    c._dispatch(err([X], "payload"))
+    c._dispatch(err([Y], "permission"))
+    c._dispatch(encode_control(Kind.PACK, {"ids": [Z]}))
+    with pytest.raises(RemoteError, match=r"payload refusal \(and 1 more\)") as e:
+        c._wait_acks(0, 1.0)
+    assert (e.value.code, set(e.value.ids)) == ("payload", {X, Y})
+
+
+def test_a_store_error_goes_before_refusals() -> None:
+    """A full disk is worth sending again; the uplink must not skip those events."""
+    c = client(X, Y)
+    c._dispatch(err([X], "payload"))
+    c._dispatch(err([Y], "store"))
+    with pytest.raises(RemoteError) as e:
+        c._wait_acks(0, 1.0)
+    assert (e.value.code, e.value.ids) == ("store", (Y,))
+
+
+def test_a_late_refusal_of_a_resent_event_does_not_fail_the_next_confirm() -> None:
+    """Found in review: the client resends unacknowledged events after a while; one
+    refused is refused again, and that second answer came after confirm() had returned,
+    failing the next confirm() for a batch stored in full."""
+    c = client(X)
+    c._dispatch(err([X], "payload"))
+    with pytest.raises(RemoteError):
+        c._wait_acks(0, 1.0)
+    c._dispatch(err([X], "payload"))  # the resend's answer, late
+    c._unacked = {bytes.fromhex(Y): b"record"}  # the next batch
+    c._dispatch(encode_control(Kind.PACK, {"ids": [Y]}))
+    c._wait_acks(0, 1.0)  # all of it stored: nothing to raise
