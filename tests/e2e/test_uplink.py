@@ -139,6 +139,19 @@ def test_commands_from_the_cloud_wait_for_an_edge_that_is_away(
     assert uplink(edge)["sent"] == 0
 
 
+def big_then_five(sender: NodeProcess, receiver: NodeProcess, big: str, small: str) -> list[bytes]:
+    """Publish a 2 MiB persistent event on ``sender`` (over the other side's 1 MiB limit),
+    then five small ones; what a subscriber on ``receiver`` gets of them."""
+    with connect(receiver.ipc) as watcher:
+        sub = watcher.subscribe(small, retained=False)
+        with connect(sender.ipc) as client:
+            client.publish(big, b"x" * (2 * 1024 * 1024), persistent=True)
+            for i in range(5):
+                client.publish(small, str(i), persistent=True)
+            client.confirm(timeout=10)
+        return [sub.next(timeout=15).data for _ in range(5)]
+
+
 def test_an_event_the_cloud_refuses_is_skipped_and_counted_not_resent_forever(
     make_node: NodeFactory, short_tmp: Path
 ) -> None:
@@ -150,15 +163,7 @@ def test_an_event_the_cloud_refuses_is_skipped_and_counted_not_resent_forever(
     config = '[limits]\nmax_payload = "4MiB"\n' + uplink_config(port)  # the cloud's is 1 MiB
     edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
     wait_uplink(edge, "up")
-    with connect(cloud.ipc) as watcher:
-        sub = watcher.subscribe("plant/>", retained=False)
-        with connect(edge.ipc) as client:
-            client.publish("plant/big", b"x" * (2 * 1024 * 1024), persistent=True)
-            for i in range(5):
-                client.publish("plant/small", str(i), persistent=True)
-            client.confirm(timeout=10)
-        got = [sub.next(timeout=15).data for _ in range(5)]
-    assert got == [str(i).encode() for i in range(5)]
+    assert big_then_five(edge, cloud, "plant/big", "plant/small") == [b"0", b"1", b"2", b"3", b"4"]
     status = wait_for(
         lambda: (u := uplink(edge))["cursor"] >= 6 and u, timeout=10, what="the cursor past all"
     )
@@ -182,15 +187,13 @@ def test_a_command_this_edge_refuses_does_not_stop_the_ones_after_it(
     )
     edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=uplink_config(port))
     wait_uplink(edge, "up")
-    with connect(edge.ipc) as watcher:
-        sub = watcher.subscribe("cmd/>", retained=False)
-        with connect(cloud.ipc) as client:
-            client.publish("cmd/plant/big", b"x" * (2 * 1024 * 1024), persistent=True)
-            for i in range(5):
-                client.publish("cmd/plant/go", str(i), persistent=True)
-            client.confirm(timeout=10)
-        got = [sub.next(timeout=15).data for _ in range(5)]
-    assert got == [str(i).encode() for i in range(5)]
+    assert big_then_five(cloud, edge, "cmd/plant/big", "cmd/plant/go") == [
+        b"0",
+        b"1",
+        b"2",
+        b"3",
+        b"4",
+    ]
     status = wait_for(
         lambda: (u := uplink(edge))["received"] == 5 and u, timeout=10, what="5 received"
     )
