@@ -391,7 +391,19 @@ class NatsBridge(Bridge):
 
     def _run(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
-        asyncio.run(self._main())
+        asyncio.run(self._until_stopped())
+
+    async def _until_stopped(self) -> None:
+        """Run the bridge until ``stop()``, cancelling whatever it awaits then. It checked
+        only between rounds, and nats-py's connect to a server that is not there waits
+        as long as it likes: the bridge never ended, its socket stayed open, and the
+        node's shutdown waited for it for ever (found in review)."""
+        main = asyncio.create_task(self._main())
+        while not main.done() and not self._stop.is_set():
+            await asyncio.wait({main}, timeout=0.1)
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
 
     async def _ask(self, nc: Any, sock: zmq.Socket[bytes], subject: str, ev: Any) -> None:
         """A mesh request for a NATS responder: ask, and answer the mesh requester."""
@@ -443,7 +455,7 @@ class NatsBridge(Bridge):
         finally:
             if nc is not None and not nc.is_closed:
                 with contextlib.suppress(Exception):
-                    await nc.close()
+                    await asyncio.wait_for(nc.close(), 1.0)
             sock.close(linger=0)
             if self.spool is not None:
                 self.spool.close()

@@ -264,6 +264,22 @@ qos = 1
         time.sleep(0.15)
 
 
+@pytest.mark.parametrize("kind", ["nats", "mqtt"])
+def test_a_node_whose_broker_is_not_there_stops_at_once(make_node: NodeFactory, kind: str) -> None:
+    """Found in review: nats-py's connect to a server that is not there waited as long as
+    it liked, the bridge checked for stop only between rounds, and the node's shutdown
+    waited for its socket for ever (only kill -9 ended it)."""
+    port = lh.free_port()  # nothing listens there
+    node = make_node(
+        config_text=f'[mesh]\ndiscovery = false\n[[bridge]]\nkind = "{kind}"\n'
+        f'url = "{kind}://127.0.0.1:{port}"\nexport = ["a/>"]\n'
+    )
+    time.sleep(1.5)  # the bridge is in its connect, or its wait before the next
+    t = time.monotonic()
+    assert node.stop(timeout=5) == 0
+    assert time.monotonic() - t < 3
+
+
 def next_topic(sub: Any, topic: str, timeout: float) -> Any:
     """The next event on ``topic``, skipping others (an earlier up may still be queued)."""
     deadline = time.monotonic() + timeout
