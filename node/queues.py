@@ -31,6 +31,7 @@ DEFAULT_ACK_WAIT: Final = 30.0
 DEFAULT_MAX_DELIVER: Final = 5
 DEFAULT_MAX_INFLIGHT: Final = 256
 MAX_QUEUES: Final = 10_000  # per node (plus at most one dead-letter queue each)
+MAX_NAME: Final = 64
 _NAME: Final = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}")
 _COUNT: Final = struct.Struct("<H")
 _COUNT_AT: Final = 10  # the record header's reserved u16 carries the delivery count
@@ -157,9 +158,17 @@ class Queues:
         dead_letters_of: Queue | None = None,
     ) -> Queue:
         """Create a queue (or update its patterns and settings); ValueError on bad input."""
-        validate_queue_name(name)
+        validate_queue_name(name if dead_letters_of is None else dead_letters_of.name)
         if name.endswith(DEAD_SUFFIX) and patterns:
             raise ValueError(f"{name!r} is a dead-letter queue name; it takes no patterns")
+        if dead_letters_of is None and len(name + DEAD_SUFFIX) > MAX_NAME:
+            # Found in review: its dead letters' queue name was refused when the first
+            # message died, an internal error each time, and the message stayed stuck.
+            raise ValueError(
+                f"queue name {name!r} is {len(name)} characters: at most "
+                f"{MAX_NAME - len(DEAD_SUFFIX)}, so that its dead letters' '{name}{DEAD_SUFFIX}' "
+                f"fits in {MAX_NAME}"
+            )
         for p in patterns:
             validate_pattern(p)
         if not ack_wait > 0:

@@ -421,6 +421,8 @@ def test_queue_admin_errors_are_input_errors(tmp_path: Path) -> None:
         {"op": "info", "name": "missing"},
         {"op": "explode", "name": "q"},
         {"op": "add", "name": "q", "patterns": ["a"], "ack_wait": "soon"},
+        # Found in review: 60-64 characters were taken, but not its '.dead' queue's name.
+        {"op": "add", "name": "q" * 60, "patterns": ["a"]},
     ):
         send(r, A, Kind.QUEUE, {"ref": 2, **body})
         r.end_pass(0.0)
@@ -431,6 +433,21 @@ def test_queue_admin_errors_are_input_errors(tmp_path: Path) -> None:
     ((kind, reply),) = controls(take(r), A)
     assert kind is Kind.ERR
     assert "no queue named 'missing'" in reply["error"]
+
+
+def test_the_longest_queue_name_dead_letters_as_any(tmp_path: Path) -> None:
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    name = "q" * 59
+    queue_add(r, name, "long/x", ack_wait=1.0, max_deliver=1)
+    pub(r, A, rec("long/x", seq=1))
+    consume(r, A, 1, name)
+    r.end_pass(0.0)
+    assert len(deliveries(take(r), A)) == 1
+    r.tick(1.1)
+    r.end_pass(1.1)
+    assert (d.queues.by_name[name].depth, d.queues.by_name[name + ".dead"].depth) == (0, 1)
+    assert r.counters.internal_errors == 0
 
 
 def test_purge_and_remove(tmp_path: Path) -> None:
