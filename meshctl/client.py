@@ -690,7 +690,9 @@ class Client:
                 f"request on {topic} timed out after {timeout:g}s with "
                 f"{len(got)} of {replies or 'any'} replies"
             )
-        return got
+        # One read can bring more than were asked for (found in review: `req` printed two
+        # replies where it promises the first): the first ``replies``, as asked.
+        return got[:replies] if replies else got
 
     def reply(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -125,11 +126,11 @@ def _publish_count(
     mode: dict[str, bool],
 ) -> int:
     templated = "{{n}}" in data
-    payload = data.encode()
+    payload = os.fsencode(data)  # the argument's bytes as given, UTF-8 or not
     start = time.monotonic()
     for i in range(count):
         _pace(client, i, start, rate)
-        body = data.replace("{{n}}", str(i + 1)).encode() if templated else payload
+        body = os.fsencode(data.replace("{{n}}", str(i + 1))) if templated else payload
         client.publish(topic, body, headers, **mode)
     return count
 
@@ -307,7 +308,7 @@ def req(
     """Send a request and print the reply (or replies)."""
     validate_publish_topic(topic)
     headers = parse_headers(header)
-    payload = sys.stdin.buffer.read() if data == "-" else data.encode()
+    payload = sys.stdin.buffer.read() if data == "-" else os.fsencode(data)
     with connect(server, name="meshctl req", timeout=timeout) as client:
         try:
             got = client.request_many(
@@ -372,7 +373,7 @@ def reply(
                 if command is not None:
                     body, error = _run(command, request.data, command_timeout)
                 else:
-                    body, error = (request.data if echo else data.encode()), False
+                    body, error = (request.data if echo else os.fsencode(data)), False
                 client.reply(request, body, error=error)
                 client.send_pending()
                 answered += 1

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from helpers import Background, NodeProcess, publish, run_cli, wait_for
+
+from meshctl import connect
 
 pytestmark = pytest.mark.e2e
 
@@ -229,3 +232,13 @@ def test_tail_system_shows_mesh_events(node: NodeProcess, bg: Background) -> Non
     assert run_cli("status", server=node.ipc).returncode == 0  # a client connects
     assert proc.wait_exit() == 0, proc.describe()
     assert "$mesh/client/" in proc.lines[0]
+
+
+def test_a_payload_argument_that_is_not_utf8_goes_as_its_bytes(node: NodeProcess) -> None:
+    """Found in review: `pub t/x $'caf\\xe9'` ended in 'internal error: UnicodeEncodeError';
+    the shell hands over bytes, and the payload is opaque bytes."""
+    with connect(node.ipc) as client:
+        sub = client.subscribe("t/x")
+        done = run_cli("pub", "t/x", os.fsdecode(b"caf\xe9"), server=node.ipc)
+        assert done.returncode == 0, done.describe()
+        assert sub.next(timeout=5).data == b"caf\xe9"

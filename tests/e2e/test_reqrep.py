@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import Background, NodeProcess, run_cli
+from helpers import Background, NodeProcess, run_cli, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +59,17 @@ def test_req_replies_n(node: NodeProcess, bg: Background) -> None:
     assert result.returncode == 0, result.describe()
     assert sorted(result.out_lines) == ["a", "b"]
     assert result.elapsed < 5, "req --replies 2 must return as soon as both replies arrived"
+
+
+def test_req_prints_the_first_reply_only(node: NodeProcess, bg: Background) -> None:
+    """Found in review: replies that came in the same read were all printed."""
+    for answer in ("a", "b", "c"):
+        bg.start("reply", "svc/first", answer, "--group", answer, server=node.ipc)
+    wait_for(lambda: len(node.status()["subscriptions"]) >= 3, timeout=5, what="3 responders")
+    for _ in range(5):
+        result = run_cli("req", "svc/first", "x", server=node.ipc)
+        assert result.returncode == 0, result.describe()
+        assert len(result.out_lines) == 1, result.describe()
 
 
 def test_no_responders_fails_fast(node: NodeProcess) -> None:
