@@ -376,6 +376,20 @@ def _connect(body: bytes) -> Connect:
     level, flags = body[off], body[off + 1]
     keepalive = _U16.unpack_from(body, off + 2)[0]
     off += 4
+    try:
+        return _connect_payload(body, off, protocol, level, flags, keepalive)
+    except MqttProtocolError:
+        if level in (3, 4):
+            raise
+        # Another version's CONNECT (MQTT 5 puts properties here): the level is enough to
+        # answer CONNACK 0x01, as 3.1.1 asks. Parsed as 3.1.1 it failed, and the client was
+        # cut off with no answer (found in review).
+        return Connect("", True, keepalive, None, None, None, level, protocol)
+
+
+def _connect_payload(
+    body: bytes, off: int, protocol: bytes, level: int, flags: int, keepalive: int
+) -> Connect:
     if flags & 1:
         raise MqttProtocolError("CONNECT reserved flag set")
     client_id, off = _string(body, off)

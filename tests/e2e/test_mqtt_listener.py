@@ -216,6 +216,19 @@ def test_mosquitto_pub_reaches_meshctl_sub(mnode: NodeProcess, bg: Background) -
     assert got == {("sensors/t0", "hello 0"), ("sensors/t1", "hello 1")}
 
 
+def test_an_mqtt5_client_is_told_the_version_is_unacceptable(mnode: NodeProcess) -> None:
+    """Found in review: mosquitto_pub -V mqttv5 got its connection cut with no CONNACK
+    ('The connection was lost'), not the 3.1.1 answer for a level we do not speak."""
+    need_binary("mosquitto_pub")
+    done = subprocess.run(
+        ["mosquitto_pub", "-V", "mqttv5", "-h", "127.0.0.1", "-p", str(mqtt_port(mnode)),
+         "-t", "a/b", "-m", "x"],
+        capture_output=True, timeout=10, check=False, text=True,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "unsupported protocol version" in done.stderr.lower(), done.stderr  # CONNACK 0x01
+
+
 def _json_events(sub: Any, n: int) -> list[dict[str, Any]]:
     sub.wait_lines(n)
     return sub.json_lines()

@@ -141,6 +141,18 @@ def test_level_5_connect_decodes_so_the_listener_can_refuse_it() -> None:
     assert c.level == 5
 
 
+def test_a_real_mqtt5_connect_with_properties_decodes_to_its_level() -> None:
+    """Found in review: an MQTT 5 CONNECT carries properties after the keepalive, which
+    the 3.1.1 parse read as the client id: 'string field overruns the packet', and the
+    client was cut off with no CONNACK instead of getting 0x01."""
+    props = bytes((5, 0x11)) + (300).to_bytes(4, "big")  # session expiry interval
+    body = b"\x00\x04MQTT" + bytes((5, 0x02)) + (60).to_bytes(2, "big") + props
+    body += b"\x00\x03dev"
+    (c,) = decode_all(bytes((0x10, len(body))) + body)
+    assert isinstance(c, Connect)
+    assert (c.level, c.keepalive) == (5, 60)
+
+
 # ---- properties -----------------------------------------------------------------------------
 
 text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=20)
