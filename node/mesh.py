@@ -28,6 +28,7 @@ from node.mesh_states import Interest, StatesSide
 from node.routing import MeshRoute, MeshTable, NodeState
 
 PROTO: Final = 1
+REFUSALS_LOGGED: Final = 20  # link refusals logged one by one, then every 1000th
 MAX_HOPS_FORWARD: Final = 16  # a forwarded copy travels at most this many links
 CONVERGENCE_WINDOW: Final = 10.0  # seconds after a change during which copies may meet
 FORGET_AFTER: Final = 600.0  # an unreachable node's state is dropped after this long
@@ -187,8 +188,12 @@ class Mesh(StatesSide):
                 else:
                     why = "duplicate link: already linked to this node"
         if state is None or why:
-            self.counters["links_refused"] += 1
-            self.log(f"refused link from {address or via.hex()}: {why}")
+            n = self.counters["links_refused"] = self.counters["links_refused"] + 1
+            # Rate-limited, and the peer's words cut short: anyone who reaches the port can
+            # send LINK frames (found in review: 151 lines in a second, one of 70,100 chars).
+            if n <= REFUSALS_LOGGED or n % 1000 == 0:
+                shown = why if len(why) <= 200 else why[:200] + "..."
+                self.log(f"refused link from {address or via.hex()}: {shown} (total {n})")
             self.out.append((via, encode_control(Kind.LINK_REFUSE, {"reason": why})))
             return
         assert state is not None

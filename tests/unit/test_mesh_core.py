@@ -228,6 +228,17 @@ def test_link_request_refused(body: dict[str, Any], reason: str) -> None:
     assert n.events == []
 
 
+def test_link_refusals_are_logged_rate_limited_and_cut_short() -> None:
+    """Found in review: anyone reaching the port can send LINK frames; each refusal was
+    logged with the sender's words in full (151 lines in a second, one of 70,100 chars)."""
+    n = Node(S)
+    for i in range(2000):
+        n.mesh.on_link_request(b"dialer%d" % i, {"mesh": "x" * 70_000}, "", 0.0)
+    assert n.mesh.counters["links_refused"] == 2000
+    assert 20 <= len(n.logs) <= 22
+    assert max(len(line) for line in n.logs) < 400
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
