@@ -218,6 +218,7 @@ class Client:
         self._topic_names: dict[bytes, str] = {}
         self._unacked: dict[bytes, bytes] = {}  # persistent event id -> record, in order
         self._persist_errors: list[RemoteError] = []
+        self._refused_requests: dict[str, RemoteError] = {}  # request id -> why
         self._last_pack = time.monotonic()
         self._acks: dict[int, list[str]] = {}  # given, not yet sent
         self._acks_n = 0
@@ -671,6 +672,9 @@ class Client:
             self._send_buffer()
             deadline = time.monotonic() + timeout
             while replies == 0 or len(got) < replies:
+                refused = self._refused_requests.pop(req_id, None)
+                if refused is not None:  # denied, too large...: no reply will come
+                    raise refused
                 if req_id in self._no_responders:
                     self._no_responders.discard(req_id)
                     raise NoResponders(topic)
@@ -685,6 +689,7 @@ class Client:
         finally:
             self._replies.pop(token, None)
             self._no_responders.discard(req_id)
+            self._refused_requests.pop(req_id, None)
         if not got or len(got) < replies:
             raise Timeout(
                 f"request on {topic} timed out after {timeout:g}s with "
@@ -826,6 +831,10 @@ class Client:
                 self._resume()
             elif isinstance(body.get("ids"), list):
                 self._on_persisted(body["ids"], body)
+            elif isinstance(body.get("request"), str):  # a request the node refused
+                self._refused_requests[body["request"]] = RemoteError(
+                    str(body.get("error")), str(body.get("code", ""))
+                )
             else:
                 self._async_errors.append(
                     RemoteError(str(body.get("error")), str(body.get("code", "")))

@@ -66,6 +66,9 @@ ROUTE_CACHE_SIZE: Final = 65536
 SLOW_NOTICE_INTERVAL: Final = 1.0
 
 
+_ANSWERED: Final = F_PERSISTENT | F_REQUEST  # refusals of these name the event's id
+
+
 class Router(MeshSide, DurableSide):
     """Sessions, interest and delivery for one node."""
 
@@ -433,14 +436,15 @@ class Router(MeshSide, DurableSide):
                     self.counters.dropped["payload_too_large"] += 1
                     self._refuse(
                         ident,
-                        frame[t0 - 16 : t0] if flags & F_PERSISTENT else None,
+                        frame[t0 - 16 : t0] if flags & _ANSWERED else None,
+                        flags,
                         f"payload of {plen} bytes exceeds the limit of "
                         f"{max_payload} bytes; event dropped",
                         "payload",
                     )
                     continue
                 if acl is not None and self._acl_refuses(
-                    ident, acl, topic, frame[t0 - 16 : t0] if flags & F_PERSISTENT else None
+                    ident, acl, topic, frame[t0 - 16 : t0] if flags & _ANSWERED else None, flags
                 ):
                     continue
                 route = cache.get(topic)
@@ -453,7 +457,8 @@ class Router(MeshSide, DurableSide):
                         self.counters.dropped["bad_topic"] += 1
                         self._refuse(
                             ident,
-                            frame[t0 - 16 : t0] if flags & F_PERSISTENT else None,
+                            frame[t0 - 16 : t0] if flags & _ANSWERED else None,
+                            flags,
                             route.reason,  # type: ignore[union-attr]
                             "topic",
                         )
@@ -538,7 +543,12 @@ class Router(MeshSide, DurableSide):
             lp.append(run)
 
     def _acl_refuses(
-        self, ident: bytes, acl: Acl, topic_b: bytes, event_id: bytes | None = None
+        self,
+        ident: bytes,
+        acl: Acl,
+        topic_b: bytes,
+        event_id: bytes | None = None,
+        flags: int = 0,
     ) -> bool:
         """Check one publish against the client's permissions (cached per topic); a refusal
         is counted and answered with an error naming the topic and the rule."""
@@ -546,21 +556,24 @@ class Router(MeshSide, DurableSide):
         if why is None:
             return False
         self.counters.dropped["permission"] += 1
-        self._refuse(ident, event_id, f"permission denied: {why}; event dropped", "permission")
+        msg = f"permission denied: {why}; event dropped"
+        self._refuse(ident, event_id, flags, msg, "permission")
         return True
 
-    def _refuse(self, ident: bytes, event_id: bytes | None, error: str, code: str) -> None:
-        """Answer a dropped event. A persistent one's error names its id: the publisher
-        waits for an answer about each id (``confirm``), and without one it resent the
-        event forever (an edge's uplink stopped at it for good)."""
-        if event_id is None:
-            self._error(ident, None, error, code)
-        else:
-            self._send_control(
-                ident,
-                Kind.ERR,
-                {"ref": None, "error": error, "code": code, "ids": [event_id.hex()]},
-            )
+    def _refuse(
+        self, ident: bytes, event_id: bytes | None, flags: int, error: str, code: str
+    ) -> None:
+        """Answer a dropped event. A persistent one's error names its id (``ids``): the
+        publisher waits for an answer about each id (``confirm``), and without one it
+        resent the event forever (an edge's uplink stopped at it for good). A request's
+        names it too (``request``): its requester waited out its timeout instead."""
+        body: dict[str, Any] = {"ref": None, "error": error, "code": code}
+        if event_id is not None:
+            if flags & F_PERSISTENT:
+                body["ids"] = [event_id.hex()]
+            else:
+                body["request"] = event_id.hex()
+        self._send_control(ident, Kind.ERR, body)
 
     def _remote_route(self, topic_b: bytes) -> Route | _Refused:
         """Route of a topic that arrived from another node: its ``$mesh/...`` events are

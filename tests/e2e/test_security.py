@@ -234,6 +234,13 @@ def test_clients_need_credentials_and_obey_permissions(
         assert "pub_deny 'app/admin/>'" in err
         other = run_cli("pub", "other/x", "no", server=a.tcp, env=env)
         assert "pub_allow" in other.stderr
+        # Found in review: a denied persistent publish or request was reported as a
+        # timeout (5 s, 2 s): the error named nothing the client waited for.
+        for args in (("pub", "-p", "other/x", "no"), ("req", "other/svc", "no")):
+            late = run_cli(*args, server=a.tcp, env=env)
+            assert late.returncode == 1, late.describe()
+            assert "pub_allow" in late.stderr, late.describe()
+            assert late.elapsed < 1.5, late.describe()
         bad_sub = run_cli("sub", "app/>", "--count", "1", server=a.tcp, env=env, timeout=10)
         assert bad_sub.returncode == 1
         assert "sub_deny 'app/secret/*'" in bad_sub.stderr
@@ -245,7 +252,7 @@ def test_clients_need_credentials_and_obey_permissions(
     finally:
         sub.stop()
     status = a.status()
-    assert status["counters"]["dropped"]["permission"] == 3
+    assert status["counters"]["dropped"]["permission"] == 5
     # A credentials file of another mesh is refused with its reason.
     other_mesh = make_node(name="z", data_dir=tmp_path / "z", secure=True)
     foreign = tmp_path / "foreign.creds"
