@@ -827,8 +827,13 @@ class Client:
             if body["ref"] in self._awaiting:
                 self._control[body["ref"]] = (kind, body)
         elif kind == Kind.ERR:
-            if body.get("code") == "session" and self.node:
-                self._resume()
+            if body.get("code") == "session":
+                # Every frame sent between the node's restart and our new HELLO gets this
+                # answer; greet once (self.node is empty until the WELCOME). The later ones
+                # were raised as errors: 'pub -p' across a node restart failed, though every
+                # event was stored (found in review).
+                if self.node:
+                    self._resume()
             elif isinstance(body.get("ids"), list):
                 self._on_persisted(body["ids"], body)
             elif isinstance(body.get("request"), str):  # a request the node refused

@@ -209,6 +209,30 @@ def test_kill_9_during_a_persistent_stream_loses_nothing_acknowledged(
 
 
 @pytest.mark.slow
+def test_pub_persistent_across_a_node_crash_and_restart_succeeds(
+    make_node: NodeFactory, short_tmp: Path, bg: Background
+) -> None:
+    """Found in review: every event was stored once, but `pub -p` said 'error: no session:
+    say HELLO first' and exited 1. The frames it sent before its new HELLO were each
+    answered 'no session'; only the first was taken as 'greet again'."""
+    data_dir = short_tmp / "node"
+    node = make_node(data_dir=data_dir)
+    pub = bg.start(
+        "pub", "-p", "crash/x", "n={{n}}", "--count", "400", "--rate", "200",
+        "--timeout", "10s", server=node.ipc, ready=None,
+    )  # fmt: skip
+    time.sleep(0.7)
+    os.kill(node.pid, signal.SIGKILL)
+    node.proc.wait(5)
+    node = make_node(data_dir=data_dir)  # same data dir: same store, same ipc path
+    assert pub.wait_exit(30) == 0, pub.describe()
+    with connect(node.ipc) as client:
+        sub = client.subscribe("crash/x", since=3600, retained=False)
+        got = [sub.next(timeout=5).data for _ in range(400)]
+    assert sorted(got) == sorted(b"n=%d" % i for i in range(1, 401))  # each once
+
+
+@pytest.mark.slow
 def test_disk_full_refuses_persistent_publish_and_recovers(
     make_node: NodeFactory, tmp_path: Path
 ) -> None:

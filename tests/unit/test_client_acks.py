@@ -59,3 +59,19 @@ def test_a_late_refusal_of_a_resent_event_does_not_fail_the_next_confirm() -> No
     c._unacked = {bytes.fromhex(Y): b"record"}  # the next batch
     c._dispatch(encode_control(Kind.PACK, {"ids": [Y]}))
     c._wait_acks(0, 1.0)  # all of it stored: nothing to raise
+
+
+def test_the_node_forgetting_us_is_answered_by_one_hello_and_raises_nothing() -> None:
+    """Found in review: each frame sent between a node's restart and the client's new
+    HELLO is answered 'no session'; the first made the client greet again, the others were
+    raised as errors, so `pub -p` across a node restart failed though all was stored."""
+    c = Client("tcp://127.0.0.1:1")
+    sent: list[bytes] = []
+    c._sock = object()  # type: ignore[assignment]
+    c._send = sent.append  # type: ignore[method-assign]
+    c.node = {"node_id": "n"}
+    session = encode_control(Kind.ERR, {"error": "no session: say HELLO first", "code": "session"})
+    for _ in range(3):
+        c._dispatch(session)
+    assert sum(frame[1] == Kind.HELLO for frame in sent) == 1
+    assert not c._async_errors
