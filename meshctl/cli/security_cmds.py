@@ -18,6 +18,7 @@ import zmq
 from meshctl.cli.options import ConfigOpt, DataDirOpt, duration
 from meshctl.cli.output import note
 from meshctl.errors import OperationalError
+from meshctl.url import resolve_server
 from node import datadir, membership
 from node import security as sec
 from node.codec import MAX_REPLY_BYTES, Kind, decode_control, encode_control
@@ -101,9 +102,19 @@ def invite(
     """Print a join token for `meshctl up --join TOKEN` (short-lived, single-use), or with
     --client write a client credentials file with publish/subscribe permissions."""
     where = data_dir_of(config, data_dir)
+    # Found in review: --ttl 0 and --days -1 issued what could never be used, and an
+    # http:// URL went into the token, failing only at `up --join` with a ZeroMQ error.
+    if not ttl > 0:
+        raise InputError("--ttl must be positive, e.g. 10m")
+    if not days > 0:
+        raise InputError("--days must be positive")
     if client is not None:
         _client_creds(where, client, pub_allow, pub_deny, sub_allow, sub_deny, days, output)
         return
+    if url is not None:
+        url = resolve_server(url)
+        if not url.startswith("tcp://"):
+            raise InputError(f"--url {url!r}: joiners dial tcp://HOST:PORT")
     url = url or _local_url(where)
     token = sec.issue_token(where, url=url, ttl=ttl, uses=uses, now=time.time())
     note(
@@ -136,9 +147,12 @@ def _client_creds(
     if output is None or str(output) == "-":
         sys.stdout.write(text)
         return
-    fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise OperationalError(f"cannot write {output}: {e.strerror}") from None
     note(f"wrote client credentials {output} for {name!r} (use with MESHCTL_CREDS)")
 
 

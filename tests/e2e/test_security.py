@@ -437,3 +437,19 @@ def test_an_address_failing_proofs_with_fresh_keys_is_blocked_for_a_while(
         c.publish("app/x", b"1")
     shown = run_cli("status", server=a.ipc)
     assert "blocked 127.0.0.1: too many failed proofs" in shown.stdout, shown.describe()
+
+
+def test_invite_refuses_what_could_never_be_used(make_node: NodeFactory, tmp_path: Path) -> None:
+    """Found in review: --ttl 0 and --days -1 were issued, an http:// URL went into the
+    token (failing only at `up --join`), and an unwritable -o ended in an internal error."""
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    where = ("--data-dir", str(a.data_dir))
+    for args, code, words in (
+        (("--url", "http://x"), 2, "tcp://host:port"),
+        (("--ttl", "0"), 2, "--ttl must be positive"),
+        (("--client", "c", "--days", "-1"), 2, "--days must be positive"),
+        (("--client", "c", "-o", str(tmp_path / "no" / "such" / "x.creds")), 1, "cannot write"),
+    ):
+        done = run_cli("invite", *where, *args)
+        assert done.returncode == code, done.describe()
+        assert len(done.err_lines) == 1 and words in done.stderr, done.describe()
