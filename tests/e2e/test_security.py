@@ -452,4 +452,5 @@ def test_invite_refuses_what_could_never_be_used(make_node: NodeFactory, tmp_pat
     ):
         done = run_cli("invite", *where, *args)
         assert done.returncode == code, done.describe()
-        assert len(done.err_lines) == 1 and words in done.stderr, done.describe()
+        assert len(done.err_lines) == 1, done.describe()
+        assert words in done.stderr, done.describe()
