@@ -202,6 +202,17 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert str(path) in result.stderr
 
 
+def test_a_subscription_too_large_for_one_frame_says_so(node: NodeProcess) -> None:
+    """Found in review: 10,000 patterns in one `sub` waited out the timeout ('did not
+    answer SUB within 1s'): the node drops a control frame over 64 KiB as malformed."""
+    patterns = [f"p/{i}" for i in range(10_000)]
+    result = run_cli("sub", *patterns, "--count", "1", server=node.ipc)
+    assert result.returncode == 2, result.stderr
+    assert len(result.err_lines) == 1, result.stderr
+    assert "is over the 65536 a node takes (too many patterns" in result.stderr
+    assert result.elapsed < 5
+
+
 def test_status_of_a_node_with_thousands_of_patterns(node: NodeProcess) -> None:
     """Its answer outgrew the 64 KiB a client read from its node, and was dropped unread:
     above ~700 patterns `meshctl status` only said the node did not answer."""
