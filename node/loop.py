@@ -7,6 +7,7 @@ NOBLOCK so that a slow client can never stall the loop: a full queue is a counte
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -27,6 +28,7 @@ from node.codec import MAX_STATE_BYTES, Kind, encode_control
 from node.config import NodeConfig
 from node.dialers import HANDSHAKE_TIMEOUT, Dialers
 from node.durable import Durable, DurableConfig
+from node.errors import InputError
 from node.heap import keep_freed
 from node.loop_discovery import DiscoverySide
 from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide, events_of
@@ -158,6 +160,11 @@ class Node(SecureSide, DiscoverySide):
         try:
             s.bind(tcp)
         except zmq.ZMQError as e:
+            if e.errno == errno.ENODEV:  # not an address or interface of this host: input
+                raise InputError(
+                    f"cannot listen on {tcp}: {self.config.listen!r} is not an IPv4 address "
+                    "or a network interface of this host (listen.address, --listen)"
+                ) from None
             raise OSError(f"cannot listen on {tcp}: {e.strerror}") from None
         self.endpoints.append(s.getsockopt_string(zmq.LAST_ENDPOINT))
         self.router.net.endpoints = tuple(

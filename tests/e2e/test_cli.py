@@ -52,6 +52,20 @@ def test_bad_server_address_exits_2() -> None:
     assert "bogus://x" in result.stderr
 
 
+@pytest.mark.parametrize("address", ["nothost", "::1"])
+def test_a_listen_address_that_is_not_one_exits_2(tmp_path: Path, address: str) -> None:
+    """Found in review: 'cannot listen on tcp://nothost:0: No such device', exit 1."""
+    result = run_cli(
+        "up", "--data-dir", str(tmp_path / "n"), "--no-discovery", "--insecure",
+        "--listen", address, "--port", "0",
+    )  # fmt: skip
+    assert result.returncode == 2, result.describe()
+    assert result.err_lines[-1] == (
+        f"error: cannot listen on tcp://{address}:0: {address!r} is not an IPv4 address or a "
+        "network interface of this host (listen.address, --listen)"
+    ), result.describe()
+
+
 @pytest.mark.parametrize(
     "args",
     [
