@@ -84,6 +84,8 @@ def pub(
 ) -> None:
     """Publish events to a topic."""
     validate_publish_topic(topic)
+    if data == "-" and count != 1:  # it was ignored without a word (found in review)
+        raise typer.BadParameter("stdin ('-') publishes one event per line", param_hint="--count")
     headers = parse_headers(header)
     mode = {"persistent": persistent, "retain": retain}
     with connect(server, name="meshctl pub", timeout=timeout) as client:

@@ -77,6 +77,7 @@ def test_a_listen_address_that_is_not_one_exits_2(tmp_path: Path, address: str) 
         pytest.param(("pub",), id="missing-topic"),
         pytest.param(("pub", "x", "y", "--count", "0"), id="count-out-of-range"),
         pytest.param(("reply", "svc", "data", "--echo"), id="reply-data-and-echo"),
+        pytest.param(("pub", "x", "-", "--count", "3"), id="count-with-stdin"),
         pytest.param(("frobnicate",), id="unknown-command"),
     ],
 )
