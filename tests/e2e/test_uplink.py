@@ -273,3 +273,18 @@ def test_an_uplink_to_a_secured_cloud_uses_client_credentials(
             client.publish("plant/x", str(i))
         client.flush()
     assert replay_all(cloud, "plant/>", 100) == [str(i) for i in range(100)]
+
+
+def test_a_missing_uplink_credentials_file_stops_up_at_once(tmp_path: Path) -> None:
+    """Found in review: the node started and only logged 'uplink down: cannot use
+    credentials file', where a missing bridge TLS file stops `up` (exit 2)."""
+    from helpers import run_cli
+
+    config = tmp_path / "edge.toml"
+    config.write_text(uplink_config(free_tcp_port(), creds='"/nonexistent/edge.creds"'))
+    result = run_cli(
+        "up", "--data-dir", str(tmp_path / "n"), "--no-discovery", "--insecure",
+        "--listen", "127.0.0.1", "--port", "0", "--config", str(config),
+    )  # fmt: skip
+    assert result.returncode == 2, result.describe()
+    assert "uplink.creds: cannot use credentials file" in result.stderr
