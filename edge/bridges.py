@@ -453,12 +453,14 @@ class NatsBridge(Bridge):
                         )  # fmt: skip
                     await asyncio.sleep(1.0)  # a lasting fault: once a second, not a spin
         finally:
-            if nc is not None and not nc.is_closed:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(nc.close(), 1.0)
-            sock.close(linger=0)
-            if self.spool is not None:
-                self.spool.close()
+            try:
+                if nc is not None and not nc.is_closed:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(nc.close(), 1.0)
+            finally:  # even if stop() cancels that wait: an open socket holds the node
+                sock.close(linger=0)
+                if self.spool is not None:
+                    self.spool.close()
 
     async def _drain_spool_nats(self, nc: Any) -> bool:
         """Send the next persistent exports; move the cursor once the server has them all

@@ -220,6 +220,7 @@ class Client:
         self._unacked: dict[bytes, bytes] = {}  # persistent event id -> record, in order
         self._persist_errors: list[RemoteError] = []
         self._refused_requests: dict[str, RemoteError] = {}  # request id -> why
+        self._resumed_at = 0.0  # when we last greeted a node that had forgotten us
         self._last_pack = time.monotonic()
         self._acks: dict[int, list[str]] = {}  # given, not yet sent
         self._acks_n = 0
@@ -456,8 +457,9 @@ class Client:
             errors, self._persist_errors = self._persist_errors, []
             # Store errors (a full disk: worth sending again) go before refusals of single
             # events (over the payload limit, denied, a bad topic: never stored); ``ids``
-            # names every event of the kind raised.
+            # names every event of the kind raised. Refusals wait for the next confirm.
             chosen = [e for e in errors if e.code == "store"] or errors
+            self._persist_errors = [e for e in errors if e not in chosen]
             first = chosen[0]
             ids = tuple(i for e in chosen for i in e.ids)
             more = len(ids) - len(first.ids)
@@ -841,11 +843,15 @@ class Client:
                 # answer; greet once (self.node is empty until the WELCOME). The later ones
                 # were raised as errors: 'pub -p' across a node restart failed, though every
                 # event was stored (found in review).
-                if self.node:
+                # Greet again too if that HELLO got no WELCOME within our timeout (the node
+                # went away again before reading it): else no HELLO was ever sent again.
+                if self.node or time.monotonic() - self._resumed_at > self.timeout:
                     self._resume()
             elif isinstance(body.get("ids"), list):
                 self._on_persisted(body["ids"], body)
             elif isinstance(body.get("request"), str):  # a request the node refused
+                if len(self._refused_requests) > 1000:  # answers no request waited for
+                    self._refused_requests.clear()
                 self._refused_requests[body["request"]] = RemoteError(
                     str(body.get("error")), str(body.get("code", ""))
                 )
@@ -882,6 +888,7 @@ class Client:
         """The node restarted and forgot us: greet it again and restore subscriptions."""
         assert self._sock is not None
         self.node = {}
+        self._resumed_at = time.monotonic()
         self._send(self._hello_frame())
         for sub in self._subs.values():
             body = {k: v for k, v in sub.resume_body.items() if k not in ("since_s", "from_seq")}

@@ -303,7 +303,7 @@ class Durable:
             for topic, (rec, local) in p.retained.items():
                 self.store.retain(topic, rec, local)
             staged = Counter(q.name for queues in p.captured for q in queues)
-            for q in self.queues.busy:
+            for q in list(self.queues.busy):  # take() may wake a dead-letter queue
                 waiting = q.depth + staged[q.name] - len(q.inflight)
                 if q.redeliver or waiting > 0:
                     got = self.queues.take(q, now)

@@ -126,7 +126,7 @@ class Queues:
         self.trie: SubscriptionTrie[Queue] = SubscriptionTrie()
         # Dead letters moved in this pass's transaction: (queue, seq, its dead-letter
         # queue), counted once the pass commits, owed again if it fails.
-        self.dead_pending: list[tuple[Queue, int, Queue]] = []
+        self.dead_pending: list[list[Any]] = []  # [queue, seq, dlq, lower its depth]
         self._load()
 
     def _load(self) -> None:
@@ -161,7 +161,11 @@ class Queues:
         validate_queue_name(name if dead_letters_of is None else dead_letters_of.name)
         if name.endswith(DEAD_SUFFIX) and patterns:
             raise ValueError(f"{name!r} is a dead-letter queue name; it takes no patterns")
-        if dead_letters_of is None and len(name + DEAD_SUFFIX) > MAX_NAME:
+        if (
+            dead_letters_of is None
+            and name not in self.by_name  # an older store's queue may still be updated
+            and len(name + DEAD_SUFFIX) > MAX_NAME
+        ):
             # Found in review: its dead letters' queue name was refused when the first
             # message died, an internal error each time, and the message stayed stuck.
             raise ValueError(
@@ -204,7 +208,10 @@ class Queues:
 
     def purge(self, name: str) -> int:
         q = self.get(name)
-        gone = q.depth
+        moving = [d for d in self.dead_pending if d[0] is q and d[3]]
+        gone = q.depth - len(moving)  # those are on their way to the dead letters
+        for d in moving:
+            d[3] = False  # the depth is set to 0 here: the commit must not lower it again
         self.store.guard("DELETE FROM qmsgs WHERE queue = ?", (name,))
         q.depth, q.staged, q.cursor, q.redeliver = 0, 0, q.next_seq - 1, []
         q.inflight.clear()
@@ -221,7 +228,14 @@ class Queues:
     def dead_letter_queue(self, q: Queue, now_wall: float) -> Queue:
         name = q.name + DEAD_SUFFIX
         dlq = self.by_name.get(name)
-        if dlq is None:
+        if dlq is not None:
+            # Its row again, in this pass: one created in a pass that failed was rolled
+            # back, and its messages would have had no queue after a restart (review).
+            self.store.guard(
+                "INSERT OR IGNORE INTO queues VALUES (?, ?, ?, ?, ?)",
+                (name, "[]", dlq.ack_wait, dlq.max_deliver, dlq.created),
+            )
+        else:
             # Not counted against the limit: at most one per queue, and it must not fail.
             dlq = self.add(
                 name,
@@ -389,20 +403,21 @@ class Queues:
             heapq.heappush(q.redeliver, seq)
             self.wake(q)
             raise
-        self.dead_pending.append((q, seq, dlq))
+        self.dead_pending.append([q, seq, dlq, True])
 
     def committed_dead(self) -> None:
         """The pass committed: its dead letters left their queues."""
-        for q, _seq, dlq in self.dead_pending:
+        for q, _seq, dlq, lower in self.dead_pending:
             self.committed_capture([dlq])
-            q.depth -= 1
+            if lower:  # not if a purge in the same pass already set the depth
+                q.depth -= 1
             q.dead_lettered += 1
         self.dead_pending.clear()
 
     def undo_dead(self) -> None:
         """The pass failed: its dead letters are still in their queues, owed again (they
         had left the in-flight set, so no ack wait would have brought them back)."""
-        for q, seq, dlq in self.dead_pending:
+        for q, seq, dlq, _lower in self.dead_pending:
             self.uncaptured([dlq])
             heapq.heappush(q.redeliver, seq)
             self.wake(q)

@@ -25,6 +25,19 @@ def client(*pending: str) -> Client:
     return c
 
 
+SESSION = encode_control(Kind.ERR, {"error": "no session: say HELLO first", "code": "session"})
+
+
+def greeted() -> tuple[Client, list[bytes]]:
+    """A client that had its WELCOME, and the frames it sends from now on."""
+    c = Client("tcp://127.0.0.1:1")
+    sent: list[bytes] = []
+    c._sock = object()  # type: ignore[assignment]
+    c._send = sent.append  # type: ignore[method-assign]
+    c.node = {"node_id": "n"}
+    return c, sent
+
+
 def test_refusals_of_several_kinds_name_every_refused_id() -> None:
     """Found in review: only the first kind's ids were named, so the uplink counted a
     batch with one event over the payload limit and one denied as one refused, one sent."""
@@ -37,14 +50,18 @@ def test_refusals_of_several_kinds_name_every_refused_id() -> None:
     assert (e.value.code, set(e.value.ids)) == ("payload", {X, Y})
 
 
-def test_a_store_error_goes_before_refusals() -> None:
-    """A full disk is worth sending again; the uplink must not skip those events."""
+def test_a_store_error_goes_before_refusals_which_the_next_confirm_raises() -> None:
+    """A full disk is worth sending again; the uplink must not skip those events. The
+    refusal was cleared with it and never reported (found in the third review)."""
     c = client(X, Y)
     c._dispatch(err([X], "payload"))
     c._dispatch(err([Y], "store"))
     with pytest.raises(RemoteError) as e:
         c._wait_acks(0, 1.0)
     assert (e.value.code, e.value.ids) == ("store", (Y,))
+    with pytest.raises(RemoteError) as later:
+        c._wait_acks(0, 1.0)
+    assert (later.value.code, later.value.ids) == ("payload", (X,))
 
 
 def test_a_late_refusal_of_a_resent_event_does_not_fail_the_next_confirm() -> None:
@@ -65,13 +82,21 @@ def test_the_node_forgetting_us_is_answered_by_one_hello_and_raises_nothing() ->
     """Found in review: each frame sent between a node's restart and the client's new
     HELLO is answered 'no session'; the first made the client greet again, the others were
     raised as errors, so `pub -p` across a node restart failed though all was stored."""
-    c = Client("tcp://127.0.0.1:1")
-    sent: list[bytes] = []
-    c._sock = object()  # type: ignore[assignment]
-    c._send = sent.append  # type: ignore[method-assign]
-    c.node = {"node_id": "n"}
-    session = encode_control(Kind.ERR, {"error": "no session: say HELLO first", "code": "session"})
+    c, sent = greeted()
     for _ in range(3):
-        c._dispatch(session)
+        c._dispatch(SESSION)
     assert sum(frame[1] == Kind.HELLO for frame in sent) == 1
     assert not c._async_errors
+
+
+def test_a_greeting_that_got_no_welcome_is_sent_again() -> None:
+    """Found in the third review: once the client had greeted a restarted node, it ignored
+    every later 'no session'; if the node went away again before reading that HELLO, no
+    HELLO was ever sent again and every call timed out."""
+    c, sent = greeted()
+    c._dispatch(SESSION)
+    c._dispatch(SESSION)  # the same restart: no second HELLO
+    assert sum(frame[1] == Kind.HELLO for frame in sent) == 1
+    c._resumed_at -= c.timeout + 1  # no WELCOME within the timeout
+    c._dispatch(SESSION)
+    assert sum(frame[1] == Kind.HELLO for frame in sent) == 2

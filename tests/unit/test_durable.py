@@ -4,6 +4,7 @@ replay, and what happens when the disk is full or the store is corrupt."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from node.codec import F_PERSISTENT, F_RETAIN, HEAD_PUB, Kind, encode_control, encode_record
 from node.durable import Durable, DurableConfig
 from node.events import Event
+from node.queues import Queues
 from node.router import Router
 from node.store import StoreError, open_store
 from tests.unit.test_router import A, B, controls, deliveries, hello, make_router, take
@@ -256,19 +258,28 @@ def test_ack_removes_and_the_ack_wait_redelivers_then_dead_letters(tmp_path: Pat
     assert ev.headers == {"dead-queue": "jobs", "dead-deliveries": "2"}
 
 
+def last_attempt_out(
+    tmp_path: Path, consumer: bytes, *, ack_wait: float
+) -> tuple[Router, Durable, Any]:
+    """A queue 'jobs' with max_deliver 1 whose one message is out to ``consumer``."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    if consumer != A:
+        hello(r, consumer)
+    queue_add(r, "jobs", "jobs/>", ack_wait=ack_wait, max_deliver=1)
+    pub(r, A, rec("jobs/1", seq=1))
+    consume(r, consumer, 1, "jobs")
+    r.end_pass(0.0)
+    assert len(deliveries(take(r), consumer)) == 1
+    return r, d, d.queues.by_name["jobs"]
+
+
 def test_a_dead_letter_in_a_pass_that_fails_is_owed_again_not_lost(tmp_path: Path) -> None:
     """Found in review: a dead letter moved by the ack-wait timer changed the queues'
     counts before the pass committed. When the commit failed (a full disk), the message was
     still in its queue on disk, but neither in flight nor owed: stuck until a restart, and
     the dead-letter queue counted one it did not hold."""
-    r, d = durable_router(tmp_path)
-    hello(r, A)
-    queue_add(r, "jobs", "jobs/>", ack_wait=1.0, max_deliver=1)
-    pub(r, A, rec("jobs/1", seq=1))
-    consume(r, A, 1, "jobs")
-    r.end_pass(0.0)
-    assert len(deliveries(take(r), A)) == 1
-    q = d.queues.by_name["jobs"]
+    r, d, q = last_attempt_out(tmp_path, A, ack_wait=1.0)
     r.tick(1.1)  # its only attempt timed out: to the dead letters, in this pass
     with pytest.raises(StoreError):
         d.store.guard("INSERT INTO nowhere VALUES (1)")  # a write of the pass fails
@@ -1025,3 +1036,96 @@ def test_a_redelivery_whose_read_fails_stays_owed(tmp_path: Path) -> None:
     r.end_pass(1.6)
     ((_sid, again),) = deliveries(take(r), A)
     assert again.id == ev.id
+
+
+def test_a_purge_in_the_pass_of_a_dead_letter_keeps_the_depth_right(tmp_path: Path) -> None:
+    """Found in the third review: the dead letter lowered the depth after the commit, below
+    the purge's 0, and the next message was never offered."""
+    r, _d, q = last_attempt_out(tmp_path, B, ack_wait=30.0)
+    # One pass: the consumer leaves (its last attempt: a dead letter), then a purge.
+    send(r, B, Kind.UNSUB, {"ref": 2, "sid": 1})
+    send(r, A, Kind.QUEUE, {"ref": 3, "op": "purge", "name": "jobs"})
+    r.end_pass(0.1)
+    take(r)
+    assert q.depth == 0, q.depth
+    # Consequence: the next message is never offered to a consumer.
+    consume(r, B, 2, "jobs")
+    r.end_pass(0.2)
+    take(r)
+    pub(r, A, rec("jobs/2", seq=2))
+    r.end_pass(0.3)
+    out = take(r)
+    r.end_pass(0.4)
+    out += take(r)
+    assert len(deliveries(out, B)) == 1
+
+
+def test_a_dead_letter_queue_created_in_a_failed_pass_survives_a_restart(tmp_path: Path) -> None:
+    """Found in the third review: its row was rolled back with the pass, and what went
+    into it later had no queue after a restart."""
+    clock = Clock()
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs/>", ack_wait=1.0, max_deliver=1)
+    pub(r, A, rec("jobs/1", seq=1))
+    consume(r, A, 1, "jobs")
+    r.end_pass(0.0)
+    assert len(deliveries(take(r), A)) == 1
+    r.tick(1.1)  # creates jobs.dead in this pass
+    with pytest.raises(StoreError):
+        d.store.guard("INSERT INTO nowhere VALUES (1)")
+    r.end_pass(1.1)
+    r.tick(1.2)
+    r.end_pass(1.2)
+    assert d.queues.by_name["jobs.dead"].depth == 1
+    d.close()
+    _r2, d2 = durable_router(tmp_path, clock)
+    assert "jobs.dead" in d2.queues.by_name
+    assert d2.queues.by_name["jobs.dead"].depth == 1
+
+
+def test_a_spent_message_moved_by_take_wakes_its_dead_letters_safely(tmp_path: Path) -> None:
+    """Found in the third review: take() runs inside end_pass's walk of the busy queues;
+    its dead letter woke the dead-letter queue, changing the dict being walked."""
+    clock = Clock()
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs/>", ack_wait=30.0, max_deliver=1)
+    queue_add(r, "jobs.dead")
+    pub(r, A, rec("jobs/1", seq=1))
+    r.end_pass(0.0)
+    take(r)
+    d.store.db.execute("UPDATE qmsgs SET deliveries = 1")  # its last attempt, cut by a crash
+    d.close()
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    hello(r, B)
+    consume(r, B, 7, "jobs.dead")
+    r.tick(0.1)
+    r.end_pass(0.1)  # jobs.dead is idle: out of busy
+    take(r)
+    assert d.queues.by_name["jobs.dead"] not in d.queues.busy
+    consume(r, A, 1, "jobs")
+    r.tick(0.2)
+    r.end_pass(0.2)
+    out = take(r)
+    r.tick(0.3)
+    r.end_pass(0.3)
+    out += take(r)
+    assert r.counters.internal_errors == 0
+    assert len(deliveries(out, B)) == 1
+
+
+def test_a_long_queue_name_from_an_older_store_can_still_be_updated(tmp_path: Path) -> None:
+    """Found in the third review: the 59-character rule refused updates to an existing
+    queue of 60-64 characters (created before the rule)."""
+    store = open_store(tmp_path)
+    name = "q" * 64  # accepted before c120c68
+    store.db.execute(
+        "INSERT INTO queues VALUES (?, ?, ?, ?, ?)", (name, json.dumps(["a/>"]), 30.0, 5, 1.0)
+    )
+    qs = Queues(store)
+    assert name in qs.by_name
+    qs.add(name, ["a/>", "b/>"], ack_wait=30.0, max_deliver=5, now_wall=2.0)
+    assert qs.by_name[name].patterns == ("a/>", "b/>")
+    store.close()
