@@ -113,6 +113,16 @@ def dead_record(record: bytes, queue: str, deliveries: int) -> bytes:
         return with_count(record, 0)
 
 
+@dataclass(slots=True)
+class _DeadLetter:
+    """A message moved to its dead letters in the pass's transaction."""
+
+    q: Queue
+    seq: int
+    dlq: Queue
+    lower: bool = True  # lower q's depth at the commit (not if a purge already set it)
+
+
 class Queues:
     """Every durable queue of a node; the Durable core drives it once per pass."""
 
@@ -124,9 +134,9 @@ class Queues:
         # holds one per edge node it uplinks). A superset: the pass drops the idle ones.
         self.busy: dict[Queue, None] = {}
         self.trie: SubscriptionTrie[Queue] = SubscriptionTrie()
-        # Dead letters moved in this pass's transaction: (queue, seq, its dead-letter
-        # queue), counted once the pass commits, owed again if it fails.
-        self.dead_pending: list[list[Any]] = []  # [queue, seq, dlq, lower its depth]
+        # Dead letters moved in this pass's transaction: counted once the pass commits,
+        # owed again if it fails.
+        self.dead_pending: list[_DeadLetter] = []
         self._load()
 
     def _load(self) -> None:
@@ -208,10 +218,10 @@ class Queues:
 
     def purge(self, name: str) -> int:
         q = self.get(name)
-        moving = [d for d in self.dead_pending if d[0] is q and d[3]]
+        moving = [d for d in self.dead_pending if d.q is q and d.lower]
         gone = q.depth - len(moving)  # those are on their way to the dead letters
         for d in moving:
-            d[3] = False  # the depth is set to 0 here: the commit must not lower it again
+            d.lower = False  # the depth is set to 0 here: the commit must not lower it again
         self.store.guard("DELETE FROM qmsgs WHERE queue = ?", (name,))
         q.depth, q.staged, q.cursor, q.redeliver = 0, 0, q.next_seq - 1, []
         q.inflight.clear()
@@ -403,24 +413,24 @@ class Queues:
             heapq.heappush(q.redeliver, seq)
             self.wake(q)
             raise
-        self.dead_pending.append([q, seq, dlq, True])
+        self.dead_pending.append(_DeadLetter(q, seq, dlq))
 
     def committed_dead(self) -> None:
         """The pass committed: its dead letters left their queues."""
-        for q, _seq, dlq, lower in self.dead_pending:
-            self.committed_capture([dlq])
-            if lower:  # not if a purge in the same pass already set the depth
-                q.depth -= 1
-            q.dead_lettered += 1
+        for d in self.dead_pending:
+            self.committed_capture([d.dlq])
+            if d.lower:  # not if a purge in the same pass already set the depth
+                d.q.depth -= 1
+            d.q.dead_lettered += 1
         self.dead_pending.clear()
 
     def undo_dead(self) -> None:
         """The pass failed: its dead letters are still in their queues, owed again (they
         had left the in-flight set, so no ack wait would have brought them back)."""
-        for q, seq, dlq, _lower in self.dead_pending:
-            self.uncaptured([dlq])
-            heapq.heappush(q.redeliver, seq)
-            self.wake(q)
+        for d in self.dead_pending:
+            self.uncaptured([d.dlq])
+            heapq.heappush(d.q.redeliver, d.seq)
+            self.wake(d.q)
         self.dead_pending.clear()
 
     def take(self, q: Queue, now: float) -> list[tuple[Consumer, bytes, int]]:

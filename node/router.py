@@ -66,9 +66,6 @@ ROUTE_CACHE_SIZE: Final = 65536
 SLOW_NOTICE_INTERVAL: Final = 1.0
 
 
-_ANSWERED: Final = F_PERSISTENT | F_REQUEST  # refusals of these name the event's id
-
-
 class Router(MeshSide, DurableSide):
     """Sessions, interest and delivery for one node."""
 
@@ -436,16 +433,14 @@ class Router(MeshSide, DurableSide):
                     self.counters.dropped["payload_too_large"] += 1
                     self._refuse(
                         ident,
-                        frame[t0 - 16 : t0] if flags & _ANSWERED else None,
+                        frame[t0 - 16 : t0],
                         flags,
                         f"payload of {plen} bytes exceeds the limit of "
                         f"{max_payload} bytes; event dropped",
                         "payload",
                     )
                     continue
-                if acl is not None and self._acl_refuses(
-                    ident, acl, topic, frame[t0 - 16 : t0] if flags & _ANSWERED else None, flags
-                ):
+                if acl is not None and self._acl_refuses(ident, acl, topic, frame, t0, flags):
                     continue
                 route = cache.get(topic)
                 if route is None:
@@ -457,7 +452,7 @@ class Router(MeshSide, DurableSide):
                         self.counters.dropped["bad_topic"] += 1
                         self._refuse(
                             ident,
-                            frame[t0 - 16 : t0] if flags & _ANSWERED else None,
+                            frame[t0 - 16 : t0],
                             flags,
                             route.reason,  # type: ignore[union-attr]
                             "topic",
@@ -543,36 +538,29 @@ class Router(MeshSide, DurableSide):
             lp.append(run)
 
     def _acl_refuses(
-        self,
-        ident: bytes,
-        acl: Acl,
-        topic_b: bytes,
-        event_id: bytes | None = None,
-        flags: int = 0,
+        self, ident: bytes, acl: Acl, topic_b: bytes, frame: bytes, t0: int, flags: int
     ) -> bool:
         """Check one publish against the client's permissions (cached per topic); a refusal
-        is counted and answered with an error naming the topic and the rule."""
+        is counted and answered with an error naming the topic and the rule. ``frame``,
+        ``t0`` and ``flags``: the record, for the refusal only (this runs per record)."""
         why = publish_verdict(acl, self._acl_seen.setdefault(ident, {}), topic_b)
         if why is None:
             return False
         self.counters.dropped["permission"] += 1
         msg = f"permission denied: {why}; event dropped"
-        self._refuse(ident, event_id, flags, msg, "permission")
+        self._refuse(ident, frame[t0 - 16 : t0], flags, msg, "permission")
         return True
 
-    def _refuse(
-        self, ident: bytes, event_id: bytes | None, flags: int, error: str, code: str
-    ) -> None:
+    def _refuse(self, ident: bytes, event_id: bytes, flags: int, error: str, code: str) -> None:
         """Answer a dropped event. A persistent one's error names its id (``ids``): the
         publisher waits for an answer about each id (``confirm``), and without one it
         resent the event forever (an edge's uplink stopped at it for good). A request's
         names it too (``request``): its requester waited out its timeout instead."""
         body: dict[str, Any] = {"ref": None, "error": error, "code": code}
-        if event_id is not None:
-            if flags & F_PERSISTENT:
-                body["ids"] = [event_id.hex()]
-            else:
-                body["request"] = event_id.hex()
+        if flags & F_PERSISTENT:
+            body["ids"] = [event_id.hex()]
+        elif flags & F_REQUEST:
+            body["request"] = event_id.hex()
         self._send_control(ident, Kind.ERR, body)
 
     def _remote_route(self, topic_b: bytes) -> Route | _Refused:
