@@ -32,19 +32,18 @@ class LogReader:
             cursor = self.head() if start_at_head else 0
             write_cursor(cursor_path, cursor)
         self.cursor = cursor
-        self.gaps = 0  # entries lost to the spool bound before they could be sent
 
     def head(self) -> int:
         return int(self.db.execute("SELECT coalesce(max(seq), 0) FROM log").fetchone()[0])
 
     def after(self, limit: int) -> list[tuple[int, str, bytes]]:
-        """Up to ``limit`` entries after the cursor, in order: (seq, topic, record)."""
+        """Up to ``limit`` entries after the cursor, in order: (seq, topic, record). The
+        log has holes where it was trimmed around what some reader carries; what the spool
+        bound dropped is counted by the node (``store.spool.readers`` in its status)."""
         rows = self.db.execute(
             "SELECT seq, topic, record FROM log WHERE seq > ? ORDER BY seq LIMIT ?",
             (self.cursor, limit),
         ).fetchall()
-        if rows and self.cursor and rows[0][0] > self.cursor + 1:
-            self.gaps += rows[0][0] - self.cursor - 1  # counted as entries, sent or not
         return [(seq, topic, bytes(record)) for seq, topic, record in rows]
 
     def advance(self, seq: int) -> None:
@@ -61,7 +60,7 @@ class LogReader:
             (self.cursor,),
         ).fetchone()
         age = None if not oldest else round((time.time_ns() - oldest) / 1e9, 3)
-        return {"entries": n, "bytes": size, "oldest_age_s": age, "gaps": self.gaps}
+        return {"entries": n, "bytes": size, "oldest_age_s": age}
 
     def close(self) -> None:
         self.db.close()

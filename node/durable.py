@@ -14,7 +14,6 @@ from bisect import bisect_left, insort
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Final, Protocol
 
 from node.codec import (
@@ -26,9 +25,9 @@ from node.codec import (
     with_flags,
     with_headers,
 )
-from node.datadir import read_cursor
 from node.errors import CodecError
 from node.queues import DEFAULT_MAX_INFLIGHT, Consumer, Queue, Queues
+from node.spool import Spool, SpoolReader
 from node.store import Store, StoreError
 from node.topics import SubscriptionTrie, literal_prefix, matches
 
@@ -57,45 +56,9 @@ class DurableConfig:
     log_max_age: float = 7 * 24 * 3600.0
     dedupe_window: float = DEDUPE_WINDOW
     retained_max_bytes: int = 64 * 1024 * 1024
-    spool_patterns: tuple[str, ...] = ()  # an uplink's exports: the log keeps all such events
-    persist_patterns: tuple[str, ...] = ()  # bridges' exports: the log keeps persistent ones
-    spool_cursors: tuple[Path, ...] = ()  # where the uplink and bridges record what they sent
+    spool_readers: tuple[SpoolReader, ...] = ()  # the uplink and exporting bridges
     spool_max_bytes: int = 256 * 1024 * 1024
     spool_overflow: str = "drop-oldest"
-
-
-class Spool:
-    """The unsent part of the log, as the readers' cursor files say, and its bound.
-
-    The uplink and the bridges (edge/logreader.py) read the log and record in their cursor
-    files how far the far side has acknowledged; the node only reads those files. So the
-    spool costs nothing extra: it is the log after the slowest reader, with trimming held
-    back for it.
-    """
-
-    def __init__(self, config: DurableConfig) -> None:
-        self.paths = config.spool_cursors
-        self.max_bytes = config.spool_max_bytes
-        self.refuse = config.spool_overflow == "refuse"
-        self.trie: SubscriptionTrie[bool] = SubscriptionTrie()
-        for p in (*config.spool_patterns, *config.persist_patterns):
-            self.trie.add(p, True)
-        self.full = False
-        self.dropped = 0
-        self.refused = 0
-
-    def cursor(self) -> int:
-        """The slowest reader's position (a reader that has not started yet holds none)."""
-        seqs = [seq for seq in map(read_cursor, self.paths) if seq is not None]
-        return min(seqs, default=1 << 62)
-
-    def check(self, store: Store) -> None:
-        """Enforce the bound: drop the oldest unsent, or refuse new ones until it drains."""
-        cursor = self.cursor()
-        if self.refuse:
-            self.full = store.spool_stats(cursor)[1] > self.max_bytes
-        else:
-            self.dropped += store.spool_drop_oldest(cursor, self.max_bytes)
 
 
 @dataclass
@@ -146,13 +109,19 @@ class Durable:
         self.config = config
         self.wall_ns = wall_ns
         self.queues = Queues(store)
+        readers = config.spool_readers
         self.log_trie: SubscriptionTrie[bool] = SubscriptionTrie()
-        for p in (*config.log_patterns, *config.spool_patterns):
+        for p in config.log_patterns:
             self.log_trie.add(p, True)
         self.persist_trie: SubscriptionTrie[bool] = SubscriptionTrie()
-        for p in config.persist_patterns:
-            self.persist_trie.add(p, True)
-        self.spool = Spool(config) if config.spool_cursors else None
+        for r in readers:  # the uplink carries every export, a bridge persistent ones
+            for p in r.patterns:
+                (self.persist_trie if r.persistent_only else self.log_trie).add(p, True)
+        self.spool = (
+            Spool(readers, config.spool_max_bytes, config.spool_overflow == "refuse")
+            if readers
+            else None
+        )
         self._next_spool_check = 0.0
         held = store.retained_all()
         self.retained: dict[str, bytes] = {t: r for t, r, _local in held}
@@ -298,8 +267,7 @@ class Durable:
         p, self.p = self.p, _Pass()
         taken: list[tuple[Queue, list[tuple[Consumer, bytes, int]]]] = []
         try:
-            if p.log:
-                self.store.log_append(p.log)
+            last = self.store.log_append(p.log)
             for topic, (rec, local) in p.retained.items():
                 self.store.retain(topic, rec, local)
             staged = Counter(q.name for queues in p.captured for q in queues)
@@ -316,6 +284,9 @@ class Durable:
             return
         self.persisted += len(p.dedupe)
         self.logged += len(p.log)
+        if self.spool is not None:
+            self.spool.committed()
+            self.spool.appended(last - len(p.log) + 1, p.log)
         for queues in p.captured:
             self.queues.committed_capture(queues)
         self.queues.committed_dead()
@@ -363,6 +334,8 @@ class Durable:
         self.errors += 1
         self._staged_retained = 0
         self.last_error = error
+        if self.spool is not None:
+            self.spool.failed()
         for raw in p.dedupe:
             self.seen.pop(raw, None)
         for q, got in taken:
@@ -402,15 +375,16 @@ class Durable:
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_EVERY
                 self._prune_seen(now_ns - int(self.config.dedupe_window * 1e9))
-                self.store.log_trim(
-                    self.config.log_max_bytes,
-                    int(self.config.log_max_age * 1e9),
-                    now_ns,
-                    keep_after=None if self.spool is None else self.spool.cursor(),
-                )
+                bounds = self.config.log_max_bytes, int(self.config.log_max_age * 1e9), now_ns
+                if self.spool is None:
+                    self.store.log_trim(*bounds)
+                else:
+                    self.spool.trim_log(self.store, *bounds)
         except StoreError as e:
             self.errors += 1
             self.last_error = str(e)
+            if self.spool is not None:
+                self.spool.failed()  # its deletes were rolled back with the pass
 
     def _prune_seen(self, cutoff_ns: int) -> None:
         """Forget ids older than the window (the log keeps them for a restart), and never
@@ -549,14 +523,7 @@ class Durable:
             "retained_bytes": self.retained_bytes,
             "retained_refused": self.retained_refused,
             "queues": len(self.queues.by_name),
-            "spool": None
-            if self.spool is None
-            else {
-                "full": self.spool.full,
-                "dropped": self.spool.dropped,
-                "refused": self.spool.refused,
-                "max_bytes": self.spool.max_bytes,
-            },
+            "spool": None if self.spool is None else self.spool.status(),
         }
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide, even
 from node.residents import Resident, Residents
 from node.router import Router
 from node.security import REVOKED_SELF, Security, join_links
+from node.spool import SpoolReader
 from node.store import open_store
 
 log = logging.getLogger("meshctl.node")
@@ -517,16 +518,7 @@ def _open_durable(config: NodeConfig, data_dir: Path) -> Durable | None:
             log_patterns=config.log_patterns,
             log_max_bytes=config.log_max_bytes,
             log_max_age=config.log_max_age,
-            spool_patterns=config.uplink_export if config.uplink_url else (),
-            persist_patterns=tuple(p for b in config.bridges for p in b.exports),
-            spool_cursors=(
-                *([datadir.uplink_cursor_path(data_dir)] if config.uplink_url else []),
-                *(
-                    datadir.bridge_cursor_path(data_dir, b.name)
-                    for b in config.bridges
-                    if b.exports
-                ),
-            ),
+            spool_readers=_spool_readers(config, data_dir),
             spool_max_bytes=config.spool_max_bytes,
             spool_overflow=config.spool_overflow,
         ),
@@ -534,12 +526,21 @@ def _open_durable(config: NodeConfig, data_dir: Path) -> Durable | None:
     )
 
 
-def _spool_cursors(config: NodeConfig, data_dir: Path) -> tuple[Path, ...]:
-    """The cursor files of the uplink and of each exporting bridge: the log after the
-    slowest of them is the spool."""
-    paths = [datadir.uplink_cursor_path(data_dir)] if config.uplink_url else []
-    paths += [datadir.bridge_cursor_path(data_dir, b.name) for b in config.bridges if b.exports]
-    return tuple(paths)
+def _spool_readers(config: NodeConfig, data_dir: Path) -> tuple[SpoolReader, ...]:
+    """The uplink and each exporting bridge: what each reads from the log, from where."""
+    readers = []
+    if config.uplink_url:
+        path = datadir.uplink_cursor_path(data_dir)
+        readers.append(
+            SpoolReader(
+                "uplink", path, config.uplink_export, persistent_only=False, from_start=True
+            )
+        )
+    for b in config.bridges:
+        if b.exports:
+            path = datadir.bridge_cursor_path(data_dir, b.name)
+            readers.append(SpoolReader(f"bridge {b.name}", path, b.exports, persistent_only=True))
+    return tuple(readers)
 
 
 class Plugin(Protocol):

@@ -63,7 +63,6 @@ class Store:
         self.commits = 0
         self._head: int | None = None  # the log's highest sequence ever (None: ask SQLite)
         self._totals: tuple[int, int] | None = None  # the log's (entries, bytes); None: count
-        self._unsent: tuple[int, int, int] | None = None  # (cursor, entries, bytes) after it
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._check()
@@ -142,7 +141,7 @@ class Store:
         self._in_tx = False
         self._failed = ""
         self._head = None  # the pass's appends are gone
-        self._totals = self._unsent = None  # and so are its changes to them: count again
+        self._totals = None  # and so are its changes to them: count again
 
     def guard(self, sql: str, args: Iterable[object] = ()) -> sqlite3.Cursor:
         """One write inside the pass's transaction; StoreError on failure, after which
@@ -213,10 +212,6 @@ class Store:
         if self._totals is not None:
             n, size = self._totals
             self._totals = n + len(rows), size + sum(len(r[3]) for r in rows)
-        if self._unsent is not None:
-            cursor, n, size = self._unsent
-            after = rows[max(0, cursor - head) :]  # the rows past that cursor
-            self._unsent = cursor, n + len(after), size + sum(len(r[3]) for r in after)
         return self._head
 
     def log_after(self, seq: int, limit: int) -> list[tuple[int, str, bytes]]:
@@ -276,75 +271,97 @@ class Store:
         )[0]
         return int(n), int(size)
 
-    def _delete_log(self, after: int, upto: int) -> int:
+    def _delete_log(self, after: int, upto: int) -> tuple[int, int]:
         """Delete the entries with ``after < seq <= upto``, keeping the totals; their
-        counting walks the same rows as the delete, so it costs what the delete does."""
+        counting walks the same rows as the delete, so it costs what the delete does.
+        (entries, bytes) deleted."""
         n, size = self._range_totals(after, upto)
         if not n:
-            return 0
-        unsent = self._unsent
-        if unsent is not None and upto > unsent[0]:  # some of them were unsent
-            cursor = unsent[0]
-            dn, dsize = (n, size) if after >= cursor else self._range_totals(cursor, upto)
-            unsent = cursor, unsent[1] - dn, unsent[2] - dsize
+            return 0, 0
         self._keep_head()
-        gone = self.guard("DELETE FROM log WHERE seq > ? AND seq <= ?", (after, upto)).rowcount
+        self.guard("DELETE FROM log WHERE seq > ? AND seq <= ?", (after, upto))
         if self._totals is not None:
             self._totals = self._totals[0] - n, self._totals[1] - size
-        self._unsent = unsent
-        return int(gone)
+        return n, size
 
-    def log_trim(
-        self, max_bytes: int, max_age_ns: int, now_ns: int, keep_after: int | None = None
-    ) -> int:
+    def log_trim(self, max_bytes: int, max_age_ns: int, now_ns: int) -> int:
         """Drop the oldest entries beyond the size or age bound; returns how many went.
 
         Entries go from the oldest end, by sequence: the log is in time order but for a
         clock that stepped back, and an old entry behind a newer one waits for it (as a
-        segment of Kafka's log does). So the trim walks only what it deletes.
-
-        ``keep_after``: entries after this sequence are not the log's to trim (an uplink
-        has not sent them yet; the spool bound governs them)."""
-        upto = (1 << 62) if keep_after is None else keep_after
-        young = self.read(
-            "SELECT seq FROM log WHERE seq <= ? AND time_ns >= ? ORDER BY seq LIMIT 1",
-            (upto, now_ns - max_age_ns),
-        )
-        gone = self._delete_log(-1, young[0][0] - 1 if young else upto)
+        segment of Kafka's log does). So the trim walks only what it deletes. (With an
+        uplink or bridges, node/spool.py trims around what they have not sent.)"""
+        gone = self._delete_log(-1, self.log_before_time(now_ns - max_age_ns))[0]
         n, size, first, _t = self.log_stats()
         if size > max_bytes and n:
             # Cut roughly the share over the bound, oldest first; the next trim refines.
             over = max(1, int(n * (size - max_bytes) / size))
-            gone += self._delete_log(-1, min(first + over, upto + 1) - 1)
+            gone += self._delete_log(-1, first + over - 1)[0]
         return gone
 
-    def spool_stats(self, cursor: int) -> tuple[int, int, int]:
-        """(entries, bytes, oldest time_ns) of the log after ``cursor``: what an uplink has
-        not sent yet. Kept as the log and the cursor move (the node asks every 0.5 s, and
-        counting a large spool takes as long as counting the log); "oldest" is the first
-        entry's time."""
-        known = self._unsent
-        if known is None or cursor < known[0]:
-            n, size = self._range_totals(cursor, 1 << 62)
-        else:
-            sent = self._range_totals(known[0], cursor) if cursor > known[0] else (0, 0)
-            n, size = known[1] - sent[0], known[2] - sent[1]
-        self._unsent = cursor, n, size
-        row = self.read("SELECT time_ns FROM log WHERE seq > ? ORDER BY seq LIMIT 1", (cursor,))
-        return n, size, int(row[0][0]) if row else 0
+    def log_before_time(self, time_ns: int) -> int:
+        """The sequence before the first entry at or after ``time_ns`` (the head if none
+        is): the old end of the log, found from the oldest entry."""
+        young = self.read("SELECT seq FROM log WHERE time_ns >= ? ORDER BY seq LIMIT 1", (time_ns,))
+        return int(young[0][0]) - 1 if young else self.log_head()
 
-    def spool_drop_oldest(self, cursor: int, max_bytes: int) -> int:
-        """Delete the oldest unsent entries until the rest fit in ``max_bytes``."""
-        n, size, _oldest = self.spool_stats(cursor)
-        if size <= max_bytes or not n:
-            return 0
-        over = max(1, int(n * (size - max_bytes) / size) + 1)
-        rows = self.read(
-            "SELECT seq FROM log WHERE seq > ? ORDER BY seq LIMIT 1 OFFSET ?", (cursor, over - 1)
+    def log_seq_after(self, after: int, count: int) -> int:
+        """The sequence of the ``count``-th entry after ``after`` (the head if fewer)."""
+        row = self.read(
+            "SELECT seq FROM log WHERE seq > ? ORDER BY seq LIMIT 1 OFFSET ?", (after, count - 1)
         )
-        if not rows:
+        return int(row[0][0]) if row else self.log_head()
+
+    def log_scan(self, after: int) -> Iterator[tuple[int, str, int, int]]:
+        """(seq, topic, bytes, flags) of each entry after ``after``, in order, without
+        reading the records: the spool's index is built from it."""
+        try:
+            for seq, topic, size, flags in self.db.execute(
+                "SELECT seq, topic, length(record), substr(record, 9, 1) FROM log "
+                "WHERE seq > ? ORDER BY seq",
+                (after,),
+            ):
+                yield int(seq), topic, int(size), flags[0] if flags else 0
+        except sqlite3.Error as e:
+            raise StoreError(_explain(e)) from None
+
+    def log_delete_seqs(self, seqs: list[int], size: int) -> int:
+        """Delete the entries ``seqs``, whose records the caller knows to total ``size``
+        bytes (the spool's index does), by key; returns how many went."""
+        if not seqs:
             return 0
-        return self._delete_log(cursor, rows[0][0])
+        self._keep_head()
+        before = self.db.total_changes
+        self.guard_many("DELETE FROM log WHERE seq = ?", ((s,) for s in seqs))
+        gone = self.db.total_changes - before
+        if self._totals is not None:
+            n, total = self._totals
+            self._totals = (n - gone, total - size) if gone == len(seqs) else None
+        return gone
+
+    def log_delete_except(self, after: int, upto: int, keep: list[int]) -> tuple[int, int]:
+        """Delete the entries with ``after < seq <= upto`` but those in ``keep``: one
+        statement, however many holes the kept entries leave; (entries, bytes) deleted."""
+        if not keep:
+            return self._delete_log(after, upto)
+        self.guard("CREATE TEMP TABLE IF NOT EXISTS kept (seq INTEGER PRIMARY KEY)")
+        self.guard("DELETE FROM kept")
+        self.guard_many("INSERT INTO kept VALUES (?)", ((s,) for s in keep))
+        n, size = self.read(
+            "SELECT count(*), coalesce(sum(length(record)), 0) FROM log "
+            "WHERE seq > ? AND seq <= ? AND seq NOT IN (SELECT seq FROM kept)",
+            (after, upto),
+        )[0]
+        if not n:
+            return 0, 0
+        self._keep_head()
+        self.guard(
+            "DELETE FROM log WHERE seq > ? AND seq <= ? AND seq NOT IN (SELECT seq FROM kept)",
+            (after, upto),
+        )
+        if self._totals is not None:
+            self._totals = self._totals[0] - int(n), self._totals[1] - int(size)
+        return int(n), int(size)
 
     # ---- dedupe ------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Background, NodeFactory, NodeProcess, free_tcp_port, wait_for
+from helpers import Background, NodeFactory, NodeProcess, free_tcp_port, run_cli, wait_for
 
 from meshctl import connect
 from meshctl.errors import RemoteError, Timeout
@@ -252,12 +252,51 @@ def test_a_full_spool_with_drop_oldest_keeps_the_newest(
     assert len(numbers) < 3000
 
 
+def test_unrelated_persistent_traffic_does_not_push_out_waiting_exports(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Found in review: with the cloud away, 3 MB of persistent events on topics nobody
+    exports, under a 1 MiB spool bound, dropped the 10 exports that waited. The spool is
+    what the uplink carries; the rest of the log keeps to the log's own bound."""
+    port = free_tcp_port()
+    config = uplink_config(port, spool_max_bytes='"1MiB"')
+    config += '[store]\nlog_max_bytes = "1MiB"\n'
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    payload = b"x" * 1000
+    with connect(edge.ipc) as client:
+        for i in range(10):
+            client.publish("plant/a", f"export {i}".encode(), persistent=True)
+        with client.batch():
+            for _ in range(3000):
+                client.publish("other/a", payload, persistent=True)
+        client.confirm(timeout=20)
+    spool = wait_for(
+        lambda: (s := uplink(edge)["node_spool"])["readers"]["uplink"]["entries"] == 10 and s,
+        timeout=10,
+        what="the spool to count the 10 exports",
+    )
+    assert (spool["entries"], spool["dropped"]) == (10, 0)
+    shown = run_cli("status", server=edge.ipc)
+    assert "spool 10 events" in " ".join(shown.stdout.split()), shown.stdout
+    wait_for(  # the log's trim runs every 5 s
+        lambda: edge.status()["store"]["log"]["bytes"] < 1.2 * 1024 * 1024,
+        timeout=15,
+        what="the log's trim",
+    )
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    wait_uplink(edge, "up")
+    with connect(cloud.ipc) as client:
+        sub = client.subscribe("plant/>", since=3600, retained=False)
+        got = [sub.next(timeout=10).data.decode() for _ in range(10)]
+    assert got == [f"export {i}" for i in range(10)]
+    assert uplink(edge)["node_spool"]["dropped"] == 0
+
+
 def test_an_uplink_to_a_secured_cloud_uses_client_credentials(
     make_node: NodeFactory, short_tmp: Path
 ) -> None:
     """The cloud node is secured (CurveZMQ, membership); the edge's uplink presents the
     client credentials the cloud issued, and the events arrive encrypted and accepted."""
-    from helpers import run_cli
 
     cloud = make_node(name="cloud", data_dir=short_tmp / "cloud", secure=True)
     creds = short_tmp / "edge.creds"
@@ -278,7 +317,6 @@ def test_an_uplink_to_a_secured_cloud_uses_client_credentials(
 def test_a_missing_uplink_credentials_file_stops_up_at_once(tmp_path: Path) -> None:
     """Found in review: the node started and only logged 'uplink down: cannot use
     credentials file', where a missing bridge TLS file stops `up` (exit 2)."""
-    from helpers import run_cli
 
     config = tmp_path / "edge.toml"
     config.write_text(uplink_config(free_tcp_port(), creds='"/nonexistent/edge.creds"'))

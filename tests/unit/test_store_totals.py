@@ -1,7 +1,8 @@
 """The log's kept totals (node/store.py): the node never counts the whole log on a timer.
 
 Every check compares the store's answers with SQLite counting the rows itself, after any
-mix of appends, trims, spool drops, a moving cursor, commits and rollbacks.
+mix of appends, trims, the spool's deletes (by key, and of a range around kept entries),
+commits and rollbacks.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from node.store import Store, StoreError, open_store
 BIG = 1 << 62
 
 
-def counted(store: Store, after: int = 0) -> tuple[int, int]:
-    """(entries, bytes) of the log after ``after``, counted by SQLite."""
+def counted(store: Store) -> tuple[int, int]:
+    """(entries, bytes) of the log, counted by SQLite."""
     n, size = store.db.execute(
-        "SELECT count(*), coalesce(sum(length(record)), 0) FROM log WHERE seq > ?", (after,)
+        "SELECT count(*), coalesce(sum(length(record)), 0) FROM log"
     ).fetchone()
     return n, size
 
@@ -48,28 +49,31 @@ _ops = st.one_of(
 def test_kept_totals_match_a_count_after_any_changes(ops: list[tuple[str, Any]]) -> None:
     with tempfile.TemporaryDirectory() as d:
         store = open_store(Path(d))
-        clock, cursor, keep = 100, 0, False  # keep: trims hold back what is after the cursor
+        clock = 100
         try:
             for op, arg in ops:
                 if op == "append":
                     clock += 1
                     store.log_append(rows(arg, clock))
                 elif op == "trim_age":
-                    store.log_trim(BIG, arg, clock, keep_after=cursor if keep else None)
+                    store.log_trim(BIG, arg, clock)
                 elif op == "trim_size":
-                    store.log_trim(arg, BIG, clock, keep_after=cursor if keep else None)
-                elif op == "cursor":
-                    cursor, keep = max(0, min(store.log_head(), cursor + arg)), True
-                elif op == "no_reader":
-                    cursor = BIG
-                elif op == "drop":
-                    store.spool_drop_oldest(cursor, arg)
+                    store.log_trim(arg, BIG, clock)
+                elif op == "delete_seqs":  # the spool knows their sizes: its index holds them
+                    there = {
+                        s: n
+                        for s, n in store.db.execute("SELECT seq, length(record) FROM log")
+                        if s in arg
+                    }
+                    store.log_delete_seqs(sorted(there), sum(there.values()))
+                elif op == "delete_except":
+                    after, upto, *keep = arg
+                    store.log_delete_except(after, upto, keep)
                 elif op == "commit":
                     store.commit()
                 else:
                     store.rollback()
                 assert store.log_stats()[:2] == counted(store)
-                assert store.spool_stats(cursor)[:2] == counted(store, cursor)
         finally:
             store.close()
 
@@ -93,12 +97,11 @@ def test_the_totals_survive_a_failed_pass(tmp_path: Path) -> None:
     store = open_store(tmp_path)
     store.log_append(rows([7, 7], 1))
     store.commit()
-    assert store.spool_stats(0)[:2] == (2, 14)
+    assert store.log_stats()[:2] == (2, 14)
     store.log_append(rows([100], 2))
     with pytest.raises(StoreError):
         store.guard("INSERT INTO nowhere VALUES (1)")  # a failed write rolls the pass back
     assert store.log_stats()[:2] == (2, 14) == counted(store)
-    assert store.spool_stats(0)[:2] == (2, 14)
     store.close()
 
 

@@ -21,7 +21,7 @@ class SlowCount:
     def stats(self) -> dict[str, object]:
         self.counts += 1
         time.sleep(self.cost)
-        return {"entries": 1, "bytes": 1, "oldest_age_s": None, "gaps": 0}
+        return {"entries": 1, "bytes": 1, "oldest_age_s": None}
 
 
 def test_a_costly_count_of_the_spool_is_made_less_often(tmp_path: Path) -> None:

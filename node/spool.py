@@ -1,0 +1,378 @@
+"""The spool: what the uplink and the bridges still have to send from the node's log.
+
+The uplink and each exporting bridge read the log from a cursor (edge/logreader.py) that
+they move once their far side has the events. What one of them still has to send is the
+entries after its cursor that it carries: every export for the uplink, the persistent
+exports for a bridge. Those entries are *live*, and only they are the spool's: its bound
+counts their bytes, drop-oldest deletes the oldest of them, and the log's own bounds (size
+and age) trim every entry but them. Before, the spool was the whole log after the
+slowest cursor: persistent traffic on topics nobody exports, while the cloud was away,
+counted toward the bound and pushed out the exports that waited (found in review).
+
+The node keeps an index of the entries some reader carries, (seq, bytes, which readers),
+appended as passes commit and built from the log at start. Each operation walks only
+what it changes: a cursor's move what it passed, drop-oldest what it deletes, the trim
+the live entries it keeps. A walk of the whole spool with topic matching would stall
+the node's thread for about a second at 256 MiB.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from node.codec import F_PERSISTENT
+from node.datadir import read_cursor
+from node.store import Store
+from node.topics import SubscriptionTrie
+
+TOPIC_CACHE: Final = 4096  # topics whose readers are remembered
+TRIM_WALK: Final = 100_000  # live entries one trim steps over at most
+TRIM_ROUNDS: Final = 16  # estimates of what to cut, per trim
+CALM_AFTER_FAILURE: Final = 5.0  # seconds before a rolled-back spool counts again
+COMPACT_AT: Final = 4096  # index entries no longer live before the index is shortened
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolReader:
+    """One reader of the log whose unsent entries the node keeps."""
+
+    name: str  # as the status shows it: "uplink", "bridge NAME"
+    cursor_path: Path
+    patterns: tuple[str, ...]
+    persistent_only: bool  # a bridge sends persistent exports from the log; the uplink all
+    from_start: bool = False  # with no cursor file yet, it will read the log from its start
+
+
+@dataclass(slots=True)
+class _Reader:
+    spec: SpoolReader
+    bit: int
+    cursor: int | None = None  # None: not started yet (no cursor file), waits for nothing
+    entries: int = 0  # live entries it carries
+    bytes: int = 0
+    dropped: int = 0  # deleted by drop-oldest before it sent them
+    uncommitted: int = 0  # of those, by deletes the next commit makes (or a failure undoes)
+
+
+class Spool:
+    """The live entries of the log, their bound, and the log's trim around them."""
+
+    def __init__(self, readers: tuple[SpoolReader, ...], max_bytes: int, refuse: bool) -> None:
+        self.readers = [_Reader(spec, 1 << i) for i, spec in enumerate(readers)]
+        self._tries: list[SubscriptionTrie[bool]] = []
+        self.trie: SubscriptionTrie[bool] = SubscriptionTrie()  # every reader's patterns
+        for spec in readers:
+            trie: SubscriptionTrie[bool] = SubscriptionTrie()
+            for p in spec.patterns:
+                trie.add(p, True)
+                self.trie.add(p, True)
+            self._tries.append(trie)
+        self.max_bytes = max_bytes
+        self.refuse = refuse
+        self.full = False
+        self.dropped = 0
+        self.refused = 0
+        self._uncommitted = 0  # as _Reader.uncommitted, for the total
+        self._dirty = False  # this pass deletes from the log: a rollback undoes the index
+        self._calm_until = 0.0  # after a rollback of its deletes, the spool waits this long
+        self._by_topic: dict[str, tuple[int, int]] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the index: the next ``check`` builds it from the log."""
+        self.stale = True
+        self.seqs = array("q")
+        self.sizes = array("q")
+        self.masks: list[int] = []  # the readers that carry the entry; 0 once it is deleted
+        self.hint = 0  # no entry before this index is live
+        self.covered = 0  # the index holds every entry after this seq that a reader carries
+        self.trimmed = 0  # every entry up to this seq that is not live was deleted, but...
+        self.dead: list[tuple[int, int]] = []  # ...these (seq, bytes), which died since
+        self.live_n = 0
+        self.live_bytes = 0
+        for r in self.readers:
+            r.entries = r.bytes = 0
+
+    # ---- what the log gains -------------------------------------------------------------
+
+    def _mask(self, topic: str, flags: int) -> int:
+        """The readers that carry an entry on ``topic`` with ``flags``."""
+        got = self._by_topic.get(topic)
+        if got is None:
+            if len(self._by_topic) >= TOPIC_CACHE:
+                self._by_topic.clear()
+            every = persistent = 0
+            for r, trie in zip(self.readers, self._tries, strict=True):
+                if trie.match(topic):
+                    if r.spec.persistent_only:
+                        persistent |= r.bit
+                    else:
+                        every |= r.bit
+            got = self._by_topic[topic] = (every, persistent)
+        return got[0] | (got[1] if flags & F_PERSISTENT else 0)
+
+    def _add(self, seq: int, mask: int, size: int) -> None:
+        self.seqs.append(seq)
+        self.sizes.append(size)
+        self.masks.append(mask)
+        live = False
+        for r in self.readers:
+            if mask & r.bit and r.cursor is not None and seq > r.cursor:
+                r.entries += 1
+                r.bytes += size
+                live = True
+        if live:
+            self.live_n += 1
+            self.live_bytes += size
+
+    def appended(self, first: int, rows: list[tuple[bytes, str, int, bytes]]) -> None:
+        """A pass committed ``rows`` (id, topic, time, record) at sequences from ``first``."""
+        if self.stale:
+            return  # the next check reads them from the log
+        for seq, (_id, topic, _t, record) in enumerate(rows, first):
+            mask = self._mask(topic, record[8])
+            if mask:
+                self._add(seq, mask, len(record))
+
+    # ---- the readers move, the bound holds --------------------------------------------------
+
+    def check(self, store: Store) -> None:
+        """Read the cursors, then enforce the bound: drop the oldest live entries, or
+        (overflow = refuse) refuse new ones until the readers catch up."""
+        if not self._sync(store):
+            return
+        if self.refuse:
+            self.full = self.live_bytes > self.max_bytes
+        elif self.live_bytes > self.max_bytes:
+            self._drop_oldest(store)
+
+    def _sync(self, store: Store) -> bool:
+        """Follow the readers' cursors; False while a failed pass's pause lasts."""
+        if self.stale and time.monotonic() < self._calm_until:
+            return False
+        cursors = [_cursor(r.spec) for r in self.readers]
+        if self.stale:
+            self._rebuild(store, cursors)
+            return True
+        for r, new in zip(self.readers, cursors, strict=True):
+            if new == r.cursor:
+                continue
+            if r.cursor is None and new is not None and new >= max(self.covered, self.trimmed):
+                self._start(r, new)  # a bridge's first start, at the log's end
+            elif r.cursor is None or new is None or new < r.cursor:
+                self._rebuild(store, cursors)  # it may want history the index lacks
+                return True
+            else:
+                self._advance(r, new)
+        self._compact()
+        return True
+
+    def _rebuild(self, store: Store, cursors: list[int | None]) -> None:
+        """The index from the log: every entry after the earliest cursor."""
+        self._reset()
+        for r, cursor in zip(self.readers, cursors, strict=True):
+            r.cursor = cursor
+        started = [c for c in cursors if c is not None]
+        self.covered = min(started) if started else store.log_head()
+        if started:
+            for seq, topic, size, flags in store.log_scan(self.covered):
+                mask = self._mask(topic, flags)
+                if mask:
+                    self._add(seq, mask, size)
+        self.stale = False
+
+    def _start(self, reader: _Reader, cursor: int) -> None:
+        """``reader`` starts at ``cursor``: the index holds what it carries after that
+        (entries are indexed for every reader, started or not), and the trim has not
+        passed it, so counting them is enough."""
+        seqs, sizes, masks = self.seqs, self.sizes, self.masks
+        start = bisect_right(seqs, cursor)
+        for k in range(start, len(seqs)):
+            mask, seq = masks[k], seqs[k]
+            if not mask & reader.bit:
+                continue
+            if not self._alive(seq, mask):
+                self.live_n += 1
+                self.live_bytes += sizes[k]
+                self.hint = min(self.hint, k)
+            reader.entries += 1
+            reader.bytes += sizes[k]
+        reader.cursor = cursor
+
+    def _alive(self, seq: int, mask: int) -> bool:
+        return any(mask & r.bit and r.cursor is not None and seq > r.cursor for r in self.readers)
+
+    def _advance(self, reader: _Reader, cursor: int) -> None:
+        """``reader`` has sent everything up to ``cursor``: what only it carried dies."""
+        seqs, sizes, masks = self.seqs, self.sizes, self.masks
+        start = bisect_right(seqs, reader.cursor or 0, self.hint)
+        end = bisect_right(seqs, cursor, start)
+        reader.cursor = cursor
+        bit = reader.bit
+        for k in range(start, end):
+            mask = masks[k]
+            if not mask & bit:
+                continue
+            seq, size = seqs[k], sizes[k]
+            reader.entries -= 1
+            reader.bytes -= size
+            if not self._alive(seq, mask):
+                self.live_n -= 1
+                self.live_bytes -= size
+                if seq <= self.trimmed:
+                    self.dead.append((seq, size))  # behind the trim: it must come back for it
+
+    def _compact(self) -> None:
+        """Step the hint over entries no longer live; shorten the index once many are."""
+        k, n = self.hint, len(self.seqs)
+        while k < n and not (self.masks[k] and self._alive(self.seqs[k], self.masks[k])):
+            k += 1
+        self.hint = k
+        if k >= COMPACT_AT and 2 * k >= n:
+            del self.seqs[:k], self.sizes[:k], self.masks[:k]
+            self.hint = 0
+
+    def _drop_oldest(self, store: Store) -> None:
+        """Delete the oldest live entries until the rest fit the bound (counted per reader
+        that had not sent them)."""
+        over = self.live_bytes - self.max_bytes
+        seqs, sizes, masks = self.seqs, self.sizes, self.masks
+        gone: list[int] = []
+        freed = 0
+        k, n = self.hint, len(seqs)
+        while k < n and freed < over:
+            mask, seq = masks[k], seqs[k]
+            if mask and self._alive(seq, mask):
+                size = sizes[k]
+                for r in self.readers:
+                    if mask & r.bit and r.cursor is not None and seq > r.cursor:
+                        r.entries -= 1
+                        r.bytes -= size
+                        r.dropped += 1
+                        r.uncommitted += 1
+                masks[k] = 0
+                gone.append(seq)
+                freed += size
+            k += 1
+        self.hint = k
+        self.live_n -= len(gone)
+        self.live_bytes -= freed
+        self.dropped += len(gone)
+        self._uncommitted += len(gone)
+        self._dirty = True
+        store.log_delete_seqs(gone, freed)
+
+    # ---- the log's own bounds, around the live entries -----------------------------------
+
+    def trim_log(self, store: Store, max_bytes: int, max_age_ns: int, now_ns: int) -> int:
+        """Delete the oldest entries that are not live beyond the log's bounds (size: the
+        log less the spool; age: the log's max age); returns how many went."""
+        if not self._sync(store):  # a reader that started since the check holds its history
+            return 0
+        self._dirty = True
+        upto = store.log_before_time(now_ns - max_age_ns)
+        n, size, _first, _t = store.log_stats()
+        over = size - self.live_bytes - max_bytes
+        gone = 0
+        if self.dead and (over > 0 or min(self.dead)[0] <= upto):
+            self.dead.sort()  # the oldest first: they were sent, and are the log's again
+            cut, freed = 0, 0
+            for seq, bytes_ in self.dead:
+                if seq > upto and freed >= over:
+                    break
+                cut += 1
+                freed += bytes_
+            gone += store.log_delete_seqs([s for s, _ in self.dead[:cut]], freed)
+            del self.dead[:cut]
+            over -= freed
+        walked = 0
+        if upto > self.trimmed:
+            n_gone, _freed, walked = self._trim_upto(store, upto, TRIM_WALK)
+            gone += n_gone
+            n, size, _first, _t = store.log_stats()
+            over = size - self.live_bytes - max_bytes
+        head = store.log_head()
+        for _round in range(TRIM_ROUNDS):
+            if over <= 0 or walked >= TRIM_WALK or self.trimmed >= head:
+                break
+            # Roughly the share over the bound of what is not live, counted from where
+            # the last round ended: live entries there make a round fall short, not over.
+            share = int((n - self.live_n) * over / (size - self.live_bytes)) + 1
+            n_gone, freed, steps = self._trim_upto(
+                store, store.log_seq_after(self.trimmed, share), TRIM_WALK - walked
+            )
+            gone += n_gone
+            over -= freed
+            walked += steps + 1
+            n -= n_gone
+            size -= freed
+        return gone
+
+    def _trim_upto(self, store: Store, upto: int, walk: int) -> tuple[int, int, int]:
+        """Delete what is not live in (trimmed, upto], stepping over at most ``walk`` live
+        entries (the rest at the next trim); (entries, bytes, live entries stepped over)."""
+        seqs, masks = self.seqs, self.masks
+        keep: list[int] = []
+        for k in range(bisect_right(seqs, self.trimmed, self.hint), bisect_right(seqs, upto)):
+            if masks[k] and self._alive(seqs[k], masks[k]):
+                keep.append(seqs[k])
+                if len(keep) >= walk:
+                    upto = seqs[k]
+                    break
+        n, size = store.log_delete_except(self.trimmed, upto, keep)
+        self.trimmed = upto
+        return n, size, len(keep)
+
+    # ---- the pass's outcome ---------------------------------------------------------------
+
+    def committed(self) -> None:
+        self._dirty = False
+        self._uncommitted = 0
+        for r in self.readers:
+            r.uncommitted = 0
+
+    def failed(self) -> None:
+        """A pass was rolled back. If it held this spool's deletes, the index is counted
+        again from the log, after a pause: a disk that is full fails pass after pass, and
+        a rebuild costs ~1.4 s a million entries."""
+        if not self._dirty:
+            return
+        self._dirty = False
+        self._calm_until = time.monotonic() + CALM_AFTER_FAILURE
+        self.dropped -= self._uncommitted
+        self._uncommitted = 0
+        for r in self.readers:
+            r.dropped -= r.uncommitted
+            r.uncommitted = 0
+        self._reset()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "full": self.full,
+            "dropped": self.dropped,
+            "refused": self.refused,
+            "max_bytes": self.max_bytes,
+            "entries": self.live_n,
+            "bytes": self.live_bytes,
+            "readers": {
+                r.spec.name: {
+                    "cursor": r.cursor,
+                    "entries": r.entries,
+                    "bytes": r.bytes,
+                    "dropped": r.dropped,
+                }
+                for r in self.readers
+            },
+        }
+
+
+def _cursor(spec: SpoolReader) -> int | None:
+    """Where ``spec`` is in the log; None while a reader that starts at the log's end
+    has not started (it will want nothing before its start)."""
+    cursor = read_cursor(spec.cursor_path)
+    return 0 if cursor is None and spec.from_start else cursor
