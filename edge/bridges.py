@@ -32,7 +32,7 @@ from edge.mapping import (
     nats_to_mesh,
     swap_prefix,
 )
-from edge.port import BRIDGE_HEADER, MeshPort
+from edge.port import BRIDGE_HEADER, MeshPort, Refusal
 from edge.tls import client_context
 from node import datadir
 from node.bridge_config import BridgeConfig
@@ -49,6 +49,7 @@ IMPORT_FRAME_BYTES: Final = 64 * 1024
 REQUEST_TIMEOUT: Final = 5.0  # a mesh request forwarded to NATS waits this long
 REQUEST_MEMORY: Final = 60.0  # a NATS request is remembered this long for its reply
 NATS_NO_RESPONDERS: Final = "503"  # the status NATS servers send; nats-py raises on it
+_ERROR_CODES: Final = {"payload": "413", "permission": "403", "topic": "400"}
 SPOOL_BATCH: Final = 500  # persistent exports read from the log per round
 SPOOL_WAIT: Final = 5.0  # how long the broker may take to acknowledge a round
 LOG_FIRST: Final = 10  # oversized exports, errors: logged one by one, then every 1000th
@@ -571,6 +572,10 @@ class NatsBridge(Bridge):
                 pending = self._forget_request(self._request_ids.get(event_id, ""))
                 if pending is not None and nc.is_connected:
                     await nc.publish(pending[0], b"", headers={"Status": NATS_NO_RESPONDERS})
+            for refusal in incoming.refused:  # the node dropped the request: say why at once
+                pending = self._forget_request(self._request_ids.get(refusal.request, ""))
+                if pending is not None and nc.is_connected:
+                    await nc.publish(pending[0], refusal.error.encode(), headers=_error(refusal))
         if self.spool is not None and nc.is_connected:
             busy = await self._drain_spool_nats(nc) or busy
         self._count_spool()
@@ -579,6 +584,13 @@ class NatsBridge(Bridge):
         busy = self._drain_imports(sock, nats_to_mesh) or busy
         self._send_notices(sock)
         await asyncio.sleep(0 if busy else 0.005)
+
+
+def _error(refusal: Refusal) -> dict[str, str]:
+    """A NATS service error reply (the headers of the NATS services API, nats.micro), so a
+    requester learns at once why the mesh refused its request instead of timing out."""
+    code = _ERROR_CODES.get(refusal.code, "400")
+    return {"Nats-Service-Error": refusal.error, "Nats-Service-Error-Code": code}
 
 
 def start_bridges(

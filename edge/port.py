@@ -81,8 +81,9 @@ class MeshPort:
 
     def handle(self, frame: bytes) -> Incoming:
         """Sort a frame from the node: events to export, replies to our requests (our inbox,
-        sid 0), and ids of our requests that nothing in the mesh can answer."""
-        incoming = Incoming([], [], [])
+        sid 0), ids of our requests that nothing in the mesh can answer, and those the node
+        refused (too big, a bad topic)."""
+        incoming = Incoming([], [], [], [])
         try:
             if frame[:2] == b"\x01\x21":
                 for sid, ev in decode_deliveries(frame, self._topics):
@@ -98,6 +99,9 @@ class MeshPort:
             self.inbox = f"_INBOX/{body.get('node_id')}/{body.get('client_id')}"
         elif kind == Kind.NORESP:
             incoming.no_responders.append(str(body.get("id")))
+        elif kind == Kind.ERR and body.get("request"):
+            refusal = Refusal(str(body["request"]), str(body.get("error")), str(body.get("code")))
+            incoming.refused.append(refusal)
         return incoming
 
     def request(self, topic: str, payload: bytes, token: str) -> tuple[str, bytes]:
@@ -120,3 +124,13 @@ class Incoming:
     exports: list[Event]
     replies: list[Event]
     no_responders: list[str]
+    refused: list[Refusal]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The node dropped one of our requests: its event id, why, and the node's code."""
+
+    request: str
+    error: str
+    code: str

@@ -340,6 +340,8 @@ def test_request_reply_across_the_nats_bridge_both_ways(
     node = bridged_node(
         make_node,
         f"""
+[limits]
+max_payload = "64KiB"
 [[bridge]]
 kind = "nats"
 url = "nats://127.0.0.1:{nats_port}"
@@ -357,6 +359,13 @@ export = ["ext/>"]
         # NATS requester, nothing in the mesh: NATS's own "no responders"
         with pytest.raises(nats.errors.NoRespondersError):
             await nc.request("svc.nobody", b"x", timeout=3)
+        # NATS requester, refused by the node (over its max_payload): an error at once,
+        # as the NATS services API answers one, not a timeout (found in review)
+        start = time.monotonic()
+        msg = await nc.request("svc.echo", b"x" * 100_000, timeout=3)
+        assert msg.headers["Nats-Service-Error-Code"] == "413"
+        assert "exceeds the limit" in msg.headers["Nats-Service-Error"]
+        assert time.monotonic() - start < 1.0
 
         # NATS responder <- mesh requester
         async def answer(m: Any) -> None:
