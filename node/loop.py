@@ -32,6 +32,7 @@ from node.errors import InputError
 from node.heap import keep_freed
 from node.loop_discovery import DiscoverySide
 from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide, events_of
+from node.renewal import Renewal
 from node.residents import Resident, Residents
 from node.router import Router
 from node.security import REVOKED_SELF, Security, join_links
@@ -121,6 +122,7 @@ class Node(SecureSide, DiscoverySide):
         self._keys: dict[bytes, str] = {}  # ROUTER identity -> CURVE key it proved ("" local)
         self._pins: dict[str, str] = {}  # node id -> CurveZMQ key of its proven links
         self._synced: set[str] = set()  # linked nodes that have our revocations
+        self.renewal = None if security is None else Renewal(security, log.info)
         if security is not None:
             self.router.net.proof = security.creds.member
             for url, key in join_links(identity.data_dir):

@@ -6,11 +6,13 @@ own state (the annotations below name what it uses). Open mode never calls it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import zmq
 
+from node import renewal
 from node.codec import MAX_CONTROL_BYTES, Kind, decode_control, encode_control
 from node.framing import json_batches
 
@@ -48,6 +50,7 @@ class SecureSide:
     sock: zmq.Socket[bytes]
     router: Router
     security: Security | None
+    renewal: renewal.Renewal | None
     dialers: Dialers
     _keys: dict[bytes, str]
     _pins: dict[str, str]
@@ -224,6 +227,12 @@ class SecureSide:
         sec = self.security
         assert sec is not None
         self._apply_revocations(sec.poll_revocations_file(), now)
+        renewed = self.renewal.tick(time.time(), now) if self.renewal is not None else None
+        if renewed is not None:
+            sec.install_member(renewed)
+            self.router.net.proof = renewed
+            until = time.strftime("%Y-%m-%d", time.gmtime(renewal.expires(renewed)))
+            sec.log(f"membership renewed until {until} (UTC)")
         net = self.router.net
         new = net.links.keys() - self._synced
         if new and sec.revocations:

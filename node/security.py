@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -301,6 +301,8 @@ class Security:
             "clients_rejected": 0,
             "enrolled": 0,
             "enroll_refused": 0,
+            "renewed": 0,  # other nodes' records this authority renewed
+            "renew_refused": 0,
             "revocations": 0,
             "address_blocks": 0,  # blocks started (node/failed_proofs.py)
             "handshakes_dropped": 0,  # first frames from a blocked address, dropped unread
@@ -399,16 +401,23 @@ class Security:
     # ---- enrollment --------------------------------------------------------------------
 
     def enroll(self, body: dict[str, Any], key: str) -> tuple[bool, dict[str, Any]]:
-        """Redeem a join token for the holder of ``key``: (ok, answer body)."""
-        ok, answer = self._enroll(body, key)
-        self.counters["enrolled" if ok else "enroll_refused"] += 1
+        """Redeem a join token for the holder of ``key``, or renew the record it proves
+        (node/renewal.py): (ok, answer body)."""
+        renew = bool(body.get("renew"))
+        ok, answer = self._enroll(body, key, renew)
+        if renew:
+            self.counters["renewed" if ok else "renew_refused"] += 1
+        else:
+            self.counters["enrolled" if ok else "enroll_refused"] += 1
         if not ok:
             self.block(key)
         return ok, answer
 
-    def _enroll(self, body: dict[str, Any], key: str) -> tuple[bool, dict[str, Any]]:
+    def _enroll(self, body: dict[str, Any], key: str, renew: bool) -> tuple[bool, dict[str, Any]]:
         if self.creds.signing_key is None:
             return False, {"error": "this node cannot enroll: it has no mesh signing key"}
+        if renew:
+            return self._renew(body, key, self.creds.signing_key)
         node, name = body.get("node"), body.get("name")
         if not isinstance(node, str) or len(node) != 16 or not isinstance(name, str):
             return False, {"error": "enrollment needs a node id and a name"}
@@ -436,6 +445,29 @@ class Security:
             "member": ms.sign(self.creds.signing_key, rec),
             "revocations": self.revocations,
         }
+
+    def _renew(self, body: dict[str, Any], key: str, signing: bytes) -> tuple[bool, dict[str, Any]]:
+        """A node's record for another period: the record it holds, checked as a LINK's
+        is (for the key CURVE proved, not expired, not revoked), is the proof."""
+        try:
+            member = self._check(body.get("member"), key, "node", str(body.get("node")))
+        except ms.MembershipError as e:
+            return False, {"error": f"cannot renew: {e}"}
+        rec = ms.member_record(
+            mesh=self.creds.mesh,
+            node=member.node,
+            key=key,
+            name=member.name,
+            role="node",
+            expires=int(time.time() + NODE_RECORD_DAYS * 86400),
+        )
+        self.log(f"renewed the membership of node {member.name} ({member.node})")
+        return True, {"member": ms.sign(signing, rec), "revocations": self.revocations}
+
+    def install_member(self, signed: dict[str, Any]) -> None:
+        """Take a renewed record of this node (kept in member.json for restarts)."""
+        _write_private(self.data_dir / MEMBER_FILE, json.dumps(signed))
+        self.creds = replace(self.creds, member=signed)
 
     # ---- revocation --------------------------------------------------------------------
 
@@ -515,6 +547,7 @@ class Security:
             "mesh_key": self.creds.mesh_pk.hex(),
             "public_key": self.creds.public_text,
             "authority": self.creds.signing_key is not None,
+            "member_expires": self.creds.member.get("rec", {}).get("exp"),
             "zap_denied": denied,
             "revoked": self.self_revoked,
             "blocked_addresses": self.proofs.listing(time.monotonic()),

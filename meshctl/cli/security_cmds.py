@@ -13,17 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-import zmq
 
 from meshctl.cli.options import ConfigOpt, DataDirOpt, duration
 from meshctl.cli.output import note
 from meshctl.errors import OperationalError
 from meshctl.url import resolve_server
-from node import datadir, membership
+from node import datadir, membership, renewal
 from node import security as sec
-from node.codec import MAX_REPLY_BYTES, Kind, decode_control, encode_control
+from node.codec import Kind
 from node.config import NodeConfig
-from node.errors import CodecError, InputError
+from node.errors import InputError
 
 
 def data_dir_of(config: Path | None, data_dir: Path | None) -> Path:
@@ -252,33 +251,17 @@ def _enroll(where: Path, token: membership.Token, node_id: str, name: str, timeo
     if token.expires <= time.time():
         raise InputError("--join: the join token has expired; ask for a new one (meshctl invite)")
     public, secret = sec.curve_keys(where)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
-    s = ctx.socket(zmq.DEALER)
-    s.linger = 0
+    body: dict[str, Any] = {
+        "ref": 1,
+        "token": token.token_id,
+        "secret": token.secret,
+        "node": node_id,
+        "name": name,
+    }
     try:
-        s.curve_publickey, s.curve_secretkey = public, secret
-        s.curve_serverkey = token.server_key.encode()
-        s.connect(token.url)
-        body: dict[str, Any] = {
-            "ref": 1,
-            "token": token.token_id,
-            "secret": token.secret,
-            "node": node_id,
-            "name": name,
-        }
-        s.send(encode_control(Kind.ENROLL, body))
-        if not s.poll(int(timeout * 1000)):
-            raise OperationalError(
-                f"no answer from {token.url} within {timeout:g}s (is that node up and reachable?)"
-            )
-        try:
-            # From the node the token names (its CurveZMQ key checked): its answer carries
-            # every revocation of the mesh, past 64 KiB once there are ~245.
-            kind, answer = decode_control(s.recv(), MAX_REPLY_BYTES)
-        except CodecError as e:
-            raise OperationalError(f"enrollment answer unreadable: {e}") from None
-    finally:
-        s.close(0)
+        kind, answer = renewal.ask(token.url, token.server_key, (public, secret), body, timeout)
+    except renewal.RenewalError as e:
+        raise OperationalError(str(e)) from None
     if kind != Kind.OK:
         raise OperationalError(f"enrollment refused by {token.url}: {answer.get('error')}")
     try:

@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 import zmq
-from helpers import NodeFactory, NodeProcess, SubProcess, run_cli, wait_for
+from helpers import NodeFactory, NodeProcess, SubProcess, free_tcp_port, run_cli, wait_for
 
 from meshctl.client import connect
 from meshctl.errors import RemoteError, Unreachable
+from node import membership as ms
+from node import renewal
 
 pytestmark = pytest.mark.e2e
 
@@ -454,3 +456,35 @@ def test_invite_refuses_what_could_never_be_used(make_node: NodeFactory, tmp_pat
         assert done.returncode == code, done.describe()
         assert len(done.err_lines) == 1, done.describe()
         assert words in done.stderr, done.describe()
+
+
+def test_membership_records_are_renewed_before_they_expire(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Found in session 8's note: a node's record expired a year after it joined, with no
+    way to renew it, and every link with it was refused from then on. With 5 days left,
+    the authority signs its own record again, and a node that joined asks the authority
+    over its join link; both keep the new record."""
+    port = free_tcp_port()
+    at = ["--port", str(port)]
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True, extra_args=at)
+    token = invite(a, "--url", a.tcp)
+    b = make_node(name="b", data_dir=tmp_path / "b", secure=True, extra_args=["--join", token])
+    wait_for(lambda: linked(b, "a") and linked(a, "b"), timeout=10, what="a and b linked")
+    b.stop()
+    a.stop()
+    signing = bytes.fromhex((tmp_path / "a" / "mesh_signing.key").read_text().strip())
+    soon = int(time.time() + 5 * 86400)
+    for d in (tmp_path / "a", tmp_path / "b"):
+        rec = json.loads((d / "member.json").read_text())["rec"]
+        (d / "member.json").write_text(json.dumps(ms.sign(signing, rec | {"exp": soon})))
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True, extra_args=at)
+    b = make_node(name="b", data_dir=tmp_path / "b", secure=True)
+    year = time.time() + 300 * 86400
+    wait_for(lambda: security(b)["member_expires"] > year, timeout=20, what="b renewed")
+    assert security(a)["member_expires"] > year
+    assert security(a)["renewed"] == 1  # b's, over its join link
+    assert "membership renewed until" in b.log_text()
+    for d in (tmp_path / "a", tmp_path / "b"):  # kept for the next start
+        assert renewal.expires(json.loads((d / "member.json").read_text())) > year
+    wait_for(lambda: linked(b, "a") and linked(a, "b"), timeout=10, what="a and b linked")

@@ -1,0 +1,93 @@
+"""Membership renewal (node/renewal.py): what the authority renews, and when a node asks.
+
+Found in session 8's note: a node's record expired a year after it joined, with no way to
+renew it, and every link with it was refused from then on.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node import membership as ms
+from node import renewal, security
+
+MESH = "plant"
+AUTH = "aa" * 8
+NODE = "bb" * 8
+DAY = 86400
+
+
+def authority(tmp_path: Path) -> security.Security:
+    (tmp_path / "auth").mkdir()
+    creds = security.init_mesh(
+        tmp_path / "auth", mesh=MESH, node_id=AUTH, name="auth", now=time.time()
+    )
+    return security.Security(creds, tmp_path / "auth", AUTH, lambda _m: None)
+
+
+def record(auth: security.Security, *, key: str, exp: float, node: str = NODE) -> dict[str, Any]:
+    assert auth.creds.signing_key is not None
+    rec = ms.member_record(mesh=MESH, node=node, key=key, name="b", role="node", expires=int(exp))
+    return ms.sign(auth.creds.signing_key, rec)
+
+
+KEY = "k" * 40
+
+
+def test_the_authority_renews_a_valid_record_for_the_key_that_proves_it(tmp_path: Path) -> None:
+    auth = authority(tmp_path)
+    held = record(auth, key=KEY, exp=time.time() + 5 * DAY)
+    ok, answer = auth.enroll({"renew": True, "node": NODE, "member": held}, KEY)
+    assert ok, answer
+    assert renewal.expires(answer["member"]) > time.time() + 364 * DAY
+    member = ms.check_member(
+        answer["member"], mesh=MESH, mesh_pk=auth.creds.mesh_pk, now=time.time(), curve_key=KEY
+    )
+    assert (member.node, member.name) == (NODE, "b")
+    assert (auth.counters["renewed"], auth.counters["enrolled"]) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("exp", "key", "node", "why"),
+    [
+        (-DAY, KEY, NODE, "expired"),
+        (5 * DAY, "x" * 40, NODE, "another key"),  # a copied record
+        (5 * DAY, KEY, "cc" * 8, "is for node"),  # claims another node id
+    ],
+)
+def test_the_authority_refuses_what_a_link_would(
+    tmp_path: Path, exp: float, key: str, node: str, why: str
+) -> None:
+    auth = authority(tmp_path)
+    held = record(auth, key=KEY, exp=time.time() + exp)
+    ok, answer = auth.enroll({"renew": True, "node": node, "member": held}, key)
+    assert not ok
+    assert why in answer["error"]
+    assert auth.counters["renew_refused"] == 1
+
+
+def test_a_revoked_member_is_not_renewed(tmp_path: Path) -> None:
+    auth = authority(tmp_path)
+    assert auth.creds.signing_key is not None
+    revoked = ms.revocation_record(mesh=MESH, node=NODE, key=KEY, at=int(time.time()))
+    auth.accept_revocations([ms.sign(auth.creds.signing_key, revoked)])
+    held = record(auth, key=KEY, exp=time.time() + 5 * DAY)
+    ok, answer = auth.enroll({"renew": True, "node": NODE, "member": held}, KEY)
+    assert not ok
+    assert "revoked" in answer["error"]
+
+
+def test_the_authority_renews_its_own_record_only_when_due(tmp_path: Path) -> None:
+    auth = authority(tmp_path)
+    r = renewal.Renewal(auth, lambda _m: None)
+    now = time.time()
+    assert r.tick(now, 0.0) is None  # a year left
+    assert r.tick(now + 340 * DAY, 1.0) is None  # checked again only after CHECK_EVERY
+    got = r.tick(now + 340 * DAY, renewal.CHECK_EVERY)  # 25 days left: due
+    assert got is not None
+    assert renewal.expires(got) > now + 700 * DAY
+    assert got["rec"]["node"] == AUTH
