@@ -159,7 +159,7 @@ class Durable:
         stored: it is acknowledged again but not routed again)."""
         self._work = True
         raw = record[_ID]
-        if self._spool_refuses(topic):
+        if self._spool_refuses(topic, record[8]):
             self.p.refused.setdefault(ident, []).append(raw.hex())
             return False
         ack = self.p.acks.setdefault(ident, [])
@@ -181,7 +181,7 @@ class Durable:
         # not have its events aged out of the log (or replayed from 1970) at once.
         t_ns = self.wall_ns()
         keep = route.log == LOG_ALL or (flags & F_PERSISTENT and (local or route.log))
-        if keep and not self._spool_refuses(topic):
+        if keep and not self._spool_refuses(topic, flags):
             self.p.log.append((record[_ID], topic, t_ns, record))
         if flags & F_PERSISTENT and route.queues:
             self.queues.capture(route.queues, record[_ID], record, t_ns)
@@ -223,13 +223,10 @@ class Durable:
         self._staged_retained += grow
         return True
 
-    def _spool_refuses(self, topic: str) -> bool:
-        """With overflow = refuse and the spool full, events for the cloud are refused."""
-        spool = self.spool
-        if spool is None or not spool.full or not spool.trie.match(topic):
-            return False
-        spool.refused += 1
-        return True
+    def _spool_refuses(self, topic: str, flags: int) -> bool:
+        """With overflow = refuse and the spool full, events for a reader that is behind
+        are refused."""
+        return self.spool is not None and self.spool.refuses(topic, flags)
 
     def ack(self, ident: bytes, sid: int, ids: list[bytes]) -> str | None:
         """A consumer acknowledged deliveries; an error text if ``sid`` is no consumer."""

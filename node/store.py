@@ -299,11 +299,19 @@ class Store:
             gone += self._delete_log(-1, first + over - 1)[0]
         return gone
 
-    def log_before_time(self, time_ns: int) -> int:
-        """The sequence before the first entry at or after ``time_ns`` (the head if none
-        is): the old end of the log, found from the oldest entry."""
-        young = self.read("SELECT seq FROM log WHERE time_ns >= ? ORDER BY seq LIMIT 1", (time_ns,))
+    def log_before_time(self, time_ns: int, after: int = -1) -> int:
+        """The sequence before the first entry after ``after`` at or after ``time_ns``
+        (the head if none is): the old end of the log, found from its oldest entry."""
+        young = self.read(
+            "SELECT seq FROM log WHERE seq > ? AND time_ns >= ? ORDER BY seq LIMIT 1",
+            (after, time_ns),
+        )
         return int(young[0][0]) - 1 if young else self.log_head()
+
+    def log_time(self, seq: int) -> int | None:
+        """The time of entry ``seq``; None if there is none."""
+        row = self.read("SELECT time_ns FROM log WHERE seq = ?", (seq,))
+        return int(row[0][0]) if row else None
 
     def log_seq_after(self, after: int, count: int) -> int:
         """The sequence of the ``count``-th entry after ``after`` (the head if fewer)."""

@@ -8,20 +8,24 @@ from scratch.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from node import spool as spool_module
 from node.codec import F_PERSISTENT, encode_record
 from node.datadir import read_cursor, write_cursor
-from node.spool import Spool, SpoolReader
+from node.spool import COMPACT_AT, Spool, SpoolReader
 from node.store import Store, open_store
 from node.topics import matches
 
 TOPICS = ("a/x", "a/y", "b/x", "c/x")
+TRIMS = 1  # trims per "trim" step; more where the walk is bounded small
 MiB = 1 << 20
 
 
@@ -147,8 +151,9 @@ def test_the_spool_keeps_what_readers_carry_and_drops_only_the_oldest(
                     continue
                 max_bytes, age = arg
                 upto = store.log_before_time(clock - age)
-                spool.trim_log(store, max_bytes, age, clock)
-                store.commit()
+                for _ in range(TRIMS):  # a bounded walk finishes over several trims
+                    spool.trim_log(store, max_bytes, age, clock)
+                    store.commit()
                 after = entries(store)
                 for s, e in before.items():
                     if carriers(spec, *e[:2], s):
@@ -161,6 +166,18 @@ def test_the_spool_keeps_what_readers_carry_and_drops_only_the_oldest(
             assert_counts(spool, store, spec)
         finally:
             store.close()
+
+
+def test_the_model_holds_when_the_index_compacts_and_the_trim_walk_stops_often(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same model with the bounds at their smallest, which its few rows never reach
+    otherwise (a review ran it so and found nothing more; it keeps it so)."""
+    monkeypatch.setattr(spool_module, "COMPACT_AT", 1)
+    monkeypatch.setattr(spool_module, "TRIM_WALK", 2)
+    monkeypatch.setattr(spool_module, "TOPIC_CACHE", 2)
+    monkeypatch.setattr(sys.modules[__name__], "TRIMS", 30)
+    test_the_spool_keeps_what_readers_carry_and_drops_only_the_oldest()
 
 
 def test_unrelated_persistent_traffic_does_not_push_out_waiting_exports(tmp_path: Path) -> None:
@@ -197,10 +214,10 @@ def test_a_full_spool_refuses_until_its_reader_catches_up(tmp_path: Path) -> Non
     store.log_append(rows)
     store.commit()
     spool.check(store)  # the first check builds the index from the log
-    assert (spool.full, spool.live_n, spool.dropped) == (True, 4, 0)
+    assert (bool(spool.full), spool.live_n, spool.dropped) == (True, 4, 0)
     write_cursor(spec[0].cursor_path, 2)
     spool.check(store)
-    assert (spool.full, spool.readers[0].entries) == (False, 2)
+    assert (bool(spool.full), spool.readers[0].entries) == (False, 2)
     store.close()
 
 
@@ -272,4 +289,125 @@ def test_a_bridge_that_starts_later_is_counted_whatever_the_index_held(tmp_path:
     write_cursor(bridge.cursor_path, 0)
     later.check(store)
     assert later.readers[1].entries == 1 + 2  # seq 1, which the uplink sent, and the new
+    store.close()
+
+
+def append(store: Store, spool: Spool, rows: list[tuple[bytes, str, int, bytes]]) -> int:
+    last = store.log_append(rows)
+    store.commit()
+    spool.appended(last - len(rows) + 1, rows)
+    return last
+
+
+def test_one_entry_a_bridge_waits_on_does_not_pin_the_index(tmp_path: Path) -> None:
+    """Found in review: compaction removed only what came before the first live entry, so
+    one entry a bridge still had to send kept everything after it in memory for good
+    (20,001 index entries for 1 live one)."""
+    uplink, bridge = readers(tmp_path)
+    write_cursor(bridge.cursor_path, 0)  # its broker is away
+    store = open_store(tmp_path)
+    spool = Spool((uplink, bridge), 10 * MiB, refuse=False)
+    spool.check(store)
+    append(store, spool, [row("b/x", True, 10, 1)])
+    for t in range(20):
+        last = append(store, spool, [row("a/y", False, 10, 2 + t) for _ in range(1000)])
+        write_cursor(uplink.cursor_path, last)  # the uplink sends everything
+        spool.check(store)
+        spool.trim_log(store, 10_000, 10**18, 2 + t)
+        store.commit()
+        spool.committed()
+    assert spool.live_n == 1
+    assert len(spool.seqs) < 2 * COMPACT_AT
+    assert store.log_stats()[0] < 500
+    store.close()
+
+
+def test_a_reader_that_starts_inside_what_compaction_removed_reads_the_log(
+    tmp_path: Path,
+) -> None:
+    """Found in review: compaction dropped entries only a bridge that had not started
+    carried, and a first cursor among them was counted from the index without them: the
+    trim then deleted 1,000 entries the bridge still had to send."""
+    uplink, bridge = readers(tmp_path)
+    store = open_store(tmp_path)
+    spool = Spool((uplink, bridge), 10 * MiB, refuse=False)
+    spool.check(store)
+    append(store, spool, [row("b/x", True, 10, 1) for _ in range(5000)])
+    spool.check(store)  # none live: compacted away
+    write_cursor(bridge.cursor_path, 4000)
+    spool.check(store)
+    assert spool.readers[1].entries == 1000
+    spool.trim_log(store, 0, 10**18, 10)
+    store.commit()
+    assert store.log_stats()[0] == 1000
+    store.close()
+
+
+def test_a_trim_that_deleted_nothing_survives_an_unrelated_failed_pass(tmp_path: Path) -> None:
+    """Found in review: a trim marked the spool as having deletes in the pass even when
+    it had none, so any failed pass after it (a publish on a full disk) threw the index
+    away: a pause, then a rebuild from the log."""
+    (uplink,) = readers(tmp_path)[:1]
+    store = open_store(tmp_path)
+    spool = Spool((uplink,), 100 * MiB, refuse=False)
+    spool.check(store)
+    append(store, spool, [row("a/x", True, 100, 1) for _ in range(2000)])
+    spool.trim_log(store, 10 * MiB, 10**18, 10)
+    store.commit()
+    spool.committed()
+    spool.trim_log(store, 10 * MiB, 10**18, 10)  # nothing to do
+    assert not store.pending
+    spool.failed()
+    assert not spool.stale
+    store.close()
+
+
+def test_refuse_holds_back_only_the_topics_of_a_reader_that_is_behind(tmp_path: Path) -> None:
+    """Found in review: one reader over the bound refused every reader's topics; a
+    bridge that had caught up could not take its exports while the cloud was away."""
+    uplink = SpoolReader("uplink", tmp_path / "u.cursor", ("a/>",), False, from_start=True)
+    bridge = SpoolReader("bridge b", tmp_path / "b.cursor", ("b/>",), persistent_only=True)
+    store = open_store(tmp_path)
+    store.log_append([row("a/x", True, 1000, 1) for _ in range(20)])
+    store.commit()
+    write_cursor(bridge.cursor_path, store.log_head())
+    spool = Spool((uplink, bridge), 10_000, refuse=True)
+    spool.check(store)
+    assert spool.refuses("a/x", F_PERSISTENT)
+    assert not spool.refuses("b/x", F_PERSISTENT)
+    assert spool.status()["readers"]["uplink"]["full"]  # type: ignore[index]
+    store.close()
+
+
+def test_a_cursor_file_that_goes_away_changes_nothing(tmp_path: Path) -> None:
+    """Found in review: a missing uplink cursor read as the log's start, so the whole log
+    was live again for drop-oldest to take what a bridge still had to send."""
+    uplink, bridge = readers(tmp_path)
+    write_cursor(bridge.cursor_path, 0)
+    store = open_store(tmp_path)
+    spool = Spool((uplink, bridge), 10 * MiB, refuse=False)
+    append(store, spool, [row("a/y", False, 10, 1) for _ in range(10)])
+    write_cursor(uplink.cursor_path, 10)
+    spool.check(store)
+    uplink.cursor_path.unlink()
+    spool.check(store)
+    assert (spool.readers[0].cursor, spool.live_n) == (10, 0)
+    store.close()
+
+
+def test_sent_entries_keep_their_age_for_the_trim(tmp_path: Path) -> None:
+    """What a reader sent goes back to the log's age bound by its own time: the search
+    for young entries starts after what the trim has passed, so sent entries there are
+    aged by a lookup of their time, not by where the search starts."""
+    (uplink,) = readers(tmp_path)[:1]
+    store = open_store(tmp_path)
+    spool = Spool((uplink,), MiB, refuse=False)
+    append(store, spool, [row("a/x", False, 10, t) for t in (1, 2, 50, 51)])
+    append(store, spool, [row("c/x", False, 10, 52)])  # no reader's
+    spool.trim_log(store, 0, 10, 60)  # the size trim takes it, stepping over the others
+    store.commit()
+    write_cursor(uplink.cursor_path, 4)  # all sent
+    assert spool.trim_log(store, MiB, 10, 60) == 2  # the two older than 50 go
+    store.commit()
+    assert [t for (_s, t) in store.db.execute("SELECT seq, time_ns FROM log")] == [50, 51]
     store.close()
