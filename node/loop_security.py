@@ -229,10 +229,11 @@ class SecureSide:
         self._apply_revocations(sec.poll_revocations_file(), now)
         renewed = self.renewal.tick(time.time(), now) if self.renewal is not None else None
         if renewed is not None:
-            sec.install_member(renewed)
             self.router.net.proof = renewed
             until = time.strftime("%Y-%m-%d", time.gmtime(renewal.expires(renewed)))
             sec.log(f"membership renewed until {until} (UTC)")
+            sec.install_member(renewed)
+        sec.save_member()  # again, if saving it failed
         net = self.router.net
         new = net.links.keys() - self._synced
         if new and sec.revocations:

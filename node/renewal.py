@@ -14,7 +14,8 @@ record once less than ``RENEW_BEFORE`` remains, checking at start and then every
   proof, as an ACME client renews with the key of the certificate it holds.
 
 The exchange runs on a thread; the node's loop only installs the answer. A record that
-has expired cannot be renewed that way: such a node needs a new join token.
+has expired cannot be renewed that way: such a node joins again with a new token
+(``meshctl up --join`` on its data dir).
 """
 
 from __future__ import annotations
@@ -111,10 +112,15 @@ class Renewal:
         if left <= 0:
             self.log(
                 "this node's membership has expired and cannot be renewed: other nodes "
-                "refuse its links; join again with a new token (meshctl invite)"
+                "refuse its links; join again with a new token from `meshctl invite` "
+                "(`meshctl up --join TOKEN` on this data dir)"
             )
             return None
-        links = join_links(self.sec.data_dir)
+        try:
+            links = join_links(self.sec.data_dir)
+        except (NodeError, OSError) as e:
+            self.log(f"membership expires soon and its join link is unreadable: {e}")
+            return None
         if not links:
             self.log("membership expires soon and there is no join link to renew it at")
             return None
@@ -143,8 +149,10 @@ class Renewal:
                 curve_key=sec.creds.public_text,
                 node=sec.node_id,
             )
+            assert isinstance(signed, dict)  # check_member held: a signed record
+            if expires(signed) <= expires(sec.creds.member):  # an authority's clock behind
+                raise RenewalError(f"{url} answered with a record that expires no later")
         except (RenewalError, ms.MembershipError, zmq.ZMQError) as e:
             self.log(f"membership renewal failed (again in {CHECK_EVERY / 60:g} min): {e}")
             return
-        assert isinstance(signed, dict)
         self._got = signed

@@ -54,6 +54,7 @@ JOIN_LINKS_FILE: Final = "join_links.json"
 MEMBERS_FILE: Final = "members.json"  # what an authority issued: id/name -> key, for revoke
 BLOCK_SECONDS: Final = 30.0
 NODE_RECORD_DAYS: Final = 365
+RENEW_WITHIN: Final = 31 * 86400  # an authority renews records expiring within this
 MAX_REJECTED: Final = 256  # rejected peers listed by `meshctl peers`
 REVOKED_SELF: Final = "this node's membership was revoked: it no longer dials other nodes"
 
@@ -308,6 +309,8 @@ class Security:
             "handshakes_dropped": 0,  # first frames from a blocked address, dropped unread
         }
         self.proofs = FailedProofs()
+        self._member_unsaved = False
+        self._member_save_failed = False
         self._revoked_mtime = 0.0
         self.poll_revocations_file()
 
@@ -453,7 +456,10 @@ class Security:
             member = self._check(body.get("member"), key, "node", str(body.get("node")))
         except ms.MembershipError as e:
             return False, {"error": f"cannot renew: {e}"}
-        rec = ms.member_record(
+        rec = body["member"]["rec"]
+        if rec["exp"] - time.time() > RENEW_WITHIN:  # not due: a member asking in a loop
+            return False, {"error": "cannot renew: not due yet"}  # costs one check
+        renewed = ms.member_record(
             mesh=self.creds.mesh,
             node=member.node,
             key=key,
@@ -462,12 +468,28 @@ class Security:
             expires=int(time.time() + NODE_RECORD_DAYS * 86400),
         )
         self.log(f"renewed the membership of node {member.name} ({member.node})")
-        return True, {"member": ms.sign(signing, rec), "revocations": self.revocations}
+        return True, {"member": ms.sign(signing, renewed)}
 
     def install_member(self, signed: dict[str, Any]) -> None:
-        """Take a renewed record of this node (kept in member.json for restarts)."""
-        _write_private(self.data_dir / MEMBER_FILE, json.dumps(signed))
+        """Take a renewed record of this node, and keep it in member.json for restarts."""
         self.creds = replace(self.creds, member=signed)
+        self._member_unsaved = True
+        self.save_member()
+
+    def save_member(self) -> None:
+        """Write a renewed record that is not saved yet. A failure (disk full, read-only)
+        is logged once and tried again at the next tick; the node goes on with the
+        record in memory. Raised, it stopped the node (found in review)."""
+        if not self._member_unsaved:
+            return
+        try:
+            _write_private(self.data_dir / MEMBER_FILE, json.dumps(self.creds.member))
+        except OSError as e:
+            if not self._member_save_failed:
+                self.log(f"cannot save the renewed membership in {MEMBER_FILE} (retrying): {e}")
+            self._member_save_failed = True
+            return
+        self._member_unsaved = self._member_save_failed = False
 
     # ---- revocation --------------------------------------------------------------------
 

@@ -218,14 +218,13 @@ def credentials_for_up(
             token = membership.Token.decode(join)
         except membership.MembershipError as e:
             raise InputError(f"--join: {e}") from None
-        if creds is not None:
-            if creds.mesh_pk.hex() != token.mesh_pk:
-                raise InputError(
-                    f"--join: {where} already belongs to mesh {creds.mesh!r}; "
-                    "use another --data-dir"
-                )
+        if creds is not None and creds.mesh_pk.hex() != token.mesh_pk:
+            raise InputError(
+                f"--join: {where} already belongs to mesh {creds.mesh!r}; use another --data-dir"
+            )
+        if creds is not None and renewal.expires(creds.member) > time.time():
             note(f"already a member of mesh {creds.mesh!r}; --join ignored")
-        else:
+        else:  # a new member, or one whose record expired: the token enrolls its keys
             _enroll(where, token, node_id, name, timeout)
             creds = sec.load_credentials(where)
             note(f"joined mesh {token.mesh!r} via {token.url}")

@@ -91,3 +91,13 @@ def test_the_authority_renews_its_own_record_only_when_due(tmp_path: Path) -> No
     assert got is not None
     assert renewal.expires(got) > now + 700 * DAY
     assert got["rec"]["node"] == AUTH
+
+
+def test_a_record_that_is_not_due_is_not_renewed(tmp_path: Path) -> None:
+    """Found in review: any member could ask again and again, each time costing the
+    authority's loop a verification, a signature and a log line."""
+    auth = authority(tmp_path)
+    held = record(auth, key=KEY, exp=time.time() + 200 * DAY)
+    ok, answer = auth.enroll({"renew": True, "node": NODE, "member": held}, KEY)
+    assert not ok
+    assert "not due" in answer["error"]
