@@ -97,6 +97,7 @@ class Bridge:
         self._requests: dict[str, tuple[str, float, str]] = {}
         self._request_ids: dict[str, str] = {}  # mesh event id -> token, for no-responders
         self._tokens = itertools.count(1)
+        self._unmapped: list[tuple[str, Refusal]] = []  # requests refused here: reply to
         self._notices: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
 
     def start(self) -> None:
@@ -226,12 +227,16 @@ class Bridge:
                 remote, payload, reply = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            why = "outside the bridge's remote_prefix"
             try:
                 topic = swap_prefix(to_mesh(remote), self.cfg.remote_prefix, self.cfg.local_prefix)
-            except MappingError:
-                topic = None
+            except MappingError as e:
+                topic, why = None, str(e)
             if topic is None:
                 self.counters["refused"] += 1
+                if reply:  # a NATS requester hears why at once (the NATS pump answers)
+                    error = f"subject {remote!r} has no mesh topic: {why}"
+                    self._unmapped.append((reply, Refusal("", error, "topic")))
                 continue
             if reply and self.port.inbox:
                 token = str(next(self._tokens))
@@ -582,6 +587,10 @@ class NatsBridge(Bridge):
         self._tasks = {t for t in self._tasks if not t.done()}
         self._expire_requests()
         busy = self._drain_imports(sock, nats_to_mesh) or busy
+        unmapped, self._unmapped = self._unmapped, []
+        for reply, refusal in unmapped:
+            if nc.is_connected:
+                await nc.publish(reply, refusal.error.encode(), headers=_error(refusal))
         self._send_notices(sock)
         await asyncio.sleep(0 if busy else 0.005)
 

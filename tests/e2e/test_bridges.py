@@ -366,6 +366,10 @@ export = ["ext/>"]
         assert msg.headers["Nats-Service-Error-Code"] == "413"
         assert "exceeds the limit" in msg.headers["Nats-Service-Error"]
         assert time.monotonic() - start < 1.0
+        # ... and refused by the bridge (a subject with no mesh topic): the same
+        msg = await nc.request("svc.a/b", b"x", timeout=3)
+        assert msg.headers["Nats-Service-Error-Code"] == "400"
+        assert "holds '/'" in msg.headers["Nats-Service-Error"]
 
         # NATS responder <- mesh requester
         async def answer(m: Any) -> None:
