@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from typing import Any, Final, cast
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from meshctl.errors import InputError, NoResponders, RemoteError, Timeout, Unreachable
 from meshctl.url import resolve_server
@@ -252,18 +253,38 @@ class Client:
 
     def _hello(self) -> None:
         assert self._sock is not None
-        self._sock.send(self._hello_frame())
-        deadline = time.monotonic() + self.timeout
-        while not self.node:
-            if self._async_errors and self._async_errors[-1].code in ("auth", "limit"):
-                raise self._async_errors.pop()  # refused: say why rather than time out
-            if not self._pump(deadline):
+        curve = self._creds is not None and self.server.startswith("tcp://")
+        # With credentials, the CurveZMQ handshake's failures tell why no answer comes: a
+        # revoked or expired client was told "cannot reach a node" (found in review).
+        monitor = self._sock.get_monitor_socket(_HANDSHAKE_FAILED) if curve else None
+        try:
+            self._sock.send(self._hello_frame())
+            deadline = time.monotonic() + self.timeout
+            failed = ""  # a handshake failure seen: the reason, if no answer comes
+            while not self.node:
+                if self._async_errors and self._async_errors[-1].code in ("auth", "limit"):
+                    raise self._async_errors.pop()  # refused: say why rather than time out
+                step = deadline if monitor is None else min(deadline, time.monotonic() + 0.1)
+                if self._pump(step):
+                    continue
+                if monitor is not None:
+                    refused, failed = _handshake_failure(monitor, failed)
+                    if refused:  # the node's ZAP said no: no point in waiting
+                        raise Unreachable(f"the node at {self.server} {failed}")
+                    if time.monotonic() < deadline:
+                        continue
+                if failed:
+                    raise Unreachable(f"the node at {self.server} {failed}")
                 hint = "is `meshctl up` running there?"
                 if self.server.startswith("tcp://") and self._creds is None:
                     hint += " A secured node also needs client credentials: MESHCTL_CREDS"
                 raise Unreachable(
                     f"cannot reach a node at {self.server} within {self.timeout:g}s ({hint})"
                 )
+        finally:
+            if monitor is not None:
+                self._sock.disable_monitor()
+                monitor.close(linger=0)
 
     def _hello_frame(self) -> bytes:
         """HELLO, with our signed membership record when we use credentials over tcp."""
@@ -896,3 +917,28 @@ class Client:
             # "ref": None: nobody waits for these answers.
             self._send(encode_control(Kind.SUB, {"ref": None, "sid": sub.sid, **body}))
         self._last_pack = 0.0  # resend unacknowledged persistent events at the next wait
+
+
+_HANDSHAKE_FAILED: Final = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+def _handshake_failure(monitor: zmq.Socket[bytes], failed: str) -> tuple[bool, str]:
+    """(refused for good, why) from the socket monitor's handshake failures so far. Only
+    the node's refusal of our key is final; a broken handshake may be a node restarting,
+    so it only explains a timeout."""
+    while monitor.poll(0):
+        event = recv_monitor_message(monitor)["event"]
+        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            return True, (
+                "refused these client credentials (revoked, or blocked for a while after "
+                "failed attempts); new ones come from its operator: meshctl invite --client"
+            )
+        failed = (
+            "did not complete the CurveZMQ handshake: is the node key in the credentials "
+            "(or MESHCTL_SERVER_KEY) this node's, and is the node secured?"
+        )
+    return False, failed

@@ -540,3 +540,30 @@ def test_a_node_whose_record_expired_joins_again_with_a_new_token(
     b = make_node(name="b", data_dir=tmp_path / "b", secure=True, extra_args=again)
     assert security(b)["member_expires"] > time.time() + 300 * 86400
     wait_for(lambda: linked(b, "a") and linked(a, "b"), timeout=10, what="a and b linked")
+
+
+def test_a_revoked_client_is_told_that_its_credentials_were_refused(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Found by an exploratory test: a revoked client was told "cannot reach a node ...
+    is `meshctl up` running there?" after its whole timeout. The node's ZAP refuses its
+    key in the CurveZMQ handshake, and the client says so at once. Credentials with
+    another node key fail the handshake: after the timeout, the client says that."""
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    creds = tmp_path / "app.creds"
+    invite(a, "--client", "app", "-o", str(creds))
+    env = {"MESHCTL_CREDS": str(creds)}
+    assert run_cli("pub", "app/x", "1", server=a.tcp, env=env).returncode == 0
+    assert run_cli("revoke", "app", "--data-dir", str(a.data_dir)).returncode == 0
+    wait_for(lambda: security(a)["revocations"] >= 1, timeout=10, what="the revocation")
+    refused = run_cli("pub", "app/x", "2", "--timeout", "5", server=a.tcp, env=env)
+    assert refused.returncode == 1
+    assert "refused these client credentials" in refused.stderr, refused.describe()
+    assert refused.elapsed < 3, refused.describe()
+    doc = json.loads(creds.read_text())
+    doc["server_key"] = make_node(name="z", data_dir=tmp_path / "z", secure=True).status()[
+        "security"
+    ]["public_key"]
+    creds.write_text(json.dumps(doc))
+    wrong = run_cli("pub", "app/x", "3", "--timeout", "1", server=a.tcp, env=env)
+    assert "did not complete the CurveZMQ handshake" in wrong.stderr, wrong.describe()
