@@ -60,11 +60,12 @@ def passwd(
         if users.pop(name, None) is None:
             raise typer.BadParameter(f"no MQTT user {name!r} in {path}", param_hint="NAME")
         mqtt_auth.save_users(path, users)
-        note(f"removed MQTT user {name!r}")
+        note(f"removed MQTT user {name}")
         return
     rules = [*(pub_allow or []), *(pub_deny or []), *(sub_allow or []), *(sub_deny or [])]
     for pattern in rules:
         validate_pattern(pattern)  # a TopicError (exit 2) names the bad pattern
+        _no_mqtt_wildcards(pattern)
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -81,8 +82,21 @@ def passwd(
     verb = "updated" if name in users else "added"
     users[name] = mqtt_auth.User(name, mqtt_auth.hash_password(password), perms)
     mqtt_auth.save_users(path, users)
-    rules_text = "no restrictions" if perms.unrestricted else f"rules {perms.to_json()}"
-    note(f"{verb} MQTT user {name!r} ({rules_text})")
+    shown = "; ".join(f"{k} {', '.join(v)}" for k, v in perms.to_json().items() if v)
+    note(f"{verb} MQTT user {name} ({'no restrictions' if perms.unrestricted else shown})")
+
+
+def _no_mqtt_wildcards(pattern: str) -> None:
+    """Rules are mesh patterns, in which a '+' or '#' level is a literal name: 'a/+/b'
+    matched only a topic with a level named '+', which an MQTT client cannot publish
+    (found by an exploratory test). Say what to write instead."""
+    levels = pattern.split("/")
+    if "+" in levels or "#" in levels:
+        mesh = "/".join({"+": "*", "#": ">"}.get(x, x) for x in levels)
+        raise typer.BadParameter(
+            f"{pattern!r} uses MQTT wildcards; rules are mesh patterns: write {mesh!r}",
+            param_hint="rule",
+        )
 
 
 @mqtt_app.command("users")

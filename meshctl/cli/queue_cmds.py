@@ -96,7 +96,17 @@ def queue_info(
         print(dumps(info))
         return
     for key, value in info.items():
-        print(f"{key:>14}: {value}")
+        print(f"{key:>14}: {_shown(value)}")
+
+
+def _shown(value: object) -> str:
+    """A value as an operator reads it: lists joined, no Python reprs (found by an
+    exploratory test: "['orders/>']", "None")."""
+    if value is None:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value)) or "-"
+    return str(value)
 
 
 @queue_app.command("rm")

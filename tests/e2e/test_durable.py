@@ -61,6 +61,10 @@ def test_queue_commands_and_acked_consumption(make_node: NodeFactory) -> None:
     info = run_cli("queue", "info", "jobs", "--json", server=s).json_lines()[0]
     assert (info["depth"], info["consumers"]) == (3, 0)
     assert info["oldest_age_s"] >= 0
+    shown = run_cli("queue", "info", "jobs", server=s).stdout
+    assert "patterns: jobs/>" in shown, shown  # not "['jobs/>']" (exploratory test)
+    assert "None" not in shown, shown
+    assert "[" not in shown, shown
     r = run_cli("sub", "--queue", "jobs", "-n", "2", "--json", server=s)
     assert [e["data"] for e in r.json_lines()] == ["job 1", "job 2"]  # not acked
     r = run_cli("sub", "--queue", "jobs", "--ack", "-n", "3", "--json", server=s)

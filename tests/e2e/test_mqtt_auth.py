@@ -181,6 +181,10 @@ def test_a_new_password_keeps_the_users_rules(tmp_path: Path) -> None:
     assert rules() == ["a/>"]
     passwd("--unrestricted")
     assert rules() == []
+    # Found by an exploratory test: MQTT wildcards were taken as literal levels.
+    done = run_cli("mqtt", "passwd", "bob", "--password-stdin", "--sub-allow", "a/+/b", *where)
+    assert done.returncode == 2
+    assert "write 'a/*/b'" in done.stderr, done.describe()
 
 
 def test_a_persistent_session_is_dropped_when_the_rules_no_longer_allow_it(
