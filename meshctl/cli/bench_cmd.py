@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshctl.cli.options import JsonOpt, ServerOpt
-from meshctl.cli.output import dumps, note
+from meshctl.cli.output import dumps, note, out_console
 
 TARGET_RATIO = 0.3
 TARGET_P50_US = 250.0
@@ -202,7 +202,7 @@ def _node_suite(
 
 
 def _render(result: dict[str, Any], requests: int) -> None:
-    out = Console(highlight=False)
+    out = out_console()
     if "throughput" not in result:
         if "mesh" in result:
             _render_mesh(out, result["mesh"])

@@ -5,12 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.tree import Tree
 
 from meshctl.cli.options import JsonOpt, ServerOpt, TimeoutOpt
-from meshctl.cli.output import dumps
+from meshctl.cli.output import dumps, out_console
 from meshctl.client import connect
 from node.topics import validate_topic
 
@@ -37,7 +36,7 @@ def peers(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt
         t.add_row(
             r.get("name") or "?", r.get("id") or "?", r["address"], r["found"], state, rtt, age
         )
-    Console(highlight=False).print(t if rows else "no peers")
+    out_console().print(t if rows else "no peers")
 
 
 def mesh(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt = False) -> None:
@@ -65,7 +64,7 @@ def mesh(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt 
                 )
                 nxt.append((peer, child))
         frontier = nxt
-    out = Console(highlight=False)
+    out = out_console()
     out.print(tree)
     lost = [n for n in view["nodes"] if not n["reachable"]]
     for n in lost:
@@ -89,7 +88,7 @@ def routes(
     if json_out:
         print(dumps(view))
         return
-    out = Console(highlight=False)
+    out = out_console()
     out.print(f"[bold]{topic}[/]")
     if not view["local"] and not view["remote"]:
         out.print(

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from meshctl.cli.options import ConfigOpt, DataDirOpt, JsonOpt
-from meshctl.cli.output import dumps, note
+from meshctl.cli.output import dumps, note, out_console
 
 mqtt_app = typer.Typer(
     help="Users of the node's MQTT listener (on secured nodes MQTT clients need one).",
@@ -118,4 +117,4 @@ def users_cmd(
         p = u.perms
         rules = (p.pub_allow, p.pub_deny, p.sub_allow, p.sub_deny)
         table.add_row(u.name, *(", ".join(r) or "-" for r in rules))
-    Console().print(table)
+    out_console().print(table)

@@ -10,11 +10,10 @@ from collections import deque
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from meshctl.cli.options import HeaderOpt, JsonOpt, ServerOpt, TimeoutOpt, duration, parse_headers
-from meshctl.cli.output import dumps, event_json, iso_time, note, preview, write_line
+from meshctl.cli.output import dumps, event_json, iso_time, note, out_console, preview, write_line
 from meshctl.client import Client, connect
 from meshctl.errors import InputError, OperationalError, Timeout
 from node.events import Event
@@ -270,7 +269,7 @@ def tail(
     """Live view for operators: time, topic, size, payload preview and the running rate."""
     validate_pattern(pattern)
     patterns = [pattern] + (["$mesh/>"] if system and pattern != "$mesh/>" else [])
-    out = Console(highlight=False)
+    out = out_console()
     stamps: deque[float] = deque()
     with connect(server, name="meshctl tail") as client:
         subscription = client.subscribe(*patterns)

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshctl.cli.options import ConfigOpt, DataDirOpt, JsonOpt, ServerOpt, TimeoutOpt
-from meshctl.cli.output import dumps, note
+from meshctl.cli.output import dumps, note, out_console
 from meshctl.client import connect
 from meshctl.errors import OperationalError
 from node import datadir
@@ -316,7 +316,7 @@ def status(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOp
 
 
 def _render_status(s: dict[str, Any]) -> None:
-    out = Console(highlight=False)
+    out = out_console()
     c = s["counters"]
     out.print(
         f"[bold]{s['name']}[/] [dim]id[/] {s['id']}  [dim]mesh[/] {s['mesh']}  "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -14,6 +15,16 @@ from rich.markup import escape
 from node.events import Event
 
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+PIPED_WIDTH = 400  # columns of tables written to a pipe or file
+
+
+def out_console() -> Console:
+    """The console for a command's output. Piped, rich assumes 80 columns and cut
+    `peers`, `mesh` and `tail` lines short there (found by an exploratory test); a pipe
+    gets wide tables and unwrapped lines instead, unless COLUMNS says otherwise."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console(highlight=False)
+    return Console(highlight=False, width=PIPED_WIDTH, soft_wrap=True)
 
 
 def dumps(obj: object) -> str:

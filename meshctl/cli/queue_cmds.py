@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from meshctl.cli.options import JsonOpt, ServerOpt, TimeoutOpt, duration
-from meshctl.cli.output import dumps, note
+from meshctl.cli.output import dumps, note, out_console
 from meshctl.client import connect
 
 queue_app = typer.Typer(
@@ -83,7 +82,7 @@ def queue_ls(
             str(r["consumers"]),
             str(r["redeliveries"]),
         )
-    Console(highlight=False).print(t if rows else "no queues")
+    out_console().print(t if rows else "no queues")
 
 
 @queue_app.command("info")

@@ -218,13 +218,20 @@ def test_env_server_is_used(node: NodeProcess, bg: Background) -> None:
 
 
 def test_tail_shows_events(node: NodeProcess, bg: Background) -> None:
-    proc = bg.start("tail", "watch/>", "--count", "2", server=node.ipc, ready="tailing")
+    # As an operator's shell pipes it: no COLUMNS (the tests' environment sets one).
+    env = {"COLUMNS": ""}
+    proc = bg.start("tail", "watch/>", "-n", "3", server=node.ipc, ready="tailing", env=env)
+    long = "watch/" + "level/" * 12 + "end"  # piped, a line of ~150 columns
     publish(node.ipc, [("watch/a", "alpha"), ("other", "no"), ("watch/b", "beta")])
+    publish(node.ipc, [(long, "x" * 50)])
     assert proc.wait_exit() == 0, proc.describe()
     text = "\n".join(proc.lines)
     for expected in ("watch/a", "alpha", "watch/b", "beta"):
         assert expected in text, proc.describe()
     assert "other" not in text
+    # One line per event when piped: rich wrapped them at 80 columns (exploratory test).
+    assert len(proc.lines) == 3, proc.describe()
+    assert long in proc.lines[2]
 
 
 def test_tail_system_shows_mesh_events(node: NodeProcess, bg: Background) -> None:
