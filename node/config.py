@@ -193,13 +193,19 @@ def _links(v: object) -> tuple[str, ...]:
     out = []
     for i, item in enumerate(v):
         url = _str(item)
-        m = _LINK_URL.fullmatch(url)
-        if not m or not 0 < int(m.group(2)) < 65536:
-            rest = re.sub(r"^[a-z]*:?/*", "", url)
-            hint = f" (did you mean 'tcp://{rest}'?)" if rest and rest != url else ""
+        if not _link_ok(url):
+            # Suggest only a fix that holds: "tcp://host" once suggested "tcp://host".
+            rest = url.split("://", 1)[1] if "://" in url else re.sub(r"^[a-z]*:/+", "", url)
+            guess = "tcp://" + rest
+            hint = f" (did you mean {guess!r}?)" if guess != url and _link_ok(guess) else ""
             raise ValueError(f"[{i}] {url!r} is not a tcp://host:port URL{hint}")
         out.append(url)
     return tuple(out)
+
+
+def _link_ok(url: str) -> bool:
+    m = _LINK_URL.fullmatch(url)
+    return m is not None and 0 < int(m.group(2)) < 65536
 
 
 def _names(v: object) -> tuple[str, ...]:

@@ -188,6 +188,22 @@ def test_invalid_values_name_the_key(text: str, key: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("link", "hint"),
+    [
+        ("10.0.0.2:4850", " (did you mean 'tcp://10.0.0.2:4850'?)"),
+        ("udp://h:80", " (did you mean 'tcp://h:80'?)"),
+        ("tcp:/h:80", " (did you mean 'tcp://h:80'?)"),
+        ("tcp://host", ""),  # suggested 'tcp://host', the input itself (exploratory test)
+        ("tcp://h:99999", ""),  # and no fix that fails again
+    ],
+)
+def test_a_bad_link_suggests_only_a_fix_that_holds(link: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(f'[mesh]\nlinks = ["{link}"]', source="mesh.toml")
+    assert str(info.value).endswith(f"is not a tcp://host:port URL{hint}")
+
+
+@pytest.mark.parametrize(
     "text", ['[mesh]\nheartbeat = "5s"', '[mesh]\nheartbeat = "1s"\ndead_after = "1s"']
 )
 def test_a_dead_after_no_longer_than_the_heartbeat_is_refused(text: str) -> None:
