@@ -174,6 +174,21 @@ def test_publish_stdin_one_event_per_line(node: NodeProcess, bg: Background) -> 
     assert all(e["headers"] == {"k": "v"} for e in events)
 
 
+def test_a_stdin_stream_stopped_by_a_line_too_large_says_what_was_stored(
+    node: NodeProcess, bg: Background
+) -> None:
+    """Found by an exploratory test: the error named the limit but not which lines
+    before it had been stored."""
+    proc = bg.start("sub", "--json", "--count", "2", "lines", server=node.ipc)
+    big = b"x" * (2 << 20)
+    result = run_cli("pub", "-p", "lines", "-", server=node.ipc, input=b"a\nb\n" + big + b"\nc\n")
+    assert result.returncode == 2, result.describe()
+    assert result.err_lines[-1].startswith("error: line 3: payload of"), result.describe()
+    assert result.err_lines[-1].endswith("stopped there, 2 lines before it stored")
+    assert proc.wait_exit() == 0, proc.describe()
+    assert [e["data"] for e in proc.json_lines()] == ["a", "b"]
+
+
 def test_pub_json_receipt(node: NodeProcess) -> None:
     result = run_cli("pub", "receipt", "x", "--count", "4", "--json", server=node.ipc)
     assert result.returncode == 0, result.describe()
