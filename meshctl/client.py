@@ -100,7 +100,7 @@ def connect(
     return client
 
 
-def _load_creds(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+def load_creds(path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
     """A credentials file's keys and signed record; InputError names a bad file."""
     if path is None:
         return None
@@ -190,7 +190,7 @@ class Client:
         self.server = (
             server if server and server.startswith("inproc://") else resolve_server(server)
         )
-        self._creds = _load_creds(creds or os.environ.get("MESHCTL_CREDS") or None)
+        self._creds = load_creds(creds or os.environ.get("MESHCTL_CREDS") or None)
         self.name = name
         self.timeout = timeout
         self.node: dict[str, Any] = {}

@@ -145,10 +145,10 @@ def up(
     if cfg.uplink_url and not cfg.store:
         raise InputError("an uplink spools to the store: set store.enabled = true")
     if cfg.uplink_url and cfg.uplink_creds:
-        from meshctl.client import _load_creds  # noqa: PLC0415 - only with an uplink
+        from meshctl.client import load_creds  # noqa: PLC0415 - only with an uplink
 
         try:  # now, as a bridge's TLS files are: it only logged 'down' (found in review)
-            _load_creds(cfg.uplink_creds)
+            load_creds(cfg.uplink_creds)
         except InputError as e:
             raise ConfigError(str(config or "config"), "uplink.creds", str(e)) from None
     mqtt_tls, bridge_tls = _tls_contexts(cfg, config)
