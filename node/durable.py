@@ -259,6 +259,8 @@ class Durable:
     def end_pass(self, now: float, out: Output) -> None:
         """Write what the pass staged, commit, then release acks, routes and deliveries."""
         if not (self._work or self.replays or self.store.pending):
+            if self.spool is not None:
+                self.spool.committed()  # none of its deletes is pending: nothing was written
             return  # an idle pass costs nothing here (request-reply runs many of them)
         self._work = False
         p, self.p = self.p, _Pass()
@@ -378,10 +380,10 @@ class Durable:
                 else:
                     self.spool.trim_log(self.store, *bounds)
         except StoreError as e:
+            # A failed write rolled the pass back: its commit fails, and _failed tells the
+            # spool. A failed read did not: the spool's deletes still commit (review).
             self.errors += 1
             self.last_error = str(e)
-            if self.spool is not None:
-                self.spool.failed()  # its deletes were rolled back with the pass
 
     def _prune_seen(self, cutoff_ns: int) -> None:
         """Forget ids older than the window (the log keeps them for a restart), and never

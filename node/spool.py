@@ -137,6 +137,19 @@ class Spool:
             if mask:
                 self._add(seq, mask, len(record))
 
+    def _behind(self, over: int) -> int:
+        """The readers to blame for ``over`` bytes: the furthest behind first, until they
+        account for it. Every reader with something unsent was blamed before, so an uplink
+        with one event in flight at the check had its topics refused while a bridge was
+        away (found in review)."""
+        full = 0
+        for r in sorted(self.readers, key=lambda r: r.bytes, reverse=True):
+            if over <= 0 or not r.entries:
+                break
+            full |= r.bit
+            over -= r.bytes
+        return full
+
     def refuses(self, topic: str, flags: int) -> bool:
         """With overflow = refuse and the bound reached, an event that a reader which is
         behind would carry is refused (and counted). Only those: one reader behind
@@ -154,8 +167,7 @@ class Spool:
         if not self._sync(store):
             return
         if self.refuse:
-            over = self.live_bytes > self.max_bytes
-            self.full = sum(r.bit for r in self.readers if r.entries) if over else 0
+            self.full = self._behind(self.live_bytes - self.max_bytes)
         elif self.live_bytes > self.max_bytes:
             self._drop_oldest(store)
 
@@ -307,7 +319,11 @@ class Spool:
         gone = 0
         if self.dead:
             self.dead.sort()  # the oldest first: they were sent, and are the log's again
-            old = self._dead_older_than(store, cutoff)
+            # Sent entries go for age as the log's oldest end does: up to the first young
+            # entry from the first of them, so an old one waits behind a young one (the
+            # clock stepped back). A bisection by their times took a young one (review).
+            young_from = store.log_before_time(cutoff, after=self.dead[0][0] - 1)
+            old = bisect_right(self.dead, (young_from, 1 << 62))
             cut, freed = 0, 0
             for _seq, bytes_ in self.dead:
                 if cut >= old and freed >= over:
@@ -353,28 +369,18 @@ class Spool:
                 if len(keep) >= walk:
                     upto = seqs[k]
                     break
-        self._dirty = True
+        was, self._dirty = self._dirty, True  # before the write: a failed one counts too
         n, size = store.log_delete_except(self.trimmed, upto, keep)
+        if not n:  # nothing of the log changed (review: a clean pass never committed)
+            self._dirty = was
         self.trimmed = upto
         return n, size, len(keep)
-
-    def _dead_older_than(self, store: Store, cutoff_ns: int) -> int:
-        """How many of the (sorted) ``dead`` entries are older than ``cutoff_ns``: a
-        bisection by their time in the log (in time order but for a clock that stepped
-        back), ~20 lookups by key rather than a time kept for each entry."""
-        lo, hi = 0, len(self.dead)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            t = store.log_time(self.dead[mid][0])
-            if t is None or t < cutoff_ns:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
 
     # ---- the pass's outcome ---------------------------------------------------------------
 
     def committed(self) -> None:
+        if not (self._dirty or self._uncommitted):
+            return  # the common case, on every idle pass
         self._dirty = False
         self._uncommitted = 0
         for r in self.readers:

@@ -308,11 +308,6 @@ class Store:
         )
         return int(young[0][0]) - 1 if young else self.log_head()
 
-    def log_time(self, seq: int) -> int | None:
-        """The time of entry ``seq``; None if there is none."""
-        row = self.read("SELECT time_ns FROM log WHERE seq = ?", (seq,))
-        return int(row[0][0]) if row else None
-
     def log_seq_after(self, after: int, count: int) -> int:
         """The sequence of the ``count``-th entry after ``after`` (the head if fewer)."""
         row = self.read(

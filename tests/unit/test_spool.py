@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 from node import spool as spool_module
 from node.codec import F_PERSISTENT, encode_record
 from node.datadir import read_cursor, write_cursor
+from node.durable import Durable, DurableConfig, _Pass
 from node.spool import COMPACT_AT, Spool, SpoolReader
-from node.store import Store, open_store
+from node.store import Store, StoreError, open_store
 from node.topics import matches
 
 TOPICS = ("a/x", "a/y", "b/x", "c/x")
@@ -410,4 +411,103 @@ def test_sent_entries_keep_their_age_for_the_trim(tmp_path: Path) -> None:
     assert spool.trim_log(store, MiB, 10, 60) == 2  # the two older than 50 go
     store.commit()
     assert [t for (_s, t) in store.db.execute("SELECT seq, time_ns FROM log")] == [50, 51]
+    store.close()
+
+
+class Recorder:
+    """The Durable core's output, kept: what a Router would send after a commit."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[object, ...]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args: self.calls.append((name, args))
+
+
+def test_a_trim_over_an_empty_range_is_no_delete_of_the_pass(tmp_path: Path) -> None:
+    """Found in the second review: a trim whose range held no row still counted as the
+    spool's deletes in the pass; nothing was written, so no commit cleared it, and the
+    next failed pass threw the index away. Here: a node starting on a log the trim had
+    emptied (its head kept), through Durable."""
+    (uplink,) = readers(tmp_path)[:1]
+    store = open_store(tmp_path)
+    store.log_append([row("c/x", True, 10, 1) for _ in range(50)])
+    store.commit()
+    store.log_trim(0, 0, 10)
+    store.commit()
+    write_cursor(uplink.cursor_path, 50)
+    d = Durable(store, DurableConfig(spool_readers=(uplink,), log_max_age=1.0), lambda: 10**12)
+    d.tick(0.0)
+    d.end_pass(0.0, Recorder())  # idle: nothing to commit
+    assert not store.pending
+    d._failed(_Pass(), [], "disk I/O error", Recorder())
+    assert d.spool is not None
+    assert not d.spool.stale
+    store.close()
+
+
+def test_the_age_bound_keeps_a_young_sent_entry_behind_which_old_ones_wait(
+    tmp_path: Path,
+) -> None:
+    """Found in the second review: sent entries were aged by a bisection that assumed
+    time order; with the clock stepped back ([200, 50, 60], cutoff 100) all three were
+    taken as old, and the young one went. Old ones wait behind a young one, as in the
+    rest of the log."""
+    (uplink,) = readers(tmp_path)[:1]
+    store = open_store(tmp_path)
+    spool = Spool((uplink,), MiB, refuse=False)
+    spool.check(store)
+    for t in (200, 50, 60):
+        append(store, spool, [row("a/x", True, 10, t)])
+    append(store, spool, [row("c/x", True, 10, 61)])  # nobody's: the size trim takes it
+    spool.trim_log(store, 0, 10**18, 1000)  # steps over the three live ones
+    store.commit()
+    write_cursor(uplink.cursor_path, 3)
+    spool.check(store)
+    assert len(spool.dead) == 3
+    spool.trim_log(store, 10**12, 200, 300)  # age only: cutoff 100
+    store.commit()
+    assert [t for (t,) in store.db.execute("SELECT time_ns FROM log")] == [200, 50, 60]
+    store.close()
+
+
+def test_refuse_does_not_blame_a_reader_with_one_event_in_flight(tmp_path: Path) -> None:
+    """Found in the second review: with a bridge 20 kB behind under a 10 kB bound, an
+    uplink with one event in flight at the check had its own topics refused."""
+    uplink = SpoolReader("uplink", tmp_path / "u.cursor", ("a/>",), False, from_start=True)
+    bridge = SpoolReader("bridge b", tmp_path / "b.cursor", ("b/>",), persistent_only=True)
+    write_cursor(bridge.cursor_path, 0)
+    store = open_store(tmp_path)
+    store.log_append([row("b/x", True, 1000, 1) for _ in range(20)])
+    store.log_append([row("a/y", False, 10, 2)])
+    store.commit()
+    write_cursor(uplink.cursor_path, store.log_head() - 1)
+    spool = Spool((uplink, bridge), 10_000, refuse=True)
+    spool.check(store)
+    assert spool.refuses("b/x", F_PERSISTENT)
+    assert not spool.refuses("a/y", 0)
+    store.close()
+
+
+def test_a_failed_read_in_the_tick_leaves_the_drop_count_alone(tmp_path: Path) -> None:
+    """Found in the second review: any store error in the tick made the spool take back
+    its drops, but a failed read rolls nothing back: the deletes committed and 'dropped'
+    said 0."""
+    (uplink,) = readers(tmp_path)[:1]
+    store = open_store(tmp_path)
+    store.log_append([row("a/x", True, 100, 1) for _ in range(20)])
+    store.commit()
+    d = Durable(store, DurableConfig(spool_readers=(uplink,), spool_max_bytes=1370), lambda: 1)
+
+    def failing_read(*_a: object, **_k: object) -> int:
+        raise StoreError("disk I/O error")
+
+    real = store.log_before_time
+    store.log_before_time = failing_read  # type: ignore[method-assign]
+    d.tick(0.0)  # drop-oldest deletes, then the trim's first read fails
+    store.log_before_time = real  # type: ignore[method-assign]
+    d.end_pass(0.0, Recorder())
+    assert d.spool is not None
+    left = store.log_stats()[0]
+    assert 0 < d.spool.dropped == 20 - left
     store.close()
