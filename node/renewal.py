@@ -40,6 +40,10 @@ class RenewalError(NodeError):
     """The node that enrolls could not be asked, or its answer does not hold."""
 
 
+class BadAddress(RenewalError):
+    """The address or key to ask at is unusable (a token's, a join link's)."""
+
+
 def expires(signed: dict[str, Any]) -> int:
     """When a signed record expires (unix seconds; 0 if it says nothing readable)."""
     rec = signed.get("rec")
@@ -61,8 +65,11 @@ def ask(
     s.linger = 0
     try:
         s.curve_publickey, s.curve_secretkey = keys
-        s.curve_serverkey = server_key.encode()
-        s.connect(url)
+        try:  # a token's or join link's own parts: a bad one said "internal error: ZMQError"
+            s.curve_serverkey = server_key.encode()
+            s.connect(url)
+        except (zmq.ZMQError, ValueError) as e:
+            raise BadAddress(f"cannot connect to {url!r} with key {server_key!r}: {e}") from None
         s.send(encode_control(Kind.ENROLL, body))
         if not s.poll(int(timeout * 1000)):
             raise RenewalError(

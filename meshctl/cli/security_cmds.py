@@ -259,6 +259,8 @@ def _enroll(where: Path, token: membership.Token, node_id: str, name: str, timeo
     }
     try:
         kind, answer = renewal.ask(token.url, token.server_key, (public, secret), body, timeout)
+    except renewal.BadAddress as e:
+        raise InputError(f"--join: the token is unusable: {e}") from None
     except renewal.RenewalError as e:
         raise OperationalError(str(e)) from None
     if kind != Kind.OK:

@@ -340,6 +340,14 @@ def test_bad_tokens_are_usage_errors(tmp_path: Path) -> None:
     assert "join token" in done.stderr
     both = run_cli("up", "--data-dir", str(tmp_path / "d"), "--join", "x", "--insecure")
     assert both.returncode == 2
+    # Found in review: a token whose address is unusable ended in "internal error".
+    bad = ms.Token(
+        mesh="m", mesh_pk="00" * 32, url="tcp://nohost:", server_key="x" * 40,
+        token_id="ab", secret="cd", expires=int(time.time() + 600),
+    )  # fmt: skip
+    done = run_cli("up", "--data-dir", str(tmp_path / "e"), "--join", bad.encode())
+    assert done.returncode == 2, done.describe()
+    assert done.err_lines[-1].startswith("error: --join: the token is unusable: cannot connect")
 
 
 def test_member_client_sending_2mib_gets_the_payload_error_others_carry_on(
