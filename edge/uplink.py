@@ -160,7 +160,9 @@ class Uplink(threading.Thread):
         """One connection to the cloud, until it fails or we are stopped."""
         creds = self.s.creds or None
         name = f"uplink {self.s.node_name}"
-        with connect(self.s.url, name=name, timeout=2.0, creds=creds) as cloud:
+        with connect(
+            self.s.url, name=name, timeout=2.0, creds=creds, cancel=self._stopping
+        ) as cloud:
             self.cloud_id = cloud.node_id
             consumer = None
             if self.s.imports:

@@ -159,7 +159,7 @@ class Durable:
         stored: it is acknowledged again but not routed again)."""
         self._work = True
         raw = record[_ID]
-        if self._spool_refuses(topic, record[8]):
+        if self._spool_refuses(topic, record[8], len(record)):
             self.p.refused.setdefault(ident, []).append(raw.hex())
             return False
         ack = self.p.acks.setdefault(ident, [])
@@ -169,19 +169,22 @@ class Durable:
             return False
         self.seen[raw] = self.wall_ns()  # now: idle passes do not move any clock here
         self.p.dedupe.append(raw)
-        self.stage(record, topic, route, local=True)
+        self.stage(record, topic, route, local=True, admitted=True)
         self.p.held.append(Held(ident, record, route))
         return True
 
-    def stage(self, record: bytes, topic: str, route: Any, *, local: bool) -> None:
-        """Log, capture and retain one event as its flags and route say."""
+    def stage(
+        self, record: bytes, topic: str, route: Any, *, local: bool, admitted: bool = False
+    ) -> None:
+        """Log, capture and retain one event as its flags and route say. ``admitted``:
+        ``persist`` has already asked the spool (and counted it there)."""
         self._work = True
         flags = record[8]
         # The node's clock, not the publisher's: a device without a real-time clock must
         # not have its events aged out of the log (or replayed from 1970) at once.
         t_ns = self.wall_ns()
         keep = route.log == LOG_ALL or (flags & F_PERSISTENT and (local or route.log))
-        if keep and not self._spool_refuses(topic, flags):
+        if keep and (admitted or not self._spool_refuses(topic, flags, len(record))):
             self.p.log.append((record[_ID], topic, t_ns, record))
         if flags & F_PERSISTENT and route.queues:
             self.queues.capture(route.queues, record[_ID], record, t_ns)
@@ -223,10 +226,10 @@ class Durable:
         self._staged_retained += grow
         return True
 
-    def _spool_refuses(self, topic: str, flags: int) -> bool:
+    def _spool_refuses(self, topic: str, flags: int, size: int) -> bool:
         """With overflow = refuse and the spool full, events for a reader that is behind
         are refused."""
-        return self.spool is not None and self.spool.refuses(topic, flags)
+        return self.spool is not None and self.spool.refuses(topic, flags, size)
 
     def ack(self, ident: bytes, sid: int, ids: list[bytes]) -> str | None:
         """A consumer acknowledged deliveries; an error text if ``sid`` is no consumer."""
@@ -516,7 +519,14 @@ class Durable:
             "duplicates": self.duplicates,
             "errors": self.errors,
             "last_error": self.last_error,
-            "log": {"entries": n, "bytes": size, "first_seq": first, "head_seq": first + n - 1},
+            # The head, not first + n - 1: the log has holes where it was trimmed around
+            # the spool (exploratory test).
+            "log": {
+                "entries": n,
+                "bytes": size,
+                "first_seq": first,
+                "head_seq": self.store.log_head(),
+            },
             "retained": len(self.retained),
             "retained_replicas_in": self.replicas,
             "retained_bytes": self.retained_bytes,

@@ -111,7 +111,7 @@ class Permissions:
             if matches(p, topic):
                 return f"publish to {topic!r} denied by rule pub_deny {p!r}"
         if self.pub_allow and not any(matches(p, topic) for p in self.pub_allow):
-            return f"publish to {topic!r} not allowed by pub_allow {list(self.pub_allow)}"
+            return f"publish to {topic!r} not allowed by pub_allow {', '.join(self.pub_allow)}"
         return None
 
     def check_subscribe(self, pattern: str) -> str | None:
@@ -122,7 +122,7 @@ class Permissions:
             if overlaps(p, pattern):
                 return f"subscribe to {pattern!r} denied by rule sub_deny {p!r}"
         if self.sub_allow and not any(covers(p, pattern) for p in self.sub_allow):
-            return f"subscribe to {pattern!r} not allowed by sub_allow {list(self.sub_allow)}"
+            return f"subscribe to {pattern!r} not allowed by sub_allow {', '.join(self.sub_allow)}"
         return None
 
 

@@ -21,6 +21,7 @@ has expired cannot be renewed that way: such a node joins again with a new token
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -126,10 +127,10 @@ class Renewal:
         try:
             links = join_links(self.sec.data_dir)
         except (NodeError, OSError) as e:
-            self.log(f"membership expires soon and its join link is unreadable: {e}")
+            self.log(f"membership expires {_day(creds.member)}; its join link is unreadable: {e}")
             return None
         if not links:
-            self.log("membership expires soon and there is no join link to renew it at")
+            self.log(f"membership expires {_day(creds.member)}; no join link to renew it at")
             return None
         self._thread = threading.Thread(
             target=self._ask, args=(links[0], wall), name="meshctl-renewal", daemon=True
@@ -160,6 +161,14 @@ class Renewal:
             if expires(signed) <= expires(sec.creds.member):  # an authority's clock behind
                 raise RenewalError(f"{url} answered with a record that expires no later")
         except (RenewalError, ms.MembershipError, zmq.ZMQError) as e:
-            self.log(f"membership renewal failed (again in {CHECK_EVERY / 60:g} min): {e}")
+            self.log(
+                f"membership renewal failed (it expires {_day(sec.creds.member)}; again in "
+                f"{CHECK_EVERY / 60:g} min): {e}"
+            )
             return
         self._got = signed
+
+
+def _day(signed: dict[str, Any]) -> str:
+    """When a record expires, as an operator reads it in a log line."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(expires(signed)))

@@ -173,8 +173,17 @@ def remember_member(data_dir: Path, *, node: str, name: str, key: str, role: str
 
 
 def join_links(data_dir: Path) -> list[tuple[str, str]]:
-    """Static links learnt at enrollment: (url, CurveZMQ server key)."""
-    return [(d["url"], d["key"]) for d in _read_json(data_dir / JOIN_LINKS_FILE, [])]
+    """Static links learnt at enrollment: (url, CurveZMQ server key). ConfigError names
+    a file of another shape (it ended in 'internal error: TypeError', exploratory test)."""
+    path = data_dir / JOIN_LINKS_FILE
+    links = _read_json(path, [])
+    ok = isinstance(links, list) and all(
+        isinstance(d, dict) and isinstance(d.get("url"), str) and isinstance(d.get("key"), str)
+        for d in links
+    )
+    if not ok:
+        raise ConfigError(str(path), "", 'expected [{"url": "tcp://...", "key": "..."}]')
+    return [(d["url"], d["key"]) for d in links]
 
 
 def issue_token(data_dir: Path, *, url: str, ttl: float, uses: int, now: float) -> ms.Token:

@@ -40,9 +40,17 @@ def _isolated_home() -> Iterator[Path]:
 
 
 @pytest.fixture
-def make_node(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[NodeFactory]:
+def make_node(
+    tmp_path: Path, request: pytest.FixtureRequest, short_tmp: Path
+) -> Iterator[NodeFactory]:
     """Start nodes (optionally with a config or a given data dir); all stopped after the test,
-    and their logs printed if it failed."""
+    and their logs printed if it failed.
+
+    It asks for ``short_tmp`` so that the nodes stop before that directory is removed: a
+    test that asked for ``make_node`` first had its nodes' data dirs deleted under them
+    (an uplink's cursor write failed: the "traceback in the log" teardown error seen once
+    in a while since session 8)."""
+    del short_tmp  # only its order matters
     started: list[NodeProcess] = []
 
     def make(

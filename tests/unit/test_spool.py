@@ -374,8 +374,8 @@ def test_refuse_holds_back_only_the_topics_of_a_reader_that_is_behind(tmp_path: 
     write_cursor(bridge.cursor_path, store.log_head())
     spool = Spool((uplink, bridge), 10_000, refuse=True)
     spool.check(store)
-    assert spool.refuses("a/x", F_PERSISTENT)
-    assert not spool.refuses("b/x", F_PERSISTENT)
+    assert spool.refuses("a/x", F_PERSISTENT, 10)
+    assert not spool.refuses("b/x", F_PERSISTENT, 10)
     assert spool.status()["readers"]["uplink"]["full"]  # type: ignore[index]
     store.close()
 
@@ -484,8 +484,8 @@ def test_refuse_does_not_blame_a_reader_with_one_event_in_flight(tmp_path: Path)
     write_cursor(uplink.cursor_path, store.log_head() - 1)
     spool = Spool((uplink, bridge), 10_000, refuse=True)
     spool.check(store)
-    assert spool.refuses("b/x", F_PERSISTENT)
-    assert not spool.refuses("a/y", 0)
+    assert spool.refuses("b/x", F_PERSISTENT, 10)
+    assert not spool.refuses("a/y", 0, 10)
     store.close()
 
 
@@ -510,4 +510,20 @@ def test_a_failed_read_in_the_tick_leaves_the_drop_count_alone(tmp_path: Path) -
     assert d.spool is not None
     left = store.log_stats()[0]
     assert 0 < d.spool.dropped == 20 - left
+    store.close()
+
+
+def test_refuse_holds_the_bound_within_one_pass(tmp_path: Path) -> None:
+    """Found by an exploratory test: the bound was checked every 0.5 s only, so one burst
+    of 2,000 persistent exports (4 MB) was accepted under a 1 MiB bound. What the pass
+    has accepted counts toward the bound at once."""
+    (uplink,) = readers(tmp_path)[:1]
+    store = open_store(tmp_path)
+    spool = Spool((uplink,), 10_000, refuse=True)
+    spool.check(store)  # the cloud away, nothing spooled yet
+    taken = [spool.refuses("a/x", F_PERSISTENT, 1000) for _ in range(20)]
+    assert taken == [False] * 10 + [True] * 10
+    assert not spool.refuses("c/x", F_PERSISTENT, 1000)  # nobody's: not the spool's
+    append(store, spool, [row("a/x", True, 1000 - 39, 1) for _ in range(10)])
+    assert spool.refuses("a/x", 0, 1000)  # committed, still over: refused
     store.close()
