@@ -603,8 +603,12 @@ def with_overrides(
         try:
             changes[attr] = field.check(raw)
         except ValueError as e:
-            raise ConfigError(source, f"--{attr.replace('_', '-')}", str(e)) from None
+            option = _OPTIONS.get(attr, f"--{attr.replace('_', '-')}")
+            raise ConfigError(source, option, str(e)) from None
     return replace(config, **changes)
+
+
+_OPTIONS: Final = {"links": "--link"}  # options not named as their attribute is
 
 
 def _toml_value(value: object) -> str:

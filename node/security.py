@@ -168,7 +168,10 @@ def remember_member(data_dir: Path, *, node: str, name: str, key: str, role: str
     """Note a member this authority signed, so `meshctl revoke NAME` can find its key."""
     path = data_dir / MEMBERS_FILE
     members = _read_json(path, [])
-    members.append({"node": node, "name": name, "key": key, "role": role})
+    entry = {"node": node, "name": name, "key": key, "role": role}
+    if entry in members:
+        return  # enrolled again with the same keys: once is enough to revoke it
+    members.append(entry)
     path.write_text(json.dumps(members))
 
 

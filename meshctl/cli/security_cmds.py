@@ -197,6 +197,8 @@ def revoke(
     except (OSError, ValueError):
         members = []
     found = [m for m in members if who in (m["node"], m["name"])]
+    # One revocation per key: an older members.json lists a node once per enrolment.
+    found = list({(m["node"], m["key"]): m for m in found}.values())
     if not found:
         raise InputError(f"{who!r} is not a member enrolled from this data dir ({where})")
     for m in found:

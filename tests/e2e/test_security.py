@@ -548,6 +548,9 @@ def test_a_node_whose_record_expired_joins_again_with_a_new_token(
     b = make_node(name="b", data_dir=tmp_path / "b", secure=True, extra_args=again)
     assert security(b)["member_expires"] > time.time() + 300 * 86400
     wait_for(lambda: linked(b, "a") and linked(a, "b"), timeout=10, what="a and b linked")
+    # Enrolled twice with the same keys, revoked once (it said so once per enrolment).
+    done = run_cli("revoke", "b", "--data-dir", str(a.data_dir))
+    assert done.stderr.count("revoked node b") == 1, done.describe()
 
 
 def test_a_revoked_client_is_told_that_its_credentials_were_refused(

@@ -301,6 +301,7 @@ def test_with_overrides_applies_and_checks() -> None:
         ({"max_payload": "huge"}, "--max-payload"),
         ({"log_level": "loud"}, "--log-level"),
         ({"mesh": "a b"}, "--mesh"),
+        ({"links": ["tcp://h:0"]}, "--link"),  # it said --links (exploratory test)
     ],
 )
 def test_with_overrides_names_the_option(overrides: dict[str, object], key: str) -> None:
