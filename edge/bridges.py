@@ -161,10 +161,10 @@ class Bridge:
     _next_stats = 0.0
 
     def _count_spool(self) -> None:
-        """Count what waits for ``status``, every second, less often when counting is
-        costly (it walks every unsent entry), whether the remote is up or not. It was
-        counted only on idle rounds and cleared on every other one: a stuck spool showed
-        no entries, an idle one none half the time (found in review)."""
+        """The spool's oldest age for ``status`` (the node adds its counts), every second,
+        whether the remote is up or not. It was counted only on idle rounds and cleared
+        on every other one: a stuck spool showed no entries, an idle one none half the
+        time (found in review)."""
         now = time.monotonic()
         if self.spool is None or now < self._next_stats:
             return
@@ -579,8 +579,8 @@ class NatsBridge(Bridge):
                     await nc.publish(pending[0], b"", headers={"Status": NATS_NO_RESPONDERS})
             for refusal in incoming.refused:  # the node dropped the request: say why at once
                 pending = self._forget_request(self._request_ids.get(refusal.request, ""))
-                if pending is not None and nc.is_connected:
-                    await nc.publish(pending[0], refusal.error.encode(), headers=_error(refusal))
+                if pending is not None:
+                    await _answer_error(nc, pending[0], refusal)
         if self.spool is not None and nc.is_connected:
             busy = await self._drain_spool_nats(nc) or busy
         self._count_spool()
@@ -589,17 +589,18 @@ class NatsBridge(Bridge):
         busy = self._drain_imports(sock, nats_to_mesh) or busy
         unmapped, self._unmapped = self._unmapped, []
         for reply, refusal in unmapped:
-            if nc.is_connected:
-                await nc.publish(reply, refusal.error.encode(), headers=_error(refusal))
+            await _answer_error(nc, reply, refusal)
         self._send_notices(sock)
         await asyncio.sleep(0 if busy else 0.005)
 
 
-def _error(refusal: Refusal) -> dict[str, str]:
+async def _answer_error(nc: Any, reply: str, refusal: Refusal) -> None:
     """A NATS service error reply (the headers of the NATS services API, nats.micro), so a
     requester learns at once why the mesh refused its request instead of timing out."""
-    code = _ERROR_CODES.get(refusal.code, "400")
-    return {"Nats-Service-Error": refusal.error, "Nats-Service-Error-Code": code}
+    if nc.is_connected:
+        code = _ERROR_CODES.get(refusal.code, "400")
+        headers = {"Nats-Service-Error": refusal.error, "Nats-Service-Error-Code": code}
+        await nc.publish(reply, refusal.error.encode(), headers=headers)
 
 
 def start_bridges(

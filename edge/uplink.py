@@ -99,7 +99,7 @@ class Uplink(threading.Thread):
         self.refused = 0  # persistent exports the cloud refused for good, skipped
         self.refused_in = 0  # events from the cloud this node refused for good
         self.received = 0
-        self.spool: dict[str, Any] = {"entries": 0, "bytes": 0, "oldest_age_s": None}
+        self.spool: dict[str, Any] = {"oldest_age_s": None}  # status adds the node's counts
         self.cursor = 0
         self._next_stats = 0.0
 
@@ -286,9 +286,8 @@ class Uplink(threading.Thread):
             local.forward(record, persistent=False)
 
     def _stats(self, db: LogReader) -> None:
-        """Count the unsent spool for ``status``, every second, or less often when the
-        count is costly: it walks every unsent entry (~160 ms at 256 MiB), and while the
-        cloud is away that would take a sixth of a core on a small device."""
+        """The spool's oldest age for ``status``, every second, or less often should the
+        look-up be costly (it once walked every unsent entry, ~160 ms at 256 MiB)."""
         now = time.monotonic()
         if now < self._next_stats:
             return

@@ -431,13 +431,11 @@ def _render_durable(out: Console, s: dict[str, Any]) -> None:
         spool = up["spool"]
         age = "" if spool["oldest_age_s"] is None else f", oldest {_ago(spool['oldest_age_s'])}"
         node_spool = st.get("spool") or {}
-        # The node's count of what the uplink carries; the uplink's own counts every
-        # log entry after its cursor, exports or not.
-        mine = (node_spool.get("readers") or {}).get("uplink") or spool
-        lost = mine.get("dropped", 0) + node_spool.get("refused", 0)
+        dropped = (node_spool.get("readers") or {}).get("uplink", {}).get("dropped", 0)
+        lost = dropped + node_spool.get("refused", 0)
         out.print(
             f"[dim]uplink[/] {up['url']} {state}  sent {up['sent']}  received "
-            f"{up['received']}  [dim]spool[/] {mine['entries']} events, {mine['bytes']} B"
+            f"{up['received']}  [dim]spool[/] {spool['entries']} events, {spool['bytes']} B"
             f"{age}" + (f"  [red]lost to overflow {lost}[/]" if lost else "")
         )
 
