@@ -494,7 +494,8 @@ class Client:
             first = chosen[0]
             ids = tuple(i for e in chosen for i in e.ids)
             more = len(ids) - len(first.ids)
-            raise RemoteError(f"{first} (and {more} more)" if more else str(first), first.code, ids)
+            message = f"{first} (and {more} more)" if more else str(first)
+            raise RemoteError(message, first.code, ids, reason=str(first))
 
     def _resend_unacked(self) -> None:
         """Send every unacknowledged persistent event again, same ids, in order."""

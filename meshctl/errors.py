@@ -44,7 +44,10 @@ class RemoteError(OperationalError):
     """The node refused an operation and said why; ``ids``: the persistent events it
     concerns (refused by ``confirm``), if any."""
 
-    def __init__(self, message: str, code: str = "", ids: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, message: str, code: str = "", ids: tuple[str, ...] = (), reason: str = ""
+    ) -> None:
         self.code = code
         self.ids = ids
+        self.reason = reason or message  # without the "(and N more)" of a refusal of many
         super().__init__(message)

@@ -193,6 +193,12 @@ def _links(v: object) -> tuple[str, ...]:
     out = []
     for i, item in enumerate(v):
         url = _str(item)
+        base, hash_, key = url.partition("#")
+        if hash_ and _link_ok(base) and not _link_ok(url):
+            raise ValueError(
+                f"[{i}] {url!r}: the key after '#' must be the node's CurveZMQ public key, "
+                f"40 Z85 characters (`meshctl status` shows it); got {len(key)}"
+            )
         if not _link_ok(url):
             # Suggest only a fix that holds: "tcp://host" once suggested "tcp://host".
             rest = url.split("://", 1)[1] if "://" in url else re.sub(r"^[a-z]*:/+", "", url)

@@ -238,9 +238,12 @@ def check_member(
     )
 
 
-def revocation_record(*, mesh: str, node: str, key: str, at: int) -> dict[str, Any]:
-    """The unsigned revocation of one member (node id and curve key)."""
-    return {"t": "revoke", "mesh": mesh, "node": node, "key": key, "at": at}
+def revocation_record(
+    *, mesh: str, node: str, key: str, at: int, role: str = "node"
+) -> dict[str, Any]:
+    """The unsigned revocation of one member (node id or client name, and curve key).
+    ``role`` only words the log line; records from before it carry none (read as a node)."""
+    return {"t": "revoke", "mesh": mesh, "node": node, "key": key, "at": at, "role": role}
 
 
 def check_revocation(signed: object, *, mesh: str, mesh_pk: bytes) -> dict[str, Any]:

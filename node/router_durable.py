@@ -6,12 +6,15 @@ A mixin of node/router.py's Router, split out to keep modules small.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Final
 
 from node.codec import F_PERSISTENT, F_RETAIN, RECORD_SIZE, Kind, with_flags
 from node.errors import CodecError
 from node.mesh import NO_PLAN
 from node.sessions import Client, Route, SubRef
+
+log = logging.getLogger("meshctl.node")
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -158,6 +161,9 @@ class DurableSide:
         if self.durable is not None:
             try:
                 self.durable.tick(now)
+                spool = self.durable.spool
+                if spool is not None and (lost := spool.losses(now)) is not None:
+                    log.warning(lost)
             except Exception as e:  # as in end_pass
                 self._internal_error("a timer", e)
 

@@ -260,13 +260,16 @@ def client_credentials(
     }
 
 
-def revoke(data_dir: Path, *, node: str, key: str, now: float) -> dict[str, Any]:
+def revoke(
+    data_dir: Path, *, node: str, key: str, now: float, role: str = "node"
+) -> dict[str, Any]:
     """Sign a revocation of ``node`` and add it to revoked.json; a running node floods it."""
     creds = load_credentials(data_dir)
     if creds is None or creds.signing_key is None:
         raise ConfigError(str(data_dir), "", "no mesh signing key here (see `meshctl init`)")
     signed = ms.sign(
-        creds.signing_key, ms.revocation_record(mesh=creds.mesh, node=node, key=key, at=int(now))
+        creds.signing_key,
+        ms.revocation_record(mesh=creds.mesh, node=node, key=key, at=int(now), role=role),
     )
     path = data_dir / REVOKED_FILE
     revs = _read_json(path, [])
@@ -537,6 +540,8 @@ class Security:
                     "dir) with a new join token",
                     self.creds.mesh,
                 )
+            elif rec.get("role") == "client":
+                self.log(f"client {rec['node']} revoked: its sessions are closed")
             else:
                 self.log(f"node {rec['node']} revoked: its links and sessions are closed")
         if fresh:

@@ -34,6 +34,7 @@ TOPIC_CACHE: Final = 4096  # topics whose readers are remembered
 TRIM_WALK: Final = 100_000  # live entries one trim steps over at most
 TRIM_ROUNDS: Final = 16  # estimates of what to cut, per trim
 CALM_AFTER_FAILURE: Final = 5.0  # seconds before a rolled-back spool counts again
+REPORT_EVERY: Final = 10.0  # seconds between two log lines about lost or refused events
 COMPACT_AT: Final = 4096  # index entries no longer live before the index is shortened
 
 
@@ -82,6 +83,8 @@ class Spool:
         self._dirty = False  # this pass deletes from the log: a rollback undoes the index
         self._calm_until = 0.0  # after a rollback of its deletes, the spool waits this long
         self._by_topic: dict[str, tuple[int, int]] = {}
+        self._told = (0, 0)  # dropped and refused as the last log line said
+        self._next_report = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -427,6 +430,29 @@ class Spool:
             r.dropped -= r.uncommitted
             r.uncommitted = 0
         self._reset()
+
+    def losses(self, now: float) -> str | None:
+        """A warning about the events drop-oldest deleted or refuse mode refused since the
+        last one, at most one per REPORT_EVERY: an operator reading the log learns that
+        the spool overflowed when it does, not from a counter in status (session 9)."""
+        dropped = self.dropped - self._uncommitted  # a rollback may still take the rest back
+        told_dropped, told_refused = self._told
+        told_dropped = min(told_dropped, dropped)  # a rollback took back drops already told
+        if now < self._next_report or (dropped == told_dropped and self.refused == told_refused):
+            return None
+        self._told = (dropped, self.refused)
+        self._next_report = now + REPORT_EVERY
+        mib = f"{self.max_bytes / 2**20:g} MiB"
+        parts = []
+        if dropped > told_dropped:
+            who = ", ".join(f"{r.spec.name} {r.dropped}" for r in self.readers if r.dropped)
+            parts.append(
+                f"dropped the oldest {dropped - told_dropped} unsent events "
+                f"(total by reader: {who})"
+            )
+        if self.refused > told_refused:
+            parts.append(f"refused {self.refused - told_refused} persistent events")
+        return f"spool over its bound of {mib}: {'; '.join(parts)}"
 
     def readers_now(self) -> dict[str, dict[str, int]]:
         """Each reader's entries and bytes still to send, by name."""

@@ -202,7 +202,7 @@ def revoke(
     if not found:
         raise InputError(f"{who!r} is not a member enrolled from this data dir ({where})")
     for m in found:
-        sec.revoke(where, node=m["node"], key=m["key"], now=time.time())
+        sec.revoke(where, node=m["node"], key=m["key"], now=time.time(), role=m["role"])
         note(f"revoked {m['role']} {m['name']} ({m['node']})")
 
 

@@ -567,6 +567,7 @@ def test_a_revoked_client_is_told_that_its_credentials_were_refused(
     assert run_cli("pub", "app/x", "1", server=a.tcp, env=env).returncode == 0
     assert run_cli("revoke", "app", "--data-dir", str(a.data_dir)).returncode == 0
     wait_for(lambda: security(a)["revocations"] >= 1, timeout=10, what="the revocation")
+    assert "client app revoked: its sessions are closed" in a.log_text()  # not "node app"
     refused = run_cli("pub", "app/x", "2", "--timeout", "5", server=a.tcp, env=env)
     assert refused.returncode == 1
     assert "refused these client credentials" in refused.stderr, refused.describe()

@@ -230,6 +230,11 @@ def test_a_full_spool_with_overflow_refuse_refuses_persistent_events(
             client.confirm(timeout=5)
         client.publish("elsewhere", payload, persistent=True)  # not for the cloud: fine
         client.confirm(timeout=5)
+    # The CLI says how many of its events went: "(and 2 more)" left the operator guessing.
+    shown = run_cli("pub", "-p", "-n", "3", "plant/a", "x" * 1000, server=edge.ipc)
+    assert shown.returncode == 1
+    assert "spool is full" in shown.stderr
+    assert shown.stderr.strip().endswith("3 of 3 events refused, 0 stored"), shown.describe()
 
 
 def test_a_full_spool_with_drop_oldest_keeps_the_newest(
@@ -249,6 +254,11 @@ def test_a_full_spool_with_drop_oldest_keeps_the_newest(
         what="the oldest to be dropped",
     )
     assert status["spool"]["bytes"] <= 1.1 * 1024 * 1024 or status["node_spool"]["dropped"]
+    wait_for(  # an operator reading the log learns of the loss (noted in session 9)
+        lambda: "spool over its bound of 1 MiB: dropped the oldest" in edge.log_text(),
+        timeout=5,
+        what="the warning",
+    )
     cloud = start_cloud(make_node, short_tmp / "cloud", port)
     wait_uplink(edge, "up")
     got: list[str] = []

@@ -203,6 +203,16 @@ def test_a_bad_link_suggests_only_a_fix_that_holds(link: str, hint: str) -> None
     assert str(info.value).endswith(f"is not a tcp://host:port URL{hint}")
 
 
+@pytest.mark.parametrize("key", ["", "short", "x" * 41])
+def test_a_bad_key_in_a_link_is_named_as_the_key(key: str) -> None:
+    """``tcp://host:port#KEY`` with a key of the wrong length was "not a tcp://host:port
+    URL", which sent the operator looking at the address (noted in session 9)."""
+    with pytest.raises(ConfigError, match=r"the key after '#' must be .* 40 Z85") as info:
+        load_config(f'[mesh]\nlinks = ["tcp://10.0.0.2:4850#{key}"]', source="mesh.toml")
+    assert str(info.value).endswith(f"got {len(key)}")
+    load_config(f'[mesh]\nlinks = ["tcp://10.0.0.2:4850#{"k" * 40}"]')  # fine
+
+
 @pytest.mark.parametrize(
     "text", ['[mesh]\nheartbeat = "5s"', '[mesh]\nheartbeat = "1s"\ndead_after = "1s"']
 )

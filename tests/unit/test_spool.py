@@ -527,3 +527,33 @@ def test_refuse_holds_the_bound_within_one_pass(tmp_path: Path) -> None:
     append(store, spool, [row("a/x", True, 1000 - 39, 1) for _ in range(10)])
     assert spool.refuses("a/x", 0, 1000)  # committed, still over: refused
     store.close()
+
+
+def test_losses_are_logged_once_committed_and_at_most_every_report_interval(
+    tmp_path: Path,
+) -> None:
+    """Drop-oldest deleted unsent events and refuse mode refused them without a line in
+    the node's log (noted in session 9): only counters in status said so."""
+    (uplink,) = readers(tmp_path)[:1]
+    store = open_store(tmp_path)
+    store.log_append([row("a/x", True, 100, 1) for _ in range(20)])
+    store.commit()
+    spool = Spool((uplink,), 1370, refuse=False)
+    spool.check(store)  # builds the index and drops the oldest to fit
+    assert spool.dropped > 0
+    assert spool.losses(0.0) is None  # not committed yet: a rollback may take it back
+    spool.committed()
+    store.commit()
+    line = spool.losses(0.0)
+    assert line == (
+        f"spool over its bound of {1370 / MiB:g} MiB: dropped the oldest {spool.dropped} "
+        f"unsent events (total by reader: uplink {spool.dropped})"
+    )
+    assert spool.losses(1.0) is None  # nothing new
+    spool.refuse = True  # the same spool in refuse mode: at its bound, it refuses
+    assert spool.refuses("a/x", F_PERSISTENT, 1000)
+    assert spool.losses(1.0) is None  # new, but within REPORT_EVERY of the last line
+    assert spool.losses(spool_module.REPORT_EVERY) == (
+        f"spool over its bound of {1370 / MiB:g} MiB: refused 1 persistent events"
+    )
+    store.close()
