@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Final, cast
 
 import zmq
@@ -286,6 +287,9 @@ class Client:
                 if failed:
                     raise Unreachable(f"the node at {self.server} {failed}")
                 hint = "is `meshctl up` running there?"
+                ipc = self.server.removeprefix("ipc://")
+                if ipc != self.server and not Path(ipc).exists():
+                    hint = f"no socket {ipc}: is `meshctl up` running with that data dir?"
                 if self.server.startswith("tcp://") and self._creds is None:
                     hint += " A secured node also needs client credentials: MESHCTL_CREDS"
                 raise Unreachable(

@@ -40,7 +40,9 @@ def resolve_server(url: str | None) -> str:
     elif "://" in text:
         raise InputError(f"server {text!r}: use tcp://host:port, host:port or ipc:///path")
     else:
-        if text.startswith(("/", ".", "~")):
+        # A bare name that is a directory here is a data dir: "-s edge" after
+        # "meshctl up --data-dir edge" meant it, not a host called edge (session 9).
+        if text.startswith(("/", ".", "~")) or (":" not in text and Path(text).is_dir()):
             try:
                 path = Path(text).expanduser()
             except RuntimeError as e:  # ~user that does not exist

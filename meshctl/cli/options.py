@@ -27,7 +27,8 @@ ServerOpt = Annotated[
         "-s",
         envvar="MESHCTL_SERVER",
         show_default=False,
-        help="Node to talk to: tcp://host:port, host:port or ipc:///path [default: the local node]",
+        help="Node to talk to: tcp://host:port, host:port, ipc:///path or a node's data dir "
+        "[default: the local node]",
     ),
 ]
 TimeoutOpt = Annotated[

@@ -127,6 +127,7 @@ def test_missing_ipc_socket_exits_1(tmp_path: Path) -> None:
     result = run_cli("status", "--timeout", "500ms", server=f"ipc://{tmp_path}/none.sock")
     assert_one_line_error(result, 1)
     assert result.elapsed < 2.5
+    assert f"no socket {tmp_path}/none.sock: is `meshctl up` running" in result.stderr
 
 
 # ---- config files ------------------------------------------------------------------------

@@ -209,3 +209,16 @@ def test_resolve_server_raises_only_input_error(text: str) -> None:
     except InputError:
         return
     assert endpoint.startswith(("tcp://", "ipc://"))
+
+
+def test_a_bare_name_that_is_a_directory_here_is_a_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-s edge`` after ``meshctl up --data-dir edge`` dialed a host called edge
+    (noted in session 9); a name that is no directory here is still a host."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "edge" / "n").mkdir(parents=True)
+    assert resolve_server("edge") == "ipc://edge/node.sock"
+    assert resolve_server("edge/n") == "ipc://edge/n/node.sock"
+    assert resolve_server("cloud") == f"tcp://cloud:{DEFAULT_PORT}"
+    assert resolve_server("edge:4851") == "tcp://edge:4851"
