@@ -61,9 +61,7 @@ def load_or_create_node_id(data_dir: Path) -> str:
         text = path.read_text().strip()
     except FileNotFoundError:
         node_id = secrets.token_hex(8)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(node_id + "\n")
-        tmp.replace(path)
+        _replace_synced(path, node_id + "\n")  # an empty file after a power cut: "corrupt"
         return node_id
     if len(text) != 16 or any(c not in "0123456789abcdef" for c in text):
         raise ConfigError(
@@ -151,9 +149,14 @@ def write_cursor(path: Path, seq: int) -> None:
     empty cursor would read as none, and a bridge would start at the log's head, skipping
     what it had not sent yet. (The rename itself may be lost: then the old cursor stands
     and the far side gets some events again, which it drops as duplicates.)"""
+    _replace_synced(path, f"{seq}\n")
+
+
+def _replace_synced(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole: its bytes reach the disk before the rename."""
     tmp = path.with_suffix(".tmp")
     with tmp.open("w") as f:
-        f.write(f"{seq}\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)

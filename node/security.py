@@ -60,11 +60,16 @@ REVOKED_SELF: Final = "this node's membership was revoked: it no longer dials ot
 
 
 def _write_private(path: Path, text: str) -> None:
-    """Write a secret file that is 0600 from its first byte (no window with looser modes)."""
+    """Write a file of the data dir's membership state: 0600 from its first byte (no
+    window with looser modes), and whole or not at all. A crash in a plain write_text
+    left a truncated JSON file that stopped the node at every start ("unreadable"); a
+    renamed file whose bytes a power cut lost did the same, hence the fsync."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
@@ -136,7 +141,6 @@ def init_mesh(data_dir: Path, *, mesh: str, node_id: str, name: str, now: float)
         )
     private, public_key = ms.new_signing_key()
     _write_private(data_dir / SIGNING_FILE, private.hex() + "\n")
-    (data_dir / MESH_FILE).write_text(json.dumps({"mesh": mesh, "mesh_pk": public_key.hex()}))
     pub, _ = curve_keys(data_dir)
     rec = ms.member_record(
         mesh=mesh,
@@ -146,7 +150,10 @@ def init_mesh(data_dir: Path, *, mesh: str, node_id: str, name: str, now: float)
         role="node",
         expires=int(now + NODE_RECORD_DAYS * 86400),
     )
-    (data_dir / MEMBER_FILE).write_text(json.dumps(ms.sign(private, rec)))
+    _write_private(data_dir / MEMBER_FILE, json.dumps(ms.sign(private, rec)))
+    # mesh.json last: a crash before it leaves a data dir that starts a mesh afresh, not
+    # one that "already belongs to a mesh" and has no record.
+    _write_private(data_dir / MESH_FILE, json.dumps({"mesh": mesh, "mesh_pk": public_key.hex()}))
     creds = load_credentials(data_dir)
     assert creds is not None
     return creds
@@ -154,14 +161,14 @@ def init_mesh(data_dir: Path, *, mesh: str, node_id: str, name: str, now: float)
 
 def save_enrollment(data_dir: Path, token: ms.Token, answer: dict[str, Any]) -> None:
     """Keep what the enrolling node sent: trust root, our record, and a link back to it."""
-    (data_dir / MESH_FILE).write_text(json.dumps({"mesh": token.mesh, "mesh_pk": token.mesh_pk}))
-    (data_dir / MEMBER_FILE).write_text(json.dumps(answer["member"]))
-    (data_dir / JOIN_LINKS_FILE).write_text(
-        json.dumps([{"url": token.url, "key": token.server_key}])
+    _write_private(
+        data_dir / JOIN_LINKS_FILE, json.dumps([{"url": token.url, "key": token.server_key}])
     )
     revs = answer.get("revocations")
     if isinstance(revs, list):
-        (data_dir / REVOKED_FILE).write_text(json.dumps(revs))
+        _write_private(data_dir / REVOKED_FILE, json.dumps(revs))
+    _write_private(data_dir / MEMBER_FILE, json.dumps(answer["member"]))
+    _write_private(data_dir / MESH_FILE, json.dumps({"mesh": token.mesh, "mesh_pk": token.mesh_pk}))
 
 
 def remember_member(data_dir: Path, *, node: str, name: str, key: str, role: str) -> None:
@@ -172,7 +179,7 @@ def remember_member(data_dir: Path, *, node: str, name: str, key: str, role: str
     if entry in members:
         return  # enrolled again with the same keys: once is enough to revoke it
     members.append(entry)
-    path.write_text(json.dumps(members))
+    _write_private(path, json.dumps(members))
 
 
 def join_links(data_dir: Path) -> list[tuple[str, str]]:
@@ -274,7 +281,7 @@ def revoke(
     path = data_dir / REVOKED_FILE
     revs = _read_json(path, [])
     revs.append(signed)
-    path.write_text(json.dumps(revs))
+    _write_private(path, json.dumps(revs))
     return signed
 
 
@@ -547,7 +554,7 @@ class Security:
         if fresh:
             path = self.data_dir / REVOKED_FILE
             try:
-                path.write_text(json.dumps(self.revocations))
+                _write_private(path, json.dumps(self.revocations))
                 self._revoked_mtime = path.stat().st_mtime
             except OSError as e:
                 self.log(f"cannot save revocations: {e}")

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from node import membership as ms
 from node import security
 from node.codec import MAX_CONTROL_BYTES, Kind, decode_control
@@ -57,3 +59,35 @@ def test_revocations_go_in_frames_every_receiver_reads(tmp_path: Path) -> None:
         assert kind == Kind.REVOKE
         got += body["revocations"]
     assert got == revs
+
+
+def test_a_crash_while_a_mesh_is_created_leaves_a_data_dir_that_starts_afresh(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """mesh.json was written before member.json: a crash between them left a data dir
+    that "already belongs to a mesh" with no record, and the node never started again."""
+    real = security._write_private
+
+    def crash_at_the_record(path: Path, text: str) -> None:
+        if path.name == security.MEMBER_FILE:
+            raise OSError("crash")
+        real(path, text)
+
+    monkeypatch.setattr(security, "_write_private", crash_at_the_record)
+    with pytest.raises(OSError, match="crash"):
+        security.init_mesh(tmp_path, mesh=MESH, node_id=NODE, name="a", now=time.time())
+    monkeypatch.setattr(security, "_write_private", real)
+    assert security.load_credentials(tmp_path) is None
+    creds = security.init_mesh(tmp_path, mesh=MESH, node_id=NODE, name="a", now=time.time())
+    assert creds.mesh == MESH
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_revocations_are_written_whole(tmp_path: Path) -> None:
+    """revoked.json was a plain write_text: a crash in it left a truncated file that
+    stopped the node at every start. Written to a temp file and renamed, it is whole."""
+    creds = security.init_mesh(tmp_path, mesh=MESH, node_id=NODE, name="a", now=time.time())
+    signed = security.revoke(tmp_path, node="bb" * 8, key="k" * 40, now=time.time())
+    assert json.loads((tmp_path / security.REVOKED_FILE).read_text()) == [signed]
+    assert ms.check_revocation(signed, mesh=MESH, mesh_pk=creds.mesh_pk)["role"] == "node"
+    assert (tmp_path / security.REVOKED_FILE).stat().st_mode & 0o777 == 0o600
