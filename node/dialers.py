@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from node.codec import MAX_STATE_BYTES
 
@@ -23,6 +24,18 @@ log = logging.getLogger("meshctl.node")
 
 HANDSHAKE_TIMEOUT: Final = 2.0
 FIRST_BACKOFF: Final = 0.2
+_CURVE_FAILED: Final = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+KEY_REFUSED: Final = (
+    "the peer refused this node's key in the CurveZMQ handshake (this node revoked, "
+    "perhaps while it was down; or blocked there for 30 s after a failed proof)"
+)
+HANDSHAKE_BROKEN: Final = (
+    "the CurveZMQ handshake failed: is the peer secured, and is its key the one dialed?"
+)
 
 
 @dataclass
@@ -39,6 +52,7 @@ class Dialer:
     peer_id: str | None = None
     last_error: str = ""
     server_key: str = ""  # the peer's CurveZMQ public key (secured nodes)
+    monitor: zmq.Socket[bytes] | None = None  # handshake failures while dialing (secured)
 
     @property
     def endpoint(self) -> str:
@@ -114,6 +128,8 @@ class Dialers:
             d.last_error = e.strerror
             self.backoff(d, now)
             return
+        if self.curve is not None:  # why a dial fails: a peer's ZAP refusal says no more
+            d.monitor = sock.get_monitor_socket(_CURVE_FAILED)
         d.sock = sock
         d.state = "dialing"
         d.dial_started = now
@@ -127,7 +143,32 @@ class Dialers:
             d.last_error = "handshake failed (security mode or key mismatch?)"
             self.backoff(d, now)
 
+    def handshake_failure(self, d: Dialer) -> str | None:
+        """Why ``d``'s CurveZMQ handshake failed, if it did: a node revoked while it was
+        down saw only "no answer within 2s" (noted in session 9). Only the peer's refusal
+        of our key is told apart; any other failure may be a peer restarting."""
+        if d.monitor is None:
+            return None
+        why = None
+        with contextlib.suppress(zmq.ZMQError):
+            while d.monitor.poll(0):
+                event = recv_monitor_message(d.monitor)["event"]
+                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    return KEY_REFUSED
+                why = HANDSHAKE_BROKEN
+        return why
+
+    def end_monitor(self, d: Dialer) -> None:
+        """Stop watching ``d``'s handshake: it is up, or its socket closes."""
+        if d.monitor is not None:
+            if d.sock is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    d.sock.disable_monitor()
+            d.monitor.close(linger=0)
+            d.monitor = None
+
     def _close(self, d: Dialer, linger_ms: int = 0) -> None:
+        self.end_monitor(d)
         if d.sock is not None:
             self.by_sock.pop(d.sock, None)
             d.sock.close(linger=linger_ms)

@@ -26,7 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from node import __version__, datadir, discovery
 from node.codec import MAX_STATE_BYTES, Kind, encode_control
 from node.config import NodeConfig
-from node.dialers import HANDSHAKE_TIMEOUT, Dialers
+from node.dialers import HANDSHAKE_TIMEOUT, KEY_REFUSED, Dialers
 from node.durable import Durable, DurableConfig
 from node.errors import InputError
 from node.heap import keep_freed
@@ -333,8 +333,12 @@ class Node(SecureSide, DiscoverySide):
             elif d.state == "dialing":
                 if d.url in net.by_via:
                     d.state, d.attempt, d.peer_id, d.last_error = "up", 0, net.by_via[d.url], ""
+                    self.dialers.end_monitor(d)
                 elif now - d.dial_started > HANDSHAKE_TIMEOUT:
-                    d.last_error = f"no answer within {HANDSHAKE_TIMEOUT:g}s"
+                    why = self.dialers.handshake_failure(d)
+                    if why == KEY_REFUSED and d.last_error != KEY_REFUSED:
+                        log.warning("%s: %s", d.endpoint, why)  # once, not every redial
+                    d.last_error = why or f"no answer within {HANDSHAKE_TIMEOUT:g}s"
                     self.dialers.backoff(d, now)
             elif d.state == "up" and d.url not in net.by_via:
                 self.dialers.backoff(d, now)

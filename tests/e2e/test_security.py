@@ -308,6 +308,30 @@ def test_revoked_node_is_dropped_and_cannot_return(make_node: NodeFactory, tmp_p
     assert bad.returncode == 2
 
 
+def test_a_node_revoked_while_it_was_down_is_told_why_its_dials_fail(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Nobody can send a REVOKE to a node that is down; back up, its dials were refused
+    by every peer's ZAP and it said only "no answer within 2s" (noted in session 9)."""
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    b = make_node(
+        name="b", data_dir=tmp_path / "b", secure=True,
+        extra_args=["--join", invite(a, "--url", a.tcp)],
+    )  # fmt: skip
+    wait_for(lambda: linked(a, "b"), timeout=10, what="b to join a")
+    assert b.stop() == 0
+    assert run_cli("revoke", "b", "--data-dir", str(a.data_dir)).returncode == 0
+    wait_for(lambda: security(a)["revocations"] == 1, timeout=10, what="a to read it")
+    b = make_node(name="b", data_dir=tmp_path / "b", secure=True)
+    wait_for(
+        lambda: any("refused this node's key" in (p.get("error") or "") for p in peers(b)),
+        timeout=10,
+        what="b's peers to say that a refused its key",
+    )
+    assert "refused this node's key in the CurveZMQ handshake" in b.log_text()
+    assert not linked(a, "b")
+
+
 def test_a_revoked_node_is_told_even_when_the_revoker_dialed_it(
     make_node: NodeFactory, tmp_path: Path
 ) -> None:
