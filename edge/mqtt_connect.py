@@ -51,6 +51,7 @@ class ConnectSide:
     _loop: asyncio.AbstractEventLoop
     _checking: int
     _drop: Callable[[MqttConnection, str], None]
+    _will: Callable[[MqttConnection, Connect], None]
     _forget: Callable[[Session], None]
     _mesh_topic: Callable[[str], bytes | None]
     closed: Callable[[MqttConnection], None]
@@ -145,9 +146,11 @@ class ConnectSide:
             return
         old = self._online.pop(client_id, None)
         if old is not None:  # session takeover (MQTT 3.1.1 §3.1.4): the old socket goes
-            old.session = None
+            self._drop(old, "the same client id connected again")  # named while it has one
+            if old.connect is not None:  # its will too, as mosquitto (exploratory test)
+                self._will(old, old.connect)
+            old.session = None  # not detached when its socket closes: this one has it
             old.connect = None
-            self._drop(old, "the same client id connected again")
         session, present, ended = self.sessions.attach(
             client_id,
             c.clean_session,

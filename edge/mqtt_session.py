@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from edge.mqtt_codec import encode_publish
+from node.topics import matches
 
 MAX_PACKET_ID: Final = 0xFFFF
+MAX_QOS_CACHE: Final = 4096  # topics whose QoS a session with overlaps remembers
 
 
 @dataclass(slots=True)
@@ -33,6 +35,7 @@ class Subscription:
     sid: int
     qos: int
     group: str | None
+    patterns: tuple[str, ...] = ()  # its mesh patterns, for the QoS of overlapping ones
 
 
 @dataclass
@@ -45,13 +48,54 @@ class Session:
     max_queued: int = 1000
     online: bool = False
     subs: dict[str, Subscription] = field(default_factory=dict)
-    inflight: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
-    queue: deque[tuple[bytes, bytes]] = field(default_factory=deque)
+    # (topic, payload, retain): a retained message keeps its flag when it waits or is
+    # sent again (it lost it, found by an exploratory test against mosquitto)
+    inflight: dict[int, tuple[bytes, bytes, bool]] = field(default_factory=dict)
+    queue: deque[tuple[bytes, bytes, bool]] = field(default_factory=deque)
     incoming: dict[int, tuple[str, bytes]] = field(default_factory=dict)
     awaiting_rel: set[int] = field(default_factory=set)
     dropped: int = 0
     owner: str | None = None  # the MQTT user name it was made for (None: anonymous)
+    last: bytes = b""  # the last message delivered (event id, retained): its copies skip
     _next_id: int = 0
+    _qos: dict[bytes, int] = field(default_factory=dict)  # mesh topic -> QoS (overlaps)
+
+    def subscribe(self, filt: str, sub: Subscription) -> Subscription | None:
+        """Add (or replace) the subscription to ``filt``; the one it replaced."""
+        old = self.subs.pop(filt, None)
+        self.subs[filt] = sub
+        self._qos.clear()
+        return old
+
+    def unsubscribe(self, filt: str) -> Subscription | None:
+        self._qos.clear()
+        return self.subs.pop(filt, None)
+
+    def unsubscribe_all(self) -> list[Subscription]:
+        self._qos.clear()
+        subs = list(self.subs.values())
+        self.subs.clear()
+        return subs
+
+    def max_qos(self, topic: bytes) -> int:
+        """The highest QoS of the plain subscriptions matching ``topic`` (a mesh topic):
+        the QoS of the one copy a client with overlapping subscriptions gets (MQTT 3.1.1
+        §3.3.5). Cached by topic until the subscriptions change."""
+        qos = self._qos.get(topic)
+        if qos is None:
+            text = topic.decode()
+            qos = max(
+                (
+                    s.qos
+                    for s in self.subs.values()
+                    if s.group is None and any(matches(p, text) for p in s.patterns)
+                ),
+                default=0,
+            )
+            if len(self._qos) >= MAX_QOS_CACHE:
+                self._qos.clear()
+            self._qos[topic] = qos
+        return qos
 
     def deliver(
         self, topic: bytes, payload: bytes, qos: int, *, retain: bool = False
@@ -68,7 +112,7 @@ class Session:
         if len(self.queue) >= self.max_queued:
             self.dropped += 1
             return None
-        self.queue.append((topic, payload))
+        self.queue.append((topic, payload, retain))
         return None
 
     def acked(self, packet_id: int) -> list[bytes]:
@@ -80,15 +124,16 @@ class Session:
         """The client is back: every unacknowledged message again (DUP), then the queue."""
         self.online = True
         out = [
-            encode_publish(topic, payload, 1, pid, dup=True)
-            for pid, (topic, payload) in self.inflight.items()
+            encode_publish(topic, payload, 1, pid, dup=True, retain=retain)
+            for pid, (topic, payload, retain) in self.inflight.items()
         ]
         return out + self._fill()
 
     def _fill(self) -> list[bytes]:
         out = []
         while self.online and self.queue and len(self.inflight) < self.max_inflight:
-            out.append(self._send(*self.queue.popleft()))
+            topic, payload, retain = self.queue.popleft()
+            out.append(self._send(topic, payload, retain=retain))
         return out
 
     def _send(self, topic: bytes, payload: bytes, *, retain: bool = False) -> bytes:
@@ -98,7 +143,7 @@ class Session:
             if pid not in self.inflight:
                 break
         self._next_id = pid
-        self.inflight[pid] = (topic, payload)
+        self.inflight[pid] = (topic, payload, retain)
         return encode_publish(topic, payload, 1, pid, retain=retain)
 
 

@@ -41,6 +41,7 @@ from edge.mqtt_codec import (
     Will,
     encode,
 )
+from meshctl import connect
 
 pytestmark = [pytest.mark.e2e]
 
@@ -450,6 +451,85 @@ def test_unacknowledged_qos1_is_resent_with_dup_on_resume(mnode: NodeProcess) ->
     assert (p2.payload, p2.dup, p2.packet_id) == (b"once", True, p.packet_id)
     again.send(PubAck(p2.packet_id))
     again.close()
+
+
+def test_overlapping_subscriptions_get_one_copy_at_the_highest_qos(
+    mnode: NodeProcess, paho: Clients
+) -> None:
+    """Found by an exploratory test against mosquitto: the copy kept was whichever
+    subscription came first (a set's order), so QoS 1 messages came as QoS 0 in some
+    runs; and the node's ~64 KiB frames split an event's two copies, so large messages
+    (and 41 of 600 5 kB ones) came twice, as separate QoS 1 publishes."""
+    port = mqtt_port(mnode)
+    sub = paho.open(port, "overlap", subscribe="ov/#", qos=0)
+    sub.subscribe("ov/+", qos=1)
+    pub = paho.open(port, "pub")
+    for i in range(20):
+        pub.publish(f"ov/t{i}", b"x", qos=1)
+    assert {m.qos for m in sub.take(20)} == {1}
+    pub.publish("ov/big", b"x" * 70_000, qos=1)
+    for i in range(200):
+        pub.client.publish("ov/burst", b"%04d" % i + b"y" * 5000, qos=1)
+    got = sub.take(201, timeout=20)
+    assert sorted(m.payload[:4] for m in got[1:]) == [b"%04d" % i for i in range(200)]
+    assert sub.quiet(0.5) == []  # and no second copy of any
+
+
+def test_a_retained_message_keeps_its_flag_when_queued_or_sent_again(mnode: NodeProcess) -> None:
+    """Found by an exploratory test: a retained message past the session's in-flight
+    window (100), or sent again on resume, lost its retain flag."""
+    port = mqtt_port(mnode)
+    with connect(mnode.ipc) as client:
+        for i in range(150):
+            client.publish(f"rq/{i}", b"v", retain=True)
+        client.flush(5)
+    wait_for(lambda: mnode.status()["store"]["retained"] == 150, timeout=5, what="retained")
+    c = Raw(port)
+    c.connect("retain-queue", clean=False)
+    c.send(Subscribe(1, (("rq/#", 1),)))
+    first = [c.expect(Publish) for _ in range(100)]  # the window: none acknowledged yet
+    assert all(p.retain for p in first)
+    c.close()  # no PUBACK: all 100 are resent on resume, then the 50 that waited
+    again = Raw(port)
+    assert again.connect("retain-queue", clean=False).session_present
+    resent = [again.expect(Publish) for _ in range(100)]
+    assert all(p.retain and p.dup for p in resent)
+    for p in resent:
+        again.send(PubAck(p.packet_id))
+    queued = [again.expect(Publish) for _ in range(50)]
+    assert all(p.retain and not p.dup for p in queued)
+    again.close()
+
+
+def test_a_session_taken_over_publishes_the_old_connections_will(
+    mnode: NodeProcess, paho: Clients
+) -> None:
+    """Found by an exploratory test: mosquitto publishes the will of a connection that
+    another one with its client id replaces (it did not say DISCONNECT); we did not."""
+    port = mqtt_port(mnode)
+    watcher = paho.open(port, "watcher", subscribe="tk/#", qos=1)
+    first = Raw(port)
+    first.connect("dev1", will=Will("tk/status", b"offline", 1, False))
+    second = Raw(port)
+    second.connect("dev1")
+    (m,) = watcher.take(1)
+    assert (m.topic, m.payload) == ("tk/status", b"offline")
+    wait_for(lambda: "MQTT client dev1@" in mnode.log_text(), timeout=5, what="the takeover logged")
+    first.close()
+    second.close()
+
+
+def test_dollar_filters_other_than_mesh_are_refused(mnode: NodeProcess) -> None:
+    """$SYS/# was granted and stayed silent (exploratory test); $mesh/# is the node's own
+    events, as $SYS is on mosquitto."""
+    c = Raw(mqtt_port(mnode))
+    c.connect("dollar")
+    c.send(Subscribe(1, (("$SYS/#", 0), ("$mesh/#", 0))))
+    assert c.expect(SubAck).return_codes == (0x80, 0)
+    assert run_cli("pub", "anything", "x", server=mnode.ipc).returncode == 0
+    p = c.expect(Publish)  # the CLI client's connect, at least
+    assert p.topic.startswith("$mesh/")
+    c.close()
 
 
 def test_garbage_client_is_closed_and_counted_others_unaffected(

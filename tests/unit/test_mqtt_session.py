@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from edge.mqtt_codec import Decoder, Publish
 from edge.mqtt_commit import RESEND_MAX, RETRY_AFTER, Committing
 from edge.mqtt_retain import ListenerRetained, NodeRetained, filter_matches
-from edge.mqtt_session import Session, SessionTable
+from edge.mqtt_session import Session, SessionTable, Subscription
 
 
 def publishes(packets: list[bytes]) -> list[Publish]:
@@ -39,6 +39,29 @@ def test_qos1_window_then_queue_then_fill_on_ack() -> None:
     more = publishes(s.acked(1))
     assert [(p.payload, p.packet_id) for p in more] == [(b"\x02", 3)]
     assert sorted(s.inflight) == [2, 3]
+
+
+def test_a_retained_message_keeps_its_flag_in_the_queue_and_on_resume() -> None:
+    s = Session("c", clean=False, max_inflight=1, online=True)
+    first = s.deliver(b"r/1", b"a", 1, retain=True)
+    assert s.deliver(b"r/2", b"b", 1, retain=True) is None  # waits: the window is 1
+    s.online = False
+    p1, p2 = publishes(s.resume())[0], publishes(s.acked(1))[0]
+    assert (p1.topic, p1.retain, p1.dup) == ("r/1", True, True)
+    assert (p2.topic, p2.retain, p2.dup) == ("r/2", True, False)
+    assert first is not None
+
+
+def test_max_qos_is_the_highest_plain_subscription_that_matches() -> None:
+    s = Session("c", clean=True, online=True)
+    s.subscribe("a/#", Subscription(1, 0, None, ("a", "a/>")))
+    s.subscribe("a/+", Subscription(2, 1, None, ("a/*",)))
+    s.subscribe("$share/g/a/b", Subscription(3, 1, "g", ("a/b",)))
+    assert s.max_qos(b"a/x") == 1
+    assert s.max_qos(b"a/x/y") == 0  # only a/# matches
+    assert s.max_qos(b"b") == 0
+    s.unsubscribe("a/+")  # the cache is dropped with it
+    assert s.max_qos(b"a/x") == 0
 
 
 def test_resume_resends_inflight_with_dup_then_queue() -> None:
