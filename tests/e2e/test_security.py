@@ -92,6 +92,16 @@ def invite(node: NodeProcess, *args: str) -> str:
     return done.stdout.strip()
 
 
+def joined(make_node: NodeFactory, a: NodeProcess, name: str, tmp_path: Path) -> NodeProcess:
+    """A new secured node ``name`` that joined ``a``'s mesh with a token from ``a``."""
+    return make_node(
+        name=name,
+        data_dir=tmp_path / name,
+        secure=True,
+        extra_args=["--join", invite(a, "--url", a.tcp)],
+    )
+
+
 def security(node: NodeProcess) -> dict[str, Any]:
     return node.status()["security"]  # type: ignore[no-any-return]
 
@@ -270,18 +280,8 @@ def test_clients_need_credentials_and_obey_permissions(
 
 def test_revoked_node_is_dropped_and_cannot_return(make_node: NodeFactory, tmp_path: Path) -> None:
     a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
-    b = make_node(
-        name="b",
-        data_dir=tmp_path / "b",
-        secure=True,
-        extra_args=["--join", invite(a, "--url", a.tcp)],
-    )
-    c = make_node(
-        name="c",
-        data_dir=tmp_path / "c",
-        secure=True,
-        extra_args=["--join", invite(a, "--url", a.tcp)],
-    )
+    b = joined(make_node, a, "b", tmp_path)
+    c = joined(make_node, a, "c", tmp_path)
     wait_for(lambda: linked(a, "b") and linked(a, "c"), timeout=10, what="three linked")
     done = run_cli("revoke", "b", "--data-dir", str(a.data_dir))
     assert done.returncode == 0, done.describe()
@@ -314,10 +314,7 @@ def test_a_node_revoked_while_it_was_down_is_told_why_its_dials_fail(
     """Nobody can send a REVOKE to a node that is down; back up, its dials were refused
     by every peer's ZAP and it said only "no answer within 2s" (noted in session 9)."""
     a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
-    b = make_node(
-        name="b", data_dir=tmp_path / "b", secure=True,
-        extra_args=["--join", invite(a, "--url", a.tcp)],
-    )  # fmt: skip
+    b = joined(make_node, a, "b", tmp_path)
     wait_for(lambda: linked(a, "b"), timeout=10, what="b to join a")
     assert b.stop() == 0
     assert run_cli("revoke", "b", "--data-dir", str(a.data_dir)).returncode == 0
@@ -338,10 +335,7 @@ def test_a_revoked_node_is_told_even_when_the_revoker_dialed_it(
     """The REVOKE for a link this node dialed used to be lost: the dialer was closed before
     the frame went out, and the revoked node never learnt why it was cut off."""
     a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
-    x = make_node(
-        name="x", data_dir=tmp_path / "x", secure=True,
-        extra_args=["--join", invite(a, "--url", a.tcp)],
-    )  # fmt: skip
+    x = joined(make_node, a, "x", tmp_path)
     wait_for(lambda: linked(a, "x"), timeout=10, what="x to join a")
     x_key = security(x)["public_key"]
     # x forgets its join link, so the only link is one that a dials.
@@ -559,17 +553,11 @@ def test_a_node_whose_record_expired_joins_again_with_a_new_token(
     port = free_tcp_port()
     at = ["--port", str(port)]
     a = make_node(name="a", data_dir=tmp_path / "a", secure=True, extra_args=at)
-    b = make_node(
-        name="b",
-        data_dir=tmp_path / "b",
-        secure=True,
-        extra_args=["--join", invite(a, "--url", a.tcp)],
-    )
+    b = joined(make_node, a, "b", tmp_path)
     b.stop()
     signing = bytes.fromhex((tmp_path / "a" / "mesh_signing.key").read_text().strip())
     resign(tmp_path / "b", signing, int(time.time() - 60))
-    again = ["--join", invite(a, "--url", a.tcp)]
-    b = make_node(name="b", data_dir=tmp_path / "b", secure=True, extra_args=again)
+    b = joined(make_node, a, "b", tmp_path)  # the same data dir, a new token
     assert security(b)["member_expires"] > time.time() + 300 * 86400
     wait_for(lambda: linked(b, "a") and linked(a, "b"), timeout=10, what="a and b linked")
     # Enrolled twice with the same keys, revoked once (it said so once per enrolment).
