@@ -38,6 +38,11 @@ class MembershipError(NodeError):
     """A record, token or proof does not hold; the message says which check failed."""
 
 
+class MembershipExpired(MembershipError):
+    """The holder's own record, valid in every way but its expiry: a member that has to
+    join again, not an impostor (its key is not blocked, so it can)."""
+
+
 def canonical(obj: Any) -> bytes:
     """The bytes a signature covers: sorted keys, no spaces, so every node agrees."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
@@ -205,9 +210,9 @@ def check_member(
 ) -> Member:
     """A Member if ``signed`` proves that the holder of ``curve_key`` belongs to ``mesh``.
 
-    Checks, in order: size, the mesh key's signature, record type and mesh, expiry, role,
-    that the record's key is the key the CURVE handshake proved (no replay of someone
-    else's record), the node id (pinning), and revocation.
+    Checks, in order: size, the mesh key's signature, record type and mesh, role, that
+    the record's key is the key the CURVE handshake proved (no replay of someone else's
+    record), the node id (pinning), revocation, and expiry.
     """
     if len(canonical(signed)) > MAX_RECORD_BYTES:
         raise MembershipError("membership record too large")
@@ -216,9 +221,6 @@ def check_member(
         raise MembershipError("not a membership record")
     if rec.get("mesh") != mesh:
         raise MembershipError(f"record is for mesh {rec.get('mesh')!r}, not {mesh!r}")
-    exp = rec.get("exp")
-    if not isinstance(exp, int) or exp <= now:
-        raise MembershipError("membership expired")
     if rec.get("role") != role:
         raise MembershipError(f"record is for a {rec.get('role')!r}, not a {role}")
     if rec.get("key") != curve_key:
@@ -227,6 +229,9 @@ def check_member(
         raise MembershipError(f"record is for node {rec.get('node')!r}, not {node!r}")
     if curve_key in revoked or f"node:{rec.get('node')}" in revoked:
         raise MembershipError("membership revoked")
+    exp = rec.get("exp")
+    if not isinstance(exp, int) or exp <= now:  # last: only the holder's own record says so
+        raise MembershipExpired("membership expired")
     return Member(
         mesh=mesh,
         node=str(rec.get("node")),

@@ -386,8 +386,16 @@ class Security:
         except ms.MembershipError as e:
             why = f"not a member of mesh {self.creds.mesh!r}: {e}"
             name = node.get("name") if isinstance(node, dict) else None
-            self.reject(str(claimed), name, address, key, why)
+            # An expired member is no impostor; blocking its key for 30 s made the
+            # `up --join` its log advises fail with "no answer" (found in session 10).
+            expired = isinstance(e, ms.MembershipExpired)
+            self.reject(str(claimed), name, address, "" if expired else key, why)
             return why
+        # A node refused before (its record expired, say) and now proven: its "rejected"
+        # row went on showing in `meshctl peers` beside its live link (noted in session 9).
+        for where, row in list(self.rejected.items()):
+            if row["id"] == claimed:
+                del self.rejected[where]
         return None
 
     def check_hello(self, body: dict[str, Any], key: str) -> tuple[ms.Member | None, str]:
@@ -400,9 +408,10 @@ class Security:
             return None, f"client not authorised for mesh {self.creds.mesh!r}: {e}"
 
     def reject(self, node: str | None, name: object, address: str, key: str, why: str) -> None:
-        """Count and list a refused peer; block its key for a while."""
+        """Count and list a refused peer; block its key (if given) for a while."""
         self.counters["links_rejected"] += 1
-        self.block(key)
+        if key:
+            self.block(key)
         if len(self.rejected) >= MAX_REJECTED:
             self.rejected.pop(next(iter(self.rejected)))
         self.rejected[address] = {

@@ -557,9 +557,16 @@ def test_a_node_whose_record_expired_joins_again_with_a_new_token(
     b.stop()
     signing = bytes.fromhex((tmp_path / "a" / "mesh_signing.key").read_text().strip())
     resign(tmp_path / "b", signing, int(time.time() - 60))
+    b = make_node(name="b", data_dir=tmp_path / "b", secure=True)  # expired: refused
+    wait_for(
+        lambda: any(p["state"] == "rejected" for p in peers(a)), timeout=10, what="a refusing b"
+    )
+    b.stop()
     b = joined(make_node, a, "b", tmp_path)  # the same data dir, a new token
     assert security(b)["member_expires"] > time.time() + 300 * 86400
-    wait_for(lambda: linked(b, "a") and linked(a, "b"), timeout=10, what="a and b linked")
+    wait_for(lambda: linked(b, "a") and linked(a, "b"), timeout=45, what="a and b linked")
+    # Its "rejected" row went on showing beside the link (noted in session 9).
+    assert [p["state"] for p in peers(a)] == ["up"]
     # Enrolled twice with the same keys, revoked once (it said so once per enrolment).
     done = run_cli("revoke", "b", "--data-dir", str(a.data_dir))
     assert done.stderr.count("revoked node b") == 1, done.describe()

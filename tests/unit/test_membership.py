@@ -57,6 +57,18 @@ def test_checks_refuse(signed: object, over: dict[str, Any], why: str) -> None:
         check(signed, **over)
 
 
+def test_only_the_holders_own_record_reads_as_expired() -> None:
+    """An expired member's key is not blocked (so it can join again); someone else's
+    expired record, or a revoked one, must not pass for that."""
+    old = record(expires=int(NOW))
+    with pytest.raises(ms.MembershipExpired):
+        check(old)
+    for over in ({"curve_key": "x" * 40}, {"revoked": {KEY}}, {"node": "ffffffffffffffff"}):
+        with pytest.raises(ms.MembershipError) as info:
+            check(old, **over)
+        assert not isinstance(info.value, ms.MembershipExpired), over
+
+
 def test_a_tampered_record_fails_the_signature() -> None:
     signed = record()
     signed["rec"]["key"] = "y" * 40
