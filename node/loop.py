@@ -542,6 +542,8 @@ def _with_spool(status: dict[str, Any], readers: dict[str, dict[str, int]]) -> d
     mine, own = readers.get(name), status.get("spool")
     if mine is not None and own is not None:
         status["spool"] = {**own, "entries": mine["entries"], "bytes": mine["bytes"]}
+        if not mine["entries"]:  # its age was the first log entry after the cursor, any topic
+            status["spool"]["oldest_age_s"] = None
     return status
 
 

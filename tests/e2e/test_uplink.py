@@ -102,6 +102,25 @@ def test_the_cloud_away_then_back_gets_every_event_in_order_once(
     ]
 
 
+def test_with_nothing_for_the_cloud_the_uplink_shows_no_oldest_age(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Its "oldest" was the first log entry after its cursor, whatever the topic: with
+    the cloud away, persistent events it does not export showed as waiting (noted in
+    session 9)."""
+    edge = make_node(
+        name="edge", data_dir=short_tmp / "edge", config_text=uplink_config(free_tcp_port())
+    )
+    with connect(edge.ipc) as client:
+        client.publish("other/topic", "not for the cloud", persistent=True)
+        client.confirm(5)
+    # The uplink looks at its spool between attempts to reach the cloud: after one.
+    wait_for(lambda: uplink(edge)["state"] == "down", timeout=15, what="a failed attempt")
+    time.sleep(1.0)  # its backoff (0.5 s at most after one failure), then it looks
+    status = uplink(edge)
+    assert (status["spool"]["entries"], status["spool"]["oldest_age_s"]) == (0, None)
+
+
 def test_an_edge_killed_while_spooling_sends_everything_after_restart(
     make_node: NodeFactory, short_tmp: Path
 ) -> None:
