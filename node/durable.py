@@ -372,8 +372,9 @@ class Durable:
                     if len(q.inflight) != before:
                         self._work = True  # redeliveries or dead letters to send
             if self.spool is not None and now >= self._next_spool_check:
-                self._next_spool_check = now + SPOOL_CHECK
                 self.spool.check(self.store)
+                # A build goes on at the next tick: in steps, with passes between them.
+                self._next_spool_check = now + (0.0 if self.spool.building else SPOOL_CHECK)
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_EVERY
                 self._prune_seen(now_ns - int(self.config.dedupe_window * 1e9))

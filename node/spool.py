@@ -34,6 +34,7 @@ TOPIC_CACHE: Final = 4096  # topics whose readers are remembered
 TRIM_WALK: Final = 100_000  # live entries one trim steps over at most
 TRIM_ROUNDS: Final = 16  # estimates of what to cut, per trim
 CALM_AFTER_FAILURE: Final = 5.0  # seconds before a rolled-back spool counts again
+BUILD_CHUNK: Final = 50_000  # log entries indexed per step of a build (~70 ms)
 REPORT_EVERY: Final = 10.0  # seconds between two log lines about lost or refused events
 COMPACT_AT: Final = 4096  # index entries no longer live before the index is shortened
 
@@ -90,6 +91,7 @@ class Spool:
     def _reset(self) -> None:
         """Forget the index: the next ``check`` builds it from the log."""
         self.stale = True
+        self.scan: int | None = None  # while the index is built: the last seq indexed
         self.seqs = array("q")
         self.sizes = array("q")
         self.masks: list[int] = []  # the readers that carry the entry; 0 once it is deleted
@@ -137,8 +139,8 @@ class Spool:
     def appended(self, first: int, rows: list[tuple[bytes, str, int, bytes]]) -> None:
         """A pass committed ``rows`` (id, topic, time, record) at sequences from ``first``."""
         self._unstage()
-        if self.stale:
-            return  # the next check reads them from the log
+        if self.stale or self.scan is not None:
+            return  # the next check, or a step of the build, reads them from the log
         for seq, (_id, topic, _t, record) in enumerate(rows, first):
             mask = self._mask(topic, record[8])
             if mask:
@@ -203,7 +205,8 @@ class Spool:
         cursors = [_cursor(r.spec, r.cursor) for r in self.readers]
         if self.stale:
             self._rebuild(store, cursors)
-            return True
+        if self.scan is not None and not self._build(store):
+            return False  # the readers' moves wait for the index: it counts from their cursors
         for r, new in zip(self.readers, cursors, strict=True):
             if new is None or new == r.cursor:
                 continue
@@ -211,25 +214,47 @@ class Spool:
                 self._start(r, new)  # a bridge's first start, at the log's end
             elif r.cursor is None or new < r.cursor:
                 self._rebuild(store, cursors)  # it may want history the index lacks
-                return True
+                return self._build(store)
             else:
                 self._advance(r, new)
         self._compact()
         return True
 
     def _rebuild(self, store: Store, cursors: list[int | None]) -> None:
-        """The index from the log: every entry after the earliest cursor."""
+        """Start the index afresh from the log: every entry after the earliest cursor,
+        read by ``_build`` in steps."""
         self._reset()
         for r, cursor in zip(self.readers, cursors, strict=True):
             r.cursor = cursor
         started = [c for c in cursors if c is not None]
         self.covered = min(started) if started else store.log_head()
-        if started:
-            for seq, topic, size, flags in store.log_scan(self.covered):
-                mask = self._mask(topic, flags)
-                if mask:
-                    self._add(seq, mask, size)
+        self.scan = self.covered if started else None
         self.stale = False
+
+    @property
+    def building(self) -> bool:
+        """The index is being read from the log: its counts are not whole yet."""
+        return self.scan is not None
+
+    def _build(self, store: Store) -> bool:
+        """Index up to BUILD_CHUNK more entries; True once the index holds the log.
+
+        In steps, one per check, because a build takes ~1.4 s a million entries, on the
+        node's thread: at start, or after a full disk undid the spool's deletes, a spool
+        of a few million small events held the node longer than its peers' dead_after
+        (3 s). Entries committed meanwhile are read by a later step (``appended`` leaves
+        them); the bound, the trim and the readers' moves wait for the last step."""
+        assert self.scan is not None
+        n = 0
+        for seq, topic, size, flags in store.log_scan(self.scan, BUILD_CHUNK):
+            n += 1
+            self.scan = seq
+            mask = self._mask(topic, flags)
+            if mask:
+                self._add(seq, mask, size)
+        if n < BUILD_CHUNK:
+            self.scan = None
+        return self.scan is None
 
     def _start(self, reader: _Reader, cursor: int) -> None:
         """``reader`` starts at ``cursor``: the index holds what it carries after that
@@ -460,6 +485,7 @@ class Spool:
 
     def status(self) -> dict[str, object]:
         return {
+            "building": self.building,  # the counts below are not whole yet
             "full": bool(self.full),
             "dropped": self.dropped,
             "refused": self.refused,

@@ -315,14 +315,15 @@ class Store:
         )
         return int(row[0][0]) if row else self.log_head()
 
-    def log_scan(self, after: int) -> Iterator[tuple[int, str, int, int]]:
-        """(seq, topic, bytes, flags) of each entry after ``after``, in order, without
-        reading the records: the spool's index is built from it."""
+    def log_scan(self, after: int, limit: int = -1) -> Iterator[tuple[int, str, int, int]]:
+        """(seq, topic, bytes, flags) of each entry after ``after`` (at most ``limit``;
+        -1: all), in order, without reading the records: the spool's index is built
+        from it."""
         try:
             for seq, topic, size, flags in self.db.execute(
                 "SELECT seq, topic, length(record), substr(record, 9, 1) FROM log "
-                "WHERE seq > ? ORDER BY seq",
-                (after,),
+                "WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, limit),
             ):
                 yield int(seq), topic, int(size), flags[0] if flags else 0
         except sqlite3.Error as e:

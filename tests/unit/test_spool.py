@@ -129,6 +129,10 @@ def test_the_spool_keeps_what_readers_carry_and_drops_only_the_oldest(
                     spool.max_bytes = arg
                     dropped = spool.dropped
                     spool.check(store)
+                    if spool.building:  # a step of the build: nothing else happens yet
+                        store.commit()
+                        assert (spool.dropped, entries(store)) == (dropped, before)
+                        continue
                     if op == "fail":
                         store.rollback()
                         spool.failed()
@@ -159,11 +163,13 @@ def test_the_spool_keeps_what_readers_carry_and_drops_only_the_oldest(
                 for s, e in before.items():
                     if carriers(spec, *e[:2], s):
                         assert s in after  # the trim never takes what a reader carries
-                if not spool.stale:
+                if not spool.stale and not spool.building:
                     rest = {s: e for s, e in after.items() if not carriers(spec, *e[:2], s)}
                     assert sum(e[2] for e in rest.values()) <= max_bytes
                     assert all(s > upto for s in rest)  # nothing older than the age bound
             spool.check(store)
+            while spool.building:
+                spool.check(store)
             assert_counts(spool, store, spec)
         finally:
             store.close()
@@ -179,6 +185,38 @@ def test_the_model_holds_when_the_index_compacts_and_the_trim_walk_stops_often(
     monkeypatch.setattr(spool_module, "TOPIC_CACHE", 2)
     monkeypatch.setattr(sys.modules[__name__], "TRIMS", 30)
     test_the_spool_keeps_what_readers_carry_and_drops_only_the_oldest()
+
+
+def test_the_model_holds_when_the_index_is_built_in_small_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Appends, sends, trims and failures between the steps of a build."""
+    monkeypatch.setattr(spool_module, "BUILD_CHUNK", 2)
+    monkeypatch.setattr(sys.modules[__name__], "TRIMS", 3)
+    test_the_spool_keeps_what_readers_carry_and_drops_only_the_oldest()
+
+
+def test_a_large_index_is_built_in_steps_and_counts_what_came_meanwhile(tmp_path: Path) -> None:
+    """A build of a few million entries held the node's thread for seconds (~1.4 s a
+    million), past its peers' dead_after (noted in session 9)."""
+    (uplink,) = readers(tmp_path)[:1]
+    store = open_store(tmp_path)
+    rows = [row("a/x", True, 10, 1) for _ in range(spool_module.BUILD_CHUNK + 10)]
+    store.log_append(rows)
+    store.commit()
+    spool = Spool((uplink,), 1 << 40, refuse=False)
+    spool.check(store)
+    assert spool.building
+    assert spool.live_n == spool_module.BUILD_CHUNK
+    assert spool.status()["building"] is True
+    more = [row("a/x", True, 10, 2) for _ in range(5)]  # committed between two steps
+    last = store.log_append(more)
+    store.commit()
+    spool.appended(last - 4, more)  # left to the build, which reads them from the log
+    spool.check(store)
+    assert not spool.building
+    assert spool.live_n == len(rows) + len(more) == store.log_stats()[0]
+    store.close()
 
 
 def test_unrelated_persistent_traffic_does_not_push_out_waiting_exports(tmp_path: Path) -> None:
