@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Final
 
@@ -71,41 +74,64 @@ def load_or_create_node_id(data_dir: Path) -> str:
 
 
 def read_pid(data_dir: Path) -> int | None:
-    """The pid in the pid file if that process is still alive, else None."""
+    """The pid of the node running in ``data_dir``, or None.
+
+    The pid file is also the node's lock: the node holds an exclusive ``flock`` on it
+    while it runs, and the kernel drops the lock when the process dies, however it dies.
+    A live pid alone proved nothing: after a ``kill -9`` the file stayed, its pid was
+    reused (a reboot, a wrap), ``up`` refused to start and ``down`` sent SIGTERM to that
+    other process (exploratory test)."""
     try:
-        pid = int((data_dir / PID_FILE).read_text().strip())
-    except (OSError, ValueError):
+        fd = os.open(data_dir / PID_FILE, os.O_RDONLY)
+    except OSError:
         return None
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        return pid
-    return pid
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # held: a node runs here
+            for _ in range(50):  # it writes its pid right after it locks (a tiny window)
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                if text.isdigit():
+                    return int(text)
+                time.sleep(0.01)
+            return None
+        return None  # nobody holds it: what it says is stale
+    finally:
+        os.close(fd)
+
+
+_claimed: dict[Path, int] = {}  # data dir -> the locked pid file's descriptor
 
 
 def write_pid(data_dir: Path) -> None:
-    """Claim the data dir for this process; refuses when another live node holds it."""
-    other = read_pid(data_dir)
-    if other is not None and other != os.getpid():
+    """Claim the data dir for this process (lock the pid file, then write our pid);
+    refuses when another live node holds it."""
+    fd = os.open(data_dir / PID_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        other = read_pid(data_dir)
         raise ConfigError(
             str(data_dir),
             "node.data_dir",
-            f"a node is already running here (pid {other}); stop it with "
+            f"a node is already running here (pid {other or '?'}); stop it with "
             "`meshctl down` or pick another --data-dir",
-        )
-    (data_dir / PID_FILE).write_text(f"{os.getpid()}\n")
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _claimed[data_dir] = fd
 
 
 def remove_pid(data_dir: Path) -> None:
-    """Release the pid file if it is still ours."""
-    path = data_dir / PID_FILE
-    try:
-        if int(path.read_text().strip()) == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
+    """Release the data dir: empty the pid file, then unlock it. The file stays: one
+    unlinked while another process waited on it would let two nodes lock two files."""
+    fd = _claimed.pop(data_dir, None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    os.close(fd)
 
 
 def next_epoch(data_dir: Path, wall_ns: int) -> int:

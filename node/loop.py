@@ -625,7 +625,12 @@ def serve(
     edge bridges this way, so node/ never imports edge/).
     """
     raise_file_limit()  # before any socket: see there
-    node = Node(config, identity, security)
+    datadir.write_pid(identity.data_dir)  # first: a second node must not open the store
+    try:
+        node = Node(config, identity, security)
+    except BaseException:
+        datadir.remove_pid(identity.data_dir)
+        raise
     if security is not None:
         security.start(node.ctx)  # before bind: with no ZAP handler CURVE fails closed
     else:
@@ -634,7 +639,6 @@ def serve(
             "reaches this node or advertises mesh %r joins",
             config.mesh,
         )
-    datadir.write_pid(identity.data_dir)
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

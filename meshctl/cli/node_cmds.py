@@ -301,6 +301,9 @@ def down(
         except ProcessLookupError:
             note(f"node stopped (pid {pid})")
             return
+        if datadir.read_pid(where) != pid:  # it let go of the data dir (its parent may
+            note(f"node stopped (pid {pid})")  # not have reaped it yet: a zombie)
+            return
         time.sleep(0.05)
     raise OperationalError(f"node (pid {pid}) did not stop within {timeout:g}s")
 

@@ -23,6 +23,8 @@ from helpers import (
     wait_for,
 )
 
+from node import datadir
+
 pytestmark = pytest.mark.e2e
 
 
@@ -46,7 +48,8 @@ def test_node_stops_promptly_on_signal(
     elapsed = time.monotonic() - start
     assert code == 0, node.log_text()
     assert elapsed < 2
-    assert not pid_file.exists()
+    assert pid_file.read_text() == ""  # released; the file stays (it is the lock)
+    assert datadir.read_pid(node.data_dir) is None
     assert "Traceback" not in node.log_text()
 
 
@@ -108,6 +111,32 @@ def test_second_node_in_same_data_dir_is_refused(node: NodeProcess) -> None:
     assert node.status()["id"] == node.node_id
 
 
+def test_a_stale_pid_file_names_no_node_and_its_pid_is_left_alone(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Found by an exploratory test: after a kill -9 the pid file stayed, and once its
+    pid was another process's, `up` refused to start and `down` sent it SIGTERM. The
+    file is now the node's lock: what it says counts only while a node holds it."""
+    data_dir = short_tmp / "node"
+    first = make_node(data_dir=data_dir)
+    os.kill(first.pid, signal.SIGKILL)
+    first.proc.wait(5)
+    other = subprocess.Popen(["sleep", "30"])  # the pid the file names now belongs to it
+    try:
+        (data_dir / "node.pid").write_text(f"{other.pid}\n")
+        down = run_cli("down", "--data-dir", str(data_dir), timeout=10)
+        assert down.returncode == 1, down.describe()
+        assert "no node is running" in down.stderr
+        assert other.poll() is None  # not signalled
+        second = make_node(data_dir=data_dir)  # starts: the lock is free
+        assert datadir.read_pid(data_dir) == second.pid
+        assert run_cli("down", "--data-dir", str(data_dir), timeout=10).returncode == 0
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait(5)
+
+
 def test_port_in_use_exits_1(short_tmp: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -127,7 +156,7 @@ def test_port_in_use_exits_1(short_tmp: Path) -> None:
     errors = [line for line in result.err_lines if line.startswith("error:")]
     assert len(errors) == 1, result.describe()
     assert str(port) in errors[0]
-    assert not (short_tmp / "d" / "node.pid").exists()
+    assert datadir.read_pid(short_tmp / "d") is None
 
 
 def test_up_detach_then_down(short_tmp: Path) -> None:
@@ -159,7 +188,7 @@ def test_up_detach_then_down(short_tmp: Path) -> None:
 
         down = run_cli("down", "--data-dir", str(data_dir), timeout=15)
         assert down.returncode == 0, down.describe()
-        assert not (data_dir / "node.pid").exists()
+        assert datadir.read_pid(data_dir) is None
         wait_for(lambda: not pid_alive(pid), timeout=5, what=f"pid {pid} to end")
 
         again = run_cli("down", "--data-dir", str(data_dir), timeout=15)
