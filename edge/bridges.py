@@ -32,7 +32,7 @@ from edge.mapping import (
     nats_to_mesh,
     swap_prefix,
 )
-from edge.port import BRIDGE_HEADER, MeshPort, Refusal
+from edge.port import PATH_HEADER, MeshPort, Refusal
 from edge.tls import client_context
 from node import datadir
 from node.bridge_config import BridgeConfig
@@ -66,8 +66,11 @@ class Bridge:
         ident: bytes,
         data_dir: Path | None = None,
         tls: ssl.SSLContext | None = None,
+        node_id: str = "",
+        in_mesh: Callable[[str], bool] = lambda _node: False,
     ) -> None:
         self.cfg = cfg
+        self.in_mesh = in_mesh  # a node id of this mesh? (read from this thread: a dict lookup)
         self.tls = tls  # edge/tls.py's client context when cfg.tls (read once, at start)
         self.data_dir = data_dir  # None: the node has no store, so no spool either
         self.spool: LogReader | None = None
@@ -77,7 +80,7 @@ class Bridge:
         self.ctx = ctx
         self.endpoint = endpoint
         self.ident = ident
-        self.port = MeshPort(cfg.name)
+        self.port = MeshPort(cfg.name, node_id, cfg.url)
         self.state = "starting"
         self.counters = {
             "imported": 0,
@@ -86,12 +89,13 @@ class Bridge:
             "refused_too_big": 0,
             "dropped_remote_down": 0,
             "dropped_import_full": 0,
+            "dropped_loop": 0,  # imports that left this mesh before (PATH_HEADER)
             "spooled": 0,
             "errors": 0,
         }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bridge-{cfg.name}", daemon=True)
-        self._inbox: queue.Queue[tuple[str, bytes, str]] = queue.Queue(maxsize=100_000)
+        self._inbox: queue.Queue[tuple[str, bytes, str, str]] = queue.Queue(maxsize=100_000)
         # Remote requests waiting for a mesh reply, oldest first:
         # token -> (NATS reply subject, when, mesh event id)
         self._requests: dict[str, tuple[str, float, str]] = {}
@@ -139,11 +143,12 @@ class Bridge:
                 )
             )
 
-    def _take(self, remote: str, payload: bytes, reply: str = "") -> None:
+    def _take(self, remote: str, payload: bytes, reply: str = "", path: str = "") -> None:
         """From the client library's thread: queue an import (bounded; overflow counted).
-        ``reply``: the remote requester's reply subject, when it is a request."""
+        ``reply``: the remote requester's reply subject, when it is a request; ``path``:
+        its PATH_HEADER, when a meshctl bridge sent it there."""
         try:
-            self._inbox.put_nowait((remote, payload, reply))
+            self._inbox.put_nowait((remote, payload, reply, path))
         except queue.Full:
             self.counters["dropped_import_full"] += 1
 
@@ -197,7 +202,7 @@ class Bridge:
                     ev = decode_event(record, 0, len(record))
                 except CodecError:
                     continue
-                if ev.headers.get(BRIDGE_HEADER) != self.cfg.name:  # not one we imported
+                if not self.port.came_from_here(ev):  # not one we (or our broker) sent
                     events.append(ev)
         return rows[-1][0], events, len(rows) == SPOOL_BATCH
 
@@ -224,14 +229,21 @@ class Bridge:
         sent_any = False
         while True:
             try:
-                remote, payload, reply = self._inbox.get_nowait()
+                remote, payload, reply, path = self._inbox.get_nowait()
             except queue.Empty:
                 break
+            if path and self.port.looped(path, self.in_mesh):
+                self.counters["dropped_loop"] += 1
+                continue
             why = "outside the bridge's remote_prefix"
             try:
                 topic = swap_prefix(to_mesh(remote), self.cfg.remote_prefix, self.cfg.local_prefix)
             except MappingError as e:
                 topic, why = None, str(e)
+            if topic is not None and _reserved(topic):
+                # NATS '>' matches '$...' subjects: a NATS client published $mesh/node/down
+                # into the mesh, or a reply to a pending request (exploratory test).
+                topic, why = None, "its first level is reserved in the mesh"
             if topic is None:
                 self.counters["refused"] += 1
                 if reply:  # a NATS requester hears why at once (the NATS pump answers)
@@ -240,11 +252,11 @@ class Bridge:
                 continue
             if reply and self.port.inbox:
                 token = str(next(self._tokens))
-                event_id, rec = self.port.request(topic, payload, token)
+                event_id, rec = self.port.request(topic, payload, token, path)
                 self._requests[token] = (reply, time.monotonic(), event_id)
                 self._request_ids[event_id] = token
             else:
-                rec = self.port.record(topic, payload)
+                rec = self.port.record(topic, payload, path=path)
             batch.append(rec)
             size += len(rec)
             self.counters["imported"] += 1
@@ -316,7 +328,9 @@ class MqttBridge(Bridge):
             self._set_state("down", str(reason))
 
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
-            self._take(msg.topic, msg.payload)
+            marks = getattr(msg.properties, "UserProperty", None) or ()
+            path = next((v for k, v in marks if k == PATH_HEADER), "")
+            self._take(msg.topic, msg.payload, path=path)
 
         def on_connect_fail(_c: Any, _u: Any) -> None:  # a broker that never answered
             self._set_state("down", f"cannot connect to {self.cfg.host}:{self.cfg.port}")
@@ -335,7 +349,7 @@ class MqttBridge(Bridge):
                     while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
                         for ev in self.port.events(sock.recv()):
                             if not self._spooled(ev):
-                                self._export_mqtt(client, ev.topic, ev.data)
+                                self._export_mqtt(client, ev)
                 behind = False
                 if self.spool is not None and self.state == "up":
                     behind = self._drain_spool_mqtt(client)
@@ -349,16 +363,34 @@ class MqttBridge(Bridge):
             if self.spool is not None:
                 self.spool.close()
 
-    def _export_mqtt(self, client: Any, topic: str, data: bytes) -> Any:
-        remote = self._export_topic(topic, mesh_topic_to_mqtt)
+    def _export_mqtt(self, client: Any, ev: Event) -> Any:
+        remote = self._export_topic(ev.topic, mesh_topic_to_mqtt)
         if remote is None:
             self.counters["refused"] += 1
         elif self.state != "up":
             self.counters["dropped_remote_down"] += 1
         else:
             self.counters["exported"] += 1
-            return client.publish(remote, data, qos=self.cfg.qos)
+            return self._publish_mqtt(client, remote, ev)
         return None
+
+    _marks: dict[str, Any] | None = None
+
+    def _publish_mqtt(self, client: Any, remote: str, ev: Event) -> Any:
+        """Publish with PATH_HEADER as an MQTT v5 user property (one Properties object
+        per path, kept: nearly every export has the same one, this node alone)."""
+        from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415 - optional dependency
+        from paho.mqtt.properties import Properties  # noqa: PLC0415
+
+        path = self.port.path(ev)
+        marks = self._marks = self._marks if self._marks is not None else {}
+        props = marks.get(path)
+        if props is None:
+            if len(marks) > 1024:
+                marks.clear()
+            props = marks[path] = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = (PATH_HEADER, path)
+        return client.publish(remote, ev.data, qos=self.cfg.qos, properties=props)
 
     def _drain_spool_mqtt(self, client: Any) -> bool:
         """Send the next persistent exports; move the cursor once the broker has them all
@@ -377,7 +409,7 @@ class MqttBridge(Bridge):
             if remote is None:
                 self.counters["refused"] += 1
                 continue
-            infos.append(client.publish(remote, ev.data, qos=self.cfg.qos))
+            infos.append(self._publish_mqtt(client, remote, ev))
         deadline = time.monotonic() + SPOOL_WAIT
         for info in infos:
             try:
@@ -417,7 +449,9 @@ class NatsBridge(Bridge):
 
         assert ev.reply_to is not None
         try:
-            msg = await nc.request(subject, ev.data, timeout=REQUEST_TIMEOUT)
+            msg = await nc.request(
+                subject, ev.data, timeout=REQUEST_TIMEOUT, headers={PATH_HEADER: self.port.path(ev)}
+            )
         except nats.errors.NoRespondersError:
             sock.send(
                 self.port.reply(
@@ -482,7 +516,7 @@ class NatsBridge(Bridge):
                 if remote is None:
                     self.counters["refused"] += 1
                     continue
-                if not await self._publish_nats(nc, remote, ev.data):
+                if not await self._publish_nats(nc, remote, ev.data, self.port.path(ev)):
                     continue  # never deliverable there: waiting for it would stop the spool
                 sent += 1
             await nc.flush(timeout=SPOOL_WAIT)
@@ -492,14 +526,15 @@ class NatsBridge(Bridge):
         self._spool_done(seq, sent)
         return True
 
-    async def _publish_nats(self, nc: Any, subject: str, data: bytes) -> bool:
-        """Publish to NATS; False, counted (``refused_too_big``), for a payload over the
-        server's max_payload (1 MB by default, the mesh allows more): nats-py raises for it,
-        which ended the bridge's thread, or stopped its spool at that event for good."""
+    async def _publish_nats(self, nc: Any, subject: str, data: bytes, path: str = "") -> bool:
+        """Publish to NATS (``path``: PATH_HEADER, for an export); False, counted
+        (``refused_too_big``), for a payload over the server's max_payload (1 MB by
+        default, the mesh allows more): nats-py raises for it, which ended the bridge's
+        thread, or stopped its spool at that event for good."""
         from nats.errors import MaxPayloadError  # noqa: PLC0415 - optional dependency
 
         try:
-            await nc.publish(subject, data)
+            await nc.publish(subject, data, headers={PATH_HEADER: path} if path else None)
         except MaxPayloadError:
             self._too_big(subject, len(data), nc.max_payload)
             return False
@@ -522,6 +557,11 @@ class NatsBridge(Bridge):
 
         async def on_error(e: Exception) -> None:
             log.debug("bridge %s: %s", self.cfg.name, e)
+            if self.state != "up":
+                # nats-py retries a first connect for ever inside connect() (we ask it to
+                # reconnect for ever), so only this callback hears why: the bridge stayed
+                # "starting" without a word for a closed port or a wrong password.
+                self._set_state("down", str(e) or type(e).__name__)
 
         try:
             nc = await nats.connect(
@@ -544,7 +584,8 @@ class NatsBridge(Bridge):
             return None
 
         async def on_msg(msg: Any) -> None:
-            self._take(msg.subject, msg.data, msg.reply or "")
+            path = (msg.headers or {}).get(PATH_HEADER, "")
+            self._take(msg.subject, msg.data, msg.reply or "", path)
 
         for subject in self.cfg.imports:
             await nc.subscribe(subject, cb=on_msg)
@@ -567,7 +608,7 @@ class NatsBridge(Bridge):
                 elif ev.is_request and ev.reply_to:
                     self._tasks.add(asyncio.create_task(self._ask(nc, sock, remote, ev)))
                     self.counters["exported"] += 1
-                elif await self._publish_nats(nc, remote, ev.data):
+                elif await self._publish_nats(nc, remote, ev.data, self.port.path(ev)):
                     self.counters["exported"] += 1
             for ev in incoming.replies:  # a mesh responder answered a NATS requester
                 pending = self._forget_request(ev.topic.rsplit("/", 1)[-1])
@@ -594,6 +635,12 @@ class NatsBridge(Bridge):
         await asyncio.sleep(0 if busy else 0.005)
 
 
+def _reserved(topic: str) -> bool:
+    """The node's own events (``$...``) and request replies (``_INBOX/...``): never from
+    outside through a bridge."""
+    return topic.startswith("$") or topic.split("/", 1)[0] == "_INBOX"
+
+
 async def _answer_error(nc: Any, reply: str, refusal: Refusal) -> None:
     """A NATS service error reply (the headers of the NATS services API, nats.micro), so a
     requester learns at once why the mesh refused its request instead of timing out."""
@@ -610,6 +657,8 @@ def start_bridges(
     register: Callable[[bytes], None],
     data_dir: Path | None = None,
     tls: dict[str, ssl.SSLContext] | None = None,
+    node_id: str = "",
+    in_mesh: Callable[[str], bool] = lambda _node: False,
 ) -> list[Bridge]:
     """Start one actor per ``[[bridge]]``; ``register`` tells the node their identities.
     ``tls`` holds the TLS contexts `meshctl up` built (by bridge name); missing ones are
@@ -620,7 +669,7 @@ def start_bridges(
         register(ident)
         cls = MqttBridge if cfg.kind == "mqtt" else NatsBridge
         context = (tls or {}).get(cfg.name) or client_context(cfg, where=f"bridge[{i}]")
-        bridge = cls(cfg, ctx, endpoint, ident, data_dir, context)
+        bridge = cls(cfg, ctx, endpoint, ident, data_dir, context, node_id, in_mesh)
         bridge.start()
         bridges.append(bridge)
     return bridges

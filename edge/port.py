@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,18 +28,29 @@ from node.errors import CodecError
 from node.events import Event, decode_deliveries
 
 BRIDGE_HEADER: Final = "bridge"
+# The mesh nodes whose bridges an event left through, oldest first, comma-separated: an
+# MQTT v5 user property / NATS header on the way out, a mesh header on the way in. A
+# bridge drops what any node of its own mesh sent out before (two gateways on one
+# broker stormed: each re-exported what the other imported), and what went through
+# MAX_PATH bridges (a ring through other meshes).
+URL_HEADER: Final = "bridge-url"  # the broker it came from: no bridge to it sends it back
+PATH_HEADER: Final = "meshctl-path"
+MAX_PATH: Final = 8
 
 
 class MeshPort:
     """Encodes a bridge's frames to its node and decodes the node's deliveries."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, node_id: str = "", url: str = "") -> None:
         self.name = name
+        self.url = url
         self._origin = os.urandom(8)
         self._seq = 0
         self._topics: dict[bytes, str] = {}
-        self._headers = encode_headers({BRIDGE_HEADER: name})
+        self._marks = {BRIDGE_HEADER: name, URL_HEADER: url} if url else {BRIDGE_HEADER: name}
+        self._headers = encode_headers(self._marks)
         self.inbox = ""  # _INBOX/<node>/<client>, known once the node has welcomed us
+        self.node_id = node_id  # the node's id (else known once it has welcomed us)
 
     def hello(self) -> bytes:
         return encode_control(Kind.HELLO, {"name": f"bridge {self.name}"})
@@ -52,10 +64,34 @@ class MeshPort:
         """A PUB frame for one event (topic must already be a valid mesh topic)."""
         return HEAD_PUB + self.record(topic, payload, imported=imported)
 
-    def record(self, topic: str, payload: bytes, *, imported: bool = True) -> bytes:
-        """One event record; many go in one PUB frame (``HEAD_PUB`` + records)."""
-        hb = self._headers if imported else b""
-        return self._record(topic, payload, hb, F_IMPORTED if imported else 0)
+    def record(self, topic: str, payload: bytes, *, imported: bool = True, path: str = "") -> bytes:
+        """One event record; many go in one PUB frame (``HEAD_PUB`` + records). ``path``:
+        the nodes whose bridges it left before (PATH_HEADER)."""
+        if not imported:
+            return self._record(topic, payload, b"", 0)
+        hb = encode_headers({**self._marks, PATH_HEADER: path}) if path else None
+        return self._record(topic, payload, hb or self._headers, F_IMPORTED)
+
+    def came_from_here(self, ev: Event) -> bool:
+        """Imported by this bridge, or by another bridge of the mesh to the same broker
+        (two gateways on one broker each sent the other's imports back to it)."""
+        headers = ev.headers
+        if not headers:
+            return False
+        return headers.get(BRIDGE_HEADER) == self.name or (
+            bool(self.url) and headers.get(URL_HEADER) == self.url
+        )
+
+    def path(self, ev: Event) -> str:
+        """PATH_HEADER for ``ev`` leaving the mesh here: its path so far, and this node."""
+        before = ev.headers.get(PATH_HEADER)
+        return f"{before},{self.node_id}" if before else self.node_id
+
+    def looped(self, path: str, in_mesh: Callable[[str], bool]) -> bool:
+        """True for an import whose PATH_HEADER says it left this mesh before (or went
+        through MAX_PATH bridges): taking it in again would send it round for ever."""
+        nodes = path.split(",")
+        return len(nodes) >= MAX_PATH or any(n == self.node_id or in_mesh(n) for n in nodes)
 
     def _record(self, topic: str, payload: bytes, hb: bytes, flags: int) -> bytes:
         return self.raw_record(topic.encode(), payload, hb, flags)
@@ -89,14 +125,15 @@ class MeshPort:
                 for sid, ev in decode_deliveries(frame, self._topics):
                     if sid == 0:
                         incoming.replies.append(ev)
-                    elif ev.headers.get(BRIDGE_HEADER) != self.name:
+                    elif not self.came_from_here(ev):
                         incoming.exports.append(ev)
                 return incoming
             kind, body = decode_control(frame)
         except CodecError:
             return incoming
         if kind == Kind.WELCOME:
-            self.inbox = f"_INBOX/{body.get('node_id')}/{body.get('client_id')}"
+            self.node_id = str(body.get("node_id"))
+            self.inbox = f"_INBOX/{self.node_id}/{body.get('client_id')}"
         elif kind == Kind.NORESP:
             incoming.no_responders.append(str(body.get("id")))
         elif kind == Kind.ERR and body.get("request"):
@@ -104,9 +141,12 @@ class MeshPort:
             incoming.refused.append(refusal)
         return incoming
 
-    def request(self, topic: str, payload: bytes, token: str) -> tuple[str, bytes]:
+    def request(self, topic: str, payload: bytes, token: str, path: str = "") -> tuple[str, bytes]:
         """(event id, record) of a request into the mesh whose replies come to our inbox."""
-        headers = encode_headers({BRIDGE_HEADER: self.name, "reply-to": f"{self.inbox}/{token}"})
+        fields = {**self._marks, "reply-to": f"{self.inbox}/{token}"}
+        if path:
+            fields[PATH_HEADER] = path
+        headers = encode_headers(fields)
         rec = self._record(topic, payload, headers, F_IMPORTED | F_REQUEST)
         return rec[RECORD.size - 16 : RECORD.size].hex(), rec
 

@@ -108,6 +108,11 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
             validate_topic(strings["local_prefix"])
         except TopicError as e:
             raise fail("local_prefix", str(e)) from None
+    if strings["remote_prefix"]:
+        prefix, why = _remote_prefix(kind, strings["remote_prefix"])
+        if why:
+            raise fail("remote_prefix", why)
+        strings["remote_prefix"] = prefix
     files = [k for k in _FILES if strings[k]]
     tls = item.get("tls", m.group(1) in ("mqtts", "tls") or bool(files))
     if not isinstance(tls, bool):
@@ -131,6 +136,12 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
             validate_pattern(pattern)
         except TopicError as e:
             raise fail("export", str(e)) from None
+    for pattern in lists["import"]:
+        # Checked here, as exports are: a bad one passed, then its subscribe raised in the
+        # client library's thread and the bridge stayed "starting" (exploratory test).
+        why = _import_error(kind, pattern)
+        if why:
+            raise fail("import", f"{pattern!r}: {why}")
     if not lists["import"] and not lists["export"]:
         raise fail("import", "a bridge needs import or export patterns (or both)")
     return BridgeConfig(
@@ -144,3 +155,47 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
         qos=qos,
         **strings,
     )
+
+
+def _levels(kind: str, text: str) -> list[str]:
+    return text.split("/" if kind == "mqtt" else ".")
+
+
+def _import_error(kind: str, pattern: str) -> str:
+    """Why ``pattern`` is no import pattern of ``kind`` that maps into the mesh ("": it
+    is one). MQTT filters: ``+`` and ``#`` whole levels, ``#`` last; NATS subjects: ``*``
+    and ``>`` whole tokens, ``>`` last, no whitespace. Empty levels, the other dialect's
+    separator in a level and the mesh's reserved first levels have no mesh topic."""
+    one, rest = ("+", "#") if kind == "mqtt" else ("*", ">")
+    levels = _levels(kind, pattern)
+    if kind == "mqtt" and levels[0] == "$share":
+        return "a bridge subscribes for itself: no $share"
+    for i, level in enumerate(levels):
+        if not level:
+            return "empty levels do not exist in the mesh"
+        if level == rest and i != len(levels) - 1:
+            return f"{rest!r} must be the last level"
+        if level not in (one, rest) and (one in level or rest in level):
+            return f"wildcard inside level {i + 1} ({level!r})"
+        if kind == "nats" and ("/" in level or any(ch.isspace() for ch in level)):
+            return f"token {level!r} holds '/' or whitespace"
+        if kind == "mqtt" and ("*" in level or ">" in level or "\x00" in level):
+            return f"level {level!r} holds '*', '>' or NUL, which the mesh cannot carry"
+    if levels[0].startswith("$") or levels[0] == "_INBOX":
+        return f"{levels[0]!r} is reserved in the mesh (its own events, replies)"
+    return ""
+
+
+def _remote_prefix(kind: str, prefix: str) -> tuple[str, str]:
+    """(the prefix in mesh form, why it is refused or ""). Written in the remote dialect,
+    as ``import`` is (``plant.n`` for NATS; a NATS prefix written ``plant.n`` refused
+    every event, since it was compared with mesh topics); ``plant/n`` is still read."""
+    if kind == "nats" and "/" not in prefix:
+        prefix = prefix.replace(".", "/")
+    try:
+        levels = validate_topic(prefix)
+    except TopicError as e:
+        return prefix, str(e)
+    if any(ch in level for level in levels for ch in "+#*>"):
+        return prefix, "a prefix holds no wildcards"
+    return prefix, ""

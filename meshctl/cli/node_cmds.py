@@ -206,9 +206,11 @@ def up(
                 from edge.bridges import start_bridges  # noqa: PLC0415 - paho/nats when used
 
                 spool_dir = where if cfg.store else None  # the store holds their spool
+                states = node.router.net.table.states  # the nodes of this mesh, by id
                 started += start_bridges(
-                    cfg.bridges, node.ctx, node.inproc, register, spool_dir, bridge_tls
-                )
+                    cfg.bridges, node.ctx, node.inproc, register, spool_dir, bridge_tls,
+                    identity.node_id, states.__contains__,
+                )  # fmt: skip
             if cfg.mqtt_listen:
                 from edge.mqtt_listener import start_listener  # noqa: PLC0415 - when used
 

@@ -150,6 +150,118 @@ export = ["sensors/>"]
         peer.close()
 
 
+def two_gateways(make_node: NodeFactory, kind: str, urls: tuple[str, str]) -> list[NodeProcess]:
+    """Two linked nodes, each bridging ``loop`` both ways to one broker (at ``urls``)."""
+    imports = '"loop/#"' if kind == "mqtt" else '"loop.>"'
+    nodes: list[NodeProcess] = []
+    for i, url in enumerate(urls):
+        link = f'links = ["tcp://127.0.0.1:{nodes[0].tcp_port}"]\n' if nodes else ""
+        table = (
+            f'{link}[[bridge]]\nkind = "{kind}"\nname = "gw{i}"\nurl = "{url}"\n'
+            f'import = [{imports}]\nexport = ["loop/>"]\n'
+        )
+        nodes.append(bridged_node(make_node, table))
+    wait_for(
+        lambda: all(n.status()["net"]["links"] == 1 for n in nodes),
+        timeout=10,
+        what="the two gateways linked",
+    )
+    return nodes
+
+
+@pytest.mark.parametrize("spelling", ["same", "other"])
+def test_two_gateways_on_one_mqtt_broker_do_not_loop(
+    make_node: NodeFactory, mosquitto: int, spelling: str
+) -> None:
+    """Found by an exploratory test: two nodes bridging the same tree to one broker sent
+    one message round for ever (452 copies in 3 s): each exported what the other had
+    imported. Now a bridge does not send back what came from its broker's URL, and what
+    a node of this mesh exported before (an MQTT v5 user property) is not imported again
+    when the URLs are spelled differently."""
+    second = "127.0.0.1" if spelling == "same" else "localhost"
+    urls = (f"mqtt://127.0.0.1:{mosquitto}", f"mqtt://{second}:{mosquitto}")
+    nodes = two_gateways(make_node, "mqtt", urls)
+    peer = MqttPeer(mosquitto, ["loop/#"])
+    try:
+        peer.publish("loop/x", b"once")
+        # Same URL: nothing goes back. Other spellings: each gateway sends the other's
+        # import back once, and the other drops it as its mesh's own.
+        want = 1 if spelling == "same" else 3
+        wait_for(lambda: len(peer.got) >= want, timeout=5, what=f"{want} copies at the broker")
+        time.sleep(1.0)  # a loop would add more: give it the chance
+        assert peer.got == [("loop/x", b"once")] * want
+        looped = sum(b["dropped_loop"] for n in nodes for b in n.status()["bridges"])
+        assert looped == (0 if spelling == "same" else 2)
+    finally:
+        peer.close()
+
+
+def test_two_gateways_on_one_nats_server_do_not_loop(
+    make_node: NodeFactory, nats_port: int
+) -> None:
+    import nats
+
+    urls = (f"nats://127.0.0.1:{nats_port}", f"nats://localhost:{nats_port}")
+    nodes = two_gateways(make_node, "nats", urls)
+
+    async def run() -> list[bytes]:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        sub = await nc.subscribe("loop.>")
+        await nc.publish("loop.x", b"once")
+        await nc.flush()
+        got = []
+        with contextlib.suppress(nats.errors.TimeoutError):
+            while len(got) < 10:
+                got.append((await sub.next_msg(timeout=1.5)).data)
+        await nc.close()
+        return got
+
+    assert asyncio.run(run()) == [b"once"] * 3  # as the MQTT case with two spellings
+    assert sum(b["dropped_loop"] for n in nodes for b in n.status()["bridges"]) == 2
+
+
+def test_nats_cannot_publish_into_the_meshs_reserved_topics(
+    make_node: NodeFactory, nats_port: int
+) -> None:
+    """Found by an exploratory test: NATS '>' matches '$...' subjects, and a NATS client
+    published $mesh/node/down (or a reply to a pending request) into the mesh."""
+    import nats
+
+    node = bridged_node(
+        make_node,
+        f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{nats_port}"\nimport = [">"]\n',
+    )
+
+    async def publish() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        for subject in ("$mesh.node.down", "_INBOX.x.y.1", "fine"):
+            await nc.publish(subject, b"spoof")
+        await nc.flush()
+        await nc.close()
+
+    with connect(node.ipc) as client:
+        system = client.subscribe("$mesh/node/>")
+        inbox = client.subscribe("_INBOX/>")
+        plain = client.subscribe(">")
+        asyncio.run(publish())
+        assert plain.next(3).topic == "fine"
+        assert drain(system, 0.5) == []
+        assert drain(inbox, 0.2) == []
+    assert node.status()["bridges"][0]["refused"] == 2
+
+
+def test_a_nats_bridge_that_cannot_connect_says_why(make_node: NodeFactory) -> None:
+    """Found by an exploratory test: nats-py retries a first connect for ever inside
+    connect(), so the bridge stayed "starting" with no word in the log or status."""
+    port = lh.free_port()  # nothing listens there
+    node = make_node(
+        config_text=f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{port}"\n'
+        'export = ["a/>"]\n'
+    )
+    wait_for(lambda: node.status()["bridges"][0]["state"] == "down", timeout=10, what="down")
+    assert "bridge nats (nats://127.0.0.1:" in node.log_text()
+
+
 def test_nats_pub_sub_both_ways(make_node: NodeFactory, nats_port: int) -> None:
     import nats
 
