@@ -455,7 +455,10 @@ class NatsBridge(Bridge):
         except nats.errors.NoRespondersError:
             sock.send(
                 self.port.reply(
-                    ev.reply_to, f"no responders for {subject}".encode(), no_responders=True
+                    ev.reply_to,
+                    f"no responders for {subject}".encode(),
+                    no_responders=True,
+                    topic=ev.topic,
                 )
             )
         except nats.errors.TimeoutError:

@@ -18,6 +18,7 @@ from node.codec import (
     F_IMPORTED,
     F_REQUEST,
     HEAD_PUB,
+    NO_RESPONDERS_FOR,
     RECORD,
     Kind,
     decode_control,
@@ -150,9 +151,16 @@ class MeshPort:
         rec = self._record(topic, payload, headers, F_IMPORTED | F_REQUEST)
         return rec[RECORD.size - 16 : RECORD.size].hex(), rec
 
-    def reply(self, reply_to: str, payload: bytes, *, no_responders: bool = False) -> bytes:
-        """A PUB frame answering a mesh request (``no_responders``: the remote had none)."""
-        headers = encode_headers({"status": "no-responders"}) if no_responders else b""
+    def reply(
+        self, reply_to: str, payload: bytes, *, no_responders: bool = False, topic: str = ""
+    ) -> bytes:
+        """A PUB frame answering a mesh request (``no_responders``: the remote had none for
+        the request on ``topic``; the node passes that on only if nothing else may answer)."""
+        headers = (
+            encode_headers({"status": "no-responders", NO_RESPONDERS_FOR: topic})
+            if no_responders
+            else b""
+        )
         flags = F_ERROR if no_responders else 0
         return HEAD_PUB + self._record(reply_to, payload, headers, flags)
 

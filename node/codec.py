@@ -74,6 +74,9 @@ F_PERSISTENT: Final = 0x02  # stored before it is acknowledged (a PACK answers t
 F_RETAIN: Final = 0x04  # kept as the topic's last value; set on retained deliveries
 F_IMPORTED: Final = 0x08  # entered the mesh through a bridge; never export back
 F_ERROR: Final = 0x10  # a reply that reports the responder's failure
+# A bridge's "no responders" reply (status header) names the request's topic in this
+# header: its node passes it on only if nothing else here or in the mesh may answer.
+NO_RESPONDERS_FOR: Final = "no-responders-for"
 F_REPLICA: Final = 0x20  # node -> node: a retained value to store, never to deliver
 
 RECORD: Final = struct.Struct("<IHHBBHQ16s")

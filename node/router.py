@@ -16,8 +16,10 @@ from typing import Any, Final
 
 from node import queue_admin, views
 from node.codec import (
+    F_ERROR,
     F_PERSISTENT,
     F_REQUEST,
+    NO_RESPONDERS_FOR,
     RECORD_SIZE,
     SID,
     Kind,
@@ -29,6 +31,7 @@ from node.codec import (
 from node.dedup import DedupWindow
 from node.durable import LOG_ALL, Durable, replay_options
 from node.errors import CodecError, TopicError
+from node.events import decode_event
 from node.framing import MAX_FRAME_BYTES, frames_counted, link_frames
 from node.mesh import NO_PLAN, Mesh, Plan, Via
 from node.router_durable import DURABLE_FLAGS, DurableOut, DurableSide
@@ -63,6 +66,7 @@ _LINK_ONLY: Final = frozenset((Kind.FWD, Kind.STATES, Kind.BEAT, Kind.BEAT_ACK))
 _GREETINGS: Final = frozenset((Kind.HELLO, Kind.LINK))
 _NOT_LINKED: Final = encode_control(Kind.LINK_REFUSE, {"reason": "not linked (node restarted?)"})
 ROUTE_CACHE_SIZE: Final = 65536
+_FLAGS_AT: Final = 2 + 8  # the first record's flags byte in a PUB frame
 SLOW_NOTICE_INTERVAL: Final = 1.0
 
 
@@ -144,6 +148,13 @@ class Router(MeshSide, DurableSide):
         """Process one frame from ``ident``; garbage is counted and dropped, never raised."""
         try:
             if len(frame) >= 2 and frame[1] == Kind.PUB and frame[0] == 1:
+                if (
+                    len(frame) > _FLAGS_AT
+                    and frame[_FLAGS_AT] & F_ERROR
+                    and ident in self.internal
+                    and self._others_answer(ident, frame)
+                ):
+                    return
                 self._on_pub(ident, frame, now)
                 return
             if ident in self.net.by_via:
@@ -627,6 +638,30 @@ class Router(MeshSide, DurableSide):
             return Route(plain, groups, plan)
         queues = list(durable.queues.trie.match(topic))
         return Route(plain, groups, plan, durable.wants_log(topic), queues)
+
+    def _others_answer(self, ident: bytes, frame: bytes) -> bool:
+        """True for a bridge's "no responders" (its remote side had none) to a request
+        that something else here or in the mesh may answer: it is withheld. It beat a mesh
+        responder that took 0.2 s, and the requester heard "no responders" (exploratory
+        test). Alone, the bridge's answer is the mesh's, and goes at once."""
+        try:
+            ev = decode_event(frame, 2, len(frame))
+        except CodecError:
+            return False
+        topic = ev.headers.get(NO_RESPONDERS_FOR)
+        if topic is None or ev.headers.get("status") != "no-responders":
+            return False
+        route = self._resolve(topic.encode())
+        if type(route) is _Refused:
+            return False
+        others = (
+            any(dest != ident for dest, _ in route.plain)  # type: ignore[union-attr]
+            or any(d != ident for g in route.groups for d, _ in g.members)  # type: ignore[union-attr]
+            or not route.plan.empty  # type: ignore[union-attr]
+        )
+        if others:
+            self.counters.no_responders_withheld += 1
+        return others
 
     def _inbox_target(self, topic: str) -> tuple[bytes, bytes] | None:
         """``_INBOX/<node>/<client>/...`` goes straight to that client's inbox (sid 0)."""

@@ -146,6 +146,7 @@ class Counters:
     events_in: int = 0
     events_out: int = 0
     no_interest: int = 0
+    no_responders_withheld: int = 0  # a bridge's "no responders" while others may answer
     bad_frames: int = 0
     bad_handshakes: int = 0
     forwarded_in: int = 0

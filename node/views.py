@@ -85,6 +85,7 @@ def status(router: Router, now: float) -> dict[str, Any]:
             "events_in": c.events_in,
             "events_out": c.events_out,
             "no_interest": c.no_interest,
+            "no_responders_withheld": c.no_responders_withheld,
             "bad_frames": c.bad_frames,
             "bad_handshakes": c.bad_handshakes,
             "forwarded_in": c.forwarded_in,

@@ -497,6 +497,14 @@ export = ["ext/>"]
                 with pytest.raises(NoResponders):
                     client.request("ext/nobody", b"q", timeout=3)
                 assert time.monotonic() - start < 1.0
+                # NATS has nobody, but the mesh has a slow responder: its reply, not
+                # NATS's "no responders", which won before (exploratory test).
+                slow = bg.start(
+                    "reply", "ext/slow", "--command", "sleep 0.3; echo mesh", server=node.ipc
+                )
+                assert client.request("ext/slow", b"q", timeout=3).data.strip() == b"mesh"
+                assert node.status()["counters"]["no_responders_withheld"] == 1
+                slow.stop()
 
         await asyncio.get_running_loop().run_in_executor(None, mesh_requests)
         await nc.close()
