@@ -95,7 +95,7 @@ class Bridge:
         }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bridge-{cfg.name}", daemon=True)
-        self._inbox: queue.Queue[tuple[str, bytes, str, str]] = queue.Queue(maxsize=100_000)
+        self._inbox: queue.Queue[tuple[str, bytes, str, str, bool]] = queue.Queue(maxsize=100_000)
         # Remote requests waiting for a mesh reply, oldest first:
         # token -> (NATS reply subject, when, mesh event id)
         self._requests: dict[str, tuple[str, float, str]] = {}
@@ -143,12 +143,15 @@ class Bridge:
                 )
             )
 
-    def _take(self, remote: str, payload: bytes, reply: str = "", path: str = "") -> None:
+    def _take(
+        self, remote: str, payload: bytes, reply: str = "", path: str = "", retain: bool = False
+    ) -> None:
         """From the client library's thread: queue an import (bounded; overflow counted).
         ``reply``: the remote requester's reply subject, when it is a request; ``path``:
-        its PATH_HEADER, when a meshctl bridge sent it there."""
+        its PATH_HEADER, when a meshctl bridge sent it there; ``retain``: an MQTT retained
+        message, kept as the topic's retained value in the mesh too."""
         try:
-            self._inbox.put_nowait((remote, payload, reply, path))
+            self._inbox.put_nowait((remote, payload, reply, path, retain))
         except queue.Full:
             self.counters["dropped_import_full"] += 1
 
@@ -229,7 +232,7 @@ class Bridge:
         sent_any = False
         while True:
             try:
-                remote, payload, reply, path = self._inbox.get_nowait()
+                remote, payload, reply, path, retain = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if path and self.port.looped(path, self.in_mesh):
@@ -256,7 +259,7 @@ class Bridge:
                 self._requests[token] = (reply, time.monotonic(), event_id)
                 self._request_ids[event_id] = token
             else:
-                rec = self.port.record(topic, payload, path=path)
+                rec = self.port.record(topic, payload, path=path, retain=retain)
             batch.append(rec)
             size += len(rec)
             self.counters["imported"] += 1
@@ -321,7 +324,14 @@ class MqttBridge(Bridge):
                 self._set_state("down", str(reason))
                 return
             for filt in self.cfg.imports:
-                c.subscribe(filt, options=SubscribeOptions(qos=self.cfg.qos, noLocal=True))
+                # Retain As Published: a retained publish keeps its flag on its way to us,
+                # so it becomes the mesh's retained value too (the flag was dropped).
+                c.subscribe(
+                    filt,
+                    options=SubscribeOptions(
+                        qos=self.cfg.qos, noLocal=True, retainAsPublished=True
+                    ),
+                )
             self._set_state("up")
 
         def on_disconnect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -330,7 +340,7 @@ class MqttBridge(Bridge):
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
             marks = getattr(msg.properties, "UserProperty", None) or ()
             path = next((v for k, v in marks if k == PATH_HEADER), "")
-            self._take(msg.topic, msg.payload, path=path)
+            self._take(msg.topic, msg.payload, path=path, retain=bool(msg.retain))
 
         def on_connect_fail(_c: Any, _u: Any) -> None:  # a broker that never answered
             self._set_state("down", f"cannot connect to {self.cfg.host}:{self.cfg.port}")

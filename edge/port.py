@@ -17,6 +17,7 @@ from node.codec import (
     F_ERROR,
     F_IMPORTED,
     F_REQUEST,
+    F_RETAIN,
     HEAD_PUB,
     NO_RESPONDERS_FOR,
     RECORD,
@@ -65,13 +66,23 @@ class MeshPort:
         """A PUB frame for one event (topic must already be a valid mesh topic)."""
         return HEAD_PUB + self.record(topic, payload, imported=imported)
 
-    def record(self, topic: str, payload: bytes, *, imported: bool = True, path: str = "") -> bytes:
+    def record(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        imported: bool = True,
+        path: str = "",
+        retain: bool = False,
+    ) -> bytes:
         """One event record; many go in one PUB frame (``HEAD_PUB`` + records). ``path``:
-        the nodes whose bridges it left before (PATH_HEADER)."""
+        the nodes whose bridges it left before (PATH_HEADER); ``retain``: a retained
+        message there, the topic's retained value here."""
         if not imported:
             return self._record(topic, payload, b"", 0)
         hb = encode_headers({**self._marks, PATH_HEADER: path}) if path else None
-        return self._record(topic, payload, hb or self._headers, F_IMPORTED)
+        flags = F_IMPORTED | (F_RETAIN if retain else 0)
+        return self._record(topic, payload, hb or self._headers, flags)
 
     def came_from_here(self, ev: Event) -> bool:
         """Imported by this bridge, or by another bridge of the mesh to the same broker

@@ -492,7 +492,8 @@ class Node(SecureSide, DiscoverySide):
                 c.bad_handshakes += 1
                 if c.bad_handshakes <= 10 or c.bad_handshakes % 1000 == 0:
                     log.warning(
-                        "rejected a connection that does not speak ZMTP (total %d)",
+                        "a connection ended before its ZMTP handshake did: garbage, or a "
+                        "peer that gave up (total %d)",
                         c.bad_handshakes,
                     )
 

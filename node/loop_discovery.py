@@ -16,6 +16,7 @@ import zmq
 from node import discovery
 from node.loop_security import POLLIN, events_of
 from node.mesh import PROTO
+from node.security import REVOKED_SELF
 
 if TYPE_CHECKING:
     from node.config import NodeConfig
@@ -179,16 +180,17 @@ class DiscoverySide:
         for d in self.dialers.by_url.values():
             if d.state == "up" or d.peer_id in linked or d.url in rejected:
                 continue
+            stopped = d.last_error == REVOKED_SELF  # it said "no longer dials", then a retry
             out.append(
                 {
                     "id": d.peer_id,
                     "name": None,
                     "address": d.url,
                     "found": d.found,
-                    "state": d.state,
+                    "state": "stopped" if stopped else d.state,
                     "error": d.last_error,
                     "rtt_ms": None,
-                    "retry_in_s": round(max(0.0, d.next_try - now), 3),
+                    "retry_in_s": None if stopped else round(max(0.0, d.next_try - now), 3),
                 }
             )
         out.extend(rejected.values())  # by address: an impersonator shares a linked id

@@ -32,7 +32,12 @@ def peers(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt
         state = r["state"] if r["state"] == "up" else f"[yellow]{r['state']}[/]"
         if r.get("error"):
             state += f" [dim]({r['error']})[/]"
-        age = f"{r['age_s']:.0f}s" if "age_s" in r else f"retry in {r.get('retry_in_s', 0):.1f}s"
+        if "age_s" in r:
+            age = f"{r['age_s']:.0f}s"
+        elif r.get("retry_in_s") is not None:
+            age = f"retry in {r['retry_in_s']:.1f}s"
+        else:
+            age = ""  # rejected, or a revoked node that no longer dials
         t.add_row(
             r.get("name") or "?", r.get("id") or "?", r["address"], r["found"], state, rtt, age
         )

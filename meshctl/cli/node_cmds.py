@@ -380,10 +380,13 @@ def _render_status(s: dict[str, Any]) -> None:
             "exported",
             "refused",
             "dropped (remote down)",
+            "spool",  # persistent exports waiting for the broker: only --json showed them
             box=None,
         )
         for b in bridges:
             state = b["state"] if b["state"] == "up" else f"[red]{b['state']}[/]"
+            spool = b.get("spool") or {}
+            waiting = f"{spool['entries']} events" if "entries" in spool else ""
             t.add_row(
                 b["name"],
                 b["kind"],
@@ -393,6 +396,7 @@ def _render_status(s: dict[str, Any]) -> None:
                 str(b["exported"]),
                 str(b["refused"]),
                 str(b["dropped_remote_down"]),
+                waiting,
             )
         out.print(t)
     if s["clients"]:

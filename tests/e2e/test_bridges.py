@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import NodeFactory, NodeProcess, need_binary, unavailable, wait_for
+from helpers import NodeFactory, NodeProcess, need_binary, run_cli, unavailable, wait_for
 
 from meshctl import connect
 from meshctl.errors import Timeout
@@ -146,6 +146,28 @@ export = ["sensors/>"]
         (bridge,) = node.status()["bridges"]
         assert bridge["imported"] == 20
         assert bridge["exported"] == 20
+    finally:
+        peer.close()
+
+
+def test_an_mqtt_retained_message_is_retained_in_the_mesh_too(
+    make_node: NodeFactory, mosquitto: int
+) -> None:
+    """Found by an exploratory test: the bridge dropped the retain flag, so a late mesh
+    subscriber did not get the broker's last value (mosquitto's own bridges carry it)."""
+    node = bridged_node(
+        make_node,
+        f'[[bridge]]\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{mosquitto}"\nimport = ["state/#"]\n',
+    )
+    peer = MqttPeer(mosquitto, ["unrelated"])
+    try:
+        peer.client.publish("state/door", b"open", qos=1, retain=True).wait_for_publish(5)
+        peer.publish("state/live", b"not retained")
+        wait_for(lambda: node.status()["bridges"][0]["imported"] == 2, timeout=5, what="both")
+        with connect(node.ipc) as client:
+            late = client.subscribe("state/>")  # retained values first, as MQTT does
+            got = drain(late, 1.0)
+        assert [(e.topic, e.data, e.retained) for e in got] == [("state/door", b"open", True)]
     finally:
         peer.close()
 
@@ -374,6 +396,8 @@ qos = 1
         (bridge,) = node.status()["bridges"]
         assert (bridge["state"], bridge["spool"]["entries"]) == ("down", 5)
         time.sleep(0.15)
+    # and `meshctl status` says so too, not only --json (exploratory test)
+    assert "5 events" in run_cli("status", server=node.ipc, env={"COLUMNS": ""}).stdout
 
 
 @pytest.mark.parametrize("kind", ["nats", "mqtt"])

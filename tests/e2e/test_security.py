@@ -298,6 +298,12 @@ def test_revoked_node_is_dropped_and_cannot_return(make_node: NodeFactory, tmp_p
         timeout=10,
         what="b's peers to say why it does not dial",
     )
+    # It said "no longer dials", then "backoff ... retry in 3596s" (exploratory test).
+    (row,) = [p for p in peers(b) if "revoked" in (p.get("error") or "")]
+    assert (row["state"], row["retry_in_s"]) == ("stopped", None)
+    shown = run_cli("peers", server=b.ipc).stdout
+    assert "stopped" in shown
+    assert "retry in" not in shown
     denied = security(a)["zap_denied"]
     time.sleep(3)  # b's backoff would have redialled a by now
     assert security(a)["zap_denied"] == denied
