@@ -245,7 +245,7 @@ class Client:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RCVHWM, 0)  # the node bounds what it queues for us
         # A node that stops reading must not hang us: sends give up after the timeout.
-        sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.timeout * 1000)))
+        sock.setsockopt(zmq.SNDTIMEO, _ms(self.timeout))
         if self._creds is not None and self.server.startswith("tcp://"):
             sock.curve_publickey = self._creds["public"].encode()
             sock.curve_secretkey = self._creds["secret"].encode()
@@ -732,7 +732,8 @@ class Client:
         if not got or len(got) < replies:
             raise Timeout(
                 f"request on {topic} timed out after {timeout:g}s with "
-                f"{len(got)} of {replies or 'any'} replies"
+                f"{len(got)} of {replies or 'any'} replies",
+                replies=got,
             )
         # One read can bring more than were asked for (found in review: `req` printed two
         # replies where it promises the first): the first ``replies``, as asked.
@@ -828,7 +829,7 @@ class Client:
             # Wait in slices of at most KEEPALIVE so a silent node gets asked whether it
             # still knows us (a restarted node answers "no session" and we resume).
             wait = KEEPALIVE if deadline is None else min(KEEPALIVE, deadline - now)
-            timeout_ms = max(0, int(wait * 1000 + 0.999))
+            timeout_ms = min(_MAX_MS, max(0, int(wait * 1000 + 0.999)))
             if timeout_ms != self._rcvtimeo:
                 sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
                 self._rcvtimeo = timeout_ms
@@ -932,6 +933,15 @@ class Client:
             # "ref": None: nobody waits for these answers.
             self._send(encode_control(Kind.SUB, {"ref": None, "sid": sub.sid, **body}))
         self._last_pack = 0.0  # resend unacknowledged persistent events at the next wait
+
+
+_MAX_MS: Final = 2**31 - 1  # libzmq's socket timeouts are int milliseconds (~24.8 days)
+
+
+def _ms(seconds: float) -> int:
+    """A socket timeout in ms: at least 1, at most _MAX_MS. ``-t 1000h`` ended in
+    "internal error: OverflowError" (exploratory test)."""
+    return min(_MAX_MS, max(1, int(seconds * 1000)))
 
 
 _HANDSHAKE_FAILED: Final = (

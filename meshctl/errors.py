@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from node.errors import ConfigError, InputError, NodeError, PayloadTooLarge, TopicError
 
 MeshError = NodeError  # the one root: catch this to catch everything meshctl raises
@@ -29,7 +31,12 @@ class Unreachable(OperationalError):
 
 
 class Timeout(OperationalError):
-    """Nothing (more) arrived within the timeout."""
+    """Nothing (more) arrived within the timeout; ``replies``: those a request did get
+    (fewer than it asked for)."""
+
+    def __init__(self, message: str, *, replies: list[Any] | None = None) -> None:
+        self.replies = replies or []
+        super().__init__(message)
 
 
 class NoResponders(OperationalError):

@@ -31,12 +31,22 @@ ServerOpt = Annotated[
         "[default: the local node]",
     ),
 ]
+
+
+def positive_duration(text: str | float) -> float:
+    """A duration above zero: ``-t 0`` said the node was unreachable (exploratory test)."""
+    seconds = duration(text)
+    if seconds <= 0:
+        raise typer.BadParameter(f"{text!r} must be above zero")
+    return seconds
+
+
 TimeoutOpt = Annotated[
     float,
     typer.Option(
         "--timeout",
         "-t",
-        parser=duration,
+        parser=positive_duration,
         metavar="DURATION",
         help="How long to wait (500ms, 2s, 1m or seconds).",
     ),

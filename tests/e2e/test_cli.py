@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 import tomllib
-from helpers import CliResult, NodeProcess, free_tcp_port, run_cli
+from helpers import CLI, CliResult, NodeProcess, cli_env, free_tcp_port, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -290,3 +292,29 @@ def test_status_json_fields(node: NodeProcess) -> None:
     human = run_cli("status", server=node.ipc)
     assert human.returncode == 0, human.describe()
     assert node.node_id in human.stdout
+
+
+def test_a_reader_that_goes_away_is_not_an_error(node: NodeProcess) -> None:
+    """Found by an exploratory test: `meshctl sub ... | head -1` exited 1 (Typer caught
+    the broken pipe first), so scripts with pipefail failed."""
+    from meshctl import connect
+
+    with connect(node.ipc) as client:
+        for i in range(200):
+            client.publish(f"pipe/{i}", "x" * 2000, persistent=True)
+        client.confirm(10)
+    cli = " ".join(shlex.quote(a) for a in CLI)
+    script = (
+        f"set -o pipefail; {cli} sub --from-seq 1 'pipe/>' -n 200 --raw "
+        f"--server {shlex.quote(node.ipc)} | head -1"
+    )
+    done = subprocess.run(
+        ["bash", "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=cli_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "x" * 2000 + "\n"

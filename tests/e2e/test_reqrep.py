@@ -120,3 +120,39 @@ def test_reply_plain_exit_code_command(node: NodeProcess, bg: Background) -> Non
     assert result.returncode == 1, result.describe()
     assert "error:" in result.stderr
     assert "exited with 3" in result.stderr
+
+
+def test_an_oversized_reply_is_answered_with_the_error_and_the_replier_goes_on(
+    node: NodeProcess, bg: Background
+) -> None:
+    """Found by an exploratory test: a reply over max_payload ended `reply --command`
+    with a usage error, and its requester waited out its timeout."""
+    cmd = "if grep -q big; then head -c 1100000 /dev/zero; else printf ok; fi"
+    replier = bg.start("reply", "svc/huge", "--command", cmd, server=node.ipc)
+    big = run_cli("req", "svc/huge", "big", "--timeout", "5s", server=node.ipc)
+    assert big.returncode == 1, big.describe()
+    assert "reply not sent" in big.stderr
+    assert "exceeds the limit" in big.stderr
+    assert big.elapsed < 4
+    assert replier.proc.poll() is None
+    assert run_cli("req", "svc/huge", "small", server=node.ipc).out_lines == ["ok"]
+
+
+def test_req_prints_the_replies_it_got_when_fewer_came(node: NodeProcess, bg: Background) -> None:
+    """Found by an exploratory test: `--replies 2` with one replier printed nothing;
+    `nats req --replies` prints what arrived. It still exits 1."""
+    bg.start("reply", "svc/one", "--echo", server=node.ipc)
+    result = run_cli("req", "svc/one", "hello", "--replies", "2", "-t", "1s", server=node.ipc)
+    assert result.returncode == 1, result.describe()
+    assert result.out_lines == ["hello"]
+    assert "1 of 2 replies" in result.stderr
+
+
+def test_a_zero_timeout_is_a_usage_error(node: NodeProcess) -> None:
+    """`-t 0` said the node was unreachable (exploratory test)."""
+    result = run_cli("status", "-t", "0", server=node.ipc)
+    assert result.returncode == 2, result.describe()
+    assert "must be above zero" in result.stderr
+    # and one past libzmq's int milliseconds ended in "internal error: OverflowError"
+    long = run_cli("status", "-t", "1000h", server=node.ipc)
+    assert long.returncode == 0, long.describe()
