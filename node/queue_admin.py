@@ -53,11 +53,19 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
                 raise ValueError("patterns must be a list of strings")
             old = queues.by_name.get(str(name))
             old_patterns = old.patterns if old is not None else ()
+            # What is not given keeps its value: adding a pattern put a queue's ack wait
+            # and max deliver back to their defaults (exploratory test), where `nats
+            # stream edit` changes only what it is told.
             q = queues.add(
                 str(name),
                 patterns,
-                ack_wait=_seconds(body.get("ack_wait"), DEFAULT_ACK_WAIT),
-                max_deliver=_count(body.get("max_deliver"), DEFAULT_MAX_DELIVER),
+                ack_wait=_seconds(
+                    body.get("ack_wait"), DEFAULT_ACK_WAIT if old is None else old.ack_wait
+                ),
+                max_deliver=_count(
+                    body.get("max_deliver"),
+                    DEFAULT_MAX_DELIVER if old is None else old.max_deliver,
+                ),
                 now_wall=now_ns / 1e9,
             )
             router.queue_interest(old_patterns, q.patterns)

@@ -30,20 +30,30 @@ def queue_add(
         typer.Option("--topic", help="Pattern of persistent events to capture (repeat)."),
     ],
     ack_wait: Annotated[
-        float,
+        float | None,
         typer.Option(
-            "--ack-wait", parser=duration, metavar="DURATION", help="Redeliver after this."
+            "--ack-wait",
+            parser=duration,
+            metavar="DURATION",
+            show_default=False,
+            help="Redeliver after this [default: 30s; an existing queue keeps its own].",
         ),
-    ] = 30.0,
+    ] = None,
     max_deliver: Annotated[
-        int, typer.Option("--max-deliver", min=1, help="Deliveries before dead-lettering.")
-    ] = 5,
+        int | None,
+        typer.Option(
+            "--max-deliver",
+            min=1,
+            show_default=False,
+            help="Deliveries before dead-lettering [default: 5; an existing queue keeps its own].",
+        ),
+    ] = None,
     server: ServerOpt = None,
     timeout: TimeoutOpt = 2.0,
     json_out: JsonOpt = False,
 ) -> None:
-    """Create a queue (or change its patterns); it captures matching persistent events
-    from anywhere in the mesh, even with no consumer connected."""
+    """Create a queue (or change its patterns, and what else is given); it captures
+    matching persistent events from anywhere in the mesh, even with no consumer connected."""
     answer = _call(
         server,
         timeout,

@@ -49,6 +49,28 @@ def facts(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in lines if line.endswith("}")]
 
 
+def test_adding_a_pattern_to_a_queue_keeps_its_settings(make_node: NodeFactory) -> None:
+    """Found by an exploratory test: `queue add` of an existing queue put its ack wait
+    and max deliver back to the defaults; `nats stream edit` changes what it is told."""
+    s = make_node().ipc
+    first = ("queue", "add", "f5", "--topic", "f5/a", "--ack-wait", "5m", "--max-deliver", "50")
+    assert run_cli(*first, server=s).returncode == 0
+    more = run_cli("queue", "add", "f5", "--topic", "f5/a", "--topic", "f5/b", server=s)
+    assert "updated queue f5" in more.stderr, more.describe()
+    info = run_cli("queue", "info", "f5", "--json", server=s).json_lines()[0]
+    assert (info["ack_wait_s"], info["max_deliver"], info["patterns"]) == (
+        300.0,
+        50,
+        ["f5/a", "f5/b"],
+    )
+    seven = run_cli("queue", "add", "f5", "--topic", "f5/a", "--max-deliver", "7", server=s)
+    assert seven.returncode == 0, seven.describe()
+    info = run_cli("queue", "info", "f5", "--json", server=s).json_lines()[0]
+    assert (info["ack_wait_s"], info["max_deliver"]) == (300.0, 7)
+    fresh = run_cli("queue", "add", "g", "--topic", "g", "--json", server=s).json_lines()[0]
+    assert (fresh["ack_wait_s"], fresh["max_deliver"]) == (30.0, 5)
+
+
 def test_queue_commands_and_acked_consumption(make_node: NodeFactory) -> None:
     node = make_node()
     s = node.ipc
