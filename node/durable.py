@@ -10,6 +10,7 @@ lost by a crash, and nothing is sent that a failed commit would have to take bac
 from __future__ import annotations
 
 import heapq
+import struct
 from bisect import bisect_left, insort
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from node.store import Store, StoreError
 from node.topics import SubscriptionTrie, literal_prefix, matches
 
 DEDUPE_WINDOW: Final = 120.0  # seconds, as NATS JetStream's Nats-Msg-Id window
+_TIME: Final = struct.Struct("<Q")  # a record's publish time, at byte 12 of its header
 REPLAY_BATCH: Final = 2048  # log entries read per replaying subscription per pass
 REPLAY_WINDOW: Final = 20_000  # replayed events a paced client may have unconsumed
 LOG_ALL: Final = 1
@@ -449,6 +451,19 @@ class Durable:
                 i += 1
         return [self.retained[t] for t in sorted(found)]
 
+    def retained_beside_replay(self, patterns: tuple[str, ...], first_seq: int) -> list[bytes]:
+        """The retained records for a subscription that also replays the log from
+        ``first_seq``: those the replay does not bring. A persistent one at or after the
+        replay's first entry is in it: sent as well, it came twice, the second time out
+        of order (exploratory test)."""
+        records = self.retained_for(patterns)
+        start = self.store.log_time_from(first_seq)
+        if start is None:
+            return records
+        return [
+            r for r in records if not (r[8] & F_PERSISTENT and _TIME.unpack_from(r, 12)[0] >= start)
+        ]
+
     def start_replay(
         self,
         ident: bytes,
@@ -488,7 +503,10 @@ class Durable:
             rows = self.store.log_after(r.cursor, limit)
             for seq, topic, rec in rows:
                 if r.trie.match(topic):
-                    out.deliver(r.ident, r.prefix, with_seq(bytes(rec), seq))
+                    record = bytes(rec)
+                    if record[8] & F_RETAIN:  # history, not the topic's value now
+                        record = with_flags(record, remove=F_RETAIN)
+                    out.deliver(r.ident, r.prefix, with_seq(record, seq))
                     r.sent += 1
                 r.cursor = seq
             if len(rows) < limit:

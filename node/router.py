@@ -321,7 +321,11 @@ class Router(MeshSide, DurableSide):
         self._send_control(client.ident, Kind.OK, answer)
         if body.get("retained") and self.durable is not None:
             parts = self._pending.setdefault(client.ident, [])
-            for rec in self.durable.retained_for(sub.patterns):
+            if replay is None:
+                records = self.durable.retained_for(sub.patterns)
+            else:
+                records = self.durable.retained_beside_replay(sub.patterns, answer["first_seq"])
+            for rec in records:
                 parts.extend((sub.prefix, rec))
 
     def _go_live(self, sub: SubRef) -> None:
