@@ -7,6 +7,7 @@ nodes only know each other through ``--link``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -303,6 +304,33 @@ def test_killed_node_interest_is_withdrawn_and_it_relinks(mesh: Mesh) -> None:
     requester.publish("back/x", b"1")
     requester.flush()
     assert [e.data for e in drain(sub)] == [b"1"]
+
+
+def test_a_restarted_nodes_own_events_reach_the_mesh(mesh: Mesh) -> None:
+    """Found by an exploratory test: a node's own $mesh events were numbered from 0 each
+    run under its id, so after a restart the other nodes' duplicate window (active
+    while the mesh converges, which a restart starts) dropped them as seen."""
+    mesh.start("A")
+    mesh.start("B", ["A"])
+    mesh.wait_linked("B", 1)
+    watch = mesh.client("B").subscribe("$mesh/>")
+    mesh.wait_interest("A", "$mesh/client/connect", 1)
+    for _ in range(150):  # the first run's events: B sees (and its window keeps) 300 seqs,
+        mesh.client("A").close()  # more than the second run makes before it is checked
+    assert len(drain(watch)) >= 300
+    a = mesh.nodes["A"]
+    data_dir, port = a.data_dir, a.tcp_port
+    os.kill(a.pid, signal.SIGKILL)
+    a.proc.wait(5)
+    mesh.clients[:] = [c for c in mesh.clients if c.server != a.ipc]
+    mesh.start("A", data_dir=data_dir, port=port)
+    mesh.wait_linked("A", 1, timeout=15)
+    mesh.wait_interest("A", "$mesh/client/connect", 1)
+    for _i in range(3):
+        mesh.client("A")
+    got = [e for e in drain(watch, 2.0) if e.topic == "$mesh/client/connect"]
+    names = [json.loads(e.data).get("name") for e in got]
+    assert names.count("test@A") >= 3, names
 
 
 def test_new_subscription_takes_effect_within_100ms(mesh: Mesh) -> None:
