@@ -316,13 +316,15 @@ def tail(
                 event = subscription.next()
                 seen += 1
                 now = time.monotonic()
-                stamps.append(now)
+                if not event.retained:  # a stored last value is not traffic (exploratory test)
+                    stamps.append(now)
                 while stamps and stamps[0] < now - 1.0:
                     stamps.popleft()
                 colour = "magenta" if event.topic.startswith("$") else "cyan"
+                mark = " [dim](retained)[/]" if event.retained else ""
                 out.print(
                     f"[dim]{iso_time(event.time_ns)[11:23]}[/] "
-                    f"[{colour}]{escape(event.topic)}[/] [yellow]{len(event.data)}B[/] "
+                    f"[{colour}]{escape(event.topic)}[/]{mark} [yellow]{len(event.data)}B[/] "
                     f"{escape(preview(event.data))} [dim]{len(stamps)}/s[/]"
                 )
         except KeyboardInterrupt:

@@ -249,6 +249,21 @@ def test_tail_shows_events(node: NodeProcess, bg: Background) -> None:
     assert long in proc.lines[2]
 
 
+def test_tail_marks_retained_values_and_leaves_them_out_of_the_rate(
+    node: NodeProcess, bg: Background
+) -> None:
+    """Found by an exploratory test: tail showed old retained values as live traffic."""
+    assert run_cli("pub", "--retain", "kept/x", "old", server=node.ipc).returncode == 0
+    proc = bg.start("tail", "kept/>", "-n", "2", server=node.ipc, ready="tailing")
+    publish(node.ipc, [("kept/y", "new")])
+    assert proc.wait_exit() == 0, proc.describe()
+    first, second = proc.lines
+    assert "kept/x (retained)" in first
+    assert first.endswith("0/s")
+    assert "(retained)" not in second
+    assert second.endswith("1/s")
+
+
 def test_tail_system_shows_mesh_events(node: NodeProcess, bg: Background) -> None:
     proc = bg.start("tail", "--system", "--count", "1", server=node.ipc, ready="tailing")
     assert run_cli("status", server=node.ipc).returncode == 0  # a client connects
