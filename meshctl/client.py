@@ -141,14 +141,21 @@ class Subscription:
         self.first_seq: int | None = None  # the first log sequence of a replay
         self.replaying = False
         self.consumed = 0  # replayed events consumed, reported to the node
+        self.ended: RemoteError | None = None  # the node ended it (its queue was removed)
 
     def next(self, timeout: float | None = None) -> Event:
-        """The next event; raises Timeout when none arrives within ``timeout`` seconds."""
+        """The next event; raises Timeout when none arrives within ``timeout`` seconds,
+        RemoteError (code ``gone``) once the node has ended the subscription."""
         if not self.queue:
             deadline = None if timeout is None else time.monotonic() + timeout
             while not self.queue:
+                if self.ended is not None:
+                    raise self.ended
                 if not self.client._pump(deadline):
-                    raise Timeout(f"no event on {', '.join(self.patterns)} within {timeout}s")
+                    if self.ended is not None:
+                        raise self.ended
+                    what = self.queue_name or ", ".join(self.patterns)
+                    raise Timeout(f"no event on {what} within {timeout}s")
         event = self.queue.popleft()
         if self.replaying:
             self._replayed(event)
@@ -886,6 +893,11 @@ class Client:
                     self._resume()
             elif isinstance(body.get("ids"), list):
                 self._on_persisted(body["ids"], body)
+            elif isinstance(body.get("sid"), int) and body["sid"] in self._subs:
+                # The subscription ended at the node (its durable queue was removed): its
+                # next() raises this rather than wait for ever.
+                error = RemoteError(str(body.get("error")), str(body.get("code", "")))
+                self._subs[body["sid"]].ended = error
             elif isinstance(body.get("request"), str):  # a request the node refused
                 if len(self._refused_requests) > 1000:  # answers no request waited for
                     self._refused_requests.clear()

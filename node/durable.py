@@ -254,10 +254,13 @@ class Durable:
         self._work = True
         self.p.answers.append((ident, kind, body))
 
-    def drop_consumers(self, q: Queue) -> None:
-        """A removed queue's consumers get nothing more (their subscriptions stay, idle)."""
-        for key in [k for k, (bq, _c) in self.consumers.items() if bq is q]:
+    def drop_consumers(self, q: Queue) -> list[tuple[bytes, int]]:
+        """A removed queue's consumers get nothing more: the (client, sid) of each, to
+        be told (their subscriptions stay, idle)."""
+        gone = [k for k, (bq, _c) in self.consumers.items() if bq is q]
+        for key in gone:
             del self.consumers[key]
+        return gone
 
     # ---- the commit ----------------------------------------------------------------------
 

@@ -73,7 +73,13 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
         elif op == "rm":
             q = queues.remove(str(name))
             router.queue_interest(q.patterns, ())
-            durable.drop_consumers(q)
+            # Each consumer hears that its queue is gone, as JetStream's "consumer deleted":
+            # it waited for ever on an idle subscription (exploratory test).
+            for client, sid in durable.drop_consumers(q):
+                why = f"queue {q.name!r} was removed"
+                durable.answer_after_commit(
+                    client, Kind.ERR, {"sid": sid, "error": why, "code": "gone"}
+                )
             result = {"ref": ref, "removed": q.name}
         elif op == "purge":
             result = {"ref": ref, "purged": queues.purge(str(name))}

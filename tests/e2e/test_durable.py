@@ -93,6 +93,20 @@ def test_a_replay_brings_a_retained_topic_once_in_order(make_node: NodeFactory) 
     assert [(e["data"], e.get("retained")) for e in late] == [("old", True)]
 
 
+def test_a_consumer_hears_that_its_queue_was_removed(
+    make_node: NodeFactory, bg: Background
+) -> None:
+    """Found by an exploratory test: after `queue rm`, a connected consumer waited for
+    ever on an idle subscription, even when a queue of that name came back; JetStream
+    tells a consumer that it was deleted."""
+    s = make_node().ipc
+    assert run_cli("queue", "add", "rq", "--topic", "rq/>", server=s).returncode == 0
+    consumer = bg.start("sub", "--queue", "rq", "--ack", server=s, ready="consuming queue")
+    assert run_cli("queue", "rm", "rq", server=s).returncode == 0
+    assert consumer.wait_exit(timeout=5) == 1, consumer.describe()
+    assert "queue 'rq' was removed" in consumer.stderr
+
+
 def test_queue_commands_and_acked_consumption(make_node: NodeFactory) -> None:
     node = make_node()
     s = node.ipc
