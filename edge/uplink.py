@@ -32,7 +32,7 @@ import zmq
 
 from edge.logreader import LogReader
 from meshctl.client import Client, connect
-from meshctl.errors import MeshError, RemoteError
+from meshctl.errors import MeshError, RemoteError, Timeout
 from node.codec import (
     F_IMPORTED,
     F_PERSISTENT,
@@ -57,6 +57,7 @@ STATS_EVERY: Final = 1.0
 STATS_COST: Final = 20  # spool counts take at most 1/20 of the uplink thread's time
 CHECK_EVERY: Final = 1.0  # an idle uplink asks the cloud this often whether it is there
 CHECK_TIMEOUT: Final = 2.0
+CONFIRM_WAIT: Final = 10.0  # a shipped batch waits this long for the cloud's acknowledgement
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +175,7 @@ class Uplink(threading.Thread):
             self._set_state(local, "up")
             next_check = time.monotonic() + CHECK_EVERY
             while not self._stopping.is_set():
-                shipped = self._ship(db, cloud)
+                shipped = self._ship(db, cloud, local)
                 brought = self._bring(cloud, local, consumer)
                 self._stats(db)
                 if not shipped and not brought:
@@ -184,7 +185,31 @@ class Uplink(threading.Thread):
                         cloud.flush(timeout=CHECK_TIMEOUT)
                         next_check = time.monotonic() + CHECK_EVERY
 
-    def _ship(self, db: LogReader, cloud: Client) -> int:
+    def _confirm(self, cloud: Client, local: Client) -> None:
+        """Wait for the cloud to store what was shipped (CONFIRM_WAIT in all, then the
+        session ends). Silent for CHECK_TIMEOUT, it is 'down' meanwhile, 'up' again if the
+        acknowledgements come: a cloud killed mid-batch showed 'up' for the whole wait,
+        with no $mesh/uplink/down (exploratory test)."""
+        deadline = time.monotonic() + CONFIRM_WAIT
+        silent = False
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                cloud.confirm(timeout=max(0.01, min(CHECK_TIMEOUT, left)))
+            except Timeout:
+                if left <= CHECK_TIMEOUT:
+                    raise
+                if not silent:
+                    silent = True
+                    self.last_error = f"the cloud has not acknowledged for {CHECK_TIMEOUT:g}s"
+                    self._set_state(local, "down")
+                continue
+            if silent:
+                self.last_error = ""
+                self._set_state(local, "up")
+            return
+
+    def _ship(self, db: LogReader, cloud: Client, local: Client) -> int:
         """Send the next stretch of the log to the cloud; how many entries it read."""
         rows = db.after(BATCH)
         if not rows:
@@ -199,7 +224,7 @@ class Uplink(threading.Thread):
                 n += 1
         if n:
             try:
-                cloud.confirm(timeout=10.0)
+                self._confirm(cloud, local)
             except RemoteError as e:
                 if e.code == "store":
                     raise  # the cloud could not store them now: the session sends again
@@ -224,10 +249,13 @@ class Uplink(threading.Thread):
             events.append(consumer.queue.popleft())
         if not events:
             return 0
+        own = 0
         with local.batch():
             for event in events:
                 if event.headers.get(HEADER) != self.s.node_id:  # not our own, come back
                     local.forward(self._record(event), persistent=True)
+                else:
+                    own += 1  # acked below, not counted as received (exploratory test)
         refused: set[str] = set()
         try:
             local.confirm(timeout=10.0)
@@ -244,7 +272,7 @@ class Uplink(threading.Thread):
             if event.id not in refused:
                 consumer.ack(event)
         cloud.confirm_acks(timeout=10.0)
-        self.received += len(events) - len(refused)
+        self.received += len(events) - len(refused) - own
         return len(events)
 
     def _live(self, local: Client) -> Any:
