@@ -208,11 +208,13 @@ class NodeSide:
                 continue
             session, sub = target
             qos = sub.qos
-            if len(session.subs) > 1:
-                key = rec_id + (b"r" if flags & F_RETAIN else b"")  # a retained resend is new
-                if key == session.last:
+            if len(session.subs) > 1 and sub.group is None and not flags & F_RETAIN:
+                # Plain live copies only: a retained message comes once per SUBSCRIBE (a
+                # resend is due, MQTT 3.1.1 3.8.4), and a shared subscription's copy is
+                # its group's own, as in MQTT 5 4.8.2; both were taken for repeats (review).
+                if rec_id == session.last:
                     continue
-                session.last = key
+                session.last = rec_id
                 qos = max(qos, session.max_qos(frame[t0:h0]))
             topic = self._mqtt_topic(frame[t0:h0])
             if topic is None:

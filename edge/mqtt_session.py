@@ -25,7 +25,7 @@ from edge.mqtt_codec import encode_publish
 from node.topics import matches
 
 MAX_PACKET_ID: Final = 0xFFFF
-MAX_QOS_CACHE: Final = 4096  # topics whose QoS a session with overlaps remembers
+MAX_QOS_CACHE: Final = 256  # topics whose QoS a session with overlaps remembers (~40 KB)
 
 
 @dataclass(slots=True)
@@ -56,7 +56,7 @@ class Session:
     awaiting_rel: set[int] = field(default_factory=set)
     dropped: int = 0
     owner: str | None = None  # the MQTT user name it was made for (None: anonymous)
-    last: bytes = b""  # the last message delivered (event id, retained): its copies skip
+    last: bytes = b""  # the event id of the last plain live copy: its other copies skip
     _next_id: int = 0
     _qos: dict[bytes, int] = field(default_factory=dict)  # mesh topic -> QoS (overlaps)
 

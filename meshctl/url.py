@@ -40,9 +40,10 @@ def resolve_server(url: str | None) -> str:
     elif "://" in text:
         raise InputError(f"server {text!r}: use tcp://host:port, host:port or ipc:///path")
     else:
-        # A bare name that is a directory here is a data dir: "-s edge" after
-        # "meshctl up --data-dir edge" meant it, not a host called edge (session 9).
-        if text.startswith(("/", ".", "~")) or (":" not in text and Path(text).is_dir()):
+        # A bare name that is a node's data dir here (it holds a node socket): "-s edge"
+        # after "meshctl up --data-dir edge" meant it, not a host called edge (session 9);
+        # any directory named like a host (review: ./localhost) stays a host.
+        if text.startswith(("/", ".", "~")) or (":" not in text and Path(text, IPC_FILE).exists()):
             try:
                 path = Path(text).expanduser()
             except RuntimeError as e:  # ~user that does not exist

@@ -107,17 +107,28 @@ def write_pid(data_dir: Path) -> None:
     """Claim the data dir for this process (lock the pid file, then write our pid);
     refuses when another live node holds it."""
     fd = os.open(data_dir / PID_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    for _ in range(100):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pass
+        try:  # a shared lock too? then only read_pid's probe holds it, for microseconds
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # a node holds it
+            os.close(fd)
+            other = read_pid(data_dir)
+            raise ConfigError(
+                str(data_dir),
+                "node.data_dir",
+                f"a node is already running here (pid {other or '?'}); stop it with "
+                "`meshctl down` or pick another --data-dir",
+            ) from None
+        fcntl.flock(fd, fcntl.LOCK_UN)  # a probe refused a starting node (review): again
+        time.sleep(0.005)
+    else:
         os.close(fd)
-        other = read_pid(data_dir)
-        raise ConfigError(
-            str(data_dir),
-            "node.data_dir",
-            f"a node is already running here (pid {other or '?'}); stop it with "
-            "`meshctl down` or pick another --data-dir",
-        ) from None
+        raise ConfigError(str(data_dir), "node.data_dir", "its pid file stays locked")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _claimed[data_dir] = fd

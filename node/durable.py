@@ -10,7 +10,6 @@ lost by a crash, and nothing is sent that a failed commit would have to take bac
 from __future__ import annotations
 
 import heapq
-import struct
 from bisect import bisect_left, insort
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -33,7 +32,6 @@ from node.store import Store, StoreError
 from node.topics import SubscriptionTrie, literal_prefix, matches
 
 DEDUPE_WINDOW: Final = 120.0  # seconds, as NATS JetStream's Nats-Msg-Id window
-_TIME: Final = struct.Struct("<Q")  # a record's publish time, at byte 12 of its header
 REPLAY_BATCH: Final = 2048  # log entries read per replaying subscription per pass
 REPLAY_WINDOW: Final = 20_000  # replayed events a paced client may have unconsumed
 LOG_ALL: Final = 1
@@ -76,6 +74,9 @@ class Replay:
     paced: bool = False  # the client reports what it consumed: at most a window ahead
     sent: int = 0
     acked: int = 0
+    # Retained values to send when the replay ends, by event id: those it did not bring
+    # (one it replays is history in its place; sent first as well, it came twice).
+    retained: dict[bytes, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,6 +126,13 @@ class Durable:
             else None
         )
         self._next_spool_check = 0.0
+        if self.spool is not None:
+            # At start, whole: the node serves nobody and has no links yet, so building in
+            # steps bought nothing here, and in refuse mode every step let events in
+            # against a partial count (review). Later rebuilds go in steps.
+            self.spool.check(store)
+            while self.spool.building:
+                self.spool.check(store)
         held = store.retained_all()
         self.retained: dict[str, bytes] = {t: r for t, r, _local in held}
         self._retained_topics = sorted(self.retained)  # for retained_for's prefix search
@@ -454,19 +462,6 @@ class Durable:
                 i += 1
         return [self.retained[t] for t in sorted(found)]
 
-    def retained_beside_replay(self, patterns: tuple[str, ...], first_seq: int) -> list[bytes]:
-        """The retained records for a subscription that also replays the log from
-        ``first_seq``: those the replay does not bring. A persistent one at or after the
-        replay's first entry is in it: sent as well, it came twice, the second time out
-        of order (exploratory test)."""
-        records = self.retained_for(patterns)
-        start = self.store.log_time_from(first_seq)
-        if start is None:
-            return records
-        return [
-            r for r in records if not (r[8] & F_PERSISTENT and _TIME.unpack_from(r, 12)[0] >= start)
-        ]
-
     def start_replay(
         self,
         ident: bytes,
@@ -478,8 +473,11 @@ class Durable:
         from_seq: int | None,
         on_live: Callable[[], None],
         paced: bool = False,
+        retained: bool = False,
     ) -> int:
-        """Begin replaying the log to a subscription; returns the first sequence it gets."""
+        """Begin replaying the log to a subscription; returns the first sequence it gets.
+        ``retained``: the subscription also wants the retained values; each comes once,
+        in the replay if it holds it, else when the replay ends."""
         self._work = True
         if from_seq is not None:
             cursor = max(0, from_seq - 1)
@@ -488,7 +486,10 @@ class Durable:
         trie: SubscriptionTrie[int] = SubscriptionTrie()
         for p in patterns:
             trie.add(p, 0)
-        self.replays.append(Replay(ident, sid, prefix, cursor, trie, on_live, paced))
+        replay = Replay(ident, sid, prefix, cursor, trie, on_live, paced)
+        if retained:
+            replay.retained = {_id_of(r): r for r in self.retained_for(patterns)}
+        self.replays.append(replay)
         return cursor + 1
 
     def _pump_replays(self, out: Output) -> None:
@@ -507,12 +508,16 @@ class Durable:
             for seq, topic, rec in rows:
                 if r.trie.match(topic):
                     record = bytes(rec)
+                    if r.retained:
+                        r.retained.pop(_id_of(record), None)
                     if record[8] & F_RETAIN:  # history, not the topic's value now
                         record = with_flags(record, remove=F_RETAIN)
                     out.deliver(r.ident, r.prefix, with_seq(record, seq))
                     r.sent += 1
                 r.cursor = seq
             if len(rows) < limit:
+                for record in r.retained.values():  # set before the replay, or not logged
+                    out.deliver(r.ident, r.prefix, record)
                 r.on_live()
             else:
                 still.append(r)
@@ -608,6 +613,11 @@ class Output(Protocol):
 
 def _time_ns(record: bytes) -> int:
     return int.from_bytes(record[RECORD_SIZE - 24 : RECORD_SIZE - 16], "little")
+
+
+def _id_of(record: bytes) -> bytes:
+    """A record's event id (origin and sequence), the last 16 bytes of its header."""
+    return record[RECORD_SIZE - 16 : RECORD_SIZE]
 
 
 def with_seq(record: bytes, seq: int) -> bytes:

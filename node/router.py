@@ -67,6 +67,8 @@ _LINK_ONLY: Final = frozenset((Kind.FWD, Kind.STATES, Kind.BEAT, Kind.BEAT_ACK))
 _GREETINGS: Final = frozenset((Kind.HELLO, Kind.LINK))
 _NOT_LINKED: Final = encode_control(Kind.LINK_REFUSE, {"reason": "not linked (node restarted?)"})
 ROUTE_CACHE_SIZE: Final = 65536
+SYSTEM_HOLD: Final = 1.0  # seconds a $mesh event no other node wants yet is kept (converging)
+MAX_HELD_SYSTEM: Final = 1000
 _FLAGS_AT: Final = 2 + 8  # the first record's flags byte in a PUB frame
 SLOW_NOTICE_INTERVAL: Final = 1.0
 
@@ -121,6 +123,7 @@ class Router(MeshSide, DurableSide):
         # ids of the last run's, and other nodes' duplicate window dropped them while the
         # mesh converged, which a restart always starts (exploratory test).
         self._origin = bytes.fromhex(node_id)[:4].ljust(4, b"\0") + os.urandom(4)
+        self._held_system: list[tuple[bytes, str, float]] = []  # (record, topic, until)
         self._seq = 0
         self._inbox = f"{INBOX_PREFIX}/{node_id}/"
         self._interest: dict[tuple[str, str | None], int] = {}
@@ -322,15 +325,12 @@ class Router(MeshSide, DurableSide):
                 sub.patterns,
                 **replay,
                 on_live=lambda: self._go_live(sub),
+                retained=bool(body.get("retained")),
             )
         self._send_control(client.ident, Kind.OK, answer)
-        if body.get("retained") and self.durable is not None:
+        if body.get("retained") and self.durable is not None and replay is None:
             parts = self._pending.setdefault(client.ident, [])
-            if replay is None:
-                records = self.durable.retained_for(sub.patterns)
-            else:
-                records = self.durable.retained_beside_replay(sub.patterns, answer["first_seq"])
-            for rec in records:
+            for rec in self.durable.retained_for(sub.patterns):
                 parts.extend((sub.prefix, rec))
 
     def _go_live(self, sub: SubRef) -> None:
@@ -700,8 +700,28 @@ class Router(MeshSide, DurableSide):
         route = self._route_for(topic)
         for dest, prefix in route.plain + [g.pick() for g in route.groups]:
             self._pending.setdefault(dest, []).extend((prefix, rec))
-        if route.plan is not NO_PLAN:
+        if not route.plan.empty:
             self._forward(route.plan, rec)
+        elif self.net.converging(now) and len(self._held_system) < MAX_HELD_SYSTEM:
+            # Nobody elsewhere wants it yet, maybe only because the states of a link that
+            # just came up have not arrived: a new node's own link/up and node/up never
+            # reached $mesh subscribers elsewhere (exploratory test). Kept a moment.
+            self._held_system.append((rec, topic, now + SYSTEM_HOLD))
+
+    def tick(self, now: float) -> None:
+        """Timers: the durable side's, and held $mesh events."""
+        DurableSide.tick(self, now)
+        if self._held_system:
+            held, self._held_system = self._held_system, []
+            plans: dict[str, Plan] = {}  # a few topics, many events: one route each
+            for rec, topic, until in held:
+                plan = plans.get(topic)
+                if plan is None:
+                    plan = plans[topic] = self._route_for(topic).plan
+                if not plan.empty:
+                    self._forward(plan, rec)  # the first copy that leaves this node
+                elif now < until:
+                    self._held_system.append((rec, topic, until))
 
     # ---- output ------------------------------------------------------------------------
 

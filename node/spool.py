@@ -470,7 +470,11 @@ class Spool:
         mib = f"{self.max_bytes / 2**20:g} MiB"
         parts = []
         if dropped > told_dropped:
-            who = ", ".join(f"{r.spec.name} {r.dropped}" for r in self.readers if r.dropped)
+            who = ", ".join(
+                f"{r.spec.name} {r.dropped - r.uncommitted}"
+                for r in self.readers
+                if r.dropped - r.uncommitted
+            )
             parts.append(
                 f"dropped the oldest {dropped - told_dropped} unsent events "
                 f"(total by reader: {who})"

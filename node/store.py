@@ -240,11 +240,6 @@ class Store:
                 lo = mid + 1
         return self._entry_from(lo)[0] - 1
 
-    def log_time_from(self, seq: int) -> int | None:
-        """time_ns of the first entry at or after ``seq``; None if there is none."""
-        row = self.read("SELECT time_ns FROM log WHERE seq >= ? ORDER BY seq LIMIT 1", (seq,))
-        return int(row[0][0]) if row else None
-
     def _entry_from(self, seq: int) -> tuple[int, int]:
         """(seq, time_ns) of the first entry at or after ``seq`` (the log has one)."""
         row = self.read("SELECT seq, time_ns FROM log WHERE seq >= ? ORDER BY seq LIMIT 1", (seq,))

@@ -23,8 +23,19 @@ def out_console() -> Console:
     `peers`, `mesh` and `tail` lines short there (found by an exploratory test); a pipe
     gets wide tables and unwrapped lines instead, unless COLUMNS says otherwise."""
     if sys.stdout.isatty() or os.environ.get("COLUMNS"):
-        return Console(highlight=False)
-    return Console(highlight=False, width=PIPED_WIDTH, soft_wrap=True)
+        return _Console(highlight=False)
+    return _Console(highlight=False, width=PIPED_WIDTH, soft_wrap=True)
+
+
+class _Console(Console):
+    """rich's console, except that the reader going away (``| head``) is not an error:
+    rich exits 1 there, and `meshctl status | head -1` failed under pipefail (review)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(0)
 
 
 def dumps(obj: object) -> str:

@@ -318,3 +318,21 @@ def test_a_reader_that_goes_away_is_not_an_error(node: NodeProcess) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "x" * 2000 + "\n"
+
+
+def test_a_table_cut_short_by_head_is_not_an_error() -> None:
+    """Found in review: what rich prints (status, peers, routes, tail) exited 1 when
+    the reader went away; rich's own broken-pipe handling did that."""
+    code = (
+        "from meshctl.cli.output import out_console\n"
+        "out = out_console()\n"
+        "for i in range(20000):\n"
+        "    out.print(f'line {i}')\n"
+    )
+    python = shlex.quote(CLI[0])
+    script = f"set -o pipefail; {python} -c {shlex.quote(code)} | head -1"
+    done = subprocess.run(
+        ["bash", "-c", script], check=False, capture_output=True, text=True, timeout=30,
+        env=cli_env(),
+    )  # fmt: skip
+    assert (done.returncode, done.stdout) == (0, "line 0\n"), done.stderr

@@ -75,7 +75,8 @@ def test_a_replay_brings_a_retained_topic_once_in_order(make_node: NodeFactory) 
     """Found by an exploratory test: with --since, the retained value came first, then
     again in the replay (same id, out of order), and replayed history was marked
     "(retained)". A value older than the replay still comes, as retained."""
-    s = make_node().ipc
+    node = make_node()
+    s = node.ipc
     for value in ("old", "a", "b"):
         topic = "old/x" if value == "old" else "rp/x"
         assert run_cli("pub", "-p", "--retain", topic, value, server=s).returncode == 0
@@ -91,6 +92,23 @@ def test_a_replay_brings_a_retained_topic_once_in_order(make_node: NodeFactory) 
         "sub", "old/>", "--from-seq", str(seq), "-n", "1", "--json", "-t", "2s", server=s
     ).json_lines()
     assert [(e["data"], e.get("retained")) for e in late] == [("old", True)]
+    # A value replicated from another node is not in this node's log: the replay does not
+    # hold it, and it comes all the same (a review found a first fix, by time, lost it).
+    other = make_node(name="b", extra_args=["--link", f"tcp://127.0.0.1:{node.tcp_port}"])
+    wait_for(lambda: other.status()["net"]["links"] == 1, timeout=10, what="b linked")
+    assert run_cli("pub", "-p", "b/other", "x", server=other.ipc).returncode == 0
+    assert run_cli("pub", "-p", "--retain", "sensor/t", "21", server=s).returncode == 0
+    wait_for(
+        lambda: run_cli("sub", "sensor/>", "-n", "1", "-t", "1s", server=other.ipc).returncode == 0,
+        timeout=10,
+        what="the value replicated to b",
+    )
+    on_b = run_cli(
+        "sub", "sensor/>", "--since", "10m", "-n", "1", "--json", "-t", "2s", server=other.ipc
+    ).json_lines()
+    assert [(e["data"], e.get("retained")) for e in on_b] == [("21", True)]
+    on_a = run_cli("sub", "sensor/>", "--since", "10m", "--json", "-t", "1s", server=s).json_lines()
+    assert [e["data"] for e in on_a] == ["21"]  # once: the replay holds it
 
 
 def test_a_consumer_hears_that_its_queue_was_removed(

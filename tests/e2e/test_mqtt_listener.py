@@ -475,6 +475,65 @@ def test_overlapping_subscriptions_get_one_copy_at_the_highest_qos(
     assert sub.quiet(0.5) == []  # and no second copy of any
 
 
+def raw_drain(c: Raw, wait: float = 0.7) -> list[Publish]:
+    """The PUBLISHes that arrive within ``wait`` seconds."""
+    out = []
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            out.append(c.expect(Publish, timeout=max(0.05, deadline - time.monotonic())))
+        except AssertionError:
+            break
+    return out
+
+
+def test_a_retained_message_comes_again_on_each_subscribe(mnode: NodeProcess) -> None:
+    """Found in review of the overlap fix: the session's memory of its last message took
+    a retained resend for a repeat, where MQTT 3.1.1 3.8.4 (and mosquitto) resend it."""
+    with connect(mnode.ipc) as client:
+        client.publish("rs/a", b"v", retain=True)
+        client.flush(5)
+    wait_for(lambda: mnode.status()["store"]["retained"] == 1, timeout=5, what="retained")
+    c = Raw(mqtt_port(mnode))
+    c.connect("resub")
+    for pid, filters in enumerate(((("other", 0), ("rs/#", 0)), (("rs/#", 0),), (("rs/a", 0),))):
+        c.send(Subscribe(pid + 1, filters))
+        c.expect(SubAck)
+        assert [(p.topic, p.retain) for p in raw_drain(c)] == [("rs/a", True)], pid
+    c.close()
+
+
+def test_a_shared_subscriptions_copy_is_its_own(mnode: NodeProcess) -> None:
+    """Found in review: with a plain QoS 0 filter and $share/g at QoS 1 on one topic, the
+    group's copy was taken for a repeat of the plain one, and lost for an absent
+    session; mosquitto queues it (MQTT 5 4.8.2: a shared subscription gets its own)."""
+    port = mqtt_port(mnode)
+    c = Raw(port)
+    c.connect("sh", clean=False)
+    c.send(Subscribe(1, (("sh/a", 0), ("$share/g/sh/a", 1))))
+    assert c.expect(SubAck).return_codes == (0, 1)
+    pub = Raw(port)
+    pub.connect("shpub")
+    pub.send(Publish("sh/a", b"live", 1, packet_id=1))
+    pub.expect(PubAck)
+    live = raw_drain(c)
+    assert sorted(p.qos for p in live) == [0, 1]
+    for p in live:
+        if p.qos:
+            c.send(PubAck(p.packet_id))
+    time.sleep(0.2)  # the PUBACK read before the socket closes
+    c.close()
+    wait_for(lambda: mqtt_status(mnode)["offline_sessions"] == 1, timeout=5, what="away")
+    pub.send(Publish("sh/a", b"offline", 1, packet_id=2))
+    pub.expect(PubAck)
+    time.sleep(0.3)  # routed to the absent session's queue
+    again = Raw(port)
+    assert again.connect("sh", clean=False).session_present
+    assert [(p.payload, p.qos) for p in raw_drain(again)] == [(b"offline", 1)]
+    again.close()
+    pub.close()
+
+
 def test_a_retained_message_keeps_its_flag_when_queued_or_sent_again(mnode: NodeProcess) -> None:
     """Found by an exploratory test: a retained message past the session's in-flight
     window (100), or sent again on resume, lost its retain flag."""

@@ -218,7 +218,11 @@ def test_a_bare_name_that_is_a_directory_here_is_a_data_dir(
     (noted in session 9); a name that is no directory here is still a host."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "edge" / "n").mkdir(parents=True)
+    (tmp_path / "edge" / "node.sock").touch()
+    (tmp_path / "edge" / "n" / "node.sock").touch()
+    (tmp_path / "localhost").mkdir()  # a directory, but no node's: still the host
     assert resolve_server("edge") == "ipc://edge/node.sock"
     assert resolve_server("edge/n") == "ipc://edge/n/node.sock"
+    assert resolve_server("localhost") == f"tcp://localhost:{DEFAULT_PORT}"
     assert resolve_server("cloud") == f"tcp://cloud:{DEFAULT_PORT}"
     assert resolve_server("edge:4851") == "tcp://edge:4851"

@@ -595,3 +595,21 @@ def test_losses_are_logged_once_committed_and_at_most_every_report_interval(
         f"spool over its bound of {1370 / MiB:g} MiB: refused 1 persistent events"
     )
     store.close()
+
+
+def test_at_start_the_index_is_built_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: built in steps at start too, a spool in refuse mode that was over
+    its bound let every event in until the last step (the count was partial). At start
+    the node serves nobody yet, so it builds the index whole."""
+    monkeypatch.setattr(spool_module, "BUILD_CHUNK", 10)
+    (uplink,) = readers(tmp_path)[:1]
+    store = open_store(tmp_path)
+    store.log_append([row("a/x", True, 100, 1) for _ in range(100)])
+    store.commit()
+    config = DurableConfig(spool_readers=(uplink,), spool_max_bytes=2000, spool_overflow="refuse")
+    d = Durable(store, config, lambda: 1)
+    assert d.spool is not None
+    assert not d.spool.building
+    assert d.spool.live_n == 100
+    assert d.spool.refuses("a/x", F_PERSISTENT, 100)
+    store.close()
