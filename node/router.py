@@ -67,7 +67,7 @@ _LINK_ONLY: Final = frozenset((Kind.FWD, Kind.STATES, Kind.BEAT, Kind.BEAT_ACK))
 _GREETINGS: Final = frozenset((Kind.HELLO, Kind.LINK))
 _NOT_LINKED: Final = encode_control(Kind.LINK_REFUSE, {"reason": "not linked (node restarted?)"})
 ROUTE_CACHE_SIZE: Final = 65536
-SYSTEM_HOLD: Final = 1.0  # seconds a $mesh event no other node wants yet is kept (converging)
+SYSTEM_HOLD: Final = 1.0  # seconds a $mesh event no other node wants yet is kept
 MAX_HELD_SYSTEM: Final = 1000
 _FLAGS_AT: Final = 2 + 8  # the first record's flags byte in a PUB frame
 SLOW_NOTICE_INTERVAL: Final = 1.0
@@ -702,9 +702,9 @@ class Router(MeshSide, DurableSide):
             self._pending.setdefault(dest, []).extend((prefix, rec))
         if not route.plan.empty:
             self._forward(route.plan, rec)
-        elif self.net.converging(now) and len(self._held_system) < MAX_HELD_SYSTEM:
+        elif len(self._held_system) < MAX_HELD_SYSTEM:
             # Nobody elsewhere wants it yet, maybe only because the states of a link that
-            # just came up have not arrived: a new node's own link/up and node/up never
+            # is coming up have not arrived: a new node's own link/up and node/up never
             # reached $mesh subscribers elsewhere (exploratory test). Kept a moment.
             self._held_system.append((rec, topic, now + SYSTEM_HOLD))
 

@@ -333,6 +333,22 @@ def test_a_restarted_nodes_own_events_reach_the_mesh(mesh: Mesh) -> None:
     assert names.count("test@A") >= 3, names
 
 
+def test_a_new_nodes_own_link_up_reaches_a_subscriber_two_hops_away(mesh: Mesh) -> None:
+    """Found by an exploratory test: a node that joins emits its link/up and node/up
+    before the states of the nodes behind its new neighbour arrive, so nobody there was
+    interested yet, and $mesh subscribers two hops away never saw them. Such an event is
+    kept a moment (while the mesh converges) and sent once someone wants it."""
+    mesh.start("B")
+    mesh.start("C", ["B"])
+    mesh.wait_linked("C", 1)
+    watch = mesh.client("C").subscribe("$mesh/link/up")
+    mesh.wait_interest("B", "$mesh/link/up", 1)
+    a = mesh.start("A", ["B"])
+    got = drain(watch, 2.0)
+    from_a = [json.loads(e.data) for e in got if json.loads(e.data)["node"] == a.node_id]
+    assert [e["peer_name"] for e in from_a] == ["B"], [e.data for e in got]
+
+
 def test_new_subscription_takes_effect_within_100ms(mesh: Mesh) -> None:
     line(mesh)
     pub = mesh.client("A")
