@@ -84,6 +84,7 @@ log = logging.getLogger("meshctl.node")
 FRAME_BYTES: Final = 64 * 1024  # PUB frames to the node are cut at about this size
 CONNECT_TIMEOUT: Final = 10.0  # a socket that sends no CONNECT this long is closed
 TICK: Final = 0.25  # keepalive and CONNECT deadlines are checked this often
+RETIRE_FOR: Final = 2.0  # a replaced subscription still delivers what was sent to it
 # Packets handled per step; the rest waits in its connection's decoder, with the socket
 # paused, for the next steps. Without it one step read 256 KiB from every ready client
 # and the node's own clients and links waited: with 32 clients flooding QoS 0, a local
@@ -146,6 +147,7 @@ class MqttListener(ConnectSide, NodeSide):
         self._conns: set[MqttConnection] = set()
         self._online: dict[str, MqttConnection] = {}
         self._sids: dict[int, tuple[Session, Subscription]] = {}
+        self._retired: dict[int, tuple[Session, Subscription, float]] = {}  # replaced, until
         self._next_sid = itertools.count(1)
         self._to_mesh: dict[str, bytes | None] = {}
         self._to_mqtt: dict[bytes, bytes | None] = {}
@@ -335,6 +337,8 @@ class MqttListener(ConnectSide, NodeSide):
                 elif conn.connect.keepalive and now - conn.last_rx > 1.5 * conn.connect.keepalive:
                     self.counters["keepalive_timeouts"] += 1
                     self._drop(conn, f"silent for 1.5 x keepalive {conn.connect.keepalive}s")
+            for sid in [k for k, (_s, _u, until) in self._retired.items() if until <= now]:
+                del self._retired[sid]
             again = self.committing.due(now)
             if again:  # a PUB frame lost on the way (the node's queue full): same ids again
                 for rec in again:
@@ -556,7 +560,7 @@ class MqttListener(ConnectSide, NodeSide):
             sub = Subscription(next(self._next_sid), granted, group, patterns)
             old = session.subscribe(filt, sub)
             if old is not None:
-                self._unsub(old)
+                self._retire(session, old)
             self._sids[sub.sid] = (session, sub)
             self._held[sub.sid] = []
             sids.append(sub.sid)
@@ -587,6 +591,14 @@ class MqttListener(ConnectSide, NodeSide):
     def _unsub(self, sub: Subscription) -> None:
         self._sids.pop(sub.sid, None)
         self._send(encode_control(Kind.UNSUB, {"ref": None, "sid": sub.sid}))
+
+    def _retire(self, session: Session, sub: Subscription) -> None:
+        """``sub`` is replaced (the same filter subscribed again): what the node already
+        sent it still goes to the client for RETIRE_FOR seconds. It was dropped at once,
+        and a client re-subscribing mid-stream lost messages (review; MQTT 3.1.1
+        3.8.4: the flow of publications must not be interrupted)."""
+        self._unsub(sub)
+        self._retired[sub.sid] = (session, sub, self.now() + RETIRE_FOR)
 
     def _forget(self, session: Session) -> None:
         """A session ended for good: its mesh subscriptions go."""

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 from edge.mapping import mesh_topic_to_mqtt
 from edge.mqtt_commit import Committing
 from edge.mqtt_connect import LOG_FIRST
-from edge.mqtt_session import Session, Subscription
+from edge.mqtt_session import Session, SessionTable, Subscription
 from node.codec import (
     F_RETAIN,
     HEAD_PUB,
@@ -54,6 +54,8 @@ class NodeSide:
     _to_node: list[bytes]
     _online: dict[str, MqttConnection]
     _sids: dict[int, tuple[Session, Subscription]]
+    _retired: dict[int, tuple[Session, Subscription, float]]
+    sessions: SessionTable
     _to_mqtt: dict[bytes, bytes | None]
     _records: list[bytes]
     _record_bytes: int
@@ -205,10 +207,17 @@ class NodeSide:
             off = end
             target = sids.get(sid)
             if target is None:
-                continue
+                retired = self._retired.get(sid)
+                if (
+                    retired is None
+                    or self.sessions.by_id.get(retired[0].client_id) is not retired[0]
+                ):
+                    continue
+                target = retired[0], retired[1]  # replaced a moment ago: still its flow
             session, sub = target
             qos = sub.qos
-            if len(session.subs) > 1 and sub.group is None and not flags & F_RETAIN:
+            overlap = len(session.subs) > 1 or bool(self._retired)
+            if overlap and sub.group is None and not flags & F_RETAIN:
                 # Plain live copies only: a retained message comes once per SUBSCRIBE (a
                 # resend is due, MQTT 3.1.1 3.8.4), and a shared subscription's copy is
                 # its group's own, as in MQTT 5 4.8.2; both were taken for repeats (review).
