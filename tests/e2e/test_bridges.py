@@ -284,6 +284,30 @@ def test_a_nats_bridge_that_cannot_connect_says_why(make_node: NodeFactory) -> N
     assert "bridge nats (nats://127.0.0.1:" in node.log_text()
 
 
+def test_nats_credentials_in_the_url_and_a_wrong_password_said(make_node: NodeFactory) -> None:
+    """`nats://user:pw@host` is how NATS tools take credentials (it was refused), and a
+    wrong password shows the bridge down with the server's reason (it said nothing)."""
+    need_binary("nats-server")
+    port = lh.free_port()
+    argv = ["nats-server", "-a", "127.0.0.1", "-p", str(port), "--user", "svc", "--pass", "s3"]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lh.wait_listening(server, port)
+        table = '[[bridge]]\nkind = "nats"\nname = "{n}"\nurl = "nats://svc:{pw}@127.0.0.1:{p}"\n'
+        good = table.format(n="good", pw="s3", p=port) + 'export = ["a/>"]\n'
+        bad = table.format(n="bad", pw="nope", p=port) + 'export = ["b/>"]\n'
+        node = make_node(config_text=good + bad)
+        wait_for(
+            lambda: [b["state"] for b in node.status()["bridges"]] == ["up", "down"],
+            timeout=10,
+            what="good up, bad down",
+        )
+        assert "bridge bad (nats://127.0.0.1:" in node.log_text()
+        assert "uthorization" in node.log_text()  # the server's own word for it
+    finally:
+        lh.stop_pid(server)
+
+
 def test_nats_pub_sub_both_ways(make_node: NodeFactory, nats_port: int) -> None:
     import nats
 

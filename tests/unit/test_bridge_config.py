@@ -76,6 +76,8 @@ def test_tls_files_are_kept_and_turn_tls_on() -> None:
         (NATS | {"import": ["_INBOX.>"]}, "import", "reserved"),
         (NATS | {"remote_prefix": "a.*"}, "remote_prefix", ""),
         (MQTT | {"remote_prefix": "a/+"}, "remote_prefix", "no wildcards"),
+        (NATS | {"qos": 1}, "qos", "applies to MQTT"),  # it was accepted and ignored
+        (NATS | {"url": "nats://u:p@h", "username": "v"}, "url", "give one"),
         (MQTT | {"ca_file": 1}, "ca_file", "string"),
         (MQTT | {"cert_file": "c.crt"}, "key_file", "go together"),
         (MQTT | {"key_file": "c.key"}, "cert_file", "go together"),
@@ -110,3 +112,13 @@ def test_good_imports_pass_and_a_nats_prefix_is_written_the_nats_way() -> None:
     assert one(**NATS | {"remote_prefix": "plant.n"}).remote_prefix == "plant/n"
     assert one(**NATS | {"remote_prefix": "plant/n"}).remote_prefix == "plant/n"
     assert one(**MQTT | {"remote_prefix": "plant/n"}).remote_prefix == "plant/n"
+
+
+def test_credentials_may_be_written_in_the_url() -> None:
+    """`nats://user:pw@server:4222`, as NATS and MQTT tools take it, was refused as "not a
+    nats URL" (exploratory test); %-escapes are decoded, and the URL shown has none."""
+    b = one(**NATS | {"url": "nats://svc:p%40ss@server:4223"})
+    assert (b.username, b.password, b.host, b.port) == ("svc", "p@ss", "server", 4223)
+    assert b.url == "nats://server:4223"
+    m = one(**MQTT | {"url": "mqtts://dev1@broker"})
+    assert (m.username, m.password, m.host, m.port, m.tls) == ("dev1", "", "broker", 8883, True)
