@@ -897,7 +897,9 @@ class Client:
                 # The subscription ended at the node (its durable queue was removed): its
                 # next() raises this rather than wait for ever.
                 error = RemoteError(str(body.get("error")), str(body.get("code", "")))
-                self._subs[body["sid"]].ended = error
+                # Out of _subs too: resumed after a node restart, the dead consumer took
+                # half the jobs of its queue's next incarnation (review).
+                self._subs.pop(body["sid"]).ended = error
             elif isinstance(body.get("request"), str):  # a request the node refused
                 if len(self._refused_requests) > 1000:  # answers no request waited for
                     self._refused_requests.clear()

@@ -69,6 +69,7 @@ _NOT_LINKED: Final = encode_control(Kind.LINK_REFUSE, {"reason": "not linked (no
 ROUTE_CACHE_SIZE: Final = 65536
 SYSTEM_HOLD: Final = 1.0  # seconds a $mesh event no other node wants yet is kept
 MAX_HELD_SYSTEM: Final = 1000
+_HELD_TOPICS: Final = ("$mesh/link/", "$mesh/node/")  # events that may be held
 _FLAGS_AT: Final = 2 + 8  # the first record's flags byte in a PUB frame
 SLOW_NOTICE_INTERVAL: Final = 1.0
 
@@ -700,28 +701,35 @@ class Router(MeshSide, DurableSide):
         route = self._route_for(topic)
         for dest, prefix in route.plain + [g.pick() for g in route.groups]:
             self._pending.setdefault(dest, []).extend((prefix, rec))
+        if self._held_system:
+            self._release_held(now)  # the older ones first: in order (review)
         if not route.plan.empty:
             self._forward(route.plan, rec)
-        elif len(self._held_system) < MAX_HELD_SYSTEM:
+        elif topic.startswith(_HELD_TOPICS) and len(self._held_system) < MAX_HELD_SYSTEM:
             # Nobody elsewhere wants it yet, maybe only because the states of a link that
             # is coming up have not arrived: a new node's own link/up and node/up never
-            # reached $mesh subscribers elsewhere (exploratory test). Kept a moment.
+            # reached $mesh subscribers elsewhere (exploratory test). Kept a moment. Only
+            # the mesh's own changes: a burst of client events would crowd them out.
             self._held_system.append((rec, topic, now + SYSTEM_HOLD))
 
     def tick(self, now: float) -> None:
         """Timers: the durable side's, and held $mesh events."""
         DurableSide.tick(self, now)
         if self._held_system:
-            held, self._held_system = self._held_system, []
-            plans: dict[str, Plan] = {}  # a few topics, many events: one route each
-            for rec, topic, until in held:
-                plan = plans.get(topic)
-                if plan is None:
-                    plan = plans[topic] = self._route_for(topic).plan
-                if not plan.empty:
-                    self._forward(plan, rec)  # the first copy that leaves this node
-                elif now < until:
-                    self._held_system.append((rec, topic, until))
+            self._release_held(now)
+
+    def _release_held(self, now: float) -> None:
+        """Forward the held $mesh events that some node now wants; forget expired ones."""
+        held, self._held_system = self._held_system, []
+        plans: dict[str, Plan] = {}  # a few topics, many events: one route each
+        for rec, topic, until in held:
+            plan = plans.get(topic)
+            if plan is None:
+                plan = plans[topic] = self._route_for(topic).plan
+            if not plan.empty:
+                self._forward(plan, rec)  # the first copy that leaves this node
+            elif now < until:
+                self._held_system.append((rec, topic, until))
 
     # ---- output ------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ processes, including a ``kill -9`` of the node mid-stream and a full disk."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 from helpers import Background, NodeFactory, cli_env, run_cli, wait_for
 
 from meshctl import Client, connect
-from meshctl.errors import RemoteError
+from meshctl.errors import RemoteError, Timeout
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -123,6 +124,74 @@ def test_a_consumer_hears_that_its_queue_was_removed(
     assert run_cli("queue", "rm", "rq", server=s).returncode == 0
     assert consumer.wait_exit(timeout=5) == 1, consumer.describe()
     assert "queue 'rq' was removed" in consumer.stderr
+
+
+def test_a_value_retained_during_a_paced_replay_is_the_one_that_stays(
+    make_node: NodeFactory,
+) -> None:
+    """Found in review: the retained values were taken when the replay began and sent
+    when it ended, so a value retained meanwhile was followed by the stale one, marked
+    as the topic's value."""
+    node = make_node()
+    with connect(node.ipc) as pub:
+        pub.publish("t/a", "V1-old", persistent=True, retain=True)
+        pub.confirm(10)
+        with pub.batch():
+            for i in range(25_000):  # more than the paced window (20,000)
+                pub.publish("t/b", str(i), persistent=True)
+        pub.confirm(60)
+        with connect(node.ipc) as reader:
+            sub = reader.subscribe("t/>", from_seq=2, retained=True)  # V1 is seq 1
+            time.sleep(1.0)  # a slow reader: the replay waits for it
+            reader.process(0.5)
+            pub.publish("t/a", "V2-new", persistent=True, retain=True)
+            pub.confirm(10)
+            got = []
+            with contextlib.suppress(Timeout):
+                while True:
+                    e = sub.next(2.0)
+                    if e.topic == "t/a":
+                        got.append((e.data, e.retained))
+    assert got == [(b"V2-new", False)]  # as history, in the replay; V1 is not the value
+
+
+def test_a_consumer_of_a_removed_queue_is_not_resumed_after_a_restart(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Found in review: the ended subscription stayed in the client's list, which it
+    sends again after a node restart, so the dead consumer took half the jobs of the
+    queue made again under its name."""
+    data_dir = short_tmp / "n"
+    node = make_node(data_dir=data_dir)
+    with connect(node.ipc, timeout=5) as client:
+        client.queue("add", "rq", patterns=["rq/>"])
+        old = client.consume("rq")
+        client.queue("rm", "rq")
+        with pytest.raises(RemoteError, match="was removed"):
+            old.next(5)
+        client.queue("add", "rq", patterns=["rq/>"])
+        new = client.consume("rq")
+        assert node.stop() == 0
+        node = make_node(data_dir=data_dir)
+
+        def greeted() -> bool:  # the client greets the new node, and subscribes again
+            try:
+                client.flush(1)
+            except Timeout:
+                return False
+            return True
+
+        wait_for(greeted, timeout=15, what="the client back on the restarted node")
+        with connect(node.ipc) as pub:
+            for i in range(10):
+                pub.publish("rq/x", str(i), persistent=True)
+            pub.confirm(10)
+        got = []
+        for _ in range(10):
+            event = new.next(5)
+            got.append(event.data)
+            new.ack(event)
+        assert sorted(got) == sorted(str(i).encode() for i in range(10))
 
 
 def test_queue_commands_and_acked_consumption(make_node: NodeFactory) -> None:
