@@ -10,7 +10,6 @@ Router; its values live in sessions.py.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any, Final
@@ -119,11 +118,13 @@ class Router(MeshSide, DurableSide):
         self._plans: dict[tuple[tuple[str, ...], tuple[tuple[Via, bytes], ...]], Plan] = {}
         self._control: list[tuple[bytes, bytes, int]] = []
         self._pending: dict[bytes, list[bytes]] = {}
-        # The node's own events: half its id (to read in an event id), half new each run.
-        # With the whole id and a sequence from 0, a restarted node's $mesh events had the
-        # ids of the last run's, and other nodes' duplicate window dropped them while the
-        # mesh converged, which a restart always starts (exploratory test).
-        self._origin = bytes.fromhex(node_id)[:4].ljust(4, b"\0") + os.urandom(4)
+        # The node's own events: half its id (to read in an event id), half this run's
+        # (the low bits of its epoch, which rises every run). With the whole id and a
+        # sequence from 0, a restarted node's $mesh events had the ids of the last run's,
+        # and other nodes' duplicate window dropped them while the mesh converged, which a
+        # restart always starts (exploratory test).
+        run = (wall_ns() if epoch is None else epoch) & 0xFFFFFFFF
+        self._origin = bytes.fromhex(node_id)[:4].ljust(4, b"\0") + run.to_bytes(4, "big")
         self._held_system: list[tuple[bytes, str, float]] = []  # (record, topic, until)
         self._seq = 0
         self._inbox = f"{INBOX_PREFIX}/{node_id}/"
