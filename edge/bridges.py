@@ -103,6 +103,7 @@ class Bridge:
         self._tokens = itertools.count(1)
         self._unmapped: list[tuple[str, Refusal]] = []  # requests refused here: reply to
         self._notices: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
+        self._marks: dict[str, Any] = {}  # MQTT: user properties by PATH_HEADER value
 
     def start(self) -> None:
         self._thread.start()
@@ -384,18 +385,16 @@ class MqttBridge(Bridge):
             return self._publish_mqtt(client, remote, ev)
         return None
 
-    _marks: dict[str, Any] | None = None
-
     def _publish_mqtt(self, client: Any, remote: str, ev: Event) -> Any:
         """Publish with PATH_HEADER as an MQTT v5 user property (one Properties object
         per path, kept: nearly every export has the same one, this node alone)."""
-        from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415 - optional dependency
-        from paho.mqtt.properties import Properties  # noqa: PLC0415
-
         path = self.port.path(ev)
-        marks = self._marks = self._marks if self._marks is not None else {}
+        marks = self._marks
         props = marks.get(path)
         if props is None:
+            from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415 - optional dependency
+            from paho.mqtt.properties import Properties  # noqa: PLC0415
+
             if len(marks) > 1024:
                 marks.clear()
             props = marks[path] = Properties(PacketTypes.PUBLISH)

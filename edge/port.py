@@ -30,12 +30,12 @@ from node.errors import CodecError
 from node.events import Event, decode_deliveries
 
 BRIDGE_HEADER: Final = "bridge"
+URL_HEADER: Final = "bridge-url"  # the broker it came from: no bridge to it sends it back
 # The mesh nodes whose bridges an event left through, oldest first, comma-separated: an
 # MQTT v5 user property / NATS header on the way out, a mesh header on the way in. A
 # bridge drops what any node of its own mesh sent out before (two gateways on one
 # broker stormed: each re-exported what the other imported), and what went through
 # MAX_PATH bridges (a ring through other meshes).
-URL_HEADER: Final = "bridge-url"  # the broker it came from: no bridge to it sends it back
 PATH_HEADER: Final = "meshctl-path"
 MAX_PATH: Final = 8
 

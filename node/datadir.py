@@ -64,7 +64,7 @@ def load_or_create_node_id(data_dir: Path) -> str:
         text = path.read_text().strip()
     except FileNotFoundError:
         node_id = secrets.token_hex(8)
-        _replace_synced(path, node_id + "\n")  # an empty file after a power cut: "corrupt"
+        write_whole(path, node_id + "\n")  # an empty file after a power cut: "corrupt"
         return node_id
     if len(text) != 16 or any(c not in "0123456789abcdef" for c in text):
         raise ConfigError(
@@ -186,13 +186,17 @@ def write_cursor(path: Path, seq: int) -> None:
     empty cursor would read as none, and a bridge would start at the log's head, skipping
     what it had not sent yet. (The rename itself may be lost: then the old cursor stands
     and the far side gets some events again, which it drops as duplicates.)"""
-    _replace_synced(path, f"{seq}\n")
+    write_whole(path, f"{seq}\n")
 
 
-def _replace_synced(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` whole: its bytes reach the disk before the rename."""
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
+def write_whole(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` whole, 0600 from its first byte (no window with
+    looser modes), its bytes on the disk before the rename: after a crash or a power cut
+    the old file or the new one, never a truncated one that stops the node at every
+    start. The data dir's one writer of state files (ids, cursors, membership)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

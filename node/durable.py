@@ -517,7 +517,7 @@ class Durable:
                     record = bytes(rec)
                     if record[8] & F_RETAIN:  # history, not the topic's value now
                         if r.retained:
-                            r.last_retained[topic] = _id_of(record)
+                            r.last_retained[topic] = record[_ID]
                         record = with_flags(record, remove=F_RETAIN)
                     out.deliver(r.ident, r.prefix, with_seq(record, seq))
                     r.sent += 1
@@ -526,7 +526,7 @@ class Durable:
                 if r.retained:  # the values as they are now, less those just replayed
                     for topic in self._retained_matching(r.patterns):
                         record = self.retained[topic]
-                        if r.last_retained.get(topic) != _id_of(record):
+                        if r.last_retained.get(topic) != record[_ID]:
                             out.deliver(r.ident, r.prefix, record)
                 r.on_live()
             else:
@@ -623,11 +623,6 @@ class Output(Protocol):
 
 def _time_ns(record: bytes) -> int:
     return int.from_bytes(record[RECORD_SIZE - 24 : RECORD_SIZE - 16], "little")
-
-
-def _id_of(record: bytes) -> bytes:
-    """A record's event id (origin and sequence), the last 16 bytes of its header."""
-    return record[RECORD_SIZE - 16 : RECORD_SIZE]
 
 
 def with_seq(record: bytes, seq: int) -> bytes:

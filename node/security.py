@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import threading
 import time
@@ -37,6 +36,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from node import datadir
 from node import membership as ms
 from node.errors import ConfigError
 from node.failed_proofs import FailedProofs
@@ -59,18 +59,9 @@ MAX_REJECTED: Final = 256  # rejected peers listed by `meshctl peers`
 REVOKED_SELF: Final = "this node's membership was revoked: it no longer dials other nodes"
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write a file of the data dir's membership state: 0600 from its first byte (no
-    window with looser modes), and whole or not at all. A crash in a plain write_text
-    left a truncated JSON file that stopped the node at every start ("unreadable"); a
-    renamed file whose bytes a power cut lost did the same, hence the fsync."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+# Membership files are state files of the data dir: written whole, 0600, synced. Plain
+# write_text calls left truncated JSON after a crash, which stopped every start.
+_write_private = datadir.write_whole
 
 
 def _read_json(path: Path, default: Any) -> Any:
