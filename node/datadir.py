@@ -6,7 +6,9 @@ import contextlib
 import fcntl
 import os
 import secrets
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
@@ -186,18 +188,57 @@ def write_cursor(path: Path, seq: int) -> None:
     empty cursor would read as none, and a bridge would start at the log's head, skipping
     what it had not sent yet. (The rename itself may be lost: then the old cursor stands
     and the far side gets some events again, which it drops as duplicates.)"""
-    write_whole(path, f"{seq}\n")
+    write_whole(path, f"{seq}\n", sync_dir=False)
 
 
-def write_whole(path: Path, text: str) -> None:
+def write_whole(path: Path, text: str, *, sync_dir: bool = True) -> None:
     """Replace ``path`` with ``text`` whole, 0600 from its first byte (no window with
-    looser modes), its bytes on the disk before the rename: after a crash or a power cut
-    the old file or the new one, never a truncated one that stops the node at every
-    start. The data dir's one writer of state files (ids, cursors, membership)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    looser modes), its bytes and the rename on the disk before it returns: after a crash or
+    a power cut the old file or the new one, never a truncated one that stops the node at
+    every start. The data dir's one writer of state files (ids, cursors, membership).
+
+    The temporary file's name is the writer's own: the node and a `meshctl` command both
+    write revoked.json, and with one shared ``NAME.tmp`` each could rename the other's
+    half-written file into place. ``sync_dir=False`` skips the directory's sync, for a
+    cursor written at every acknowledgement: a rename lost to a power cut there only
+    sends a few events again, and at-least-once allows that."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w") as f:  # mkstemp: 0600 from the first byte
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    if sync_dir:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable: without it a power cut may undo it."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return  # a directory that cannot be opened for reading: the rename stands as is
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the file itself is synced
+    finally:
+        os.close(dfd)
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for a read-modify-write of ``path`` (the node and `meshctl
+    revoke` both add to revoked.json; unlocked, one of two additions could be lost)."""
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

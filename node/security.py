@@ -165,12 +165,13 @@ def save_enrollment(data_dir: Path, token: ms.Token, answer: dict[str, Any]) -> 
 def remember_member(data_dir: Path, *, node: str, name: str, key: str, role: str) -> None:
     """Note a member this authority signed, so `meshctl revoke NAME` can find its key."""
     path = data_dir / MEMBERS_FILE
-    members = _read_json(path, [])
     entry = {"node": node, "name": name, "key": key, "role": role}
-    if entry in members:
-        return  # enrolled again with the same keys: once is enough to revoke it
-    members.append(entry)
-    _write_private(path, json.dumps(members))
+    with datadir.locked(path):  # the node (enrollments) and `meshctl client` both add
+        members = _read_json(path, [])
+        if entry in members:
+            return  # enrolled again with the same keys: once is enough to revoke it
+        members.append(entry)
+        _write_private(path, json.dumps(members))
 
 
 def join_links(data_dir: Path) -> list[tuple[str, str]]:
@@ -207,15 +208,16 @@ def issue_token(data_dir: Path, *, url: str, ttl: float, uses: int, now: float) 
         expires=int(now + ttl),
     )
     path = data_dir / TOKENS_FILE
-    tokens = {
-        k: v for k, v in _read_json(path, {}).items() if int(v.get("exp", 0)) > now
-    }  # expired ones are forgotten as new ones are made
-    tokens[token.token_id] = {
-        "hash": ms.secret_hash(token.secret),
-        "exp": token.expires,
-        "uses": uses,
-    }
-    _write_private(path, json.dumps(tokens))
+    with datadir.locked(path):  # the running node counts a token's uses in this file
+        tokens = {
+            k: v for k, v in _read_json(path, {}).items() if int(v.get("exp", 0)) > now
+        }  # expired ones are forgotten as new ones are made
+        tokens[token.token_id] = {
+            "hash": ms.secret_hash(token.secret),
+            "exp": token.expires,
+            "uses": uses,
+        }
+        _write_private(path, json.dumps(tokens))
     return token
 
 
@@ -223,11 +225,12 @@ def revoke_token(data_dir: Path, token_id: str) -> bool:
     """Forget an unused join token, so it can no longer enroll anyone (the running node
     reads the file at each enrollment); False if there is no such token here."""
     path = data_dir / TOKENS_FILE
-    tokens = _read_json(path, {})
-    if token_id not in tokens:
-        return False
-    del tokens[token_id]
-    _write_private(path, json.dumps(tokens))
+    with datadir.locked(path):  # else an enrollment at this moment could write it back
+        tokens = _read_json(path, {})
+        if token_id not in tokens:
+            return False
+        del tokens[token_id]
+        _write_private(path, json.dumps(tokens))
     return True
 
 
@@ -270,9 +273,10 @@ def revoke(
         ms.revocation_record(mesh=creds.mesh, node=node, key=key, at=int(now), role=role),
     )
     path = data_dir / REVOKED_FILE
-    revs = _read_json(path, [])
-    revs.append(signed)
-    _write_private(path, json.dumps(revs))
+    with datadir.locked(path):  # a running node may be adding a flooded one right now
+        revs = _read_json(path, [])
+        revs.append(signed)
+        _write_private(path, json.dumps(revs))
     return signed
 
 
@@ -447,15 +451,18 @@ class Security:
         if not isinstance(node, str) or len(node) != 16 or not isinstance(name, str):
             return False, {"error": "enrollment needs a node id and a name"}
         path = self.data_dir / TOKENS_FILE
-        tokens = _read_json(path, {})
         token_id = str(body.get("token", ""))
-        why = ms.check_token_use(tokens.get(token_id), str(body.get("secret", "")), time.time())
-        if why is not None:
-            return False, {"error": why}
-        tokens[token_id]["uses"] -= 1
-        if tokens[token_id]["uses"] <= 0:
-            del tokens[token_id]
-        _write_private(path, json.dumps(tokens))
+        # Locked: `meshctl invite` and `meshctl token revoke` write this file too, and
+        # either change would be undone by writing back what was read before it.
+        with datadir.locked(path):
+            tokens = _read_json(path, {})
+            why = ms.check_token_use(tokens.get(token_id), str(body.get("secret", "")), time.time())
+            if why is not None:
+                return False, {"error": why}
+            tokens[token_id]["uses"] -= 1
+            if tokens[token_id]["uses"] <= 0:
+                del tokens[token_id]
+            _write_private(path, json.dumps(tokens))
         rec = ms.member_record(
             mesh=self.creds.mesh,
             node=node,
@@ -552,13 +559,26 @@ class Security:
             else:
                 self.log(f"node {rec['node']} revoked: its links and sessions are closed")
         if fresh:
-            path = self.data_dir / REVOKED_FILE
-            try:
-                _write_private(path, json.dumps(self.revocations))
-                self._revoked_mtime = path.stat().st_mtime
-            except OSError as e:
-                self.log(f"cannot save revocations: {e}")
+            self._save_revocations()
         return fresh
+
+    def _save_revocations(self) -> None:
+        """Write what this node knows to revoked.json, keeping what `meshctl revoke` added
+        there since the node last looked (under the file's lock, which the command also
+        takes): written over, that revocation would never have reached the mesh."""
+        path = self.data_dir / REVOKED_FILE
+        try:
+            with datadir.locked(path):
+                try:
+                    on_disk = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    on_disk = []
+                unseen = [r for r in on_disk if isinstance(r, dict) and r not in self.revocations]
+                _write_private(path, json.dumps(self.revocations + unseen))
+                # With unseen entries, the next look at the file (each tick) accepts them.
+                self._revoked_mtime = 0.0 if unseen else path.stat().st_mtime
+        except OSError as e:
+            self.log(f"cannot save revocations: {e}")
 
     def poll_revocations_file(self) -> list[dict[str, Any]]:
         """New revocations `meshctl revoke` wrote to the data dir since the last look."""

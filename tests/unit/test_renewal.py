@@ -6,6 +6,7 @@ renew it, and every link with it was refused from then on.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -101,3 +102,31 @@ def test_a_record_that_is_not_due_is_not_renewed(tmp_path: Path) -> None:
     ok, answer = auth.enroll({"renew": True, "node": NODE, "member": held}, KEY)
     assert not ok
     assert "not due" in answer["error"]
+
+
+def test_a_renewed_record_that_cannot_be_saved_is_kept_in_memory_and_saved_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: member.json not writable (disk full, read-only) stopped the node
+    at each start once its record was due. It goes on with the record in memory, says
+    why once, and saves it when it can. (An end-to-end test put a directory in the way
+    of the temporary file; temporary names are now each writer's own, so the failure is
+    made here, in the one writer.)"""
+    auth = authority(tmp_path)
+    logged: list[str] = []
+    auth.log = logged.append
+    real = security._write_private
+
+    def disk_full(path: Path, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(security, "_write_private", disk_full)
+    renewed = record(auth, key=KEY, exp=time.time() + 365 * DAY, node=AUTH)
+    auth.install_member(renewed)  # does not raise: the node stays up
+    auth.save_member()  # the next tick: still full, not logged again
+    assert auth.creds.member == renewed
+    assert len([m for m in logged if "cannot save the renewed membership" in m]) == 1
+    monkeypatch.setattr(security, "_write_private", real)
+    auth.save_member()  # the disk has room again
+    saved = json.loads((tmp_path / "auth" / security.MEMBER_FILE).read_text())
+    assert saved == renewed

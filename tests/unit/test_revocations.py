@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from node import datadir, security
 from node import membership as ms
-from node import security
 from node.codec import MAX_CONTROL_BYTES, Kind, decode_control
 from node.loop_security import revocation_frames
 
@@ -91,3 +92,74 @@ def test_revocations_are_written_whole(tmp_path: Path) -> None:
     assert json.loads((tmp_path / security.REVOKED_FILE).read_text()) == [signed]
     assert ms.check_revocation(signed, mesh=MESH, mesh_pk=creds.mesh_pk)["role"] == "node"
     assert (tmp_path / security.REVOKED_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_revoke_while_the_node_saves_a_flooded_one_is_kept_and_applied(
+    tmp_path: Path,
+) -> None:
+    """Found in a read of the code: the node wrote its own list over revoked.json when a
+    revocation arrived from the mesh. One that `meshctl revoke` had added since the node's
+    last look was lost from the file and never applied: the revoked node stayed in."""
+    creds = security.init_mesh(tmp_path, mesh=MESH, node_id=NODE, name="auth", now=time.time())
+    sec = security.Security(creds, tmp_path, NODE, lambda _m: None)
+    by_cli = security.revoke(tmp_path, node="bb" * 8, key="k" * 40, now=time.time())
+    flooded = revocations(creds, 1)
+    assert sec.accept_revocations(flooded) == flooded  # before the node looked at the file
+    on_disk = json.loads((tmp_path / security.REVOKED_FILE).read_text())
+    assert by_cli in on_disk
+    assert flooded[0] in on_disk
+    assert sec.poll_revocations_file() == [by_cli]
+    assert sec.is_revoked("bb" * 8)
+    assert sec.poll_revocations_file() == []
+    assert len(json.loads((tmp_path / security.REVOKED_FILE).read_text())) == 2
+
+
+def test_two_writers_of_one_state_file_do_not_share_a_temporary_file(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Both wrote NAME.tmp: a second writer between the first's write and its rename took
+    the first's file away (the first failed) or had its half-written file renamed."""
+    path = tmp_path / "revoked.json"
+    real = datadir.os.replace
+    inner: list[bool] = []
+
+    def second_writer_meanwhile(src: Any, dst: Any) -> None:
+        if not inner:
+            inner.append(True)
+            datadir.write_whole(path, "second")
+        real(src, dst)
+
+    monkeypatch.setattr(datadir.os, "replace", second_writer_meanwhile)
+    datadir.write_whole(path, "first")
+    assert path.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["revoked.json"]
+
+
+@pytest.mark.parametrize("file", ["tokens", "members", "token_revoke"])
+def test_commands_that_change_a_file_the_node_also_changes_wait_for_its_lock(
+    tmp_path: Path, file: str
+) -> None:
+    """Read, change, write: `meshctl invite` while the node counted a token's use (or
+    `token revoke`, or a client's credentials beside an enrollment) undid one of the two."""
+    security.init_mesh(tmp_path, mesh=MESH, node_id=NODE, name="auth", now=time.time())
+    made = security.issue_token(tmp_path, url="tcp://127.0.0.1:1", ttl=60, uses=1, now=time.time())
+    change = {
+        "tokens": lambda: security.issue_token(
+            tmp_path, url="tcp://127.0.0.1:1", ttl=60, uses=1, now=time.time()
+        ),
+        "members": lambda: security.remember_member(
+            tmp_path, node="cc" * 8, name="c", key="k" * 40, role="client"
+        ),
+        "token_revoke": lambda: security.revoke_token(tmp_path, made.token_id),
+    }[file]
+    path = tmp_path / (security.MEMBERS_FILE if file == "members" else security.TOKENS_FILE)
+    before = path.read_text() if path.exists() else ""
+    with datadir.locked(path):
+        worker = threading.Thread(target=change)
+        worker.start()
+        worker.join(0.3)
+        assert worker.is_alive()  # waiting for the node's read-change-write to end
+        assert (path.read_text() if path.exists() else "") == before
+    worker.join(5)
+    assert not worker.is_alive()
+    assert path.read_text() != before
