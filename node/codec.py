@@ -83,6 +83,7 @@ RECORD: Final = struct.Struct("<IHHBBHQ16s")
 RECORD_SIZE: Final = RECORD.size
 SID: Final = struct.Struct("<I")
 MAX_HEADERS_BYTES: Final = 0xFFFF
+MAX_CLIENT_NAME: Final = 64  # characters of a client's name that a node keeps
 MAX_CONTROL_BYTES: Final = 64 * 1024
 # What a client accepts from its own node: views (status, mesh, routes) of a large node
 # outgrow MAX_CONTROL_BYTES, which guards the node against its clients, not the reverse.
@@ -197,6 +198,8 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
         return b""
     out = bytearray()
     for key, value in headers.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError(f"header {key!r}: names and values must be strings")
         k = key.encode()
         v = value.encode()
         if not 0 < len(k) < 256:
@@ -226,6 +229,16 @@ def decode_headers(block: bytes) -> dict[str, str]:
     except (IndexError, UnicodeDecodeError) as e:
         raise CodecError(f"malformed headers block: {e}") from None
     return out
+
+
+def headers_ok(block: bytes) -> bool:
+    """Whether a headers block from a publisher decodes (its subscribers' clients decode
+    it; the node otherwise passes it on untouched)."""
+    try:
+        decode_headers(block)
+    except CodecError:
+        return False
+    return True
 
 
 def encode_record(

@@ -115,11 +115,17 @@ _DELIVERY: Final = struct.Struct("<I" + RECORD.format.lstrip("<"))
 _TOPIC_CACHE_MAX: Final = 4096
 
 
-def decode_deliveries(frame: bytes, topics: dict[bytes, str]) -> list[tuple[int, Event]]:
-    """Every (sid, Event) of a DELIVER frame; CodecError if any record is malformed.
+def decode_deliveries(
+    frame: bytes, topics: dict[bytes, str], bad: list[int] | None = None
+) -> list[tuple[int, Event]]:
+    """Every (sid, Event) of a DELIVER frame; CodecError if its framing is malformed.
 
     The subscriber's hot path: one struct unpack per event, and ``topics`` caches decoded
     topic strings across frames because a stream mostly repeats a few topics.
+
+    A record whose headers block does not decode is left out alone and counted in
+    ``bad[0]``: raised, it cost every good event of its frame (exploratory test). Nodes
+    refuse such blocks from publishers now; a log written before may still hold one.
     """
     out: list[tuple[int, Event]] = []
     unpack = _DELIVERY.unpack_from
@@ -142,10 +148,16 @@ def decode_deliveries(frame: bytes, topics: dict[bytes, str]) -> list[tuple[int,
                 if len(topics) >= _TOPIC_CACHE_MAX:
                     topics.clear()
                 topics[tb] = topic
-            headers = decode_headers(frame[h0:p0]) if hlen else _EMPTY
-            event = Event(topic, frame[p0:end], headers, raw_id, time_ns, flags, count)
-            out.append((sid, event))
             off = end
+            headers: Mapping[str, str] = _EMPTY
+            if hlen:
+                try:
+                    headers = decode_headers(frame[h0:p0])
+                except CodecError:
+                    if bad is not None:
+                        bad[0] += 1
+                    continue
+            out.append((sid, Event(topic, frame[p0:end], headers, raw_id, time_ns, flags, count)))
     except struct.error as e:
         raise CodecError(f"truncated delivery: {e}") from None
     except UnicodeDecodeError:

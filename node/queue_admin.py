@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Final
 from node.codec import Kind
 from node.config import parse_duration
 from node.errors import TopicError
-from node.queues import DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER
+from node.queues import DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER, read_refused
 from node.store import StoreError
 
 if TYPE_CHECKING:
@@ -38,13 +38,18 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
         name = body.get("name")
         acl = router.acl.get(ident)
         if acl is not None and op in ("add", "rm", "purge"):
-            # A client administers only queues whose events it could read anyway.
+            # A client administers only queues whose events it could read anyway: the ones
+            # it holds (a dead-letter queue: its queue's), and for add the new patterns
+            # too. Checking only the new ones let a client re-point a queue it was denied
+            # and consume what it held (exploratory test).
             old = queues.by_name.get(str(name))
-            wanted = body.get("patterns") if op == "add" else (old.patterns if old else [])
-            for p in wanted if isinstance(wanted, (list, tuple)) else []:
-                if isinstance(p, str) and (why := acl.check_subscribe(p)) is not None:
-                    router.counters.dropped["permission"] += 1
-                    return _err(ref, f"permission denied: queue {name!r}: {why}", "permission")
+            held = () if old is None else queues.readable_as(old)
+            wanted = body.get("patterns") if op == "add" else []
+            wanted = [p for p in wanted if isinstance(p, str)] if isinstance(wanted, list) else []
+            why = read_refused(acl, None if held is None else [*held, *wanted])
+            if why is not None:
+                router.counters.dropped["permission"] += 1
+                return _err(ref, f"permission denied: queue {name!r}: {why}", "permission")
         if op == "info":
             return Kind.OK, {"ref": ref, "queue": queues.info(queues.get(str(name)), now_ns)}
         if op == "add":

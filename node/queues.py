@@ -18,8 +18,9 @@ import json
 import re
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from node.codec import with_headers
 from node.errors import CodecError
@@ -86,6 +87,23 @@ class Queue:
     @property
     def is_dead_letter(self) -> bool:
         return self.name.endswith(DEAD_SUFFIX)
+
+
+class ReadRules(Protocol):
+    """A client's subscribe rules (node/membership.py's Acl)."""
+
+    def check_subscribe(self, pattern: str) -> str | None: ...
+
+
+def read_refused(acl: ReadRules, patterns: Iterable[str] | None) -> str | None:
+    """Why a client with ``acl`` may not read events of ``patterns`` (a queue's, from
+    ``Queues.readable_as``), or None if it may."""
+    if patterns is None:
+        return "its queue is gone: only a client without rules may read its dead letters"
+    for p in patterns:
+        if (why := acl.check_subscribe(p)) is not None:
+            return why
+    return None
 
 
 def validate_queue_name(name: object) -> str:
@@ -228,6 +246,16 @@ class Queues:
         for c in q.consumers:
             c.inflight.clear()
         return gone
+
+    def readable_as(self, q: Queue) -> tuple[str, ...] | None:
+        """The patterns whose events ``q`` holds, to check a restricted client's read
+        rights against: a dead-letter queue holds its queue's (it has none of its own, and
+        any client could read the dead letters of a queue it was denied: exploratory test);
+        None when that queue is gone, and no pattern can vouch for what is left."""
+        if not q.is_dead_letter:
+            return q.patterns
+        origin = self.by_name.get(q.name.removesuffix(DEAD_SUFFIX))
+        return None if origin is None else origin.patterns
 
     def get(self, name: str) -> Queue:
         q = self.by_name.get(name)

@@ -19,6 +19,7 @@ from node.codec import (
     F_ERROR,
     F_PERSISTENT,
     F_REQUEST,
+    MAX_CLIENT_NAME,
     NO_RESPONDERS_FOR,
     RECORD_SIZE,
     SID,
@@ -27,6 +28,7 @@ from node.codec import (
     encode_control,
     encode_record,
     frame_kind,
+    headers_ok,
 )
 from node.dedup import DedupWindow
 from node.durable import LOG_ALL, Durable, replay_options
@@ -251,7 +253,7 @@ class Router(MeshSide, DurableSide):
                 },
             )
             return
-        name = str(body.get("name", ""))[:64]
+        name = str(body.get("name", ""))[:MAX_CLIENT_NAME]
         client = Client(ident=ident, name=name, connected_at=now, last_seen=now)
         self.clients[ident] = client
         self.by_client_id[client.client_id] = ident
@@ -463,6 +465,18 @@ class Router(MeshSide, DurableSide):
                     )
                     continue
                 if acl is not None and self._acl_refuses(ident, acl, topic, frame, t0, flags):
+                    continue
+                if hlen and not headers_ok(frame[t0 + tlen : t0 + tlen + hlen]):
+                    # Passed on, it made each subscriber's client drop the whole delivery
+                    # frame it came in, good events with it (exploratory test).
+                    self.counters.dropped["bad_headers"] += 1
+                    self._refuse(
+                        ident,
+                        frame[t0 - 16 : t0],
+                        flags,
+                        "malformed headers block; event dropped",
+                        "input",
+                    )
                     continue
                 route = cache.get(topic)
                 if route is None:

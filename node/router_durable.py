@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 from node.codec import F_PERSISTENT, F_RETAIN, RECORD_SIZE, Kind, with_flags
 from node.errors import CodecError
 from node.mesh import NO_PLAN
+from node.queues import read_refused
 from node.sessions import Client, Route, SubRef
 
 log = logging.getLogger("meshctl.node")
@@ -69,14 +70,15 @@ class DurableSide:
             self._error(client.ident, ref, str(e.args[0]), "input")
             return
         acl = self.acl.get(client.ident)
-        for p in q.patterns if acl is not None else ():
-            if (why := acl.check_subscribe(p)) is not None:  # type: ignore[union-attr]
-                self.durable.unbind(client.ident, sid)  # a queue is a way to read its events
-                self.counters.dropped["permission"] += 1
-                self._error(
-                    client.ident, ref, f"permission denied: queue {q.name}: {why}", "permission"
-                )
-                return
+        queues = self.durable.queues
+        why = None if acl is None else read_refused(acl, queues.readable_as(q))
+        if why is not None:
+            self.durable.unbind(client.ident, sid)  # a queue is a way to read its events
+            self.counters.dropped["permission"] += 1
+            self._error(
+                client.ident, ref, f"permission denied: queue {q.name}: {why}", "permission"
+            )
+            return
         client.subs[sid] = sub
         self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sid, "queue": q.name})
 

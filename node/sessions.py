@@ -159,6 +159,7 @@ class Counters:
             "slow_consumer": 0,
             "payload_too_large": 0,
             "bad_topic": 0,
+            "bad_headers": 0,
             "no_session": 0,
             "link_full": 0,
             "permission": 0,

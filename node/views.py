@@ -45,6 +45,8 @@ def view(router: Router, body: dict[str, Any], now: float) -> dict[str, Any]:
             for s in router.trie.match(topic)
         ]
         return router.net.explain(topic, subs) | {"local_groups": groups}
+    if what != "status":  # answered with the status, a misspelt view looked like one
+        return {"error": f"no view {str(what)[:40]!r}: status, peers, mesh or routes"}
     return status(router, now)
 
 

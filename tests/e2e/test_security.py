@@ -438,7 +438,30 @@ def test_a_client_reads_through_queues_only_what_it_may_subscribe_to(
             app.consume("secrets")
         with pytest.raises(RemoteError, match="permission denied"):
             app.queue("rm", "secrets")
-    assert a.status()["counters"]["dropped"]["permission"] == 3
+        # Found in an exploratory test: pointing the queue elsewhere was checked against
+        # the new patterns only, and then its secret events were the client's to consume.
+        with pytest.raises(RemoteError, match="permission denied: queue 'secrets'"):
+            app.queue("add", "secrets", patterns=["app/jobs/>"])
+    local = connect(a.ipc)
+    local.queue("add", "secrets", patterns=["app/secret/>"], max_deliver=1, ack_wait=0.1)
+    local.publish("app/secret/pay", b"1M", persistent=True)
+    local.confirm()
+    local.consume("secrets").next(5)  # never acknowledged: it goes to the dead letters
+
+    def dead() -> int:
+        return int(local.queue("info", "secrets.dead")["queue"]["depth"])
+
+    wait_for(lambda: "secrets.dead" in str(local.queue("ls")) and dead(), timeout=10, what="dead")
+    with connect(a.tcp, creds=creds) as app:
+        # Found in an exploratory test: dead letters have no patterns of their own, so
+        # any client could read the dead letters of a queue it was denied.
+        with pytest.raises(RemoteError, match=r"permission denied: queue secrets\.dead"):
+            app.consume("secrets.dead")
+        local.queue("rm", "secrets")  # with their queue gone, they vouch for nothing
+        with pytest.raises(RemoteError, match="permission denied"):
+            app.queue("purge", "secrets.dead")
+    local.close()
+    assert a.status()["counters"]["dropped"]["permission"] == 6
 
 
 def test_an_address_failing_proofs_with_fresh_keys_is_blocked_for_a_while(

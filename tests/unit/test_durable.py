@@ -13,7 +13,15 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from node.codec import F_PERSISTENT, F_RETAIN, HEAD_PUB, Kind, encode_control, encode_record
+from node.codec import (
+    F_PERSISTENT,
+    F_RETAIN,
+    HEAD_PUB,
+    Kind,
+    decode_control,
+    encode_control,
+    encode_record,
+)
 from node.durable import Durable, DurableConfig
 from node.events import Event
 from node.queues import Queues
@@ -720,19 +728,22 @@ def test_absurd_replay_times_are_input_errors(tmp_path: Path, since: float) -> N
     assert r.counters.internal_errors == 0
 
 
-def test_an_event_with_a_malformed_headers_block_replays_as_published(tmp_path: Path) -> None:
-    """Headers pass through the node unread; replay adds one only where it can."""
-    r, _d = durable_router(tmp_path)
+def test_an_event_with_a_malformed_headers_block_is_refused_not_stored(tmp_path: Path) -> None:
+    """Headers passed through the node unread, and a subscriber's client dropped the whole
+    frame such an event came in (exploratory test): now it is refused at the door."""
+    r, d = durable_router(tmp_path)
     hello(r, A)
-    bad = encode_record(b"t", b"x", b"\x05ab", F_PERSISTENT, 7, PUBLISHER + (1).to_bytes(8, "big"))
+    event_id = PUBLISHER + (1).to_bytes(8, "big")
+    bad = encode_record(b"t", b"x", b"\x05ab", F_PERSISTENT, 7, event_id)
     pub(r, A, bad)
     r.end_pass(0.0)
-    send(r, A, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["t"], "from_seq": 1})
-    take(r)
-    r.end_pass(0.0)
     out = take(r)
+    assert r.counters.dropped["bad_headers"] == 1
     assert r.counters.internal_errors == 0
-    assert any(f.endswith(b"\x05abx") for _i, f, _n in out)
+    errors = [decode_control(f)[1] for _i, f, _n in out if f[1] == Kind.ERR]
+    assert [e["ids"] for e in errors] == [[event_id.hex()]]  # confirm() is not left waiting
+    assert "headers" in errors[0]["error"]
+    assert d.store.log_stats()[0] == 0
 
 
 def test_retained_values_are_bounded_in_bytes(tmp_path: Path) -> None:
