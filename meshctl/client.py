@@ -226,6 +226,7 @@ class Client:
         # restarts before answering (it says "no session", not what the request was).
         self._awaiting: dict[int, bytes] = {}
         self._undelivered: deque[tuple[int, Event]] = deque()  # after a callback raised
+        self._refused: RemoteError | None = None  # the node refused us for good (revoked)
         self._bad_deliveries = [0]  # events left out: their headers did not decode
         self._async_errors: deque[RemoteError] = deque(maxlen=100)
         self._topics: dict[str, bytes] = {}
@@ -844,6 +845,8 @@ class Client:
             self._send(frame)
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             while ref not in self._control:
+                if self._refused is not None:
+                    raise self._refused
                 if not self._pump(deadline):
                     raise Timeout(
                         f"node at {self.server} did not answer {kind.name} within "
@@ -932,6 +935,13 @@ class Client:
                 # went away again before reading it): else no HELLO was ever sent again.
                 if self.node or time.monotonic() - self._resumed_at > self.timeout:
                     self._resume()
+            elif body.get("code") == "auth" and (self.node or self._resumed_at):
+                # Refused for good while connected (revoked): every subscription ends
+                # with it and the next call raises it, instead of waiting for ever.
+                self._refused = RemoteError(str(body.get("error")), "auth")
+                for sub in self._subs.values():
+                    sub.ended = self._refused
+                self._subs.clear()
             elif isinstance(body.get("ids"), list):
                 self._on_persisted(body["ids"], body)
             elif isinstance(body.get("sid"), int) and body["sid"] in self._subs:

@@ -200,8 +200,13 @@ class SecureSide:
         # One walk of the connections' keys and one of the dialers for all of them (a walk
         # per revocation took 2.9 s for 244 of them at 100,000 connections).
         revoked = {signed["rec"]["key"] for signed in fresh}
+        mesh = fresh[0]["rec"].get("mesh")
         for ident, k in list(self._keys.items()):
             if k in revoked and ident in self.router.clients:
+                # Told, as NATS says "user revoked": dropped in silence, a subscriber
+                # waited for ever and a publisher's flush timed out (exploratory test).
+                why = f"client not authorised for mesh {mesh!r}: revoked"
+                self.router._send_control(ident, Kind.ERR, {"error": why, "code": "auth"})
                 self.router.drop_client(ident, "membership revoked", now)
         net = self.router.net
         frames = revocation_frames(fresh)

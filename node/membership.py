@@ -227,7 +227,7 @@ def check_member(
         raise MembershipError("record belongs to another key (a copied record)")
     if node is not None and rec.get("node") != node:
         raise MembershipError(f"record is for node {rec.get('node')!r}, not {node!r}")
-    if curve_key in revoked or f"node:{rec.get('node')}" in revoked:
+    if curve_key in revoked or (role == "node" and f"node:{rec.get('node')}" in revoked):
         raise MembershipError("membership revoked")
     exp = rec.get("exp")
     if not isinstance(exp, int) or exp <= now:  # last: only the holder's own record says so

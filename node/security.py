@@ -326,6 +326,7 @@ class Security:
             "handshakes_dropped": 0,  # first frames from a blocked address, dropped unread
         }
         self.proofs = FailedProofs()
+        self._refusals: dict[str, int] = {}  # refusals logged, by kind (_log_some)
         self._member_unsaved = False
         self._member_save_failed = False
         self._revoked_mtime = 0.0
@@ -400,7 +401,9 @@ class Security:
         except ms.MembershipError as e:
             self.counters["clients_rejected"] += 1
             self.block(key)
-            return None, f"client not authorised for mesh {self.creds.mesh!r}: {e}"
+            why = f"client not authorised for mesh {self.creds.mesh!r}: {e}"
+            self._log_some("client", f"refused client {key[:8]}…: {why}")  # was only counted
+            return None, why
 
     def reject(self, node: str | None, name: object, address: str, key: str, why: str) -> None:
         """Count and list a refused peer; block its key (if given) for a while."""
@@ -439,8 +442,20 @@ class Security:
         else:
             self.counters["enrolled" if ok else "enroll_refused"] += 1
         if not ok:
-            self.block(key)
+            what = "renewal" if renew else "enrollment"
+            self._log_some(f"{what}_refused", f"refused {what} of {key[:8]}…: {answer['error']}")
+            # Not for a refused token: a joiner keeps its key across attempts, and one typo
+            # in a token then made the right one fail for 30 s as "no answer" (exploratory
+            # test). Guessing a token's 128-bit secret gains nothing from retries.
+            if renew:
+                self.block(key)
         return ok, answer
+
+    def _log_some(self, what: str, line: str) -> None:
+        """Log a refusal: the first 20 of a kind, then one in 1,000 (they may be a flood)."""
+        n = self._refusals[what] = self._refusals.get(what, 0) + 1
+        if n <= 20 or n % 1000 == 0:
+            self.log(line if n <= 20 else f"{line} ({n} so far)")
 
     def _enroll(self, body: dict[str, Any], key: str, renew: bool) -> tuple[bool, dict[str, Any]]:
         if self.creds.signing_key is None:
@@ -457,6 +472,8 @@ class Security:
         with datadir.locked(path):
             tokens = _read_json(path, {})
             why = ms.check_token_use(tokens.get(token_id), str(body.get("secret", "")), time.time())
+            if why is None:
+                why = self._id_taken(node, key)
             if why is not None:
                 return False, {"error": why}
             tokens[token_id]["uses"] -= 1
@@ -477,6 +494,22 @@ class Security:
             "member": ms.sign(self.creds.signing_key, rec),
             "revocations": self.revocations,
         }
+
+    def _id_taken(self, node: str, key: str) -> str | None:
+        """Why ``node`` cannot be enrolled for ``key``: its id is revoked, or a member with
+        another key holds it. A copied node_id file took over a member's id, cut the
+        member off as a duplicate link, and revoking the copy revoked it too (exploratory
+        test). Checked after the token (no probing ids without one), before its use."""
+        fresh = "start the node with a fresh data dir (a new node id) and a new token"
+        if node == self.node_id:
+            return f"node id {node} is this node's own: {fresh}"
+        if self.is_revoked(node):
+            return f"node id {node} is revoked: {fresh}"
+        for m in _read_json(self.data_dir / MEMBERS_FILE, []):
+            if m.get("node") == node and m.get("role") == "node" and m.get("key") != key:
+                held = f"already a member with another key ({m.get('name')})"
+                return f"node id {node} is {held}: {fresh}"
+        return None
 
     def _renew(self, body: dict[str, Any], key: str, signing: bytes) -> tuple[bool, dict[str, Any]]:
         """A node's record for another period: the record it holds, checked as a LINK's
@@ -541,7 +574,12 @@ class Security:
                 continue
             if rec["key"] in self.revoked:
                 continue
-            self.revoked.update((rec["key"], f"node:{rec['node']}"))
+            self.revoked.add(rec["key"])
+            if rec.get("role", "node") == "node":
+                # A client's "node" is its name: revoked by name, new credentials issued
+                # under it were refused for ever, and a client named like a node id
+                # revoked that node (exploratory test). A client is revoked by its key.
+                self.revoked.add(f"node:{rec['node']}")
             with self.policy.lock:
                 self.policy.revoked.add(rec["key"].encode())
             self.revocations.append(signed)

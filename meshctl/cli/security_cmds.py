@@ -149,6 +149,9 @@ def _client_creds(
     try:
         fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
+            # The mode of open() applies only to a new file: an existing 0644 one kept it,
+            # with the secret key inside (exploratory test). Before any byte is written.
+            os.fchmod(f.fileno(), 0o600)
             f.write(text)
     except OSError as e:
         raise OperationalError(f"cannot write {output}: {e.strerror}") from None
@@ -196,14 +199,38 @@ def revoke(
         members = json.loads((where / sec.MEMBERS_FILE).read_text())
     except (OSError, ValueError):
         members = []
-    found = [m for m in members if who in (m["node"], m["name"])]
+    found = [m for m in members if who == m["node"]] or [m for m in members if who == m["name"]]
     # One revocation per key: an older members.json lists a node once per enrolment.
     found = list({(m["node"], m["key"]): m for m in found}.values())
     if not found:
+        if not (where / sec.SIGNING_FILE).exists():
+            raise InputError(
+                f"no mesh signing key in {where}: run `meshctl revoke` on the node where "
+                "`meshctl init` ran (or pass its --data-dir)"
+            )
         raise InputError(f"{who!r} is not a member enrolled from this data dir ({where})")
+    if len({(m["role"], m["node"]) for m in found}) > 1:
+        # Devices cloned from one image share a host name, the default node name: one
+        # `revoke pi` revoked them all, and a client named pi (exploratory test).
+        listed = ", ".join(f"{m['role']} {m['node']}" for m in found)
+        raise InputError(f"{who!r} names {len(found)} members ({listed}): revoke one by its id")
+    done = {r.get("rec", {}).get("key") for r in _revocations(where)}
     for m in found:
+        if m["key"] in done:
+            note(f"{m['role']} {m['name']} ({m['node']}) is already revoked")
+            continue
         sec.revoke(where, node=m["node"], key=m["key"], now=time.time(), role=m["role"])
         note(f"revoked {m['role']} {m['name']} ({m['node']})")
+
+
+def _revocations(where: Path) -> list[dict[str, Any]]:
+    """The signed revocations in the data dir (none if the file is missing or unreadable:
+    revoking again then only adds a duplicate, which every node skips)."""
+    try:
+        items = json.loads((where / sec.REVOKED_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in items if isinstance(r, dict)] if isinstance(items, list) else []
 
 
 def credentials_for_up(

@@ -577,6 +577,30 @@ def test_a_node_whose_record_expired_joins_again_with_a_new_token(
     assert done.stderr.count("revoked node b") == 1, done.describe()
 
 
+def test_a_connected_client_hears_of_its_revocation_and_new_credentials_work(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Found in an exploratory test: a subscriber revoked while connected was dropped in
+    silence and waited for ever; and new credentials issued under the revoked client's
+    name were refused for ever (the revocation named the name, not only the key)."""
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    creds = tmp_path / "app.creds"
+    invite(a, "--client", "app", "-o", str(creds))
+    client = connect(a.tcp, creds=creds)
+    sub = client.subscribe("app/>")
+    assert run_cli("revoke", "app", "--data-dir", str(a.data_dir)).returncode == 0
+    with pytest.raises(RemoteError, match="revoked"):
+        sub.next(10)
+    with pytest.raises(RemoteError, match="revoked"):
+        client.flush()
+    client.close()
+    again = tmp_path / "app2.creds"
+    invite(a, "--client", "app", "-o", str(again))
+    with connect(a.tcp, creds=again) as renewed:
+        renewed.publish("app/x", b"1")
+        renewed.flush()
+
+
 def test_a_revoked_client_is_told_that_its_credentials_were_refused(
     make_node: NodeFactory, tmp_path: Path
 ) -> None:
@@ -603,3 +627,39 @@ def test_a_revoked_client_is_told_that_its_credentials_were_refused(
     creds.write_text(json.dumps(doc))
     wrong = run_cli("pub", "app/x", "3", "--timeout", "1", server=a.tcp, env=env)
     assert "did not complete the CurveZMQ handshake" in wrong.stderr, wrong.describe()
+
+
+def test_revoke_by_a_shared_name_asks_for_an_id_and_says_what_is_already_revoked(
+    tmp_path: Path,
+) -> None:
+    """Found in an exploratory test: `revoke pi` revoked two nodes and a client of that
+    name (cloned devices share a host name, the default node name); revoking again signed
+    a duplicate; an existing 0644 credentials file kept its mode, secret key and all."""
+    from node import security as node_security
+
+    where = tmp_path / "a"
+    done = run_cli("init", "--mesh", "plant", "--name", "a", "--data-dir", str(where))
+    assert done.returncode == 0, done.describe()
+    for node, role in (("11" * 8, "node"), ("22" * 8, "node")):
+        key = zmq.curve_keypair()[0].decode()
+        node_security.remember_member(where, node=node, name="pi", key=key, role=role)
+    shared = run_cli("revoke", "pi", "--data-dir", str(where))
+    assert shared.returncode == 2, shared.describe()
+    assert "names 2 members" in shared.stderr
+    assert "revoke one by its id" in shared.stderr
+    assert not (where / node_security.REVOKED_FILE).exists()
+    first = run_cli("revoke", "11" * 8, "--data-dir", str(where))
+    assert first.returncode == 0, first.describe()
+    again = run_cli("revoke", "11" * 8, "--data-dir", str(where))
+    assert again.returncode == 0, again.describe()
+    assert "already revoked" in again.stderr
+    assert len(json.loads((where / node_security.REVOKED_FILE).read_text())) == 1
+    creds = tmp_path / "app.creds"
+    creds.write_text("")
+    creds.chmod(0o644)
+    out = run_cli("invite", "--client", "app", "--data-dir", str(where), "-o", str(creds))
+    assert out.returncode == 0, out.describe()
+    assert creds.stat().st_mode & 0o777 == 0o600
+    elsewhere = run_cli("revoke", "pi", "--data-dir", str(tmp_path / "b"))
+    assert elsewhere.returncode == 2
+    assert "no mesh signing key" in elsewhere.stderr

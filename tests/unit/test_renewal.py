@@ -130,3 +130,45 @@ def test_a_renewed_record_that_cannot_be_saved_is_kept_in_memory_and_saved_later
     auth.save_member()  # the disk has room again
     saved = json.loads((tmp_path / "auth" / security.MEMBER_FILE).read_text())
     assert saved == renewed
+
+
+def _join(auth: security.Security, node: str, key: str) -> tuple[bool, dict[str, Any]]:
+    token = security.issue_token(
+        auth.data_dir, url="tcp://127.0.0.1:1", ttl=60, uses=1, now=time.time()
+    )
+    body = {"token": token.token_id, "secret": token.secret, "node": node, "name": "n"}
+    return auth.enroll(body, key)
+
+
+def test_an_enrolled_node_id_cannot_be_taken_by_another_key(tmp_path: Path) -> None:
+    """Found in an exploratory test: a copied node_id file and a fresh token took over a
+    member's id; the member was cut off as a duplicate link, and revoking the copy revoked
+    it too. Nor is a revoked id, or the authority's own, enrolled again."""
+    auth = authority(tmp_path)
+    logged: list[str] = []
+    auth.log = logged.append
+    assert _join(auth, NODE, KEY)[0]
+    ok, answer = _join(auth, NODE, "x" * 40)
+    assert not ok
+    assert "already a member with another key" in answer["error"]
+    assert "fresh data dir" in answer["error"]
+    assert _join(auth, NODE, KEY)[0]  # the same node, its own key: enrolled again
+    ok, answer = _join(auth, AUTH, "y" * 40)
+    assert (ok, "this node's own" in answer["error"]) == (False, True)
+    assert auth.creds.signing_key is not None
+    other = "cc" * 8
+    revoked = ms.revocation_record(mesh=MESH, node=other, key="z" * 40, at=int(time.time()))
+    auth.accept_revocations([ms.sign(auth.creds.signing_key, revoked)])
+    ok, answer = _join(auth, other, "w" * 40)
+    assert (ok, "is revoked" in answer["error"]) == (False, True)
+    assert len([line for line in logged if "refused enrollment" in line]) == 3  # was silent
+
+
+def test_a_refused_token_does_not_block_the_joiner_key(tmp_path: Path) -> None:
+    """A mistyped or used token blocked the joiner's key (kept across attempts) for 30 s:
+    the right token then failed as "no answer from the node" (exploratory test)."""
+    auth = authority(tmp_path)
+    ok, _answer = auth.enroll({"token": "nope", "secret": "x", "node": NODE, "name": "b"}, KEY)
+    assert not ok
+    assert KEY.encode() not in auth.policy.blocked
+    assert _join(auth, NODE, KEY)[0]
