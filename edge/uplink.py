@@ -32,7 +32,7 @@ import zmq
 
 from edge.logreader import LogReader
 from meshctl.client import Client, connect
-from meshctl.errors import MeshError, RemoteError, Timeout
+from meshctl.errors import InputError, MeshError, RemoteError, Timeout
 from node.codec import (
     F_IMPORTED,
     F_PERSISTENT,
@@ -149,7 +149,14 @@ class Uplink(threading.Thread):
                 attempt += 1
                 self._set_state(local, "down")
                 wait = min(BACKOFF_MAX, 0.2 * 2 ** min(attempt, 6)) * random.uniform(0.8, 1.2)  # noqa: S311 - jitter, not crypto
-                self._stopping.wait(wait)
+                # In slices, keeping the spool's oldest age current: it read null for the
+                # first ~10 s of an outage, and only moved every ~3 s after (exploratory
+                # test), since nothing looked while the uplink waited.
+                until = time.monotonic() + wait
+                while not self._stopping.wait(min(STATS_EVERY, max(0.0, until - time.monotonic()))):
+                    self._stats(db)
+                    if time.monotonic() >= until:
+                        break
         except Exception:  # a bug of ours must not go unnoticed: say so, the node carries on
             log.exception("uplink stopped by an internal error")
             self.state = "failed"
@@ -166,8 +173,10 @@ class Uplink(threading.Thread):
         ) as cloud:
             self.cloud_id = cloud.node_id
             consumer = None
-            if self.s.imports:
-                queue = f"uplink-{self.s.node_id}"
+            queue = f"uplink-{self.s.node_id}"
+            if not self.s.imports:
+                self._stop_capture(cloud, queue)
+            else:
                 cloud.queue("add", queue, patterns=list(self.s.imports))
                 consumer = cloud.consume(queue, max_inflight=BATCH)
                 cloud.subscribe(*self.s.imports, retained=False, callback=self._live(local))
@@ -185,7 +194,27 @@ class Uplink(threading.Thread):
                         cloud.flush(timeout=CHECK_TIMEOUT)
                         next_check = time.monotonic() + CHECK_EVERY
 
-    def _confirm(self, cloud: Client, local: Client) -> None:
+    def _stop_capture(self, cloud: Client, queue: str) -> None:
+        """With ``import`` taken out of the config, this edge's queue in the cloud stops
+        capturing: it went on filling for ever, with no consumer (exploratory test). What
+        waits there is kept, for the operator to drain or remove."""
+        try:
+            held = cloud.queue("info", queue)["queue"]
+        except InputError:
+            return  # no such queue: this edge never imported
+        if not held.get("patterns"):
+            return
+        cloud.queue("add", queue, patterns=[])
+        log.warning(
+            "uplink: import is off: queue %s on the cloud no longer captures %s; %d events "
+            "wait in it (`meshctl queue rm %s` there drops them)",
+            queue,
+            ", ".join(held["patterns"]),
+            held.get("depth", 0),
+            queue,
+        )
+
+    def _confirm(self, cloud: Client, local: Client, db: LogReader) -> None:
         """Wait for the cloud to store what was shipped (CONFIRM_WAIT in all, then the
         session ends). Silent for CHECK_TIMEOUT, it is 'down' meanwhile, 'up' again if the
         acknowledgements come: a cloud killed mid-batch showed 'up' for the whole wait,
@@ -193,6 +222,7 @@ class Uplink(threading.Thread):
         deadline = time.monotonic() + CONFIRM_WAIT
         silent = False
         while True:
+            self._stats(db)  # the spool's oldest grows while we wait: status shows it
             left = deadline - time.monotonic()
             waiting = cloud.unconfirmed
             try:
@@ -231,7 +261,7 @@ class Uplink(threading.Thread):
                 n += 1
         if n:
             try:
-                self._confirm(cloud, local)
+                self._confirm(cloud, local, db)
             except RemoteError as e:
                 if e.code == "store":
                     raise  # the cloud could not store them now: the session sends again

@@ -172,14 +172,14 @@ class Durable:
         stored: it is acknowledged again but not routed again)."""
         self._work = True
         raw = record[_ID]
+        if raw in self.seen:  # first: a resend of a stored event was "spool full" (and
+            self.duplicates += 1  # counted against it), for an event that was not lost
+            self.p.acks.setdefault(ident, []).append(raw.hex())
+            return False
         if self._spool_refuses(topic, record[8], len(record)):
             self.p.refused.setdefault(ident, []).append(raw.hex())
             return False
-        ack = self.p.acks.setdefault(ident, [])
-        ack.append(raw.hex())
-        if raw in self.seen:
-            self.duplicates += 1
-            return False
+        self.p.acks.setdefault(ident, []).append(raw.hex())
         self.seen[raw] = self.wall_ns()  # now: idle passes do not move any clock here
         self.p.dedupe.append(raw)
         self.stage(record, topic, route, local=True, admitted=True)

@@ -521,18 +521,42 @@ def _open_durable(config: NodeConfig, data_dir: Path) -> Durable | None:
     if not config.store:
         return None
     store = open_store(data_dir, sync=config.store_sync)
+    readers = _spool_readers(config, data_dir)
+    _cursors_past_the_log(readers, store.log_head())
     return Durable(
         store,
         DurableConfig(
             log_patterns=config.log_patterns,
             log_max_bytes=config.log_max_bytes,
             log_max_age=config.log_max_age,
-            spool_readers=_spool_readers(config, data_dir),
+            spool_readers=readers,
             spool_max_bytes=config.spool_max_bytes,
             spool_overflow=config.spool_overflow,
         ),
         time.time_ns,
     )
+
+
+def _cursors_past_the_log(readers: tuple[SpoolReader, ...], head: int) -> None:
+    """A cursor past the log's head belongs to another store: the old one was moved aside
+    (as the node advises when it cannot open it) or restored from a backup. Kept, the new
+    log's first N events counted as sent: every export was lost in silence (exploratory
+    test). The uplink starts the new log from its start (the cloud drops what it has), a
+    bridge from its end (a broker would take old events again)."""
+    for r in readers:
+        cursor = datadir.read_cursor(r.cursor_path)
+        if cursor is None or cursor <= head:
+            continue
+        new = 0 if r.from_start else head
+        datadir.write_cursor(r.cursor_path, new)
+        log.warning(
+            "%s: its cursor %d is past the store's log (head %d): the store was replaced; "
+            "it sends from %s",
+            r.name,
+            cursor,
+            head,
+            "the log's start" if new == 0 else f"the log's end ({new})",
+        )
 
 
 def _with_spool(status: dict[str, Any], readers: dict[str, dict[str, int]]) -> dict[str, Any]:

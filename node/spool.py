@@ -37,6 +37,7 @@ CALM_AFTER_FAILURE: Final = 5.0  # seconds before a rolled-back spool counts aga
 BUILD_CHUNK: Final = 50_000  # log entries indexed per step of a build (~70 ms)
 REPORT_EVERY: Final = 10.0  # seconds between two log lines about lost or refused events
 COMPACT_AT: Final = 4096  # index entries no longer live before the index is shortened
+SHOWN_FULL_FOR: Final = 2.0  # seconds a reader shows full after one of its events was refused
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,7 @@ class _Reader:
     dropped: int = 0  # deleted by drop-oldest before it sent them
     uncommitted: int = 0  # of those, by deletes the next commit makes (or a failure undoes)
     staged: int = 0  # bytes for it this pass accepted (overflow = refuse), not yet committed
+    refused_at: float = -1e9  # when an event it carries was last refused (monotonic)
 
 
 class Spool:
@@ -80,7 +82,6 @@ class Spool:
         self.refused = 0
         self._uncommitted = 0  # as _Reader.uncommitted, for the total
         self._staged = 0  # as _Reader.staged, for the total
-        self._refusing = 0  # readers whose events were refused since the last check
         self._dirty = False  # this pass deletes from the log: a rollback undoes the index
         self._calm_until = 0.0  # after a rollback of its deletes, the spool waits this long
         self._by_topic: dict[str, tuple[int, int]] = {}
@@ -174,7 +175,10 @@ class Spool:
         blamed = mask & self.full or (excess > 0 and mask & self._behind(excess))
         if blamed:
             self.refused += 1
-            self._refusing |= blamed
+            now = time.monotonic()
+            for r in self.readers:
+                if blamed & r.bit:
+                    r.refused_at = now
             return True
         self._staged += size
         for r in self.readers:
@@ -189,9 +193,11 @@ class Spool:
         (overflow = refuse) refuse new ones until the readers catch up."""
         if not self._sync(store):
             return
-        if self.refuse:  # full: over the bound, or refusing since the last check
-            self.full = self._behind(self.live_bytes - self.max_bytes) | self._refusing
-            self._refusing = 0
+        if self.refuse:
+            # Full: over the bound. Not "or refusing since the last check": each refusal
+            # because it was full kept it full, and a steady stream was refused for ever
+            # after the spool had drained (exploratory test).
+            self.full = self._behind(self.live_bytes - self.max_bytes)
         elif self.live_bytes > self.max_bytes:
             self._drop_oldest(store)
 
@@ -487,10 +493,16 @@ class Spool:
         """Each reader's entries and bytes still to send, by name."""
         return {r.spec.name: {"entries": r.entries, "bytes": r.bytes} for r in self.readers}
 
+    def _shown_full(self, r: _Reader, now: float) -> bool:
+        """Full as an operator means it: over the bound, or refusing its events lately
+        (refused ones never enter, so the bytes alone flipped between checks)."""
+        return bool(self.full & r.bit) or now - r.refused_at < SHOWN_FULL_FOR
+
     def status(self) -> dict[str, object]:
+        now = time.monotonic()
         return {
             "building": self.building,  # the counts below are not whole yet
-            "full": bool(self.full),
+            "full": any(self._shown_full(r, now) for r in self.readers),
             "dropped": self.dropped,
             "refused": self.refused,
             "max_bytes": self.max_bytes,
@@ -502,7 +514,7 @@ class Spool:
                     "entries": r.entries,
                     "bytes": r.bytes,
                     "dropped": r.dropped,
-                    "full": bool(self.full & r.bit),
+                    "full": self._shown_full(r, now),
                 }
                 for r in self.readers
             },

@@ -125,6 +125,56 @@ def test_a_cloud_that_stops_answering_mid_batch_shows_the_uplink_down(
     assert replay_all(cloud, "plant/>", 1) == ["waits"]
 
 
+def test_while_the_cloud_is_silent_the_spools_oldest_age_keeps_up(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Found in an exploratory test: the oldest age was looked up only between batches,
+    so it read null for the first ~10 s of an outage (the wait for acknowledgements, the
+    attempts to reconnect), and an alert on it missed them."""
+    port = free_tcp_port()
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=uplink_config(port))
+    wait_uplink(edge, "up")
+    os.kill(cloud.pid, signal.SIGSTOP)
+    try:
+        with connect(edge.ipc) as client:
+            for i in range(40):  # a stream of 4 s while the cloud is silent
+                client.publish("plant/a", str(i))
+                client.flush()
+                time.sleep(0.1)
+        age = uplink(edge)["spool"]["oldest_age_s"]
+        assert age is not None, "nothing said how old the spool is"
+        assert age > 1.5
+    finally:
+        os.kill(cloud.pid, signal.SIGCONT)
+
+
+def test_an_edge_restarted_without_imports_stops_its_cloud_queue_capturing(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Found in an exploratory test: with `import` taken out of the config, the edge's
+    queue in the cloud went on capturing commands for ever, with no consumer."""
+    port = free_tcp_port()
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=uplink_config(port))
+    wait_uplink(edge, "up")
+    edge.stop()
+    config = uplink_config(port).replace('import = ["cmd/plant/>"]', "import = []")
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    wait_uplink(edge, "up")
+    queue = f"uplink-{edge.node_id}"
+
+    def info() -> dict[str, Any]:
+        return run_cli("queue", "info", queue, "--json", server=cloud.ipc).json_lines()[0]
+
+    wait_for(lambda: info()["patterns"] == [], timeout=10, what="the queue to stop capturing")
+    with connect(cloud.ipc) as client:
+        client.publish("cmd/plant/x", "1", persistent=True)
+        client.confirm(5)
+    assert info()["depth"] == 0
+    assert "no longer captures cmd/plant/>" in edge.log_text()
+
+
 def test_the_edges_own_exports_coming_back_are_not_counted_as_received(
     make_node: NodeFactory, short_tmp: Path
 ) -> None:
@@ -192,6 +242,35 @@ def test_an_edge_killed_while_spooling_sends_everything_after_restart(
     cloud = start_cloud(make_node, short_tmp / "cloud", port)
     wait_uplink(edge, "up")
     assert replay_all(cloud, "plant/>", total) == [str(i) for i in range(total)]
+
+
+def test_an_edge_whose_store_was_moved_aside_sends_its_new_events(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Found in an exploratory test: with store.db moved aside (as the node advises when
+    it cannot open it), the uplink's cursor still said 300, so the new log's first 300
+    events counted as sent: the cloud got none of them, and nothing said so."""
+    port = free_tcp_port()
+    config = uplink_config(port)
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    wait_uplink(edge, "up")
+    with connect(edge.ipc) as client:
+        for i in range(300):
+            client.publish("plant/old", str(i), persistent=True)
+        client.confirm(timeout=10)
+    wait_for(lambda: uplink(edge)["cursor"] >= 300, timeout=15, what="all sent")
+    edge.stop()
+    for f in (short_tmp / "edge").glob("store.db*"):
+        f.rename(f.with_name(f.name + ".aside"))
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
+    wait_uplink(edge, "up")
+    assert "cursor 300 is past the store's log (head 0)" in edge.log_text()
+    with connect(edge.ipc) as client:
+        for i in range(100):
+            client.publish("plant/new", str(i), persistent=True)
+        client.confirm(timeout=10)
+    assert replay_all(cloud, "plant/new", 100) == [str(i) for i in range(100)]
 
 
 def test_commands_from_the_cloud_wait_for_an_edge_that_is_away(

@@ -22,10 +22,12 @@ from node.codec import (
     encode_control,
     encode_record,
 )
+from node.datadir import write_cursor
 from node.durable import Durable, DurableConfig
 from node.events import Event
 from node.queues import Queues
 from node.router import Router
+from node.spool import SpoolReader
 from node.store import StoreError, open_store
 from tests.unit.test_router import A, B, controls, deliveries, hello, make_router, take
 
@@ -1140,3 +1142,28 @@ def test_a_long_queue_name_from_an_older_store_can_still_be_updated(tmp_path: Pa
     qs.add(name, ["a/>", "b/>"], ack_wait=30.0, max_deliver=5, now_wall=2.0)
     assert qs.by_name[name].patterns == ("a/>", "b/>")
     store.close()
+
+
+def test_a_resend_of_a_stored_event_is_acknowledged_even_with_the_spool_full(
+    tmp_path: Path,
+) -> None:
+    """Found in an exploratory test: the spool was asked before the dedupe record, so a
+    publisher's resend of an event already stored (after a reconnect) was told "spool
+    full": it took the event for lost, though it was stored and reached the cloud."""
+    uplink = SpoolReader("uplink", tmp_path / "uplink.cursor", ("t",), persistent_only=False)
+    write_cursor(uplink.cursor_path, 0)
+    r, d = durable_router(
+        tmp_path, spool_readers=(uplink,), spool_max_bytes=400, spool_overflow="refuse"
+    )
+    hello(r, A)
+    stored = rec("t", b"x" * 300, seq=1)
+    pub(r, A, stored)
+    r.end_pass(0.0)
+    assert controls(take(r), A) == [(Kind.PACK, {"ids": ids(1)})]
+    pub(r, A, rec("t", b"y" * 300, seq=2), stored)  # over the bound, then the resend
+    r.end_pass(0.0)
+    answers = controls(take(r), A)
+    assert (Kind.PACK, {"ids": ids(1)}) in answers
+    refused = [body["ids"] for kind, body in answers if kind == Kind.ERR]
+    assert refused == [ids(1, 2)]
+    assert d.duplicates == 1

@@ -260,6 +260,32 @@ def test_a_full_spool_refuses_until_its_reader_catches_up(tmp_path: Path) -> Non
     store.close()
 
 
+def test_refusals_of_a_steady_stream_do_not_keep_a_drained_spool_full(tmp_path: Path) -> None:
+    """Found in an exploratory test: "full" was "over the bound, or refused since the
+    last check", and each refusal because it was full kept it full: a steady stream was
+    refused for ever after the cloud came back and the spool drained. The status still
+    says full while refusals are recent (refused events never enter, so the bytes alone
+    flipped between checks)."""
+    spec = readers(tmp_path)[:1]
+    write_cursor(spec[0].cursor_path, 0)
+    store = open_store(tmp_path)
+    spool = Spool(spec, 1000, refuse=True)
+    store.log_append([row("a/x", False, 300, 1) for _ in range(4)])
+    store.commit()
+    spool.check(store)
+    assert spool.refuses("a/x", 0, 300)
+    assert spool.status()["full"]
+    write_cursor(spec[0].cursor_path, 4)  # the cloud took everything
+    for _ in range(3):  # an event refused between each two checks, as the stream came
+        spool.check(store)
+        assert not spool.refuses("a/x", 0, 300), "drained, yet refused"
+        spool._unstage()
+    assert spool.readers[0].entries == 0
+    spool.readers[0].refused_at -= spool_module.SHOWN_FULL_FOR
+    assert not spool.status()["full"]
+    store.close()
+
+
 def test_a_reader_that_starts_later_holds_the_history_it_will_send(tmp_path: Path) -> None:
     """An uplink configured on a node with history starts at 0 and sends it: the log's
     trim must not take that history while the cloud is away (found in review), not even
