@@ -18,6 +18,7 @@ from node import queue_admin, views
 from node.codec import (
     F_ERROR,
     F_PERSISTENT,
+    F_REPLICA,
     F_REQUEST,
     MAX_CLIENT_NAME,
     NO_RESPONDERS_FOR,
@@ -465,6 +466,13 @@ class Router(MeshSide, DurableSide):
                     )
                     continue
                 if acl is not None and self._acl_refuses(ident, acl, topic, frame, t0, flags):
+                    continue
+                if flags & F_REPLICA:
+                    # Node to node only: a client's went to local subscribers, yet no
+                    # other node delivered it, and each kept it as a retained value.
+                    self._refuse(
+                        ident, frame[t0 - 16 : t0], flags, "flag 0x20 is the mesh's own", "input"
+                    )
                     continue
                 if hlen and not headers_ok(frame[t0 + tlen : t0 + tlen + hlen]):
                     # Passed on, it made each subscriber's client drop the whole delivery

@@ -379,6 +379,20 @@ def test_several_records_per_frame_keep_order() -> None:
     assert r.clients[B].events_in == 10
 
 
+def test_a_client_may_not_set_the_mesh_replica_flag() -> None:
+    """Found in an exploratory test: a client's event with F_REPLICA (0x20, node to node:
+    a retained value to keep, not to deliver) reached local subscribers, while every
+    other node kept it as a retained value and delivered nothing."""
+    r = connected(A, B)
+    sub_ok(r, A, 1, ">")
+    publish(r, B, record("t/1", b"bad", flags=0x20), record("t/2", b"good"))
+    out = take(r)
+    assert [ev.data for _, ev in deliveries(out, A)] == [b"good"]
+    ((kind, body),) = controls(out, B)
+    assert (kind, body["code"]) == (Kind.ERR, "input")
+    assert "0x20" in body["error"]
+
+
 def test_one_delivery_per_subscription_id() -> None:
     r = connected(A, B)
     sub_ok(r, A, 1, "a/>")
