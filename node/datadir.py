@@ -35,14 +35,26 @@ def resolve_data_dir(configured: str) -> Path:
     return Path(configured).expanduser() if configured else default_data_dir()
 
 
-def prepare(data_dir: Path) -> None:
-    """Create the data dir, private to its owner (the ipc socket inherits that protection)."""
+def prepare(data_dir: Path) -> str | None:
+    """Create the data dir, private to its owner (the ipc socket inherits that protection).
+
+    One that exists with looser modes is made private too, and the returned note says so:
+    its store.db (event payloads) and node.log were readable by every local user
+    (exploratory test)."""
     try:
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as e:
         raise ConfigError(str(data_dir), "node.data_dir", f"cannot create: {e.strerror}") from None
     if not os.access(data_dir, os.W_OK):
         raise ConfigError(str(data_dir), "node.data_dir", "not writable")
+    st = data_dir.stat()
+    if st.st_mode & 0o077 and st.st_uid == os.getuid():
+        try:
+            data_dir.chmod(0o700)
+        except OSError:
+            return None
+        return f"made {data_dir} private (it was {st.st_mode & 0o777:04o}; now 0700)"
+    return None
 
 
 def ipc_endpoint(data_dir: Path) -> str:

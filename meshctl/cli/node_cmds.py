@@ -153,7 +153,8 @@ def up(
             raise ConfigError(str(config or "config"), "uplink.creds", str(e)) from None
     mqtt_tls, bridge_tls = _tls_contexts(cfg, config)
     where = datadir.resolve_data_dir(cfg.data_dir)
-    datadir.prepare(where)
+    if (tightened := datadir.prepare(where)) is not None:
+        note(tightened)
     if cfg.ipc:
         datadir.ipc_endpoint(where)  # fail now, in the foreground, if the path is too long
     running = datadir.read_pid(where)

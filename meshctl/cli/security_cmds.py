@@ -30,7 +30,8 @@ def data_dir_of(config: Path | None, data_dir: Path | None) -> Path:
 
     cfg = effective_config(config, data_dir=None if data_dir is None else str(data_dir))
     where = datadir.resolve_data_dir(cfg.data_dir)
-    datadir.prepare(where)
+    if (tightened := datadir.prepare(where)) is not None:
+        note(tightened)
     return where
 
 

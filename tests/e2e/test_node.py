@@ -454,3 +454,16 @@ def test_two_nodes_in_one_test_get_their_own_data_dirs(make_node: NodeFactory) -
     first, second = make_node(name="one"), make_node(name="two")
     assert first.data_dir != second.data_dir
     assert first.node_id != second.node_id
+
+
+def test_an_existing_data_dir_is_made_private(tmp_path: Path) -> None:
+    """Found in an exploratory test: a data dir made beforehand with mode 0755 stayed so,
+    and its store.db (event payloads) and node.log were readable by every local user."""
+    where = tmp_path / "pre"
+    where.mkdir(mode=0o755)
+    where.chmod(0o755)
+    done = run_cli("init", "--mesh", "plant", "--name", "a", "--data-dir", str(where))
+    assert done.returncode == 0, done.describe()
+    assert where.stat().st_mode & 0o777 == 0o700
+    assert "made" in done.stderr
+    assert "private (it was 0755" in done.stderr
