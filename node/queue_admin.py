@@ -32,19 +32,23 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
     op = body.get("op")
     now_ns = router.wall_ns()
     try:
-        if op == "ls":
-            infos = [queues.info(q, now_ns) for _n, q in sorted(queues.by_name.items())]
+        acl = router.acl.get(ident)
+        if op == "ls":  # a client with rules sees the queues it may read, as NATS accounts
+            infos = [
+                queues.info(q, now_ns)
+                for _n, q in sorted(queues.by_name.items())
+                if acl is None or read_refused(acl, queues.readable_as(q)) is None
+            ]
             return Kind.OK, {"ref": ref, "queues": infos}
         name = body.get("name")
-        acl = router.acl.get(ident)
-        if acl is not None and op in ("add", "rm", "purge"):
+        if acl is not None and op in ("add", "rm", "purge", "info"):
             # A client administers only queues whose events it could read anyway: the ones
             # it holds (a dead-letter queue: its queue's), and for add the new patterns
             # too. Checking only the new ones let a client re-point a queue it was denied
             # and consume what it held (exploratory test).
             old = queues.by_name.get(str(name))
             held = () if old is None else queues.readable_as(old)
-            wanted = body.get("patterns") if op == "add" else []
+            wanted = body.get("patterns") if op == "add" else []  # info: as rm, what it holds
             wanted = [p for p in wanted if isinstance(p, str)] if isinstance(wanted, list) else []
             why = read_refused(acl, None if held is None else [*held, *wanted])
             if why is not None:

@@ -218,6 +218,13 @@ class Router(MeshSide, DurableSide):
         elif kind == Kind.UNSUB:
             self._unsubscribe(client, ref, body)
         elif kind == Kind.STATUS:
+            if ident in self.acl:
+                # The views name every client, queue, topic and path of the node: a client
+                # held to some topics read them all (exploratory test).
+                self.counters.dropped["permission"] += 1
+                why = "permission denied: the node's views need credentials without rules"
+                self._error(ident, ref, why, "permission")
+                return
             self._send_control(ident, Kind.OK, {"ref": ref, "status": self.view(body, now)})
         elif kind == Kind.BYE:
             self.drop_client(ident, "said bye", now)
