@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
 from meshctl.cli.options import JsonOpt, ServerOpt, TimeoutOpt
-from meshctl.cli.output import dumps, out_console
+from meshctl.cli.output import dumps, escaped, out_console
 from meshctl.client import connect
 from node.topics import validate_topic
 
@@ -26,6 +27,7 @@ def peers(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt
         for row in rows:
             print(dumps(row))
         return
+    rows = escaped(rows)
     t = Table("peer", "id", "address", "found", "state", "rtt", "age / retry", box=None)
     for r in rows:
         rtt = "" if r.get("rtt_ms") is None else f"{r['rtt_ms']:.2f} ms"
@@ -50,6 +52,7 @@ def mesh(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt 
     if json_out:
         print(dumps(view))
         return
+    view = escaped(view)
     nodes = {n["id"]: n for n in view["nodes"]}
     me = next(n for n in view["nodes"] if n["self"])
     tree = Tree(f"[bold]{me['name']}[/] [dim]{me['id']} (this node)[/]")
@@ -93,8 +96,9 @@ def routes(
     if json_out:
         print(dumps(view))
         return
+    view = escaped(view)
     out = out_console()
-    out.print(f"[bold]{topic}[/]")
+    out.print(f"[bold]{escape(topic)}[/]")
     if not view["local"] and not view["remote"]:
         out.print(
             "  no subscriber anywhere in the mesh: events are dropped, requests get 'no responders'"

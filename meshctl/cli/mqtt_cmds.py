@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from meshctl.cli.options import ConfigOpt, DataDirOpt, JsonOpt
@@ -116,5 +117,5 @@ def users_cmd(
     for u in sorted(users.values(), key=lambda u: u.name):
         p = u.perms
         rules = (p.pub_allow, p.pub_deny, p.sub_allow, p.sub_deny)
-        table.add_row(u.name, *(", ".join(r) or "-" for r in rules))
+        table.add_row(escape(u.name), *(escape(", ".join(r)) or "-" for r in rules))
     out_console().print(table)

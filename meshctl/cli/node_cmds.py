@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meshctl.cli.options import ConfigOpt, DataDirOpt, JsonOpt, ServerOpt, TimeoutOpt
-from meshctl.cli.output import dumps, note, out_console
+from meshctl.cli.output import dumps, escaped, note, out_console
 from meshctl.client import connect
 from meshctl.errors import OperationalError
 from node import datadir
@@ -318,7 +318,7 @@ def status(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOp
     if json_out:
         print(dumps(info))
         return
-    _render_status(info)
+    _render_status(escaped(info))
 
 
 def _render_status(s: dict[str, Any]) -> None:

@@ -70,6 +70,19 @@ def event_json(event: Event) -> dict[str, Any]:
     return out
 
 
+def escaped(obj: Any) -> Any:
+    """``obj`` with every string escaped for rich markup. What a node reports holds names
+    and topics that clients chose: "x/[/]" ended `meshctl status` in a MarkupError for
+    every operator, and "[bold]" in a topic vanished (exploratory test)."""
+    if isinstance(obj, str):
+        return escape(obj)
+    if isinstance(obj, dict):
+        return {k: escaped(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [escaped(v) for v in obj]
+    return obj
+
+
 def preview(data: bytes, width: int = 60) -> str:
     """A one-line printable preview of a payload."""
     text = data[: width * 4].decode("utf-8", "replace")

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from meshctl.cli.options import JsonOpt, ServerOpt, TimeoutOpt, duration
-from meshctl.cli.output import dumps, note, out_console
+from meshctl.cli.output import dumps, escaped, note, out_console
 from meshctl.client import connect
 
 queue_app = typer.Typer(
@@ -80,6 +80,7 @@ def queue_ls(
         for row in rows:
             print(dumps(row))
         return
+    rows = escaped(rows)
     t = Table("queue", "patterns", "depth", "bytes", "oldest", "consumers", "redelivered", box=None)
     for r in rows:
         oldest = "" if r["oldest_age_s"] is None else f"{r['oldest_age_s']:.1f}s"

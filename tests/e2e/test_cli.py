@@ -252,6 +252,28 @@ def test_status_of_a_node_with_thousands_of_patterns(node: NodeProcess) -> None:
         assert "... and 2000 more patterns" in text.stdout
 
 
+def test_names_and_topics_that_look_like_markup_are_shown_as_they_are(
+    node: NodeProcess,
+) -> None:
+    """Found in an exploratory test: one client subscribed to "x/[/]" (a valid topic)
+    ended `meshctl status` with a MarkupError for every operator; `routes` ate
+    "[bold]" out of a topic, and `queue ls` did the same with a queue's patterns."""
+    from meshctl import connect
+
+    with connect(node.ipc, name="[red]app", timeout=5) as c:
+        c.subscribe("x/[/]", retained=False)
+        c.queue("add", "q", patterns=["y/[bold]z"])
+        status = run_cli("status", server=node.ipc)
+        assert status.returncode == 0, status.describe()
+        assert "x/[/]" in status.stdout
+        assert "[red]app" in status.stdout
+        routes = run_cli("routes", "y/[bold]z", server=node.ipc)
+        assert routes.returncode == 0, routes.describe()
+        assert "y/[bold]z" in routes.stdout
+        queues = run_cli("queue", "ls", server=node.ipc)
+        assert "y/[bold]z" in queues.stdout, queues.describe()
+
+
 def test_status_json_fields(node: NodeProcess) -> None:
     result = run_cli("status", "--json", server=node.tcp)
     assert result.returncode == 0, result.describe()
