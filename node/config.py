@@ -121,8 +121,11 @@ def _str(v: object) -> str:
 
 def _name(v: object) -> str:
     s = _str(v)
-    if s and (len(s) > 63 or any(c in s for c in "/*> \t\n")):
-        raise ValueError(f"{s!r} must be at most 63 characters without '/', '*', '>' or spaces")
+    if s and (len(s) > 63 or any(c in s for c in "/*> ") or not s.isprintable()):
+        raise ValueError(
+            f"{s!r} must be at most 63 characters without '/', '*', '>', spaces or control "
+            "characters"
+        )
     return s
 
 

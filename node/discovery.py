@@ -77,6 +77,15 @@ def choose_addresses(wanted: tuple[str, ...], listen: str = "0.0.0.0") -> list[s
     return sorted(str(ip) for ip in all_v4 if not str(ip).startswith("127."))
 
 
+def instance_label(name: str) -> str:
+    """The node's name as the start of its mDNS instance label, which DNS holds to 63
+    bytes without control characters (with "-" and 8 hex digits of the id after it): a
+    name of 55-63 characters, or a long host name as the default, ended `meshctl up` in
+    zeroconf's BadTypeInNameException (exploratory test)."""
+    clean = "".join(ch for ch in name if ch.isprintable()) or "node"
+    return clean.encode()[:54].decode(errors="ignore")
+
+
 class Discovery:
     """The zeroconf actor: ``start()`` it, poll ``pipe``, ``stop()`` joins the thread."""
 
@@ -96,7 +105,7 @@ class Discovery:
         self.addresses = addresses
         self.info = ServiceInfo(
             SERVICE_TYPE,
-            f"{name}-{node_id[:8]}.{SERVICE_TYPE}",
+            f"{instance_label(name)}-{node_id[:8]}.{SERVICE_TYPE}",
             port=port,
             properties={"mesh": mesh, "id": node_id, "proto": str(proto), "name": name, "pk": pk},
             server=f"meshctl-{node_id}.local.",
