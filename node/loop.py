@@ -87,6 +87,7 @@ class Node(SecureSide, DiscoverySide):
         self.ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.endpoints: list[str] = []
+        self._ipc_path: Path | None = None  # the ipc socket's file, removed at close
         self.started_wall = time.time()
         self.started = time.monotonic()
         self._stop = False
@@ -154,6 +155,7 @@ class Node(SecureSide, DiscoverySide):
             Path(ipc[len("ipc://") :]).unlink(missing_ok=True)  # stale file of a dead node
             s.bind(ipc)
             Path(ipc[len("ipc://") :]).chmod(0o600)
+            self._ipc_path = Path(ipc[len("ipc://") :])
         # In-process actors (bridges) connect here; inproc needs this node's context.
         self.inproc = f"inproc://meshctl-{self.identity.node_id}"
         s.bind(self.inproc)
@@ -510,6 +512,11 @@ class Node(SecureSide, DiscoverySide):
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
             self.sock.close(linger=0)
+        if self._ipc_path is not None:
+            # Left behind, it named a node that was gone: local commands chose it over
+            # the TCP port and said "cannot reach a node" (exploratory test).
+            self._ipc_path.unlink(missing_ok=True)
+            self._ipc_path = None
         if self.security is not None:
             self.security.stop()
         self.ctx.term()

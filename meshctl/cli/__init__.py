@@ -112,7 +112,8 @@ _NO_ARGS = _click_class("NoArgsIsHelpError")
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    if _debug or os.environ.get("MESHCTL_DEBUG"):
+    # Not just any value: MESHCTL_DEBUG=0 (or false, no) printed tracebacks too.
+    if _debug or os.environ.get("MESHCTL_DEBUG", "").strip().lower() in ("1", "true", "yes", "on"):
         traceback.print_exc()
     err_console.print(f"[red]error:[/] {message}", markup=True, highlight=False)
     sys.stdout.flush()

@@ -296,7 +296,10 @@ def down(
     pid = datadir.read_pid(where)
     if pid is None:
         raise OperationalError(f"no node is running in {where}")
-    os.kill(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:  # another user's node: it ended in an internal error
+        raise OperationalError(f"not allowed to stop the node in {where} (pid {pid})") from None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Final
 
 import typer
 
@@ -61,6 +61,10 @@ def init(
     )
 
 
+MAX_TTL: Final = 30 * 86400.0  # a join token is short-lived: 99999999h was accepted
+MAX_DAYS: Final = 100 * 365.0  # client credentials
+
+
 def invite(
     url: Annotated[
         str | None,
@@ -104,11 +108,21 @@ def invite(
     where = data_dir_of(config, data_dir)
     # Found in review: --ttl 0 and --days -1 issued what could never be used, and an
     # http:// URL went into the token, failing only at `up --join` with a ZeroMQ error.
-    if not ttl > 0:
-        raise InputError("--ttl must be positive, e.g. 10m")
-    if not days > 0:
-        raise InputError("--days must be positive")
+    if not 0 < ttl <= MAX_TTL:
+        raise InputError(
+            f"--ttl must be positive and at most {MAX_TTL // 86400:.0f} days, e.g. 10m"
+        )
+    if not 0 < days <= MAX_DAYS:  # inf ended in an OverflowError (exploratory test)
+        raise InputError(f"--days must be from more than 0 to {MAX_DAYS:.0f}")
+    perms_given = pub_allow or pub_deny or sub_allow or sub_deny
+    if client is None and perms_given:  # were ignored without a word
+        raise InputError("--pub-allow/--pub-deny/--sub-allow/--sub-deny go with --client")
     if client is not None:
+        if not client or len(client) > 63 or not client.isprintable() or " " in client:
+            # '' and ' a b ' were issued, and `revoke ''` said "revoked client  ()".
+            raise InputError(
+                f"--client {client!r}: 1-63 characters, no spaces or control characters"
+            )
         _client_creds(where, client, pub_allow, pub_deny, sub_allow, sub_deny, days, output)
         return
     if url is not None:

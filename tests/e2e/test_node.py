@@ -467,3 +467,38 @@ def test_an_existing_data_dir_is_made_private(tmp_path: Path) -> None:
     assert where.stat().st_mode & 0o777 == 0o700
     assert "made" in done.stderr
     assert "private (it was 0755" in done.stderr
+
+
+def test_a_stopped_node_leaves_no_socket_that_local_commands_would_pick(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Found in an exploratory test: node.sock stayed after `down` (and after a failed
+    start), and commands without -s chose it over the TCP port: "cannot reach a node"."""
+    node = make_node(data_dir=short_tmp / "node")
+    sock = short_tmp / "node" / "node.sock"
+    assert sock.exists()
+    node.stop()
+    assert not sock.exists()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        port = str(busy.getsockname()[1])
+        failed = run_cli(
+            "up", "--insecure", "--no-discovery", "--listen", "127.0.0.1", "--port", port,
+            "--data-dir", str(short_tmp / "node"),
+        )  # fmt: skip
+        assert failed.returncode == 1, failed.describe()
+    finally:
+        busy.close()
+    assert not sock.exists()
+
+
+def test_meshctl_debug_set_to_no_shows_no_traceback() -> None:
+    """MESHCTL_DEBUG=0 (or false, no) printed a traceback with every error."""
+    for value in ("0", "false", "no"):
+        done = run_cli(
+            "status", "-s", "tcp://127.0.0.1:1", "-t", "0.2", env={"MESHCTL_DEBUG": value}
+        )
+        assert done.returncode == 1, done.describe()
+        assert "Traceback" not in done.stderr, done.describe()

@@ -510,8 +510,14 @@ def test_invite_refuses_what_could_never_be_used(make_node: NodeFactory, tmp_pat
     for args, code, words in (
         (("--url", "http://x"), 2, "tcp://host:port"),
         (("--ttl", "0"), 2, "--ttl must be positive"),
-        (("--client", "c", "--days", "-1"), 2, "--days must be positive"),
+        (("--client", "c", "--days", "-1"), 2, "--days must be from more than 0"),
         (("--client", "c", "-o", str(tmp_path / "no" / "such" / "x.creds")), 1, "cannot write"),
+        # Found in an exploratory test: each of these was an internal error or was issued.
+        (("--client", "c", "--days", "inf"), 2, "--days must be from more than 0"),
+        (("--ttl", "99999999h"), 2, "at most 30 days"),
+        (("--client", ""), 2, "1-63 characters"),
+        (("--client", " a b "), 2, "no spaces"),
+        (("--pub-allow", "x/>"), 2, "go with --client"),
     ):
         done = run_cli("invite", *where, *args)
         assert done.returncode == code, done.describe()
