@@ -31,6 +31,10 @@ def resolve_server(url: str | None) -> str:
     text = (url or os.environ.get("MESHCTL_SERVER") or "").strip()
     if not text:
         return default_server()
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # bytes that are not UTF-8 (argv keeps them as surrogates)
+        raise InputError(f"server {text!r} is not valid UTF-8") from None
     if text.startswith("ipc://"):
         if len(text) <= len("ipc://"):
             raise InputError(f"server {text!r}: ipc:// needs a socket path")
@@ -43,7 +47,7 @@ def resolve_server(url: str | None) -> str:
         # A bare name that is a node's data dir here (it holds a node socket): "-s edge"
         # after "meshctl up --data-dir edge" meant it, not a host called edge (session 9);
         # any directory named like a host (review: ./localhost) stays a host.
-        if text.startswith(("/", ".", "~")) or (":" not in text and Path(text, IPC_FILE).exists()):
+        if text.startswith(("/", ".", "~")) or (":" not in text and _holds_socket(text)):
             try:
                 path = Path(text).expanduser()
             except RuntimeError as e:  # ~user that does not exist
@@ -59,3 +63,12 @@ def resolve_server(url: str | None) -> str:
     if not 0 < port < 65536:
         raise InputError(f"server {text!r}: port {port} is outside 1-65535")
     return f"tcp://{m.group('host')}:{port}"
+
+
+def _holds_socket(text: str) -> bool:
+    """Whether ``text`` names a directory with a node socket (a name too long for a path
+    is none: it ended in "internal error: File name too long")."""
+    try:
+        return Path(text, IPC_FILE).exists()
+    except (OSError, ValueError):
+        return False

@@ -31,8 +31,16 @@ def default_data_dir() -> Path:
 
 
 def resolve_data_dir(configured: str) -> Path:
-    """The configured data dir, or the default when the config leaves it empty."""
-    return Path(configured).expanduser() if configured else default_data_dir()
+    """The configured data dir, or the default when the config leaves it empty; a path
+    that is not UTF-8 is refused (its files were made, then the node failed)."""
+    path = Path(configured).expanduser() if configured else default_data_dir()
+    try:
+        str(path).encode()
+    except UnicodeEncodeError:
+        raise ConfigError(
+            str(path).encode(errors="replace").decode(), "node.data_dir", "not valid UTF-8"
+        ) from None
+    return path
 
 
 def prepare(data_dir: Path) -> str | None:

@@ -83,8 +83,12 @@ def curve_keys(data_dir: Path) -> tuple[bytes, bytes]:
         mode = secret.stat().st_mode & 0o077
         if mode:
             secret.chmod(0o600)  # tighten a copied file rather than serve with it readable
-    public, private = zmq.auth.load_certificate(secret)
-    assert private is not None
+    try:
+        public, private = zmq.auth.load_certificate(secret)
+    except (OSError, ValueError) as e:  # an empty file ended `up` in an internal error
+        raise ConfigError(str(secret), "", f"unreadable: {e}") from None
+    if private is None:
+        raise ConfigError(str(secret), "", "holds no secret key")
     return public, private
 
 
@@ -112,14 +116,21 @@ def load_credentials(data_dir: Path) -> Credentials | None:
         return None
     public, private = curve_keys(data_dir)
     signing = data_dir / SIGNING_FILE
-    return Credentials(
-        mesh=str(mesh["mesh"]),
-        mesh_pk=bytes.fromhex(mesh["mesh_pk"]),
-        public=public,
-        secret=private,
-        member=member,
-        signing_key=bytes.fromhex(signing.read_text().strip()) if signing.exists() else None,
-    )
+    # Files of another shape name themselves: member.json = {} ended `up` in "internal
+    # error: KeyError: 'rec'" after the node had said it was listening (exploratory test).
+    if not isinstance(member, dict) or not isinstance(member.get("rec"), dict):
+        raise ConfigError(str(data_dir / MEMBER_FILE), "", "not a signed membership record")
+    try:
+        return Credentials(
+            mesh=str(mesh["mesh"]),
+            mesh_pk=bytes.fromhex(mesh["mesh_pk"]),
+            public=public,
+            secret=private,
+            member=member,
+            signing_key=bytes.fromhex(signing.read_text().strip()) if signing.exists() else None,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(str(data_dir), "", f"mesh.json or {SIGNING_FILE}: {e!r}") from None
 
 
 def init_mesh(data_dir: Path, *, mesh: str, node_id: str, name: str, now: float) -> Credentials:

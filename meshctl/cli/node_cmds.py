@@ -259,7 +259,11 @@ def _detach(where: Path) -> None:
     """Re-run this command without --detach as a session leader logging to the data dir."""
     argv = [a for a in sys.argv[1:] if a != "--detach"]
     log_path = where / datadir.LOG_FILE
-    with log_path.open("ab") as logf:
+    try:
+        logf = log_path.open("ab")
+    except OSError as e:  # a directory in its place was an internal error
+        raise OperationalError(f"cannot open the node's log {log_path}: {e.strerror}") from None
+    with logf:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
             [sys.executable, "-m", "meshctl", *argv],
             stdin=subprocess.DEVNULL,

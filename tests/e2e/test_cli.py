@@ -358,3 +358,33 @@ def test_a_table_cut_short_by_head_is_not_an_error() -> None:
         env=cli_env(),
     )  # fmt: skip
     assert (done.returncode, done.stdout) == (0, "line 0\n"), done.stderr
+
+
+def test_odd_input_is_a_one_line_error_not_an_internal_one(tmp_path: Path) -> None:
+    """Found in an exploratory test: each of these ended in "internal error: ..." (an
+    OSError, a UnicodeEncodeError, a KeyError from member.json, an empty key file)."""
+    where = tmp_path / "n"
+    assert run_cli("init", "--mesh", "m", "--name", "n", "--data-dir", str(where)).returncode == 0
+    broken = tmp_path / "broken"
+    broken.mkdir(mode=0o700)
+    for f in where.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "member.json").write_text("{}")
+    empty_key = tmp_path / "empty-key"
+    empty_key.mkdir(mode=0o700)
+    for f in where.iterdir():
+        (empty_key / f.name).write_bytes(f.read_bytes())
+    (empty_key / "curve.key_secret").write_text("")
+    up = ("up", "--no-discovery", "--listen", "127.0.0.1", "--port", "0", "--data-dir")
+    for args, words in (
+        (("status", "-s", "a" * 5000, "-t", "0.2"), "cannot reach a node"),
+        (("status", "-s", "ipc://\udcff"), "not valid UTF-8"),
+        ((*up, str(broken)), "not a signed membership record"),
+        ((*up, str(empty_key)), "curve.key_secret: unreadable"),
+        ((*up, str(tmp_path / "x\udcff"), "--insecure"), "not valid UTF-8"),
+    ):
+        done = run_cli(*args)
+        assert done.returncode != 0, done.describe()
+        assert len(done.err_lines) == 1, done.describe()
+        assert words in done.stderr, done.describe()
+        assert "internal error" not in done.stderr, done.describe()
