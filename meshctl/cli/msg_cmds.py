@@ -12,7 +12,15 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from meshctl.cli.options import HeaderOpt, JsonOpt, ServerOpt, TimeoutOpt, duration, parse_headers
+from meshctl.cli.options import (
+    HeaderOpt,
+    JsonOpt,
+    ServerOpt,
+    TimeoutOpt,
+    duration,
+    parse_headers,
+    positive_duration,
+)
 from meshctl.cli.output import dumps, event_json, iso_time, note, out_console, preview, write_line
 from meshctl.client import Client, connect
 from meshctl.errors import InputError, OperationalError, PayloadTooLarge, RemoteError, Timeout
@@ -210,7 +218,7 @@ def sub(
         typer.Option(
             "--timeout",
             "-t",
-            parser=duration,
+            parser=positive_duration,  # 0 was taken, and "no event within 0s" followed
             metavar="DURATION",
             show_default=False,
             help="Exit 1 if no (further) event arrives within this time.",
@@ -264,7 +272,8 @@ def sub(
         raise InputError("--queue takes no patterns, --group, --since or --from-seq")
     if ack and queue is None:
         raise InputError("--ack needs --queue NAME")
-    with connect(server, name="meshctl sub", timeout=timeout or 2.0) as client:
+    # The wait for events is not the wait for the node: -t 0.0001 said "cannot reach".
+    with connect(server, name="meshctl sub", timeout=max(timeout or 2.0, 2.0)) as client:
         if queue is not None:
             # A consumer that stops after N takes no more than N: the rest stay for others.
             subscription = client.consume(queue, max_inflight=min(count or 256, 256))
@@ -392,7 +401,7 @@ def reply(
         float,
         typer.Option(
             "--command-timeout",
-            parser=duration,
+            parser=positive_duration,
             metavar="DURATION",
             help="Limit for one run of CMD.",
         ),

@@ -156,3 +156,15 @@ def test_a_zero_timeout_is_a_usage_error(node: NodeProcess) -> None:
     # and one past libzmq's int milliseconds ended in "internal error: OverflowError"
     long = run_cli("status", "-t", "1000h", server=node.ipc)
     assert long.returncode == 0, long.describe()
+    # sub and reply took 0 too (exploratory test); and sub's wait for events was its wait
+    # for the node: -t 0.0001 said "cannot reach a node".
+    for args in (
+        ("sub", "x", "-t", "0"),
+        ("reply", "x", "--command", "true", "--command-timeout", "0"),
+    ):
+        zero = run_cli(*args, server=node.ipc)
+        assert zero.returncode == 2, zero.describe()
+        assert "must be above zero" in zero.stderr
+    short = run_cli("sub", "x", "-t", "0.0001", server=node.ipc)
+    assert short.returncode == 1, short.describe()
+    assert "no event within" in short.stderr, short.describe()
