@@ -85,5 +85,20 @@ def parse_headers(items: list[str] | None) -> dict[str, str]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise typer.BadParameter(f"header {item!r} is not KEY=VALUE", param_hint="--header")
-        out[key.strip()] = value
+        key = key.strip()
+        # Found in an exploratory test: a newline went into a name, bytes that are not
+        # UTF-8 got a raw codec message, and a second -H of one name won without a word.
+        try:
+            item.encode()
+        except UnicodeEncodeError:
+            raise typer.BadParameter(
+                f"header {item!r} is not valid UTF-8", param_hint="--header"
+            ) from None
+        if not key.isprintable():
+            raise typer.BadParameter(
+                f"header name {key!r} has control characters", param_hint="--header"
+            )
+        if key in out:
+            raise typer.BadParameter(f"header {key!r} given twice", param_hint="--header")
+        out[key] = value
     return out

@@ -101,7 +101,7 @@ def test_duration_option_parser() -> None:
         (None, {}),
         ([], {}),
         (["a=1"], {"a": "1"}),
-        (["a=1=2", " b =", "a=3"], {"a": "3", "b": ""}),
+        (["a=1=2", " b ="], {"a": "1=2", "b": ""}),
     ],
 )
 def test_parse_headers(items: list[str] | None, headers: dict[str, str]) -> None:
@@ -112,6 +112,20 @@ def test_parse_headers(items: list[str] | None, headers: dict[str, str]) -> None
 def test_parse_headers_refuses(item: str) -> None:
     with pytest.raises(typer.BadParameter, match="KEY=VALUE"):
         parse_headers([item])
+
+
+@pytest.mark.parametrize(
+    ("items", "why"),
+    [
+        (["k\nx=1"], "control characters"),  # a newline went into the name
+        (["\udcff=1"], "not valid UTF-8"),  # a raw codec message that named no header
+        (["a=1", "a=2"], "given twice"),  # the last won without a word
+    ],
+)
+def test_parse_headers_names_what_is_wrong(items: list[str], why: str) -> None:
+    """Found in an exploratory test of the command line."""
+    with pytest.raises(typer.BadParameter, match=why):
+        parse_headers(items)
 
 
 # ---- server addresses -------------------------------------------------------------------------
