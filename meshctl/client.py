@@ -227,6 +227,7 @@ class Client:
         self._awaiting: dict[int, bytes] = {}
         self._undelivered: deque[tuple[int, Event]] = deque()  # after a callback raised
         self._refused: RemoteError | None = None  # the node refused us for good (revoked)
+        self._failed = 0  # publishes that raised Timeout (not published)
         self._bad_deliveries = [0]  # events left out: their headers did not decode
         self._async_errors: deque[RemoteError] = deque(maxlen=100)
         self._topics: dict[str, bytes] = {}
@@ -419,6 +420,7 @@ class Client:
             # application's retry of the publish that failed made a duplicate (found in
             # an exploratory test). Events whose publish returned stay pending.
             self._unacked.pop(event_id, None)
+            self._failed += 1
             raise
         return event_id.hex()
 
@@ -494,6 +496,11 @@ class Client:
         pending = len(self._unacked)
         self._wait_acks(0, self.timeout * 5 if timeout is None else timeout)
         return pending
+
+    @property
+    def published(self) -> int:
+        """Events whose ``publish`` returned (handed to the socket, not yet stored)."""
+        return self._seq - self._failed
 
     @property
     def bad_deliveries(self) -> int:

@@ -413,3 +413,30 @@ def test_disk_full_refuses_persistent_publish_and_recovers(
         node.stop()
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_persistent_run_cut_short_by_a_silent_node_says_what_was_stored(
+    make_node: NodeFactory, bg: Background
+) -> None:
+    """Found in an exploratory test: a node that went quiet in the middle of `pub -p`
+    left only "accepted nothing for 2s", though thousands of the run were stored."""
+    node = make_node()
+    with connect(node.ipc) as admin:
+        admin.queue("add", "q", patterns=["x/>"])
+    pub = bg.start(
+        "pub", "-p", "x/y", "z", "-n", "1500", "--rate", "500", "-t", "0.5",
+        server=node.ipc, ready=None,
+    )  # fmt: skip
+    time.sleep(0.8)
+    os.kill(node.pid, signal.SIGSTOP)
+    try:
+        assert pub.wait_exit(timeout=20) == 1, pub.describe()
+    finally:
+        os.kill(node.pid, signal.SIGCONT)
+    said = pub.stderr  # "...; 273 of 1500 events confirmed stored, 1227 unconfirmed ..."
+    assert "confirmed stored" in said, said
+    stored, published = (int(n) for n in said.split("; ")[-1].split(" events")[0].split(" of "))
+    assert 0 < stored < published <= 1500
+    with connect(node.ipc) as admin:
+        depth = admin.queue("info", "q")["queue"]["depth"]
+    assert stored <= depth <= published  # confirmed ones are there; the others may be
