@@ -43,6 +43,7 @@ from node.codec import (
     encode_record,
     with_headers,
 )
+from node.errors import CodecError
 from node.events import Event
 from node.topics import SubscriptionTrie
 
@@ -175,7 +176,11 @@ class Uplink(threading.Thread):
             consumer = None
             queue = f"uplink-{self.s.node_id}"
             if not self.s.imports:
-                self._stop_capture(cloud, queue)
+                try:
+                    self._stop_capture(cloud, queue)
+                except MeshError as e:  # e.g. new credentials that may not touch it: the
+                    # exports must go on all the same (review: they stopped for good)
+                    log.warning("uplink: cannot stop queue %s on the cloud capturing: %s", queue, e)
             else:
                 cloud.queue("add", queue, patterns=list(self.s.imports))
                 consumer = cloud.consume(queue, max_inflight=BATCH)
@@ -255,9 +260,20 @@ class Uplink(threading.Thread):
         n = 0
         with cloud.batch():
             for _seq, topic, record in rows:
-                if not self.trie.match(topic) or _crossed(record):
+                if not self.trie.match(topic):
                     continue
-                cloud.forward(with_headers(record, marker), persistent=True)
+                try:
+                    if _crossed(record):
+                        continue
+                    marked = with_headers(record, marker)
+                except CodecError as e:
+                    # A headers block that does not decode (a log written before nodes
+                    # refused them, or one from an older peer): raised here, it ended
+                    # every session at this event, for good (review).
+                    self.refused += 1
+                    log.warning("uplink: an event on %s is skipped: %s", topic, e)
+                    continue
+                cloud.forward(marked, persistent=True)
                 n += 1
         if n:
             try:

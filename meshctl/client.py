@@ -515,6 +515,8 @@ class Client:
     def _wait_acks(self, below: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while len(self._unacked) > below:
+            if self._refused is not None:  # revoked: no acknowledgement will come
+                raise self._refused
             now = time.monotonic()
             if now - self._last_pack >= RETRY_AFTER:
                 self._resend_unacked()
@@ -1015,7 +1017,10 @@ class Client:
             self._send(encode_control(Kind.SUB, {"ref": None, "sid": sub.sid, **body}))
         # Requests the node forgot with us: the first call after a restart waited out its
         # timeout, as the node had answered "no session" to it (exploratory test).
-        for frame in list(self._awaiting.values()):
+        for ref, frame in list(self._awaiting.items()):
+            if frame[1] == Kind.UNSUB:  # the restarted node has no subscription to end:
+                self._control[ref] = (Kind.OK, {"ref": ref})  # done (it said "no
+                continue  # subscription 1" when sent again: review)
             self._send(frame)
         self._last_pack = 0.0  # resend unacknowledged persistent events at the next wait
 

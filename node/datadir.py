@@ -253,12 +253,26 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
+def locked(path: Path, timeout: float | None = None) -> Iterator[None]:
     """Hold an exclusive lock for a read-modify-write of ``path`` (the node and `meshctl
-    revoke` both add to revoked.json; unlocked, one of two additions could be lost)."""
+    revoke` both add to revoked.json; unlocked, one of two additions could be lost).
+
+    ``timeout``: give up after that long with TimeoutError. The node's loop passes one:
+    a command stopped inside the lock (Ctrl-Z) froze the whole node (review)."""
     fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if timeout is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"{path.name} is locked by another command") from None
+                    time.sleep(0.005)
         yield
     finally:
         os.close(fd)  # closing releases the lock

@@ -545,24 +545,25 @@ def _open_durable(config: NodeConfig, data_dir: Path) -> Durable | None:
 
 
 def _cursors_past_the_log(readers: tuple[SpoolReader, ...], head: int) -> None:
-    """A cursor past the log's head belongs to another store: the old one was moved aside
-    (as the node advises when it cannot open it) or restored from a backup. Kept, the new
-    log's first N events counted as sent: every export was lost in silence (exploratory
-    test). The uplink starts the new log from its start (the cloud drops what it has), a
-    bridge from its end (a broker would take old events again)."""
+    """A cursor past the log's head: the store was moved aside (as the node advises when
+    it cannot open it) or restored from a backup, or a power cut took the log's last
+    commits (sync = normal) but not the cursor's. Kept, the new log's first events
+    counted as sent, and every export was lost in silence (exploratory test). What the
+    log holds up to its head was sent in each case (a backup is a copy of the same log),
+    so each reader goes on from the head; resending from 0 duplicated the whole log in
+    the cloud after a power cut (review)."""
     for r in readers:
         cursor = datadir.read_cursor(r.cursor_path)
         if cursor is None or cursor <= head:
             continue
-        new = 0 if r.from_start else head
-        datadir.write_cursor(r.cursor_path, new)
+        datadir.write_cursor(r.cursor_path, head)
         log.warning(
-            "%s: its cursor %d is past the store's log (head %d): the store was replaced; "
-            "it sends from %s",
+            "%s: its cursor %d is past the store's log (head %d): the store was replaced "
+            "or lost its last commits; it sends what comes after %d",
             r.name,
             cursor,
             head,
-            "the log's start" if new == 0 else f"the log's end ({new})",
+            head,
         )
 
 

@@ -255,7 +255,12 @@ class Queues:
         if not q.is_dead_letter:
             return q.patterns
         origin = self.by_name.get(q.name.removesuffix(DEAD_SUFFIX))
-        return None if origin is None else origin.patterns
+        if origin is None or origin.created > q.created:
+            # A queue made again under that name after its letters died vouches for
+            # nothing they hold: a client removed one, made it again on topics it may
+            # read, and read the old dead letters (review).
+            return None
+        return origin.patterns
 
     def get(self, name: str) -> Queue:
         q = self.by_name.get(name)

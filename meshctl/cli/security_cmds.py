@@ -214,7 +214,11 @@ def revoke(
         members = json.loads((where / sec.MEMBERS_FILE).read_text())
     except (OSError, ValueError):
         members = []
-    found = [m for m in members if who == m["node"]] or [m for m in members if who == m["name"]]
+    # A node by its id, else every member of that name: a client's "node" is its name,
+    # so matching ids first took client pi alone where node pi shared the name (review).
+    found = [m for m in members if m["role"] == "node" and who == m["node"]] or [
+        m for m in members if who == m["name"]
+    ]
     # One revocation per key: an older members.json lists a node once per enrolment.
     found = list({(m["node"], m["key"]): m for m in found}.values())
     if not found:

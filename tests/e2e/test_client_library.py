@@ -189,3 +189,21 @@ def test_bad_arguments_are_input_errors_and_views_are_checked(node: NodeProcess)
     assert "ref" not in client.queue("ls")
     assert client.status()["counters"]["internal_errors"] == 0
     client.close()
+
+
+def test_unsubscribe_as_the_first_call_after_a_node_restart(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Review: the UNSUB waiting for its answer was sent again to the restarted node,
+    which had no such subscription: "no subscription 1"."""
+    data_dir = short_tmp / "node"
+    first = make_node(data_dir=data_dir)
+    client = connect(first.ipc, name="app", timeout=3)
+    sub = client.subscribe("a/>")
+    first.stop()
+    second = make_node(data_dir=data_dir)
+    sub.unsubscribe()
+    admin = connect(second.ipc, name="admin")
+    assert subscriptions_of(admin, "app") == 0
+    client.close()
+    admin.close()

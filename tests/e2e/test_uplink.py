@@ -273,6 +273,32 @@ def test_an_edge_whose_store_was_moved_aside_sends_its_new_events(
     assert replay_all(cloud, "plant/new", 100) == [str(i) for i in range(100)]
 
 
+def test_an_old_logged_event_with_bad_headers_is_skipped_not_a_dead_end(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Review: a log written before nodes refused malformed header blocks may hold one;
+    the uplink raised on it at every session and never got past it."""
+    from node.codec import F_PERSISTENT, encode_record
+    from node.store import open_store
+
+    edge_dir = short_tmp / "edge"
+    edge_dir.mkdir(mode=0o700)
+    store = open_store(edge_dir)
+    rows = []
+    for i, headers in enumerate((b"", b"\x05ab", b"", b"")):
+        event_id = bytes(8) + i.to_bytes(8, "big")
+        record = encode_record(b"plant/a", str(i).encode(), headers, F_PERSISTENT, 1, event_id)
+        rows.append((event_id, "plant/a", time.time_ns(), record))
+    store.log_append(rows)
+    store.commit()
+    store.close()
+    port = free_tcp_port()
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    edge = make_node(name="edge", data_dir=edge_dir, config_text=uplink_config(port))
+    assert replay_all(cloud, "plant/>", 3) == ["0", "2", "3"]
+    assert uplink(edge)["refused"] == 1
+
+
 def test_commands_from_the_cloud_wait_for_an_edge_that_is_away(
     make_node: NodeFactory, short_tmp: Path
 ) -> None:

@@ -163,3 +163,26 @@ def test_commands_that_change_a_file_the_node_also_changes_wait_for_its_lock(
     worker.join(5)
     assert not worker.is_alive()
     assert path.read_text() != before
+
+
+def test_the_node_does_not_wait_long_for_a_state_file_locked_by_a_command(
+    tmp_path: Path,
+) -> None:
+    """Review: a `meshctl invite` stopped inside the lock (Ctrl-Z) froze the node's loop.
+    It waits LOCK_WAIT, answers "busy" to an enrollment, and saves revocations later."""
+    creds = security.init_mesh(tmp_path, mesh=MESH, node_id=NODE, name="auth", now=time.time())
+    sec = security.Security(creds, tmp_path, NODE, lambda _m: None)
+    token = security.issue_token(tmp_path, url="tcp://127.0.0.1:1", ttl=60, uses=1, now=time.time())
+    body = {"token": token.token_id, "secret": token.secret, "node": "cc" * 8, "name": "c"}
+    with datadir.locked(tmp_path / security.TOKENS_FILE):
+        started = time.monotonic()
+        ok, answer = sec.enroll(body, "k" * 40)
+        assert time.monotonic() - started < 1
+        assert (ok, "busy" in answer["error"]) == (False, True)
+    assert sec.enroll(body, "k" * 40)[0]  # the token was not spent by the busy answer
+    flooded = revocations(creds, 1)
+    with datadir.locked(tmp_path / security.REVOKED_FILE):
+        assert sec.accept_revocations(flooded) == flooded
+    assert not (tmp_path / security.REVOKED_FILE).exists()
+    sec.poll_revocations_file()  # the next tick saves them
+    assert json.loads((tmp_path / security.REVOKED_FILE).read_text()) == flooded
