@@ -114,6 +114,7 @@ class Router(MeshSide, DurableSide):
         self.acl: dict[bytes, Acl] = {}
         self._acl_seen: dict[bytes, dict[bytes, str | None]] = {}
         self._cache: dict[bytes, Route | _Refused] = {}
+        self._headers_known: dict[bytes, bool] = {}  # header blocks seen: whether they decode
         self._fwd_cache: dict[bytes, tuple[tuple[str, ...] | None, list[tuple[Via, bytes]]]] = {}
         self._turns: dict[str, _Turn] = {}
         # One Plan object per distinct set of (link, header) copies, so that events on
@@ -481,7 +482,7 @@ class Router(MeshSide, DurableSide):
                         ident, frame[t0 - 16 : t0], flags, "flag 0x20 is the mesh's own", "input"
                     )
                     continue
-                if hlen and not headers_ok(frame[t0 + tlen : t0 + tlen + hlen]):
+                if hlen and not self._headers_ok(frame[t0 + tlen : t0 + tlen + hlen]):
                     # Passed on, it made each subscriber's client drop the whole delivery
                     # frame it came in, good events with it (exploratory test).
                     self.counters.dropped["bad_headers"] += 1
@@ -578,6 +579,19 @@ class Router(MeshSide, DurableSide):
         client.events_in += count
         self.counters.events_in += count
         self.counters.forwarded_out += forwarded
+
+    def _headers_ok(self, block: bytes) -> bool:
+        """``headers_ok``, remembered: a publisher mostly repeats a few header blocks, and
+        decoding each cost ~1.9 µs per event on the hot path (review)."""
+        if len(block) > 1024:  # kept small: 1,024 blocks of 64 KiB would be 64 MiB
+            return headers_ok(block)
+        known = self._headers_known
+        ok = known.get(block)
+        if ok is None:
+            if len(known) >= 1024:
+                known.clear()
+            ok = known[block] = headers_ok(block)
+        return ok
 
     def _forward_run(self, plan: Plan, run: bytes) -> None:
         """Queue a run of records (one slice) for each link of a static plan."""
