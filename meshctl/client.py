@@ -188,7 +188,8 @@ class Subscription:
 
 
 class Client:
-    """One connection to a node. Not thread-safe: use it from one thread, as a socket."""
+    """One connection to a node. Not thread-safe: use it from one thread, as a socket;
+    ``close()`` from another thread while a call waits can abort the process (libzmq)."""
 
     def __init__(
         self,

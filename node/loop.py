@@ -678,6 +678,7 @@ def serve(
         log.info("received %s, stopping", signal.Signals(signum).name)
         node.request_stop()
 
+    listening = False
     try:
         node.bind()
         node.start_discovery()
@@ -692,6 +693,7 @@ def serve(
             config.mesh,
             ", ".join(node.endpoints),
         )
+        listening = True
         _tune_memory(config)
         node.run()
     finally:
@@ -701,4 +703,5 @@ def serve(
             plugin.stop()
         node.close()
         datadir.remove_pid(identity.data_dir)
-        log.info("node stopped")
+        if listening:  # after a failed start, the error says it all (a line less)
+            log.info("node stopped")
