@@ -39,6 +39,7 @@ LOG_PERSISTENT: Final = 2
 TRIM_EVERY: Final = 5.0
 MAX_SEEN: Final = 1_000_000  # ids in the in-memory dedupe window at most
 MAX_SINCE: Final = 100 * 365 * 86400.0
+MAX_CLEARS: Final = 100_000  # retained clears kept (tombstones), the oldest forgotten past it
 SPOOL_CHECK: Final = 0.5
 SPOOL_FULL: Final = (
     "the spool is full (the uplink's cloud or a bridge's broker has been away too long); "
@@ -101,7 +102,7 @@ class _Pass:
     held: list[Held] = field(default_factory=list)
     captured: list[list[Queue]] = field(default_factory=list)
     acked: list[tuple[Queue, int]] = field(default_factory=list)
-    retained: dict[str, tuple[bytes | None, bool]] = field(default_factory=dict)
+    retained: dict[str, tuple[bytes, bool]] = field(default_factory=dict)  # empty: a clear
     replicate: list[bytes] = field(default_factory=list)
     answers: list[tuple[bytes, Kind, dict[str, Any]]] = field(default_factory=list)
     refused: dict[bytes, list[str]] = field(default_factory=dict)
@@ -137,7 +138,11 @@ class Durable:
             while self.spool.building:
                 self.spool.check(store)
         held = store.retained_all()
-        self.retained: dict[str, bytes] = {t: r for t, r, _local in held}
+        self.retained: dict[str, bytes] = {t: r for t, r, _local in held if not _empty(r)}
+        # Clears, kept with their time as values are (tombstones): without them a node
+        # that was down when a value was cleared brought the old value back to every
+        # node when it returned, and kept it (exploratory test).
+        self.cleared: dict[str, bytes] = {t: r for t, r, _local in held if _empty(r)}
         self._retained_topics = sorted(self.retained)  # for retained_for's prefix search
         self.retained_local: set[str] = {t for t, _r, local in held if local}
         self.replicas = 0
@@ -202,11 +207,9 @@ class Durable:
         if flags & F_PERSISTENT and route.queues:
             self.queues.capture(route.queues, record[_ID], record, t_ns)
             self.p.captured.append(route.queues)
-        if flags & F_RETAIN and local:
-            empty = int.from_bytes(record[0:4], "little") == 0
-            if empty or self._retained_room(topic, record):
-                self.p.retained[topic] = (None if empty else record, True)
-                self.p.replicate.append(record)  # every other node keeps it too
+        if flags & F_RETAIN and local and (_empty(record) or self._retained_room(topic, record)):
+            self.p.retained[topic] = (record, True)
+            self.p.replicate.append(record)  # every other node keeps it too
 
     def stage_replica(self, record: bytes, topic: str) -> None:
         """A retained value another node replicated to this one: keep it unless what this
@@ -215,17 +218,34 @@ class Durable:
         self.replicas += 1
         record = with_flags(record, remove=F_REPLICA)
         staged = self.p.retained.get(topic)
-        current = staged[0] if staged is not None else self.retained.get(topic)
+        current = (
+            staged[0] if staged is not None else self.retained.get(topic) or self.cleared.get(topic)
+        )
         if current is not None and _time_ns(current) > _time_ns(record):
-            return
-        empty = int.from_bytes(record[0:4], "little") == 0
-        if empty or self._retained_room(topic, record):
-            self.p.retained[topic] = (None if empty else record, False)
+            return  # what is here is newer: a value, or a clear
+        if _empty(record) or self._retained_room(topic, record):
+            self.p.retained[topic] = (record, False)
 
     def local_retained(self) -> list[bytes]:
-        """The retained values published on this node, for a node that joins the mesh."""
+        """The retained values published on this node, for a node that joins the mesh,
+        and the clears published here (the other node may still hold what they cleared)."""
         local = self.retained_local
-        return [self.retained[t] for t in self._retained_topics if t in local]
+        values = [self.retained[t] for t in self._retained_topics if t in local]
+        return values + [r for t, r in self.cleared.items() if t in local]
+
+    def _forget_clears(self) -> None:
+        """The oldest tenth of the clears kept, forgotten (a client inventing topics must
+        not grow them without bound); a value they cleared may then come back from a
+        node that was away for that long."""
+        oldest = sorted(self.cleared, key=lambda t: _time_ns(self.cleared[t]))
+        for topic in oldest[: len(oldest) // 10 + 1]:
+            del self.cleared[topic]
+            self.retained_local.discard(topic)
+            self.store.retain(topic, None, False)
+        try:
+            self.store.commit()
+        except StoreError:
+            self.store.rollback()  # kept on disk: forgotten at the next start instead
 
     def _retained_room(self, topic: str, record: bytes) -> bool:
         """Retained values live in memory too: bounded in bytes (a client inventing topics
@@ -316,15 +336,21 @@ class Durable:
             old = self.retained.pop(topic, None)
             self.retained_bytes -= len(old or b"")
             self.retained_local.discard(topic)
-            if old is not None and rec is None:
+            cleared = _empty(rec)
+            if old is not None and cleared:
                 del self._retained_topics[bisect_left(self._retained_topics, topic)]
-            elif old is None and rec is not None:
+            elif old is None and not cleared:
                 insort(self._retained_topics, topic)
-            if rec is not None:
+            if cleared:
+                self.cleared[topic] = rec
+            else:
+                self.cleared.pop(topic, None)
                 self.retained[topic] = rec
                 self.retained_bytes += len(rec)
-                if local:
-                    self.retained_local.add(topic)
+            if local:
+                self.retained_local.add(topic)
+        if len(self.cleared) > MAX_CLEARS:
+            self._forget_clears()
         for rec in p.replicate:
             out.replicate(rec)
         for ident, kind, body in p.answers:
@@ -619,6 +645,11 @@ class Output(Protocol):
     def answer(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None: ...
 
     def replicate(self, record: bytes) -> None: ...
+
+
+def _empty(record: bytes) -> bool:
+    """A retained record with no payload: a clear."""
+    return int.from_bytes(record[0:4], "little") == 0
 
 
 def _time_ns(record: bytes) -> int:

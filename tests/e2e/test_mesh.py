@@ -460,6 +460,38 @@ def test_retained_values_reach_new_subscribers_on_any_node_even_nodes_that_join_
     assert [e.data for e in drain(live)] == [b"20", b"x", b""]  # the replicas took nothing
 
 
+def test_a_clear_reaches_a_node_that_was_down_and_its_old_values_stay_cleared(
+    mesh: Mesh,
+) -> None:
+    """Found in an exploratory test: clears were not kept. C, down while A cleared two
+    values, kept one of them for good, and sent the other (published on C) back to every
+    node when it returned: the deleted value was everywhere again."""
+    line(mesh)
+    mesh.client("A").publish("cfg/x", "fromA", retain=True)
+    mesh.client("C").publish("cfg/y", "fromC", retain=True)
+
+    def retained_on(node: str) -> dict[str, bytes]:
+        sub = mesh.client(node).subscribe("cfg/>")
+        return {e.topic: e.data for e in drain(sub, 0.3) if e.retained}
+
+    both = {"cfg/x": b"fromA", "cfg/y": b"fromC"}
+    wait_for(lambda: retained_on("A") == both == retained_on("C"), timeout=5, what="kept")
+    c = mesh.nodes["C"]
+    data_dir, port = c.data_dir, c.tcp_port
+    c.stop()
+    mesh.clients[:] = [cl for cl in mesh.clients if cl.server != c.ipc]
+    clearer = mesh.client("A")
+    clearer.publish("cfg/x", "", retain=True)
+    clearer.publish("cfg/y", "", retain=True)
+    clearer.flush()
+    wait_for(lambda: retained_on("B") == {}, timeout=5, what="cleared on B")
+    mesh.start("C", ["B"], data_dir=data_dir, port=port)
+    for n in "ABC":
+        mesh.wait_reachable(n, 3)
+    time.sleep(0.5)  # each side has sent the other what it holds
+    assert {n: retained_on(n) for n in "ABC"} == {"A": {}, "B": {}, "C": {}}
+
+
 def test_a_node_with_60000_patterns_links_and_is_routed_to(mesh: Mesh) -> None:
     """Its state (about 2.5 MB of JSON) used to exceed the 1 MiB a peer decodes: the link
     never came up. State frames over 64 KiB now travel compressed."""

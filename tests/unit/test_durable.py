@@ -1167,3 +1167,40 @@ def test_a_resend_of_a_stored_event_is_acknowledged_even_with_the_spool_full(
     refused = [body["ids"] for kind, body in answers if kind == Kind.ERR]
     assert refused == [ids(1, 2)]
     assert d.duplicates == 1
+
+
+def test_clears_are_kept_with_their_time_and_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A clear is kept as a value is (a node that was away must not bring the cleared
+    value back: exploratory test), an older replica loses to it, and past MAX_CLEARS the
+    oldest are forgotten, on disk too."""
+    import node.durable as durable_module
+
+    monkeypatch.setattr(durable_module, "MAX_CLEARS", 10)
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    pub(r, A, rec("cfg/x", b"old", flags=F_RETAIN, seq=1))
+    r.end_pass(0.0)
+    clear = encode_record(b"cfg/x", b"", b"", F_RETAIN, 20, PUBLISHER + (2).to_bytes(8, "big"))
+    pub(r, A, clear)
+    r.end_pass(0.0)
+    assert "cfg/x" not in d.retained
+    assert d.cleared["cfg/x"] == clear
+    older = encode_record(b"cfg/x", b"stale", b"", F_RETAIN, 10, b"\x02" * 16)
+    d.stage_replica(older, "cfg/x")  # published before the clear, arriving after it
+    r.end_pass(0.0)
+    assert "cfg/x" not in d.retained
+    for i in range(20):
+        t = f"tmp/{i}".encode()
+        pub(
+            r,
+            A,
+            encode_record(t, b"", b"", F_RETAIN, 100 + i, PUBLISHER + (10 + i).to_bytes(8, "big")),
+        )
+        r.end_pass(0.0)
+    assert len(d.cleared) <= 10
+    assert "tmp/19" in d.cleared
+    assert "cfg/x" not in d.cleared  # the oldest went first
+    on_disk = {t for t, _r, _l in d.store.retained_all()}
+    assert on_disk == set(d.cleared)
