@@ -447,7 +447,10 @@ class Durable:
         self._work = True
         q = self.queues.by_name.get(name)
         if q is None:
-            raise KeyError(f"no queue named {name!r} (create it with `meshctl queue add`)")
+            raise KeyError(
+                f"no queue named {name!r} on this node (a queue lives on the node where it "
+                "was added: connect there, or add it with `meshctl queue add`)"
+            )
         c = Consumer(ident, sid, prefix, max_inflight or DEFAULT_MAX_INFLIGHT)
         self.queues.bind(q, c)
         self.consumers[(ident, sid)] = (q, c)
