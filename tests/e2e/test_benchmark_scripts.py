@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_interest_churn_prints_both_phases_and_the_ratio(tmp_path: Path) -> None:
     argv = [sys.executable, str(ROOT / "benchmarks" / "interest_churn.py")]
-    argv += ["--patterns", "2000", "--changes", "10", "--rate", "50"]
+    argv += ["--patterns", "2000", "--changes", "10", "--rate", "50", "--no-settle"]
     done = subprocess.run(
         argv, cwd=tmp_path, capture_output=True, text=True, timeout=110, check=False
     )
