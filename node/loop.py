@@ -32,6 +32,7 @@ from node.errors import InputError
 from node.heap import keep_freed
 from node.loop_discovery import DiscoverySide
 from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide, events_of
+from node.mesh import SELF
 from node.renewal import Renewal
 from node.residents import Resident, Residents
 from node.router import Router
@@ -325,6 +326,9 @@ class Node(SecureSide, DiscoverySide):
             if d.state in ("idle", "backoff") and now >= d.next_try:
                 if revoked:  # every member refuses us now: dialing would only be noise
                     d.last_error, d.next_try = REVOKED_SELF, now + 3600.0
+                    continue
+                if d.peer_id == self.identity.node_id:  # a link to ourselves: never useful
+                    d.state, d.last_error, d.next_try = "stopped", SELF, now + 3600.0
                     continue
                 link = net.links.get(d.peer_id or "")
                 if link is not None and link.via != d.url:

@@ -180,7 +180,7 @@ class DiscoverySide:
         for d in self.dialers.by_url.values():
             if d.state == "up" or d.peer_id in linked or d.url in rejected:
                 continue
-            stopped = d.last_error == REVOKED_SELF  # it said "no longer dials", then a retry
+            stopped = d.state == "stopped" or d.last_error == REVOKED_SELF  # never dials again
             out.append(
                 {
                     "id": d.peer_id,

@@ -32,6 +32,8 @@ REFUSALS_LOGGED: Final = 20  # link refusals logged one by one, then every 1000t
 MAX_HOPS_FORWARD: Final = 16  # a forwarded copy travels at most this many links
 CONVERGENCE_WINDOW: Final = 10.0  # seconds after a change during which copies may meet
 FORGET_AFTER: Final = 600.0  # an unreachable node's state is dropped after this long
+SELF: Final = "that is this node itself"
+DUPLICATE: Final = "duplicate link: already linked to this node"
 HANDSHAKE_INTEREST_BYTES: Final = 256 * 1024  # interest sent in LINK / LINK_OK, else none
 WANT_EVERY: Final = 1.0  # seconds between asking again for whole states we lack
 RTT_SAMPLE_EVERY: Final = 10  # heartbeat intervals between an accepted link's own beats
@@ -170,7 +172,7 @@ class Mesh(StatesSide):
         except ValueError as e:
             return None, str(e)
         if state.node_id == self.node_id:
-            return None, "that is this node itself"
+            return None, SELF
         return state, ""
 
     def on_link_request(self, via: bytes, body: dict[str, Any], address: str, now: float) -> None:
@@ -186,7 +188,7 @@ class Mesh(StatesSide):
                 elif state.node_id < self.node_id and existing.outbound:
                     self._link_down(existing, "replaced by the peer's link", now)
                 else:
-                    why = "duplicate link: already linked to this node"
+                    why = DUPLICATE
         if state is None or why:
             n = self.counters["links_refused"] = self.counters["links_refused"] + 1
             # Rate-limited, and the peer's words cut short: anyone who reaches the port can
@@ -194,7 +196,10 @@ class Mesh(StatesSide):
             if n <= REFUSALS_LOGGED or n % 1000 == 0:
                 shown = why if len(why) <= 200 else why[:200] + "..."
                 self.log(f"refused link from {address or via.hex()}: {shown} (total {n})")
-            self.out.append((via, encode_control(Kind.LINK_REFUSE, {"reason": why})))
+            refusal: dict[str, Any] = {"reason": why}
+            if why in (SELF, DUPLICATE):  # who we are: the dialer stands by instead of
+                refusal["node"] = self.node_id  # dialing again for ever (exploratory test)
+            self.out.append((via, encode_control(Kind.LINK_REFUSE, refusal)))
             return
         assert state is not None
         address = address or self._inbound_address(via, state)
@@ -226,7 +231,7 @@ class Mesh(StatesSide):
             elif self.node_id < state.node_id:
                 self._link_down(existing, "replaced by our own link", now)
             else:
-                self.refuse_outbound(via, "duplicate link: already linked to this node")
+                self.refuse_outbound(via, DUPLICATE)
                 return
         self.refusals.pop(via, None)
         self._link_up(
@@ -252,8 +257,12 @@ class Mesh(StatesSide):
         known = self.table.states.get(state.node_id)
         return known is not None and state.epoch > known.epoch
 
-    def refuse_outbound(self, via: str, why: str) -> None:
-        """Our dial failed the handshake: log, remember why, and have the loop close it."""
+    def refuse_outbound(self, via: str, why: str, peer: object = None) -> None:
+        """Our dial failed the handshake: log, remember why, and have the loop close it.
+        ``peer``: the refusing node's id, when it says it is linked with us already or is
+        this node: the dialer then stands by (its row in `peers` merges into the link's)."""
+        if isinstance(peer, str) and len(peer) == 16:
+            self.known_dialers[via] = peer
         self.counters["links_refused"] += 1
         if self.refusals.get(via) != why:
             self.log(f"link to {via} refused: {why}")

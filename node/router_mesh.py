@@ -69,7 +69,8 @@ class MeshSide:
             if kind == Kind.LINK_OK:
                 self.net.on_link_ok(via, body, found, now)
             elif kind == Kind.LINK_REFUSE:
-                self.net.refuse_outbound(via, str(body.get("reason", "no reason given"))[:200])
+                why = str(body.get("reason", "no reason given"))[:200]
+                self.net.refuse_outbound(via, why, body.get("node"))
             elif kind == Kind.ERR:
                 self.net.refuse_outbound(via, str(body.get("error", "error"))[:200])
         except CodecError as e:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import NodeProcess, run_cli, wait_for
+from helpers import NodeProcess, free_tcp_port, run_cli, wait_for
 
 from meshctl import connect
 from meshctl.client import Client
@@ -490,6 +490,25 @@ def test_a_clear_reaches_a_node_that_was_down_and_its_old_values_stay_cleared(
         mesh.wait_reachable(n, 3)
     time.sleep(0.5)  # each side has sent the other what it holds
     assert {n: retained_on(n) for n in "ABC"} == {"A": {}, "B": {}, "C": {}}
+
+
+def test_links_listed_on_both_sides_or_to_itself_stop_being_dialled(mesh: Mesh) -> None:
+    """Found in an exploratory test: with A and B each listing the other (or a node
+    listing itself), the losing dial was redialled for ever, refused each time, and
+    `peers` showed a phantom row "? ? ... backoff (duplicate link ...)"."""
+    port_b = free_tcp_port()
+    config = f'links = ["tcp://127.0.0.1:{port_b}"]\n'  # under FAST's [mesh]
+    mesh.start("A", config=config)
+    mesh.start("B", ["A"], port=port_b, config=config)  # B's list names B itself too
+    mesh.wait_linked("A", 1)
+    time.sleep(2.5)  # several backoffs' worth of redials, if they still happened
+    for name in "AB":
+        rows = mesh.view(name, "peers")["peers"]
+        linked = [r for r in rows if r["state"] == "up"]
+        assert len(linked) == 1, rows
+        others = [r for r in rows if r["state"] != "up"]
+        assert all(r["state"] == "stopped" and "itself" in r["error"] for r in others), rows
+    assert mesh.view("A", "status")["counters"].get("links_refused", 0) <= 1
 
 
 def test_a_node_with_60000_patterns_links_and_is_routed_to(mesh: Mesh) -> None:
