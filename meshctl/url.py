@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Final
 
 from node.config import DEFAULT_PORT
-from node.datadir import IPC_FILE, default_data_dir
+from node.datadir import IPC_FILE, NODE_ID_FILE, default_data_dir
 from node.errors import InputError
 
 _HOST_PORT: Final = re.compile(r"^(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)(?::(?P<port>\d+))?$")
@@ -66,9 +66,10 @@ def resolve_server(url: str | None) -> str:
 
 
 def _holds_socket(text: str) -> bool:
-    """Whether ``text`` names a directory with a node socket (a name too long for a path
-    is none: it ended in "internal error: File name too long")."""
+    """Whether ``text`` names a node's data dir: one with a node socket, or with a node id
+    (its node is stopped: the socket goes with it, and "-s edge" then meant a host called
+    edge). A name too long for a path is none ("internal error: File name too long")."""
     try:
-        return Path(text, IPC_FILE).exists()
+        return Path(text, IPC_FILE).exists() or Path(text, NODE_ID_FILE).exists()
     except (OSError, ValueError):
         return False

@@ -240,3 +240,8 @@ def test_a_bare_name_that_is_a_directory_here_is_a_data_dir(
     assert resolve_server("localhost") == f"tcp://localhost:{DEFAULT_PORT}"
     assert resolve_server("cloud") == f"tcp://cloud:{DEFAULT_PORT}"
     assert resolve_server("edge:4851") == "tcp://edge:4851"
+    # A stopped node's data dir (its socket goes with it) is still that node's: the
+    # client then says that no node runs there, not that host "stopped" is unknown.
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "node_id").write_text("aa" * 8 + "\n")
+    assert resolve_server("stopped") == "ipc://stopped/node.sock"
