@@ -58,6 +58,8 @@ def event_json(event: Event) -> dict[str, Any]:
         out["data"] = base64.b64encode(event.data).decode()
         out["encoding"] = "base64"
     out["headers"] = dict(event.headers)
+    if event.seq is not None:  # the node's own mark of a replayed event: it is "seq" below
+        out["headers"].pop("log-seq", None)
     out["id"] = event.id
     out["time"] = iso_time(event.time_ns)
     out["size"] = len(event.data)
