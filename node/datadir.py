@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -56,13 +57,21 @@ def prepare(data_dir: Path) -> str | None:
     if not os.access(data_dir, os.W_OK):
         raise ConfigError(str(data_dir), "node.data_dir", "not writable")
     st = data_dir.stat()
-    if st.st_mode & 0o077 and st.st_uid == os.getuid():
-        try:
-            data_dir.chmod(0o700)
-        except OSError:
-            return None
-        return f"made {data_dir} private (it was {st.st_mode & 0o777:04o}; now 0700)"
-    return None
+    if not st.st_mode & 0o077:
+        return None
+    mode = f"{stat.S_IMODE(st.st_mode):04o}"
+    # Only a directory that is the node's alone: /tmp (sticky), a home or any directory
+    # with other files in it would have been locked for everyone else (review).
+    ours = not st.st_mode & stat.S_ISVTX and (
+        (data_dir / NODE_ID_FILE).exists() or not any(data_dir.iterdir())
+    )
+    if not ours or st.st_uid != os.getuid():
+        return f"{data_dir} is open to other users (mode {mode}): use a private data dir"
+    try:
+        data_dir.chmod(0o700)
+    except OSError:
+        return None
+    return f"made {data_dir} private (it was {mode}; now 0700)"
 
 
 def ipc_endpoint(data_dir: Path) -> str:

@@ -22,6 +22,7 @@ from node.codec import (
     F_RETAIN,
     RECORD_SIZE,
     Kind,
+    encode_record,
     with_flags,
     with_headers,
 )
@@ -39,7 +40,7 @@ LOG_PERSISTENT: Final = 2
 TRIM_EVERY: Final = 5.0
 MAX_SEEN: Final = 1_000_000  # ids in the in-memory dedupe window at most
 MAX_SINCE: Final = 100 * 365 * 86400.0
-MAX_CLEARS: Final = 100_000  # retained clears kept (tombstones), the oldest forgotten past it
+MAX_CLEARS: Final = 10_000  # retained clears kept (tombstones of ~50 B), oldest forgotten past it
 SPOOL_CHECK: Final = 0.5
 SPOOL_FULL: Final = (
     "the spool is full (the uplink's cloud or a bridge's broker has been away too long); "
@@ -207,9 +208,15 @@ class Durable:
         if flags & F_PERSISTENT and route.queues:
             self.queues.capture(route.queues, record[_ID], record, t_ns)
             self.p.captured.append(route.queues)
-        if flags & F_RETAIN and local and (_empty(record) or self._retained_room(topic, record)):
-            self.p.retained[topic] = (record, True)
-            self.p.replicate.append(record)  # every other node keeps it too
+        if flags & F_RETAIN and local:
+            # Kept and compared by the node's clock too: a client's clock an hour ahead
+            # made its clear beat every newer value on the other nodes (review). A clear
+            # is kept as a bare tombstone: its payload and headers (up to 64 KiB) went
+            # into memory, the store and every node (review: 120 MB for 2,000 clears).
+            kept = _tombstone(record, t_ns) if _empty(record) else _stamped(record, t_ns)
+            if _empty(kept) or self._retained_room(topic, kept):
+                self.p.retained[topic] = (kept, True)
+                self.p.replicate.append(kept)  # every other node keeps it too
 
     def stage_replica(self, record: bytes, topic: str) -> None:
         """A retained value another node replicated to this one: keep it unless what this
@@ -217,12 +224,14 @@ class Durable:
         self._work = True
         self.replicas += 1
         record = with_flags(record, remove=F_REPLICA)
+        if _empty(record):
+            record = _tombstone(record, _time_ns(record))
         staged = self.p.retained.get(topic)
         current = (
             staged[0] if staged is not None else self.retained.get(topic) or self.cleared.get(topic)
         )
-        if current is not None and _time_ns(current) > _time_ns(record):
-            return  # what is here is newer: a value, or a clear
+        if current is not None and _order(current) > _order(record):
+            return  # what is here is newer: a value, or a clear (ties: by event id)
         if _empty(record) or self._retained_room(topic, record):
             self.p.retained[topic] = (record, False)
 
@@ -594,6 +603,7 @@ class Durable:
                 "head_seq": self.store.log_head(),
             },
             "retained": len(self.retained),
+            "retained_clears": len(self.cleared),  # kept so that old values stay cleared
             "retained_replicas_in": self.replicas,
             "retained_bytes": self.retained_bytes,
             "retained_refused": self.retained_refused,
@@ -657,6 +667,24 @@ def _empty(record: bytes) -> bool:
 
 def _time_ns(record: bytes) -> int:
     return int.from_bytes(record[RECORD_SIZE - 24 : RECORD_SIZE - 16], "little")
+
+
+def _order(record: bytes) -> tuple[int, bytes]:
+    """Which of two retained records for a topic is the later: by time, then by event id,
+    so that every node picks the same one of two published in the same nanosecond."""
+    return _time_ns(record), record[_ID]
+
+
+def _stamped(record: bytes, t_ns: int) -> bytes:
+    """``record`` with its time set to ``t_ns`` (the node's clock)."""
+    return record[: RECORD_SIZE - 24] + t_ns.to_bytes(8, "little") + record[RECORD_SIZE - 16 :]
+
+
+def _tombstone(record: bytes, t_ns: int) -> bytes:
+    """A clear as it is kept: its topic, id and time, without payload or headers."""
+    tlen = int.from_bytes(record[4:6], "little")
+    topic = record[RECORD_SIZE : RECORD_SIZE + tlen]
+    return encode_record(topic, b"", b"", record[8], t_ns, record[_ID])
 
 
 def with_seq(record: bytes, seq: int) -> bytes:

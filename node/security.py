@@ -57,6 +57,7 @@ NODE_RECORD_DAYS: Final = 365
 RENEW_WITHIN: Final = 31 * 86400  # an authority renews records expiring within this
 MAX_REJECTED: Final = 256  # rejected peers listed by `meshctl peers`
 LOCK_WAIT: Final = 0.2  # seconds the node's loop waits for a state file's lock
+SAVE_RETRY: Final = 5.0  # seconds between attempts to save revocations while it is locked
 REVOKED_SELF: Final = "this node's membership was revoked: it no longer dials other nodes"
 
 
@@ -346,6 +347,7 @@ class Security:
         self._member_save_failed = False
         self._revoked_mtime = 0.0
         self._revocations_unsaved = False  # known here, not yet in revoked.json
+        self._save_retry_at = 0.0  # when to try saving them again (0: not failing)
         self.poll_revocations_file()
 
     # ---- sockets -----------------------------------------------------------------------
@@ -627,14 +629,14 @@ class Security:
             self._save_revocations()
         return fresh
 
-    def _save_revocations(self) -> None:
+    def _save_revocations(self, wait: float = LOCK_WAIT) -> None:
         """Write what this node knows to revoked.json, keeping what `meshctl revoke` added
         there since the node last looked (under the file's lock, which the command also
         takes): written over, that revocation would never have reached the mesh."""
         path = self.data_dir / REVOKED_FILE
         self._revocations_unsaved = True
         try:
-            with datadir.locked(path, timeout=LOCK_WAIT):
+            with datadir.locked(path, timeout=wait):
                 try:
                     on_disk = json.loads(path.read_text())
                 except (OSError, ValueError):
@@ -649,13 +651,17 @@ class Security:
                 # With unseen entries, the next look at the file (each tick) accepts them.
                 self._revoked_mtime = 0.0 if unseen else path.stat().st_mtime
             self._revocations_unsaved = False
-        except OSError as e:  # TimeoutError too: tried again at the next look (a tick)
-            self.log(f"cannot save revocations (retrying): {e}")
+            self._save_retry_at = 0.0
+        except OSError as e:  # TimeoutError too: tried again every SAVE_RETRY seconds,
+            # without waiting: each tick waited LOCK_WAIT, and the loop crawled (review)
+            if not self._save_retry_at:
+                self.log(f"cannot save revocations (retrying): {e}")
+            self._save_retry_at = time.monotonic() + SAVE_RETRY
 
     def poll_revocations_file(self) -> list[dict[str, Any]]:
         """New revocations `meshctl revoke` wrote to the data dir since the last look."""
-        if self._revocations_unsaved:
-            self._save_revocations()
+        if self._revocations_unsaved and time.monotonic() >= self._save_retry_at:
+            self._save_revocations(wait=0.0)
         path = self.data_dir / REVOKED_FILE
         try:
             mtime = path.stat().st_mtime

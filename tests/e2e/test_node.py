@@ -467,6 +467,18 @@ def test_an_existing_data_dir_is_made_private(tmp_path: Path) -> None:
     assert where.stat().st_mode & 0o777 == 0o700
     assert "made" in done.stderr
     assert "private (it was 0755" in done.stderr
+    # Not a directory with other things in it, or a sticky one such as /tmp: as root,
+    # `--data-dir /tmp` would have locked every other user out of it (review).
+    for mode, extra in ((0o755, "other.txt"), (0o1777, None)):
+        shared = tmp_path / f"shared-{mode:o}"
+        shared.mkdir()
+        shared.chmod(mode)
+        if extra:
+            (shared / extra).write_text("someone else's")
+        done = run_cli("init", "--mesh", "plant", "--name", "a", "--data-dir", str(shared))
+        assert done.returncode == 0, done.describe()
+        assert shared.stat().st_mode & 0o7777 == mode
+        assert "is open to other users" in done.stderr
 
 
 def test_a_stopped_node_leaves_no_socket_that_local_commands_would_pick(

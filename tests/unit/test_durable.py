@@ -17,9 +17,11 @@ from node.codec import (
     F_PERSISTENT,
     F_RETAIN,
     HEAD_PUB,
+    RECORD_SIZE,
     Kind,
     decode_control,
     encode_control,
+    encode_headers,
     encode_record,
 )
 from node.datadir import write_cursor
@@ -1173,34 +1175,45 @@ def test_clears_are_kept_with_their_time_and_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A clear is kept as a value is (a node that was away must not bring the cleared
-    value back: exploratory test), an older replica loses to it, and past MAX_CLEARS the
-    oldest are forgotten, on disk too."""
+    value back: exploratory test), as a bare tombstone stamped with the node's clock (a
+    client's clock ahead made it beat newer values, and its 64 KiB of headers were kept
+    everywhere: review), an older replica loses to it, a newer one wins, and past
+    MAX_CLEARS the oldest are forgotten, on disk too."""
     import node.durable as durable_module
 
     monkeypatch.setattr(durable_module, "MAX_CLEARS", 10)
-    r, d = durable_router(tmp_path)
+    clock = Clock()
+    r, d = durable_router(tmp_path, clock)
     hello(r, A)
     pub(r, A, rec("cfg/x", b"old", flags=F_RETAIN, seq=1))
     r.end_pass(0.0)
-    clear = encode_record(b"cfg/x", b"", b"", F_RETAIN, 20, PUBLISHER + (2).to_bytes(8, "big"))
+    clock.ns += 10**9
+    future = 2_000_000_000 * 10**9  # the publisher's clock, years ahead
+    big = encode_headers({"pad": "x" * 60_000})
+    clear = encode_record(b"cfg/x", b"", big, F_RETAIN, future, PUBLISHER + (2).to_bytes(8, "big"))
     pub(r, A, clear)
     r.end_pass(0.0)
     assert "cfg/x" not in d.retained
-    assert d.cleared["cfg/x"] == clear
-    older = encode_record(b"cfg/x", b"stale", b"", F_RETAIN, 10, b"\x02" * 16)
+    kept = d.cleared["cfg/x"]
+    assert len(kept) < 100  # no headers, no payload
+    assert int.from_bytes(kept[RECORD_SIZE - 24 : RECORD_SIZE - 16], "little") == clock.ns
+    assert d.status()["retained_clears"] == 1
+    older = encode_record(b"cfg/x", b"stale", b"", F_RETAIN, clock.ns - 1, b"\x02" * 16)
     d.stage_replica(older, "cfg/x")  # published before the clear, arriving after it
     r.end_pass(0.0)
     assert "cfg/x" not in d.retained
+    newer = encode_record(b"cfg/x", b"new", b"", F_RETAIN, clock.ns + 1, b"\x03" * 16)
+    d.stage_replica(newer, "cfg/x")  # the publisher's future clock did not block it
+    r.end_pass(0.0)
+    assert d.retained["cfg/x"] == newer
+    assert "cfg/x" not in d.cleared
     for i in range(20):
+        clock.ns += 1
         t = f"tmp/{i}".encode()
-        pub(
-            r,
-            A,
-            encode_record(t, b"", b"", F_RETAIN, 100 + i, PUBLISHER + (10 + i).to_bytes(8, "big")),
-        )
+        pub(r, A, encode_record(t, b"", b"", F_RETAIN, 1, PUBLISHER + (10 + i).to_bytes(8, "big")))
         r.end_pass(0.0)
     assert len(d.cleared) <= 10
     assert "tmp/19" in d.cleared
-    assert "cfg/x" not in d.cleared  # the oldest went first
+    assert "tmp/0" not in d.cleared  # the oldest went first
     on_disk = {t for t, _r, _l in d.store.retained_all()}
-    assert on_disk == set(d.cleared)
+    assert on_disk == set(d.cleared) | set(d.retained)

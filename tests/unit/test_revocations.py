@@ -184,5 +184,12 @@ def test_the_node_does_not_wait_long_for_a_state_file_locked_by_a_command(
     with datadir.locked(tmp_path / security.REVOKED_FILE):
         assert sec.accept_revocations(flooded) == flooded
     assert not (tmp_path / security.REVOKED_FILE).exists()
-    sec.poll_revocations_file()  # the next tick saves them
+    with datadir.locked(tmp_path / security.REVOKED_FILE):
+        started = time.monotonic()
+        sec._save_retry_at = 0.0  # due: the retry does not wait for the lock (review: each
+        sec.poll_revocations_file()  # tick waited 0.2 s and the loop crawled)
+        assert time.monotonic() - started < 0.1
+    assert not (tmp_path / security.REVOKED_FILE).exists()
+    sec._save_retry_at = 0.0  # SAVE_RETRY has passed
+    sec.poll_revocations_file()  # a later tick saves them
     assert json.loads((tmp_path / security.REVOKED_FILE).read_text()) == flooded
