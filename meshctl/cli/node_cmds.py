@@ -448,12 +448,21 @@ def _render_durable(out: Console, s: dict[str, Any]) -> None:
         spool = up["spool"]
         age = "" if spool["oldest_age_s"] is None else f", oldest {_ago(spool['oldest_age_s'])}"
         node_spool = st.get("spool") or {}
-        dropped = (node_spool.get("readers") or {}).get("uplink", {}).get("dropped", 0)
-        lost = dropped + node_spool.get("refused", 0)
+        mine = (node_spool.get("readers") or {}).get("uplink", {})
+        # Said apart (exploratory test): events drop-oldest took, lost; publishers' events
+        # the full spool refused, which they were told of (node-wide: bridges' too); full.
+        dropped, refused = mine.get("dropped", 0), node_spool.get("refused", 0)
+        notes = "".join(
+            (
+                f"  [red]lost to overflow {dropped}[/]" if dropped else "",
+                f"  [yellow]refused {refused} (publishers told)[/]" if refused else "",
+                "  [red]FULL: refusing[/]" if mine.get("full") else "",
+            )
+        )
         out.print(
             f"[dim]uplink[/] {up['url']} {state}  sent {up['sent']}  received "
             f"{up['received']}  [dim]spool[/] {spool['entries']} events, {spool['bytes']} B"
-            f"{age}" + (f"  [red]lost to overflow {lost}[/]" if lost else "")
+            f"{age}{notes}"
         )
 
 

@@ -411,6 +411,12 @@ def test_a_full_spool_with_overflow_refuse_refuses_persistent_events(
     assert shown.returncode == 1
     assert "spool is full" in shown.stderr
     assert shown.stderr.strip().endswith("3 of 3 events refused, 0 stored"), shown.describe()
+    # The status said "lost to overflow N" for events refused (their publishers told), and
+    # nothing of the spool being full (exploratory test).
+    text = run_cli("status", server=edge.ipc).stdout
+    assert "FULL: refusing" in text
+    assert "publishers told" in text
+    assert "lost to overflow" not in text
 
 
 def test_a_full_spool_with_drop_oldest_keeps_the_newest(
