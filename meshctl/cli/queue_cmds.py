@@ -81,7 +81,10 @@ def queue_ls(
             print(dumps(row))
         return
     rows = escaped(rows)
-    t = Table("queue", "patterns", "depth", "bytes", "oldest", "consumers", "redelivered", box=None)
+    t = Table(  # named as in --json (it said "redelivered" for "redeliveries")
+        "queue", "patterns", "depth", "bytes", "oldest", "consumers", "redeliveries",
+        "dead lettered", box=None,
+    )  # fmt: skip
     for r in rows:
         oldest = "" if r["oldest_age_s"] is None else f"{r['oldest_age_s']:.1f}s"
         t.add_row(
@@ -92,6 +95,7 @@ def queue_ls(
             oldest,
             str(r["consumers"]),
             str(r["redeliveries"]),
+            str(r.get("dead_lettered", 0)),
         )
     out_console().print(t if rows else "no queues")
 
