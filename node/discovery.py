@@ -12,9 +12,11 @@ dialing only: a node proves membership in the link handshake, never by advertisi
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -75,6 +77,49 @@ def choose_addresses(wanted: tuple[str, ...], listen: str = "0.0.0.0") -> list[s
     if default and by_name.get(default):
         return [str(ip) for ip in by_name[default]]
     return sorted(str(ip) for ip in all_v4 if not str(ip).startswith("127."))
+
+
+def local_networks() -> tuple[set[str], list[ipaddress.IPv4Network]]:
+    """This host's IPv4 addresses, and the networks they are on."""
+    own: set[str] = {"127.0.0.1"}
+    nets: list[ipaddress.IPv4Network] = []
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if ip.is_IPv4:
+                own.add(str(ip.ip))
+                nets.append(ipaddress.IPv4Network(f"{ip.ip}/{ip.network_prefix}", strict=False))
+    return own, nets
+
+
+def pick_address(
+    addresses: list[str], same_port: bool, own: set[str], nets: list[ipaddress.IPv4Network]
+) -> str | None:
+    """Which of a peer's advertised addresses to dial: not one of this host's when the
+    peer listens on this node's port (two gateways with the same address on a second
+    card dialed themselves and never linked: lab test), one on a network this host is on
+    if any, else the first; None if every address is this node's own."""
+    theirs = [a for a in addresses if not (same_port and a in own)]
+    for a in theirs:
+        try:
+            ip = ipaddress.IPv4Address(a)
+        except ValueError:
+            continue
+        if any(ip in net for net in nets):
+            return a
+    return theirs[0] if theirs else None
+
+
+def wildcard_to_address(endpoint: str, wanted: tuple[str, ...] = ()) -> str:
+    """``endpoint`` with a wildcard host (0.0.0.0) replaced by an address other hosts can
+    dial: the one mDNS would advertise. The host name went into join tokens and link
+    addresses, and on a LAN it resolves to nothing or to the joiner itself (lab test)."""
+    if "://0.0.0.0:" not in endpoint:
+        return endpoint
+    try:
+        ours = choose_addresses(wanted)
+    except OSError:
+        ours = []
+    return endpoint.replace("0.0.0.0", ours[0] if ours else socket.gethostname())  # noqa: S104
 
 
 def instance_label(name: str) -> str:

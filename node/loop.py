@@ -12,7 +12,6 @@ import gc
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,8 +173,7 @@ class Node(SecureSide, DiscoverySide):
             raise OSError(f"cannot listen on {tcp}: {e.strerror}") from None
         self.endpoints.append(s.getsockopt_string(zmq.LAST_ENDPOINT))
         self.router.net.endpoints = tuple(
-            e.replace("0.0.0.0", socket.gethostname())  # noqa: S104 - a wildcard is no address
-            for e in self.endpoints
+            discovery.wildcard_to_address(e, self.config.interfaces) for e in self.endpoints
         )
         if ipc:
             self.endpoints.append(ipc)
@@ -417,10 +415,7 @@ class Node(SecureSide, DiscoverySide):
                 msg = recv(copy=False)
                 frame = msg.bytes
                 if frame[1:2] == _LINK_KIND:
-                    addresses = self.router.net.peer_addresses
-                    if len(addresses) > 1000:
-                        addresses.clear()
-                    addresses[ident] = str(msg.get("Peer-Address") or "")
+                    self.router.net.note_address(ident, str(msg.get("Peer-Address") or ""))
             if sock.getsockopt(zmq.RCVMORE):
                 while sock.getsockopt(zmq.RCVMORE):
                     recv()

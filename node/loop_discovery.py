@@ -41,6 +41,8 @@ class DiscoverySide:
     discovery: discovery.Discovery | None
     discovered: dict[str, dict[str, Any]]
     _pins: dict[str, str]
+    # This host's addresses and networks, read when discovery starts (pick_address).
+    _local_nets: tuple[set[str], list[Any]] = ({"127.0.0.1"}, [])
 
     def start_discovery(self) -> None:
         """Advertise and browse with mDNS on the configured (or default-route) interfaces."""
@@ -62,6 +64,7 @@ class DiscoverySide:
             pk="" if self.security is None else self.security.creds.public_text,
         )
         self.discovery.start()
+        self._local_nets = discovery.local_networks()
         self.dialers.changed = True  # re-poll with the discovery pipe
 
     def _read_discovery(self, now: float) -> None:
@@ -77,7 +80,11 @@ class DiscoverySide:
                 if d is not None and d.found == "mdns" and d.state != "up":
                     self.dialers.remove(d.url)
                 continue
-            url = f"tcp://{msg['addresses'][0]}:{msg['port']}"
+            same_port = msg["port"] == self.discovery.info.port
+            address = discovery.pick_address(msg["addresses"], same_port, *self._local_nets)
+            if address is None:  # every address it gives is this host's: ourselves, or a
+                continue  # copy of this host's setup that cannot be told apart from it
+            url = f"tcp://{address}:{msg['port']}"
             msg["url"] = url
             old = self.discovered.get(service)
             self.discovered[service] = msg
@@ -115,6 +122,12 @@ class DiscoverySide:
                 else:
                     self.router.net.drop_via(old["url"], "peer moved", now)
                     self.dialers.remove(old["url"])
+            known = self.dialers.by_url.get(url)
+            if known is not None and known.state != "up":
+                # Another node at that address now (restarted with a new data dir): its
+                # old id made the dialer miss the new node's inbound link and dial again,
+                # and the links were torn down and rebuilt (lab test).
+                known.peer_id = peer
             if url not in self.dialers.by_url:
                 log.info("mDNS: found %s (%s) at %s", msg["name"], peer, url)
                 # Both sides dial at once: a newcomer is advertised only after ~1.5 s of

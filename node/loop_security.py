@@ -95,6 +95,10 @@ class SecureSide:
             if kind == Kind.REVOKE and ident in self.router.net.by_via:
                 self._on_revoke_frame(frame, now)
                 continue
+            if kind == Kind.LINK and ident not in self.router.net.by_via:
+                # A node dialing us: its address as the socket saw it, for `peers` (secured
+                # nodes showed the peer's host name from its endpoints: lab test).
+                self.router.net.note_address(ident, str(msg.get("Peer-Address") or ""))
             if key and kind in _GUARDED and not self._admit(ident, key, kind, frame, msg, now):
                 continue
             handle(ident, frame, now)

@@ -245,6 +245,12 @@ class Mesh(StatesSide):
             partial=_partial(body),
         )
 
+    def note_address(self, via: bytes, ip: str) -> None:
+        """A node dialing us from ``ip`` (as the socket saw it), for its link's address."""
+        if len(self.peer_addresses) > 1000:
+            self.peer_addresses.clear()
+        self.peer_addresses[via] = ip
+
     def _inbound_address(self, via: bytes, state: NodeState) -> str:
         """The dialer's IP as the socket saw it, with the port it says it listens on."""
         ip = self.peer_addresses.pop(via, "")

@@ -187,7 +187,9 @@ def _local_url(where: Path) -> str:
         raise InputError(
             "no running node here to take the address from; pass --url tcp://HOST:PORT"
         )
-    return tcp[0].replace("0.0.0.0", socket.gethostname())  # noqa: S104
+    from node.discovery import wildcard_to_address  # noqa: PLC0415 - ifaddr, only here
+
+    return wildcard_to_address(tcp[0])
 
 
 def revoke(

@@ -56,6 +56,14 @@ def test_rogue_impersonator_and_revoked_node_never_link(
     lab.wait_ready(2)
     lab.wait_links(1, {"h2"}, timeout=15)
     lab.wait_links(2, {"h1"}, timeout=15)
+    # Found in a lab test: a secured node showed an inbound peer at the peer's host name
+    # (from its endpoints), not at the address it connected from; and `invite` without
+    # --url put the host name in the token, which another host cannot dial.
+    (row,) = lab.view(1, "peers")
+    assert (row["found"], row["address"]) == ("inbound", f"tcp://{lab.lab.addr(2)}:4850")
+    from node.membership import Token
+
+    assert Token.decode(admin(lab, "invite")).url == f"tcp://{lab.lab.addr(1)}:4850"
 
     # h3: a rogue with its own credentials and our mesh name. h4: an impersonator of h2
     # with h2's node id, name and signed record (copied), but its own CurveZMQ key.
