@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from meshctl.errors import InputError, NoResponders, RemoteError, Timeout, Unreachable
 from meshctl.url import resolve_server
@@ -1046,6 +1045,10 @@ def _handshake_failure(monitor: zmq.Socket[bytes], failed: str) -> tuple[bool, s
     """(refused for good, why) from the socket monitor's handshake failures so far. Only
     the node's refusal of our key is final; a broken handshake may be a node restarting,
     so it only explains a timeout."""
+    # Here, not at the top: it imports asyncio (~45 ms), which every `meshctl` command
+    # and every node start paid for, and only a client with credentials needs it.
+    from zmq.utils.monitor import recv_monitor_message  # noqa: PLC0415
+
     while monitor.poll(0):
         event = recv_monitor_message(monitor)["event"]
         if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:

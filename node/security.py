@@ -34,7 +34,6 @@ from typing import Any, Final
 
 import zmq
 import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from node import datadir
 from node import membership as ms
@@ -326,7 +325,7 @@ class Security:
         self.node_id = node_id
         self.log = log
         self.policy = _KeyPolicy()
-        self.auth: ThreadAuthenticator | None = None
+        self.auth: Any = None  # zmq.auth.thread.ThreadAuthenticator once started
         self.revoked: set[str] = set()  # curve keys and "node:<id>"
         self.revocations: list[dict[str, Any]] = []
         self.rejected: dict[str, dict[str, Any]] = {}
@@ -353,6 +352,9 @@ class Security:
     # ---- sockets -----------------------------------------------------------------------
 
     def start(self, ctx: zmq.Context[Any]) -> None:
+        # Imported here: it brings asyncio (~15 ms), which every `meshctl` command paid.
+        from zmq.auth.thread import ThreadAuthenticator  # noqa: PLC0415
+
         self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("meshctl.zap"))
         self.auth.start()
         self.auth.configure_curve_callback(domain=ZAP_DOMAIN, credentials_provider=self.policy)
