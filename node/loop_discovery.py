@@ -123,10 +123,11 @@ class DiscoverySide:
                     self.router.net.drop_via(old["url"], "peer moved", now)
                     self.dialers.remove(old["url"])
             known = self.dialers.by_url.get(url)
-            if known is not None and known.state != "up":
+            if known is not None and known.found == "mdns" and known.state != "up":
                 # Another node at that address now (restarted with a new data dir): its
                 # old id made the dialer miss the new node's inbound link and dial again,
-                # and the links were torn down and rebuilt (lab test).
+                # and the links were torn down and rebuilt (lab test). Not a static link's:
+                # an advertisement naming a linked id there would stop it for good (review).
                 known.peer_id = peer
             if url not in self.dialers.by_url:
                 log.info("mDNS: found %s (%s) at %s", msg["name"], peer, url)

@@ -83,7 +83,7 @@ def queue_ls(
     rows = escaped(rows)
     t = Table(  # named as in --json (it said "redelivered" for "redeliveries")
         "queue", "patterns", "depth", "bytes", "oldest", "consumers", "redeliveries",
-        "dead lettered", box=None,
+        "dead", box=None,
     )  # fmt: skip
     for r in rows:
         oldest = "" if r["oldest_age_s"] is None else f"{r['oldest_age_s']:.1f}s"

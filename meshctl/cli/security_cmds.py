@@ -179,7 +179,12 @@ def _local_url(where: Path) -> str:
 
     try:
         with connect(f"ipc://{where / datadir.IPC_FILE}", name="meshctl invite") as c:
-            endpoints = c.status().get("endpoints", [])
+            # As the node gives them to the mesh: 0.0.0.0 already made an address on its
+            # mDNS interfaces (the CLI's own guess ignored mesh.interfaces: review).
+            nodes = c.view("mesh").get("nodes", [])
+            endpoints: list[str] = next(
+                (n.get("endpoints", []) for n in nodes if n.get("self")), []
+            )
     except Exception:
         endpoints = []
     tcp = [e for e in endpoints if e.startswith("tcp://")]
