@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from node.codec import NODE_ID_BYTES, Kind, encode_control, encode_targets
 from node.mesh_states import Interest, StatesSide
-from node.routing import MeshRoute, MeshTable, NodeState
+from node.routing import CAPTURE, MeshRoute, MeshTable, NodeState
 
 PROTO: Final = 1
 REFUSALS_LOGGED: Final = 20  # link refusals logged one by one, then every 1000th
@@ -419,15 +419,19 @@ class Mesh(StatesSide):
 
     # ---- forwarding --------------------------------------------------------------------------
 
-    def plan(self, topic: str, local_groups: set[str]) -> Plan:
-        """Which links an event on ``topic`` published here leaves by (cacheable)."""
+    def plan(self, topic: str, local_groups: set[str], *, stored: bool = False) -> Plan:
+        """Which links an event on ``topic`` published here leaves by (cacheable).
+        ``stored``: the plan of a persistent event, which also goes to the nodes whose
+        queues capture the topic; other events (requests too) do not, since nothing there
+        would take them."""
         route = self.table.route(topic)
-        if route.plain == () and route.groups == ():
+        plain = tuple(sorted(route.plain + route.stored)) if stored else route.plain
+        if plain == () and route.groups == ():
             return NO_PLAN
         groups = [(g, nodes) for g, nodes in route.groups if g not in local_groups]
         if groups:
-            return Plan([], route.plain, groups, [0] * len(groups))
-        return Plan(self._split([(n, ()) for n in route.plain], 0), route.plain, [])
+            return Plan([], plain, groups, [0] * len(groups))
+        return Plan(self._split([(n, ()) for n in plain], 0), plain, [])
 
     def inbox_plan(self, node_id: str) -> Plan:
         """Replies go straight to the requester's node, never announced as interest."""
@@ -563,7 +567,8 @@ class Mesh(StatesSide):
                 {
                     "node": node,
                     "name": names.get(node, node),
-                    "group": group,
+                    "group": None if group == CAPTURE else group,
+                    "queues": group == CAPTURE,  # persistent events only, to store
                     "reachable": bool(path),
                     "path": [names.get(h, h) for h in path],
                 }
@@ -573,7 +578,12 @@ class Mesh(StatesSide):
             "local": local,
             "remote": remote,
             "copies": [
-                {"next_hop": names.get(h, h), "nodes": [names.get(n, n) for n in ns]}
+                {
+                    "next_hop": names.get(h, h),
+                    "nodes": [names.get(n, n) for n in ns],
+                    # of those, nodes that get only persistent events, for their queues
+                    "queues_only": [names.get(n, n) for n in ns if n in route.stored],
+                }
                 for h, ns in self._copies(route)
             ],
             "groups": [
@@ -583,7 +593,7 @@ class Mesh(StatesSide):
 
     def _copies(self, route: MeshRoute) -> list[tuple[str, list[str]]]:
         by_hop: dict[str, list[str]] = {}
-        for node in route.plain:
+        for node in route.plain + route.stored:
             hop = self.table.next_hop(node)
             if hop is not None:
                 by_hop.setdefault(hop, []).append(node)

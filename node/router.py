@@ -39,7 +39,7 @@ from node.framing import MAX_FRAME_BYTES, frames_counted, link_frames
 from node.mesh import NO_PLAN, Mesh, Plan, Via
 from node.router_durable import DURABLE_FLAGS, DurableOut, DurableSide
 from node.router_mesh import MeshSide
-from node.routing import announced
+from node.routing import CAPTURE, announced
 from node.sessions import (
     MAX_GROUP_NAME,
     Acl,
@@ -144,7 +144,7 @@ class Router(MeshSide, DurableSide):
         if durable is not None:
             for q in durable.queues.by_name.values():
                 for p in q.patterns:
-                    self._count_interest((p, None), +1)
+                    self._count_interest((p, CAPTURE), +1)
         self.net = Mesh(
             node_id=node_id,
             name=name,
@@ -658,6 +658,15 @@ class Router(MeshSide, DurableSide):
         self._cache[topic_b] = route
         return route
 
+    def _shared_plan(self, plan: Plan) -> Plan:
+        """One Plan object per set of static copies, so that the hot loop can tell by
+        identity that consecutive records leave the same way (a run)."""
+        if not plan.static or plan.groups:  # grouped plans keep per-topic turns
+            return plan
+        if len(self._plans) >= ROUTE_CACHE_SIZE:
+            self._plans.clear()
+        return self._plans.setdefault((plan.plain, tuple(plan.static)), plan)
+
     def _route_for(self, topic: str) -> Route:
         plain: list[tuple[bytes, bytes]] = []
         grouped: dict[str, list[tuple[bytes, bytes]]] = {}
@@ -667,6 +676,7 @@ class Router(MeshSide, DurableSide):
             else:
                 grouped.setdefault(sub.group, []).append((sub.client, sub.prefix))
         plan = NO_PLAN
+        stored_plan = None  # the same as plan unless a queue elsewhere captures the topic
         if topic.startswith(INBOX_PREFIX + "/"):
             target = self._inbox_target(topic)
             if target is not None and target not in plain:
@@ -674,11 +684,9 @@ class Router(MeshSide, DurableSide):
             elif target is None:
                 plan = self._inbox_plan(topic)
         else:
-            plan = self.net.plan(topic, set(grouped))
-            if plan.static and not plan.groups:  # grouped plans keep per-topic turns
-                if len(self._plans) >= ROUTE_CACHE_SIZE:
-                    self._plans.clear()
-                plan = self._plans.setdefault((plan.plain, tuple(plan.static)), plan)
+            plan = self._shared_plan(self.net.plan(topic, set(grouped)))
+            if self.net.table.route(topic).stored:  # a queue elsewhere captures the topic
+                stored_plan = self._shared_plan(self.net.plan(topic, set(grouped), stored=True))
         # Sorted so the round-robin order does not depend on set iteration order.
         turns = self._turns
         if len(turns) > 100_000:
@@ -691,7 +699,8 @@ class Router(MeshSide, DurableSide):
         if durable is None or topic.startswith(INBOX_PREFIX + "/"):
             return Route(plain, groups, plan)
         queues = list(durable.queues.trie.match(topic))
-        return Route(plain, groups, plan, durable.wants_log(topic), queues)
+        log = durable.wants_log(topic)
+        return Route(plain, groups, plan, log, queues, stored_plan)
 
     def _others_answer(self, ident: bytes, frame: bytes) -> bool:
         """True for a bridge's "no responders" (its remote side had none) to a request

@@ -13,6 +13,7 @@ from node.codec import F_PERSISTENT, F_RETAIN, RECORD_SIZE, Kind, with_flags
 from node.errors import CodecError
 from node.mesh import NO_PLAN
 from node.queues import read_refused
+from node.routing import CAPTURE
 from node.sessions import Client, Route, SubRef
 
 log = logging.getLogger("meshctl.node")
@@ -104,9 +105,9 @@ class DurableSide:
     def queue_interest(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         """A queue's patterns changed: the mesh must route its events here (or stop)."""
         for p in old:
-            self._count_interest((p, None), -1)
+            self._count_interest((p, CAPTURE), -1)
         for p in new:
-            self._count_interest((p, None), +1)
+            self._count_interest((p, CAPTURE), +1)
         self._cache.clear()
 
     def _durable_pub(self, ident: bytes, rec: bytes, topic_b: bytes, route: Route) -> bytes | None:
@@ -136,8 +137,8 @@ class DurableSide:
     def route_record(self, ident: bytes, rec: bytes, route: Route) -> None:
         """Route one record as the hot loop does (the slow path: committed events)."""
         rec = live_copy(rec)
-        if route.plan is not NO_PLAN:
-            self._forward(route.plan, rec)
+        if route.stored_plan is not NO_PLAN:  # persistent: queues elsewhere want it too
+            self._forward(route.stored_plan, rec)
         pending = self._pending
         for dest, prefix in route.plain:
             pending.setdefault(dest, []).extend((prefix, rec))

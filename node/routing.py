@@ -22,6 +22,12 @@ from node.topics import INBOX_PREFIX, SubscriptionTrie
 
 MAX_HOPS: Final = 16
 MAX_GROUP_BYTES: Final = 64
+# The "group" of a durable queue's pattern: the node wants the persistent events on it,
+# to store, but has no subscriber that would answer a request or take a direct event. A
+# client's group name cannot hold a "/", so no group is mistaken for it; a node that
+# predates it takes it for a group of one member, and forwards persistent events there
+# as it did.
+CAPTURE: Final = "/queues"
 
 
 def _interest_order(entry: tuple[str, str | None]) -> tuple[str, str]:
@@ -156,6 +162,7 @@ class MeshRoute:
 
     plain: tuple[str, ...]  # nodes with a plain subscription
     groups: tuple[tuple[str, tuple[str, ...]], ...]  # (group, nearest member nodes)
+    stored: tuple[str, ...] = ()  # other nodes with a queue that captures the topic
 
 
 EMPTY_ROUTE: Final = MeshRoute((), ())
@@ -301,12 +308,14 @@ class MeshTable:
     # ---- interest ------------------------------------------------------------------------
 
     def route(self, topic: str) -> MeshRoute:
-        """Other reachable nodes that want ``topic``: plain ones, and per group the nearest."""
+        """Other reachable nodes that want ``topic``: plain ones, per group the nearest, and
+        those whose queues capture it (persistent events only)."""
         cached = self._routes.get(topic)
         if cached is not None:
             return cached
         paths = self.paths()
         plain: set[str] = set()
+        stored: set[str] = set()
         groups: dict[str, list[tuple[int, str]]] = {}
         for node, group in self._trie.match(topic):
             hop = paths.get(node)
@@ -314,13 +323,20 @@ class MeshTable:
                 continue
             if group is None:
                 plain.add(node)
+            elif group == CAPTURE:
+                stored.add(node)
             else:
                 groups.setdefault(group, []).append((hop[0], node))
         grouped = []
         for name, members in sorted(groups.items()):
             nearest = min(d for d, _ in members)
             grouped.append((name, tuple(sorted(n for d, n in members if d == nearest))))
-        route = MeshRoute(tuple(sorted(plain)), tuple(grouped)) if plain or grouped else EMPTY_ROUTE
+        stored -= plain  # a plain subscriber's node gets every event anyway
+        route = (
+            MeshRoute(tuple(sorted(plain)), tuple(grouped), tuple(sorted(stored)))
+            if plain or grouped or stored
+            else EMPTY_ROUTE
+        )
         if len(self._routes) > 65536:
             self._routes.clear()
         self._routes[topic] = route

@@ -87,7 +87,7 @@ class Route:
     group, and the mesh plan for other nodes; whether the log keeps it and which durable
     queues capture it (when persistent)."""
 
-    __slots__ = ("groups", "log", "plain", "plan", "queues", "relay")
+    __slots__ = ("groups", "log", "plain", "plan", "queues", "relay", "stored_plan")
 
     def __init__(
         self,
@@ -96,12 +96,15 @@ class Route:
         plan: Plan = NO_PLAN,
         log: int = 0,
         queues: list[Queue] | None = None,
+        stored_plan: Plan | None = None,
     ) -> None:
         self.plain = plain
         self.groups = groups
         self.plan = plan
         self.log = log
         self.queues = queues or []
+        # A persistent event's plan: ``plan`` and the nodes whose queues capture the topic.
+        self.stored_plan = plan if stored_plan is None else stored_plan
         # The plan, when all a non-persistent event on this topic needs is to go on along
         # fixed links: nothing here, no group choice, not logged. The first hop of a
         # stream then only finds where each record ends (Router._on_pub).

@@ -44,7 +44,9 @@ def view(router: Router, body: dict[str, Any], now: float) -> dict[str, Any]:
             }
             for s in router.trie.match(topic)
         ]
-        return router.net.explain(topic, subs) | {"local_groups": groups}
+        durable = router.durable
+        queues = [] if durable is None else sorted(q.name for q in durable.queues.trie.match(topic))
+        return router.net.explain(topic, subs) | {"local_groups": groups, "local_queues": queues}
     if what != "status":  # answered with the status, a misspelt view looked like one
         return {"error": f"no view {str(what)[:40]!r}: status, peers, mesh or routes"}
     return status(router, now)

@@ -99,19 +99,28 @@ def routes(
     view = escaped(view)
     out = out_console()
     out.print(f"[bold]{escape(topic)}[/]")
-    if not view["local"] and not view["remote"]:
+    queues = view.get("local_queues", [])
+    if not view["local"] and not any(not r.get("queues") for r in view["remote"]):
+        stored = " but persistent ones are stored," if queues or view["remote"] else ""
         out.print(
-            "  no subscriber anywhere in the mesh: events are dropped, requests get 'no responders'"
+            f"  no subscriber anywhere in the mesh: events are dropped,{stored} "
+            "requests get 'no responders'"
         )
     for s in view["local"]:
         kind = f"group {s['group']}" if s["group"] else "plain"
         out.print(f"  this node: client {s['client']} ({kind}) {', '.join(s['patterns'])}")
+    for q in queues:
+        out.print(f"  this node: queue {q} (persistent events)")
     for r in view["remote"]:
         kind = f"group {r['group']}" if r["group"] else "plain"
+        if r.get("queues"):
+            kind = "queues: persistent events"
         path = " → ".join(r["path"]) if r["reachable"] else "[red]unreachable[/]"
         out.print(f"  {r['name']} ({kind}): {path}")
     for c in view["copies"]:
-        out.print(f"  one copy via {c['next_hop']} for {', '.join(c['nodes'])}")
+        only = set(c.get("queues_only", ()))
+        nodes = [f"{n} (persistent events only)" if n in only else n for n in c["nodes"]]
+        out.print(f"  one copy via {c['next_hop']} for {', '.join(nodes)}")
     for g in view["groups"]:
         if g["group"] not in view.get("local_groups", {}):
             out.print(f"  group {g['group']}: one of {', '.join(g['nearest'])} (nearest)")

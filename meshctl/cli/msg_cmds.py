@@ -333,7 +333,9 @@ def sub(
 
 
 def tail(
-    pattern: Annotated[str, typer.Argument(help="Pattern to watch [default: everything].")] = ">",
+    pattern: Annotated[
+        str, typer.Argument(help="Pattern to watch \\[default: everything].", show_default=False)
+    ] = ">",
     system: Annotated[
         bool, typer.Option("--system", "-S", help="Also show the mesh's own $mesh/... events.")
     ] = False,

@@ -478,7 +478,7 @@ def config_init(
     path: Annotated[
         Path | None,
         typer.Argument(
-            help="Where to write; '-' for stdout [default: ~/.config/meshctl/meshctl.toml]",
+            help="Where to write; '-' for stdout \\[default: ~/.config/meshctl/meshctl.toml]",
             show_default=False,
         ),
     ] = None,

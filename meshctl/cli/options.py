@@ -28,7 +28,7 @@ ServerOpt = Annotated[
         envvar="MESHCTL_SERVER",
         show_default=False,
         help="Node to talk to: tcp://host:port, host:port, ipc:///path or a node's data dir "
-        "[default: the local node]",
+        "\\[default: the local node]",
     ),
 ]
 
@@ -59,7 +59,7 @@ ConfigOpt = Annotated[
         "-c",
         envvar="MESHCTL_CONFIG",
         show_default=False,
-        help="TOML config file [default: ~/.config/meshctl/meshctl.toml if present]",
+        help="TOML config file \\[default: ~/.config/meshctl/meshctl.toml if present]",
     ),
 ]
 DataDirOpt = Annotated[
@@ -69,7 +69,7 @@ DataDirOpt = Annotated[
         "-d",
         envvar="MESHCTL_DATA_DIR",
         show_default=False,
-        help="Node data directory [default: ~/.local/share/meshctl]",
+        help="Node data directory \\[default: ~/.local/share/meshctl]",
     ),
 ]
 HeaderOpt = Annotated[

@@ -36,7 +36,7 @@ def queue_add(
             parser=duration,
             metavar="DURATION",
             show_default=False,
-            help="Redeliver after this [default: 30s; an existing queue keeps its own].",
+            help="Redeliver after this \\[default: 30s; an existing queue keeps its own].",
         ),
     ] = None,
     max_deliver: Annotated[
@@ -45,7 +45,8 @@ def queue_add(
             "--max-deliver",
             min=1,
             show_default=False,
-            help="Deliveries before dead-lettering [default: 5; an existing queue keeps its own].",
+            help="Deliveries before dead-lettering "
+            "\\[default: 5; an existing queue keeps its own].",
         ),
     ] = None,
     server: ServerOpt = None,

@@ -69,7 +69,7 @@ def invite(
     url: Annotated[
         str | None,
         typer.Option(
-            help="Address joiners dial, tcp://HOST:PORT [default: the local node's endpoint]",
+            help="Address joiners dial, tcp://HOST:PORT \\[default: the local node's endpoint]",
             show_default=False,
         ),
     ] = None,

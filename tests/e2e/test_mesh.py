@@ -428,6 +428,23 @@ def test_a_queue_captures_persistent_events_published_on_another_node(mesh: Mesh
     got = [consumer.next(timeout=2) for _ in range(100)]
     assert [e.data for e in got] == [str(i).encode() for i in range(100)]
     assert all(e.deliveries == 1 for e in got)
+    # A queue is no responder: a request on its topics from A is answered "no responders"
+    # by A at once, as it is on C (it waited out its timeout); and only the persistent
+    # events travelled to C, the direct ones had nowhere to go there.
+    start = time.monotonic()
+    with pytest.raises(NoResponders):
+        pub.request("orders/1", b"?", timeout=2)
+    assert time.monotonic() - start < 0.5
+    assert mesh.view("C", "status")["counters"]["forwarded_in"] == 100
+    on_a = mesh.nodes["A"].ipc
+    explained = json.loads(run_cli("routes", "orders/1", "--json", server=on_a).stdout)
+    assert [(r["name"], r["queues"]) for r in explained["remote"]] == [("C", True)]
+    assert explained["copies"][0]["queues_only"] == ["C"]
+    text = run_cli("routes", "orders/1", server=on_a).stdout
+    assert "C (queues: persistent events): B → C" in text
+    assert "but persistent ones are stored" in text
+    here = run_cli("routes", "orders/1", server=mesh.nodes["C"].ipc).stdout
+    assert "this node: queue orders (persistent events)" in here
 
 
 def test_retained_values_reach_new_subscribers_on_any_node_even_nodes_that_join_later(

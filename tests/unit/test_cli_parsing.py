@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -245,3 +246,32 @@ def test_a_bare_name_that_is_a_directory_here_is_a_data_dir(
     (tmp_path / "stopped").mkdir()
     (tmp_path / "stopped" / "node_id").write_text("aa" * 8 + "\n")
     assert resolve_server("stopped") == "ipc://stopped/node.sock"
+
+
+# ---- help texts -----------------------------------------------------------------------------
+
+
+def _all_params() -> list[tuple[str, str]]:
+    """(command path, help text) of every option and argument of every command."""
+    from meshctl.cli import app
+
+    out: list[tuple[str, str]] = []
+
+    def walk(cmd: Any, path: str) -> None:  # typer's own (vendored) click Command
+        out.extend((f"{path} {p.name}", getattr(p, "help", None) or "") for p in cmd.params)
+        for name, sub in getattr(cmd, "commands", {}).items():
+            walk(sub, f"{path} {name}")
+
+    walk(typer.main.get_command(app), "meshctl")
+    return out
+
+
+def test_help_texts_escape_their_brackets() -> None:
+    """Help is rich markup: an unescaped "[default: 30s]" is taken for a style tag and
+    vanishes, so `queue add --help` read "Redeliver after this ." (exploratory read)."""
+    import re
+
+    params = _all_params()
+    assert len(params) > 100
+    unescaped = [(where, text) for where, text in params if re.search(r"(?<!\\)\[[a-z]", text)]
+    assert unescaped == []

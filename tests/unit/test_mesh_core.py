@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from node.codec import Kind, decode_control, decode_targets
 from node.mesh import FORGET_AFTER, MAX_HOPS_FORWARD, NO_PLAN, PROTO, Mesh, Via
-from node.routing import NodeState
+from node.routing import CAPTURE, NodeState
 
 MESH = "m"
 A, B, C, D, E = (f"{c}000000000000000" for c in "abcde")
@@ -728,6 +728,37 @@ def test_plan_makes_one_copy_per_next_hop() -> None:
     assert copies(plan.static) == [
         (via_a, 0, [(C, ()), (E, ())]),
         (via_b, 0, [(D, ())]),
+    ]
+
+
+def test_a_queues_node_gets_persistent_events_only() -> None:
+    """B's queue captures "t" (and so does D's, which also has a subscriber): a direct
+    event or a request does not go to B, where nothing would take it; a persistent one
+    does. A node with a subscriber is not named twice."""
+    hub, via_a, via_b = hub_with_two_branches()
+    hub.mesh.on_states(
+        via_b,
+        {
+            "states": [
+                state(B, [S, D], [("t", CAPTURE)], version=2).to_json(),
+                state(D, [B], [("t", None), ("t", CAPTURE)], version=2).to_json(),
+            ]
+        },
+        0.0,
+    )
+    assert hub.mesh.table.route("t").stored == (B,)
+    assert hub.mesh.plan("t", {"g"}).plain == (C, D, E)
+    stored = hub.mesh.plan("t", {"g"}, stored=True)
+    assert stored.plain == (B, C, D, E)
+    assert copies(stored.static) == [
+        (via_a, 0, [(C, ()), (E, ())]),
+        (via_b, 0, [(B, ()), (D, ())]),
+    ]
+    assert hub.mesh.plan("u", set(), stored=True) is NO_PLAN
+    shown = hub.mesh.explain("t", [])
+    assert [(r["name"], r["group"], r["queues"]) for r in shown["remote"] if r["queues"]] == [
+        (NAMES[B], None, True),
+        (NAMES[D], None, True),
     ]
 
 
