@@ -368,8 +368,10 @@ class MqttBridge(Bridge):
                 self._drain_imports(sock, mqtt_topic_to_mesh)
                 self._send_notices(sock)
         finally:
-            client.loop_stop()
+            # DISCONNECT first: it wakes paho's network thread, which loop_stop() alone
+            # left to its 1 s select timeout (a second added to every node's stop).
             client.disconnect()
+            client.loop_stop()
             sock.close(linger=0)
             if self.spool is not None:
                 self.spool.close()

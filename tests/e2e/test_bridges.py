@@ -44,6 +44,8 @@ def _broker_helpers() -> None:
         unavailable(f"broker helpers not found at {LAB_DIR} (../shared/lab, or MESH_LAB_DIR)")
 
 
+# Tests take the broker's fixture before make_node, so that their nodes stop before their
+# broker: a node whose bridge's broker is gone stops within paho's 1 s reconnect wait.
 @pytest.fixture
 def mosquitto() -> Iterator[int]:
     need_binary("mosquitto")
@@ -95,8 +97,8 @@ class MqttPeer:
         self.client.publish(topic, data, qos=1).wait_for_publish(5)
 
     def close(self) -> None:
+        self.client.disconnect()  # first: it wakes the network thread loop_stop() joins
         self.client.loop_stop()
-        self.client.disconnect()
 
 
 def drain(sub: Any, timeout: float = 0.7) -> list[Any]:
@@ -109,7 +111,7 @@ def drain(sub: Any, timeout: float = 0.7) -> list[Any]:
 
 
 def test_mqtt_both_ways_with_overlapping_patterns_and_no_loop(
-    make_node: NodeFactory, mosquitto: int
+    mosquitto: int, make_node: NodeFactory
 ) -> None:
     node = bridged_node(
         make_node,
@@ -146,12 +148,17 @@ export = ["sensors/>"]
         (bridge,) = node.status()["bridges"]
         assert bridge["imported"] == 20
         assert bridge["exported"] == 20
+        # With its bridge up the node stops at once: it took a second, paho's network
+        # thread waiting out its select timeout before it saw the stop.
+        t = time.monotonic()
+        assert node.stop(timeout=5) == 0
+        assert time.monotonic() - t < 0.5
     finally:
         peer.close()
 
 
 def test_an_mqtt_retained_message_is_retained_in_the_mesh_too(
-    make_node: NodeFactory, mosquitto: int
+    mosquitto: int, make_node: NodeFactory
 ) -> None:
     """Found by an exploratory test: the bridge dropped the retain flag, so a late mesh
     subscriber did not get the broker's last value (mosquitto's own bridges carry it)."""
@@ -193,7 +200,7 @@ def two_gateways(make_node: NodeFactory, kind: str, urls: tuple[str, str]) -> li
 
 @pytest.mark.parametrize("spelling", ["same", "other"])
 def test_two_gateways_on_one_mqtt_broker_do_not_loop(
-    make_node: NodeFactory, mosquitto: int, spelling: str
+    mosquitto: int, make_node: NodeFactory, spelling: str
 ) -> None:
     """Found by an exploratory test: two nodes bridging the same tree to one broker sent
     one message round for ever (452 copies in 3 s): each exported what the other had
@@ -219,7 +226,7 @@ def test_two_gateways_on_one_mqtt_broker_do_not_loop(
 
 
 def test_two_gateways_on_one_nats_server_do_not_loop(
-    make_node: NodeFactory, nats_port: int
+    nats_port: int, make_node: NodeFactory
 ) -> None:
     import nats
 
@@ -243,7 +250,7 @@ def test_two_gateways_on_one_nats_server_do_not_loop(
 
 
 def test_nats_cannot_publish_into_the_meshs_reserved_topics(
-    make_node: NodeFactory, nats_port: int
+    nats_port: int, make_node: NodeFactory
 ) -> None:
     """Found by an exploratory test: NATS '>' matches '$...' subjects, and a NATS client
     published $mesh/node/down (or a reply to a pending request) into the mesh."""
@@ -308,7 +315,7 @@ def test_nats_credentials_in_the_url_and_a_wrong_password_said(make_node: NodeFa
         lh.stop_pid(server)
 
 
-def test_nats_pub_sub_both_ways(make_node: NodeFactory, nats_port: int) -> None:
+def test_nats_pub_sub_both_ways(nats_port: int, make_node: NodeFactory) -> None:
     import nats
 
     node = bridged_node(
@@ -353,7 +360,7 @@ local_prefix = ""
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["direct", "persistent"])
 def test_an_export_over_the_nats_max_payload_is_counted_and_the_rest_goes_on(
-    make_node: NodeFactory, nats_port: int, persistent: bool
+    nats_port: int, make_node: NodeFactory, persistent: bool
 ) -> None:
     """Found in review: nats-py raises for a payload over the server's max_payload (1 MB
     by default; the mesh allows more). A direct export ended the bridge's thread; a
@@ -490,7 +497,7 @@ export = ["out/>"]
 
 
 def test_request_reply_across_the_nats_bridge_both_ways(
-    make_node: NodeFactory, nats_port: int, bg: Any
+    nats_port: int, make_node: NodeFactory, bg: Any
 ) -> None:
     import nats
     import nats.errors

@@ -159,8 +159,10 @@ def paho() -> Iterator[Clients]:
     clients = Clients()
     yield clients
     for c in clients:
-        c.client.loop_stop()
+        # DISCONNECT first: it wakes paho's network thread, which loop_stop() alone left
+        # to its 1 s select timeout (1 s a client, most of these tests' teardown).
         c.client.disconnect()
+        c.client.loop_stop()
 
 
 class Raw:
