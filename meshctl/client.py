@@ -239,7 +239,7 @@ class Client:
         self._replies: dict[str, list[Event]] = {}
         self._no_responders: set[str] = set()
         self._rcvtimeo = -1
-        self._last_rx = time.monotonic()
+        self._last_rx = self._heard_at = time.monotonic()
         self._topic_names: dict[bytes, str] = {}
         self._unacked: dict[bytes, bytes] = {}  # persistent event id -> record, in order
         self._persist_errors: list[RemoteError] = []
@@ -501,6 +501,14 @@ class Client:
     def published(self) -> int:
         """Events whose ``publish`` returned (handed to the socket, not yet stored)."""
         return self._seq - self._failed
+
+    @property
+    def silence(self) -> float:
+        """Seconds since the node was last heard from, as of the client's last wait for
+        frames. A live node is heard at least every ~1.5 s (it probes quiet clients), so
+        several seconds mean it is gone or stuck; the client keeps waiting for it and
+        resumes by itself when it answers (``meshctl sub`` says so on stderr)."""
+        return time.monotonic() - self._heard_at
 
     @property
     def bad_deliveries(self) -> int:
@@ -906,7 +914,7 @@ class Client:
                         sock.send(_KEEPALIVE_PING, zmq.NOBLOCK)
                 if deadline is not None and now >= deadline:
                     return False
-        self._last_rx = time.monotonic()
+        self._last_rx = self._heard_at = time.monotonic()
         self._dispatch(frame)
         events = cast("Callable[[int], int]", sock.getsockopt)  # EVENTS is an int option
         recv = sock.recv

@@ -24,6 +24,7 @@ from meshctl.cli.options import (
     positive_duration,
 )
 from meshctl.cli.output import dumps, event_json, iso_time, note, out_console, preview, write_line
+from meshctl.cli.watch import NodeWatch
 from meshctl.client import Client, connect
 from meshctl.errors import (
     InputError,
@@ -314,12 +315,13 @@ def sub(
             for p in patterns:
                 note(f"subscribed: {p}")
         received = 0
+        watch = NodeWatch(client)
         try:
             while count is None or received < count:
                 if not subscription.queue:
                     sys.stdout.flush()
                 try:
-                    event = subscription.next(timeout)
+                    event = watch.next(subscription, timeout)
                 except Timeout:
                     raise Timeout(f"no event within {timeout:g}s (received {received})") from None
                 _render(event, json_out, raw)
@@ -351,9 +353,10 @@ def tail(
         subscription = client.subscribe(*patterns)
         note(f"tailing {' '.join(patterns)} on {client.server} (Ctrl-C to stop)")
         seen = 0
+        watch = NodeWatch(client)
         try:
             while count is None or seen < count:
-                event = subscription.next()
+                event = watch.next(subscription)
                 seen += 1
                 now = time.monotonic()
                 if not event.retained:  # a stored last value is not traffic (exploratory test)
@@ -447,9 +450,10 @@ def reply(
         subscription = client.subscribe(pattern, group=group)
         note(f"subscribed: {pattern}")
         answered = 0
+        watch = NodeWatch(client)
         try:
             while count is None or answered < count:
-                request = subscription.next()
+                request = watch.next(subscription)
                 if request.reply_to is None:
                     continue  # a plain event on the topic, not a request
                 if command is not None:

@@ -207,3 +207,26 @@ def test_unsubscribe_as_the_first_call_after_a_node_restart(
     assert subscriptions_of(admin, "app") == 0
     client.close()
     admin.close()
+
+
+def test_a_silent_node_is_told_on_stderr_and_so_is_its_return(
+    make_node: NodeFactory, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`meshctl sub` (and tail, reply) whose node was killed waited for ever without a
+    word, as if the topic were merely quiet. The wait now says when the node falls silent
+    and when it answers again (the CLI waits 5 s; 1.5 here)."""
+    from meshctl.cli.watch import NodeWatch
+
+    node = make_node()
+    with connect(node.ipc, name="watcher") as client, connect(node.ipc) as pub:
+        sub = client.subscribe("w/>")
+        watch = NodeWatch(client, silent_after=1.5)
+        with pytest.raises(Timeout):
+            watch.next(sub, 1.2)  # quiet but alive: the node is heard, nothing is said
+        assert capfd.readouterr().err == ""
+        with stopped(node), pytest.raises(Timeout):
+            watch.next(sub, 2.2)
+        assert "has not answered for 2s: waiting for it" in capfd.readouterr().err
+        pub.publish("w/1", b"back")
+        assert watch.next(sub, 5).data == b"back"
+        assert "answers again" in capfd.readouterr().err
