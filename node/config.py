@@ -554,9 +554,11 @@ _SECTIONS: Final = tuple(dict.fromkeys(f.section for f in FIELDS))
 
 
 def load_config(text: str, *, source: str = "<string>") -> NodeConfig:
-    """Parse TOML text into a NodeConfig; ConfigError names the key on any problem."""
+    """Parse TOML text into a NodeConfig; ConfigError names the key on any problem. A
+    leading byte-order mark (Notepad writes one) is skipped: TOML parsers refuse it, as
+    "Invalid statement (at line 1, column 1)" in a file that looks right."""
     try:
-        doc = tomllib.loads(text)
+        doc = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(source, "", f"not valid TOML: {e}") from None
     values: dict[str, Any] = {}

@@ -490,6 +490,8 @@ def config_init(
         sys.stdout.write(text)
         return
     target = path or default_config_path()
+    if target.is_dir():  # '' arrives as '.': "exists; use --force" led nowhere
+        raise InputError(f"{target} is a directory: give the config file's path")
     if target.exists() and not force:
         raise InputError(f"{target} exists; use --force to overwrite it")
     try:

@@ -154,6 +154,10 @@ def test_config_init_writes_every_key(tmp_path: Path) -> None:
     assert "--force" in again.stderr
     forced = run_cli("config", "init", str(path), "--force")
     assert forced.returncode == 0, forced.describe()
+    for where in ("", str(tmp_path)):  # '' is '.' to the CLI: "exists; use --force" it said
+        wrong = run_cli("config", "init", where)
+        assert_one_line_error(wrong, 2)
+        assert "is a directory: give the config file's path" in wrong.stderr
 
 
 def test_config_show_reflects_file(tmp_path: Path) -> None:

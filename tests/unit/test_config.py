@@ -92,6 +92,13 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
+def test_a_byte_order_mark_is_skipped(tmp_path: Path) -> None:
+    """Notepad saves UTF-8 with a BOM; tomllib refused it at "line 1, column 1"."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes('\ufeff[node]\nname = "café"\n'.encode())
+    assert read_config(path).name == "café"
+
+
 def test_non_utf8_file_is_a_config_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.toml"
     path.write_bytes(b'[node]\nname = "caf\xe9"\n')
