@@ -67,6 +67,8 @@ def event_json(event: Event) -> dict[str, Any]:
         out["deliveries"] = event.deliveries
     if event.retained:
         out["retained"] = True
+    if event.is_error:  # a reply that reports the responder's failure (exit 1 says so too)
+        out["error"] = True
     if event.seq is not None:
         out["seq"] = event.seq
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers import Background, NodeProcess, run_cli, wait_for
 
@@ -109,9 +111,10 @@ def test_reply_failing_command_fails_request(node: NodeProcess, bg: Background) 
     assert result.err_lines[-1].startswith("error:"), result.describe()
     assert "3" in result.err_lines[-1]
     assert replier.proc.poll() is None, "a failing command must not stop the replier"
-    # The replier keeps serving after a failure.
-    again = run_cli("req", "svc/broken", "y", server=node.ipc)
+    # The replier keeps serving after a failure; --json marks the failed reply as one.
+    again = run_cli("req", "svc/broken", "y", "--json", server=node.ipc)
     assert again.returncode == 1, again.describe()
+    assert json.loads(again.stdout)["error"] is True
 
 
 def test_reply_plain_exit_code_command(node: NodeProcess, bg: Background) -> None:
