@@ -36,7 +36,7 @@ from edge.port import PATH_HEADER, MeshPort, Refusal
 from edge.tls import client_context
 from node import datadir
 from node.bridge_config import BridgeConfig
-from node.codec import F_PERSISTENT, HEAD_PUB
+from node.codec import F_PERSISTENT, F_RETAIN, F_RETAINED_LIVE, HEAD_PUB
 from node.errors import CodecError
 from node.events import Event, decode_event
 from node.topics import SubscriptionTrie
@@ -401,7 +401,10 @@ class MqttBridge(Bridge):
                 marks.clear()
             props = marks[path] = Properties(PacketTypes.PUBLISH)
             props.UserProperty = (PATH_HEADER, path)
-        return client.publish(remote, ev.data, qos=self.cfg.qos, properties=props)
+        # Retained at the broker as in the mesh (a clear clears it): a live copy of a
+        # retained publish carries F_RETAINED_LIVE; a stored one (the spool's) F_RETAIN.
+        retain = bool(ev.flags & (F_RETAIN | F_RETAINED_LIVE))
+        return client.publish(remote, ev.data, qos=self.cfg.qos, retain=retain, properties=props)
 
     def _drain_spool_mqtt(self, client: Any) -> bool:
         """Send the next persistent exports; move the cursor once the broker has them all

@@ -78,6 +78,9 @@ F_ERROR: Final = 0x10  # a reply that reports the responder's failure
 # header: its node passes it on only if nothing else here or in the mesh may answer.
 NO_RESPONDERS_FOR: Final = "no-responders-for"
 F_REPLICA: Final = 0x20  # node -> node: a retained value to store, never to deliver
+# A live copy of a retained publish (F_RETAIN cleared, as MQTT delivers it): subscribers
+# see a new event; a bridge exports it retained, as MQTT 5's Retain As Published would.
+F_RETAINED_LIVE: Final = 0x40
 
 RECORD: Final = struct.Struct("<IHHBBHQ16s")
 RECORD_SIZE: Final = RECORD.size

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
-from node.codec import F_PERSISTENT, F_RETAIN, RECORD_SIZE, Kind, with_flags
+from node.codec import F_PERSISTENT, F_RETAIN, F_RETAINED_LIVE, RECORD_SIZE, Kind, with_flags
 from node.errors import CodecError
 from node.mesh import NO_PLAN
 from node.queues import read_refused
@@ -179,7 +179,7 @@ def live_copy(rec: bytes) -> bytes:
     """A retained event as live subscribers get it: without the retain flag (MQTT rule:
     the flag marks what a subscriber got because it was stored, not because it was new)."""
     if rec[8] & F_RETAIN:
-        return with_flags(rec, remove=F_RETAIN)
+        return with_flags(rec, add=F_RETAINED_LIVE, remove=F_RETAIN)
     return rec
 
 

@@ -161,12 +161,15 @@ def test_an_mqtt_retained_message_is_retained_in_the_mesh_too(
     mosquitto: int, make_node: NodeFactory
 ) -> None:
     """Found by an exploratory test: the bridge dropped the retain flag, so a late mesh
-    subscriber did not get the broker's last value (mosquitto's own bridges carry it)."""
+    subscriber did not get the broker's last value (mosquitto's own bridges carry it).
+    The other way too: a value retained in the mesh (and a clear) was exported as a plain
+    message, so a late MQTT subscriber at the broker never got it."""
     node = bridged_node(
         make_node,
-        f'[[bridge]]\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{mosquitto}"\nimport = ["state/#"]\n',
+        f'[[bridge]]\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{mosquitto}"\n'
+        'import = ["state/#"]\nexport = ["out/>"]\n',
     )
-    peer = MqttPeer(mosquitto, ["unrelated"])
+    peer = MqttPeer(mosquitto, ["out/#"])
     try:
         peer.client.publish("state/door", b"open", qos=1, retain=True).wait_for_publish(5)
         peer.publish("state/live", b"not retained")
@@ -174,7 +177,19 @@ def test_an_mqtt_retained_message_is_retained_in_the_mesh_too(
         with connect(node.ipc) as client:
             late = client.subscribe("state/>")  # retained values first, as MQTT does
             got = drain(late, 1.0)
+            client.publish("out/door", "closed", retain=True)
+            client.publish("out/gone", "soon cleared", retain=True)
+            client.publish("out/gone", b"", retain=True)  # a clear
+            client.publish("out/live", "not retained")
+            client.flush()
         assert [(e.topic, e.data, e.retained) for e in got] == [("state/door", b"open", True)]
+        wait_for(lambda: len(peer.got) == 4, timeout=5, what="4 exported at the broker")
+        late_mqtt = MqttPeer(mosquitto, ["out/#"])
+        try:
+            time.sleep(0.5)  # the broker sends retained messages right after SUBACK
+            assert late_mqtt.got == [("out/door", b"closed")]
+        finally:
+            late_mqtt.close()
     finally:
         peer.close()
 

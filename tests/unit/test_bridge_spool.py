@@ -21,7 +21,9 @@ class Broker:
     def __init__(self) -> None:
         self.topics: list[str] = []
 
-    def publish(self, topic: str, _data: bytes, qos: int = 0, properties: Any = None) -> Any:
+    def publish(
+        self, topic: str, _data: bytes, qos: int = 0, retain: bool = False, properties: Any = None
+    ) -> Any:
         self.topics.append(topic)
         return self
 
