@@ -178,6 +178,14 @@ class CliResult(subprocess.CompletedProcess[str]):
         )
 
 
+def assert_one_line_error(result: CliResult, code: int) -> None:
+    """Exit ``code``, exactly one 'error: ...' line on stderr."""
+    assert result.returncode == code, result.describe()
+    assert len(result.err_lines) == 1, result.describe()
+    assert result.err_lines[0].startswith("error: "), result.describe()
+    assert "internal error" not in result.stderr, result.describe()
+
+
 def run_cli(
     *args: str,
     server: str | None = None,

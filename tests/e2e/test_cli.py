@@ -8,17 +8,16 @@ from pathlib import Path
 
 import pytest
 import tomllib
-from helpers import CLI, CliResult, NodeProcess, cli_env, free_tcp_port, run_cli
+from helpers import (
+    CLI,
+    NodeProcess,
+    assert_one_line_error,
+    cli_env,
+    free_tcp_port,
+    run_cli,
+)
 
 pytestmark = pytest.mark.e2e
-
-
-def assert_one_line_error(result: CliResult, code: int) -> None:
-    """Exit ``code``, nothing on stdout, exactly one 'error: ...' line on stderr."""
-    assert result.returncode == code, result.describe()
-    assert len(result.err_lines) == 1, result.describe()
-    assert result.err_lines[0].startswith("error: "), result.describe()
-    assert "internal error" not in result.stderr, result.describe()
 
 
 # ---- bad input is exit 2 ------------------------------------------------------------------

@@ -16,6 +16,7 @@ from helpers import (
     Background,
     NodeFactory,
     NodeProcess,
+    assert_one_line_error,
     kill_pid,
     pid_alive,
     publish,
@@ -159,6 +160,24 @@ def test_port_in_use_exits_1(short_tmp: Path) -> None:
     assert datadir.read_pid(short_tmp / "d") is None
 
 
+def test_up_detach_says_when_the_node_dies_before_it_listens(short_tmp: Path) -> None:
+    """The node's ipc socket exists before its MQTT listener binds: a busy MQTT port ended
+    the node after "node started in the background", exit 0 (exploratory test). A second
+    try went by the first run's "listening on" in the same log."""
+    data_dir = short_tmp / "d"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        args = ["up", "--detach", "--port", "0", "--listen", "127.0.0.1", "--no-discovery"]
+        args += ["--insecure", "--data-dir", str(data_dir), "--mqtt", f"127.0.0.1:{port}"]
+        for _ in range(2):
+            result = run_cli(*args, timeout=15)
+            assert_one_line_error(result, 1)
+            assert "address already in use" in result.stderr
+            assert datadir.read_pid(data_dir) is None
+
+
 def test_up_detach_then_down(short_tmp: Path) -> None:
     data_dir = short_tmp / "d"
     pid = None
@@ -178,6 +197,8 @@ def test_up_detach_then_down(short_tmp: Path) -> None:
             timeout=15,
         )
         assert result.returncode == 0, result.describe()
+        # What the foreground shows at start is shown detached too (it went to the log).
+        assert "created a new one-node mesh 'default'" in result.stderr
         pid = int((data_dir / "node.pid").read_text())
         assert pid_alive(pid)
 
