@@ -25,7 +25,6 @@ import zmq
 
 from edge.logreader import LogReader
 from edge.mapping import (
-    MappingError,
     mesh_to_nats,
     mesh_topic_to_mqtt,
     mqtt_topic_to_mesh,
@@ -37,9 +36,9 @@ from edge.tls import client_context
 from node import datadir
 from node.bridge_config import BridgeConfig
 from node.codec import F_PERSISTENT, F_RETAIN, F_RETAINED_LIVE, HEAD_PUB
-from node.errors import CodecError
+from node.errors import CodecError, InputError
 from node.events import Event, decode_event
-from node.topics import SubscriptionTrie
+from node.topics import SubscriptionTrie, validate_topic
 
 log = logging.getLogger("meshctl.node")
 
@@ -57,6 +56,8 @@ LOG_FIRST: Final = 10  # oversized exports, errors: logged one by one, then ever
 
 class Bridge:
     """Common part: the node side (port, socket, counters) and the thread."""
+
+    SEPARATOR = ""  # between levels in the remote dialect
 
     def __init__(
         self,
@@ -242,7 +243,9 @@ class Bridge:
             why = "outside the bridge's remote_prefix"
             try:
                 topic = swap_prefix(to_mesh(remote), self.cfg.remote_prefix, self.cfg.local_prefix)
-            except MappingError as e:
+                if topic is not None:  # a longer local prefix may take it over the limits
+                    validate_topic(topic)
+            except InputError as e:  # the node dropped those, counted here as imported
                 topic, why = None, str(e)
             if topic is not None and _reserved(topic):
                 # NATS '>' matches '$...' subjects: a NATS client published $mesh/node/down
@@ -291,11 +294,21 @@ class Bridge:
         return pending
 
     def _export_topic(self, topic: str, to_remote: Callable[[str], str]) -> str | None:
-        local = swap_prefix(topic, self.cfg.local_prefix, self.cfg.remote_prefix)
+        """The remote topic of an export, or None (refused: the caller counts it).
+
+        The part after the local prefix and the remote prefix are mapped apart, then
+        joined: mapped whole, a longer remote prefix took a valid topic over the mesh's
+        own limits (32 levels, 1,024 bytes), which bind neither MQTT nor NATS, and the
+        error escaped: it ended the MQTT bridge's thread for good (exploratory test)."""
+        cfg = self.cfg
+        rest = swap_prefix(topic, cfg.local_prefix, "") if topic != cfg.local_prefix else ""
+        if rest is None:
+            return None  # outside the local prefix
         try:
-            return None if local is None else to_remote(local)
-        except MappingError:
+            parts = [to_remote(p) for p in (cfg.remote_prefix, rest) if p]
+        except InputError:  # no form in the remote dialect
             return None
+        return self.SEPARATOR.join(parts) or None
 
     def _run(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
@@ -303,6 +316,8 @@ class Bridge:
 
 class MqttBridge(Bridge):
     """paho-mqtt (MQTT v5, so subscriptions are no-local: our exports never come back)."""
+
+    SEPARATOR = "/"
 
     def _run(self) -> None:
         import paho.mqtt.client as mqtt  # noqa: PLC0415 - optional dependency
@@ -437,9 +452,22 @@ class MqttBridge(Bridge):
         return full
 
 
+def _one_line(record: logging.LogRecord) -> bool:
+    """A logging filter for nats-py's logger: its errors come with a traceback (a message
+    it could not parse, ``_read_loop``), which the node's log never holds; the exception
+    goes on the line instead. The bridge says what it does about it."""
+    if record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage()}: {record.exc_info[1]!r}"
+        record.args = ()
+        record.exc_info = None
+    return True
+
+
 class NatsBridge(Bridge):
     """nats-py on an asyncio loop in this thread; ``no_echo`` keeps our exports from
     coming back on our own subscriptions."""
+
+    SEPARATOR = "."
 
     def _run(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
@@ -485,6 +513,10 @@ class NatsBridge(Bridge):
     async def _main(self) -> None:
         import nats  # noqa: PLC0415 - optional dependency
 
+        nats_log = logging.getLogger("nats.aio.client")  # a filter sees its own logger's
+        if _one_line not in nats_log.filters:
+            nats_log.addFilter(_one_line)
+
         sock = self._open_port()
         self._open_spool()
         nc: Any = None
@@ -499,6 +531,9 @@ class NatsBridge(Bridge):
                         delay = min(delay * 2, 10.0)
                         continue
                     delay = 0.2
+                if self._reader_died(nc):
+                    await nc.close()  # and connect again at the top of the loop
+                    continue
                 try:
                     await self._pump(sock, nc)
                 except Exception as e:  # a bug of ours (or nats-py's) must not end the bridge
@@ -518,6 +553,23 @@ class NatsBridge(Bridge):
                 sock.close(linger=0)
                 if self.spool is not None:
                     self.spool.close()
+
+    def _reader_died(self, nc: Any) -> bool:
+        """True when nats-py's reading task has ended on a connection it holds up: a message
+        it cannot parse (any NATS client may publish a subject that is not UTF-8) ends it
+        with a log line, and no import arrived again while the bridge said "up" (found in
+        an exploratory test). Its own reconnects end it too, but then it is not connected."""
+        reading = getattr(nc, "_reading_task", None)  # nats-py's; no public way to ask
+        if not (nc.is_connected and reading is not None and reading.done()):
+            return False
+        n = self.counters["errors"] = self.counters["errors"] + 1
+        log.warning(
+            "bridge %s: the NATS client stopped reading (a message it could not parse; "
+            "total %d): connecting again",
+            self.cfg.name, n,
+        )  # fmt: skip
+        self._set_state("down", "the NATS client stopped reading")
+        return True
 
     async def _drain_spool_nats(self, nc: Any) -> bool:
         """Send the next persistent exports; move the cursor once the server has them all
@@ -620,6 +672,11 @@ class NatsBridge(Bridge):
                 remote = self._export_topic(ev.topic, mesh_to_nats)
                 if remote is None:
                     self.counters["refused"] += 1
+                    if ev.is_request and ev.reply_to:  # it waited out its timeout, untold
+                        why = f"{ev.topic} has no NATS subject".encode()
+                        sock.send(
+                            self.port.reply(ev.reply_to, why, no_responders=True, topic=ev.topic)
+                        )
                 elif not nc.is_connected:
                     self.counters["dropped_remote_down"] += 1
                 elif ev.is_request and ev.reply_to:

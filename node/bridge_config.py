@@ -113,9 +113,11 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
         strings["password"] = unquote(m.group(3) or "")
     if strings["local_prefix"]:
         try:
-            validate_topic(strings["local_prefix"])
+            first = validate_topic(strings["local_prefix"])[0]
         except TopicError as e:
             raise fail("local_prefix", str(e)) from None
+        if first.startswith("$") or first == "_INBOX":  # every import would be refused
+            raise fail("local_prefix", f"{first!r} is reserved in the mesh")
     if strings["remote_prefix"]:
         prefix, why = _remote_prefix(kind, strings["remote_prefix"])
         if why:
@@ -143,9 +145,12 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
         lists[key] = tuple(value)
     for pattern in lists["export"]:
         try:
-            validate_pattern(pattern)
+            levels = validate_pattern(pattern)
         except TopicError as e:
             raise fail("export", str(e)) from None
+        why = _no_remote_form(kind, levels)
+        if why:  # it would match events, and every one would be refused
+            raise fail("export", f"{pattern!r}: {why}")
     for pattern in lists["import"]:
         # Checked here, as exports are: a bad one passed, then its subscribe raised in the
         # client library's thread and the bridge stayed "starting" (exploratory test).
@@ -196,6 +201,19 @@ def _import_error(kind: str, pattern: str) -> str:
     return ""
 
 
+def _no_remote_form(kind: str, levels: list[str]) -> str:
+    """Why mesh ``levels`` (a pattern or prefix) have no form in ``kind``'s dialect ("":
+    they have one): '+' or '#' in an MQTT level; '.' or whitespace in a NATS token."""
+    for level in levels:
+        if level in ("*", ">"):
+            continue
+        if kind == "mqtt" and ("+" in level or "#" in level):
+            return f"level {level!r} holds '+' or '#', wildcards in MQTT"
+        if kind == "nats" and ("." in level or any(ch.isspace() for ch in level)):
+            return f"level {level!r} holds '.' or whitespace, which a NATS token cannot"
+    return ""
+
+
 def _remote_prefix(kind: str, prefix: str) -> tuple[str, str]:
     """(the prefix in mesh form, why it is refused or ""). Written in the remote dialect,
     as ``import`` is (``plant.n`` for NATS; a NATS prefix written ``plant.n`` refused
@@ -208,4 +226,4 @@ def _remote_prefix(kind: str, prefix: str) -> tuple[str, str]:
         return prefix, str(e)
     if any(ch in level for level in levels for ch in "+#*>"):
         return prefix, "a prefix holds no wildcards"
-    return prefix, ""
+    return prefix, _no_remote_form(kind, levels)  # "a.b/c" for NATS: every export refused

@@ -17,6 +17,7 @@ from typing import Any, Final
 from node import queue_admin, views
 from node.codec import (
     F_ERROR,
+    F_IMPORTED,
     F_PERSISTENT,
     F_REPLICA,
     F_REQUEST,
@@ -74,6 +75,9 @@ MAX_HELD_SYSTEM: Final = 1000
 _HELD_TOPICS: Final = ("$mesh/link/", "$mesh/node/")  # events that may be held
 _FLAGS_AT: Final = 2 + 8  # the first record's flags byte in a PUB frame
 SLOW_NOTICE_INTERVAL: Final = 1.0
+
+
+_IMPORTED_REQUEST: Final = F_IMPORTED | F_REQUEST  # a bridge's request from its remote side
 
 
 class Router(MeshSide, DurableSide):
@@ -549,7 +553,10 @@ class Router(MeshSide, DurableSide):
                         else:
                             run_plan, run_start, run_end = plan, start, end
                             forwarded += len(plan.static)
-                if plain or groups:
+                if (plain or groups) and not (
+                    flags & _IMPORTED_REQUEST == _IMPORTED_REQUEST
+                    and self._only_its_own(ident, route)  # type: ignore[arg-type]
+                ):
                     if rec is None:
                         rec = frame[start:end]
                     for dest, prefix in plain:
@@ -579,6 +586,18 @@ class Router(MeshSide, DurableSide):
         client.events_in += count
         self.counters.events_in += count
         self.counters.forwarded_out += forwarded
+
+    @staticmethod
+    def _only_its_own(ident: bytes, route: Route) -> bool:
+        """True when a bridge's imported request would reach nothing here but the bridge's
+        own export subscription, which drops it (it came from there) and never answers:
+        NATS requesters waited out their timeout instead of "no responders" when a bridge
+        exported what it imported (exploratory test). Other nodes may still answer."""
+        return (
+            route.plan.empty
+            and all(d == ident for d, _ in route.plain)
+            and all(d == ident for g in route.groups for d, _ in g.members)
+        )
 
     def _headers_ok(self, block: bytes) -> bool:
         """``headers_ok``, remembered: a publisher mostly repeats a few header blocks, and

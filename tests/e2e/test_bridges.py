@@ -22,7 +22,7 @@ import pytest
 from helpers import NodeFactory, NodeProcess, need_binary, run_cli, unavailable, wait_for
 
 from meshctl import connect
-from meshctl.errors import Timeout
+from meshctl.errors import NoResponders, Timeout
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bridge]
 
@@ -371,6 +371,62 @@ local_prefix = ""
         return got_mesh
 
     assert asyncio.run(run()) == [str(i).encode() for i in range(10)]
+
+    # Any NATS client may publish a subject that is not UTF-8; nats-py's reader ended on
+    # it, and no import came in again while the bridge said "up" (exploratory test).
+    with socket.create_connection(("127.0.0.1", nats_port)) as raw:
+        raw.recv(4096)  # INFO
+        raw.sendall(b'CONNECT {"verbose":false}\r\nPUB svc.\xff 1\r\nx\r\nPING\r\n')
+        raw.recv(100)  # PONG: the server has it
+
+    async def after() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        await nc.publish("svc.after", b"again")
+        await nc.close()
+
+    with connect(node.ipc) as client:
+        mesh_sub = client.subscribe("svc/>")
+        deadline = time.monotonic() + 5
+        got: list[bytes] = []
+        while not got and time.monotonic() < deadline:
+            asyncio.run(after())  # until the bridge has connected again
+            got = [e.data for e in drain(mesh_sub, 0.3)]
+    assert got[:1] == [b"again"]
+    assert node.status()["bridges"][0]["errors"] == 1
+
+
+def test_nats_requests_the_mesh_cannot_answer_get_no_responders_at_once(
+    nats_port: int, make_node: NodeFactory
+) -> None:
+    """Exploratory test of the dialects: with a bridge that exports what it imports, its
+    own export subscription counted as a responder to the requests it imported (and
+    dropped them): NATS requesters waited out their timeout. A mesh request whose topic
+    has no NATS subject waited out its timeout too, untold."""
+    import nats
+
+    node = bridged_node(
+        make_node,
+        f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{nats_port}"\n'
+        'import = ["svc.>"]\nexport = ["svc/>"]\n',
+    )
+
+    async def ask() -> float:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        start = time.monotonic()
+        try:
+            with pytest.raises(nats.errors.NoRespondersError):
+                await nc.request("svc.nobody", b"?", timeout=3)
+        finally:
+            await nc.close()
+        return time.monotonic() - start
+
+    assert asyncio.run(ask()) < 1
+    with connect(node.ipc) as client:
+        for topic in ("svc/a.b", "svc/a b"):
+            start = time.monotonic()
+            with pytest.raises(NoResponders):
+                client.request(topic, b"?", timeout=3)
+            assert time.monotonic() - start < 1
 
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["direct", "persistent"])

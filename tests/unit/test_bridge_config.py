@@ -58,6 +58,11 @@ def test_tls_files_are_kept_and_turn_tls_on() -> None:
         (MQTT | {"tls": "yes"}, "tls", "true or false"),
         (MQTT | {"qos": 2}, "qos", "0 or 1"),
         (MQTT | {"export": ["a//b"]}, "export", ""),
+        # Each would match events and refuse every one (exploratory test of dialects):
+        (MQTT | {"export": ["a+b/>"]}, "export", "wildcards in MQTT"),
+        (NATS | {"export": ["a.b/>"]}, "export", "a NATS token cannot"),
+        (NATS | {"remote_prefix": "a.b/c"}, "remote_prefix", "a NATS token cannot"),
+        (MQTT | {"local_prefix": "$mesh"}, "local_prefix", "reserved in the mesh"),
         (MQTT | {"export": []}, "import", "needs import or export"),
         (MQTT | {"local_prefix": "a//b"}, "local_prefix", ""),
         (MQTT | {"colour": "red"}, "colour", "unknown key"),
