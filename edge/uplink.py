@@ -36,6 +36,7 @@ from meshctl.errors import InputError, MeshError, RemoteError, Timeout
 from node.codec import (
     F_IMPORTED,
     F_PERSISTENT,
+    F_RETAINED_LIVE,
     RECORD,
     RECORD_SIZE,
     decode_headers,
@@ -340,7 +341,9 @@ class Uplink(threading.Thread):
     def _record(self, event: Event) -> bytes:
         headers = dict(event.headers)
         headers.setdefault(HEADER, self.cloud_id)
-        flags = (event.flags | F_IMPORTED) & ~F_PERSISTENT
+        # Not F_RETAINED_LIVE: the mesh's own (a node refuses it), and here the value was
+        # retained in the cloud, not at this edge, whose bridges must not retain it.
+        flags = (event.flags | F_IMPORTED) & ~(F_PERSISTENT | F_RETAINED_LIVE)
         return encode_record(
             event.topic.encode(),
             event.data,

@@ -563,12 +563,13 @@ class Mesh(StatesSide):
         remote = []
         for node, group in self.table.matches(topic):
             path = self.table.path_to(node)
+            stored = group is not None and group.startswith(CAPTURE)
             remote.append(
                 {
                     "node": node,
                     "name": names.get(node, node),
-                    "group": None if group == CAPTURE else group,
-                    "queues": group == CAPTURE,  # persistent events only, to store
+                    "group": None if stored else group,
+                    "queues": stored,  # persistent events only, to store
                     "reachable": bool(path),
                     "path": [names.get(h, h) for h in path],
                 }

@@ -21,6 +21,7 @@ from node.codec import (
     F_PERSISTENT,
     F_REPLICA,
     F_REQUEST,
+    F_RETAINED_LIVE,
     MAX_CLIENT_NAME,
     NO_RESPONDERS_FOR,
     RECORD_SIZE,
@@ -40,7 +41,7 @@ from node.framing import MAX_FRAME_BYTES, frames_counted, link_frames
 from node.mesh import NO_PLAN, Mesh, Plan, Via
 from node.router_durable import DURABLE_FLAGS, DurableOut, DurableSide
 from node.router_mesh import MeshSide
-from node.routing import CAPTURE, announced
+from node.routing import announced, capture_group
 from node.sessions import (
     MAX_GROUP_NAME,
     Acl,
@@ -78,6 +79,7 @@ SLOW_NOTICE_INTERVAL: Final = 1.0
 
 
 _IMPORTED_REQUEST: Final = F_IMPORTED | F_REQUEST  # a bridge's request from its remote side
+_MESH_FLAGS: Final = F_REPLICA | F_RETAINED_LIVE  # set by nodes only, refused from clients
 
 
 class Router(MeshSide, DurableSide):
@@ -148,7 +150,7 @@ class Router(MeshSide, DurableSide):
         if durable is not None:
             for q in durable.queues.by_name.values():
                 for p in q.patterns:
-                    self._count_interest((p, CAPTURE), +1)
+                    self._count_interest((p, capture_group(self.node_id)), +1)
         self.net = Mesh(
             node_id=node_id,
             name=name,
@@ -236,6 +238,10 @@ class Router(MeshSide, DurableSide):
         elif kind == Kind.PING:
             if ref is not None:  # a flush: everything sent before it has been processed
                 self._send_control(ident, Kind.OK, {"ref": ref})
+            else:  # a keepalive: the client has not heard from us for a while. A client
+                # that publishes is never probed (it is not quiet), so without an answer
+                # its Client.silence grew while the node was fine (review).
+                self._send_control(ident, Kind.PING, {})
         elif kind == Kind.ACK:
             self._queue_ack(client, body)
         elif kind == Kind.QUEUE:
@@ -479,12 +485,12 @@ class Router(MeshSide, DurableSide):
                     continue
                 if acl is not None and self._acl_refuses(ident, acl, topic, frame, t0, flags):
                     continue
-                if flags & F_REPLICA:
-                    # Node to node only: a client's went to local subscribers, yet no
-                    # other node delivered it, and each kept it as a retained value.
-                    self._refuse(
-                        ident, frame[t0 - 16 : t0], flags, "flag 0x20 is the mesh's own", "input"
-                    )
+                if flags & _MESH_FLAGS:
+                    # Node to node only: a client's F_REPLICA went to local subscribers,
+                    # yet no other node delivered it, and each kept it as a retained value;
+                    # its F_RETAINED_LIVE made every bridge retain it at its broker (review).
+                    why = f"flag {flags & _MESH_FLAGS:#04x} is the mesh's own"
+                    self._refuse(ident, frame[t0 - 16 : t0], flags, why, "input")
                     continue
                 if hlen and not self._headers_ok(frame[t0 + tlen : t0 + tlen + hlen]):
                     # Passed on, it made each subscriber's client drop the whole delivery

@@ -13,7 +13,7 @@ from node.codec import F_PERSISTENT, F_RETAIN, F_RETAINED_LIVE, RECORD_SIZE, Kin
 from node.errors import CodecError
 from node.mesh import NO_PLAN
 from node.queues import read_refused
-from node.routing import CAPTURE
+from node.routing import capture_group
 from node.sessions import Client, Route, SubRef
 
 log = logging.getLogger("meshctl.node")
@@ -35,6 +35,7 @@ class DurableSide:
 
     # The Router's state this side works on (set in Router.__init__).
     durable: Durable | None
+    node_id: str
     acl: dict[bytes, Acl]
     counters: Counters
     clients: dict[bytes, Client]
@@ -105,9 +106,9 @@ class DurableSide:
     def queue_interest(self, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         """A queue's patterns changed: the mesh must route its events here (or stop)."""
         for p in old:
-            self._count_interest((p, CAPTURE), -1)
+            self._count_interest((p, capture_group(self.node_id)), -1)
         for p in new:
-            self._count_interest((p, CAPTURE), +1)
+            self._count_interest((p, capture_group(self.node_id)), +1)
         self._cache.clear()
 
     def _durable_pub(self, ident: bytes, rec: bytes, topic_b: bytes, route: Route) -> bytes | None:

@@ -22,12 +22,17 @@ from node.topics import INBOX_PREFIX, SubscriptionTrie
 
 MAX_HOPS: Final = 16
 MAX_GROUP_BYTES: Final = 64
-# The "group" of a durable queue's pattern: the node wants the persistent events on it,
-# to store, but has no subscriber that would answer a request or take a direct event. A
-# client's group name cannot hold a "/", so no group is mistaken for it; a node that
-# predates it takes it for a group of one member, and forwards persistent events there
-# as it did.
-CAPTURE: Final = "/queues"
+# The "group" of a durable queue's pattern, "/queues/<node id>": the node wants the
+# persistent events on it, to store, but has no subscriber that would answer a request or
+# take a direct event. A client's group name cannot hold a "/", so no group is mistaken
+# for it. One per node: a node that predates it takes each for a group of one member and
+# sends every queue node a copy, as it did (one name for all made it pick one: review).
+CAPTURE: Final = "/queues/"
+
+
+def capture_group(node_id: str) -> str:
+    """The capture "group" that node ``node_id`` announces its queues' patterns in."""
+    return CAPTURE + node_id
 
 
 def _interest_order(entry: tuple[str, str | None]) -> tuple[str, str]:
@@ -323,7 +328,7 @@ class MeshTable:
                 continue
             if group is None:
                 plain.add(node)
-            elif group == CAPTURE:
+            elif group.startswith(CAPTURE):
                 stored.add(node)
             else:
                 groups.setdefault(group, []).append((hop[0], node))

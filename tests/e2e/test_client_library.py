@@ -230,3 +230,12 @@ def test_a_silent_node_is_told_on_stderr_and_so_is_its_return(
         pub.publish("w/1", b"back")
         assert watch.next(sub, 5).data == b"back"
         assert "answers again" in capfd.readouterr().err
+        # A client that publishes is never probed by the node (it is not quiet): its own
+        # keepalive is answered, or its silence grew while the node was fine (review).
+        loudest = 0.0
+        for _ in range(11):
+            client.publish("elsewhere/x", b".")
+            with pytest.raises(Timeout):
+                sub.next(0.3)
+            loudest = max(loudest, client.silence)
+        assert loudest < 2.6

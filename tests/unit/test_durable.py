@@ -29,7 +29,7 @@ from node.durable import Durable, DurableConfig
 from node.events import Event
 from node.queues import Queues
 from node.router import Router
-from node.routing import CAPTURE
+from node.routing import capture_group
 from node.spool import SpoolReader
 from node.store import StoreError, open_store
 from tests.unit.test_router import A, B, controls, deliveries, hello, make_router, take
@@ -494,7 +494,7 @@ def test_queue_patterns_are_announced_to_the_mesh(tmp_path: Path) -> None:
     r, _d = durable_router(tmp_path)
     hello(r, A)
     queue_add(r, "jobs", "jobs/>")
-    assert ("jobs/>", CAPTURE) in r._interest  # persistent events only: no responder
+    assert ("jobs/>", capture_group(r.node_id)) in r._interest  # persistent events only
     assert ("jobs/>", None) not in r._interest
 
 

@@ -191,7 +191,9 @@ def test_bye_drops_the_client() -> None:
 def test_status_and_ping() -> None:
     r = connected(A)
     r.handle(A, encode_control(Kind.PING, {}), 0.0)
-    assert take(r) == []  # a keep-alive ping is not answered
+    # A keepalive is answered with one (no ref): a client that publishes is never probed,
+    # and its Client.silence grew while the node was fine (review).
+    assert controls(take(r), A) == [(Kind.PING, {})]
     r.handle(A, encode_control(Kind.PING, {"ref": 9}), 0.0)
     assert controls(take(r), A) == [(Kind.OK, {"ref": 9})]
     r.handle(A, encode_control(Kind.STATUS, {"ref": 10}), 2.0)
@@ -379,18 +381,20 @@ def test_several_records_per_frame_keep_order() -> None:
     assert r.clients[B].events_in == 10
 
 
-def test_a_client_may_not_set_the_mesh_replica_flag() -> None:
+@pytest.mark.parametrize("flag", [0x20, 0x40])
+def test_a_client_may_not_set_the_mesh_replica_flag(flag: int) -> None:
     """Found in an exploratory test: a client's event with F_REPLICA (0x20, node to node:
     a retained value to keep, not to deliver) reached local subscribers, while every
-    other node kept it as a retained value and delivered nothing."""
+    other node kept it as a retained value and delivered nothing. With F_RETAINED_LIVE
+    (0x40, a node's live copy of a retained publish) every bridge retained it (review)."""
     r = connected(A, B)
     sub_ok(r, A, 1, ">")
-    publish(r, B, record("t/1", b"bad", flags=0x20), record("t/2", b"good"))
+    publish(r, B, record("t/1", b"bad", flags=flag), record("t/2", b"good"))
     out = take(r)
     assert [ev.data for _, ev in deliveries(out, A)] == [b"good"]
     ((kind, body),) = controls(out, B)
     assert (kind, body["code"]) == (Kind.ERR, "input")
-    assert "0x20" in body["error"]
+    assert f"{flag:#04x}" in body["error"]
 
 
 def test_one_delivery_per_subscription_id() -> None:
