@@ -128,6 +128,18 @@ class DurableSide:
                     },
                 )
                 return None
+            if flags & F_RETAIN:  # `pub --retain` said "published" and nothing was kept
+                self._send_control(
+                    ident,
+                    Kind.ERR,
+                    {
+                        "ref": None,
+                        "error": "not retained: this node has no store (persistence is "
+                        "off); the event went to current subscribers only",
+                        "code": "store",
+                    },
+                )
+                return with_flags(rec, remove=F_RETAIN)
             return rec
         if flags & F_PERSISTENT:
             durable.persist(ident, rec, topic_b.decode(), route)

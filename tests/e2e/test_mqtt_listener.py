@@ -343,6 +343,12 @@ def test_retained_in_the_listener_when_the_node_has_no_store(
     status = mqtt_status(node)
     assert status["retained"] == 1
     assert status["qos1"] == "after routing"  # no store: QoS 1 cannot be persistent
+    # A mesh client's retained publish cannot be kept: it said "published", exit 0, and
+    # nothing was kept (exploratory test). It still reaches current subscribers, live.
+    result = run_cli("pub", "--retain", "r/mesh", "x", server=node.ipc)
+    assert result.returncode == 1, result.describe()
+    assert "not retained: this node has no store" in result.stderr
+    assert [(m.topic, m.payload, m.retain) for m in late.take(1)] == [("r/mesh", b"x", False)]
 
 
 def test_will_published_when_the_socket_dies(mnode: NodeProcess, paho: Clients) -> None:
