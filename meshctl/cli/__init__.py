@@ -31,6 +31,7 @@ app = typer.Typer(
     help="An event mesh for single hosts and edge networks.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

@@ -79,7 +79,7 @@ def mesh(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt 
         out.print(f"[red]unreachable[/] {n['name']} [dim]{n['id']}[/]")
     if view.get("converging_s"):
         out.print(
-            f"[yellow]converging[/] the mesh changed: duplicate checks on for "
+            f"[yellow]converging[/]: the mesh changed lately; duplicate checks stay on for "
             f"{view['converging_s']:g} s more"
         )
 

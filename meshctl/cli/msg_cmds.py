@@ -48,8 +48,9 @@ RawOpt = Annotated[bool, typer.Option("--raw", "-r", help="Print payloads only."
 def _render(event: Event, json_out: bool, raw: bool) -> None:
     if json_out:
         write_line(dumps(event_json(event)))
-    elif raw:
-        sys.stdout.buffer.write(event.data + b"\n")
+    elif raw:  # one event a line; a payload that ends its own line got an empty one too
+        data = event.data
+        sys.stdout.buffer.write(data if data.endswith(b"\n") else data + b"\n")
     else:
         marks = "".join(
             (
@@ -120,6 +121,9 @@ def pub(
             client.flush(timeout)
         except Timeout as e:
             raise Timeout(f"{e}; {_so_far(client, persistent)}") from None
+        except KeyboardInterrupt:  # exit 130 said nothing of what had gone out
+            note(f"interrupted: {_so_far(client, persistent)}")
+            raise typer.Exit(130) from None
         elapsed = time.monotonic() - start
     if stopped is not None:
         # Which lines made it: a stream stopped by one line said only that (found by an
@@ -131,7 +135,9 @@ def pub(
     if json_out:
         print(dumps({"topic": topic, verb: sent, "seconds": round(elapsed, 6)}))
     else:
-        rate_txt = f" in {elapsed:.3f}s ({sent / elapsed:,.0f}/s)" if sent > 1 and elapsed else ""
+        # Paced, N events span N - 1 intervals: "--count 3 --rate 10" said "(15/s)".
+        per_s = f"paced at {rate:g}/s" if rate else f"{sent / elapsed:,.0f}/s" if elapsed else ""
+        rate_txt = f" in {elapsed:.3f}s ({per_s})" if sent > 1 and per_s else ""
         note(f"{verb} {sent} event{'s' if sent != 1 else ''} to {topic}{rate_txt}")
 
 
@@ -430,7 +436,10 @@ def reply(
     group: Annotated[
         str, typer.Option("--group", "-g", help="Queue group shared by repliers.")
     ] = DEFAULT_REPLY_GROUP,
-    count: CountOpt = None,
+    count: Annotated[
+        int | None,
+        typer.Option("--count", "-n", min=1, show_default=False, help="Stop after N requests."),
+    ] = None,
     command_timeout: Annotated[
         float,
         typer.Option(

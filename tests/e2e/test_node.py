@@ -450,6 +450,7 @@ def test_slow_consumer_is_dropped_not_waited_for(make_node: NodeFactory, bg: Bac
         "pub", "load/x", payload, "--count", "3000", "--rate", "2000", server=node.tcp, timeout=30
     )
     assert result.returncode == 0, result.describe()
+    assert "(paced at 2000/s)" in result.stderr  # N events, N - 1 intervals: it said more
 
     assert fast.wait_exit(timeout=20) == 0, fast.describe()
     got = sorted(int(line.split(b":", 1)[0]) for line in fast.raw_lines)

@@ -102,6 +102,9 @@ def test_reply_command_transforms_request(node: NodeProcess, bg: Background) -> 
     result = run_cli("req", "svc/upper", "hello, mesh", server=node.ipc)
     assert result.returncode == 0, result.describe()
     assert result.out_lines == ["HELLO, MESH"]
+    # A reply that ends its own line (`date`, `echo`) is printed without an empty one.
+    ended = run_cli("req", "svc/upper", "line\n", server=node.ipc)
+    assert ended.stdout == "LINE\n", ended.describe()
 
 
 def test_reply_failing_command_fails_request(node: NodeProcess, bg: Background) -> None:
