@@ -17,7 +17,7 @@ import queue
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -97,6 +97,7 @@ class Bridge:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bridge-{cfg.name}", daemon=True)
         self._inbox: queue.Queue[tuple[str, bytes, str, str, bool]] = queue.Queue(maxsize=100_000)
+        self._first_of: dict[str, int] = {}  # remote topic -> first import it matches
         # Remote requests waiting for a mesh reply, oldest first:
         # token -> (NATS reply subject, when, mesh event id)
         self._requests: dict[str, tuple[str, float, str]] = {}
@@ -156,6 +157,18 @@ class Bridge:
             self._inbox.put_nowait((remote, payload, reply, path, retain))
         except queue.Full:
             self.counters["dropped_import_full"] += 1
+
+    def _first_import(self, remote: str, match: Callable[[str, str], bool]) -> int:
+        """The index of the first import pattern that ``remote`` matches (-1: none),
+        remembered: most imports repeat a few topics."""
+        known = self._first_of
+        i = known.get(remote)
+        if i is None:
+            i = next((j for j, p in enumerate(self.cfg.imports) if match(p, remote)), -1)
+            if len(known) >= 4096:
+                known.clear()
+            known[remote] = i
+        return i
 
     def _send_notices(self, sock: zmq.Socket[bytes]) -> None:
         while True:
@@ -321,6 +334,8 @@ class MqttBridge(Bridge):
 
     def _run(self) -> None:
         import paho.mqtt.client as mqtt  # noqa: PLC0415 - optional dependency
+        from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415
+        from paho.mqtt.properties import Properties  # noqa: PLC0415
         from paho.mqtt.subscribeoptions import SubscribeOptions  # noqa: PLC0415
 
         sock = self._open_port()
@@ -339,14 +354,18 @@ class MqttBridge(Bridge):
             if reason.is_failure:
                 self._set_state("down", str(reason))
                 return
-            for filt in self.cfg.imports:
+            for i, filt in enumerate(self.cfg.imports):
                 # Retain As Published: a retained publish keeps its flag on its way to us,
                 # so it becomes the mesh's retained value too (the flag was dropped).
+                # The identifier says which import a copy came by (see on_message).
+                ident = Properties(PacketTypes.SUBSCRIBE)
+                ident.SubscriptionIdentifier = i + 1
                 c.subscribe(
                     filt,
                     options=SubscribeOptions(
                         qos=self.cfg.qos, noLocal=True, retainAsPublished=True
                     ),
+                    properties=ident,
                 )
             self._set_state("up")
 
@@ -354,6 +373,11 @@ class MqttBridge(Bridge):
             self._set_state("down", str(reason))
 
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
+            # Overlapping imports ("dup/#" and "dup/+") brought one message in twice, a copy
+            # a subscription (exploratory test): only the first matching import's counts.
+            ids = getattr(msg.properties, "SubscriptionIdentifier", None)
+            if ids and self._first_import(msg.topic, mqtt.topic_matches_sub) + 1 not in ids:
+                return
             marks = getattr(msg.properties, "UserProperty", None) or ()
             path = next((v for k, v in marks if k == PATH_HEADER), "")
             self._take(msg.topic, msg.payload, path=path, retain=bool(msg.retain))
@@ -450,6 +474,17 @@ class MqttBridge(Bridge):
                 return False  # not all there: this round goes again, after a poll
         self._spool_done(seq, len(infos))
         return full
+
+
+def _nats_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` one or more at the end."""
+    p, t = pattern.split("."), subject.split(".")
+    for i, level in enumerate(p):
+        if level == ">":
+            return len(t) > i
+        if i >= len(t) or (level != "*" and level != t[i]):
+            return False
+    return len(p) == len(t)
 
 
 def _one_line(record: logging.LogRecord) -> bool:
@@ -652,12 +687,19 @@ class NatsBridge(Bridge):
             self._set_state("down", str(e) or type(e).__name__)
             return None
 
-        async def on_msg(msg: Any) -> None:
-            path = (msg.headers or {}).get(PATH_HEADER, "")
-            self._take(msg.subject, msg.data, msg.reply or "", path)
+        def taker(i: int) -> Callable[[Any], Awaitable[None]]:
+            async def on_msg(msg: Any) -> None:
+                # Overlapping imports ("nd.>" and "nd.*") brought a message in once a
+                # subscription (exploratory test): only the first matching import's counts.
+                if i and self._first_import(msg.subject, _nats_matches) != i:
+                    return
+                path = (msg.headers or {}).get(PATH_HEADER, "")
+                self._take(msg.subject, msg.data, msg.reply or "", path)
 
-        for subject in self.cfg.imports:
-            await nc.subscribe(subject, cb=on_msg)
+            return on_msg
+
+        for i, subject in enumerate(self.cfg.imports):
+            await nc.subscribe(subject, cb=taker(i))
         self._set_state("up")
         return nc
 

@@ -119,7 +119,7 @@ def test_mqtt_both_ways_with_overlapping_patterns_and_no_loop(
 [[bridge]]
 kind = "mqtt"
 url = "mqtt://127.0.0.1:{mosquitto}"
-import = ["sensors/#"]
+import = ["sensors/#", "sensors/+"]  # overlapping: still once each (exploratory test)
 export = ["sensors/>"]
 """,
     )
@@ -339,7 +339,7 @@ def test_nats_pub_sub_both_ways(nats_port: int, make_node: NodeFactory) -> None:
 [[bridge]]
 kind = "nats"
 url = "nats://127.0.0.1:{nats_port}"
-import = ["svc.>"]
+import = ["svc.>", "svc.*"]  # overlapping: still once each (exploratory test)
 export = ["cmd/>"]
 local_prefix = ""
 """,

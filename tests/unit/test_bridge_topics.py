@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import zmq
 
-from edge.bridges import MqttBridge, NatsBridge
+from edge.bridges import MqttBridge, NatsBridge, _nats_matches
 from edge.mapping import mesh_to_nats, mesh_topic_to_mqtt, mqtt_topic_to_mesh
 from node.bridge_config import parse_bridges
 from node.events import decode_event
@@ -73,3 +73,21 @@ def test_imports_a_longer_local_prefix_takes_over_the_limits_are_refused() -> No
     finally:
         pull.close(0)
         push.close(0)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "subject", "match"),
+    [
+        ("a.b", "a.b", True),
+        ("a.*", "a.b", True),
+        ("a.*", "a.b.c", False),
+        ("a.>", "a.b.c", True),
+        ("a.>", "a", False),  # NATS '>' is one token or more
+        ("*.b", "a.b", True),
+        ("a.b", "a.c", False),
+        (">", "x", True),
+    ],
+)
+def test_nats_matching_for_overlapping_imports(pattern: str, subject: str, match: bool) -> None:
+    """Which import a NATS message counts under when several match (the first)."""
+    assert _nats_matches(pattern, subject) is match
