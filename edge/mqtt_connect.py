@@ -156,6 +156,7 @@ class ConnectSide:
             c.clean_session,
             max_inflight=self.cfg.max_inflight,
             max_queued=self.cfg.max_queued,
+            max_queued_bytes=self.cfg.max_queued_bytes,
             owner=c.username,
         )
         if present and conn.perms is not None and not self._still_allowed(session, conn.perms):
@@ -164,7 +165,8 @@ class ConnectSide:
             ended.append(session)
             session, present, more = self.sessions.attach(
                 client_id, True, max_inflight=self.cfg.max_inflight,
-                max_queued=self.cfg.max_queued, owner=c.username,
+                max_queued=self.cfg.max_queued, max_queued_bytes=self.cfg.max_queued_bytes,
+                owner=c.username,
             )  # fmt: skip
             ended += [s for s in more if s is not ended[-1]]
             session.clean = c.clean_session

@@ -101,6 +101,7 @@ class ListenerConfig:
     port: int
     max_inflight: int = 100
     max_queued: int = 1000
+    max_queued_bytes: int = 16 * 1024 * 1024
     max_sessions: int = 1000
     max_subscriptions: int = 10_000
     max_packet: int = 1024 * 1024 + 65_536
@@ -629,6 +630,7 @@ def start_listener(
         port,
         max_inflight=config.mqtt_max_inflight,
         max_queued=config.mqtt_max_queued,
+        max_queued_bytes=config.mqtt_max_queued_bytes,
         max_sessions=config.mqtt_max_sessions,
         max_subscriptions=config.max_subscriptions,
         max_packet=config.max_payload + 65_536,

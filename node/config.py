@@ -93,6 +93,7 @@ class NodeConfig:
     mqtt_listen: str = ""  # [mqtt] listen = "HOST:PORT"; empty: no MQTT listener
     mqtt_max_inflight: int = 100
     mqtt_max_queued: int = 1000
+    mqtt_max_queued_bytes: int = 16 * 1024 * 1024
     mqtt_max_sessions: int = 1000
     mqtt_anonymous: str = "auto"  # auto: only in open mode; "true" / "false"
     mqtt_tls_cert: str = ""  # PEM certificate (chain): the listener speaks TLS
@@ -413,6 +414,14 @@ FIELDS: Final = (
         "mqtt_max_queued",
         _positive(1_000_000),
         "QoS 1 messages queued per MQTT session beyond those in flight (then dropped).",
+    ),
+    Field(
+        "mqtt",
+        "max_queued_bytes",
+        "mqtt_max_queued_bytes",
+        _payload,
+        "Bytes of payload queued per MQTT session, as mosquitto's max_queued_bytes (then "
+        'dropped); "16MiB" by default.',
     ),
     Field(
         "mqtt",

@@ -22,13 +22,12 @@ from typing import Any, Final, Protocol
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from node import __version__, datadir, discovery
+from node import __version__, datadir, discovery, heap
 from node.codec import MAX_STATE_BYTES, Kind, encode_control
 from node.config import NodeConfig
 from node.dialers import HANDSHAKE_TIMEOUT, KEY_REFUSED, Dialers
 from node.durable import Durable, DurableConfig
 from node.errors import InputError
-from node.heap import keep_freed
 from node.loop_discovery import DiscoverySide
 from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide, events_of
 from node.mesh import SELF
@@ -227,6 +226,7 @@ class Node(SecureSide, DiscoverySide):
         self.router.emit_system("$mesh/node/up", {"endpoints": self.endpoints}, now)
         next_probe = now + PROBE_INTERVAL
         next_link_tick = now
+        next_trim = now + heap.TRIM_EVERY
         drain = self._drain if self.security is None else self._drain_secure
         while not self._stop:
             if self.dialers.changed or self._poll_changed:
@@ -272,6 +272,9 @@ class Node(SecureSide, DiscoverySide):
                 self._read_monitor()
                 self._probe(now)
                 next_probe = now + PROBE_INTERVAL
+                if now >= next_trim:
+                    heap.give_back()
+                    next_trim = now + heap.TRIM_EVERY
             self._flush(now)
         self.router.emit_system("$mesh/node/down", {"reason": "stopped"}, time.monotonic())
         self.router.end_pass(time.monotonic())
@@ -641,7 +644,7 @@ def _tune_memory(config: NodeConfig) -> None:
     """
     gc.set_threshold(*GC_THRESHOLD)
     gc.freeze()  # imports, config, sockets: permanent, out of every later collection
-    if config.heap_keep and not keep_freed(config.heap_keep):
+    if config.heap_keep and not heap.keep_freed(config.heap_keep):
         log.debug("tuning.heap_keep: the C library takes no such setting here")
 
 

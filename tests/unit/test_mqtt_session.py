@@ -41,6 +41,19 @@ def test_qos1_window_then_queue_then_fill_on_ack() -> None:
     assert sorted(s.inflight) == [2, 3]
 
 
+def test_the_queue_is_bounded_in_bytes_too() -> None:
+    """Bounded by count alone, one absent device's session held 1,000 payloads of 1 MiB
+    (soak test); mosquitto's max_queued_bytes bounds it, and so does this."""
+    s = Session("c", clean=False, max_inflight=1, max_queued=100, max_queued_bytes=10)
+    assert [s.deliver(b"t", b"x" * 4, 1) for _ in range(4)] == [None] * 4
+    assert (len(s.queue), s.queued_bytes, s.dropped) == (2, 8, 2)  # a third: 12 > 10
+    s.online = True
+    assert len(publishes(s.resume())) == 1  # one in flight, one still queued
+    assert s.queued_bytes == 4
+    assert s.deliver(b"t", b"y" * 6, 1) is None  # 10: fits again
+    assert (len(s.queue), s.queued_bytes, s.dropped) == (2, 10, 2)
+
+
 def test_a_retained_message_keeps_its_flag_in_the_queue_and_on_resume() -> None:
     s = Session("c", clean=False, max_inflight=1, online=True)
     first = s.deliver(b"r/1", b"a", 1, retain=True)
