@@ -140,6 +140,21 @@ def mesh_pattern_to_mqtt(pattern: str) -> Mapped:
     return Mapped((filt,), warnings)
 
 
+def mqtt_subscription(filt: str) -> tuple[str | None, Mapped]:
+    """An MQTT client's SUBSCRIBE filter as the listener takes it: (queue group of a
+    ``$share/GROUP/filter``, the mesh patterns); MappingError for what it refuses (SUBACK
+    0x80). One rule for the listener and ``meshctl topic check``, which had said "fine"
+    to filters the listener refused (exploratory test)."""
+    group, plain = mqtt_shared(filt)
+    if plain.startswith("$") and plain.split("/", 1)[0] != "$mesh":
+        # Granted, $SYS/# stayed silent (exploratory test): no such events here.
+        raise MappingError(filt, "mesh", "the only '$' topics here are $mesh/...")
+    mapped = mqtt_filter_to_mesh(plain)
+    if group is not None and any(c in group for c in " */>+#"):
+        raise MappingError(filt, "mesh", f"queue group {group!r} holds a wildcard")
+    return group, mapped
+
+
 def mqtt_shared(filt: str) -> tuple[str | None, str]:
     """Split ``$share/GROUP/filter`` into (queue group, filter); (None, filter) otherwise."""
     if filt.startswith("$share/"):
@@ -212,18 +227,32 @@ def check(pattern: str, to: str, source: str = "mesh") -> Mapped:
     """What ``meshctl topic check`` shows: ``pattern`` in ``source`` as seen in ``to``."""
     if source not in DIALECTS or to not in DIALECTS:
         raise InputError(f"dialects are {', '.join(DIALECTS)}")
+    # Read in its own dialect first, also when it is shown in the same one ("a//b" as
+    # mesh was echoed back, rc 0), with the rules that apply where it is used.
+    try:
+        if source == "mqtt":
+            group, mesh = mqtt_subscription(pattern)
+            notes = mesh.warnings + (
+                (f"shared subscription: queue group {group!r}",) if group else ()
+            )
+        elif source == "nats":
+            mesh = Mapped((nats_to_mesh(pattern, pattern=True),))
+            notes = ()
+            first = mesh.patterns[0].split("/", 1)[0]
+            if first.startswith("$") or first == "_INBOX":  # as bridge_config refuses it
+                raise MappingError(pattern, "mesh", f"{first!r} is reserved in the mesh")
+        else:
+            validate_pattern(pattern)
+            mesh, notes = Mapped((pattern,)), ()
+    except MappingError as e:  # said "cannot map ... to mesh" for --from nats --as mqtt
+        raise InputError(f"{pattern!r} as a {source} pattern: {e.reason}") from None
     if source == to:
-        return Mapped((pattern,))
-    if source == "mqtt":
-        group, filt = mqtt_shared(pattern)
-        mesh = mqtt_filter_to_mesh(filt)
-        notes = mesh.warnings + ((f"shared subscription: queue group {group!r}",) if group else ())
-        if to == "mesh":
-            return Mapped(mesh.patterns, notes)
+        return Mapped((pattern,), notes)
+    if to == "mesh":
+        return Mapped(mesh.patterns, notes)
+    if to == "nats":
         return Mapped(tuple(mesh_to_nats(p, pattern=True) for p in mesh.patterns), notes)
-    if source == "nats":
-        mesh_pattern = nats_to_mesh(pattern, pattern=True)
-        return Mapped((mesh_pattern,)) if to == "mesh" else mesh_pattern_to_mqtt(mesh_pattern)
-    if to == "mqtt":
+    if source == "mesh":
         return mesh_pattern_to_mqtt(pattern)
-    return Mapped((mesh_to_nats(pattern, pattern=True),))
+    out = [mesh_pattern_to_mqtt(p) for p in mesh.patterns]
+    return Mapped(tuple(q for m in out for q in m.patterns), notes + out[0].warnings)

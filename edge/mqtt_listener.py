@@ -35,8 +35,8 @@ from typing import Any, Final
 
 from edge.mapping import (
     MappingError,
-    mqtt_filter_to_mesh,
     mqtt_shared,
+    mqtt_subscription,
     mqtt_topic_to_mesh,
 )
 from edge.mqtt_auth import USERS_FILE, Authenticator
@@ -536,13 +536,9 @@ class MqttListener(ConnectSide, NodeSide):
         sids: list[int] = []
         for filt, qos in s.filters:
             try:
-                group, plain = mqtt_shared(filt)
-                if plain.startswith("$") and plain.split("/", 1)[0] != "$mesh":
-                    # Granted, $SYS/# stayed silent (exploratory test): no such events here.
-                    raise MappingError(filt, "mesh", "the only '$' topics here are $mesh/...")
-                patterns = mqtt_filter_to_mesh(plain).patterns
-                if group is not None and any(c in group for c in " */>+#"):
-                    raise MappingError(filt, "mesh", f"queue group {group!r} holds a wildcard")
+                group, mapped = mqtt_subscription(filt)
+                patterns = mapped.patterns
+                plain = mqtt_shared(filt)[1]  # the filter without its $share/GROUP/
             except MappingError as e:
                 self.counters["refused_topics"] += 1
                 log.debug("MQTT client %s: filter refused: %s", conn.name, e)

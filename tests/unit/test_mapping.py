@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -18,6 +20,7 @@ from edge.mapping import (
     nats_to_mesh,
     swap_prefix,
 )
+from node.errors import InputError
 from node.topics import matches
 
 
@@ -140,3 +143,38 @@ def mqtt_matches(filt: str, topic: str) -> bool:
         if i >= len(t) or (lvl != "+" and lvl != t[i]):
             return False
     return len(f) == len(t)
+
+
+# ---- meshctl topic check: the rules that apply where the pattern is used ------------------
+
+
+@pytest.mark.parametrize(
+    ("pattern", "source", "to", "why"),
+    [
+        # What the MQTT listener answers with SUBACK 0x80, topic check said was fine:
+        ("$SYS/#", "mqtt", "mesh", "the only '$' topics here are $mesh/..."),
+        ("$share/g*/a", "mqtt", "mesh", "queue group 'g*' holds a wildcard"),
+        ("$share/+/a", "mqtt", "mesh", "queue group '+' holds a wildcard"),
+        ("$share/g x/a", "mqtt", "nats", "queue group 'g x' holds a wildcard"),
+        # A bridge does not import the mesh's reserved space:
+        ("_INBOX.>", "nats", "mesh", "'_INBOX' is reserved in the mesh"),
+        ("$mesh.>", "nats", "mqtt", "'$mesh' is reserved in the mesh"),
+        # The same dialect was echoed back unchecked:
+        ("a//b", "mesh", "mesh", "empty level"),
+        ("a/#/b", "mqtt", "mqtt", "'#' must be the last level"),
+        # Named the intermediate dialect: "cannot map 'a/>' to mesh".
+        ("a/>", "nats", "mqtt", "as a nats pattern: token 'a/>' holds '/'"),
+    ],
+)
+def test_topic_check_refuses_what_is_refused_where_it_is_used(
+    pattern: str, source: str, to: str, why: str
+) -> None:
+    with pytest.raises(InputError, match=re.escape(why)):
+        check(pattern, to, source)
+
+
+def test_topic_check_maps_through_the_mesh() -> None:
+    assert check("a.*", "mqtt", "nats").patterns == ("a/+",)
+    assert check("a/#", "nats", "mqtt").patterns == ("a", "a.>")
+    assert check("$mesh/#", "mesh", "mqtt").patterns == ("$mesh", "$mesh/>")
+    assert check("a/+", "mqtt", "mqtt").patterns == ("a/+",)
