@@ -135,6 +135,13 @@ def up(
     )
     if join is not None and cfg.insecure:
         raise InputError("--join and --insecure exclude each other: a joined node is secured")
+    if join is not None:  # before the data dir is made: a typo left one with a node id
+        from node import membership  # noqa: PLC0415 - only with --join
+
+        try:
+            membership.Token.decode(join)
+        except membership.MembershipError as e:
+            raise InputError(f"--join: {e}") from None
     if link:
         cfg = with_overrides(cfg, {"links": [*cfg.links, *link]}, source="command line")
     if mqtt is not None:

@@ -362,6 +362,7 @@ def test_bad_tokens_are_usage_errors(tmp_path: Path) -> None:
     done = run_cli("up", "--data-dir", str(tmp_path / "d"), "--join", "garbage")
     assert done.returncode == 2
     assert "join token" in done.stderr
+    assert not (tmp_path / "d").exists()  # a typo left a data dir with a node id behind
     both = run_cli("up", "--data-dir", str(tmp_path / "d"), "--join", "x", "--insecure")
     assert both.returncode == 2
     # Found in review: a token whose address is unusable ended in "internal error".
