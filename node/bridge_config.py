@@ -143,11 +143,18 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise fail(key, "expected a list of patterns")
         lists[key] = tuple(value)
+    for key in ("import", "export"):
+        twice = [p for i, p in enumerate(lists[key]) if p in lists[key][:i]]
+        if twice:  # MQTT keeps one subscription per filter: the second replaced the first
+            raise fail(key, f"{twice[0]!r} is listed twice")
+    local = strings["local_prefix"].split("/") if strings["local_prefix"] else []
     for pattern in lists["export"]:
         try:
             levels = validate_pattern(pattern)
         except TopicError as e:
             raise fail("export", str(e)) from None
+        if local and levels[: len(local)] == local:
+            levels = levels[len(local) :]  # the local prefix is not sent: its own form
         why = _no_remote_form(kind, levels)
         if why:  # it would match events, and every one would be refused
             raise fail("export", f"{pattern!r}: {why}")

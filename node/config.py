@@ -281,6 +281,13 @@ def _heap_keep(v: object) -> int:
     return n
 
 
+def _queued_bytes(v: object) -> int:
+    n = parse_size(v)
+    if not 1 <= n <= 1024 * 1024 * 1024:
+        raise ValueError(f"{n} bytes is outside 1 byte to 1GiB")
+    return n
+
+
 def _log_bytes(v: object) -> int:
     n = parse_size(v)
     if n < 1024 * 1024:
@@ -419,9 +426,9 @@ FIELDS: Final = (
         "mqtt",
         "max_queued_bytes",
         "mqtt_max_queued_bytes",
-        _payload,
-        "Bytes of payload queued per MQTT session, as mosquitto's max_queued_bytes (then "
-        'dropped); "16MiB" by default.',
+        _queued_bytes,
+        "Bytes of payload queued per MQTT session (then dropped), like mosquitto's "
+        'max_queued_bytes (which is unbounded unless set); "16MiB" by default.',
     ),
     Field(
         "mqtt",

@@ -653,8 +653,10 @@ def serve(
     identity: Identity,
     plugins: Callable[[Node], list[Plugin]] | None = None,
     security: Security | None = None,
+    ready: Callable[[], None] | None = None,
 ) -> None:
     """Run a node in the foreground until SIGINT or SIGTERM; logs one line per notable event.
+    ``ready`` is called once every listener is bound (`up --detach` waits for it).
 
     ``plugins`` starts in-process actors once the node listens (``meshctl up`` passes the
     edge bridges this way, so node/ never imports edge/).
@@ -696,6 +698,8 @@ def serve(
             ", ".join(node.endpoints),
         )
         listening = True
+        if ready is not None:
+            ready()
         _tune_memory(config)
         node.run()
     finally:

@@ -36,6 +36,7 @@ class DurableSide:
     # The Router's state this side works on (set in Router.__init__).
     durable: Durable | None
     node_id: str
+    internal: set[bytes]
     acl: dict[bytes, Acl]
     counters: Counters
     clients: dict[bytes, Client]
@@ -129,17 +130,20 @@ class DurableSide:
                 )
                 return None
             if flags & F_RETAIN:  # `pub --retain` said "published" and nothing was kept
-                self._send_control(
-                    ident,
-                    Kind.ERR,
-                    {
-                        "ref": None,
-                        "error": "not retained: this node has no store (persistence is "
-                        "off); the event went to current subscribers only",
-                        "code": "store",
-                    },
-                )
-                return with_flags(rec, remove=F_RETAIN)
+                if ident not in self.internal:  # a bridge's import: nothing to tell it
+                    self._send_control(
+                        ident,
+                        Kind.ERR,
+                        {
+                            "ref": None,
+                            "error": "not retained here: this node has no store "
+                            "(persistence is off); the event went to current subscribers",
+                            "code": "store",
+                        },
+                    )
+                # Live, as a retained publish goes to current subscribers: a bridge still
+                # retains it at its broker (a diskless gateway relays retained state).
+                return live_copy(rec)
             return rec
         if flags & F_PERSISTENT:
             durable.persist(ident, rec, topic_b.decode(), route)

@@ -136,8 +136,8 @@ def pub(
         print(dumps({"topic": topic, verb: sent, "seconds": round(elapsed, 6)}))
     else:
         # Paced, N events span N - 1 intervals: "--count 3 --rate 10" said "(15/s)".
-        per_s = f"paced at {rate:g}/s" if rate else f"{sent / elapsed:,.0f}/s" if elapsed else ""
-        rate_txt = f" in {elapsed:.3f}s ({per_s})" if sent > 1 and per_s else ""
+        spans = sent - 1 if rate else sent
+        rate_txt = f" in {elapsed:.3f}s ({spans / elapsed:,.0f}/s)" if sent > 1 and elapsed else ""
         note(f"{verb} {sent} event{'s' if sent != 1 else ''} to {topic}{rate_txt}")
 
 

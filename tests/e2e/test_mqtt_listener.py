@@ -347,7 +347,7 @@ def test_retained_in_the_listener_when_the_node_has_no_store(
     # nothing was kept (exploratory test). It still reaches current subscribers, live.
     result = run_cli("pub", "--retain", "r/mesh", "x", server=node.ipc)
     assert result.returncode == 1, result.describe()
-    assert "not retained: this node has no store" in result.stderr
+    assert "not retained here: this node has no store" in result.stderr
     assert [(m.topic, m.payload, m.retain) for m in late.take(1)] == [("r/mesh", b"x", False)]
 
 

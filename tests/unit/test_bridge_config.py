@@ -63,6 +63,9 @@ def test_tls_files_are_kept_and_turn_tls_on() -> None:
         (NATS | {"export": ["a.b/>"]}, "export", "a NATS token cannot"),
         (NATS | {"remote_prefix": "a.b/c"}, "remote_prefix", "a NATS token cannot"),
         (MQTT | {"local_prefix": "$mesh"}, "local_prefix", "reserved in the mesh"),
+        # MQTT keeps one subscription per filter: the second replaced the first (review).
+        (MQTT | {"import": ["dup/#", "dup/#"]}, "import", "'dup/#' is listed twice"),
+        (MQTT | {"export": ["a/>", "a/>"]}, "export", "'a/>' is listed twice"),
         (MQTT | {"export": []}, "import", "needs import or export"),
         (MQTT | {"local_prefix": "a//b"}, "local_prefix", ""),
         (MQTT | {"colour": "red"}, "colour", "unknown key"),
@@ -127,3 +130,12 @@ def test_credentials_may_be_written_in_the_url() -> None:
     assert b.url == "nats://server:4223"
     m = one(**MQTT | {"url": "mqtts://dev1@broker"})
     assert (m.username, m.password, m.host, m.port, m.tls) == ("dev1", "", "broker", 8883, True)
+
+
+def test_the_local_prefix_of_an_export_needs_no_remote_form() -> None:
+    """It is stripped before the rest is mapped: "plant.v1/>" with local prefix "plant.v1"
+    exports "line.temp" to NATS, and was refused when every level was checked (review)."""
+    (nats,) = parse_bridges([NATS | {"local_prefix": "plant.v1", "export": ["plant.v1/>"]}], "t")
+    assert nats.exports == ("plant.v1/>",)
+    (mqtt,) = parse_bridges([MQTT | {"local_prefix": "c++", "export": ["c++/>"]}], "t")
+    assert mqtt.exports == ("c++/>",)
