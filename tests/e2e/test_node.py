@@ -228,9 +228,11 @@ def test_up_detach_then_down(short_tmp: Path) -> None:
         assert time.monotonic() - started < 5
         pid = int((data_dir / "node.pid").read_text())
         assert run_cli("down", "--data-dir", str(data_dir), timeout=15).returncode == 0
-    finally:
-        if pid is not None and pid_alive(pid):
-            kill_pid(pid)
+    finally:  # a node the test did not get to stop, even one whose start it failed
+        left = datadir.read_pid(data_dir)
+        for p in {pid, left} - {None}:
+            if pid_alive(p):  # type: ignore[arg-type]
+                kill_pid(p)  # type: ignore[arg-type]
 
 
 # ---- what the node knows about its clients -------------------------------------------------
