@@ -256,6 +256,10 @@ def test_clients_need_credentials_and_obey_permissions(
         bad_sub = run_cli("sub", "app/>", "--count", "1", server=a.tcp, env=env, timeout=10)
         assert bad_sub.returncode == 1
         assert "sub_deny 'app/secret/*'" in bad_sub.stderr
+        # Everyone's replies: not for a client whose sub_allow leaves _INBOX out (README).
+        inbox = run_cli("sub", "_INBOX/>", "--count", "1", server=a.tcp, env=env, timeout=10)
+        assert inbox.returncode == 1, inbox.describe()
+        assert "sub_allow" in inbox.stderr, inbox.describe()
         lines = sub.wait_lines(1, timeout=5)
         assert [json.loads(x)["topic"] for x in lines] == ["app/x"]
         assert run_cli("pub", "app/y", "last", server=a.ipc).returncode == 0
@@ -264,7 +268,7 @@ def test_clients_need_credentials_and_obey_permissions(
     finally:
         sub.stop()
     status = a.status()
-    assert status["counters"]["dropped"]["permission"] == 5
+    assert status["counters"]["dropped"]["permission"] == 6
     # A credentials file of another mesh is refused with its reason.
     other_mesh = make_node(name="z", data_dir=tmp_path / "z", secure=True)
     foreign = tmp_path / "foreign.creds"
