@@ -1019,8 +1019,11 @@ class Client:
         for sub in self._subs.values():
             if sub.pending:
                 continue  # its own SUB request goes again below, and is answered
+            # Not the replay again; the retained values again, as an MQTT resubscribe gets
+            # them: one that changed while the node was away was never seen (its
+            # publish came before this SUB), so a dashboard kept a stale value (found by
+            # an exploratory test). An unchanged one comes again, marked retained.
             body = {k: v for k, v in sub.resume_body.items() if k not in ("since_s", "from_seq")}
-            body.pop("retained", None)  # already had them
             # "ref": None: nobody waits for these answers.
             self._send(encode_control(Kind.SUB, {"ref": None, "sid": sub.sid, **body}))
         # Requests the node forgot with us: the first call after a restart waited out its

@@ -80,10 +80,18 @@ class Dialers:
         self.curve = curve  # sets CURVE client options on a new socket (secured nodes)
 
     def add(self, url: str, found: str, now: float, server_key: str = "") -> None:
-        if url not in self.by_url:
-            if not server_key and "#" in url:
-                server_key = url.split("#", 1)[1]
-            self.by_url[url] = Dialer(url, found, next_try=now, server_key=server_key)
+        """Dial ``url`` from now on. A key for a URL already dialed without one is taken:
+        a static link to the node a joiner enrolled with (its join link, with the key)
+        dialed keyless for ever, "no CurveZMQ key known" (exploratory test)."""
+        d = self.by_url.get(url)
+        if d is not None:
+            if server_key and not d.server_key:
+                d.server_key = server_key
+                d.next_try = now
+            return
+        if not server_key and "#" in url:
+            server_key = url.split("#", 1)[1]
+        self.by_url[url] = Dialer(url, found, next_try=now, server_key=server_key)
 
     def remove(self, url: str, last: bytes | None = None) -> None:
         """Stop dialing ``url``; ``last``, if given, is sent first and given a second to

@@ -231,10 +231,26 @@ def up(
             raise
         return started
 
+    detached = bool(os.environ.get(DETACHED))
+    if detached:  # logrotate's "postrotate kill -HUP": reopen the log, do not die
+        log_path = where / datadir.LOG_FILE
+        signal.signal(signal.SIGHUP, lambda *_: _reopen_log(log_path))
     try:
-        serve(cfg, identity, plugins, security, _ready_line if os.environ.get(DETACHED) else None)
+        serve(cfg, identity, plugins, security, _ready_line if detached else None)
     except OSError as e:
         raise OperationalError(str(e)) from None
+
+
+def _reopen_log(log_path: Path) -> None:
+    """Point stdout and stderr (a detached node's log) at ``log_path`` anew: after a
+    rotation moved the file away, the node went on writing to the moved one, and SIGHUP,
+    the usual way to say so, ended it (exploratory test)."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    finally:
+        os.close(fd)
 
 
 def _tls_contexts(
@@ -293,8 +309,11 @@ def _detach(where: Path) -> None:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-            raise OperationalError(f"node exited with code {proc.returncode}: " + " | ".join(tail))
+            # This run's lines only (an earlier run's "received SIGTERM" read as the
+            # cause), and its exit code: 2 for a usage error stays 2 (exploratory test).
+            said = _said(log_path, start)[-3:] or ["(nothing in the log)"]
+            error = InputError if proc.returncode == 2 else OperationalError
+            raise error(f"node exited with code {proc.returncode}: " + " | ".join(said))
         if datadir.read_pid(where) == proc.pid and _listening(log_path, start):
             for line in _said(log_path, start):  # as the foreground shows them
                 note(line)

@@ -239,3 +239,27 @@ def test_a_silent_node_is_told_on_stderr_and_so_is_its_return(
                 sub.next(0.3)
             loudest = max(loudest, client.silence)
         assert loudest < 2.6
+
+
+def test_a_resumed_subscription_gets_the_retained_values_as_they_are_now(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """A value retained while the subscriber's node was away (or before its client came
+    back) was never delivered: the resubscription asked for no retained values, so a
+    dashboard showed a stale value (exploratory test of day-2 operations)."""
+    data_dir = short_tmp / "node"
+    first = make_node(data_dir=data_dir)
+    with connect(first.ipc) as pub:
+        pub.publish("rr/x", b"v1", retain=True)
+        pub.flush()
+    watcher = connect(first.ipc, name="dashboard", timeout=3)
+    sub = watcher.subscribe("rr/>", retained=True)
+    assert sub.next(2).data == b"v1"
+    first.stop()
+    second = make_node(data_dir=data_dir)
+    with connect(second.ipc) as pub:
+        pub.publish("rr/x", b"v2", retain=True)  # before the watcher's client is back
+        pub.flush()
+    got = sub.next(5)
+    assert (got.data, got.retained) == (b"v2", True)
+    watcher.close()

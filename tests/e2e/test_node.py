@@ -208,6 +208,19 @@ def test_up_detach_then_down(short_tmp: Path) -> None:
         assert status.json_lines()[0]["name"] == "bg"
         assert status.json_lines()[0]["pid"] == pid
 
+        # logrotate: move the log away, SIGHUP: the node writes a new one and lives on (the
+        # signal ended it, and it went on writing into the moved file).
+        (data_dir / "node.log").rename(data_dir / "node.log.1")
+        os.kill(pid, signal.SIGHUP)
+        time.sleep(0.2)
+        assert run_cli("status", server=f"ipc://{data_dir}/node.sock").returncode == 0
+        wait_for(
+            lambda: "connected (meshctl status)" in (data_dir / "node.log").read_text(),
+            timeout=5,
+            what="the node to log into a new node.log",
+        )
+        assert pid_alive(pid)
+
         down = run_cli("down", "--data-dir", str(data_dir), timeout=15)
         assert down.returncode == 0, down.describe()
         assert datadir.read_pid(data_dir) is None
@@ -216,6 +229,13 @@ def test_up_detach_then_down(short_tmp: Path) -> None:
         again = run_cli("down", "--data-dir", str(data_dir), timeout=15)
         assert again.returncode == 1, again.describe()
         assert len(again.err_lines) == 1, again.describe()
+
+        # A detached start refused for its input: exit 2 as in the foreground, and the
+        # reason only, not the earlier run's "received SIGTERM" (exploratory test).
+        other = run_cli("up", "--detach", "--data-dir", str(data_dir), "--mesh", "other")
+        assert other.returncode == 2, other.describe()
+        assert "belongs to mesh 'default'" in other.stderr
+        assert "SIGTERM" not in other.stderr
 
         # At log level warning the INFO "listening on" it waited for never came: 10 s,
         # exit 1 "did not become ready", and the node left running (review).

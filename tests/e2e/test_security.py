@@ -115,6 +115,22 @@ def linked(node: NodeProcess, name: str) -> bool:
     return any(p["name"] == name and p["state"] == "up" for p in peers(node))
 
 
+def test_a_joiner_that_also_lists_its_gateway_as_a_link_links(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """`up --join TOKEN --link tcp://<that node>`: the static link, added first, shadowed
+    the join link and its key, and dialed without one for ever (exploratory test)."""
+    a = make_node(name="a", data_dir=tmp_path / "a", secure=True)
+    token = invite(a, "--url", a.tcp)
+    b = make_node(
+        name="b",
+        data_dir=tmp_path / "b",
+        secure=True,
+        extra_args=["--join", token, "--link", a.tcp],
+    )
+    wait_for(lambda: linked(b, "a"), timeout=10, what="b to link to a")
+
+
 def test_join_token_links_encrypted_and_single_use(
     make_node: NodeFactory, tmp_path: Path, tap: list[Tap]
 ) -> None:
