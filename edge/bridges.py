@@ -191,7 +191,10 @@ class Bridge:
         now = time.monotonic()
         if self.spool is None or now < self._next_stats:
             return
-        self._spool_stats = self.spool.stats()
+        exports = self._exports
+        self._spool_stats = self.spool.stats(
+            lambda topic, flags: bool(flags & F_PERSISTENT and exports.match(topic))
+        )
         self._next_stats = now + max(1.0, 10 * (time.monotonic() - now))
 
     def _open_spool(self) -> None:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from node.datadir import read_cursor, write_cursor
 from node.store import FILE_NAME
+
+STATS_PAGE: Final = 1000  # log entries a stats walk reads at a time
+STATS_WALK: Final = 20_000  # and at most, past the cursor (an older one is not shown)
 
 
 class LogReader:
@@ -52,16 +56,28 @@ class LogReader:
             self.cursor = seq
             write_cursor(self.path, seq)
 
-    def stats(self) -> dict[str, Any]:
-        """The age of the oldest entry not yet sent: one lookup by key. What the reader
-        still has to send, in entries and bytes, is the node's count (node/spool.py),
-        which its status shows; this walked every unsent entry (~160 ms at 256 MiB) for
-        a count of the whole log after the cursor that the status no longer shows."""
-        row = self.db.execute(
-            "SELECT time_ns FROM log WHERE seq > ? ORDER BY seq LIMIT 1", (self.cursor,)
-        ).fetchone()
-        age = None if row is None else round((time.time_ns() - row[0]) / 1e9, 3)
-        return {"oldest_age_s": age}
+    def stats(self, carries: Callable[[str, int], bool] | None = None) -> dict[str, Any]:
+        """The age of the oldest entry not yet sent that this reader carries (``carries``:
+        by topic and flags; None: every entry). What the reader still has to send, in
+        entries and bytes, is the node's count (node/spool.py), which its status shows.
+
+        Any entry used to count: an unrelated persistent event logged 10 s before an
+        export showed "oldest 11s" for one of 1 s (exploratory test). The walk reads the
+        topic and the flags byte only, in pages, at most STATS_WALK entries."""
+        after, walked = self.cursor, 0
+        while walked < STATS_WALK:
+            rows = self.db.execute(
+                "SELECT seq, topic, time_ns, substr(record, 9, 1) FROM log WHERE seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (after, STATS_PAGE),
+            ).fetchall()
+            for _seq, topic, time_ns, flags in rows:
+                if carries is None or carries(topic, flags[0] if flags else 0):
+                    return {"oldest_age_s": round((time.time_ns() - time_ns) / 1e9, 3)}
+            if len(rows) < STATS_PAGE:
+                break
+            after, walked = rows[-1][0], walked + len(rows)
+        return {"oldest_age_s": None}
 
     def close(self) -> None:
         self.db.close()

@@ -376,7 +376,8 @@ class Uplink(threading.Thread):
         if now < self._next_stats:
             return
         self.cursor = db.cursor
-        self.spool = db.stats()
+        trie = self.trie
+        self.spool = db.stats(lambda topic, _flags: bool(trie.match(topic)))
         took = time.monotonic() - now
         self._next_stats = now + max(STATS_EVERY, STATS_COST * took)
 

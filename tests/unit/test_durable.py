@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -1219,3 +1220,26 @@ def test_clears_are_kept_with_their_time_and_bounded(
     assert "tmp/0" not in d.cleared  # the oldest went first
     on_disk = {t for t, _r, _l in d.store.retained_all()}
     assert on_disk == set(d.cleared) | set(d.retained)
+
+
+def test_the_spools_oldest_age_is_of_what_the_reader_carries(tmp_path: Path) -> None:
+    """An unrelated persistent event logged 10 s before an export showed the uplink's
+    spool as "oldest 11s" for an export of 1 s (exploratory test): the age is of the
+    oldest entry the reader carries, by topic and flags."""
+    from edge.logreader import STATS_PAGE, LogReader
+
+    store = open_store(tmp_path)
+    reader = LogReader(tmp_path, tmp_path / "r.cursor", start_at_head=True)
+    now = time.time_ns()
+    old, new = now - 10 * 10**9, now - 1 * 10**9
+    unrelated = [(bytes(16), "other/x", old, rec("other/x", flags=F_PERSISTENT))]
+    direct = [(bytes(16), "out/x", old, rec("out/x", flags=0))] * (STATS_PAGE + 5)  # a page+
+    export = [(bytes(16), "out/x", new, rec("out/x", flags=F_PERSISTENT))]
+    store.log_append(unrelated + direct + export)
+    store.commit()
+    assert 9.5 < reader.stats()["oldest_age_s"] < 11  # every entry: the first
+    carried = reader.stats(lambda t, f: t.startswith("out/") and bool(f & F_PERSISTENT))
+    assert 0.5 < carried["oldest_age_s"] < 2
+    assert reader.stats(lambda t, f: False) == {"oldest_age_s": None}
+    reader.close()
+    store.close()

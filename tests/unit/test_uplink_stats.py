@@ -18,7 +18,7 @@ class SlowCount:
         self.cursor = 0
         self.counts = 0
 
-    def stats(self) -> dict[str, object]:
+    def stats(self, _carries: object = None) -> dict[str, object]:
         self.counts += 1
         time.sleep(self.cost)
         return {"entries": 1, "bytes": 1, "oldest_age_s": None}
