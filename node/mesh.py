@@ -34,6 +34,12 @@ CONVERGENCE_WINDOW: Final = 10.0  # seconds after a change during which copies m
 FORGET_AFTER: Final = 600.0  # an unreachable node's state is dropped after this long
 SELF: Final = "that is this node itself"
 DUPLICATE: Final = "duplicate link: already linked to this node"
+# A restarted node always comes back with a newer epoch, so an older one dialing while the
+# newer is linked is a second live process with the node's id and key.
+CLONE: Final = (
+    "this node id is linked from another process started later: "
+    "two nodes share one data dir (a copied device?)"
+)
 HANDSHAKE_INTEREST_BYTES: Final = 256 * 1024  # interest sent in LINK / LINK_OK, else none
 WANT_EVERY: Final = 1.0  # seconds between asking again for whole states we lack
 RTT_SAMPLE_EVERY: Final = 10  # heartbeat intervals between an accepted link's own beats
@@ -180,10 +186,15 @@ class Mesh(StatesSide):
         state, why = self._check_peer(body)
         if state is not None:
             existing = self.links.get(state.node_id)
+            known = self.table.states.get(state.node_id)
             if existing is not None and existing.via != via:
                 # One link per pair: the link dialed by the lower node id survives,
                 # unless the peer restarted (a newer epoch): then its old link is dead.
-                if self._restarted(state):
+                if known is not None and state.epoch < known.epoch:
+                    # A cloned data dir: each copy took the other's place by turns, and
+                    # the older showed "duplicate link" for ever (exploratory test).
+                    why = CLONE
+                elif self._restarted(state):
                     self._link_down(existing, "peer restarted", now)
                 elif state.node_id < self.node_id and existing.outbound:
                     self._link_down(existing, "replaced by the peer's link", now)

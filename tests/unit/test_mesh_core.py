@@ -284,6 +284,21 @@ def test_higher_id_refuses_a_second_link_when_its_own_dial_is_lower() -> None:
     assert n.mesh.links[A].via == "tcp://a"
 
 
+def test_an_older_run_of_a_linked_node_is_told_it_is_a_clone() -> None:
+    """A copied data dir started elsewhere: a restarted node always has a newer epoch, so
+    an older one dialing while the newer is linked is a second live process. It was told
+    "duplicate link" and the two took each other's place by turns (exploratory test)."""
+    n = Node(S)
+    n.mesh.on_link_request(b"copy", link_body(state(LOW, epoch=2)), "10.0.0.2:1", 0.0)
+    n.take()
+    n.mesh.on_link_request(b"original", link_body(state(LOW, epoch=1)), "10.0.0.1:1", 0.5)
+    assert n.mesh.links[LOW].via == b"copy"  # the one started later keeps its place
+    ((via, kind, body),) = n.take()
+    assert (via, kind) == (b"original", Kind.LINK_REFUSE)
+    assert "two nodes share one data dir" in body["reason"]
+    assert "refused link from 10.0.0.1:1: this node id is linked" in n.logs[-1]
+
+
 def test_lower_peers_dial_replaces_our_outbound_link() -> None:
     n = Node(S)
     n.mesh.on_link_ok("tcp://low", {"node": state(LOW).to_json()}, "static", 0.0)  # S dialed
