@@ -21,9 +21,7 @@ what lies free anywhere in the heap beyond the limit (``give_back``: malloc_trim
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
-from pathlib import Path
 from typing import Final
 
 M_TRIM_THRESHOLD: Final = -1  # free heap above this much at the top is given back
@@ -31,10 +29,9 @@ M_MMAP_THRESHOLD: Final = -3  # blocks at least this large are mapped on their o
 HEAP_BLOCKS: Final = 4 * 1024 * 1024  # frames up to a max-size payload come from the heap
 MAX_KEEP: Final = 1024 * 1024 * 1024  # mallopt takes an int
 TRIM_EVERY: Final = 30.0  # seconds between give_back calls of the loop
-PAGE: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 _kept = 0  # the limit keep_freed set (0: glibc's defaults, nothing to give back)
-_rss_after = 0  # resident bytes after the last trim
+_last_free: int | None = None  # free heap bytes after the last trim, or less since
 
 
 def keep_freed(limit: int) -> bool:
@@ -62,13 +59,21 @@ def keep_freed(limit: int) -> bool:
 
 def give_back() -> bool:
     """Return freed heap beyond the kept limit to the kernel, wherever it lies (glibc's
-    malloc_trim releases whole free pages inside the heap too, not just at its top), if
-    the process grew by more than that limit since the last time: a trim walks the whole
-    heap (20 ms at 480 MiB, review), so a steady node does not pay it every 30 s.
+    malloc_trim releases whole free pages inside the heap too, not just at its top),
+    when more than twice the limit lies free: a trim walks the whole heap (20 ms at
+    480 MiB, review), so a node whose heap holds little free memory does not pay it every
+    30 s. (Growth since the last trim was the test first: a trim while a burst was still
+    held set the mark at its peak, and the freed burst was never given back: review.)
     True if it trimmed; False if it did not need to, or keep_freed set nothing."""
-    global _rss_after  # noqa: PLW0603 - one allocator, one process
-    if not _kept or _resident() <= _rss_after + _kept:
+    if not _kept:
         return False
+    global _last_free  # noqa: PLW0603 - one allocator, one process
+    free = _free_heap()
+    if free is not None:
+        if _last_free is not None and free < _last_free:
+            _last_free = free  # taken again since: what is freed next counts from here
+        if free <= 2 * _kept or (_last_free is not None and free <= _last_free + _kept):
+            return False  # little free, or little freed since the last trim
     try:
         trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc (musl has none)
@@ -76,13 +81,27 @@ def give_back() -> bool:
     trim.argtypes = (ctypes.c_size_t,)
     trim.restype = ctypes.c_int
     trim(_kept)
-    _rss_after = _resident()
+    _last_free = _free_heap()
     return True
 
 
-def _resident() -> int:
-    """Resident bytes of this process (Linux)."""
+_MALLINFO2_FIELDS: Final = (
+    "arena", "ordblks", "smblks", "hblks", "hblkhd",
+    "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+)  # fmt: skip
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in _MALLINFO2_FIELDS]
+
+
+def _free_heap() -> int | None:
+    """Bytes in the heap's free blocks (glibc 2.33's mallinfo2; None where there is none:
+    then every call trims)."""
     try:
-        return int(Path("/proc/self/statm").read_bytes().split()[1]) * PAGE
-    except (OSError, ValueError, IndexError):
-        return 0
+        info = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    info.restype = _MallInfo2
+    got = info()
+    return int(got.fordblks + got.fsmblks)

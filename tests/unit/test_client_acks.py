@@ -100,3 +100,31 @@ def test_a_greeting_that_got_no_welcome_is_sent_again() -> None:
     c._resumed_at -= c.timeout + 1  # no WELCOME within the timeout
     c._dispatch(SESSION)
     assert sum(frame[1] == Kind.HELLO for frame in sent) == 2
+
+
+def test_a_retained_value_sent_again_after_a_resume_is_delivered_once() -> None:
+    """After a node restart a subscription asks for the retained values again (one that
+    changed while the node was away was never seen); one it already has is not delivered
+    twice: `sub --count 2` spent its count on a repeat (review). A replaying subscription
+    does not ask again: its replay brought them (review)."""
+    from meshctl.client import Subscription
+    from node.codec import F_RETAIN, decode_control
+    from node.events import Event
+
+    c, sent = greeted()
+    plain = Subscription(c, 1, ("t/>",), None, None)
+    plain.resume_body = {"patterns": ["t/>"], "group": None, "retained": True}
+    plain.last_ids = {}
+    replay = Subscription(c, 2, ("r/>",), None, None)
+    replay.resume_body = {"patterns": ["r/>"], "group": None, "retained": True, "since_s": 60}
+    c._subs = {1: plain, 2: replay}
+
+    def value(v: bytes, n: int) -> Event:
+        return Event("t/x", v, {}, bytes([n]) * 16, 1, flags=F_RETAIN)
+
+    c._deliver([(1, value(b"v1", 1))])
+    c._resume()
+    c._deliver([(1, value(b"v1", 1)), (1, value(b"v2", 2))])
+    assert [e.data for e in plain.queue] == [b"v1", b"v2"]
+    subs = [decode_control(f)[1] for f in sent if decode_control(f)[0] == Kind.SUB]
+    assert [(b["sid"], b.get("retained")) for b in subs] == [(1, True), (2, None)]
