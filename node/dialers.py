@@ -79,19 +79,23 @@ class Dialers:
         self.changed = False  # the set of sockets to poll changed
         self.curve = curve  # sets CURVE client options on a new socket (secured nodes)
 
-    def add(self, url: str, found: str, now: float, server_key: str = "") -> None:
-        """Dial ``url`` from now on. A key for a URL already dialed without one is taken:
+    def add(self, url: str, found: str, now: float, server_key: str = "") -> Dialer:
+        """Dial ``url`` from now on (the dialer: a new one, or the one already dialing that
+        place). A key for a URL already dialed without one is taken:
         a static link to the node a joiner enrolled with (its join link, with the key)
         dialed keyless for ever, "no CurveZMQ key known" (exploratory test)."""
+        endpoint, _, keyed = url.partition("#")
+        server_key = server_key or keyed
         d = self.by_url.get(url)
-        if d is not None:
+        if d is None:  # the same place spelt otherwise: a '#KEY' link and the join link
+            d = next((x for x in self.by_url.values() if x.endpoint == endpoint), None)
+        if d is not None:  # to one node dialed it twice (review)
             if server_key and not d.server_key:
                 d.server_key = server_key
                 d.next_try = now
-            return
-        if not server_key and "#" in url:
-            server_key = url.split("#", 1)[1]
-        self.by_url[url] = Dialer(url, found, next_try=now, server_key=server_key)
+            return d
+        d = self.by_url[url] = Dialer(url, found, next_try=now, server_key=server_key)
+        return d
 
     def remove(self, url: str, last: bytes | None = None) -> None:
         """Stop dialing ``url``; ``last``, if given, is sent first and given a second to

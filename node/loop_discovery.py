@@ -134,8 +134,9 @@ class DiscoverySide:
                 # Both sides dial at once: a newcomer is advertised only after ~1.5 s of
                 # probing, so waiting for the other side would slow joining; if both
                 # links come up, the one dialed by the lower id survives (mesh.py).
-                self.dialers.add(url, "mdns", now, msg.get("pk", ""))
-                self.dialers.by_url[url].peer_id = peer
+                d = self.dialers.add(url, "mdns", now, msg.get("pk", ""))
+                if d.found == "mdns":  # not a static link's, which dials that place already
+                    d.peer_id = peer
 
     def _discovery_refusal(self, msg: dict[str, Any]) -> str:
         """Why a node of our mesh name found by mDNS is not dialed ("" if it is)."""
