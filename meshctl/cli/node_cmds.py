@@ -502,7 +502,10 @@ def _render_durable(out: Console, s: dict[str, Any]) -> None:
     for up in (b for b in s.get("bridges") or [] if b.get("kind") == "uplink"):
         state = up["state"] if up["state"] == "up" else f"[red]{up['state']}[/]"
         spool = up["spool"]
-        age = "" if spool["oldest_age_s"] is None else f", oldest {_ago(spool['oldest_age_s'])}"
+        over = ">" if spool.get("oldest_at_least") else ""
+        age = (
+            "" if spool["oldest_age_s"] is None else f", oldest {over}{_ago(spool['oldest_age_s'])}"
+        )
         node_spool = st.get("spool") or {}
         mine = (node_spool.get("readers") or {}).get("uplink", {})
         # Said apart (exploratory test): events drop-oldest took, lost; publishers' events

@@ -1243,3 +1243,24 @@ def test_the_spools_oldest_age_is_of_what_the_reader_carries(tmp_path: Path) -> 
     assert reader.stats(lambda t, f: False) == {"oldest_age_s": None}
     reader.close()
     store.close()
+
+
+def test_past_the_stats_walk_the_age_is_a_lower_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More unrelated entries than the walk reads: "nothing old" was shown for an export
+    10 minutes old (review); now the age of the last entry walked, marked a lower bound."""
+    from edge import logreader
+
+    monkeypatch.setattr(logreader, "STATS_WALK", 2 * logreader.STATS_PAGE)
+    store = open_store(tmp_path)
+    reader = logreader.LogReader(tmp_path, tmp_path / "r.cursor", start_at_head=True)
+    old = time.time_ns() - 600 * 10**9
+    rows = [(bytes(16), "other/x", old, rec("other/x"))] * (3 * logreader.STATS_PAGE)
+    store.log_append([*rows, (bytes(16), "out/x", old, rec("out/x"))])
+    store.commit()
+    got = reader.stats(lambda t, f: t.startswith("out/"))
+    assert got["oldest_at_least"] is True
+    assert 590 < got["oldest_age_s"] < 610
+    reader.close()
+    store.close()
