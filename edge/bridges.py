@@ -378,8 +378,9 @@ class MqttBridge(Bridge):
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
             # Overlapping imports ("dup/#" and "dup/+") brought one message in twice, a copy
             # a subscription (exploratory test): only the first matching import's counts.
-            ids = getattr(msg.properties, "SubscriptionIdentifier", None)
-            if ids and self._first_import(msg.topic, mqtt.topic_matches_sub) + 1 not in ids:
+            ids = getattr(msg.properties, "SubscriptionIdentifier", None) or ()
+            first = self._first_import(msg.topic, mqtt.topic_matches_sub) if ids else -1
+            if first >= 0 and first + 1 not in ids:  # (none matched here: taken, not lost)
                 return
             marks = getattr(msg.properties, "UserProperty", None) or ()
             path = next((v for k, v in marks if k == PATH_HEADER), "")
@@ -694,7 +695,8 @@ class NatsBridge(Bridge):
             async def on_msg(msg: Any) -> None:
                 # Overlapping imports ("nd.>" and "nd.*") brought a message in once a
                 # subscription (exploratory test): only the first matching import's counts.
-                if i and self._first_import(msg.subject, _nats_matches) != i:
+                first = self._first_import(msg.subject, _nats_matches) if i else -1
+                if first not in (-1, i):  # (none matched here: taken, not lost)
                     return
                 path = (msg.headers or {}).get(PATH_HEADER, "")
                 self._take(msg.subject, msg.data, msg.reply or "", path)
