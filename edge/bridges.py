@@ -38,7 +38,7 @@ from node.bridge_config import BridgeConfig
 from node.codec import F_PERSISTENT, F_RETAIN, F_RETAINED_LIVE, HEAD_PUB
 from node.errors import CodecError, InputError
 from node.events import Event, decode_event
-from node.topics import SubscriptionTrie, validate_topic
+from node.topics import SubscriptionTrie, matches, validate_topic
 
 log = logging.getLogger("meshctl.node")
 
@@ -482,13 +482,7 @@ class MqttBridge(Bridge):
 
 def _nats_matches(pattern: str, subject: str) -> bool:
     """NATS subject matching: ``*`` one token, ``>`` one or more at the end."""
-    p, t = pattern.split("."), subject.split(".")
-    for i, level in enumerate(p):
-        if level == ">":
-            return len(t) > i
-        if i >= len(t) or (level != "*" and level != t[i]):
-            return False
-    return len(p) == len(t)
+    return matches(pattern, subject, ".")
 
 
 def _one_line(record: logging.LogRecord) -> bool:

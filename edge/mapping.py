@@ -140,9 +140,10 @@ def mesh_pattern_to_mqtt(pattern: str) -> Mapped:
     return Mapped((filt,), warnings)
 
 
-def mqtt_subscription(filt: str) -> tuple[str | None, Mapped]:
+def mqtt_subscription(filt: str) -> tuple[str | None, str, Mapped]:
     """An MQTT client's SUBSCRIBE filter as the listener takes it: (queue group of a
-    ``$share/GROUP/filter``, the mesh patterns); MappingError for what it refuses (SUBACK
+    ``$share/GROUP/filter``, the filter without that prefix, the mesh patterns);
+    MappingError for what it refuses (SUBACK
     0x80). One rule for the listener and ``meshctl topic check``, which had said "fine"
     to filters the listener refused (exploratory test)."""
     group, plain = mqtt_shared(filt)
@@ -152,7 +153,7 @@ def mqtt_subscription(filt: str) -> tuple[str | None, Mapped]:
     mapped = mqtt_filter_to_mesh(plain)
     if group is not None and any(c in group for c in " */>+#"):
         raise MappingError(filt, "mesh", f"queue group {group!r} holds a wildcard")
-    return group, mapped
+    return group, plain, mapped
 
 
 def mqtt_shared(filt: str) -> tuple[str | None, str]:
@@ -231,7 +232,7 @@ def check(pattern: str, to: str, source: str = "mesh") -> Mapped:
     # mesh was echoed back, rc 0), with the rules that apply where it is used.
     try:
         if source == "mqtt":
-            group, mesh = mqtt_subscription(pattern)
+            group, _plain, mesh = mqtt_subscription(pattern)
             notes = mesh.warnings + (
                 (f"shared subscription: queue group {group!r}",) if group else ()
             )

@@ -35,7 +35,6 @@ from typing import Any, Final
 
 from edge.mapping import (
     MappingError,
-    mqtt_shared,
     mqtt_subscription,
     mqtt_topic_to_mesh,
 )
@@ -536,9 +535,8 @@ class MqttListener(ConnectSide, NodeSide):
         sids: list[int] = []
         for filt, qos in s.filters:
             try:
-                group, mapped = mqtt_subscription(filt)
+                group, plain, mapped = mqtt_subscription(filt)
                 patterns = mapped.patterns
-                plain = mqtt_shared(filt)[1]  # the filter without its $share/GROUP/
             except MappingError as e:
                 self.counters["refused_topics"] += 1
                 log.debug("MQTT client %s: filter refused: %s", conn.name, e)

@@ -110,10 +110,11 @@ def is_reserved(first_level: str) -> bool:
     return first_level.startswith("$") or first_level == INBOX_PREFIX
 
 
-def matches(pattern: str, topic: str) -> bool:
-    """Reference matcher for one pattern and one topic (both assumed valid)."""
-    p = pattern.split("/")
-    t = topic.split("/")
+def matches(pattern: str, topic: str, sep: str = "/") -> bool:
+    """Reference matcher for one pattern and one topic (both assumed valid). ``sep``:
+    the level separator, "." for NATS subjects (same ``*`` and ``>``)."""
+    p = pattern.split(sep)
+    t = topic.split(sep)
     if p[0] in ("*", ">") and is_reserved(t[0]):
         return False
     for i, level in enumerate(p):
