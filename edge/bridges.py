@@ -403,7 +403,7 @@ class MqttBridge(Bridge):
                     while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
                         for ev in self.port.events(sock.recv()):
                             if not self._spooled(ev):
-                                self._export_mqtt(client, ev)
+                                self._export_mqtt(client, sock, ev)
                 behind = False
                 if self.spool is not None and self.state == "up":
                     behind = self._drain_spool_mqtt(client)
@@ -419,8 +419,16 @@ class MqttBridge(Bridge):
             if self.spool is not None:
                 self.spool.close()
 
-    def _export_mqtt(self, client: Any, ev: Event) -> Any:
+    def _export_mqtt(self, client: Any, sock: zmq.Socket[bytes], ev: Event) -> Any:
+        """Publish one export. A request goes out as a message too (MQTT subscribers see
+        it, as mesh ones do), but nothing over MQTT can answer it: the bridge says "no
+        responders", which the node passes on only when nothing else may answer. The
+        bridge's subscription counted as a responder, and a mesh requester waited out its
+        timeout (noted in session 12)."""
         remote = self._export_topic(ev.topic, mesh_topic_to_mqtt)
+        if ev.is_request and ev.reply_to:
+            why = f"MQTT ({self.cfg.name}) has no request-reply".encode()
+            sock.send(self.port.reply(ev.reply_to, why, no_responders=True, topic=ev.topic))
         if remote is None:
             self.counters["refused"] += 1
         elif self.state != "up":
@@ -720,6 +728,11 @@ class NatsBridge(Bridge):
                         )
                 elif not nc.is_connected:
                     self.counters["dropped_remote_down"] += 1
+                    if ev.is_request and ev.reply_to:  # nothing there to answer it now
+                        why = f"NATS ({self.cfg.name}) is not connected".encode()
+                        sock.send(
+                            self.port.reply(ev.reply_to, why, no_responders=True, topic=ev.topic)
+                        )
                 elif ev.is_request and ev.reply_to:
                     self._tasks.add(asyncio.create_task(self._ask(nc, sock, remote, ev)))
                     self.counters["exported"] += 1

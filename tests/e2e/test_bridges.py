@@ -111,7 +111,7 @@ def drain(sub: Any, timeout: float = 0.7) -> list[Any]:
 
 
 def test_mqtt_both_ways_with_overlapping_patterns_and_no_loop(
-    mosquitto: int, make_node: NodeFactory
+    mosquitto: int, make_node: NodeFactory, bg: Any
 ) -> None:
     node = bridged_node(
         make_node,
@@ -148,6 +148,21 @@ export = ["sensors/>"]
         (bridge,) = node.status()["bridges"]
         assert bridge["imported"] == 20
         assert bridge["exported"] == 20
+        # A request goes to MQTT as a message, but nothing there can answer it: "no
+        # responders" at once (the bridge's export counted as a responder, and the
+        # requester waited out its timeout), unless a mesh responder answers.
+        with connect(node.ipc) as client:
+            start = time.monotonic()
+            with pytest.raises(NoResponders):
+                client.request("sensors/ask", b"?", timeout=5)
+            assert time.monotonic() - start < 1
+            subs = len(node.status()["subscriptions"])
+            bg.start("reply", "sensors/ask", "--echo", server=node.ipc)
+            wait_for(
+                lambda: len(node.status()["subscriptions"]) > subs, timeout=5, what="responder"
+            )
+            assert client.request("sensors/ask", b"echo", timeout=5).data == b"echo"
+        wait_for(lambda: len(peer.got) == 42, timeout=5, what="the requests at the MQTT peer")
         # With its bridge up the node stops at once: it took a second, paho's network
         # thread waiting out its select timeout before it saw the stop.
         t = time.monotonic()
@@ -500,6 +515,11 @@ qos = 1
         time.sleep(0.15)
     # and `meshctl status` says so too, not only --json (exploratory test)
     assert "5 events" in run_cli("status", server=node.ipc, env={"COLUMNS": ""}).stdout
+    with connect(node.ipc) as client:  # a request: nothing there to answer it, said at once
+        start = time.monotonic()
+        with pytest.raises(NoResponders):
+            client.request("alerts/ask", b"?", timeout=5)
+        assert time.monotonic() - start < 1
 
 
 @pytest.mark.parametrize("kind", ["nats", "mqtt"])
@@ -565,6 +585,26 @@ export = ["out/>"]
                 peer.close()
     finally:
         watcher.close()
+
+
+def test_a_request_while_nats_is_away_gets_no_responders_at_once(
+    make_node: NodeFactory,
+) -> None:
+    """A mesh request on a NATS bridge's export while its server was away was dropped
+    (counted) and its requester waited out its timeout, untold."""
+    need_binary("nats-server")
+    port = lh.free_port()
+    with lh.nats_server(port=port):
+        node = bridged_node(
+            make_node,
+            f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{port}"\nexport = ["ext/>"]\n',
+        )
+    wait_for(lambda: node.status()["bridges"][0]["state"] == "down", timeout=5, what="down")
+    with connect(node.ipc) as client:
+        start = time.monotonic()
+        with pytest.raises(NoResponders):
+            client.request("ext/ask", b"?", timeout=5)
+        assert time.monotonic() - start < 1
 
 
 def test_request_reply_across_the_nats_bridge_both_ways(
