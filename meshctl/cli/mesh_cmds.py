@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from meshctl.cli.options import JsonOpt, ServerOpt, TimeoutOpt
+from meshctl.cli.options import JsonOpt, Seconds, ServerOpt, TimeoutOpt
 from meshctl.cli.output import dumps, escaped, out_console
 from meshctl.client import connect
 from node.topics import validate_topic
@@ -20,7 +20,9 @@ def _fetch(server: str | None, timeout: float, view: str, **args: Any) -> dict[s
         return client.view(view, **args)
 
 
-def peers(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt = False) -> None:
+def peers(
+    server: ServerOpt = None, timeout: TimeoutOpt = Seconds(2), json_out: JsonOpt = False
+) -> None:
     """The links of this node: peer, address, how it was found, state, round trip, age."""
     rows = _fetch(server, timeout, "peers")["peers"]
     if json_out:
@@ -46,7 +48,9 @@ def peers(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt
     out_console().print(t if rows else "no peers")
 
 
-def mesh(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt = False) -> None:
+def mesh(
+    server: ServerOpt = None, timeout: TimeoutOpt = Seconds(2), json_out: JsonOpt = False
+) -> None:
     """Every node this node knows of and the links between them, as a tree."""
     view = _fetch(server, timeout, "mesh")
     if json_out:
@@ -87,7 +91,7 @@ def mesh(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt 
 def routes(
     topic: Annotated[str, typer.Argument(help="Topic to explain, e.g. plant1/line3/temp.")],
     server: ServerOpt = None,
-    timeout: TimeoutOpt = 2.0,
+    timeout: TimeoutOpt = Seconds(2),
     json_out: JsonOpt = False,
 ) -> None:
     """Explain routing for a topic: matching subscriptions, groups, and each copy's path."""

@@ -17,6 +17,7 @@ from rich.markup import escape
 from meshctl.cli.options import (
     HeaderOpt,
     JsonOpt,
+    Seconds,
     ServerOpt,
     TimeoutOpt,
     duration,
@@ -97,7 +98,7 @@ def pub(
         ),
     ] = False,
     server: ServerOpt = None,
-    timeout: TimeoutOpt = 2.0,
+    timeout: TimeoutOpt = Seconds(2),
     json_out: JsonOpt = False,
 ) -> None:
     """Publish events to a topic."""
@@ -388,7 +389,7 @@ def req(
         int,
         typer.Option("--replies", min=0, help="Replies to wait for; 0 collects until the timeout."),
     ] = 1,
-    timeout: TimeoutOpt = 2.0,
+    timeout: TimeoutOpt = Seconds(2),
     raw: RawOpt = False,
     json_out: JsonOpt = False,
     server: ServerOpt = None,
@@ -448,7 +449,7 @@ def reply(
             metavar="DURATION",
             help="Limit for one run of CMD.",
         ),
-    ] = 10.0,
+    ] = Seconds(10),
     server: ServerOpt = None,
 ) -> None:
     """Answer requests with DATA, the request itself (--echo) or a command's output."""

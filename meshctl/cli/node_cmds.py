@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from meshctl.cli.options import ConfigOpt, DataDirOpt, JsonOpt, ServerOpt, TimeoutOpt
+from meshctl.cli.options import ConfigOpt, DataDirOpt, JsonOpt, Seconds, ServerOpt, TimeoutOpt
 from meshctl.cli.output import dumps, escaped, note, out_console
 from meshctl.client import connect
 from meshctl.errors import OperationalError
@@ -348,7 +348,7 @@ def _listening(log_path: Path, start: int) -> bool:
 def down(
     data_dir: DataDirOpt = None,
     config: ConfigOpt = None,
-    timeout: TimeoutOpt = 5.0,
+    timeout: TimeoutOpt = Seconds(5),
 ) -> None:
     """Stop the node running in the data directory (SIGTERM, then wait)."""
     cfg = effective_config(config, data_dir=None if data_dir is None else str(data_dir))
@@ -374,7 +374,9 @@ def down(
     raise OperationalError(f"node (pid {pid}) did not stop within {timeout:g}s")
 
 
-def status(server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt = False) -> None:
+def status(
+    server: ServerOpt = None, timeout: TimeoutOpt = Seconds(2), json_out: JsonOpt = False
+) -> None:
     """Show the node: id, endpoints, uptime, clients, subscriptions and counters."""
     with connect(server, name="meshctl status", timeout=timeout) as client:
         info = client.status()

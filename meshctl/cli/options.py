@@ -10,6 +10,19 @@ import typer
 from node.config import parse_duration
 
 
+class Seconds(float):
+    """A duration default in seconds that help shows as it is written: ``[default: 2s]``
+    and ``15m``, where help said ``2.0`` and ``900.0`` beside examples of ``2s``."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+            if self >= size and self % size == 0:
+                return f"{int(self // size)}{unit}"
+        return f"{self * 1000:g}ms"
+
+
 def duration(text: str | float) -> float:
     """Typer parser for durations: a bad one is a usage error (exit 2)."""
     if isinstance(text, int | float):

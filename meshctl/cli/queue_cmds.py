@@ -7,7 +7,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from meshctl.cli.options import JsonOpt, ServerOpt, TimeoutOpt, duration
+from meshctl.cli.options import JsonOpt, Seconds, ServerOpt, TimeoutOpt, duration
 from meshctl.cli.output import dumps, escaped, note, out_console
 from meshctl.client import connect
 
@@ -50,7 +50,7 @@ def queue_add(
         ),
     ] = None,
     server: ServerOpt = None,
-    timeout: TimeoutOpt = 2.0,
+    timeout: TimeoutOpt = Seconds(2),
     json_out: JsonOpt = False,
 ) -> None:
     """Create a queue (or change its patterns, and what else is given); it captures
@@ -73,7 +73,7 @@ def queue_add(
 
 @queue_app.command("ls")
 def queue_ls(
-    server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt = False
+    server: ServerOpt = None, timeout: TimeoutOpt = Seconds(2), json_out: JsonOpt = False
 ) -> None:
     """Every queue with its depth, consumers and redeliveries."""
     rows = _call(server, timeout, "ls")["queues"]
@@ -103,7 +103,10 @@ def queue_ls(
 
 @queue_app.command("info")
 def queue_info(
-    name: NameArg, server: ServerOpt = None, timeout: TimeoutOpt = 2.0, json_out: JsonOpt = False
+    name: NameArg,
+    server: ServerOpt = None,
+    timeout: TimeoutOpt = Seconds(2),
+    json_out: JsonOpt = False,
 ) -> None:
     """Depth, oldest age, consumers, in flight, redeliveries and settings of one queue."""
     info = _call(server, timeout, "info", name=name)["queue"]
@@ -125,14 +128,14 @@ def _shown(value: object) -> str:
 
 
 @queue_app.command("rm")
-def queue_rm(name: NameArg, server: ServerOpt = None, timeout: TimeoutOpt = 2.0) -> None:
+def queue_rm(name: NameArg, server: ServerOpt = None, timeout: TimeoutOpt = Seconds(2)) -> None:
     """Delete a queue and every event in it."""
     _call(server, timeout, "rm", name=name)
     note(f"removed queue {name}")
 
 
 @queue_app.command("purge")
-def queue_purge(name: NameArg, server: ServerOpt = None, timeout: TimeoutOpt = 2.0) -> None:
+def queue_purge(name: NameArg, server: ServerOpt = None, timeout: TimeoutOpt = Seconds(2)) -> None:
     """Delete every event in a queue; the queue stays."""
     n = _call(server, timeout, "purge", name=name)["purged"]
     note(f"purged {n} event{'s' if n != 1 else ''} from {name}")

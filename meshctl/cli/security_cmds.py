@@ -14,7 +14,7 @@ from typing import Annotated, Any, Final
 
 import typer
 
-from meshctl.cli.options import ConfigOpt, DataDirOpt, duration
+from meshctl.cli.options import ConfigOpt, DataDirOpt, Seconds, duration
 from meshctl.cli.output import note
 from meshctl.errors import OperationalError
 from meshctl.url import resolve_server
@@ -78,7 +78,7 @@ def invite(
         typer.Option(
             parser=duration, metavar="DURATION", help="How long the token is valid (10m, 1h)."
         ),
-    ] = 900.0,
+    ] = Seconds(900),
     uses: Annotated[int, typer.Option(min=1, max=1000, help="Devices it may enroll.")] = 1,
     client: Annotated[
         str | None,
@@ -95,7 +95,7 @@ def invite(
     pub_deny: Annotated[list[str] | None, typer.Option(help="Client may not publish.")] = None,
     sub_allow: Annotated[list[str] | None, typer.Option(help="Client may subscribe.")] = None,
     sub_deny: Annotated[list[str] | None, typer.Option(help="Client may not subscribe.")] = None,
-    days: Annotated[float, typer.Option(help="Client credentials validity in days.")] = 365.0,
+    days: Annotated[float, typer.Option(help="Client credentials validity in days.")] = 365,
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Client credentials file ('-' for stdout)."),

@@ -275,3 +275,24 @@ def test_help_texts_escape_their_brackets() -> None:
     assert len(params) > 100
     unescaped = [(where, text) for where, text in params if re.search(r"(?<!\\)\[[a-z]", text)]
     assert unescaped == []
+
+
+def test_duration_defaults_show_as_they_are_written() -> None:
+    """Help said ``[default: 2.0]`` and ``[default: 900.0]`` beside examples of ``2s`` and
+    ``10m`` (noted in session 12)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from meshctl.cli import app
+    from meshctl.cli.options import Seconds
+
+    assert [str(Seconds(s)) for s in (2, 10, 900, 3600, 0.5, 90)] == [
+        "2s", "10s", "15m", "1h", "500ms", "90s",
+    ]  # fmt: skip
+    assert Seconds(900) == 900.0
+    runner = CliRunner()
+    for argv, shown in ((["pub", "--help"], "[default: 2s]"), (["invite", "--help"], "15m")):
+        out = runner.invoke(app, argv, env={"COLUMNS": "200"}).output
+        assert shown in out
+        assert re.search(r"default: \d+\.\d\]", out) is None
