@@ -63,12 +63,16 @@ def test_hostile_link_bodies_are_never_internal_errors(
     extra: dict[str, Any],
 ) -> None:
     """On the fuzz script's router: a client, an inbound and a dialed link."""
-    r = fuzz_script.Harness().router
-    body = {"mesh": fuzz_script.MESH, "proto": 1, "node": state, "states": [state], **extra}
-    frame = bytes((VERSION, kind)) + json.dumps(body).encode()
-    r.handle(ident, frame, 1.0)
-    link_ok = bytes((VERSION, Kind.LINK_OK)) + frame[2:]
-    r.handle_dialed(fuzz_script.SPARE_URL, "static", link_ok, 1.0)
-    r.handle(b"client-1", bytes((VERSION, Kind.PUB)) + bytes(40), 1.0)
-    list(r.take_output())
-    assert r.counters.internal_errors == 0
+    harness = fuzz_script.Harness()  # closed: each example's store dir stayed in /tmp
+    try:
+        r = harness.router
+        body = {"mesh": fuzz_script.MESH, "proto": 1, "node": state, "states": [state], **extra}
+        frame = bytes((VERSION, kind)) + json.dumps(body).encode()
+        r.handle(ident, frame, 1.0)
+        link_ok = bytes((VERSION, Kind.LINK_OK)) + frame[2:]
+        r.handle_dialed(fuzz_script.SPARE_URL, "static", link_ok, 1.0)
+        r.handle(b"client-1", bytes((VERSION, Kind.PUB)) + bytes(40), 1.0)
+        list(r.take_output())
+        assert r.counters.internal_errors == 0
+    finally:
+        harness.close()

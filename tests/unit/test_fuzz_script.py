@@ -20,5 +20,9 @@ def test_minimize_reports_no_reproducer_when_nothing_fails(fuzz_script: ModuleTy
     noise = [fuzz.Input("router.client", fuzz.CLIENT, b"\x01\x06{}")] * 50
     deep = b'\x01\x09{"t":' + b"[" * 5000
     failing = fuzz.Input("router.link", fuzz.PEER_IDENT, deep)
-    assert fuzz.feed(fuzz.Harness(), failing) is None
+    harness = fuzz.Harness()
+    try:
+        assert fuzz.feed(harness, failing) is None
+    finally:
+        harness.close()
     assert fuzz.minimize(noise, failing, budget=5.0) is None
