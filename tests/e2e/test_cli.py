@@ -121,7 +121,9 @@ def test_unreachable_node_exits_1_fast(args: tuple[str, ...]) -> None:
     result = run_cli(*args, "--timeout", "500ms", server=f"tcp://127.0.0.1:{port}")
     assert_one_line_error(result, 1)
     assert str(port) in result.stderr
-    assert result.elapsed < 2.5, f"took {result.elapsed:.2f}s to give up"
+    # It gives up after its 2 s connect wait (sub's --timeout is for events); the rest is
+    # the interpreter's start, slower while other tests run beside it.
+    assert result.elapsed < 4, f"took {result.elapsed:.2f}s to give up"
 
 
 def test_missing_ipc_socket_exits_1(tmp_path: Path) -> None:
