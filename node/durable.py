@@ -107,6 +107,8 @@ class _Pass:
     replicate: list[bytes] = field(default_factory=list)
     answers: list[tuple[bytes, Kind, dict[str, Any]]] = field(default_factory=list)
     refused: dict[bytes, list[str]] = field(default_factory=dict)
+    undo: list[Callable[[], None]] = field(default_factory=list)  # memory, if it fails
+    retainers: set[bytes] = field(default_factory=set)  # clients whose retained value waits
 
 
 class Durable:
@@ -294,6 +296,22 @@ class Durable:
         self._work = True
         self.p.answers.append((ident, kind, body))
 
+    def retained_by(self, ident: bytes) -> None:
+        """Client ``ident`` published a retained value in this pass: it hears if the
+        commit fails, and its flush waits for the commit (`pub --retain` on a full disk
+        said "published", exit 0, and the old value stayed)."""
+        self.p.retainers.add(ident)
+
+    def waits_on(self, ident: bytes) -> bool:
+        """True when a flush by ``ident`` must wait for this pass's commit."""
+        return ident in self.p.retainers
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` if this pass's commit fails: an administrative change made in memory
+        must not outlive its rolled-back rows (a queue made while the disk was full took
+        persistent events, acknowledged, and was gone with them after a restart)."""
+        self.p.undo.append(undo)
+
     def drop_consumers(self, q: Queue) -> list[tuple[bytes, int]]:
         """A removed queue's consumers get nothing more: the (client, sid) of each, to
         be told (their subscriptions stay, idle)."""
@@ -384,6 +402,8 @@ class Durable:
         out: Output,
     ) -> None:
         """Nothing of the pass was stored: say so to every publisher waiting on it."""
+        for undo in reversed(p.undo):
+            undo()
         self.errors += 1
         self._staged_retained = 0
         self.last_error = error
@@ -405,6 +425,9 @@ class Durable:
             out.refused(ident, ids, error)
         for ident, ids in p.refused.items():
             out.refused(ident, ids, SPOOL_FULL)
+        for ident in p.retainers:
+            why = f"not retained: {error}; the event went to current subscribers"
+            out.answer(ident, Kind.ERR, {"ref": None, "error": why, "code": "store"})
         for ident, _kind, body in p.answers:
             out.answer(ident, Kind.ERR, {"ref": body.get("ref"), "error": error, "code": "store"})
 

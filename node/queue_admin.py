@@ -1,17 +1,20 @@
 """``meshctl queue add|rm|purge|ls|info``: the QUEUE control request, answered by the node.
 
 Changes are written in the pass's transaction and answered only after it commits, so an
-operator who saw "created" has a queue that survives a crash.
+operator who saw "created" has a queue that survives a crash; a queue made or changed in a
+pass that fails to commit is put back in memory as it was. (``rm`` and ``purge`` that fail
+leave memory ahead of the disk, which a restart puts right: nothing is lost that way.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from node.codec import Kind
 from node.config import parse_duration
 from node.errors import TopicError
-from node.queues import DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER, read_refused
+from node.queues import DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER, Queue, read_refused
 from node.store import StoreError
 
 if TYPE_CHECKING:
@@ -62,6 +65,7 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
                 raise ValueError("patterns must be a list of strings")
             old = queues.by_name.get(str(name))
             old_patterns = old.patterns if old is not None else ()
+            old_settings = None if old is None else (old.patterns, old.ack_wait, old.max_deliver)
             # What is not given keeps its value: adding a pattern put a queue's ack wait
             # and max deliver back to their defaults (exploratory test), where `nats
             # stream edit` changes only what it is told.
@@ -78,6 +82,7 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
                 now_wall=now_ns / 1e9,
             )
             router.queue_interest(old_patterns, q.patterns)
+            durable.on_rollback(_undo_add(router, q, old_settings))
             result = {"ref": ref, "queue": queues.info(q, now_ns), "created": old is None}
         elif op == "rm":
             q = queues.remove(str(name))
@@ -102,6 +107,22 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
         return _err(ref, str(e), "store")
     durable.answer_after_commit(ident, Kind.OK, result)
     return None
+
+
+def _undo_add(
+    router: Router, q: Queue, old: tuple[tuple[str, ...], float, int] | None
+) -> Callable[[], None]:
+    """Put memory back as it was before ``add`` when its pass fails to commit."""
+
+    def undo() -> None:
+        queues = router.durable.queues  # type: ignore[union-attr]
+        router.queue_interest(q.patterns, () if old is None else old[0])
+        if old is None:
+            queues.forget(q)
+        else:
+            queues.configure(q, *old)
+
+    return undo
 
 
 def _seconds(value: object, default: float) -> float:

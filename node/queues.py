@@ -210,19 +210,36 @@ class Queues:
         old = self.by_name.get(name)
         if old is None and dead_letters_of is None and len(self.by_name) >= MAX_QUEUES:
             raise ValueError(f"this node has reached its limit of {MAX_QUEUES} queues")
-        if old is not None:
-            for p in old.patterns:
-                self.trie.remove(p, old)
-            old.patterns, old.ack_wait, old.max_deliver = tuple(patterns), ack_wait, max_deliver
-            q = old
-        else:
-            q = Queue(name, tuple(patterns), ack_wait, max_deliver, now_wall)
+        created = old.created if old is not None else now_wall
+        # Written first: a write that fails leaves the queue as it was (its patterns were
+        # already out of the trie, and the queue routed nothing, until a restart).
         self.store.guard(
             "INSERT OR REPLACE INTO queues VALUES (?, ?, ?, ?, ?)",
-            (name, json.dumps(list(q.patterns)), ack_wait, max_deliver, q.created),
+            (name, json.dumps(list(patterns)), ack_wait, max_deliver, created),
         )
+        if old is not None:
+            self.configure(old, tuple(patterns), ack_wait, max_deliver)
+            return old
+        q = Queue(name, tuple(patterns), ack_wait, max_deliver, created)
         self._attach(q)
         return q
+
+    def configure(
+        self, q: Queue, patterns: tuple[str, ...], ack_wait: float, max_deliver: int
+    ) -> None:
+        """Set a queue's patterns and settings in memory (``add``, or its undo)."""
+        for p in q.patterns:
+            self.trie.remove(p, q)
+        q.patterns, q.ack_wait, q.max_deliver = patterns, ack_wait, max_deliver
+        for p in patterns:
+            self.trie.add(p, q)
+
+    def forget(self, q: Queue) -> None:
+        """Drop a queue from memory only: the undo of creating it in a pass that failed."""
+        for p in q.patterns:
+            self.trie.remove(p, q)
+        self.by_name.pop(q.name, None)
+        self.busy.pop(q, None)
 
     def remove(self, name: str) -> Queue:
         q = self.get(name)

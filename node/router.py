@@ -237,7 +237,11 @@ class Router(MeshSide, DurableSide):
             self.drop_client(ident, "said bye", now)
         elif kind == Kind.PING:
             if ref is not None:  # a flush: everything sent before it has been processed
-                self._send_control(ident, Kind.OK, {"ref": ref})
+                if self.durable is not None and self.durable.waits_on(ident):
+                    # ... and stored, for a retained value: its failure comes as the answer
+                    self.durable.answer_after_commit(ident, Kind.OK, {"ref": ref})
+                else:
+                    self._send_control(ident, Kind.OK, {"ref": ref})
             else:  # a keepalive: the client has not heard from us for a while. A client
                 # that publishes is never probed (it is not quiet), so without an answer
                 # its Client.silence grew while the node was fine (review).

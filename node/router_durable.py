@@ -149,6 +149,8 @@ class DurableSide:
             durable.persist(ident, rec, topic_b.decode(), route)
             return None
         durable.stage(rec, topic_b.decode(), route, local=True)
+        if flags & F_RETAIN and ident not in self.internal:
+            durable.retained_by(ident)
         return live_copy(rec)
 
     def route_record(self, ident: bytes, rec: bytes, route: Route) -> None:

@@ -1264,3 +1264,75 @@ def test_past_the_stats_walk_the_age_is_a_lower_bound(
     assert 590 < got["oldest_age_s"] < 610
     reader.close()
     store.close()
+
+
+def test_a_queue_change_whose_pass_fails_to_commit_is_undone_in_memory(tmp_path: Path) -> None:
+    """Exploratory test (a full disk): `queue add` said the disk was full, yet the queue
+    was listed, took persistent events (acknowledged) and was gone with them after a
+    restart. A change of patterns that failed left the queue routing its new ones."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs/a", ack_wait=5)
+    commit = d.store.commit
+
+    def disk_full() -> None:
+        d.store.rollback()
+        raise StoreError("the node's disk is full")
+
+    d.store.commit = disk_full  # type: ignore[method-assign]
+    for name, patterns in (("new", ["new/>"]), ("jobs", ["jobs/b"])):
+        send(r, A, Kind.QUEUE, {"ref": 2, "op": "add", "name": name, "patterns": patterns})
+        r.end_pass(0.0)
+        ((kind, body),) = controls(take(r), A)
+        assert (kind, body["code"]) == (Kind.ERR, "store"), body
+    d.store.commit = commit  # type: ignore[method-assign]
+    assert sorted(d.queues.by_name) == ["jobs"]
+    jobs = d.queues.by_name["jobs"]
+    assert (jobs.patterns, jobs.ack_wait) == (("jobs/a",), 5)
+    assert {q.name for q in d.queues.trie.match("jobs/a")} == {"jobs"}
+    assert not d.queues.trie.match("jobs/b")
+    assert not d.queues.trie.match("new/x")
+    interest = {p for p, g in r._interest if g == capture_group(r.node_id)}
+    assert interest == {"jobs/a"}
+    pub(r, A, rec("new/x", seq=1), rec("jobs/b", seq=2), rec("jobs/a", seq=3))
+    r.end_pass(1.0)
+    take(r)
+    assert d.store.read("SELECT queue, count(*) FROM qmsgs GROUP BY queue") == [("jobs", 1)]
+    d.close()
+    assert sorted(Queues(open_store(tmp_path)).by_name) == ["jobs"]  # disk and memory agree
+
+
+def test_a_retained_value_the_disk_could_not_take_is_an_error_to_its_publisher(
+    tmp_path: Path,
+) -> None:
+    """Exploratory test (a full disk): `pub --retain` said "published", exit 0, and new
+    subscribers still got the old value. The publisher hears why, and its flush (answered
+    before the commit) fails with it."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    pub(r, A, rec("cfg/mode", b"old", flags=F_RETAIN, seq=1))
+    send(r, A, Kind.PING, {"ref": 5})
+    r.end_pass(0.0)
+    assert controls(take(r), A) == [(Kind.OK, {"ref": 5})]  # stored: the flush is answered
+    commit = d.store.commit
+
+    def disk_full() -> None:
+        d.store.rollback()
+        raise StoreError("the node's disk is full")
+
+    d.store.commit = disk_full  # type: ignore[method-assign]
+    pub(r, A, rec("cfg/mode", b"new", flags=F_RETAIN, seq=2))
+    send(r, A, Kind.PING, {"ref": 6})
+    assert controls(take(r), A) == []  # the flush waits for the commit
+    r.end_pass(0.0)
+    d.store.commit = commit  # type: ignore[method-assign]
+    answers = controls(take(r), A)
+    assert [(k, b["ref"], b["code"]) for k, b in answers] == [
+        (Kind.ERR, None, "store"),
+        (Kind.ERR, 6, "store"),
+    ]
+    assert "not retained: the node's disk is full" in answers[0][1]["error"]
+    assert b"old" in d.retained["cfg/mode"]
+    assert b"new" not in d.retained["cfg/mode"]
+    send(r, A, Kind.PING, {"ref": 7})  # nothing retained since: answered at once
+    assert controls(take(r), A) == [(Kind.OK, {"ref": 7})]
