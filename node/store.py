@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
+from node.datadir import EPOCH_FILE
 from node.errors import NodeError
 
 SCHEMA_VERSION: Final = 1
@@ -70,6 +72,7 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
             self.db.executescript(_SCHEMA)
             self._version()
+            self._writable()
         except sqlite3.DatabaseError as e:
             why = " ".join(str(e).split())  # one line: sqlite's reports span several
             raise StoreError(
@@ -83,6 +86,20 @@ class Store:
         if rows != [("ok",)]:
             detail = "; ".join(str(r[0]) for r in rows[:3])
             raise sqlite3.DatabaseError(f"integrity check failed: {detail}")
+
+    def _writable(self) -> None:
+        """Refuse a store this process may read but not write (another user's file, after
+        one `sudo meshctl up`): SQLite opens it read-only without a word, and the node
+        served, refusing every persistent publish and queue change."""
+        try:
+            self.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES ('opened', ?)", (str(time.time_ns()),)
+            )
+        except sqlite3.OperationalError as e:
+            raise StoreError(
+                f"store {self.path} is not writable ({e}): check the owner and mode of it "
+                "and of its -wal and -shm files"
+            ) from None
 
     def _version(self) -> None:
         row = self.db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
@@ -417,4 +434,15 @@ def _explain(e: sqlite3.Error) -> str:
 
 def open_store(data_dir: Path, *, sync: str = "normal") -> Store:
     """The node's store in ``data_dir``; StoreError with a clear message if unusable."""
-    return Store(data_dir / FILE_NAME, sync=sync)
+    path = data_dir / FILE_NAME
+    with contextlib.suppress(OSError):
+        # SQLite takes an empty file for a new store: a truncated one started the node
+        # with no queues, log or retained values, and no word (exploratory test). A store
+        # is never empty once a node has run here (the epoch file is written after it).
+        if path.stat().st_size == 0 and (data_dir / EPOCH_FILE).exists():
+            raise StoreError(
+                f"store {path} is empty, but a node has run in {data_dir}: the store was "
+                "truncated or replaced; restore it from a backup, or delete it (and its "
+                "-wal and -shm files) to start with an empty store"
+            )
+    return Store(path, sync=sync)

@@ -5,7 +5,11 @@ replay, and what happens when the disk is full or the store is corrupt."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ from node.router import Router
 from node.routing import capture_group
 from node.spool import SpoolReader
 from node.store import StoreError, open_store
+from tests.helpers import unavailable
 from tests.unit.test_router import A, B, controls, deliveries, hello, make_router, take
 
 PUBLISHER = b"\x01" * 8
@@ -218,6 +223,47 @@ def test_garbage_instead_of_a_store_is_refused(tmp_path: Path) -> None:
     (tmp_path / "store.db").write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="unreadable"):
         open_store(tmp_path)
+
+
+def test_an_empty_store_where_a_node_has_run_is_refused(tmp_path: Path) -> None:
+    """Exploratory test: SQLite takes an empty file for a new database, so a truncated
+    store started the node with no queues, log or retained values, and no word."""
+    (tmp_path / "epoch").write_text("1\n")
+    (tmp_path / "store.db").write_bytes(b"")
+    with pytest.raises(StoreError, match="is empty, but a node has run in"):
+        open_store(tmp_path)
+    (tmp_path / "epoch").unlink()  # a first start: no run before it, a new store
+    open_store(tmp_path).close()
+
+
+def test_a_store_the_node_may_not_write_is_refused(tmp_path: Path) -> None:
+    """Exploratory test: another user's store (after one `sudo meshctl up`) was opened
+    read-only without a word, and the node refused every persistent publish."""
+    open_store(tmp_path).close()
+    store = tmp_path / "store.db"
+    if os.geteuid() != 0:
+        store.chmod(0o444)
+        with pytest.raises(StoreError, match="is not writable"):
+            open_store(tmp_path)
+        return
+    if shutil.which("unshare") is None:
+        unavailable("unshare (util-linux) is needed to mount the store read-only as root")
+    # Root writes any file: the store is mounted read-only, in a mount namespace of its own.
+    code = f"import pathlib, node.store as s; s.open_store(pathlib.Path({str(tmp_path)!r}))"
+    script = (
+        f"mount --bind {store} {store} && mount -o remount,ro,bind {store} && "
+        f'exec {sys.executable} -c "{code}"'
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        check=False,
+    )
+    assert result.returncode != 0
+    assert f"store {store} is not writable (attempt to write a readonly database)" in result.stderr
 
 
 # ---- durable queues -----------------------------------------------------------------------
