@@ -166,6 +166,7 @@ class MqttListener(ConnectSide, NodeSide):
         self._open = False  # between start and stop: frames may go to the node
         self._selector = selectors.DefaultSelector()  # epoll here: one fd for the node to poll
         self._loop = asyncio.SelectorEventLoop(self._selector)
+        self._loop.set_exception_handler(_log_one_line)
         self._server: asyncio.Server | None = None
         self._tick: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes under way
@@ -647,3 +648,10 @@ def start_listener(
     listener = MqttListener(cfg, ident)
     listener.start()
     return listener
+
+
+def _log_one_line(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """asyncio's errors as one log line: with the open files used up, each refused accept
+    wrote a traceback into the node's log (asyncio waits a second, then accepts again)."""
+    exc = context.get("exception")
+    log.warning("MQTT listener: %s%s", context.get("message"), f": {exc}" if exc else "")

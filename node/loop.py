@@ -612,6 +612,9 @@ class Plugin(Protocol):
 GC_THRESHOLD: Final = (10_000, 10, 10)
 
 
+FEW_FILES: Final = 4096  # an open-files limit below this is warned about at start
+
+
 def raise_file_limit(ceiling: int = 1 << 20) -> int:
     """Raise this process's soft limit on open files to its hard limit (at most
     ``ceiling``); returns the soft limit now in force.
@@ -661,7 +664,18 @@ def serve(
     ``plugins`` starts in-process actors once the node listens (``meshctl up`` passes the
     edge bridges this way, so node/ never imports edge/).
     """
-    raise_file_limit()  # before any socket: see there
+    files = raise_file_limit()  # before any socket: see there
+    if 0 < files < FEW_FILES:
+        # libzmq (4.3.5) aborts the process when a local (ipc) client connects while the
+        # open files are used up, which a flood of TCP connections can do (exploratory
+        # test: 148 connections that never handshake, then `meshctl status`, at 128).
+        log.warning(
+            "open files limited to %d (ulimit -n, LimitNOFILE): a flood of connections can "
+            "use them up, and the node then aborts when a local client connects; allow at "
+            "least %d",
+            files,
+            FEW_FILES,
+        )
     datadir.write_pid(identity.data_dir)  # first: a second node must not open the store
     try:
         node = Node(config, identity, security)

@@ -60,6 +60,7 @@ def make_node(
         data_dir: Path | None = None,
         secure: bool = False,
         extra_args: Iterable[str] = (),
+        open_files: int | None = None,
     ) -> NodeProcess:
         proc = start_node(
             tmp_path,
@@ -68,6 +69,7 @@ def make_node(
             data_dir=data_dir,
             secure=secure,
             extra_args=extra_args,
+            open_files=open_files,
         )
         started.append(proc)
         return proc

@@ -435,8 +435,10 @@ class NodeProcess:
         discovery: bool = False,
         extra_args: Iterable[str] = (),
         secure: bool = False,
+        open_files: int | None = None,
     ) -> NodeProcess:
-        """Spawn a node whose data dir is ``data_dir`` or a fresh one under ``tmp_path``.
+        """Spawn a node whose data dir is ``data_dir`` or a fresh one under ``tmp_path``
+        (``open_files``: its limit on open files, soft and hard).
 
         mDNS discovery is off unless asked for: a test node must not link up with other
         nodes that happen to run on this host (nor they with it). Nodes run ``--insecure``
@@ -470,10 +472,21 @@ class NodeProcess:
             config_path = tmp_path / f"{name}.toml"
             config_path.write_text(config_text)
             argv += ["--config", str(config_path)]
+        if open_files is not None:  # set, then exec'd: the node keeps this PID
+            limit = (
+                "import os, resource, sys; "
+                f"resource.setrlimit(resource.RLIMIT_NOFILE, ({open_files}, {open_files})); "
+                "os.execv(sys.executable, sys.argv[1:])"
+            )
+            argv = [sys.executable, "-c", limit, *argv]
         log_path = tmp_path / f"{name}-{time.monotonic_ns()}.log"
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=cli_env()
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=cli_env(),
             )
         return cls(proc, data_dir, log_path, cleanup)
 
@@ -629,6 +642,7 @@ def start_node(
     data_dir: Path | None = None,
     secure: bool = False,
     extra_args: Iterable[str] = (),
+    open_files: int | None = None,
 ) -> NodeProcess:
     """Start a node and wait until it answers; stop it again if it never does."""
     proc = NodeProcess.start(
@@ -638,6 +652,7 @@ def start_node(
         data_dir=data_dir,
         secure=secure,
         extra_args=extra_args,
+        open_files=open_files,
     )
     try:
         return proc.wait_ready(timeout=10)
@@ -657,4 +672,5 @@ class NodeFactory(Protocol):
         data_dir: Path | None = ...,
         secure: bool = ...,
         extra_args: Iterable[str] = ...,
+        open_files: int | None = ...,
     ) -> NodeProcess: ...

@@ -573,3 +573,31 @@ def test_meshctl_debug_set_to_no_shows_no_traceback() -> None:
         )
         assert done.returncode == 1, done.describe()
         assert "Traceback" not in done.stderr, done.describe()
+
+
+def test_used_up_open_files_are_one_line_each_and_a_low_limit_is_warned_about(
+    make_node: NodeFactory,
+) -> None:
+    """Exploratory test: with the open files used up by connections to the MQTT port,
+    every refused accept wrote an asyncio traceback into the node's log; and nothing said
+    the limit was low, below which libzmq aborts the node when a local client connects."""
+    node = make_node(open_files=256, extra_args=["--mqtt", "127.0.0.1:0"])
+    assert "open files limited to 256" in node.log_text()
+    host, port = node.status()["mqtt"]["listen"].rsplit(":", 1)
+    conns = []
+    try:
+        for _ in range(300):  # more than the node may open: the last ones wait unaccepted
+            conns.append(socket.create_connection((host, int(port)), timeout=5))
+        wait_for(
+            lambda: "socket.accept() out of system resource" in node.log_text(),
+            timeout=5,
+            what="the refused accepts in the log",
+        )
+    finally:
+        for c in conns:
+            c.close()
+    time.sleep(0.5)  # the node closes its ends
+    assert node.status()["name"] == "e2e"  # up, and local clients connect again
+    text = node.log_text()
+    assert "Traceback" not in text
+    assert "MQTT listener: socket.accept() out of system resource: [Errno 24]" in text
