@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 _IDS_PER_FRAME: Final = 1000  # event ids per PACK/ERR frame: well under the control limit
 DURABLE_FLAGS: Final = F_PERSISTENT | F_RETAIN  # records that take the durable path
+STORE_WARN_EVERY: Final = 10.0  # seconds between log lines about a failing store
 
 
 class DurableSide:
@@ -44,6 +45,7 @@ class DurableSide:
     log: Callable[[str], None]
     _cache: dict[bytes, Route | _Refused]
     _durable_out: DurableOut
+    _store_warned: float = float("-inf")  # when a failing store was last logged
 
     if TYPE_CHECKING:  # the Router's, used here
 
@@ -168,11 +170,18 @@ class DurableSide:
     def end_pass(self, now: float) -> None:
         """The loop read what it could: commit the pass's durable writes and release what
         waited on them."""
-        if self.durable is not None:
+        durable = self.durable
+        if durable is not None:
+            errors = durable.errors
             try:
-                self.durable.end_pass(now, self._durable_out)
+                durable.end_pass(now, self._durable_out)
             except Exception as e:  # a bug of ours must not take the node down: count, log
                 self._internal_error("the end of a pass", e)
+            if durable.errors > errors and now >= self._store_warned + STORE_WARN_EVERY:
+                # Only `status` showed a full disk; a foreground node or journald says it
+                # too now (at most every STORE_WARN_EVERY: a pass per publish fails).
+                self._store_warned = now
+                log.warning("store: %s (%d errors in all)", durable.last_error, durable.errors)
 
     def busy(self) -> bool:
         """True when the next pass has work even without input (a replay to continue)."""

@@ -1382,3 +1382,27 @@ def test_a_retained_value_the_disk_could_not_take_is_an_error_to_its_publisher(
     assert b"new" not in d.retained["cfg/mode"]
     send(r, A, Kind.PING, {"ref": 7})  # nothing retained since: answered at once
     assert controls(take(r), A) == [(Kind.OK, {"ref": 7})]
+
+
+def test_a_failing_store_is_logged_at_most_every_10_seconds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exploratory test: a full disk showed only in `meshctl status`; the node's log (a
+    foreground node, journald) said nothing."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+
+    def disk_full() -> None:
+        d.store.rollback()
+        raise StoreError("the node's disk is full")
+
+    d.store.commit = disk_full  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="meshctl.node"):
+        for i, now in enumerate((100.0, 105.0, 110.5)):
+            pub(r, A, rec("t", seq=i + 1))
+            r.end_pass(now)
+    lines = [m for m in caplog.messages if m.startswith("store:")]
+    assert lines == [
+        "store: the node's disk is full (1 errors in all)",
+        "store: the node's disk is full (3 errors in all)",
+    ]
