@@ -196,9 +196,10 @@ class Durable:
 
     def stage(
         self, record: bytes, topic: str, route: Any, *, local: bool, admitted: bool = False
-    ) -> None:
+    ) -> bool:
         """Log, capture and retain one event as its flags and route say. ``admitted``:
-        ``persist`` has already asked the spool (and counted it there)."""
+        ``persist`` has already asked the spool (and counted it there). False when a
+        retained value found no room (``retained_max_bytes``): its publisher is told."""
         self._work = True
         flags = record[8]
         # The node's clock, not the publisher's: a device without a real-time clock must
@@ -216,9 +217,11 @@ class Durable:
             # is kept as a bare tombstone: its payload and headers (up to 64 KiB) went
             # into memory, the store and every node (review: 120 MB for 2,000 clears).
             kept = _tombstone(record, t_ns) if _empty(record) else _stamped(record, t_ns)
-            if _empty(kept) or self._retained_room(topic, kept):
-                self.p.retained[topic] = (kept, True)
-                self.p.replicate.append(kept)  # every other node keeps it too
+            if not (_empty(kept) or self._retained_room(topic, kept)):
+                return False
+            self.p.retained[topic] = (kept, True)
+            self.p.replicate.append(kept)  # every other node keeps it too
+        return True
 
     def stage_replica(self, record: bytes, topic: str) -> None:
         """A retained value another node replicated to this one: keep it unless what this

@@ -802,12 +802,19 @@ def test_an_event_with_a_malformed_headers_block_is_refused_not_stored(tmp_path:
 def test_retained_values_are_bounded_in_bytes(tmp_path: Path) -> None:
     r, d = durable_router(tmp_path, retained_max_bytes=4096)
     hello(r, A)
+    errors = []
     for i in range(20):
         pub(r, A, rec(f"cfg/{i}", b"v" * 1000, flags=F_RETAIN, seq=i + 1))
         r.end_pass(0.0)
+        errors += [b["error"] for k, b in controls(take(r), A) if k is Kind.ERR]
     assert d.retained_bytes <= 4096
     assert len(d.retained) == 3
     assert d.retained_refused == 17
+    # and each publisher hears it (`pub --retain` said "published", exit 0)
+    assert errors == [
+        "not retained: the node holds 4 KiB of retained values, its limit; the event went "
+        "to current subscribers"
+    ] * 17
 
 
 def test_a_paced_replay_stays_a_window_ahead_of_what_the_client_consumed(
