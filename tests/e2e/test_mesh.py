@@ -261,7 +261,7 @@ def test_request_reply_and_no_responders_across_hops(mesh: Mesh) -> None:
         start = time.monotonic()
         with pytest.raises(NoResponders):
             requester.request("nobody/here", b"x", timeout=2)
-        assert time.monotonic() - start < 0.1
+        assert time.monotonic() - start < 0.5  # at once (its timeout: 2 s; tests run two at a time)
     finally:
         stop.set()
         worker.join(5)
