@@ -155,6 +155,16 @@ class DiscoverySide:
     def _discovered_urls(self) -> set[str]:
         return {m["url"] for m in self.discovered.values()}
 
+    def _known_name(self, peer_id: str | None) -> str | None:
+        """A peer's name from its last state or its mDNS record: `peers` showed "?" for
+        a link that was down, just when the operator wants to know which node it is."""
+        if peer_id is None:
+            return None
+        state = self.router.net.table.states.get(peer_id)
+        if state is not None:
+            return state.name
+        return next((m["name"] for m in self.discovered.values() if m["id"] == peer_id), None)
+
     def _dialer_view(self, now: float) -> list[dict[str, Any]]:
         """Outbound links that are not up, and nodes seen but not linked, for `meshctl peers`."""
         out = []
@@ -199,7 +209,7 @@ class DiscoverySide:
             out.append(
                 {
                     "id": d.peer_id,
-                    "name": None,
+                    "name": self._known_name(d.peer_id),
                     "address": d.url,
                     "found": d.found,
                     "state": "stopped" if stopped else d.state,

@@ -407,6 +407,25 @@ def test_stopped_peer_is_noticed_and_relinks_when_continued(mesh: Mesh) -> None:
     assert [e.data for e in drain(sub)] == [b"1"]
 
 
+def test_a_peer_whose_link_is_down_is_still_named_in_peers(mesh: Mesh) -> None:
+    """Exploratory test (lab faults): while a link was cut, its row in `meshctl peers`
+    named the peer "?", just when the operator wants to know which node is cut off."""
+    mesh.start("A")
+    mesh.start("B", ["A"])
+    mesh.wait_linked("B", 1)
+    a = mesh.nodes["A"]
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        rows = wait_for(
+            lambda: [p for p in mesh.view("B", "peers")["peers"] if p["state"] != "up"],
+            timeout=5,
+            what="B's link to A down",
+        )
+        assert [(p["name"], p["found"]) for p in rows] == [("A", "static")]
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+
+
 def test_a_queue_captures_persistent_events_published_on_another_node(mesh: Mesh) -> None:
     """A - B - C: a durable queue on C captures what A's publisher stores, with no
     consumer connected."""

@@ -811,10 +811,14 @@ def test_retained_values_are_bounded_in_bytes(tmp_path: Path) -> None:
     assert len(d.retained) == 3
     assert d.retained_refused == 17
     # and each publisher hears it (`pub --retain` said "published", exit 0)
-    assert errors == [
-        "not retained: the node holds 4 KiB of retained values, its limit; the event went "
-        "to current subscribers"
-    ] * 17
+    assert (
+        errors
+        == [
+            "not retained: the node holds 4 KiB of retained values, its limit; the event went "
+            "to current subscribers"
+        ]
+        * 17
+    )
 
 
 def test_a_paced_replay_stays_a_window_ahead_of_what_the_client_consumed(
