@@ -447,7 +447,7 @@ class Node(SecureSide, DiscoverySide):
                 if count:
                     router.dropped(dest, count, now)
                 else:
-                    router.counters.dropped["link_full"] += 1
+                    router.link_dropped(dest, frame, now)
                 continue
             except zmq.ZMQError as e:
                 if e.errno == zmq.EHOSTUNREACH:
@@ -468,7 +468,7 @@ class Node(SecureSide, DiscoverySide):
         try:
             d.sock.send(frame, zmq.NOBLOCK)
         except zmq.Again:
-            self.router.counters.dropped["link_full"] += 1
+            self.router.link_dropped(url, frame, now)
 
     def _probe(self, now: float) -> None:
         """Send a tiny PING to silent clients; libzmq reports a vanished peer as unreachable."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -63,6 +64,13 @@ class Link:
     peer_beat: float = float("-inf")  # when the peer's last BEAT arrived
     peer_beat_gap: float = float("inf")  # between its last two
     rtt: float | None = None
+    # When our unanswered beats went (oldest first): on a congested link the answers wait
+    # behind data, and `peers` showed the last round trip (446 ms) for 45 s while none
+    # came (lab faults). ``dropped``: events its full queue refused.
+    beats: deque[float] = field(default_factory=lambda: deque(maxlen=64))
+    dropped: int = 0
+    dropped_noticed: int = 0
+    last_notice: float = float("-inf")
     deltas: bool = False  # the peer takes interest deltas (it said so in its handshake)
     answered: dict[str, float] = field(default_factory=dict)  # node id -> when sent on want
 
@@ -384,7 +392,11 @@ class Mesh(StatesSide):
             self.out.append((via, encode_control(Kind.BEAT_ACK, {"t": body.get("t")})))
         elif isinstance(body.get("t"), int | float):
             with contextlib.suppress(OverflowError):  # a peer's nonsense must not raise
-                link.rtt = max(0.0, now - float(body["t"]))
+                t = float(body["t"])
+                link.rtt = max(0.0, now - t)
+                beats = link.beats
+                while beats and beats[0] <= t:
+                    beats.popleft()
 
     def heard(self, via: Via, now: float) -> None:
         """Any frame on a link proves it alive."""
@@ -426,6 +438,7 @@ class Mesh(StatesSide):
                 or since_beat >= RTT_SAMPLE_EVERY * interval
             ):
                 link.last_beat = now
+                link.beats.append(now)
                 self.out.append((link.via, encode_control(Kind.BEAT, {"t": now})))
 
     # ---- forwarding --------------------------------------------------------------------------
@@ -529,6 +542,9 @@ class Mesh(StatesSide):
                     "found": link.found,
                     "state": "up",
                     "rtt_ms": None if link.rtt is None else round(link.rtt * 1000, 3),
+                    # the oldest beat still unanswered: a round trip at least this long
+                    "waiting_ms": round((now - link.beats[0]) * 1000, 3) if link.beats else 0.0,
+                    "dropped": link.dropped,
                     "age_s": round(now - link.since, 3),
                 }
             )

@@ -7,7 +7,7 @@ Router's own state (the annotations below name what it uses).
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from node.codec import (
     F_REPLICA,
@@ -17,6 +17,7 @@ from node.codec import (
     Kind,
     decode_control,
     decode_targets,
+    split_records,
     with_flags,
 )
 from node.durable import LOG_ALL
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
 _ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian sequence
+LINK_NOTICE_INTERVAL: Final = 1.0  # seconds between notices of a full link's drops
 
 
 class MeshSide:
@@ -58,6 +60,30 @@ class MeshSide:
     if TYPE_CHECKING:  # the Router's, used here
 
         def _remote_route(self, topic_b: bytes) -> Route | _Refused: ...
+
+        def emit_system(self, topic: str, body: dict[str, Any], now: float) -> None: ...
+
+    def link_dropped(self, via: Via, frame: bytes, now: float) -> None:
+        """A full queue refused ``frame``, a link's or a client's frame of no events: count
+        a link's events, per link
+        too, and say so at most once a second per link (log, ``$mesh/link/full``), as for
+        a slow consumer. It was one node-wide count of frames, with no word (lab faults:
+        half of a stream over a 256 kbit link gone, `peers` and the log silent)."""
+        events = _records_in(frame)
+        if not events:  # a state, a beat, or a control frame to a client
+            self.counters.dropped["control_full"] += 1
+            return
+        self.counters.dropped["link_full"] += events
+        link = self.net.links.get(self.net.by_via.get(via, ""))
+        if link is None:
+            return
+        link.dropped += events
+        if now - link.last_notice >= LINK_NOTICE_INTERVAL:
+            newly = link.dropped - link.dropped_noticed
+            link.dropped_noticed, link.last_notice = link.dropped, now
+            self.log(f"link to {link.name} ({link.peer_id}) full: dropped {newly} events")
+            body = {"peer": link.peer_id, "peer_name": link.name, "dropped": newly}
+            self.emit_system("$mesh/link/full", {**body, "dropped_total": link.dropped}, now)
 
     def handle_dialed(self, via: str, found: str, frame: bytes, now: float) -> None:
         """A frame on a link we dialed (the loop's DEALER for ``via``)."""
@@ -251,3 +277,13 @@ class MeshSide:
             return
         if self.durable is not None:
             self.durable.stage_replica(rec, topic)
+
+
+def _records_in(frame: bytes) -> int:
+    """Events in a FWD frame (0 for a link's other frames, or one that does not parse)."""
+    if frame[:2] != HEAD_FWD or len(frame) < 4:
+        return 0
+    try:
+        return sum(1 for _ in split_records(frame, 4 + int.from_bytes(frame[2:4], "little")))
+    except CodecError:
+        return 0

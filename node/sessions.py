@@ -164,7 +164,8 @@ class Counters:
             "bad_topic": 0,
             "bad_headers": 0,
             "no_session": 0,
-            "link_full": 0,
+            "link_full": 0,  # events a link's full queue refused
+            "control_full": 0,  # other frames a full queue refused (a link's or a client's)
             "permission": 0,
         }
     )

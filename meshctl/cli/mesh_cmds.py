@@ -23,7 +23,8 @@ def _fetch(server: str | None, timeout: float, view: str, **args: Any) -> dict[s
 def peers(
     server: ServerOpt = None, timeout: TimeoutOpt = Seconds(2), json_out: JsonOpt = False
 ) -> None:
-    """The links of this node: peer, address, how it was found, state, round trip, age."""
+    """The links of this node: peer, address, how it was found, state, round trip, age.
+    A round trip shown as ">N s" is a heartbeat still unanswered (a congested link)."""
     rows = _fetch(server, timeout, "peers")["peers"]
     if json_out:
         for row in rows:
@@ -33,9 +34,14 @@ def peers(
     t = Table("peer", "id", "address", "found", "state", "rtt", "age / retry", box=None)
     for r in rows:
         rtt = "" if r.get("rtt_ms") is None else f"{r['rtt_ms']:.2f} ms"
+        waiting = r.get("waiting_ms") or 0.0
+        if waiting > max(r.get("rtt_ms") or 0.0, 1000.0):  # answers stuck behind data
+            rtt = f"[yellow]>{waiting / 1000:.1f} s[/]"
         state = r["state"] if r["state"] == "up" else f"[yellow]{r['state']}[/]"
         if r.get("error"):
             state += f" [dim]({r['error']})[/]"
+        if r.get("dropped"):
+            state += f" [red](full: {r['dropped']} events dropped)[/]"
         if "age_s" in r:
             age = f"{r['age_s']:.0f}s"
         elif r.get("retry_in_s") is not None:

@@ -379,6 +379,21 @@ def test_heartbeats_and_round_trip_time() -> None:
     assert n.mesh.links[A].last_rx == 1.8
 
 
+def test_peers_shows_how_long_the_oldest_beat_has_waited_for_its_answer() -> None:
+    """Lab faults: on a congested link the answers waited behind data, and `peers` showed
+    the last round trip (446 ms) for 45 s while none came."""
+    n = Node(S, dead_after=60.0)
+    via = "tcp://a:1"
+    n.mesh.on_link_ok(via, {"node": state(A).to_json()}, "static", 0.0)
+    for t in (0.5, 1.5, 2.5):
+        n.mesh.tick(t, 1.0)
+    n.mesh.on_beat(via, Kind.BEAT_ACK, {"t": 0.5}, 0.6)
+    view = n.mesh.peers_view(10.5)[0]
+    assert (view["rtt_ms"], view["waiting_ms"]) == (100.0, 9000.0)  # the beat of 1.5 waits
+    n.mesh.on_beat(via, Kind.BEAT_ACK, {"t": 2.5}, 10.6)  # answers come in order
+    assert n.mesh.peers_view(10.7)[0]["waiting_ms"] == 0.0
+
+
 def test_the_accepting_side_beats_only_to_sample_the_round_trip_or_when_not_heard() -> None:
     """The dialer's beats and our answers prove both sides alive: answering is enough
     (half the heartbeat frames) while its beats come at least as often as ours would.

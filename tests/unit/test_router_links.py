@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -78,3 +79,44 @@ def test_epoch_always_grows_even_when_the_clock_goes_back(tmp_path: Path) -> Non
     assert first == 1_000
     assert datadir.next_epoch(tmp_path, 500) == 1_001  # clock went back: still newer
     assert datadir.next_epoch(tmp_path, 5_000) == 5_000
+
+
+def test_a_full_links_drops_are_counted_in_events_per_link_and_announced() -> None:
+    """Lab faults: over a 256 kbit link half a stream was lost with one node-wide count of
+    frames (states and beats among them), no log line and no `$mesh` event."""
+    from node.codec import HEAD_FWD, encode_record, encode_targets, iter_deliveries
+    from node.events import decode_event
+
+    r = router()
+    logs: list[str] = []
+    r.log = logs.append
+    peer = {"id": "00000000000000aa", "name": "p", "epoch": 1, "version": 0}
+    peer |= {"links": [NODE], "interest": [], "endpoints": []}
+    r.handle(b"peer", encode_control(Kind.LINK, {"mesh": "m", "proto": 1, "node": peer}), 0.0)
+    r.handle(b"watch", encode_control(Kind.HELLO, {"name": "w"}), 0.0)
+    r.handle(b"watch", encode_control(Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["$mesh/>"]}), 0)
+    list(r.take_output())
+    records = b"".join(
+        encode_record(b"t", b"x", b"", 0, 1, bytes(8) + i.to_bytes(8, "big")) for i in range(5)
+    )
+    fwd = HEAD_FWD + encode_targets(0, [(bytes.fromhex("00000000000000aa"), ())]) + records
+    for now in (1.0, 1.5, 2.1):
+        r.link_dropped(b"peer", fwd, now)
+    r.link_dropped(b"peer", encode_control(Kind.BEAT, {"t": 1}), 2.2)  # no events in it
+    assert r.counters.dropped["link_full"] == 15
+    assert r.counters.dropped["control_full"] == 1
+    assert r.net.peers_view(3.0)[0]["dropped"] == 15
+    assert [line for line in logs if line.startswith("link to")] == [
+        "link to p (00000000000000aa) full: dropped 5 events",
+        "link to p (00000000000000aa) full: dropped 10 events",
+    ]
+    notices = [
+        json.loads(decode_event(f, start, end).data)
+        for dest, f, _n in r.take_output()
+        if dest == b"watch"
+        for _sid, start, end in iter_deliveries(f)
+    ]
+    assert [(n["peer_name"], n["dropped"], n["dropped_total"]) for n in notices] == [
+        ("p", 5, 5),
+        ("p", 10, 15),
+    ]
