@@ -107,7 +107,7 @@ class _Pass:
     replicate: list[bytes] = field(default_factory=list)
     answers: list[tuple[bytes, Kind, dict[str, Any]]] = field(default_factory=list)
     refused: dict[bytes, list[str]] = field(default_factory=dict)
-    undo: list[Callable[[], None]] = field(default_factory=list)  # memory, if it fails
+    undo: list[Callable[[Output, str], None]] = field(default_factory=list)  # if it fails
     retainers: set[bytes] = field(default_factory=set)  # clients whose retained value waits
 
 
@@ -309,7 +309,7 @@ class Durable:
         """True when a flush by ``ident`` must wait for this pass's commit."""
         return ident in self.p.retainers
 
-    def on_rollback(self, undo: Callable[[], None]) -> None:
+    def on_rollback(self, undo: Callable[[Output, str], None]) -> None:
         """Run ``undo`` if this pass's commit fails: an administrative change made in memory
         must not outlive its rolled-back rows (a queue made while the disk was full took
         persistent events, acknowledged, and was gone with them after a restart)."""
@@ -405,8 +405,6 @@ class Durable:
         out: Output,
     ) -> None:
         """Nothing of the pass was stored: say so to every publisher waiting on it."""
-        for undo in reversed(p.undo):
-            undo()
         self.errors += 1
         self._staged_retained = 0
         self.last_error = error
@@ -433,6 +431,9 @@ class Durable:
             out.answer(ident, Kind.ERR, {"ref": None, "error": why, "code": "store"})
         for ident, _kind, body in p.answers:
             out.answer(ident, Kind.ERR, {"ref": body.get("ref"), "error": error, "code": "store"})
+        # Last: the restores above may wake a queue the pass made, which the undo forgets.
+        for undo in reversed(p.undo):
+            undo(out, error)
 
     # ---- timers ------------------------------------------------------------------------
 

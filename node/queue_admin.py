@@ -1,9 +1,9 @@
 """``meshctl queue add|rm|purge|ls|info``: the QUEUE control request, answered by the node.
 
 Changes are written in the pass's transaction and answered only after it commits, so an
-operator who saw "created" has a queue that survives a crash; a queue made or changed in a
-pass that fails to commit is put back in memory as it was. (``rm`` and ``purge`` that fail
-leave memory ahead of the disk, which a restart puts right: nothing is lost that way.)
+operator who saw "created" has a queue that survives a crash; a queue made, changed or
+removed in a pass that fails to commit is put back in memory as it was. (A ``purge`` that
+fails leaves memory ahead of the disk: its messages come back after a restart.)
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from node.queues import DEFAULT_ACK_WAIT, DEFAULT_MAX_DELIVER, Queue, read_refus
 from node.store import StoreError
 
 if TYPE_CHECKING:
+    from node.durable import Output
     from node.router import Router
+
+Undo = Callable[["Output", str], None]
 
 Answer = tuple[Kind, dict[str, Any]]
 MAX_ACK_WAIT: Final = 86400.0
@@ -87,6 +90,8 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
         elif op == "rm":
             q = queues.remove(str(name))
             router.queue_interest(q.patterns, ())
+            bound = {k: v for k, v in durable.consumers.items() if v[0] is q}
+            durable.on_rollback(_undo_rm(router, q, bound))
             # Each consumer hears that its queue is gone, as JetStream's "consumer deleted":
             # it waited for ever on an idle subscription (exploratory test).
             for client, sid in durable.drop_consumers(q):
@@ -109,18 +114,45 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
     return None
 
 
-def _undo_add(
-    router: Router, q: Queue, old: tuple[tuple[str, ...], float, int] | None
-) -> Callable[[], None]:
-    """Put memory back as it was before ``add`` when its pass fails to commit."""
+def _undo_add(router: Router, q: Queue, old: tuple[tuple[str, ...], float, int] | None) -> Undo:
+    """Put memory back as it was before ``add`` when its pass fails to commit. Undos run
+    in reverse, so a ``rm`` later in the pass has been undone already (review: the queue
+    lingered in the trie, and a made-again one captured every event twice)."""
 
-    def undo() -> None:
-        queues = router.durable.queues  # type: ignore[union-attr]
+    def undo(out: Output, error: str) -> None:
+        durable = router.durable
+        assert durable is not None
+        if durable.queues.by_name.get(q.name) is not q:
+            return  # not this node's queue of that name any more: nothing of it to undo
         router.queue_interest(q.patterns, () if old is None else old[0])
-        if old is None:
-            queues.forget(q)
-        else:
-            queues.configure(q, *old)
+        if old is not None:
+            durable.queues.configure(q, *old)
+            return
+        # A consumer bound to it in the same pass heard OK: it hears that the queue is
+        # not there, or it stayed bound to a queue gone from memory (review).
+        why = f"queue {q.name!r} was not created: {error}"
+        for client, sid in durable.drop_consumers(q):
+            out.answer(client, Kind.ERR, {"sid": sid, "error": why, "code": "gone"})
+        q.consumers.clear()
+        durable.queues.forget(q)
+
+    return undo
+
+
+def _undo_rm(router: Router, q: Queue, bound: dict[tuple[bytes, int], Any]) -> Undo:
+    """Put a removed queue back, consumers and all, when the pass fails to commit: its
+    rows are still on disk, and a queue made again under its name before a restart met
+    them ("UNIQUE constraint failed", old messages in the new queue: review)."""
+
+    def undo(_out: Output, _error: str) -> None:
+        durable = router.durable
+        assert durable is not None
+        if q.name in durable.queues.by_name:
+            return
+        durable.queues.restore(q)
+        router.queue_interest((), q.patterns)
+        durable.consumers.update(bound)
+        durable.queues.wake(q)
 
     return undo
 

@@ -234,6 +234,10 @@ class Queues:
         for p in patterns:
             self.trie.add(p, q)
 
+    def restore(self, q: Queue) -> None:
+        """Put a removed queue back in memory only: the undo of removing it."""
+        self._attach(q)
+
     def forget(self, q: Queue) -> None:
         """Drop a queue from memory only: the undo of creating it in a pass that failed."""
         for p in q.patterns:

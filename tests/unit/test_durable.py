@@ -1417,3 +1417,79 @@ def test_a_failing_store_is_logged_at_most_every_10_seconds(
         "store: the node's disk is full (1 errors in all)",
         "store: the node's disk is full (3 errors in all)",
     ]
+
+
+def _fail_commits(d: Durable) -> Any:
+    """Make every commit fail as a full disk does; returns what puts it back."""
+    commit = d.store.commit
+
+    def disk_full() -> None:
+        d.store.rollback()
+        raise StoreError("the node's disk is full")
+
+    d.store.commit = disk_full  # type: ignore[method-assign]
+    return lambda: setattr(d.store, "commit", commit)
+
+
+def test_queue_changes_of_one_failed_pass_are_all_undone_in_memory(tmp_path: Path) -> None:
+    """Review: `add` (new patterns) then `rm` in one failed pass left the queue in the trie
+    after the rm, so one made again captured every event twice; an add and rm of another
+    queue took the capture interest of two queues on one pattern down twice; and a
+    failed `rm` left the queue's rows on disk to clash with one made again."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    queue_add(r, "jobs", "jobs/>")
+    queue_add(r, "jobs2", "jobs/>")
+    consume(r, B, 1, "jobs")
+    pub(r, A, rec("jobs/a", seq=1))
+    r.end_pass(0.0)
+    take(r)
+    restore = _fail_commits(d)
+    for body in (
+        {"op": "add", "name": "jobs", "patterns": ["jobs/b"]},
+        {"op": "rm", "name": "jobs"},
+        {"op": "add", "name": "tmp", "patterns": ["jobs/>"]},
+        {"op": "rm", "name": "tmp"},
+    ):
+        send(r, A, Kind.QUEUE, {"ref": 2, **body})
+    r.end_pass(0.0)
+    restore()
+    answers = controls(take(r), A)
+    assert {(k, b["code"]) for k, b in answers} == {(Kind.ERR, "store")}
+    assert sorted(d.queues.by_name) == ["jobs", "jobs2"]
+    jobs = d.queues.by_name["jobs"]
+    assert jobs.patterns == ("jobs/>",)
+    assert sorted(q.name for q in d.queues.trie.match("jobs/a")) == ["jobs", "jobs2"]
+    assert r._interest[("jobs/>", capture_group(r.node_id))] == 2
+    send(r, A, Kind.QUEUE, {"ref": 3, "op": "rm", "name": "jobs2"})
+    r.end_pass(1.0)
+    take(r)
+    assert ("jobs/>", capture_group(r.node_id)) in r._interest  # jobs still captures
+    pub(r, A, rec("jobs/a", seq=2))  # and its consumer is still bound
+    r.end_pass(2.0)
+    assert [e.id[-1:] for _s, e in deliveries(take(r), B)] == ["2"]
+    rows = d.store.read("SELECT queue, count(*) FROM qmsgs GROUP BY queue")
+    assert rows == [("jobs", 2)]
+
+
+def test_a_consumer_of_a_queue_whose_making_failed_hears_that_it_is_not_there(
+    tmp_path: Path,
+) -> None:
+    """Review: a consumer bound in the same pass as the queue's failed `add` heard OK and
+    stayed bound to a queue gone from memory; once it was made, it got nothing."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    restore = _fail_commits(d)
+    send(r, A, Kind.QUEUE, {"ref": 2, "op": "add", "name": "new", "patterns": ["new/>"]})
+    send(r, B, Kind.SUB, {"ref": 1, "sid": 7, "queue": "new"})
+    pub(r, A, rec("new/x", seq=1))
+    r.end_pass(0.0)
+    restore()
+    told = controls(take(r), B)
+    assert (told[0][0], told[0][1]["ref"]) == (Kind.OK, 1)
+    assert (told[1][0], told[1][1]["sid"], told[1][1]["code"]) == (Kind.ERR, 7, "gone")
+    assert "was not created: the node's disk is full" in told[1][1]["error"]
+    assert d.consumers == {}
+    assert not d.queues.busy
