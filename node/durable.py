@@ -175,9 +175,12 @@ class Durable:
             return LOG_ALL
         return LOG_PERSISTENT if self.persist_trie.match(topic) else 0
 
-    def persist(self, ident: bytes, record: bytes, topic: str, route: Any) -> bool:
+    def persist(
+        self, ident: bytes, record: bytes, topic: str, route: Any, *, tell: bool = True
+    ) -> bool:
         """A persistent event from a local publisher; False if it is a duplicate (already
-        stored: it is acknowledged again but not routed again)."""
+        stored: it is acknowledged again but not routed again). ``tell``: errors beyond
+        the acknowledgement go to the publisher (not to the node's own actors)."""
         self._work = True
         raw = record[_ID]
         if raw in self.seen:  # first: a resend of a stored event was "spool full" (and
@@ -190,9 +193,25 @@ class Durable:
         self.p.acks.setdefault(ident, []).append(raw.hex())
         self.seen[raw] = self.wall_ns()  # now: idle passes do not move any clock here
         self.p.dedupe.append(raw)
-        self.stage(record, topic, route, local=True, admitted=True)
+        if not self.stage(record, topic, route, local=True, admitted=True) and tell:
+            # Stored in the log, acknowledged, but not retained: said after the commit
+            # (`pub --retain --persistent` said "stored", exit 0: review).
+            self.answer_after_commit(ident, Kind.ERR, self.not_retained())
         self.p.held.append(Held(ident, record, route))
         return True
+
+    def not_retained(self) -> dict[str, Any]:
+        """The error body for a retained value that found no room."""
+        limit = self.config.retained_max_bytes
+        if limit % 2**20 == 0:
+            size = f"{limit >> 20} MiB"
+        else:
+            size = f"{limit >> 10} KiB" if limit % 1024 == 0 else f"{limit} bytes"
+        why = (
+            f"not retained: the node holds {size} of retained values, its limit; the "
+            "event went to current subscribers"
+        )
+        return {"ref": None, "error": why, "code": "store"}
 
     def stage(
         self, record: bytes, topic: str, route: Any, *, local: bool, admitted: bool = False

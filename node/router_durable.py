@@ -148,20 +148,14 @@ class DurableSide:
                 return live_copy(rec)
             return rec
         if flags & F_PERSISTENT:
-            durable.persist(ident, rec, topic_b.decode(), route)
+            durable.persist(ident, rec, topic_b.decode(), route, tell=ident not in self.internal)
             return None
         kept = durable.stage(rec, topic_b.decode(), route, local=True)
         if flags & F_RETAIN and ident not in self.internal:
             if kept:
                 durable.retained_by(ident)
             else:  # as over the limit `pub --retain` said "published", exit 0
-                limit = durable.config.retained_max_bytes
-                size = f"{limit / 2**20:g} MiB" if limit >= 2**20 else f"{limit / 1024:g} KiB"
-                why = (
-                    f"not retained: the node holds {size} of retained values, its limit; "
-                    "the event went to current subscribers"
-                )
-                self._send_control(ident, Kind.ERR, {"ref": None, "error": why, "code": "store"})
+                self._send_control(ident, Kind.ERR, durable.not_retained())
         return live_copy(rec)
 
     def route_record(self, ident: bytes, rec: bytes, route: Route) -> None:

@@ -810,15 +810,19 @@ def test_retained_values_are_bounded_in_bytes(tmp_path: Path) -> None:
     assert d.retained_bytes <= 4096
     assert len(d.retained) == 3
     assert d.retained_refused == 17
-    # and each publisher hears it (`pub --retain` said "published", exit 0)
-    assert (
-        errors
-        == [
-            "not retained: the node holds 4 KiB of retained values, its limit; the event went "
-            "to current subscribers"
-        ]
-        * 17
+    # and each publisher hears it (`pub --retain` said "published", exit 0), a persistent
+    # one too, after its acknowledgement (review: "stored", exit 0)
+    why = (
+        "not retained: the node holds 4 KiB of retained values, its limit; the event went "
+        "to current subscribers"
     )
+    assert errors == [why] * 17
+    pub(r, A, rec("cfg/p", b"v" * 1000, flags=F_RETAIN | F_PERSISTENT, seq=99))
+    r.end_pass(0.0)
+    assert sorted((k, b.get("error")) for k, b in controls(take(r), A)) == [
+        (Kind.ERR, why),
+        (Kind.PACK, None),
+    ]
 
 
 def test_a_paced_replay_stays_a_window_ahead_of_what_the_client_consumed(
