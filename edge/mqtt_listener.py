@@ -650,8 +650,12 @@ def start_listener(
     return listener
 
 
-def _log_one_line(_loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    """asyncio's errors as one log line: with the open files used up, each refused accept
-    wrote a traceback into the node's log (asyncio waits a second, then accepts again)."""
+def _log_one_line(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A refused accept as one log line: with the open files used up, each wrote a
+    traceback into the node's log (asyncio waits a second, then accepts again). Anything
+    else keeps asyncio's report, traceback and all: it is a bug to see (review)."""
     exc = context.get("exception")
-    log.warning("MQTT listener: %s%s", context.get("message"), f": {exc}" if exc else "")
+    if isinstance(exc, OSError) and "accept" in str(context.get("message", "")):
+        log.warning("MQTT listener: %s: %s", context["message"], exc)
+    else:
+        loop.default_exception_handler(context)

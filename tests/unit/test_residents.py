@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from node.codec import HEAD_PUB, Kind, decode_control, encode_control, encode_record, frame_kind
 from node.residents import BYTE_WEIGHT, Residents
 from node.router import Router
@@ -158,3 +160,39 @@ def test_input_now_sees_a_descriptor_ready_and_step_weighs_what_it_routed() -> N
         assert residents.step(1.0) == 0
     finally:
         actor.stop()
+
+
+def test_the_listeners_loop_logs_refused_accepts_in_one_line_and_bugs_in_full(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review: the one-line handler (for accepts refused while the open files are used
+    up) took the traceback off every error of the loop, bugs in a protocol too."""
+    import asyncio
+    import errno
+
+    from edge.mqtt_listener import _log_one_line
+
+    loop = asyncio.new_event_loop()
+    try:
+        refused = OSError(errno.EMFILE, "Too many open files")
+        with caplog.at_level("WARNING"):
+            _log_one_line(
+                loop, {"message": "socket.accept() out of system resource", "exception": refused}
+            )
+            _log_one_line(
+                loop,
+                {
+                    "message": "Fatal error: protocol.data_received() call failed.",
+                    "exception": KeyError("bug"),
+                },
+            )
+    finally:
+        loop.close()
+    first, second = caplog.records
+    assert first.getMessage() == (
+        "MQTT listener: socket.accept() out of system resource: [Errno 24] Too many open files"
+    )
+    assert first.exc_info is None
+    assert second.levelname == "ERROR"
+    assert second.exc_info is not None
+    assert isinstance(second.exc_info[1], KeyError)
