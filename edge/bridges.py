@@ -238,7 +238,7 @@ class Bridge:
         sock.setsockopt(zmq.ROUTING_ID, self.ident)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
-        sock.send(self.port.hello())
+        sock.send(self.port.hello(requests=self.cfg.kind != "mqtt"))
         if self.cfg.exports:
             sock.send(self.port.subscribe(self.cfg.exports))
         return sock
@@ -565,7 +565,7 @@ class NatsBridge(Bridge):
         try:
             while not self._stop.is_set():
                 if nc is None or nc.is_closed:
-                    nc = await self._connect(nats)
+                    nc = await self._connect_pumping(nats, sock)
                     if nc is None:
                         self._count_spool()
                         await asyncio.sleep(delay)
@@ -594,6 +594,35 @@ class NatsBridge(Bridge):
                 sock.close(linger=0)
                 if self.spool is not None:
                     self.spool.close()
+
+    async def _connect_pumping(self, nats: Any, sock: zmq.Socket[bytes]) -> Any:
+        """``_connect``, answering the node meanwhile: nats-py's first connect to a server
+        that is not there retries for ever, and mesh requests on our exports waited out
+        their timeouts unread (review)."""
+        connecting = asyncio.ensure_future(self._connect(nats))
+        try:
+            while not connecting.done():
+                self._pump_down(sock)
+                await asyncio.wait({connecting}, timeout=POLL_MS / 1000)
+            return connecting.result()
+        finally:
+            connecting.cancel()
+
+    def _pump_down(self, sock: zmq.Socket[bytes]) -> None:
+        """What the node sends while there is no connection: live exports are dropped,
+        counted, and a request is told at once that nothing there can answer it."""
+        while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
+            for ev in self.port.handle(sock.recv()).exports:
+                if not self._spooled(ev):
+                    self._down(sock, ev)
+
+    def _down(self, sock: zmq.Socket[bytes], ev: Event) -> None:
+        """A live export while the server is away: dropped, counted; a request is told at
+        once that nothing there can answer it now."""
+        self.counters["dropped_remote_down"] += 1
+        if ev.is_request and ev.reply_to:
+            why = f"NATS ({self.cfg.name}) is not connected".encode()
+            sock.send(self.port.reply(ev.reply_to, why, no_responders=True, topic=ev.topic))
 
     def _reader_died(self, nc: Any) -> bool:
         """True when nats-py's reading task has ended on a connection it holds up: a message
@@ -727,12 +756,7 @@ class NatsBridge(Bridge):
                             self.port.reply(ev.reply_to, why, no_responders=True, topic=ev.topic)
                         )
                 elif not nc.is_connected:
-                    self.counters["dropped_remote_down"] += 1
-                    if ev.is_request and ev.reply_to:  # nothing there to answer it now
-                        why = f"NATS ({self.cfg.name}) is not connected".encode()
-                        sock.send(
-                            self.port.reply(ev.reply_to, why, no_responders=True, topic=ev.topic)
-                        )
+                    self._down(sock, ev)
                 elif ev.is_request and ev.reply_to:
                     self._tasks.add(asyncio.create_task(self._ask(nc, sock, remote, ev)))
                     self.counters["exported"] += 1

@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from node.codec import (
     F_ERROR,
@@ -54,8 +54,12 @@ class MeshPort:
         self.inbox = ""  # _INBOX/<node>/<client>, known once the node has welcomed us
         self.node_id = node_id  # the node's id (else known once it has welcomed us)
 
-    def hello(self) -> bytes:
-        return encode_control(Kind.HELLO, {"name": f"bridge {self.name}"})
+    def hello(self, *, requests: bool = True) -> bytes:
+        """``requests``: False when nothing on our side can answer a request (MQTT)."""
+        body: dict[str, Any] = {"name": f"bridge {self.name}"}
+        if not requests:
+            body["requests"] = False
+        return encode_control(Kind.HELLO, body)
 
     def subscribe(self, patterns: tuple[str, ...]) -> bytes:
         return encode_control(

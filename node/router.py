@@ -115,6 +115,10 @@ class Router(MeshSide, DurableSide):
         self.status_extra: Callable[[float], dict[str, Any]] = lambda _now: {}
         self.peers_extra: Callable[[float], list[dict[str, Any]]] = lambda _now: []
         self.internal: set[bytes] = set()  # identities of in-process actors (bridges, MQTT)
+        # In-process actors whose subscribers cannot answer a request (MQTT bridges): their
+        # "no responders" is not held back for each other (review: two bridges exporting
+        # ">" held back each other's, and the requester waited out its timeout).
+        self.mute: set[bytes] = set()
         # Permissions of clients that proved a restricted identity; enforced here, at the
         # node the client is attached to, so nothing refused ever enters the mesh.
         self.acl: dict[bytes, Acl] = {}
@@ -277,6 +281,8 @@ class Router(MeshSide, DurableSide):
             )
             return
         name = str(body.get("name", ""))[:MAX_CLIENT_NAME]
+        if ident in self.internal and body.get("requests") is False:
+            self.mute.add(ident)
         client = Client(ident=ident, name=name, connected_at=now, last_seen=now)
         self.clients[ident] = client
         self.by_client_id[client.client_id] = ident
@@ -421,6 +427,7 @@ class Router(MeshSide, DurableSide):
         client = self.clients.pop(ident, None)
         if client is None:
             return
+        self.mute.discard(ident)
         self.by_client_id.pop(client.client_id, None)
         self.acl.pop(ident, None)
         self._acl_seen.pop(ident, None)
@@ -746,9 +753,10 @@ class Router(MeshSide, DurableSide):
         route = self._resolve(topic.encode())
         if type(route) is _Refused:
             return False
+        quiet = self.mute | {ident}
         others = (
-            any(dest != ident for dest, _ in route.plain)  # type: ignore[union-attr]
-            or any(d != ident for g in route.groups for d, _ in g.members)  # type: ignore[union-attr]
+            any(dest not in quiet for dest, _ in route.plain)  # type: ignore[union-attr]
+            or any(d not in quiet for g in route.groups for d, _ in g.members)  # type: ignore[union-attr]
             or not route.plan.empty  # type: ignore[union-attr]
         )
         if others:
