@@ -46,6 +46,7 @@ class DurableSide:
     _cache: dict[bytes, Route | _Refused]
     _durable_out: DurableOut
     _store_warned: float = float("-inf")  # when a failing store was last logged
+    _store_errors_seen: int = 0  # the store's error count then
 
     if TYPE_CHECKING:  # the Router's, used here
 
@@ -173,18 +174,23 @@ class DurableSide:
     def end_pass(self, now: float) -> None:
         """The loop read what it could: commit the pass's durable writes and release what
         waited on them."""
-        durable = self.durable
-        if durable is not None:
-            errors = durable.errors
+        if self.durable is not None:
             try:
-                durable.end_pass(now, self._durable_out)
+                self.durable.end_pass(now, self._durable_out)
             except Exception as e:  # a bug of ours must not take the node down: count, log
                 self._internal_error("the end of a pass", e)
-            if durable.errors > errors and now >= self._store_warned + STORE_WARN_EVERY:
-                # Only `status` showed a full disk; a foreground node or journald says it
-                # too now (at most every STORE_WARN_EVERY: a pass per publish fails).
-                self._store_warned = now
-                log.warning("store: %s (%d errors in all)", durable.last_error, durable.errors)
+            self._note_store_errors(now)
+
+    def _note_store_errors(self, now: float) -> None:
+        """Only `status` showed a full disk; a foreground node or journald says it too now,
+        at most every STORE_WARN_EVERY (a pass per publish fails), whether a commit, an
+        ack or a timer's write failed (review)."""
+        durable = self.durable
+        if durable is None or durable.errors <= self._store_errors_seen:
+            return
+        if now >= self._store_warned + STORE_WARN_EVERY:
+            self._store_warned, self._store_errors_seen = now, durable.errors
+            log.warning("store: %s (%d errors in all)", durable.last_error, durable.errors)
 
     def busy(self) -> bool:
         """True when the next pass has work even without input (a replay to continue)."""
@@ -195,6 +201,7 @@ class DurableSide:
         if self.durable is not None:
             try:
                 self.durable.tick(now)
+                self._note_store_errors(now)
                 spool = self.durable.spool
                 if spool is not None and (lost := spool.losses(now)) is not None:
                     log.warning(lost)

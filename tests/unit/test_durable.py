@@ -1497,3 +1497,22 @@ def test_a_consumer_of_a_queue_whose_making_failed_hears_that_it_is_not_there(
     assert "was not created: the node's disk is full" in told[1][1]["error"]
     assert d.consumers == {}
     assert not d.queues.busy
+
+
+def test_a_store_error_outside_a_commit_is_logged_too(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review: only a failed commit was logged; an ack's or a timer's failed write was
+    counted alone until a commit failed too."""
+    r, d, ev = one_in_flight(tmp_path, ack_wait=30.0)
+
+    def disk_full(*_args: Any) -> Any:
+        raise StoreError("the node's disk is full")
+
+    d.store.guard_many = disk_full  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="meshctl.node"):
+        send(r, A, Kind.ACK, {"sid": 1, "ids": [ev.id]})
+        r.tick(1.0)
+    assert [m for m in caplog.messages if m.startswith("store:")] == [
+        "store: the node's disk is full (1 errors in all)"
+    ]
