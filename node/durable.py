@@ -235,6 +235,14 @@ class Durable:
             # made its clear beat every newer value on the other nodes (review). A clear
             # is kept as a bare tombstone: its payload and headers (up to 64 KiB) went
             # into memory, the store and every node (review: 120 MB for 2,000 clears).
+            # Never earlier than what this node holds: its own value was replaced by one
+            # stamped earlier (a clock stepped back, a device at 1970 before NTP), which
+            # every other node then refused as older, and the nodes disagreed for good
+            # (clock faults). Later than the held one, it wins everywhere.
+            held = self.p.retained.get(topic)
+            held_rec = held[0] if held else self.retained.get(topic) or self.cleared.get(topic)
+            if held_rec is not None:
+                t_ns = max(t_ns, _time_ns(held_rec) + 1)
             kept = _tombstone(record, t_ns) if _empty(record) else _stamped(record, t_ns)
             if not (_empty(kept) or self._retained_room(topic, kept)):
                 return False

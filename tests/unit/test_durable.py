@@ -1516,3 +1516,30 @@ def test_a_store_error_outside_a_commit_is_logged_too(
     assert [m for m in caplog.messages if m.startswith("store:")] == [
         "store: the node's disk is full (1 errors in all)"
     ]
+
+
+def test_a_retained_value_is_stamped_after_the_one_it_replaces_whatever_the_clock(
+    tmp_path: Path,
+) -> None:
+    """Clock faults: published after the clock stepped back (a device at 1970 before
+    NTP), a value replaced this node's but was stamped earlier, so every other node kept
+    the old one for good; a clear the same."""
+    from node.durable import _time_ns
+
+    clock = Clock()
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    pub(r, A, rec("cfg/mode", b"v1", flags=F_RETAIN, seq=1))
+    r.end_pass(0.0)
+    first = _time_ns(d.retained["cfg/mode"])
+    clock.ns -= 3600 * 10**9  # an hour back
+    pub(r, A, rec("cfg/mode", b"v2", flags=F_RETAIN, seq=2))
+    r.end_pass(0.0)
+    second = d.retained["cfg/mode"]
+    assert b"v2" in second
+    assert _time_ns(second) == first + 1  # later than the value it replaced
+    clock.ns = 5 * 10**9  # 1970
+    pub(r, A, rec("cfg/mode", b"", flags=F_RETAIN, seq=3))  # a clear
+    r.end_pass(0.0)
+    assert "cfg/mode" not in d.retained
+    assert _time_ns(d.cleared["cfg/mode"]) == first + 2
