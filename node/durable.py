@@ -10,6 +10,7 @@ lost by a crash, and nothing is sent that a failed commit would have to take bac
 from __future__ import annotations
 
 import heapq
+import time
 from bisect import bisect_left, insort
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -152,9 +153,17 @@ class Durable:
         self.retained_bytes = sum(len(r) for r in self.retained.values())
         self.retained_refused = 0
         self._staged_retained = 0
-        since = wall_ns() - int(config.dedupe_window * 1e9)
-        # Ids of persistent events within the dedupe window, oldest first, with their time.
-        self.seen: OrderedDict[bytes, int] = OrderedDict(store.dedupe_load(since))
+        now_ns = wall_ns()
+        since = now_ns - int(config.dedupe_window * 1e9)
+        # Ids of persistent events within the dedupe window, oldest first, with when they
+        # came on the monotonic clock (the loop's ``now``): by the wall clock, a step
+        # forward (NTP after a boot at 1970) emptied the window, and a resent event was
+        # stored and delivered twice (clock faults). Those from the store are placed on it
+        # by their age.
+        self._now = time.monotonic()
+        self.seen: OrderedDict[bytes, float] = OrderedDict(
+            (raw, self._now - (now_ns - t_ns) / 1e9) for raw, t_ns in store.dedupe_load(since)
+        )
         self.consumers: dict[tuple[bytes, int], tuple[Queue, Consumer]] = {}
         self.replays: list[Replay] = []
         self.p = _Pass()
@@ -191,7 +200,7 @@ class Durable:
             self.p.refused.setdefault(ident, []).append(raw.hex())
             return False
         self.p.acks.setdefault(ident, []).append(raw.hex())
-        self.seen[raw] = self.wall_ns()  # now: idle passes do not move any clock here
+        self.seen[raw] = self._now  # as of the last pass: close enough, and no clock call
         self.p.dedupe.append(raw)
         if not self.stage(record, topic, route, local=True, admitted=True) and tell:
             # Stored in the log, acknowledged, but not retained: said after the commit
@@ -354,6 +363,7 @@ class Durable:
 
     def end_pass(self, now: float, out: Output) -> None:
         """Write what the pass staged, commit, then release acks, routes and deliveries."""
+        self._now = now
         if not (self._work or self.replays or self.store.pending):
             if self.spool is not None:
                 self.spool.committed()  # none of its deletes is pending: nothing was written
@@ -482,7 +492,7 @@ class Durable:
                 self._next_spool_check = now + (0.0 if self.spool.building else SPOOL_CHECK)
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_EVERY
-                self._prune_seen(now_ns - int(self.config.dedupe_window * 1e9))
+                self._prune_seen(now - self.config.dedupe_window)
                 bounds = self.config.log_max_bytes, int(self.config.log_max_age * 1e9), now_ns
                 if self.spool is None:
                     self.store.log_trim(*bounds)
@@ -494,11 +504,11 @@ class Durable:
             self.errors += 1
             self.last_error = str(e)
 
-    def _prune_seen(self, cutoff_ns: int) -> None:
+    def _prune_seen(self, cutoff: float) -> None:
         """Forget ids older than the window (the log keeps them for a restart), and never
         hold more than a bound however fast events come."""
         seen = self.seen
-        while seen and (len(seen) > MAX_SEEN or next(iter(seen.values())) < cutoff_ns):
+        while seen and (len(seen) > MAX_SEEN or next(iter(seen.values())) < cutoff):
             seen.popitem(last=False)
 
     # ---- subscriptions -------------------------------------------------------------------

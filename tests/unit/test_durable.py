@@ -901,20 +901,42 @@ def test_the_dedupe_window_counts_from_the_publish_even_after_idle_passes(
     clock = Clock()
     r, d = durable_router(tmp_path, clock)
     hello(r, A)
+    r.end_pass(0.0)  # the loop's clock starts at 0 here
     pub(r, A, rec("t", seq=1))
     r.end_pass(0.0)
-    for i in range(5):  # ten quiet minutes of idle passes
+    for i in range(1, 6):  # ten quiet minutes of idle passes
         clock.ns += 120 * 10**9
-        r.end_pass(float(i))
+        r.end_pass(120.0 * i)
     pub(r, A, rec("t", seq=2))
-    r.end_pass(10.0)
+    r.end_pass(601.0)
     clock.ns += 30 * 10**9
-    r.tick(1000.0)  # prunes ids older than the window
+    r.tick(630.0)  # prunes ids older than the window
     take(r)
+    assert (PUBLISHER + (1).to_bytes(8, "big")) not in d.seen  # ten minutes old: pruned
     pub(r, A, rec("t", seq=2))  # the publisher retries 30 s later
-    r.end_pass(11.0)
+    r.end_pass(631.0)
     assert controls(take(r), A) == [(Kind.PACK, {"ids": ids(1, 2)})]
     assert d.duplicates == 1
+
+
+def test_the_dedupe_window_holds_through_a_step_of_the_wall_clock(tmp_path: Path) -> None:
+    """Clock faults: the window was kept by the wall clock, so a step forward (NTP after a
+    boot at 1970, or of five minutes) emptied it, and an event resent seconds later was
+    stored and delivered twice."""
+    clock = Clock()
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    r.end_pass(100.0)  # the loop's clock says 100 s
+    pub(r, A, rec("t", seq=1))
+    r.end_pass(100.0)
+    clock.ns += 86400 * 10**9  # a day forward, in a moment
+    r.tick(105.0)
+    r.tick(107.0)
+    take(r)
+    pub(r, A, rec("t", seq=1))  # resent 7 s later
+    r.end_pass(107.0)
+    assert d.duplicates == 1
+    assert d.persisted == 1
 
 
 def test_log_sequences_never_go_back_after_the_log_is_trimmed_empty(tmp_path: Path) -> None:
