@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
+from node.clock import SET_AFTER_NS
 from node.codec import (
     F_PERSISTENT,
     F_REPLICA,
@@ -165,6 +166,10 @@ class Durable:
             (raw, self._now - (now_ns - t_ns) / 1e9) for raw, t_ns in store.dedupe_load(since)
         )
         self.consumers: dict[tuple[bytes, int], tuple[Queue, Consumer]] = {}
+        # Entries stamped while the wall clock was not set (a boot at 1970): restamped
+        # once it is, or the first NTP step aged out the whole log (clock faults).
+        newest = store.newest_log_time()
+        self._unset_stamps = newest is not None and newest < SET_AFTER_NS
         self.replays: list[Replay] = []
         self.p = _Pass()
         self.errors = 0
@@ -233,6 +238,8 @@ class Durable:
         # The node's clock, not the publisher's: a device without a real-time clock must
         # not have its events aged out of the log (or replayed from 1970) at once.
         t_ns = self.wall_ns()
+        if t_ns < SET_AFTER_NS:
+            self._unset_stamps = True
         keep = route.log == LOG_ALL or (flags & F_PERSISTENT and (local or route.log))
         if keep and (admitted or not self._spool_refuses(topic, flags, len(record))):
             self.p.log.append((record[_ID], topic, t_ns, record))
@@ -490,6 +497,10 @@ class Durable:
                 self.spool.check(self.store)
                 # A build goes on at the next tick: in steps, with passes between them.
                 self._next_spool_check = now + (0.0 if self.spool.building else SPOOL_CHECK)
+            if self._unset_stamps and now_ns >= SET_AFTER_NS:  # the clock was set since
+                self._unset_stamps = False
+                self._work = True  # the next pass commits it
+                self.store.log_restamp(SET_AFTER_NS, now_ns)
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_EVERY
                 self._prune_seen(now - self.config.dedupe_window)

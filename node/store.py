@@ -209,6 +209,20 @@ class Store:
             self._head = max(int(row[0] or 0), int(kept[0][0]) if kept else 0)
         return self._head
 
+    def newest_log_time(self) -> int | None:
+        """The time of the newest log entry (None for an empty log): cheap, by sequence."""
+        row = self.read("SELECT time_ns FROM log ORDER BY seq DESC LIMIT 1")
+        return int(row[0][0]) if row else None
+
+    def log_restamp(self, before_ns: int, now_ns: int) -> None:
+        """Give entries stamped before ``before_ns`` the time ``now_ns`` (in the pass):
+        stamped while the clock was not set (node/clock.py), they were older than any
+        age bound, and the first NTP step aged out the whole log (clock faults). Now
+        is an upper bound of when they came: they stay at least as long as they should.
+        A scan of the log, run only after the node saw its clock unset."""
+        self.guard("UPDATE log SET time_ns = ? WHERE time_ns < ?", (now_ns, before_ns))
+        self.guard("UPDATE qmsgs SET at_ns = ? WHERE at_ns < ?", (now_ns, before_ns))
+
     def _keep_head(self) -> None:
         """Before deleting from the log: remember its head (the newest row may go)."""
         self.guard(

@@ -1565,3 +1565,22 @@ def test_a_retained_value_is_stamped_after_the_one_it_replaces_whatever_the_cloc
     r.end_pass(0.0)
     assert "cfg/mode" not in d.retained
     assert _time_ns(d.cleared["cfg/mode"]) == first + 2
+
+
+def test_entries_logged_before_the_clock_was_set_are_not_aged_out_by_it(tmp_path: Path) -> None:
+    """Clock faults: a node that booted at 1970 stamped its log so, and the first NTP step
+    aged out the whole log at once, persistent events of seconds ago too."""
+    clock = Clock()
+    clock.ns = 5 * 10**9  # 1970, before NTP
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    pub(r, A, *(rec("t", seq=i) for i in range(1, 4)))
+    r.end_pass(0.0)
+    clock.ns = 1_800_000_000 * 10**9  # NTP: 2027
+    pub(r, A, rec("t", seq=4))
+    r.end_pass(1.0)
+    r.tick(100.0)
+    assert d.store.log_stats()[0] == 4  # nothing aged out by a clock that was not set
+    clock.ns += 8 * 86400 * 10**9  # a week later: the age bound (168 h) is passed
+    r.tick(200.0)
+    assert d.store.log_stats()[0] == 0  # entries of an unset clock go once a set one goes
