@@ -21,11 +21,11 @@ def clock_is_set(now: float | None = None) -> bool:
     return (time.time() if now is None else now) >= SET_AFTER
 
 
-def unset_clock_error(now: float | None = None) -> str:
+def unset_clock_error(whose: str = "this host's", now: float | None = None) -> str:
     """The one-line reason a node refuses to sign while its clock is not set."""
     t = time.time() if now is None else now
     said = datetime.fromtimestamp(max(t, 0), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return (
-        f"this host's clock says {said}, which cannot be right: set it (NTP) before "
-        "issuing tokens or credentials, whose validity is counted from it"
+        f"{whose} clock says {said}, which cannot be right: set it (NTP) before issuing "
+        "tokens, records or credentials, whose validity is counted from it"
     )

@@ -37,12 +37,14 @@ import zmq.auth
 
 from node import datadir
 from node import membership as ms
+from node.clock import clock_is_set, unset_clock_error
 from node.errors import ConfigError
 from node.failed_proofs import FailedProofs
 
 log = logging.getLogger("meshctl.node")
 
 ZAP_DOMAIN: Final = "meshctl"
+AUTHORITYS: Final = "the authority's"  # whose clock an enrollment refusal blames
 CURVE_FILE: Final = "curve"
 MESH_FILE: Final = "mesh.json"
 MEMBER_FILE: Final = "member.json"
@@ -502,6 +504,9 @@ class Security:
         once the new member is noted (for `meshctl revoke NAME`)."""
         signing = self.creds.signing_key
         assert signing is not None  # checked by _enroll
+        if not clock_is_set():  # its record would be valid for the wrong year (clock faults)
+            self.log(f"refused to enroll {name} ({node}): {unset_clock_error()}")
+            return False, {"error": f"cannot enroll now: {unset_clock_error(AUTHORITYS)}"}
         tokens = _read_json(path, {})
         why = ms.check_token_use(tokens.get(token_id), str(body.get("secret", "")), time.time())
         if why is None:
@@ -550,6 +555,8 @@ class Security:
         except ms.MembershipError as e:
             return False, {"error": f"cannot renew: {e}"}
         rec = body["member"]["rec"]
+        if not clock_is_set():
+            return False, {"error": f"cannot renew now: {unset_clock_error(AUTHORITYS)}"}
         if rec["exp"] - time.time() > RENEW_WITHIN:  # not due: a member asking in a loop
             return False, {"error": "cannot renew: not due yet"}  # costs one check
         renewed = ms.member_record(

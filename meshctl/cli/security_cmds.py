@@ -20,6 +20,7 @@ from meshctl.errors import OperationalError
 from meshctl.url import resolve_server
 from node import datadir, membership, renewal
 from node import security as sec
+from node.clock import clock_is_set, unset_clock_error
 from node.codec import Kind
 from node.config import NodeConfig
 from node.errors import InputError
@@ -50,6 +51,7 @@ def init(
         _mesh(mesh)
     except ValueError as e:
         raise InputError(f"--mesh: {e}") from None
+    _clock_must_be_set()
     where = data_dir_of(config, data_dir)
     node_id = datadir.load_or_create_node_id(where)
     creds = sec.init_mesh(
@@ -117,6 +119,7 @@ def invite(
     perms_given = pub_allow or pub_deny or sub_allow or sub_deny
     if client is None and perms_given:  # were ignored without a word
         raise InputError("--pub-allow/--pub-deny/--sub-allow/--sub-deny go with --client")
+    _clock_must_be_set()
     if client is not None:
         if not client or len(client) > 63 or not client.isprintable() or " " in client:
             # '' and ' a b ' were issued, and `revoke ''` said "revoked client  ()".
@@ -136,6 +139,14 @@ def invite(
         f"{uses} use(s) (`meshctl revoke {token.token_id}` cancels it)"
     )
     print(token.encode())
+
+
+def _clock_must_be_set() -> None:
+    """Refuse to sign with a clock that is not set (a device at 1970 before NTP): its
+    tokens and records were valid for the wrong period, an authority's enrolled members
+    expired at once after NTP (clock faults)."""
+    if not clock_is_set():
+        raise OperationalError(unset_clock_error())
 
 
 def _client_creds(
@@ -284,6 +295,7 @@ def credentials_for_up(
             creds = sec.load_credentials(where)
             note(f"joined mesh {token.mesh!r} via {token.url}")
     if creds is None:
+        _clock_must_be_set()
         creds = sec.init_mesh(where, mesh=cfg.mesh, node_id=node_id, name=name, now=time.time())
         note(
             f"created a new one-node mesh {cfg.mesh!r} in {where}; "

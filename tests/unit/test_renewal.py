@@ -172,3 +172,40 @@ def test_a_refused_token_does_not_block_the_joiner_key(tmp_path: Path) -> None:
     assert not ok
     assert KEY.encode() not in auth.policy.blocked
     assert _join(auth, NODE, KEY)[0]
+
+
+def test_an_authority_whose_clock_is_not_set_signs_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clock faults: an authority at 1970 (no real-time clock, before NTP) enrolled nodes
+    with records that expired in 1971, and every member it enrolled was refused after
+    NTP; its tokens were expired for any joiner with a set clock."""
+    from typer.testing import CliRunner
+
+    from meshctl.cli import app
+    from node import clock
+
+    auth = authority(tmp_path)
+    token = security.issue_token(
+        auth.data_dir, url="tcp://127.0.0.1:1", ttl=60, uses=1, now=time.time()
+    )
+    held = record(auth, key=KEY, exp=time.time() + 5 * DAY)
+    monkeypatch.setattr(clock.time, "time", lambda: 5.0)  # the host's clock says 1970
+    body = {"token": token.token_id, "secret": token.secret, "node": NODE, "name": "n"}
+    ok, answer = auth.enroll(body, KEY)
+    assert not ok
+    assert answer["error"] == (
+        "cannot enroll now: the authority's clock says 1970-01-01 00:00:05 UTC, which cannot "
+        "be right: set it (NTP) before issuing tokens, records or credentials, whose "
+        "validity is counted from it"
+    )
+    ok, answer = auth.enroll({"renew": True, "node": NODE, "member": held}, KEY)
+    assert (ok, answer["error"].startswith("cannot renew now: the authority's clock")) == (
+        False,
+        True,
+    )
+    runner = CliRunner()
+    for argv in (["invite"], ["invite", "--client", "c"], ["init", "--mesh", "m2"]):
+        result = runner.invoke(app, [*argv, "--data-dir", str(tmp_path / "auth")])
+        assert result.exit_code == 1, (argv, result.output)
+        assert "clock says 1970-01-01 00:00:05 UTC" in str(result.exception)
