@@ -108,6 +108,7 @@ class _Pass:
     retained: dict[str, tuple[bytes, bool]] = field(default_factory=dict)  # empty: a clear
     replicate: list[bytes] = field(default_factory=list)
     answers: list[tuple[bytes, Kind, dict[str, Any]]] = field(default_factory=list)
+    notices: list[tuple[bytes, Kind, dict[str, Any]]] = field(default_factory=list)  # if stored
     refused: dict[bytes, list[str]] = field(default_factory=dict)
     undo: list[Callable[[Output, str], None]] = field(default_factory=list)  # if it fails
     retainers: set[bytes] = field(default_factory=set)  # clients whose retained value waits
@@ -342,6 +343,13 @@ class Durable:
         self._work = True
         self.p.answers.append((ident, kind, body))
 
+    def notify_after_commit(self, ident: bytes, kind: Kind, body: dict[str, Any]) -> None:
+        """Tell ``ident`` of a change once it is on disk, and nothing if the pass fails (a
+        removed queue's consumers: its failed removal is undone, and they heard a bare
+        store error about a subscription that was fine: review)."""
+        self._work = True
+        self.p.notices.append((ident, kind, body))
+
     def retained_by(self, ident: bytes) -> None:
         """Client ``ident`` published a retained value in this pass: it hears if the
         commit fails, and its flush waits for the commit (`pub --retain` on a full disk
@@ -427,7 +435,7 @@ class Durable:
             self._forget_clears()
         for rec in p.replicate:
             out.replicate(rec)
-        for ident, kind, body in p.answers:
+        for ident, kind, body in p.answers + p.notices:
             out.answer(ident, kind, body)
         for held in p.held:
             out.route(held.ident, held.record, held.route)

@@ -96,7 +96,7 @@ def handle(router: Router, ident: bytes, body: dict[str, Any], now: float) -> An
             # it waited for ever on an idle subscription (exploratory test).
             for client, sid in durable.drop_consumers(q):
                 why = f"queue {q.name!r} was removed"
-                durable.answer_after_commit(
+                durable.notify_after_commit(
                     client, Kind.ERR, {"sid": sid, "error": why, "code": "gone"}
                 )
             result = {"ref": ref, "removed": q.name}
@@ -151,7 +151,18 @@ def _undo_rm(router: Router, q: Queue, bound: dict[tuple[bytes, int], Any]) -> U
             return
         durable.queues.restore(q)
         router.queue_interest((), q.patterns)
-        durable.consumers.update(bound)
+        for key, (bq, consumer) in bound.items():
+            client = router.clients.get(key[0])
+            if client is not None and key[1] in client.subs:
+                durable.consumers[key] = (bq, consumer)
+                continue
+            # It left or unsubscribed in the same pass: bound again, it took every message
+            # for a client that was gone until a restart (review).
+            try:
+                durable.queues.unbind(q, consumer, router.wall_ns())
+            except StoreError as e:  # its messages' move to the dead letters: counted
+                durable.errors += 1
+                durable.last_error = str(e)
         durable.queues.wake(q)
 
     return undo

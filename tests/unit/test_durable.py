@@ -1584,3 +1584,36 @@ def test_entries_logged_before_the_clock_was_set_are_not_aged_out_by_it(tmp_path
     clock.ns += 8 * 86400 * 10**9  # a week later: the age bound (168 h) is passed
     r.tick(200.0)
     assert d.store.log_stats()[0] == 0  # entries of an unset clock go once a set one goes
+
+
+@pytest.mark.parametrize("leaves", ["disconnects", "unsubscribes"])
+def test_a_failed_rm_does_not_bind_again_a_consumer_that_left_in_the_same_pass(
+    tmp_path: Path, leaves: str
+) -> None:
+    """Review: the undone `rm` bound again a consumer whose client had left in the same
+    pass, and the queue handed every later message to it until a restart; the consumers
+    that stayed heard a bare store error about a subscription that was fine."""
+    c = b"\x00cc"
+    r, d = durable_router(tmp_path)
+    for ident in (A, B, c):
+        hello(r, ident)
+    queue_add(r, "jobs", "jobs")
+    consume(r, B, 1, "jobs", max_inflight=1)
+    consume(r, c, 1, "jobs", max_inflight=1)
+    restore = _fail_commits(d)
+    send(r, A, Kind.QUEUE, {"ref": 2, "op": "rm", "name": "jobs"})
+    if leaves == "disconnects":
+        r.drop_client(B, "gone", 0.0)
+    else:
+        send(r, B, Kind.UNSUB, {"ref": 3, "sid": 1})
+    r.end_pass(0.0)
+    restore()
+    out = take(r)
+    assert controls(out, c) == []  # its subscription is as it was: nothing to hear
+    assert sorted(d.consumers) == [(c, 1)]
+    assert [(x.ident, x.sid) for x in d.queues.by_name["jobs"].consumers] == [(c, 1)]
+    pub(r, A, *(rec("jobs", str(i).encode(), seq=i) for i in range(1, 4)))
+    r.end_pass(1.0)
+    out = take(r)
+    assert deliveries(out, B) == []
+    assert len(deliveries(out, c)) == 1  # its one in flight; the others wait for it
