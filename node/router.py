@@ -119,6 +119,7 @@ class Router(MeshSide, DurableSide):
         # "no responders" is not held back for each other (review: two bridges exporting
         # ">" held back each other's, and the requester waited out its timeout).
         self.mute: set[bytes] = set()
+        self._untold_slow: set[bytes] = set()  # slow consumers with drops not yet told
         # Permissions of clients that proved a restricted identity; enforced here, at the
         # node the client is attached to, so nothing refused ever enters the mesh.
         self.acl: dict[bytes, Acl] = {}
@@ -803,8 +804,15 @@ class Router(MeshSide, DurableSide):
             self._held_system.append((rec, topic, now + SYSTEM_HOLD))
 
     def tick(self, now: float) -> None:
-        """Timers: the durable side's, and held $mesh events."""
+        """Timers: the durable side's, held $mesh events, full links' drops untold."""
         DurableSide.tick(self, now)
+        self.notice_full_links(now)
+        for ident in list(self._untold_slow):
+            client = self.clients.get(ident)
+            if client is None:
+                self._untold_slow.discard(ident)
+            else:
+                self._notice_slow(client, now)
         if self._held_system:
             self._release_held(now)
 
@@ -873,10 +881,17 @@ class Router(MeshSide, DurableSide):
         if client is None:
             return
         client.dropped += count
+        self._untold_slow.add(ident)
+        self._notice_slow(client, now)
+
+    def _notice_slow(self, client: Client, now: float) -> None:
+        """Tell a slow consumer's drops, at most once a second; the rest of a burst goes
+        from the timer (a burst said "dropped 1" and never the rest: review)."""
         if now - client.last_notice >= SLOW_NOTICE_INTERVAL:
             newly = client.dropped - client.dropped_noticed
             client.dropped_noticed = client.dropped
             client.last_notice = now
+            self._untold_slow.discard(client.ident)
             self.log(f"slow consumer {client.client_id} ({client.name}): dropped {newly} events")
             self.emit_system(
                 "$mesh/slow-consumer",

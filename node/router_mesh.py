@@ -22,7 +22,7 @@ from node.codec import (
 )
 from node.durable import LOG_ALL
 from node.errors import CodecError, TopicError
-from node.mesh import NO_PLAN, Plan, Via
+from node.mesh import NO_PLAN, Link, Plan, Via
 from node.router_durable import DURABLE_FLAGS, live_copy
 from node.sessions import _Refused
 from node.topics import validate_topic
@@ -78,12 +78,23 @@ class MeshSide:
         if link is None:
             return
         link.dropped += events
-        if now - link.last_notice >= LINK_NOTICE_INTERVAL:
-            newly = link.dropped - link.dropped_noticed
-            link.dropped_noticed, link.last_notice = link.dropped, now
-            self.log(f"link to {link.name} ({link.peer_id}) full: dropped {newly} events")
-            body = {"peer": link.peer_id, "peer_name": link.name, "dropped": newly}
-            self.emit_system("$mesh/link/full", {**body, "dropped_total": link.dropped}, now)
+        self._notice_link_full(link, now)
+
+    def notice_full_links(self, now: float) -> None:
+        """The drops of a burst after its first notice, told once the interval is over:
+        a burst said "dropped 1" and never the rest (review). Called by the loop's timer."""
+        for link in self.net.links.values():
+            if link.dropped > link.dropped_noticed:
+                self._notice_link_full(link, now)
+
+    def _notice_link_full(self, link: Link, now: float) -> None:
+        if now - link.last_notice < LINK_NOTICE_INTERVAL:
+            return
+        newly = link.dropped - link.dropped_noticed
+        link.dropped_noticed, link.last_notice = link.dropped, now
+        self.log(f"link to {link.name} ({link.peer_id}) full: dropped {newly} events")
+        body = {"peer": link.peer_id, "peer_name": link.name, "dropped": newly}
+        self.emit_system("$mesh/link/full", {**body, "dropped_total": link.dropped}, now)
 
     def handle_dialed(self, via: str, found: str, frame: bytes, now: float) -> None:
         """A frame on a link we dialed (the loop's DEALER for ``via``)."""

@@ -819,6 +819,16 @@ def test_slow_consumer_notice_at_most_once_a_second() -> None:
     assert (ev["dropped"], ev["dropped_total"]) == (6, 9)
     assert r.counters.dropped["slow_consumer"] == 9
     assert {c["id"]: c["dropped"] for c in r.status(2.0)["clients"]}[B.hex()] == 9
+    # The end of a burst is told by the timer once the second is over (review: a burst
+    # said "dropped 1" and never the rest).
+    r.dropped(B, 7, 2.0)
+    r.tick(2.2)
+    assert system_events(take(r), A, "$mesh/slow-consumer") == []
+    r.tick(2.6)
+    (ev,) = system_events(take(r), A, "$mesh/slow-consumer")
+    assert (ev["dropped"], ev["dropped_total"]) == (7, 16)
+    r.tick(4.0)
+    assert system_events(take(r), A, "$mesh/slow-consumer") == []  # nothing more to tell
 
 
 def test_slow_consumer_counts_unknown_clients_without_notice() -> None:

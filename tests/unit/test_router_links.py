@@ -103,12 +103,16 @@ def test_a_full_links_drops_are_counted_in_events_per_link_and_announced() -> No
     for now in (1.0, 1.5, 2.1):
         r.link_dropped(b"peer", fwd, now)
     r.link_dropped(b"peer", encode_control(Kind.BEAT, {"t": 1}), 2.2)  # no events in it
-    assert r.counters.dropped["link_full"] == 15
+    r.link_dropped(b"peer", fwd, 2.5)  # the end of a burst: told by the timer (review)
+    r.tick(2.9)
+    r.tick(3.2)
+    assert r.counters.dropped["link_full"] == 20
     assert r.counters.dropped["control_full"] == 1
-    assert r.net.peers_view(3.0)[0]["dropped"] == 15
+    assert r.net.peers_view(3.0)[0]["dropped"] == 20
     assert [line for line in logs if line.startswith("link to")] == [
         "link to p (00000000000000aa) full: dropped 5 events",
         "link to p (00000000000000aa) full: dropped 10 events",
+        "link to p (00000000000000aa) full: dropped 5 events",
     ]
     notices = [
         json.loads(decode_event(f, start, end).data)
@@ -119,4 +123,5 @@ def test_a_full_links_drops_are_counted_in_events_per_link_and_announced() -> No
     assert [(n["peer_name"], n["dropped"], n["dropped_total"]) for n in notices] == [
         ("p", 5, 5),
         ("p", 10, 15),
+        ("p", 5, 20),
     ]
