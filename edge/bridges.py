@@ -602,7 +602,12 @@ class NatsBridge(Bridge):
         connecting = asyncio.ensure_future(self._connect(nats))
         try:
             while not connecting.done():
-                self._pump_down(sock)
+                try:
+                    self._pump_down(sock)
+                except Exception as e:  # as in _pump: a bug must not end the bridge
+                    self.counters["errors"] += 1
+                    log.error("bridge %s: %r (the bridge goes on)", self.cfg.name, e, exc_info=e)
+                self._count_spool()  # `status` showed no spool while the first connect ran
                 await asyncio.wait({connecting}, timeout=POLL_MS / 1000)
             return connecting.result()
         finally:
@@ -618,10 +623,14 @@ class NatsBridge(Bridge):
 
     def _down(self, sock: zmq.Socket[bytes], ev: Event) -> None:
         """A live export while the server is away: dropped, counted; a request is told at
-        once that nothing there can answer it now."""
-        self.counters["dropped_remote_down"] += 1
-        if ev.is_request and ev.reply_to:
+        once that nothing there can answer it now (or that its topic has no subject)."""
+        if self._export_topic(ev.topic, mesh_to_nats) is None:
+            self.counters["refused"] += 1
+            why = f"{ev.topic} has no NATS subject".encode()
+        else:
+            self.counters["dropped_remote_down"] += 1
             why = f"NATS ({self.cfg.name}) is not connected".encode()
+        if ev.is_request and ev.reply_to:
             sock.send(self.port.reply(ev.reply_to, why, no_responders=True, topic=ev.topic))
 
     def _reader_died(self, nc: Any) -> bool:
