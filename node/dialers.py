@@ -70,9 +70,11 @@ class Dialers:
         max_payload: int,
         backoff_max: float,
         curve: Callable[[zmq.Socket[bytes], str], None] | None = None,
+        silent_ms: int = 3000,
     ) -> None:
         self.ctx = ctx
         self.max_payload = max_payload
+        self.silent_ms = silent_ms  # libzmq ends a connection this long silent (zmtp_silence)
         self.backoff_max = backoff_max
         self.by_url: dict[str, Dialer] = {}
         self.by_sock: dict[zmq.Socket[bytes], Dialer] = {}
@@ -130,7 +132,7 @@ class Dialers:
         sock.setsockopt(zmq.SNDHWM, 10_000)
         sock.setsockopt(zmq.RCVHWM, 10_000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.silent_ms)
         # Events up to max_payload, node states up to MAX_STATE_BYTES, whichever is more.
         sock.setsockopt(zmq.MAXMSGSIZE, max(self.max_payload, MAX_STATE_BYTES) + 256 * 1024)
         try:
@@ -201,3 +203,11 @@ class Dialers:
     def close_all(self) -> None:
         for d in self.by_url.values():
             self._close(d)
+
+
+def zmtp_silence(dead_after: float) -> int:
+    """Milliseconds of silence after which libzmq ends a connection: never before the
+    mesh declares the link dead. At a fixed 3 s, a `mesh.dead_after` of 30 s kept a link
+    "up" whose connection libzmq had closed, and what was queued on it went uncounted
+    (review)."""
+    return int(max(3.0, dead_after + 0.5) * 1000)  # the mesh notices within a tick

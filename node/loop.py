@@ -25,7 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from node import __version__, datadir, discovery, heap
 from node.codec import MAX_STATE_BYTES, Kind, encode_control
 from node.config import NodeConfig
-from node.dialers import HANDSHAKE_TIMEOUT, KEY_REFUSED, Dialers
+from node.dialers import HANDSHAKE_TIMEOUT, KEY_REFUSED, Dialers, zmtp_silence
 from node.durable import Durable, DurableConfig
 from node.errors import InputError
 from node.loop_discovery import DiscoverySide
@@ -116,6 +116,7 @@ class Node(SecureSide, DiscoverySide):
             max_payload=config.max_payload,
             backoff_max=config.backoff_max,
             curve=None if security is None else security.dial_curve,
+            silent_ms=zmtp_silence(config.dead_after),
         )
         for url in config.links:
             self.dialers.add(url, "static", 0.0)
@@ -138,7 +139,7 @@ class Node(SecureSide, DiscoverySide):
         s.setsockopt(zmq.RCVHWM, 10_000)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # libzmq drops hung peers; we notice on send
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.dialers.silent_ms)  # as the dialers
         s.setsockopt(zmq.HANDSHAKE_IVL, 2000)
         # Backstop only: the router refuses oversized payloads with an explicit error first.
         # Twice the limit, so a client that ignores it by up to 2x (a 2 MiB event at the
