@@ -321,7 +321,8 @@ class Queues:
             "patterns": list(q.patterns),
             "depth": q.depth,
             "bytes": int(oldest[1]),
-            "oldest_age_s": round((now_ns - oldest[0]) / 1e9, 3) if oldest[0] else None,
+            # Never below 0: after the clock stepped back it read -3599.7 (clock faults).
+            "oldest_age_s": max(0.0, round((now_ns - oldest[0]) / 1e9, 3)) if oldest[0] else None,
             "consumers": len(q.consumers),
             "inflight": len(q.inflight),
             "redeliveries": q.redeliveries,

@@ -1617,3 +1617,16 @@ def test_a_failed_rm_does_not_bind_again_a_consumer_that_left_in_the_same_pass(
     out = take(r)
     assert deliveries(out, B) == []
     assert len(deliveries(out, c)) == 1  # its one in flight; the others wait for it
+
+
+def test_a_queues_oldest_age_is_never_negative(tmp_path: Path) -> None:
+    """Clock faults: after the clock stepped back an hour, `queue info` said the oldest
+    message was -3599.7 s old."""
+    clock = Clock()
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    queue_add(r, "jobs", "jobs")
+    pub(r, A, rec("jobs", seq=1))
+    r.end_pass(0.0)
+    clock.ns -= 3600 * 10**9
+    assert d.queues.info(d.queues.by_name["jobs"], clock.ns)["oldest_age_s"] == 0.0
