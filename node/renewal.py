@@ -28,6 +28,7 @@ from typing import Any, Final
 import zmq
 
 from node import membership as ms
+from node.clock import clock_is_set
 from node.codec import MAX_REPLY_BYTES, Kind, decode_control, encode_control
 from node.errors import CodecError, NodeError
 from node.security import NODE_RECORD_DAYS, Security, join_links
@@ -114,14 +115,20 @@ class Renewal:
         if left > RENEW_BEFORE:
             return None
         if creds.signing_key is not None:  # the authority: its own key signs
+            if not clock_is_set(wall):  # a record valid until 1971 would not do
+                return None
             rec = dict(creds.member["rec"])
             rec["exp"] = int(wall + NODE_RECORD_DAYS * 86400)
             return ms.sign(creds.signing_key, rec)
         if left <= 0:
+            # The node's own clock may be what is wrong (clock faults: a clock a year
+            # ahead got this advice; set right, the node relinked with no new token).
+            said = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(wall))
             self.log(
                 "this node's membership has expired and cannot be renewed: other nodes "
                 "refuse its links; join again with a new token from `meshctl invite` "
-                "(`meshctl up --join TOKEN` on this data dir)"
+                f"(`meshctl up --join TOKEN` on this data dir), unless this host's clock, "
+                f"which says {said}, is wrong: then set it, nothing else is needed"
             )
             return None
         try:

@@ -209,3 +209,23 @@ def test_an_authority_whose_clock_is_not_set_signs_nothing(
         result = runner.invoke(app, [*argv, "--data-dir", str(tmp_path / "auth")])
         assert result.exit_code == 1, (argv, result.output)
         assert "clock says 1970-01-01 00:00:05 UTC" in str(result.exception)
+
+
+def test_an_expired_members_advice_names_its_clock(
+    tmp_path: Path,
+) -> None:
+    """Clock faults: a member whose clock ran a year ahead was told to join again with a
+    new token, when setting its clock was all it needed."""
+    from dataclasses import replace
+
+    auth = authority(tmp_path)
+    logged: list[str] = []
+    member = security.Security(
+        replace(auth.creds, signing_key=None), auth.data_dir, AUTH, lambda _m: None
+    )
+    later = time.time() + 400 * DAY  # past the record's year
+    assert renewal.Renewal(member, logged.append).tick(later, 0.0) is None
+    (line,) = logged
+    assert "join again with a new token" in line
+    said = time.strftime("%Y-%m-%d", time.gmtime(later))
+    assert f"unless this host's clock, which says {said}" in line
