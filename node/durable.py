@@ -111,6 +111,8 @@ class _Pass:
     notices: list[tuple[bytes, Kind, dict[str, Any]]] = field(default_factory=list)  # if stored
     refused: dict[bytes, list[str]] = field(default_factory=dict)
     undo: list[Callable[[Output, str], None]] = field(default_factory=list)  # if it fails
+    unset: bool = False  # it logs entries stamped while the clock was not set
+    restamped: int | None = None  # the first entry it restamps (log_restamp)
     retainers: set[bytes] = field(default_factory=set)  # clients whose retained value waits
 
 
@@ -164,13 +166,16 @@ class Durable:
         # by their age.
         self._now = time.monotonic()
         self.seen: OrderedDict[bytes, float] = OrderedDict(
-            (raw, self._now - (now_ns - t_ns) / 1e9) for raw, t_ns in store.dedupe_load(since)
+            # An age below 0 (the clock is behind the log: a reboot at 1970) counts as 0:
+            # placed in the future, those ids blocked every later prune (review).
+            (raw, self._now - max(0.0, (now_ns - t_ns) / 1e9))
+            for raw, t_ns in store.dedupe_load(since)
         )
         self.consumers: dict[tuple[bytes, int], tuple[Queue, Consumer]] = {}
-        # Entries stamped while the wall clock was not set (a boot at 1970): restamped
-        # once it is, or the first NTP step aged out the whole log (clock faults).
-        newest = store.newest_log_time()
-        self._unset_stamps = newest is not None and newest < SET_AFTER_NS
+        # The first of the entries stamped while the wall clock was not set (a boot at
+        # 1970): restamped once it is, or the first NTP step aged out the whole log (clock
+        # faults). At start they are the log's newest; later, each pass's that had any.
+        self._unset_from: int | None = store.unset_tail(SET_AFTER_NS)
         self.replays: list[Replay] = []
         self.p = _Pass()
         self.errors = 0
@@ -240,7 +245,7 @@ class Durable:
         # not have its events aged out of the log (or replayed from 1970) at once.
         t_ns = self.wall_ns()
         if t_ns < SET_AFTER_NS:
-            self._unset_stamps = True
+            self.p.unset = True
         keep = route.log == LOG_ALL or (flags & F_PERSISTENT and (local or route.log))
         if keep and (admitted or not self._spool_refuses(topic, flags, len(record))):
             self.p.log.append((record[_ID], topic, t_ns, record))
@@ -404,6 +409,9 @@ class Durable:
             return
         self.persisted += len(p.dedupe)
         self.logged += len(p.log)
+        if p.unset and p.log:  # the whole pass's entries: a bound, and cheap
+            first = last - len(p.log) + 1
+            self._unset_from = first if self._unset_from is None else min(self._unset_from, first)
         if self.spool is not None:
             self.spool.committed()
             self.spool.appended(last - len(p.log) + 1, p.log)
@@ -458,6 +466,9 @@ class Durable:
     ) -> None:
         """Nothing of the pass was stored: say so to every publisher waiting on it."""
         self.errors += 1
+        if p.restamped is not None:  # rolled back: the next trim would age them out (review)
+            first = p.restamped
+            self._unset_from = first if self._unset_from is None else min(self._unset_from, first)
         self._staged_retained = 0
         self.last_error = error
         if self.spool is not None:
@@ -505,10 +516,11 @@ class Durable:
                 self.spool.check(self.store)
                 # A build goes on at the next tick: in steps, with passes between them.
                 self._next_spool_check = now + (0.0 if self.spool.building else SPOOL_CHECK)
-            if self._unset_stamps and now_ns >= SET_AFTER_NS:  # the clock was set since
-                self._unset_stamps = False
-                self._work = True  # the next pass commits it
-                self.store.log_restamp(SET_AFTER_NS, now_ns)
+            if self._unset_from is not None and now_ns >= SET_AFTER_NS:  # set since
+                first, self._unset_from = self._unset_from, None
+                self._work = True  # the next pass commits it; if that fails, again later
+                self.p.restamped = first
+                self.store.log_restamp(first, SET_AFTER_NS, now_ns)
             if now >= self._next_trim:
                 self._next_trim = now + TRIM_EVERY
                 self._prune_seen(now - self.config.dedupe_window)

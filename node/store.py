@@ -209,18 +209,30 @@ class Store:
             self._head = max(int(row[0] or 0), int(kept[0][0]) if kept else 0)
         return self._head
 
-    def newest_log_time(self) -> int | None:
-        """The time of the newest log entry (None for an empty log): cheap, by sequence."""
-        row = self.read("SELECT time_ns FROM log ORDER BY seq DESC LIMIT 1")
-        return int(row[0][0]) if row else None
+    def unset_tail(self, before_ns: int) -> int | None:
+        """The first of the newest entries stamped before ``before_ns`` (None if the
+        newest is not): walked from the head, so it costs what those entries are."""
+        first = None
+        try:
+            for seq, t_ns in self.db.execute("SELECT seq, time_ns FROM log ORDER BY seq DESC"):
+                if t_ns >= before_ns:
+                    break
+                first = seq
+        except sqlite3.Error as e:
+            raise StoreError(_explain(e)) from None
+        return first
 
-    def log_restamp(self, before_ns: int, now_ns: int) -> None:
-        """Give entries stamped before ``before_ns`` the time ``now_ns`` (in the pass):
-        stamped while the clock was not set (node/clock.py), they were older than any
-        age bound, and the first NTP step aged out the whole log (clock faults). Now
-        is an upper bound of when they came: they stay at least as long as they should.
-        A scan of the log, run only after the node saw its clock unset."""
-        self.guard("UPDATE log SET time_ns = ? WHERE time_ns < ?", (now_ns, before_ns))
+    def log_restamp(self, first: int, before_ns: int, now_ns: int) -> None:
+        """Give entries from ``first`` on stamped before ``before_ns`` the time ``now_ns``
+        (in the pass): stamped while the clock was not set (node/clock.py), they were
+        older than any age bound, and the first NTP step aged out the whole log (clock
+        faults). Now is an upper bound of when they came: they stay at least as long as
+        they should. From ``first`` only: a whole-log UPDATE took 1.4 s and 261 MiB of
+        WAL at 267 MiB (review)."""
+        self.guard(
+            "UPDATE log SET time_ns = ? WHERE seq >= ? AND time_ns < ?",
+            (now_ns, first, before_ns),
+        )
         self.guard("UPDATE qmsgs SET at_ns = ? WHERE at_ns < ?", (now_ns, before_ns))
 
     def _keep_head(self) -> None:

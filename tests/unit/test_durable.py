@@ -1630,3 +1630,62 @@ def test_a_queues_oldest_age_is_never_negative(tmp_path: Path) -> None:
     r.end_pass(0.0)
     clock.ns -= 3600 * 10**9
     assert d.queues.info(d.queues.by_name["jobs"], clock.ns)["oldest_age_s"] == 0.0
+
+
+def test_a_restamp_whose_commit_fails_is_done_again(tmp_path: Path) -> None:
+    """Review: the restamp's pass failed to commit (a full disk), the flag said done, and
+    the next trim aged out every entry logged while the clock was not set."""
+    clock = Clock()
+    clock.ns = 5 * 10**9  # 1970
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    pub(r, A, *(rec("t", seq=i) for i in range(1, 6)))
+    r.end_pass(0.0)
+    clock.ns = 1_800_000_000 * 10**9  # NTP
+    restore = _fail_commits(d)
+    r.tick(100.0)  # restamps, in the pass that now fails
+    r.end_pass(100.0)
+    restore()
+    r.tick(200.0)  # done again, and stored
+    r.end_pass(200.0)
+    r.tick(400.0)  # a trim
+    r.end_pass(400.0)
+    assert d.store.log_stats()[0] == 5
+
+
+def test_ids_from_a_log_ahead_of_the_clock_do_not_stop_the_dedupe_prune(tmp_path: Path) -> None:
+    """Review: a node that restarted with its clock behind its log (a reboot at 1970)
+    placed the loaded ids decades in the future, and no id was ever pruned again: the
+    window grew to its 1,000,000-id bound."""
+    clock = Clock()
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    pub(r, A, rec("t", seq=1))
+    r.end_pass(0.0)
+    d.close()
+    clock.ns = 5 * 10**9  # the restart at 1970
+    d2 = Durable(open_store(tmp_path), DurableConfig(), clock)
+    assert all(t <= d2._now for t in d2.seen.values())
+    d2.tick(d2._now + 200.0)
+    assert not d2.seen
+    d2.close()
+
+
+def test_entries_of_an_unset_clock_from_an_earlier_run_are_restamped_too(tmp_path: Path) -> None:
+    """The node logged at 1970, stopped, and started again after NTP: its log's newest
+    entries still said 1970, and the first trim aged them out."""
+    clock = Clock()
+    clock.ns = 5 * 10**9
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    pub(r, A, *(rec("t", seq=i) for i in range(1, 4)))
+    r.end_pass(0.0)
+    d.close()
+    clock.ns = 1_800_000_000 * 10**9
+    r2, d2 = durable_router(tmp_path, clock)
+    r2.tick(d2._now + 1.0)
+    r2.end_pass(d2._now + 1.0)
+    r2.tick(d2._now + 400.0)  # a trim
+    r2.end_pass(d2._now + 400.0)
+    assert d2.store.log_stats()[0] == 3
+    d2.close()
