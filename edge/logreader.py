@@ -73,14 +73,19 @@ class LogReader:
             ).fetchall()
             for _seq, topic, time_ns, flags in rows:
                 if carries is None or carries(topic, flags[0] if flags else 0):
-                    return {"oldest_age_s": round((time.time_ns() - time_ns) / 1e9, 3)}
+                    return {"oldest_age_s": _age(time_ns)}
             if len(rows) < STATS_PAGE:
                 return {"oldest_age_s": None}
             after, walked, last_ns = rows[-1][0], walked + len(rows), rows[-1][2]
         # Walked that far without one: it is older than the last entry walked, if any
         # waits at all ("nothing old" was shown for a 10-minute-old export: review).
-        age = None if last_ns is None else round((time.time_ns() - last_ns) / 1e9, 3)
+        age = None if last_ns is None else _age(last_ns)
         return {"oldest_age_s": age, "oldest_at_least": True}
 
     def close(self) -> None:
         self.db.close()
+
+
+def _age(time_ns: int) -> float:
+    """Seconds since ``time_ns``, never below 0 (a clock stepped back showed -3595: review)."""
+    return max(0.0, round((time.time_ns() - time_ns) / 1e9, 3))

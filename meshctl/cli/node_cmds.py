@@ -528,7 +528,7 @@ def _render_durable(out: Console, s: dict[str, Any]) -> None:
 
 
 def _ago(seconds: float) -> str:
-    seconds = int(seconds)
+    seconds = max(0, int(seconds))  # a negative age (a clock stepped back) printed -1h00m05s
     h, rest = divmod(seconds, 3600)
     m, sec = divmod(rest, 60)
     return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"

@@ -1689,3 +1689,20 @@ def test_entries_of_an_unset_clock_from_an_earlier_run_are_restamped_too(tmp_pat
     r2.end_pass(d2._now + 400.0)
     assert d2.store.log_stats()[0] == 3
     d2.close()
+
+
+def test_a_spools_oldest_age_is_never_negative(tmp_path: Path) -> None:
+    """Review: after the clock stepped back an hour the uplink's spool was "oldest
+    -1h00m05s" in `meshctl status` (and -3595 s in --json)."""
+    from edge.logreader import LogReader
+    from meshctl.cli.node_cmds import _ago
+
+    store = open_store(tmp_path)
+    reader = LogReader(tmp_path, tmp_path / "r.cursor", start_at_head=True)
+    ahead = time.time_ns() + 3600 * 10**9  # stamped before the clock went back an hour
+    store.log_append([(bytes(16), "out/x", ahead, rec("out/x"))])
+    store.commit()
+    assert reader.stats()["oldest_age_s"] == 0.0
+    assert [_ago(s) for s in (-3595.4, 0, 65, 3725)] == ["0s", "0s", "1m05s", "1h02m05s"]
+    reader.close()
+    store.close()
