@@ -539,7 +539,7 @@ class NatsBridge(Bridge):
             sock.send(
                 self.port.reply(
                     ev.reply_to,
-                    f"no responders for {subject}".encode(),
+                    f"NATS has none for {subject}".encode(),
                     no_responders=True,
                     topic=ev.topic,
                 )

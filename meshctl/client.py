@@ -787,12 +787,14 @@ class Client:
                     raise NoResponders(topic)
                 if not self._pump(deadline):
                     break
-                if any(e.headers.get("status") == "no-responders" for e in got):
+                said = [e for e in got if e.headers.get("status") == "no-responders"]
+                if said:
                     # A bridge's remote side had nobody: not a reply. With no real reply
-                    # yet, say so at once, as the node does for the mesh itself.
+                    # yet, say so at once, as the node does for the mesh itself, with the
+                    # bridge's reason (`req` said only "no responders": review).
                     got[:] = [e for e in got if e.headers.get("status") != "no-responders"]
                     if not got:
-                        raise NoResponders(topic)
+                        raise NoResponders(topic, said[0].data.decode(errors="replace")[:200])
         finally:
             self._replies.pop(token, None)
             self._no_responders.discard(req_id)

@@ -42,9 +42,10 @@ class Timeout(OperationalError):
 class NoResponders(OperationalError):
     """Nothing in the mesh subscribes to a request's topic; answered at once by the node."""
 
-    def __init__(self, topic: str) -> None:
+    def __init__(self, topic: str, why: str = "") -> None:
         self.topic = topic
-        super().__init__(f"no responders for {topic}")
+        self.why = why  # a bridge's reason, when one said it (MQTT, NATS away, no subject)
+        super().__init__(f"no responders for {topic}" + (f" ({why})" if why else ""))
 
 
 class RemoteError(OperationalError):
