@@ -138,11 +138,10 @@ class Node(SecureSide, DiscoverySide):
         s.setsockopt(zmq.RCVHWM, 10_000)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.HEARTBEAT_IVL, 1000)  # libzmq drops hung peers; we notice on send
-        # 3 s, not the dialers' (which follow mesh.dead_after): this socket serves clients
-        # too, whose loss is noticed only when libzmq ends the connection (review: a
-        # dead_after of 30s took a vanished client 31 s to notice). A peer that dialed
-        # us and stays silent that long redials when it is back.
-        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+        # As the dialers': links that peers dialed come in here too, and at a fixed 3 s a
+        # pause shorter than mesh.dead_after cut them, for dead_after (review). Clients
+        # share it: a silent one is noticed after as long (3 s at the default).
+        s.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.dialers.silent_ms)
         s.setsockopt(zmq.HANDSHAKE_IVL, 2000)
         # Backstop only: the router refuses oversized payloads with an explicit error first.
         # Twice the limit, so a client that ignores it by up to 2x (a 2 MiB event at the

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import NodeProcess, free_tcp_port, run_cli, wait_for
+from helpers import NodeFactory, NodeProcess, free_tcp_port, run_cli, wait_for
 
 from meshctl import connect
 from meshctl.client import Client
@@ -424,6 +424,36 @@ def test_a_peer_whose_link_is_down_is_still_named_in_peers(mesh: Mesh) -> None:
         assert [(p["name"], p["found"]) for p in rows] == [("A", "static")]
     finally:
         os.kill(a.pid, signal.SIGCONT)
+
+
+def test_a_silence_shorter_than_dead_after_keeps_the_link_on_both_ends(
+    make_node: NodeFactory,
+) -> None:
+    """Review: with mesh.dead_after = "30s", libzmq's fixed 3 s timeout on the dialed
+    node's socket cut the link during a 4 s pause of the dialer; the dialer kept it "up"
+    for 30 s with nowhere to send, and what was published meanwhile was lost."""
+    cfg = '[mesh]\ndiscovery = false\nheartbeat = "1s"\ndead_after = "30s"\n'
+    b = make_node(config_text=cfg, name="b")
+    a = make_node(config_text=cfg, name="a", extra_args=["--link", b.tcp])
+    with connect(a.ipc) as sub_client, connect(b.ipc) as pub:
+        sub = sub_client.subscribe("p/>")
+        wait_for(
+            lambda: any(r["reachable"] for r in pub.view("routes", topic="p/x")["remote"]),
+            timeout=5,
+            what="b routes p/x to a",
+        )
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            for i in range(8):
+                pub.publish("p/x", str(i))
+                pub.flush()
+                time.sleep(0.5)
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        got = [sub.next(10).data for _ in range(8)]
+    assert got == [str(i).encode() for i in range(8)]
+    assert "link down" not in b.log_text()
+    assert "link down" not in a.log_text()
 
 
 def test_a_queue_captures_persistent_events_published_on_another_node(mesh: Mesh) -> None:
