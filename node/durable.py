@@ -158,7 +158,6 @@ class Durable:
         self.retained_refused = 0
         self._staged_retained = 0
         now_ns = wall_ns()
-        since = now_ns - int(config.dedupe_window * 1e9)
         # Ids of persistent events within the dedupe window, oldest first, with when they
         # came on the monotonic clock (the loop's ``now``): by the wall clock, a step
         # forward (NTP after a boot at 1970) emptied the window, and a resent event was
@@ -168,8 +167,8 @@ class Durable:
         self.seen: OrderedDict[bytes, float] = OrderedDict(
             # An age below 0 (the clock is behind the log: a reboot at 1970) counts as 0:
             # placed in the future, those ids blocked every later prune (review).
-            (raw, self._now - max(0.0, (now_ns - t_ns) / 1e9))
-            for raw, t_ns in store.dedupe_load(since)
+            (raw, self._now - (0.0 if t_ns is None else max(0.0, (now_ns - t_ns) / 1e9)))
+            for raw, t_ns in store.dedupe_load(now_ns, int(config.dedupe_window * 1e9))
         )
         self.consumers: dict[tuple[bytes, int], tuple[Queue, Consumer]] = {}
         # The first of the entries stamped while the wall clock was not set (a boot at

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Final
 
+from node.clock import SET_AFTER_NS
 from node.datadir import EPOCH_FILE
 from node.errors import NodeError
 
@@ -412,18 +413,31 @@ class Store:
 
     # ---- dedupe ------------------------------------------------------------------------
 
-    def dedupe_load(self, since_ns: int) -> Iterator[tuple[bytes, int]]:
+    def dedupe_load(self, now_ns: int, window_ns: int) -> Iterator[tuple[bytes, int | None]]:
         """(id, time) of what the log took within the window: a publisher retrying after
         our crash is caught. Every persistent event is logged, so the log is the dedupe
-        record too (one write per event instead of three with a table and its index)."""
+        record too (one write per event instead of three with a table and its index).
+
+        The time is None for an entry stamped while the clock was not set, now that it
+        is (node/clock.py): its age is unknown, and such entries are the log's newest;
+        skipped by the time window, a resend after NTP was stored twice (review). A log
+        ahead of the clock (a reboot at 1970) is read within the window of its newest
+        entry, not whole (500,000 ids, 180 MiB: review)."""
         # Newest first along the primary key, stopping a minute past the window (the node's
         # clock may have stepped back): start-up reads the window, not the whole log.
-        found: list[tuple[bytes, int]] = []
+        found: list[tuple[bytes, int | None]] = []
+        clock_set = now_ns >= SET_AFTER_NS
+        since: int | None = None
         try:
             for raw, t_ns in self.db.execute("SELECT id, time_ns FROM log ORDER BY seq DESC"):
-                if t_ns < since_ns - CLOCK_STEP_NS:
+                if clock_set and t_ns < SET_AFTER_NS:
+                    found.append((bytes(raw), None))
+                    continue
+                if since is None:  # the window ends at the newest entry if that is ahead
+                    since = max(now_ns, t_ns) - window_ns
+                if t_ns < since - CLOCK_STEP_NS:
                     break
-                if t_ns >= since_ns:
+                if t_ns >= since:
                     found.append((bytes(raw), int(t_ns)))
         except sqlite3.Error as e:
             raise StoreError(_explain(e)) from None
