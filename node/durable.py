@@ -175,6 +175,8 @@ class Durable:
         # 1970): restamped once it is, or the first NTP step aged out the whole log (clock
         # faults). At start they are the log's newest; later, each pass's that had any.
         self._unset_from: int | None = store.unset_tail(SET_AFTER_NS)
+        if self._unset_from is None and store.unset_queue_rows(SET_AFTER_NS):
+            self._unset_from = store.log_head() + 1  # queue rows only (a remote capture)
         self.replays: list[Replay] = []
         self.p = _Pass()
         self.errors = 0
@@ -408,8 +410,8 @@ class Durable:
             return
         self.persisted += len(p.dedupe)
         self.logged += len(p.log)
-        if p.unset and p.log:  # the whole pass's entries: a bound, and cheap
-            first = last - len(p.log) + 1
+        if p.unset:  # the whole pass's entries: a bound, and cheap (none: its queue rows)
+            first = last - len(p.log) + 1 if p.log else self.store.log_head() + 1
             self._unset_from = first if self._unset_from is None else min(self._unset_from, first)
         if self.spool is not None:
             self.spool.committed()

@@ -223,6 +223,11 @@ class Store:
             raise StoreError(_explain(e)) from None
         return first
 
+    def unset_queue_rows(self, before_ns: int) -> bool:
+        """True if a queue holds a message stamped before ``before_ns`` (captured from
+        another node while the clock was not set: it has no log entry here)."""
+        return bool(self.read("SELECT 1 FROM qmsgs WHERE at_ns < ? LIMIT 1", (before_ns,)))
+
     def log_restamp(self, first: int, before_ns: int, now_ns: int) -> None:
         """Give entries from ``first`` on stamped before ``before_ns`` the time ``now_ns``
         (in the pass): stamped while the clock was not set (node/clock.py), they were

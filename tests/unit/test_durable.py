@@ -1739,3 +1739,25 @@ def test_a_log_ahead_of_the_clock_loads_only_its_own_window(tmp_path: Path) -> N
     loaded = list(store.dedupe_load(5 * 10**9, 120 * 10**9))  # the clock says 1970
     assert len(loaded) == 121  # the newest entry's 2 minutes, not 600
     store.close()
+
+
+def test_queue_messages_captured_before_ntp_get_its_time_without_a_log_entry(
+    tmp_path: Path,
+) -> None:
+    """Review: a queue captured another node's persistent events while this node's clock
+    said 1970, with no log entry here (remote, no log pattern): after NTP `queue info`
+    said the oldest was 57 years old, and a restart did not mend it."""
+    clock = Clock()
+    clock.ns = 5 * 10**9
+    r, d = durable_router(tmp_path, clock)
+    hello(r, A)
+    queue_add(r, "jobs", "j/>")
+    d.stage(rec("j/1"), "j/1", r._resolve(b"j/1"), local=False)  # as from another node
+    r.end_pass(0.0)
+    assert d.store.log_stats()[0] == 0
+    clock.ns = 1_800_000_000 * 10**9
+    r.tick(100.0)
+    r.end_pass(100.0)
+    info = d.queues.info(d.queues.by_name["jobs"], clock.ns)
+    assert info["depth"] == 1
+    assert info["oldest_age_s"] < 60
