@@ -182,7 +182,8 @@ class MqttListener(ConnectSide, NodeSide):
             self._loop.close()
             raise
         self._open = True
-        self._send(encode_control(Kind.HELLO, {"name": "mqtt listener"}))
+        # "requests": false: MQTT 3.1.1 clients cannot answer a mesh request (no reply-to)
+        self._send(encode_control(Kind.HELLO, {"name": "mqtt listener", "requests": False}))
         self._tick = self._loop.create_task(self._ticker())
         log.info("MQTT listener on %s", self.bound)
 

@@ -120,6 +120,8 @@ class Router(MeshSide, DurableSide):
         # ">" held back each other's, and the requester waited out its timeout).
         self.mute: set[bytes] = set()
         self._untold_slow: set[bytes] = set()  # slow consumers with drops not yet told
+        # Per request (its reply-to): the bridges that said "no responders" to it so far.
+        self._said_none: dict[str, set[bytes]] = {}
         # Permissions of clients that proved a restricted identity; enforced here, at the
         # node the client is attached to, so nothing refused ever enters the mesh.
         self.acl: dict[bytes, Acl] = {}
@@ -755,14 +757,29 @@ class Router(MeshSide, DurableSide):
         if type(route) is _Refused:
             return False
         quiet = self.mute | {ident}
-        others = (
-            any(dest not in quiet for dest, _ in route.plain)  # type: ignore[union-attr]
-            or any(d not in quiet for g in route.groups for d, _ in g.members)  # type: ignore[union-attr]
-            or not route.plan.empty  # type: ignore[union-attr]
-        )
-        if others:
+        local = {d for d, _ in route.plain} | {  # type: ignore[union-attr]
+            d
+            for g in route.groups  # type: ignore[union-attr]
+            for d, _ in g.members
+        }
+        local -= quiet
+        if not local and route.plan.empty:  # type: ignore[union-attr]
+            return False  # alone: the bridge's answer is the mesh's
+        bridges = local & self.internal
+        if local - bridges or not route.plan.empty:  # type: ignore[union-attr]
             self.counters.no_responders_withheld += 1
-        return others
+            return True  # a client here or another node may answer
+        # Only other bridges, which answer "no responders" too when their side has none:
+        # the last of those answers goes (review: two NATS bridges exporting one topic
+        # held back each other's, and the requester waited out its timeout).
+        said = self._said_none.pop(ev.topic, set()) | {ident}
+        if bridges <= said:
+            return False
+        self._said_none[ev.topic] = said
+        if len(self._said_none) > 10_000:  # requests whose other bridges never answered
+            del self._said_none[next(iter(self._said_none))]
+        self.counters.no_responders_withheld += 1
+        return True
 
     def _inbox_target(self, topic: str) -> tuple[bytes, bytes] | None:
         """``_INBOX/<node>/<client>/...`` goes straight to that client's inbox (sid 0)."""

@@ -632,6 +632,26 @@ def test_a_request_while_nats_is_away_gets_no_responders_at_once(
         assert time.monotonic() - start < 1
 
 
+def test_two_nats_bridges_with_no_responder_say_so_at_once(make_node: NodeFactory) -> None:
+    """Review: two NATS bridges exporting one topic, neither server with a responder, held
+    back each other's "no responders", and the requester waited out its timeout."""
+    need_binary("nats-server")
+    ports = lh.free_port(), lh.free_port()
+    with lh.nats_server(port=ports[0]), lh.nats_server(port=ports[1]):
+        bridges = "".join(
+            f'[[bridge]]\nname = "site{i}"\nkind = "nats"\nurl = "nats://127.0.0.1:{p}"\n'
+            'export = ["n/>"]\n'
+            for i, p in enumerate(ports)
+        )
+        node = bridged_node(make_node, bridges)
+        with connect(node.ipc) as client:
+            start = time.monotonic()
+            with pytest.raises(NoResponders, match=r"NATS has none for n\.q"):
+                client.request("n/q", b"?", timeout=5)
+            assert time.monotonic() - start < 2
+        node.stop()
+
+
 def test_request_reply_across_the_nats_bridge_both_ways(
     nats_port: int, make_node: NodeFactory, bg: Any
 ) -> None:
