@@ -518,6 +518,31 @@ def test_an_uplink_to_a_secured_cloud_uses_client_credentials(
             client.publish("plant/x", str(i))
         client.flush()
     assert replay_all(cloud, "plant/>", 100) == [str(i) for i in range(100)]
+    # Its credentials revoked mid-session, the uplink sends nothing more and moves past
+    # nothing (lab test: the refusal named no events, was taken for refusals of the
+    # batch, and the cursor moved past events the cloud never stored, counted as sent).
+    with connect(edge.ipc) as client:  # a steady stream, the revoke in its middle
+        for i in range(100, 500):
+            client.publish("plant/x", str(i), persistent=True)
+            if i % 10 == 9:
+                client.confirm(timeout=5)
+                time.sleep(0.01)
+            if i == 200:
+                done = run_cli("revoke", "edge1", "--data-dir", str(cloud.data_dir))
+                assert done.returncode == 0, done.describe()
+    wait_uplink(edge, "down")
+    assert uplink(edge)["sent"] < 400
+    fresh = short_tmp / "edge2.creds"
+    done = run_cli(
+        "invite", "--data-dir", str(cloud.data_dir), "--client", "edge2", "-o", str(fresh)
+    )
+    assert done.returncode == 0, done.describe()
+    edge.stop()
+    edge = make_node(
+        name="edge2", data_dir=edge.data_dir, config_text=config.replace(str(creds), str(fresh))
+    )
+    wait_uplink(edge, "up")
+    assert replay_all(cloud, "plant/>", 500) == [str(i) for i in range(500)]
 
 
 def test_a_missing_uplink_credentials_file_stops_up_at_once(tmp_path: Path) -> None:
