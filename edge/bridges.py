@@ -773,7 +773,13 @@ class NatsBridge(Bridge):
                     self.counters["exported"] += 1
             for ev in incoming.replies:  # a mesh responder answered a NATS requester
                 pending = self._forget_request(ev.topic.rsplit("/", 1)[-1])
-                if pending is not None and nc.is_connected:
+                if pending is None or not nc.is_connected:
+                    continue
+                if ev.headers.get("status") == "no-responders":  # another bridge had none
+                    # As NATS says it: it went out as a reply, its text taken for the
+                    # answer (review: "NATS has none for svc.x" as a successful reply).
+                    await nc.publish(pending[0], b"", headers={"Status": NATS_NO_RESPONDERS})
+                else:
                     await self._publish_nats(nc, pending[0], ev.data)
             for event_id in incoming.no_responders:  # nothing in the mesh can answer
                 pending = self._forget_request(self._request_ids.get(event_id, ""))

@@ -763,6 +763,9 @@ class Router(MeshSide, DurableSide):
             for d, _ in g.members
         }
         local -= quiet
+        requester = self._inbox_target(ev.topic)  # it asked: it will not answer (review)
+        if requester is not None:
+            local.discard(requester[0])
         if not local and route.plan.empty:  # type: ignore[union-attr]
             return False  # alone: the bridge's answer is the mesh's
         bridges = local & self.internal

@@ -435,9 +435,13 @@ class Store:
         since: int | None = None
         try:
             for raw, t_ns in self.db.execute("SELECT id, time_ns FROM log ORDER BY seq DESC"):
-                if clock_set and t_ns < SET_AFTER_NS:
-                    found.append((bytes(raw), None))
-                    continue
+                if t_ns < SET_AFTER_NS:  # the newest, stamped while the clock was not set
+                    if clock_set:
+                        found.append((bytes(raw), None))
+                    elif t_ns >= now_ns - window_ns:
+                        found.append((bytes(raw), int(t_ns)))
+                    continue  # the window is not taken from these (review: a second
+                    # boot at 1970 took it from one, and read the whole log again)
                 if since is None:  # the window ends at the newest entry if that is ahead
                     since = max(now_ns, t_ns) - window_ns
                 if t_ns < since - CLOCK_STEP_NS:

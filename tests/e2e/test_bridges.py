@@ -652,6 +652,43 @@ def test_two_nats_bridges_with_no_responder_say_so_at_once(make_node: NodeFactor
         node.stop()
 
 
+@pytest.mark.parametrize("a_exports", [False, True], ids=["imports", "imports-and-exports"])
+def test_a_nats_request_another_bridge_cannot_answer_gets_nats_no_responders(
+    make_node: NodeFactory, a_exports: bool
+) -> None:
+    """Review: bridge a imports svc.> from server A, bridge b exports svc/> to server B
+    where nothing answers: b's "no responders" reached the NATS requester as a reply
+    whose data was its text; and with a exporting svc/> too, a counted as a responder
+    to its own request, and the requester timed out."""
+    import nats
+    import nats.errors
+
+    need_binary("nats-server")
+    pa, pb = lh.free_port(), lh.free_port()
+    a_export = 'export = ["svc/>"]\n' if a_exports else ""
+    with lh.nats_server(port=pa), lh.nats_server(port=pb):
+        node = bridged_node(
+            make_node,
+            f'[[bridge]]\nname = "a"\nkind = "nats"\nurl = "nats://127.0.0.1:{pa}"\n'
+            f'import = ["svc.>"]\n{a_export}'
+            f'[[bridge]]\nname = "b"\nkind = "nats"\nurl = "nats://127.0.0.1:{pb}"\n'
+            'export = ["svc/>"]\n',
+        )
+
+        async def ask() -> float:
+            nc = await nats.connect(f"nats://127.0.0.1:{pa}")
+            start = time.monotonic()
+            try:
+                with pytest.raises(nats.errors.NoRespondersError):
+                    await nc.request("svc.x", b"?", timeout=4)
+            finally:
+                await nc.close()
+            return time.monotonic() - start
+
+        assert asyncio.run(ask()) < 2
+        node.stop()
+
+
 def test_request_reply_across_the_nats_bridge_both_ways(
     nats_port: int, make_node: NodeFactory, bg: Any
 ) -> None:

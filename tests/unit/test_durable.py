@@ -1738,6 +1738,12 @@ def test_a_log_ahead_of_the_clock_loads_only_its_own_window(tmp_path: Path) -> N
     store.commit()
     loaded = list(store.dedupe_load(5 * 10**9, 120 * 10**9))  # the clock says 1970
     assert len(loaded) == 121  # the newest entry's 2 minutes, not 600
+    # A second boot before NTP logged one more, at 1970: the window is still the log's
+    # newest set-clock entry's, not that one's (review: the whole log was read again).
+    store.log_append([(bytes(15) + b"x", "t", 7 * 10**9, b"r")])
+    store.commit()
+    loaded = list(store.dedupe_load(8 * 10**9, 120 * 10**9))
+    assert len(loaded) == 122
     store.close()
 
 
