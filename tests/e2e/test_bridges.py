@@ -426,6 +426,24 @@ local_prefix = ""
     assert node.status()["bridges"][0]["errors"] == 1
 
 
+def nats_no_responders_after(port: int, subject: str, timeout: float = 4) -> float:
+    """Seconds until a NATS request on ``subject`` gets NATS's "no responders" (503)."""
+    import nats
+    import nats.errors
+
+    async def ask() -> float:
+        nc = await nats.connect(f"nats://127.0.0.1:{port}")
+        start = time.monotonic()
+        try:
+            with pytest.raises(nats.errors.NoRespondersError):
+                await nc.request(subject, b"?", timeout=timeout)
+        finally:
+            await nc.close()
+        return time.monotonic() - start
+
+    return asyncio.run(ask())
+
+
 def test_nats_requests_the_mesh_cannot_answer_get_no_responders_at_once(
     nats_port: int, make_node: NodeFactory
 ) -> None:
@@ -433,25 +451,12 @@ def test_nats_requests_the_mesh_cannot_answer_get_no_responders_at_once(
     own export subscription counted as a responder to the requests it imported (and
     dropped them): NATS requesters waited out their timeout. A mesh request whose topic
     has no NATS subject waited out its timeout too, untold."""
-    import nats
-
     node = bridged_node(
         make_node,
         f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{nats_port}"\n'
         'import = ["svc.>"]\nexport = ["svc/>"]\n',
     )
-
-    async def ask() -> float:
-        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
-        start = time.monotonic()
-        try:
-            with pytest.raises(nats.errors.NoRespondersError):
-                await nc.request("svc.nobody", b"?", timeout=3)
-        finally:
-            await nc.close()
-        return time.monotonic() - start
-
-    assert asyncio.run(ask()) < 1
+    assert nats_no_responders_after(nats_port, "svc.nobody") < 1
     with connect(node.ipc) as client:
         for topic in ("svc/a.b", "svc/a b"):
             start = time.monotonic()
@@ -660,9 +665,6 @@ def test_a_nats_request_another_bridge_cannot_answer_gets_nats_no_responders(
     where nothing answers: b's "no responders" reached the NATS requester as a reply
     whose data was its text; and with a exporting svc/> too, a counted as a responder
     to its own request, and the requester timed out."""
-    import nats
-    import nats.errors
-
     need_binary("nats-server")
     pa, pb = lh.free_port(), lh.free_port()
     a_export = 'export = ["svc/>"]\n' if a_exports else ""
@@ -674,18 +676,7 @@ def test_a_nats_request_another_bridge_cannot_answer_gets_nats_no_responders(
             f'[[bridge]]\nname = "b"\nkind = "nats"\nurl = "nats://127.0.0.1:{pb}"\n'
             'export = ["svc/>"]\n',
         )
-
-        async def ask() -> float:
-            nc = await nats.connect(f"nats://127.0.0.1:{pa}")
-            start = time.monotonic()
-            try:
-                with pytest.raises(nats.errors.NoRespondersError):
-                    await nc.request("svc.x", b"?", timeout=4)
-            finally:
-                await nc.close()
-            return time.monotonic() - start
-
-        assert asyncio.run(ask()) < 2
+        assert nats_no_responders_after(pa, "svc.x") < 2
         node.stop()
 
 
