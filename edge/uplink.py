@@ -102,8 +102,8 @@ class Uplink(threading.Thread):
         self.refused = 0  # persistent exports the cloud refused for good, skipped
         self.refused_in = 0  # events from the cloud this node refused for good
         self.received = 0
-        self.spool: dict[str, Any] = {"oldest_age_s": None}  # status adds the node's counts
-        self._stats_at = time.monotonic()  # when ``spool`` was looked at
+        # The spool's stats (status adds the node's counts) and when they were looked at.
+        self._looked: tuple[dict[str, Any], float] = ({"oldest_age_s": None}, time.monotonic())
         self.cursor = 0
         self._next_stats = 0.0
 
@@ -135,10 +135,11 @@ class Uplink(threading.Thread):
         """The last look at the spool, its oldest age moved on by the time since: between
         looks (a second, or a confirm wait of 2 s) it stood still while the events aged
         (lab uplink test: 16.2 s for 5 s)."""
-        spool = dict(self.spool)
+        looked, at = self._looked  # one read: the uplink's thread writes both at once
+        spool = dict(looked)
         age = spool.get("oldest_age_s")
         if age is not None:
-            spool["oldest_age_s"] = round(age + time.monotonic() - self._stats_at, 3)
+            spool["oldest_age_s"] = round(age + time.monotonic() - at, 3)
         return spool
 
     # ---- the actor -------------------------------------------------------------------------
@@ -393,8 +394,7 @@ class Uplink(threading.Thread):
             return
         self.cursor = db.cursor
         trie = self.trie
-        self.spool = db.stats(lambda topic, _flags: bool(trie.match(topic)))
-        self._stats_at = time.monotonic()
+        self._looked = db.stats(lambda topic, _flags: bool(trie.match(topic))), time.monotonic()
         took = time.monotonic() - now
         self._next_stats = now + max(STATS_EVERY, STATS_COST * took)
 

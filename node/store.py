@@ -432,18 +432,16 @@ class Store:
         # clock may have stepped back): start-up reads the window, not the whole log.
         found: list[tuple[bytes, int | None]] = []
         clock_set = now_ns >= SET_AFTER_NS
-        since: int | None = None
+        since = now_ns - window_ns
         try:
             for raw, t_ns in self.db.execute("SELECT id, time_ns FROM log ORDER BY seq DESC"):
-                if t_ns < SET_AFTER_NS:  # the newest, stamped while the clock was not set
-                    if clock_set:
-                        found.append((bytes(raw), None))
-                    elif t_ns >= now_ns - window_ns:
-                        found.append((bytes(raw), int(t_ns)))
-                    continue  # the window is not taken from these (review: a second
-                    # boot at 1970 took it from one, and read the whole log again)
-                if since is None:  # the window ends at the newest entry if that is ahead
-                    since = max(now_ns, t_ns) - window_ns
+                if clock_set and t_ns < SET_AFTER_NS:
+                    found.append((bytes(raw), None))
+                    continue
+                # The window ends at the latest time seen, if that is ahead of the clock:
+                # taken from the newest entry alone, a second boot at 1970 (whose first
+                # entry was older than the log before it) read the whole log (reviews).
+                since = max(since, t_ns - window_ns)
                 if t_ns < since - CLOCK_STEP_NS:
                     break
                 if t_ns >= since:

@@ -1747,6 +1747,18 @@ def test_a_log_ahead_of_the_clock_loads_only_its_own_window(tmp_path: Path) -> N
     store.close()
 
 
+def test_a_device_whose_clock_is_never_set_loads_one_window_at_start(tmp_path: Path) -> None:
+    """Review: with no entry stamped by a set clock, a reboot read the whole log into the
+    dedupe window (the last boot's entries are ahead of the new boot's clock)."""
+    store = open_store(tmp_path)
+    store.log_append([(i.to_bytes(16, "big"), "t", (5 + i) * 10**9, b"r") for i in range(600)])
+    store.log_append([(b"n" * 16, "t", 12 * 10**9, b"r")])  # this boot's first, at 12 s
+    store.commit()
+    loaded = list(store.dedupe_load(13 * 10**9, 120 * 10**9))
+    assert len(loaded) == 122  # the last boot's final 2 minutes, and this boot's
+    store.close()
+
+
 def test_queue_messages_captured_before_ntp_get_its_time_without_a_log_entry(
     tmp_path: Path,
 ) -> None:
