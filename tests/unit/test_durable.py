@@ -1028,6 +1028,18 @@ def test_each_pass_hands_out_whatever_consumers_have_room_for(
                 assert not (room and waiting), (q.name, q.depth, len(q.inflight), q.redeliver)
 
 
+def _fail_commits(d: Durable) -> Any:
+    """Make every commit fail as a full disk does; returns what puts it back."""
+    commit = d.store.commit
+
+    def disk_full() -> None:
+        d.store.rollback()
+        raise StoreError("the node's disk is full")
+
+    d.store.commit = disk_full  # type: ignore[method-assign]
+    return lambda: setattr(d.store, "commit", commit)
+
+
 def one_in_flight(tmp_path: Path, *, ack_wait: float) -> tuple[Router, Durable, Event]:
     """A queue with one message delivered to A (its only consumer, room for one)."""
     r, d = durable_router(tmp_path)
@@ -1045,15 +1057,9 @@ def test_an_ack_whose_pass_fails_to_commit_is_owed_again(tmp_path: Path) -> None
     nothing else happening on the queue it was never handed out again."""
     r, d, ev = one_in_flight(tmp_path, ack_wait=1.0)
     send(r, A, Kind.ACK, {"sid": 1, "ids": [ev.id]})
-    commit = d.store.commit
-
-    def disk_full() -> None:
-        d.store.rollback()
-        raise StoreError("the node's disk is full")
-
-    d.store.commit = disk_full  # type: ignore[method-assign]
+    restore = _fail_commits(d)
     r.end_pass(0.0)
-    d.store.commit = commit  # type: ignore[method-assign]
+    restore()
     take(r)
     r.end_pass(0.1)
     ((_sid, again),) = deliveries(take(r), A)
@@ -1356,19 +1362,13 @@ def test_a_queue_change_whose_pass_fails_to_commit_is_undone_in_memory(tmp_path:
     r, d = durable_router(tmp_path)
     hello(r, A)
     queue_add(r, "jobs", "jobs/a", ack_wait=5)
-    commit = d.store.commit
-
-    def disk_full() -> None:
-        d.store.rollback()
-        raise StoreError("the node's disk is full")
-
-    d.store.commit = disk_full  # type: ignore[method-assign]
+    restore = _fail_commits(d)
     for name, patterns in (("new", ["new/>"]), ("jobs", ["jobs/b"])):
         send(r, A, Kind.QUEUE, {"ref": 2, "op": "add", "name": name, "patterns": patterns})
         r.end_pass(0.0)
         ((kind, body),) = controls(take(r), A)
         assert (kind, body["code"]) == (Kind.ERR, "store"), body
-    d.store.commit = commit  # type: ignore[method-assign]
+    restore()
     assert sorted(d.queues.by_name) == ["jobs"]
     jobs = d.queues.by_name["jobs"]
     assert (jobs.patterns, jobs.ack_wait) == (("jobs/a",), 5)
@@ -1397,18 +1397,12 @@ def test_a_retained_value_the_disk_could_not_take_is_an_error_to_its_publisher(
     send(r, A, Kind.PING, {"ref": 5})
     r.end_pass(0.0)
     assert controls(take(r), A) == [(Kind.OK, {"ref": 5})]  # stored: the flush is answered
-    commit = d.store.commit
-
-    def disk_full() -> None:
-        d.store.rollback()
-        raise StoreError("the node's disk is full")
-
-    d.store.commit = disk_full  # type: ignore[method-assign]
+    restore = _fail_commits(d)
     pub(r, A, rec("cfg/mode", b"new", flags=F_RETAIN, seq=2))
     send(r, A, Kind.PING, {"ref": 6})
     assert controls(take(r), A) == []  # the flush waits for the commit
     r.end_pass(0.0)
-    d.store.commit = commit  # type: ignore[method-assign]
+    restore()
     answers = controls(take(r), A)
     assert [(k, b["ref"], b["code"]) for k, b in answers] == [
         (Kind.ERR, None, "store"),
@@ -1428,12 +1422,7 @@ def test_a_failing_store_is_logged_at_most_every_10_seconds(
     foreground node, journald) said nothing."""
     r, d = durable_router(tmp_path)
     hello(r, A)
-
-    def disk_full() -> None:
-        d.store.rollback()
-        raise StoreError("the node's disk is full")
-
-    d.store.commit = disk_full  # type: ignore[method-assign]
+    _fail_commits(d)
     with caplog.at_level("WARNING", logger="meshctl.node"):
         for i, now in enumerate((100.0, 105.0, 110.5)):
             pub(r, A, rec("t", seq=i + 1))
@@ -1443,18 +1432,6 @@ def test_a_failing_store_is_logged_at_most_every_10_seconds(
         "store: the node's disk is full (1 errors in all)",
         "store: the node's disk is full (3 errors in all)",
     ]
-
-
-def _fail_commits(d: Durable) -> Any:
-    """Make every commit fail as a full disk does; returns what puts it back."""
-    commit = d.store.commit
-
-    def disk_full() -> None:
-        d.store.rollback()
-        raise StoreError("the node's disk is full")
-
-    d.store.commit = disk_full  # type: ignore[method-assign]
-    return lambda: setattr(d.store, "commit", commit)
 
 
 def test_queue_changes_of_one_failed_pass_are_all_undone_in_memory(tmp_path: Path) -> None:
