@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from node.codec import NODE_ID_BYTES, Kind, encode_control, encode_targets
+from node.drops import Drops
 from node.mesh_states import Interest, StatesSide
 from node.routing import CAPTURE, MeshRoute, MeshTable, NodeState
 
@@ -66,11 +67,9 @@ class Link:
     rtt: float | None = None
     # When our unanswered beats went (oldest first): on a congested link the answers wait
     # behind data, and `peers` showed the last round trip (446 ms) for 45 s while none
-    # came (lab faults). ``dropped``: events its full queue refused.
+    # came (lab faults).
     beats: deque[float] = field(default_factory=lambda: deque(maxlen=64))
-    dropped: int = 0
-    dropped_noticed: int = 0
-    last_notice: float = float("-inf")
+    drops: Drops = field(default_factory=Drops)  # events its full queue refused
     deltas: bool = False  # the peer takes interest deltas (it said so in its handshake)
     answered: dict[str, float] = field(default_factory=dict)  # node id -> when sent on want
 
@@ -544,7 +543,7 @@ class Mesh(StatesSide):
                     "rtt_ms": None if link.rtt is None else round(link.rtt * 1000, 3),
                     # the oldest beat still unanswered: a round trip at least this long
                     "waiting_ms": round((now - link.beats[0]) * 1000, 3) if link.beats else 0.0,
-                    "dropped": link.dropped,
+                    "dropped": link.drops.total,
                     "age_s": round(now - link.since, 3),
                 }
             )

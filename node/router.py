@@ -75,7 +75,6 @@ SYSTEM_HOLD: Final = 1.0  # seconds a $mesh event no other node wants yet is kep
 MAX_HELD_SYSTEM: Final = 1000
 _HELD_TOPICS: Final = ("$mesh/link/", "$mesh/node/")  # events that may be held
 _FLAGS_AT: Final = 2 + 8  # the first record's flags byte in a PUB frame
-SLOW_NOTICE_INTERVAL: Final = 1.0
 
 
 _IMPORTED_REQUEST: Final = F_IMPORTED | F_REQUEST  # a bridge's request from its remote side
@@ -900,29 +899,28 @@ class Router(MeshSide, DurableSide):
         client = self.clients.get(ident)
         if client is None:
             return
-        client.dropped += count
+        client.drops.total += count
         self._untold_slow.add(ident)
         self._notice_slow(client, now)
 
     def _notice_slow(self, client: Client, now: float) -> None:
         """Tell a slow consumer's drops, at most once a second; the rest of a burst goes
         from the timer (a burst said "dropped 1" and never the rest: review)."""
-        if now - client.last_notice >= SLOW_NOTICE_INTERVAL:
-            newly = client.dropped - client.dropped_noticed
-            client.dropped_noticed = client.dropped
-            client.last_notice = now
-            self._untold_slow.discard(client.ident)
-            self.log(f"slow consumer {client.client_id} ({client.name}): dropped {newly} events")
-            self.emit_system(
-                "$mesh/slow-consumer",
-                {
-                    "client": client.client_id,
-                    "name": client.name,
-                    "dropped": newly,
-                    "dropped_total": client.dropped,
-                },
-                now,
-            )
+        newly = client.drops.untold(now)
+        if not newly:
+            return
+        self._untold_slow.discard(client.ident)
+        self.log(f"slow consumer {client.client_id} ({client.name}): dropped {newly} events")
+        self.emit_system(
+            "$mesh/slow-consumer",
+            {
+                "client": client.client_id,
+                "name": client.name,
+                "dropped": newly,
+                "dropped_total": client.drops.total,
+            },
+            now,
+        )
 
     def idle_clients(self, now: float, idle: float) -> list[bytes]:
         """Clients silent for ``idle`` seconds: the loop probes them to notice the dead."""

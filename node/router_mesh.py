@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 
 _HEAD: Final = struct.Struct("<IHHB")  # payload_len, topic_len, headers_len, flags
 _ORIGIN_SEQ: Final = struct.Struct(">8sQ")  # the event id: origin, big-endian sequence
-LINK_NOTICE_INTERVAL: Final = 1.0  # seconds between notices of a full link's drops
 
 
 class MeshSide:
@@ -65,10 +64,10 @@ class MeshSide:
 
     def link_dropped(self, via: Via, frame: bytes, now: float) -> None:
         """A full queue refused ``frame``, a link's or a client's frame of no events: count
-        a link's events, per link
-        too, and say so at most once a second per link (log, ``$mesh/link/full``), as for
-        a slow consumer. It was one node-wide count of frames, with no word (lab faults:
-        half of a stream over a 256 kbit link gone, `peers` and the log silent)."""
+        a link's events, per link too, and say so at most once a second per link (log,
+        ``$mesh/link/full``), as for a slow consumer. It was one node-wide count of
+        frames, with no word (lab faults: half of a stream over a 256 kbit link gone,
+        `peers` and the log silent)."""
         events = _records_in(frame)
         if not events:  # a state, a beat, or a control frame to a client
             self.counters.dropped["control_full"] += 1
@@ -77,24 +76,22 @@ class MeshSide:
         link = self.net.links.get(self.net.by_via.get(via, ""))
         if link is None:
             return
-        link.dropped += events
+        link.drops.total += events
         self._notice_link_full(link, now)
 
     def notice_full_links(self, now: float) -> None:
         """The drops of a burst after its first notice, told once the interval is over:
         a burst said "dropped 1" and never the rest (review). Called by the loop's timer."""
         for link in self.net.links.values():
-            if link.dropped > link.dropped_noticed:
-                self._notice_link_full(link, now)
+            self._notice_link_full(link, now)
 
     def _notice_link_full(self, link: Link, now: float) -> None:
-        if now - link.last_notice < LINK_NOTICE_INTERVAL:
+        newly = link.drops.untold(now)
+        if not newly:
             return
-        newly = link.dropped - link.dropped_noticed
-        link.dropped_noticed, link.last_notice = link.dropped, now
         self.log(f"link to {link.name} ({link.peer_id}) full: dropped {newly} events")
         body = {"peer": link.peer_id, "peer_name": link.name, "dropped": newly}
-        self.emit_system("$mesh/link/full", {**body, "dropped_total": link.dropped}, now)
+        self.emit_system("$mesh/link/full", {**body, "dropped_total": link.drops.total}, now)
 
     def handle_dialed(self, via: str, found: str, frame: bytes, now: float) -> None:
         """A frame on a link we dialed (the loop's DEALER for ``via``)."""

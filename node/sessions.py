@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Final, Protocol
 
 from node.codec import SID
+from node.drops import Drops
 from node.durable import LOG_ALL
 from node.mesh import NO_PLAN, Plan
 from node.queues import Queue
@@ -133,9 +134,7 @@ class Client:
     patterns: int = 0  # held by its subscriptions: the per-client limit, without a walk
     events_in: int = 0
     events_out: int = 0
-    dropped: int = 0
-    dropped_noticed: int = 0
-    last_notice: float = float("-inf")
+    drops: Drops = field(default_factory=Drops)  # events its full queue refused
 
     @property
     def client_id(self) -> str:

@@ -69,7 +69,7 @@ def status(router: Router, now: float) -> dict[str, Any]:
                 "subscriptions": sum(len(s.patterns) for s in cl.subs.values()),
                 "events_in": cl.events_in,
                 "events_out": cl.events_out,
-                "dropped": cl.dropped,
+                "dropped": cl.drops.total,
             }
             for cl in router.clients.values()
         ],

@@ -21,6 +21,7 @@ PURE = [
     "node/mesh.py",
     "node/routing.py",
     "node/dedup.py",
+    "node/drops.py",
     "node/views.py",
     "node/framing.py",
     "node/router.py",
