@@ -612,11 +612,7 @@ class Router(MeshSide, DurableSide):
         own export subscription, which drops it (it came from there) and never answers:
         NATS requesters waited out their timeout instead of "no responders" when a bridge
         exported what it imported (exploratory test). Other nodes may still answer."""
-        return (
-            route.plan.empty
-            and all(d == ident for d, _ in route.plain)
-            and all(d == ident for g in route.groups for d, _ in g.members)
-        )
+        return route.plan.empty and _local_dests(route) <= {ident}
 
     def _headers_ok(self, block: bytes) -> bool:
         """``headers_ok``, remembered: a publisher mostly repeats a few header blocks, and
@@ -755,13 +751,7 @@ class Router(MeshSide, DurableSide):
         route = self._resolve(topic.encode())
         if type(route) is _Refused:
             return False
-        quiet = self.mute | {ident}
-        local = {d for d, _ in route.plain} | {  # type: ignore[union-attr]
-            d
-            for g in route.groups  # type: ignore[union-attr]
-            for d, _ in g.members
-        }
-        local -= quiet
+        local = _local_dests(route) - self.mute - {ident}  # type: ignore[arg-type]
         requester = self._inbox_target(ev.topic)  # it asked: it will not answer (review)
         if requester is not None:
             local.discard(requester[0])
@@ -935,3 +925,8 @@ class Router(MeshSide, DurableSide):
     def status(self, now: float) -> dict[str, Any]:
         """The node's state for ``meshctl status``; JSON-ready."""
         return views.status(self, now)
+
+
+def _local_dests(route: Route) -> set[bytes]:
+    """Every client or actor here that a route delivers to: plain, or in a group."""
+    return {d for d, _ in route.plain} | {d for g in route.groups for d, _ in g.members}
