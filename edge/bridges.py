@@ -619,12 +619,13 @@ class NatsBridge(Bridge):
         while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
             for ev in self.port.handle(sock.recv()).exports:
                 if not self._spooled(ev):
-                    self._down(sock, ev)
+                    self._unsent(sock, ev, self._export_topic(ev.topic, mesh_to_nats))
 
-    def _down(self, sock: zmq.Socket[bytes], ev: Event) -> None:
-        """A live export while the server is away: dropped, counted; a request is told at
-        once that nothing there can answer it now (or that its topic has no subject)."""
-        if self._export_topic(ev.topic, mesh_to_nats) is None:
+    def _unsent(self, sock: zmq.Socket[bytes], ev: Event, remote: str | None) -> None:
+        """A live export that does not go: its topic has no subject (``remote`` None), or
+        the server is away. Counted; a request is told why at once, where it waited out
+        its timeout untold."""
+        if remote is None:
             self.counters["refused"] += 1
             why = f"{ev.topic} has no NATS subject".encode()
         else:
@@ -757,15 +758,8 @@ class NatsBridge(Bridge):
                 if self._spooled(ev):
                     continue
                 remote = self._export_topic(ev.topic, mesh_to_nats)
-                if remote is None:
-                    self.counters["refused"] += 1
-                    if ev.is_request and ev.reply_to:  # it waited out its timeout, untold
-                        why = f"{ev.topic} has no NATS subject".encode()
-                        sock.send(
-                            self.port.reply(ev.reply_to, why, no_responders=True, topic=ev.topic)
-                        )
-                elif not nc.is_connected:
-                    self._down(sock, ev)
+                if remote is None or not nc.is_connected:
+                    self._unsent(sock, ev, remote)
                 elif ev.is_request and ev.reply_to:
                     self._tasks.add(asyncio.create_task(self._ask(nc, sock, remote, ev)))
                     self.counters["exported"] += 1
