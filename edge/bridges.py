@@ -309,6 +309,14 @@ class Bridge:
             self._request_ids.pop(pending[2], None)
         return pending
 
+    def _no_responders(self, sock: zmq.Socket[bytes], ev: Event, why: str) -> None:
+        """If ``ev`` is a request, tell its requester at once that nothing on our side
+        answers it, and why (the node withholds it while something else may)."""
+        if ev.is_request and ev.reply_to:
+            sock.send(
+                self.port.reply(ev.reply_to, why.encode(), no_responders=True, topic=ev.topic)
+            )
+
     def _export_topic(self, topic: str, to_remote: Callable[[str], str]) -> str | None:
         """The remote topic of an export, or None (refused: the caller counts it).
 
@@ -426,9 +434,7 @@ class MqttBridge(Bridge):
         bridge's subscription counted as a responder, and a mesh requester waited out its
         timeout (noted in session 12)."""
         remote = self._export_topic(ev.topic, mesh_topic_to_mqtt)
-        if ev.is_request and ev.reply_to:
-            why = f"MQTT ({self.cfg.name}) has no request-reply".encode()
-            sock.send(self.port.reply(ev.reply_to, why, no_responders=True, topic=ev.topic))
+        self._no_responders(sock, ev, f"MQTT ({self.cfg.name}) has no request-reply")
         if remote is None:
             self.counters["refused"] += 1
         elif self.state != "up":
@@ -536,14 +542,7 @@ class NatsBridge(Bridge):
                 subject, ev.data, timeout=REQUEST_TIMEOUT, headers={PATH_HEADER: self.port.path(ev)}
             )
         except nats.errors.NoRespondersError:
-            sock.send(
-                self.port.reply(
-                    ev.reply_to,
-                    f"NATS has none for {subject}".encode(),
-                    no_responders=True,
-                    topic=ev.topic,
-                )
-            )
+            self._no_responders(sock, ev, f"NATS has none for {subject}")
         except nats.errors.TimeoutError:
             return  # the mesh requester times out on its own, as a NATS requester would
         except nats.errors.MaxPayloadError:
@@ -627,12 +626,10 @@ class NatsBridge(Bridge):
         its timeout untold."""
         if remote is None:
             self.counters["refused"] += 1
-            why = f"{ev.topic} has no NATS subject".encode()
+            self._no_responders(sock, ev, f"{ev.topic} has no NATS subject")
         else:
             self.counters["dropped_remote_down"] += 1
-            why = f"NATS ({self.cfg.name}) is not connected".encode()
-        if ev.is_request and ev.reply_to:
-            sock.send(self.port.reply(ev.reply_to, why, no_responders=True, topic=ev.topic))
+            self._no_responders(sock, ev, f"NATS ({self.cfg.name}) is not connected")
 
     def _reader_died(self, nc: Any) -> bool:
         """True when nats-py's reading task has ended on a connection it holds up: a message
