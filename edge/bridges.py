@@ -350,9 +350,13 @@ class MqttBridge(Bridge):
         from paho.mqtt.subscribeoptions import SubscribeOptions  # noqa: PLC0415
 
         sock = self._open_port()
+        # Unique per node: two nodes with one bridge config each took the other's session
+        # at the broker, and both flapped for good (exploratory test); the first 8 hex
+        # digits of the ident were the same "\0bri" on every node.
+        unique = self.port.node_id[:8] or self.ident[-4:].hex()
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=f"meshctl-{self.cfg.name}-{self.ident.hex()[:8]}",
+            client_id=f"meshctl-{self.cfg.name}-{unique}",
             protocol=mqtt.MQTTv5,
         )
         if self.cfg.username:

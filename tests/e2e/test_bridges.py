@@ -188,6 +188,21 @@ def test_two_mqtt_bridges_exporting_a_topic_do_not_hold_back_each_others_no_resp
         assert time.monotonic() - start < 1
 
 
+def test_two_nodes_with_one_bridge_config_keep_their_own_broker_sessions(
+    mosquitto: int, make_node: NodeFactory
+) -> None:
+    """A fleet's nodes share one config: each bridge's MQTT client id was the same on
+    every node, so the broker closed one session whenever the other connected, and both
+    bridges went up and down for good (exploratory test)."""
+    table = f'[[bridge]]\nname = "cloud"\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{mosquitto}"\n'
+    nodes = [bridged_node(make_node, table + 'export = ["fleet/>"]\n') for _ in range(2)]
+    log = nodes[0].log_text
+    time.sleep(3)  # paho reconnects after 1 s: a taken session shows within 3
+    for node in nodes:
+        assert node.status()["bridges"][0]["state"] == "up"
+        assert "down" not in node.log_text().split("bridge cloud", 1)[-1], log()
+
+
 def test_an_mqtt_retained_message_is_retained_in_the_mesh_too(
     mosquitto: int, make_node: NodeFactory
 ) -> None:
