@@ -243,7 +243,7 @@ class Client:
         self._inbox = ""
         self._req_ids = itertools.count(1)
         self._replies: dict[str, list[Event]] = {}
-        self._no_responders: set[str] = set()
+        self._no_responders: dict[str, str] = {}  # request id -> the node's reason
         self._rcvtimeo = -1
         self._last_rx = self._heard_at = time.monotonic()
         self._topic_names: dict[bytes, str] = {}
@@ -782,9 +782,9 @@ class Client:
                 refused = self._refused_requests.pop(req_id, None)
                 if refused is not None:  # denied, too large...: no reply will come
                     raise refused
-                if req_id in self._no_responders:
-                    self._no_responders.discard(req_id)
-                    raise NoResponders(topic)
+                why = self._no_responders.pop(req_id, None)
+                if why is not None:
+                    raise NoResponders(topic, why)
                 if not self._pump(deadline):
                     break
                 said = [e for e in got if e.headers.get("status") == "no-responders"]
@@ -797,7 +797,7 @@ class Client:
                         raise NoResponders(topic, said[0].data.decode(errors="replace")[:200])
         finally:
             self._replies.pop(token, None)
-            self._no_responders.discard(req_id)
+            self._no_responders.pop(req_id, None)
             self._refused_requests.pop(req_id, None)
         if not got or len(got) < replies:
             raise Timeout(
@@ -989,7 +989,7 @@ class Client:
                     RemoteError(str(body.get("error")), str(body.get("code", "")))
                 )
         elif kind == Kind.NORESP:
-            self._no_responders.add(str(body.get("id")))
+            self._no_responders[str(body.get("id"))] = str(body.get("why") or "")[:200]
         elif kind == Kind.PACK:
             self._on_persisted(body.get("ids") or [], None)
 

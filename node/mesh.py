@@ -27,7 +27,7 @@ from typing import Any, Final
 from node.codec import NODE_ID_BYTES, Kind, encode_control, encode_targets
 from node.drops import Drops
 from node.mesh_states import Interest, StatesSide
-from node.routing import CAPTURE, MeshRoute, MeshTable, NodeState
+from node.routing import CAPTURE, QUIET, MeshRoute, MeshTable, NodeState
 
 PROTO: Final = 1
 REFUSALS_LOGGED: Final = 20  # link refusals logged one by one, then every 1000th
@@ -590,12 +590,14 @@ class Mesh(StatesSide):
         for node, group in self.table.matches(topic):
             path = self.table.path_to(node)
             stored = group is not None and group.startswith(CAPTURE)
+            quiet = group is not None and group.startswith(QUIET)
             remote.append(
                 {
                     "node": node,
                     "name": names.get(node, node),
-                    "group": None if stored else group,
+                    "group": None if stored or quiet else group,
                     "queues": stored,  # persistent events only, to store
+                    "requests": not (stored or quiet),  # its subscribers may answer
                     "reachable": bool(path),
                     "path": [names.get(h, h) for h in path],
                 }

@@ -39,10 +39,11 @@ from node.errors import CodecError, TopicError
 from node.events import decode_event
 from node.framing import MAX_FRAME_BYTES, frames_counted, link_frames
 from node.mesh import NO_PLAN, Mesh, Plan, Via
-from node.router_durable import DURABLE_FLAGS, DurableOut, DurableSide
+from node.router_durable import DurableOut, DurableSide
 from node.router_mesh import MeshSide
-from node.routing import announced, capture_group
+from node.routing import announced, capture_group, quiet_group
 from node.sessions import (
+    DURABLE_FLAGS,
     MAX_GROUP_NAME,
     Acl,
     Client,
@@ -77,6 +78,7 @@ _HELD_TOPICS: Final = ("$mesh/link/", "$mesh/node/")  # events that may be held
 _FLAGS_AT: Final = 2 + 8  # the first record's flags byte in a PUB frame
 
 
+EVENTS_ONLY: Final = "MQTT subscribers only: they cannot answer"
 _IMPORTED_REQUEST: Final = F_IMPORTED | F_REQUEST  # a bridge's request from its remote side
 _MESH_FLAGS: Final = F_REPLICA | F_RETAINED_LIVE  # set by nodes only, refused from clients
 
@@ -374,9 +376,10 @@ class Router(MeshSide, DurableSide):
         if client is None or client.subs.get(sub.sid) is not sub or sub.live:
             return
         sub.live = True
+        key = self._interest_group(sub)
         for p in sub.patterns:
             self.trie.add(p, sub)
-            self._count_interest((p, sub.group), +1)
+            self._count_interest((p, key), +1)
         self._cache.clear()
 
     def _unsubscribe(self, client: Client, ref: object, body: dict[str, Any]) -> None:
@@ -395,10 +398,18 @@ class Router(MeshSide, DurableSide):
         if not sub.live:
             return
         sub.live = False
+        key = self._interest_group(sub)
         for p in sub.patterns:
             self.trie.remove(p, sub)
-            self._count_interest((p, sub.group), -1)
+            self._count_interest((p, key), -1)
         self._cache.clear()
+
+    def _interest_group(self, sub: SubRef) -> str | None:
+        """The group a subscription's patterns are announced in: a client that cannot
+        answer requests holds them for events only (node/routing.py QUIET)."""
+        if sub.group is None and sub.client in self.mute:
+            return quiet_group(self.node_id)
+        return sub.group
 
     def _count_interest(self, key: tuple[str, str | None], delta: int) -> None:
         """Keep a count per (pattern, group) so the mesh hears only real changes."""
@@ -429,12 +440,12 @@ class Router(MeshSide, DurableSide):
         client = self.clients.pop(ident, None)
         if client is None:
             return
-        self.mute.discard(ident)
         self.by_client_id.pop(client.client_id, None)
         self.acl.pop(ident, None)
         self._acl_seen.pop(ident, None)
         for sub in client.subs.values():
             self._remove_sub(sub)
+        self.mute.discard(ident)  # after its subscriptions: their interest is quiet
         self._pending.pop(ident, None)
         if self.durable is not None:
             self.durable.client_gone(ident)
@@ -535,7 +546,7 @@ class Router(MeshSide, DurableSide):
                         continue
                 count += 1
                 relay = route.relay  # type: ignore[union-attr]
-                if relay is not None and not flags & DURABLE_FLAGS:  # only on along links
+                if relay is not None and not flags & route.no_relay:  # type: ignore[union-attr]  # only on along links
                     if relay is run_plan and start == run_end:
                         run_end = end
                         forwarded += len(relay.static)
@@ -572,10 +583,11 @@ class Router(MeshSide, DurableSide):
                         else:
                             run_plan, run_start, run_end = plan, start, end
                             forwarded += len(plan.static)
-                if (plain or groups) and not (
+                local = (plain or groups) and not (
                     flags & _IMPORTED_REQUEST == _IMPORTED_REQUEST
                     and self._only_its_own(ident, route)  # type: ignore[arg-type]
-                ):
+                )
+                if local:
                     if rec is None:
                         rec = frame[start:end]
                     for dest, prefix in plain:
@@ -593,12 +605,11 @@ class Router(MeshSide, DurableSide):
                         parts.append(rec)
                 elif plan.empty:
                     self.counters.no_interest += 1
-                    if flags & F_REQUEST:
-                        self._send_control(
-                            ident,
-                            Kind.NORESP,
-                            {"id": frame[t0 - 16 : t0].hex(), "topic": topic.decode()},
-                        )
+                if flags & F_REQUEST and not (
+                    route.answers if local else self._mesh_answers(topic, plan)  # type: ignore[union-attr]
+                ):
+                    quiet = bool(local or not plan.empty)  # it went to events-only ones
+                    self._no_responders(ident, frame[t0 - 16 : t0], topic, quiet=quiet)
         finally:  # records of an unfinished run still go (as they did one by one)
             if run_plan is not NO_PLAN:
                 self._forward_run(run_plan, frame[run_start:run_end])
@@ -606,13 +617,28 @@ class Router(MeshSide, DurableSide):
         self.counters.events_in += count
         self.counters.forwarded_out += forwarded
 
+    def _no_responders(
+        self, ident: bytes, event_id: bytes, topic: bytes, *, quiet: bool = False
+    ) -> None:
+        """Tell a requester at once that nothing here or in the mesh can answer;
+        ``quiet``: something subscribes, but only to take events (MQTT clients)."""
+        body = {"id": event_id.hex(), "topic": topic.decode()}
+        if quiet:
+            body["why"] = EVENTS_ONLY
+        self._send_control(ident, Kind.NORESP, body)
+
+    def _mesh_answers(self, topic: bytes, plan: Plan) -> bool:
+        """True when another node may answer a request on ``topic`` (not only MQTT
+        subscribers or queues there)."""
+        return not plan.empty and self.net.table.route(topic.decode()).answers
+
     @staticmethod
     def _only_its_own(ident: bytes, route: Route) -> bool:
         """True when a bridge's imported request would reach nothing here but the bridge's
         own export subscription, which drops it (it came from there) and never answers:
         NATS requesters waited out their timeout instead of "no responders" when a bridge
         exported what it imported (exploratory test). Other nodes may still answer."""
-        return route.plan.empty and _local_dests(route) <= {ident}
+        return _local_dests(route) <= {ident}
 
     def _headers_ok(self, block: bytes) -> bool:
         """``headers_ok``, remembered: a publisher mostly repeats a few header blocks, and
@@ -711,7 +737,8 @@ class Router(MeshSide, DurableSide):
                 grouped.setdefault(sub.group, []).append((sub.client, sub.prefix))
         plan = NO_PLAN
         stored_plan = None  # the same as plan unless a queue elsewhere captures the topic
-        if topic.startswith(INBOX_PREFIX + "/"):
+        inbox = topic.startswith(INBOX_PREFIX + "/")
+        if inbox:
             target = self._inbox_target(topic)
             if target is not None and target not in plain:
                 plain.append(target)
@@ -729,12 +756,22 @@ class Router(MeshSide, DurableSide):
             _Group(name, sorted(m), turns.setdefault(name, _Turn()))
             for name, m in sorted(grouped.items())
         ]
+        answers = inbox or self._answers(plain, groups, topic)
         durable = self.durable
-        if durable is None or topic.startswith(INBOX_PREFIX + "/"):
-            return Route(plain, groups, plan)
+        if durable is None or inbox:
+            return Route(plain, groups, plan, answers=answers)
         queues = list(durable.queues.trie.match(topic))
         log = durable.wants_log(topic)
-        return Route(plain, groups, plan, log, queues, stored_plan)
+        return Route(plain, groups, plan, log, queues, stored_plan, answers=answers)
+
+    def _answers(self, plain: list[tuple[bytes, bytes]], groups: list[_Group], topic: str) -> bool:
+        """True when a subscriber here that may answer, or another node's, matches."""
+        mute = self.mute
+        return (
+            any(d not in mute for d, _ in plain)
+            or any(d not in mute for g in groups for d, _ in g.members)
+            or self.net.table.route(topic).answers
+        )
 
     def _others_answer(self, ident: bytes, frame: bytes) -> bool:
         """True for a bridge's "no responders" (its remote side had none) to a request
@@ -755,10 +792,11 @@ class Router(MeshSide, DurableSide):
         requester = self._inbox_target(ev.topic)  # it asked: it will not answer (review)
         if requester is not None:
             local.discard(requester[0])
-        if not local and route.plan.empty:  # type: ignore[union-attr]
+        others = self._mesh_answers(topic.encode(), route.plan)  # type: ignore[union-attr]
+        if not local and not others:
             return False  # alone: the bridge's answer is the mesh's
         bridges = local & self.internal
-        if local - bridges or not route.plan.empty:  # type: ignore[union-attr]
+        if local - bridges or others:
             self.counters.no_responders_withheld += 1
             return True  # a client here or another node may answer
         # Only other bridges, which answer "no responders" too when their side has none:

@@ -27,7 +27,6 @@ if TYPE_CHECKING:
     from node.sessions import Acl, Counters, _Refused
 
 _IDS_PER_FRAME: Final = 1000  # event ids per PACK/ERR frame: well under the control limit
-DURABLE_FLAGS: Final = F_PERSISTENT | F_RETAIN  # records that take the durable path
 STORE_WARN_EVERY: Final = 10.0  # seconds between log lines about a failing store
 
 

@@ -23,8 +23,8 @@ from node.codec import (
 from node.durable import LOG_ALL
 from node.errors import CodecError, TopicError
 from node.mesh import NO_PLAN, Link, Plan, Via
-from node.router_durable import DURABLE_FLAGS, live_copy
-from node.sessions import _Refused
+from node.router_durable import live_copy
+from node.sessions import DURABLE_FLAGS, _Refused
 from node.topics import validate_topic
 
 if TYPE_CHECKING:

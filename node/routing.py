@@ -28,11 +28,23 @@ MAX_GROUP_BYTES: Final = 64
 # for it. One per node: a node that predates it takes each for a group of one member and
 # sends every queue node a copy, as it did (one name for all made it pick one: review).
 CAPTURE: Final = "/queues/"
+# The "group" of a pattern held on a node only by subscribers that take events but cannot
+# answer a request (MQTT 3.1.1 clients and MQTT bridges: no reply-to), "/events/<node id>".
+# Other nodes forward it everything, as to a plain subscriber, but do not count it as a
+# responder: a request that reaches nothing else gets "no responders" at once from the
+# requester's node, where it waited out its timeout (exploratory tests). A node that
+# predates it takes it for a group of one member: that node still gets a copy.
+QUIET: Final = "/events/"
 
 
 def capture_group(node_id: str) -> str:
     """The capture "group" that node ``node_id`` announces its queues' patterns in."""
     return CAPTURE + node_id
+
+
+def quiet_group(node_id: str) -> str:
+    """The "group" that node ``node_id`` announces its events-only patterns in."""
+    return QUIET + node_id
 
 
 def _interest_order(entry: tuple[str, str | None]) -> tuple[str, str]:
@@ -168,6 +180,12 @@ class MeshRoute:
     plain: tuple[str, ...]  # nodes with a plain subscription
     groups: tuple[tuple[str, tuple[str, ...]], ...]  # (group, nearest member nodes)
     stored: tuple[str, ...] = ()  # other nodes with a queue that captures the topic
+    quiet: tuple[str, ...] = ()  # of ``plain``, nodes whose subscribers cannot answer
+
+    @property
+    def answers(self) -> bool:
+        """True when some node of the route may answer a request."""
+        return bool(self.groups) or len(self.plain) > len(self.quiet)
 
 
 EMPTY_ROUTE: Final = MeshRoute((), ())
@@ -313,14 +331,16 @@ class MeshTable:
     # ---- interest ------------------------------------------------------------------------
 
     def route(self, topic: str) -> MeshRoute:
-        """Other reachable nodes that want ``topic``: plain ones, per group the nearest, and
-        those whose queues capture it (persistent events only)."""
+        """Other reachable nodes that want ``topic``: plain ones (of which ``quiet`` ones
+        cannot answer a request), per group the nearest, and those whose queues capture it
+        (persistent events only)."""
         cached = self._routes.get(topic)
         if cached is not None:
             return cached
         paths = self.paths()
         plain: set[str] = set()
         stored: set[str] = set()
+        quiet: set[str] = set()
         groups: dict[str, list[tuple[int, str]]] = {}
         for node, group in self._trie.match(topic):
             hop = paths.get(node)
@@ -330,15 +350,21 @@ class MeshTable:
                 plain.add(node)
             elif group.startswith(CAPTURE):
                 stored.add(node)
+            elif group.startswith(QUIET):
+                quiet.add(node)
             else:
                 groups.setdefault(group, []).append((hop[0], node))
         grouped = []
         for name, members in sorted(groups.items()):
             nearest = min(d for d, _ in members)
             grouped.append((name, tuple(sorted(n for d, n in members if d == nearest))))
+        quiet -= plain  # a node with one subscriber that may answer is a responder
+        plain |= quiet  # and events go to both alike
         stored -= plain  # a plain subscriber's node gets every event anyway
         route = (
-            MeshRoute(tuple(sorted(plain)), tuple(grouped), tuple(sorted(stored)))
+            MeshRoute(
+                tuple(sorted(plain)), tuple(grouped), tuple(sorted(stored)), tuple(sorted(quiet))
+            )
             if plain or grouped or stored
             else EMPTY_ROUTE
         )

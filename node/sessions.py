@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from node.codec import SID
+from node.codec import F_PERSISTENT, F_REQUEST, F_RETAIN, SID
 from node.drops import Drops
 from node.durable import LOG_ALL
 from node.mesh import NO_PLAN, Plan
 from node.queues import Queue
+
+DURABLE_FLAGS: Final = F_PERSISTENT | F_RETAIN  # records that take the durable path
 
 MAX_GROUP_NAME: Final = 64
 
@@ -88,7 +90,17 @@ class Route:
     group, and the mesh plan for other nodes; whether the log keeps it and which durable
     queues capture it (when persistent)."""
 
-    __slots__ = ("groups", "log", "plain", "plan", "queues", "relay", "stored_plan")
+    __slots__ = (
+        "answers",
+        "groups",
+        "log",
+        "no_relay",
+        "plain",
+        "plan",
+        "queues",
+        "relay",
+        "stored_plan",
+    )
 
     def __init__(
         self,
@@ -98,6 +110,8 @@ class Route:
         log: int = 0,
         queues: list[Queue] | None = None,
         stored_plan: Plan | None = None,
+        *,
+        answers: bool = True,
     ) -> None:
         self.plain = plain
         self.groups = groups
@@ -111,6 +125,11 @@ class Route:
         # stream then only finds where each record ends (Router._on_pub).
         only_links = plan.static and not (plain or groups or plan.groups or log == LOG_ALL)
         self.relay: Plan | None = plan if only_links else None
+        # False when nothing here or in the mesh may answer a request on the topic, only
+        # subscribers that take events (MQTT clients): a request gets "no responders" at
+        # once, so it leaves the relay (``no_relay``: the flags that do).
+        self.answers = answers
+        self.no_relay = DURABLE_FLAGS if answers else DURABLE_FLAGS | F_REQUEST
 
 
 class _Refused:

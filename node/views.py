@@ -38,15 +38,21 @@ def view(router: Router, body: dict[str, Any], now: float) -> dict[str, Any]:
         subs = [
             {
                 "client": s.client.hex(),
+                "name": cl.name if (cl := router.clients.get(s.client)) else "",
                 "sid": s.sid,
                 "group": s.group,
                 "patterns": list(s.patterns),
+                "requests": s.client not in router.mute,  # False: MQTT, takes events only
             }
             for s in router.trie.match(topic)
         ]
         durable = router.durable
         queues = [] if durable is None else sorted(q.name for q in durable.queues.trie.match(topic))
-        return router.net.explain(topic, subs) | {"local_groups": groups, "local_queues": queues}
+        return router.net.explain(topic, subs) | {
+            "local_groups": groups,
+            "local_queues": queues,
+            "answers": local.answers,  # False: a request gets "no responders" at once
+        }
     if what != "status":  # answered with the status, a misspelt view looked like one
         return {"error": f"no view {str(what)[:40]!r}: status, peers, mesh or routes"}
     return status(router, now)

@@ -110,7 +110,8 @@ def routes(
     out = out_console()
     out.print(f"[bold]{escape(topic)}[/]")
     queues = view.get("local_queues", [])
-    if not view["local"] and not any(not r.get("queues") for r in view["remote"]):
+    nobody = not view["local"] and not any(not r.get("queues") for r in view["remote"])
+    if nobody:
         stored = " but persistent ones are stored," if queues or view["remote"] else ""
         out.print(
             f"  no subscriber anywhere in the mesh: events are dropped,{stored} "
@@ -118,13 +119,18 @@ def routes(
         )
     for s in view["local"]:
         kind = f"group {s['group']}" if s["group"] else "plain"
-        out.print(f"  this node: client {s['client']} ({kind}) {', '.join(s['patterns'])}")
+        if s.get("requests") is False:
+            kind += ", events only: cannot answer requests"
+        who = f"{s['name']} ({s['client']})" if s.get("name") else s["client"]
+        out.print(f"  this node: client {who} ({kind}) {', '.join(s['patterns'])}")
     for q in queues:
         out.print(f"  this node: queue {q} (persistent events)")
     for r in view["remote"]:
         kind = f"group {r['group']}" if r["group"] else "plain"
         if r.get("queues"):
             kind = "queues: persistent events"
+        elif r.get("requests") is False:
+            kind = "plain, events only: cannot answer requests"
         path = " → ".join(r["path"]) if r["reachable"] else "[red]unreachable[/]"
         out.print(f"  {r['name']} ({kind}): {path}")
     for c in view["copies"]:
@@ -134,3 +140,5 @@ def routes(
     for g in view["groups"]:
         if g["group"] not in view.get("local_groups", {}):
             out.print(f"  group {g['group']}: one of {', '.join(g['nearest'])} (nearest)")
+    if view.get("answers") is False and not nobody:
+        out.print("  nothing that can answer a request: requests get 'no responders'")

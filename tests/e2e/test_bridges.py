@@ -153,7 +153,7 @@ export = ["sensors/>"]
         # requester waited out its timeout), unless a mesh responder answers.
         with connect(node.ipc) as client:
             start = time.monotonic()
-            with pytest.raises(NoResponders, match=r"\(MQTT \(mqtt\) has no request-reply\)"):
+            with pytest.raises(NoResponders, match=r"\(MQTT subscribers only"):
                 client.request("sensors/ask", b"?", timeout=5)
             assert time.monotonic() - start < 1
             subs = len(node.status()["subscriptions"])
@@ -186,6 +186,35 @@ def test_two_mqtt_bridges_exporting_a_topic_do_not_hold_back_each_others_no_resp
         with pytest.raises(NoResponders):
             client.request("x/ask", b"?", timeout=5)
         assert time.monotonic() - start < 1
+
+
+def test_mqtt_bridges_on_two_nodes_are_no_responders_either(
+    mosquitto: int, make_node: NodeFactory
+) -> None:
+    """Two linked nodes, each with an MQTT bridge exporting everything: a request nobody
+    can answer waited out its timeout, each bridge's "no responders" held back because
+    the other node's bridge, announced like a subscriber, might answer. It is announced
+    as events only now: "no responders" at once, and the request still goes to the
+    broker as a message, from each bridge."""
+    bridge = f'kind = "mqtt"\nurl = "mqtt://127.0.0.1:{mosquitto}"\nexport = [">"]\n'
+    b = bridged_node(make_node, f'[[bridge]]\nname = "b"\n{bridge}')
+    link = f'links = ["tcp://127.0.0.1:{b.tcp_port}"]\n'
+    a = bridged_node(make_node, f'{link}[[bridge]]\nname = "a"\n{bridge}')
+    peer = MqttPeer(mosquitto, ["#"])
+    try:
+        with connect(a.ipc) as client:
+            wait_for(
+                lambda: any(r["reachable"] for r in client.view("routes", topic="x/ask")["remote"]),
+                timeout=10,
+                what="the bridge's interest at the other node",
+            )
+            start = time.monotonic()
+            with pytest.raises(NoResponders, match="MQTT subscribers only"):
+                client.request("x/ask", b"?", timeout=5)
+            assert time.monotonic() - start < 1
+        wait_for(lambda: [t for t, _ in peer.got] == ["x/ask"] * 2, timeout=5, what="at the broker")
+    finally:
+        peer.close()
 
 
 def test_two_nodes_with_one_bridge_config_keep_their_own_broker_sessions(

@@ -42,6 +42,7 @@ from edge.mqtt_codec import (
     encode,
 )
 from meshctl import connect
+from meshctl.errors import NoResponders
 
 pytestmark = [pytest.mark.e2e]
 
@@ -894,3 +895,46 @@ def test_kill_9_keeps_every_acknowledged_qos1_publish(
     missing = confirmed - set(stored)
     assert not missing, f"{len(missing)} PUBACKed messages lost, e.g. {sorted(missing)[:5]}"
     print(f"kill -9: {len(confirmed)} PUBACKed, {depth} stored of {total}")
+
+
+def test_a_request_only_mqtt_clients_subscribe_to_gets_no_responders_at_once(
+    make_node: NodeFactory, paho: Clients, bg: Background
+) -> None:
+    """Exploratory test: `meshctl req` on a topic only MQTT clients subscribed to waited
+    out its timeout, on the listener's node and on any other: MQTT 3.1.1 has no reply-to,
+    so they cannot answer. The request reaches them as an event, and the requester hears
+    "no responders" at once, with the reason; a mesh responder still answers."""
+    b = make_node(config_text=MQTT_CONFIG, name="b")
+    a = make_node(name="a", extra_args=["--link", f"tcp://127.0.0.1:{b.tcp_port}"])
+    device = paho.open(mqtt_port(b), "device", subscribe="dev/+/cmd")
+
+    def remote_view() -> list[dict[str, Any]]:
+        with connect(a.ipc) as c:
+            return list(c.view("routes", topic="dev/7/cmd")["remote"])
+
+    wait_for(lambda: len(remote_view()) == 1, timeout=10, what="b's interest at a")
+    assert remote_view()[0]["requests"] is False  # announced as events only
+    shown = run_cli("routes", "dev/7/cmd", server=a.ipc).stdout
+    assert "events only: cannot answer requests" in shown
+    assert "requests get 'no responders'" in shown
+    for node in (b, a):
+        with connect(node.ipc) as client:
+            start = time.monotonic()
+            with pytest.raises(NoResponders, match="MQTT subscribers only"):
+                client.request("dev/7/cmd", b"reboot", timeout=5)
+            assert time.monotonic() - start < 1
+    assert [(m.topic, m.payload) for m in device.take(2)] == [("dev/7/cmd", b"reboot")] * 2
+    bg.start("reply", "dev/>", "--echo", server=a.ipc)
+    wait_for(
+        lambda: any(s["requests"] for s in run_json(b, "dev/7/cmd")), timeout=10, what="responder"
+    )
+    with connect(b.ipc) as client:
+        assert client.request("dev/7/cmd", b"echo", timeout=5).data == b"echo"
+    assert [m.payload for m in device.take(1)] == [b"echo"]
+
+
+def run_json(node: NodeProcess, topic: str) -> list[dict[str, Any]]:
+    """The local and remote subscriptions ``node`` routes ``topic`` to."""
+    with connect(node.ipc) as c:
+        view = c.view("routes", topic=topic)
+    return [*view["local"], *view["remote"]]

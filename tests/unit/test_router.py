@@ -24,7 +24,8 @@ from node.codec import (
     iter_deliveries,
 )
 from node.events import Event, decode_event
-from node.router import Router
+from node.router import EVENTS_ONLY, Router
+from node.routing import quiet_group
 from node.topics import matches
 
 NODE_ID = "0123456789abcdef"
@@ -517,6 +518,38 @@ def test_request_with_a_responder_is_delivered_without_noresp() -> None:
     assert controls(out, A) == []
     ((_, ev),) = deliveries(out, B)
     assert ev.is_request
+
+
+def test_a_request_only_clients_that_cannot_answer_hold_gets_noresp_at_once() -> None:
+    """The MQTT listener (an internal client saying "requests": false) takes a request
+    as an event, but its clients cannot answer: it waited out its timeout (exploratory
+    test). The requester hears "no responders" at once, with the reason; the mesh hears
+    the listener's interest as events only, and nothing of it once the listener goes."""
+    m = b"mqtt-listener"
+    r = connected(A, B)
+    r.internal.add(m)
+    r.handle(m, encode_control(Kind.HELLO, {"name": "mqtt listener", "requests": False}), 0)
+    take(r)
+    sub_ok(r, m, 1, "svc/>")
+    rec = record("svc/echo", flags=F_REQUEST)
+    publish(r, A, rec)
+    out = take(r)
+    ((_, ev),) = deliveries(out, m)
+    assert ev.is_request  # MQTT subscribers see it, as NATS subscribers would
+    ((kind, body),) = controls(out, A)
+    assert kind is Kind.NORESP
+    assert body == {"id": rec[20:36].hex(), "topic": "svc/echo", "why": EVENTS_ONLY}
+    assert r.net.interest == {("svc/>", quiet_group(NODE_ID))}
+    sub_ok(r, B, 1, "svc/echo")  # a client that may answer
+    publish(r, A, record("svc/echo", flags=F_REQUEST))
+    out = take(r)
+    assert controls(out, A) == []
+    assert (len(deliveries(out, m)), len(deliveries(out, B))) == (1, 1)
+    assert r.net.interest == {("svc/>", quiet_group(NODE_ID)), ("svc/echo", None)}
+    r.drop_client(m, "gone", 1.0)
+    take(r)
+    assert r.net.interest == {("svc/echo", None)}
+    assert r.mute == set()
 
 
 def test_drop_client_removes_interest() -> None:

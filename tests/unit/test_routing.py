@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.routing import EMPTY_ROUTE, MeshRoute, MeshTable, NodeState, announced
+from node.routing import (
+    EMPTY_ROUTE,
+    MeshRoute,
+    MeshTable,
+    NodeState,
+    announced,
+    capture_group,
+    quiet_group,
+)
 from node.topics import matches
 
 S = "5000000000000000"  # this node
@@ -337,6 +345,28 @@ def test_neighbour_change_updates_paths_and_routes() -> None:
     assert t.route("x") is EMPTY_ROUTE
     t.set_neighbours([A])
     assert t.route("x").plain == (C,)
+
+
+def test_events_only_interest_gets_every_event_but_answers_no_request() -> None:
+    """A node whose subscribers are MQTT clients (no reply-to) announces them as events
+    only: it is routed to as a plain subscriber's node, yet a request that reaches only
+    such nodes has no responder, so the requester's node says so at once."""
+    t = table(
+        [A],
+        ns(A, [S, B], [("job", quiet_group(A)), ("mqtt/>", quiet_group(A))]),
+        ns(B, [A], [("job", None), ("job", quiet_group(B)), ("q", capture_group(B)),
+                    ("q", quiet_group(B))]),
+    )  # fmt: skip
+    job = t.route("job")
+    assert job == MeshRoute((A, B), (), (), (A,))  # B has a subscriber that may answer
+    assert job.answers
+    only_mqtt = t.route("mqtt/x")
+    assert only_mqtt == MeshRoute((A,), (), (), (A,))
+    assert not only_mqtt.answers
+    q = t.route("q")  # a queue there, and MQTT clients that get every event anyway
+    assert q == MeshRoute((B,), (), (), (B,))
+    assert not q.answers
+    assert MeshRoute((), (("g", (A,)),)).answers  # a group member may answer
 
 
 def test_route_groups_pick_the_nearest_members() -> None:
