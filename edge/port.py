@@ -19,6 +19,7 @@ from node.codec import (
     F_REQUEST,
     F_RETAIN,
     HEAD_PUB,
+    NO_RESPONDERS_AT,
     NO_RESPONDERS_FOR,
     RECORD,
     Kind,
@@ -171,11 +172,8 @@ class MeshPort:
     ) -> bytes:
         """A PUB frame answering a mesh request (``no_responders``: the remote had none for
         the request on ``topic``; the node passes that on only if nothing else may answer)."""
-        headers = (
-            encode_headers({"status": "no-responders", NO_RESPONDERS_FOR: topic})
-            if no_responders
-            else b""
-        )
+        said = {"status": "no-responders", NO_RESPONDERS_FOR: topic, NO_RESPONDERS_AT: self.node_id}
+        headers = encode_headers(said) if no_responders else b""
         flags = F_ERROR if no_responders else 0
         return HEAD_PUB + self._record(reply_to, payload, headers, flags)
 

@@ -77,6 +77,9 @@ F_ERROR: Final = 0x10  # a reply that reports the responder's failure
 # A bridge's "no responders" reply (status header) names the request's topic in this
 # header: its node passes it on only if nothing else here or in the mesh may answer.
 NO_RESPONDERS_FOR: Final = "no-responders-for"
+# ... and its node's id in this one: the requester's node, where such answers from other
+# nodes meet, passes on the last one due (node/router.py ``_none_withheld``).
+NO_RESPONDERS_AT: Final = "no-responders-at"
 F_REPLICA: Final = 0x20  # node -> node: a retained value to store, never to deliver
 # A live copy of a retained publish (F_RETAIN cleared, as MQTT delivers it): subscribers
 # see a new event; a bridge exports it retained, as MQTT 5's Retain As Published would.

@@ -23,6 +23,7 @@ from node.codec import (
     F_REQUEST,
     F_RETAINED_LIVE,
     MAX_CLIENT_NAME,
+    NO_RESPONDERS_AT,
     NO_RESPONDERS_FOR,
     RECORD_SIZE,
     SID,
@@ -36,7 +37,7 @@ from node.codec import (
 from node.dedup import DedupWindow
 from node.durable import LOG_ALL, Durable, replay_options
 from node.errors import CodecError, TopicError
-from node.events import decode_event
+from node.events import Event, decode_event
 from node.framing import MAX_FRAME_BYTES, frames_counted, link_frames
 from node.mesh import NO_PLAN, Mesh, Plan, Via
 from node.router_durable import DurableOut, DurableSide
@@ -122,7 +123,7 @@ class Router(MeshSide, DurableSide):
         self.mute: set[bytes] = set()
         self._untold_slow: set[bytes] = set()  # slow consumers with drops not yet told
         # Per request (its reply-to): the bridges that said "no responders" to it so far.
-        self._said_none: dict[str, set[bytes]] = {}
+        self._said_none: dict[str, set[bytes | str]] = {}
         # Permissions of clients that proved a restricted identity; enforced here, at the
         # node the client is attached to, so nothing refused ever enters the mesh.
         self.acl: dict[bytes, Acl] = {}
@@ -775,38 +776,55 @@ class Router(MeshSide, DurableSide):
 
     def _others_answer(self, ident: bytes, frame: bytes) -> bool:
         """True for a bridge's "no responders" (its remote side had none) to a request
-        that something else here or in the mesh may answer: it is withheld. It beat a mesh
-        responder that took 0.2 s, and the requester heard "no responders" (exploratory
-        test). Alone, the bridge's answer is the mesh's, and goes at once."""
+        that something else may answer: it is withheld. It beat a mesh responder that took
+        0.2 s, and the requester heard "no responders" (exploratory test). Alone, the
+        bridge's answer is the mesh's, and goes at once. For a requester on another node,
+        only what is here is weighed: that node weighs the rest (``_none_withheld``)."""
         try:
             ev = decode_event(frame, 2, len(frame))
         except CodecError:
             return False
+        return self._withhold_none(ev, ident, mesh=ev.topic.startswith(self._inbox))
+
+    def _none_withheld(self, rec: bytes) -> bool:
+        """For a forwarded reply flagged as an error: True when it is another node's
+        bridge saying "no responders" to a request of a client here that something else
+        may still answer. Only here are the requester and every answer known: the bridge's
+        node counted this node's own bridge, the requester, as a responder, and a NATS
+        requester timed out (exploratory test)."""
+        try:
+            ev = decode_event(rec, 0, len(rec))
+        except CodecError:
+            return False
+        node = ev.headers.get(NO_RESPONDERS_AT)
+        if node is None or not ev.topic.startswith(self._inbox):
+            return False
+        return self._withhold_none(ev, node, mesh=True)
+
+    def _withhold_none(self, ev: Event, said_by: bytes | str, *, mesh: bool) -> bool:
+        """Whether a "no responders" answer (from bridge ``said_by`` here, or from node
+        ``said_by``) waits for others that may answer: clients here, and with ``mesh``
+        other nodes. Answers are gathered per request: the last one due goes (review: two
+        NATS bridges exporting one topic held back each other's)."""
         topic = ev.headers.get(NO_RESPONDERS_FOR)
         if topic is None or ev.headers.get("status") != "no-responders":
             return False
         route = self._resolve(topic.encode())
         if type(route) is _Refused:
             return False
-        local = _local_dests(route) - self.mute - {ident}  # type: ignore[arg-type]
+        due: set[bytes | str] = set(_local_dests(route) - self.mute)  # type: ignore[arg-type]
         requester = self._inbox_target(ev.topic)  # it asked: it will not answer (review)
         if requester is not None:
-            local.discard(requester[0])
-        others = self._mesh_answers(topic.encode(), route.plan)  # type: ignore[union-attr]
-        if not local and not others:
-            return False  # alone: the bridge's answer is the mesh's
-        bridges = local & self.internal
-        if local - bridges or others:
-            self.counters.no_responders_withheld += 1
-            return True  # a client here or another node may answer
-        # Only other bridges, which answer "no responders" too when their side has none:
-        # the last of those answers goes (review: two NATS bridges exporting one topic
-        # held back each other's, and the requester waited out its timeout).
-        said = self._said_none.pop(ev.topic, set()) | {ident}
-        if bridges <= said:
-            return False
+            due.discard(requester[0])
+        if mesh and not route.plan.empty:  # type: ignore[union-attr]
+            mroute = self.net.table.route(topic)
+            due |= set(mroute.plain) - set(mroute.quiet)
+            due.update(n for _, nodes in mroute.groups for n in nodes)
+        said = self._said_none.pop(ev.topic, set()) | {said_by}
+        if due <= said:
+            return False  # the last answer due: it goes
         self._said_none[ev.topic] = said
-        if len(self._said_none) > 10_000:  # requests whose other bridges never answered
+        if len(self._said_none) > 10_000:  # requests whose other answers never came
             del self._said_none[next(iter(self._said_none))]
         self.counters.no_responders_withheld += 1
         return True

@@ -10,6 +10,7 @@ import struct
 from typing import TYPE_CHECKING, Any, Final
 
 from node.codec import (
+    F_ERROR,
     F_REPLICA,
     F_RETAIN,
     HEAD_FWD,
@@ -59,6 +60,8 @@ class MeshSide:
     if TYPE_CHECKING:  # the Router's, used here
 
         def _remote_route(self, topic_b: bytes) -> Route | _Refused: ...
+
+        def _none_withheld(self, rec: bytes) -> bool: ...
 
         def emit_system(self, topic: str, body: dict[str, Any], now: float) -> None: ...
 
@@ -236,6 +239,8 @@ class MeshSide:
                 if flags & F_REPLICA:  # a retained value to keep, not an event to deliver:
                     self._keep_replica(rec, tlen)  # it shares the event's id, so no dedup
                     continue
+                if flags & F_ERROR and self._none_withheld(rec):
+                    continue  # another node's bridge had none, and others may answer
                 if dedup:
                     origin, seq = origin_seq(body, t0 - 16)
                     if seq == run_seq + 1 and origin == run_origin:

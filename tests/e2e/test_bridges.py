@@ -701,27 +701,40 @@ def test_two_nats_bridges_with_no_responder_say_so_at_once(make_node: NodeFactor
         node.stop()
 
 
+@pytest.mark.parametrize("apart", [False, True], ids=["one-node", "two-nodes"])
 @pytest.mark.parametrize("a_exports", [False, True], ids=["imports", "imports-and-exports"])
 def test_a_nats_request_another_bridge_cannot_answer_gets_nats_no_responders(
-    make_node: NodeFactory, a_exports: bool
+    make_node: NodeFactory, a_exports: bool, apart: bool
 ) -> None:
     """Review: bridge a imports svc.> from server A, bridge b exports svc/> to server B
     where nothing answers: b's "no responders" reached the NATS requester as a reply
     whose data was its text; and with a exporting svc/> too, a counted as a responder
-    to its own request, and the requester timed out."""
+    to its own request, and the requester timed out. With a and b on two nodes, b's
+    answer was held back on b's node, whose view of the mesh counted a's export as a
+    responder; the requester's node decides now (b's node holds back none)."""
     need_binary("nats-server")
     pa, pb = lh.free_port(), lh.free_port()
-    a_export = 'export = ["svc/>"]\n' if a_exports else ""
+    nats = '[[bridge]]\nname = "{}"\nkind = "nats"\nurl = "nats://127.0.0.1:{}"\n'
+    a = nats.format("a", pa) + 'import = ["svc.>"]\n'
+    a += 'export = ["svc/>"]\n' if a_exports else ""
+    b = nats.format("b", pb) + 'export = ["svc/>"]\n'
     with lh.nats_server(port=pa), lh.nats_server(port=pb):
-        node = bridged_node(
-            make_node,
-            f'[[bridge]]\nname = "a"\nkind = "nats"\nurl = "nats://127.0.0.1:{pa}"\n'
-            f'import = ["svc.>"]\n{a_export}'
-            f'[[bridge]]\nname = "b"\nkind = "nats"\nurl = "nats://127.0.0.1:{pb}"\n'
-            'export = ["svc/>"]\n',
-        )
+        if not apart:
+            bridged_node(make_node, a + b)
+        else:
+            node_b = bridged_node(make_node, b)
+            node_a = bridged_node(make_node, f'links = ["tcp://127.0.0.1:{node_b.tcp_port}"]\n{a}')
+            with connect(node_a.ipc) as client:
+                wait_for(
+                    lambda: any(
+                        r["reachable"] for r in client.view("routes", topic="svc/x")["remote"]
+                    ),
+                    timeout=10,
+                    what="b's export at node A",
+                )
         assert nats_no_responders_after(pa, "svc.x") < 2
-        node.stop()
+        if apart:
+            assert node_b.status()["counters"]["no_responders_withheld"] == 0
 
 
 def test_request_reply_across_the_nats_bridge_both_ways(
