@@ -140,6 +140,23 @@ def mesh_pattern_to_mqtt(pattern: str) -> Mapped:
     return Mapped((filt,), warnings)
 
 
+def mqtt_filter_error(filt: str) -> str | None:
+    """Why ``filt`` is no MQTT 3.1.1 topic filter at all (section 4.7.1: ``#`` is a whole
+    last level, ``+`` a whole level, never empty), else None. A client that sends one
+    breaks the protocol and its connection is closed [MQTT-4.8.0-1], as mosquitto does;
+    a valid filter the mesh cannot take gets SUBACK 0x80 instead (``mqtt_subscription``).
+    Both got 0x80 (conformance review)."""
+    if not filt:
+        return "an empty filter"
+    levels = filt.split("/")
+    for i, level in enumerate(levels):
+        if "#" in level and (level != "#" or i != len(levels) - 1):
+            return f"'#' is not a whole last level in {filt[:80]!r}"
+        if "+" in level and level != "+":
+            return f"'+' is not a whole level in {filt[:80]!r}"
+    return None
+
+
 def mqtt_subscription(filt: str) -> tuple[str | None, str, Mapped]:
     """An MQTT client's SUBSCRIBE filter as the listener takes it: (queue group of a
     ``$share/GROUP/filter``, the filter without that prefix, the mesh patterns);

@@ -408,7 +408,7 @@ def _connect_payload(
     username = password = None
     if flags & 0x80:
         username, off = _string(body, off)
-    elif flags & 0x40 and level >= 4:
+    elif flags & 0x40:  # 3.1 too: mosquitto closes the connection, as for 3.1.1
         raise MqttProtocolError("password without a user name")
     if flags & 0x40:
         password, off = _binary(body, off)

@@ -22,6 +22,7 @@ from edge.mqtt_codec import (
     CONNACK_ID_REJECTED,
     CONNACK_NOT_AUTHORIZED,
     CONNACK_SERVER_UNAVAILABLE,
+    PROTOCOLS,
     Connack,
     Connect,
     encode,
@@ -57,7 +58,9 @@ class ConnectSide:
     closed: Callable[[MqttConnection], None]
 
     def _on_connect(self, conn: MqttConnection, c: Connect) -> None:
-        if c.level not in (3, 4):
+        # "MQTT" comes with level 4 and "MQIsdp" (3.1) with 3; another pair is refused,
+        # as mosquitto does [MQTT-3.1.2-2] (it was accepted: conformance review).
+        if c.level not in (3, 4) or PROTOCOLS.get(c.protocol) != c.level:
             conn.write(encode(Connack(False, CONNACK_BAD_PROTOCOL)))
             conn.close()
             return
@@ -125,7 +128,7 @@ class ConnectSide:
         conn.perms = None if verdict.unrestricted else verdict
         client_id = c.client_id
         if not client_id:
-            if not c.clean_session:
+            if not c.clean_session or c.level == 3:  # MQTT 3.1 ids have 1 to 23 characters
                 conn.write(encode(Connack(False, CONNACK_ID_REJECTED)))
                 conn.close()
                 return

@@ -27,7 +27,7 @@ import os
 import selectors
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from typing import Any, Final
 
 from edge.mapping import (
     MappingError,
+    mqtt_filter_error,
     mqtt_subscription,
     mqtt_topic_to_mesh,
 )
@@ -391,6 +392,10 @@ class MqttListener(ConnectSide, NodeSide):
         n = self.counters["protocol_errors"] = self.counters["protocol_errors"] + 1
         if n <= LOG_FIRST or n % 1000 == 0:
             log.warning("MQTT client %s: protocol error (total %d): %s", conn.name, n, why)
+        # The answers to what came before it in the same read go first (a CONNACK, a
+        # PINGRESP), as a broker reading packet by packet sends them; they were dropped,
+        # and a client saw its connection reset with no CONNACK (conformance review).
+        conn.flush()
         conn.close(abort=True)
 
     # ---- packets from clients -------------------------------------------------------------
@@ -415,6 +420,8 @@ class MqttListener(ConnectSide, NodeSide):
             case Subscribe():
                 self._on_subscribe(conn, session, packet)
             case Unsubscribe(packet_id=pid, filters=filters):
+                if self._bad_filter(conn, filters):
+                    return
                 for filt in filters:
                     sub = session.unsubscribe(filt)
                     if sub is not None:
@@ -531,7 +538,18 @@ class MqttListener(ConnectSide, NodeSide):
         if self._record_bytes >= FRAME_BYTES:
             self._send_records()
 
+    def _bad_filter(self, conn: MqttConnection, filters: Iterable[str]) -> bool:
+        """True (and the connection closed) when a filter is no MQTT filter at all."""
+        for filt in filters:
+            why = mqtt_filter_error(filt)
+            if why is not None:
+                self.protocol_error(conn, f"not a topic filter: {why}")
+                return True
+        return False
+
     def _on_subscribe(self, conn: MqttConnection, session: Session, s: Subscribe) -> None:
+        if self._bad_filter(conn, (f for f, _ in s.filters)):
+            return
         codes: list[int] = []
         retained: list[bytes] = []
         sids: list[int] = []

@@ -14,6 +14,7 @@ from edge.mapping import (
     mesh_pattern_to_mqtt,
     mesh_to_nats,
     mesh_topic_to_mqtt,
+    mqtt_filter_error,
     mqtt_filter_to_mesh,
     mqtt_shared,
     mqtt_topic_to_mesh,
@@ -45,6 +46,18 @@ def test_mqtt_filters_into_the_mesh(filt: str, patterns: tuple[str, ...], warned
 def test_unmappable_mqtt_filters_are_refused(filt: str) -> None:
     with pytest.raises(MappingError):
         mqtt_filter_to_mesh(filt)
+
+
+@pytest.mark.parametrize(
+    ("filt", "bad"),
+    [("a/#/b", True), ("a+", True), ("a#", True), ("", True), ("a/+b", True), ("#/a", True),
+     ("$share/g+/a", True), ("a/#", False), ("+/+", False), ("#", False), ("/a", False),
+     ("a//b", False), ("$SYS/#", False), ("$share/g/a/#", False), ("a b/c", False)],
+)  # fmt: skip
+def test_what_is_no_mqtt_filter_at_all(filt: str, bad: bool) -> None:
+    """Section 4.7.1's rules only: valid filters the mesh cannot take (``/a``, ``$SYS``)
+    are refused by ``mqtt_subscription`` with SUBACK 0x80, not closed."""
+    assert (mqtt_filter_error(filt) is not None) is bad
 
 
 @pytest.mark.parametrize("topic", ["a//b", "/a", "a/", "a/+", "a/#", "a*b", "a/>", ""])

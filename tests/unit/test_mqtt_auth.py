@@ -89,6 +89,23 @@ def test_connect_verdicts(tmp_path: Path) -> None:
     assert Authenticator(path, anonymous=True).check(None, None) == Permissions()
 
 
+def test_an_open_listener_without_users_takes_any_user_name(tmp_path: Path) -> None:
+    """As mosquitto with anonymous clients and no password file (conformance review: a
+    device that brought a user name was refused by an open node). Once there are users,
+    names are checked."""
+    path = tmp_path / "users.json"
+    auth = Authenticator(path, anonymous=True)
+    assert auth.check("dev", b"pw") == Permissions()
+    assert auth.check("dev", None) == Permissions()
+    save_users(path, {"dev": User("dev", hash_password("pw"), SENSOR)})
+    assert auth.check("dev", b"pw") == SENSOR
+    assert auth.check("other", b"pw") == CONNACK_BAD_CREDENTIALS
+    assert auth.check(None, None) == Permissions()
+    assert Authenticator(tmp_path / "none.json", anonymous=False).check("dev", b"pw") == (
+        CONNACK_BAD_CREDENTIALS
+    )
+
+
 def test_a_changed_or_removed_user_takes_effect_at_once(tmp_path: Path) -> None:
     path = tmp_path / "users.json"
     save_users(path, {"dev": User("dev", hash_password("old"), SENSOR)})

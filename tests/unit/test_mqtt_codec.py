@@ -101,6 +101,7 @@ BAD = [
     ("10 0c 00 04 4d 51 54 54 04 1e 00 3c 00 00", "will QoS 3"),
     ("10 0c 00 04 4d 51 54 54 04 22 00 3c 00 00", "without a will"),
     ("10 0c 00 04 4d 51 54 54 04 42 00 3c 00 00", "password without a user name"),
+    ("10 0e 00 06 4d 51 49 73 64 70 03 42 00 3c 00 00", "password without a user name"),
     ("10 0d 00 04 4d 51 54 54 04 02 00 3c 00 00 ff", "after the CONNECT"),
     ("10 0d 00 04 4d 51 54 54 04 02 00 3c 00 01 00", "contains NUL"),
     ("10 06 00 04 4d 51 54 54", "truncated CONNECT"),
