@@ -119,7 +119,7 @@ class Mesh(StatesSide):
         self.table = MeshTable(node_id)
         self.links: dict[str, Link] = {}
         self.by_via: dict[Via, str] = {}
-        self.interest: frozenset[tuple[str, str | None]] = frozenset()
+        self.interest: set[tuple[str, str | None]] = set()  # changed in place
         self.endpoints: tuple[str, ...] = ()
         self.out: list[tuple[Via, bytes]] = []
         self.closed: list[Via] = []  # outbound links the loop must close

@@ -14,6 +14,7 @@ the whole state (``want``), and any node answers such a request with what it hol
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Any, Final
 
 from node.codec import MAX_STATE_BYTES, Kind, encode_control
@@ -33,7 +34,7 @@ class StatesSide:
     # The Mesh's state this side works on (set in Mesh.__init__).
     node_id: str
     version: int
-    interest: frozenset[tuple[str, str | None]]
+    interest: set[tuple[str, str | None]]  # changed in place
     links: dict[str, Link]
     by_via: dict[Via, str]
     table: MeshTable
@@ -51,7 +52,7 @@ class StatesSide:
     def _topology_changed(self, now: float) -> None:
         raise NotImplementedError
 
-    def set_interest(self, interest: frozenset[tuple[str, str | None]]) -> None:
+    def set_interest(self, interest: AbstractSet[tuple[str, str | None]]) -> None:
         """The local clients' patterns are now ``interest``: announce at the next output."""
         self.change_interest(interest - self.interest, self.interest - interest)
 
@@ -61,13 +62,16 @@ class StatesSide:
         remove: Iterable[tuple[str, str | None]],
     ) -> None:
         """The local clients took up or dropped these (pattern, group) entries: announce
-        at the next output. Costs what changed, not what is held (but one copy in C)."""
+        at the next output. Costs what changed, not what is held: a copy of the whole set
+        per change took 17 ms at 150,000 patterns, and a stream of changes kept the loop
+        from its heartbeats until links went down (scale test)."""
         held = self.interest
         add = {k for k in add if k not in held}
         remove = {k for k in remove if k in held}
         if not (add or remove):
             return
-        self.interest = (held - remove) | add
+        held -= remove  # in place: the states we announced hold only its size (``_announce``)
+        held |= add
         pending_add, pending_remove = self._unannounced
         for k in add:
             if k in pending_remove:
