@@ -80,6 +80,7 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT,
     creds: str | os.PathLike[str] | None = None,
     cancel: threading.Event | None = None,
+    operator: bool = False,
 ) -> Client:
     """Connect to a node and return a ready Client.
 
@@ -91,12 +92,17 @@ def connect(
         creds: a credentials file from ``meshctl invite --client`` (default
             ``$MESHCTL_CREDS``); needed for ``tcp://`` to a secured node, unused on ipc.
         cancel: once set, the wait for the node's greeting ends (Unreachable).
+        operator: a short session to look or administer (``meshctl status``, ``peers``,
+            ``queue ls``...): it may take one of a few places kept beyond
+            ``limits.max_clients``, so a node full of clients can still be seen.
 
     Raises:
         Unreachable: no node answered within ``timeout``.
         InputError: ``server`` is not an address.
     """
-    client = Client(server, name=name, timeout=timeout, creds=creds, cancel=cancel)
+    client = Client(
+        server, name=name, timeout=timeout, creds=creds, cancel=cancel, operator=operator
+    )
     try:
         client.open()
     except BaseException:
@@ -206,7 +212,9 @@ class Client:
         identity: bytes | None = None,
         creds: str | os.PathLike[str] | None = None,
         cancel: threading.Event | None = None,
+        operator: bool = False,
     ) -> None:
+        self._operator = operator  # see ``connect``
         # ``cancel``: an actor's stop, which ends a greeting that waits for a node (an
         # uplink's to a cloud that is away held a node's stop for 2 s: exploratory test).
         self._cancel = cancel
@@ -326,6 +334,8 @@ class Client:
         hello: dict[str, Any] = {"name": self.name[:MAX_CLIENT_NAME]}  # the node keeps as many
         if self._creds is not None and self.server.startswith("tcp://"):
             hello["member"] = self._creds["member"]
+        if self._operator:
+            hello["operator"] = True
         return encode_control(Kind.HELLO, hello)
 
     def close(self) -> None:

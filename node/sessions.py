@@ -168,6 +168,7 @@ class Counters:
     events_out: int = 0
     no_interest: int = 0
     no_responders_withheld: int = 0  # a bridge's "no responders" while others may answer
+    clients_refused: int = 0  # HELLOs over limits.max_clients
     bad_frames: int = 0
     bad_handshakes: int = 0
     forwarded_in: int = 0

@@ -96,6 +96,7 @@ def status(router: Router, now: float) -> dict[str, Any]:
             "events_out": c.events_out,
             "no_interest": c.no_interest,
             "no_responders_withheld": c.no_responders_withheld,
+            "clients_refused": c.clients_refused,
             "bad_frames": c.bad_frames,
             "bad_handshakes": c.bad_handshakes,
             "forwarded_in": c.forwarded_in,

@@ -16,7 +16,7 @@ from node.topics import validate_topic
 
 
 def _fetch(server: str | None, timeout: float, view: str, **args: Any) -> dict[str, Any]:
-    with connect(server, name=f"meshctl {view}", timeout=timeout) as client:
+    with connect(server, name=f"meshctl {view}", timeout=timeout, operator=True) as client:
         return client.view(view, **args)
 
 

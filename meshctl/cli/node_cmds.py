@@ -378,7 +378,7 @@ def status(
     server: ServerOpt = None, timeout: TimeoutOpt = Seconds(2), json_out: JsonOpt = False
 ) -> None:
     """Show the node: id, endpoints, uptime, clients, subscriptions and counters."""
-    with connect(server, name="meshctl status", timeout=timeout) as client:
+    with connect(server, name="meshctl status", timeout=timeout, operator=True) as client:
         info = client.status()
     if json_out:
         print(dumps(info))

@@ -18,7 +18,7 @@ NameArg = Annotated[str, typer.Argument(help="Queue name.")]
 
 
 def _call(server: str | None, timeout: float, op: str, **args: Any) -> dict[str, Any]:
-    with connect(server, name=f"meshctl queue {op}", timeout=timeout) as client:
+    with connect(server, name=f"meshctl queue {op}", timeout=timeout, operator=True) as client:
         return client.queue(op, **args)
 
 

@@ -189,7 +189,9 @@ def _local_url(where: Path) -> str:
     from meshctl.client import connect  # noqa: PLC0415
 
     try:
-        with connect(f"ipc://{where / datadir.IPC_FILE}", name="meshctl invite") as c:
+        with connect(
+            f"ipc://{where / datadir.IPC_FILE}", name="meshctl invite", operator=True
+        ) as c:
             # As the node gives them to the mesh: 0.0.0.0 already made an address on its
             # mDNS interfaces (the CLI's own guess ignored mesh.interfaces: review).
             nodes = c.view("mesh").get("nodes", [])

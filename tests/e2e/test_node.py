@@ -315,6 +315,34 @@ def test_payload_over_configured_limit(make_node: NodeFactory, bg: Background) -
     assert node.status()["limits"]["max_payload"] == 1024
 
 
+def test_a_node_full_of_clients_can_still_be_seen_and_says_it_refuses_more(
+    make_node: NodeFactory,
+) -> None:
+    """Scale test: at limits.max_clients every `status`, `peers` and `queue ls` failed,
+    even on the node's own host, and nothing in the log said clients were turned away.
+    An operator's session may take one of a few places beyond the limit; refusals are
+    logged and counted."""
+    import json
+
+    from meshctl import connect
+    from meshctl.errors import RemoteError
+
+    node = make_node(config_text="[limits]\nmax_clients = 2\n")
+    held = [connect(node.ipc, name=f"holder {i}", timeout=5) for i in range(2)]
+    try:
+        with pytest.raises(RemoteError, match="limit of 2 clients"):
+            connect(node.ipc, name="one too many", timeout=5)
+        for args in (("status", "--json"), ("peers",), ("queue", "ls")):
+            done = run_cli(*args, server=node.ipc)
+            assert done.returncode == 0, done.describe()
+        status = json.loads(run_cli("status", "--json", server=node.ipc).stdout)
+        assert status["counters"]["clients_refused"] == 1
+        assert "client refused: the node has reached its limit of 2 clients" in node.log_text()
+    finally:
+        for c in held:
+            c.close()
+
+
 def test_default_limit_is_one_mebibyte(node: NodeProcess, bg: Background) -> None:
     sub = bg.start("sub", "--json", "--count", "1", "mib", server=node.ipc)
     fits = run_cli("pub", "mib", "-", server=node.ipc, input=b"m" * (1 << 20) + b"\n")
