@@ -433,12 +433,10 @@ class MqttBridge(Bridge):
 
     def _export_mqtt(self, client: Any, sock: zmq.Socket[bytes], ev: Event) -> Any:
         """Publish one export. A request goes out as a message too (MQTT subscribers see
-        it, as mesh ones do), but nothing over MQTT can answer it: the bridge says "no
-        responders", which the node passes on only when nothing else may answer. The
-        bridge's subscription counted as a responder, and a mesh requester waited out its
-        timeout (noted in session 12)."""
+        it, as mesh ones do), but nothing over MQTT can answer it: the bridge said so in
+        its HELLO ("requests": false), so its export is events-only interest and the
+        requester's node answers "no responders" when nothing else may answer."""
         remote = self._export_topic(ev.topic, mesh_topic_to_mqtt)
-        self._no_responders(sock, ev, f"MQTT ({self.cfg.name}) has no request-reply")
         if remote is None:
             self.counters["refused"] += 1
         elif self.state != "up":

@@ -182,8 +182,16 @@ class Uplink(threading.Thread):
         """One connection to the cloud, until it fails or we are stopped."""
         creds = self.s.creds or None
         name = f"uplink {self.s.node_name}"
+        # requests=False: a cloud request on what we import reaches us as an event, but
+        # its replies could not go back (the edge routes no cloud inbox); its requester
+        # waited out its timeout (review). It hears "no responders" at once now.
         with connect(
-            self.s.url, name=name, timeout=2.0, creds=creds, cancel=self._stopping
+            self.s.url,
+            name=name,
+            timeout=2.0,
+            creds=creds,
+            cancel=self._stopping,
+            requests=False,
         ) as cloud:
             self.cloud_id = cloud.node_id
             consumer = None

@@ -81,6 +81,7 @@ def connect(
     creds: str | os.PathLike[str] | None = None,
     cancel: threading.Event | None = None,
     operator: bool = False,
+    requests: bool = True,
 ) -> Client:
     """Connect to a node and return a ready Client.
 
@@ -95,13 +96,22 @@ def connect(
         operator: a short session to look or administer (``meshctl status``, ``peers``,
             ``queue ls``...): it may take one of a few places kept beyond
             ``limits.max_clients``, so a node full of clients can still be seen.
+        requests: False for a client that takes events but never answers a request (an
+            edge uplink importing from the cloud): a request only such subscribers hold
+            gets "no responders" at once instead of waiting out its timeout.
 
     Raises:
         Unreachable: no node answered within ``timeout``.
         InputError: ``server`` is not an address.
     """
     client = Client(
-        server, name=name, timeout=timeout, creds=creds, cancel=cancel, operator=operator
+        server,
+        name=name,
+        timeout=timeout,
+        creds=creds,
+        cancel=cancel,
+        operator=operator,
+        requests=requests,
     )
     try:
         client.open()
@@ -213,8 +223,10 @@ class Client:
         creds: str | os.PathLike[str] | None = None,
         cancel: threading.Event | None = None,
         operator: bool = False,
+        requests: bool = True,
     ) -> None:
         self._operator = operator  # see ``connect``
+        self._requests = requests
         # ``cancel``: an actor's stop, which ends a greeting that waits for a node (an
         # uplink's to a cloud that is away held a node's stop for 2 s: exploratory test).
         self._cancel = cancel
@@ -336,6 +348,8 @@ class Client:
             hello["member"] = self._creds["member"]
         if self._operator:
             hello["operator"] = True
+        if not self._requests:
+            hello["requests"] = False
         return encode_control(Kind.HELLO, hello)
 
     def close(self) -> None:

@@ -587,7 +587,11 @@ class Mesh(StatesSide):
         names[self.node_id] = self.name
         route: MeshRoute = self.table.route(topic)
         remote = []
-        for node, group in self.table.matches(topic):
+        matches = self.table.matches(topic)
+        plain = {node for node, group in matches if group is None}
+        for node, group in matches:
+            if group is not None and group.startswith(QUIET) and node in plain:
+                continue  # it has a subscriber that may answer too: listed as plain (review)
             path = self.table.path_to(node)
             stored = group is not None and group.startswith(CAPTURE)
             quiet = group is not None and group.startswith(QUIET)

@@ -80,7 +80,7 @@ _FLAGS_AT: Final = 2 + 8  # the first record's flags byte in a PUB frame
 
 
 OPERATOR_PLACES: Final = 16  # clients beyond limits.max_clients for operators' sessions
-EVENTS_ONLY: Final = "MQTT subscribers only: they cannot answer"
+EVENTS_ONLY: Final = "only subscribers that cannot answer: MQTT clients, uplinks"
 _IMPORTED_REQUEST: Final = F_IMPORTED | F_REQUEST  # a bridge's request from its remote side
 _MESH_FLAGS: Final = F_REPLICA | F_RETAINED_LIVE  # set by nodes only, refused from clients
 
@@ -297,7 +297,7 @@ class Router(MeshSide, DurableSide):
             )
             return
         name = str(body.get("name", ""))[:MAX_CLIENT_NAME]
-        if ident in self.internal and body.get("requests") is False:
+        if body.get("requests") is False:  # MQTT's, an uplink's: it takes events only
             self.mute.add(ident)
         client = Client(ident=ident, name=name, connected_at=now, last_seen=now)
         self.clients[ident] = client
@@ -621,7 +621,11 @@ class Router(MeshSide, DurableSide):
                     route.answers if local else self._mesh_answers(topic, plan)  # type: ignore[union-attr]
                 ):
                     quiet = bool(local or not plan.empty)  # it went to events-only ones
-                    self._no_responders(ident, frame[t0 - 16 : t0], topic, quiet=quiet)
+                    # A bridge's import is answered only when nothing at all takes it, as
+                    # NATS would: its "no responders" (a 503 on NATS) beat a service on the
+                    # NATS side that would have answered (review).
+                    if not (quiet and flags & F_IMPORTED):
+                        self._no_responders(ident, frame[t0 - 16 : t0], topic, quiet=quiet)
         finally:  # records of an unfinished run still go (as they did one by one)
             if run_plan is not NO_PLAN:
                 self._forward_run(run_plan, frame[run_start:run_end])

@@ -16,7 +16,7 @@ import pytest
 from helpers import Background, NodeFactory, NodeProcess, free_tcp_port, run_cli, wait_for
 
 from meshctl import connect
-from meshctl.errors import RemoteError, Timeout
+from meshctl.errors import NoResponders, RemoteError, Timeout
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -325,6 +325,27 @@ def test_commands_from_the_cloud_wait_for_an_edge_that_is_away(
     assert replay_all(edge, "cmd/>", 50) == [f"open {i}" for i in range(50)]
     # Both directions overlap nothing here, but what came down must not go back up.
     assert uplink(edge)["sent"] == 0
+
+
+def test_a_cloud_request_on_what_an_edge_imports_gets_no_responders_at_once(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Review: the uplink's subscription at the cloud counted as a responder, but a reply
+    from the edge cannot come back (the edge routes no cloud inbox): a cloud request on
+    what an edge imports waited out its timeout. The uplink takes events only; its
+    requester hears "no responders" at once, and the command still reaches the edge."""
+    port = free_tcp_port()
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=uplink_config(port))
+    wait_uplink(edge, "up")
+    with connect(edge.ipc) as watcher:
+        sub = watcher.subscribe("cmd/>", retained=False)
+        with connect(cloud.ipc) as client:
+            start = time.monotonic()
+            with pytest.raises(NoResponders, match="cannot answer"):
+                client.request("cmd/plant/valve", b"open?", timeout=5)
+            assert time.monotonic() - start < 1
+        assert sub.next(timeout=10).data == b"open?"
 
 
 def big_then_five(sender: NodeProcess, receiver: NodeProcess, big: str, small: str) -> list[bytes]:

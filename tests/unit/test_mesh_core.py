@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from node.codec import Kind, decode_control, decode_targets
 from node.mesh import FORGET_AFTER, MAX_HOPS_FORWARD, NO_PLAN, PROTO, Mesh, Via
-from node.routing import NodeState, capture_group
+from node.routing import NodeState, capture_group, quiet_group
 
 MESH = "m"
 A, B, C, D, E = (f"{c}000000000000000" for c in "abcde")
@@ -817,6 +817,28 @@ def test_a_queues_node_gets_persistent_events_only() -> None:
         (NAMES[B], None, True),
         (NAMES[D], None, True),
     ]
+
+
+def test_events_only_nodes_get_every_event_and_are_shown_once() -> None:
+    """B's subscribers are MQTT clients only (events only), D has both kinds: both get
+    every event, requests included; `routes` names D once, as plain (review: twice)."""
+    hub, _via_a, via_b = hub_with_two_branches()
+    hub.mesh.on_states(
+        via_b,
+        {
+            "states": [
+                state(B, [S, D], [("t", quiet_group(B))], version=2).to_json(),
+                state(D, [B], [("t", None), ("t", quiet_group(D))], version=2).to_json(),
+            ]
+        },
+        0.0,
+    )
+    route = hub.mesh.table.route("t")
+    assert (route.plain, route.quiet, route.answers) == ((B, C, D, E), (B,), True)
+    assert hub.mesh.plan("t", {"g"}).plain == (B, C, D, E)
+    shown = [(r["name"], r["group"], r["requests"]) for r in hub.mesh.explain("t", [])["remote"]]
+    assert [r for r in shown if not r[2]] == [(NAMES[B], None, False)]
+    assert [r for r in shown if r[0] == NAMES[D]] == [(NAMES[D], None, True)]
 
 
 def test_dynamic_takes_turns_among_equally_near_members() -> None:
