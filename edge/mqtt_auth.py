@@ -149,14 +149,9 @@ class Authenticator:
         that verified before), else None: then ``verify``, which takes tens of ms."""
         if username is None:
             return Permissions() if self.anonymous else CONNACK_NOT_AUTHORIZED
-        self._reload()
-        if self.anonymous and not self.users:
-            # As mosquitto with anonymous clients and no password file: the name is not
-            # checked. Devices that bring one were refused by an open node (conformance
-            # review), though nothing could have let them in but making that user.
-            return Permissions()
         if password is None:
             return CONNACK_BAD_CREDENTIALS
+        self._reload()
         user = self.users.get(username)
         if user is None:
             return None  # hashed all the same: timing must not tell which names exist
@@ -166,6 +161,14 @@ class Authenticator:
                 self._verified.move_to_end(key)
             return user.perms
         return None
+
+    def names_checked(self) -> bool:
+        """False where anonymous clients may connect and there are no users: as mosquitto
+        without a password file, a client's user name is then not checked, and the client
+        is anonymous. Devices that brought one were refused by an open node (conformance
+        review), though nothing could have let them in but making that user."""
+        self._reload()
+        return not (self.anonymous and not self.users)
 
     def verify(self, username: str | None, password: bytes | None) -> Permissions | int:
         """Hash ``password`` against the user's; safe in a worker thread (scrypt releases

@@ -8,6 +8,7 @@ are hashed in one worker thread while the client's reading waits (edge/mqtt_auth
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -64,6 +65,10 @@ class ConnectSide:
             conn.write(encode(Connack(False, CONNACK_BAD_PROTOCOL)))
             conn.close()
             return
+        if c.username is not None and not self.auth.names_checked():
+            # Anonymous, name and all: an unchecked name must not own a session that
+            # another client claiming it would take over (review).
+            c = dataclasses.replace(c, username=None, password=None)
         verdict = self.auth.quick(c.username, c.password)
         if verdict is not None:
             self._admit(conn, c, verdict)

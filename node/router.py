@@ -80,6 +80,9 @@ _FLAGS_AT: Final = 2 + 8  # the first record's flags byte in a PUB frame
 
 
 OPERATOR_PLACES: Final = 16  # clients beyond limits.max_clients for operators' sessions
+LOOKER_ONLY: Final = (
+    "node has reached its limit of clients: an operator's session beyond it may only look"
+)
 EVENTS_ONLY: Final = "only subscribers that cannot answer: MQTT clients, uplinks"
 _IMPORTED_REQUEST: Final = F_IMPORTED | F_REQUEST  # a bridge's request from its remote side
 _MESH_FLAGS: Final = F_REPLICA | F_RETAINED_LIVE  # set by nodes only, refused from clients
@@ -231,6 +234,9 @@ class Router(MeshSide, DurableSide):
         client.last_seen = now
         ref = body.get("ref")
         if kind == Kind.SUB:
+            if client.looker:
+                self._error(ident, ref, LOOKER_ONLY, "limit")
+                return
             self._subscribe(client, ref, body)
         elif kind == Kind.UNSUB:
             self._unsubscribe(client, ref, body)
@@ -283,9 +289,10 @@ class Router(MeshSide, DurableSide):
         if len(self.clients) >= self.max_clients + extra:
             n = self.counters.clients_refused = self.counters.clients_refused + 1
             if n <= 10 or n % 1000 == 0:
+                who = str(body.get("name", ""))[:MAX_CLIENT_NAME] or ident.hex()
                 self.log(
-                    f"client refused: the node has reached its limit of {self.max_clients} "
-                    f"clients (limits.max_clients; {n} refused so far)"
+                    f"client {who!r} refused: the node has reached its limit of "
+                    f"{self.max_clients} clients (limits.max_clients; {n} refused so far)"
                 )
             self._send_control(
                 ident,
@@ -300,6 +307,7 @@ class Router(MeshSide, DurableSide):
         if body.get("requests") is False:  # MQTT's, an uplink's: it takes events only
             self.mute.add(ident)
         client = Client(ident=ident, name=name, connected_at=now, last_seen=now)
+        client.looker = len(self.clients) >= self.max_clients
         self.clients[ident] = client
         self.by_client_id[client.client_id] = ident
         self._send_control(
@@ -483,6 +491,9 @@ class Router(MeshSide, DurableSide):
             self._no_session(ident)
             return
         client.last_seen = now
+        if client.looker:
+            self._error(ident, None, LOOKER_ONLY, "limit")
+            return
         cache = self._cache
         pending = self._pending
         unpack = _HEAD.unpack_from

@@ -154,6 +154,9 @@ class Client:
     events_in: int = 0
     events_out: int = 0
     drops: Drops = field(default_factory=Drops)  # events its full queue refused
+    # An operator's session in a place beyond limits.max_clients: it may look (views,
+    # queue commands) but neither publish nor subscribe, so those places stay for looking.
+    looker: bool = False
 
     @property
     def client_id(self) -> str:

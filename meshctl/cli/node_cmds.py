@@ -411,9 +411,14 @@ def _render_status(s: dict[str, Any]) -> None:
                 f"[yellow]blocked[/] {address}: too many failed proofs, its handshakes are "
                 f"dropped for {left:g}s more"
             )
+    limit = s.get("limits", {}).get("max_clients")
+    refused = c.get("clients_refused", 0)
+    full = ""
+    if limit is not None and (refused or len(s["clients"]) >= limit):
+        full = f" [red](limit {limit}" + (f", {refused} refused" if refused else "") + ")[/]"
     out.print(
-        f"[dim]uptime[/] {_ago(s.get('uptime_s', 0))}  [dim]clients[/] {len(s['clients'])}  "
-        f"[dim]subscriptions[/] {s.get('subscriptions_total', len(s['subscriptions']))}"
+        f"[dim]uptime[/] {_ago(s.get('uptime_s', 0))}  [dim]clients[/] {len(s['clients'])}{full}"
+        f"  [dim]subscriptions[/] {s.get('subscriptions_total', len(s['subscriptions']))}"
     )
     drops = ", ".join(f"{k} {v}" for k, v in c["dropped"].items() if v) or "none"
     out.print(

@@ -1009,7 +1009,10 @@ def test_answers_to_packets_before_a_protocol_error_go_out_first(mnode: NodeProc
 
 def test_an_open_node_takes_clients_that_bring_a_user_name(mnode: NodeProcess) -> None:
     """As mosquitto with anonymous clients and no password file: a device configured
-    with credentials was refused (CONNACK 4) by an open node with no MQTT users."""
+    with credentials was refused (CONNACK 4) by an open node with no MQTT users. Its
+    name is not checked, so it is anonymous: it owns nothing another client could not
+    take over (review: a client claiming the name took the device's session, while an
+    anonymous one was refused)."""
     need_binary("mosquitto_pub")
     done = subprocess.run(
         ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(mqtt_port(mnode)),
@@ -1017,3 +1020,8 @@ def test_an_open_node_takes_clients_that_bring_a_user_name(mnode: NodeProcess) -
         capture_output=True, text=True, timeout=10, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    device = Raw(mqtt_port(mnode))
+    device.connect("plc-7", clean=False, username="plc1", password=b"pw")
+    other = Raw(mqtt_port(mnode))
+    assert other.connect("plc-7", clean=False).session_present
+    assert _closed(device)

@@ -337,7 +337,14 @@ def test_a_node_full_of_clients_can_still_be_seen_and_says_it_refuses_more(
             assert done.returncode == 0, done.describe()
         status = json.loads(run_cli("status", "--json", server=node.ipc).stdout)
         assert status["counters"]["clients_refused"] == 1
-        assert "client refused: the node has reached its limit of 2 clients" in node.log_text()
+        assert "(limit 2, 1 refused)" in run_cli("status", server=node.ipc).stdout
+        log = node.log_text()
+        assert "client 'one too many' refused: the node has reached its limit of 2" in log
+        # Anyone may say it is an operator: beyond the limit it may only look (review).
+        with connect(node.ipc, name="claims", timeout=5, operator=True) as looker:
+            assert looker.status()["counters"]["clients_refused"] == 1
+            with pytest.raises(RemoteError, match="may only look"):
+                looker.subscribe("x")
     finally:
         for c in held:
             c.close()
