@@ -248,6 +248,9 @@ class StatesSide:
             if now - answered.get(node_id, float("-inf")) < 1.0:
                 continue
             if node_id == self.node_id:
+                # Its interest is our live set (changed in place): with changes not yet
+                # announced it holds them too, under the older version. Harmless: the
+                # delta that announces them adds and removes the same entries again.
                 state = self._announced
             elif node_id in self.table.partial:
                 state = None  # what we hold of it is not the whole truth
