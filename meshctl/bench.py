@@ -477,7 +477,7 @@ class MeshFigures:
     rounds: list[dict[str, Throughput]]  # every run, round by round
 
 
-MESH_ROUNDS: Final = 3
+MESH_ROUNDS: Final = 5  # three gave single figures 0.73-1.10 apart on a 2-core machine
 
 
 def _median(runs: list[Throughput]) -> Throughput:
