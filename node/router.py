@@ -148,7 +148,8 @@ class Router(MeshSide, DurableSide):
         # restart always starts (exploratory test).
         run = (wall_ns() if epoch is None else epoch) & 0xFFFFFFFF
         self._origin = bytes.fromhex(node_id)[:4].ljust(4, b"\0") + run.to_bytes(4, "big")
-        self._held_system: list[tuple[bytes, str, float]] = []  # (record, topic, until)
+        # (record, topic, until, nodes it went to): the mesh's own changes, kept a moment
+        self._held_system: list[tuple[bytes, str, float, set[str]]] = []
         self._seq = 0
         self._inbox = f"{INBOX_PREFIX}/{node_id}/"
         self._interest: dict[tuple[str, str | None], int] = {}
@@ -885,14 +886,18 @@ class Router(MeshSide, DurableSide):
             self._pending.setdefault(dest, []).extend((prefix, rec))
         if self._held_system:
             self._release_held(now)  # the older ones first: in order (review)
+        sent: set[str] = set()
         if not route.plan.empty:
             self._forward(route.plan, rec)
-        elif topic.startswith(_HELD_TOPICS) and len(self._held_system) < MAX_HELD_SYSTEM:
-            # Nobody elsewhere wants it yet, maybe only because the states of a link that
-            # is coming up have not arrived: a new node's own link/up and node/up never
-            # reached $mesh subscribers elsewhere (exploratory test). Kept a moment. Only
+            sent.update(route.plan.plain)
+        if topic.startswith(_HELD_TOPICS) and len(self._held_system) < MAX_HELD_SYSTEM:
+            # Nodes that want it may not be known yet, only because the states of a link
+            # that is coming up have not arrived: a new node's own link/up and node/up
+            # never reached $mesh subscribers elsewhere (exploratory test), and a restarted
+            # node's reached those behind one neighbour only, the first whose state came
+            # (plant scenario). Kept a moment, for the nodes that turn up meanwhile. Only
             # the mesh's own changes: a burst of client events would crowd them out.
-            self._held_system.append((rec, topic, now + SYSTEM_HOLD))
+            self._held_system.append((rec, topic, now + SYSTEM_HOLD, sent))
 
     def tick(self, now: float) -> None:
         """Timers: the durable side's, held $mesh events, full links' drops untold."""
@@ -908,17 +913,20 @@ class Router(MeshSide, DurableSide):
             self._release_held(now)
 
     def _release_held(self, now: float) -> None:
-        """Forward the held $mesh events that some node now wants; forget expired ones."""
+        """Send the held $mesh events on to the nodes that want them now and have not had
+        them; forget the expired ones."""
         held, self._held_system = self._held_system, []
-        plans: dict[str, Plan] = {}  # a few topics, many events: one route each
-        for rec, topic, until in held:
-            plan = plans.get(topic)
-            if plan is None:
-                plan = plans[topic] = self._route_for(topic).plan
-            if not plan.empty:
-                self._forward(plan, rec)  # the first copy that leaves this node
-            elif now < until:
-                self._held_system.append((rec, topic, until))
+        wanted: dict[str, tuple[str, ...]] = {}  # a few topics, many events: one route each
+        for rec, topic, until, sent in held:
+            nodes = wanted.get(topic)
+            if nodes is None:
+                nodes = wanted[topic] = self._route_for(topic).plan.plain
+            new = [n for n in nodes if n not in sent]
+            if new:
+                self._forward(self.net.broadcast_plan(new), rec)
+                sent.update(new)
+            if now < until:
+                self._held_system.append((rec, topic, until, sent))
 
     # ---- output ------------------------------------------------------------------------
 

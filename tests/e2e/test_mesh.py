@@ -352,6 +352,23 @@ def test_a_new_nodes_own_link_up_reaches_a_subscriber_two_hops_away(mesh: Mesh) 
     assert seqs == sorted(seqs), [(e.topic, e.data) for e in got]
 
 
+def test_a_new_nodes_node_up_reaches_subscribers_behind_each_neighbour_once(
+    mesh: Mesh,
+) -> None:
+    """Plant scenario: a restarted node's node/up reached $mesh subscribers behind one of
+    its two neighbours only, the one whose state came first; the held copy went to the
+    first nodes that wanted it and was forgotten. It is kept its moment for the nodes
+    that turn up meanwhile, and each gets one copy."""
+    mesh.start("B")
+    mesh.start("D")
+    watches = {n: mesh.client(n).subscribe("$mesh/node/>") for n in ("B", "D")}
+    a = mesh.start("A", ["B", "D"])
+    for name, watch in watches.items():
+        bodies = [(e.topic, json.loads(e.data)) for e in drain(watch, 2.0)]
+        own = [t for t, b in bodies if b["node"] == a.node_id and "peer" not in b]
+        assert own == ["$mesh/node/up"], (name, bodies)  # A's own, not one it saw of a peer
+
+
 def test_new_subscription_takes_effect_within_100ms(mesh: Mesh) -> None:
     line(mesh)
     pub = mesh.client("A")
