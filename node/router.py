@@ -165,6 +165,13 @@ class Router(MeshSide, DurableSide):
             for q in durable.queues.by_name.values():
                 for p in q.patterns:
                     self._count_interest((p, capture_group(self.node_id)), +1)
+            # The uplink carries every event on its exports, from anywhere in the mesh:
+            # they must come here. Only those published here did, and the cloud got none
+            # of a plant's other nodes' (plant scenario). Events only: it answers nothing.
+            for r in durable.config.spool_readers:
+                if not r.persistent_only:
+                    for p in r.patterns:
+                        self._count_interest((p, quiet_group(self.node_id)), +1)
         self.net = Mesh(
             node_id=node_id,
             name=name,

@@ -348,6 +348,33 @@ def test_a_cloud_request_on_what_an_edge_imports_gets_no_responders_at_once(
         assert sub.next(timeout=10).data == b"open?"
 
 
+def test_the_uplink_carries_what_other_nodes_of_its_mesh_publish(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Plant scenario: the uplink carried only what its own node published or happened
+    to receive; the cloud got none of the other plant nodes' events (the exports were no
+    interest of the gateway's). They are its events-only interest now."""
+    port = free_tcp_port()
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    plant = make_node(name="plant", data_dir=short_tmp / "plant")
+    link = f'[mesh]\nlinks = ["tcp://127.0.0.1:{plant.tcp_port}"]\n'
+    gateway = make_node(
+        name="gateway", data_dir=short_tmp / "gw", config_text=link + uplink_config(port)
+    )
+    wait_uplink(gateway, "up")
+    with connect(cloud.ipc) as watcher:
+        sub = watcher.subscribe("plant/>", retained=False)
+        with connect(plant.ipc) as client:
+            wait_for(
+                lambda: client.view("routes", topic="plant/x")["remote"], timeout=10, what="gw"
+            )
+            client.publish("plant/line1/temp", "direct")
+            client.publish("plant/line1/alarm", "persistent", persistent=True)
+            client.confirm(timeout=10)
+        got = sorted(sub.next(timeout=15).data for _ in range(2))
+    assert got == [b"direct", b"persistent"]
+
+
 def big_then_five(sender: NodeProcess, receiver: NodeProcess, big: str, small: str) -> list[bytes]:
     """Publish a 2 MiB persistent event on ``sender`` (over the other side's 1 MiB limit),
     then five small ones; what a subscriber on ``receiver`` gets of them."""
