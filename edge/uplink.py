@@ -58,6 +58,11 @@ BACKOFF_MAX: Final = 5.0
 STATS_EVERY: Final = 1.0
 STATS_COST: Final = 20  # spool counts take at most 1/20 of the uplink thread's time
 CHECK_EVERY: Final = 1.0  # an idle uplink asks the cloud this often whether it is there
+# Seconds after the node starts before what waited in the cloud is taken: stored and
+# acknowledged at once, it was routed into a mesh the node had not joined yet, and a
+# restarted gateway lost the commands for devices on other nodes (plant scenario; mDNS
+# finds the peers and the links come up well within a second).
+IMPORT_GRACE: Final = 3.0
 CHECK_TIMEOUT: Final = 2.0
 CONFIRM_WAIT: Final = 10.0  # a shipped batch waits this long for the cloud's acknowledgement
 
@@ -95,6 +100,7 @@ class Uplink(threading.Thread):
         for p in settings.export:
             self.trie.add(p, True)
         self._stopping = threading.Event()
+        self._bring_after = time.monotonic() + IMPORT_GRACE
         self.state = "connecting"
         self.last_error = ""
         self.cloud_id = ""
@@ -320,8 +326,8 @@ class Uplink(threading.Thread):
     def _bring(self, cloud: Client, local: Client, consumer: Any) -> int:
         """Store on this node what waited for it in the cloud, then ack it there; how
         many events that was."""
-        if consumer is None:
-            return 0
+        if consumer is None or time.monotonic() < self._bring_after:
+            return 0  # (what comes meanwhile waits, unacknowledged, in consumer.queue)
         cloud.process(0)
         events: list[Event] = []
         while consumer.queue and len(events) < BATCH:

@@ -375,6 +375,34 @@ def test_the_uplink_carries_what_other_nodes_of_its_mesh_publish(
     assert got == [b"direct", b"persistent"]
 
 
+def test_a_restarted_gateway_takes_the_clouds_commands_once_its_mesh_is_there(
+    make_node: NodeFactory, short_tmp: Path
+) -> None:
+    """Plant scenario: a restarted gateway stored and acknowledged the commands that
+    waited in the cloud before its links were up, routed them into no mesh, and the
+    device on another node never got them. The uplink lets its node link first."""
+    port = free_tcp_port()
+    cloud = start_cloud(make_node, short_tmp / "cloud", port)
+    plant = make_node(name="plant", data_dir=short_tmp / "plant")
+    config = f'[mesh]\nlinks = ["tcp://127.0.0.1:{plant.tcp_port}"]\n' + uplink_config(port)
+    gateway = make_node(name="gateway", data_dir=short_tmp / "gw", config_text=config)
+    wait_uplink(gateway, "up")
+    with connect(plant.ipc) as device:
+        sub = device.subscribe("cmd/plant/>", retained=False)
+        gateway.stop()
+        with connect(cloud.ipc) as client:
+            for i in range(3):
+                client.publish("cmd/plant/valve", f"open {i}", persistent=True)
+            client.confirm(timeout=10)
+        os.kill(plant.pid, signal.SIGSTOP)  # slow to answer, as a plant node found by mDNS
+        try:
+            gateway = make_node(name="gateway", data_dir=short_tmp / "gw", config_text=config)
+            time.sleep(1)
+        finally:
+            os.kill(plant.pid, signal.SIGCONT)
+        assert [sub.next(timeout=15).data for _ in range(3)] == [b"open 0", b"open 1", b"open 2"]
+
+
 def big_then_five(sender: NodeProcess, receiver: NodeProcess, big: str, small: str) -> list[bytes]:
     """Publish a 2 MiB persistent event on ``sender`` (over the other side's 1 MiB limit),
     then five small ones; what a subscriber on ``receiver`` gets of them."""
