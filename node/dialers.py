@@ -200,9 +200,9 @@ class Dialers:
     def sockets(self) -> list[zmq.Socket[bytes]]:
         return list(self.by_sock)
 
-    def close_all(self) -> None:
+    def close_all(self, linger_ms: int = 0) -> None:
         for d in self.by_url.values():
-            self._close(d)
+            self._close(d, linger_ms)
 
 
 def zmtp_silence(dead_after: float) -> int:

@@ -44,6 +44,7 @@ PROBE_INTERVAL: Final = 0.5  # how often silent clients are probed for liveness
 IDLE_BEFORE_PROBE: Final = 1.0
 MAX_POLL_MS: Final = 100  # upper bound on reacting to a stop request
 LINK_TICK: Final = 0.1  # how often dials, handshakes and heartbeats are looked at
+LAST_WORDS_MS: Final = 200  # what a stopping node's sockets may take to send their last
 MAX_SOCKETS: Final = 16_384  # libzmq sockets (one per dialed link), not the files' limit
 SPIN_AFTER_PASS_BELOW: Final = 16 * 1024  # bytes read lately (see run); more: a stream
 RECENT_CAP: Final = 4 * SPIN_AFTER_PASS_BELOW  # a stream's end lets the spin back in ~11 passes
@@ -283,6 +284,7 @@ class Node(SecureSide, DiscoverySide):
                     next_trim = now + heap.TRIM_EVERY
             self._flush(now)
         self.router.emit_system("$mesh/node/down", {"reason": "stopped"}, time.monotonic())
+        self.router.net.goodbye()
         self.router.end_pass(time.monotonic())
         self._flush(time.monotonic())
 
@@ -512,14 +514,16 @@ class Node(SecureSide, DiscoverySide):
         if self.discovery is not None:
             self.discovery.stop()
             self.discovery = None
-        self.dialers.close_all()
+        # A moment for the last frames (node/down, the links' goodbye) to leave: closed
+        # at once, they were lost as often as not.
+        self.dialers.close_all(LAST_WORDS_MS)
         if self.durable is not None:
             self.durable.close()
             self.durable = None
         if not self.sock.closed:
             self.sock.disable_monitor()
             self._monitor.close(linger=0)
-            self.sock.close(linger=0)
+            self.sock.close(linger=LAST_WORDS_MS)
         if self._ipc_path is not None:
             # Left behind, it named a node that was gone: local commands chose it over
             # the TCP port and said "cannot reach a node" (exploratory test).

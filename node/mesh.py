@@ -89,6 +89,7 @@ class Plan:
 
 
 NO_PLAN: Final = Plan([], (), [])
+_STOPPED: Final = encode_control(Kind.LINK_REFUSE, {"reason": "node stopped"})
 
 
 class Mesh(StatesSide):
@@ -341,6 +342,13 @@ class Mesh(StatesSide):
         )
         self._announce()
         self._topology_changed(now)
+
+    def goodbye(self) -> None:
+        """This node stops: tell every link, which goes down at once on the other side.
+        Its dialer took a stopped peer for a full link (its queue refused events, counted
+        as link_full) until the heartbeats' silence, 2.5 s later (plant scenario)."""
+        for link in self.links.values():
+            self.out.append((link.via, _STOPPED))
 
     def drop_via(self, via: Via, why: str, now: float) -> None:
         """The loop lost a link's socket (unreachable identity, closed dialer)."""

@@ -352,21 +352,45 @@ def test_a_new_nodes_own_link_up_reaches_a_subscriber_two_hops_away(mesh: Mesh) 
     assert seqs == sorted(seqs), [(e.topic, e.data) for e in got]
 
 
+@pytest.mark.parametrize("group", [None, "g"])
 def test_a_new_nodes_node_up_reaches_subscribers_behind_each_neighbour_once(
-    mesh: Mesh,
+    mesh: Mesh, group: str | None
 ) -> None:
     """Plant scenario: a restarted node's node/up reached $mesh subscribers behind one of
     its two neighbours only, the one whose state came first; the held copy went to the
     first nodes that wanted it and was forgotten. It is kept its moment for the nodes
-    that turn up meanwhile, and each gets one copy."""
+    that turn up meanwhile, and each gets one copy; a queue group one (review: none)."""
     mesh.start("B")
     mesh.start("D")
-    watches = {n: mesh.client(n).subscribe("$mesh/node/>") for n in ("B", "D")}
+    watches = {n: mesh.client(n).subscribe("$mesh/node/>", group=group) for n in ("B", "D")}
     a = mesh.start("A", ["B", "D"])
+    got = {}
     for name, watch in watches.items():
         bodies = [(e.topic, json.loads(e.data)) for e in drain(watch, 2.0)]
-        own = [t for t, b in bodies if b["node"] == a.node_id and "peer" not in b]
-        assert own == ["$mesh/node/up"], (name, bodies)  # A's own, not one it saw of a peer
+        # A's own node/up, not one it announced of a peer it reached
+        got[name] = [t for t, b in bodies if b["node"] == a.node_id and "peer" not in b]
+    if group is None:
+        assert got == {"B": ["$mesh/node/up"], "D": ["$mesh/node/up"]}
+    else:
+        assert sorted(got["B"] + got["D"]) == ["$mesh/node/up"], got
+
+
+@pytest.mark.parametrize("stopped", ["A", "B"], ids=["dialed", "dialer"])
+def test_a_stopping_node_ends_its_links_at_once(mesh: Mesh, stopped: str) -> None:
+    """Plant scenario: the node that had dialed a stopped peer took it for a full link
+    ($mesh/link/full, events counted link_full) until the heartbeats' silence said it
+    was gone. A stopping node says goodbye on every link."""
+    mesh.start("A")
+    mesh.start("B", ["A"])
+    mesh.wait_linked("B", 1)
+    mesh.wait_linked("A", 1)
+    other = "B" if stopped == "A" else "A"
+    mesh.nodes[stopped].stop()
+    wait_for(
+        lambda: "peer ended the link: node stopped" in mesh.nodes[other].log_text(),
+        timeout=0.9,  # under mesh.dead_after (1 s here): not the heartbeats' silence
+        what=f"{other} to hear that {stopped} stopped",
+    )
 
 
 def test_new_subscription_takes_effect_within_100ms(mesh: Mesh) -> None:
