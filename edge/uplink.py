@@ -36,12 +36,14 @@ from meshctl.errors import InputError, MeshError, RemoteError, Timeout
 from node.codec import (
     F_IMPORTED,
     F_PERSISTENT,
+    F_REQUEST,
     F_RETAINED_LIVE,
     RECORD,
     RECORD_SIZE,
     decode_headers,
     encode_headers,
     encode_record,
+    with_flags,
     with_headers,
 )
 from node.errors import CodecError
@@ -210,12 +212,15 @@ class Uplink(threading.Thread):
                     log.warning("uplink: cannot stop queue %s on the cloud capturing: %s", queue, e)
             else:
                 cloud.queue("add", queue, patterns=list(self.s.imports))
-                consumer = cloud.consume(queue, max_inflight=BATCH)
                 cloud.subscribe(*self.s.imports, retained=False, callback=self._live(local))
             self.last_error = ""
             self._set_state(local, "up")
             next_check = time.monotonic() + CHECK_EVERY
             while not self._stopping.is_set():
+                if consumer is None and self.s.imports and time.monotonic() >= self._bring_after:
+                    # Not before: what the cloud delivered meanwhile waited unacknowledged,
+                    # redelivered after the queue's ack_wait, dead-lettered (review).
+                    consumer = cloud.consume(queue, max_inflight=BATCH)
                 shipped = self._ship(db, cloud, local)
                 brought = self._bring(cloud, local, consumer)
                 self._stats(db)
@@ -292,7 +297,14 @@ class Uplink(threading.Thread):
                 try:
                     if _crossed(record):
                         continue
-                    marked = with_headers(record, marker)
+                    if record[8] & F_REQUEST:
+                        # As an event: a cloud responder's reply could not come back, and
+                        # its requester had heard "no responders" (review).
+                        marked = with_flags(
+                            with_headers(record, marker, drop=("reply-to",)), remove=F_REQUEST
+                        )
+                    else:
+                        marked = with_headers(record, marker)
                 except CodecError as e:
                     # A headers block that does not decode (a log written before nodes
                     # refused them, or one from an older peer): raised here, it ended
@@ -326,8 +338,8 @@ class Uplink(threading.Thread):
     def _bring(self, cloud: Client, local: Client, consumer: Any) -> int:
         """Store on this node what waited for it in the cloud, then ack it there; how
         many events that was."""
-        if consumer is None or time.monotonic() < self._bring_after:
-            return 0  # (what comes meanwhile waits, unacknowledged, in consumer.queue)
+        if consumer is None:
+            return 0
         cloud.process(0)
         events: list[Event] = []
         while consumer.queue and len(events) < BATCH:
@@ -372,9 +384,10 @@ class Uplink(threading.Thread):
     def _record(self, event: Event) -> bytes:
         headers = dict(event.headers)
         headers.setdefault(HEADER, self.cloud_id)
+        headers.pop("reply-to", None)  # an event here: a reply could not go back
         # Not F_RETAINED_LIVE: the mesh's own (a node refuses it), and here the value was
         # retained in the cloud, not at this edge, whose bridges must not retain it.
-        flags = (event.flags | F_IMPORTED) & ~(F_PERSISTENT | F_RETAINED_LIVE)
+        flags = (event.flags | F_IMPORTED) & ~(F_PERSISTENT | F_RETAINED_LIVE | F_REQUEST)
         return encode_record(
             event.topic.encode(),
             event.data,

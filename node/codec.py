@@ -264,13 +264,16 @@ def with_flags(record: bytes, add: int = 0, remove: int = 0) -> bytes:
     return record[:8] + bytes(((record[8] | add) & ~remove,)) + record[9:]
 
 
-def with_headers(record: bytes, extra: Mapping[str, str]) -> bytes:
-    """A copy of ``record`` with ``extra`` headers added (replacing same-named ones).
+def with_headers(record: bytes, extra: Mapping[str, str], drop: tuple[str, ...] = ()) -> bytes:
+    """A copy of ``record`` with ``extra`` headers added (replacing same-named ones) and
+    those named in ``drop`` taken out.
 
     The slow path only (replay, dead letters): it decodes and re-encodes the headers."""
     plen, tlen, hlen, flags, hops, r, time_ns, raw_id = RECORD.unpack_from(record)
     t0 = RECORD_SIZE + tlen
     headers = decode_headers(record[t0 : t0 + hlen]) if hlen else {}
+    for name in drop:
+        headers.pop(name, None)
     headers.update(extra)
     hb = encode_headers(headers)
     head = RECORD.pack(plen, tlen, len(hb), flags, hops, r, time_ns, raw_id)

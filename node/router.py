@@ -148,8 +148,8 @@ class Router(MeshSide, DurableSide):
         # restart always starts (exploratory test).
         run = (wall_ns() if epoch is None else epoch) & 0xFFFFFFFF
         self._origin = bytes.fromhex(node_id)[:4].ljust(4, b"\0") + run.to_bytes(4, "big")
-        # (record, topic, until, nodes it went to): the mesh's own changes, kept a moment
-        self._held_system: list[tuple[bytes, str, float, set[str]]] = []
+        # (record, topic, until, (nodes, groups) it went to): the mesh's own changes, kept
+        self._held_system: list[tuple[bytes, str, float, tuple[set[str], set[str]]]] = []
         self._seq = 0
         self._inbox = f"{INBOX_PREFIX}/{node_id}/"
         self._interest: dict[tuple[str, str | None], int] = {}
@@ -893,10 +893,11 @@ class Router(MeshSide, DurableSide):
             self._pending.setdefault(dest, []).extend((prefix, rec))
         if self._held_system:
             self._release_held(now)  # the older ones first: in order (review)
-        sent: set[str] = set()
+        sent: tuple[set[str], set[str]] = (set(), set())  # nodes, and groups, it went to
         if not route.plan.empty:
             self._forward(route.plan, rec)
-            sent.update(route.plan.plain)
+            sent[0].update(route.plan.plain)
+            sent[1].update(g for g, _ in route.plan.groups)
         if topic.startswith(_HELD_TOPICS) and len(self._held_system) < MAX_HELD_SYSTEM:
             # Nodes that want it may not be known yet, only because the states of a link
             # that is coming up have not arrived: a new node's own link/up and node/up
@@ -923,17 +924,21 @@ class Router(MeshSide, DurableSide):
         """Send the held $mesh events on to the nodes that want them now and have not had
         them; forget the expired ones."""
         held, self._held_system = self._held_system, []
-        wanted: dict[str, tuple[str, ...]] = {}  # a few topics, many events: one route each
-        for rec, topic, until, sent in held:
-            nodes = wanted.get(topic)
-            if nodes is None:
-                nodes = wanted[topic] = self._route_for(topic).plan.plain
-            new = [n for n in nodes if n not in sent]
+        plans: dict[str, Plan] = {}  # a few topics, many events: one route each
+        for rec, topic, until, (nodes, groups) in held:
+            plan = plans.get(topic)
+            if plan is None:
+                plan = plans[topic] = self._route_for(topic).plan
+            new = [n for n in plan.plain if n not in nodes]
             if new:
                 self._forward(self.net.broadcast_plan(new), rec)
-                sent.update(new)
+                nodes.update(new)
+            new_groups = [(g, m) for g, m in plan.groups if g not in groups]
+            if new_groups:  # one member of each (review: groups got none)
+                self._forward(Plan([], (), new_groups, [0] * len(new_groups)), rec)
+                groups.update(g for g, _ in new_groups)
             if now < until:
-                self._held_system.append((rec, topic, until, sent))
+                self._held_system.append((rec, topic, until, (nodes, groups)))
 
     # ---- output ------------------------------------------------------------------------
 
