@@ -51,6 +51,8 @@ NATS_NO_RESPONDERS: Final = "503"  # the status NATS servers send; nats-py raise
 _ERROR_CODES: Final = {"payload": "413", "permission": "403", "topic": "400"}
 SPOOL_BATCH: Final = 500  # persistent exports read from the log per round
 SPOOL_WAIT: Final = 5.0  # how long the broker may take to acknowledge a round
+FLUSH_GIVE_UP: Final = 60.0  # a NATS round unacknowledged this long goes again
+PING_EVERY: Final = 3  # seconds between nats-py's PINGs; 3 unanswered: reconnect
 LOG_FIRST: Final = 10  # oversized exports, errors: logged one by one, then every 1000th
 
 
@@ -520,6 +522,8 @@ class NatsBridge(Bridge):
 
     def _run(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
+        # A round whose acknowledgement is late: (flush, cursor, sent, reconnects then)
+        self._flushing: tuple[asyncio.Future[Any], int, int, int] | None = None
         asyncio.run(self._until_stopped())
 
     async def _until_stopped(self) -> None:
@@ -652,7 +656,26 @@ class NatsBridge(Bridge):
 
     async def _drain_spool_nats(self, nc: Any) -> bool:
         """Send the next persistent exports; move the cursor once the server has them all
-        (a flush round trip). True if there were some."""
+        (a flush round trip). True if there were some.
+
+        A round whose acknowledgement is late is waited for, not sent again: while a
+        server was cut off (a cable pulled for 10 s), each round went again every
+        SPOOL_WAIT into nats-py's buffer, and the server got each export up to three
+        times once it was back (plant scenario). The flush runs in a task of its own,
+        never cancelled at our deadline: nats-py sets the result of a late PONG on the
+        cancelled future, and its reading task died of it (InvalidStateError)."""
+        if self._flushing is not None:
+            task, seq, sent, reconnects = self._flushing
+            if not task.done() and nc.stats["reconnects"] == reconnects:
+                return False
+            self._flushing = None
+            if not task.done():  # nats-py forgets the PINGs of a connection it replaced
+                task.cancel()
+                return False
+            if task.cancelled() or task.exception() is not None:
+                return False  # the connection went: the round goes again
+            self._spool_done(seq, sent)
+            return True
         got = self._spool_round()
         if got is None:
             return False
@@ -667,7 +690,12 @@ class NatsBridge(Bridge):
                 if not await self._publish_nats(nc, remote, ev.data, self.port.path(ev)):
                     continue  # never deliverable there: waiting for it would stop the spool
                 sent += 1
-            await nc.flush(timeout=SPOOL_WAIT)
+            flush = asyncio.ensure_future(nc.flush(timeout=FLUSH_GIVE_UP))
+            done, _ = await asyncio.wait({flush}, timeout=SPOOL_WAIT)
+            if not done:
+                self._flushing = (flush, seq, sent, nc.stats["reconnects"])
+                return False
+            flush.result()
         except Exception as e:  # the server went away mid-round: it goes again later
             log.debug("bridge %s: spool round cut short: %s", self.cfg.name, e)
             return False
@@ -722,6 +750,10 @@ class NatsBridge(Bridge):
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1,
                 connect_timeout=2,
+                # A server cut off (no FIN) went unnoticed for the default 2 x 120 s:
+                # "up", exports buffered, requests timing out (plant scenario).
+                ping_interval=PING_EVERY,
+                max_outstanding_pings=3,
                 name=f"meshctl-{self.cfg.name}",
                 disconnected_cb=on_disconnected,
                 reconnected_cb=on_reconnected,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -402,6 +403,69 @@ def test_nats_credentials_in_the_url_and_a_wrong_password_said(make_node: NodeFa
         assert "bridge bad (nats://127.0.0.1:" in node.log_text()
         assert "uthorization" in node.log_text()  # the server's own word for it
     finally:
+        lh.stop_pid(server)
+
+
+def test_a_nats_server_silent_for_a_while_gets_each_persistent_export_once(
+    make_node: NodeFactory,
+) -> None:
+    """Plant scenario: a NATS server cut off for 10 s (no FIN) went unnoticed, and each
+    spool round went again every 5 s into nats-py's buffer: the server got exports up to
+    three times once back, and a late PONG on a cancelled flush killed nats-py's reader.
+    A late round is waited for, not sent again. (SIGSTOP stands in for the cable.)"""
+    import nats
+
+    need_binary("nats-server")
+    port = lh.free_port()
+    argv = ["nats-server", "-a", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def watch() -> None:  # a NATS subscriber, in its own loop
+        async def take(msg: Any) -> None:
+            got.append(msg.data)
+
+        async def run() -> None:
+            nc = await nats.connect(f"nats://127.0.0.1:{port}")
+            await nc.subscribe("alarm.>", cb=take)
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            await nc.close()
+
+        asyncio.run(run())
+
+    watcher = threading.Thread(target=watch)
+    try:
+        lh.wait_listening(server, port)
+        node = bridged_node(
+            make_node,
+            f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{port}"\nexport = ["alarm/>"]\n',
+        )
+        watcher.start()
+        with connect(node.ipc) as client:
+            wait_for(lambda: node.status()["bridges"][0]["state"] == "up", timeout=5, what="up")
+            time.sleep(0.5)  # the watcher subscribed
+            for i in range(5):
+                client.publish("alarm/x", str(i), persistent=True)
+            client.confirm(timeout=5)
+            wait_for(lambda: len(got) == 5, timeout=10, what="the first 5")
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                for i in range(5, 10):
+                    client.publish("alarm/x", str(i), persistent=True)
+                client.confirm(timeout=5)
+                time.sleep(7)  # beyond a round's 5 s wait, within nats-py's 3 pings
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+        wait_for(lambda: len(got) >= 10, timeout=15, what="all 10")
+        time.sleep(1)
+        assert sorted(got, key=int) == [str(i).encode() for i in range(10)]
+        assert node.status()["bridges"][0]["errors"] == 0
+    finally:
+        stop.set()
+        if watcher.is_alive():
+            watcher.join(5)
         lh.stop_pid(server)
 
 
