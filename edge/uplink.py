@@ -402,9 +402,10 @@ class Uplink(threading.Thread):
             return
         self.state = state
         body = {"node": self.s.node_id, "url": self.s.url, "cloud": self.cloud_id}
+        why = self.last_error or ("the node is stopping" if self._stopping.is_set() else "")
         if state == "down":
-            body["error"] = self.last_error
-        log.info("uplink to %s %s%s", self.s.url, state, f": {self.last_error}" * (state == "down"))
+            body["error"] = why
+        log.info("uplink to %s %s%s", self.s.url, state, f": {why}" * bool(state == "down" and why))
         payload = json.dumps(body).encode()
         event_id = os.urandom(8) + time.time_ns().to_bytes(8, "big")
         record = encode_record(

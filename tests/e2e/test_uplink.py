@@ -315,6 +315,7 @@ def test_commands_from_the_cloud_wait_for_an_edge_that_is_away(
     edge = make_node(name="edge", data_dir=short_tmp / "edge", config_text=config)
     wait_uplink(edge, "up")  # the cloud now holds a queue for this edge
     edge.stop()
+    assert "down: the node is stopping" in edge.log_text()  # (it said "down: ", no reason)
     with connect(cloud.ipc) as client:
         for i in range(50):
             client.publish("cmd/plant/valve", f"open {i}", persistent=True)
