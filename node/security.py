@@ -346,6 +346,7 @@ class Security:
         self._refusals: dict[str, int] = {}  # refusals logged, by kind (_log_some)
         self._member_unsaved = False
         self._member_save_failed = False
+        self._bad_proof = False  # the last renewal asked was refused for its proof
         self._revoked_mtime = 0.0
         self._revocations_unsaved = False  # known here, not yet in revoked.json
         self._save_retry_at = 0.0  # when to try saving them again (0: not failing)
@@ -458,6 +459,7 @@ class Security:
         """Redeem a join token for the holder of ``key``, or renew the record it proves
         (node/renewal.py): (ok, answer body)."""
         renew = bool(body.get("renew"))
+        self._bad_proof = False
         ok, answer = self._enroll(body, key, renew)
         if renew:
             self.counters["renewed" if ok else "renew_refused"] += 1
@@ -468,8 +470,10 @@ class Security:
             self._log_some(f"{what}_refused", f"refused {what} of {key[:8]}…: {answer['error']}")
             # Not for a refused token: a joiner keeps its key across attempts, and one typo
             # in a token then made the right one fail for 30 s as "no answer" (exploratory
-            # test). Guessing a token's 128-bit secret gains nothing from retries.
-            if renew:
+            # test). Guessing a token's 128-bit secret gains nothing from retries. Nor for
+            # a good record asked early ("not due yet": a member whose clock is ahead) or
+            # while our clock is not set: that cut a member off for 30 s (secured scenario).
+            if self._bad_proof:
                 self.block(key)
         return ok, answer
 
@@ -553,6 +557,7 @@ class Security:
         try:
             member = self._check(body.get("member"), key, "node", str(body.get("node")))
         except ms.MembershipError as e:
+            self._bad_proof = True  # the record does not prove: its key is blocked a while
             return False, {"error": f"cannot renew: {e}"}
         rec = body["member"]["rec"]
         if not clock_is_set():

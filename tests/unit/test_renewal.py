@@ -102,6 +102,12 @@ def test_a_record_that_is_not_due_is_not_renewed(tmp_path: Path) -> None:
     ok, answer = auth.enroll({"renew": True, "node": NODE, "member": held}, KEY)
     assert not ok
     assert "not due" in answer["error"]
+    # A good record asked early (its holder's clock is ahead) is no failed proof: its key
+    # was blocked for 30 s, and the member cut off from the authority (secured scenario).
+    assert KEY.encode() not in auth.policy.blocked
+    ok, answer = auth.enroll({"renew": True, "node": NODE, "member": {"rec": {}}}, KEY)
+    assert (ok, answer["error"].startswith("cannot renew:")) == (False, True)
+    assert KEY.encode() in auth.policy.blocked  # a record that does not prove still is
 
 
 def test_a_renewed_record_that_cannot_be_saved_is_kept_in_memory_and_saved_later(
