@@ -522,8 +522,8 @@ class NatsBridge(Bridge):
 
     def _run(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
-        # A round whose acknowledgement is late: (flush, cursor, sent, reconnects then)
-        self._flushing: tuple[asyncio.Future[Any], int, int, int] | None = None
+        # A round whose acknowledgement is late: (flush, cursor, sent, client, reconnects)
+        self._flushing: tuple[asyncio.Future[Any], int, int, Any, int] | None = None
         asyncio.run(self._until_stopped())
 
     async def _until_stopped(self) -> None:
@@ -665,12 +665,13 @@ class NatsBridge(Bridge):
         never cancelled at our deadline: nats-py sets the result of a late PONG on the
         cancelled future, and its reading task died of it (InvalidStateError)."""
         if self._flushing is not None:
-            task, seq, sent, reconnects = self._flushing
-            if not task.done() and nc.stats["reconnects"] == reconnects:
+            task, seq, sent, client, reconnects = self._flushing
+            same = client is nc and nc.stats["reconnects"] == reconnects
+            if not task.done() and same:
                 return False
             self._flushing = None
-            if not task.done():  # nats-py forgets the PINGs of a connection it replaced
-                task.cancel()
+            if not task.done():  # nats-py forgets the PINGs of a connection it replaced,
+                task.cancel()  # and a client we replaced answers none (review: 60 s stall)
                 return False
             if task.cancelled() or task.exception() is not None:
                 return False  # the connection went: the round goes again
@@ -693,7 +694,7 @@ class NatsBridge(Bridge):
             flush = asyncio.ensure_future(nc.flush(timeout=FLUSH_GIVE_UP))
             done, _ = await asyncio.wait({flush}, timeout=SPOOL_WAIT)
             if not done:
-                self._flushing = (flush, seq, sent, nc.stats["reconnects"])
+                self._flushing = (flush, seq, sent, nc, nc.stats["reconnects"])
                 return False
             flush.result()
         except Exception as e:  # the server went away mid-round: it goes again later

@@ -284,8 +284,11 @@ class Node(SecureSide, DiscoverySide):
                     next_trim = now + heap.TRIM_EVERY
             self._flush(now)
         self.router.emit_system("$mesh/node/down", {"reason": "stopped"}, time.monotonic())
-        self.router.net.goodbye()
         self.router.end_pass(time.monotonic())
+        self._flush(time.monotonic())
+        # After the last events: a link the peer drops at our goodbye takes nothing that
+        # comes behind it (review: our node/down never reached the other nodes).
+        self.router.net.goodbye()
         self._flush(time.monotonic())
 
     def _new_poller(self) -> zmq.Poller:

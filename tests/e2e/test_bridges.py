@@ -469,6 +469,42 @@ def test_a_nats_server_silent_for_a_while_gets_each_persistent_export_once(
         lh.stop_pid(server)
 
 
+def test_a_late_round_goes_again_at_once_with_a_new_nats_client(make_node: NodeFactory) -> None:
+    """Review: a round waited for (its server silent) was tied to the client it went on;
+    when nats-py's reader died meanwhile (a subject that is not UTF-8) and the bridge made
+    a new client, the old round's flush was waited for 60 s, the spool stalled."""
+    need_binary("nats-server")
+    port = lh.free_port()
+    argv = ["nats-server", "-a", "127.0.0.1", "-p", str(port)]
+    server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lh.wait_listening(server, port)
+        node = bridged_node(
+            make_node,
+            f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{port}"\n'
+            'export = ["alarm/>"]\nimport = ["imp.>"]\n',
+        )
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        raw.recv(4096)  # INFO
+        raw.sendall(b'CONNECT {"verbose":false}\r\nPING\r\n')
+        raw.recv(4096)  # PONG
+        with connect(node.ipc) as client:
+            os.kill(server.pid, signal.SIGSTOP)
+            try:
+                for i in range(5):
+                    client.publish("alarm/x", str(i), persistent=True)
+                client.confirm(timeout=5)
+                time.sleep(6)  # the round's acknowledgement is late: waited for
+                raw.sendall(b"PUB imp.\xff\xfe 1\r\nx\r\n")  # kills nats-py's reader
+                time.sleep(0.3)
+            finally:
+                os.kill(server.pid, signal.SIGCONT)
+        wait_for(lambda: node.status()["bridges"][0]["spooled"] >= 5, timeout=15, what="the round")
+        raw.close()
+    finally:
+        lh.stop_pid(server)
+
+
 def test_nats_pub_sub_both_ways(nats_port: int, make_node: NodeFactory) -> None:
     import nats
 

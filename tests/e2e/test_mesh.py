@@ -385,12 +385,20 @@ def test_a_stopping_node_ends_its_links_at_once(mesh: Mesh, stopped: str) -> Non
     mesh.wait_linked("B", 1)
     mesh.wait_linked("A", 1)
     other = "B" if stopped == "A" else "A"
+    watch = mesh.client(other).subscribe("$mesh/node/down")
+    mesh.wait_interest(stopped, "$mesh/node/down", 1)
+    gone = mesh.nodes[stopped].node_id
     mesh.nodes[stopped].stop()
     wait_for(
         lambda: "peer ended the link: node stopped" in mesh.nodes[other].log_text(),
         timeout=0.9,  # under mesh.dead_after (1 s here): not the heartbeats' silence
         what=f"{other} to hear that {stopped} stopped",
     )
+    # Its own node/down came before the goodbye (review: it never did after it).
+    bodies = [json.loads(e.data) for e in drain(watch, 0.5)]
+    assert {"node": gone, "reason": "stopped"}.items() <= next(
+        (b for b in bodies if b["node"] == gone), {}
+    ).items(), bodies
 
 
 def test_new_subscription_takes_effect_within_100ms(mesh: Mesh) -> None:
