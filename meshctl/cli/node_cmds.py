@@ -508,6 +508,8 @@ def _render_durable(out: Console, s: dict[str, Any]) -> None:
     )
     for up in (b for b in s.get("bridges") or [] if b.get("kind") == "uplink"):
         state = up["state"] if up["state"] == "up" else f"[red]{up['state']}[/]"
+        if up["state"] != "up" and up.get("error"):  # it said only "down" (secured scenario)
+            state += f" ({str(up['error'])[:200]})"
         spool = up["spool"]
         over = ">" if spool.get("oldest_at_least") else ""
         age = (

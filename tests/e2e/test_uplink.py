@@ -72,7 +72,9 @@ def test_the_cloud_away_then_back_gets_every_event_in_order_once(
     wait_uplink(edge, "up")
     events = bg.start("sub", "--json", "$mesh/uplink/>", server=edge.ipc)
     cloud.stop()
-    wait_uplink(edge, "down")
+    down = wait_uplink(edge, "down")
+    shown = run_cli("status", server=edge.ipc).stdout
+    assert f"down ({down['error'][:40]}" in shown  # why, not only "down" (secured scenario)
     total = 10_000
     with connect(edge.ipc) as client, client.batch():
         for i in range(total):
