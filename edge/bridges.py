@@ -437,8 +437,12 @@ class MqttBridge(Bridge):
         """Publish one export. A request goes out as a message too (MQTT subscribers see
         it, as mesh ones do), but nothing over MQTT can answer it: the bridge said so in
         its HELLO ("requests": false), so its export is events-only interest and the
-        requester's node answers "no responders" when nothing else may answer."""
+        requester's node answers "no responders" when nothing else may answer. It says
+        so itself too, for requester nodes that predate events-only interest (they took
+        the export for a responder and waited out their timeouts: rolling-upgrade test);
+        a node that answered itself drops it."""
         remote = self._export_topic(ev.topic, mesh_topic_to_mqtt)
+        self._no_responders(sock, ev, f"MQTT ({self.cfg.name}) has no request-reply")
         if remote is None:
             self.counters["refused"] += 1
         elif self.state != "up":

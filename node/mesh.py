@@ -27,7 +27,7 @@ from typing import Any, Final
 from node.codec import NODE_ID_BYTES, Kind, encode_control, encode_targets
 from node.drops import Drops
 from node.mesh_states import Interest, StatesSide
-from node.routing import CAPTURE, QUIET, MeshRoute, MeshTable, NodeState
+from node.routing import CAPTURE, FEATURES, QUIET, MeshRoute, MeshTable, NodeState
 
 PROTO: Final = 1
 REFUSALS_LOGGED: Final = 20  # link refusals logged one by one, then every 1000th
@@ -154,6 +154,7 @@ class Mesh(StatesSide):
             frozenset(self.links),
             self.interest,
             self.endpoints,
+            FEATURES,
         )
 
     def _handshake_state(self) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from node.framing import MAX_FRAME_BYTES, frames_counted, link_frames
 from node.mesh import NO_PLAN, Mesh, Plan, Via
 from node.router_durable import DurableOut, DurableSide
 from node.router_mesh import MeshSide
-from node.routing import announced, capture_group, quiet_group
+from node.routing import NONE_AT, announced, capture_group, quiet_group
 from node.sessions import (
     DURABLE_FLAGS,
     MAX_GROUP_NAME,
@@ -818,7 +818,13 @@ class Router(MeshSide, DurableSide):
             ev = decode_event(frame, 2, len(frame))
         except CodecError:
             return False
-        return self._withhold_none(ev, ident, mesh=ev.topic.startswith(self._inbox))
+        # The requester's node weighs the other nodes' answers; one that predates that
+        # (a mesh being upgraded) passed ours on at once, beating a responder: for its
+        # requesters we weigh them here, as before (rolling-upgrade test).
+        node = ev.topic[len(INBOX_PREFIX) + 1 :].split("/", 1)[0]
+        held = self.net.table.states.get(node)
+        mesh = node == self.node_id or held is None or NONE_AT not in held.features
+        return self._withhold_none(ev, ident, mesh=mesh)
 
     def _none_withheld(self, rec: bytes) -> bool:
         """For a forwarded reply flagged as an error: True when it is another node's
@@ -846,6 +852,10 @@ class Router(MeshSide, DurableSide):
         route = self._resolve(topic.encode())
         if type(route) is _Refused:
             return False
+        if ev.topic.startswith(self._inbox) and not route.answers:  # type: ignore[union-attr]
+            # We said "no responders" at once ourselves (only subscribers that cannot
+            # answer, such as an MQTT bridge, which says so too for older requester nodes)
+            return True
         due: set[bytes | str] = set(_local_dests(route) - self.mute)  # type: ignore[arg-type]
         requester = self._inbox_target(ev.topic)  # it asked: it will not answer (review)
         if requester is not None:

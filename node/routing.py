@@ -36,6 +36,10 @@ CAPTURE: Final = "/queues/"
 # requester's node, where it waited out its timeout (exploratory tests). A node that
 # predates it takes it for a group of one member: that node still gets a copy.
 QUIET: Final = "/events/"
+# Features (NodeState.features): "none-at": this node weighs the "no responders" of other
+# nodes' bridges for its own requesters (node/router.py ``_none_withheld``).
+NONE_AT: Final = "none-at"
+FEATURES: Final = frozenset({NONE_AT})
 
 
 def capture_group(node_id: str) -> str:
@@ -63,6 +67,10 @@ class NodeState:
     links: frozenset[str] = frozenset()
     interest: AbstractSet[tuple[str, str | None]] = frozenset()  # a set once deltas apply
     endpoints: tuple[str, ...] = ()
+    # What the node's code understands beyond the protocol version, for a mesh whose
+    # nodes are upgraded one by one; an older node announces none (and drops them when
+    # it passes a state on whole: the others then take the node for an older one).
+    features: frozenset[str] = frozenset()
 
     def newer_than(self, other: NodeState | None) -> bool:
         return other is None or (self.epoch, self.version) > (other.epoch, other.version)
@@ -76,6 +84,7 @@ class NodeState:
             "links": sorted(self.links),
             "interest": [[p, g] for p, g in sorted(self.interest, key=_interest_order)],
             "endpoints": list(self.endpoints),
+            **({"features": sorted(self.features)} if self.features else {}),
         }
 
     @classmethod
@@ -91,6 +100,7 @@ class NodeState:
                 links=frozenset(_node_id(x) for x in obj["links"]),
                 interest=interest,
                 endpoints=tuple(str(e) for e in obj.get("endpoints", ())),
+                features=frozenset(str(f)[:32] for f in obj.get("features", ())[:16]),
             )
         except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ValueError(f"malformed node state: {e!r}") from None

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from node.codec import Kind, decode_control, decode_targets
 from node.mesh import FORGET_AFTER, MAX_HOPS_FORWARD, NO_PLAN, PROTO, Mesh, Via
-from node.routing import NodeState, capture_group, quiet_group
+from node.routing import FEATURES, NodeState, capture_group, quiet_group
 
 MESH = "m"
 A, B, C, D, E = (f"{c}000000000000000" for c in "abcde")
@@ -186,7 +186,7 @@ def test_link_request_accepted() -> None:
     assert out[0] == (
         via,
         Kind.LINK_OK,
-        {"node": NodeState(S, "self", 1, 0).to_json(), "deltas": True},
+        {"node": NodeState(S, "self", 1, 0, features=FEATURES).to_json(), "deltas": True},
     )
     # The new neighbour is given everything this node knows, then everyone hears the news.
     assert (via, Kind.STATES, {"states": [state(A, [], [("x", None)]).to_json()]}) in out

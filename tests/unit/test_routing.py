@@ -347,6 +347,19 @@ def test_neighbour_change_updates_paths_and_routes() -> None:
     assert t.route("x").plain == (C,)
 
 
+def test_features_round_trip_and_an_older_nodes_state_has_none() -> None:
+    """A mesh upgraded node by node: a node tells what it understands beyond the
+    protocol version; a state without the field (an older node's, or one an older node
+    passed on whole) has none, and one with junk there is refused like any malformed."""
+    state = NodeState(A, "a", 1, 2, frozenset({B}), frozenset(), (), frozenset({"none-at"}))
+    assert NodeState.from_json(json.loads(json.dumps(state.to_json()))) == state
+    old = state.to_json()
+    del old["features"]
+    assert NodeState.from_json(old).features == frozenset()
+    with pytest.raises(ValueError, match="malformed"):
+        NodeState.from_json({**old, "features": 7})
+
+
 def test_events_only_interest_gets_every_event_but_answers_no_request() -> None:
     """A node whose subscribers are MQTT clients (no reply-to) announces them as events
     only: it is routed to as a plain subscriber's node, yet a request that reaches only
