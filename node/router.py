@@ -60,6 +60,7 @@ from node.sessions import (
 from node.topics import (
     INBOX_PREFIX,
     SubscriptionTrie,
+    inbox_node,
     validate_pattern,
     validate_publish_topic,
     validate_topic,
@@ -121,12 +122,12 @@ class Router(MeshSide, DurableSide):
         self.status_extra: Callable[[float], dict[str, Any]] = lambda _now: {}
         self.peers_extra: Callable[[float], list[dict[str, Any]]] = lambda _now: []
         self.internal: set[bytes] = set()  # identities of in-process actors (bridges, MQTT)
-        # In-process actors whose subscribers cannot answer a request (MQTT bridges): their
-        # "no responders" is not held back for each other (review: two bridges exporting
-        # ">" held back each other's, and the requester waited out its timeout).
+        # Clients that take events but cannot answer a request (HELLO "requests": false:
+        # the MQTT listener, MQTT bridges, uplinks): their interest is events only.
         self.mute: set[bytes] = set()
         self._untold_slow: set[bytes] = set()  # slow consumers with drops not yet told
-        # Per request (its reply-to): the bridges that said "no responders" to it so far.
+        # Per request (its reply-to): the bridges here and the nodes that said "no
+        # responders" to it so far.
         self._said_none: dict[str, set[bytes | str]] = {}
         # Permissions of clients that proved a restricted identity; enforced here, at the
         # node the client is attached to, so nothing refused ever enters the mesh.
@@ -821,8 +822,8 @@ class Router(MeshSide, DurableSide):
         # The requester's node weighs the other nodes' answers; one that predates that
         # (a mesh being upgraded) passed ours on at once, beating a responder: for its
         # requesters we weigh them here, as before (rolling-upgrade test).
-        node = ev.topic[len(INBOX_PREFIX) + 1 :].split("/", 1)[0]
-        held = self.net.table.states.get(node)
+        node = inbox_node(ev.topic)
+        held = self.net.table.states.get(node) if node is not None else None
         mesh = node == self.node_id or held is None or NONE_AT not in held.features
         return self._withhold_none(ev, ident, mesh=mesh)
 
@@ -861,9 +862,7 @@ class Router(MeshSide, DurableSide):
         if requester is not None:
             due.discard(requester[0])
         if mesh and not route.plan.empty:  # type: ignore[union-attr]
-            mroute = self.net.table.route(topic)
-            due |= set(mroute.plain) - set(mroute.quiet)
-            due.update(n for _, nodes in mroute.groups for n in nodes)
+            due |= self.net.table.route(topic).responders
         said = self._said_none.pop(ev.topic, set()) | {said_by}
         if due <= said:
             return False  # the last answer due: it goes

@@ -26,7 +26,7 @@ from node.errors import CodecError, TopicError
 from node.mesh import NO_PLAN, Link, Plan, Via
 from node.router_durable import live_copy
 from node.sessions import DURABLE_FLAGS, _Refused
-from node.topics import validate_topic
+from node.topics import inbox_node, validate_topic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -159,10 +159,10 @@ class MeshSide:
 
     def _inbox_plan(self, topic: str) -> Plan:
         """``_INBOX/<other node>/...``: straight to that node."""
-        parts = topic.split("/", 2)
-        if len(parts) < 3 or parts[1] == self.node_id:
+        node = inbox_node(topic)
+        if node is None or node == self.node_id:
             return NO_PLAN
-        return self.net.inbox_plan(parts[1])
+        return self.net.inbox_plan(node)
 
     def _forward(self, plan: Plan, rec: bytes) -> None:
         """Queue one copy of ``rec`` per next hop of ``plan``, grouped by routing header so

@@ -194,9 +194,14 @@ class MeshRoute:
     quiet: tuple[str, ...] = ()  # of ``plain``, nodes whose subscribers cannot answer
 
     @property
+    def responders(self) -> set[str]:
+        """The nodes of the route that may answer a request."""
+        return set(self.plain).difference(self.quiet).union(*(n for _, n in self.groups))
+
+    @property
     def answers(self) -> bool:
         """True when some node of the route may answer a request."""
-        return bool(self.groups) or len(self.plain) > len(self.quiet)
+        return bool(self.responders)
 
 
 EMPTY_ROUTE: Final = MeshRoute((), ())

@@ -110,6 +110,13 @@ def is_reserved(first_level: str) -> bool:
     return first_level.startswith("$") or first_level == INBOX_PREFIX
 
 
+def inbox_node(topic: str) -> str | None:
+    """The node id of a reply topic ``_INBOX/<node>/...`` (where its requester is), or None
+    for any other topic."""
+    parts = topic.split("/", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == INBOX_PREFIX else None
+
+
 def matches(pattern: str, topic: str, sep: str = "/") -> bool:
     """Reference matcher for one pattern and one topic (both assumed valid). ``sep``:
     the level separator, "." for NATS subjects (same ``*`` and ``>``)."""
