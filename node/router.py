@@ -494,6 +494,11 @@ class Router(MeshSide, DurableSide):
         (a *run*) rather than one slice each: a node that only forwards a stream then
         touches each record's header and topic and nothing else. That cut the first hop's
         CPU per event by a third in `meshctl bench --suite mesh`.
+
+        A stream repeats itself: a record with the topic, flags and headers of the one
+        before goes its way without asking again what those decide (permission, topic,
+        headers, route); only its payload's size is checked. The node's CPU per event in
+        the same benchmark, one node: 1.14 µs before, 0.98 after.
         """
         client = self.clients.get(ident)
         if client is None:
@@ -512,8 +517,15 @@ class Router(MeshSide, DurableSide):
         off = 2
         count = 0
         forwarded = 0
+        no_interest = 0
         run_plan = NO_PLAN  # the static plan of the run being gathered, from run_start
         run_start = run_end = 0
+        # The way the record before went, for the next if it repeats its topic, flags and
+        # headers: the links it went along (or NO_PLAN), its route when it was delivered
+        # here (or None), and whether nothing wanted it. rep_flags -1: no such record.
+        rep_flags, rep_topic, rep_hb = -1, b"", b""
+        way, here, unwanted = NO_PLAN, None, False
+        seen = b""  # the topic of the record before (a stream's second record starts it)
         try:
             while off < n:
                 if off + RECORD_SIZE > n:
@@ -526,132 +538,148 @@ class Router(MeshSide, DurableSide):
                 if end > n:
                     self.bad_frame(ident, f"record at byte {off} overruns the frame")
                     break
-                topic = frame[t0 : t0 + tlen]
                 off = end
-                if plen > max_payload:
-                    self.counters.dropped["payload_too_large"] += 1
-                    self._refuse(
-                        ident,
-                        frame[t0 - 16 : t0],
-                        flags,
-                        f"payload of {plen} bytes exceeds the limit of "
-                        f"{max_payload} bytes; event dropped",
-                        "payload",
-                    )
-                    continue
-                if acl is not None and self._acl_refuses(ident, acl, topic, frame, t0, flags):
-                    continue
-                if flags & _MESH_FLAGS:
-                    # Node to node only: a client's F_REPLICA went to local subscribers,
-                    # yet no other node delivered it, and each kept it as a retained value;
-                    # its F_RETAINED_LIVE made every bridge retain it at its broker (review).
-                    why = f"flag {flags & _MESH_FLAGS:#04x} is the mesh's own"
-                    self._refuse(ident, frame[t0 - 16 : t0], flags, why, "input")
-                    continue
-                if hlen and not self._headers_ok(frame[t0 + tlen : t0 + tlen + hlen]):
-                    # Passed on, it made each subscriber's client drop the whole delivery
-                    # frame it came in, good events with it (exploratory test).
-                    self.counters.dropped["bad_headers"] += 1
-                    self._refuse(
-                        ident,
-                        frame[t0 - 16 : t0],
-                        flags,
-                        "malformed headers block; event dropped",
-                        "input",
-                    )
-                    continue
-                route = cache.get(topic)
-                if route is None:
-                    route = self._resolve(topic)
-                if type(route) is _Refused:
-                    if ident in self.internal:  # in-process actors announce $mesh events
-                        route = self._remote_route(topic)
-                    if type(route) is _Refused:
-                        self.counters.dropped["bad_topic"] += 1
+                if (
+                    flags == rep_flags
+                    and tlen == len(rep_topic)
+                    and hlen == len(rep_hb)
+                    and plen <= max_payload
+                    and frame.startswith(rep_topic, t0)
+                    and (not hlen or frame.startswith(rep_hb, t0 + tlen))
+                ):
+                    count += 1  # a stream: as the record before (see above)
+                else:
+                    rep_flags = -1
+                    topic = frame[t0 : t0 + tlen]
+                    if plen > max_payload:
+                        self.counters.dropped["payload_too_large"] += 1
                         self._refuse(
                             ident,
                             frame[t0 - 16 : t0],
                             flags,
-                            route.reason,  # type: ignore[union-attr]
-                            "topic",
+                            f"payload of {plen} bytes exceeds the limit of "
+                            f"{max_payload} bytes; event dropped",
+                            "payload",
                         )
                         continue
-                count += 1
-                relay = route.relay  # type: ignore[union-attr]
-                if relay is not None and not flags & route.no_relay:  # type: ignore[union-attr]  # only on along links
-                    if relay is run_plan and start == run_end:
-                        run_end = end
-                        forwarded += len(relay.static)
-                        if end - run_start >= MAX_FRAME_BYTES:  # frames stay near the bound
-                            self._forward_run(relay, frame[run_start:end])
-                            run_plan = NO_PLAN
+                    if acl is not None and self._acl_refuses(ident, acl, topic, frame, t0, flags):
                         continue
-                    if run_plan is not NO_PLAN:
-                        self._forward_run(run_plan, frame[run_start:run_end])
-                    run_plan, run_start, run_end = relay, start, end
-                    forwarded += len(relay.static)
-                    continue
-                rec = None  # sliced from the frame only if something needs it alone
-                if flags & DURABLE_FLAGS or route.log == LOG_ALL:  # type: ignore[union-attr]
-                    rec = self._durable_pub(ident, frame[start:end], topic, route)  # type: ignore[arg-type]
-                    if rec is None:
-                        continue  # routed after the pass's commit, or refused
-                plain = route.plain  # type: ignore[union-attr]
-                groups = route.groups  # type: ignore[union-attr]
-                plan = route.plan  # type: ignore[union-attr]
-                if plan is not NO_PLAN:
-                    if plan is run_plan and start == run_end and rec is None:
+                    if flags & _MESH_FLAGS:
+                        # Node to node only: a client's F_REPLICA went to local subscribers,
+                        # yet no other node delivered it, and each kept it as a retained value;
+                        # its F_RETAINED_LIVE made every bridge retain it at its broker (review).
+                        why = f"flag {flags & _MESH_FLAGS:#04x} is the mesh's own"
+                        self._refuse(ident, frame[t0 - 16 : t0], flags, why, "input")
+                        continue
+                    if hlen and not self._headers_ok(frame[t0 + tlen : t0 + tlen + hlen]):
+                        # Passed on, it made each subscriber's client drop the whole delivery
+                        # frame it came in, good events with it (exploratory test).
+                        self.counters.dropped["bad_headers"] += 1
+                        self._refuse(
+                            ident,
+                            frame[t0 - 16 : t0],
+                            flags,
+                            "malformed headers block; event dropped",
+                            "input",
+                        )
+                        continue
+                    route = cache.get(topic)
+                    if route is None:
+                        route = self._resolve(topic)
+                    if type(route) is _Refused:
+                        if ident in self.internal:  # in-process actors announce $mesh events
+                            route = self._remote_route(topic)
+                        if type(route) is _Refused:
+                            self.counters.dropped["bad_topic"] += 1
+                            self._refuse(
+                                ident,
+                                frame[t0 - 16 : t0],
+                                flags,
+                                route.reason,  # type: ignore[union-attr]
+                                "topic",
+                            )
+                            continue
+                    count += 1
+                    if flags & route.alone_flags or route.alone:  # type: ignore[union-attr]
+                        if run_plan is not NO_PLAN:  # (the run's records go first)
+                            self._forward_run(run_plan, frame[run_start:run_end])
+                            run_plan = NO_PLAN
+                        self._route_alone(ident, frame[start:end], topic, flags, route)  # type: ignore[arg-type]
+                        continue
+                    way, here, unwanted = route.plan, route.here, route.unwanted  # type: ignore[union-attr]
+                    if topic == seen:  # a stream: what repeats this record goes unasked
+                        rep_flags, rep_topic, rep_hb = flags, topic, frame[t0 + tlen : end - plen]
+                    seen = topic
+                if way is not NO_PLAN:
+                    forwarded += len(way.static)
+                    if way is run_plan and start == run_end:
                         run_end = end
-                        forwarded += len(plan.static)
                         if end - run_start >= MAX_FRAME_BYTES:  # frames stay near the bound
-                            self._forward_run(plan, frame[run_start:end])
+                            self._forward_run(way, frame[run_start:end])
                             run_plan = NO_PLAN
                     else:
                         if run_plan is not NO_PLAN:
                             self._forward_run(run_plan, frame[run_start:run_end])
-                            run_plan = NO_PLAN
-                        if plan.groups or rec is not None:  # a choice per event, or a new copy
-                            self._forward(plan, frame[start:end] if rec is None else rec)
-                        else:
-                            run_plan, run_start, run_end = plan, start, end
-                            forwarded += len(plan.static)
-                local = (plain or groups) and not (
-                    flags & _IMPORTED_REQUEST == _IMPORTED_REQUEST
-                    and self._only_its_own(ident, route)  # type: ignore[arg-type]
-                )
-                if local:
-                    if rec is None:
-                        rec = frame[start:end]
-                    for dest, prefix in plain:
+                        run_plan, run_start, run_end = way, start, end
+                if here is not None:
+                    rec = frame[start:end]
+                    for dest, prefix in here.plain:
                         parts = pending.get(dest)
                         if parts is None:
                             pending[dest] = parts = []
                         parts.append(prefix)
                         parts.append(rec)
-                    for g in groups:
-                        dest, prefix = g.pick()
-                        parts = pending.get(dest)
-                        if parts is None:
-                            pending[dest] = parts = []
-                        parts.append(prefix)
-                        parts.append(rec)
-                elif plan.empty:
-                    self.counters.no_interest += 1
-                if flags & F_REQUEST and not (
-                    route.answers if local else self._mesh_answers(topic, plan)  # type: ignore[union-attr]
-                ):
-                    quiet = bool(local or not plan.empty)  # it went to events-only ones
-                    # A bridge's import is answered only when nothing at all takes it, as
-                    # NATS would: its "no responders" (a 503 on NATS) beat a service on the
-                    # NATS side that would have answered (review).
-                    if not (quiet and flags & F_IMPORTED):
-                        self._no_responders(ident, frame[t0 - 16 : t0], topic, quiet=quiet)
+                    if here.groups:
+                        self._to_groups(here, rec)
+                elif unwanted:
+                    no_interest += 1
         finally:  # records of an unfinished run still go (as they did one by one)
             if run_plan is not NO_PLAN:
                 self._forward_run(run_plan, frame[run_start:run_end])
         client.events_in += count
         self.counters.events_in += count
         self.counters.forwarded_out += forwarded
+        self.counters.no_interest += no_interest
+
+    def _route_alone(
+        self, ident: bytes, rec: bytes, topic: bytes, flags: int, route: Route
+    ) -> None:
+        """Route a client's record that goes on its own, not in a run: a persistent or
+        logged one (stored first), a request (answered when nothing can), or one whose
+        copies need a choice of node per event."""
+        event_id = rec[RECORD_SIZE - 16 : RECORD_SIZE]
+        if flags & DURABLE_FLAGS or route.log == LOG_ALL:
+            stored = self._durable_pub(ident, rec, topic, route)
+            if stored is None:
+                return  # routed after the pass's commit, or refused
+            rec = stored
+        plan = route.plan
+        if plan is not NO_PLAN:
+            self._forward(plan, rec)
+        local = (route.plain or route.groups) and not (
+            flags & _IMPORTED_REQUEST == _IMPORTED_REQUEST and self._only_its_own(ident, route)
+        )
+        if local:
+            pending = self._pending
+            for dest, prefix in route.plain:
+                pending.setdefault(dest, []).extend((prefix, rec))
+            self._to_groups(route, rec)
+        elif plan.empty:
+            self.counters.no_interest += 1
+        if flags & F_REQUEST and not (route.answers if local else self._mesh_answers(topic, plan)):
+            quiet = bool(local or not plan.empty)  # it went to events-only ones
+            # A bridge's import is answered only when nothing at all takes it, as NATS
+            # would: its "no responders" (a 503 on NATS) beat a service on the NATS side
+            # that would have answered (review).
+            if not (quiet and flags & F_IMPORTED):
+                self._no_responders(ident, event_id, topic, quiet=quiet)
+
+    def _to_groups(self, route: Route, rec: bytes) -> None:
+        """Queue ``rec`` for one member of each of the route's local groups."""
+        pending = self._pending
+        for g in route.groups:
+            dest, prefix = g.pick()
+            pending.setdefault(dest, []).extend((prefix, rec))
 
     def _no_responders(
         self, ident: bytes, event_id: bytes, topic: bytes, *, quiet: bool = False

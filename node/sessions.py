@@ -91,15 +91,17 @@ class Route:
     queues capture it (when persistent)."""
 
     __slots__ = (
+        "alone",
+        "alone_flags",
         "answers",
         "groups",
+        "here",
         "log",
-        "no_relay",
         "plain",
         "plan",
         "queues",
-        "relay",
         "stored_plan",
+        "unwanted",
     )
 
     def __init__(
@@ -120,16 +122,21 @@ class Route:
         self.queues = queues or []
         # A persistent event's plan: ``plan`` and the nodes whose queues capture the topic.
         self.stored_plan = plan if stored_plan is None else stored_plan
-        # The plan, when all a non-persistent event on this topic needs is to go on along
-        # fixed links: nothing here, no group choice, not logged. The first hop of a
-        # stream then only finds where each record ends (Router._on_pub).
-        only_links = plan.static and not (plain or groups or plan.groups or log == LOG_ALL)
-        self.relay: Plan | None = plan if only_links else None
-        # False when nothing here or in the mesh may answer a request on the topic, only
-        # subscribers that take events (MQTT clients): a request gets "no responders" at
-        # once, so it leaves the relay (``no_relay``: the flags that do).
         self.answers = answers
-        self.no_relay = DURABLE_FLAGS if answers else DURABLE_FLAGS | F_REQUEST
+        # What Router._on_pub needs per record, worked out once per topic. A record goes
+        # on its own (``alone``, or one of ``alone_flags``) when it is stored first,
+        # logged, may be answered "no responders", or needs a choice of node per event;
+        # otherwise it goes along ``plan``'s fixed links in a run with its neighbours, to
+        # ``here`` (this route, when something here subscribes), or nowhere (``unwanted``).
+        # A request on a topic that only other nodes hold, some of which may answer, runs
+        # along with the rest (``answers``: False when nothing here or in the mesh may
+        # answer a request on the topic, only subscribers that take events, MQTT clients).
+        local = bool(plain or groups)
+        self.alone = log == LOG_ALL or bool(plan.groups)
+        runs_requests = answers and bool(plan.static) and not local and not self.alone
+        self.alone_flags = DURABLE_FLAGS if runs_requests else DURABLE_FLAGS | F_REQUEST
+        self.here = self if local else None
+        self.unwanted = not local and plan.empty
 
 
 class _Refused:

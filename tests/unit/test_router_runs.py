@@ -17,6 +17,7 @@ from node.codec import (
     Kind,
     decode_targets,
     encode_control,
+    encode_headers,
     encode_record,
     frame_kind,
     split_records,
@@ -26,7 +27,7 @@ from node.framing import MAX_FRAME_BYTES
 from node.router import Router
 from tests.unit.test_dedup import Reference
 from tests.unit.test_router import NODE_ID as NODE
-from tests.unit.test_router import deliveries, hello, make_router, sub_ok
+from tests.unit.test_router import controls, deliveries, hello, make_router, sub_ok
 
 P, Q = "00000000000000aa", "00000000000000bb"  # two neighbours, each with its interest
 CLIENT, SUB = b"client-pub", b"client-sub"
@@ -93,6 +94,65 @@ def test_each_link_and_subscriber_gets_its_records_in_order(
     for _, frame, _ in out:
         assert len(frame) < 2 * MAX_FRAME_BYTES + 100_000  # near the bound, never unbounded
     assert r.counters.forwarded_out == sum(len(wants(t)[0]) for t, _ in events if "//" not in t)
+
+
+GOOD_HEADERS = (b"", encode_headers({"k": "v"}), encode_headers({"k": "w"}))
+BAD_HEADERS = b"\x01k\x01\x00\xff"  # as long as {"k": "v"}, yet not UTF-8: refused
+
+
+KINDS = st.tuples(  # (topic, flags, headers) of a stream
+    st.sampled_from(TOPICS), st.sampled_from((0, F_REQUEST)), st.sampled_from(GOOD_HEADERS)
+)
+
+
+@settings(deadline=None)
+@given(
+    st.lists(KINDS, min_size=1, max_size=3),
+    st.lists(  # runs of records of one of those kinds, each run of one size
+        st.tuples(
+            st.integers(0, 2),
+            st.sampled_from((1, 300, 200_000)),  # 200,000: over the payload limit, refused
+            st.booleans(),  # headers that do not decode, instead of the kind's: refused
+            st.integers(1, 4),
+        ),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_repeated_records_go_exactly_where_each_alone_would(
+    kinds: list[tuple[str, int, bytes]], runs: list[tuple[int, int, bool, int]]
+) -> None:
+    """A stream's records (the same topic, flags and headers as the one before) skip the
+    node's per-record checks and lookups. Each must still go where it would alone: to
+    the links and subscribers that want it, refused with the same answers, requests that
+    nothing answers answered "no responders" one by one."""
+    r = linked_router()
+    records: list[tuple[bytes, str, bool]] = []
+    expect_error, expect_noresp = 0, []
+    for k, size, garbled, times in runs:
+        topic, flags, headers = kinds[k % len(kinds)]
+        for _ in range(times):
+            i = len(records)
+            eid = bytes(8) + i.to_bytes(8)
+            block = BAD_HEADERS if garbled else headers
+            rec = encode_record(topic.encode(), bytes([i % 256]) * size, block, flags, 7, eid)
+            records.append((rec, topic, garbled or size > 100_000))
+            if "//" in topic or records[-1][2]:
+                expect_error += 1
+            elif flags and wants(topic) == (set(), False):
+                expect_noresp.append(eid.hex())
+    r.handle(CLIENT, HEAD_PUB + b"".join(rec for rec, _, _ in records), 0.0)
+    out = list(r.take_output())
+    good = [(rec, t) for rec, t, bad in records if not bad and "//" not in t]
+    got = forwarded(out)
+    for peer in (P, Q):
+        assert got[peer] == [rec for rec, t in good if peer in wants(t)[0]]
+    local = [ev.id for _, ev in deliveries(out, SUB)]
+    assert local == [rec[20:36].hex() for rec, t in good if wants(t)[1]]
+    answers = controls(out, CLIENT)
+    assert sum(1 for kind, _ in answers if kind is Kind.ERR) == expect_error
+    assert [b["id"] for kind, b in answers if kind is Kind.NORESP] == expect_noresp
+    assert r.counters.no_interest == sum(1 for _, t in good if wants(t) == (set(), False))
 
 
 def test_a_long_stream_to_one_link_goes_as_few_frames() -> None:
