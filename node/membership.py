@@ -320,10 +320,12 @@ def secret_hash(secret: str) -> str:
 
 def check_token_use(entry: object, secret: str, now: float) -> str | None:
     """None if a stored token ``entry`` accepts ``secret`` now, else why not."""
-    if not isinstance(entry, dict):
+    if not isinstance(entry, dict) or not hmac.compare_digest(
+        str(entry.get("hash", "")), secret_hash(secret)
+    ):
+        # One answer for both: "secret does not match" told whoever held a token's id
+        # that the id was live (a secured plant's review).
         return "unknown or already used join token"
-    if not hmac.compare_digest(str(entry.get("hash", "")), secret_hash(secret)):
-        return "join token secret does not match"
     if int(entry.get("exp", 0)) <= now:
         return "join token expired"
     if int(entry.get("uses", 0)) <= 0:

@@ -59,6 +59,7 @@ RENEW_WITHIN: Final = 31 * 86400  # an authority renews records expiring within 
 MAX_REJECTED: Final = 256  # rejected peers listed by `meshctl peers`
 LOCK_WAIT: Final = 0.2  # seconds the node's loop waits for a state file's lock
 SAVE_RETRY: Final = 5.0  # seconds between attempts to save revocations while it is locked
+TELL_EACH: Final = 3  # revocations learnt at once that are logged one by one; more: one line
 REVOKED_SELF: Final = "this node's membership was revoked: it no longer dials other nodes"
 
 
@@ -608,6 +609,7 @@ class Security:
         if not isinstance(items, list):
             return []
         fresh = []
+        told: list[str] = []  # "client NAME" or "node ID", for the log
         for signed in items:
             if _revoked_key(signed) in self.revoked:
                 continue  # known: whatever it claims, it adds nothing
@@ -635,10 +637,16 @@ class Security:
                     "dir) with a new join token",
                     self.creds.mesh,
                 )
-            elif rec.get("role") == "client":
-                self.log(f"client {rec['node']} revoked: its sessions are closed")
             else:
-                self.log(f"node {rec['node']} revoked: its links and sessions are closed")
+                told.append(f"{rec.get('role', 'node')} {rec['node']}")
+        if len(told) > TELL_EACH:
+            # A node that joins learns the mesh's whole list: it told each as if it had
+            # just closed that member's sessions (a secured plant's review).
+            some = ", ".join(told[:TELL_EACH])
+            self.log(f"learnt {len(told)} revocations ({some}, ...): those members are refused")
+        for who in told if len(told) <= TELL_EACH else ():
+            what = "sessions" if who.startswith("client ") else "links and sessions"
+            self.log(f"{who} revoked: its {what} are closed")
         if fresh:
             self._save_revocations()
         return fresh

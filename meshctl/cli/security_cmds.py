@@ -3,6 +3,7 @@ credential step of ``meshctl up`` (auto-initialise, or enroll with ``--join``)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, TextIO
 
 import typer
 
@@ -163,25 +164,50 @@ def _client_creds(
 
     for p in [*(pub_allow or []), *(pub_deny or []), *(sub_allow or []), *(sub_deny or [])]:
         validate_pattern(p)  # a TopicError (exit 2) names the bad pattern
+    revoked = {r.get("rec", {}).get("key") for r in _revocations(where)}
+    if any(
+        m.get("role") == "client" and m.get("name") == name and m.get("key") not in revoked
+        for m in _members(where)
+    ):
+        # A second credential was issued without a word, and `revoke NAME` then revoked
+        # both (a secured plant's review). As `nsc add user` refuses a name in use.
+        raise InputError(
+            f"client {name!r} already has credentials from this data dir: revoke them "
+            f"first (meshctl revoke {name}) or choose another name"
+        )
     perms = membership.Permissions(
         tuple(pub_allow or ()), tuple(pub_deny or ()), tuple(sub_allow or ()), tuple(sub_deny or ())
     )
-    doc = sec.client_credentials(where, name=name, perms=perms, days=days, now=time.time())
-    sec.remember_member(where, node=name, name=name, key=doc["public"], role="client")
-    text = json.dumps(doc, indent=1) + "\n"
-    if output is None or str(output) == "-":
-        sys.stdout.write(text)
-        return
-    try:
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+    handle: TextIO | None = None
+    created = False
+    if output is not None and str(output) != "-":
+        # Opened before the credentials are made: a file that could not be written left
+        # a member remembered whose credentials nobody had, its name taken. Emptied only
+        # once they are made (an existing file is kept if making them fails).
+        try:
+            created = not os.path.lexists(output)
+            handle = os.fdopen(os.open(output, os.O_WRONLY | os.O_CREAT, 0o600), "w")
             # The mode of open() applies only to a new file: an existing 0644 one kept it,
             # with the secret key inside (exploratory test). Before any byte is written.
-            os.fchmod(f.fileno(), 0o600)
-            f.write(text)
-    except OSError as e:
-        raise OperationalError(f"cannot write {output}: {e.strerror}") from None
-    note(f"wrote client credentials {output} for {name!r} (use with MESHCTL_CREDS)")
+            os.fchmod(handle.fileno(), 0o600)
+        except OSError as e:
+            raise OperationalError(f"cannot write {output}: {e.strerror}") from None
+    with handle or contextlib.nullcontext(sys.stdout) as f:
+        try:
+            doc = sec.client_credentials(where, name=name, perms=perms, days=days, now=time.time())
+            sec.remember_member(where, node=name, name=name, key=doc["public"], role="client")
+        except BaseException:
+            if created:
+                Path(output).unlink(missing_ok=True)  # type: ignore[arg-type]
+            raise
+        try:
+            if handle is not None:
+                handle.truncate(0)
+            f.write(json.dumps(doc, indent=1) + "\n")
+        except OSError as e:
+            raise OperationalError(f"cannot write {output}: {e.strerror}") from None
+    if handle is not None:
+        note(f"wrote client credentials {output} for {name!r} (use with MESHCTL_CREDS)")
 
 
 def _local_url(where: Path) -> str:
@@ -230,10 +256,7 @@ def revoke(
     if sec.revoke_token(where, token_id):
         note(f"revoked join token {token_id}: it can no longer enroll anyone")
         return
-    try:
-        members = json.loads((where / sec.MEMBERS_FILE).read_text())
-    except (OSError, ValueError):
-        members = []
+    members = _members(where)
     # A node by its id, else every member of that name: a client's "node" is its name,
     # so matching ids first took client pi alone where node pi shared the name (review).
     found = [m for m in members if m["role"] == "node" and who == m["node"]] or [
@@ -260,6 +283,15 @@ def revoke(
             continue
         sec.revoke(where, node=m["node"], key=m["key"], now=time.time(), role=m["role"])
         note(f"revoked {m['role']} {m['name']} ({m['node']})")
+
+
+def _members(where: Path) -> list[dict[str, Any]]:
+    """What this data dir's authority issued (none if the file is missing or unreadable)."""
+    try:
+        items = json.loads((where / sec.MEMBERS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [m for m in items if isinstance(m, dict)] if isinstance(items, list) else []
 
 
 def _revocations(where: Path) -> list[dict[str, Any]]:

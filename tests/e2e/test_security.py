@@ -549,6 +549,20 @@ def test_invite_refuses_what_could_never_be_used(make_node: NodeFactory, tmp_pat
         assert done.returncode == code, done.describe()
         assert len(done.err_lines) == 1, done.describe()
         assert words in done.stderr, done.describe()
+    # A secured plant's review: a second credential under a name in use was issued without
+    # a word (and `revoke c` revoked both). The file that could not be written above did
+    # not take the name; a revoked name may be issued again.
+    creds = tmp_path / "c.creds"
+    assert run_cli("invite", *where, "--client", "c", "-o", str(creds)).returncode == 0
+    again = run_cli("invite", *where, "--client", "c", "-o", str(tmp_path / "c2.creds"))
+    assert again.returncode == 2, again.describe()
+    assert "already has credentials" in again.stderr, again.describe()
+    assert len(again.err_lines) == 1, again.describe()
+    assert not (tmp_path / "c2.creds").exists()
+    first = json.loads(creds.read_text())["public"]  # (kept)
+    assert run_cli("revoke", *where, "c").returncode == 0
+    assert run_cli("invite", *where, "--client", "c", "-o", str(creds)).returncode == 0
+    assert json.loads(creds.read_text())["public"] != first
 
 
 def test_membership_records_are_renewed_before_they_expire(

@@ -97,7 +97,8 @@ def test_token_round_trip_and_corruption() -> None:
 def test_token_use() -> None:
     entry = {"hash": ms.secret_hash("s"), "exp": NOW + 10, "uses": 1}
     assert ms.check_token_use(entry, "s", NOW) is None
-    assert "does not match" in str(ms.check_token_use(entry, "t", NOW))
+    # a wrong secret is told as an unknown token: the answer does not say the id is live
+    assert ms.check_token_use(entry, "t", NOW) == ms.check_token_use(None, "t", NOW)
     assert "expired" in str(ms.check_token_use(entry, "s", NOW + 11))
     assert "already used" in str(ms.check_token_use({**entry, "uses": 0}, "s", NOW))
     assert "unknown" in str(ms.check_token_use(None, "s", NOW))

@@ -46,6 +46,22 @@ def test_a_long_revocation_list_is_read_whole(tmp_path: Path) -> None:
     assert sec.accept_revocations(revs) == []  # all known: nothing new, nothing checked
 
 
+def test_a_list_learnt_at_once_is_one_log_line_and_a_few_are_told_each(tmp_path: Path) -> None:
+    """Found in a secured plant's review: a node that joined logged each revocation the
+    mesh knew as "node X revoked: its links and sessions are closed", hundreds of lines
+    of what it never had."""
+    creds = security.init_mesh(tmp_path, mesh=MESH, node_id=NODE, name="auth", now=time.time())
+    lines: list[str] = []
+    sec = security.Security(creds, tmp_path, NODE, lines.append)
+    assert len(sec.accept_revocations(revocations(creds, 200))) == 200
+    assert len(lines) == 1
+    assert lines[0].startswith("learnt 200 revocations (node ")
+    lines.clear()
+    (one,) = revocations(creds, 1)
+    assert sec.accept_revocations([one]) == [one]
+    assert lines == [f"node {one['rec']['node']} revoked: its links and sessions are closed"]
+
+
 def test_revocations_go_in_frames_every_receiver_reads(tmp_path: Path) -> None:
     """Found by an audit: all of them went in one REVOKE frame, which every receiver
     refused past ~245 (over 64 KiB): revocations stopped spreading."""
