@@ -481,7 +481,12 @@ def encode_publish(
     else:
         var = len(topic).to_bytes(2, "big") + topic
     n = len(var) + len(payload)
-    head = bytes((first, n)) if n < 128 else bytes((first,)) + remaining_length(n)
+    if n < 128:
+        head = bytes((first, n))
+    elif n < 16_384:  # two length bytes: most messages; the loop below showed in profiles
+        head = bytes((first, (n & 0x7F) | 0x80, n >> 7))
+    else:
+        head = bytes((first,)) + remaining_length(n)
     return head + var + payload
 
 

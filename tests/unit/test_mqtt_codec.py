@@ -69,6 +69,15 @@ def test_remaining_length_table(n: int, varint: str) -> None:
     assert remaining_length(n).hex() == varint
 
 
+@pytest.mark.parametrize("size", [0, 120, 121, 122, 16_370, 16_376, 16_377, 16_378, 70_000])
+def test_publish_length_bytes_at_each_boundary(size: int) -> None:
+    """encode_publish writes one- and two-byte lengths itself (the hot path)."""
+    raw = encode_publish(b"a/b", b"x" * size, 1, 9)  # 7 bytes of topic and packet id
+    n = 7 + size
+    assert raw[1 : 1 + len(remaining_length(n))] == remaining_length(n)
+    assert decode_all(raw) == [Publish("a/b", b"x" * size, 1, False, False, 9)]
+
+
 def test_remaining_length_beyond_limit_is_our_error() -> None:
     with pytest.raises(ValueError, match="exceeds"):
         remaining_length(MAX_REMAINING + 1)
