@@ -524,7 +524,8 @@ class Router(MeshSide, DurableSide):
         # headers: the links it went along (or NO_PLAN), its route when it was delivered
         # here (or None), and whether nothing wanted it. rep_flags -1: no such record.
         rep_flags, rep_topic, rep_hb = -1, b"", b""
-        way, here, unwanted = NO_PLAN, None, False
+        way, unwanted = NO_PLAN, False
+        here: Route | None = None
         seen = b""  # the topic of the record before (a stream's second record starts it)
         try:
             while off < n:
@@ -606,7 +607,8 @@ class Router(MeshSide, DurableSide):
                             run_plan = NO_PLAN
                         self._route_alone(ident, frame[start:end], topic, flags, route)  # type: ignore[arg-type]
                         continue
-                    way, here, unwanted = route.plan, route.here, route.unwanted  # type: ignore[union-attr]
+                    way, unwanted = route.plan, route.unwanted  # type: ignore[union-attr]
+                    here = route if route.local else None  # type: ignore[assignment,union-attr]
                     if topic == seen:  # a stream: what repeats this record goes unasked
                         rep_flags, rep_topic, rep_hb = flags, topic, frame[t0 + tlen : end - plen]
                     seen = topic

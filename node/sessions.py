@@ -95,7 +95,7 @@ class Route:
         "alone_flags",
         "answers",
         "groups",
-        "here",
+        "local",
         "log",
         "plain",
         "plan",
@@ -127,15 +127,14 @@ class Route:
         # on its own (``alone``, or one of ``alone_flags``) when it is stored first,
         # logged, may be answered "no responders", or needs a choice of node per event;
         # otherwise it goes along ``plan``'s fixed links in a run with its neighbours, to
-        # ``here`` (this route, when something here subscribes), or nowhere (``unwanted``).
+        # subscribers here (``local``), or nowhere (``unwanted``).
         # A request on a topic that only other nodes hold, some of which may answer, runs
         # along with the rest (``answers``: False when nothing here or in the mesh may
         # answer a request on the topic, only subscribers that take events, MQTT clients).
-        local = bool(plain or groups)
+        self.local = local = bool(plain or groups)
         self.alone = log == LOG_ALL or bool(plan.groups)
         runs_requests = answers and bool(plan.static) and not local and not self.alone
         self.alone_flags = DURABLE_FLAGS if runs_requests else DURABLE_FLAGS | F_REQUEST
-        self.here = self if local else None
         self.unwanted = not local and plan.empty
 
 
