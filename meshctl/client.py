@@ -262,6 +262,11 @@ class Client:
         self._batching = 0
         self._inbox = ""
         self._req_ids = itertools.count(1)
+        # Request tokens start with a random prefix of this client's: after a node's
+        # restart a new client may get the id (and so the inbox) of one from before it,
+        # and a late reply to the old one was taken as the answer to the new one's request
+        # with the same number (exploratory test: its payload went to another program).
+        self._req_prefix = os.urandom(4).hex() + "-"
         self._replies: dict[str, list[Event]] = {}
         self._no_responders: dict[str, str] = {}  # request id -> the node's reason
         self._rcvtimeo = -1
@@ -791,7 +796,7 @@ class Client:
             NoResponders: nothing subscribes to ``topic``.
             Timeout: fewer than ``replies`` (or, for 0, no) replies arrived in time.
         """
-        token = str(next(self._req_ids))
+        token = f"{self._req_prefix}{next(self._req_ids)}"
         inbox = f"{self._inbox}/{token}"
         got: list[Event] = []
         self._replies[token] = got

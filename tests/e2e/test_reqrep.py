@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 from helpers import Background, NodeProcess, run_cli, wait_for
+
+from meshctl.client import connect
+from meshctl.errors import Timeout
 
 pytestmark = pytest.mark.e2e
 
@@ -174,3 +179,28 @@ def test_a_zero_timeout_is_a_usage_error(node: NodeProcess) -> None:
     short = run_cli("sub", "x", "-t", "0.0001", server=node.ipc)
     assert short.returncode == 1, short.describe()
     assert "no event within" in short.stderr, short.describe()
+
+
+def test_a_late_reply_to_an_inbox_from_before_is_not_taken_for_ours(node: NodeProcess) -> None:
+    """Found in an exploratory test: after a node restarts, a new client may get the id,
+    and so the inbox, of a client from before (libzmq numbers connections the same way
+    each run). A late reply meant for the old one (its request number 1) was returned by
+    the new one's `request` as its own answer: another program's payload."""
+
+    def late_reply(inbox: str) -> None:
+        time.sleep(0.3)
+        with connect(node.ipc) as other:
+            other.publish(f"{inbox}/1", b"not yours")
+            other.flush()
+
+    with connect(node.ipc) as silent, connect(node.ipc) as me:
+        silent.subscribe("svc/slow")  # a responder that never answers: no "no responders"
+        silent.flush()
+        inbox = f"_INBOX/{me.node['node_id']}/{me.node['client_id']}"
+        sender = threading.Thread(target=late_reply, args=(inbox,))
+        sender.start()
+        try:
+            with pytest.raises(Timeout):
+                me.request("svc/slow", b"mine", timeout=1.5)
+        finally:
+            sender.join()
