@@ -74,6 +74,21 @@ class Link:
     answered: dict[str, float] = field(default_factory=dict)  # node id -> when sent on want
 
 
+class Turn:
+    """Whose turn is next in one queue group, among its members or its nearest nodes; one
+    per group name, outliving routes and plans so that load stays even (a plan per topic
+    with a turn of its own sent a stream with a topic per event all to one node, and
+    every route-cache flush started the turns over: exploratory test)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
+MAX_TURNS: Final = 100_000  # group names whose turns are kept (then they start over)
+
+
 @dataclass
 class Plan:
     """How an event on one topic leaves this node (computed once per topic, then cached)."""
@@ -81,7 +96,7 @@ class Plan:
     static: list[tuple[Via, bytes]]  # (link, routing header) when no group choice is needed
     plain: tuple[str, ...]  # remote nodes with plain interest
     groups: list[tuple[str, tuple[str, ...]]]  # remote-only groups: nearest candidates
-    turns: list[int] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)  # one per group, shared (Mesh.turn)
 
     @property
     def empty(self) -> bool:
@@ -118,6 +133,7 @@ class Mesh(StatesSide):
         self.on_change = on_change  # drops the router's route cache
         self.emit = emit
         self.table = MeshTable(node_id)
+        self._turns: dict[str, Turn] = {}  # remote-only queue groups (see Turn)
         self.links: dict[str, Link] = {}
         self.by_via: dict[Via, str] = {}
         self.interest: set[tuple[str, str | None]] = set()  # changed in place
@@ -462,8 +478,18 @@ class Mesh(StatesSide):
             return NO_PLAN
         groups = [(g, nodes) for g, nodes in route.groups if g not in local_groups]
         if groups:
-            return Plan([], plain, groups, [0] * len(groups))
+            return Plan([], plain, groups, [self.turn(g) for g, _ in groups])
         return Plan(self._split([(n, ()) for n in plain], 0), plain, [])
+
+    def turn(self, group: str) -> Turn:
+        """The turn of queue group ``group`` among the nodes that hold it."""
+        turns = self._turns
+        if len(turns) >= MAX_TURNS:
+            turns.clear()
+        t = turns.get(group)
+        if t is None:
+            turns[group] = t = Turn()
+        return t
 
     def inbox_plan(self, node_id: str) -> Plan:
         """Replies go straight to the requester's node, never announced as interest."""
@@ -482,10 +508,10 @@ class Mesh(StatesSide):
     def dynamic(self, plan: Plan) -> list[tuple[Via, bytes]]:
         """Per-event choice of one nearest member node per remote-only queue group."""
         assign: dict[str, list[str]] = {n: [] for n in plan.plain}
-        for i, (group, nodes) in enumerate(plan.groups):
-            turn = plan.turns[i]
-            plan.turns[i] = turn + 1
-            assign.setdefault(nodes[turn % len(nodes)], []).append(group)
+        for (group, nodes), turn in zip(plan.groups, plan.turns, strict=True):
+            n = turn.n
+            turn.n = n + 1
+            assign.setdefault(nodes[n % len(nodes)], []).append(group)
         return self._split([(n, tuple(g)) for n, g in assign.items()], 0)
 
     def _split(

@@ -39,7 +39,7 @@ from node.durable import LOG_ALL, Durable, replay_options
 from node.errors import CodecError, TopicError
 from node.events import Event, decode_event
 from node.framing import MAX_FRAME_BYTES, frames_counted, link_frames
-from node.mesh import NO_PLAN, Mesh, Plan, Via
+from node.mesh import NO_PLAN, Mesh, Plan, Turn, Via
 from node.router_durable import DurableOut, DurableSide
 from node.router_mesh import MeshSide
 from node.routing import NONE_AT, announced, capture_group, quiet_group
@@ -53,7 +53,6 @@ from node.sessions import (
     SubRef,
     _Group,
     _Refused,
-    _Turn,
     _valid_group,
     publish_verdict,
 )
@@ -136,7 +135,7 @@ class Router(MeshSide, DurableSide):
         self._cache: dict[bytes, Route | _Refused] = {}
         self._headers_known: dict[bytes, bool] = {}  # header blocks seen: whether they decode
         self._fwd_cache: dict[bytes, tuple[tuple[str, ...] | None, list[tuple[Via, bytes]]]] = {}
-        self._turns: dict[str, _Turn] = {}
+        self._turns: dict[str, Turn] = {}
         # One Plan object per distinct set of (link, header) copies, so that events on
         # different topics bound for the same links still travel on as one run.
         self._plans: dict[tuple[tuple[str, ...], tuple[tuple[Via, bytes], ...]], Plan] = {}
@@ -787,7 +786,7 @@ class Router(MeshSide, DurableSide):
     def _shared_plan(self, plan: Plan) -> Plan:
         """One Plan object per set of static copies, so that the hot loop can tell by
         identity that consecutive records leave the same way (a run)."""
-        if not plan.static or plan.groups:  # grouped plans keep per-topic turns
+        if not plan.static or plan.groups:  # grouped plans: a choice per event anyway
             return plan
         if len(self._plans) >= ROUTE_CACHE_SIZE:
             self._plans.clear()
@@ -819,7 +818,7 @@ class Router(MeshSide, DurableSide):
         if len(turns) > 100_000:
             turns.clear()
         groups = [
-            _Group(name, sorted(m), turns.setdefault(name, _Turn()))
+            _Group(name, sorted(m), turns.setdefault(name, Turn()))
             for name, m in sorted(grouped.items())
         ]
         answers = inbox or self._answers(plain, groups, topic)
@@ -974,7 +973,8 @@ class Router(MeshSide, DurableSide):
                 nodes.update(new)
             new_groups = [(g, m) for g, m in plan.groups if g not in groups]
             if new_groups:  # one member of each (review: groups got none)
-                self._forward(Plan([], (), new_groups, [0] * len(new_groups)), rec)
+                turns = [self.net.turn(g) for g, _ in new_groups]
+                self._forward(Plan([], (), new_groups, turns), rec)
                 groups.update(g for g, _ in new_groups)
             if now < until:
                 self._held_system.append((rec, topic, until, (nodes, groups)))

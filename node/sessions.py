@@ -12,7 +12,7 @@ from typing import Final, Protocol
 from node.codec import F_PERSISTENT, F_REQUEST, F_RETAIN, SID
 from node.drops import Drops
 from node.durable import LOG_ALL
-from node.mesh import NO_PLAN, Plan
+from node.mesh import NO_PLAN, Plan, Turn
 from node.queues import Queue
 
 DURABLE_FLAGS: Final = F_PERSISTENT | F_RETAIN  # records that take the durable path
@@ -58,21 +58,12 @@ class SubRef:
         self.live = False  # in the trie: not while it replays the log, never for a queue
 
 
-class _Turn:
-    """Whose turn is next in one queue group; outlives route-cache flushes so load stays even."""
-
-    __slots__ = ("n",)
-
-    def __init__(self) -> None:
-        self.n = 0
-
-
 class _Group:
     """The local members of one queue group that match one topic."""
 
     __slots__ = ("members", "name", "turn")
 
-    def __init__(self, name: str, members: list[tuple[bytes, bytes]], turn: _Turn) -> None:
+    def __init__(self, name: str, members: list[tuple[bytes, bytes]], turn: Turn) -> None:
         self.name = name
         self.members = members
         self.turn = turn

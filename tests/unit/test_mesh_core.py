@@ -854,6 +854,22 @@ def test_dynamic_takes_turns_among_equally_near_members() -> None:
     assert picks == [C, D, C, D]
 
 
+def test_turns_among_equally_near_members_go_on_across_topics_and_new_plans() -> None:
+    """Found in an exploratory test: each topic's plan took turns of its own from the
+    first node, so a stream with a topic per event (orders/1, orders/2, ...) all went to
+    one node; and every route-cache flush (any change of interest) started over."""
+    hub, via_a, via_b = hub_with_two_branches()
+    hub.mesh.on_states(via_a, {"states": [state(C, [A], [("t/>", "g")], version=2).to_json()]}, 0.0)
+    hub.mesh.on_states(via_b, {"states": [state(D, [B], [("t/>", "g")], version=2).to_json()]}, 0.0)
+    picks = []
+    for i in range(6):
+        plan = hub.mesh.plan(f"t/{i}", set())  # a new topic, a new plan, each time
+        assert plan.groups == [("g", (C, D))]
+        (target,) = [n for _, _, t in copies(hub.mesh.dynamic(plan)) for n, g in t if g]
+        picks.append(target)
+    assert picks == [C, D, C, D, C, D]
+
+
 @pytest.mark.parametrize(("hops", "forwarded"), [(0, True), (14, True), (15, False), (40, False)])
 def test_onward_hop_limit(hops: int, forwarded: bool) -> None:
     hub, via_a, _ = hub_with_two_branches()
