@@ -48,7 +48,13 @@ def view(router: Router, body: dict[str, Any], now: float) -> dict[str, Any]:
         ]
         durable = router.durable
         queues = [] if durable is None else sorted(q.name for q in durable.queues.trie.match(topic))
-        return router.net.explain(topic, subs) | {
+        view = router.net.explain(topic, subs)
+        # A group with a member here takes every event here (round-robin among them):
+        # the mesh's nearest nodes were shown as its target (exploratory test).
+        view["groups"] = [
+            {"group": g, "nearest": [router.net.name], "here": True} for g in sorted(groups)
+        ] + [g | {"here": False} for g in view["groups"] if g["group"] not in groups]
+        return view | {
             "local_groups": groups,
             "local_queues": queues,
             "answers": local.answers,  # False: a request gets "no responders" at once

@@ -137,8 +137,14 @@ def routes(
         only = set(c.get("queues_only", ()))
         nodes = [f"{n} (persistent events only)" if n in only else n for n in c["nodes"]]
         out.print(f"  one copy via {c['next_hop']} for {', '.join(nodes)}")
+    here = view.get("local_groups", {})
     for g in view["groups"]:
-        if g["group"] not in view.get("local_groups", {}):
+        if g["group"] in here:  # (a node before "here" also listed the mesh's nearest)
+            if g.get("here", False):
+                n = here[g["group"]]
+                among = f", round-robin among its {n} here" if n > 1 else ""
+                out.print(f"  group {g['group']}: every event to a member on this node{among}")
+        else:
             out.print(f"  group {g['group']}: one of {', '.join(g['nearest'])} (nearest)")
     if view.get("answers") is False and not nobody:
         out.print("  nothing that can answer a request: requests get 'no responders'")

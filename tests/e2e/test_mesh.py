@@ -224,6 +224,13 @@ def test_queue_group_picks_one_member_mesh_wide_preferring_local(mesh: Mesh) -> 
     pub.flush()
     assert len(drain(local)) == 30
     assert all(not drain(s, 0.2) for s in members.values())
+    # `routes` says so (exploratory test: it named B as the group's target, and the text
+    # said nothing of the group at all).
+    view = mesh.view("A", "routes", topic="job/x")
+    assert [(g["group"], g["here"]) for g in view["groups"]] == [("workers", True)]
+    shown = run_cli("routes", "job/x", server=mesh.nodes["A"].ipc)
+    assert "group workers: every event to a member on this node" in shown.stdout, shown.stdout
+    assert "(nearest)" not in shown.stdout
 
 
 def test_queue_group_members_at_equal_distance_share(mesh: Mesh) -> None:
