@@ -294,7 +294,10 @@ class Router(MeshSide, DurableSide):
         # places beyond the limit: at the limit every view failed, even on the node's own
         # host, and nothing said clients were being turned away (scale test).
         extra = OPERATOR_PLACES if body.get("operator") is True else 0
-        if len(self.clients) >= self.max_clients + extra:
+        # The node's own actors (MQTT listener, bridges, uplink) take no client's place:
+        # with two of them, `max_clients = 2` let no client in.
+        taken = len(self.clients) - sum(1 for i in self.internal if i in self.clients)
+        if ident not in self.internal and taken >= self.max_clients + extra:
             n = self.counters.clients_refused = self.counters.clients_refused + 1
             if n <= 10 or n % 1000 == 0:
                 who = str(body.get("name", ""))[:MAX_CLIENT_NAME] or ident.hex()
@@ -315,7 +318,7 @@ class Router(MeshSide, DurableSide):
         if body.get("requests") is False:  # MQTT's, an uplink's: it takes events only
             self.mute.add(ident)
         client = Client(ident=ident, name=name, connected_at=now, last_seen=now)
-        client.looker = len(self.clients) >= self.max_clients
+        client.looker = ident not in self.internal and taken >= self.max_clients
         self.clients[ident] = client
         self.by_client_id[client.client_id] = ident
         self._send_control(

@@ -146,6 +146,24 @@ def test_max_clients_enforced() -> None:
     assert hello(r, D)["client_id"] == D.hex()
 
 
+def test_the_nodes_own_actors_take_no_clients_place() -> None:
+    """Found in a read of the code: an MQTT listener and a bridge counted against
+    limits.max_clients, so `max_clients = 2` with both let no client in."""
+    r = make_router(max_clients=2)
+    for actor in (b"\x00mqtt", b"\x00bridge"):
+        r.internal.add(actor)
+        hello(r, actor)
+    assert hello(r, A)["client_id"] == A.hex()
+    assert hello(r, B)["client_id"] == B.hex()
+    assert not r.clients[B].looker
+    r.handle(C, encode_control(Kind.HELLO, {"name": "c"}), 0.0)
+    ((kind, body),) = controls(take(r), C)
+    assert kind is Kind.ERR
+    assert body["code"] == "limit"
+    r.internal.add(b"\x00uplink")  # one more actor at the limit: still let in
+    hello(r, b"\x00uplink")
+
+
 @pytest.mark.parametrize(
     "frame",
     [
