@@ -667,7 +667,7 @@ class Router(MeshSide, DurableSide):
             pending = self._pending
             for dest, prefix in route.plain:
                 pending.setdefault(dest, []).extend((prefix, rec))
-            self._to_groups(route, rec)
+            self._to_groups(route, rec, request=bool(flags & F_REQUEST))
         elif plan.empty:
             self.counters.no_interest += 1
         if flags & F_REQUEST and not (route.answers if local else self._mesh_answers(topic, plan)):
@@ -678,11 +678,11 @@ class Router(MeshSide, DurableSide):
             if not (quiet and flags & F_IMPORTED):
                 self._no_responders(ident, event_id, topic, quiet=quiet)
 
-    def _to_groups(self, route: Route, rec: bytes) -> None:
+    def _to_groups(self, route: Route, rec: bytes, *, request: bool = False) -> None:
         """Queue ``rec`` for one member of each of the route's local groups."""
         pending = self._pending
         for g in route.groups:
-            dest, prefix = g.pick()
+            dest, prefix = g.pick(request)
             pending.setdefault(dest, []).extend((prefix, rec))
 
     def _no_responders(
@@ -820,8 +820,14 @@ class Router(MeshSide, DurableSide):
         turns = self._turns
         if len(turns) > 100_000:
             turns.clear()
+        mute = self.mute
         groups = [
-            _Group(name, sorted(m), turns.setdefault(name, Turn()))
+            _Group(
+                name,
+                sorted(m),
+                turns.setdefault(name, Turn()),
+                sorted(x for x in m if x[0] not in mute),
+            )
             for name, m in sorted(grouped.items())
         ]
         answers = inbox or self._answers(plain, groups, topic)

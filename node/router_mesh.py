@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 from node.codec import (
     F_ERROR,
     F_REPLICA,
+    F_REQUEST,
     F_RETAIN,
     HEAD_FWD,
     RECORD_SIZE,
@@ -273,7 +274,7 @@ class MeshSide:
                 if groups:
                     for g in route.groups:  # type: ignore[union-attr]
                         if g.name in groups:
-                            dest, prefix = g.pick()
+                            dest, prefix = g.pick(bool(flags & F_REQUEST))
                             pending.setdefault(dest, []).extend((prefix, rec))
         finally:
             if run_seq != run_told:

@@ -61,19 +61,31 @@ class SubRef:
 class _Group:
     """The local members of one queue group that match one topic."""
 
-    __slots__ = ("members", "name", "turn")
+    __slots__ = ("answering", "members", "name", "turn")
 
-    def __init__(self, name: str, members: list[tuple[bytes, bytes]], turn: Turn) -> None:
+    def __init__(
+        self,
+        name: str,
+        members: list[tuple[bytes, bytes]],
+        turn: Turn,
+        answering: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         self.name = name
         self.members = members
         self.turn = turn
+        # The members that may answer a request (not MQTT clients' shared subscriptions,
+        # which take events only), when some may and some may not.
+        self.answering = answering if answering and len(answering) < len(members) else None
 
-    def pick(self) -> tuple[bytes, bytes]:
-        """The next member, round-robin."""
+    def pick(self, request: bool = False) -> tuple[bytes, bytes]:
+        """The next member, round-robin; for a ``request``, the next that may answer (a
+        group mixing an MQTT member and a mesh responder sent some requests to the MQTT
+        member, where they were lost)."""
         turn = self.turn
         i = turn.n
         turn.n = i + 1
-        return self.members[i % len(self.members)]
+        among = self.answering if request and self.answering else self.members
+        return among[i % len(among)]
 
 
 class Route:

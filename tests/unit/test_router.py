@@ -570,6 +570,26 @@ def test_a_request_only_clients_that_cannot_answer_hold_gets_noresp_at_once() ->
     assert r.mute == set()
 
 
+def test_a_group_mixing_an_mqtt_member_and_a_responder_gives_requests_to_the_responder() -> None:
+    """An MQTT shared subscription ($share/svc/...) and a mesh responder in one group:
+    requests went round-robin to both, and those the MQTT member got were lost (MQTT has
+    no reply-to). Requests go to members that may answer; events still go round-robin."""
+    m = b"mqtt-listener"
+    r = connected(A, B)
+    r.internal.add(m)
+    r.handle(m, encode_control(Kind.HELLO, {"name": "mqtt listener", "requests": False}), 0)
+    take(r)
+    sub_ok(r, m, 1, "svc/>", group="svc")
+    sub_ok(r, B, 1, "svc/echo", group="svc")
+    publish(r, A, *(record("svc/echo", flags=F_REQUEST) for _ in range(6)))
+    out = take(r)
+    assert (len(deliveries(out, m)), len(deliveries(out, B))) == (0, 6)
+    assert controls(out, A) == []  # no "no responders": B answers
+    publish(r, A, *(record("svc/echo") for _ in range(6)))
+    out = take(r)
+    assert (len(deliveries(out, m)), len(deliveries(out, B))) == (3, 3)
+
+
 def test_drop_client_removes_interest() -> None:
     r = connected(A, B)
     sub_ok(r, B, 1, "svc/>")
