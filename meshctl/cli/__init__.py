@@ -7,8 +7,10 @@ Exit codes: 0 success, 1 operational failure (timeout, no responders, unreachabl
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
+from types import FrameType
 from typing import Annotated, NoReturn
 
 import typer
@@ -121,8 +123,17 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _stop_as_interrupted(_signum: int, _frame: FrameType | None) -> None:
+    """SIGTERM ends a command as Ctrl-C does. Killed outright, `meshctl reply` left its
+    queue-group place behind until the node noticed it gone, and requests sent there
+    meanwhile were lost (exploratory test); `sub` and `tail` now flush and say goodbye
+    too. `meshctl up` sets its own handler (the node stops)."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     """Entry point: run the CLI; our errors and click's usage errors become one line."""
+    signal.signal(signal.SIGTERM, _stop_as_interrupted)
     command = typer.main.get_command(app)
     try:
         code = command.main(standalone_mode=False)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 
@@ -204,3 +206,18 @@ def test_a_late_reply_to_an_inbox_from_before_is_not_taken_for_ours(node: NodePr
                 me.request("svc/slow", b"mine", timeout=1.5)
         finally:
             sender.join()
+
+
+def test_a_replier_stopped_with_sigterm_leaves_its_group_at_once(
+    node: NodeProcess, bg: Background
+) -> None:
+    """Found in an exploratory test: SIGTERM (systemd, docker stop, kill) killed `meshctl
+    reply` outright, its queue-group place stayed until the node noticed it gone, and a
+    request sent there meanwhile was lost. It stops as on Ctrl-C now: goodbye, exit 0."""
+    replier = bg.start("reply", "svc/term", "--echo", server=node.ipc)
+    os.kill(replier.pid, signal.SIGTERM)
+    assert replier.proc.wait(5) == 0, replier.describe()
+    asked = run_cli("req", "svc/term", "x", "--timeout", "5s", server=node.ipc)
+    assert asked.returncode == 1, asked.describe()
+    assert "no responders" in asked.stderr, asked.describe()
+    assert asked.elapsed < 2, asked.describe()
