@@ -86,7 +86,17 @@ class Turn:
         self.n = 0
 
 
-MAX_TURNS: Final = 100_000  # group names whose turns are kept (then they start over)
+MAX_TURNS: Final = 100_000  # turns kept (then they start over)
+
+
+def turn_of(turns: dict[Any, Turn], key: Any) -> Turn:
+    """The turn kept in ``turns`` under ``key``, made on first use (bounded)."""
+    t = turns.get(key)
+    if t is None:
+        if len(turns) >= MAX_TURNS:
+            turns.clear()
+        turns[key] = t = Turn()
+    return t
 
 
 @dataclass
@@ -133,7 +143,7 @@ class Mesh(StatesSide):
         self.on_change = on_change  # drops the router's route cache
         self.emit = emit
         self.table = MeshTable(node_id)
-        self._turns: dict[str, Turn] = {}  # remote-only queue groups (see Turn)
+        self._turns: dict[tuple[str, tuple[str, ...]], Turn] = {}  # remote groups (see turn)
         self.links: dict[str, Link] = {}
         self.by_via: dict[Via, str] = {}
         self.interest: set[tuple[str, str | None]] = set()  # changed in place
@@ -478,18 +488,16 @@ class Mesh(StatesSide):
             return NO_PLAN
         groups = [(g, nodes) for g, nodes in route.groups if g not in local_groups]
         if groups:
-            return Plan([], plain, groups, [self.turn(g) for g, _ in groups])
+            return Plan([], plain, groups, [self.turn(g, nodes) for g, nodes in groups])
         return Plan(self._split([(n, ()) for n in plain], 0), plain, [])
 
-    def turn(self, group: str) -> Turn:
-        """The turn of queue group ``group`` among the nodes that hold it."""
-        turns = self._turns
-        if len(turns) >= MAX_TURNS:
-            turns.clear()
-        t = turns.get(group)
-        if t is None:
-            turns[group] = t = Turn()
-        return t
+    def turn(self, group: str, nodes: tuple[str, ...]) -> Turn:
+        """The turn of queue group ``group`` among ``nodes``, its nearest holders of some
+        topic: shared by every topic with those candidates. One turn per group name was
+        not enough: a topic that only one of them holds moved it on too, and a poller
+        alternating such a topic with one both hold sent all of the latter to one node
+        (review)."""
+        return turn_of(self._turns, (group, nodes))
 
     def inbox_plan(self, node_id: str) -> Plan:
         """Replies go straight to the requester's node, never announced as interest."""

@@ -39,7 +39,7 @@ from node.durable import LOG_ALL, Durable, replay_options
 from node.errors import CodecError, TopicError
 from node.events import Event, decode_event
 from node.framing import MAX_FRAME_BYTES, frames_counted, link_frames
-from node.mesh import NO_PLAN, Mesh, Plan, Turn, Via
+from node.mesh import NO_PLAN, Mesh, Plan, Turn, Via, turn_of
 from node.router_durable import DurableOut, DurableSide
 from node.router_mesh import MeshSide
 from node.routing import NONE_AT, announced, capture_group, quiet_group
@@ -135,7 +135,7 @@ class Router(MeshSide, DurableSide):
         self._cache: dict[bytes, Route | _Refused] = {}
         self._headers_known: dict[bytes, bool] = {}  # header blocks seen: whether they decode
         self._fwd_cache: dict[bytes, tuple[tuple[str, ...] | None, list[tuple[Via, bytes]]]] = {}
-        self._turns: dict[str, Turn] = {}
+        self._turns: dict[tuple[str, tuple[tuple[bytes, bytes], ...]], Turn] = {}
         # One Plan object per distinct set of (link, header) copies, so that events on
         # different topics bound for the same links still travel on as one run.
         self._plans: dict[tuple[tuple[str, ...], tuple[tuple[Via, bytes], ...]], Plan] = {}
@@ -816,20 +816,14 @@ class Router(MeshSide, DurableSide):
             plan = self._shared_plan(self.net.plan(topic, set(grouped)))
             if self.net.table.route(topic).stored:  # a queue elsewhere captures the topic
                 stored_plan = self._shared_plan(self.net.plan(topic, set(grouped), stored=True))
-        # Sorted so the round-robin order does not depend on set iteration order.
-        turns = self._turns
-        if len(turns) > 100_000:
-            turns.clear()
+        # Sorted so the round-robin order does not depend on set iteration order; a turn
+        # per group and members, as Mesh.turn keeps one per group and nodes.
         mute = self.mute
-        groups = [
-            _Group(
-                name,
-                sorted(m),
-                turns.setdefault(name, Turn()),
-                sorted(x for x in m if x[0] not in mute),
-            )
-            for name, m in sorted(grouped.items())
-        ]
+        groups = []
+        for name, m in sorted(grouped.items()):
+            members = sorted(m)
+            turn = turn_of(self._turns, (name, tuple(members)))
+            groups.append(_Group(name, members, turn, [x for x in members if x[0] not in mute]))
         answers = inbox or self._answers(plain, groups, topic)
         durable = self.durable
         if durable is None or inbox:
@@ -982,7 +976,7 @@ class Router(MeshSide, DurableSide):
                 nodes.update(new)
             new_groups = [(g, m) for g, m in plan.groups if g not in groups]
             if new_groups:  # one member of each (review: groups got none)
-                turns = [self.net.turn(g) for g, _ in new_groups]
+                turns = [self.net.turn(g, m) for g, m in new_groups]
                 self._forward(Plan([], (), new_groups, turns), rec)
                 groups.update(g for g, _ in new_groups)
             if now < until:

@@ -870,6 +870,22 @@ def test_turns_among_equally_near_members_go_on_across_topics_and_new_plans() ->
     assert picks == [C, D, C, D, C, D]
 
 
+def test_a_topic_only_one_node_holds_does_not_take_the_others_turns() -> None:
+    """Review of the fix above: with one turn per group name, a poller alternating t/x
+    (held by C and D) and t/y (held by C alone) sent every t/x event to C: each t/y
+    event moved the shared turn on. Turns are per group and candidate nodes."""
+    hub, via_a, via_b = hub_with_two_branches()
+    hub.mesh.on_states(via_a, {"states": [state(C, [A], [("t/>", "g")], version=2).to_json()]}, 0.0)
+    hub.mesh.on_states(via_b, {"states": [state(D, [B], [("t/x", "g")], version=2).to_json()]}, 0.0)
+    plans = {t: hub.mesh.plan(t, set()) for t in ("t/x", "t/y")}
+    got = []
+    for i in range(8):
+        topic = ("t/x", "t/y")[i % 2]
+        (target,) = [n for _, _, t in copies(hub.mesh.dynamic(plans[topic])) for n, g in t if g]
+        got.append((topic, target))
+    assert [n for t, n in got if t == "t/x"] == [C, D, C, D]
+
+
 @pytest.mark.parametrize(("hops", "forwarded"), [(0, True), (14, True), (15, False), (40, False)])
 def test_onward_hop_limit(hops: int, forwarded: bool) -> None:
     hub, via_a, _ = hub_with_two_branches()

@@ -590,6 +590,18 @@ def test_a_group_mixing_an_mqtt_member_and_a_responder_gives_requests_to_the_res
     assert (len(deliveries(out, m)), len(deliveries(out, B))) == (3, 3)
 
 
+def test_local_turns_are_per_group_and_members_not_per_name() -> None:
+    """A topic only one member holds must not move the turn of a topic two hold: a
+    publisher alternating them sent every event of the shared topic to one member."""
+    r = connected(A, B, C)
+    sub_ok(r, B, 1, "t/>", group="g")
+    sub_ok(r, C, 1, "t/x", group="g")
+    publish(r, A, *(record(("t/x", "t/y")[i % 2]) for i in range(8)))
+    out = take(r)
+    assert [e.topic for _, e in deliveries(out, C)] == ["t/x", "t/x"]
+    assert sorted(e.topic for _, e in deliveries(out, B)) == ["t/x"] * 2 + ["t/y"] * 4
+
+
 def test_drop_client_removes_interest() -> None:
     r = connected(A, B)
     sub_ok(r, B, 1, "svc/>")
