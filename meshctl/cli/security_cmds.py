@@ -11,7 +11,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Final, TextIO
+from typing import Annotated, Any, Final
 
 import typer
 
@@ -165,48 +165,45 @@ def _client_creds(
     for p in [*(pub_allow or []), *(pub_deny or []), *(sub_allow or []), *(sub_deny or [])]:
         validate_pattern(p)  # a TopicError (exit 2) names the bad pattern
     revoked = {r.get("rec", {}).get("key") for r in _revocations(where)}
-    if any(
-        m.get("role") == "client" and m.get("name") == name and m.get("key") not in revoked
-        for m in _members(where)
-    ):
+    for m in _members(where):
+        if m.get("key") in revoked or name not in (m.get("name"), m.get("node")):
+            continue
         # A second credential was issued without a word, and `revoke NAME` then revoked
-        # both (a secured plant's review). As `nsc add user` refuses a name in use.
+        # both (a secured plant's review). As `nsc add user` refuses a name in use. A
+        # node's name or id too: `revoke NAME` could then tell neither apart (review).
+        held = "already has credentials" if m.get("role") == "client" else "is a node's"
         raise InputError(
-            f"client {name!r} already has credentials from this data dir: revoke them "
-            f"first (meshctl revoke {name}) or choose another name"
+            f"{name!r} {held} from this data dir: revoke it first (meshctl revoke "
+            f"{m.get('node')}) or choose another name"
         )
     perms = membership.Permissions(
         tuple(pub_allow or ()), tuple(pub_deny or ()), tuple(sub_allow or ()), tuple(sub_deny or ())
     )
-    handle: TextIO | None = None
-    created = False
-    if output is not None and str(output) != "-":
-        # Opened before the credentials are made: a file that could not be written left
-        # a member remembered whose credentials nobody had, its name taken. Emptied only
-        # once they are made (an existing file is kept if making them fails).
+    doc = sec.client_credentials(where, name=name, perms=perms, days=days, now=time.time())
+    text = json.dumps(doc, indent=1) + "\n"
+    # Written (and flushed) before the member is remembered: credentials that did not
+    # reach their file (a full disk, a missing directory) took the name for good, and
+    # the error was an internal one (review).
+    if output is None or str(output) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        created = not os.path.lexists(output)
         try:
-            created = not os.path.lexists(output)
-            handle = os.fdopen(os.open(output, os.O_WRONLY | os.O_CREAT, 0o600), "w")
-            # The mode of open() applies only to a new file: an existing 0644 one kept it,
-            # with the secret key inside (exploratory test). Before any byte is written.
-            os.fchmod(handle.fileno(), 0o600)
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                # The mode of open() applies only to a new file: an existing 0644 one kept
+                # it, with the secret key inside (exploratory test). Before any byte.
+                os.fchmod(f.fileno(), 0o600)
+                f.write(text)
+                f.flush()
         except OSError as e:
-            raise OperationalError(f"cannot write {output}: {e.strerror}") from None
-    with handle or contextlib.nullcontext(sys.stdout) as f:
-        try:
-            doc = sec.client_credentials(where, name=name, perms=perms, days=days, now=time.time())
-            sec.remember_member(where, node=name, name=name, key=doc["public"], role="client")
-        except BaseException:
             if created:
-                Path(output).unlink(missing_ok=True)  # type: ignore[arg-type]
-            raise
-        try:
-            if handle is not None:
-                handle.truncate(0)
-            f.write(json.dumps(doc, indent=1) + "\n")
-        except OSError as e:
+                with contextlib.suppress(OSError):
+                    Path(output).unlink()  # no half-written secret left behind
             raise OperationalError(f"cannot write {output}: {e.strerror}") from None
-    if handle is not None:
+    sec.remember_member(where, node=name, name=name, key=doc["public"], role="client")
+    if output is not None and str(output) != "-":
         note(f"wrote client credentials {output} for {name!r} (use with MESHCTL_CREDS)")
 
 
@@ -257,13 +254,14 @@ def revoke(
         note(f"revoked join token {token_id}: it can no longer enroll anyone")
         return
     members = _members(where)
-    # A node by its id, else every member of that name: a client's "node" is its name,
-    # so matching ids first took client pi alone where node pi shared the name (review).
-    found = [m for m in members if m["role"] == "node" and who == m["node"]] or [
-        m for m in members if who == m["name"]
+    # A node by its id, else every member of that name (a client's "node" is its name, so
+    # matching ids first took client pi alone where node pi shared the name: review), or
+    # a client by the public key in its credentials file.
+    found = [m for m in members if m.get("role") == "node" and who == m.get("node")] or [
+        m for m in members if who in (m.get("name"), m.get("key"))
     ]
     # One revocation per key: an older members.json lists a node once per enrolment.
-    found = list({(m["node"], m["key"]): m for m in found}.values())
+    found = list({(m.get("node"), m.get("key")): m for m in found}.values())
     if not found:
         if not (where / sec.SIGNING_FILE).exists():
             raise InputError(
@@ -271,16 +269,22 @@ def revoke(
                 "`meshctl init` ran (or pass its --data-dir)"
             )
         raise InputError(f"{who!r} is not a member enrolled from this data dir ({where})")
-    if len({(m["role"], m["node"]) for m in found}) > 1:
-        # Devices cloned from one image share a host name, the default node name: one
-        # `revoke pi` revoked them all, and a client named pi (exploratory test).
-        listed = ", ".join(f"{m['role']} {m['node']}" for m in found)
-        raise InputError(f"{who!r} names {len(found)} members ({listed}): revoke one by its id")
     done = {r.get("rec", {}).get("key") for r in _revocations(where)}
-    for m in found:
-        if m["key"] in done:
-            note(f"{m['role']} {m['name']} ({m['node']}) is already revoked")
-            continue
+    live = [m for m in found if m.get("key") not in done]
+    if not live:
+        m = found[-1]
+        note(f"{m['role']} {m['name']} ({m['node']}) is already revoked")
+        return
+    if len({(m["role"], m["node"]) for m in live}) > 1:
+        # Devices cloned from one image share a host name, the default node name: one
+        # `revoke pi` revoked them all, and a client named pi (exploratory test). Those
+        # revoked already do not count: `revoke pi` refused for good once one was (review).
+        listed = ", ".join(f"{m['role']} {m['node']}" for m in live)
+        raise InputError(
+            f"{who!r} names {len(live)} members ({listed}): revoke one by its id (a "
+            "client by the public key in its credentials file)"
+        )
+    for m in live:
         sec.revoke(where, node=m["node"], key=m["key"], now=time.time(), role=m["role"])
         note(f"revoked {m['role']} {m['name']} ({m['node']})")
 

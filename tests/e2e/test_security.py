@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import resource
 import selectors
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -720,3 +723,44 @@ def test_revoke_by_a_shared_name_asks_for_an_id_and_says_what_is_already_revoked
     elsewhere = run_cli("revoke", "pi", "--data-dir", str(tmp_path / "b"))
     assert elsewhere.returncode == 2
     assert "no mesh signing key" in elsewhere.stderr
+
+
+def test_client_names_and_revocations_stay_unambiguous(tmp_path: Path) -> None:
+    """Review: a client named like a node could never be revoked (`revoke pi` named two
+    members, and a client has no id but its name); revoking one of two members of a
+    name left `revoke NAME` refusing for good; credentials that did not reach their
+    file took the name all the same, with an internal error."""
+    from node import security as node_security
+
+    where = tmp_path / "a"
+    assert (
+        run_cli("init", "--mesh", "plant", "--name", "a", "--data-dir", str(where)).returncode == 0
+    )
+    key = zmq.curve_keypair()[0].decode()
+    node_security.remember_member(where, node="11" * 8, name="pi", key=key, role="node")
+    at = ("--data-dir", str(where))
+    for name in ("pi", "11" * 8):
+        taken = run_cli("invite", *at, "--client", name, "-o", str(tmp_path / "x.creds"))
+        assert taken.returncode == 2, taken.describe()
+        assert "is a node's" in taken.stderr, taken.describe()
+    # A client sharing a name with a node (an older data dir) is revoked by its key.
+    client_key = zmq.curve_keypair()[0].decode()
+    node_security.remember_member(where, node="pi", name="pi", key=client_key, role="client")
+    assert run_cli("revoke", *at, "pi").returncode == 2
+    assert run_cli("revoke", *at, client_key).returncode == 0
+    done = run_cli("revoke", *at, "pi")  # only the node is left under that name
+    assert done.returncode == 0, done.describe()
+    assert f"revoked node pi ({'11' * 8})" in done.stderr, done.describe()
+    # A file that cannot be written takes no name and leaves no half-written secret.
+    creds = tmp_path / "cam.creds"
+    small = subprocess.run(  # our own CLI; a file-size limit stands in for a full disk
+        [sys.executable, "-m", "meshctl", "invite", *at, "--client", "cam", "-o", str(creds)],
+        capture_output=True,
+        text=True,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (300, 300)),
+        check=False,
+    )
+    assert small.returncode == 1, small.stderr
+    assert f"cannot write {creds}" in small.stderr, small.stderr
+    assert not creds.exists()
+    assert run_cli("invite", *at, "--client", "cam", "-o", str(creds)).returncode == 0
