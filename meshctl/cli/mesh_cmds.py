@@ -137,14 +137,14 @@ def routes(
         only = set(c.get("queues_only", ()))
         nodes = [f"{n} (persistent events only)" if n in only else n for n in c["nodes"]]
         out.print(f"  one copy via {c['next_hop']} for {', '.join(nodes)}")
-    here = view.get("local_groups", {})
+    # Members here take every event (a node before "here" listed the mesh's nearest
+    # for such a group, or nothing); the names escaped as the view's values are (review).
+    here = {escape(k): n for k, n in view.get("local_groups", {}).items()}
+    for name, n in here.items():
+        among = f", round-robin among its {n} subscriptions here" if n > 1 else ""
+        out.print(f"  group {name}: every event to a member on this node{among}")
     for g in view["groups"]:
-        if g["group"] in here:  # (a node before "here" also listed the mesh's nearest)
-            if g.get("here", False):
-                n = here[g["group"]]
-                among = f", round-robin among its {n} here" if n > 1 else ""
-                out.print(f"  group {g['group']}: every event to a member on this node{among}")
-        else:
+        if g["group"] not in here:
             out.print(f"  group {g['group']}: one of {', '.join(g['nearest'])} (nearest)")
     if view.get("answers") is False and not nobody:
         out.print("  nothing that can answer a request: requests get 'no responders'")
