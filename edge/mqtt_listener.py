@@ -165,6 +165,7 @@ class MqttListener(ConnectSide, NodeSide):
         self.budget = STEP_PACKETS  # packets this step may still handle
         self._deferred: dict[MqttConnection, None] = {}  # paused with packets to handle
         self._open = False  # between start and stop: frames may go to the node
+        self._final = False  # the wills went with the node's last words: no more
         self._selector = selectors.DefaultSelector()  # epoll here: one fd for the node to poll
         self._loop = asyncio.SelectorEventLoop(self._selector)
         self._loop.set_exception_handler(_log_one_line)
@@ -204,7 +205,8 @@ class MqttListener(ConnectSide, NodeSide):
         self.bound = f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
 
     def stop(self) -> None:
-        """Close the port and every connection. The node is stopping: no wills are sent."""
+        """Close the port and every connection. The node is stopping: the wills went with
+        its last words (``last_words``)."""
         if self._loop.is_closed():
             return
         self._open = False
@@ -376,10 +378,23 @@ class MqttListener(ConnectSide, NodeSide):
             self._forget(gone)
         self._schedule_flush()
 
+    def last_words(self) -> list[bytes]:
+        """The node is stopping: the wills of the clients connected now, as frames for
+        it to route before it goes (it closes their connections without DISCONNECT). No
+        will is published after this."""
+        for conn in list(self._online.values()):
+            if conn.connect is not None and not conn.closing:
+                self._will(conn, conn.connect)
+        self._final = True
+        self._flush()
+        out, self._to_node = self._to_node, []
+        return out
+
     def _will(self, conn: MqttConnection, connect: Connect) -> None:
         """Publish ``conn``'s last will unless it said DISCONNECT (MQTT 3.1.1 §3.1.2.5):
-        when its socket goes, and when another connection takes its session over."""
-        if connect.will is not None and not conn.said_disconnect:
+        when its socket goes, when another connection takes its session over, and when
+        the node stops (``last_words``; once)."""
+        if connect.will is not None and not conn.said_disconnect and not self._final:
             self.counters["wills"] += 1
             self._publish(None, _will_publish(connect.will))
 

@@ -283,6 +283,11 @@ class Node(SecureSide, DiscoverySide):
                     heap.give_back()
                     next_trim = now + heap.TRIM_EVERY
             self._flush(now)
+        # MQTT clients' wills first: their connections end with the node, and MQTT 3.1.1
+        # publishes a will whenever a connection closes without DISCONNECT (a stopping
+        # node sent none, and a device's retained "online" stayed for good: exploratory
+        # test). Then the node's own last word, then the pass's commit and output.
+        residents.last_words(time.monotonic())
         self.router.emit_system("$mesh/node/down", {"reason": "stopped"}, time.monotonic())
         self.router.end_pass(time.monotonic())
         self._flush(time.monotonic())

@@ -58,6 +58,10 @@ class Resident(Protocol):
         """The loop's output for this pass is handed over: write what it caused."""
         ...
 
+    def last_words(self) -> list[bytes]:
+        """The node is stopping: frames to route before it goes (MQTT clients' wills)."""
+        ...
+
     def stop(self) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
@@ -135,6 +139,17 @@ class Residents:
                 r.flush()
             except Exception as e:
                 self._failed(r, "flush", e)
+
+    def last_words(self, now: float) -> None:
+        """Route what the residents have to say before the node stops."""
+        for ident, r in self.by_ident.items():
+            try:
+                frames = r.last_words()
+            except Exception as e:
+                self._failed(r, "last words", e)
+                continue
+            for frame in frames:
+                self.router.handle(ident, frame, now)
 
     def _failed(self, r: Resident, where: str, e: Exception) -> None:
         self.router.counters.internal_errors += 1

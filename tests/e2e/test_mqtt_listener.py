@@ -372,6 +372,30 @@ def test_will_published_when_the_socket_dies(mnode: NodeProcess, paho: Clients) 
     assert mqtt_status(mnode)["wills"] == 1
 
 
+def test_a_stopping_node_publishes_its_clients_wills(
+    make_node: NodeFactory, paho: Clients, tmp_path: Path
+) -> None:
+    """Found in an exploratory test: a node stopped with SIGTERM closed its MQTT clients'
+    connections without publishing their wills (MQTT 3.1.1 3.1.2-8: a will goes whenever
+    the connection closes without DISCONNECT; mosquitto sends them at shutdown). A
+    device's retained "online" stayed on every node for good."""
+    data_dir = tmp_path / "kept"
+    node = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    device = Paho(mqtt_port(node), "device", will=("status/device", b"offline", 1, True))
+    paho.append(device)
+    device.publish("status/device", b"online", qos=1, retain=True)
+    polite = Paho(mqtt_port(node), "polite", will=("status/polite", b"offline", 1, True))
+    polite.publish("status/polite", b"online", qos=1, retain=True)
+    polite.close()  # DISCONNECT: its will is deleted, whatever happens to the node
+    assert node.stop() == 0
+    again = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    late = Paho(mqtt_port(again), "late")
+    paho.append(late)
+    late.subscribe("status/+", qos=1)
+    got = {(m.topic, m.payload) for m in late.take(2)}
+    assert got == {("status/device", b"offline"), ("status/polite", b"online")}
+
+
 def test_keepalive_timeout_closes_and_publishes_the_will(mnode: NodeProcess, paho: Clients) -> None:
     port = mqtt_port(mnode)
     watcher = paho.open(port, "watcher", subscribe="wills/#", qos=0)

@@ -49,6 +49,9 @@ class Actor:
         if self.check is not None:
             assert self.check(), "routed() came before the Router handled the step's frames"
 
+    def last_words(self) -> list[bytes]:
+        return []
+
     def take(self, frame: bytes) -> None:
         if self.fail == "take":
             raise RuntimeError("boom")
