@@ -381,13 +381,17 @@ def test_a_stopping_node_publishes_its_clients_wills(
     device's retained "online" stayed on every node for good."""
     data_dir = tmp_path / "kept"
     node = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
-    device = Paho(mqtt_port(node), "device", will=("status/device", b"offline", 1, True))
+    device = Paho(
+        mqtt_port(node), "device", will=("status/device", b"offline", 1, True), clean=False
+    )
     paho.append(device)
     device.publish("status/device", b"online", qos=1, retain=True)
     polite = Paho(mqtt_port(node), "polite", will=("status/polite", b"offline", 1, True))
     polite.publish("status/polite", b"online", qos=1, retain=True)
     polite.close()  # DISCONNECT: its will is deleted, whatever happens to the node
     assert node.stop() == 0
+    # Its session ends with the node, and the log says so (exploratory test: nothing).
+    assert "MQTT: 1 persistent sessions end with the node" in node.log_text()
     again = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
     late = Paho(mqtt_port(again), "late")
     paho.append(late)
