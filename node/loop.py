@@ -421,6 +421,7 @@ class Node(SecureSide, DiscoverySide):
         handle = self.router.handle
         known = self.router.clients
         links = self.router.net.by_via
+        residents = self.residents.by_ident
         events = events_of(sock)
         budget = self._pass_bytes + PASS_BYTES
         for _ in range(DRAIN_BATCH):
@@ -440,8 +441,20 @@ class Node(SecureSide, DiscoverySide):
                     recv()
                 self.router.bad_frame(ident, "multi-part message (the protocol sends one frame)")
                 continue
+            if ident in residents:
+                self._impostor(ident)
+                continue
             self._pass_bytes += len(frame)
             handle(ident, frame, now)
+
+    def _impostor(self, ident: bytes) -> None:
+        """A frame from the network under the identity of an actor on this thread (the
+        MQTT listener has no socket, so none of its frames comes from one). A client that
+        set its routing id so took the listener's session: every MQTT subscription went,
+        and it passed the client and subscription limits as an internal actor (review).
+        Dropped, counted, logged (no answer: it would go to the actor)."""
+        self.router.counters.bad_frames += 1
+        self.router.log(f"dropped a frame from the network claiming the identity {ident.hex()}")
 
     def _flush(self, now: float) -> None:
         send = self.sock.send

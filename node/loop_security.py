@@ -18,6 +18,7 @@ from node.framing import json_batches
 
 if TYPE_CHECKING:
     from node.dialers import Dialers
+    from node.residents import Residents
     from node.router import Router
     from node.security import Security
 
@@ -56,6 +57,11 @@ class SecureSide:
     _pins: dict[str, str]
     _synced: set[str]
     _pass_bytes: int
+    residents: Residents
+
+    if TYPE_CHECKING:  # the Node's, used here
+
+        def _impostor(self, ident: bytes) -> None: ...
 
     def _drain_secure(self, now: float) -> None:
         """``_drain`` for a secured node: every frame's CURVE key (libzmq's User-Id, set by
@@ -78,6 +84,9 @@ class SecureSide:
                 while sock.getsockopt(zmq.RCVMORE):
                     recv()
                 self.router.bad_frame(ident, "multi-part message (the protocol sends one frame)")
+                continue
+            if ident in self.residents.by_ident:
+                self._impostor(ident)
                 continue
             try:
                 key = str(msg.get("User-Id") or "")

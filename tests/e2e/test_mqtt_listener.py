@@ -400,6 +400,32 @@ def test_a_stopping_node_publishes_its_clients_wills(
     assert got == {("status/device", b"offline"), ("status/polite", b"online")}
 
 
+def test_a_client_cannot_take_the_listeners_identity(mnode: NodeProcess, paho: Clients) -> None:
+    """Review: `status` shows the listener's identity, and a DEALER that set it as its
+    routing id was taken for the listener ("new hello"): every MQTT subscription went,
+    and it passed the client and subscription limits as an internal actor."""
+    import zmq
+
+    from node.codec import Kind, encode_control
+
+    watcher = paho.open(mqtt_port(mnode), "watcher", subscribe="t/#", qos=1)
+    ident = next(c["id"] for c in mnode.status()["clients"] if c["name"] == "mqtt listener")
+    ctx = zmq.Context()
+    impostor = ctx.socket(zmq.DEALER)
+    try:
+        impostor.setsockopt(zmq.LINGER, 0)
+        impostor.setsockopt(zmq.ROUTING_ID, bytes.fromhex(ident))
+        impostor.connect(mnode.tcp)
+        impostor.send(encode_control(Kind.HELLO, {"name": "impostor"}))
+        wait_for(lambda: "claiming the identity" in mnode.log_text(), timeout=5, what="drop")
+        assert run_cli("pub", "t/x", "after", server=mnode.ipc).returncode == 0
+        assert [m.payload for m in watcher.take(1)] == [b"after"]
+        assert "impostor" not in {c["name"] for c in mnode.status()["clients"]}
+    finally:
+        impostor.close()
+        ctx.term()
+
+
 def test_keepalive_timeout_closes_and_publishes_the_will(mnode: NodeProcess, paho: Clients) -> None:
     port = mqtt_port(mnode)
     watcher = paho.open(port, "watcher", subscribe="wills/#", qos=0)
