@@ -75,10 +75,12 @@ class Link:
 
 
 class Turn:
-    """Whose turn is next in one queue group, among its members or its nearest nodes; one
-    per group name, outliving routes and plans so that load stays even (a plan per topic
-    with a turn of its own sent a stream with a topic per event all to one node, and
-    every route-cache flush started the turns over: exploratory test)."""
+    """Whose turn is next in one queue group, among its members here or its nearest
+    nodes: one per group and candidates, outliving routes and plans so that load stays
+    even (a plan per topic with a turn of its own sent a stream with a topic per event
+    all to one node, and every route-cache flush started the turns over: exploratory
+    test; one per group name let a topic only one candidate holds take the others'
+    turns: review)."""
 
     __slots__ = ("n",)
 

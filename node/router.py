@@ -135,7 +135,7 @@ class Router(MeshSide, DurableSide):
         self._cache: dict[bytes, Route | _Refused] = {}
         self._headers_known: dict[bytes, bool] = {}  # header blocks seen: whether they decode
         self._fwd_cache: dict[bytes, tuple[tuple[str, ...] | None, list[tuple[Via, bytes]]]] = {}
-        self._turns: dict[tuple[str, tuple[tuple[bytes, bytes], ...]], Turn] = {}
+        self._turns: dict[tuple[Any, ...], Turn] = {}  # per group and members (see turn_of)
         # One Plan object per distinct set of (link, header) copies, so that events on
         # different topics bound for the same links still travel on as one run.
         self._plans: dict[tuple[tuple[str, ...], tuple[tuple[Via, bytes], ...]], Plan] = {}
@@ -822,8 +822,11 @@ class Router(MeshSide, DurableSide):
         groups = []
         for name, m in sorted(grouped.items()):
             members = sorted(m)
-            turn = turn_of(self._turns, (name, tuple(members)))
-            groups.append(_Group(name, members, turn, [x for x in members if x[0] not in mute]))
+            key = hash(tuple(members))  # a hash: the tuples of big groups piled up (review)
+            turn = turn_of(self._turns, (name, key))
+            answering = [x for x in members if x[0] not in mute]
+            asks = turn_of(self._turns, (name, key, "requests")) if answering else None
+            groups.append(_Group(name, members, turn, answering, asks))
         answers = inbox or self._answers(plain, groups, topic)
         durable = self.durable
         if durable is None or inbox:

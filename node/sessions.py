@@ -61,7 +61,7 @@ class SubRef:
 class _Group:
     """The local members of one queue group that match one topic."""
 
-    __slots__ = ("answering", "members", "name", "turn")
+    __slots__ = ("answering", "members", "name", "request_turn", "turn")
 
     def __init__(
         self,
@@ -69,22 +69,27 @@ class _Group:
         members: list[tuple[bytes, bytes]],
         turn: Turn,
         answering: list[tuple[bytes, bytes]] | None = None,
+        request_turn: Turn | None = None,
     ) -> None:
         self.name = name
         self.members = members
         self.turn = turn
         # The members that may answer a request (not MQTT clients' shared subscriptions,
-        # which take events only), when some may and some may not.
-        self.answering = answering if answering and len(answering) < len(members) else None
+        # which take events only), when some may and some may not; they take turns of
+        # their own (with the events' turns, events between requests decided which
+        # responder got every request: review).
+        mixed = answering and len(answering) < len(members)
+        self.answering = answering if mixed else None
+        self.request_turn = request_turn if mixed and request_turn is not None else turn
 
     def pick(self, request: bool = False) -> tuple[bytes, bytes]:
         """The next member, round-robin; for a ``request``, the next that may answer (a
         group mixing an MQTT member and a mesh responder sent some requests to the MQTT
         member, where they were lost)."""
-        turn = self.turn
+        among = self.answering if request and self.answering else self.members
+        turn = self.request_turn if request else self.turn
         i = turn.n
         turn.n = i + 1
-        among = self.answering if request and self.answering else self.members
         return among[i % len(among)]
 
 

@@ -590,6 +590,23 @@ def test_a_group_mixing_an_mqtt_member_and_a_responder_gives_requests_to_the_res
     assert (len(deliveries(out, m)), len(deliveries(out, B))) == (3, 3)
 
 
+def test_requests_take_turns_of_their_own_among_responders() -> None:
+    """Review: requests and events shared one turn, so with events between requests
+    every request went to the same responder (6 of 6) in a group with an MQTT member."""
+    m = b"mqtt-listener"
+    r = connected(A, B, C)
+    r.internal.add(m)
+    r.handle(m, encode_control(Kind.HELLO, {"name": "mqtt listener", "requests": False}), 0)
+    take(r)
+    for who in (m, B, C):
+        sub_ok(r, who, 1, "svc/>", group="svc")
+    both = [record("svc/x", flags=F_REQUEST if i % 2 else 0) for i in range(12)]
+    publish(r, A, *both)
+    out = take(r)
+    asked = {w: sum(1 for _, e in deliveries(out, w) if e.is_request) for w in (m, B, C)}
+    assert asked == {m: 0, B: 3, C: 3}
+
+
 def test_local_turns_are_per_group_and_members_not_per_name() -> None:
     """A topic only one member holds must not move the turn of a topic two hold: a
     publisher alternating them sent every event of the shared topic to one member."""
