@@ -202,7 +202,17 @@ def _client_creds(
                 with contextlib.suppress(OSError):
                     Path(output).unlink()  # no half-written secret left behind
             raise OperationalError(f"cannot write {output}: {e.strerror}") from None
-    sec.remember_member(where, node=name, name=name, key=doc["public"], role="client")
+    try:
+        sec.remember_member(where, node=name, name=name, key=doc["public"], role="client")
+    except BaseException:
+        # Not recorded, so `revoke` could never find them: valid credentials nobody can
+        # take back (review). The file goes; on stdout, the error says not to use them.
+        if output is not None and str(output) != "-":
+            with contextlib.suppress(OSError):
+                Path(output).unlink()
+        else:
+            note("the credentials printed above were not recorded: do not use them")
+        raise
     if output is not None and str(output) != "-":
         note(f"wrote client credentials {output} for {name!r} (use with MESHCTL_CREDS)")
 

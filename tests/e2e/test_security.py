@@ -764,3 +764,13 @@ def test_client_names_and_revocations_stay_unambiguous(tmp_path: Path) -> None:
     assert f"cannot write {creds}" in small.stderr, small.stderr
     assert not creds.exists()
     assert run_cli("invite", *at, "--client", "cam", "-o", str(creds)).returncode == 0
+    # Credentials that could not be recorded (so never revoked) do not stay (review).
+    members = where / node_security.MEMBERS_FILE
+    kept = members.read_bytes()
+    members.unlink()
+    members.mkdir()
+    lost = run_cli("invite", *at, "--client", "cam2", "-o", str(tmp_path / "cam2.creds"))
+    assert lost.returncode != 0, lost.describe()
+    assert not (tmp_path / "cam2.creds").exists()
+    members.rmdir()
+    members.write_bytes(kept)
