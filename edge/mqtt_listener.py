@@ -216,9 +216,9 @@ class MqttListener(ConnectSide, NodeSide):
             # Sessions live in memory: an operator read nothing of what a restart drops,
             # queued QoS 1 messages and all (exploratory test).
             log.warning(
-                "MQTT: %d persistent sessions end with the node, %d QoS 1 messages "
+                "MQTT: %d persistent session%s end%s with the node, %d QoS 1 messages "
                 "undelivered in them (sessions are not kept across a restart)",
-                len(kept), waiting,
+                len(kept), "s" if len(kept) > 1 else "", "" if len(kept) > 1 else "s", waiting,
             )  # fmt: skip
         self._loop.run_until_complete(self._close())
         self._loop.close()
@@ -392,8 +392,13 @@ class MqttListener(ConnectSide, NodeSide):
         """The node is stopping: the wills of the clients connected now, as frames for
         it to route before it goes (it closes their connections without DISCONNECT). No
         will is published after this."""
-        for conn in list(self._online.values()):
-            if conn.connect is not None and not conn.closing:
+        # What the step's budget left unread goes first: a DISCONNECT among it deletes
+        # the will (review). Then every connection that still holds its session, those
+        # closing too, whose close would come only after this (review).
+        self.budget = 1 << 62
+        self._read_deferred()
+        for conn in list(self._conns):
+            if conn.connect is not None and conn.session is not None:
                 self._will(conn, conn.connect)
         self._final = True
         self._flush()

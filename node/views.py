@@ -82,6 +82,8 @@ def status(router: Router, now: float) -> dict[str, Any]:
                 "events_in": cl.events_in,
                 "events_out": cl.events_out,
                 "dropped": cl.drops.total,
+                # the node's own actors (MQTT listener, bridges, uplink): no client's place
+                "internal": cl.ident in router.internal,
             }
             for cl in router.clients.values()
         ],

@@ -414,7 +414,8 @@ def _render_status(s: dict[str, Any]) -> None:
     limit = s.get("limits", {}).get("max_clients")
     refused = c.get("clients_refused", 0)
     full = ""
-    if limit is not None and (refused or len(s["clients"]) >= limit):
+    places = sum(1 for cl in s["clients"] if not cl.get("internal"))  # under the limit
+    if limit is not None and (refused or places >= limit):
         full = f" [red](limit {limit}" + (f", {refused} refused" if refused else "") + ")[/]"
     out.print(
         f"[dim]uptime[/] {_ago(s.get('uptime_s', 0))}  [dim]clients[/] {len(s['clients'])}{full}"

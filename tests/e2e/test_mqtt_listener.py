@@ -391,7 +391,7 @@ def test_a_stopping_node_publishes_its_clients_wills(
     polite.close()  # DISCONNECT: its will is deleted, whatever happens to the node
     assert node.stop() == 0
     # Its session ends with the node, and the log says so (exploratory test: nothing).
-    assert "MQTT: 1 persistent sessions end with the node" in node.log_text()
+    assert "MQTT: 1 persistent session ends with the node" in node.log_text()
     again = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
     late = Paho(mqtt_port(again), "late")
     paho.append(late)

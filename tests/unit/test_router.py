@@ -162,6 +162,11 @@ def test_the_nodes_own_actors_take_no_clients_place() -> None:
     assert body["code"] == "limit"
     r.internal.add(b"\x00uplink")  # one more actor at the limit: still let in
     hello(r, b"\x00uplink")
+    shown = {c["name"]: c["internal"] for c in r.status(1.0)["clients"]}  # `status` counts
+    assert sorted(shown.items()) == [
+        ("\x00bridge", True), ("\x00mqtt", True), ("\x00uplink", True),
+        ("client-a", False), ("client-b", False),
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
