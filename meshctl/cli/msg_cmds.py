@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -485,21 +486,39 @@ def reply(
 
 
 def _run(command: str, stdin: bytes, limit: float) -> tuple[bytes, bool]:
-    """Run a shell command for one request; (stdout, False) or (error text, True)."""
+    """Run a shell command for one request; (stdout, False) or (error text, True).
+
+    In a process group of its own, ended whole on a timeout or an interrupt: killing the
+    shell alone left what it started running, holding the output pipe, so a timed-out
+    `sleep 30; cat` held the replier 30 s instead of the timeout, and a stopped replier
+    left it behind (review)."""
+    proc = subprocess.Popen(  # noqa: S602 - running the operator's shell command is the feature
+        command,
+        shell=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(  # noqa: S602 - running the operator's shell command is the feature
-            command,
-            shell=True,
-            input=stdin,
-            capture_output=True,
-            timeout=limit,
-            check=False,
-        )
+        out, err = proc.communicate(stdin, timeout=limit)
     except subprocess.TimeoutExpired:
+        _end_group(proc)
         return f"command timed out after {limit:g}s".encode(), True
-    if done.returncode != 0:
-        why = done.stderr.decode(errors="replace").strip().splitlines()
+    except BaseException:
+        _end_group(proc)
+        raise
+    if proc.returncode != 0:
+        why = err.decode(errors="replace").strip().splitlines()
         return (
-            f"command exited with {done.returncode}" + (f": {why[-1]}" if why else "")
+            f"command exited with {proc.returncode}" + (f": {why[-1]}" if why else "")
         ).encode(), True
-    return done.stdout, False
+    return out, False
+
+
+def _end_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a command and everything it started, and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+        proc.communicate(timeout=5)

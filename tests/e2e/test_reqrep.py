@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from helpers import Background, NodeProcess, run_cli, wait_for
@@ -221,3 +222,27 @@ def test_a_replier_stopped_with_sigterm_leaves_its_group_at_once(
     assert asked.returncode == 1, asked.describe()
     assert "no responders" in asked.stderr, asked.describe()
     assert asked.elapsed < 2, asked.describe()
+
+
+def test_a_command_that_outlasts_its_timeout_is_ended_whole(
+    node: NodeProcess, bg: Background, tmp_path: Path
+) -> None:
+    """Review: at the timeout only the shell was killed, and what it had started went on
+    running (as when the replier was stopped meanwhile)."""
+    pidfile = tmp_path / "sleep.pid"
+    command = f"sleep 30 & echo $! > {pidfile}; wait; cat"
+    bg.start("reply", "svc/slow", "--command", command, "--command-timeout", "1s", server=node.ipc)
+    asked = run_cli("req", "svc/slow", "x", "--timeout", "10s", server=node.ipc)
+    assert asked.returncode == 1, asked.describe()
+    assert "command timed out after 1s" in asked.stderr, asked.describe()
+    pid = int(pidfile.read_text())
+    wait_for(lambda: not _running(pid), timeout=5, what="the command's sleep to end")
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
