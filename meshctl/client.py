@@ -67,6 +67,7 @@ _TOPIC_CACHE_MAX: Final = 4096
 PERSIST_WINDOW: Final = 20_000  # unacknowledged persistent events before publish waits
 RETRY_AFTER: Final = 2.0  # seconds without any acknowledgement before unacked are resent
 ACK_BATCH: Final = 256
+ACK_LINGER: Final = 0.05  # seconds an ack may wait for others before it goes anyway
 REPLAY_REPORT: Final = 1000  # replayed events between progress reports to the node
 ACKS_REMEMBERED: Final = 100_000  # per subscription, for confirm_acks to send again
 
@@ -179,6 +180,8 @@ class Subscription:
                         raise self.ended
                     what = self.queue_name or ", ".join(self.patterns)
                     raise Timeout(f"no event on {what} within {timeout}s")
+        else:
+            self.client._acks_due()  # served from here, no read: acks must not wait on
         event = self.queue.popleft()
         if self.replaying:
             self._replayed(event)
@@ -279,6 +282,7 @@ class Client:
         self._last_pack = time.monotonic()
         self._acks: dict[int, list[str]] = {}  # given, not yet sent
         self._acks_n = 0
+        self._acks_at = 0.0  # when acks last went to the node (monotonic)
         self._acks_sent: dict[int, list[str]] = {}  # sent, not yet confirmed
 
     # ---- connection --------------------------------------------------------------------
@@ -709,7 +713,15 @@ class Client:
     def _ack(self, sid: int, event_id: str) -> None:
         self._acks.setdefault(sid, []).append(event_id)
         self._acks_n += 1
-        if self._acks_n >= ACK_BATCH:
+        # Not only by the batch: `next()` served events buffered here without a read, so
+        # a slow consumer's acks waited for 256 more, past the ack wait: acked events were
+        # redelivered and dead-lettered (exploratory test). A fast one still batches.
+        if self._acks_n >= ACK_BATCH or time.monotonic() - self._acks_at >= ACK_LINGER:
+            self._send_acks()
+
+    def _acks_due(self) -> None:
+        """Send the acks made since the last send, if that was ACK_LINGER ago."""
+        if self._acks_n and time.monotonic() - self._acks_at >= ACK_LINGER:
             self._send_acks()
 
     def _send_control(self, kind: Kind, body: dict[str, Any]) -> None:
@@ -720,6 +732,7 @@ class Client:
     def _send_acks(self) -> None:
         """Send acks fire-and-forget, and remember them until ``confirm_acks``."""
         acks, self._acks, self._acks_n = self._acks, {}, 0
+        self._acks_at = time.monotonic()
         for sid, ids in acks.items():
             self._send(encode_control(Kind.ACK, {"sid": sid, "ids": ids}))
             sent = self._acks_sent.setdefault(sid, [])

@@ -106,6 +106,7 @@ class Node(SecureSide, DiscoverySide):
             dead_after=config.dead_after,
             epoch=datadir.next_epoch(identity.data_dir, time.time_ns()),
             durable=self.durable,
+            client_queue=config.client_queue,
         )
         self.router.status_extra = self._status_extra
         self.residents = Residents(self.router)

@@ -105,6 +105,7 @@ class Router(MeshSide, DurableSide):
         dead_after: float = 2.5,
         epoch: int | None = None,
         durable: Durable | None = None,
+        client_queue: int = 1000,
     ) -> None:
         self.node_id = node_id
         self.name = name
@@ -112,6 +113,7 @@ class Router(MeshSide, DurableSide):
         self.max_payload = max_payload
         self.max_clients = max_clients
         self.max_subscriptions = max_subscriptions
+        self.client_queue = client_queue  # frames a client's socket queue holds (HWM)
         self.log = log
         self.wall_ns = wall_ns  # stamps the node's own events; a parameter so tests pin it
         self.clients: dict[bytes, Client] = {}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 from node.codec import F_PERSISTENT, F_RETAIN, F_RETAINED_LIVE, RECORD_SIZE, Kind, with_flags
 from node.errors import CodecError
 from node.mesh import NO_PLAN
-from node.queues import read_refused
+from node.queues import DEFAULT_MAX_INFLIGHT, read_refused
 from node.routing import capture_group
 from node.sessions import Client, Route, SubRef
 
@@ -37,6 +37,7 @@ class DurableSide:
     durable: Durable | None
     node_id: str
     internal: set[bytes]
+    client_queue: int
     acl: dict[bytes, Acl]
     counters: Counters
     clients: dict[bytes, Client]
@@ -67,6 +68,12 @@ class DurableSide:
             self._error(client.ident, ref, "max_inflight must be 1..65536", "input")
             return
         sub = SubRef(client.ident, sid, (), None)
+        if client.ident not in self.internal:
+            # No more in flight than its socket's queue holds (limits.client_queue, in
+            # frames; a delivery takes at most one): beyond it the node dropped deliveries
+            # as for a slow consumer, and each drop used up one of max_deliver attempts
+            # (events went to dead letters unseen: exploratory test).
+            inflight = min(inflight or DEFAULT_MAX_INFLIGHT, self.client_queue)
         try:
             q = self.durable.bind_consumer(
                 client.ident, sid, sub.prefix, str(body["queue"]), inflight

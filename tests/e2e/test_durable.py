@@ -441,3 +441,62 @@ def test_a_persistent_run_cut_short_by_a_silent_node_says_what_was_stored(
     with connect(node.ipc) as admin:
         depth = admin.queue("info", "q")["queue"]["depth"]
     assert stored <= depth <= published  # confirmed ones are there; the others may be
+
+
+def test_queue_deliveries_stay_within_what_a_clients_socket_holds(make_node: NodeFactory) -> None:
+    """Found in an exploratory test: a consumer's window beyond `limits.client_queue`
+    frames let the node drop deliveries as for a slow consumer, each drop used up one of
+    max_deliver attempts, and events reached the dead letters unseen (or came only after
+    the ack wait)."""
+    node = make_node(config_text="[limits]\nclient_queue = 10\n")
+    s = node.ipc
+    cmd = ("queue", "add", "big", "--topic", "big", "--ack-wait", "30s", "--max-deliver", "2")
+    assert run_cli(*cmd, server=s).returncode == 0
+    with connect(s) as pub:
+        for i in range(40):
+            pub.publish("big", bytes([i]) * 60_000, persistent=True)
+        pub.confirm(timeout=30)
+    with connect(s) as c:
+        sub = c.consume("big", max_inflight=40)
+        time.sleep(1)  # slow to start reading: the node's queue for it fills meanwhile
+        got = []
+        for _ in range(40):
+            e = sub.next(5)
+            got.append(e.deliveries)
+            sub.ack(e)
+    assert got == [1] * 40
+    assert node.status()["counters"]["dropped"].get("slow_consumer", 0) == 0
+
+
+def test_a_slow_consumers_acks_go_before_its_ack_wait(make_node: NodeFactory) -> None:
+    """Found in an exploratory test: acks waited in the client for 256 more (or a read),
+    and `next()` served prefetched events without a read: events a slow consumer had
+    acked came again after the ack wait, and reached the dead letters."""
+    node = make_node()
+    s = node.ipc
+    add = ("queue", "add", "slow", "--topic", "slow", "--ack-wait", "2s")
+    assert run_cli(*add, server=s).returncode == 0
+    assert run_cli("pub", "-p", "slow", "job {{n}}", "-n", "60", server=s).returncode == 0
+    with connect(s) as c:
+        sub = c.consume("slow")  # the default window: all 60 prefetched at once
+        for _ in range(40):
+            e = sub.next(5)
+            time.sleep(0.02)  # the work
+            sub.ack(e)
+        time.sleep(1.5)  # busy with something else, 20 events still in hand, unacked
+        info = run_cli("queue", "info", "slow", "--json", server=s).json_lines()[0]
+    # Only the 20 never acked came again (60 when the 40 acks waited in the client).
+    assert info["redeliveries"] <= 20, info
+
+
+def test_sub_queue_count_without_ack_takes_n_distinct_events(make_node: NodeFactory) -> None:
+    """Found in an exploratory test: past 256, `sub --queue q --count N` (no --ack) waited
+    out the ack wait and printed the first events again."""
+    node = make_node()
+    s = node.ipc
+    assert run_cli("queue", "add", "q", "--topic", "q", server=s).returncode == 0
+    assert run_cli("pub", "-p", "q", "{{n}}", "-n", "300", server=s).returncode == 0
+    r = run_cli("sub", "--queue", "q", "-n", "300", "--raw", "--timeout", "5s", server=s)
+    assert r.returncode == 0, r.describe()
+    assert len(set(r.out_lines)) == 300
+    assert r.elapsed < 5, r.describe()
