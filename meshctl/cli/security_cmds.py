@@ -181,16 +181,17 @@ def _client_creds(
     )
     doc = sec.client_credentials(where, name=name, perms=perms, days=days, now=time.time())
     text = json.dumps(doc, indent=1) + "\n"
+    target = output if output is not None and str(output) != "-" else None  # None: stdout
     # Written (and flushed) before the member is remembered: credentials that did not
     # reach their file (a full disk, a missing directory) took the name for good, and
     # the error was an internal one (review).
-    if output is None or str(output) == "-":
+    if target is None:
         sys.stdout.write(text)
         sys.stdout.flush()
     else:
-        created = not os.path.lexists(output)
+        created = not os.path.lexists(target)
         try:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 # The mode of open() applies only to a new file: an existing 0644 one kept
                 # it, with the secret key inside (exploratory test). Before any byte.
@@ -200,20 +201,20 @@ def _client_creds(
         except OSError as e:
             if created:
                 with contextlib.suppress(OSError):
-                    Path(output).unlink()  # no half-written secret left behind
+                    target.unlink()  # no half-written secret left behind
             raise OperationalError(f"cannot write {output}: {e.strerror}") from None
     try:
         sec.remember_member(where, node=name, name=name, key=doc["public"], role="client")
     except BaseException:
         # Not recorded, so `revoke` could never find them: valid credentials nobody can
         # take back (review). The file goes; on stdout, the error says not to use them.
-        if output is not None and str(output) != "-":
+        if target is not None:
             with contextlib.suppress(OSError):
-                Path(output).unlink()
+                target.unlink()
         else:
             note("the credentials printed above were not recorded: do not use them")
         raise
-    if output is not None and str(output) != "-":
+    if target is not None:
         note(f"wrote client credentials {output} for {name!r} (use with MESHCTL_CREDS)")
 
 
