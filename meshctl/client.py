@@ -157,6 +157,9 @@ class Subscription:
         self.resume_body: dict[str, Any] = {"patterns": list(patterns), "group": group}
         self.queue_name: str | None = None  # the durable queue, for a consumer
         self.first_seq: int | None = None  # the first log sequence of a replay
+        # A queue consumer's window: unacknowledged events it may hold at once, as the
+        # node granted it (it keeps it within its limits.client_queue). None: not told.
+        self.max_inflight: int | None = None
         self.replaying = False
         self.consumed = 0  # replayed events consumed, reported to the node
         self.ended: RemoteError | None = None  # the node ended it (its queue was removed)
@@ -692,6 +695,7 @@ class Client:
             raise
         sub.pending = False
         sub.first_seq = answer.get("first_seq")
+        sub.max_inflight = answer.get("max_inflight")  # a queue's window as granted
         return sub
 
     def _withdraw(self, sid: int) -> None:

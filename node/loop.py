@@ -29,7 +29,14 @@ from node.dialers import HANDSHAKE_TIMEOUT, KEY_REFUSED, Dialers, zmtp_silence
 from node.durable import Durable, DurableConfig
 from node.errors import InputError
 from node.loop_discovery import DiscoverySide
-from node.loop_security import DRAIN_BATCH, PASS_BYTES, POLLIN, SecureSide, events_of
+from node.loop_security import (
+    DRAIN_BATCH,
+    PASS_BYTES,
+    POLLIN,
+    SecureSide,
+    events_of,
+    from_network,
+)
 from node.mesh import SELF
 from node.renewal import Renewal
 from node.residents import Resident, Residents
@@ -423,6 +430,7 @@ class Node(SecureSide, DiscoverySide):
         known = self.router.clients
         links = self.router.net.by_via
         residents = self.residents.by_ident
+        internal = self.router.internal
         events = events_of(sock)
         budget = self._pass_bytes + PASS_BYTES
         for _ in range(DRAIN_BATCH):
@@ -430,7 +438,13 @@ class Node(SecureSide, DiscoverySide):
             if self._pass_bytes > budget or not events(zmq.EVENTS) & POLLIN:
                 return
             ident = recv()
-            if ident in known or ident in links:
+            if ident in internal:  # the node's own actors come over inproc, nothing else
+                msg = recv(copy=False)
+                frame = msg.bytes
+                if ident in residents or from_network(msg):
+                    self._impostor(ident)
+                    continue
+            elif ident in known or ident in links:
                 frame = recv()
             else:  # a newcomer: if it is a node dialing us, keep its address for `peers`
                 msg = recv(copy=False)
@@ -442,18 +456,16 @@ class Node(SecureSide, DiscoverySide):
                     recv()
                 self.router.bad_frame(ident, "multi-part message (the protocol sends one frame)")
                 continue
-            if ident in residents:
-                self._impostor(ident)
-                continue
             self._pass_bytes += len(frame)
             handle(ident, frame, now)
 
     def _impostor(self, ident: bytes) -> None:
-        """A frame from the network under the identity of an actor on this thread (the
-        MQTT listener has no socket, so none of its frames comes from one). A client that
-        set its routing id so took the listener's session: every MQTT subscription went,
-        and it passed the client and subscription limits as an internal actor (review).
-        Dropped, counted, logged (no answer: it would go to the actor)."""
+        """A frame from the network under the identity of one of the node's own actors:
+        the MQTT listener has no socket, and the bridges and the uplink come over inproc.
+        A client that set its routing id so took the listener's session (every MQTT
+        subscription went), or the place of a bridge whose thread had ended, and passed
+        the client and subscription limits as an internal actor (reviews). Dropped,
+        counted, logged (no answer: it would go to the actor)."""
         self.router.counters.bad_frames += 1
         self.router.log(f"dropped a frame from the network claiming the identity {ident.hex()}")
 

@@ -34,6 +34,15 @@ PASS_BYTES: Final = 256 * 1024
 POLLIN: Final = int(zmq.POLLIN)  # a plain int: `int & IntFlag` goes through enum code (0.8 us)
 
 
+def from_network(msg: zmq.Frame) -> bool:
+    """True if a frame came over a network transport (TCP, ipc), which sets the peer's
+    address; inproc, the node's own actors' way in, sets none."""
+    try:
+        return msg.get("Peer-Address") is not None
+    except zmq.ZMQError:
+        return False
+
+
 def events_of(sock: zmq.Socket[bytes]) -> Callable[[int], int]:
     """``sock.getsockopt`` typed for the int options the loop asks (EVENTS, RCVMORE)."""
     return cast("Callable[[int], int]", sock.getsockopt)
@@ -85,7 +94,9 @@ class SecureSide:
                     recv()
                 self.router.bad_frame(ident, "multi-part message (the protocol sends one frame)")
                 continue
-            if ident in self.residents.by_ident:
+            if ident in self.router.internal and (
+                ident in self.residents.by_ident or from_network(msg)
+            ):
                 self._impostor(ident)
                 continue
             try:

@@ -92,7 +92,10 @@ class DurableSide:
             )
             return
         client.subs[sid] = sub
-        self._send_control(client.ident, Kind.OK, {"ref": ref, "sid": sid, "queue": q.name})
+        granted = {"max_inflight": inflight} if inflight is not None else {}  # (the window)
+        self._send_control(
+            client.ident, Kind.OK, {"ref": ref, "sid": sid, "queue": q.name, **granted}
+        )
 
     def _queue_ack(self, client: Client, body: dict[str, Any]) -> None:
         sid, ids = body.get("sid"), body.get("ids")

@@ -124,16 +124,18 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _stop_as_interrupted(_signum: int, _frame: FrameType | None) -> None:
-    """SIGTERM ends a command as Ctrl-C does. Killed outright, `meshctl reply` left its
-    queue-group place behind until the node noticed it gone, and requests sent there
-    meanwhile were lost (exploratory test); `sub` and `tail` now flush and say goodbye
-    too. `meshctl up` sets its own handler (the node stops)."""
+    """SIGTERM and SIGHUP end a command as Ctrl-C does. Killed outright, `meshctl reply`
+    left its queue-group place behind until the node noticed it gone, and requests sent
+    there meanwhile were lost (exploratory test); and the command of `reply --command`,
+    in a session of its own, outlived a closed terminal (review). `sub` and `tail` flush
+    and say goodbye too. `meshctl up` sets its own handlers (the node stops)."""
     raise KeyboardInterrupt
 
 
 def main() -> None:
     """Entry point: run the CLI; our errors and click's usage errors become one line."""
-    signal.signal(signal.SIGTERM, _stop_as_interrupted)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop_as_interrupted)
     command = typer.main.get_command(app)
     try:
         code = command.main(standalone_mode=False)

@@ -319,6 +319,15 @@ def sub(
             # it within what a client's socket queue holds).
             window = min(count or 256, 256 if ack else 65_536)
             subscription = client.consume(queue, max_inflight=window)
+            granted = subscription.max_inflight
+            if not ack and count and granted is not None and granted < count:
+                # Beyond the window it would print the first ones again after the ack
+                # wait, and never the rest (review).
+                raise InputError(
+                    f"--count {count} without --ack: the node lends at most {granted} "
+                    "unacknowledged events at once (limits.client_queue); use --ack, or a "
+                    "smaller --count"
+                )
             note(f"consuming queue {queue}" + ("" if ack else " (not acknowledging)"))
         else:
             subscription = client.subscribe(

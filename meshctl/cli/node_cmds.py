@@ -235,6 +235,8 @@ def up(
     if detached:  # logrotate's "postrotate kill -HUP": reopen the log, do not die
         log_path = where / datadir.LOG_FILE
         signal.signal(signal.SIGHUP, lambda *_: _reopen_log(log_path))
+    else:  # its terminal closed: it ends as it always did (the CLI's handler is for commands)
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     try:
         serve(cfg, identity, plugins, security, _ready_line if detached else None)
     except OSError as e:

@@ -500,3 +500,17 @@ def test_sub_queue_count_without_ack_takes_n_distinct_events(make_node: NodeFact
     assert r.returncode == 0, r.describe()
     assert len(set(r.out_lines)) == 300
     assert r.elapsed < 5, r.describe()
+
+
+def test_sub_queue_count_beyond_the_nodes_window_says_so(make_node: NodeFactory) -> None:
+    """Review: the node keeps a window within limits.client_queue, so without --ack a
+    larger --count printed the first events again and never the rest."""
+    node = make_node(config_text="[limits]\nclient_queue = 5\n")
+    s = node.ipc
+    assert run_cli("queue", "add", "q", "--topic", "q", server=s).returncode == 0
+    assert run_cli("pub", "-p", "q", "{{n}}", "-n", "10", server=s).returncode == 0
+    r = run_cli("sub", "--queue", "q", "-n", "10", "--raw", "--timeout", "5s", server=s)
+    assert r.returncode == 2, r.describe()
+    assert "the node lends at most 5 unacknowledged events" in r.stderr, r.describe()
+    r = run_cli("sub", "--queue", "q", "--ack", "-n", "10", "--raw", "--timeout", "5s", server=s)
+    assert sorted(r.out_lines, key=int) == [str(i) for i in range(1, 11)], r.describe()

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Background, NodeProcess, run_cli, wait_for
+from helpers import Background, NodeProcess, SubProcess, run_cli, wait_for
 
 from meshctl.client import connect
 from meshctl.errors import Timeout
@@ -237,6 +237,24 @@ def test_a_command_that_outlasts_its_timeout_is_ended_whole(
     assert "command timed out after 1s" in asked.stderr, asked.describe()
     pid = int(pidfile.read_text())
     wait_for(lambda: not _running(pid), timeout=5, what="the command's sleep to end")
+
+
+def test_a_replier_whose_terminal_closes_ends_its_command_too(
+    node: NodeProcess, bg: Background, tmp_path: Path
+) -> None:
+    """Review: in a session of its own, the command outlived a replier ended by SIGHUP
+    (its terminal closed, an ssh session dropped). SIGHUP stops the replier as Ctrl-C
+    does, which ends its command."""
+    pidfile = tmp_path / "sleep.pid"
+    command = f"sleep 30 & echo $! > {pidfile}; wait; cat"
+    replier = bg.start("reply", "svc/hup", "--command", command, server=node.ipc)
+    asker = SubProcess.start("req", "svc/hup", "x", "--timeout", "10s", server=node.ipc, ready=None)
+    wait_for(pidfile.exists, timeout=5, what="the command to start")
+    wait_for(lambda: pidfile.read_text().strip(), timeout=5, what="its pid")
+    os.kill(replier.pid, signal.SIGHUP)
+    assert replier.proc.wait(5) == 0, replier.describe()
+    wait_for(lambda: not _running(int(pidfile.read_text())), timeout=5, what="the sleep to end")
+    asker.stop()
 
 
 def _running(pid: int) -> bool:

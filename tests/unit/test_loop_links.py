@@ -187,3 +187,28 @@ def test_the_node_raises_its_soft_limit_on_open_files() -> None:
     )
     want = 4096 if hard == resource.RLIM_INFINITY else min(hard, 4096)
     assert int(done.stdout) == want
+
+
+def test_a_network_peer_cannot_pass_for_one_of_the_nodes_own_actors(node: Node) -> None:
+    """Review: the identity of a bridge or the uplink (shown by `status`) could be taken
+    over TCP once its inproc socket had closed, and passed the client and subscription
+    limits as an internal actor. The node's own actors come over inproc only."""
+    from node.codec import Kind, encode_control
+
+    ident = b"\x00bridge-test"
+    node.router.internal.add(ident)
+    ctx = zmq.Context.instance()
+    impostor = ctx.socket(zmq.DEALER)
+    impostor.setsockopt(zmq.LINGER, 0)
+    impostor.setsockopt(zmq.ROUTING_ID, ident)
+    impostor.connect(node.endpoints[0])
+    try:
+        impostor.send(encode_control(Kind.HELLO, {"name": "impostor"}))
+        deadline = time.monotonic() + 5
+        while node.router.counters.bad_frames == 0 and time.monotonic() < deadline:
+            node._drain(time.monotonic())
+            time.sleep(0.01)
+        assert node.router.counters.bad_frames == 1
+        assert ident not in node.router.clients
+    finally:
+        impostor.close()
