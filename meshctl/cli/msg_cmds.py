@@ -481,7 +481,14 @@ def reply(
                 if request.reply_to is None:
                     continue  # a plain event on the topic, not a request
                 if command is not None:
-                    body, error = _run(command, request.data, command_timeout)
+                    try:
+                        body, error = _run(command, request.data, command_timeout)
+                    except KeyboardInterrupt:
+                        # Stopped mid-command: its requester hears so now, not after
+                        # its whole timeout.
+                        client.reply(request, b"responder stopped before answering", error=True)
+                        client.send_pending()
+                        raise
                 else:
                     body, error = (request.data if echo else os.fsencode(data)), False
                 try:

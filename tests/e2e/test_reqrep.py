@@ -254,7 +254,9 @@ def test_a_replier_whose_terminal_closes_ends_its_command_too(
     os.kill(replier.pid, signal.SIGHUP)
     assert replier.proc.wait(5) == 0, replier.describe()
     wait_for(lambda: not _running(int(pidfile.read_text())), timeout=5, what="the sleep to end")
-    asker.stop()
+    # Its requester hears at once that no answer is coming (it waited out its timeout).
+    assert asker.wait_exit(timeout=3) == 1, asker.describe()
+    assert "responder stopped before answering" in asker.stderr, asker.describe()
 
 
 def _running(pid: int) -> bool:
