@@ -509,9 +509,8 @@ def _run(command: str, stdin: bytes, limit: float) -> tuple[bytes, bool]:
     """Run a shell command for one request; (stdout, False) or (error text, True).
 
     In a process group of its own, ended whole on a timeout or an interrupt: killing the
-    shell alone left what it started running, holding the output pipe, so a timed-out
-    `sleep 30; cat` held the replier 30 s instead of the timeout, and a stopped replier
-    left it behind (review)."""
+    shell alone left what it had started running (the `sleep` of a timed-out
+    `sleep 30; cat`), and a stopped replier left the whole command behind (review)."""
     proc = subprocess.Popen(  # noqa: S602 - running the operator's shell command is the feature
         command,
         shell=True,
