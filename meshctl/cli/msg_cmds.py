@@ -312,32 +312,32 @@ def sub(
         raise InputError("--ack needs --queue NAME")
     # The wait for events is not the wait for the node: -t 0.0001 said "cannot reach".
     with connect(server, name="meshctl sub", timeout=max(timeout or 2.0, 2.0)) as client:
-        if queue is not None:
-            # A consumer that stops after N takes no more than N: the rest stay for others.
-            # Not acknowledging, its window never frees: past 256 it printed the first
-            # ones again after the ack wait (exploratory test), so it is N (the node keeps
-            # it within what a client's socket queue holds).
-            window = min(count or 256, 256 if ack else 65_536)
-            subscription = client.consume(queue, max_inflight=window)
-            granted = subscription.max_inflight
-            if not ack and count and granted is not None and granted < count:
-                # Beyond the window it would print the first ones again after the ack
-                # wait, and never the rest (review).
-                raise InputError(
-                    f"--count {count} without --ack: the node lends at most {granted} "
-                    "unacknowledged events at once (limits.client_queue); use --ack, or a "
-                    "smaller --count"
-                )
-            note(f"consuming queue {queue}" + ("" if ack else " (not acknowledging)"))
-        else:
-            subscription = client.subscribe(
-                *patterns, group=group, retained=retained, since=since, from_seq=from_seq
-            )
-            for p in patterns:
-                note(f"subscribed: {p}")
         received = 0
-        watch = NodeWatch(client)
-        try:
+        try:  # all of it: a stop right after `subscribed:` exited 130 (as `reply` did)
+            if queue is not None:
+                # A consumer that stops after N takes no more than N: the rest stay for others.
+                # Not acknowledging, its window never frees: past 256 it printed the first
+                # ones again after the ack wait (exploratory test), so it is N (the node keeps
+                # it within what a client's socket queue holds).
+                window = min(count or 256, 256 if ack else 65_536)
+                subscription = client.consume(queue, max_inflight=window)
+                granted = subscription.max_inflight
+                if not ack and count and granted is not None and granted < count:
+                    # Beyond the window it would print the first ones again after the ack
+                    # wait, and never the rest (review).
+                    raise InputError(
+                        f"--count {count} without --ack: the node lends at most {granted} "
+                        "unacknowledged events at once (limits.client_queue); use --ack, or a "
+                        "smaller --count"
+                    )
+                note(f"consuming queue {queue}" + ("" if ack else " (not acknowledging)"))
+            else:
+                subscription = client.subscribe(
+                    *patterns, group=group, retained=retained, since=since, from_seq=from_seq
+                )
+                for p in patterns:
+                    note(f"subscribed: {p}")
+            watch = NodeWatch(client)
             while count is None or received < count:
                 if not subscription.queue:
                     sys.stdout.flush()
@@ -471,11 +471,11 @@ def reply(
     if sum((bool(data), echo, command is not None)) > 1:
         raise typer.BadParameter("give only one of DATA, --echo and --command")
     with connect(server, name="meshctl reply") as client:
-        subscription = client.subscribe(pattern, group=group)
-        note(f"subscribed: {pattern}")
-        answered = 0
-        watch = NodeWatch(client)
-        try:
+        try:  # all of it: a stop right after `subscribed:` exited 130 (a flaky test)
+            subscription = client.subscribe(pattern, group=group)
+            note(f"subscribed: {pattern}")
+            answered = 0
+            watch = NodeWatch(client)
             while count is None or answered < count:
                 request = watch.next(subscription)
                 if request.reply_to is None:
