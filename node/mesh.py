@@ -490,8 +490,13 @@ class Mesh(StatesSide):
             return NO_PLAN
         groups = [(g, nodes) for g, nodes in route.groups if g not in local_groups]
         if groups:
-            return Plan([], plain, groups, [self.turn(g, nodes) for g, nodes in groups])
+            return self.group_plan(plain, groups)
         return Plan(self._split([(n, ()) for n in plain], 0), plain, [])
+
+    def group_plan(self, plain: tuple[str, ...], groups: list[tuple[str, tuple[str, ...]]]) -> Plan:
+        """A plan with a choice of node per event for each remote-only group (``dynamic``),
+        and a copy for each of ``plain``."""
+        return Plan([], plain, groups, [self.turn(g, nodes) for g, nodes in groups])
 
     def turn(self, group: str, nodes: tuple[str, ...]) -> Turn:
         """The turn of queue group ``group`` among ``nodes``, its nearest holders of some

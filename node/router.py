@@ -827,8 +827,11 @@ class Router(MeshSide, DurableSide):
             key = hash(tuple(members))  # a hash: the tuples of big groups piled up (review)
             turn = turn_of(self._turns, (name, key))
             answering = [x for x in members if x[0] not in mute]
-            asks = turn_of(self._turns, (name, key, "requests")) if answering else None
-            groups.append(_Group(name, members, turn, answering, asks))
+            if 0 < len(answering) < len(members):  # mixed: requests have turns of their own
+                asks = turn_of(self._turns, (name, key, "requests"))
+                groups.append(_Group(name, members, turn, answering, asks))
+            else:
+                groups.append(_Group(name, members, turn))
         answers = inbox or self._answers(plain, groups, topic)
         durable = self.durable
         if durable is None or inbox:
@@ -981,8 +984,7 @@ class Router(MeshSide, DurableSide):
                 nodes.update(new)
             new_groups = [(g, m) for g, m in plan.groups if g not in groups]
             if new_groups:  # one member of each (review: groups got none)
-                turns = [self.net.turn(g, m) for g, m in new_groups]
-                self._forward(Plan([], (), new_groups, turns), rec)
+                self._forward(self.net.group_plan((), new_groups), rec)
                 groups.update(g for g, _ in new_groups)
             if now < until:
                 self._held_system.append((rec, topic, until, (nodes, groups)))

@@ -75,12 +75,11 @@ class _Group:
         self.members = members
         self.turn = turn
         # The members that may answer a request (not MQTT clients' shared subscriptions,
-        # which take events only), when some may and some may not; they take turns of
-        # their own (with the events' turns, events between requests decided which
+        # which take events only), given when some may and some may not; they take turns
+        # of their own (with the events' turns, events between requests decided which
         # responder got every request: review).
-        mixed = answering and len(answering) < len(members)
-        self.answering = answering if mixed else None
-        self.request_turn = request_turn if mixed and request_turn is not None else turn
+        self.answering = answering
+        self.request_turn = request_turn or turn
 
     def pick(self, request: bool = False) -> tuple[bytes, bytes]:
         """The next member, round-robin; for a ``request``, the next that may answer (a
