@@ -63,6 +63,7 @@ from edge.mqtt_codec import (
 from edge.mqtt_commit import Committing
 from edge.mqtt_conn import MqttConnection
 from edge.mqtt_connect import LOG_FIRST, ConnectSide, allowed
+from edge.mqtt_keep import SESSIONS_FILE, Limits, load, save
 from edge.mqtt_node_side import ACK, HB_QOS0, NodeSide, Pending
 from edge.mqtt_retain import ListenerRetained, NodeRetained, Retained
 from edge.mqtt_session import Session, SessionTable, Subscription
@@ -111,6 +112,7 @@ class ListenerConfig:
     users: Path | None = None  # mqtt_users.json: names, password hashes, permissions
     anonymous: bool = True  # clients without a user name may connect (unrestricted)
     tls: ssl.SSLContext | None = None  # edge/tls.py: the port speaks TLS (mqtts)
+    sessions_file: Path | None = None  # persistent sessions kept across a restart here
 
 
 class MqttListener(ConnectSide, NodeSide):
@@ -137,6 +139,7 @@ class MqttListener(ConnectSide, NodeSide):
             "keepalive_timeouts": 0,
             "wills": 0,
             "sessions_evicted": 0,  # absent persistent sessions dropped past max_sessions
+            "sessions_restored": 0,  # persistent sessions kept from the run before
             "dropped_slow": 0,
             "refused_payloads": 0,
             "store_refused": 0,
@@ -186,6 +189,8 @@ class MqttListener(ConnectSide, NodeSide):
         self._open = True
         # "requests": false: MQTT 3.1.1 clients cannot answer a mesh request (no reply-to)
         self._send(encode_control(Kind.HELLO, {"name": "mqtt listener", "requests": False}))
+        if self.cfg.sessions_file is not None:
+            self._restore(self.cfg.sessions_file)
         self._tick = self._loop.create_task(self._ticker())
         log.info("MQTT listener on %s", self.bound)
 
@@ -210,19 +215,60 @@ class MqttListener(ConnectSide, NodeSide):
         if self._loop.is_closed():
             return
         self._open = False
-        kept = [x for x in self.sessions.by_id.values() if not x.clean]
-        waiting = sum(len(x.queue) + len(x.inflight) for x in kept)
-        if kept:
-            # Sessions live in memory: an operator read nothing of what a restart drops,
-            # queued QoS 1 messages and all (exploratory test).
-            log.warning(
-                "MQTT: %d persistent session%s end%s with the node, %d QoS 1 messages "
-                "undelivered in them (sessions are not kept across a restart)",
-                len(kept), "s" if len(kept) > 1 else "", "" if len(kept) > 1 else "s", waiting,
-            )  # fmt: skip
+        self._keep()
         self._loop.run_until_complete(self._close())
         self._loop.close()
         self._hasher.shutdown(wait=False, cancel_futures=True)
+
+    def _keep(self) -> None:
+        """Save the persistent sessions for the next start (the store on), or say what
+        the stop drops: an operator read nothing of it before (exploratory test)."""
+        kept = self.sessions.persistent()
+        if not kept:
+            return
+        waiting = sum(len(x.queue) + len(x.inflight) for x in kept)
+        n, s = len(kept), "s" if len(kept) > 1 else ""
+        if self.cfg.sessions_file is not None:
+            try:
+                save(self.cfg.sessions_file, kept)
+            except OSError as e:
+                log.warning(
+                    "MQTT: %d persistent session%s lost, %d QoS 1 messages in them: cannot "
+                    "save them to %s: %s", n, s, waiting, self.cfg.sessions_file, e,
+                )  # fmt: skip
+            else:
+                log.info(
+                    "MQTT: %d persistent session%s kept for the next start, %d QoS 1 "
+                    "messages waiting in them", n, s, waiting,
+                )  # fmt: skip
+            return
+        log.warning(
+            "MQTT: %d persistent session%s end%s with the node, %d QoS 1 messages "
+            "undelivered in them (sessions are kept across a restart only with the store on)",
+            n, s, "" if n > 1 else "s", waiting,
+        )  # fmt: skip
+
+    def _restore(self, path: Path) -> None:
+        """Take back the persistent sessions the run before kept: absent, their
+        subscriptions active at the node again, their messages waiting."""
+        limits = Limits(self.cfg.max_inflight, self.cfg.max_queued, self.cfg.max_queued_bytes)
+        restored = load(path, limits)
+        for session in restored:
+            for sub in session.subs.values():
+                sub.sid = next(self._next_sid)
+                self._sids[sub.sid] = (session, sub)
+                body = {"ref": None, "sid": sub.sid, "patterns": list(sub.patterns)}
+                self._send(encode_control(Kind.SUB, body | {"group": sub.group}))
+            for gone in self.sessions.restore(session):  # mqtt.max_sessions was lowered
+                self.counters["sessions_evicted"] += 1
+                self._forget(gone)
+        if restored:
+            waiting = sum(len(x.queue) + len(x.inflight) for x in restored)
+            self.counters["sessions_restored"] = len(restored)
+            log.info(
+                "MQTT: %d persistent session%s restored, %d QoS 1 messages waiting in them",
+                len(restored), "s" if len(restored) > 1 else "", waiting,
+            )  # fmt: skip
 
     async def _close(self) -> None:
         if self._tick is not None:
@@ -684,6 +730,7 @@ def start_listener(
         users=None if data_dir is None else data_dir / USERS_FILE,
         anonymous=anonymous,
         tls=tls,
+        sessions_file=data_dir / SESSIONS_FILE if data_dir is not None and config.store else None,
     )
     if anonymous and not config.insecure:
         # The operator turned anonymous MQTT on for a secured mesh: say what that means

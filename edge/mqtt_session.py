@@ -4,7 +4,8 @@ A session outlives its connection when the client connected with clean_session=0
 subscriptions stay active at the node and QoS 1 messages for it wait in a bounded queue
 until it comes back, when unacknowledged ones are sent again with DUP set (MQTT 3.1.1
 §4.4). QoS 0 messages for an absent client are dropped, as mosquitto does by default.
-Everything is in memory: a node restart forgets every session (README).
+Everything is in memory; with the node's store on, the listener saves the persistent
+sessions when it stops and restores them when it starts (edge/mqtt_keep.py).
 
 Outgoing QoS 1 flow: at most ``max_inflight`` messages await PUBACK; more wait in the
 queue (at most ``max_queued``; beyond that new ones are dropped and counted).
@@ -205,6 +206,19 @@ class SessionTable:
         self.by_id[client_id] = session
         return session, False, ended
 
+    def persistent(self) -> list[Session]:
+        """The persistent sessions, the absent ones first (longest absent first), then
+        those connected now: the order in which they would be dropped."""
+        absent = [self.by_id[c] for c in self._offline]
+        return absent + [s for s in self.by_id.values() if not s.clean and s.online]
+
+    def restore(self, session: Session) -> list[Session]:
+        """Keep an absent ``session`` saved by an earlier run (edge/mqtt_keep.py): sessions
+        to forget (the longest absent, past ``max_offline``)."""
+        self.by_id[session.client_id] = session
+        self._offline[session.client_id] = None
+        return self._evict()
+
     def detach(self, session: Session) -> list[Session]:
         """The connection ended: sessions to forget (a clean one, or the oldest absent)."""
         session.online = False
@@ -214,6 +228,9 @@ class SessionTable:
             del self.by_id[session.client_id]
             return [session]
         self._offline[session.client_id] = None
+        return self._evict()
+
+    def _evict(self) -> list[Session]:
         ended = []
         while len(self._offline) > self.max_offline:
             gone, _ = self._offline.popitem(last=False)

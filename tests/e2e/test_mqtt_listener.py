@@ -353,6 +353,11 @@ def test_retained_in_the_listener_when_the_node_has_no_store(
     assert result.returncode == 1, result.describe()
     assert "not retained here: this node has no store" in result.stderr
     assert [(m.topic, m.payload, m.retain) for m in late.take(1)] == [("r/mesh", b"x", False)]
+    # Without a store, persistent sessions end with the node: the log says so (exploratory
+    # test: nothing), and a restart brings none back
+    paho.open(port, "device", clean=False, subscribe="cmd/#").close()
+    assert node.stop() == 0
+    assert "MQTT: 1 persistent session ends with the node" in node.log_text()
 
 
 def test_will_published_when_the_socket_dies(mnode: NodeProcess, paho: Clients) -> None:
@@ -390,8 +395,8 @@ def test_a_stopping_node_publishes_its_clients_wills(
     polite.publish("status/polite", b"online", qos=1, retain=True)
     polite.close()  # DISCONNECT: its will is deleted, whatever happens to the node
     assert node.stop() == 0
-    # Its session ends with the node, and the log says so (exploratory test: nothing).
-    assert "MQTT: 1 persistent session ends with the node" in node.log_text()
+    # Its session is kept for the next start, and the log says so
+    assert "MQTT: 1 persistent session kept for the next start" in node.log_text()
     again = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
     late = Paho(mqtt_port(again), "late")
     paho.append(late)
@@ -486,6 +491,42 @@ def test_persistent_session_keeps_subscriptions_and_queued_qos1(
     paho.remove(back)
     fresh = paho.open(port, "keeper", clean=True)
     assert not fresh.session_present
+
+
+def test_persistent_sessions_survive_a_restart_of_the_node(
+    make_node: NodeFactory, paho: Clients, tmp_path: Path
+) -> None:
+    """A device subscribes once (clean_session=0) and counts on its broker to keep the
+    subscription and what waits for it, as mosquitto with ``persistence true`` does. A
+    restart of the node (an upgrade) dropped both: back with session_present=0, the
+    device never heard from its topics again."""
+    data_dir = tmp_path / "kept"
+    node = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    dev = Paho(mqtt_port(node), "device-7", clean=False)
+    dev.subscribe("cmd/#", qos=1)
+    dev.subscribe("$share/workers/jobs/+", qos=1)
+    dev.close()
+    for i in range(3):
+        assert run_cli("pub", f"cmd/{i}", f"before {i}", server=node.ipc).returncode == 0
+    assert node.stop() == 0
+    assert "1 persistent session kept for the next start, 3 QoS 1 messages" in node.log_text()
+    again = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    assert mqtt_status(again)["sessions_restored"] == 1
+    assert mqtt_status(again)["offline_sessions"] == 1
+    # the subscriptions are the node's again while the device is away: this waits too
+    assert run_cli("pub", "cmd/3", "after", server=again.ipc).returncode == 0
+    assert run_cli("pub", "jobs/1", "a job", server=again.ipc).returncode == 0
+    back = paho.open(mqtt_port(again), "device-7", clean=False)
+    assert back.session_present
+    got = [(m.topic, m.payload) for m in back.take(5)]
+    assert got == [
+        ("cmd/0", b"before 0"),
+        ("cmd/1", b"before 1"),
+        ("cmd/2", b"before 2"),
+        ("cmd/3", b"after"),
+        ("jobs/1", b"a job"),
+    ]
+    assert back.quiet(0.3) == []
 
 
 def test_absent_sessions_past_the_bound_are_dropped_counted_and_logged(
