@@ -18,6 +18,7 @@ brings back sessions that changed since. A file that cannot be read is set aside
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sqlite3
@@ -113,12 +114,16 @@ def load(path: Path, limits: Limits) -> list[Session]:
         return []
     try:
         sessions = _read(path, limits)
+        path.unlink()
     except (sqlite3.Error, ValueError, TypeError) as e:  # TypeError: json of a wrong type
         bad = path.with_name(path.name + ".bad")
-        path.replace(bad)
+        with contextlib.suppress(OSError):
+            path.replace(bad)
         log.warning("MQTT: persistent sessions not restored: %s is unreadable (%s)", bad, e)
         return []
-    path.unlink()
+    except OSError as e:  # not restored rather than restored again after a crash
+        log.warning("MQTT: persistent sessions not restored: %s: %s", path, e)
+        return []
     return sessions
 
 
