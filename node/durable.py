@@ -785,9 +785,11 @@ def _tombstone(record: bytes, t_ns: int) -> bytes:
 
 def with_seq(record: bytes, seq: int) -> bytes:
     """A replayed record carries its log sequence in a ``log-seq`` header, so a consumer
-    can resume with ``--from-seq`` (unless its own headers block is malformed: the node
-    passes headers through unread, so such an event is replayed as it was published)."""
+    can resume with ``--from-seq`` (unless its own headers block is malformed, or so large
+    that the header would not fit: the node passes headers through unread, so such an event
+    is replayed as it was published). Such an event raised out of the replays' pump: every
+    replay on the node stopped there, and the pump failed again each pass (exploratory)."""
     try:
         return with_headers(record, {"log-seq": str(seq)})
-    except CodecError:
+    except (CodecError, ValueError):  # ValueError: the headers block would outgrow 65535
         return record

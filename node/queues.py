@@ -127,8 +127,8 @@ def dead_record(record: bytes, queue: str, deliveries: int) -> bytes:
         return with_headers(
             with_count(record, 0), {"dead-queue": queue, "dead-deliveries": str(deliveries)}
         )
-    except CodecError:  # its own headers are malformed (passed through unread): as it was
-        return with_count(record, 0)
+    except (CodecError, ValueError):  # its headers are malformed (passed through unread),
+        return with_count(record, 0)  # or too large to take these: as it was
 
 
 @dataclass(slots=True)

@@ -1756,3 +1756,16 @@ def test_queue_messages_captured_before_ntp_get_its_time_without_a_log_entry(
     info = d.queues.info(d.queues.by_name["jobs"], clock.ns)
     assert info["depth"] == 1
     assert info["oldest_age_s"] < 60
+
+
+def test_an_event_whose_headers_leave_no_room_for_its_sequence_replays_as_published() -> None:
+    """A legal headers block of 65,530 bytes has no room for ``log-seq``: encoding raised
+    ValueError out of the replays' pump, and every replay on the node stopped at that event
+    (exploratory test); dead-lettering it raised the same."""
+    from node.durable import with_seq
+    from node.queues import dead_record
+
+    big = encode_headers({"k": "v" * 65_526})
+    rec = encode_record(b"hm/t", b"big", big, F_PERSISTENT, 7, b"\xaa" * 16)
+    assert with_seq(rec, 11) == rec
+    assert dead_record(rec, "q", 3)[RECORD_SIZE:] == rec[RECORD_SIZE:]
