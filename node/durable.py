@@ -36,6 +36,9 @@ from node.topics import SubscriptionTrie, literal_prefix, matches
 
 DEDUPE_WINDOW: Final = 120.0  # seconds, as NATS JetStream's Nats-Msg-Id window
 REPLAY_BATCH: Final = 2048  # log entries read per replaying subscription per pass
+# ... and about this many bytes of them: 2,048 entries of 1 MiB were read and sent in one
+# pass, which held the node for seconds and its memory at ~1 GB (exploratory test).
+REPLAY_BATCH_BYTES: Final = 4 * 1024 * 1024
 REPLAY_WINDOW: Final = 20_000  # replayed events a paced client may have unconsumed
 LOG_ALL: Final = 1
 LOG_PERSISTENT: Final = 2
@@ -84,6 +87,8 @@ class Replay:
     retained: bool = False
     last_retained: dict[str, bytes] = field(default_factory=dict)
     patterns: tuple[str, ...] = ()
+    entry_bytes: int = 65_536  # the size of its log entries lately (batch sizing; at first,
+    # as if large: a first batch of 2,048 1 MiB entries would be the stall above)
 
 
 @dataclass
@@ -639,13 +644,15 @@ class Durable:
         the seam (every earlier event is in the log, every later one is routed live)."""
         still = []
         for r in self.replays:
-            limit = REPLAY_BATCH
+            limit = max(1, min(REPLAY_BATCH, REPLAY_BATCH_BYTES // r.entry_bytes))
             if r.paced:
                 limit = min(limit, REPLAY_WINDOW - (r.sent - r.acked))
                 if limit <= 0:
                     still.append(r)  # the client is behind: wait for its report
                     continue
             rows = self.store.log_after(r.cursor, limit)
+            if rows:
+                r.entry_bytes = max(1, sum(len(rec) for _, _, rec in rows) // len(rows))
             for seq, topic, rec in rows:
                 if r.trie.match(topic):
                     record = bytes(rec)

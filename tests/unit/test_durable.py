@@ -1769,3 +1769,24 @@ def test_an_event_whose_headers_leave_no_room_for_its_sequence_replays_as_publis
     rec = encode_record(b"hm/t", b"big", big, F_PERSISTENT, 7, b"\xaa" * 16)
     assert with_seq(rec, 11) == rec
     assert dead_record(rec, "q", 3)[RECORD_SIZE:] == rec[RECORD_SIZE:]
+
+
+def test_a_replay_of_large_events_goes_a_few_megabytes_a_pass(tmp_path: Path) -> None:
+    """2,048 log entries a pass, whatever their size: a replay of 1 MiB events held the
+    node for seconds a pass and its memory at ~1 GB (exploratory test)."""
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    big = 200 * 1024
+    for i in range(1, 101):
+        pub(r, A, rec("big/t", i.to_bytes(4, "big") + bytes(big), flags=F_PERSISTENT, seq=i))
+    r.end_pass(0.0)
+    take(r)
+    send(r, B, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["big/>"], "from_seq": 1})
+    passes = []
+    for _ in range(20):
+        r.end_pass(0.0)
+        passes.append([int.from_bytes(e.data[:4], "big") for _s, e in deliveries(take(r), B)])
+    assert [n for p in passes for n in p] == list(range(1, 101))  # all, in order, once
+    assert max(len(p) for p in passes[1:]) * big <= 4 * 1024 * 1024 + big
+    assert len(passes[0]) < 100
