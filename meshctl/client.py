@@ -162,6 +162,10 @@ class Subscription:
         self.max_inflight: int | None = None
         self.replaying = False
         self.consumed = 0  # replayed events consumed, reported to the node
+        # The replay as received (not consumed): the last sequence, and whether a live
+        # event came (the node's replay is over). A node restart mid-replay resumes it.
+        self.last_seq: int | None = None
+        self.replay_over = False
         self.ended: RemoteError | None = None  # the node ended it (its queue was removed)
         self.pending = False  # its SUB is not answered yet
         # topic -> id of the last retained value it got, when it asked for them: after a
@@ -1061,6 +1065,18 @@ class Client:
                 if len(last) >= MAX_LAST_IDS:
                     last.clear()
                 last[event.topic] = event.raw_id
+            if sub.replaying and not sub.replay_over:
+                seq = event.seq
+                if seq is None:
+                    sub.replay_over = True
+                elif sub.last_seq is not None and seq <= sub.last_seq:
+                    # Had already, from before the node restarted (its frames can still be
+                    # read after the resumed replay's): counted as consumed, so that the
+                    # node's window for the resumed replay never waits on it.
+                    sub.consumed += 1
+                    continue
+                else:
+                    sub.last_seq = seq
             sub.received += 1
             if sub.callback is not None:
                 try:
@@ -1072,6 +1088,17 @@ class Client:
                     sub._replayed(event)
             else:
                 sub.queue.append(event)
+
+    @staticmethod
+    def _replay_rest(sub: Subscription) -> dict[str, Any]:
+        """What a subscription whose replay the node's restart cut short asks for: the
+        rest of it (it came back live only, and the history after the last event received
+        was never seen: exploratory test), or all of it if none came yet. The events of
+        the first replay still queued here do not count toward the new one's window."""
+        sub.consumed = -sum(1 for e in sub.queue if e.seq is not None)
+        if sub.last_seq is None:
+            return {k: v for k, v in sub.resume_body.items() if k in ("since_s", "from_seq")}
+        return {"from_seq": sub.last_seq + 1}
 
     def _resume(self) -> None:
         """The node restarted and forgot us: greet it again and restore subscriptions."""
@@ -1087,8 +1114,10 @@ class Client:
             # publish came before this SUB), so a dashboard kept a stale value (found by
             # an exploratory test). An unchanged one comes again, marked retained.
             body = {k: v for k, v in sub.resume_body.items() if k not in ("since_s", "from_seq")}
-            if len(body) != len(sub.resume_body):  # a replay sent the retained values with
-                body.pop("retained", None)  # its history: not again (review)
+            if sub.replaying and not sub.replay_over:
+                body.update(self._replay_rest(sub))
+            elif len(body) != len(sub.resume_body):  # a replay sent the retained values
+                body.pop("retained", None)  # with its history: not again (review)
             # "ref": None: nobody waits for these answers.
             self._send(encode_control(Kind.SUB, {"ref": None, "sid": sub.sid, **body}))
         # Requests the node forgot with us: the first call after a restart waited out its
