@@ -185,6 +185,7 @@ class ConnectSide:
         self.counters["connects"] += 1
         conn.write(encode(Connack(present)))
         for out in session.resume():
+            self.counters["delivered"] += 1
             conn.write(out)
 
     @staticmethod

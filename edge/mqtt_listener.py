@@ -141,6 +141,8 @@ class MqttListener(ConnectSide, NodeSide):
             "sessions_evicted": 0,  # absent persistent sessions dropped past max_sessions
             "sessions_restored": 0,  # persistent sessions kept from the run before
             "dropped_slow": 0,
+            # QoS 1 messages for a session whose queue was full (mqtt.max_queued, bytes)
+            "dropped_queue_full": 0,
             "refused_payloads": 0,
             "store_refused": 0,
             "auth_failures": 0,
@@ -491,7 +493,8 @@ class MqttListener(ConnectSide, NodeSide):
             case Publish():
                 self._on_publish(conn, packet)
             case PubAck(packet_id=pid):
-                for out in session.acked(pid):
+                for out in session.acked(pid):  # what waited in its queue: delivered now
+                    self.counters["delivered"] += 1
                     conn.write(out)
             case Subscribe():
                 self._on_subscribe(conn, session, packet)

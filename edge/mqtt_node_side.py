@@ -235,8 +235,13 @@ class NodeSide:
             if qos == 0 and conn is not None and conn.backlog() > MAX_BACKLOG:
                 self.counters["dropped_slow"] += 1
                 continue
+            dropped = session.dropped
             packet = session.deliver(topic, frame[p0:end], qos, retain=bool(flags & F_RETAIN))
-            if packet is None or conn is None:
+            if packet is None:
+                if qos and session.dropped != dropped:
+                    self._queue_full(session)
+                continue
+            if conn is None:
                 continue
             self.counters["delivered"] += 1
             held = self._held.get(sid)
@@ -245,6 +250,17 @@ class NodeSide:
             else:
                 conn.out.append(packet)
                 touched.add(conn)
+
+    def _queue_full(self, session: Session) -> None:
+        """A QoS 1 message dropped for a full session queue: counted and logged. It was
+        neither (exploratory test: a subscriber got 61,492 of 100,000, every count 0)."""
+        n = self.counters["dropped_queue_full"] = self.counters["dropped_queue_full"] + 1
+        if n <= LOG_FIRST or n % 1000 == 0:
+            log.warning(
+                "MQTT client %s: QoS 1 message dropped: its session queue is full "
+                "(mqtt.max_queued %d, max_queued_bytes %d; total %d)",
+                session.client_id, session.max_queued, session.max_queued_bytes, n,
+            )  # fmt: skip
 
     def _mqtt_topic(self, tb: bytes) -> bytes | None:
         topic = self._to_mqtt.get(tb, b"")
