@@ -286,6 +286,9 @@ class Client:
         self._persist_errors: list[RemoteError] = []
         self._refused_requests: dict[str, RemoteError] = {}  # request id -> why
         self._resumed_at = 0.0  # when we last greeted a node that had forgotten us
+        # Times a node forgot us (it restarted, or dropped us as slow or silent) and our
+        # subscriptions were restored: what it had queued for us then was lost.
+        self.resumes = 0
         self._last_pack = time.monotonic()
         self._acks: dict[int, list[str]] = {}  # given, not yet sent
         self._acks_n = 0
@@ -1105,6 +1108,7 @@ class Client:
         assert self._sock is not None
         self.node = {}
         self._resumed_at = time.monotonic()
+        self.resumes += 1
         self._send(self._hello_frame())
         for sub in self._subs.values():
             if sub.pending:

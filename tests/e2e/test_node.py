@@ -100,6 +100,8 @@ def test_subscriber_survives_node_restart(
         assert "error:" in sub.stderr
     else:
         assert sub.lines[:2] == ["before", "after"]
+        # what the node had queued for it when it went is lost: it says so (exploratory)
+        assert "had forgotten this client" in sub.stderr
 
 
 def test_second_node_in_same_data_dir_is_refused(node: NodeProcess) -> None:
