@@ -78,6 +78,10 @@ class Queue:
     next_seq: int = 1
     cursor: int = 0  # every seq above this has not been handed out since start
     redeliver: list[int] = field(default_factory=list)  # heap of seqs to hand out again
+    # seq -> the consumer whose ack wait it outlived: its redelivery goes to another one
+    # with room, if there is one (it went back to the stalled holder round after round,
+    # and to the dead letters, while another consumer sat idle: exploratory test)
+    expired_on: dict[int, Consumer] = field(default_factory=dict)
     inflight: dict[int, Inflight] = field(default_factory=dict)
     consumers: list[Consumer] = field(default_factory=list)
     turn: int = 0
@@ -447,6 +451,7 @@ class Queues:
                 self._dead_letter(q, seq, f.deliveries, now_ns)
             else:
                 heapq.heappush(q.redeliver, seq)
+                q.expired_on[seq] = f.consumer
                 self.wake(q)
 
     def _dead_letter(self, q: Queue, seq: int, deliveries: int, now_ns: int) -> None:
@@ -501,11 +506,15 @@ class Queues:
             return []
         rows: list[tuple[int, bytes, int, bytes]] = []
         popped: list[int] = []  # redeliveries taken off the heap, owed still if a read fails
+        avoid: dict[int, Consumer] = {}
         try:
             while q.redeliver and len(rows) < room:
                 seq = heapq.heappop(q.redeliver)
+                holder = q.expired_on.pop(seq, None)
                 if seq in q.inflight:
                     continue
+                if holder is not None:
+                    avoid[seq] = holder
                 popped.append(seq)
                 rows.extend(
                     self.store.read(
@@ -525,6 +534,7 @@ class Queues:
         except StoreError:
             for seq in popped:
                 heapq.heappush(q.redeliver, seq)
+            q.expired_on.update(avoid)
             raise
         out = []
         updates = []
@@ -533,7 +543,7 @@ class Queues:
             if deliveries >= q.max_deliver:  # its last attempt was under way at a crash
                 spent.append((seq, deliveries))
                 continue
-            consumer = self._next_consumer(q)
+            consumer = self._next_consumer(q, avoid.get(seq))
             if consumer is None:
                 heapq.heappush(q.redeliver, seq)
                 continue
@@ -565,15 +575,20 @@ class Queues:
                 raise
         return out
 
-    def _next_consumer(self, q: Queue) -> Consumer | None:
-        """Round-robin over consumers with room, so several share the load."""
+    def _next_consumer(self, q: Queue, avoid: Consumer | None = None) -> Consumer | None:
+        """Round-robin over consumers with room, so several share the load; ``avoid``
+        only if no other has room."""
         n = len(q.consumers)
+        fallback = None
         for i in range(n):
             c = q.consumers[(q.turn + i) % n]
             if len(c.inflight) < c.max_inflight:
+                if c is avoid:
+                    fallback = c
+                    continue
                 q.turn = (q.turn + i + 1) % n
                 return c
-        return None
+        return fallback
 
     def undo_take(self, q: Queue, taken: list[tuple[Consumer, bytes, int]]) -> None:
         """The commit failed: nothing was sent, so the messages wait again."""

@@ -1790,3 +1790,33 @@ def test_a_replay_of_large_events_goes_a_few_megabytes_a_pass(tmp_path: Path) ->
     assert [n for p in passes for n in p] == list(range(1, 101))  # all, in order, once
     assert max(len(p) for p in passes[1:]) * big <= 4 * 1024 * 1024 + big
     assert len(passes[0]) < 100
+
+
+def test_a_delivery_past_its_ack_wait_goes_to_another_consumer_with_room(tmp_path: Path) -> None:
+    """Found by an exploratory test: the stalled consumer's expired deliveries freed its
+    window and came back to it, round after round, to the dead letters, while another
+    consumer sat idle."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    queue_add(r, "jobs", "jobs", ack_wait=1.0, max_deliver=3)
+    consume(r, A, 1, "jobs", max_inflight=1)
+    consume(r, B, 1, "jobs", max_inflight=1)
+    pub(r, A, rec("jobs", b"one", seq=1), rec("jobs", b"two", seq=2))
+    r.end_pass(0.0)
+    out = take(r)
+    (_first,) = deliveries(out, A)
+    (second,) = deliveries(out, B)
+    send(r, B, Kind.ACK, {"sid": 1, "ids": [second[1].id]})  # B is quick; A stalls
+    r.end_pass(0.1)
+    take(r)
+    r.tick(1.1)  # A's delivery expires: it goes to B, which has room, not back to A
+    r.end_pass(1.1)
+    out = take(r)
+    assert deliveries(out, A) == []
+    ((_sid, again),) = deliveries(out, B)
+    assert (again.data, again.deliveries) == (b"one", 2)
+    send(r, B, Kind.ACK, {"sid": 1, "ids": [again.id]})
+    r.end_pass(1.2)
+    q = d.queues.by_name["jobs"]
+    assert (q.depth, q.dead_lettered, q.expired_on) == (0, 0, {})
