@@ -14,6 +14,7 @@ import itertools
 import json
 import logging
 import queue
+import re
 import ssl
 import threading
 import time
@@ -31,11 +32,18 @@ from edge.mapping import (
     nats_to_mesh,
     swap_prefix,
 )
-from edge.port import PATH_HEADER, MeshPort, Refusal
+from edge.port import BRIDGE_HEADER, PATH_HEADER, URL_HEADER, MeshPort, Refusal
 from edge.tls import client_context
 from node import datadir
 from node.bridge_config import BridgeConfig
-from node.codec import F_PERSISTENT, F_RETAIN, F_RETAINED_LIVE, HEAD_PUB
+from node.codec import (
+    F_PERSISTENT,
+    F_RETAIN,
+    F_RETAINED_LIVE,
+    HEAD_PUB,
+    NO_RESPONDERS_AT,
+    NO_RESPONDERS_FOR,
+)
 from node.errors import CodecError, InputError
 from node.events import Event, decode_event
 from node.topics import SubscriptionTrie, matches, validate_topic
@@ -57,6 +65,11 @@ SPOOL_WAIT: Final = 5.0  # how long the broker may take to acknowledge a round
 FLUSH_GIVE_UP: Final = 60.0  # a NATS round unacknowledged this long goes again
 PING_EVERY: Final = 3  # seconds between nats-py's PINGs; 3 unanswered: reconnect
 LOG_FIRST: Final = 10  # oversized exports, errors: logged one by one, then every 1000th
+
+
+# An import waiting for the node: (remote topic, payload, reply subject, PATH_HEADER,
+# retained, its own headers)
+Import = tuple[str, bytes, str, str, bool, dict[str, str] | None]
 
 
 class Bridge:
@@ -101,7 +114,7 @@ class Bridge:
         }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bridge-{cfg.name}", daemon=True)
-        self._inbox: queue.Queue[tuple[str, bytes, str, str, bool]] = queue.Queue(maxsize=100_000)
+        self._inbox: queue.Queue[Import] = queue.Queue(maxsize=100_000)
         self._first_of: dict[str, int] = {}  # remote topic -> first import it matches
         # Remote requests waiting for a mesh reply, oldest first:
         # token -> (NATS reply subject, when, mesh event id)
@@ -152,14 +165,21 @@ class Bridge:
             )
 
     def _take(
-        self, remote: str, payload: bytes, reply: str = "", path: str = "", retain: bool = False
+        self,
+        remote: str,
+        payload: bytes,
+        reply: str = "",
+        path: str = "",
+        retain: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> None:
         """From the client library's thread: queue an import (bounded; overflow counted).
         ``reply``: the remote requester's reply subject, when it is a request; ``path``:
         its PATH_HEADER, when a meshctl bridge sent it there; ``retain``: an MQTT retained
-        message, kept as the topic's retained value in the mesh too."""
+        message, kept as the topic's retained value in the mesh too; ``headers``: its own
+        headers (NATS)."""
         try:
-            self._inbox.put_nowait((remote, payload, reply, path, retain))
+            self._inbox.put_nowait((remote, payload, reply, path, retain, headers))
         except queue.Full:
             self.counters["dropped_import_full"] += 1
 
@@ -255,7 +275,7 @@ class Bridge:
         sent_any = False
         while True:
             try:
-                remote, payload, reply, path, retain = self._inbox.get_nowait()
+                remote, payload, reply, path, retain, headers = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if path and self.port.looped(path, self.in_mesh):
@@ -280,11 +300,11 @@ class Bridge:
                 continue
             if reply and self.port.inbox:
                 token = str(next(self._tokens))
-                event_id, rec = self.port.request(topic, payload, token, path)
+                event_id, rec = self.port.request(topic, payload, token, path, headers)
                 self._requests[token] = (reply, time.monotonic(), event_id)
                 self._request_ids[event_id] = token
             else:
-                rec = self.port.record(topic, payload, path=path, retain=retain)
+                rec = self.port.record(topic, payload, path=path, retain=retain, headers=headers)
             batch.append(rec)
             size += len(rec)
             self.counters["imported"] += 1
@@ -550,7 +570,7 @@ class NatsBridge(Bridge):
         import nats.errors  # noqa: PLC0415 - optional dependency
 
         assert ev.reply_to is not None
-        headers = {PATH_HEADER: self.port.path(ev)}
+        headers = self._headers_out(ev)
         if self._over_max_payload(nc, subject, ev.data, headers):
             return  # the mesh requester times out, as below
         try:
@@ -560,7 +580,9 @@ class NatsBridge(Bridge):
         except nats.errors.TimeoutError:
             return  # the mesh requester times out on its own, as a NATS requester would
         else:
-            sock.send(self.port.reply(ev.reply_to, msg.data))
+            said = {k: v for k, v in (msg.headers or {}).items() if k not in NATS_ONLY}
+            error = "Nats-Service-Error" in said  # the NATS services API's error reply
+            sock.send(self.port.reply(ev.reply_to, msg.data, headers=said, error=error))
 
     async def _main(self) -> None:
         import nats  # noqa: PLC0415 - optional dependency
@@ -694,7 +716,7 @@ class NatsBridge(Bridge):
                 if remote is None:
                     self.counters["refused"] += 1
                     continue
-                if not await self._publish_nats(nc, remote, ev.data, self.port.path(ev)):
+                if not await self._publish_nats(nc, remote, ev.data, self._headers_out(ev)):
                     continue  # never deliverable there: waiting for it would stop the spool
                 sent += 1
             flush = asyncio.ensure_future(nc.flush(timeout=FLUSH_GIVE_UP))
@@ -709,16 +731,20 @@ class NatsBridge(Bridge):
         self._spool_done(seq, sent)
         return True
 
-    async def _publish_nats(self, nc: Any, subject: str, data: bytes, path: str = "") -> bool:
-        """Publish to NATS (``path``: PATH_HEADER, for an export); False, counted
-        (``refused_too_big``), for a message over the server's max_payload (1 MB by
-        default, the mesh allows more): nats-py raises for it, which ended the bridge's
-        thread, or stopped its spool at that event for good."""
-        headers = {PATH_HEADER: path} if path else None
+    async def _publish_nats(
+        self, nc: Any, subject: str, data: bytes, headers: dict[str, str] | None = None
+    ) -> bool:
+        """Publish to NATS; False, counted (``refused_too_big``), for a message over the
+        server's max_payload (1 MB by default, the mesh allows more): nats-py raises for
+        it, which ended the bridge's thread, or stopped its spool at that event for good."""
         if self._over_max_payload(nc, subject, data, headers):
             return False
-        await nc.publish(subject, data, headers=headers)
+        await nc.publish(subject, data, headers=headers or None)
         return True
+
+    def _headers_out(self, ev: Event) -> dict[str, str]:
+        """An export's NATS headers: its own, and its path out of the mesh (PATH_HEADER)."""
+        return nats_headers(ev) | {PATH_HEADER: self.port.path(ev)}
 
     def _over_max_payload(
         self, nc: Any, subject: str, data: bytes, headers: dict[str, str] | None
@@ -798,8 +824,10 @@ class NatsBridge(Bridge):
                 first = self._first_import(msg.subject, _nats_matches) if i else -1
                 if first not in (-1, i):  # (none matched here: taken, not lost)
                     return
-                path = (msg.headers or {}).get(PATH_HEADER, "")
-                self._take(msg.subject, msg.data, _request_reply(msg.reply), path)
+                own = msg.headers or {}
+                path = own.get(PATH_HEADER, "")
+                said = {k: v for k, v in own.items() if k not in NATS_ONLY and k != PATH_HEADER}
+                self._take(msg.subject, msg.data, _request_reply(msg.reply), path, headers=said)
 
             return on_msg
 
@@ -822,7 +850,7 @@ class NatsBridge(Bridge):
                 elif ev.is_request and ev.reply_to:
                     self._tasks.add(asyncio.create_task(self._ask(nc, sock, remote, ev)))
                     self.counters["exported"] += 1
-                elif await self._publish_nats(nc, remote, ev.data, self.port.path(ev)):
+                elif await self._publish_nats(nc, remote, ev.data, self._headers_out(ev)):
                     self.counters["exported"] += 1
             for ev in incoming.replies:  # a mesh responder answered a NATS requester
                 pending = self._forget_request(ev.topic.rsplit("/", 1)[-1])
@@ -833,7 +861,7 @@ class NatsBridge(Bridge):
                     # answer (review: "NATS has none for svc.x" as a successful reply).
                     await nc.publish(pending[0], b"", headers={"Status": NATS_NO_RESPONDERS})
                 else:
-                    await self._publish_nats(nc, pending[0], ev.data)
+                    await self._publish_nats(nc, pending[0], ev.data, nats_headers(ev))
             for event_id in incoming.no_responders:  # nothing in the mesh can answer
                 pending = self._forget_request(self._request_ids.get(event_id, ""))
                 if pending is not None and nc.is_connected:
@@ -877,6 +905,31 @@ def _tolerant_client(nats: Any) -> type:
 
         _TOLERANT.append(TolerantClient)
     return _TOLERANT[0]
+
+
+# Headers of the mesh's own making, which stay in it: the bridges' marks, a request's
+# inbox, "no responders" and replay marks, the MQTT listener's QoS.
+MESH_ONLY: Final = frozenset(
+    {
+        BRIDGE_HEADER, URL_HEADER, PATH_HEADER, "reply-to", "status", NO_RESPONDERS_FOR,
+        NO_RESPONDERS_AT, "log-seq", "qos",
+    }
+)  # fmt: skip
+NATS_ONLY: Final = frozenset({"Status", "Description"})  # nats-py's inline status
+_NATS_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # as nats-py checks
+
+
+def nats_headers(ev: Event) -> dict[str, str]:
+    """A mesh event's headers as NATS headers: the mesh's own left out, and names NATS
+    cannot carry (nats-py raises for them). A reply that reports its responder's failure
+    is a NATS services API error reply."""
+    out = {
+        k: v for k, v in ev.headers.items() if k not in MESH_ONLY and _NATS_HEADER_NAME.fullmatch(k)
+    }
+    if ev.is_error and ev.headers.get("status") != "no-responders":
+        out["Nats-Service-Error"] = " ".join(ev.text().split())[:1000] or "error"
+        out.setdefault("Nats-Service-Error-Code", "500")
+    return out
 
 
 def _request_reply(reply: str | None) -> str:

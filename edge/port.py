@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -79,15 +79,29 @@ class MeshPort:
         imported: bool = True,
         path: str = "",
         retain: bool = False,
+        headers: Mapping[str, str] | None = None,
     ) -> bytes:
         """One event record; many go in one PUB frame (``HEAD_PUB`` + records). ``path``:
         the nodes whose bridges it left before (PATH_HEADER); ``retain``: a retained
-        message there, the topic's retained value here."""
+        message there, the topic's retained value here; ``headers``: the remote
+        message's own (``with_marks``)."""
         if not imported:
             return self._record(topic, payload, b"", 0)
-        hb = encode_headers({**self._marks, PATH_HEADER: path}) if path else None
+        if headers:
+            hb = self.with_marks(headers, {PATH_HEADER: path} if path else {})
+        else:
+            hb = encode_headers({**self._marks, PATH_HEADER: path}) if path else self._headers
         flags = F_IMPORTED | (F_RETAIN if retain else 0)
-        return self._record(topic, payload, hb or self._headers, flags)
+        return self._record(topic, payload, hb, flags)
+
+    def with_marks(self, headers: Mapping[str, str], ours: Mapping[str, str]) -> bytes:
+        """A remote message's headers with the bridge's marks and ``ours`` over them; its
+        own left out if they do not fit a mesh headers block (names of 1-255 bytes,
+        64 KiB in all): the event still comes in."""
+        try:
+            return encode_headers({**headers, **self._marks, **ours})
+        except ValueError:
+            return encode_headers({**self._marks, **ours})
 
     def came_from_here(self, ev: Event) -> bool:
         """Imported by this bridge, or by another bridge of the mesh to the same broker
@@ -158,24 +172,47 @@ class MeshPort:
             incoming.refused.append(refusal)
         return incoming
 
-    def request(self, topic: str, payload: bytes, token: str, path: str = "") -> tuple[str, bytes]:
+    def request(
+        self,
+        topic: str,
+        payload: bytes,
+        token: str,
+        path: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> tuple[str, bytes]:
         """(event id, record) of a request into the mesh whose replies come to our inbox."""
-        fields = {**self._marks, "reply-to": f"{self.inbox}/{token}"}
+        ours = {"reply-to": f"{self.inbox}/{token}"}
         if path:
-            fields[PATH_HEADER] = path
-        headers = encode_headers(fields)
-        rec = self._record(topic, payload, headers, F_IMPORTED | F_REQUEST)
+            ours[PATH_HEADER] = path
+        hb = self.with_marks(headers or {}, ours)
+        rec = self._record(topic, payload, hb, F_IMPORTED | F_REQUEST)
         return rec[RECORD.size - 16 : RECORD.size].hex(), rec
 
     def reply(
-        self, reply_to: str, payload: bytes, *, no_responders: bool = False, topic: str = ""
+        self,
+        reply_to: str,
+        payload: bytes,
+        *,
+        no_responders: bool = False,
+        topic: str = "",
+        headers: Mapping[str, str] | None = None,
+        error: bool = False,
     ) -> bytes:
         """A PUB frame answering a mesh request (``no_responders``: the remote had none for
-        the request on ``topic``; the node passes that on only if nothing else may answer)."""
-        said = {"status": "no-responders", NO_RESPONDERS_FOR: topic, NO_RESPONDERS_AT: self.node_id}
-        headers = encode_headers(said) if no_responders else b""
-        flags = F_ERROR if no_responders else 0
-        return HEAD_PUB + self._record(reply_to, payload, headers, flags)
+        the request on ``topic``; the node passes that on only if nothing else may answer;
+        ``headers``: the remote reply's own; ``error``: it reports the responder's failure)."""
+        if no_responders:
+            said = {
+                "status": "no-responders", NO_RESPONDERS_FOR: topic, NO_RESPONDERS_AT: self.node_id
+            }  # fmt: skip
+            return HEAD_PUB + self._record(reply_to, payload, encode_headers(said), F_ERROR)
+        hb = b""
+        if headers:
+            try:
+                hb = encode_headers(headers)
+            except ValueError:  # not a mesh headers block: the reply comes without them
+                hb = b""
+        return HEAD_PUB + self._record(reply_to, payload, hb, F_ERROR if error else 0)
 
 
 @dataclass

@@ -997,6 +997,67 @@ export = ["ext/>"]
     asyncio.run(run())
 
 
+def test_headers_cross_the_nats_bridge_both_ways(
+    nats_port: int, make_node: NodeFactory, bg: Any
+) -> None:
+    """Only subject and payload crossed (exploratory test): a trace id set on one side was
+    gone on the other, and a NATS service's error reply (nats.micro: Nats-Service-Error)
+    reached `meshctl req` as a success."""
+    import nats
+
+    node = bridged_node(
+        make_node,
+        f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{nats_port}"\n'
+        'import = ["in.>"]\nexport = ["out/>"]\nlocal_prefix = ""\n',
+    )
+
+    async def run() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        out = await nc.subscribe("out.>")
+
+        async def failing(m: Any) -> None:
+            headers = {"Nats-Service-Error": "boom", "Nats-Service-Error-Code": "503", "X-Id": "7"}
+            await nc.publish(m.reply, b"", headers=headers)
+
+        await nc.subscribe("out.svc", cb=failing)
+        await nc.flush()
+
+        def mesh_side() -> None:
+            with connect(node.ipc, timeout=3) as client:
+                sub = client.subscribe("in/>")
+                asyncio.run_coroutine_threadsafe(
+                    nc.publish("in.x", b"d", headers={"X-Trace": "abc", "Nats-Msg-Id": "m1"}), loop
+                ).result(3)
+                (ev,) = drain(sub, 1.0)
+                assert (ev.headers["X-Trace"], ev.headers["Nats-Msg-Id"]) == ("abc", "m1")
+                client.publish("out/x", "e", headers={"X-Trace": "def", "not a token": "v"})
+                client.flush()
+                answer = client.request("out/svc", b"q", timeout=3, headers={"X-Trace": "q1"})
+                assert answer.is_error
+                assert (answer.headers["Nats-Service-Error"], answer.headers["X-Id"]) == (
+                    "boom",
+                    "7",
+                )
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, mesh_side)
+        # a mesh responder's failure is a NATS services API error reply
+        replier = bg.start("reply", "in/fail", "--command", "exit 3", server=node.ipc)
+        replier.wait_stderr("subscribed")
+        failed = await nc.request("in.fail", b"?", timeout=3)
+        assert failed.headers["Nats-Service-Error-Code"] == "500", failed.headers
+        msgs = [await out.next_msg(timeout=3) for _ in range(2)]
+        by_subject = {m.subject: m for m in msgs}
+        exported = by_subject["out.x"].headers
+        assert exported["X-Trace"] == "def"
+        assert "not a token" not in exported
+        assert "meshctl-path" in exported
+        assert by_subject["out.svc"].headers["X-Trace"] == "q1"
+        await nc.close()
+
+    asyncio.run(run())
+
+
 @contextlib.contextmanager
 def persistent_mosquitto(port: int, state: Path) -> Iterator[subprocess.Popen[bytes]]:
     """mosquitto keeping its sessions on disk (saved when it stops), stopped by PID."""

@@ -35,7 +35,7 @@ def ask(b: NatsBridge, sock: zmq.Socket[bytes], n: int) -> list[str]:
     """``n`` NATS requests into the mesh; their tokens."""
     before = set(b._requests)
     for i in range(n):
-        b._inbox.put((f"svc.{i}", b"q", f"_INBOX.r{i}", "", False))
+        b._inbox.put((f"svc.{i}", b"q", f"_INBOX.r{i}", "", False, None))
     b._drain_imports(sock, nats_to_mesh)
     return [t for t in b._requests if t not in before]
 
