@@ -69,6 +69,7 @@ RETRY_AFTER: Final = 2.0  # seconds without any acknowledgement before unacked a
 ACK_BATCH: Final = 256
 ACK_LINGER: Final = 0.05  # seconds an ack may wait for others before it goes anyway
 REPLAY_REPORT: Final = 1000  # replayed events between progress reports to the node
+RECEIVE_QUEUE: Final = 1000  # frames (<= 64 KiB each) received and not yet read (~64 MiB)
 ACKS_REMEMBERED: Final = 100_000  # per subscription, for confirm_acks to send again
 
 Handler = Callable[[Event], None]
@@ -303,7 +304,12 @@ class Client:
         if self._identity is not None:
             sock.setsockopt(zmq.IDENTITY, self._identity)
         sock.setsockopt(zmq.LINGER, 1000)
-        sock.setsockopt(zmq.RCVHWM, 0)  # the node bounds what it queues for us
+        # At most RECEIVE_QUEUE frames the application has not read wait here: beyond
+        # them the node's queue for us fills and the node drops, counts and announces
+        # (a slow consumer), as a NATS client's pending limits do. Unbounded, a subscriber
+        # that did not read for 15 s held 236 MiB and the node saw no slow consumer
+        # (exploratory test).
+        sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
         # A node that stops reading must not hang us: sends give up after the timeout.
         sock.setsockopt(zmq.SNDTIMEO, _ms(self.timeout))
         if self._creds is not None and self.server.startswith("tcp://"):
