@@ -337,6 +337,9 @@ def sub(
                 )
                 for p in patterns:
                     note(f"subscribed: {p}")
+                first = subscription.first_seq
+                if from_seq is not None and first is not None and first > from_seq:
+                    note(f"replay from #{first}: the log's entries before it were trimmed")
             watch = NodeWatch(client)
             while count is None or received < count:
                 if not subscription.queue:

@@ -1820,3 +1820,21 @@ def test_a_delivery_past_its_ack_wait_goes_to_another_consumer_with_room(tmp_pat
     r.end_pass(1.2)
     q = d.queues.by_name["jobs"]
     assert (q.depth, q.dead_lettered, q.expired_on) == (0, 0, {})
+
+
+def test_a_replay_from_a_trimmed_sequence_says_where_it_starts(tmp_path: Path) -> None:
+    """It said the sequence asked for, and began at the oldest entry kept (exploratory
+    test: `--from-seq 1` after 987 entries were trimmed, first_seq 1, without a word)."""
+    r, d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    pub(r, A, *(rec("t", str(i).encode(), flags=F_PERSISTENT, seq=i) for i in range(1, 6)))
+    r.end_pass(0.0)
+    take(r)
+    d.store.guard("DELETE FROM log WHERE seq < 3", ())  # as retention trims the oldest
+    d.store.commit()
+    send(r, B, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["t"], "from_seq": 1})
+    ((_k, body),) = controls(take(r), B)
+    assert body["first_seq"] == 3
+    r.end_pass(0.1)
+    assert [e.seq for _s, e in deliveries(take(r), B)] == [3, 4, 5]
