@@ -69,6 +69,7 @@ RETRY_AFTER: Final = 2.0  # seconds without any acknowledgement before unacked a
 ACK_BATCH: Final = 256
 ACK_LINGER: Final = 0.05  # seconds an ack may wait for others before it goes anyway
 REPLAY_REPORT: Final = 1000  # replayed events between progress reports to the node
+REPLAY_REPORT_BYTES: Final = 1024 * 1024  # ... or bytes of them, whichever comes first
 RECEIVE_QUEUE: Final = 1000  # frames (<= 64 KiB each) received and not yet read (~64 MiB)
 ACKS_REMEMBERED: Final = 100_000  # per subscription, for confirm_acks to send again
 
@@ -163,6 +164,7 @@ class Subscription:
         self.max_inflight: int | None = None
         self.replaying = False
         self.consumed = 0  # replayed events consumed, reported to the node
+        self._unreported = 0  # bytes of those consumed since the last report
         # The replay as received (not consumed): the last sequence, and whether a live
         # event came (the node's replay is over). A node restart mid-replay resumes it.
         self.last_seq: int | None = None
@@ -202,7 +204,9 @@ class Subscription:
             self.replaying = False  # the first live event: the replay is over
             return
         self.consumed += 1
-        if self.consumed % REPLAY_REPORT == 0:
+        self._unreported += len(event.data) + len(event.topic)
+        if self.consumed % REPLAY_REPORT == 0 or self._unreported >= REPLAY_REPORT_BYTES:
+            self._unreported = 0
             self.client._send_control(Kind.ACK, {"sid": self.sid, "replayed": self.consumed})
 
     def __iter__(self) -> Iterator[Event]:
@@ -669,6 +673,7 @@ class Client:
             body["from_seq"] = from_seq
         if since is not None or from_seq is not None:
             body["paced"] = True  # we report consumption (Subscription._replayed)
+            body["paced_bytes"] = True  # ... by bytes too (REPLAY_REPORT_BYTES)
         sub = self._open_sub(tuple(patterns), group, callback, body)
         sub.replaying = "paced" in body
         return sub

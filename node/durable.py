@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import time
 from bisect import bisect_left, insort
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -40,6 +40,10 @@ REPLAY_BATCH: Final = 2048  # log entries read per replaying subscription per pa
 # pass, which held the node for seconds and its memory at ~1 GB (exploratory test).
 REPLAY_BATCH_BYTES: Final = 4 * 1024 * 1024
 REPLAY_WINDOW: Final = 20_000  # replayed events a paced client may have unconsumed
+# ... and bytes of them, for a client that reports by bytes too ("paced_bytes"): 20,000
+# events of 70 kB outgrow what a client's socket queues hold (its and the node's, 1,000
+# frames each), and a slow reader lost replayed events (exploratory test)
+REPLAY_WINDOW_BYTES: Final = 16 * 1024 * 1024
 LOG_ALL: Final = 1
 LOG_PERSISTENT: Final = 2
 TRIM_EVERY: Final = 5.0
@@ -79,6 +83,9 @@ class Replay:
     trie: SubscriptionTrie[int]
     on_live: Callable[[], None]
     paced: bool = False  # the client reports what it consumed: at most a window ahead
+    window_bytes: int = 0  # ... and at most this many bytes ahead (0: events only)
+    sizes: deque[int] = field(default_factory=deque)  # of those sent, not yet consumed
+    unconsumed: int = 0  # their bytes
     sent: int = 0
     acked: int = 0
     # The subscription wants retained values: they come when the replay ends, those it
@@ -619,6 +626,7 @@ class Durable:
         from_seq: int | None,
         on_live: Callable[[], None],
         paced: bool = False,
+        paced_bytes: bool = False,
         retained: bool = False,
     ) -> int:
         """Begin replaying the log to a subscription; returns the first sequence it gets.
@@ -638,6 +646,8 @@ class Durable:
         replay = Replay(
             ident, sid, prefix, cursor, trie, on_live, paced, retained=retained, patterns=patterns
         )
+        if paced and paced_bytes:
+            replay.window_bytes = REPLAY_WINDOW_BYTES
         self.replays.append(replay)
         return cursor + 1
 
@@ -650,6 +660,9 @@ class Durable:
             limit = max(1, min(REPLAY_BATCH, REPLAY_BATCH_BYTES // r.entry_bytes))
             if r.paced:
                 limit = min(limit, REPLAY_WINDOW - (r.sent - r.acked))
+                if r.window_bytes:
+                    room = r.window_bytes - r.unconsumed
+                    limit = min(limit, max(1, room // r.entry_bytes)) if room > 0 else 0
                 if limit <= 0:
                     still.append(r)  # the client is behind: wait for its report
                     continue
@@ -665,6 +678,9 @@ class Durable:
                         record = with_flags(record, remove=F_RETAIN)
                     out.deliver(r.ident, r.prefix, with_seq(record, seq))
                     r.sent += 1
+                    if r.window_bytes:
+                        r.sizes.append(len(record))
+                        r.unconsumed += len(record)
                 r.cursor = seq
             if len(rows) < limit:
                 if r.retained:  # the values as they are now, less those just replayed
@@ -682,11 +698,21 @@ class Durable:
         self._work = True
         for r in self.replays:
             if r.ident == ident and r.sid == sid:
+                for _ in range(min(count - r.acked, len(r.sizes))):
+                    r.unconsumed -= r.sizes.popleft()
                 r.acked = max(r.acked, count)
 
     def busy(self) -> bool:
         """True while a replay could send more now: the loop should not sleep."""
-        return any(not r.paced or r.sent - r.acked < REPLAY_WINDOW for r in self.replays)
+        return any(self._may_send(r) for r in self.replays)
+
+    @staticmethod
+    def _may_send(r: Replay) -> bool:
+        if not r.paced:
+            return True
+        if r.window_bytes and r.unconsumed >= r.window_bytes:
+            return False
+        return r.sent - r.acked < REPLAY_WINDOW
 
     # ---- views -------------------------------------------------------------------------
 
@@ -747,7 +773,9 @@ def replay_options(
         isinstance(from_seq, bool) or not isinstance(from_seq, int) or not 1 <= from_seq < 2**62
     ):
         raise ValueError(f"from-seq must be a positive integer, not {from_seq!r}")
-    return {"since_s": since, "from_seq": from_seq, "paced": body.get("paced") is True}
+    paced = body.get("paced") is True
+    paced_bytes = paced and body.get("paced_bytes") is True
+    return {"since_s": since, "from_seq": from_seq, "paced": paced, "paced_bytes": paced_bytes}
 
 
 class Output(Protocol):

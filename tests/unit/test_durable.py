@@ -1838,3 +1838,33 @@ def test_a_replay_from_a_trimmed_sequence_says_where_it_starts(tmp_path: Path) -
     assert body["first_seq"] == 3
     r.end_pass(0.1)
     assert [e.seq for _s, e in deliveries(take(r), B)] == [3, 4, 5]
+
+
+def test_a_replay_paced_by_bytes_stays_a_window_of_bytes_ahead(tmp_path: Path) -> None:
+    """20,000 events of 70 kB outgrow what the client's and the node's socket queues hold
+    (1,000 frames each): a slow reader lost replayed events (exploratory test). A client
+    that reports by bytes too is kept REPLAY_WINDOW_BYTES ahead."""
+    from node.durable import REPLAY_WINDOW_BYTES
+
+    r, _d = durable_router(tmp_path)
+    hello(r, A)
+    hello(r, B)
+    size = 200 * 1024
+    for i in range(1, 201):
+        pub(r, A, rec("big/t", i.to_bytes(4, "big") + bytes(size), flags=F_PERSISTENT, seq=i))
+    r.end_pass(0.0)
+    take(r)
+    body = {"ref": 1, "sid": 1, "patterns": ["big/>"], "from_seq": 1, "paced": True}
+    send(r, B, Kind.SUB, body | {"paced_bytes": True})
+    got: list[int] = []
+    for _ in range(40):  # the reader consumes nothing: the node stops a window ahead
+        r.end_pass(0.0)
+        got += [int.from_bytes(e.data[:4], "big") for _s, e in deliveries(take(r), B)]
+    ahead = len(got)
+    assert (REPLAY_WINDOW_BYTES // size) <= ahead <= REPLAY_WINDOW_BYTES // size + 2
+    send(r, B, Kind.ACK, {"sid": 1, "replayed": ahead})  # consumed them all
+    for _ in range(40):
+        r.end_pass(0.0)
+        got += [int.from_bytes(e.data[:4], "big") for _s, e in deliveries(take(r), B)]
+    assert len(got) > ahead
+    assert got == list(range(1, len(got) + 1))
