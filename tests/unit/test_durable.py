@@ -1771,22 +1771,31 @@ def test_an_event_whose_headers_leave_no_room_for_its_sequence_replays_as_publis
     assert dead_record(rec, "q", 3)[RECORD_SIZE:] == rec[RECORD_SIZE:]
 
 
-def test_a_replay_of_large_events_goes_a_few_megabytes_a_pass(tmp_path: Path) -> None:
-    """2,048 log entries a pass, whatever their size: a replay of 1 MiB events held the
-    node for seconds a pass and its memory at ~1 GB (exploratory test)."""
+def big_log(tmp_path: Path, n: int, size: int) -> Router:
+    """A router whose log holds ``n`` persistent events of ``size`` bytes, numbered."""
     r, _d = durable_router(tmp_path)
     hello(r, A)
     hello(r, B)
-    big = 200 * 1024
-    for i in range(1, 101):
-        pub(r, A, rec("big/t", i.to_bytes(4, "big") + bytes(big), flags=F_PERSISTENT, seq=i))
+    for i in range(1, n + 1):
+        pub(r, A, rec("big/t", i.to_bytes(4, "big") + bytes(size), flags=F_PERSISTENT, seq=i))
     r.end_pass(0.0)
     take(r)
+    return r
+
+
+def numbered(r: Router) -> list[int]:
+    """One pass: the numbers of the events B gets in it."""
+    r.end_pass(0.0)
+    return [int.from_bytes(e.data[:4], "big") for _s, e in deliveries(take(r), B)]
+
+
+def test_a_replay_of_large_events_goes_a_few_megabytes_a_pass(tmp_path: Path) -> None:
+    """2,048 log entries a pass, whatever their size: a replay of 1 MiB events held the
+    node for seconds a pass and its memory at ~1 GB (exploratory test)."""
+    big = 200 * 1024
+    r = big_log(tmp_path, 100, big)
     send(r, B, Kind.SUB, {"ref": 1, "sid": 1, "patterns": ["big/>"], "from_seq": 1})
-    passes = []
-    for _ in range(20):
-        r.end_pass(0.0)
-        passes.append([int.from_bytes(e.data[:4], "big") for _s, e in deliveries(take(r), B)])
+    passes = [numbered(r) for _ in range(20)]
     assert [n for p in passes for n in p] == list(range(1, 101))  # all, in order, once
     assert max(len(p) for p in passes[1:]) * big <= 4 * 1024 * 1024 + big
     assert len(passes[0]) < 100
@@ -1846,25 +1855,17 @@ def test_a_replay_paced_by_bytes_stays_a_window_of_bytes_ahead(tmp_path: Path) -
     that reports by bytes too is kept REPLAY_WINDOW_BYTES ahead."""
     from node.durable import REPLAY_WINDOW_BYTES
 
-    r, _d = durable_router(tmp_path)
-    hello(r, A)
-    hello(r, B)
     size = 200 * 1024
-    for i in range(1, 201):
-        pub(r, A, rec("big/t", i.to_bytes(4, "big") + bytes(size), flags=F_PERSISTENT, seq=i))
-    r.end_pass(0.0)
-    take(r)
+    r = big_log(tmp_path, 200, size)
     body = {"ref": 1, "sid": 1, "patterns": ["big/>"], "from_seq": 1, "paced": True}
     send(r, B, Kind.SUB, body | {"paced_bytes": True})
     got: list[int] = []
     for _ in range(40):  # the reader consumes nothing: the node stops a window ahead
-        r.end_pass(0.0)
-        got += [int.from_bytes(e.data[:4], "big") for _s, e in deliveries(take(r), B)]
+        got += numbered(r)
     ahead = len(got)
     assert (REPLAY_WINDOW_BYTES // size) <= ahead <= REPLAY_WINDOW_BYTES // size + 2
     send(r, B, Kind.ACK, {"sid": 1, "replayed": ahead})  # consumed them all
     for _ in range(40):
-        r.end_pass(0.0)
-        got += [int.from_bytes(e.data[:4], "big") for _s, e in deliveries(take(r), B)]
+        got += numbered(r)
     assert len(got) > ahead
     assert got == list(range(1, len(got) + 1))
