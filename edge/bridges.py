@@ -58,6 +58,9 @@ IMPORT_FRAME_BYTES: Final = 64 * 1024
 # answering in 7 s never answered a `meshctl req -t 10s` (exploratory test).
 REQUEST_TIMEOUT: Final = 60.0
 REQUEST_MEMORY: Final = 60.0  # a NATS request is remembered this long for its reply
+# ... and this long after its first reply, for more (a NATS requester gathering several,
+# as `nats req --replies`; each NATS request got one reply: exploratory test)
+ANSWERED_LINGER: Final = 5.0
 NATS_NO_RESPONDERS: Final = "503"  # the status NATS servers send; nats-py raises on it
 _ERROR_CODES: Final = {"payload": "413", "permission": "403", "topic": "400"}
 SPOOL_BATCH: Final = 500  # persistent exports read from the log per round
@@ -120,6 +123,7 @@ class Bridge:
         # token -> (NATS reply subject, when, mesh event id)
         self._requests: dict[str, tuple[str, float, str]] = {}
         self._request_ids: dict[str, str] = {}  # mesh event id -> token, for no-responders
+        self._answered: dict[str, float] = {}  # token -> until when more replies go on
         self._tokens = itertools.count(1)
         self._unmapped: list[tuple[str, Refusal]] = []  # requests refused here: reply to
         self._notices: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue()
@@ -318,13 +322,30 @@ class Bridge:
     def _expire_requests(self) -> None:
         """Forget remote requests nobody answered (their requesters gave up long ago):
         the oldest first, so a pump walks only what it forgets."""
-        cutoff = time.monotonic() - REQUEST_MEMORY
+        now = time.monotonic()
+        cutoff = now - REQUEST_MEMORY
         requests = self._requests
         while requests:
             token = next(iter(requests))
             if requests[token][1] >= cutoff:
                 break
             self._forget_request(token)
+        answered = self._answered
+        while answered:
+            token = next(iter(answered))
+            if answered[token] > now:
+                break
+            del answered[token]
+            self._forget_request(token)
+
+    def _answer(self, token: str) -> tuple[str, float, str] | None:
+        """A mesh reply to the remote request ``token``: the request, remembered
+        ANSWERED_LINGER more for further replies; no "no responders" is due for it now."""
+        pending = self._requests.get(token)
+        if pending is not None and token not in self._answered:
+            self._answered[token] = time.monotonic() + ANSWERED_LINGER
+            self._request_ids.pop(pending[2], None)
+        return pending
 
     def _forget_request(self, token: str) -> tuple[str, float, str] | None:
         """The remote request ``token`` is answered or given up: forget both entries (an
@@ -853,7 +874,7 @@ class NatsBridge(Bridge):
                 elif await self._publish_nats(nc, remote, ev.data, self._headers_out(ev)):
                     self.counters["exported"] += 1
             for ev in incoming.replies:  # a mesh responder answered a NATS requester
-                pending = self._forget_request(ev.topic.rsplit("/", 1)[-1])
+                pending = self._answer(ev.topic.rsplit("/", 1)[-1])
                 if pending is None or not nc.is_connected:
                     continue
                 if ev.headers.get("status") == "no-responders":  # another bridge had none

@@ -1058,6 +1058,35 @@ def test_headers_cross_the_nats_bridge_both_ways(
     asyncio.run(run())
 
 
+def test_a_nats_requester_gathers_every_mesh_reply(
+    nats_port: int, make_node: NodeFactory, bg: Any
+) -> None:
+    """Scatter-gather from NATS: each NATS request got one reply, the bridge forgot the
+    request at the first (exploratory test). Replies that come within ANSWERED_LINGER of
+    the first go on to the requester."""
+    import nats
+
+    node = bridged_node(
+        make_node,
+        f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{nats_port}"\nimport = ["svc.>"]\n',
+    )
+    for i in range(3):
+        bg.start("reply", "svc/many", f"r{i}", "--group", f"g{i}", server=node.ipc).wait_stderr(
+            "subscribed"
+        )
+
+    async def run() -> list[bytes]:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        await nc.publish("svc.many", b"?", reply=inbox)
+        got = [(await sub.next_msg(timeout=3)).data for _ in range(3)]
+        await nc.close()
+        return got
+
+    assert sorted(asyncio.run(run())) == [b"r0", b"r1", b"r2"]
+
+
 @contextlib.contextmanager
 def persistent_mosquitto(port: int, state: Path) -> Iterator[subprocess.Popen[bytes]]:
     """mosquitto keeping its sessions on disk (saved when it stops), stopped by PID."""
