@@ -57,6 +57,7 @@ IMPORT_FRAME_BYTES: Final = 64 * 1024
 # own timeout (which the bridge does not know) ends it sooner. It was 5 s: a NATS service
 # answering in 7 s never answered a `meshctl req -t 10s` (exploratory test).
 REQUEST_TIMEOUT: Final = 60.0
+MAX_ASKING: Final = 1000  # mesh requests waiting for NATS at once; more get an error reply
 REQUEST_MEMORY: Final = 60.0  # a NATS request is remembered this long for its reply
 # ... and this long after its first reply, for more (a NATS requester gathering several,
 # as `nats req --replies`; each NATS request got one reply: exploratory test)
@@ -781,6 +782,17 @@ class NatsBridge(Bridge):
         self._too_big(subject, size, nc.max_payload)
         return True
 
+    def _too_many_asking(self, sock: zmq.Socket[bytes], ev: Event) -> None:
+        """MAX_ASKING requests wait for NATS already: an error reply at once (counted in
+        ``refused``). Each waits up to REQUEST_TIMEOUT holding its payload: 100 requests
+        a second of 64 KiB that NATS never answered held 200 MB (review)."""
+        n = self.counters["refused"] = self.counters["refused"] + 1
+        why = f"bridge {self.cfg.name}: {MAX_ASKING} requests already wait for NATS replies"
+        if n <= LOG_FIRST or n % 1000 == 0:
+            log.warning("%s: one refused (refused, total %d)", why, n)
+        assert ev.reply_to is not None
+        sock.send(self.port.reply(ev.reply_to, why.encode(), error=True))
+
     def _undecodable(self) -> None:
         n = self.counters["refused"] = self.counters["refused"] + 1
         if n <= LOG_FIRST or n % 1000 == 0:
@@ -869,6 +881,9 @@ class NatsBridge(Bridge):
                 if remote is None or not nc.is_connected:
                     self._unsent(sock, ev, remote)
                 elif ev.is_request and ev.reply_to:
+                    if len(self._tasks) >= MAX_ASKING:
+                        self._too_many_asking(sock, ev)
+                        continue
                     self._tasks.add(asyncio.create_task(self._ask(nc, sock, remote, ev)))
                     self.counters["exported"] += 1
                 elif await self._publish_nats(nc, remote, ev.data, self._headers_out(ev)):
@@ -908,21 +923,22 @@ _TOLERANT: list[type] = []
 
 
 def _tolerant_client(nats: Any) -> type:
-    """nats-py's client, but a message whose subject (or reply subject) is not UTF-8 is
-    dropped and told (``on_undecodable``) instead of raising in its reading task: any NATS
-    client may publish one, and the reconnect it caused lost the messages right behind it
-    (200 of 200 back to back; exploratory test)."""
+    """nats-py's client, but a message whose subject, reply subject or header status line
+    is not UTF-8 is dropped and told (``on_undecodable``) instead of raising in its
+    reading task: any NATS client may publish one, and the reconnect it caused lost the
+    messages right behind it (200 of 200 back to back; exploratory test, and review for
+    the status line)."""
     if not _TOLERANT:
 
         class TolerantClient(nats.aio.client.Client):  # type: ignore[misc,name-defined]
             on_undecodable: Callable[[], None] = staticmethod(lambda: None)  # type: ignore[assignment]
 
-            def _build_message(self, *args: Any, **kwargs: Any) -> Any:
+            async def _process_msg(self, *args: Any, **kwargs: Any) -> Any:
                 try:
-                    return super()._build_message(*args, **kwargs)
+                    return await super()._process_msg(*args, **kwargs)
                 except UnicodeDecodeError:
                     self.on_undecodable()
-                    return None  # nats-py skips a message it could not build
+                    return None
 
         _TOLERANT.append(TolerantClient)
     return _TOLERANT[0]

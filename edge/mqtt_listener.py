@@ -255,6 +255,7 @@ class MqttListener(ConnectSide, NodeSide):
         subscriptions active at the node again, their messages waiting."""
         limits = Limits(self.cfg.max_inflight, self.cfg.max_queued, self.cfg.max_queued_bytes)
         restored = load(path, limits)
+        evicted: list[Session] = []
         for session in restored:
             for sub in session.subs.values():
                 sub.sid = next(self._next_sid)
@@ -262,14 +263,26 @@ class MqttListener(ConnectSide, NodeSide):
                 body = {"ref": None, "sid": sub.sid, "patterns": list(sub.patterns)}
                 self._send(encode_control(Kind.SUB, body | {"group": sub.group}))
             for gone in self.sessions.restore(session):  # mqtt.max_sessions was lowered
-                self.counters["sessions_evicted"] += 1
                 self._forget(gone)
-        if restored:
-            waiting = sum(len(x.queue) + len(x.inflight) for x in restored)
-            self.counters["sessions_restored"] = len(restored)
-            log.info(
-                "MQTT: %d persistent session%s restored, %d QoS 1 messages waiting in them",
-                len(restored), "s" if len(restored) > 1 else "", waiting,
+                evicted.append(gone)
+        if not restored:
+            return
+        kept = [x for x in restored if x not in evicted]
+        waiting = sum(len(x.queue) + len(x.inflight) for x in kept)
+        # What lower bounds than before cost is said, as they would be at runtime (review)
+        cut = sum(x.dropped for x in restored) + sum(len(x.queue) for x in evicted)
+        self.counters["sessions_restored"] = len(kept)
+        self.counters["sessions_evicted"] += len(evicted)
+        self.counters["dropped_queue_full"] += sum(x.dropped for x in kept)
+        log.info(
+            "MQTT: %d persistent session%s restored, %d QoS 1 messages waiting in them",
+            len(kept), "" if len(kept) == 1 else "s", waiting,
+        )  # fmt: skip
+        if evicted or cut:
+            log.warning(
+                "MQTT: %d saved session%s not restored past mqtt.max_sessions (%d), %d saved "
+                "QoS 1 messages dropped past mqtt.max_sessions or mqtt.max_queued",
+                len(evicted), "" if len(evicted) == 1 else "s", self.sessions.max_offline, cut,
             )  # fmt: skip
 
     async def _close(self) -> None:

@@ -19,6 +19,7 @@ from node.codec import (
     F_REQUEST,
     F_RETAIN,
     HEAD_PUB,
+    MAX_PUBLISH_HEADERS,
     NO_RESPONDERS_AT,
     NO_RESPONDERS_FOR,
     RECORD,
@@ -99,7 +100,7 @@ class MeshPort:
         own left out if they do not fit a mesh headers block (names of 1-255 bytes,
         64 KiB in all): the event still comes in."""
         try:
-            return encode_headers({**headers, **self._marks, **ours})
+            return encode_headers({**headers, **self._marks, **ours}, MAX_PUBLISH_HEADERS)
         except ValueError:
             return encode_headers({**self._marks, **ours})
 
@@ -209,7 +210,7 @@ class MeshPort:
         hb = b""
         if headers:
             try:
-                hb = encode_headers(headers)
+                hb = encode_headers(headers, MAX_PUBLISH_HEADERS)
             except ValueError:  # not a mesh headers block: the reply comes without them
                 hb = b""
         return HEAD_PUB + self._record(reply_to, payload, hb, F_ERROR if error else 0)

@@ -43,6 +43,7 @@ from node.codec import (
     HEAD_PUB,
     MAX_CLIENT_NAME,
     MAX_CONTROL_BYTES,
+    MAX_PUBLISH_HEADERS,
     MAX_REPLY_BYTES,
     RECORD,
     Kind,
@@ -450,7 +451,7 @@ class Client:
         if len(data) > self.max_payload:
             raise PayloadTooLarge(len(data), self.max_payload)
         try:
-            hb = encode_headers(headers) if headers else b""
+            hb = encode_headers(headers, MAX_PUBLISH_HEADERS) if headers else b""
         except ValueError as e:
             raise InputError(str(e)) from None
         self._seq += 1

@@ -89,6 +89,10 @@ RECORD: Final = struct.Struct("<IHHBBHQ16s")
 RECORD_SIZE: Final = RECORD.size
 SID: Final = struct.Struct("<I")
 MAX_HEADERS_BYTES: Final = 0xFFFF
+# What a publisher's headers may take of it: the node adds its own marks on the way
+# (``log-seq`` on replay, ~30 bytes), and a block with no room for them was replayed with
+# no sequence, or with the publisher's own ``log-seq`` taken for it (review).
+MAX_PUBLISH_HEADERS: Final = MAX_HEADERS_BYTES - 64
 MAX_CLIENT_NAME: Final = 64  # characters of a client's name that a node keeps
 MAX_CONTROL_BYTES: Final = 64 * 1024
 # What a client accepts from its own node: views (status, mesh, routes) of a large node
@@ -198,8 +202,9 @@ def _nests_deeper(body: object, limit: int = MAX_CONTROL_DEPTH) -> bool:
     return False
 
 
-def encode_headers(headers: Mapping[str, str]) -> bytes:
-    """Pack a small string map; ValueError (caller's fault) if a key or value is too long."""
+def encode_headers(headers: Mapping[str, str], limit: int = MAX_HEADERS_BYTES) -> bytes:
+    """Pack a small string map; ValueError (caller's fault) if a key or value is too long,
+    or the block over ``limit`` bytes."""
     if not headers:
         return b""
     out = bytearray()
@@ -213,8 +218,8 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
         if len(v) > 0xFFFF:
             raise ValueError(f"header {key!r} value of {len(v)} bytes exceeds 65535")
         out += bytes((len(k),)) + k + len(v).to_bytes(2, "little") + v
-    if len(out) > MAX_HEADERS_BYTES:
-        raise ValueError(f"headers of {len(out)} bytes exceed {MAX_HEADERS_BYTES}")
+    if len(out) > limit:
+        raise ValueError(f"headers of {len(out)} bytes exceed {limit}")
     return bytes(out)
 
 

@@ -761,11 +761,22 @@ def serve(
         _tune_memory(config)
         node.run()
     finally:
-        for s, handler in old.items():
-            signal.signal(s, handler)
-        for plugin in node.plugins:
-            plugin.stop()
-        node.close()
-        datadir.remove_pid(identity.data_dir)
+        for s in old:
+            # A second signal while the node saves what it keeps (MQTT sessions: seconds
+            # for a large one) killed it mid-save and every session was lost; `meshctl
+            # down` said "did not stop within 5s", and a second `down` did it (review).
+            signal.signal(s, _stopping_already)
+        try:
+            for plugin in node.plugins:
+                plugin.stop()
+            node.close()
+            datadir.remove_pid(identity.data_dir)
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
         if listening:  # after a failed start, the error says it all (a line less)
             log.info("node stopped")
+
+
+def _stopping_already(signum: int, _frame: FrameType | None) -> None:
+    log.info("received %s while stopping: the stop goes on", signal.Signals(signum).name)

@@ -23,6 +23,7 @@ from node.codec import (
     F_REQUEST,
     F_RETAINED_LIVE,
     MAX_CLIENT_NAME,
+    MAX_PUBLISH_HEADERS,
     NO_RESPONDERS_AT,
     NO_RESPONDERS_FOR,
     RECORD_SIZE,
@@ -576,7 +577,10 @@ class Router(MeshSide, DurableSide):
                         why = f"flag {flags & _MESH_FLAGS:#04x} is the mesh's own"
                         self._refuse(ident, frame[t0 - 16 : t0], flags, why, "input")
                         continue
-                    if hlen and not self._headers_ok(frame[t0 + tlen : t0 + tlen + hlen]):
+                    if hlen and (
+                        hlen > MAX_PUBLISH_HEADERS
+                        or not self._headers_ok(frame[t0 + tlen : t0 + tlen + hlen])
+                    ):
                         # Passed on, it made each subscriber's client drop the whole delivery
                         # frame it came in, good events with it (exploratory test).
                         self.counters.dropped["bad_headers"] += 1
@@ -584,7 +588,10 @@ class Router(MeshSide, DurableSide):
                             ident,
                             frame[t0 - 16 : t0],
                             flags,
-                            "malformed headers block; event dropped",
+                            f"headers block of {hlen} bytes, over {MAX_PUBLISH_HEADERS} (the "
+                            "node keeps the rest for its own marks); event dropped"
+                            if hlen > MAX_PUBLISH_HEADERS
+                            else "malformed headers block; event dropped",
                             "input",
                         )
                         continue

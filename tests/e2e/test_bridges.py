@@ -556,7 +556,9 @@ local_prefix = ""
         with socket.create_connection(("127.0.0.1", nats_port)) as raw:
             raw.recv(4096)  # INFO
             raw.sendall(
-                b'CONNECT {"verbose":false}\r\nPUB svc.\xff 1\r\nx\r\n'
+                b'CONNECT {"verbose":false,"headers":true}\r\nPUB svc.\xff 1\r\nx\r\n'
+                # a header status line that is not UTF-8, as bad (review)
+                + b"HPUB svc.h 19 20\r\nNATS/1.0 503 \xff\xfe\r\n\r\nx\r\n"
                 + b"".join(b"PUB svc.next %d\r\n%d\r\n" % (len(b"%d" % i), i) for i in range(20))
                 + b"PING\r\n"
             )
@@ -564,7 +566,7 @@ local_prefix = ""
         got = [e.data for e in drain(mesh_sub, 1.0)]
     assert got == [str(i).encode() for i in range(20)]
     (bridge,) = node.status()["bridges"]
-    assert (bridge["errors"], bridge["refused"]) == (0, 2)  # once per import it matched
+    assert (bridge["errors"], bridge["refused"]) == (0, 4)  # once per import it matched
     assert "subject is not UTF-8 was dropped" in node.log_text()
 
 

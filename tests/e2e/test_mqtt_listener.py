@@ -529,6 +529,29 @@ def test_persistent_sessions_survive_a_restart_of_the_node(
     assert back.quiet(0.3) == []
 
 
+def test_sessions_restored_under_lower_bounds_say_what_they_cost(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Found in review: with lower mqtt.max_sessions and max_queued than when saved, the
+    log said all were restored, and what did not fit went without a word or a count."""
+    data_dir = tmp_path / "kept"
+    node = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    for name in ("oldest", "older", "newest"):
+        c = Paho(mqtt_port(node), name, clean=False)
+        c.subscribe(f"{name}/#", qos=1)
+        c.close()
+    for i in range(5):
+        assert run_cli("pub", f"newest/{i}", str(i), server=node.ipc).returncode == 0
+    assert node.stop() == 0
+    lower = MQTT_CONFIG.replace("[mqtt]\n", "[mqtt]\nmax_sessions = 2\nmax_queued = 2\n")
+    again = make_node(config_text=lower, data_dir=data_dir)
+    status = mqtt_status(again)
+    assert (status["sessions_restored"], status["sessions_evicted"]) == (2, 1)
+    assert status["dropped_queue_full"] == 3
+    assert "2 persistent sessions restored, 2 QoS 1 messages" in again.log_text()
+    assert "1 saved session not restored past mqtt.max_sessions (2), 3 saved" in again.log_text()
+
+
 def test_qos1_messages_past_a_full_session_queue_are_counted_and_logged(
     make_node: NodeFactory, paho: Clients
 ) -> None:

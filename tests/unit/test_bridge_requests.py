@@ -70,3 +70,44 @@ def test_unanswered_requests_are_forgotten_oldest_first(
     assert list(b._requests) == young
     assert sorted(b._request_ids.values()) == sorted(young)
     assert not set(old) & set(b._requests)
+
+
+def test_an_answered_request_takes_more_replies_for_a_while_then_is_forgotten(
+    bridge: tuple[NatsBridge, zmq.Socket[bytes]],
+) -> None:
+    """Scatter-gather from NATS got one reply (exploratory test): the request is kept
+    ANSWERED_LINGER after its first reply, and no "no responders" is due for it."""
+    b, sock = bridge
+    (token,) = ask(b, sock, 1)
+    first = b._answer(token)
+    assert first is not None
+    assert b._answer(token) == first  # a second reply goes to the same requester
+    assert b._request_ids == {}
+    b._answered[token] = 0.0  # its linger is over
+    b._expire_requests()
+    assert (b._requests, b._answered, b._answer(token)) == ({}, {}, None)
+
+
+def test_past_max_asking_a_mesh_request_gets_an_error_reply_at_once(
+    bridge: tuple[NatsBridge, zmq.Socket[bytes]],
+) -> None:
+    """Each request waiting for NATS holds its payload up to REQUEST_TIMEOUT: 100 a
+    second that NATS never answered held 200 MB (review). Past MAX_ASKING, an error."""
+    from node.codec import F_ERROR, RECORD
+    from node.events import Event
+
+    class Sent(list[bytes]):
+        def send(self, frame: bytes) -> None:
+            self.append(frame)
+
+    b, _sock = bridge
+    ev = Event("svc/x", b"q", {"reply-to": "_INBOX/n/c/7"}, b"\0" * 16, 0, flags=0x01)
+    sent = Sent()
+    b._too_many_asking(sent, ev)  # type: ignore[arg-type]
+    ((frame),) = sent
+    flags = RECORD.unpack_from(frame, 2)[3]
+    tlen = RECORD.unpack_from(frame, 2)[1]
+    assert flags & F_ERROR
+    assert frame[2 + RECORD.size : 2 + RECORD.size + tlen] == b"_INBOX/n/c/7"
+    assert b"requests already wait for NATS replies" in frame
+    assert b.counters["refused"] == 1

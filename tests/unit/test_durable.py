@@ -1763,12 +1763,19 @@ def test_an_event_whose_headers_leave_no_room_for_its_sequence_replays_as_publis
     ValueError out of the replays' pump, and every replay on the node stopped at that event
     (exploratory test); dead-lettering it raised the same."""
     from node.durable import with_seq
+    from node.events import decode_event
     from node.queues import dead_record
 
     big = encode_headers({"k": "v" * 65_526})
     rec = encode_record(b"hm/t", b"big", big, F_PERSISTENT, 7, b"\xaa" * 16)
     assert with_seq(rec, 11) == rec
     assert dead_record(rec, "q", 3)[RECORD_SIZE:] == rec[RECORD_SIZE:]
+    # ... nor was a publisher's own log-seq taken for the sequence (review)
+    own = encode_headers({"log-seq": "1", "k": "v" * 65_520})  # 65,535: no room for "11"
+    rec = encode_record(b"hm/t", b"big", own, F_PERSISTENT, 7, b"\xaa" * 16)
+    replayed = with_seq(rec, 11)
+    ev = decode_event(replayed, 0, len(replayed))
+    assert (ev.seq, ev.headers.get("k", "")[:1]) == (None, "v")
 
 
 def big_log(tmp_path: Path, n: int, size: int) -> Router:

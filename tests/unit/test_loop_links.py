@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +214,30 @@ def test_a_network_peer_cannot_pass_for_one_of_the_nodes_own_actors(node: Node) 
         assert ident not in node.router.clients
     finally:
         impostor.close()
+
+
+def test_a_second_signal_while_the_node_stops_does_not_end_the_stop(tmp_path: Path) -> None:
+    """Found in review: the default handlers came back before the plugins stopped, so a
+    second SIGTERM while the MQTT listener saved its sessions killed the node mid-save."""
+    code = f"""
+import os, signal, sys
+from pathlib import Path
+from node.config import NodeConfig
+from node.loop import Identity, serve
+
+class Saver:
+    def stop(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # a second signal, mid-stop
+        Path({str(tmp_path / "saved")!r}).write_text("yes")
+
+cfg = NodeConfig(store=False, discovery=False, listen="127.0.0.1", port=0, ipc=False)
+ident = Identity("ab" * 8, "me", Path({str(tmp_path)!r}))
+serve(cfg, ident, lambda node: [Saver()], None, lambda: os.kill(os.getpid(), signal.SIGTERM))
+print("stopped")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "saved").read_text() == "yes"
+    assert "stopped" in done.stdout

@@ -1056,3 +1056,24 @@ def test_the_mesh_hears_the_net_interest_after_any_subs_and_unsubs(
             assert r.net.interest == want
         for client in (r.clients[A], r.clients[B]):  # what the per-client limit counts
             assert client.patterns == sum(len(s.patterns) for s in client.subs.values())
+
+
+def test_a_headers_block_leaving_no_room_for_the_nodes_marks_is_refused() -> None:
+    """The node adds ``log-seq`` on replay: a block of 65,530 bytes had no room for it and
+    was replayed with no sequence, or the publisher's own taken for it (review)."""
+    from node.codec import MAX_PUBLISH_HEADERS, encode_headers
+
+    r = connected(A, B)
+    sub_ok(r, B, 1, "h/>")
+    at_limit = encode_headers({"k": "v" * (MAX_PUBLISH_HEADERS - 4)})
+    over = encode_headers({"k": "v" * (MAX_PUBLISH_HEADERS - 3)})
+    assert len(at_limit) == MAX_PUBLISH_HEADERS
+    ok = encode_record(b"h/ok", b"1", at_limit, 0, 7, b"\xaa" * 8 + (1).to_bytes(8, "little"))
+    big = encode_record(b"h/big", b"2", over, 0, 7, b"\xaa" * 8 + (2).to_bytes(8, "little"))
+    publish(r, A, ok, big)
+    out = take(r)
+    assert [e.topic for _s, e in deliveries(out, B)] == ["h/ok"]
+    ((kind, body),) = controls(out, A)
+    assert kind is Kind.ERR
+    assert "over 65471" in body["error"]
+    assert r.counters.dropped["bad_headers"] == 1
