@@ -94,8 +94,6 @@ class Replay:
     retained: bool = False
     last_retained: dict[str, bytes] = field(default_factory=dict)
     patterns: tuple[str, ...] = ()
-    entry_bytes: int = 65_536  # the size of its log entries lately (batch sizing; at first,
-    # as if large: a first batch of 2,048 1 MiB entries would be the stall above)
 
 
 @dataclass
@@ -657,18 +655,15 @@ class Durable:
         the seam (every earlier event is in the log, every later one is routed live)."""
         still = []
         for r in self.replays:
-            limit = max(1, min(REPLAY_BATCH, REPLAY_BATCH_BYTES // r.entry_bytes))
+            limit, budget = REPLAY_BATCH, REPLAY_BATCH_BYTES
             if r.paced:
                 limit = min(limit, REPLAY_WINDOW - (r.sent - r.acked))
                 if r.window_bytes:
-                    room = r.window_bytes - r.unconsumed
-                    limit = min(limit, max(1, room // r.entry_bytes)) if room > 0 else 0
-                if limit <= 0:
+                    budget = min(budget, r.window_bytes - r.unconsumed)
+                if limit <= 0 or budget <= 0:
                     still.append(r)  # the client is behind: wait for its report
                     continue
-            rows = self.store.log_after(r.cursor, limit)
-            if rows:
-                r.entry_bytes = max(1, sum(len(rec) for _, _, rec in rows) // len(rows))
+            rows, cut = self.store.log_span(r.cursor, limit, budget)
             for seq, topic, rec in rows:
                 if r.trie.match(topic):
                     record = bytes(rec)
@@ -682,7 +677,7 @@ class Durable:
                         r.sizes.append(len(record))
                         r.unconsumed += len(record)
                 r.cursor = seq
-            if len(rows) < limit:
+            if len(rows) < limit and not cut:
                 if r.retained:  # the values as they are now, less those just replayed
                     for topic in self._retained_matching(r.patterns):
                         record = self.retained[topic]

@@ -270,6 +270,29 @@ class Store:
             (seq, limit),
         )
 
+    def log_span(
+        self, seq: int, limit: int, max_bytes: int
+    ) -> tuple[list[tuple[int, str, bytes]], bool]:
+        """``log_after``, but no more entries once their records reach ``max_bytes`` (at
+        least one): (rows, True if it stopped there). Rows are read one by one: 2,048
+        entries of 1 MiB were one read of ~2 GB, a stall and 1 GB of memory (review)."""
+        rows = []
+        size = 0
+        try:
+            cursor = self.db.execute(
+                "SELECT seq, topic, record FROM log WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit),
+            )
+            for row in cursor:
+                rows.append(row)
+                size += len(row[2])
+                if size >= max_bytes:
+                    cursor.close()
+                    return rows, True
+        except sqlite3.Error as e:
+            raise StoreError(_explain(e)) from None
+        return rows, False
+
     def log_seq_at(self, time_ns: int) -> int:
         """The last sequence before ``time_ns`` (so replay from it starts at that time).
 
