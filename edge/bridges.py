@@ -960,8 +960,11 @@ def nats_headers(ev: Event) -> dict[str, str]:
     """A mesh event's headers as NATS headers: the mesh's own left out, and names NATS
     cannot carry (nats-py raises for them). A reply that reports its responder's failure
     is a NATS services API error reply."""
+    headers = ev.headers
+    if not headers and not ev.is_error:
+        return {}  # most events: the export's hot path
     out = {
-        k: v for k, v in ev.headers.items() if k not in MESH_ONLY and _NATS_HEADER_NAME.fullmatch(k)
+        k: v for k, v in headers.items() if k not in MESH_ONLY and _NATS_HEADER_NAME.fullmatch(k)
     }
     if ev.is_error and ev.headers.get("status") != "no-responders":
         out["Nats-Service-Error"] = " ".join(ev.text().split())[:1000] or "error"
