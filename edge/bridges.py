@@ -602,6 +602,11 @@ class NatsBridge(Bridge):
         except nats.errors.TimeoutError:
             return  # the mesh requester times out on its own, as a NATS requester would
         else:
+            limit = self.port.max_payload
+            if limit and len(msg.data) > limit:  # the node would drop it: say why at once
+                why = f"the NATS reply of {len(msg.data)} bytes exceeds the limit of {limit}"
+                sock.send(self.port.reply(ev.reply_to, why.encode(), error=True))
+                return
             said = {k: v for k, v in (msg.headers or {}).items() if k not in NATS_ONLY}
             error = "Nats-Service-Error" in said  # the NATS services API's error reply
             sock.send(self.port.reply(ev.reply_to, msg.data, headers=said, error=error))

@@ -7,6 +7,7 @@ naming the bridge, so that bridge never exports them back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -55,6 +56,7 @@ class MeshPort:
         self._headers = encode_headers(self._marks)
         self.inbox = ""  # _INBOX/<node>/<client>, known once the node has welcomed us
         self.node_id = node_id  # the node's id (else known once it has welcomed us)
+        self.max_payload = 0  # the node's limits.max_payload, once it has welcomed us
 
     def hello(self, *, requests: bool = True) -> bytes:
         """``requests``: False when nothing on our side can answer a request (MQTT)."""
@@ -166,6 +168,8 @@ class MeshPort:
         if kind == Kind.WELCOME:
             self.node_id = str(body.get("node_id"))
             self.inbox = f"_INBOX/{self.node_id}/{body.get('client_id')}"
+            with contextlib.suppress(TypeError, ValueError):
+                self.max_payload = int(body.get("max_payload") or 0)
         elif kind == Kind.NORESP:
             incoming.no_responders.append(str(body.get("id")))
         elif kind == Kind.ERR and body.get("request"):

@@ -1060,6 +1060,42 @@ def test_headers_cross_the_nats_bridge_both_ways(
     asyncio.run(run())
 
 
+def test_a_nats_reply_over_the_meshs_limit_is_an_error_at_once(
+    nats_port: int, make_node: NodeFactory
+) -> None:
+    """The node dropped it, and the mesh requester waited out its timeout, untold
+    (exploratory test); the other way round answers 413 at once."""
+    import nats
+
+    node = bridged_node(
+        make_node,
+        '[limits]\nmax_payload = "64KiB"\n'
+        f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{nats_port}"\nexport = ["ext/>"]\n',
+    )
+
+    async def run() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+
+        async def big(m: Any) -> None:
+            await m.respond(b"x" * 100_000)
+
+        await nc.subscribe("ext.big", cb=big)
+        await nc.flush()
+
+        def ask() -> None:
+            with connect(node.ipc, timeout=3) as client:
+                start = time.monotonic()
+                answer = client.request("ext/big", b"?", timeout=5)
+                assert answer.is_error
+                assert b"exceeds the limit of 65536" in answer.data
+                assert time.monotonic() - start < 2
+
+        await asyncio.get_running_loop().run_in_executor(None, ask)
+        await nc.close()
+
+    asyncio.run(run())
+
+
 def test_a_nats_requester_gathers_every_mesh_reply(
     nats_port: int, make_node: NodeFactory, bg: Any
 ) -> None:
