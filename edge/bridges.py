@@ -607,9 +607,10 @@ class NatsBridge(Bridge):
                 why = f"the NATS reply of {len(msg.data)} bytes exceeds the limit of {limit}"
                 sock.send(self.port.reply(ev.reply_to, why.encode(), error=True))
                 return
-            said = {k: v for k, v in (msg.headers or {}).items() if k not in NATS_ONLY}
+            said = _from_nats(msg.headers)
             error = "Nats-Service-Error" in said  # the NATS services API's error reply
-            sock.send(self.port.reply(ev.reply_to, msg.data, headers=said, error=error))
+            data = msg.data or (said["Nats-Service-Error"].encode() if error else b"")
+            sock.send(self.port.reply(ev.reply_to, data, headers=said, error=error))
 
     async def _main(self) -> None:
         import nats  # noqa: PLC0415 - optional dependency
@@ -862,9 +863,8 @@ class NatsBridge(Bridge):
                 first = self._first_import(msg.subject, _nats_matches) if i else -1
                 if first not in (-1, i):  # (none matched here: taken, not lost)
                     return
-                own = msg.headers or {}
-                path = own.get(PATH_HEADER, "")
-                said = {k: v for k, v in own.items() if k not in NATS_ONLY and k != PATH_HEADER}
+                path = (msg.headers or {}).get(PATH_HEADER, "")
+                said = _from_nats(msg.headers)
                 self._take(msg.subject, msg.data, _request_reply(msg.reply), path, headers=said)
 
             return on_msg
@@ -975,6 +975,15 @@ def nats_headers(ev: Event) -> dict[str, str]:
         out["Nats-Service-Error"] = " ".join(ev.text().split())[:1000] or "error"
         out.setdefault("Nats-Service-Error-Code", "500")
     return out
+
+
+def _from_nats(headers: dict[str, str] | None) -> dict[str, str]:
+    """A NATS message's own headers for the mesh: not nats-py's inline status, nor names the
+    mesh gives a meaning (a NATS ``log-seq: 77`` came in as the event's log sequence:
+    review)."""
+    if not headers:
+        return {}
+    return {k: v for k, v in headers.items() if k not in NATS_ONLY and k not in MESH_ONLY}
 
 
 def _request_reply(reply: str | None) -> str:

@@ -71,7 +71,7 @@ ACK_BATCH: Final = 256
 ACK_LINGER: Final = 0.05  # seconds an ack may wait for others before it goes anyway
 REPLAY_REPORT: Final = 1000  # replayed events between progress reports to the node
 REPLAY_REPORT_BYTES: Final = 1024 * 1024  # ... or bytes of them, whichever comes first
-RECEIVE_QUEUE: Final = 1000  # frames (<= 64 KiB each) received and not yet read (~64 MiB)
+RECORD_OVERHEAD: Final = 64  # a record's fixed header and more (replay byte reports)
 ACKS_REMEMBERED: Final = 100_000  # per subscription, for confirm_acks to send again
 
 Handler = Callable[[Event], None]
@@ -205,7 +205,11 @@ class Subscription:
             self.replaying = False  # the first live event: the replay is over
             return
         self.consumed += 1
-        self._unreported += len(event.data) + len(event.topic)
+        # as the node counts it, the record (headers and all), or more: counted less, a
+        # replay of events with 60 KB headers waited for ever for a report (review)
+        self._unreported += len(event.data) + 3 * len(event.topic) + RECORD_OVERHEAD
+        for k, v in event.headers.items():
+            self._unreported += 3 * (len(k) + len(v)) + 3
         if self.consumed % REPLAY_REPORT == 0 or self._unreported >= REPLAY_REPORT_BYTES:
             self._unreported = 0
             self.client._send_control(Kind.ACK, {"sid": self.sid, "replayed": self.consumed})
@@ -309,12 +313,11 @@ class Client:
         if self._identity is not None:
             sock.setsockopt(zmq.IDENTITY, self._identity)
         sock.setsockopt(zmq.LINGER, 1000)
-        # At most RECEIVE_QUEUE frames the application has not read wait here: beyond
-        # them the node's queue for us fills and the node drops, counts and announces
-        # (a slow consumer), as a NATS client's pending limits do. Unbounded, a subscriber
-        # that did not read for 15 s held 236 MiB and the node saw no slow consumer
-        # (exploratory test).
-        sock.setsockopt(zmq.RCVHWM, RECEIVE_QUEUE)
+        # Unbounded: the node bounds what it queues for us. A bound here (tried: 1,000
+        # frames) stops libzmq reading the connection once full, heartbeats with it: a
+        # subscriber that paused 3 s under load was cut off by its node, and what both
+        # sides had queued was lost uncounted (review).
+        sock.setsockopt(zmq.RCVHWM, 0)
         # A node that stops reading must not hang us: sends give up after the timeout.
         sock.setsockopt(zmq.SNDTIMEO, _ms(self.timeout))
         if self._creds is not None and self.server.startswith("tcp://"):

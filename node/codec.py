@@ -90,9 +90,10 @@ RECORD_SIZE: Final = RECORD.size
 SID: Final = struct.Struct("<I")
 MAX_HEADERS_BYTES: Final = 0xFFFF
 # What a publisher's headers may take of it: the node adds its own marks on the way
-# (``log-seq`` on replay, ~30 bytes), and a block with no room for them was replayed with
-# no sequence, or with the publisher's own ``log-seq`` taken for it (review).
-MAX_PUBLISH_HEADERS: Final = MAX_HEADERS_BYTES - 64
+# (``log-seq`` on replay, ~30 bytes; ``dead-queue`` and ``dead-deliveries`` on a dead
+# letter, ~100), and a block with no room for them was replayed with no sequence, or with
+# the publisher's own ``log-seq`` taken for it (review).
+MAX_PUBLISH_HEADERS: Final = MAX_HEADERS_BYTES - 128
 MAX_CLIENT_NAME: Final = 64  # characters of a client's name that a node keeps
 MAX_CONTROL_BYTES: Final = 64 * 1024
 # What a client accepts from its own node: views (status, mesh, routes) of a large node

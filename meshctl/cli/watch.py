@@ -38,8 +38,8 @@ class NodeWatch:
             self.resumes = self.client.resumes
             note(
                 f"the node at {self.client.server} had forgotten this client (it restarted, "
-                "or dropped it as slow or silent): subscriptions restored; events in between "
-                "are lost"
+                "or dropped it as slow or silent): subscriptions restored; live events in "
+                "between are lost (a replay or a queue goes on where it was)"
             )
         quiet = self.client.silence
         if not self.silent and quiet >= self.silent_after:

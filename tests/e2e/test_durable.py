@@ -540,3 +540,24 @@ def test_a_replay_cut_short_by_a_node_restart_goes_on_where_it_was(
             pub.publish("hist/t", "live")
         assert sub.next(5).data == b"live"
     assert got == list(range(1, n + 1))
+
+
+def test_a_replay_of_events_with_large_headers_reaches_the_live_seam(
+    make_node: NodeFactory,
+) -> None:
+    """Found in review: the client counted payload and topic toward its byte reports, the
+    node the whole record: with 60 KB headers the node stopped at its 16 MiB window (280
+    of 600) before the client ever reported, and the replay never went live."""
+    node = make_node()
+    n = 600
+    with connect(node.ipc) as pub:
+        for i in range(n):
+            pub.publish("hdr/t", str(i), persistent=True, headers={"pad": "p" * 60_000})
+        pub.confirm(30)
+    with connect(node.ipc) as client:
+        sub = client.subscribe("hdr/>", from_seq=1)
+        got = [int(sub.next(10).data) for _ in range(n)]
+        with connect(node.ipc) as pub:
+            pub.publish("hdr/t", "live")
+        assert sub.next(5).data == b"live"
+    assert got == list(range(n))

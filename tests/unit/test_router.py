@@ -1075,5 +1075,5 @@ def test_a_headers_block_leaving_no_room_for_the_nodes_marks_is_refused() -> Non
     assert [e.topic for _s, e in deliveries(out, B)] == ["h/ok"]
     ((kind, body),) = controls(out, A)
     assert kind is Kind.ERR
-    assert "over 65471" in body["error"]
+    assert f"over {MAX_PUBLISH_HEADERS}" in body["error"]
     assert r.counters.dropped["bad_headers"] == 1
