@@ -303,6 +303,13 @@ class Bridge:
                     error = f"subject {remote!r} has no mesh topic: {why}"
                     self._unmapped.append((reply, Refusal("", error, "topic")))
                 continue
+            limit = self.port.max_payload
+            if limit and len(payload) > limit and not reply:
+                # The node would drop it (its payload_too_large): counted here as imported,
+                # and nothing at the bridge said so (exploratory test). A request goes on:
+                # the node's refusal answers its requester (413).
+                self._too_big(f"the mesh ({topic})", len(payload), limit, "the node's")
+                continue
             if reply and self.port.inbox:
                 token = str(next(self._tokens))
                 event_id, rec = self.port.request(topic, payload, token, path, headers)
@@ -319,6 +326,14 @@ class Bridge:
         if batch:
             sock.send(HEAD_PUB + b"".join(batch))
         return sent_any or bool(batch)
+
+    def _too_big(self, subject: str, size: int, limit: int, whose: str = "the server's") -> None:
+        n = self.counters["refused_too_big"] = self.counters["refused_too_big"] + 1
+        if n <= LOG_FIRST or n % 1000 == 0:
+            log.warning(
+                "bridge %s: not sent to %s: %d bytes, over %s max_payload %d (total %d)",
+                self.cfg.name, subject, size, whose, limit, n,
+            )  # fmt: skip
 
     def _expire_requests(self) -> None:
         """Forget remote requests nobody answered (their requesters gave up long ago):
@@ -805,14 +820,6 @@ class NatsBridge(Bridge):
             log.warning(
                 "bridge %s: a NATS message whose subject is not UTF-8 was dropped (refused, "
                 "total %d)", self.cfg.name, n,
-            )  # fmt: skip
-
-    def _too_big(self, subject: str, size: int, limit: int) -> None:
-        n = self.counters["refused_too_big"] = self.counters["refused_too_big"] + 1
-        if n <= LOG_FIRST or n % 1000 == 0:
-            log.warning(
-                "bridge %s: not sent to %s: %d bytes, over the server's max_payload %d "
-                "(total %d)", self.cfg.name, subject, size, limit, n,
             )  # fmt: skip
 
     async def _connect(self, nats: Any) -> Any:

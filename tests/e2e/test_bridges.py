@@ -1103,6 +1103,33 @@ def test_a_nats_reply_over_the_meshs_limit_is_an_error_at_once(
     asyncio.run(run())
 
 
+def test_an_import_over_the_meshs_limit_is_counted_at_the_bridge(
+    nats_port: int, make_node: NodeFactory
+) -> None:
+    """It was counted as imported, and only the node's payload_too_large showed the drop
+    (exploratory test)."""
+    import nats
+
+    node = bridged_node(
+        make_node,
+        '[limits]\nmax_payload = "64KiB"\n'
+        f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{nats_port}"\nimport = ["in.>"]\n',
+    )
+
+    async def run() -> None:
+        nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
+        await nc.publish("in.big", b"x" * 100_000)
+        await nc.publish("in.small", b"x")
+        await nc.flush()
+        await nc.close()
+
+    asyncio.run(run())
+    wait_for(lambda: node.status()["bridges"][0]["imported"] == 1, timeout=5, what="the small one")
+    (bridge,) = node.status()["bridges"]
+    assert bridge["refused_too_big"] == 1
+    assert "over the node's max_payload 65536" in node.log_text()
+
+
 def test_a_nats_requester_gathers_every_mesh_reply(
     nats_port: int, make_node: NodeFactory, bg: Any
 ) -> None:
