@@ -1067,6 +1067,15 @@ def test_headers_cross_the_nats_bridge_both_ways(
     asyncio.run(run())
 
 
+def small_limit_node(make_node: NodeFactory, nats_port: int, patterns: str) -> NodeProcess:
+    """A node whose max_payload is 64 KiB, bridged to NATS with ``patterns``."""
+    return bridged_node(
+        make_node,
+        '[limits]\nmax_payload = "64KiB"\n'
+        f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{nats_port}"\n{patterns}\n',
+    )
+
+
 def test_a_nats_reply_over_the_meshs_limit_is_an_error_at_once(
     nats_port: int, make_node: NodeFactory
 ) -> None:
@@ -1074,11 +1083,7 @@ def test_a_nats_reply_over_the_meshs_limit_is_an_error_at_once(
     (exploratory test); the other way round answers 413 at once."""
     import nats
 
-    node = bridged_node(
-        make_node,
-        '[limits]\nmax_payload = "64KiB"\n'
-        f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{nats_port}"\nexport = ["ext/>"]\n',
-    )
+    node = small_limit_node(make_node, nats_port, 'export = ["ext/>"]')
 
     async def run() -> None:
         nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
@@ -1110,11 +1115,7 @@ def test_an_import_over_the_meshs_limit_is_counted_at_the_bridge(
     (exploratory test)."""
     import nats
 
-    node = bridged_node(
-        make_node,
-        '[limits]\nmax_payload = "64KiB"\n'
-        f'[[bridge]]\nkind = "nats"\nurl = "nats://127.0.0.1:{nats_port}"\nimport = ["in.>"]\n',
-    )
+    node = small_limit_node(make_node, nats_port, 'import = ["in.>"]')
 
     async def run() -> None:
         nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
