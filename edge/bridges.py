@@ -458,7 +458,11 @@ class MqttBridge(Bridge):
                 return
             marks = getattr(msg.properties, "UserProperty", None) or ()
             path = next((v for k, v in marks if k == PATH_HEADER), "")
-            self._take(msg.topic, msg.payload, path=path, retain=bool(msg.retain))
+            # The others are the message's own headers (MQTT v5 user properties)
+            own = (
+                {k: v for k, v in marks if k not in MESH_ONLY} if len(marks) > bool(path) else None
+            )
+            self._take(msg.topic, msg.payload, path=path, retain=bool(msg.retain), headers=own)
 
         def on_connect_fail(_c: Any, _u: Any) -> None:  # a broker that never answered
             self._set_state("down", f"cannot connect to {self.cfg.host}:{self.cfg.port}")
@@ -513,19 +517,23 @@ class MqttBridge(Bridge):
         return None
 
     def _publish_mqtt(self, client: Any, remote: str, ev: Event) -> Any:
-        """Publish with PATH_HEADER as an MQTT v5 user property (one Properties object
-        per path, kept: nearly every export has the same one, this node alone)."""
+        """Publish with PATH_HEADER and the event's own headers as MQTT v5 user properties
+        (one Properties object per path, kept, for events without headers: nearly every
+        export has the same one, this node alone)."""
         path = self.port.path(ev)
+        own = [(k, v) for k, v in ev.headers.items() if k not in MESH_ONLY] if ev.headers else []
         marks = self._marks
-        props = marks.get(path)
+        props = None if own else marks.get(path)
         if props is None:
             from paho.mqtt.packettypes import PacketTypes  # noqa: PLC0415 - optional dependency
             from paho.mqtt.properties import Properties  # noqa: PLC0415
 
-            if len(marks) > 1024:
-                marks.clear()
-            props = marks[path] = Properties(PacketTypes.PUBLISH)
-            props.UserProperty = (PATH_HEADER, path)
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = [(PATH_HEADER, path), *own]
+            if not own:
+                if len(marks) > 1024:
+                    marks.clear()
+                marks[path] = props
         # Retained at the broker as in the mesh (a clear clears it): a live copy of a
         # retained publish carries F_RETAINED_LIVE; a stored one (the spool's) F_RETAIN.
         retain = bool(ev.flags & (F_RETAIN | F_RETAINED_LIVE))

@@ -173,6 +173,49 @@ export = ["sensors/>"]
         peer.close()
 
 
+def test_headers_cross_the_mqtt_bridge_as_user_properties(
+    mosquitto: int, make_node: NodeFactory
+) -> None:
+    """The MQTT bridge (MQTT v5) carried only its loop mark: headers set on either side
+    were gone on the other, as the NATS bridge's were (exploratory test)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    node = bridged_node(
+        make_node,
+        f'[[bridge]]\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{mosquitto}"\n'
+        'import = ["in/#"]\nexport = ["out/>"]\nlocal_prefix = ""\n',
+    )
+    got: list[Any] = []
+    ready = threading.Event()
+    peer = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    peer.on_connect = lambda c, *_: c.subscribe("out/#", qos=1)
+    peer.on_subscribe = lambda *_: ready.set()
+    peer.on_message = lambda _c, _u, m: got.append(m)
+    peer.connect("127.0.0.1", mosquitto)
+    peer.loop_start()
+    try:
+        assert ready.wait(5)
+        with connect(node.ipc) as client:
+            sub = client.subscribe("in/>")
+            props = Properties(PacketTypes.PUBLISH)
+            props.UserProperty = [("X-Trace", "abc"), ("log-seq", "7")]
+            peer.publish("in/x", b"d", qos=1, properties=props).wait_for_publish(5)
+            (ev,) = drain(sub, 1.0)
+            assert ev.headers["X-Trace"] == "abc"
+            assert ev.seq is None  # a name the mesh gives a meaning stays out
+            client.publish("out/y", "e", headers={"X-Trace": "def"})
+            client.flush()
+            wait_for(lambda: bool(got), timeout=5, what="the export")
+        marks = dict(got[0].properties.UserProperty)
+        assert marks["X-Trace"] == "def"
+        assert "meshctl-path" in marks
+    finally:
+        peer.disconnect()
+        peer.loop_stop()
+
+
 def test_two_mqtt_bridges_exporting_a_topic_do_not_hold_back_each_others_no_responders(
     mosquitto: int, make_node: NodeFactory
 ) -> None:
