@@ -14,7 +14,6 @@ import itertools
 import json
 import logging
 import queue
-import re
 import ssl
 import threading
 import time
@@ -24,6 +23,13 @@ from typing import Any, Final
 
 import zmq
 
+from edge.bridge_headers import (
+    MESH_ONLY,
+    from_nats,
+    nats_headers,
+    nats_headers_size,
+    request_reply,
+)
 from edge.logreader import LogReader
 from edge.mapping import (
     mesh_to_nats,
@@ -32,7 +38,7 @@ from edge.mapping import (
     nats_to_mesh,
     swap_prefix,
 )
-from edge.port import BRIDGE_HEADER, PATH_HEADER, URL_HEADER, MeshPort, Refusal
+from edge.port import PATH_HEADER, MeshPort, Refusal
 from edge.tls import client_context
 from node import datadir
 from node.bridge_config import BridgeConfig
@@ -41,8 +47,6 @@ from node.codec import (
     F_RETAIN,
     F_RETAINED_LIVE,
     HEAD_PUB,
-    NO_RESPONDERS_AT,
-    NO_RESPONDERS_FOR,
 )
 from node.errors import CodecError, InputError
 from node.events import Event, decode_event
@@ -630,7 +634,7 @@ class NatsBridge(Bridge):
                 why = f"the NATS reply of {len(msg.data)} bytes exceeds the limit of {limit}"
                 sock.send(self.port.reply(ev.reply_to, why.encode(), error=True))
                 return
-            said = _from_nats(msg.headers)
+            said = from_nats(msg.headers)
             error = "Nats-Service-Error" in said  # the NATS services API's error reply
             data = msg.data or (said["Nats-Service-Error"].encode() if error else b"")
             sock.send(self.port.reply(ev.reply_to, data, headers=said, error=error))
@@ -879,8 +883,8 @@ class NatsBridge(Bridge):
                 if first not in (-1, i):  # (none matched here: taken, not lost)
                     return
                 path = (msg.headers or {}).get(PATH_HEADER, "")
-                said = _from_nats(msg.headers)
-                self._take(msg.subject, msg.data, _request_reply(msg.reply), path, headers=said)
+                said = from_nats(msg.headers)
+                self._take(msg.subject, msg.data, request_reply(msg.reply), path, headers=said)
 
             return on_msg
 
@@ -962,61 +966,6 @@ def _tolerant_client(nats: Any) -> type:
 
         _TOLERANT.append(TolerantClient)
     return _TOLERANT[0]
-
-
-# Headers of the mesh's own making, which stay in it: the bridges' marks, a request's
-# inbox, "no responders" and replay marks, the MQTT listener's QoS.
-MESH_ONLY: Final = frozenset(
-    {
-        BRIDGE_HEADER, URL_HEADER, PATH_HEADER, "reply-to", "status", NO_RESPONDERS_FOR,
-        NO_RESPONDERS_AT, "log-seq", "qos",
-    }
-)  # fmt: skip
-NATS_ONLY: Final = frozenset({"Status", "Description"})  # nats-py's inline status
-_NATS_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # as nats-py checks
-
-
-def nats_headers(ev: Event) -> dict[str, str]:
-    """A mesh event's headers as NATS headers: the mesh's own left out, and names NATS
-    cannot carry (nats-py raises for them). A reply that reports its responder's failure
-    is a NATS services API error reply."""
-    headers = ev.headers
-    if not headers and not ev.is_error:
-        return {}  # most events: the export's hot path
-    out = {
-        k: v for k, v in headers.items() if k not in MESH_ONLY and _NATS_HEADER_NAME.fullmatch(k)
-    }
-    if ev.is_error and ev.headers.get("status") != "no-responders":
-        out["Nats-Service-Error"] = " ".join(ev.text().split())[:1000] or "error"
-        out.setdefault("Nats-Service-Error-Code", "500")
-    return out
-
-
-def _from_nats(headers: dict[str, str] | None) -> dict[str, str]:
-    """A NATS message's own headers for the mesh: not nats-py's inline status, nor names the
-    mesh gives a meaning (a NATS ``log-seq: 77`` came in as the event's log sequence:
-    review)."""
-    if not headers:
-        return {}
-    return {k: v for k, v in headers.items() if k not in NATS_ONLY and k not in MESH_ONLY}
-
-
-def _request_reply(reply: str | None) -> str:
-    """The inbox to answer if a NATS message is a request, else "". A reply subject in
-    NATS' reserved ``$`` space is no requester's: JetStream delivers with ``$JS.ACK...``,
-    and the bridge's "no responders" (an empty message) to it acknowledged the message, for
-    a worker that held it unacknowledged too (exploratory test): imported as an event."""
-    if not reply or reply.startswith("$"):
-        return ""
-    return reply
-
-
-def nats_headers_size(headers: dict[str, str] | None) -> int:
-    """Bytes of a NATS headers block as nats-py writes it (``NATS/1.0`` line, one
-    ``Name: value`` line each, a blank line): the server counts them in max_payload."""
-    if not headers:
-        return 0
-    return 12 + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
 
 
 def _reserved(topic: str) -> bool:

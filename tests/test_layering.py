@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PURE = [
     "edge/mapping.py",
+    "edge/bridge_headers.py",
     "edge/mqtt_codec.py",
     "edge/mqtt_commit.py",
     "edge/mqtt_session.py",
