@@ -6,6 +6,7 @@ v5 user properties take the same names as NATS headers).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Final
 
 from edge.port import BRIDGE_HEADER, PATH_HEADER, URL_HEADER
@@ -22,6 +23,7 @@ MESH_ONLY: Final = frozenset(
 )  # fmt: skip
 NATS_ONLY: Final = frozenset({"Status", "Description"})  # nats-py's inline status
 _NATS_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # as nats-py checks
+_CONTROL: Final = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 def nats_headers(ev: Event) -> dict[str, str]:
@@ -38,6 +40,18 @@ def nats_headers(ev: Event) -> dict[str, str]:
         out["Nats-Service-Error"] = " ".join(ev.text().split())[:1000] or "error"
         out.setdefault("Nats-Service-Error-Code", "500")
     return out
+
+
+def mqtt_properties(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """A mesh event's headers as MQTT v5 user properties: the mesh's own left out, and
+    any with a control character (U+0000 is not allowed in an MQTT string, and mosquitto
+    closes the connection on the others: one tab in a header took the bridge down, both
+    ways, for good, the spool stuck on that event; review)."""
+    return [
+        (k, v)
+        for k, v in headers.items()
+        if k not in MESH_ONLY and k and not _CONTROL.search(k) and not _CONTROL.search(v)
+    ]
 
 
 def from_nats(headers: dict[str, str] | None) -> dict[str, str]:

@@ -26,6 +26,7 @@ import zmq
 from edge.bridge_headers import (
     MESH_ONLY,
     from_nats,
+    mqtt_properties,
     nats_headers,
     nats_headers_size,
     request_reply,
@@ -308,11 +309,14 @@ class Bridge:
                     self._unmapped.append((reply, Refusal("", error, "topic")))
                 continue
             limit = self.port.max_payload
-            if limit and len(payload) > limit and not reply:
+            if limit and len(payload) > limit:
                 # The node would drop it (its payload_too_large): counted here as imported,
-                # and nothing at the bridge said so (exploratory test). A request goes on:
-                # the node's refusal answers its requester (413).
+                # and nothing at the bridge said so (exploratory test). A NATS requester is
+                # answered at once, as the node would (413).
                 self._too_big(f"the mesh ({topic})", len(payload), limit, "the node's")
+                if reply:
+                    why = f"payload of {len(payload)} bytes exceeds the limit of {limit} bytes"
+                    self._unmapped.append((reply, Refusal("", why, "payload")))
                 continue
             if reply and self.port.inbox:
                 token = str(next(self._tokens))
@@ -525,7 +529,7 @@ class MqttBridge(Bridge):
         (one Properties object per path, kept, for events without headers: nearly every
         export has the same one, this node alone)."""
         path = self.port.path(ev)
-        own = [(k, v) for k, v in ev.headers.items() if k not in MESH_ONLY] if ev.headers else []
+        own = mqtt_properties(ev.headers) if ev.headers else []
         marks = self._marks
         props = None if own else marks.get(path)
         if props is None:

@@ -98,11 +98,17 @@ class MeshPort:
         return self._record(topic, payload, hb, flags)
 
     def with_marks(self, headers: Mapping[str, str], ours: Mapping[str, str]) -> bytes:
-        """A remote message's headers with the bridge's marks and ``ours`` over them; its
-        own left out if they do not fit a mesh headers block (names of 1-255 bytes,
-        64 KiB in all): the event still comes in."""
+        """A remote message's headers with the bridge's marks and ``ours`` over them. One
+        a mesh header cannot be (a name of 1-255 bytes, a value up to 65,535) is left out,
+        the others kept (review: one such dropped them all); all of them if together they
+        do not fit a block (MAX_PUBLISH_HEADERS). The event still comes in."""
+        fit = {
+            k: v
+            for k, v in headers.items()
+            if 0 < len(k.encode()) < 256 and len(v.encode()) < 65_536
+        }
         try:
-            return encode_headers({**headers, **self._marks, **ours}, MAX_PUBLISH_HEADERS)
+            return encode_headers({**fit, **self._marks, **ours}, MAX_PUBLISH_HEADERS)
         except ValueError:
             return encode_headers({**self._marks, **ours})
 

@@ -1097,13 +1097,13 @@ class Client:
                     sub.last_seq = seq
             sub.received += 1
             if sub.callback is not None:
+                if sub.replaying:  # before: one that raised was never counted, and the
+                    sub._replayed(event)  # node's window waited on it for good (review)
                 try:
                     sub.callback(event)
                 except BaseException:
                     self._undelivered.extend(events[i + 1 :])
                     raise
-                if sub.replaying:
-                    sub._replayed(event)
             else:
                 sub.queue.append(event)
 

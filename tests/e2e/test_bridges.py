@@ -206,11 +206,17 @@ def test_headers_cross_the_mqtt_bridge_as_user_properties(
             assert ev.headers["X-Trace"] == "abc"
             assert ev.seq is None  # a name the mesh gives a meaning stays out
             client.publish("out/y", "e", headers={"X-Trace": "def"})
+            # a control character: mosquitto closed the bridge's connection for it, again
+            # at every reconnect (review); it is left out, the bridge stays up
+            client.publish("out/z", "f", headers={"X-Bad": "a\tb", "X-Ok": "1"})
+            client.publish("out/w", "g")
             client.flush()
-            wait_for(lambda: bool(got), timeout=5, what="the export")
+            wait_for(lambda: len(got) == 3, timeout=5, what="the exports")
         marks = dict(got[0].properties.UserProperty)
         assert marks["X-Trace"] == "def"
         assert "meshctl-path" in marks
+        assert [m.topic for m in got] == ["out/y", "out/z", "out/w"]
+        assert "X-Bad" not in dict(got[1].properties.UserProperty)
     finally:
         peer.disconnect()
         peer.loop_stop()
@@ -1158,19 +1164,21 @@ def test_an_import_over_the_meshs_limit_is_counted_at_the_bridge(
     (exploratory test)."""
     import nats
 
-    node = small_limit_node(make_node, nats_port, 'import = ["in.>"]')
+    node = small_limit_node(make_node, nats_port, 'import = ["in.>"]\nlocal_prefix = ""')
 
     async def run() -> None:
         nc = await nats.connect(f"nats://127.0.0.1:{nats_port}")
         await nc.publish("in.big", b"x" * 100_000)
         await nc.publish("in.small", b"x")
+        answer = await nc.request("in.big-request", b"x" * 100_000, timeout=3)
+        assert answer.headers["Nats-Service-Error-Code"] == "413"
         await nc.flush()
         await nc.close()
 
     asyncio.run(run())
     wait_for(lambda: node.status()["bridges"][0]["imported"] == 1, timeout=5, what="the small one")
     (bridge,) = node.status()["bridges"]
-    assert bridge["refused_too_big"] == 1
+    assert (bridge["refused_too_big"], bridge["imported"]) == (2, 1)
     assert "over the node's max_payload 65536" in node.log_text()
 
 

@@ -6,7 +6,14 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.bridge_headers import MESH_ONLY, from_nats, nats_headers, nats_headers_size, request_reply
+from edge.bridge_headers import (
+    MESH_ONLY,
+    from_nats,
+    mqtt_properties,
+    nats_headers,
+    nats_headers_size,
+    request_reply,
+)
 from node.codec import F_ERROR
 from node.events import Event
 
@@ -47,3 +54,21 @@ def test_only_a_requesters_reply_subject_is_a_request() -> None:
     assert request_reply("_INBOX.abc") == "_INBOX.abc"
     assert request_reply("$JS.ACK.s.c.1.1.1.0.0") == ""  # JetStream's ack subject
     assert request_reply(None) == request_reply("") == ""
+
+
+def test_mqtt_user_properties_leave_out_control_characters() -> None:
+    """One tab in a header took the MQTT bridge down, both ways, for good (review)."""
+    props = mqtt_properties(
+        {"X-Ok": "1", "X-Tab": "a\tb", "X-Nul": "a\0b", "a\nb": "v", "log-seq": "1"}
+    )
+    assert props == [("X-Ok", "1")]
+
+
+def test_a_header_the_mesh_cannot_hold_leaves_the_others_in() -> None:
+    """One such dropped them all (review)."""
+    from edge.port import MeshPort
+    from node.codec import decode_headers
+
+    port = MeshPort("b")
+    block = port.with_marks({"": "e", "X-Keep": "k", "n" * 300: "v"}, {})
+    assert decode_headers(block) == {"X-Keep": "k", "bridge": "b"}
