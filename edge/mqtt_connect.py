@@ -159,23 +159,12 @@ class ConnectSide:
                 self._will(old, old.connect)
             old.session = None  # not detached when its socket closes: this one has it
             old.connect = None
-        session, present, ended = self.sessions.attach(
-            client_id,
-            c.clean_session,
-            max_inflight=self.cfg.max_inflight,
-            max_queued=self.cfg.max_queued,
-            max_queued_bytes=self.cfg.max_queued_bytes,
-            owner=c.username,
-        )
+        session, present, ended = self.sessions.attach(client_id, c.clean_session, owner=c.username)
         if present and conn.perms is not None and not self._still_allowed(session, conn.perms):
             # The user's rules changed while it was away: the session's subscriptions (and
             # what they queued) may hold what it may no longer see. Start afresh.
             ended.append(session)
-            session, present, more = self.sessions.attach(
-                client_id, True, max_inflight=self.cfg.max_inflight,
-                max_queued=self.cfg.max_queued, max_queued_bytes=self.cfg.max_queued_bytes,
-                owner=c.username,
-            )  # fmt: skip
+            session, present, more = self.sessions.attach(client_id, True, owner=c.username)
             ended += [s for s in more if s is not ended[-1]]
             session.clean = c.clean_session
         for gone in ended:

@@ -23,11 +23,10 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from edge.mqtt_session import Session, Subscription
+from edge.mqtt_session import Limits, Session, Subscription
 
 log = logging.getLogger("meshctl.mqtt")
 
@@ -43,15 +42,6 @@ CREATE TABLE messages (pos INTEGER NOT NULL, seq INTEGER NOT NULL, packet_id INT
                        topic BLOB NOT NULL, payload BLOB NOT NULL, retain INTEGER NOT NULL);
 CREATE TABLE awaiting_rel (pos INTEGER NOT NULL, packet_id INTEGER NOT NULL);
 """
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """The bounds a restored session gets: the listener's as configured now."""
-
-    max_inflight: int = 100
-    max_queued: int = 1000
-    max_queued_bytes: int = 16 * 1024 * 1024
 
 
 def save(path: Path, sessions: Iterable[Session]) -> tuple[int, int]:
@@ -137,14 +127,7 @@ def _read(path: Path, limits: Limits) -> list[Session]:
         for pos, client_id, owner, next_id in db.execute(
             "SELECT pos, client_id, owner, next_id FROM sessions ORDER BY pos"
         ):
-            s = Session(
-                client_id,
-                False,
-                max_inflight=limits.max_inflight,
-                max_queued=limits.max_queued,
-                max_queued_bytes=limits.max_queued_bytes,
-                owner=owner,
-            )
+            s = limits.session(client_id, False, owner)
             s._next_id = int(next_id)
             by_pos[pos] = s
         for pos, filt, qos, group, patterns in db.execute(

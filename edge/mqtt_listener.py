@@ -63,10 +63,10 @@ from edge.mqtt_codec import (
 from edge.mqtt_commit import Committing
 from edge.mqtt_conn import MqttConnection
 from edge.mqtt_connect import LOG_FIRST, ConnectSide, allowed
-from edge.mqtt_keep import SESSIONS_FILE, Limits, load, save
+from edge.mqtt_keep import SESSIONS_FILE, load, save
 from edge.mqtt_node_side import ACK, HB_QOS0, NodeSide, Pending
 from edge.mqtt_retain import ListenerRetained, NodeRetained, Retained
-from edge.mqtt_session import Session, SessionTable, Subscription
+from edge.mqtt_session import Limits, Session, SessionTable, Subscription
 from edge.port import MeshPort
 from node.codec import (
     F_PERSISTENT,
@@ -124,7 +124,9 @@ class MqttListener(ConnectSide, NodeSide):
         self.ident = ident
         self.port = MeshPort("mqtt")
         self.retained: Retained = NodeRetained() if cfg.node_retained else ListenerRetained()
-        self.sessions = SessionTable(cfg.max_sessions)
+        self.sessions = SessionTable(
+            cfg.max_sessions, Limits(cfg.max_inflight, cfg.max_queued, cfg.max_queued_bytes)
+        )
         self.auth = Authenticator(cfg.users, anonymous=cfg.anonymous)
         # One worker: a flood of wrong passwords queues here instead of taking every core.
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mqtt-auth")
@@ -253,8 +255,7 @@ class MqttListener(ConnectSide, NodeSide):
     def _restore(self, path: Path) -> None:
         """Take back the persistent sessions the run before kept: absent, their
         subscriptions active at the node again, their messages waiting."""
-        limits = Limits(self.cfg.max_inflight, self.cfg.max_queued, self.cfg.max_queued_bytes)
-        restored = load(path, limits)
+        restored = load(path, self.sessions.limits)
         evicted: list[Session] = []
         for session in restored:
             for sub in session.subs.values():

@@ -155,12 +155,33 @@ class Session:
         return encode_publish(topic, payload, 1, pid, retain=retain)
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The bounds of each session (the listener's ``mqtt.*`` as configured now)."""
+
+    max_inflight: int = 100
+    max_queued: int = 1000
+    max_queued_bytes: int = 16 * 1024 * 1024
+
+    def session(self, client_id: str, clean: bool, owner: str | None = None) -> Session:
+        """A new session within these bounds."""
+        return Session(
+            client_id,
+            clean,
+            max_inflight=self.max_inflight,
+            max_queued=self.max_queued,
+            max_queued_bytes=self.max_queued_bytes,
+            owner=owner,
+        )
+
+
 class SessionTable:
     """Sessions by client id; at most ``max_offline`` absent persistent sessions are kept
     (the longest absent is dropped first)."""
 
-    def __init__(self, max_offline: int = 1000) -> None:
+    def __init__(self, max_offline: int = 1000, limits: Limits | None = None) -> None:
         self.max_offline = max_offline
+        self.limits = limits or Limits()
         self.by_id: dict[str, Session] = {}
         self._offline: OrderedDict[str, None] = OrderedDict()
 
@@ -172,14 +193,7 @@ class SessionTable:
         return len(self._offline)
 
     def attach(
-        self,
-        client_id: str,
-        clean: bool,
-        *,
-        max_inflight: int = 100,
-        max_queued: int = 1000,
-        max_queued_bytes: int = 16 * 1024 * 1024,
-        owner: str | None = None,
+        self, client_id: str, clean: bool, *, owner: str | None = None
     ) -> tuple[Session, bool, list[Session]]:
         """The session for a new connection: (session, session_present, sessions to
         forget). A clean connect always starts afresh and ends an old session, and so
@@ -195,14 +209,7 @@ class SessionTable:
             old.clean = False
             self.by_id[client_id] = old
             return old, True, ended
-        session = Session(
-            client_id,
-            clean,
-            max_inflight=max_inflight,
-            max_queued=max_queued,
-            max_queued_bytes=max_queued_bytes,
-            owner=owner,
-        )
+        session = self.limits.session(client_id, clean, owner)
         self.by_id[client_id] = session
         return session, False, ended
 

@@ -98,19 +98,9 @@ class MeshPort:
         return self._record(topic, payload, hb, flags)
 
     def with_marks(self, headers: Mapping[str, str], ours: Mapping[str, str]) -> bytes:
-        """A remote message's headers with the bridge's marks and ``ours`` over them. One
-        a mesh header cannot be (a name of 1-255 bytes, a value up to 65,535) is left out,
-        the others kept (review: one such dropped them all); all of them if together they
-        do not fit a block (MAX_PUBLISH_HEADERS). The event still comes in."""
-        fit = {
-            k: v
-            for k, v in headers.items()
-            if 0 < len(k.encode()) < 256 and len(v.encode()) < 65_536
-        }
-        try:
-            return encode_headers({**fit, **self._marks, **ours}, MAX_PUBLISH_HEADERS)
-        except ValueError:
-            return encode_headers({**self._marks, **ours})
+        """A remote message's headers with the bridge's marks and ``ours`` over them
+        (``remote_headers``)."""
+        return remote_headers(headers, {**self._marks, **ours})
 
     def came_from_here(self, ev: Event) -> bool:
         """Imported by this bridge, or by another bridge of the mesh to the same broker
@@ -217,13 +207,22 @@ class MeshPort:
                 "status": "no-responders", NO_RESPONDERS_FOR: topic, NO_RESPONDERS_AT: self.node_id
             }  # fmt: skip
             return HEAD_PUB + self._record(reply_to, payload, encode_headers(said), F_ERROR)
-        hb = b""
-        if headers:
-            try:
-                hb = encode_headers(headers, MAX_PUBLISH_HEADERS)
-            except ValueError:  # not a mesh headers block: the reply comes without them
-                hb = b""
+        hb = remote_headers(headers, {}) if headers else b""
         return HEAD_PUB + self._record(reply_to, payload, hb, F_ERROR if error else 0)
+
+
+def remote_headers(headers: Mapping[str, str], ours: Mapping[str, str]) -> bytes:
+    """A remote message's headers as a mesh headers block, with ``ours`` over them. One a
+    mesh header cannot be (a name of 1-255 bytes, a value up to 65,535) is left out, the
+    others kept (review: one such dropped them all); all of them if together they do not
+    fit a block (MAX_PUBLISH_HEADERS). The message still comes in."""
+    fit = {
+        k: v for k, v in headers.items() if 0 < len(k.encode()) < 256 and len(v.encode()) < 65_536
+    }
+    try:
+        return encode_headers({**fit, **ours}, MAX_PUBLISH_HEADERS)
+    except ValueError:
+        return encode_headers(ours)
 
 
 @dataclass

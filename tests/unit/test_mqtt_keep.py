@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.mqtt_keep import Limits, load, save
-from edge.mqtt_session import Session, SessionTable, Subscription
+from edge.mqtt_keep import load, save
+from edge.mqtt_session import Limits, Session, SessionTable, Subscription
 
 Message = tuple[bytes, bytes, bool]
 messages = st.tuples(st.binary(min_size=1, max_size=40), st.binary(max_size=200), st.booleans())
