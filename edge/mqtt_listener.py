@@ -459,6 +459,11 @@ class MqttListener(ConnectSide, NodeSide):
         # closing too, whose close would come only after this (review).
         self.budget = 1 << 62
         self._read_deferred()
+        # And what reached the sockets since the last step: a DISCONNECT just sent was
+        # still unread when SIGTERM came, and that client's will went out (a CI flake)
+        loop = self._loop
+        loop.call_soon(loop.stop)
+        loop.run_forever()
         for conn in list(self._conns):
             if conn.connect is not None and conn.session is not None:
                 self._will(conn, conn.connect)
