@@ -36,6 +36,8 @@ from node.codec import (
     HEAD_FWD,
     HEAD_PUB,
     RECORD_SIZE,
+    RUN_BIT,
+    RUN_HEAD,
     SID,
     Kind,
     decode_control,
@@ -242,13 +244,22 @@ class Gen:
         else:
             head, fields = (HEAD_PUB if kind == Kind.PUB else HEAD_DELIVER), []
         out = bytearray(head)
-        for _ in range(rng.randint(1, 4)):
-            if kind == Kind.DELIVER:
+        run = kind == Kind.DELIVER and rng.random() < 0.5  # the records as one run
+        if run:
+            at = len(out)
+            fields += [(at, "I"), (at + 4, "I"), (at + 8, "I")]
+            out += bytes(RUN_HEAD.size)
+        records = rng.randint(1, 4)
+        for _ in range(records):
+            if kind == Kind.DELIVER and not run:
                 fields.append((len(out), "I"))
                 out += SID.pack(rng.randint(0, 3))
             rec, rec_fields = self.record()
             fields += [(len(out) + off, code) for off, code in rec_fields]
             out += rec
+        if run:
+            size = len(out) - at - RUN_HEAD.size
+            out[at : at + RUN_HEAD.size] = RUN_HEAD.pack(RUN_BIT | rng.randint(0, 3), records, size)
         return bytes(out), fields
 
     # ---- mutations ----------------------------------------------------------------------

@@ -192,7 +192,8 @@ class MqttListener(ConnectSide, NodeSide):
             raise
         self._open = True
         # "requests": false: MQTT 3.1.1 clients cannot answer a mesh request (no reply-to)
-        self._send(encode_control(Kind.HELLO, {"name": "mqtt listener", "requests": False}))
+        hello = {"name": "mqtt listener", "requests": False, "runs": True}
+        self._send(encode_control(Kind.HELLO, hello))
         if self.cfg.sessions_file is not None:
             self._restore(self.cfg.sessions_file)
         self._tick = self._loop.create_task(self._ticker())

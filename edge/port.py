@@ -60,7 +60,7 @@ class MeshPort:
 
     def hello(self, *, requests: bool = True) -> bytes:
         """``requests``: False when nothing on our side can answer a request (MQTT)."""
-        body: dict[str, Any] = {"name": f"bridge {self.name}"}
+        body: dict[str, Any] = {"name": f"bridge {self.name}", "runs": True}
         if not requests:
             body["requests"] = False
         return encode_control(Kind.HELLO, body)

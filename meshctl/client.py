@@ -376,7 +376,9 @@ class Client:
 
     def _hello_frame(self) -> bytes:
         """HELLO, with our signed membership record when we use credentials over tcp."""
-        hello: dict[str, Any] = {"name": self.name[:MAX_CLIENT_NAME]}  # the node keeps as many
+        # The name cut to what the node keeps; "runs": we read a slice of records as one
+        # delivery (node/codec.py).
+        hello: dict[str, Any] = {"name": self.name[:MAX_CLIENT_NAME], "runs": True}
         if self._creds is not None and self.server.startswith("tcp://"):
             hello["member"] = self._creds["member"]
         if self._operator:

@@ -11,7 +11,14 @@ per frame, because pyzmq pays per call, not per byte (DESIGN.md): a client batch
 publishes and a node batches its deliveries.
 
     PUB      body = record*              (client -> node)
-    DELIVER  body = ([sid u32] record)*  (node -> client; sid 0 = the client's inbox)
+    DELIVER  body = ([sid u32] record | [sid|RUN u32][count u32][len u32] record{count})*
+                                         (node -> client; sid 0 = the client's inbox)
+
+A *run* is ``count`` records for one subscription, ``len`` bytes in all, as they came in
+one slice of a PUB or FWD frame: a node delivers a stream on one topic without cutting it
+into records (the top bit of the sid, RUN_BIT, marks it). Only clients that say in their
+HELLO that they read runs (``"runs": true``) get them, and only for subscription ids
+below RUN_BIT.
 
 A record is one event: a fixed little-endian header, then topic, headers block and payload.
 
@@ -88,6 +95,8 @@ F_RETAINED_LIVE: Final = 0x40
 RECORD: Final = struct.Struct("<IHHBBHQ16s")
 RECORD_SIZE: Final = RECORD.size
 SID: Final = struct.Struct("<I")
+RUN_BIT: Final = 0x8000_0000
+RUN_HEAD: Final = struct.Struct("<III")  # sid | RUN_BIT, records, bytes
 MAX_HEADERS_BYTES: Final = 0xFFFF
 # What a publisher's headers may take of it: the node adds its own marks on the way
 # (``log-seq`` on replay, ~30 bytes; ``dead-queue`` and ``dead-deliveries`` on a dead
@@ -306,20 +315,42 @@ def split_records(body: bytes, offset: int = 2) -> Iterator[tuple[int, int]]:
 
 
 def iter_deliveries(frame: bytes) -> Iterator[tuple[int, int, int]]:
-    """(sid, start, end) of each record of a DELIVER frame; CodecError when truncated."""
+    """(sid, start, end) of each record of a DELIVER frame, runs too; CodecError when
+    truncated or when a run's count or length does not match its records."""
     n = len(frame)
     offset = 2
     while offset < n:
-        if offset + 4 + RECORD_SIZE > n:
+        if offset + 4 > n:
             raise CodecError(f"truncated delivery at byte {offset}")
         (sid,) = SID.unpack_from(frame, offset)
-        start = offset + 4
-        plen, tlen, hlen = RECORD.unpack_from(frame, start)[:3]
-        end = start + RECORD_SIZE + tlen + hlen + plen
-        if end > n:
-            raise CodecError(f"delivery at byte {offset} claims {end - start} bytes")
-        yield sid, start, end
-        offset = end
+        stop, count = run_bounds(frame, offset, sid)
+        offset += RUN_HEAD.size if sid & RUN_BIT else SID.size
+        for _ in range(count):
+            if offset + RECORD_SIZE > stop:
+                raise CodecError(f"truncated delivery at byte {offset}")
+            plen, tlen, hlen = RECORD.unpack_from(frame, offset)[:3]
+            end = offset + RECORD_SIZE + tlen + hlen + plen
+            if end > stop:
+                raise CodecError(f"delivery at byte {offset} claims {end - offset} bytes")
+            yield sid & ~RUN_BIT, offset, end
+            offset = end
+        if sid & RUN_BIT and offset != stop:
+            raise CodecError(f"run ending at byte {stop} holds more than its records")
+
+
+def run_bounds(frame: bytes, offset: int, sid: int) -> tuple[int, int]:
+    """Where the delivery at ``offset`` (with this ``sid``) may end, and its records: a
+    run's own end and count, or the frame's end and one; CodecError for a run that
+    claims more bytes than the frame has or no records."""
+    if not sid & RUN_BIT:
+        return len(frame), 1
+    if offset + RUN_HEAD.size > len(frame):
+        raise CodecError(f"truncated run head at byte {offset}")
+    _, count, length = RUN_HEAD.unpack_from(frame, offset)
+    stop = offset + RUN_HEAD.size + length
+    if stop > len(frame) or not count:
+        raise CodecError(f"run at byte {offset} claims {length} bytes and {count} records")
+    return stop, count
 
 
 def encode_targets(hops: int, targets: list[tuple[bytes, tuple[str, ...]]]) -> bytes:

@@ -11,7 +11,18 @@ import struct
 from collections.abc import Mapping
 from typing import Final
 
-from node.codec import F_ERROR, F_REQUEST, F_RETAIN, RECORD, RECORD_SIZE, decode_headers
+from node.codec import (
+    F_ERROR,
+    F_REQUEST,
+    F_RETAIN,
+    RECORD,
+    RECORD_SIZE,
+    RUN_BIT,
+    RUN_HEAD,
+    SID,
+    decode_headers,
+    run_bounds,
+)
 from node.errors import CodecError
 
 _EMPTY: Final[Mapping[str, str]] = {}
@@ -111,14 +122,14 @@ def decode_event(buf: bytes, start: int, end: int) -> Event:
     return Event(topic, buf[p0:end], headers, raw_id, time_ns, flags, count)
 
 
-_DELIVERY: Final = struct.Struct("<I" + RECORD.format.lstrip("<"))
 _TOPIC_CACHE_MAX: Final = 4096
 
 
 def decode_deliveries(
     frame: bytes, topics: dict[bytes, str], bad: list[int] | None = None
 ) -> list[tuple[int, Event]]:
-    """Every (sid, Event) of a DELIVER frame; CodecError if its framing is malformed.
+    """Every (sid, Event) of a DELIVER frame, runs too; CodecError if its framing is
+    malformed.
 
     The subscriber's hot path: one struct unpack per event, and ``topics`` caches decoded
     topic strings across frames because a stream mostly repeats a few topics.
@@ -128,36 +139,48 @@ def decode_deliveries(
     refuse such blocks from publishers now; a log written before may still hold one.
     """
     out: list[tuple[int, Event]] = []
-    unpack = _DELIVERY.unpack_from
+    unpack = RECORD.unpack_from
+    sid_of = SID.unpack_from
     n = len(frame)
     off = 2
-    hdr = _DELIVERY.size
     try:
         while off < n:
-            sid, plen, tlen, hlen, flags, _hops, count, time_ns, raw_id = unpack(frame, off)
-            t0 = off + hdr
-            h0 = t0 + tlen
-            p0 = h0 + hlen
-            end = p0 + plen
-            if end > n:
-                raise CodecError(f"delivery at byte {off} overruns the frame")
-            tb = frame[t0:h0]
-            topic = topics.get(tb)
-            if topic is None:
-                topic = tb.decode()
-                if len(topics) >= _TOPIC_CACHE_MAX:
-                    topics.clear()
-                topics[tb] = topic
-            off = end
-            headers: Mapping[str, str] = _EMPTY
-            if hlen:
-                try:
-                    headers = decode_headers(frame[h0:p0])
-                except CodecError:
-                    if bad is not None:
-                        bad[0] += 1
-                    continue
-            out.append((sid, Event(topic, frame[p0:end], headers, raw_id, time_ns, flags, count)))
+            (sid,) = sid_of(frame, off)
+            stop, k = run_bounds(frame, off, sid)
+            run = sid & RUN_BIT
+            if run:
+                sid ^= RUN_BIT
+                off += RUN_HEAD.size
+            else:
+                off += SID.size
+            for _ in range(k):
+                plen, tlen, hlen, flags, _hops, count, time_ns, raw_id = unpack(frame, off)
+                t0 = off + RECORD_SIZE
+                h0 = t0 + tlen
+                p0 = h0 + hlen
+                end = p0 + plen
+                if end > stop:
+                    raise CodecError(f"delivery at byte {off} overruns its frame or run")
+                tb = frame[t0:h0]
+                topic = topics.get(tb)
+                if topic is None:
+                    topic = tb.decode()
+                    if len(topics) >= _TOPIC_CACHE_MAX:
+                        topics.clear()
+                    topics[tb] = topic
+                off = end
+                headers: Mapping[str, str] = _EMPTY
+                if hlen:
+                    try:
+                        headers = decode_headers(frame[h0:p0])
+                    except CodecError:
+                        if bad is not None:
+                            bad[0] += 1
+                        continue
+                event = Event(topic, frame[p0:end], headers, raw_id, time_ns, flags, count)
+                out.append((sid, event))
+            if run and off != stop:
+                raise CodecError(f"run ending at byte {stop} holds more than its records")
     except struct.error as e:
         raise CodecError(f"truncated delivery: {e}") from None
     except UnicodeDecodeError:

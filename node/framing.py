@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from itertools import accumulate
 from typing import Any, Final
 
-from node.codec import HEAD_DELIVER, HEAD_FWD
+from node.codec import HEAD_DELIVER, HEAD_FWD, RUN_HEAD, SID
 
 MAX_FRAME_BYTES: Final = 64 * 1024
 
@@ -43,11 +43,24 @@ def link_frames(header: bytes, parts: list[bytes]) -> Iterator[bytes]:
 
 
 def frames_counted(parts: list[bytes]) -> Iterator[tuple[bytes, int]]:
-    """Cut (sid prefix, record) pairs into DELIVER frames of about MAX_FRAME_BYTES."""
+    """Cut (prefix, records) pairs into DELIVER frames of about MAX_FRAME_BYTES, each with
+    its count of events: a prefix is a sid (one record) or a run's head (its count)."""
+    heads = parts[0::2]
+    counts = None
+    if sum(map(len, heads)) != SID.size * len(heads):  # runs among them
+        counts = list(accumulate(map(_events_after, heads)))
     for first, last in _cuts(list(accumulate(map(len, parts)))[1::2]):
         chunk = parts[2 * first : 2 * last + 2]
         chunk.insert(0, HEAD_DELIVER)
-        yield b"".join(chunk), last + 1 - first
+        if counts is None:
+            yield b"".join(chunk), last + 1 - first
+        else:
+            yield b"".join(chunk), counts[last] - (counts[first - 1] if first else 0)
+
+
+def _events_after(head: bytes) -> int:
+    """Records after a delivery prefix: one after a sid, a run's count after its head."""
+    return 1 if len(head) == SID.size else RUN_HEAD.unpack(head)[1]
 
 
 def json_batches(objs: list[dict[str, Any]], budget: int) -> Iterator[list[dict[str, Any]]]:

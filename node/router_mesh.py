@@ -24,9 +24,10 @@ from node.codec import (
 )
 from node.durable import LOG_ALL
 from node.errors import CodecError, TopicError
+from node.framing import MAX_FRAME_BYTES
 from node.mesh import NO_PLAN, Link, Plan, Via
 from node.router_durable import live_copy
-from node.sessions import DURABLE_FLAGS, _Refused
+from node.sessions import DURABLE_FLAGS, NOWHERE, _Refused
 from node.topics import inbox_node, validate_topic
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ class MeshSide:
         def _remote_route(self, topic_b: bytes) -> Route | _Refused: ...
 
         def _none_withheld(self, rec: bytes) -> bool: ...
+
+        def _deliver_run(self, route: Route, run: bytes, count: int) -> None: ...
 
         def emit_system(self, topic: str, body: dict[str, Any], now: float) -> None: ...
 
@@ -221,6 +224,10 @@ class MeshSide:
         # learns the run (``extend``) before anything else is asked, and at the end.
         # Saves a call per record while the mesh converges.
         run_origin, run_seq, run_told = b"", -1, -1
+        # Records for the same subscribers here go to each as one run (Router._deliver_run):
+        # the route, where the run starts and ends, and its records (0: none gathered).
+        near = NOWHERE
+        near_start = near_end = near_count = 0
         unpack = _HEAD.unpack_from
         n = len(body)
         off = 0
@@ -234,9 +241,10 @@ class MeshSide:
                 end = t0 + tlen + hlen + plen
                 if end > n:
                     raise CodecError(f"forwarded record at byte {off} overruns the frame")
-                rec = body[off:end]
+                start = off
                 off = end
                 count += 1
+                rec = body[start:end]
                 if flags & F_REPLICA:  # a retained value to keep, not an event to deliver:
                     self._keep_replica(rec, tlen)  # it shares the event's id, so no dedup
                     continue
@@ -262,8 +270,30 @@ class MeshSide:
                 if type(route) is _Refused:
                     self.counters.dropped["bad_topic"] += 1
                     continue
-                if durable is not None and (flags & DURABLE_FLAGS or route.log == LOG_ALL):  # type: ignore[union-attr]
-                    durable.stage(rec, topic.decode(), route, local=False)
+                stored = durable is not None and (flags & DURABLE_FLAGS or route.log == LOG_ALL)  # type: ignore[union-attr]
+                if route.runs is not None and not stored:  # type: ignore[union-attr]
+                    if (
+                        near_count
+                        and route is near
+                        and start == near_end
+                        and end - near_start <= MAX_FRAME_BYTES
+                    ):
+                        near_count += 1
+                    else:
+                        if near_count:
+                            self._deliver_run(near, body[near_start:near_end], near_count)
+                        near, near_start, near_count = route, start, 1  # type: ignore[assignment]
+                    if not dedup and not flags & F_ERROR:  # the records that repeat it
+                        off, more = _stream(body, off, flags, topic, near_start + MAX_FRAME_BYTES)
+                        near_count += more
+                        count += more
+                    near_end = off
+                    continue
+                if near_count:
+                    self._deliver_run(near, body[near_start:near_end], near_count)
+                    near_count = 0
+                if stored:
+                    durable.stage(rec, topic.decode(), route, local=False)  # type: ignore[union-attr,arg-type]
                     rec = live_copy(rec)
                 for dest, prefix in route.plain:  # type: ignore[union-attr]
                     parts = pending.get(dest)
@@ -277,6 +307,8 @@ class MeshSide:
                             dest, prefix = g.pick(bool(flags & F_REQUEST))
                             pending.setdefault(dest, []).extend((prefix, rec))
         finally:
+            if near_count:
+                self._deliver_run(near, body[near_start:near_end], near_count)
             if run_seq != run_told:
                 window.extend(run_origin, run_seq)
         self.counters.forwarded_in += count
@@ -291,6 +323,26 @@ class MeshSide:
             return
         if self.durable is not None:
             self.durable.stage_replica(rec, topic)
+
+
+def _stream(body: bytes, off: int, flags: int, topic: bytes, limit: int) -> tuple[int, int]:
+    """Where the records from ``off`` on that repeat ``flags`` and ``topic`` end (within
+    ``body`` and before ``limit``), and how many they are: they go the way the record
+    before went, unasked, so a stream costs this loop and nothing else per record."""
+    unpack = _HEAD.unpack_from
+    tlen = len(topic)
+    n = min(len(body), limit)
+    k = 0
+    while off + RECORD_SIZE <= n:
+        plen, tl, hlen, fl = unpack(body, off)
+        if fl != flags or tl != tlen or not body.startswith(topic, off + RECORD_SIZE):
+            break
+        end = off + RECORD_SIZE + tl + hlen + plen
+        if end > n:
+            break  # the caller's loop refuses it, or starts a new run with it
+        off = end
+        k += 1
+    return off, k
 
 
 def _records_in(frame: bytes) -> int:

@@ -6,10 +6,11 @@ Plain data with no behaviour beyond small helpers; node/router.py and its two si
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from node.codec import F_PERSISTENT, F_REQUEST, F_RETAIN, SID
+from node.codec import F_PERSISTENT, F_REQUEST, F_RETAIN, RUN_BIT, SID
 from node.drops import Drops
 from node.durable import LOG_ALL
 from node.mesh import NO_PLAN, Plan, Turn
@@ -107,6 +108,7 @@ class Route:
         "plain",
         "plan",
         "queues",
+        "runs",
         "stored_plan",
         "unwanted",
     )
@@ -121,6 +123,7 @@ class Route:
         stored_plan: Plan | None = None,
         *,
         answers: bool = True,
+        readers: Collection[bytes] = (),
     ) -> None:
         self.plain = plain
         self.groups = groups
@@ -143,6 +146,27 @@ class Route:
         runs_requests = answers and bool(plan.static) and not local and not self.alone
         self.alone_flags = DURABLE_FLAGS if runs_requests else DURABLE_FLAGS | F_REQUEST
         self.unwanted = not local and plan.empty
+        self.runs = run_heads(plain, groups, readers)
+
+
+def run_heads(
+    plain: list[tuple[bytes, bytes]], groups: list[_Group], readers: Collection[bytes]
+) -> list[tuple[bytes, int]] | None:
+    """(client, sid | RUN_BIT) per plain subscriber, when a slice of consecutive records
+    may go to each as one run (codec.py): every one reads runs (``readers``), none holds
+    two of the subscriptions, and no queue group is in the way (their sids are below
+    RUN_BIT: Router._subscribe). Else None, and records
+    go one by one, as every delivery did before runs: each event's copies for one client
+    stay together (the MQTT listener sends one message per event of overlapping
+    subscriptions), and no group's copy overtakes a plain one."""
+    if not plain or groups or len({d for d, _ in plain}) != len(plain):
+        return None
+    if not all(dest in readers for dest, _ in plain):
+        return None
+    return [(dest, SID.unpack(prefix)[0] | RUN_BIT) for dest, prefix in plain]
+
+
+NOWHERE: Final = Route([], [])  # where no run of records is being gathered
 
 
 class _Refused:

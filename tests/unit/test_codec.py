@@ -22,6 +22,8 @@ from node.codec import (
     MAX_CONTROL_DEPTH,
     RECORD,
     RECORD_SIZE,
+    RUN_BIT,
+    RUN_HEAD,
     SID,
     VERSION,
     Kind,
@@ -35,7 +37,7 @@ from node.codec import (
     split_records,
 )
 from node.errors import CodecError
-from node.events import Event, decode_event
+from node.events import Event, decode_deliveries, decode_event
 
 # Example counts come from the profile in conftest.py; the central properties get more.
 PROPS = settings(deadline=None)
@@ -387,7 +389,7 @@ def test_record_round_trip(ev: EventT, prefix: bytes, suffix: bytes) -> None:
 
 
 @PROPS
-@given(st.lists(st.tuples(st.integers(0, 2**32 - 1), event_st), max_size=3))
+@given(st.lists(st.tuples(st.integers(0, RUN_BIT - 1), event_st), max_size=3))
 def test_pub_and_deliver_frames_round_trip(items: list[tuple[int, EventT]]) -> None:
     pub = HEAD_PUB + b"".join(record_of(ev) for _, ev in items)
     assert frame_kind(pub) is Kind.PUB
@@ -400,6 +402,63 @@ def test_pub_and_deliver_frames_round_trip(items: list[tuple[int, EventT]]) -> N
         (sid, event_fields(decode_event(deliver, s, e))) for sid, s, e in iter_deliveries(deliver)
     ]
     assert got2 == [(sid, expected(ev)) for sid, ev in items]
+
+
+# A DELIVER body as (sid, events, as a run or one by one) pieces.
+Pieces = list[tuple[int, list[EventT], bool]]
+pieces_st = st.lists(
+    st.tuples(
+        st.integers(0, RUN_BIT - 1), st.lists(event_st, min_size=1, max_size=4), st.booleans()
+    ),
+    max_size=4,
+)
+
+
+def deliver_frame(pieces: Pieces) -> bytes:
+    out = [HEAD_DELIVER]
+    for sid, events, as_run in pieces:
+        records = [record_of(ev) for ev in events]
+        if as_run:
+            body = b"".join(records)
+            out.append(RUN_HEAD.pack(sid | RUN_BIT, len(records), len(body)) + body)
+        else:
+            out.extend(SID.pack(sid) + rec for rec in records)
+    return b"".join(out)
+
+
+@KEY_PROPS
+@given(pieces_st)
+def test_runs_and_single_deliveries_read_alike(pieces: Pieces) -> None:
+    """A run reads as its records one by one, each with the run's sid, in both readers
+    (the codec's and the subscriber's hot path)."""
+    frame = deliver_frame(pieces)
+    want = [(sid, expected(ev)) for sid, events, _ in pieces for ev in events]
+    got = [(sid, event_fields(decode_event(frame, s, e))) for sid, s, e in iter_deliveries(frame)]
+    assert got == want
+    fast = [(sid, event_fields(ev)) for sid, ev in decode_deliveries(frame, {})]
+    assert fast == want
+
+
+def _bad_runs() -> list[bytes]:
+    rec = encode_record(b"a/b", b"xy", b"", 0, T, ID1)
+    two = rec + rec
+    head = RUN_HEAD.pack
+    return [
+        HEAD_DELIVER + head(RUN_BIT | 1, 3, len(two)) + two,  # says 3, holds 2
+        HEAD_DELIVER + head(RUN_BIT | 1, 1, len(two)) + two,  # says 1, holds 2
+        HEAD_DELIVER + head(RUN_BIT | 1, 2, len(two) + 1) + two,  # longer than the frame
+        HEAD_DELIVER + head(RUN_BIT | 1, 2, len(two) - 1) + two,  # a record overruns it
+        HEAD_DELIVER + head(RUN_BIT | 1, 0, 0),  # no records
+        HEAD_DELIVER + head(RUN_BIT | 1, 2, len(two))[:10],  # a cut head
+    ]
+
+
+@pytest.mark.parametrize("frame", _bad_runs())
+def test_a_run_whose_head_does_not_match_its_records_is_refused(frame: bytes) -> None:
+    with pytest.raises(CodecError):
+        list(iter_deliveries(frame))
+    with pytest.raises(CodecError):
+        decode_deliveries(frame, {})
 
 
 json_scalar = st.none() | st.booleans() | st.integers() | st.text(max_size=10)

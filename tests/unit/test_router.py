@@ -74,8 +74,10 @@ def deliveries(out: Output, ident: bytes) -> list[tuple[int, Event]]:
     return got
 
 
-def hello(r: Router, ident: bytes, now: float = 0.0) -> dict[str, Any]:
-    r.handle(ident, encode_control(Kind.HELLO, {"name": ident.decode()}), now)
+def hello(r: Router, ident: bytes, now: float = 0.0, *, runs: bool = False) -> dict[str, Any]:
+    """Greet ``r`` as ``ident``; ``runs``: as a client that reads runs (codec.py)."""
+    body: dict[str, Any] = {"name": ident.decode()} | ({"runs": True} if runs else {})
+    r.handle(ident, encode_control(Kind.HELLO, body), now)
     ((kind, body),) = controls(take(r), ident)
     assert kind is Kind.WELCOME, body
     return body

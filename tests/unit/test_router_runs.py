@@ -1,9 +1,10 @@
 """Forwarding a client's frame: records bound for the same links go on as one run.
 
 The node slices a run of consecutive records out of the publisher's frame instead of one
-slice per record. These tests hold the result to the simple model: every link gets
-exactly the records meant for it, byte for byte, in publish order, and local subscribers
-too, whatever the mix of topics, refusals and frame sizes.
+slice per record, and delivers one to a subscriber that reads runs (codec.py) as one
+slice too. These tests hold the result to the simple model: every link gets exactly the
+records meant for it, byte for byte, in publish order, and local subscribers too,
+whatever the mix of topics, refusals and frame sizes, and whether they read runs.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node.codec import (
+    F_REPLICA,
     F_REQUEST,
     HEAD_PUB,
+    RECORD,
+    RECORD_SIZE,
+    RUN_BIT,
+    RUN_HEAD,
+    SID,
     Kind,
     decode_targets,
     encode_control,
@@ -23,18 +30,28 @@ from node.codec import (
     split_records,
 )
 from node.dedup import MAX_ORIGINS, WINDOW
+from node.events import Event, decode_event
 from node.framing import MAX_FRAME_BYTES
 from node.router import Router
 from tests.unit.test_dedup import Reference
 from tests.unit.test_router import NODE_ID as NODE
-from tests.unit.test_router import controls, deliveries, hello, make_router, sub_ok
+from tests.unit.test_router import (
+    controls,
+    deliveries,
+    hello,
+    make_router,
+    record,
+    sub_ok,
+    subscribe,
+)
 
 P, Q = "00000000000000aa", "00000000000000bb"  # two neighbours, each with its interest
 CLIENT, SUB = b"client-pub", b"client-sub"
 TOPICS = ("far/1", "far/2", "q/1", "both/1", "near/1", "none/1", "bad//topic")
 
 
-def linked_router() -> Router:
+def linked_router(runs: bool = False) -> Router:
+    """A node linked to P and Q, with a publisher and a subscriber (reading ``runs``)."""
     r = make_router(max_payload=100_000, max_clients=4, max_subscriptions=8)
     for peer, interest in ((P, [["far/>", None], ["both/>", None]]), (Q, [["q/>", None]])):
         state = {"id": peer, "name": peer, "epoch": 1, "version": 1, "links": [NODE]}
@@ -43,7 +60,7 @@ def linked_router() -> Router:
         r.handle(peer.encode(), encode_control(Kind.LINK, body), 0.0)
     list(r.take_output())
     hello(r, CLIENT)
-    hello(r, SUB)
+    hello(r, SUB, runs=runs)
     sub_ok(r, SUB, 1, "near/>", "both/>")
     return r
 
@@ -73,12 +90,13 @@ def forwarded(out: list[tuple[bytes, bytes, int]]) -> dict[str, list[bytes]]:
         st.tuples(st.sampled_from(TOPICS), st.sampled_from((1, 300, 9_000, 40_000))),
         min_size=1,
         max_size=40,
-    )
+    ),
+    st.booleans(),
 )
 def test_each_link_and_subscriber_gets_its_records_in_order(
-    events: list[tuple[str, int]],
+    events: list[tuple[str, int]], runs: bool
 ) -> None:
-    r = linked_router()
+    r = linked_router(runs)
     records = [
         encode_record(t.encode(), bytes([i % 256]) * size, b"", 0, 7, bytes(8) + i.to_bytes(8))
         for i, (t, size) in enumerate(events)
@@ -118,15 +136,16 @@ KINDS = st.tuples(  # (topic, flags, headers) of a stream
         min_size=1,
         max_size=12,
     ),
+    st.booleans(),
 )
 def test_repeated_records_go_exactly_where_each_alone_would(
-    kinds: list[tuple[str, int, bytes]], runs: list[tuple[int, int, bool, int]]
+    kinds: list[tuple[str, int, bytes]], runs: list[tuple[int, int, bool, int]], reads: bool
 ) -> None:
     """A stream's records (the same topic, flags and headers as the one before) skip the
     node's per-record checks and lookups. Each must still go where it would alone: to
     the links and subscribers that want it, refused with the same answers, requests that
     nothing answers answered "no responders" one by one."""
-    r = linked_router()
+    r = linked_router(reads)
     records: list[tuple[bytes, str, bool]] = []
     expect_error, expect_noresp = 0, []
     for k, size, garbled, times in runs:
@@ -190,15 +209,16 @@ def test_a_request_nobody_wants_still_gets_no_responders() -> None:
             max_size=30,
         ),
         max_size=6,
-    )
+    ),
+    st.booleans(),
 )
 def test_forwarded_records_are_delivered_once_each_while_converging(
-    frames: list[list[tuple[bytes, int]]],
+    frames: list[list[tuple[bytes, int]]], runs: bool
 ) -> None:
     """The in-order shortcut of ``_deliver_forwarded`` delivers exactly what asking the
     window about every record would: each (origin, seq) once, repeats and stale ones not."""
 
-    r = linked_router()
+    r = linked_router(runs)
     ref = Reference(WINDOW, MAX_ORIGINS)
     at = {b"origin-1": 10_000, b"origin-2": 10_000}
     for frame in frames:
@@ -212,3 +232,109 @@ def test_forwarded_records_are_delivered_once_each_while_converging(
         r._deliver_forwarded(body, (), True)
         got = [ev.data for _, ev in deliveries(list(r.take_output()), SUB)]
         assert got == expect
+
+
+# ---- runs to subscribers here (HELLO "runs": true, node/codec.py) ---------------------------
+
+FWD_TOPICS = ("near/1", "near/2", "both/1", "none/1", "bad//topic")
+
+
+@settings(deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(FWD_TOPICS),
+            st.sampled_from((0, F_REQUEST, F_REPLICA)),
+            st.sampled_from((1, 300, 30_000)),
+            st.integers(1, 5),
+        ),
+        max_size=12,
+    ),
+    st.booleans(),
+)
+def test_forwarded_records_reach_subscribers_here_in_order(
+    streams: list[tuple[str, int, int, int]], runs: bool
+) -> None:
+    """Records from another node, gathered into runs by topic: each one this node's
+    subscriber wants arrives once, byte for byte, in order, and frames stay bounded."""
+    r = linked_router(runs)
+    body, want = b"", []
+    for topic, flags, size, times in streams:
+        for _ in range(times):
+            eid = bytes(8) + len(body).to_bytes(8)
+            rec = encode_record(topic.encode(), bytes([len(body) % 256]) * size, b"", flags, 7, eid)
+            body += rec
+            if wants(topic)[1] and not flags & F_REPLICA:
+                want.append(rec)
+    r._deliver_forwarded(body, (), False)
+    out = list(r.take_output())
+    got = [(ev.topic, ev.data, ev.raw_id, ev.flags) for _, ev in deliveries(out, SUB)]
+    assert got == [(e.topic, e.data, e.raw_id, e.flags) for e in map(as_event, want)]
+    for _, frame, _ in out:
+        assert len(frame) < 2 * MAX_FRAME_BYTES + 100_000
+
+
+def as_event(rec: bytes) -> Event:
+    return decode_event(rec, 0, len(rec))
+
+
+def run_heads_in(out: list[tuple[bytes, bytes, int]], ident: bytes) -> int:
+    """Run heads in the DELIVER frames to ``ident``, read the way a client before runs
+    would: it took every prefix for a sid."""
+    heads = 0
+    for i, frame, _ in out:
+        if i != ident or frame_kind(frame) != Kind.DELIVER:
+            continue
+        off = 2
+        while off < len(frame):
+            (sid,) = SID.unpack_from(frame, off)
+            if sid & RUN_BIT:
+                heads += 1
+                off += RUN_HEAD.size + RUN_HEAD.unpack_from(frame, off)[2]
+            else:
+                plen, tlen, hlen = RECORD.unpack_from(frame, off + 4)[:3]
+                off += 4 + RECORD_SIZE + tlen + hlen + plen
+    return heads
+
+
+def test_a_stream_goes_to_a_subscriber_that_reads_runs_as_runs() -> None:
+    for runs in (True, False):
+        r = linked_router(runs)
+        stream = b"".join(record("near/1", b"x" * 256) for _ in range(1_000))
+        r.handle(CLIENT, HEAD_PUB + stream, 0.0)
+        r._deliver_forwarded(stream, (), False)
+        out = list(r.take_output())
+        assert len(deliveries(out, SUB)) == 2_000
+        heads = run_heads_in(out, SUB)
+        # About one head per 64 KiB frame each way when it reads runs; none when not.
+        assert (0 < heads <= 2 * (1_000 * 300 // MAX_FRAME_BYTES + 1)) if runs else heads == 0
+
+
+def test_runs_go_only_where_each_copy_of_an_event_stays_with_the_others() -> None:
+    """A subscriber that does not read runs, two subscriptions of one client, or a queue
+    group on the topic: records go one by one, each event's copies together (the MQTT
+    listener sends one message per event of a client's overlapping subscriptions)."""
+    r = linked_router(True)
+    old = b"client-old"
+    hello(r, old)
+    sub_ok(r, old, 1, "near/1")
+    sub_ok(r, SUB, 2, "near/>")  # a second subscription of SUB's on near/1
+    sub_ok(r, CLIENT, 1, "near/2", group="g")
+    stream = [record("near/1") for _ in range(5)] + [record("near/2") for _ in range(5)]
+    r.handle(CLIENT, HEAD_PUB + b"".join(stream), 0.0)
+    out = list(r.take_output())
+    assert run_heads_in(out, SUB) == run_heads_in(out, old) == 0
+    ids = [as_event(rec).id for rec in stream]
+    got = [(sid, ev.id) for sid, ev in deliveries(out, SUB)]
+    assert [i for _, i in got] == [i for i in ids for _ in (1, 2)]  # copies together
+    assert all({got[k][0], got[k + 1][0]} == {1, 2} for k in range(0, len(got), 2))
+    assert [ev.id for _, ev in deliveries(out, old)] == ids[:5]
+    assert [ev.id for _, ev in deliveries(out, CLIENT)] == ids[5:]
+
+
+def test_a_client_that_reads_runs_takes_subscription_ids_below_the_run_bit() -> None:
+    r = linked_router(True)
+    assert subscribe(r, SUB, RUN_BIT, ["a/b"])[0] is Kind.ERR
+    sub_ok(r, SUB, RUN_BIT - 1, "a/b")
+    hello(r, b"client-old")
+    sub_ok(r, b"client-old", RUN_BIT, "a/b")  # one that does not: as before runs
