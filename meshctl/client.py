@@ -271,7 +271,10 @@ class Client:
         # Control requests waiting for their answer: ref -> frame, sent again if the node
         # restarts before answering (it says "no session", not what the request was).
         self._awaiting: dict[int, bytes] = {}
-        self._undelivered: deque[tuple[int, Event]] = deque()  # after a callback raised
+        # Events for callbacks still to run: after a callback raised, or held while a
+        # control request waits for its answer (``_call``).
+        self._undelivered: deque[tuple[int, Event]] = deque()
+        self._holding = 0  # control requests waiting: callbacks wait for process/run/next
         self._refused: RemoteError | None = None  # the node refused us for good (revoked)
         self._failed = 0  # publishes that raised Timeout (not published)
         self._bad_deliveries = [0]  # events left out: their headers did not decode
@@ -938,6 +941,9 @@ class Client:
             )
         self._send_buffer()
         self._awaiting[ref] = frame
+        # Callbacks run inside process/run/next, not inside subscribe, flush or status: one
+        # that raised there left subscribe with its error, the subscription withdrawn.
+        self._holding += 1
         try:
             self._send(frame)
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
@@ -950,6 +956,7 @@ class Client:
                         f"{self.timeout if timeout is None else timeout:g}s"
                     )
         finally:
+            self._holding -= 1
             self._awaiting.pop(ref, None)  # an answer arriving later is dropped, not kept
         answer, reply = self._control.pop(ref)
         reply.pop("ref", None)  # ours, not the caller's
@@ -967,7 +974,7 @@ class Client:
         """
         sock = self._socket()
         self._send_buffer()
-        if self._undelivered:  # left by a callback that raised
+        if self._undelivered and not self._holding:  # left by a callback, or held
             left = list(self._undelivered)
             self._undelivered.clear()
             self._deliver(left)
@@ -1078,6 +1085,9 @@ class Client:
             sub = subs.get(sid)
             if sub is None:
                 continue  # in flight when we unsubscribed
+            if self._holding and sub.callback is not None:
+                self._undelivered.append((sid, event))  # for the next process/run/next
+                continue
             if event.flags & F_RETAIN and sub.last_ids is not None:
                 last = sub.last_ids
                 if last.get(event.topic) == event.raw_id:

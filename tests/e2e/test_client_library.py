@@ -179,6 +179,42 @@ def test_a_callback_that_raises_loses_no_other_event(node: NodeProcess) -> None:
     pub.close()
 
 
+def test_callbacks_never_run_inside_subscribe_or_status(node: NodeProcess) -> None:
+    """A callback ran inside the wait of subscribe (or flush, status) for its answer: one
+    that raised left subscribe with its error, and the new subscription was withdrawn.
+    They run inside process/run/next, as documented, in order, none lost."""
+    client = connect(node.ipc, name="app")
+    inside = [False]
+    seen: list[bytes] = []
+
+    def handle(event: object) -> None:
+        assert not inside[0], "a callback ran inside a control request"
+        seen.append(event.data)  # type: ignore[attr-defined]
+        raise RuntimeError("application bug")
+
+    client.subscribe("cb/a", callback=handle)
+    pub = connect(node.ipc, name="pub")
+    with pub.batch():
+        for i in range(20):
+            pub.publish("cb/a", str(i))
+    pub.flush()
+    time.sleep(0.2)  # the events wait at the client
+    inside[0] = True
+    more = client.subscribe("cb/b")  # used to raise "application bug"
+    client.flush()
+    assert client.status()["clients"]
+    inside[0] = False
+    while len(seen) < 20:
+        with contextlib.suppress(RuntimeError):
+            client.process(1)
+    assert seen == [str(i).encode() for i in range(20)]
+    pub.publish("cb/b", "b")
+    pub.flush()
+    assert more.next(5).data == b"b"
+    client.close()
+    pub.close()
+
+
 def test_bad_arguments_are_input_errors_and_views_are_checked(node: NodeProcess) -> None:
     from meshctl.errors import InputError
 
