@@ -184,6 +184,17 @@ def test_golden_deliver_frame() -> None:
     assert got == [(7, GOLDEN_EVENTS[0]), (0, GOLDEN_EVENTS[1])]
 
 
+def test_golden_deliver_frame_with_a_run() -> None:
+    """Both records for subscription 7 as one run, then one for the inbox (sid 0)."""
+    data = read("v1-deliver-run.bin")
+    r1, r2 = golden_records()
+    run = RUN_HEAD.pack(RUN_BIT | 7, 2, len(r1 + r2)) + r1 + r2
+    assert HEAD_DELIVER + run + SID.pack(0) + r2 == data
+    got = [(sid, event_fields(decode_event(data, s, e))) for sid, s, e in iter_deliveries(data)]
+    assert got == [(7, GOLDEN_EVENTS[0]), (7, GOLDEN_EVENTS[1]), (0, GOLDEN_EVENTS[1])]
+    assert [(sid, event_fields(ev)) for sid, ev in decode_deliveries(data, {})] == got
+
+
 def decode_frame(data: bytes) -> object:
     """Decode a whole frame of any kind, all the way to Events, as a receiver would."""
     kind = frame_kind(data)
@@ -236,6 +247,7 @@ def test_every_data_file_is_covered() -> None:
         "v1-headers.bin",
         "v1-pub.bin",
         "v1-deliver.bin",
+        "v1-deliver-run.bin",
     }
     corrupt = {n for n, _ in CORRUPT_FRAMES} | set(CORRUPT_HEADERS)
     assert not golden & corrupt
