@@ -49,6 +49,7 @@ from node.codec import (
     F_RETAINED_LIVE,
     HEAD_PUB,
 )
+from node.drops import worth_a_line
 from node.errors import CodecError, InputError
 from node.events import Event, decode_event
 from node.topics import SubscriptionTrie, matches, validate_topic
@@ -337,7 +338,7 @@ class Bridge:
 
     def _too_big(self, subject: str, size: int, limit: int, whose: str = "the server's") -> None:
         n = self.counters["refused_too_big"] = self.counters["refused_too_big"] + 1
-        if n <= LOG_FIRST or n % 1000 == 0:
+        if worth_a_line(n, LOG_FIRST):
             log.warning(
                 "bridge %s: not sent to %s: %d bytes, over %s max_payload %d (total %d)",
                 self.cfg.name, subject, size, whose, limit, n,
@@ -671,7 +672,7 @@ class NatsBridge(Bridge):
                     await self._pump(sock, nc)
                 except Exception as e:  # a bug of ours (or nats-py's) must not end the bridge
                     n = self.counters["errors"] = self.counters["errors"] + 1
-                    if n <= LOG_FIRST or n % 1000 == 0:
+                    if worth_a_line(n, LOG_FIRST):
                         log.error(
                             "bridge %s: %r (total %d; the bridge goes on)", self.cfg.name, e, n,
                             exc_info=e,
@@ -825,14 +826,14 @@ class NatsBridge(Bridge):
         a second of 64 KiB that NATS never answered held 200 MB (review)."""
         n = self.counters["refused"] = self.counters["refused"] + 1
         why = f"bridge {self.cfg.name}: {MAX_ASKING} requests already wait for NATS replies"
-        if n <= LOG_FIRST or n % 1000 == 0:
+        if worth_a_line(n, LOG_FIRST):
             log.warning("%s: one refused (refused, total %d)", why, n)
         assert ev.reply_to is not None
         sock.send(self.port.reply(ev.reply_to, why.encode(), error=True))
 
     def _undecodable(self) -> None:
         n = self.counters["refused"] = self.counters["refused"] + 1
-        if n <= LOG_FIRST or n % 1000 == 0:
+        if worth_a_line(n, LOG_FIRST):
             log.warning(
                 "bridge %s: a NATS message whose subject is not UTF-8 was dropped (refused, "
                 "total %d)", self.cfg.name, n,

@@ -29,6 +29,7 @@ from edge.mqtt_codec import (
     encode,
 )
 from edge.mqtt_session import Session, SessionTable
+from node.drops import worth_a_line
 from node.membership import Permissions
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ class ConnectSide:
                 why = "unknown user or wrong password"
             else:
                 why = "anonymous clients are not allowed" if c.username is None else "refused"
-            if n <= LOG_FIRST or n % 1000 == 0:
+            if worth_a_line(n, LOG_FIRST):
                 log.warning("MQTT client %s refused (total %d): %s: %s", conn.peer, n, who, why)
             code = verdict if isinstance(verdict, int) else CONNACK_NOT_AUTHORIZED
             conn.write(encode(Connack(False, code)))

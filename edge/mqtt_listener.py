@@ -76,6 +76,7 @@ from node.codec import (
     encode_control,
 )
 from node.config import NodeConfig, host_port
+from node.drops import worth_a_line
 from node.errors import InputError
 from node.sessions import publish_verdict
 from node.topics import matches, validate_publish_topic
@@ -392,7 +393,7 @@ class MqttListener(ConnectSide, NodeSide):
             )  # fmt: skip
         except OSError as e:  # ssl.SSLError, ConnectionError and TimeoutError are OSErrors
             n = self.counters["tls_failures"] = self.counters["tls_failures"] + 1
-            if n <= LOG_FIRST or n % 1000 == 0:
+            if worth_a_line(n, LOG_FIRST):
                 why = getattr(e, "reason", None) or str(e) or type(e).__name__
                 log.warning(
                     "MQTT client %s: TLS handshake failed (total %d): %s", conn.peer, n, why
@@ -442,7 +443,7 @@ class MqttListener(ConnectSide, NodeSide):
         for gone in self.sessions.detach(session):
             if gone is not session:  # the longest absent made room: its queue is lost
                 n = self.counters["sessions_evicted"] = self.counters["sessions_evicted"] + 1
-                if n <= LOG_FIRST or n % 1000 == 0:
+                if worth_a_line(n, LOG_FIRST):
                     log.warning(
                         "MQTT: %d absent persistent sessions kept (mqtt.max_sessions); "
                         "dropped the longest absent, %s, and what it had queued (total %d)",
@@ -488,7 +489,7 @@ class MqttListener(ConnectSide, NodeSide):
     def protocol_error(self, conn: MqttConnection, why: str) -> None:
         """The client sent garbage (or broke the protocol): close only its connection."""
         n = self.counters["protocol_errors"] = self.counters["protocol_errors"] + 1
-        if n <= LOG_FIRST or n % 1000 == 0:
+        if worth_a_line(n, LOG_FIRST):
             log.warning("MQTT client %s: protocol error (total %d): %s", conn.name, n, why)
         # The answers to what came before it in the same read go first (a CONNACK, a
         # PINGRESP), as a broker reading packet by packet sends them; they were dropped,
@@ -699,7 +700,7 @@ class MqttListener(ConnectSide, NodeSide):
 
     def _denied(self, conn: MqttConnection, why: str) -> None:
         n = self.counters["denied"] = self.counters["denied"] + 1
-        if n <= LOG_FIRST or n % 1000 == 0:
+        if worth_a_line(n, LOG_FIRST):
             log.warning("MQTT client %s: %s (total %d)", conn.name, why, n)
 
     def _unsub(self, sub: Subscription) -> None:

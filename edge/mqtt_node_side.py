@@ -27,6 +27,7 @@ from node.codec import (
     encode_headers,
     iter_deliveries,
 )
+from node.drops import worth_a_line
 from node.errors import CodecError, InputError
 
 if TYPE_CHECKING:
@@ -177,7 +178,7 @@ class NodeSide:
             conn = self._online.get(session.client_id)
             if conn is None or conn.session is not session or conn.closing:
                 continue
-            if n <= LOG_FIRST or n % 1000 == 0:
+            if worth_a_line(n, LOG_FIRST):
                 log.warning(
                     "MQTT client %s: closing: the node could not store its QoS %d message "
                     "(packet id %d; total %d): %s",
@@ -256,7 +257,7 @@ class NodeSide:
         """A QoS 1 message dropped for a full session queue: counted and logged. It was
         neither (exploratory test: a subscriber got 61,492 of 100,000, every count 0)."""
         n = self.counters["dropped_queue_full"] = self.counters["dropped_queue_full"] + 1
-        if n <= LOG_FIRST or n % 1000 == 0:
+        if worth_a_line(n, LOG_FIRST):
             log.warning(
                 "MQTT client %s: QoS 1 message dropped: its session queue is full "
                 "(mqtt.max_queued %d, max_queued_bytes %d; total %d)",

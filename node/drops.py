@@ -22,3 +22,10 @@ class Drops:
             return 0
         newly, self.told, self.told_at = self.total - self.told, self.total, now
         return newly
+
+
+def worth_a_line(n: int, first: int = 10) -> bool:
+    """Whether the ``n``-th of something counted gets a log line: the first ``first`` one
+    by one, then every 1000th, so a flood of bad input costs a few lines, not the disk,
+    and the counter in `meshctl status` tells the rest."""
+    return n <= first or n % 1000 == 0

@@ -26,6 +26,7 @@ from node import __version__, datadir, discovery, heap
 from node.codec import MAX_STATE_BYTES, Kind, encode_control
 from node.config import NodeConfig
 from node.dialers import HANDSHAKE_TIMEOUT, KEY_REFUSED, Dialers, zmtp_silence
+from node.drops import worth_a_line
 from node.durable import Durable, DurableConfig
 from node.errors import InputError
 from node.loop_discovery import DiscoverySide
@@ -536,7 +537,7 @@ class Node(SecureSide, DiscoverySide):
             if event["event"] & _HANDSHAKE_FAILED:
                 c = self.router.counters
                 c.bad_handshakes += 1
-                if c.bad_handshakes <= 10 or c.bad_handshakes % 1000 == 0:
+                if worth_a_line(c.bad_handshakes):
                     log.warning(
                         "a connection ended before its ZMTP handshake did: garbage, or a "
                         "peer that gave up (total %d)",

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from node.codec import NODE_ID_BYTES, Kind, encode_control, encode_targets
-from node.drops import Drops
+from node.drops import Drops, worth_a_line
 from node.mesh_states import Interest, StatesSide
 from node.routing import CAPTURE, FEATURES, QUIET, MeshRoute, MeshTable, NodeState
 
@@ -241,7 +241,7 @@ class Mesh(StatesSide):
             n = self.counters["links_refused"] = self.counters["links_refused"] + 1
             # Rate-limited, and the peer's words cut short: anyone who reaches the port can
             # send LINK frames (found in review: 151 lines in a second, one of 70,100 chars).
-            if n <= REFUSALS_LOGGED or n % 1000 == 0:
+            if worth_a_line(n, REFUSALS_LOGGED):
                 shown = why if len(why) <= 200 else why[:200] + "..."
                 self.log(f"refused link from {address or via.hex()}: {shown} (total {n})")
             refusal: dict[str, Any] = {"reason": why}

@@ -19,6 +19,7 @@ import logging
 import select
 from typing import Any, Final, Protocol
 
+from node.drops import worth_a_line
 from node.router import Router
 
 log = logging.getLogger("meshctl.node")
@@ -154,7 +155,7 @@ class Residents:
     def _failed(self, r: Resident, where: str, e: Exception) -> None:
         self.router.counters.internal_errors += 1
         self.errors += 1
-        if self.errors <= LOG_FIRST or self.errors % 1000 == 0:
+        if worth_a_line(self.errors, LOG_FIRST):
             log.error(
                 "internal error in %s (%s; total %d): %r",
                 type(r).__name__, where, self.errors, e, exc_info=e,

@@ -38,6 +38,7 @@ from node.codec import (
     headers_ok,
 )
 from node.dedup import DedupWindow
+from node.drops import worth_a_line
 from node.durable import LOG_ALL, Durable, replay_options
 from node.errors import CodecError, TopicError
 from node.events import Event, decode_event
@@ -234,7 +235,7 @@ class Router(MeshSide, DurableSide):
     def bad_frame(self, ident: bytes | None, why: str) -> None:
         """Count a malformed frame and tell its sender, if any."""
         self.counters.bad_frames += 1
-        if self.counters.bad_frames <= 10 or self.counters.bad_frames % 1000 == 0:
+        if worth_a_line(self.counters.bad_frames):
             who = ident.hex() if ident else "?"
             self.log(f"bad frame from {who} (total {self.counters.bad_frames}): {why}")
         if ident is not None and ident in self.clients:
@@ -307,7 +308,7 @@ class Router(MeshSide, DurableSide):
         taken = len(self.clients) - sum(1 for i in self.internal if i in self.clients)
         if ident not in self.internal and taken >= self.max_clients + extra:
             n = self.counters.clients_refused = self.counters.clients_refused + 1
-            if n <= 10 or n % 1000 == 0:
+            if worth_a_line(n):
                 who = str(body.get("name", ""))[:MAX_CLIENT_NAME] or ident.hex()
                 self.log(
                     f"client {who!r} refused: the node has reached its limit of "

@@ -38,6 +38,7 @@ import zmq.auth
 from node import datadir
 from node import membership as ms
 from node.clock import clock_is_set, unset_clock_error
+from node.drops import worth_a_line
 from node.errors import ConfigError
 from node.failed_proofs import FailedProofs
 
@@ -445,7 +446,7 @@ class Security:
             "error": why,
             "rtt_ms": None,
         }
-        if self.counters["links_rejected"] <= 20 or self.counters["links_rejected"] % 1000 == 0:
+        if worth_a_line(self.counters["links_rejected"], 20):
             self.log(f"rejected {name or node or '?'} at {address}: {why}")
 
     def block(self, key: str) -> None:
@@ -481,7 +482,7 @@ class Security:
     def _log_some(self, what: str, line: str) -> None:
         """Log a refusal: the first 20 of a kind, then one in 1,000 (they may be a flood)."""
         n = self._refusals[what] = self._refusals.get(what, 0) + 1
-        if n <= 20 or n % 1000 == 0:
+        if worth_a_line(n, 20):
             self.log(line if n <= 20 else f"{line} ({n} so far)")
 
     def _enroll(self, body: dict[str, Any], key: str, renew: bool) -> tuple[bool, dict[str, Any]]:
