@@ -8,12 +8,15 @@ back to session_present=0 and, subscribing only the first time, never heard from
 topics again (mosquitto with ``persistence true`` keeps them). The node's store being on
 is the operator's "keep what was accepted", so sessions are kept exactly then.
 
-Saved at a clean stop, as mosquitto saves its database at shutdown; a node killed with
-SIGKILL or a power cut loses the sessions (not the persistent events in the store). The
-file is written whole to a temporary name and renamed, so a crash mid-save leaves the
-previous state or none, never half of one; it is removed once read, so a crash later never
-brings back sessions that changed since. A file that cannot be read is set aside
-(``.bad``) with one log line: the node starts without the sessions, as before.
+Saved at a clean stop, as mosquitto saves its database at shutdown, and every
+``[mqtt] autosave`` seconds while the node runs (``Autosave``, as mosquitto's
+autosave_interval): a node killed with SIGKILL or a power cut comes back with the
+sessions as they were at the last save, not without them (edge nodes lose power), and
+loses only what changed since. The file is written whole to a temporary name and renamed,
+so a crash mid-save leaves the previous state, never half of one; it is removed once read,
+and written again at the next save, so sessions that ended since are not brought back by
+an older file. A file that cannot be read is set aside (``.bad``) with one log line: the
+node starts without the sessions, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
 
@@ -44,13 +48,46 @@ CREATE TABLE awaiting_rel (pos INTEGER NOT NULL, packet_id INTEGER NOT NULL);
 """
 
 
+# One session as rows: (client_id, owner, next packet id), its subscriptions, messages
+# (packet id or None for a queued one, topic, payload, retain) and QoS 2 ids awaiting PUBREL.
+_Rows = tuple[
+    tuple[str, str | None, int],
+    list[tuple[str, int, str | None, str]],
+    list[tuple[int | None, bytes, bytes, int]],
+    list[int],
+]
+
+
 def save(path: Path, sessions: Iterable[Session]) -> tuple[int, int]:
     """Write the persistent sessions to ``path`` (replacing it); (sessions, messages).
     OSError when it cannot be written (a full disk), the file before left as it was."""
+    return write(path, snapshot(sessions))
+
+
+def snapshot(sessions: Iterable[Session]) -> list[_Rows]:
+    """The persistent sessions as rows, copied: another thread may write them while the
+    sessions change."""
+    out: list[_Rows] = []
+    for s in sessions:
+        if s.clean:
+            continue
+        subs = [
+            (filt, sub.qos, sub.group, json.dumps(list(sub.patterns)))
+            for filt, sub in s.subs.items()
+        ]
+        waiting: list[tuple[int | None, bytes, bytes, int]]
+        waiting = [(pid, t, p, int(r)) for pid, (t, p, r) in s.inflight.items()]
+        waiting += [(None, t, p, int(r)) for t, p, r in s.queue]
+        out.append(((s.client_id, s.owner, s._next_id), subs, waiting, list(s.awaiting_rel)))
+    return out
+
+
+def write(path: Path, rows: list[_Rows]) -> tuple[int, int]:
+    """``save`` of a ``snapshot``."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         tmp.unlink(missing_ok=True)
-        kept, messages = _write(tmp, sessions)
+        messages = _write(tmp, rows)
         tmp.replace(path)
     except sqlite3.Error as e:
         tmp.unlink(missing_ok=True)
@@ -58,43 +95,78 @@ def save(path: Path, sessions: Iterable[Session]) -> tuple[int, int]:
     except OSError:
         tmp.unlink(missing_ok=True)
         raise
-    return kept, messages
+    return len(rows), messages
 
 
-def _write(tmp: Path, sessions: Iterable[Session]) -> tuple[int, int]:
-    kept = messages = 0
+def _write(tmp: Path, rows: list[_Rows]) -> int:
+    messages = 0
     db = sqlite3.connect(tmp)
     try:
         tmp.chmod(0o600)  # payloads are the clients' data, as the store's
         db.executescript(_SCHEMA)
-        for pos, s in enumerate(x for x in sessions if not x.clean):
-            db.execute(
-                "INSERT INTO sessions VALUES (?, ?, ?, ?)", (pos, s.client_id, s.owner, s._next_id)
-            )
-            db.executemany(
-                "INSERT INTO subs VALUES (?, ?, ?, ?, ?)",
-                [
-                    (pos, filt, sub.qos, sub.group, json.dumps(list(sub.patterns)))
-                    for filt, sub in s.subs.items()
-                ],
-            )
-            waiting: list[tuple[int | None, bytes, bytes, bool]]
-            waiting = [(pid, *m) for pid, m in s.inflight.items()]
-            waiting += [(None, *m) for m in s.queue]
+        for pos, (session, subs, waiting, awaiting_rel) in enumerate(rows):
+            db.execute("INSERT INTO sessions VALUES (?, ?, ?, ?)", (pos, *session))
+            db.executemany("INSERT INTO subs VALUES (?, ?, ?, ?, ?)", [(pos, *x) for x in subs])
             db.executemany(
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)",
-                [(pos, seq, pid, t, p, int(r)) for seq, (pid, t, p, r) in enumerate(waiting)],
+                [(pos, seq, *m) for seq, m in enumerate(waiting)],
             )
-            db.executemany(
-                "INSERT INTO awaiting_rel VALUES (?, ?)", [(pos, i) for i in s.awaiting_rel]
-            )
-            kept += 1
+            rel = [(pos, i) for i in awaiting_rel]
+            db.executemany("INSERT INTO awaiting_rel VALUES (?, ?)", rel)
             messages += len(waiting)
         db.execute(f"PRAGMA user_version = {FORMAT}")
         db.commit()
     finally:
         db.close()
-    return kept, messages
+    return messages
+
+
+def discard(path: Path) -> None:
+    """Remove a saved file: its sessions ended since it was written."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+class Autosave:
+    """Save the persistent sessions every ``every`` seconds, in a thread of its own: the
+    listener runs on the node's thread, and a save of many queued messages would hold the
+    loop (and the links' heartbeats) for as long as it writes. Only the copy (``snapshot``)
+    is made on the loop."""
+
+    def __init__(self, path: Path, every: float, now: float) -> None:
+        self.path = path
+        self.every = every
+        self.next_at = now + every
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mqtt-autosave")
+        self._running: Future[tuple[int, int]] | None = None
+        self.failed = False  # the last save failed (logged once until one succeeds)
+
+    def due(self, now: float, sessions: Iterable[Session]) -> None:
+        """Start a save if one is due and the one before has finished."""
+        if not self.every or now < self.next_at:
+            return
+        if self._running is not None and not self._running.done():
+            return  # a slow disk: the next tick asks again
+        self.next_at = now + self.every
+        self._running = self._pool.submit(self._save, snapshot(sessions))
+
+    def _save(self, rows: list[_Rows]) -> tuple[int, int]:
+        try:
+            done = write(self.path, rows)
+        except OSError as e:
+            if not self.failed:
+                log.warning("MQTT: persistent sessions not saved to %s: %s", self.path, e)
+            self.failed = True
+            return 0, 0
+        if self.failed:
+            log.info("MQTT: persistent sessions saved to %s again", self.path)
+        self.failed = False
+        return done
+
+    def close(self) -> None:
+        """Wait for a save in progress (the stop's own save comes after it) and end the
+        thread."""
+        self._pool.shutdown(wait=True)
 
 
 def load(path: Path, limits: Limits) -> list[Session]:

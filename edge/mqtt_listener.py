@@ -63,7 +63,7 @@ from edge.mqtt_codec import (
 from edge.mqtt_commit import Committing
 from edge.mqtt_conn import MqttConnection
 from edge.mqtt_connect import LOG_FIRST, ConnectSide, allowed
-from edge.mqtt_keep import SESSIONS_FILE, load, save
+from edge.mqtt_keep import SESSIONS_FILE, Autosave, discard, load, save
 from edge.mqtt_node_side import ACK, HB_QOS0, NodeSide, Pending
 from edge.mqtt_retain import ListenerRetained, NodeRetained, Retained
 from edge.mqtt_session import Limits, Session, SessionTable, Subscription
@@ -114,6 +114,7 @@ class ListenerConfig:
     anonymous: bool = True  # clients without a user name may connect (unrestricted)
     tls: ssl.SSLContext | None = None  # edge/tls.py: the port speaks TLS (mqtts)
     sessions_file: Path | None = None  # persistent sessions kept across a restart here
+    autosave: float = 60.0  # seconds between saves of them while running; 0: at stop only
 
 
 class MqttListener(ConnectSide, NodeSide):
@@ -181,6 +182,7 @@ class MqttListener(ConnectSide, NodeSide):
         self._tick: asyncio.Task[None] | None = None
         self._handshakes: set[asyncio.Task[None]] = set()  # TLS handshakes under way
         self.now: Callable[[], float] = self._loop.time
+        self._autosave: Autosave | None = None  # saves the persistent sessions (store on)
 
     # ---- the actor -----------------------------------------------------------------------
 
@@ -197,6 +199,8 @@ class MqttListener(ConnectSide, NodeSide):
         self._send(encode_control(Kind.HELLO, hello))
         if self.cfg.sessions_file is not None:
             self._restore(self.cfg.sessions_file)
+            if self.cfg.autosave:
+                self._autosave = Autosave(self.cfg.sessions_file, self.cfg.autosave, self.now())
         self._tick = self._loop.create_task(self._ticker())
         log.info("MQTT listener on %s", self.bound)
 
@@ -221,6 +225,8 @@ class MqttListener(ConnectSide, NodeSide):
         if self._loop.is_closed():
             return
         self._open = False
+        if self._autosave is not None:
+            self._autosave.close()  # before the stop's own save, which has the last word
         self._keep()
         self._loop.run_until_complete(self._close())
         self._loop.close()
@@ -231,6 +237,8 @@ class MqttListener(ConnectSide, NodeSide):
         the stop drops: an operator read nothing of it before (exploratory test)."""
         kept = self.sessions.persistent()
         if not kept:
+            if self.cfg.sessions_file is not None:  # an autosave's, of sessions now ended
+                discard(self.cfg.sessions_file)
             return
         waiting = sum(len(x.queue) + len(x.inflight) for x in kept)
         n, s = len(kept), "s" if len(kept) > 1 else ""
@@ -418,6 +426,8 @@ class MqttListener(ConnectSide, NodeSide):
                     self._drop(conn, f"silent for 1.5 x keepalive {conn.connect.keepalive}s")
             for sid in [k for k, (_s, _u, until) in self._retired.items() if until <= now]:
                 del self._retired[sid]
+            if self._autosave is not None:
+                self._autosave.due(now, self.sessions.persistent())
             again = self.committing.due(now)
             if again:  # a PUB frame lost on the way (the node's queue full): same ids again
                 for rec in again:
@@ -755,6 +765,7 @@ def start_listener(
         anonymous=anonymous,
         tls=tls,
         sessions_file=data_dir / SESSIONS_FILE if data_dir is not None and config.store else None,
+        autosave=config.mqtt_autosave,
     )
     if anonymous and not config.insecure:
         # The operator turned anonymous MQTT on for a secured mesh: say what that means

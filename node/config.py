@@ -95,6 +95,7 @@ class NodeConfig:
     mqtt_max_queued: int = 1000
     mqtt_max_queued_bytes: int = 16 * 1024 * 1024
     mqtt_max_sessions: int = 1000
+    mqtt_autosave: float = 60.0
     mqtt_anonymous: str = "auto"  # auto: only in open mode; "true" / "false"
     mqtt_tls_cert: str = ""  # PEM certificate (chain): the listener speaks TLS
     mqtt_tls_key: str = ""
@@ -436,6 +437,15 @@ FIELDS: Final = (
         "mqtt_max_sessions",
         _positive(1_000_000),
         "Persistent MQTT sessions kept for absent clients (the longest absent goes first).",
+    ),
+    Field(
+        "mqtt",
+        "autosave",
+        "mqtt_autosave",
+        _duration(0, 86400),
+        "How often the persistent MQTT sessions are saved while the node runs (the store on), "
+        "so a power cut loses only what changed since, like mosquitto's autosave_interval; "
+        '"60s" by default, 0: only at a clean stop.',
     ),
     Field(
         "mqtt",

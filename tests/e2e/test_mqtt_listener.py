@@ -529,6 +529,49 @@ def test_persistent_sessions_survive_a_restart_of_the_node(
     assert back.quiet(0.3) == []
 
 
+def test_persistent_sessions_survive_a_power_cut_as_of_the_last_autosave(
+    make_node: NodeFactory, paho: Clients, tmp_path: Path
+) -> None:
+    """Saved at a clean stop only, a node killed (a power cut, the edge's usual end) came
+    back without them: the device, subscribing only the first time, never heard from its
+    topics again. mosquitto saves every autosave_interval; so does the node now. And a
+    session that ended after a save is not brought back by it."""
+    data_dir = tmp_path / "kept"
+    config = MQTT_CONFIG + 'autosave = "0.5s"\n'
+    node = make_node(config_text=config, data_dir=data_dir)
+    dev = Paho(mqtt_port(node), "device-8", clean=False)
+    dev.subscribe("cmd/#", qos=1)
+    dev.close()
+    gone = Paho(mqtt_port(node), "gone-soon", clean=False)
+    gone.subscribe("old/#", qos=1)
+    gone.close()
+    for i in range(2):
+        assert run_cli("pub", f"cmd/{i}", f"before {i}", server=node.ipc).returncode == 0
+    ended = paho.open(mqtt_port(node), "gone-soon", clean=True)  # its session ends
+    ended.close()
+    time.sleep(1.5)  # two saves or more (every 0.5 s, at the listener's 0.25 s ticks)
+    os.kill(node.pid, signal.SIGKILL)
+    node.proc.wait(5)
+    slow = MQTT_CONFIG + 'autosave = "3s"\n'
+    again = make_node(config_text=slow, data_dir=data_dir)
+    assert mqtt_status(again)["sessions_restored"] == 1
+    back = paho.open(mqtt_port(again), "device-8", clean=False)
+    assert back.session_present
+    assert [(m.topic, m.payload) for m in back.take(2)] == [
+        ("cmd/0", b"before 0"),
+        ("cmd/1", b"before 1"),
+    ]
+    back.close()
+    paho.remove(back)
+    kept = data_dir / "mqtt_sessions.db"  # removed once read: there again at the next save
+    wait_for(kept.exists, timeout=10, what="an autosave")
+    fresh = paho.open(mqtt_port(again), "device-8", clean=True)  # no session left to keep
+    fresh.close()
+    assert again.stop() == 0  # before the next save
+    third = make_node(config_text=slow, data_dir=data_dir)
+    assert mqtt_status(third)["sessions_restored"] == 0  # not the autosave's older file
+
+
 def test_sessions_restored_under_lower_bounds_say_what_they_cost(
     make_node: NodeFactory, tmp_path: Path
 ) -> None:
