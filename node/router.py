@@ -157,6 +157,7 @@ class Router(MeshSide, DurableSide):
         # restart always starts (exploratory test).
         run = (wall_ns() if epoch is None else epoch) & 0xFFFFFFFF
         self._origin = bytes.fromhex(node_id)[:4].ljust(4, b"\0") + run.to_bytes(4, "big")
+        self._run_tag = f"{run:08x}"  # in each client id: ids never repeat across runs
         # (record, topic, until, (nodes, groups) it went to): the mesh's own changes, kept
         self._held_system: list[tuple[bytes, str, float, tuple[set[str], set[str]]]] = []
         self._seq = 0
@@ -328,7 +329,7 @@ class Router(MeshSide, DurableSide):
             self.mute.add(ident)
         if body.get("runs") is True:
             self.readers.add(ident)
-        client = Client(ident=ident, name=name, connected_at=now, last_seen=now)
+        client = Client(ident, name, now, now, run_tag=self._run_tag)
         client.looker = ident not in self.internal and taken >= self.max_clients
         self.clients[ident] = client
         self.by_client_id[client.client_id] = ident

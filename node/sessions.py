@@ -194,10 +194,14 @@ class Client:
     # An operator's session in a place beyond limits.max_clients: it may look (views,
     # queue commands) but neither publish nor subscribe, so those places stay for looking.
     looker: bool = False
+    # Its routing id in hex after this run's tag (Router._run_tag): libzmq numbers a
+    # ROUTER's peers the same way every run, so a client's id alone named another client
+    # after a restart, and replies to a request made before it went to that one.
+    run_tag: str = ""
 
     @property
     def client_id(self) -> str:
-        return self.ident.hex()
+        return self.run_tag + self.ident.hex()
 
 
 @dataclass

@@ -52,6 +52,11 @@ def make_router(**overrides: Any) -> Router:
     return Router(**args)
 
 
+def cid(ident: bytes) -> str:
+    """A client's id at a router of ``make_router``: its run's tag, then its routing id."""
+    return f"{1:08x}{ident.hex()}"
+
+
 def take(r: Router) -> Output:
     return list(r.take_output())
 
@@ -129,10 +134,10 @@ def test_welcome_after_hello() -> None:
         "node_id": NODE_ID,
         "name": "n",
         "mesh": "m",
-        "client_id": A.hex(),
+        "client_id": cid(A),
         "max_payload": 1024,
     }
-    assert [c["id"] for c in r.status(0.0)["clients"]] == [A.hex()]
+    assert [c["id"] for c in r.status(0.0)["clients"]] == [cid(A)]
 
 
 def test_max_clients_enforced() -> None:
@@ -143,9 +148,9 @@ def test_max_clients_enforced() -> None:
     assert body["code"] == "limit"
     assert "limit of 3 clients" in body["error"]
     assert len(r.clients) == 3
-    assert hello(r, A)["client_id"] == A.hex()  # a known client may say hello again
+    assert hello(r, A)["client_id"] == cid(A)  # a known client may say hello again
     r.drop_client(B, "gone", 1.0)
-    assert hello(r, D)["client_id"] == D.hex()
+    assert hello(r, D)["client_id"] == cid(D)
 
 
 def test_the_nodes_own_actors_take_no_clients_place() -> None:
@@ -155,8 +160,8 @@ def test_the_nodes_own_actors_take_no_clients_place() -> None:
     for actor in (b"\x00mqtt", b"\x00bridge"):
         r.internal.add(actor)
         hello(r, actor)
-    assert hello(r, A)["client_id"] == A.hex()
-    assert hello(r, B)["client_id"] == B.hex()
+    assert hello(r, A)["client_id"] == cid(A)
+    assert hello(r, B)["client_id"] == cid(B)
     assert not r.clients[B].looker
     r.handle(C, encode_control(Kind.HELLO, {"name": "c"}), 0.0)
     ((kind, body),) = controls(take(r), C)
@@ -238,9 +243,9 @@ def test_status_keys_and_content() -> None:
     assert {"id", "name", "mesh", "clients", "subscriptions", "counters"} <= set(s)
     assert (s["id"], s["name"], s["mesh"]) == (NODE_ID, "n", "m")
     by_id = {c["id"]: c for c in s["clients"]}
-    assert by_id[A.hex()]["subscriptions"] == 2
-    assert by_id[A.hex()]["connected_s"] == 5.0
-    assert by_id[B.hex()]["events_in"] == 1
+    assert by_id[cid(A)]["subscriptions"] == 2
+    assert by_id[cid(A)]["connected_s"] == 5.0
+    assert by_id[cid(B)]["events_in"] == 1
     assert sorted(x["pattern"] for x in s["subscriptions"]) == ["a/>", "b"]
     assert {x["group"] for x in s["subscriptions"]} == {"g"}
     assert s["counters"]["events_in"] == 1
@@ -638,7 +643,7 @@ def test_drop_client_removes_interest() -> None:
     out = take(r)
     assert [k for k, _ in controls(out, A)] == [Kind.NORESP]
     assert deliveries(out, B) == []
-    assert B.hex() not in {c["id"] for c in r.status(1.0)["clients"]}
+    assert cid(B) not in {c["id"] for c in r.status(1.0)["clients"]}
 
 
 # ---- limits and bad input ------------------------------------------------------------------
@@ -841,7 +846,7 @@ def test_random_frames_never_raise(frames: list[bytes]) -> None:
 
 def test_inbox_topics_reach_the_client_without_subscription() -> None:
     r = connected(A, B)
-    topic = f"_INBOX/{NODE_ID}/{A.hex()}/42"
+    topic = f"_INBOX/{NODE_ID}/{cid(A)}/42"
     publish(r, B, record(topic, b"reply"))
     out = take(r)
     ((sid, ev),) = deliveries(out, A)
@@ -850,20 +855,34 @@ def test_inbox_topics_reach_the_client_without_subscription() -> None:
     assert deliveries(out, B) == []
 
 
+def test_an_inbox_of_the_run_before_reaches_no_client_of_this_run() -> None:
+    """libzmq gives a ROUTER's peers the same routing ids every run: after a restart the
+    id of a client that had asked a question named another client, and the answer, still
+    on its way, went to that one (exploratory test: 4 of 6 replies misdelivered)."""
+    before = make_router(wall_ns=lambda: 7)
+    old_inbox = hello(before, A)["client_id"]
+    after = make_router(wall_ns=lambda: 8)  # the node again: A's routing id, a new client
+    hello(after, A)
+    hello(after, B)
+    assert hello(after, A)["client_id"] != old_inbox
+    publish(after, B, record(f"_INBOX/{NODE_ID}/{old_inbox}/1", b"not yours"))
+    assert deliveries(take(after), A) == []
+
+
 def test_inbox_without_suffix_and_with_a_subscription_too() -> None:
     r = connected(A, B)
     sub_ok(r, A, 5, "_INBOX/>")
-    publish(r, B, record(f"_INBOX/{NODE_ID}/{A.hex()}"))
+    publish(r, B, record(f"_INBOX/{NODE_ID}/{cid(A)}"))
     assert sorted(sid for sid, _ in deliveries(take(r), A)) == [0, 5]
 
 
 @pytest.mark.parametrize(
     "topic",
     [
-        f"_INBOX/{'f' * 16}/{A.hex()}/1",  # another node's inbox
+        f"_INBOX/{'f' * 16}/{cid(A)}/1",  # another node's inbox
         f"_INBOX/{NODE_ID}/{'00' * 8}/1",  # no such client
-        f"_INBOX/{NODE_ID}/{A.hex()[:-2]}/1",  # a prefix of a client id
-        f"_INBOX/{NODE_ID}x/{A.hex()}/1",
+        f"_INBOX/{NODE_ID}/{cid(A)[:-2]}/1",  # a prefix of a client id
+        f"_INBOX/{NODE_ID}x/{cid(A)}/1",
     ],
 )
 def test_inbox_for_someone_else_is_not_delivered(topic: str) -> None:
@@ -877,7 +896,7 @@ def test_inbox_for_someone_else_is_not_delivered(topic: str) -> None:
 def test_inbox_of_a_dropped_client_is_not_delivered() -> None:
     r = connected(A, B)
     r.drop_client(A, "gone", 0.0)
-    publish(r, B, record(f"_INBOX/{NODE_ID}/{A.hex()}/1", flags=F_REQUEST))
+    publish(r, B, record(f"_INBOX/{NODE_ID}/{cid(A)}/1", flags=F_REQUEST))
     out = take(r)
     assert deliveries(out, A) == []
     assert [k for k, _ in controls(out, B)] == [Kind.NORESP]
@@ -896,10 +915,10 @@ def test_connect_and_disconnect_events() -> None:
     r.handle(B, encode_control(Kind.HELLO, {"name": "bee"}), 0.0)
     out = take(r)
     (ev,) = system_events(out, A, "$mesh/client/connect")
-    assert ev == {"node": NODE_ID, "node_name": "n", "client": B.hex(), "name": "bee"}
+    assert ev == {"node": NODE_ID, "node_name": "n", "client": cid(B), "name": "bee"}
     r.drop_client(B, "timeout", 3.0)
     (ev,) = system_events(take(r), A, "$mesh/client/disconnect")
-    assert (ev["client"], ev["reason"]) == (B.hex(), "timeout")
+    assert (ev["client"], ev["reason"]) == (cid(B), "timeout")
 
 
 def test_wildcard_subscribers_do_not_see_system_events() -> None:
@@ -916,7 +935,7 @@ def test_slow_consumer_notice_at_most_once_a_second() -> None:
     take(r)
     r.dropped(B, 3, 0.0)
     (ev,) = system_events(take(r), A, "$mesh/slow-consumer")
-    assert ev["client"] == B.hex()
+    assert ev["client"] == cid(B)
     assert ev["name"] == "client-b"
     assert (ev["dropped"], ev["dropped_total"]) == (3, 3)
     r.dropped(B, 2, 0.5)
@@ -925,7 +944,7 @@ def test_slow_consumer_notice_at_most_once_a_second() -> None:
     (ev,) = system_events(take(r), A, "$mesh/slow-consumer")
     assert (ev["dropped"], ev["dropped_total"]) == (6, 9)
     assert r.counters.dropped["slow_consumer"] == 9
-    assert {c["id"]: c["dropped"] for c in r.status(2.0)["clients"]}[B.hex()] == 9
+    assert {c["id"]: c["dropped"] for c in r.status(2.0)["clients"]}[cid(B)] == 9
     # The end of a burst is told by the timer once the second is over (review: a burst
     # said "dropped 1" and never the rest).
     r.dropped(B, 7, 2.0)
