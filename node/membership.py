@@ -27,10 +27,11 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from node.errors import NodeError
-from node.topics import INBOX_PREFIX, matches
+from node.topics import INBOX_PREFIX, is_reserved, matches
 
 TOKEN_PREFIX: Final = "mtk1."  # noqa: S105 - a format marker, not a secret
 ROLES: Final = ("node", "client")
+_WILD: Final = ("*", ">")
 MAX_RECORD_BYTES: Final = 8192
 
 
@@ -145,8 +146,12 @@ def covers(rule: str, pattern: str) -> bool:
 
 
 def overlaps(a: str, b: str) -> bool:
-    """True if some topic is matched by both patterns."""
+    """True if some topic is matched by both patterns. A wildcard first level matches no
+    reserved topic (node/topics.py): ``sub_deny '_INBOX/>'`` refused ``>`` and ``*/temp``,
+    which can receive nothing it denies (exploratory test)."""
     x, y = a.split("/"), b.split("/")
+    if (x[0] in _WILD and is_reserved(y[0])) or (y[0] in _WILD and is_reserved(x[0])):
+        return False
     for i in range(max(len(x), len(y))):
         if i < len(x) and x[i] == ">":
             return len(y) > i

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node import membership as ms
+from node.topics import matches
 
 PRIV, PUB = ms.new_signing_key()
 KEY = "k" * 40
@@ -154,8 +158,29 @@ def test_subscribe_rules(pattern: str, ok: bool) -> None:
         ("a/b", "a/*", False, True),
         ("*/b", "a/c", False, False),
         (">", "x/y", True, True),
+        ("_INBOX/>", ">", False, False),  # a wildcard first level: no reserved topic
+        ("_INBOX/>", "*/temp", False, False),
+        ("$mesh/>", ">", False, False),
+        ("_INBOX/>", "_INBOX/*/x", True, True),
     ],
 )
 def test_covers_and_overlaps(rule: str, pattern: str, covers: bool, overlaps: bool) -> None:
     assert ms.covers(rule, pattern) is covers
     assert ms.overlaps(rule, pattern) is overlaps
+
+
+LEVELS = ("a", "b", "$m", "_INBOX")
+WITNESSES = ["/".join(t) for n in range(1, 5) for t in itertools.product((*LEVELS, "zz"), repeat=n)]
+pattern_st = (
+    st.lists(st.sampled_from((*LEVELS, "*", ">")), min_size=1, max_size=3)
+    .filter(lambda p: ">" not in p[:-1])
+    .map("/".join)
+)
+
+
+@settings(deadline=None)
+@given(pattern_st, pattern_st)
+def test_overlaps_is_whether_some_topic_matches_both(a: str, b: str) -> None:
+    """Against the reference matcher (node/topics.py), reserved first levels included."""
+    both = any(matches(a, t) and matches(b, t) for t in WITNESSES)
+    assert ms.overlaps(a, b) is both
