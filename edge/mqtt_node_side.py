@@ -22,10 +22,12 @@ from node.codec import (
     F_RETAIN,
     HEAD_PUB,
     RECORD_SIZE,
+    RUN_BIT,
+    RUN_HEAD,
+    SID,
     Kind,
     decode_control,
     encode_headers,
-    iter_deliveries,
 )
 from node.drops import worth_a_line
 from node.errors import CodecError, InputError
@@ -39,7 +41,8 @@ QOS_HEADER: Final = "qos"
 HB_QOS0: Final = encode_headers({QOS_HEADER: "0"})
 MAX_BACKLOG: Final = 8 * 1024 * 1024  # QoS 0 to a client with more unsent bytes is dropped
 ACK: Final = struct.Struct(">BBH")  # PUBACK/PUBREC: first byte, length 2, packet id
-_HEAD: Final = struct.Struct("<IHHB")  # plen, tlen, hlen, flags
+_DELIVERY: Final = struct.Struct("<IIHHB")  # sid, plen, tlen, hlen, flags
+_HEAD: Final = struct.Struct("<IHHB")  # plen, tlen, hlen, flags: a record in a run
 
 # (connection, packet, sids whose deliveries it releases, packet id if it is an ack)
 Pending = list[tuple["MqttConnection", bytes, tuple[int, ...], int]]
@@ -195,63 +198,81 @@ class NodeSide:
         frames (an exploratory test got 41 duplicates in 600 5 kB messages when this
         looked within one frame). So each session remembers the last message it got.
         (A run, codec.py, comes only for a route with one subscription per client.)"""
-        unpack = _HEAD.unpack_from
+        single = _DELIVERY.unpack_from
+        in_run = _HEAD.unpack_from
         sids = self._sids
         online = self._online
-        try:
-            for sid, off, end in iter_deliveries(frame):
-                _plen, tlen, hlen, flags = unpack(frame, off)
+        n = len(frame)
+        off = 2
+        left = stop = 0  # in a run (codec.py): records still to read, where it ends
+        while off < n:
+            if left:
+                if off + RECORD_SIZE > stop:
+                    break  # frames from our own node: never malformed
+                plen, tlen, hlen, flags = in_run(frame, off)
                 t0 = off + RECORD_SIZE
-                h0 = t0 + tlen
-                p0 = h0 + hlen
-                rec_id = frame[t0 - 16 : t0]
-                target = sids.get(sid)
-                if target is None:
-                    retired = self._retired.get(sid)
-                    if (
-                        retired is None
-                        or self.sessions.by_id.get(retired[0].client_id) is not retired[0]
-                    ):
-                        continue
-                    target = retired[0], retired[1]  # replaced a moment ago: still its flow
-                session, sub = target
-                qos = sub.qos
-                overlap = len(session.subs) > 1 or bool(self._retired)
-                if overlap and sub.group is None and not flags & F_RETAIN:
-                    # Plain live copies only: a retained message comes once per SUBSCRIBE (a
-                    # resend is due, MQTT 3.1.1 3.8.4), and a shared subscription's copy is
-                    # its group's own, as in MQTT 5 4.8.2; both were taken for repeats (review).
-                    if rec_id == session.last:
-                        continue
-                    session.last = rec_id
-                    qos = max(qos, session.max_qos(frame[t0:h0]))
-                topic = self._mqtt_topic(frame[t0:h0])
-                if topic is None:
-                    self.counters["refused_topics"] += 1
+                left -= 1
+            else:
+                if off + SID.size + RECORD_SIZE > n:
+                    break
+                sid, plen, tlen, hlen, flags = single(frame, off)
+                if sid & RUN_BIT:
+                    _, left, length = RUN_HEAD.unpack_from(frame, off)
+                    off += RUN_HEAD.size
+                    stop = min(off + length, n)
+                    sid ^= RUN_BIT
                     continue
-                if qos and hlen and frame[h0:p0] == HB_QOS0:
-                    qos = 0
-                conn = online.get(session.client_id)
-                if qos == 0 and conn is not None and conn.backlog() > MAX_BACKLOG:
-                    self.counters["dropped_slow"] += 1
+                t0 = off + SID.size + RECORD_SIZE
+            h0 = t0 + tlen
+            p0 = h0 + hlen
+            end = p0 + plen
+            rec_id = frame[t0 - 16 : t0]
+            off = end
+            target = sids.get(sid)
+            if target is None:
+                retired = self._retired.get(sid)
+                if (
+                    retired is None
+                    or self.sessions.by_id.get(retired[0].client_id) is not retired[0]
+                ):
                     continue
-                dropped = session.dropped
-                packet = session.deliver(topic, frame[p0:end], qos, retain=bool(flags & F_RETAIN))
-                if packet is None:
-                    if qos and session.dropped != dropped:
-                        self._queue_full(session)
+                target = retired[0], retired[1]  # replaced a moment ago: still its flow
+            session, sub = target
+            qos = sub.qos
+            overlap = len(session.subs) > 1 or bool(self._retired)
+            if overlap and sub.group is None and not flags & F_RETAIN:
+                # Plain live copies only: a retained message comes once per SUBSCRIBE (a
+                # resend is due, MQTT 3.1.1 3.8.4), and a shared subscription's copy is
+                # its group's own, as in MQTT 5 4.8.2; both were taken for repeats (review).
+                if rec_id == session.last:
                     continue
-                if conn is None:
-                    continue
-                self.counters["delivered"] += 1
-                held = self._held.get(sid)
-                if held is not None:
-                    held.append(packet)  # before its SUBACK: goes out right after it
-                else:
-                    conn.out.append(packet)
-                    touched.add(conn)
-        except CodecError as e:  # the rest of a frame from our own node: never seen
-            log.error("MQTT listener: malformed delivery from the node, rest dropped: %s", e)
+                session.last = rec_id
+                qos = max(qos, session.max_qos(frame[t0:h0]))
+            topic = self._mqtt_topic(frame[t0:h0])
+            if topic is None:
+                self.counters["refused_topics"] += 1
+                continue
+            if qos and hlen and frame[h0:p0] == HB_QOS0:
+                qos = 0
+            conn = online.get(session.client_id)
+            if qos == 0 and conn is not None and conn.backlog() > MAX_BACKLOG:
+                self.counters["dropped_slow"] += 1
+                continue
+            dropped = session.dropped
+            packet = session.deliver(topic, frame[p0:end], qos, retain=bool(flags & F_RETAIN))
+            if packet is None:
+                if qos and session.dropped != dropped:
+                    self._queue_full(session)
+                continue
+            if conn is None:
+                continue
+            self.counters["delivered"] += 1
+            held = self._held.get(sid)
+            if held is not None:
+                held.append(packet)  # before its SUBACK: goes out right after it
+            else:
+                conn.out.append(packet)
+                touched.add(conn)
 
     def _queue_full(self, session: Session) -> None:
         """A QoS 1 message dropped for a full session queue: counted and logged. It was

@@ -15,6 +15,10 @@ from typing import Any, Final
 from node.codec import HEAD_DELIVER, HEAD_FWD, RUN_HEAD, SID
 
 MAX_FRAME_BYTES: Final = 64 * 1024
+# A run of records (codec.py) for one subscriber or link, one item of a frame: a frame
+# ends after the item that reaches MAX_FRAME_BYTES, so runs as long as that made frames of
+# twice the bound (review), and a frame now passes it by at most a quarter (or a record).
+MAX_RUN_BYTES: Final = MAX_FRAME_BYTES // 4
 
 
 def _cuts(cum: list[int]) -> Iterator[tuple[int, int]]:

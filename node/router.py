@@ -42,7 +42,7 @@ from node.drops import worth_a_line
 from node.durable import LOG_ALL, Durable, replay_options
 from node.errors import CodecError, TopicError
 from node.events import Event, decode_event
-from node.framing import MAX_FRAME_BYTES, frames_counted, link_frames
+from node.framing import MAX_RUN_BYTES, frames_counted, link_frames
 from node.mesh import NO_PLAN, Mesh, Plan, Turn, Via, turn_of
 from node.router_durable import DurableOut, DurableSide
 from node.router_mesh import MeshSide
@@ -551,17 +551,18 @@ class Router(MeshSide, DurableSide):
         way, unwanted = NO_PLAN, False
         here: Route | None = None
         seen = b""  # the topic of the record before (a stream's second record starts it)
+        bad = ""  # why the rest of the frame cannot be read
         try:
             while off < n:
                 if off + RECORD_SIZE > n:
-                    self.bad_frame(ident, f"truncated record header at byte {off}")
+                    bad = f"truncated record header at byte {off}"
                     break
                 plen, tlen, hlen, flags = unpack(frame, off)
                 start = off
                 t0 = off + RECORD_SIZE
                 end = t0 + tlen + hlen + plen
                 if end > n:
-                    self.bad_frame(ident, f"record at byte {off} overruns the frame")
+                    bad = f"record at byte {off} overruns the frame"
                     break
                 off = end
                 if (
@@ -575,6 +576,9 @@ class Router(MeshSide, DurableSide):
                     count += 1  # a stream: as the record before (see above)
                 else:
                     rep_flags = -1
+                    if near_count:  # delivered before any answer to this record (its ERR)
+                        self._deliver_run(near, frame[near_start:near_end], near_count)
+                        near_count = 0
                     topic = frame[t0 : t0 + tlen]
                     if plen > max_payload:
                         self.counters.dropped["payload_too_large"] += 1
@@ -632,12 +636,9 @@ class Router(MeshSide, DurableSide):
                             continue
                     count += 1
                     if flags & route.alone_flags or route.alone:  # type: ignore[union-attr]
-                        if run_plan is not NO_PLAN:  # (the runs' records go first)
+                        if run_plan is not NO_PLAN:  # (the run's records go first)
                             self._forward_run(run_plan, frame[run_start:run_end])
                             run_plan = NO_PLAN
-                        if near_count:
-                            self._deliver_run(near, frame[near_start:near_end], near_count)
-                            near_count = 0
                         self._route_alone(ident, frame[start:end], topic, flags, route)  # type: ignore[arg-type]
                         continue
                     way, unwanted = route.plan, route.unwanted  # type: ignore[union-attr]
@@ -647,22 +648,21 @@ class Router(MeshSide, DurableSide):
                     seen = topic
                 if way is not NO_PLAN:
                     forwarded += len(way.static)
-                    if way is run_plan and start == run_end:
+                    if way is run_plan and start == run_end and end - run_start <= MAX_RUN_BYTES:
                         run_end = end
-                        if end - run_start >= MAX_FRAME_BYTES:  # frames stay near the bound
-                            self._forward_run(way, frame[run_start:end])
-                            run_plan = NO_PLAN
                     else:
                         if run_plan is not NO_PLAN:
                             self._forward_run(run_plan, frame[run_start:run_end])
                         run_plan, run_start, run_end = way, start, end
                 if here is not None:
-                    if near_count and here is near and start == near_end:
+                    if (
+                        near_count
+                        and here is near
+                        and start == near_end
+                        and end - near_start <= MAX_RUN_BYTES
+                    ):
                         near_end = end
                         near_count += 1
-                        if end - near_start >= MAX_FRAME_BYTES:
-                            self._deliver_run(near, frame[near_start:end], near_count)
-                            near_count = 0
                         continue
                     if near_count:
                         self._deliver_run(near, frame[near_start:near_end], near_count)
@@ -686,6 +686,8 @@ class Router(MeshSide, DurableSide):
                 self._forward_run(run_plan, frame[run_start:run_end])
             if near_count:
                 self._deliver_run(near, frame[near_start:near_end], near_count)
+        if bad:  # after what came before it in the frame
+            self.bad_frame(ident, bad)
         client.events_in += count
         self.counters.events_in += count
         self.counters.forwarded_out += forwarded

@@ -24,7 +24,7 @@ from node.codec import (
 )
 from node.durable import LOG_ALL
 from node.errors import CodecError, TopicError
-from node.framing import MAX_FRAME_BYTES
+from node.framing import MAX_RUN_BYTES
 from node.mesh import NO_PLAN, Link, Plan, Via
 from node.router_durable import live_copy
 from node.sessions import DURABLE_FLAGS, NOWHERE, _Refused
@@ -244,11 +244,10 @@ class MeshSide:
                 start = off
                 off = end
                 count += 1
-                rec = body[start:end]
-                if flags & F_REPLICA:  # a retained value to keep, not an event to deliver:
-                    self._keep_replica(rec, tlen)  # it shares the event's id, so no dedup
-                    continue
-                if flags & F_ERROR and self._none_withheld(rec):
+                if flags & F_REPLICA:  # a retained value to keep, not an event to deliver: it
+                    self._keep_replica(body[start:end], tlen)  # shares the event's id, so no
+                    continue  # dedup
+                if flags & F_ERROR and self._none_withheld(body[start:end]):
                     continue  # another node's bridge had none, and others may answer
                 if dedup:
                     origin, seq = origin_seq(body, t0 - 16)
@@ -263,7 +262,7 @@ class MeshSide:
                             run_origin, run_seq, run_told = b"", -1, -1
                             continue
                         run_origin, run_seq, run_told = (origin, seq, seq) if top else (b"", -1, -1)
-                topic = rec[RECORD_SIZE : RECORD_SIZE + tlen]
+                topic = body[t0 : t0 + tlen]
                 route = cache.get(topic)
                 if route is None:
                     route = self._remote_route(topic)
@@ -276,7 +275,7 @@ class MeshSide:
                         near_count
                         and route is near
                         and start == near_end
-                        and end - near_start <= MAX_FRAME_BYTES
+                        and end - near_start <= MAX_RUN_BYTES
                     ):
                         near_count += 1
                     else:
@@ -284,7 +283,7 @@ class MeshSide:
                             self._deliver_run(near, body[near_start:near_end], near_count)
                         near, near_start, near_count = route, start, 1  # type: ignore[assignment]
                     if not dedup and not flags & F_ERROR:  # the records that repeat it
-                        off, more = _stream(body, off, flags, topic, near_start + MAX_FRAME_BYTES)
+                        off, more = _stream(body, off, flags, topic, near_start + MAX_RUN_BYTES)
                         near_count += more
                         count += more
                     near_end = off
@@ -292,6 +291,7 @@ class MeshSide:
                 if near_count:
                     self._deliver_run(near, body[near_start:near_end], near_count)
                     near_count = 0
+                rec = body[start:end]
                 if stored:
                     durable.stage(rec, topic.decode(), route, local=False)  # type: ignore[union-attr,arg-type]
                     rec = live_copy(rec)

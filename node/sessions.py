@@ -153,12 +153,12 @@ def run_heads(
     plain: list[tuple[bytes, bytes]], groups: list[_Group], readers: Collection[bytes]
 ) -> list[tuple[bytes, int]] | None:
     """(client, sid | RUN_BIT) per plain subscriber, when a slice of consecutive records
-    may go to each as one run (codec.py): every one reads runs (``readers``), none holds
-    two of the subscriptions, and no queue group is in the way (their sids are below
-    RUN_BIT: Router._subscribe). Else None, and records
-    go one by one, as every delivery did before runs: each event's copies for one client
-    stay together (the MQTT listener sends one message per event of overlapping
-    subscriptions), and no group's copy overtakes a plain one."""
+    may go to each as one run (codec.py): every one reads runs (``readers``: their sids
+    are below RUN_BIT, Router._subscribe), none holds two of the subscriptions, and no
+    queue group is in the way. Else None, and records go one by one, as every delivery
+    did before runs: each event's copies for one client stay together (the MQTT listener
+    sends one message per event of overlapping subscriptions), and no group's copy
+    overtakes a plain one."""
     if not plain or groups or len({d for d, _ in plain}) != len(plain):
         return None
     if not all(dest in readers for dest, _ in plain):
