@@ -37,8 +37,8 @@ def view(router: Router, body: dict[str, Any], now: float) -> dict[str, Any]:
         groups = {g.name: len(g.members) for g in local.groups}
         subs = [
             {
-                "client": s.client.hex(),
-                "name": cl.name if (cl := router.clients.get(s.client)) else "",
+                "client": cl.client_id if (cl := router.clients.get(s.client)) else s.client.hex(),
+                "name": cl.name if cl else "",
                 "sid": s.sid,
                 "group": s.group,
                 "patterns": list(s.patterns),
@@ -90,7 +90,7 @@ def status(router: Router, now: float) -> dict[str, Any]:
         "subscriptions": list(
             islice(
                 (
-                    {"client": s.client.hex(), "sid": s.sid, "pattern": p, "group": s.group}
+                    {"client": cl.client_id, "sid": s.sid, "pattern": p, "group": s.group}
                     for cl in router.clients.values()
                     for s in cl.subs.values()
                     for p in s.patterns

@@ -419,7 +419,7 @@ def test_a_client_cannot_take_the_listeners_identity(mnode: NodeProcess, paho: C
     impostor = ctx.socket(zmq.DEALER)
     try:
         impostor.setsockopt(zmq.LINGER, 0)
-        impostor.setsockopt(zmq.ROUTING_ID, bytes.fromhex(ident))
+        impostor.setsockopt(zmq.ROUTING_ID, bytes.fromhex(ident[8:]))  # after the run's tag
         impostor.connect(mnode.tcp)
         impostor.send(encode_control(Kind.HELLO, {"name": "impostor"}))
         wait_for(lambda: "claiming the identity" in mnode.log_text(), timeout=5, what="drop")
