@@ -36,7 +36,7 @@ def nats_headers(ev: Event) -> dict[str, str]:
     out = {
         k: v for k, v in headers.items() if k not in MESH_ONLY and _NATS_HEADER_NAME.fullmatch(k)
     }
-    if ev.is_error and ev.headers.get("status") != "no-responders":
+    if ev.is_error and not ev.says_no_responders:
         out["Nats-Service-Error"] = " ".join(ev.text().split())[:1000] or "error"
         out.setdefault("Nats-Service-Error-Code", "500")
     return out

@@ -921,7 +921,7 @@ class NatsBridge(Bridge):
                 pending = self._answer(ev.topic.rsplit("/", 1)[-1])
                 if pending is None or not nc.is_connected:
                     continue
-                if ev.headers.get("status") == "no-responders":  # another bridge had none
+                if ev.says_no_responders:  # another bridge had none
                     # As NATS says it: it went out as a reply, its text taken for the
                     # answer (review: "NATS has none for svc.x" as a successful reply).
                     await nc.publish(pending[0], b"", headers={"Status": NATS_NO_RESPONDERS})

@@ -172,6 +172,7 @@ class Subscription:
         self.replay_over = False
         self.ended: RemoteError | None = None  # the node ended it (its queue was removed)
         self.pending = False  # its SUB is not answered yet
+        self.ending = False  # its UNSUB is not answered yet
         # topic -> id of the last retained value it got, when it asked for them: after a
         # node restart it asks again, and one it already has is not delivered twice (a
         # `sub --count N` spent its count on it: review). Live events are not noted: the
@@ -791,9 +792,16 @@ class Client:
         return sum(len(ids) for ids in sent.values())
 
     def unsubscribe(self, sub: Subscription) -> None:
-        """Remove a subscription at the node."""
-        if self._subs.pop(sub.sid, None) is not None:
+        """Remove a subscription at the node. Events the node sent before it took that in
+        are queued still, as those before: a replier that stops answers them (a NATS
+        drain), and they were dropped on arrival."""
+        if sub.sid not in self._subs:
+            return
+        sub.ending = True
+        try:
             self._call(Kind.UNSUB, {"sid": sub.sid})
+        finally:
+            self._subs.pop(sub.sid, None)
 
     def process(self, timeout: float = 0.0) -> int:
         """Read what arrived (waiting up to ``timeout``), run callbacks; 1 if anything came."""
@@ -842,6 +850,12 @@ class Client:
         """
         token = f"{self._req_prefix}{next(self._req_ids)}"
         inbox = f"{self._inbox}/{token}"
+        if headers:  # said of the caller's own headers, not with our reply-to in (review)
+            ours = len(encode_headers({"reply-to": inbox}))
+            try:
+                encode_headers(headers, MAX_PUBLISH_HEADERS - ours)
+            except ValueError as e:
+                raise InputError(f"{e} (a request's reply-to takes {ours} of them)") from None
         got: list[Event] = []
         self._replies[token] = got
         req_id = ""
@@ -860,12 +874,12 @@ class Client:
                     raise NoResponders(topic, why)
                 if not self._pump(deadline):
                     break
-                said = [e for e in got if e.headers.get("status") == "no-responders"]
+                said = [e for e in got if e.says_no_responders]
                 if said:
                     # A bridge's remote side had nobody: not a reply. With no real reply
                     # yet, say so at once, as the node does for the mesh itself, with the
                     # bridge's reason (`req` said only "no responders": review).
-                    got[:] = [e for e in got if e.headers.get("status") != "no-responders"]
+                    got[:] = [e for e in got if not e.says_no_responders]
                     if not got:
                         raise NoResponders(topic, said[0].data.decode(errors="replace")[:200])
         finally:
@@ -892,7 +906,7 @@ class Client:
     ) -> None:
         """Answer a request; ``error=True`` marks the reply as the responder's failure."""
         if request.reply_to is None:
-            raise InputError(f"event on {request.topic} is not a request (no reply-to)")
+            raise InputError(f"event on {request.topic} is not a request (no reply inbox)")
         self.publish(request.reply_to, data, headers, _flags=F_ERROR if error else 0)
 
     # ---- the node's view ---------------------------------------------------------------
@@ -1138,8 +1152,8 @@ class Client:
         self.resumes += 1
         self._send(self._hello_frame())
         for sub in self._subs.values():
-            if sub.pending:
-                continue  # its own SUB request goes again below, and is answered
+            if sub.pending or sub.ending:
+                continue  # its own SUB goes again below, and is answered; or it ends
             # Not the replay again; the retained values again, as an MQTT resubscribe gets
             # them: one that changed while the node was away was never seen (its
             # publish came before this SUB), so a dashboard kept a stale value (found by

@@ -15,11 +15,11 @@ from node.codec import (
     F_ERROR,
     F_REQUEST,
     F_RETAIN,
+    NO_RESPONDERS_FOR,
     RECORD,
     RECORD_SIZE,
     RUN_BIT,
     RUN_HEAD,
-    SID,
     decode_headers,
     run_bounds,
 )
@@ -67,8 +67,25 @@ class Event:
 
     @property
     def reply_to(self) -> str | None:
-        """Where a reply goes, for requests."""
-        return self.headers.get("reply-to")
+        """Where a reply goes: the requester's inbox, for requests only. A plain publish
+        with a ``reply-to`` header of its own made responders publish wherever it said,
+        with their permissions (exploratory test: around the publisher's pub_allow)."""
+        to = self.headers.get("reply-to")
+        if to is None or not self.flags & F_REQUEST or not to.startswith("_INBOX/"):
+            return None
+        return to
+
+    @property
+    def says_no_responders(self) -> bool:
+        """A bridge's answer that its remote side had no responder (edge/port.py), not a
+        reply: an error with the status and the topic it was for (a real reply with a
+        ``status: no-responders`` header of its own was taken for one: exploratory test)."""
+        headers = self.headers
+        return (
+            bool(self.flags & F_ERROR)
+            and headers.get("status") == "no-responders"
+            and NO_RESPONDERS_FOR in headers
+        )
 
     @property
     def is_request(self) -> bool:
@@ -122,6 +139,7 @@ def decode_event(buf: bytes, start: int, end: int) -> Event:
     return Event(topic, buf[p0:end], headers, raw_id, time_ns, flags, count)
 
 
+_DELIVERY: Final = struct.Struct("<I" + RECORD.format.lstrip("<"))
 _TOPIC_CACHE_MAX: Final = 4096
 
 
@@ -139,48 +157,56 @@ def decode_deliveries(
     refuse such blocks from publishers now; a log written before may still hold one.
     """
     out: list[tuple[int, Event]] = []
-    unpack = RECORD.unpack_from
-    sid_of = SID.unpack_from
+    single = _DELIVERY.unpack_from  # a sid and a record's header: one call per event
+    in_run = RECORD.unpack_from
+    hdr = _DELIVERY.size
+    run_bit = RUN_BIT
     n = len(frame)
     off = 2
+    # In a run (codec.py): the records still to read and where it ends (``sid`` stays
+    # the run's).
+    left = stop = 0
     try:
         while off < n:
-            (sid,) = sid_of(frame, off)
-            stop, k = run_bounds(frame, off, sid)
-            run = sid & RUN_BIT
-            if run:
-                sid ^= RUN_BIT
-                off += RUN_HEAD.size
-            else:
-                off += SID.size
-            for _ in range(k):
-                plen, tlen, hlen, flags, _hops, count, time_ns, raw_id = unpack(frame, off)
-                t0 = off + RECORD_SIZE
-                h0 = t0 + tlen
+            if left:
+                plen, tlen, hlen, flags, _hops, count, time_ns, raw_id = in_run(frame, off)
+                h0 = off + RECORD_SIZE + tlen
                 p0 = h0 + hlen
                 end = p0 + plen
-                if end > stop:
-                    raise CodecError(f"delivery at byte {off} overruns its frame or run")
-                tb = frame[t0:h0]
-                topic = topics.get(tb)
-                if topic is None:
-                    topic = tb.decode()
-                    if len(topics) >= _TOPIC_CACHE_MAX:
-                        topics.clear()
-                    topics[tb] = topic
-                off = end
-                headers: Mapping[str, str] = _EMPTY
-                if hlen:
-                    try:
-                        headers = decode_headers(frame[h0:p0])
-                    except CodecError:
-                        if bad is not None:
-                            bad[0] += 1
-                        continue
-                event = Event(topic, frame[p0:end], headers, raw_id, time_ns, flags, count)
-                out.append((sid, event))
-            if run and off != stop:
-                raise CodecError(f"run ending at byte {stop} holds more than its records")
+                left -= 1
+                if end > stop or (not left and end != stop):
+                    raise CodecError(f"record at byte {off} does not fit its run")
+            else:
+                sid, plen, tlen, hlen, flags, _hops, count, time_ns, raw_id = single(frame, off)
+                if sid & run_bit:
+                    stop, left = run_bounds(frame, off, sid)
+                    sid ^= run_bit
+                    off += RUN_HEAD.size
+                    continue
+                h0 = off + hdr + tlen
+                p0 = h0 + hlen
+                end = p0 + plen
+                if end > n:
+                    raise CodecError(f"delivery at byte {off} overruns the frame")
+            tb = frame[h0 - tlen : h0]
+            topic = topics.get(tb)
+            if topic is None:
+                topic = tb.decode()
+                if len(topics) >= _TOPIC_CACHE_MAX:
+                    topics.clear()
+                topics[tb] = topic
+            off = end
+            headers: Mapping[str, str] = _EMPTY
+            if hlen:
+                try:
+                    headers = decode_headers(frame[h0:p0])
+                except CodecError:
+                    if bad is not None:
+                        bad[0] += 1
+                    continue
+            out.append((sid, Event(topic, frame[p0:end], headers, raw_id, time_ns, flags, count)))
+        if left:
+            raise CodecError(f"run ending at byte {stop} holds fewer records than it says")
     except struct.error as e:
         raise CodecError(f"truncated delivery: {e}") from None
     except UnicodeDecodeError:

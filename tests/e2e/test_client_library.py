@@ -301,3 +301,17 @@ def test_a_resumed_subscription_gets_the_retained_values_as_they_are_now(
     got = sub.next(5)
     assert (got.data, got.retained) == (b"v2", True)
     watcher.close()
+
+
+def test_a_requests_header_limit_is_said_of_the_callers_headers(node: NodeProcess) -> None:
+    """Exploratory test: headers that a publish takes were refused on a request with a
+    size the caller never gave (the library's reply-to counted in)."""
+    from meshctl.errors import InputError
+    from node.codec import MAX_PUBLISH_HEADERS
+
+    client = connect(node.ipc, name="app")
+    headers = {"pad": "p" * (MAX_PUBLISH_HEADERS - 6)}  # 1 + 3 + 2 + value: the whole block
+    client.publish("h/t", b"x", headers=headers)  # a publish takes it
+    with pytest.raises(InputError, match=rf"{MAX_PUBLISH_HEADERS} bytes .*reply-to takes \d+"):
+        client.request("h/t", b"x", headers=headers, timeout=1)
+    client.close()

@@ -13,7 +13,7 @@ import pytest
 from helpers import Background, NodeProcess, SubProcess, run_cli, wait_for
 
 from meshctl.client import connect
-from meshctl.errors import Timeout
+from meshctl.errors import InputError, Timeout
 
 pytestmark = pytest.mark.e2e
 
@@ -266,3 +266,85 @@ def _running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def _ask_all(node: NodeProcess, topic: str, n: int) -> list[str]:
+    """``n`` requests at once, each from a client of its own; what each came to."""
+    outcome = [""] * n
+
+    def ask(i: int) -> None:
+        with connect(node.ipc, name=f"asker {i}") as c:
+            try:
+                reply = c.request(topic, str(i), timeout=6)
+                outcome[i] = "error" if reply.is_error else reply.text()
+            except Timeout:
+                outcome[i] = "timeout"
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    return outcome
+
+
+@pytest.mark.parametrize("how", ["--echo", "--command"])
+def test_a_replier_that_stops_answers_what_it_was_handed(
+    node: NodeProcess, bg: Background, how: str
+) -> None:
+    """Exploratory test: of 20 requests to a group of two `reply --command`, 8 waited out
+    their timeout when one member was stopped (SIGTERM), the other alive: those the node
+    had already handed the stopped one. It answers them at once now (an error for a
+    command), as a NATS drain."""
+    args = ["--command", "sleep 0.2; cat"] if how == "--command" else ["--echo"]
+    slow = ["--command", "sleep 0.2; cat"]
+    stopping = bg.start("reply", "svc/drain", *args, "--group", "g", server=node.ipc)
+    bg.start("reply", "svc/drain", *slow, "--group", "g", server=node.ipc)
+    if how == "--echo":  # an echo answers at once: make it fall behind to have a queue
+        os.kill(stopping.pid, signal.SIGSTOP)
+    results: list[str] = []
+    asking = threading.Thread(target=lambda: results.extend(_ask_all(node, "svc/drain", 20)))
+    asking.start()
+    time.sleep(1.0)
+    if how == "--echo":
+        os.kill(stopping.pid, signal.SIGCONT)
+    os.kill(stopping.pid, signal.SIGTERM)
+    assert stopping.proc.wait(5) == 0, stopping.describe()
+    asking.join(15)
+    assert "timeout" not in results, results
+    if how == "--echo":
+        assert results == [str(i) for i in range(20)]
+
+
+def test_only_requests_are_answered_at_their_inbox(node: NodeProcess, bg: Background) -> None:
+    """Exploratory test: a plain publish with a reply-to header made `reply --echo`
+    publish wherever it said, with the responder's permissions (around the publisher's
+    pub_allow); and a real reply with a `status: no-responders` header of its own was
+    taken for a bridge's "no responders"."""
+    bg.start("reply", "svc/echo", "--echo", server=node.ipc)
+    watcher = bg.start("sub", "app/admin/>", server=node.ipc)
+    plain = run_cli("pub", "svc/echo", "x", "-H", "reply-to=app/admin/reset", server=node.ipc)
+    assert plain.returncode == 0, plain.describe()
+    asked = run_cli("req", "svc/echo", "y", server=node.ipc)
+    assert asked.returncode == 0, asked.describe()
+    time.sleep(0.3)
+    assert watcher.lines == []
+    with connect(node.ipc) as c:
+        sub = c.subscribe("svc/status")
+        c.flush()
+        with connect(node.ipc) as asker:
+            got: list[str] = []
+
+            def ask() -> None:
+                got.append(asker.request("svc/status", "?", timeout=5).text())
+
+            t = threading.Thread(target=ask)
+            t.start()
+            c.reply(sub.next(5), "a real answer", headers={"status": "no-responders"})
+            c.flush()
+            t.join(5)
+        assert got == ["a real answer"]
+        c.publish("svc/status", "plain", headers={"reply-to": "app/admin/reset"})
+        c.flush()
+        with pytest.raises(InputError, match="not a request"):
+            c.reply(sub.next(5), "no")
