@@ -34,6 +34,7 @@ from node.dedup import MAX_ORIGINS, WINDOW
 from node.events import Event, decode_event
 from node.framing import MAX_FRAME_BYTES, MAX_RUN_BYTES
 from node.router import Router
+from node.router_mesh import _stream
 from tests.unit.test_dedup import Reference
 from tests.unit.test_router import NODE_ID as NODE
 from tests.unit.test_router import (
@@ -357,3 +358,58 @@ def test_a_client_that_reads_runs_takes_subscription_ids_below_the_run_bit() -> 
     sub_ok(r, SUB, RUN_BIT - 1, "a/b")
     hello(r, b"client-old")
     sub_ok(r, b"client-old", RUN_BIT, "a/b")  # one that does not: as before runs
+
+
+def plain_stream(body: bytes, off: int, flags: int, topic: bytes, limit: int) -> tuple[int, int]:
+    """``_stream`` as a plain loop over the records, one by one (the model)."""
+    n = min(len(body), limit)
+    k = 0
+    while off + RECORD_SIZE <= n:
+        plen, tlen, hlen, fl = RECORD.unpack_from(body, off)[:4]
+        end = off + RECORD_SIZE + tlen + hlen + plen
+        if fl != flags or body[off + RECORD_SIZE : off + RECORD_SIZE + tlen] != topic or end > n:
+            break
+        off, k = end, k + 1
+    return off, k
+
+
+@settings(deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from((b"s/1", b"s/2", b"s/11")),
+            st.sampled_from((0, F_REQUEST)),
+            st.sampled_from((10, 11, 300)),
+            st.integers(1, 30),
+        ),
+        min_size=1,
+        max_size=5,
+    ),
+    st.integers(0, 40),
+    st.sampled_from((b"s/1", b"s/2")),
+    st.sampled_from((0, F_REQUEST)),
+    st.sampled_from((2_000, 9_000, 1_000_000)),
+    st.integers(0, 50),
+)
+def test_a_stream_is_read_as_one_by_one(
+    runs: list[tuple[bytes, int, int, int]],
+    first: int,
+    topic: bytes,
+    flags: int,
+    limit: int,
+    cut: int,
+) -> None:
+    """The fixed-size shortcut (``_same_size``, slices across records) takes exactly the
+    records the plain loop does, whatever the mix of sizes, topics, flags, bounds and a
+    frame cut short."""
+    records = [
+        encode_record(t, bytes([i % 256]) * size, b"", f, 7, bytes(8) + i.to_bytes(8))
+        for i, (t, f, size, times) in enumerate(runs)
+        for _ in range(times)
+    ]
+    body = b"".join(records)
+    body = body[: len(body) - cut]
+    off = sum(len(r) for r in records[: min(first, len(records))])
+    assert _stream(body, off, flags, topic, off + limit) == plain_stream(
+        body, off, flags, topic, off + limit
+    )
