@@ -136,7 +136,9 @@ class Autosave:
     def __init__(self, path: Path, every: float, now: float) -> None:
         self.path = path
         self.every = every
-        self.next_at = now + every
+        # The first save at once: the file was removed when read, and a second crash
+        # soon after a restart lost every session (review).
+        self.next_at = now
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mqtt-autosave")
         self._running: Future[tuple[int, int]] | None = None
         self.failed = False  # the last save failed (logged once until one succeeds)

@@ -246,6 +246,7 @@ class MqttListener(ConnectSide, NodeSide):
             try:
                 save(self.cfg.sessions_file, kept)
             except OSError as e:
+                discard(self.cfg.sessions_file)  # an autosave's: older than what is lost
                 log.warning(
                     "MQTT: %d persistent session%s lost, %d QoS 1 messages in them: cannot "
                     "save them to %s: %s", n, s, waiting, self.cfg.sessions_file, e,

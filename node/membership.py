@@ -145,12 +145,14 @@ def covers(rule: str, pattern: str) -> bool:
     return len(r) == len(p)
 
 
-def overlaps(a: str, b: str) -> bool:
-    """True if some topic is matched by both patterns. A wildcard first level matches no
+def overlaps(rule: str, pattern: str) -> bool:
+    """True if some topic is matched by both: ``pattern`` as a subscription matches it,
+    ``rule`` as a deny rule does. A wildcard first level of a subscription matches no
     reserved topic (node/topics.py): ``sub_deny '_INBOX/>'`` refused ``>`` and ``*/temp``,
-    which can receive nothing it denies (exploratory test)."""
-    x, y = a.split("/"), b.split("/")
-    if (x[0] in _WILD and is_reserved(y[0])) or (y[0] in _WILD and is_reserved(x[0])):
+    which can receive nothing it denies (exploratory test). A rule's covers them still:
+    ``sub_deny '>'`` meant as "nothing" keeps refusing ``_INBOX/>`` (review)."""
+    x, y = rule.split("/"), pattern.split("/")
+    if y[0] in _WILD and is_reserved(x[0]):
         return False
     for i in range(max(len(x), len(y))):
         if i < len(x) and x[i] == ">":

@@ -507,6 +507,9 @@ def reply(
                 client.send_pending()
                 answered += 1
                 note(f"{'failed' if error else 'replied to'} {request.topic} ({len(body)} bytes)")
+            # --count reached: those handed to us beyond it hear at once that no answer
+            # comes from here (they timed out: review), and may ask again
+            _answer_left(client, subscription, None, None)
         except KeyboardInterrupt:
             if subscription is not None:
                 _answer_left(client, subscription, fixed, in_hand)

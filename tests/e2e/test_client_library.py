@@ -22,6 +22,7 @@ from meshctl import connect
 from meshctl.client import Client
 from meshctl.errors import Timeout
 from node.codec import RECORD
+from node.events import Event
 
 pytestmark = pytest.mark.e2e
 
@@ -314,4 +315,37 @@ def test_a_requests_header_limit_is_said_of_the_callers_headers(node: NodeProces
     client.publish("h/t", b"x", headers=headers)  # a publish takes it
     with pytest.raises(InputError, match=rf"{MAX_PUBLISH_HEADERS} bytes .*reply-to takes \d+"):
         client.request("h/t", b"x", headers=headers, timeout=1)
+    client.close()
+
+
+def test_events_held_for_a_callback_keep_their_order(node: NodeProcess) -> None:
+    """Review: a callback that subscribed (its events held meanwhile) and then worked
+    saw 1,150 newer events run before the held ones: the read loop went on after it."""
+    import threading
+
+    client = connect(node.ipc, name="app")
+    got: list[int] = []
+
+    def handle(event: Event) -> None:
+        got.append(int(event.data))
+        if len(got) == 500:
+            time.sleep(0.05)  # frames pile up at the socket
+            client.subscribe("other/x")  # its events are held while this waits
+            time.sleep(0.05)
+
+    client.subscribe("o/x", callback=handle)
+
+    def publish() -> None:
+        with connect(node.ipc, name="pub") as pub:
+            for i in range(5_000):
+                pub.publish("o/x", str(i))
+                if i % 50 == 0:
+                    time.sleep(0.002)
+            pub.flush()
+
+    t = threading.Thread(target=publish)
+    t.start()
+    client.run(until=lambda: len(got) >= 5_000, timeout=5)
+    t.join(10)
+    assert got == list(range(5_000))
     client.close()

@@ -572,6 +572,24 @@ def test_persistent_sessions_survive_a_power_cut_as_of_the_last_autosave(
     assert mqtt_status(third)["sessions_restored"] == 0  # not the autosave's older file
 
 
+def test_restored_sessions_are_saved_again_at_once(make_node: NodeFactory, tmp_path: Path) -> None:
+    """Review: the file is removed once read, and the first autosave came a whole
+    interval later: a second crash soon after a restart lost every session."""
+    data_dir = tmp_path / "kept"
+    node = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    dev = Paho(mqtt_port(node), "device-9", clean=False)
+    dev.subscribe("cmd/#", qos=1)
+    dev.close()
+    assert node.stop() == 0
+    again = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)  # autosave: 60 s
+    assert mqtt_status(again)["sessions_restored"] == 1
+    wait_for((data_dir / "mqtt_sessions.db").exists, timeout=5, what="a save at once")
+    os.kill(again.pid, signal.SIGKILL)
+    again.proc.wait(5)
+    third = make_node(config_text=MQTT_CONFIG, data_dir=data_dir)
+    assert mqtt_status(third)["sessions_restored"] == 1
+
+
 def test_sessions_restored_under_lower_bounds_say_what_they_cost(
     make_node: NodeFactory, tmp_path: Path
 ) -> None:

@@ -348,3 +348,19 @@ def test_only_requests_are_answered_at_their_inbox(node: NodeProcess, bg: Backgr
         c.flush()
         with pytest.raises(InputError, match="not a request"):
             c.reply(sub.next(5), "no")
+
+
+def test_a_replier_done_with_its_count_answers_what_it_was_handed(
+    node: NodeProcess, bg: Background
+) -> None:
+    """Review: `reply --count 1` handed 4 requests at once answered one and left the
+    other 3 to their timeout. They hear at once that no answer comes from it."""
+    replier = bg.start(
+        "reply", "svc/once", "--command", "sleep 0.5; cat", "--count", "1", server=node.ipc
+    )
+    started = time.monotonic()
+    results = _ask_all(node, "svc/once", 4)
+    assert replier.proc.wait(5) == 0, replier.describe()
+    assert "timeout" not in results, results
+    assert time.monotonic() - started < 5
+    assert results.count("error") == 3, results  # and one answered
