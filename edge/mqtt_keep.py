@@ -25,7 +25,7 @@ import contextlib
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Final
@@ -143,14 +143,15 @@ class Autosave:
         self._running: Future[tuple[int, int]] | None = None
         self.failed = False  # the last save failed (logged once until one succeeds)
 
-    def due(self, now: float, sessions: Iterable[Session]) -> None:
-        """Start a save if one is due and the one before has finished."""
-        if not self.every or now < self.next_at:
+    def due(self, now: float, sessions: Callable[[], Iterable[Session]]) -> None:
+        """Start a save of ``sessions()`` if one is due and the one before has finished
+        (the sessions asked for only then: this runs at every tick of the listener)."""
+        if now < self.next_at:
             return
         if self._running is not None and not self._running.done():
             return  # a slow disk: the next tick asks again
         self.next_at = now + self.every
-        self._running = self._pool.submit(self._save, snapshot(sessions))
+        self._running = self._pool.submit(self._save, snapshot(sessions()))
 
     def _save(self, rows: list[_Rows]) -> tuple[int, int]:
         try:

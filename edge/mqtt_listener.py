@@ -428,7 +428,7 @@ class MqttListener(ConnectSide, NodeSide):
             for sid in [k for k, (_s, _u, until) in self._retired.items() if until <= now]:
                 del self._retired[sid]
             if self._autosave is not None:
-                self._autosave.due(now, self.sessions.persistent())
+                self._autosave.due(now, self.sessions.persistent)
             again = self.committing.due(now)
             if again:  # a PUB frame lost on the way (the node's queue full): same ids again
                 for rec in again:

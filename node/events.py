@@ -24,6 +24,9 @@ from node.codec import (
     run_bounds,
 )
 from node.errors import CodecError
+from node.topics import INBOX_PREFIX
+
+_INBOX: Final = INBOX_PREFIX + "/"  # where a request's reply goes
 
 _EMPTY: Final[Mapping[str, str]] = {}
 
@@ -71,7 +74,7 @@ class Event:
         with a ``reply-to`` header of its own made responders publish wherever it said,
         with their permissions (exploratory test: around the publisher's pub_allow)."""
         to = self.headers.get("reply-to")
-        if to is None or not self.flags & F_REQUEST or not to.startswith("_INBOX/"):
+        if to is None or not self.flags & F_REQUEST or not to.startswith(_INBOX):
             return None
         return to
 

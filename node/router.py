@@ -955,9 +955,9 @@ class Router(MeshSide, DurableSide):
         ``said_by``) waits for others that may answer: clients here, and with ``mesh``
         other nodes. Answers are gathered per request: the last one due goes (review: two
         NATS bridges exporting one topic held back each other's)."""
-        topic = ev.headers.get(NO_RESPONDERS_FOR)
-        if topic is None or ev.headers.get("status") != "no-responders":
+        if not ev.says_no_responders:
             return False
+        topic = ev.headers[NO_RESPONDERS_FOR]
         route = self._resolve(topic.encode())
         if type(route) is _Refused:
             return False
