@@ -329,20 +329,25 @@ class Client:
             sock.curve_secretkey = self._creds["secret"].encode()
             server_key = os.environ.get("MESHCTL_SERVER_KEY") or self._creds["server_key"]
             sock.curve_serverkey = server_key.encode()
+        # With credentials, the CurveZMQ handshake's failures tell why no answer comes: a
+        # revoked or expired client was told "cannot reach a node" (found in review).
+        # Watched from before the connect: libzmq does not retry a refused handshake, and
+        # a monitor attached after it had missed the one refusal there was (a CI run).
+        curve = self._creds is not None and self.server.startswith("tcp://")
+        monitor = sock.get_monitor_socket(_HANDSHAKE_FAILED) if curve else None
         try:
             sock.connect(self.server)
         except zmq.ZMQError as e:
+            if monitor is not None:
+                monitor.close(linger=0)
             sock.close(linger=0)
             raise InputError(f"cannot use server address {self.server!r}: {e.strerror}") from None
         self._sock = sock
-        self._hello()
+        self._hello(monitor)
 
-    def _hello(self) -> None:
+    def _hello(self, monitor: zmq.Socket[bytes] | None) -> None:
+        """Greet the node; ``monitor`` watches the socket's handshakes, for credentials."""
         assert self._sock is not None
-        curve = self._creds is not None and self.server.startswith("tcp://")
-        # With credentials, the CurveZMQ handshake's failures tell why no answer comes: a
-        # revoked or expired client was told "cannot reach a node" (found in review).
-        monitor = self._sock.get_monitor_socket(_HANDSHAKE_FAILED) if curve else None
         try:
             self._sock.send(self._hello_frame())
             deadline = time.monotonic() + self.timeout

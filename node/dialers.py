@@ -135,15 +135,19 @@ class Dialers:
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.silent_ms)
         # Events up to max_payload, node states up to MAX_STATE_BYTES, whichever is more.
         sock.setsockopt(zmq.MAXMSGSIZE, max(self.max_payload, MAX_STATE_BYTES) + 256 * 1024)
+        # Why a dial fails: a peer's ZAP refusal says no more. Watched from before the
+        # connect: a monitor attached after it may miss the refusal (a client did, in CI).
+        monitor = sock.get_monitor_socket(_CURVE_FAILED) if self.curve is not None else None
         try:
             sock.connect(d.endpoint)
         except zmq.ZMQError as e:
+            if monitor is not None:
+                monitor.close(linger=0)
             sock.close(linger=0)
             d.last_error = e.strerror
             self.backoff(d, now)
             return
-        if self.curve is not None:  # why a dial fails: a peer's ZAP refusal says no more
-            d.monitor = sock.get_monitor_socket(_CURVE_FAILED)
+        d.monitor = monitor
         d.sock = sock
         d.state = "dialing"
         d.dial_started = now

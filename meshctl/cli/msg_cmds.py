@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Annotated
 
 import typer
@@ -553,21 +553,25 @@ def _run(command: str, stdin: bytes, limit: float) -> tuple[bytes, bool]:
     In a process group of its own, ended whole on a timeout or an interrupt: killing the
     shell alone left what it had started running (the `sleep` of a timed-out
     `sleep 30; cat`), and a stopped replier left the whole command behind (review)."""
-    proc = subprocess.Popen(  # noqa: S602 - running the operator's shell command is the feature
-        command,
-        shell=True,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = None
     try:
+        with _stops_held():
+            proc = subprocess.Popen(  # noqa: S602 - the operator's shell command is the feature
+                command,
+                shell=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
         out, err = proc.communicate(stdin, timeout=limit)
     except subprocess.TimeoutExpired:
+        assert proc is not None
         _end_group(proc)
         return f"command timed out after {limit:g}s".encode(), True
     except BaseException:
-        _end_group(proc)
+        if proc is not None:
+            _end_group(proc)
         raise
     if proc.returncode != 0:
         why = err.decode(errors="replace").strip().splitlines()
@@ -575,6 +579,27 @@ def _run(command: str, stdin: bytes, limit: float) -> tuple[bytes, bool]:
             f"command exited with {proc.returncode}" + (f": {why[-1]}" if why else "")
         ).encode(), True
     return out, False
+
+
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """Hold Ctrl-C, SIGTERM and SIGHUP while a command starts, and deliver them on leaving:
+    one that came while Popen had started the command but not yet returned it left the
+    command running with no one to end it (a CI run: a SIGHUP'd replier's `sleep`)."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    came: list[int] = []
+    try:
+        before = [signal.signal(s, lambda signum, _frame: came.append(signum)) for s in stops]
+    except ValueError:  # not the main thread: no handler of ours runs here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in zip(stops, before, strict=True):
+            signal.signal(s, handler)
+        for signum in came:  # to the handler it would have met: ignored stays ignored
+            signal.raise_signal(signum)
 
 
 def _end_group(proc: subprocess.Popen[bytes]) -> None:

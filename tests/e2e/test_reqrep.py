@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import Background, NodeProcess, SubProcess, run_cli, wait_for
 
+from meshctl.cli import _stop_as_interrupted, msg_cmds
 from meshctl.client import connect
 from meshctl.errors import InputError, Timeout
 
@@ -257,6 +260,35 @@ def test_a_replier_whose_terminal_closes_ends_its_command_too(
     # Its requester hears at once that no answer is coming (it waited out its timeout).
     assert asker.wait_exit(timeout=3) == 1, asker.describe()
     assert "responder stopped before answering" in asker.stderr, asker.describe()
+
+
+def test_a_stop_while_the_command_starts_ends_the_command_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CI run: a SIGHUP that came while Popen had started the command but not returned
+    it yet left the command running (the test above, once in many runs). Here the signal
+    comes at that moment every time."""
+    start = subprocess.Popen
+    started: list[int] = []
+
+    def signalled_while_starting(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = start(*args, **kwargs)
+        started.append(proc.pid)
+        signal.raise_signal(signal.SIGHUP)
+        return proc
+
+    before = signal.signal(signal.SIGHUP, _stop_as_interrupted)  # as `main` sets it
+    monkeypatch.setattr(subprocess, "Popen", signalled_while_starting)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            msg_cmds._run("exec sleep 30", b"", 10)
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    try:
+        wait_for(lambda: not _running(started[0]), timeout=5, what="the command to end")
+    finally:
+        if _running(started[0]):
+            os.kill(started[0], signal.SIGKILL)  # ours: left by the code before the fix
 
 
 def _running(pid: int) -> bool:
