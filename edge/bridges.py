@@ -9,6 +9,7 @@ exports are dropped and counted (``dropped_remote_down``), as they are at most o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import json
@@ -39,6 +40,7 @@ from edge.mapping import (
     nats_to_mesh,
     swap_prefix,
 )
+from edge.mqtt_export import Limits, Round, broker_limits, publish_size
 from edge.port import PATH_HEADER, MeshPort, Refusal
 from edge.tls import client_context
 from node import datadir
@@ -71,7 +73,8 @@ ANSWERED_LINGER: Final = 5.0
 NATS_NO_RESPONDERS: Final = "503"  # the status NATS servers send; nats-py raises on it
 _ERROR_CODES: Final = {"payload": "413", "permission": "403", "topic": "400"}
 SPOOL_BATCH: Final = 500  # persistent exports read from the log per round
-SPOOL_WAIT: Final = 5.0  # how long the broker may take to acknowledge a round
+SPOOL_WAIT: Final = 5.0  # how long the NATS server may take to acknowledge a round
+ROUND_POLL_MS: Final = 10  # the MQTT bridge's look at its round's acknowledgements
 FLUSH_GIVE_UP: Final = 60.0  # a NATS round unacknowledged this long goes again
 PING_EVERY: Final = 3  # seconds between nats-py's PINGs; 3 unanswered: reconnect
 LOG_FIRST: Final = 10  # oversized exports, errors: logged one by one, then every 1000th
@@ -111,6 +114,7 @@ class Bridge:
         self.ident = ident
         self.port = MeshPort(cfg.name, node_id, cfg.url)
         self.state = "starting"
+        self.detail = ""  # what the last change of state said (a down's reason)
         self.counters = {
             "imported": 0,
             "exported": 0,
@@ -149,20 +153,23 @@ class Bridge:
             "spool": spool,
             "name": self.cfg.name,
             "kind": self.cfg.kind,
-            "url": self.cfg.url,
+            "url": self.cfg.shown_url,
             "state": self.state,
+            # why it is down: only the log and $mesh/bridge/down said (exploratory test)
+            "detail": "" if self.state == "up" else self.detail,
             "import": list(self.cfg.imports),
             "export": list(self.cfg.exports),
             **self.counters,
         }
 
     def _set_state(self, state: str, detail: str = "") -> None:
+        self.detail = detail
         if state != self.state:
             self.state = state
             log.info(
                 "bridge %s (%s): %s%s",
                 self.cfg.name,
-                self.cfg.url,
+                self.cfg.shown_url,
                 state,
                 f": {detail}" if detail else "",
             )
@@ -171,7 +178,7 @@ class Bridge:
             self._notices.put(
                 (
                     f"$mesh/bridge/{'up' if state == 'up' else 'down'}",
-                    {"bridge": self.cfg.name, "url": self.cfg.url, "detail": detail},
+                    {"bridge": self.cfg.name, "url": self.cfg.shown_url, "detail": detail},
                 )
             )
 
@@ -413,6 +420,14 @@ class MqttBridge(Bridge):
     """paho-mqtt (MQTT v5, so subscriptions are no-local: our exports never come back)."""
 
     SEPARATOR = "/"
+    _round: Round | None = None  # the spool round the broker has not answered in full
+    _awaiting = False  # a round is being sent or waits: paho's thread passes its answers on
+    _limits: Limits = Limits()  # what the broker said it takes, when it last accepted us
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (message id, why refused or "") from paho's thread, in the order answered
+        self._answers: collections.deque[tuple[int, str]] = collections.deque()
 
     def _run(self) -> None:
         import paho.mqtt.client as mqtt  # noqa: PLC0415 - optional dependency
@@ -436,10 +451,14 @@ class MqttBridge(Bridge):
             client.tls_set_context(self.tls)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
 
-        def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        def on_connect(c: Any, _u: Any, _f: Any, reason: Any, props: Any) -> None:
             if reason.is_failure:
                 self._set_state("down", str(reason))
                 return
+            limits = broker_limits(props)
+            if limits != self._limits:
+                self._limits = limits
+                self._say_limits()
             for i, filt in enumerate(self.cfg.imports):
                 # Retain As Published: a retained publish keeps its flag on its way to us,
                 # so it becomes the mesh's retained value too (the flag was dropped).
@@ -480,19 +499,22 @@ class MqttBridge(Bridge):
         client.on_connect_fail = on_connect_fail
         client.on_disconnect = on_disconnect
         client.on_message = on_message
+        client.on_publish = self._on_publish
+        self._open_spool()  # before the connect: on_connect asks whether there is one
         client.connect_async(self.cfg.host, self.cfg.port, keepalive=10)
         client.loop_start()
-        self._open_spool()
         behind = False  # the last spool round was full: more waits, do not sleep
         try:
             while not self._stop.is_set():
-                if sock.poll(0 if behind else POLL_MS):
+                wait = ROUND_POLL_MS if self._round is not None else POLL_MS
+                if sock.poll(0 if behind else wait):
                     while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
                         for ev in self.port.events(sock.recv()):
                             if not self._spooled(ev):
                                 self._export_mqtt(client, sock, ev)
                 behind = False
-                if self.spool is not None and self.state == "up":
+                self._take_answers()
+                if self.spool is not None:
                     behind = self._drain_spool_mqtt(client)
                 self._count_spool()
                 self._drain_imports(sock, mqtt_topic_to_mesh)
@@ -521,14 +543,19 @@ class MqttBridge(Bridge):
         elif self.state != "up":
             self.counters["dropped_remote_down"] += 1
         else:
-            self.counters["exported"] += 1
-            return self._publish_mqtt(client, remote, ev)
+            info = self._publish_mqtt(client, remote, ev, self.cfg.qos)
+            if info is not None:
+                self.counters["exported"] += 1
+            return info
         return None
 
-    def _publish_mqtt(self, client: Any, remote: str, ev: Event) -> Any:
+    def _publish_mqtt(self, client: Any, remote: str, ev: Event, qos: int) -> Any:
         """Publish with PATH_HEADER and the event's own headers as MQTT v5 user properties
         (one Properties object per path, kept, for events without headers: nearly every
-        export has the same one, this node alone)."""
+        export has the same one, this node alone). None for a message the broker said it
+        takes none of (over its maximum packet size): counted and logged. A broker that
+        closes the connection on such a message was sent it again on every reconnect,
+        and the bridge went up and down each second for good (exploratory test)."""
         path = self.port.path(ev)
         own = mqtt_properties(ev.headers) if ev.headers else []
         marks = self._marks
@@ -543,40 +570,108 @@ class MqttBridge(Bridge):
                 if len(marks) > 1024:
                     marks.clear()
                 marks[path] = props
+        limits = self._limits
+        qos = min(qos, limits.max_qos)
+        if limits.max_packet:
+            size = publish_size(remote, ev.data, props.pack(), qos)
+            if size > limits.max_packet:
+                self._too_big(f"the broker ({remote})", size, limits.max_packet, "its packet")
+                return None
         # Retained at the broker as in the mesh (a clear clears it): a live copy of a
         # retained publish carries F_RETAINED_LIVE; a stored one (the spool's) F_RETAIN.
-        retain = bool(ev.flags & (F_RETAIN | F_RETAINED_LIVE))
-        return client.publish(remote, ev.data, qos=self.cfg.qos, retain=retain, properties=props)
+        # Not where the broker keeps none (it closes the connection on a retained one).
+        retain = limits.retain and bool(ev.flags & (F_RETAIN | F_RETAINED_LIVE))
+        return client.publish(remote, ev.data, qos=qos, retain=retain, properties=props)
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
+        """From paho's thread: the broker has a message (PUBACK; QoS 0: it is written),
+        or refused it (an MQTT v5 reason code of 0x80 or more: not authorised, quota,
+        payload format). The bridge thread takes these in ``_take_answers``; a success
+        only while a spool round waits (a live export's needs nothing: 12 % off the
+        bridge's rate to MQTT, when each went through the queue)."""
+        if reason.value >= 0x80:
+            self._answers.append((mid, str(reason)))
+        elif self._awaiting:
+            self._answers.append((mid, ""))
+
+    def _take_answers(self) -> None:
+        """The broker's answers so far: a round's message is done when answered, whether
+        taken or refused; a refusal (of a round's or a live export) is counted and logged.
+        A refusal was counted as exported, and the spool moved past it unsaid (review)."""
+        pending = self._round.pending if self._round is not None else {}
+        answers = self._answers
+        while answers:
+            mid, why = answers.popleft()
+            ev = pending.pop(mid, None)
+            if not why:
+                continue
+            if ev is None:
+                self.counters["exported"] -= 1  # a live export, counted when published
+            elif self._round is not None:
+                self._round.refused += 1
+            n = self.counters["refused"] = self.counters["refused"] + 1
+            if worth_a_line(n, LOG_FIRST):
+                what = f"{ev.topic!r}" if ev is not None else "an export"
+                log.warning(
+                    "bridge %s: the broker refused %s: %s (total %d)", self.cfg.name, what, why, n
+                )
+
+    def _say_limits(self) -> None:
+        """Log what the broker's limits change (from paho's thread, when they change)."""
+        limits = self._limits
+        if limits.max_qos < 1 and self.spool is not None:
+            log.warning(
+                "bridge %s: the broker takes QoS 0 at most: persistent exports go to it at "
+                "most once", self.cfg.name,
+            )  # fmt: skip
+        if not limits.retain:
+            log.warning(
+                "bridge %s: the broker keeps no retained messages: retained exports go as "
+                "plain messages", self.cfg.name,
+            )  # fmt: skip
 
     def _drain_spool_mqtt(self, client: Any) -> bool:
-        """Send the next persistent exports; move the cursor once the broker has them all
-        (PUBACK at QoS 1; written to the socket at QoS 0). A round cut short by the broker
-        going away is sent again after it returns: at least once, as MQTT QoS 1 is.
-        True if the round was full, so more may wait: the caller goes on without sleeping
-        (one round per 50 ms poll read at most 10,000 log entries a second, exports or
-        not, which a fleet of devices logging persistent events outruns)."""
+        """Send the next persistent exports; move the cursor once the broker has answered
+        them all (PUBACK: at QoS 1 whatever ``qos`` says, as at QoS 0 nothing tells the
+        bridge that the broker has them: a broker killed after the write lost every one,
+        the spool empty; exploratory test). A round the broker has not answered waits in
+        paho, which sends it again after a reconnect: sent again here too, every 5 s a
+        broker hung, each export arrived six times (exploratory test).
+        True when the caller should come back at once: a full round is done (more may
+        wait: one round per 50 ms poll read at most 10,000 log entries a second, exports
+        or not, which a fleet of devices logging persistent events outruns), or one is
+        answered already (nothing in it to wait for)."""
+        done = self._round
+        if done is not None:
+            if done.pending:
+                return False
+            self._round = None
+            self._awaiting = False
+            self._spool_done(done.seq, done.sent - done.refused)
+            return done.full
+        if self.state != "up":
+            return False
         got = self._spool_round()
         if got is None:
             return False
         seq, events, full = got
-        infos = []
+        pending: dict[int, Event] = {}
+        self._awaiting = True
         for ev in events:
             remote = self._export_topic(ev.topic, mesh_topic_to_mqtt)
             if remote is None:
                 self.counters["refused"] += 1
                 continue
-            infos.append(self._publish_mqtt(client, remote, ev))
-        deadline = time.monotonic() + SPOOL_WAIT
-        for info in infos:
-            try:
-                info.wait_for_publish(max(0.01, deadline - time.monotonic()))
-                there = info.is_published()
-            except (RuntimeError, ValueError):  # paho: not connected (the broker went away)
-                there = False
-            if not there:
-                return False  # not all there: this round goes again, after a poll
-        self._spool_done(seq, len(infos))
-        return full
+            info = self._publish_mqtt(client, remote, ev, 1)
+            if info is None:
+                continue  # over the broker's limit: counted, and the round goes on
+            if info.rc and self._limits.max_qos < 1:
+                self._awaiting = False
+                return False  # at QoS 0 paho keeps nothing it could not write: again later
+            pending[info.mid] = ev
+        self._round = Round(seq, full, pending, len(pending))
+        self._take_answers()  # (a QoS 0 round is answered as it is written)
+        return not self._round.pending  # answered already: the next call closes it
 
 
 def _nats_matches(pattern: str, subject: str) -> bool:

@@ -103,14 +103,16 @@ class MeshPort:
         return remote_headers(headers, {**self._marks, **ours})
 
     def came_from_here(self, ev: Event) -> bool:
-        """Imported by this bridge, or by another bridge of the mesh to the same broker
-        (two gateways on one broker each sent the other's imports back to it)."""
+        """Imported by a bridge of the mesh to the same broker: this one, or another node's
+        (two gateways on one broker each sent the other's imports back to it). Not by a
+        bridge of the same name on another node to another broker: with the default
+        names, broker X -> mesh -> broker Y carried nothing, unsaid (exploratory test)."""
         headers = ev.headers
         if not headers:
             return False
-        return headers.get(BRIDGE_HEADER) == self.name or (
-            bool(self.url) and headers.get(URL_HEADER) == self.url
-        )
+        if self.url:
+            return headers.get(URL_HEADER) == self.url
+        return headers.get(BRIDGE_HEADER) == self.name
 
     def path(self, ev: Event) -> str:
         """PATH_HEADER for ``ev`` leaving the mesh here: its path so far, and this node."""

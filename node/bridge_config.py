@@ -61,7 +61,16 @@ class BridgeConfig:
 
     @property
     def url(self) -> str:
+        """Which broker: the mark on what the bridge imports (edge/port.py), so it does not
+        change with TLS."""
         return f"{self.kind}://{self.host}:{self.port}"
+
+    @property
+    def shown_url(self) -> str:
+        """The broker's URL as configured, for status and the log: ``mqtts://`` with TLS
+        (it showed ``mqtt://``, which said the bridge ran in clear: exploratory test)."""
+        scheme = {"mqtt": "mqtts", "nats": "tls"}[self.kind] if self.tls else self.kind
+        return f"{scheme}://{self.host}:{self.port}"
 
 
 def parse_bridges(raw: Any, source: str) -> tuple[BridgeConfig, ...]:
@@ -133,7 +142,7 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
         missing = "key_file" if strings["cert_file"] else "cert_file"
         raise fail(missing, "cert_file and key_file go together")
     qos = item.get("qos", 0)
-    if qos not in (0, 1) or isinstance(qos, bool):
+    if type(qos) is not int or qos not in (0, 1):  # 1.0 passed, and paho raised in its thread
         raise fail("qos", f"{qos!r} must be 0 or 1")
     if kind == "nats" and "qos" in item:  # accepted and ignored before (exploratory test)
         raise fail("qos", "applies to MQTT bridges; NATS has none")

@@ -459,6 +459,8 @@ def _render_status(s: dict[str, Any]) -> None:
         )
         for b in bridges:
             state = b["state"] if b["state"] == "up" else f"[red]{b['state']}[/]"
+            if b.get("detail"):
+                state += f" ({b['detail'][:60]})"  # escaped with the rest
             spool = b.get("spool") or {}
             waiting = f"{spool['entries']} events" if "entries" in spool else ""
             t.add_row(

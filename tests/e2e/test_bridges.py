@@ -1212,13 +1212,18 @@ def test_a_nats_requester_gathers_every_mesh_reply(
 
 
 @contextlib.contextmanager
-def persistent_mosquitto(port: int, state: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """mosquitto keeping its sessions on disk (saved when it stops), stopped by PID."""
+def persistent_mosquitto(
+    port: int, state: Path, extra: str = ""
+) -> Iterator[subprocess.Popen[bytes]]:
+    """mosquitto keeping its sessions on disk (saved when it stops), stopped by PID;
+    ``extra``: more lines of its configuration."""
     need_binary("mosquitto")
     conf = state / "mosquitto.conf"
     conf.write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-        f"persistence_location {state}/\nlog_dest none\n"
+        # As root, it reads its files (an ACL) and saves its state as root: pytest's
+        # temporary directories are closed to the user it would switch to.
+        f"persistence_location {state}/\nlog_dest none\nuser root\n{extra}"
     )
     proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL)
     try:
@@ -1301,3 +1306,198 @@ qos = 1
     finally:
         peer.loop_stop()
         client.close()
+
+
+def mqtt_bridge(port: int, more: str = "") -> str:
+    return f'[[bridge]]\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{port}"\n{more}'
+
+
+def test_what_a_broker_takes_none_of_is_refused_and_the_rest_goes_on(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Found by an exploratory test: one export over the broker's maximum packet size
+    closed the bridge's connection; paho sent it again on every reconnect, and the bridge
+    went up and down each second for good, every later export dropped. Same for a retained
+    one where the broker keeps none. The limits the broker announces are kept now."""
+    port = lh.free_port()
+    state = tmp_path / "mosq"
+    state.mkdir()
+    with persistent_mosquitto(port, state, "max_packet_size 10000\nretain_available false\n"):
+        node = bridged_node(make_node, mqtt_bridge(port, 'export = ["out/>"]\nqos = 1\n'))
+        peer = MqttPeer(port, ["out/#"])
+        try:
+            with connect(node.ipc) as client:
+                client.publish("out/big", b"x" * 20_000)
+                client.publish("out/big", b"x" * 20_000, persistent=True)
+                client.publish("out/kept", "r", retain=True)  # goes, as a plain message
+                for i in range(5):
+                    client.publish("out/direct", str(i))
+                    client.publish("out/stored", str(i), persistent=True)
+                client.confirm(timeout=5)
+            want = [("out/kept", b"r")] + [
+                (f"out/{t}", str(i).encode()) for t in ("direct", "stored") for i in range(5)
+            ]
+            wait_for(lambda: len(peer.got) >= len(want), timeout=10, what="the small ones")
+            time.sleep(1.0)  # a flapping bridge would send them again
+            assert sorted(peer.got) == sorted(want)
+            bridge = node.status()["bridges"][0]
+            assert bridge["refused_too_big"] == 2
+            assert bridge["state"] == "up"
+            assert "): down" not in node.log_text()
+        finally:
+            peer.close()
+
+
+def test_an_export_the_broker_refuses_is_counted_as_refused(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Found by an exploratory test: an export the broker's ACL refused (MQTT v5 PUBACK
+    "not authorized") was counted as exported, and the spool moved past it unsaid."""
+    port = lh.free_port()
+    state = tmp_path / "mosq"
+    state.mkdir()
+    acl = state / "acl"
+    acl.write_text("topic read out/#\ntopic write out/ok/#\n")
+    with persistent_mosquitto(port, state, f"acl_file {acl}\n"):
+        node = bridged_node(make_node, mqtt_bridge(port, 'export = ["out/>"]\nqos = 1\n'))
+        peer = MqttPeer(port, ["out/#"])
+        try:
+            with connect(node.ipc) as client:
+                client.publish("out/no/1", "stored", persistent=True)
+                client.publish("out/no/2", "direct")
+                client.publish("out/ok/1", "fine")
+                client.confirm(timeout=5)
+            bridge = wait_for(
+                lambda: (b := node.status()["bridges"][0])["refused"] == 2 and b,
+                timeout=10,
+                what="two refusals",
+            )
+            assert bridge["exported"] == 1
+            wait_for(  # the refused one does not wait (the count is a second old at most)
+                lambda: node.status()["bridges"][0]["spool"]["entries"] == 0,
+                timeout=5,
+                what="an empty spool",
+            )
+            wait_for(lambda: peer.got, timeout=5, what="the one allowed")
+            time.sleep(0.5)  # the others would come now
+            assert peer.got == [("out/ok/1", b"fine")]
+            assert "the broker refused 'out/no/1': Not authorized" in node.log_text()
+        finally:
+            peer.close()
+
+
+@pytest.mark.slow
+def test_a_broker_that_hangs_a_while_gets_each_persistent_export_once(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Found by an exploratory test: a broker stopped (SIGSTOP) for 12 s got each
+    persistent export three times, for 30 s six: the bridge sent its round again every
+    5 s while paho still held it (and paho sends it again itself after a reconnect)."""
+    port = lh.free_port()
+    state = tmp_path / "mosq"
+    state.mkdir()
+    with persistent_mosquitto(port, state) as broker:
+        node = bridged_node(make_node, mqtt_bridge(port, 'export = ["out/>"]\nqos = 1\n'))
+        peer = MqttPeer(port, ["out/#"])
+        try:
+            os.kill(broker.pid, signal.SIGSTOP)
+            try:
+                with connect(node.ipc) as client:
+                    for i in range(50):
+                        client.publish("out/p", str(i), persistent=True)
+                    client.confirm(timeout=5)
+                time.sleep(7)  # past the 5 s the bridge waited; within paho's keepalive
+            finally:
+                os.kill(broker.pid, signal.SIGCONT)
+            wait_for(lambda: len(peer.got) >= 50, timeout=10, what="the 50")
+            time.sleep(1.0)  # copies would come now
+            assert [int(d) for _, d in peer.got] == list(range(50))
+        finally:
+            peer.close()
+
+
+@pytest.mark.slow
+def test_persistent_exports_of_a_qos_0_bridge_outlive_a_broker_killed(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Found by an exploratory test: with ``qos = 0`` (the default) the spool moved on
+    once a persistent export was written to the socket; a broker killed before it read
+    them lost every one, the spool empty. Persistent exports go at QoS 1 now."""
+    import paho.mqtt.client as mqtt
+
+    port = lh.free_port()
+    state = tmp_path / "mosq"
+    state.mkdir()
+    got: list[bytes] = []
+    subscribed = threading.Event()
+    peer = mqtt.Client(
+        mqtt.CallbackAPIVersion.VERSION2,
+        client_id="qos0-peer",
+        clean_session=False,
+        protocol=mqtt.MQTTv311,
+    )
+    peer.on_connect = lambda c, *_: c.subscribe("out/#", qos=1)
+    peer.on_subscribe = lambda *_: subscribed.set()
+    peer.on_message = lambda _c, _u, m: got.append(m.payload)
+    peer.reconnect_delay_set(min_delay=1, max_delay=1)
+    saving = "autosave_interval 1\n"  # the peer's session outlives the kill
+    with persistent_mosquitto(port, state, saving) as broker:
+        node = bridged_node(make_node, mqtt_bridge(port, 'export = ["out/>"]\n'))
+        peer.connect("127.0.0.1", port)
+        peer.loop_start()
+        try:
+            assert subscribed.wait(5)
+            time.sleep(2.5)  # saved
+            os.kill(broker.pid, signal.SIGSTOP)
+            with connect(node.ipc) as client:
+                for i in range(50):
+                    client.publish("out/p", str(i), persistent=True)
+                client.confirm(timeout=5)
+            time.sleep(1.0)  # written to the stopped broker's socket
+            os.kill(broker.pid, signal.SIGKILL)
+            broker.wait(5)
+        except BaseException:
+            peer.loop_stop()
+            raise
+    try:
+        with persistent_mosquitto(port, state, saving):
+            wait_for(lambda: len(set(got)) == 50, timeout=20, what="all 50 after the restart")
+            firsts = list(dict.fromkeys(int(g) for g in got))
+            assert firsts == list(range(50))
+            wait_for(
+                lambda: node.status()["bridges"][0]["spooled"] == 50,
+                timeout=5,
+                what="the spool to move past them",
+            )
+    finally:
+        peer.loop_stop()
+
+
+def test_bridges_of_one_name_on_two_nodes_pass_each_others_imports_on(
+    mosquitto: int, make_node: NodeFactory
+) -> None:
+    """Found by an exploratory test: broker X -> node A's bridge -> node B's bridge ->
+    broker Y carried nothing, unsaid, when both bridges had the default name: a bridge
+    took an import of any bridge of its name, on any node, for its own."""
+    other = lh.free_port()
+    with lh.mosquitto(port=other):
+        a = bridged_node(make_node, mqtt_bridge(mosquitto, 'import = ["x/#"]\n'))
+        bridged_node(
+            make_node,
+            f'links = ["tcp://127.0.0.1:{a.tcp_port}"]\n'
+            + mqtt_bridge(other, 'export = ["x/>"]\n'),
+        )
+        with connect(a.ipc) as client:
+            wait_for(
+                lambda: any(r["reachable"] for r in client.view("routes", topic="x/1")["remote"]),
+                timeout=10,
+                what="node B's interest at node A",
+            )
+        there = MqttPeer(other, ["x/#"])
+        here = MqttPeer(mosquitto, ["unrelated/#"])
+        try:
+            here.publish("x/1", b"across")
+            wait_for(lambda: there.got == [("x/1", b"across")], timeout=5, what="it at broker Y")
+        finally:
+            here.close()
+            there.close()

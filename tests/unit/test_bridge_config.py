@@ -57,6 +57,7 @@ def test_tls_files_are_kept_and_turn_tls_on() -> None:
         (MQTT | {"username": 5}, "username", "string"),
         (MQTT | {"tls": "yes"}, "tls", "true or false"),
         (MQTT | {"qos": 2}, "qos", "0 or 1"),
+        (MQTT | {"qos": 1.0}, "qos", "0 or 1"),  # accepted; paho raised in its thread
         (MQTT | {"export": ["a//b"]}, "export", ""),
         # Each would match events and refuse every one (exploratory test of dialects):
         (MQTT | {"export": ["a+b/>"]}, "export", "wildcards in MQTT"),

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import zmq
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edge.bridges import SPOOL_BATCH, MqttBridge
+from edge.mqtt_export import broker_limits
 from edge.port import MeshPort
 from node.bridge_config import parse_bridges
 from node.codec import F_PERSISTENT
@@ -16,32 +21,60 @@ from node.store import open_store
 
 
 class Broker:
-    """paho's client as far as a spool round uses it: everything is published at once."""
+    """paho's client as far as a spool round uses it: each publish gets a message id, and
+    is answered at once (PUBACK) unless ``answering`` is off; ``answer`` answers later."""
 
-    def __init__(self) -> None:
+    def __init__(self, bridge: MqttBridge, *, answering: bool = True) -> None:
+        self.bridge = bridge
+        self.answering = answering
         self.topics: list[str] = []
+        self.qos: list[int] = []
+        self._mids = itertools.count(1)
 
     def publish(
         self, topic: str, _data: bytes, qos: int = 0, retain: bool = False, properties: Any = None
     ) -> Any:
         self.topics.append(topic)
-        return self
+        self.qos.append(qos)
+        mid = next(self._mids)
+        if self.answering:
+            self.answer(mid)
+        return SimpleNamespace(mid=mid, rc=0)
 
-    def wait_for_publish(self, _timeout: float) -> None:
-        return None
+    def answer(self, mid: int, code: int = 0) -> None:
+        self.bridge._on_publish(
+            self, None, mid, ReasonCode(PacketTypes.PUBACK, identifier=code), None
+        )
 
-    def is_published(self) -> bool:
-        return True
+
+def spool_bridge(tmp_path: Path, qos: int = 0) -> tuple[MqttBridge, Any]:
+    """A bridge exporting alerts/>, up, at the head of an empty log; and the store."""
+    (cfg,) = parse_bridges(
+        [{"kind": "mqtt", "url": "mqtt://h", "export": ["alerts/>"], "qos": qos}], "t"
+    )
+    store = open_store(tmp_path)
+    bridge = MqttBridge(cfg, zmq.Context.instance(), "inproc://unused", b"b", tmp_path)
+    bridge._open_spool()
+    bridge.state = "up"
+    return bridge, store
+
+
+def log_alerts(store: Any, n: int) -> None:
+    port = MeshPort("devices")
+    rows = []
+    for i in range(n):
+        rec = port.raw_record(f"alerts/{i}".encode(), b"x" * 100, b"", F_PERSISTENT)
+        rows.append((rec[-16:], f"alerts/{i}", 1, rec))
+    store.log_append(rows)
+    store.commit()
 
 
 def test_a_full_round_says_more_may_wait(tmp_path: Path) -> None:
     """Found by an audit: after each round the bridge slept in a 50 ms poll, so it read at
     most 10,000 log entries a second, exports or not; a fleet logging more persistent
     events than that left it behind for good, and the spool grew until it dropped."""
-    (cfg,) = parse_bridges([{"kind": "mqtt", "url": "mqtt://h", "export": ["alerts/>"]}], "t")
-    store, port = open_store(tmp_path), MeshPort("devices")
-    bridge = MqttBridge(cfg, zmq.Context.instance(), "inproc://unused", b"b", tmp_path)
-    bridge._open_spool()  # a new bridge starts at the log's head: here, empty
+    bridge, store = spool_bridge(tmp_path)  # a new bridge starts at the log's head: empty
+    port = MeshPort("devices")
     assert bridge.spool is not None
     rows = []
     for i in range(SPOOL_BATCH + 10):
@@ -50,9 +83,11 @@ def test_a_full_round_says_more_may_wait(tmp_path: Path) -> None:
         rows.append((rec[-16:], topic, 1, rec))
     store.log_append(rows)
     store.commit()
-    broker = Broker()
-    assert bridge._drain_spool_mqtt(broker) is True  # a full round: go on at once
-    assert bridge._drain_spool_mqtt(broker) is False  # the rest
+    broker = Broker(bridge)
+    assert bridge._drain_spool_mqtt(broker) is True  # answered at once: come back
+    assert bridge._drain_spool_mqtt(broker) is True  # a full round done: go on at once
+    assert bridge._drain_spool_mqtt(broker) is True  # the rest, answered
+    assert bridge._drain_spool_mqtt(broker) is False  # done
     assert bridge._drain_spool_mqtt(broker) is False  # nothing new
     assert broker.topics == ["alerts/fire"] * 6
     assert bridge.spool.cursor == SPOOL_BATCH + 10
@@ -84,4 +119,62 @@ def test_a_round_cut_by_a_disconnect_goes_again_instead_of_ending_the_bridge(
         assert bridge.spool.cursor == 0
     finally:
         bridge.spool.close()
+        store.close()
+
+
+def test_a_round_the_broker_has_not_answered_is_not_sent_again(tmp_path: Path) -> None:
+    """Found by an exploratory test: a broker that hung (SIGSTOP) for 12 s got each
+    persistent export three times, for 30 s six: the round went again every 5 s while
+    paho still held it, and paho sends what it holds again itself after a reconnect."""
+    bridge, store = spool_bridge(tmp_path)
+    log_alerts(store, 3)
+    broker = Broker(bridge, answering=False)
+    try:
+        for _ in range(5):
+            assert bridge._drain_spool_mqtt(broker) is False
+        assert broker.topics == ["alerts/0", "alerts/1", "alerts/2"]
+        assert broker.qos == [1, 1, 1]  # persistent: acknowledged, whatever the bridge's qos
+        for mid in (1, 2, 3):
+            broker.answer(mid)
+        bridge._take_answers()
+        assert bridge._drain_spool_mqtt(broker) is False
+        assert bridge.spool is not None
+        assert bridge.spool.cursor == 3
+        assert bridge.counters["spooled"] == 3
+        assert broker.topics == ["alerts/0", "alerts/1", "alerts/2"]
+    finally:
+        bridge.spool.close()  # type: ignore[union-attr]
+        store.close()
+
+
+def test_a_refusal_or_a_message_over_the_brokers_limit_is_counted_and_passed(
+    tmp_path: Path,
+) -> None:
+    """Found by an exploratory test: a message over a broker's maximum packet size closed
+    the connection; paho sent it again on every reconnect, and the bridge went up and down
+    each second for good. The limit the broker announced is kept now. A refusal (an ACL's
+    "not authorized") was counted as exported and passed unsaid."""
+    bridge, store = spool_bridge(tmp_path)
+    bridge._limits = broker_limits(SimpleNamespace(MaximumPacketSize=200))
+    log_alerts(store, 3)
+    port = MeshPort("devices")
+    big = port.raw_record(b"alerts/big", b"x" * 500, b"", F_PERSISTENT)
+    store.log_append([(big[-16:], "alerts/big", 1, big)])
+    store.commit()
+    broker = Broker(bridge, answering=False)
+    try:
+        assert bridge._drain_spool_mqtt(broker) is False
+        assert broker.topics == ["alerts/0", "alerts/1", "alerts/2"]  # not the big one
+        assert bridge.counters["refused_too_big"] == 1
+        broker.answer(1)
+        broker.answer(2, 0x87)  # not authorized
+        broker.answer(3)
+        bridge._take_answers()
+        bridge._drain_spool_mqtt(broker)
+        assert bridge.spool is not None
+        assert bridge.spool.cursor == 4
+        assert bridge.counters["refused"] == 1
+        assert bridge.counters["spooled"] == 2
+    finally:
+        bridge.spool.close()  # type: ignore[union-attr]
         store.close()
