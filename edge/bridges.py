@@ -422,6 +422,7 @@ class MqttBridge(Bridge):
     SEPARATOR = "/"
     _round: Round | None = None  # the spool round the broker has not answered in full
     _awaiting = False  # a round is being sent or waits: paho's thread passes its answers on
+    _resync = False  # the broker accepted us: send it the mesh's retained values
     _limits: Limits = Limits()  # what the broker said it takes, when it last accepted us
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -459,6 +460,7 @@ class MqttBridge(Bridge):
             if limits != self._limits:
                 self._limits = limits
                 self._say_limits()
+            self._resync = True  # the bridge thread sends the mesh's retained values
             for i, filt in enumerate(self.cfg.imports):
                 # Retain As Published: a retained publish keeps its flag on its way to us,
                 # so it becomes the mesh's retained value too (the flag was dropped).
@@ -510,9 +512,19 @@ class MqttBridge(Bridge):
                 if sock.poll(0 if behind else wait):
                     while int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
                         for ev in self.port.events(sock.recv()):
-                            if not self._spooled(ev):
+                            # (a retained value, F_RETAIN, comes from ``retained``)
+                            if not self._spooled(ev) or ev.flags & F_RETAIN:
                                 self._export_mqtt(client, sock, ev)
                 behind = False
+                if self._resync:
+                    # The broker's retained values are the mesh's once more: a broker that
+                    # restarted without its store (or a new one) had none of them, and a
+                    # late MQTT subscriber there got nothing, as mosquitto's own bridges
+                    # do not let happen (exploratory test). Sent as they come, retained.
+                    self._resync = False
+                    if self.cfg.exports and self._limits.retain:
+                        for frame in self.port.retained(self.cfg.exports):
+                            sock.send(frame)
                 self._take_answers()
                 if self.spool is not None:
                     behind = self._drain_spool_mqtt(client)

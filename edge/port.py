@@ -41,6 +41,8 @@ URL_HEADER: Final = "bridge-url"  # the broker it came from: no bridge to it sen
 # MAX_PATH bridges (a ring through other meshes).
 PATH_HEADER: Final = "meshctl-path"
 MAX_PATH: Final = 8
+EXPORTS: Final = 1  # the subscription id of a bridge's exports
+RESYNC_SIDS: Final = 1000  # ids after it for asking the retained values (``retained``)
 
 
 class MeshPort:
@@ -57,6 +59,7 @@ class MeshPort:
         self.inbox = ""  # _INBOX/<node>/<client>, known once the node has welcomed us
         self.node_id = node_id  # the node's id (else known once it has welcomed us)
         self.max_payload = 0  # the node's limits.max_payload, once it has welcomed us
+        self._resyncs = 0
 
     def hello(self, *, requests: bool = True) -> bytes:
         """``requests``: False when nothing on our side can answer a request (MQTT)."""
@@ -66,9 +69,22 @@ class MeshPort:
         return encode_control(Kind.HELLO, body)
 
     def subscribe(self, patterns: tuple[str, ...]) -> bytes:
+        """The bridge's one subscription: its exports (EXPORTS)."""
         return encode_control(
-            Kind.SUB, {"ref": None, "sid": 1, "patterns": list(patterns), "group": None}
+            Kind.SUB, {"ref": None, "sid": EXPORTS, "patterns": list(patterns), "group": None}
         )
+
+    def retained(self, patterns: tuple[str, ...]) -> list[bytes]:
+        """Frames asking the node for its retained values matching ``patterns``, once: a
+        subscription with them, ended at once. Its copies of live events are dropped
+        (``handle``): the exports' subscription has those."""
+        self._resyncs += 1
+        sid = EXPORTS + self._resyncs % RESYNC_SIDS + 1
+        body = {"ref": None, "sid": sid, "patterns": list(patterns), "group": None}
+        return [
+            encode_control(Kind.SUB, body | {"retained": True}),
+            encode_control(Kind.UNSUB, {"ref": None, "sid": sid}),
+        ]
 
     def publish(self, topic: str, payload: bytes, *, imported: bool = True) -> bytes:
         """A PUB frame for one event (topic must already be a valid mesh topic)."""
@@ -157,6 +173,8 @@ class MeshPort:
                 for sid, ev in decode_deliveries(frame, self._topics):
                     if sid == 0:
                         incoming.replies.append(ev)
+                    elif sid != EXPORTS and not ev.flags & F_RETAIN:
+                        continue  # a live event the exports' subscription brings too
                     elif not self.came_from_here(ev):
                         incoming.exports.append(ev)
                 return incoming

@@ -1501,3 +1501,45 @@ def test_bridges_of_one_name_on_two_nodes_pass_each_others_imports_on(
         finally:
             here.close()
             there.close()
+
+
+def test_a_broker_that_lost_its_retained_values_gets_the_meshs_again(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """Found by an exploratory test: a broker that restarted without its store (or a new
+    one) never got the mesh's retained values again, so a late MQTT subscriber there got
+    nothing; mosquitto's own bridges send them again on each connect. So does ours now,
+    without sending a live event twice."""
+    port = lh.free_port()
+    state = tmp_path / "mosq"
+    state.mkdir()
+    with persistent_mosquitto(port, state) as broker:
+        node = bridged_node(make_node, mqtt_bridge(port, 'export = ["out/>"]\n'))
+        with connect(node.ipc) as client:
+            client.publish("out/door", "closed", retain=True)
+            client.publish("out/lamp", "on", retain=True, persistent=True)
+            client.publish("other/x", "not exported", retain=True)
+            client.confirm(timeout=5)
+        os.kill(broker.pid, signal.SIGKILL)  # nothing saved
+        broker.wait(5)
+    with persistent_mosquitto(port, state):
+        wait_for(lambda: node.status()["bridges"][0]["state"] == "up", timeout=15, what="up again")
+
+        def late_subscriber_gets() -> set[tuple[str, bytes]]:
+            late = MqttPeer(port, ["out/#"])
+            time.sleep(0.2)  # the broker sends retained messages right after SUBACK
+            late.close()
+            return set(late.got)
+
+        want = {("out/door", b"closed"), ("out/lamp", b"on")}
+        wait_for(lambda: late_subscriber_gets() == want, timeout=5, what="the retained values")
+        peer = MqttPeer(port, ["out/live"])
+        try:
+            with connect(node.ipc) as client:
+                client.publish("out/live", "once")
+                client.flush()
+            wait_for(lambda: peer.got, timeout=5, what="the live one")
+            time.sleep(0.5)  # a second copy would come now
+            assert peer.got == [("out/live", b"once")]
+        finally:
+            peer.close()
