@@ -157,11 +157,17 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
         if twice:  # MQTT keeps one subscription per filter: the second replaced the first
             raise fail(key, f"{twice[0]!r} is listed twice")
     local = strings["local_prefix"].split("/") if strings["local_prefix"] else []
+    remote = strings["remote_prefix"].split("/") if strings["remote_prefix"] else []
     for pattern in lists["export"]:
         try:
             levels = validate_pattern(pattern)
         except TopicError as e:
             raise fail("export", str(e)) from None
+        if local and not _under(levels, local, "*", ">"):
+            # Accepted, every export it matched was refused (exploratory test)
+            raise fail(
+                "export", f"{pattern!r} matches nothing under local_prefix {'/'.join(local)!r}"
+            )
         if local and levels[: len(local)] == local:
             levels = levels[len(local) :]  # the local prefix is not sent: its own form
         why = _no_remote_form(kind, levels)
@@ -171,6 +177,23 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
         # Checked here, as exports are: a bad one passed, then its subscribe raised in the
         # client library's thread and the bridge stayed "starting" (exploratory test).
         why = _import_error(kind, pattern)
+        levels = _levels(kind, pattern)
+        one, rest = ("+", "#") if kind == "mqtt" else ("*", ">")
+        if remote and not _under(levels, remote, one, rest):
+            # Accepted, every message it brought was refused (exploratory test)
+            shown = "/".join(remote) if kind == "mqtt" else ".".join(remote)
+            why = why or f"matches nothing under remote_prefix {shown!r}"
+        if not why:
+            # The mesh's reserved first levels are what the prefixes make of it: with the
+            # remote prefix "$aws/things" and the local one "aws", "$aws/things/+/shadow/#"
+            # comes in under aws/ (it was refused for its "$": exploratory test).
+            mesh = local + levels[len(remote) :] if remote else levels
+            if (
+                mesh
+                and mesh[0] not in (one, rest)
+                and (mesh[0].startswith("$") or mesh[0] == "_INBOX")
+            ):
+                why = f"{mesh[0]!r} is reserved in the mesh (its own events, replies)"
         if why:
             raise fail("import", f"{pattern!r}: {why}")
     if not lists["import"] and not lists["export"]:
@@ -196,7 +219,8 @@ def _import_error(kind: str, pattern: str) -> str:
     """Why ``pattern`` is no import pattern of ``kind`` that maps into the mesh ("": it
     is one). MQTT filters: ``+`` and ``#`` whole levels, ``#`` last; NATS subjects: ``*``
     and ``>`` whole tokens, ``>`` last, no whitespace. Empty levels, the other dialect's
-    separator in a level and the mesh's reserved first levels have no mesh topic."""
+    separator in a level have no mesh topic. (The mesh's reserved first levels are checked
+    by the caller, after the prefixes.)"""
     one, rest = ("+", "#") if kind == "mqtt" else ("*", ">")
     levels = _levels(kind, pattern)
     if kind == "mqtt" and levels[0] == "$share":
@@ -212,9 +236,19 @@ def _import_error(kind: str, pattern: str) -> str:
             return f"token {level!r} holds '/' or whitespace"
         if kind == "mqtt" and ("*" in level or ">" in level or "\x00" in level):
             return f"level {level!r} holds '*', '>' or NUL, which the mesh cannot carry"
-    if levels[0].startswith("$") or levels[0] == "_INBOX":
-        return f"{levels[0]!r} is reserved in the mesh (its own events, replies)"
     return ""
+
+
+def _under(levels: list[str], prefix: list[str], one: str, rest: str) -> bool:
+    """True if pattern ``levels`` may match a topic under ``prefix`` (or the prefix itself)."""
+    for i, level in enumerate(prefix):
+        if i >= len(levels):
+            return False
+        if levels[i] == rest:
+            return True
+        if levels[i] not in (one, level):
+            return False
+    return True
 
 
 def _no_remote_form(kind: str, levels: list[str]) -> str:

@@ -1543,3 +1543,28 @@ def test_a_broker_that_lost_its_retained_values_gets_the_meshs_again(
             assert peer.got == [("out/live", b"once")]
         finally:
             peer.close()
+
+
+def test_prefixes_bring_a_dollar_topic_in_under_a_mesh_topic(
+    mosquitto: int, make_node: NodeFactory
+) -> None:
+    """Found by an exploratory test: AWS IoT shadow topics (and a broker's $SYS) could not
+    be imported, as '$' is the mesh's reserved space, though the prefixes take them out
+    of it."""
+    node = bridged_node(
+        make_node,
+        mqtt_bridge(
+            mosquitto,
+            'import = ["$aws/things/+/shadow/#"]\n'
+            'remote_prefix = "$aws/things"\nlocal_prefix = "aws"\n',
+        ),
+    )
+    peer = MqttPeer(mosquitto, ["unrelated/#"])
+    try:
+        with connect(node.ipc) as client:
+            sub = client.subscribe("aws/>")
+            peer.publish("$aws/things/dev1/shadow/update", b'{"state":{}}')
+            ev = sub.next(5)
+        assert (ev.topic, ev.data) == ("aws/dev1/shadow/update", b'{"state":{}}')
+    finally:
+        peer.close()

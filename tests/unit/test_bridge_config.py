@@ -83,6 +83,11 @@ def test_tls_files_are_kept_and_turn_tls_on() -> None:
         (NATS | {"import": ["a..b"]}, "import", "empty levels"),
         (NATS | {"import": ["a/b.c"]}, "import", "holds '/'"),
         (NATS | {"import": ["_INBOX.>"]}, "import", "reserved"),
+        # Accepted, then every message refused at run time (exploratory test):
+        (MQTT | {"import": ["sensors/#"], "remote_prefix": "plant"}, "import", "under remote"),
+        (NATS | {"import": ["plant.m.>"], "remote_prefix": "plant.n"}, "import", "'plant.n'"),
+        (MQTT | {"export": ["other/>"], "local_prefix": "site"}, "export", "under local"),
+        (MQTT | {"import": ["x/$SYS/#"], "remote_prefix": "x"}, "import", "reserved"),
         (NATS | {"remote_prefix": "a.*"}, "remote_prefix", ""),
         (MQTT | {"remote_prefix": "a/+"}, "remote_prefix", "no wildcards"),
         (NATS | {"qos": 1}, "qos", "applies to MQTT"),  # it was accepted and ignored
@@ -118,8 +123,9 @@ def test_good_imports_pass_and_a_nats_prefix_is_written_the_nats_way() -> None:
     # Found by an exploratory test: "plant.n" was compared with mesh topics as it stood,
     # and every event was refused without a word. It is kept in mesh form; the mesh form
     # it needed before still reads the same.
-    assert one(**NATS | {"remote_prefix": "plant.n"}).remote_prefix == "plant/n"
-    assert one(**NATS | {"remote_prefix": "plant/n"}).remote_prefix == "plant/n"
+    plant = {"import": ["plant.n.>"]}
+    assert one(**NATS | plant | {"remote_prefix": "plant.n"}).remote_prefix == "plant/n"
+    assert one(**NATS | plant | {"remote_prefix": "plant/n"}).remote_prefix == "plant/n"
     assert one(**MQTT | {"remote_prefix": "plant/n"}).remote_prefix == "plant/n"
 
 
@@ -140,3 +146,14 @@ def test_the_local_prefix_of_an_export_needs_no_remote_form() -> None:
     assert nats.exports == ("plant.v1/>",)
     (mqtt,) = parse_bridges([MQTT | {"local_prefix": "c++", "export": ["c++/>"]}], "t")
     assert mqtt.exports == ("c++/>",)
+
+
+def test_prefixes_may_take_an_import_out_of_the_reserved_space() -> None:
+    """Found by an exploratory test: AWS IoT shadows and a broker's $SYS topics could not
+    be imported, though the prefixes take them out of the mesh's reserved space."""
+    aws = {"remote_prefix": "$aws/things", "local_prefix": "aws", "export": ["aws/>"]}
+    b = one(**MQTT | aws | {"import": ["$aws/things/+/shadow/#"]})
+    assert b.imports == ("$aws/things/+/shadow/#",)
+    assert one(**MQTT | {"import": ["$SYS/#"], "remote_prefix": "$SYS"}).imports == ("$SYS/#",)
+    good = {"export": ["site/>", "*/x", ">"], "local_prefix": "site"}
+    assert one(**MQTT | good).exports == ("site/>", "*/x", ">")
