@@ -311,7 +311,11 @@ class Bridge:
                 # into the mesh, or a reply to a pending request (exploratory test).
                 topic, why = None, "its first level is reserved in the mesh"
             if topic is None:
-                self.counters["refused"] += 1
+                n = self.counters["refused"] = self.counters["refused"] + 1
+                if worth_a_line(n, LOG_FIRST):  # only counted: no operator could find which
+                    log.warning(
+                        "bridge %s: import %r refused: %s (total %d)", self.cfg.name, remote, why, n
+                    )
                 if reply:  # a NATS requester hears why at once (the NATS pump answers)
                     error = f"subject {remote!r} has no mesh topic: {why}"
                     self._unmapped.append((reply, Refusal("", error, "topic")))

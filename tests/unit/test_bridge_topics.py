@@ -56,7 +56,10 @@ def test_an_export_without_a_remote_form_is_refused_not_raised() -> None:
     assert m._export_topic("a+b/c", mesh_topic_to_mqtt) is None
 
 
-def test_imports_a_longer_local_prefix_takes_over_the_limits_are_refused() -> None:
+def test_imports_a_longer_local_prefix_takes_over_the_limits_are_refused(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """And logged with the topic (an exploratory test found them only counted)."""
     b = bridge("mqtt", remote_prefix="p", local_prefix="site1/area2", **{"import": ["p/#"]})
     ctx = zmq.Context.instance()
     pull, push = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
@@ -70,6 +73,7 @@ def test_imports_a_longer_local_prefix_takes_over_the_limits_are_refused() -> No
         assert [decode_event(frame, 2, len(frame)).topic] == ["site1/area2/ok"]
         assert b.counters["refused"] == 1
         assert b.counters["imported"] == 1
+        assert f"import 'p/{DEEP}' refused: " in caplog.text
     finally:
         pull.close(0)
         push.close(0)
