@@ -282,7 +282,14 @@ class MeshSide:
                         if near_count:
                             self._deliver_run(near, body[near_start:near_end], near_count)
                         near, near_start, near_count = route, start, 1  # type: ignore[assignment]
-                    if not dedup and not flags & F_ERROR:  # the records that repeat it
+                    # The records that repeat it, if the next one may: asked of every record
+                    # of a stream whose topics vary (devices/<id>/...), the look cost the
+                    # last node 15 % of its rate (`bench --suite mesh`, 20,000 topics).
+                    if (
+                        not dedup
+                        and not flags & F_ERROR
+                        and body.startswith(topic, off + RECORD_SIZE)
+                    ):
                         off, more = _stream(body, off, flags, topic, near_start + MAX_RUN_BYTES)
                         near_count += more
                         count += more
