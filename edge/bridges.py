@@ -16,6 +16,7 @@ import json
 import logging
 import queue
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -480,8 +481,11 @@ class MqttBridge(Bridge):
                 )
             self._set_state("up")
 
-        def on_disconnect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
-            self._set_state("down", str(reason))
+        def on_disconnect(_c: Any, _u: Any, flags: Any, reason: Any, _p: Any) -> None:
+            # paho says "Unspecified error" for a connection that broke: a killed broker,
+            # plain MQTT on a TLS port (exploratory test). The broker's DISCONNECT says why.
+            said = getattr(flags, "is_disconnect_packet_from_server", True) or reason.value != 128
+            self._set_state("down", str(reason) if said else "the connection was lost")
 
         def on_message(_c: Any, _u: Any, msg: Any) -> None:
             # Overlapping imports ("dup/#" and "dup/+") brought one message in twice, a copy
@@ -499,7 +503,11 @@ class MqttBridge(Bridge):
             self._take(msg.topic, msg.payload, path=path, retain=bool(msg.retain), headers=own)
 
         def on_connect_fail(_c: Any, _u: Any) -> None:  # a broker that never answered
-            self._set_state("down", f"cannot connect to {self.cfg.host}:{self.cfg.port}")
+            # paho calls this inside its `except OSError`: the error says why (a refused
+            # port, a certificate that does not verify: it said neither; exploratory test)
+            why = sys.exc_info()[1]
+            where = f"cannot connect to {self.cfg.host}:{self.cfg.port}"
+            self._set_state("down", f"{where}: {why}" if why is not None else where)
 
         client.on_connect = on_connect
         client.on_connect_fail = on_connect_fail

@@ -1568,3 +1568,30 @@ def test_prefixes_bring_a_dollar_topic_in_under_a_mesh_topic(
         assert (ev.topic, ev.data) == ("aws/dev1/shadow/update", b'{"state":{}}')
     finally:
         peer.close()
+
+
+def test_an_mqtt_bridge_says_why_it_is_down(make_node: NodeFactory, tmp_path: Path) -> None:
+    """Found by an exploratory test: the reason a bridge was down was only in the log and
+    the $mesh event, and said "cannot connect" for a refused port and a certificate alike,
+    and "Unspecified error" for a killed broker. `status` says it now, and the error."""
+    port = lh.free_port()  # nothing listens there yet
+    node = make_node(config_text=mqtt_bridge(port, 'export = ["a/>"]\n'))
+    bridge = wait_for(
+        lambda: (b := node.status()["bridges"][0])["state"] == "down" and b, timeout=10, what="down"
+    )
+    assert "Connection refused" in bridge["detail"], bridge
+    state = tmp_path / "mosq"
+    state.mkdir()
+    with persistent_mosquitto(port, state) as broker:
+        wait_for(lambda: node.status()["bridges"][0]["state"] == "up", timeout=15, what="up")
+        assert node.status()["bridges"][0]["detail"] == ""
+        os.kill(broker.pid, signal.SIGKILL)
+        broker.wait(5)
+        bridge = wait_for(
+            lambda: (b := node.status()["bridges"][0])["state"] == "down" and b,
+            timeout=10,
+            what="down again",
+        )
+    assert bridge["detail"] == "the connection was lost", bridge
+    shown = run_cli("status", server=node.ipc)
+    assert "the connection was lost" in shown.stdout, shown.describe()
