@@ -41,7 +41,7 @@ from edge.mapping import (
     nats_to_mesh,
     swap_prefix,
 )
-from edge.mqtt_export import Limits, Round, broker_limits, publish_size
+from edge.mqtt_export import QUEUED, Limits, Round, broker_limits, publish_size
 from edge.port import PATH_HEADER, MeshPort, Refusal
 from edge.tls import client_context
 from node import datadir
@@ -256,19 +256,27 @@ class Bridge:
         """The next persistent events to export from the log, the sequence to move the
         cursor to once the broker has them, and whether the round was full (more may
         wait); None when there is nothing new."""
+        got = self._spool_events()
+        if got is None:
+            return None
+        seq, pairs, full = got
+        return seq, [ev for _seq, ev in pairs], full
+
+    def _spool_events(self) -> tuple[int, list[tuple[int, Event]], bool] | None:
+        """``_spool_round``, each event with its own sequence."""
         assert self.spool is not None
         rows = self.spool.after(SPOOL_BATCH)
         if not rows:
             return None
         events = []
-        for _seq, topic, record in rows:
+        for seq, topic, record in rows:
             if record[8] & F_PERSISTENT and self._exports.match(topic):
                 try:
                     ev = decode_event(record, 0, len(record))
                 except CodecError:
                     continue
                 if not self.port.came_from_here(ev):  # not one we (or our broker) sent
-                    events.append(ev)
+                    events.append((seq, ev))
         return rows[-1][0], events, len(rows) == SPOOL_BATCH
 
     def _spool_done(self, seq: int, sent: int) -> None:
@@ -426,7 +434,6 @@ class MqttBridge(Bridge):
 
     SEPARATOR = "/"
     _round: Round | None = None  # the spool round the broker has not answered in full
-    _awaiting = False  # a round is being sent or waits: paho's thread passes its answers on
     _resync = False  # the broker accepted us: send it the mesh's retained values
     _limits: Limits = Limits()  # what the broker said it takes, when it last accepted us
 
@@ -568,8 +575,12 @@ class MqttBridge(Bridge):
             self.counters["dropped_remote_down"] += 1
         else:
             info = self._publish_mqtt(client, remote, ev, self.cfg.qos)
-            if info is not None:
+            if info is None:
+                return None
+            if info.rc in QUEUED:
                 self.counters["exported"] += 1
+            else:  # paho could not queue it: its 65,535 message ids all wait for the broker
+                self.counters["dropped_remote_down"] += 1
             return info
         return None
 
@@ -597,7 +608,8 @@ class MqttBridge(Bridge):
         limits = self._limits
         qos = min(qos, limits.max_qos)
         if limits.max_packet:
-            size = publish_size(remote, ev.data, props.pack(), qos)
+            pairs = [(PATH_HEADER, path), *own]  # what props carries
+            size = publish_size(remote, ev.data, pairs, qos)
             if size > limits.max_packet:
                 self._too_big(f"the broker ({remote})", size, limits.max_packet, "its packet")
                 return None
@@ -608,34 +620,29 @@ class MqttBridge(Bridge):
         return client.publish(remote, ev.data, qos=qos, retain=retain, properties=props)
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, reason: Any, _p: Any) -> None:
-        """From paho's thread: the broker has a message (PUBACK; QoS 0: it is written),
-        or refused it (an MQTT v5 reason code of 0x80 or more: not authorised, quota,
-        payload format). The bridge thread takes these in ``_take_answers``; a success
-        only while a spool round waits (a live export's needs nothing: 12 % off the
-        bridge's rate to MQTT, when each went through the queue)."""
+        """From paho's thread: the broker refused a message (an MQTT v5 reason code of
+        0x80 or more in its PUBACK: not authorised, quota, payload format). The bridge
+        thread takes these in ``_take_answers``; what was taken it reads from paho's
+        message info (``published``)."""
         if reason.value >= 0x80:
             self._answers.append((mid, str(reason)))
-        elif self._awaiting:
-            self._answers.append((mid, ""))
 
     def _take_answers(self) -> None:
-        """The broker's answers so far: a round's message is done when answered, whether
-        taken or refused; a refusal (of a round's or a live export) is counted and logged.
-        A refusal was counted as exported, and the spool moved past it unsaid (review)."""
+        """The broker's refusals so far, of a round's message or a live export: counted
+        and logged. A refusal was counted as exported, and the spool moved past it unsaid
+        (exploratory test); it still moves past it: it can never be delivered there."""
         pending = self._round.pending if self._round is not None else {}
         answers = self._answers
         while answers:
             mid, why = answers.popleft()
-            ev = pending.pop(mid, None)
-            if not why:
-                continue
-            if ev is None:
+            held = pending.get(mid)
+            if held is None:
                 self.counters["exported"] -= 1  # a live export, counted when published
             elif self._round is not None:
-                self._round.refused += 1
+                self._round.refused.add(mid)
             n = self.counters["refused"] = self.counters["refused"] + 1
             if worth_a_line(n, LOG_FIRST):
-                what = f"{ev.topic!r}" if ev is not None else "an export"
+                what = f"{held[1].topic!r}" if held is not None else "an export"
                 log.warning(
                     "bridge %s: the broker refused %s: %s (total %d)", self.cfg.name, what, why, n
                 )
@@ -663,25 +670,17 @@ class MqttBridge(Bridge):
         broker hung, each export arrived six times (exploratory test).
         True when the caller should come back at once: a full round is done (more may
         wait: one round per 50 ms poll read at most 10,000 log entries a second, exports
-        or not, which a fleet of devices logging persistent events outruns), or one is
-        answered already (nothing in it to wait for)."""
-        done = self._round
-        if done is not None:
-            if done.pending:
-                return False
-            self._round = None
-            self._awaiting = False
-            self._spool_done(done.seq, done.sent - done.refused)
-            return done.full
+        or not, which a fleet of devices logging persistent events outruns)."""
+        if self._round is not None:
+            return self._settle_round()
         if self.state != "up":
             return False
-        got = self._spool_round()
+        got = self._spool_events()
         if got is None:
             return False
         seq, events, full = got
-        pending: dict[int, Event] = {}
-        self._awaiting = True
-        for ev in events:
+        pending: dict[int, tuple[Any, Event]] = {}
+        for at, ev in events:
             remote = self._export_topic(ev.topic, mesh_topic_to_mqtt)
             if remote is None:
                 self.counters["refused"] += 1
@@ -689,13 +688,30 @@ class MqttBridge(Bridge):
             info = self._publish_mqtt(client, remote, ev, 1)
             if info is None:
                 continue  # over the broker's limit: counted, and the round goes on
-            if info.rc and self._limits.max_qos < 1:
-                self._awaiting = False
-                return False  # at QoS 0 paho keeps nothing it could not write: again later
-            pending[info.mid] = ev
+            if info.rc not in QUEUED:
+                # Not queued (paho's message ids all wait for the broker; at QoS 0, the
+                # connection gone): this one and the rest go in a later round, and the
+                # cursor moves only past those before it.
+                seq, full = at - 1, bool(pending)
+                break
+            pending[info.mid] = (info, ev)
         self._round = Round(seq, full, pending, len(pending))
-        self._take_answers()  # (a QoS 0 round is answered as it is written)
-        return not self._round.pending  # answered already: the next call closes it
+        return self._settle_round()
+
+    def _settle_round(self) -> bool:
+        """Close the round if the broker has answered it all (True if it was full: come
+        back at once); drop it if a QoS 0 message of it was lost (it goes again)."""
+        done = self._round
+        assert done is not None
+        self._take_answers()  # (refusals first: their messages are settled next)
+        if done.settle():
+            self._round = None
+            return False
+        if done.pending:
+            return False
+        self._round = None
+        self._spool_done(done.seq, done.sent - len(done.refused))
+        return done.full
 
 
 def _nats_matches(pattern: str, subject: str) -> bool:

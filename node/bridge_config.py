@@ -183,6 +183,8 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
             # Accepted, every message it brought was refused (exploratory test)
             shown = "/".join(remote) if kind == "mqtt" else ".".join(remote)
             why = why or f"matches nothing under remote_prefix {shown!r}"
+        if not why and remote and not local and len(levels) <= len(remote) and levels[-1] != rest:
+            why = "it matches only the remote_prefix itself: no mesh topic without a local_prefix"
         if not why:
             # The mesh's reserved first levels are what the prefixes make of it: with the
             # remote prefix "$aws/things" and the local one "aws", "$aws/things/+/shadow/#"

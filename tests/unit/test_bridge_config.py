@@ -88,6 +88,7 @@ def test_tls_files_are_kept_and_turn_tls_on() -> None:
         (NATS | {"import": ["plant.m.>"], "remote_prefix": "plant.n"}, "import", "'plant.n'"),
         (MQTT | {"export": ["other/>"], "local_prefix": "site"}, "export", "under local"),
         (MQTT | {"import": ["x/$SYS/#"], "remote_prefix": "x"}, "import", "reserved"),
+        (MQTT | {"import": ["$aws/things"], "remote_prefix": "$aws/things"}, "import", "itself"),
         (NATS | {"remote_prefix": "a.*"}, "remote_prefix", ""),
         (MQTT | {"remote_prefix": "a/+"}, "remote_prefix", "no wildcards"),
         (NATS | {"qos": 1}, "qos", "applies to MQTT"),  # it was accepted and ignored
