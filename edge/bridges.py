@@ -520,7 +520,10 @@ class MqttBridge(Bridge):
         client.on_connect_fail = on_connect_fail
         client.on_disconnect = on_disconnect
         client.on_message = on_message
-        client.on_publish = self._on_publish
+        # Refusals come to on_publish only: for QoS 0 exports paho makes two objects for
+        # each call (11 % off the bridge's rate to MQTT), so it is set at QoS 0 only while
+        # a spool round (QoS 1) waits.
+        client.on_publish = self._on_publish if self.cfg.qos else None
         self._open_spool()  # before the connect: on_connect asks whether there is one
         client.connect_async(self.cfg.host, self.cfg.port, keepalive=10)
         client.loop_start()
@@ -672,7 +675,7 @@ class MqttBridge(Bridge):
         wait: one round per 50 ms poll read at most 10,000 log entries a second, exports
         or not, which a fleet of devices logging persistent events outruns)."""
         if self._round is not None:
-            return self._settle_round()
+            return self._settle_round(client)
         if self.state != "up":
             return False
         got = self._spool_events()
@@ -680,6 +683,7 @@ class MqttBridge(Bridge):
             return False
         seq, events, full = got
         pending: dict[int, tuple[Any, Event]] = {}
+        client.on_publish = self._on_publish
         for at, ev in events:
             remote = self._export_topic(ev.topic, mesh_topic_to_mqtt)
             if remote is None:
@@ -696,9 +700,9 @@ class MqttBridge(Bridge):
                 break
             pending[info.mid] = (info, ev)
         self._round = Round(seq, full, pending, len(pending))
-        return self._settle_round()
+        return self._settle_round(client)
 
-    def _settle_round(self) -> bool:
+    def _settle_round(self, client: Any) -> bool:
         """Close the round if the broker has answered it all (True if it was full: come
         back at once); drop it if a QoS 0 message of it was lost (it goes again)."""
         done = self._round
@@ -706,12 +710,14 @@ class MqttBridge(Bridge):
         self._take_answers()  # (refusals first: their messages are settled next)
         if done.settle():
             self._round = None
+        elif done.pending:
             return False
-        if done.pending:
-            return False
-        self._round = None
-        self._spool_done(done.seq, done.sent - len(done.refused))
-        return done.full
+        else:
+            self._round = None
+            self._spool_done(done.seq, done.sent - len(done.refused))
+        if not self.cfg.qos:
+            client.on_publish = None  # (paho called it before marking the last one done)
+        return self._round is None and done.full and not done.pending
 
 
 def _nats_matches(pattern: str, subject: str) -> bool:
