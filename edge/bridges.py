@@ -41,7 +41,7 @@ from edge.mapping import (
     nats_to_mesh,
     swap_prefix,
 )
-from edge.mqtt_export import QUEUED, Limits, Round, broker_limits, publish_size
+from edge.mqtt_export import Limits, Round, broker_limits, publish_size, queued
 from edge.port import PATH_HEADER, MeshPort, Refusal
 from edge.tls import client_context
 from node import datadir
@@ -580,9 +580,9 @@ class MqttBridge(Bridge):
             info = self._publish_mqtt(client, remote, ev, self.cfg.qos)
             if info is None:
                 return None
-            if info.rc in QUEUED:
+            if queued(info, min(self.cfg.qos, self._limits.max_qos)):
                 self.counters["exported"] += 1
-            else:  # paho could not queue it: its 65,535 message ids all wait for the broker
+            else:  # no connection at QoS 0, or paho's 65,535 message ids all wait for one
                 self.counters["dropped_remote_down"] += 1
             return info
         return None
@@ -692,7 +692,7 @@ class MqttBridge(Bridge):
             info = self._publish_mqtt(client, remote, ev, 1)
             if info is None:
                 continue  # over the broker's limit: counted, and the round goes on
-            if info.rc not in QUEUED:
+            if not queued(info, self._limits.max_qos):
                 # Not queued (paho's message ids all wait for the broker; at QoS 0, the
                 # connection gone): this one and the rest go in a later round, and the
                 # cursor moves only past those before it.
@@ -707,8 +707,9 @@ class MqttBridge(Bridge):
         back at once); drop it if a QoS 0 message of it was lost (it goes again)."""
         done = self._round
         assert done is not None
-        self._take_answers()  # (refusals first: their messages are settled next)
-        if done.settle():
+        answered = done.done()
+        self._take_answers()  # the refusals of those, and maybe of more
+        if done.settle(answered):
             self._round = None
         elif done.pending:
             return False

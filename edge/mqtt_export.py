@@ -15,8 +15,16 @@ from typing import Any, Final
 from node.events import Event
 
 # paho's MQTT_ERR_* codes (paho is an optional dependency: not imported here)
-QUEUED: Final = (0, 4)  # SUCCESS; NO_CONN: kept, and sent (again) after the reconnect
+SUCCESS: Final = 0
+NO_CONN: Final = 4  # not connected: at QoS 1 kept, and sent after the reconnect; at 0 gone
 CONN_LOST: Final = 7  # a QoS 0 message not yet written when the connection broke: gone
+
+
+def queued(info: Any, qos: int) -> bool:
+    """paho took the message and will send it (again after a reconnect, at QoS 1). A QoS 0
+    message published with no connection is gone, and nothing marks it: a round waited
+    for it for good (review)."""
+    return bool(info.rc == SUCCESS or (qos and info.rc == NO_CONN))
 
 
 @dataclass(slots=True)
@@ -31,11 +39,16 @@ class Round:
     sent: int
     refused: set[int] = field(default_factory=set)
 
-    def settle(self) -> bool:
-        """Drop the messages paho is done with; True if one was lost (QoS 0, written
-        to a connection that broke: paho never answers it, and the round waited for
-        good; review), so the round must go again."""
-        done = [mid for mid, (info, _ev) in self.pending.items() if published(info)]
+    def done(self) -> list[int]:
+        """The messages paho is done with, by id. Taken before the refusals are read:
+        paho calls on_publish, then marks the message done, so a refusal read first
+        could arrive after it and the message count as delivered (review)."""
+        return [mid for mid, (info, _ev) in self.pending.items() if published(info)]
+
+    def settle(self, done: list[int]) -> bool:
+        """Drop the messages ``done`` names; True if one was lost (QoS 0, not written when
+        the connection broke: paho never answers it, and the round waited for good;
+        review), so the round must go again."""
         for mid in done:
             info, _ev = self.pending.pop(mid)
             if info.rc == CONN_LOST:

@@ -245,3 +245,65 @@ def test_a_round_with_a_qos_0_message_lost_goes_again(tmp_path: Path) -> None:
     finally:
         bridge.spool.close()  # type: ignore[union-attr]
         store.close()
+
+
+def test_a_qos_0_message_paho_could_not_send_is_not_waited_for(tmp_path: Path) -> None:
+    """Found in review: at QoS 0 (a broker that takes no more), a message published while
+    paho has no connection is gone (rc MQTT_ERR_NO_CONN), and nothing ever marks it done:
+    the round waited for it for good, and every later persistent export with it."""
+    bridge, store = spool_bridge(tmp_path)
+    bridge._limits = broker_limits(SimpleNamespace(MaximumQoS=0))
+    log_alerts(store, 3)
+    broker = Broker(bridge)
+    publish = broker.publish
+
+    def no_connection_from_the_second(topic: str, data: bytes, **kwargs: Any) -> Any:
+        info = publish(topic, data, **kwargs)
+        if len(broker.topics) == 2:
+            info.rc, info._published = 4, False  # MQTT_ERR_NO_CONN: not kept at QoS 0
+        return info
+
+    broker.publish = no_connection_from_the_second  # type: ignore[method-assign]
+    try:
+        assert bridge._drain_spool_mqtt(broker) is True  # the first went: more wait
+        assert bridge.spool is not None
+        assert bridge.spool.cursor == 1
+        assert bridge._drain_spool_mqtt(broker) is False  # the rest, sent again
+        assert bridge.spool.cursor == 3
+        assert broker.topics == ["alerts/0", "alerts/1", "alerts/1", "alerts/2"]
+    finally:
+        bridge.spool.close()  # type: ignore[union-attr]
+        store.close()
+
+
+def test_a_refusal_that_comes_as_the_round_is_settled_is_counted_as_one(tmp_path: Path) -> None:
+    """Found in review: paho calls on_publish, then marks the message done. A refusal that
+    came after the bridge had read the refusals, and before it looked at what was done,
+    counted the refused message as delivered (spooled) and the refusal as a live
+    export's."""
+    bridge, store = spool_bridge(tmp_path, qos=1)
+    log_alerts(store, 3)
+    broker = Broker(bridge, answering=False)
+    take = bridge._take_answers
+    late = [2]
+
+    def refusal_right_after() -> None:
+        take()
+        if late and bridge._round is not None:
+            broker.answer(late.pop(), 0x87)  # not authorized, as paho delivers it
+
+    bridge._take_answers = refusal_right_after  # type: ignore[method-assign]
+    try:
+        assert bridge._drain_spool_mqtt(broker) is False
+        broker.answer(1)
+        broker.answer(3)
+        for _ in range(3):
+            bridge._drain_spool_mqtt(broker)
+        assert bridge.spool is not None
+        assert bridge.spool.cursor == 3
+        assert bridge.counters["refused"] == 1
+        assert bridge.counters["spooled"] == 2
+        assert bridge.counters["exported"] == 2
+    finally:
+        bridge.spool.close()  # type: ignore[union-attr]
+        store.close()
