@@ -439,7 +439,7 @@ class MqttBridge(Bridge):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # (message id, why refused or "") from paho's thread, in the order answered
+        # (message id, why) of the broker's refusals, from paho's thread, in order
         self._answers: collections.deque[tuple[int, str]] = collections.deque()
 
     def _run(self) -> None:

@@ -189,7 +189,7 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
             # The mesh's reserved first levels are what the prefixes make of it: with the
             # remote prefix "$aws/things" and the local one "aws", "$aws/things/+/shadow/#"
             # comes in under aws/ (it was refused for its "$": exploratory test).
-            mesh = local + levels[len(remote) :] if remote else levels
+            mesh = local + levels[len(remote) :]
             if (
                 mesh
                 and mesh[0] not in (one, rest)

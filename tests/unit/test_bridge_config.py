@@ -156,5 +156,7 @@ def test_prefixes_may_take_an_import_out_of_the_reserved_space() -> None:
     b = one(**MQTT | aws | {"import": ["$aws/things/+/shadow/#"]})
     assert b.imports == ("$aws/things/+/shadow/#",)
     assert one(**MQTT | {"import": ["$SYS/#"], "remote_prefix": "$SYS"}).imports == ("$SYS/#",)
+    sys = {"import": ["$SYS/#"], "local_prefix": "sys", "export": ["sys/>"]}  # sys/$SYS/...
+    assert one(**MQTT | sys).imports == ("$SYS/#",)
     good = {"export": ["site/>", "*/x", ">"], "local_prefix": "site"}
     assert one(**MQTT | good).exports == ("site/>", "*/x", ">")
