@@ -55,7 +55,7 @@ from node.codec import (
 from node.drops import worth_a_line
 from node.errors import CodecError, InputError
 from node.events import Event, decode_event
-from node.topics import SubscriptionTrie, matches, validate_topic
+from node.topics import SubscriptionTrie, is_reserved, matches, validate_topic
 
 log = logging.getLogger("meshctl.node")
 
@@ -1118,7 +1118,7 @@ def _tolerant_client(nats: Any) -> type:
 def _reserved(topic: str) -> bool:
     """The node's own events (``$...``) and request replies (``_INBOX/...``): never from
     outside through a bridge."""
-    return topic.startswith("$") or topic.split("/", 1)[0] == "_INBOX"
+    return is_reserved(topic.split("/", 1)[0])
 
 
 async def _answer_error(nc: Any, reply: str, refusal: Refusal) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Final
 from urllib.parse import unquote
 
 from node.errors import ConfigError, TopicError
-from node.topics import validate_pattern, validate_topic
+from node.topics import is_reserved, validate_pattern, validate_topic
 
 KINDS: Final = ("mqtt", "nats")
 _URL: Final = re.compile(
@@ -125,7 +125,7 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
             first = validate_topic(strings["local_prefix"])[0]
         except TopicError as e:
             raise fail("local_prefix", str(e)) from None
-        if first.startswith("$") or first == "_INBOX":  # every import would be refused
+        if is_reserved(first):  # every import would be refused
             raise fail("local_prefix", f"{first!r} is reserved in the mesh")
     if strings["remote_prefix"]:
         prefix, why = _remote_prefix(kind, strings["remote_prefix"])
@@ -190,11 +190,7 @@ def _one(item: Any, where: str, source: str) -> BridgeConfig:
             # remote prefix "$aws/things" and the local one "aws", "$aws/things/+/shadow/#"
             # comes in under aws/ (it was refused for its "$": exploratory test).
             mesh = local + levels[len(remote) :]
-            if (
-                mesh
-                and mesh[0] not in (one, rest)
-                and (mesh[0].startswith("$") or mesh[0] == "_INBOX")
-            ):
+            if mesh and mesh[0] not in (one, rest) and is_reserved(mesh[0]):
                 why = f"{mesh[0]!r} is reserved in the mesh (its own events, replies)"
         if why:
             raise fail("import", f"{pattern!r}: {why}")
